@@ -1,0 +1,21 @@
+"""graphdl: a define-then-run deep-learning framework on PyTorch tensor operations.
+
+Describe a computation once as a graph of op nodes, differentiate it with hand-written
+VJPs (`grad`), compile it to a function of torch calls (`compile`) and run it many times.
+"""
+
+from .ir import DTYPES, Graph, GraphError, Node, Value
+from .ops import (
+    OPS, abs, add, broadcast_like, div, exp, greater, log, mae, matmul, mbe, mean, mse, mul, neg,
+    relu, sigmoid, sign, sub, sum, sum_to, tanh, transpose, zeros_like,
+)
+from .text import parse
+from .autodiff import grad
+from .compile import Compiled, compile
+
+__all__ = [
+    "DTYPES", "OPS", "Compiled", "Graph", "GraphError", "Node", "Value",
+    "abs", "add", "broadcast_like", "compile", "div", "exp", "grad", "greater", "log", "mae", "matmul",
+    "mbe", "mean", "mse", "mul", "neg", "parse", "relu", "sigmoid", "sign", "sub", "sum", "sum_to",
+    "tanh", "transpose", "zeros_like",
+]

@@ -1,0 +1,86 @@
+"""Reverse-mode differentiation as a graph transformation.
+
+`grad` copies the graph, then walks its nodes in reverse calling each op's VJP rule,
+which builds the backward pass as ordinary IR nodes in the same graph. The result
+prints, renders, optimises and compiles like any graph, and can be differentiated again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .ir import Graph, GraphError, Value
+from .ops import add, zeros_like
+from .passes.dce import dce
+
+
+def grad(graph: Graph, wrt: Sequence[str], of: int | Value = 0) -> Graph:
+    """The gradient graph of one scalar output with respect to inputs or params.
+
+    Args:
+        graph: the graph to differentiate; it is not modified.
+        wrt: names of the inputs or params to differentiate with respect to.
+        of: which output to differentiate: its index in `graph.outputs` (default the
+            first, the loss) or the output value itself.
+
+    Returns:
+        A new graph with the same inputs and params (sharing their tensors), whose
+        outputs are the original outputs followed by one gradient per name in `wrt`,
+        each with the shape of what it differentiates (zeros where the output does not
+        depend on it).
+    """
+    if isinstance(wrt, str):
+        wrt = [wrt]
+    if not graph.outputs:
+        raise GraphError(f"grad: graph {graph.name} has no outputs; add the loss with graph.output(loss)")
+    if isinstance(of, Value):
+        if not any(of is o for o in graph.outputs):
+            raise GraphError(f"grad: {of!r} is not an output of graph {graph.name}; pass it to graph.output first")
+        index = next(i for i, o in enumerate(graph.outputs) if o is of)
+    elif isinstance(of, int) and not isinstance(of, bool) and -len(graph.outputs) <= of < len(graph.outputs):
+        index = of
+    else:
+        raise GraphError(f"grad: of={of!r} is not an output index of graph {graph.name} "
+                         f"(it has {len(graph.outputs)} outputs)")
+    if graph.outputs[index].shape != ():
+        out = graph.outputs[index]
+        raise GraphError(
+            f"grad: output {index} ({out!r}) is not a scalar; reduce it first, e.g. gd.sum(...) or gd.mean(...)"
+        )
+    targets = [graph.value(name) for name in wrt]  # raises, naming what exists
+    if len(set(wrt)) != len(wrt):
+        raise GraphError(f"grad: wrt names a value twice: {list(wrt)}")
+
+    new, vmap = graph.copy()
+    loss = vmap[id(graph.outputs[index])]
+    wanted = [vmap[id(v)] for v in targets]
+
+    # Only values that depend on something in `wrt` need a cotangent.
+    depends: set[int] = {id(v) for v in wanted}
+    for node in new.nodes:
+        if any(id(v) in depends for v in node.inputs):
+            depends.add(id(node.out))
+
+    forward = list(new.nodes)
+    cotangent: dict[int, Value] = {}
+    with new.scope("", backward=True):
+        if id(loss) in depends:
+            cotangent[id(loss)] = new.const(1.0, loss.dtype)
+        for node in reversed(forward):
+            g = cotangent.pop(id(node.out), None)
+            if g is None:
+                continue
+            if node.op.vjp is None:
+                raise GraphError(f"grad: op {node.op.name} has no VJP rule, so {node!r} cannot be differentiated")
+            with new.scope(node.scope):
+                grads = node.op.vjp(g, node.out, *node.inputs, **node.attrs)
+                for v, gv in zip(node.inputs, grads):
+                    if gv is None or id(v) not in depends:
+                        continue
+                    previous = cotangent.get(id(v))
+                    cotangent[id(v)] = gv if previous is None else add(previous, gv)
+        for v in wanted:
+            g = cotangent.get(id(v))
+            new.output(g if g is not None else zeros_like(v))
+    new, _ = dce(new)  # drop cotangents the rules built for inputs that needed none
+    return new

@@ -1,0 +1,201 @@
+"""Lowering: a graph becomes the Python source of one function of torch calls.
+
+The function is generated once and called many times. Each IR node is one line that
+calls torch directly (no interpretation at run time); nodes whose inputs are all
+constants are computed once, at compile time; a value is released right after its last
+use. The source is kept on the compiled object (`fn.source`), and an error while
+running names the IR line that failed.
+"""
+
+from __future__ import annotations
+
+import builtins
+import itertools
+import linecache
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .ir import Graph, GraphError, Value, format_type
+from .passes import dce
+from .text import format_node
+
+_counter = itertools.count()
+
+
+def run_passes(graph: Graph) -> Graph:
+    """The compiler's pass pipeline, run on (and returning) the graph given."""
+    graph, _ = dce(graph)
+    return graph
+
+
+class Compiled:
+    """A compiled graph: call it with the inputs (by name or in declaration order); it
+    returns a tuple of the graph's outputs."""
+
+    def __init__(self, graph: Graph, source: str, fn: Callable[..., tuple], filename: str,
+                 line_text: dict[int, str], device: torch.device | None) -> None:
+        self.graph = graph
+        self.source = source
+        self.fn = fn  # the generated function: positional inputs, no checks
+        self._filename = filename
+        self._line_text = line_text
+        self.device = device
+        self.input_names = list(graph.inputs)
+        self._specs = [(v.name, v.shape, v.dtype) for v in graph.inputs.values()]
+
+    def __call__(self, *args: torch.Tensor, **feeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ordered = self.check_feeds(args, feeds)
+        try:
+            return self.fn(*ordered)
+        except Exception as e:  # name the IR line that failed, keep torch's error as the cause
+            raise self._explain(e) from e
+
+    def check_feeds(self, args: tuple, feeds: dict[str, Any]) -> list[torch.Tensor]:
+        """The feeds in declaration order, after checking names, types, shapes, dtypes,
+        devices and that every symbolic dim (the batch size) is bound consistently."""
+        name = self.graph.name
+        declared = ", ".join(f"{n}: {format_type(d, s)}" for n, s, d in self._specs) or "none"
+        if len(args) > len(self._specs):
+            raise GraphError(f"graph {name} takes {len(self._specs)} inputs ({declared}), got {len(args)} positional")
+        for n, value in zip(self.input_names, args):
+            if n in feeds:
+                raise GraphError(f"graph {name}: input {n} given both by position and by name")
+            feeds[n] = value
+        unknown = [n for n in feeds if n not in self.graph.inputs]
+        if unknown:
+            raise GraphError(f"graph {name} has no input {unknown[0]!r}; its inputs are {declared}")
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise GraphError(f"graph {name}: missing input {missing[0]!r}; its inputs are {declared}")
+        bound: dict[str, tuple[int, str]] = {}
+        for n, shape, dtype in self._specs:
+            t = feeds[n]
+            want = format_type(dtype, shape)
+            if not isinstance(t, torch.Tensor):
+                raise GraphError(f"graph {name}: input {n} must be a torch.Tensor ({want}), got {type(t).__name__}")
+            got = format_type(t.dtype, tuple(t.shape))
+            if t.dtype != dtype:
+                raise GraphError(f"graph {name}: input {n} is {got} but the graph declares {want}; "
+                                 f"convert it with .to({dtype})")
+            if t.dim() != len(shape):
+                raise GraphError(f"graph {name}: input {n} has rank {t.dim()} ({got}) but the graph declares "
+                                 f"rank {len(shape)} ({want})")
+            for axis, (d, actual) in enumerate(zip(shape, t.shape)):
+                if isinstance(d, int) and d != actual:
+                    raise GraphError(f"graph {name}: input {n} is {got} but the graph declares {want} "
+                                     f"(dim {axis} is {actual}, expected {d})")
+                if isinstance(d, str):
+                    first = bound.setdefault(d, (actual, f"{n} dim {axis}"))
+                    if first[0] != actual:
+                        raise GraphError(f"graph {name}: inputs disagree on {d}: {first[1]} is {first[0]} but "
+                                         f"{n} dim {axis} is {actual}; feed batches of the same size")
+            if self.device is not None and t.device != self.device:
+                raise GraphError(f"graph {name}: input {n} is on {t.device} but the params are on "
+                                 f"{self.device}; move it with .to({str(self.device)!r})")
+        return [feeds[n] for n in self.input_names]
+
+    def _explain(self, error: Exception) -> Exception:
+        tb = error.__traceback__
+        line = None
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename == self._filename:
+                line = tb.tb_lineno
+            tb = tb.tb_next
+        if line is None or line not in self._line_text:
+            return error
+        return GraphError(f"graph {self.graph.name}: running `{self._line_text[line]}` failed: "
+                          f"{type(error).__name__}: {error}")
+
+    def __repr__(self) -> str:
+        return f"<Compiled {self.graph.name}: {len(self.graph.nodes)} nodes>\n{self.source}"
+
+
+def _param_device(graph: Graph) -> torch.device | None:
+    devices = {v.data.device for v in graph.params.values()}
+    if len(devices) > 1:
+        raise GraphError(f"graph {graph.name}: params are on several devices ({sorted(map(str, devices))}); "
+                         "move them to one device first")
+    return devices.pop() if devices else None
+
+
+def compile(graph: Graph, optimize: bool = True) -> Compiled:
+    """Compile a graph once into a function of torch calls.
+
+    Args:
+        graph: the graph to compile; it is not modified (passes run on a copy).
+        optimize: run the pass pipeline first; False keeps the graph as written.
+
+    Returns:
+        A `Compiled` callable: `fn(x=..., y=...)` returns the outputs as a tuple.
+    """
+    if not isinstance(graph, Graph):
+        raise GraphError(f"compile takes a gd.Graph, got {type(graph).__name__}")
+    graph.verify()
+    if not graph.outputs:
+        raise GraphError(f"graph {graph.name} has no outputs; add one with graph.output(value)")
+    work, _ = graph.copy()
+    if optimize:
+        work = run_passes(work)
+    return lower(work)
+
+
+def lower(graph: Graph) -> Compiled:
+    """Generate, compile and wrap the Python function for `graph` as it stands."""
+    device = _param_device(graph)
+    filename = f"<graphdl {graph.name} #{next(_counter)}>"
+    names: dict[int, str] = {}
+    ir_names: dict[int, str] = {}
+    env: dict[str, Any] = {"torch": torch, "math": math}
+    args = []
+    for i, v in enumerate(graph.inputs.values()):
+        ir_names[id(v)] = v.name
+        names[id(v)] = f"i{i}_{_py(v.name)}"
+        args.append(names[id(v)])
+    body: list[str] = []
+    line_text: dict[int, str] = {}
+    for i, v in enumerate(graph.params.values()):
+        ir_names[id(v)] = v.name
+        names[id(v)] = f"p{i}_{_py(v.name)}"
+        env[f"P{i}"] = v
+        if v.users or any(v is o for o in graph.outputs):
+            body.append(f"{names[id(v)]} = P{i}.data")
+
+    last_use: dict[int, int] = {}
+    for k, node in enumerate(graph.nodes):
+        ir_names[id(node.out)] = f"%{k}"
+        for v in node.inputs:
+            last_use[id(v)] = k
+    returned = {id(v) for v in graph.outputs}
+    hoisted: set[int] = set()
+    header_lines = 2  # the def line, then the body starts
+    for k, node in enumerate(graph.nodes):
+        code = node.op.lower([names[id(v)] for v in node.inputs], node.attrs, node.inputs)
+        if all(id(v) in hoisted for v in node.inputs):  # constants: computed once, now
+            names[id(node.out)] = f"c{k}"
+            value = eval(code, env)  # noqa: S307 - code generated from the op registry
+            env[f"c{k}"] = value.to(device) if device is not None else value
+            hoisted.add(id(node.out))
+            continue
+        names[id(node.out)] = f"v{k}"
+        ir_line = format_node(node, ir_names)
+        line_text[header_lines + len(body)] = ir_line
+        body.append(f"v{k} = {code}  # {ir_line}")
+        dead = [names[id(v)] for v in dict.fromkeys(node.inputs)
+                if last_use.get(id(v)) == k and v.node is not None and id(v) not in returned and id(v) not in hoisted]
+        if dead:
+            body.append("del " + ", ".join(dead))
+    outs = ", ".join(names[id(v)] for v in graph.outputs)
+    body.append(f"return ({outs},)")
+    source = f"def {_py(graph.name)}({', '.join(args)}):\n" + "".join(f"    {ln}\n" for ln in body)
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    exec(builtins.compile(source, filename, "exec"), env)  # noqa: S102
+    return Compiled(graph, source, env[_py(graph.name)], filename, line_text, device)
+
+
+def _py(name: str) -> str:
+    """A Python identifier for an IR name such as fc0.weight."""
+    return name.replace(".", "_") if not name[0].isdigit() else "_" + name.replace(".", "_")
+

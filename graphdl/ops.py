@@ -1,0 +1,437 @@
+"""The op registry: each op defined once, in one place.
+
+An op is a name, a shape rule (input shapes and attrs -> output shape and dtype), a
+lowering (the torch expression the compiler emits for it) and a VJP rule. A VJP rule
+receives the cotangent `g`, the op's output `out` and the op's inputs, and returns one
+cotangent per input (`None` where an input gets no gradient). It builds those with the
+same functional ops users call, so the backward pass is IR like any other graph, and
+`grad` of a gradient graph works.
+
+Broadcasting follows torch, with one static rule for symbolic dims: a symbol such as
+"N" only matches itself or 1, since its size is unknown until the graph runs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .ir import DTYPES, Dim, GraphError, Shape, ShapeError, Value, dtype_name, format_shape
+
+Lowering = Callable[[list[str], dict[str, Any], list[Value]], str]
+
+
+@dataclass(frozen=True, eq=False)
+class OpDef:
+    """An op: its name, shape rule, lowering to torch, VJP rule and attribute defaults."""
+
+    name: str
+    arity: int
+    rule: Callable[[list[Value], dict[str, Any]], tuple[Shape, torch.dtype]]
+    lower: Lowering
+    vjp: Callable[..., list[Value | None]] | None
+    attrs: dict[str, Any] = field(default_factory=dict)
+    doc: str = ""
+
+    def infer(self, inputs: Sequence[Value], attrs: dict[str, Any]) -> tuple[Shape, torch.dtype, dict[str, Any]]:
+        """Output shape and dtype, and the attrs completed with defaults and normalised."""
+        if len(inputs) != self.arity:
+            raise ShapeError(f"takes {self.arity} input(s), got {len(inputs)}")
+        unknown = sorted(set(attrs) - set(self.attrs))
+        if unknown:
+            takes = ", ".join(self.attrs) or "no attributes"
+            raise ShapeError(f"unknown attribute(s) {', '.join(unknown)}", f"{self.name} takes {takes}")
+        full = {**self.attrs, **attrs}
+        shape, dtype = self.rule(list(inputs), full)  # a rule may normalise `full` in place
+        return shape, dtype, full
+
+
+OPS: dict[str, OpDef] = {}
+
+
+def defop(name: str, code: str | Lowering, rule: Callable, vjp: Callable | None, arity: int = 1,
+          attrs: dict[str, Any] | None = None, doc: str = "") -> Callable[..., Value]:
+    """Register an op and return its builder, `builder(*inputs, **attrs) -> Value`.
+
+    `code` is a torch expression with `{0}`, `{1}` for the inputs and `{attr}` for the
+    attrs' reprs, or a function `(args, attrs, inputs) -> str` for ops whose code depends
+    on shapes.
+    """
+    if isinstance(code, str):
+        template = code
+
+        def lower(args: list[str], attrs: dict[str, Any], inputs: list[Value]) -> str:
+            return template.format(*args, **{k: repr(v) for k, v in attrs.items()})
+    else:
+        lower = code
+    op = OpDef(name, arity, rule, lower, vjp, dict(attrs or {}), doc)
+    OPS[name] = op
+
+    def builder(*inputs: Value | float, **attrs: Any) -> Value:
+        return apply(op, *inputs, **attrs)
+
+    builder.__name__ = builder.__qualname__ = name
+    builder.__doc__ = doc
+    return builder
+
+
+def apply(op: OpDef, *inputs: Value | float, **attrs: Any) -> Value:
+    """Add a node applying `op`; Python numbers become scalar constants of the other
+    inputs' dtype."""
+    values = [v for v in inputs if isinstance(v, Value)]
+    if not values:
+        if op.arity == 0:
+            raise GraphError(f"{op.name}: build it with Graph.const(...)")
+        raise GraphError(
+            f"{op.name}: at least one input must be a graph value (from Graph.input, Graph.param "
+            f"or another op), got {', '.join(type(v).__name__ for v in inputs)}"
+        )
+    graph = values[0].graph
+    args: list[Value] = []
+    for v in inputs:
+        if isinstance(v, Value):
+            args.append(v)
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            args.append(graph.const(v, values[0].dtype))
+        else:
+            raise GraphError(
+                f"{op.name}: inputs must be graph values or Python numbers, got {type(v).__name__}; "
+                "wrap tensors with Graph.param or Graph.input"
+            )
+    return graph.add_node(op, args, attrs)
+
+
+# -- shape rules ----------------------------------------------------------------------
+
+
+def _same_dtype(op: str, inputs: list[Value]) -> torch.dtype:
+    dtypes = {v.dtype for v in inputs}
+    if len(dtypes) > 1:
+        names = ", ".join(f"{v.label}: {dtype_name(v.dtype)}" for v in inputs)
+        raise ShapeError(f"dtypes differ ({names})", "make every input of the op the same dtype")
+    return inputs[0].dtype
+
+
+def broadcast_shapes(a: Shape, b: Shape) -> Shape | None:
+    """torch's broadcasting, statically: None if the shapes do not broadcast."""
+    out: list[Dim] = []
+    for i in range(1, max(len(a), len(b)) + 1):
+        x = a[-i] if i <= len(a) else 1
+        y = b[-i] if i <= len(b) else 1
+        if x == y or y == 1:
+            out.append(x)
+        elif x == 1:
+            out.append(y)
+        else:
+            return None
+    return tuple(reversed(out))
+
+
+def unary(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
+    return inputs[0].shape, inputs[0].dtype
+
+
+def elementwise(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
+    dtype = _same_dtype("", inputs)
+    a, b = inputs
+    shape = broadcast_shapes(a.shape, b.shape)
+    if shape is None:
+        hint = "shapes broadcast when, from the right, each pair of dims is equal or one of them is 1"
+        if any(isinstance(d, str) for d in (*a.shape, *b.shape)):
+            hint += "; a symbolic dim such as N only matches itself or 1"
+        raise ShapeError(f"shapes {format_shape(a.shape)} and {format_shape(b.shape)} do not broadcast", hint)
+    return shape, dtype
+
+
+def loss_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
+    a, b = inputs
+    try:
+        elementwise(inputs, attrs)
+    except ShapeError as e:
+        raise ShapeError(
+            f"prediction {format_shape(a.shape)} and target {format_shape(b.shape)} differ",
+            "give the target the prediction's shape, e.g. [N,1] for one output per example",
+        ) from e
+    return (), a.dtype
+
+
+def matmul_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
+    a, b = inputs
+    dtype = _same_dtype("matmul", inputs)
+    if a.ndim != 2 or b.ndim != 2:
+        raise ShapeError(
+            f"{format_shape(a.shape)} @ {format_shape(b.shape)}: matmul takes two matrices (2-d)",
+            "reshape the inputs to [rows, cols]",
+        )
+    if a.shape[1] != b.shape[0]:
+        hint = ""
+        if a.shape[1] == b.shape[1]:
+            hint = f"did you mean to transpose {b.label}?"
+        elif a.shape[0] == b.shape[0]:
+            hint = f"did you mean to transpose {a.label}?"
+        raise ShapeError(
+            f"{format_shape(a.shape)} @ {format_shape(b.shape)}: inner dims differ ({a.shape[1]} vs {b.shape[0]})",
+            hint,
+        )
+    return (a.shape[0], b.shape[1]), dtype
+
+
+def transpose_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
+    (x,) = inputs
+    if x.ndim < 2:
+        raise ShapeError(f"transpose needs at least 2 dims, got {format_shape(x.shape)}")
+    return (*x.shape[:-2], x.shape[-1], x.shape[-2]), x.dtype
+
+
+def _normalise_axis(x: Value, attrs: dict) -> tuple[int, ...]:
+    """attrs["axis"] (None for all, an int or ints) as sorted non-negative axes."""
+    axis = attrs["axis"]
+    if axis is None:
+        return tuple(range(x.ndim))
+    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    out = []
+    for a in axes:
+        if not isinstance(a, int) or isinstance(a, bool) or not -x.ndim <= a < max(x.ndim, 1):
+            raise ShapeError(f"axis {axis!r} is out of range for shape {format_shape(x.shape)}",
+                             f"use an axis in [{-x.ndim}, {x.ndim - 1}]")
+        out.append(a % x.ndim if x.ndim else 0)
+    if len(set(out)) != len(out):
+        raise ShapeError(f"axis {axis!r} repeats an axis")
+    return tuple(sorted(out))
+
+
+def reduce_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
+    (x,) = inputs
+    axes = _normalise_axis(x, attrs)
+    attrs["axis"] = None if len(axes) == x.ndim else axes  # None prints as "all axes"
+    attrs["keepdims"] = bool(attrs["keepdims"])
+    if attrs["keepdims"]:
+        return tuple(1 if i in axes else d for i, d in enumerate(x.shape)), x.dtype
+    return tuple(d for i, d in enumerate(x.shape) if i not in axes), x.dtype
+
+
+def broadcast_like_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
+    g, ref = inputs
+    dtype = _same_dtype("broadcast_like", inputs)
+    shape = g.shape
+    if attrs["axis"] is not None:
+        axes = attrs["axis"] = _normalise_axis(ref, attrs)
+        if g.ndim + len(axes) == ref.ndim:  # the reduction dropped these axes: put them back
+            for a in axes:
+                shape = (*shape[:a], 1, *shape[a:])
+    elif attrs["mean"]:
+        raise ShapeError("mean=True needs the reduced axes in axis")
+    if len(shape) > ref.ndim or broadcast_shapes(shape, ref.shape) != ref.shape:
+        raise ShapeError(f"{format_shape(g.shape)} does not broadcast to {format_shape(ref.shape)}")
+    attrs["mean"] = bool(attrs["mean"])
+    return ref.shape, dtype
+
+
+def sum_to_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
+    (x,) = inputs
+    shape = tuple(attrs["shape"])
+    attrs["shape"] = shape
+    if len(shape) > x.ndim or broadcast_shapes(shape, x.shape) != x.shape:
+        raise ShapeError(f"{format_shape(x.shape)} cannot be summed down to {format_shape(shape)}")
+    return shape, x.dtype
+
+
+def const_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
+    if attrs["dtype"] not in DTYPES:
+        raise ShapeError(f"unknown dtype {attrs['dtype']!r}", f"use one of {', '.join(DTYPES)}")
+    if not isinstance(attrs["value"], (int, float)) or isinstance(attrs["value"], bool):
+        raise ShapeError(f"value {attrs['value']!r} must be a number")
+    attrs["value"] = float(attrs["value"])
+    return (), DTYPES[attrs["dtype"]]
+
+
+# -- lowerings that depend on shapes ------------------------------------------------
+
+
+def _reduce_code(fn: str) -> Lowering:
+    def lower(args: list[str], attrs: dict, inputs: list[Value]) -> str:
+        if attrs["axis"] is None and not attrs["keepdims"]:
+            return f"torch.{fn}({args[0]})"
+        axis = attrs["axis"] if attrs["axis"] is not None else tuple(range(inputs[0].ndim))
+        return f"torch.{fn}({args[0]}, {axis!r}, keepdim={attrs['keepdims']})"
+    return lower
+
+
+def _count(ref: str, shape: Shape, axes: Sequence[int]) -> str:
+    """Code for the number of elements of `ref` over `axes` (symbolic dims read at run time)."""
+    static = math.prod(d for i, d in enumerate(shape) if i in axes and isinstance(d, int))
+    dynamic = [f"{ref}.shape[{i}]" for i in axes if isinstance(shape[i], str)]
+    return " * ".join([*dynamic, str(static)] if static != 1 or not dynamic else dynamic)
+
+
+def _broadcast_like_code(args: list[str], attrs: dict, inputs: list[Value]) -> str:
+    g, ref = inputs
+    src = args[0]
+    axes = tuple(range(ref.ndim)) if attrs["axis"] is None else attrs["axis"]
+    if attrs["axis"] is not None and g.ndim and g.ndim + len(axes) == ref.ndim:
+        for a in axes:
+            src = f"{src}.unsqueeze({a})"
+    if attrs["mean"]:
+        src = f"torch.div({src}, {_count(args[1], ref.shape, axes)})"
+    return f"{src}.expand_as({args[1]})"
+
+
+def _sum_to_code(args: list[str], attrs: dict, inputs: list[Value]) -> str:
+    (x,) = inputs
+    shape = attrs["shape"]
+    lead = x.ndim - len(shape)
+    kept = tuple(lead + i for i, d in enumerate(shape) if d == 1 and x.shape[lead + i] != 1)
+    src = args[0]
+    if kept:
+        src = f"torch.sum({src}, {kept!r}, keepdim=True)"
+    if lead:
+        src = f"torch.sum({src}, {tuple(range(lead))!r})"
+    return src
+
+
+def _const_code(args: list[str], attrs: dict, inputs: list[Value]) -> str:
+    return f"torch.tensor({attrs['value']!r}, dtype={DTYPES[attrs['dtype']]})"
+
+
+# -- VJP helpers ----------------------------------------------------------------------
+
+
+def unbroadcast(g: Value, x: Value) -> Value:
+    """Sum a cotangent back down to the shape of the input it flows into."""
+    return g if g.shape == x.shape else sum_to(g, shape=x.shape)
+
+
+def _axes(x: Value, axis: tuple[int, ...] | None) -> tuple[int, ...]:
+    return tuple(range(x.ndim)) if axis is None else axis
+
+
+# -- the ops --------------------------------------------------------------------------
+
+const = defop("const", _const_code, const_rule, lambda g, out: [], arity=0,
+              attrs={"value": 0.0, "dtype": "f32"}, doc="A scalar constant (build with Graph.const).")
+
+zeros_like = defop("zeros_like", "torch.zeros_like({0})", unary, lambda g, out, x: [None],
+                   doc="Zeros of x's shape and dtype.")
+
+add = defop("add", "torch.add({0}, {1})", elementwise, arity=2,
+            vjp=lambda g, out, a, b: [unbroadcast(g, a), unbroadcast(g, b)],
+            doc="a + b, broadcasting as torch does.")
+
+sub = defop("sub", "torch.sub({0}, {1})", elementwise, arity=2,
+            vjp=lambda g, out, a, b: [unbroadcast(g, a), unbroadcast(neg(g), b)],
+            doc="a - b, broadcasting as torch does.")
+
+mul = defop("mul", "torch.mul({0}, {1})", elementwise, arity=2,
+            vjp=lambda g, out, a, b: [unbroadcast(g * b, a), unbroadcast(g * a, b)],
+            doc="a * b elementwise, broadcasting as torch does.")
+
+div = defop("div", "torch.div({0}, {1})", elementwise, arity=2,
+            vjp=lambda g, out, a, b: [unbroadcast(g / b, a), unbroadcast(neg(g * out) / b, b)],
+            doc="a / b elementwise, broadcasting as torch does.")
+
+neg = defop("neg", "torch.neg({0})", unary, lambda g, out, x: [neg(g)], doc="-x.")
+
+exp = defop("exp", "torch.exp({0})", unary, lambda g, out, x: [g * out], doc="e**x elementwise.")
+
+log = defop("log", "torch.log({0})", unary, lambda g, out, x: [g / x], doc="Natural log, elementwise.")
+
+abs = defop("abs", "torch.abs({0})", unary, lambda g, out, x: [g * sign(x)], doc="|x| elementwise.")
+
+sign = defop("sign", "torch.sign({0})", unary, lambda g, out, x: [None],
+             doc="-1, 0 or 1 elementwise; its gradient is zero almost everywhere, so none flows.")
+
+greater = defop("greater", "torch.gt({0}, {1}).to({0}.dtype)", elementwise, arity=2,
+                vjp=lambda g, out, a, b: [None, None],
+                doc="1.0 where a > b else 0.0 (a mask in a's dtype); no gradient flows through it.")
+
+relu = defop("relu", "torch.relu({0})", unary, lambda g, out, x: [g * greater(out, 0.0)],
+             doc="max(x, 0) elementwise.")
+
+tanh = defop("tanh", "torch.tanh({0})", unary, lambda g, out, x: [g * (1.0 - out * out)],
+             doc="Hyperbolic tangent, elementwise.")
+
+sigmoid = defop("sigmoid", "torch.sigmoid({0})", unary, lambda g, out, x: [g * (out * (1.0 - out))],
+                doc="1 / (1 + e**-x) elementwise.")
+
+matmul = defop("matmul", "torch.mm({0}, {1})", matmul_rule, arity=2,
+               vjp=lambda g, out, a, b: [matmul(g, transpose(b)), matmul(transpose(a), g)],
+               doc="Matrix product of two 2-d values: [m,k] @ [k,n] -> [m,n].")
+
+transpose = defop("transpose", "torch.transpose({0}, -2, -1)", transpose_rule,
+                  lambda g, out, x: [transpose(g)], doc="Swap the last two dims.")
+
+_sum = defop("sum", _reduce_code("sum"), reduce_rule, attrs={"axis": None, "keepdims": False},
+             vjp=lambda g, out, x, axis, keepdims: [broadcast_like(g, x, axis=axis)])
+
+_mean = defop("mean", _reduce_code("mean"), reduce_rule, attrs={"axis": None, "keepdims": False},
+              vjp=lambda g, out, x, axis, keepdims: [broadcast_like(g, x, axis=_axes(x, axis), mean=True)])
+
+
+def _broadcast_like_vjp(g: Value, out: Value, x: Value, ref: Value, axis: tuple | None, mean: bool) -> list:
+    if axis is None:
+        return [unbroadcast(g, x), None]
+    reduce = _mean if mean else _sum
+    return [reduce(g, axis=axis, keepdims=x.ndim == ref.ndim), None]
+
+
+_broadcast_like = defop(
+    "broadcast_like", _broadcast_like_code, broadcast_like_rule, _broadcast_like_vjp, arity=2,
+    attrs={"axis": None, "mean": False},
+    doc="g expanded to ref's shape. With axis, g is the reduction of ref over those axes "
+        "(they are re-inserted first); with mean, g is also divided by their size. The "
+        "adjoint of sum and mean.",
+)
+
+_sum_to = defop("sum_to", _sum_to_code, sum_to_rule, attrs={"shape": ()},
+                vjp=lambda g, out, x, shape: [broadcast_like(g, x)],
+                doc="Sum x down to `shape` (the adjoint of broadcasting).")
+
+
+def _loss_vjp(local: Callable[[Value], Value | None]) -> Callable[..., list]:
+    """VJP of a mean-over-elements loss of d = a - b, given d's elementwise derivative."""
+    def vjp(g: Value, out: Value, a: Value, b: Value) -> list[Value | None]:
+        d = a - b
+        gd = broadcast_like(g, d, axis=tuple(range(d.ndim)), mean=True)
+        factor = local(d)
+        if factor is not None:
+            gd = gd * factor
+        return [unbroadcast(gd, a), unbroadcast(neg(gd), b)]
+    return vjp
+
+
+mse = defop("mse", "torch.mean(torch.square(torch.sub({0}, {1})))", loss_rule, arity=2,
+            vjp=_loss_vjp(lambda d: d * 2.0), doc="mean((a - b)**2) over every element.")
+
+mae = defop("mae", "torch.mean(torch.abs(torch.sub({0}, {1})))", loss_rule, arity=2,
+            vjp=_loss_vjp(sign), doc="mean(|a - b|) over every element.")
+
+mbe = defop("mbe", "torch.mean(torch.sub({0}, {1}))", loss_rule, arity=2,
+            vjp=_loss_vjp(lambda d: None), doc="mean(a - b) over every element (mean bias error).")
+
+
+# -- builders whose attrs deserve a real signature -------------------------------------
+
+
+def sum(x: Value, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Value:
+    """Sum over `axis` (all axes by default)."""
+    return _sum(x, axis=axis, keepdims=keepdims)
+
+
+def mean(x: Value, axis: int | Sequence[int] | None = None, keepdims: bool = False) -> Value:
+    """Mean over `axis` (all axes by default)."""
+    return _mean(x, axis=axis, keepdims=keepdims)
+
+
+def broadcast_like(g: Value, ref: Value, axis: int | Sequence[int] | None = None, mean: bool = False) -> Value:
+    """Expand g to ref's shape (see the op's doc)."""
+    return _broadcast_like(g, ref, axis=axis, mean=mean)
+
+
+def sum_to(x: Value, shape: Sequence[Dim]) -> Value:
+    """Sum x down to `shape`, undoing broadcasting."""
+    return _sum_to(x, shape=tuple(shape))
+

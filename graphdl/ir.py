@@ -99,10 +99,9 @@ class Value:
         """How messages and the text IR refer to this value: its name or %k."""
         if self.node is None:
             return self.name
-        try:
-            return f"%{self.graph.nodes.index(self.node)}"
-        except ValueError:
-            return "%?"
+        # By identity: list.index would compare and, on a miss, repr the node, whose repr asks for this label.
+        k = next((k for k, n in enumerate(self.graph.nodes) if n is self.node), None)
+        return "%?" if k is None else f"%{k}"
 
     @property
     def ndim(self) -> int:
@@ -183,8 +182,9 @@ class Graph:
     """
 
     def __init__(self, name: str = "graph") -> None:
-        if not name.replace("_", "a").replace(".", "a").isalnum():
-            raise GraphError(f"graph name {name!r} must be letters, digits, '_' and '.'")
+        if not isinstance(name, str) or not _is_identifier(name):
+            raise GraphError(f"graph name {name!r} must be a str of ASCII letters, digits, '_' and '.' "
+                             "(e.g. 'tiny' or 'disk.v2'), so that its text IR parses back")
         self.name = name
         self.inputs: dict[str, Value] = {}
         self.params: dict[str, Value] = {}
@@ -207,8 +207,7 @@ class Graph:
     def input(self, name: str, shape: Sequence[int | str | None], dtype: torch.dtype = torch.float32) -> Value:
         """Declare a graph input. `None` in `shape` is the batch dimension, named "N"."""
         self._check_new_name(name)
-        if dtype not in DTYPE_NAMES:
-            raise GraphError(f"input {name}: dtype {dtype} is not supported; use one of {list(DTYPES.values())}")
+        _check_dtype(f"input {name}", dtype)
         try:
             dims = tuple("N" if d is None else d for d in shape)
         except TypeError:
@@ -238,7 +237,17 @@ class Graph:
     def const(self, value: float, dtype: torch.dtype = torch.float32) -> Value:
         """A scalar constant, as a `const` node."""
         from .ops import OPS
-        return self.add_node(OPS["const"], [], {"value": float(value), "dtype": dtype_name(dtype)})
+        _check_dtype("const", dtype)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise GraphError(f"const: value {value!r} must be a Python int or float, got {type(value).__name__}"
+                             f"\n  created at {caller_location()}"
+                             "\n  hint: for a tensor, declare it with Graph.param or Graph.input")
+        try:
+            value = float(value)
+        except OverflowError:
+            raise GraphError(f"const: value {str(value)[:12]}... is too large for a float"
+                             f"\n  created at {caller_location()}") from None
+        return self.add_node(OPS["const"], [], {"value": value, "dtype": dtype_name(dtype)})
 
     def output(self, *values: Value) -> None:
         """Append `values` to the graph's outputs (returned, in order, by the compiled function)."""
@@ -250,6 +259,8 @@ class Graph:
     @contextlib.contextmanager
     def scope(self, name: str, backward: bool | None = None) -> Iterator[None]:
         """Tag the nodes built inside with a scope (a layer) and optionally as backward."""
+        if not isinstance(name, str) or "\n" in name or "\r" in name:
+            raise GraphError(f"graph {self.name}: scope {name!r} must be a one-line str, such as '0:Linear'")
         saved = self._scope, self._backward
         self._scope = name
         if backward is not None:
@@ -264,19 +275,12 @@ class Graph:
         where = where or caller_location()
         for v in inputs:
             if v.graph is not self:
-                raise GraphError(
-                    f"{op.name}: input {v.label} belongs to graph {v.graph.name!r}, not {self.name!r}; "
-                    "build each graph from its own inputs and params"
-                )
+                raise self.node_error(op.name, inputs, f"input {v.label} belongs to graph {v.graph.name!r}, "
+                                      f"not {self.name!r}", "build each graph from its own inputs and params", where)
         try:
             shape, dtype, attrs = op.infer(inputs, attrs)
         except ShapeError as e:
-            args = ", ".join(repr(v) for v in inputs)
-            scope = f" (in layer {self._scope})" if self._scope else ""
-            msg = f"{op.name} %{len(self.nodes)}({args}): {e.message}\n  created at {where}{scope}"
-            if e.hint:
-                msg += f"\n  hint: {e.hint}"
-            raise GraphError(msg) from None
+            raise self.node_error(op.name, inputs, e.message, e.hint, where) from None
         out = Value(self, "", shape, dtype)
         node = Node(op, list(inputs), attrs, out, where, self._scope, self._backward)
         out.node = node
@@ -284,6 +288,15 @@ class Graph:
             v.users.append(node)
         self.nodes.append(node)
         return out
+
+    def node_error(self, op: str, inputs: Sequence[Any], message: str, hint: str = "",
+                   where: str | None = None) -> GraphError:
+        """The error for a node that cannot be built: `op %k(inputs): message`, where the
+        user created it, the layer it belongs to, and the hint."""
+        args = ", ".join(repr(v) if isinstance(v, Value) else type(v).__name__ for v in inputs)
+        scope = f" (in layer {self._scope})" if self._scope else ""
+        msg = f"{op} %{len(self.nodes)}({args}): {message}\n  created at {where or caller_location()}{scope}"
+        return GraphError(msg + (f"\n  hint: {hint}" if hint else ""))
 
     # -- editing (the only functions that touch use-lists) ------------------------------
 
@@ -350,11 +363,14 @@ class Graph:
         defined: set[int] = {id(v) for v in (*self.inputs.values(), *self.params.values())}
         uses: dict[int, int] = {}
         for k, node in enumerate(self.nodes):
-            where = f"graph {self.name}: node %{k} ({node.op.name})"
+            where = f"graph {self.name}: node %{k} ({node.op.name}, created at {node.where})"
             for v in node.inputs:
                 if v.graph is not self:
                     raise GraphError(f"{where} uses a value of another graph")
                 if id(v) not in defined:
+                    if v.node is not None and not any(n is v.node for n in self.nodes):
+                        raise GraphError(f"{where} uses the value of a removed node ({v.node.op.name}); "
+                                         "build it again or stop using it")
                     raise GraphError(f"{where} uses {v.label} before it is defined (order is not topological)")
                 uses[id(v)] = uses.get(id(v), 0) + 1
             if node.out.node is not node or node.out.graph is not self:
@@ -410,3 +426,10 @@ class Graph:
 def _is_identifier(name: str) -> bool:
     """Names such as x, fc0.weight or 0.bias: dotted parts of letters, digits and '_'."""
     return all(part and part.replace("_", "a").isalnum() and part.isascii() for part in name.split("."))
+
+
+def _check_dtype(what: str, dtype: Any) -> None:
+    if not isinstance(dtype, torch.dtype) or dtype not in DTYPE_NAMES:
+        hint = f"; did you mean {DTYPES[dtype]}?" if isinstance(dtype, str) and dtype in DTYPES else ""
+        supported = ", ".join(str(d) for d in DTYPES.values())
+        raise GraphError(f"{what}: dtype {dtype!r} is not supported; use one of {supported}{hint}")

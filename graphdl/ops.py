@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .ir import DTYPES, Dim, GraphError, Shape, ShapeError, Value, dtype_name, format_shape
+from .ir import DTYPES, Dim, GraphError, Shape, ShapeError, Value, caller_location, dtype_name, format_shape
 
 Lowering = Callable[[list[str], dict[str, Any], list[Value]], str]
 
@@ -88,21 +88,24 @@ def apply(op: OpDef, *inputs: Value | float, **attrs: Any) -> Value:
             raise GraphError(f"{op.name}: build it with Graph.const(...)")
         raise GraphError(
             f"{op.name}: at least one input must be a graph value (from Graph.input, Graph.param "
-            f"or another op), got {', '.join(type(v).__name__ for v in inputs)}"
+            f"or another op), got {', '.join(type(v).__name__ for v in inputs) or 'no inputs'}"
+            f"\n  created at {caller_location()}"
         )
     graph = values[0].graph
-    args: list[Value] = []
-    for v in inputs:
-        if isinstance(v, Value):
-            args.append(v)
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            args.append(graph.const(v, values[0].dtype))
-        else:
-            raise GraphError(
-                f"{op.name}: inputs must be graph values or Python numbers, got {type(v).__name__}; "
-                "wrap tensors with Graph.param or Graph.input"
-            )
-    return graph.add_node(op, args, attrs)
+    for i, v in enumerate(inputs):
+        if not isinstance(v, (Value, int, float)) or isinstance(v, bool):
+            hint = "wrap tensors with Graph.param or Graph.input" if isinstance(v, torch.Tensor) else ""
+            raise graph.node_error(op.name, inputs, f"input {i} is a {type(v).__name__}; inputs must be graph "
+                                   "values or Python numbers", hint)
+    consts = [graph.const(v, values[0].dtype) for v in inputs if not isinstance(v, Value)]
+    it = iter(consts)
+    args = [v if isinstance(v, Value) else next(it) for v in inputs]
+    try:
+        return graph.add_node(op, args, attrs)
+    except GraphError:
+        for c in reversed(consts):  # a failed call leaves the graph as it was
+            graph.remove_node(c.node)
+        raise
 
 
 # -- shape rules ----------------------------------------------------------------------
@@ -149,13 +152,15 @@ def elementwise(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
 
 def loss_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
     a, b = inputs
-    try:
-        elementwise(inputs, attrs)
-    except ShapeError as e:
+    _same_dtype("", inputs)
+    both = broadcast_shapes(a.shape, b.shape)
+    if both != a.shape:  # a target may broadcast to the prediction, never enlarge it
+        grown = f" (they broadcast to {format_shape(both)}, averaging every pair)" if both is not None else ""
         raise ShapeError(
-            f"prediction {format_shape(a.shape)} and target {format_shape(b.shape)} differ",
-            "give the target the prediction's shape, e.g. [N,1] for one output per example",
-        ) from e
+            f"prediction {format_shape(a.shape)} and target {format_shape(b.shape)} differ{grown}",
+            f"give the target the prediction's shape, e.g. {format_shape(a.shape)}; "
+            "for one output per example that is [N,1], e.g. y.reshape(-1, 1)",
+        )
     return (), a.dtype
 
 
@@ -192,6 +197,9 @@ def _normalise_axis(x: Value, attrs: dict) -> tuple[int, ...]:
     axis = attrs["axis"]
     if axis is None:
         return tuple(range(x.ndim))
+    if not isinstance(axis, (int, tuple, list)):
+        raise ShapeError(f"axis must be None, an int or a tuple of ints, got {axis!r}",
+                         "e.g. axis=1 or axis=(0, 1); None reduces every axis")
     axes = (axis,) if isinstance(axis, int) else tuple(axis)
     out = []
     for a in axes:
@@ -207,8 +215,10 @@ def _normalise_axis(x: Value, attrs: dict) -> tuple[int, ...]:
 def reduce_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
     (x,) = inputs
     axes = _normalise_axis(x, attrs)
+    if not axes and x.ndim:  # torch reads an empty dim list as "every dim": refuse rather than disagree
+        raise ShapeError(f"axis={attrs['axis']!r} names no axis", "use axis=None to reduce every axis")
     attrs["axis"] = None if len(axes) == x.ndim else axes  # None prints as "all axes"
-    attrs["keepdims"] = bool(attrs["keepdims"])
+    attrs["keepdims"] = _flag("keepdims", attrs["keepdims"])
     if attrs["keepdims"]:
         return tuple(1 if i in axes else d for i, d in enumerate(x.shape)), x.dtype
     return tuple(d for i, d in enumerate(x.shape) if i not in axes), x.dtype
@@ -227,17 +237,27 @@ def broadcast_like_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.
         raise ShapeError("mean=True needs the reduced axes in axis")
     if len(shape) > ref.ndim or broadcast_shapes(shape, ref.shape) != ref.shape:
         raise ShapeError(f"{format_shape(g.shape)} does not broadcast to {format_shape(ref.shape)}")
-    attrs["mean"] = bool(attrs["mean"])
+    attrs["mean"] = _flag("mean", attrs["mean"])
     return ref.shape, dtype
 
 
 def sum_to_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
     (x,) = inputs
-    shape = tuple(attrs["shape"])
-    attrs["shape"] = shape
+    shape = attrs["shape"]
+    if not isinstance(shape, (tuple, list)) or not all(
+            (isinstance(d, int) and not isinstance(d, bool) and d >= 0) or (isinstance(d, str) and d.isidentifier())
+            for d in shape):
+        raise ShapeError(f"shape {shape!r} must be a tuple of non-negative ints or symbols such as 'N'")
+    shape = attrs["shape"] = tuple(shape)
     if len(shape) > x.ndim or broadcast_shapes(shape, x.shape) != x.shape:
         raise ShapeError(f"{format_shape(x.shape)} cannot be summed down to {format_shape(shape)}")
     return shape, x.dtype
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, int) or value not in (0, 1):  # bool is an int; 0 and 1 are admitted too
+        raise ShapeError(f"{name}={value!r} must be True or False")
+    return bool(value)
 
 
 def const_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
@@ -294,7 +314,9 @@ def _sum_to_code(args: list[str], attrs: dict, inputs: list[Value]) -> str:
 
 
 def _const_code(args: list[str], attrs: dict, inputs: list[Value]) -> str:
-    return f"torch.tensor({attrs['value']!r}, dtype={DTYPES[attrs['dtype']]})"
+    value = attrs["value"]
+    literal = repr(value) if math.isfinite(value) else f"float('{value}')"  # repr(inf) is not Python source
+    return f"torch.tensor({literal}, dtype={DTYPES[attrs['dtype']]})"
 
 
 # -- VJP helpers ----------------------------------------------------------------------
@@ -433,5 +455,5 @@ def broadcast_like(g: Value, ref: Value, axis: int | Sequence[int] | None = None
 
 def sum_to(x: Value, shape: Sequence[Dim]) -> Value:
     """Sum x down to `shape`, undoing broadcasting."""
-    return _sum_to(x, shape=tuple(shape))
+    return _sum_to(x, shape=shape)
 

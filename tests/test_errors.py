@@ -1,0 +1,259 @@
+"""Errors that teach: one test per message that matters.
+
+Each test builds the mistake a user makes and asserts that graphdl raises `gd.GraphError`
+(a ValueError) whose message names what the user needs: the node, the op, the shapes,
+the line of their code that created the node, and a hint. Nothing may escape as a bare
+TypeError, AttributeError or torch/networkx error from inside graphdl.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import graphdl as gd
+
+HERE = r"test_errors\.py:\d+"  # "created at" must point at the test's own line
+
+
+def tiny() -> gd.Graph:
+    g = gd.Graph("tiny")
+    x = g.input("x", (None, 2))
+    y = g.input("y", (None, 1))
+    w = g.param("w", torch.randn(2, 1))
+    b = g.param("b", torch.zeros(1))
+    g.output(gd.mse(gd.tanh(gd.add(gd.matmul(x, w), b)), y))
+    return g
+
+
+def message(fn, *args, **kwargs) -> str:
+    """The GraphError message `fn(*args, **kwargs)` raises."""
+    with pytest.raises(gd.GraphError) as err:
+        fn(*args, **kwargs)
+    assert isinstance(err.value, ValueError)
+    return str(err.value)
+
+
+def names(msg: str, *parts: str) -> None:
+    """Every part (a regex) appears in the message."""
+    for part in parts:
+        assert re.search(part, msg), f"{part!r} not in:\n{msg}"
+
+
+# -- building: shapes, with node, op, shapes, location and hint -------------------------
+
+
+def test_matmul_mismatch_names_node_op_shapes_location_and_transpose_hint():
+    g = gd.Graph("mlp")
+    h = g.input("h", (None, 25))
+    w = g.param("fc1.weight", torch.zeros(30, 25))
+    msg = message(gd.matmul, h, w)
+    names(msg, r"^matmul %0\(h: f32\[N,25\], fc1.weight: f32\[30,25\]\)", r"\[N,25\] @ \[30,25\]",
+          r"inner dims differ \(25 vs 30\)", rf"created at .*{HERE}", r"hint: did you mean to transpose fc1.weight\?")
+
+
+def test_broadcast_error_names_shapes_and_explains_symbolic_dims():
+    g = gd.Graph("g")
+    x = g.input("x", (None, 3))
+    b = g.param("b", torch.zeros(4))
+    msg = message(gd.add, x, b)
+    names(msg, r"add %0\(x: f32\[N,3\], b: f32\[4\]\)", r"\[N,3\] and \[4\] do not broadcast", HERE,
+          "hint: shapes broadcast when", "symbolic dim such as N only matches itself or 1")
+
+
+def test_loss_shape_error_tells_to_give_the_target_the_predictions_shape():
+    g = gd.Graph("g")
+    msg = message(gd.mse, g.input("p", (None, 1)), g.input("y", (None, 3)))
+    names(msg, r"mse %0", r"prediction \[N,1\] and target \[N,3\] differ", HERE, r"hint: .*e\.g\. \[N,1\]")
+
+
+def test_a_target_that_would_broadcast_the_prediction_is_refused():
+    """pred [N,1] against y [N] broadcasts to [N,N]: a silently wrong loss, not a shape error, in torch."""
+    g = gd.Graph("g")
+    msg = message(gd.mse, g.input("p", (None, 1)), g.input("y", ("N",)))
+    names(msg, r"^mse %0\(p: f32\[N,1\], y: f32\[N\]\)", r"prediction \[N,1\] and target \[N\] differ",
+          r"they broadcast to \[N,N\]", HERE, r"hint: .*\[N,1\]")
+
+
+def test_a_scalar_target_still_broadcasts():
+    g = gd.Graph("g")
+    w = g.param("w", torch.ones(3))
+    g.output(gd.mse(w, 0.0))
+    assert gd.compile(g)()[0].item() == 1.0
+
+
+def test_layer_scope_is_named_in_builder_errors():
+    g = gd.Graph("g")
+    x = g.input("x", (None, 2))
+    with g.scope("2:Linear"):
+        msg = message(gd.matmul, x, g.param("2.weight", torch.zeros(3, 4)))
+    names(msg, r"created at .*\(in layer 2:Linear\)")
+
+
+def test_dtype_mismatch_names_both_values():
+    g = gd.Graph("g")
+    msg = message(gd.matmul, g.input("x", (None, 3)), g.param("w", torch.zeros(3, 3, dtype=torch.float64)))
+    names(msg, r"dtypes differ \(x: f32, w: f64\)", "hint: make every input of the op the same dtype")
+
+
+def test_value_of_another_graph_names_node_both_graphs_and_location():
+    g, h = gd.Graph("g"), gd.Graph("h")
+    msg = message(gd.add, g.input("x", (None, 2)), h.input("y", (None, 2)))
+    names(msg, r"add %0\(x: f32\[N,2\], y: f32\[N,2\]\)", "y belongs to graph 'h', not 'g'", HERE,
+          "hint: build each graph from its own inputs and params")
+
+
+@pytest.mark.parametrize("bad, kind", [(torch.zeros(2), "Tensor"), (np.zeros(2), "ndarray"), ("x", "str"),
+                                       (None, "NoneType"), (True, "bool"), ([1.0], "list")])
+def test_op_input_of_the_wrong_type_is_named_with_its_position(bad, kind):
+    g = gd.Graph("g")
+    x = g.input("x", (None, 2))
+    msg = message(gd.add, x, bad)
+    names(msg, rf"add %0\(x: f32\[N,2\], {kind}\): input 1 is a {kind}", HERE)
+    if kind == "Tensor":
+        names(msg, "hint: wrap tensors with Graph.param or Graph.input")
+
+
+@pytest.mark.parametrize("args", [(1, 2), ("x",), ()])
+def test_op_without_any_graph_value_says_where_values_come_from(args):
+    msg = message(gd.add if len(args) == 2 else gd.relu, *args)
+    names(msg, "at least one input must be a graph value", "Graph.input, Graph.param", HERE)
+
+
+def test_a_failed_op_leaves_the_graph_as_it_was():
+    g = gd.Graph("g")
+    x = g.input("x", (None, 2))
+    before = str(g)
+    message(gd.matmul, x, 2.0)  # the 2.0 became a const node before the shape rule failed
+    assert str(g) == before and g.nodes == []
+
+
+@pytest.mark.parametrize("axis, expect", [(1.0, "axis must be None, an int or a tuple of ints, got 1.0"),
+                                          ("1", "axis must be None, an int or a tuple of ints"),
+                                          (5, r"axis 5 is out of range for shape \[N,2\]"),
+                                          ((0, 0), "repeats an axis"), ((), r"axis=\(\) names no axis")])
+def test_bad_reduction_axes(axis, expect):
+    g = gd.Graph("g")
+    msg = message(gd.sum, g.input("x", (None, 2)), axis=axis)
+    names(msg, r"^sum %0\(x: f32\[N,2\]\)", expect, HERE)
+
+
+def test_empty_axis_is_refused_because_torch_would_reduce_everything():
+    g = gd.Graph("g")
+    msg = message(gd.mean, g.input("x", (3, 4)), axis=[])
+    names(msg, "names no axis", "hint: use axis=None to reduce every axis")
+
+
+def test_keepdims_and_mean_must_be_flags():
+    g = gd.Graph("g")
+    x = g.input("x", (3, 4))
+    names(message(gd.sum, x, axis=1, keepdims="no"), "keepdims='no' must be True or False")
+    names(message(gd.broadcast_like, g.input("s", (3,)), x, axis=1, mean=[1]), r"mean=\[1\] must be True or False")
+
+
+@pytest.mark.parametrize("shape", [5, 1.5, (1.5,), (-1,), ("a b",)])
+def test_sum_to_shape_must_be_a_shape(shape):
+    g = gd.Graph("g")
+    names(message(gd.sum_to, g.input("x", (3, 4)), shape), r"sum_to %0", "must be a tuple of non-negative ints")
+
+
+def test_unknown_attribute_lists_the_ops_attributes():
+    g = gd.Graph("g")
+    x = g.input("x", (3,))
+    names(message(lambda: gd.relu(x, foo=1)), "unknown attribute", "foo", "hint: relu takes no attributes")
+
+
+def test_wrong_number_of_inputs():
+    g = gd.Graph("g")
+    x = g.input("x", (3,))
+    names(message(gd.relu, x, x), r"relu %0\(x: f32\[3\], x: f32\[3\]\): takes 1 input\(s\), got 2")
+
+
+# -- declaring inputs, params, constants, names -----------------------------------------
+
+
+@pytest.mark.parametrize("name", [3, None, "", "a b", "a..b", "ñ", "x-1"])
+def test_graph_name_must_be_an_ascii_name(name):
+    names(message(gd.Graph, name), "graph name", "must be a str of ASCII letters")
+
+
+@pytest.mark.parametrize("name", [3, None, "", "a b", "x-1"])
+def test_input_and_param_names(name):
+    names(message(gd.Graph("g").input, name, (2,)), "is not valid")
+    names(message(gd.Graph("g").param, name, torch.zeros(2)), "is not valid")
+
+
+def test_a_name_defined_twice():
+    g = gd.Graph("g")
+    g.input("x", (2,))
+    names(message(g.param, "x", torch.zeros(2)), "'x' is already defined; pick another name")
+
+
+@pytest.mark.parametrize("shape, expect", [
+    ((None, 2.0), "dimension 2.0"), ((None, -2), "dimension -2"), ((True, 2), "dimension True"),
+    (3, "shape must be a sequence"), ((np.int64(3),), "dimension"), ((None, "2"), "dimension '2'"),
+])
+def test_input_shape_dims(shape, expect):
+    names(message(gd.Graph("g").input, "x", shape), "input x", expect, r"\(None, 2\)|non-negative int, None")
+
+
+@pytest.mark.parametrize("dtype, expect", [
+    (torch.int64, "torch.int64 is not supported"), ("f32", r"did you mean torch.float32\?"),
+    ([1], r"\[1\] is not supported"), (np.float32, "is not supported"),
+])
+def test_input_dtype(dtype, expect):
+    names(message(gd.Graph("g").input, "x", (2,), dtype), "input x: dtype", expect)
+
+
+@pytest.mark.parametrize("data, expect", [(np.zeros(2), "got ndarray"), ([1.0], "got list"),
+                                          (torch.zeros(2, dtype=torch.int64), "floating dtype")])
+def test_param_value(data, expect):
+    names(message(gd.Graph("g").param, "w", data), "param w", expect)
+
+
+@pytest.mark.parametrize("value, expect", [("a", "must be a Python int or float, got str"),
+                                           (torch.ones(3), "got Tensor"), (10**400, "too large for a float")])
+def test_const_value(value, expect):
+    names(message(gd.Graph("g").const, value), "const: value", expect, HERE)
+
+
+def test_const_dtype():
+    names(message(gd.Graph("g").const, 1.0, torch.int32), "const: dtype torch.int32 is not supported")
+    names(message(gd.Graph("g").const, 1.0, [1]), r"const: dtype \[1\] is not supported")
+
+
+def test_scope_must_be_a_one_line_str():
+    g = gd.Graph("g")
+    for bad in (3, "a\nb"):
+        with pytest.raises(gd.GraphError, match="must be a one-line str"), g.scope(bad):
+            pass
+
+
+def test_output_must_be_a_value_of_the_graph():
+    g, h = gd.Graph("g"), gd.Graph("h")
+    names(message(g.output, 3), "output 3 is not a value of this graph")
+    names(message(g.output, h.input("x", (2,))), r"output x: f32\[2\] is not a value of this graph")
+
+
+# -- verify -----------------------------------------------------------------------------
+
+
+def test_verify_names_where_the_broken_node_was_created():
+    g = tiny()
+    g.nodes[1].out.shape = (5,)  # corrupt what add's rule gives
+    names(message(g.verify), r"node %1 \(add, created at .*test_errors\.py:\d+\)", r"output is f32\[5\]")
+
+
+def test_using_a_removed_nodes_value_is_reported_not_a_recursion_error():
+    g = gd.Graph("g")
+    x = g.input("x", (None, 3))
+    h = gd.relu(x)
+    g.remove_node(h.node)
+    g.output(gd.tanh(h))
+    assert h.label == "%?"
+    names(message(g.verify), r"node %0 \(tanh", "uses the value of a removed node \\(relu\\)")
+    names(message(gd.compile, g), "removed node")

@@ -29,8 +29,14 @@ def grad(graph: Graph, wrt: Sequence[str], of: int | Value = 0) -> Graph:
         each with the shape of what it differentiates (zeros where the output does not
         depend on it).
     """
+    if not isinstance(graph, Graph):
+        raise GraphError(f"grad takes a gd.Graph, got {type(graph).__name__}")
     if isinstance(wrt, str):
         wrt = [wrt]
+    if not isinstance(wrt, Sequence):
+        raise GraphError(f"grad: wrt must be a list of input or param names such as ['w', 'b'], got {wrt!r}")
+    for name in wrt:
+        _check_wrt(graph, name)
     if not graph.outputs:
         raise GraphError(f"grad: graph {graph.name} has no outputs; add the loss with graph.output(loss)")
     if isinstance(of, Value):
@@ -84,3 +90,20 @@ def grad(graph: Graph, wrt: Sequence[str], of: int | Value = 0) -> Graph:
             new.output(g if g is not None else zeros_like(v))
     new, _ = dce(new)  # drop cotangents the rules built for inputs that needed none
     return new
+
+
+def _check_wrt(graph: Graph, name: object) -> None:
+    """`name` must name an input or param: say what it is otherwise, and what to pass."""
+    if isinstance(name, str) and (name in graph.inputs or name in graph.params):
+        return
+    known = ", ".join([*graph.inputs, *graph.params]) or "none"
+    if isinstance(name, Value) and name.node is None and name.graph is graph:
+        raise GraphError(f"grad: wrt takes names, got the {name.kind} {name!r} itself\n"
+                         f"  hint: pass its name, wrt=[{name.name!r}]")
+    what = repr(name) if isinstance(name, str) else f"{name!r} ({type(name).__name__})"
+    hint = f"pass the names of inputs or params; graph {graph.name} has: {known}"
+    if isinstance(name, Value) and name.node is not None or isinstance(name, str) and name.startswith("%"):
+        hint = ("grad differentiates with respect to inputs and params, not values computed by nodes "
+                "(to get the gradient at an intermediate value, make it an input); "
+                f"graph {graph.name} has: {known}")
+    raise GraphError(f"grad: wrt {what} is not an input or param of graph {graph.name}\n  hint: {hint}")

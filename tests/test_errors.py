@@ -257,3 +257,47 @@ def test_using_a_removed_nodes_value_is_reported_not_a_recursion_error():
     assert h.label == "%?"
     names(message(g.verify), r"node %0 \(tanh", "uses the value of a removed node \\(relu\\)")
     names(message(gd.compile, g), "removed node")
+
+
+# -- grad ---------------------------------------------------------------------------------
+
+
+def test_grad_of_something_that_is_not_a_graph():
+    names(message(gd.grad, "tiny", ["w"]), "grad takes a gd.Graph, got str")
+
+
+@pytest.mark.parametrize("wrt, expect", [
+    (None, "wrt must be a list of input or param names"),
+    ([3], "wrt 3 \\(int\\) is not an input or param of graph tiny"),
+    (["q"], "wrt 'q' is not an input or param.*hint: pass the names of inputs or params; graph tiny has: x, y, w, b"),
+    (["%3"], "not values computed by nodes"),
+])
+def test_grad_wrt_names_what_exists(wrt, expect):
+    msg = message(gd.grad, tiny(), wrt)
+    assert re.search(expect, msg.replace("\n", " ")), msg
+
+
+def test_grad_wrt_the_output_value_explains_inputs_and_params_only():
+    g = tiny()
+    msg = message(gd.grad, g, [g.outputs[0]])
+    names(msg, r"wrt %3: f32\[\] \(Value\)", "not values computed by nodes", "make it an input")
+
+
+def test_grad_wrt_a_param_value_says_pass_its_name():
+    g = tiny()
+    names(message(gd.grad, g, [g.params["w"]]), r"wrt takes names, got the param w: f32\[2,1\]",
+          r"hint: pass its name, wrt=\['w'\]")
+
+
+def test_grad_of_a_non_scalar_output_and_of_a_graph_without_outputs():
+    g = gd.Graph("g")
+    x = g.input("x", (None, 2))
+    names(message(gd.grad, g, ["x"]), "has no outputs; add the loss with graph.output")
+    g.output(gd.relu(x))
+    names(message(gd.grad, g, ["x"]), "is not a scalar; reduce it first")
+
+
+def test_no_non_float_value_can_exist_to_differentiate():
+    """grad wrt a non-float value cannot be asked for: graphdl values are floating by construction."""
+    names(message(gd.Graph("g").input, "i", (2,), torch.int32), "not supported")
+    names(message(gd.Graph("g").param, "i", torch.zeros(2, dtype=torch.bool)), "floating dtype")

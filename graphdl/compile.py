@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import builtins
 import itertools
+import keyword
 import linecache
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -75,7 +77,8 @@ class Compiled:
             t = feeds[n]
             want = format_type(dtype, shape)
             if not isinstance(t, torch.Tensor):
-                raise GraphError(f"graph {name}: input {n} must be a torch.Tensor ({want}), got {type(t).__name__}")
+                raise GraphError(f"graph {name}: input {n} must be a torch.Tensor ({want}), got {type(t).__name__}; "
+                                 f"convert it with torch.as_tensor({n}, dtype={dtype})")
             got = format_type(t.dtype, tuple(t.shape))
             if t.dtype != dtype:
                 raise GraphError(f"graph {name}: input {n} is {got} but the graph declares {want}; "
@@ -106,8 +109,17 @@ class Compiled:
             tb = tb.tb_next
         if line is None or line not in self._line_text:
             return error
-        return GraphError(f"graph {self.graph.name}: running `{self._line_text[line]}` failed: "
-                          f"{type(error).__name__}: {error}")
+        ir_line = self._line_text[line]
+        k = re.match(r"%(\d+):", ir_line)
+        node = self.graph.nodes[int(k[1])] if k and int(k[1]) < len(self.graph.nodes) else None
+        where = f"\n  created at {node.where}" + (f" (in layer {node.scope})" if node.scope else "") if node else ""
+        changed = [f"{v.name} is now {format_type(v.data.dtype, tuple(v.data.shape))}, declared "
+                   f"{format_type(v.dtype, v.shape)}" for v in self.graph.params.values()
+                   if (tuple(v.data.shape), v.data.dtype) != (v.shape, v.dtype)]
+        hint = f"\n  hint: a param changed after compile ({'; '.join(changed)}); update params in place " \
+               "with the same shape, or rebuild the graph" if changed else ""
+        return GraphError(f"graph {self.graph.name}: running `{ir_line}` failed: "
+                          f"{type(error).__name__}: {error}{where}{hint}")
 
     def __repr__(self) -> str:
         return f"<Compiled {self.graph.name}: {len(self.graph.nodes)} nodes>\n{self.source}"
@@ -191,11 +203,15 @@ def lower(graph: Graph) -> Compiled:
     body.append(f"return ({outs},)")
     source = f"def {_py(graph.name)}({', '.join(args)}):\n" + "".join(f"    {ln}\n" for ln in body)
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-    exec(builtins.compile(source, filename, "exec"), env)  # noqa: S102
-    return Compiled(graph, source, env[_py(graph.name)], filename, line_text, device)
+    # The function lands in its own namespace: a graph called torch, c0 or P0 must not
+    # overwrite the module or the constants the function reads from env.
+    namespace: dict[str, Any] = {}
+    exec(builtins.compile(source, filename, "exec"), env, namespace)  # noqa: S102
+    return Compiled(graph, source, namespace[_py(graph.name)], filename, line_text, device)
 
 
 def _py(name: str) -> str:
     """A Python identifier for an IR name such as fc0.weight."""
-    return name.replace(".", "_") if not name[0].isdigit() else "_" + name.replace(".", "_")
+    py = name.replace(".", "_") if not name[0].isdigit() else "_" + name.replace(".", "_")
+    return py + "_" if keyword.iskeyword(py) else py
 

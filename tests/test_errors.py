@@ -301,3 +301,55 @@ def test_no_non_float_value_can_exist_to_differentiate():
     """grad wrt a non-float value cannot be asked for: graphdl values are floating by construction."""
     names(message(gd.Graph("g").input, "i", (2,), torch.int32), "not supported")
     names(message(gd.Graph("g").param, "i", torch.zeros(2, dtype=torch.bool)), "floating dtype")
+
+
+# -- compile and feeds ----------------------------------------------------------------------
+
+
+def test_compile_something_that_is_not_a_graph_or_has_no_outputs():
+    names(message(gd.compile, 3), "compile takes a gd.Graph, got int")
+    names(message(gd.compile, gd.Graph("g")), "has no outputs; add one with graph.output")
+
+
+@pytest.mark.parametrize("name", ["torch", "math", "c0", "P0", "def", "None", "lambda"])
+def test_graph_names_that_clash_with_generated_code_still_compile(name):
+    g = gd.Graph(name)
+    x = g.input("x", (3,))
+    g.output(gd.mul(gd.add(x, 2.0), g.param("w", torch.full((3,), 2.0))))
+    (out,) = gd.compile(g)(x=torch.ones(3))
+    assert torch.equal(out, torch.full((3,), 6.0))
+
+
+@pytest.mark.parametrize("x, expect", [
+    (np.zeros((4, 2), np.float32), r"input x must be a torch.Tensor \(f32\[N,2\]\), got ndarray; "
+                                   r"convert it with torch.as_tensor\(x, dtype=torch.float32\)"),
+    ([[1.0, 2.0]], "got list"),
+    (1.0, "got float"),
+    (torch.tensor(1.0), r"input x has rank 0 \(f32\[\]\) but the graph declares rank 2 \(f32\[N,2\]\)"),
+    (torch.zeros(4, 2, dtype=torch.int64), r"input x is int64\[4,2\] .*convert it with .to\(torch.float32\)"),
+    (torch.zeros(4, 3), r"dim 1 is 3, expected 2"),
+])
+def test_bad_feeds(x, expect):
+    names(message(gd.compile(tiny()), x=x, y=torch.rand(4, 1)), "graph tiny: ", expect)
+
+
+def test_feeds_given_twice_or_too_many():
+    fn = gd.compile(tiny())
+    names(message(fn, torch.rand(1, 2), x=torch.rand(1, 2)), "input x given both by position and by name")
+    names(message(fn, torch.rand(1, 2), torch.rand(1, 1), torch.rand(1)), "takes 2 inputs .*got 3 positional")
+
+
+def test_non_contiguous_feeds_are_fine():
+    g = tiny()
+    X, Y = torch.rand(2, 5).t(), torch.rand(5, 1)
+    assert not X.is_contiguous()
+    torch.testing.assert_close(gd.compile(g)(x=X, y=Y)[0], gd.compile(g)(x=X.contiguous(), y=Y)[0])
+
+
+def test_run_time_failure_names_the_ir_line_where_it_was_made_and_a_changed_param():
+    g = tiny()
+    fn = gd.compile(g)
+    g.params["w"].data.resize_(3, 3)
+    msg = message(fn, x=torch.rand(1, 2), y=torch.rand(1, 1))
+    names(msg, r"running `%0: f32\[N,1\] = matmul x, w` failed: RuntimeError", rf"created at .*{HERE}",
+          r"hint: a param changed after compile \(w is now f32\[3,3\], declared f32\[2,1\]\)")

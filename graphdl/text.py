@@ -15,6 +15,7 @@ a node belongs to, and `# grad scope` marks a node that `grad` emitted.
 from __future__ import annotations
 
 import ast
+import math
 import re
 from typing import Any
 
@@ -75,7 +76,7 @@ def _parse_type(lineno: int, line: str, dtype: str, dims: str) -> tuple[torch.dt
         raise _fail(lineno, line, f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     shape: list[int | str] = []
     for d in filter(None, (p.strip() for p in dims.split(","))):
-        if d.isdigit():
+        if d.isascii() and d.isdigit():
             shape.append(int(d))
         elif d.isidentifier():
             shape.append(d)
@@ -89,16 +90,34 @@ def _parse_attrs(lineno: int, line: str, text: str | None) -> dict[str, Any]:
         return {}
     try:
         call = ast.parse(f"f({text[1:-1]})", mode="eval").body
-        if not isinstance(call, ast.Call) or call.args:
+        if not isinstance(call, ast.Call) or call.args or any(kw.arg is None for kw in call.keywords):
             raise ValueError("attributes must be name=value pairs")
-        return {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords if kw.arg}
+        return {kw.arg: ast.literal_eval(_NonFinite().visit(kw.value)) for kw in call.keywords}
     except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError) as e:
         raise _fail(lineno, line, f"cannot read the attributes {text}: {e}") from None
 
 
+class _NonFinite(ast.NodeTransformer):
+    """The printer writes non-finite floats as repr does (inf, nan); read them back."""
+
+    def visit_Name(self, node: ast.Name) -> ast.AST:
+        return ast.Constant(float(node.id)) if node.id in ("inf", "nan") else node
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas outside brackets, in linear time (a regex lookahead was quadratic)."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth <= 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [*parts, text[start:]]
+
+
 def _split_decls(lineno: int, line: str, text: str) -> list[tuple[str, torch.dtype, Shape]]:
     decls = []
-    for part in re.split(r",\s*(?![^\[]*\])", text.strip()) if text.strip() else []:
+    for part in _split_top_level(text.strip()) if text.strip() else []:
         m = _DECL.match(part.strip())
         if not m:
             raise _fail(lineno, line, f"cannot read the declaration {part.strip()!r}; write it as name: f32[N,2]")
@@ -122,7 +141,7 @@ def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
     """
     if not isinstance(text, str):
         raise GraphError(f"parse takes the IR text as a str, got {type(text).__name__}")
-    params = params or {}
+    params = _check_params(params)
     lines = [(i + 1, ln) for i, ln in enumerate(text.splitlines()) if ln.strip() and not ln.strip().startswith("//")]
     if not lines:
         raise GraphError("IR text is empty; it should start with 'graph NAME(inputs; params) {'")
@@ -133,8 +152,8 @@ def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
     sig = header[2].split(";")
     if len(sig) > 2:
         raise _fail(lineno, line, "the signature has more than one ';' (inputs ; params)")
-    graph = Graph(header[1])
     try:
+        graph = Graph(header[1])
         for name, dtype, shape in _split_decls(lineno, line, sig[0]):
             graph.input(name, shape, dtype)
         for name, dtype, shape in _split_decls(lineno, line, sig[1] if len(sig) == 2 else ""):
@@ -142,7 +161,7 @@ def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
                 raise _fail(lineno, line, f"param {name} has a symbolic dim; params need concrete shapes")
             data = params.get(name)
             if data is None:
-                data = torch.zeros(shape, dtype=dtype)
+                data = _zeros(lineno, line, name, dtype, shape)
             elif tuple(data.shape) != shape or data.dtype != dtype:
                 raise _fail(lineno, line, f"param {name} is declared {format_type(dtype, shape)} but the "
                                           f"tensor given is {format_type(data.dtype, tuple(data.shape))}")
@@ -197,8 +216,9 @@ def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
         with graph.scope((m[8] or "").strip(), backward=bool(m[7])):
             try:
                 value = graph.add_node(OPS[m[4]], inputs, attrs, where=f"IR text line {lineno}")
-            except GraphError as e:
-                raise _fail(lineno, line, str(e).splitlines()[0]) from None
+            except GraphError as e:  # keep the message and hint; "created at" is this line
+                reason = [ln for ln in str(e).splitlines() if not ln.strip().startswith("created at")]
+                raise _fail(lineno, line, "\n".join(reason)) from None
         if (value.dtype, value.shape) != (dtype, shape):
             raise _fail(lineno, line, f"declared {format_type(dtype, shape)} but {m[4]} of these inputs "
                                       f"gives {format_type(value.dtype, value.shape)}")
@@ -206,4 +226,33 @@ def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
 
     ret = _RETURN.match(lines[-2][1].strip())
     graph.output(*(env[a] for a in args_of(lines[-2][0], lines[-2][1], ret[1])))
+    unused = sorted(set(params) - set(graph.params))
+    if unused:
+        raise GraphError(f"parse: params={{...}} gives {', '.join(map(repr, unused))}, which the text does not "
+                         f"declare; it declares: {', '.join(graph.params) or 'no params'}")
     return graph
+
+
+# Params the text declares but `params` does not give start as zeros; past this size that
+# is more likely a typo in a dim than a wish for gigabytes of zeros.
+MAX_ZERO_PARAM_ELEMENTS = 2**28
+
+
+def _zeros(lineno: int, line: str, name: str, dtype: torch.dtype, shape: Shape) -> torch.Tensor:
+    count = math.prod(shape)  # type: ignore[arg-type]  (params have int dims only)
+    if count > MAX_ZERO_PARAM_ELEMENTS:
+        raise _fail(lineno, line, f"param {name} is declared {format_type(dtype, shape)} ({count:,} elements); "
+                                  f"pass its tensor with parse(text, params={{{name!r}: tensor}}) rather than "
+                                  "have graphdl allocate that many zeros")
+    return torch.zeros(shape, dtype=dtype)
+
+
+def _check_params(params: object) -> dict[str, torch.Tensor]:
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise GraphError(f"parse: params must be a dict of name -> torch.Tensor, got {type(params).__name__}")
+    for name, data in params.items():
+        if not isinstance(data, torch.Tensor):
+            raise GraphError(f"parse: params[{name!r}] must be a torch.Tensor, got {type(data).__name__}")
+    return params

@@ -12,10 +12,11 @@ from .ops import (
 from .text import parse
 from .autodiff import grad
 from .compile import Compiled, compile
+from .viz import DotNotFoundError, render, to_dot
 
 __all__ = [
-    "DTYPES", "OPS", "Compiled", "Graph", "GraphError", "Node", "Value",
+    "DTYPES", "OPS", "Compiled", "DotNotFoundError", "Graph", "GraphError", "Node", "Value",
     "abs", "add", "broadcast_like", "compile", "div", "exp", "grad", "greater", "log", "mae", "matmul",
-    "mbe", "mean", "mse", "mul", "neg", "parse", "relu", "sigmoid", "sign", "sub", "sum", "sum_to",
-    "tanh", "transpose", "zeros_like",
+    "mbe", "mean", "mse", "mul", "neg", "parse", "relu", "render", "sigmoid",
+    "sign", "sub", "sum", "sum_to", "tanh", "to_dot", "transpose", "zeros_like",
 ]

@@ -13,10 +13,11 @@ from .text import parse
 from .autodiff import grad
 from .compile import Compiled, compile
 from .viz import DotNotFoundError, render, to_dot
+from .io import load, load_graph, save_graph
 
 __all__ = [
     "DTYPES", "OPS", "Compiled", "DotNotFoundError", "Graph", "GraphError", "Node", "Value",
     "abs", "add", "broadcast_like", "compile", "div", "exp", "grad", "greater", "log", "mae", "matmul",
-    "mbe", "mean", "mse", "mul", "neg", "parse", "relu", "render", "sigmoid",
+    "load", "load_graph", "mbe", "mean", "mse", "mul", "neg", "parse", "relu", "render", "save_graph", "sigmoid",
     "sign", "sub", "sum", "sum_to", "tanh", "to_dot", "transpose", "zeros_like",
 ]

@@ -12,8 +12,14 @@ from .ops import (
 from .text import parse
 from .autodiff import grad
 from .compile import Compiled, compile
+from .losses import MAE, MBE, MSE, Loss
+from .optim import SGD, Constant, CosineDecay, ExponentialDecay, Schedule, StepDecay
+from .layers import Layer, Linear, ReLU, Sequential, Sigmoid, Tanh
+from .train import History
 
 __all__ = [
+    "MAE", "MBE", "MSE", "SGD", "Constant", "CosineDecay", "ExponentialDecay", "History", "Layer", "Linear",
+    "Loss", "ReLU", "Schedule", "Sequential", "Sigmoid", "StepDecay", "Tanh",
     "DTYPES", "OPS", "Compiled", "Graph", "GraphError", "Node", "Value",
     "abs", "add", "broadcast_like", "compile", "div", "exp", "grad", "greater", "log", "mae", "matmul",
     "mbe", "mean", "mse", "mul", "neg", "parse", "relu", "sigmoid", "sign", "sub", "sum", "sum_to",

@@ -55,7 +55,7 @@ def test_fit_follows_torch_optim_sgd(loss_name, momentum):
         expected.append(total / 30)
     assert history["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-7)
     linears = [m for m in twin if isinstance(m, torch.nn.Linear)]
-    for layer, lin in zip([l for l in model.layers if isinstance(l, gd.Linear)], linears):
+    for layer, lin in zip([m for m in model.layers if isinstance(m, gd.Linear)], linears):
         torch.testing.assert_close(layer.weight, lin.weight.detach().T, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(layer.bias, lin.bias.detach(), rtol=1e-5, atol=1e-6)
 

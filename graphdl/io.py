@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import safetensors.torch
 import torch
 
-from .ir import Graph, GraphError, format_type
+from .ir import DTYPES, Graph, GraphError, format_type
 from .text import parse
 
 if TYPE_CHECKING:
@@ -83,6 +83,7 @@ def load(path: str | os.PathLike[str]) -> Sequential:
 
     try:
         config = json.loads(metadata["layers"])
+        _check_config(config)
         model = Sequential.from_config(config)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         # GraphError is a ValueError: keep its message, but say which file it came from.
@@ -100,6 +101,19 @@ def load(path: str | os.PathLike[str]) -> Sequential:
     for name, tensor in params.items():
         tensor.copy_(weights[name])
     return model
+
+
+def _check_config(config: Any) -> None:
+    """Only plain settings reach the layer classes: a list of {"type": name, ...} of JSON
+    scalars, with dtypes from graphdl's fixed list (so no name is looked up on torch blindly)."""
+    if not isinstance(config, list) or not all(isinstance(spec, dict) for spec in config):
+        raise ValueError("expected a list of layer settings")
+    dtypes = {str(t).removeprefix("torch.") for t in DTYPES.values()}
+    for k, spec in enumerate(config):
+        if not all(isinstance(v, (str, int, float, bool)) or v is None for v in spec.values()):
+            raise ValueError(f"layer {k}: settings must be plain numbers and strings, got {spec}")
+        if "dtype" in spec and spec["dtype"] not in dtypes:
+            raise ValueError(f"layer {k}: dtype {spec['dtype']!r} is not one of {sorted(dtypes)}")
 
 
 def save_graph(graph: Graph, path: str | os.PathLike[str]) -> None:

@@ -273,3 +273,95 @@ def test_metadata_is_plain_strings(tmp_path):
     (size,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8:8 + size])
     assert all(isinstance(v, str) for v in header["__metadata__"].values())
+
+
+# -- model files ----------------------------------------------------------------------
+
+
+def disk_model(dtype: torch.dtype = torch.float32) -> gd.Sequential:
+    gen = torch.Generator().manual_seed(0)
+    return gd.Sequential(gd.Linear(2, 25, generator=gen, dtype=dtype), gd.ReLU(),
+                         gd.Linear(25, 25, generator=gen, dtype=dtype), gd.Tanh(),
+                         gd.Linear(25, 1, generator=gen, dtype=dtype), gd.Sigmoid())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_model_round_trip_gives_bit_identical_params_and_predictions(tmp_path, dtype):
+    model = disk_model(dtype)
+    X = torch.rand(64, 2, dtype=dtype)
+    Y = (X.sum(1, keepdim=True) > 1).to(dtype)
+    model.fit(X, Y, loss=gd.MSE(), optimizer=gd.SGD(lr=0.1, momentum=0.5), epochs=2, batch_size=8, seed=0,
+              verbose=False)  # trained weights, not just the initial ones
+    model.save(tmp_path / "disk.gdl")
+    loaded = gd.load(tmp_path / "disk.gdl")
+    assert isinstance(loaded, gd.Sequential)
+    assert loaded.config() == model.config()
+    assert list(loaded.parameters()) == list(model.parameters())
+    for name, t in model.parameters().items():
+        assert torch.equal(loaded.parameters()[name], t) and loaded.parameters()[name].dtype == dtype
+    assert torch.equal(loaded.predict(X), model.predict(X))
+    assert str(loaded.graph(loss=gd.MSE())) == str(model.graph(loss=gd.MSE()))
+
+
+def test_model_file_format(tmp_path):
+    model = disk_model()
+    model.save(tmp_path / "disk.gdl")
+    with safetensors.safe_open(str(tmp_path / "disk.gdl"), framework="pt") as f:
+        meta = f.metadata()
+        assert meta.keys() == {"format", "version", "ir", "layers"}
+        assert (meta["format"], meta["version"]) == ("graphdl.model", "1")
+        assert meta["ir"] == str(model.graph())
+        assert json.loads(meta["layers"]) == model.config()
+        assert list(f.keys()) == sorted(model.parameters())
+    assert io.file_format(tmp_path / "disk.gdl") == "graphdl.model"
+
+
+def test_model_and_graph_files_say_which_loader_to_use(tmp_path):
+    model = disk_model()
+    model.save(tmp_path / "disk.gdl")
+    forward = gd.load_graph(tmp_path / "disk.gdl")  # a model file's forward graph, with its weights
+    assert str(forward) == str(model.graph())
+    assert torch.equal(gd.compile(forward)(x=torch.ones(3, 2))[0], model.predict(torch.ones(3, 2)))
+    gd.save_graph(model.graph(), tmp_path / "graph.gdl")
+    with pytest.raises(gd.GraphError, match=r"holds a bare graph, not a model; load it with gd.load_graph"):
+        gd.load(tmp_path / "graph.gdl")
+
+
+def _rewrite_layers(path, layers: str) -> None:
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    path.write_bytes(safetensors.torch.save(tensors, metadata={**meta, "layers": layers}))
+
+
+@pytest.mark.parametrize("layers, message", [
+    ("[{", "the layer list stored in the file is invalid"),
+    ('{"type": "Linear"}', "expected a list of layer settings"),
+    ('[{"type": "Conv2d"}]', "unknown layer type 'Conv2d'"),
+    ('[{"type": "Linear", "in_features": 2, "out_features": 25, "dtype": "load"}]', "dtype 'load' is not one of"),
+    ('[{"type": "Linear", "in_features": 2, "out_features": {"x": 1}}]', "plain numbers and strings"),
+    ('[{"type": "Linear", "in_features": 2, "out_features": 7}]', r"weight '0.weight' is f32\[2,25\] but the "
+                                                                  r"layers build f32\[2,7\]"),
+    ('[{"type": "Linear", "in_features": 2, "out_features": 25}]', r"holds weights \['2.bias', '2.weight', "),
+    ('[{"type": "ReLU"}, {"type": "Linear", "in_features": 2, "out_features": 25}]',
+     "the layers build param '1.weight', which the file's IR does not declare"),
+])
+def test_a_layer_list_that_disagrees_with_the_weights_is_rejected(tmp_path, layers, message):
+    path = tmp_path / "disk.gdl"
+    disk_model().save(path)
+    _rewrite_layers(path, layers)
+    with pytest.raises(gd.GraphError, match=message):
+        gd.load(path)
+
+
+def test_interrupted_model_save_leaves_the_old_model_loadable(tmp_path, monkeypatch):
+    path = tmp_path / "disk.gdl"
+    old = disk_model()
+    old.save(path)
+    new = disk_model()
+    new.parameters()["0.weight"].add_(1.0)
+    monkeypatch.setattr(io.os, "replace", _boom)
+    with pytest.raises(gd.GraphError, match="the previous file is unchanged"):
+        new.save(path)
+    monkeypatch.undo()
+    loaded = gd.load(path)
+    assert torch.equal(loaded.parameters()["0.weight"], old.parameters()["0.weight"])

@@ -75,7 +75,10 @@ def load(path: str | os.PathLike[str]) -> Sequential:
             weights do not match the shapes its IR declares.
     """
     path = Path(path)
-    kind, metadata, weights = _read(path)
+    data = _read_bytes(path)
+    if _is_ir_text(data):
+        raise GraphError(f"{path}: holds IR text, not a model; load it with gd.load_graph({str(path)!r})")
+    kind, metadata, weights = _decode(path, data)
     if kind != MODEL_FORMAT:
         raise GraphError(f"{path}: holds a bare graph, not a model; load it with gd.load_graph({str(path)!r})")
     graph = _graph_from(path, metadata, weights)
@@ -84,12 +87,12 @@ def load(path: str | os.PathLike[str]) -> Sequential:
     try:
         config = json.loads(metadata["layers"])
         _check_config(config)
-        model = Sequential.from_config(config)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        with torch.device("meta"):  # check the shapes it builds before allocating them (it may ask for huge ones)
+            params = Sequential.from_config(config).parameters()
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
         # GraphError is a ValueError: keep its message, but say which file it came from.
         raise GraphError(f"{path}: the layer list stored in the file is invalid ({e}); the file is corrupt or "
                          "was written by an incompatible graphdl") from None
-    params = model.parameters()
     for name, tensor in params.items():
         if name not in graph.params:
             raise GraphError(f"{path}: the layers build param {name!r}, which the file's IR does not declare; "
@@ -98,7 +101,8 @@ def load(path: str | os.PathLike[str]) -> Sequential:
     if set(graph.params) - set(params):
         extra = sorted(set(graph.params) - set(params))
         raise GraphError(f"{path}: the file holds weights {extra} that its layers do not use; the file is corrupt")
-    for name, tensor in params.items():
+    model = Sequential.from_config(config)
+    for name, tensor in model.parameters().items():
         tensor.copy_(weights[name])
     return model
 
@@ -229,10 +233,6 @@ def _read_bytes(path: Path) -> bytes:
         raise GraphError(f"{path}: cannot read it: {e.strerror or e}") from None
 
 
-def _read(path: Path) -> tuple[str, dict[str, str], dict[str, torch.Tensor]]:
-    return _decode(path, _read_bytes(path))
-
-
 def file_format(path: str | os.PathLike[str]) -> str:
     """What a file holds, reading only its header: "graphdl.model", "graphdl.graph" or "text" (IR).
 
@@ -268,10 +268,10 @@ def _check_header(path: Path, data: bytes, size: int) -> tuple[dict[str, str], d
     if length is not None and length <= _MAX_HEADER and 8 + length <= size:
         try:
             header = json.loads(data[8:8 + length])
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             pass
     if header is None:  # not safetensors: say what it is instead
-        if data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05") or data[:4] == b"PK\x03\x04":
+        if (data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or data[:4] == b"PK\x03\x04":
             what = "a Python pickle" if data[:1] == b"\x80" else "a zip archive (e.g. from torch.save)"
             raise GraphError(f"{not_ours}: it looks like {what}, which graphdl never loads because unpickling "
                              "can run code; re-save the model with graphdl's model.save")
@@ -317,7 +317,8 @@ def _decode(path: Path, data: bytes) -> tuple[str, dict[str, str], dict[str, tor
 def _graph_from(path: Path, metadata: dict[str, str], weights: dict[str, torch.Tensor]) -> Graph:
     """Parse the stored IR and give its params the stored weights, after checking each."""
     try:
-        graph = parse(metadata["ir"])
+        with torch.device("meta"):  # params start as placeholders: a crafted IR cannot make us allocate them
+            graph = parse(metadata["ir"])
     except GraphError as e:
         raise GraphError(f"{path}: the IR stored in the file is invalid: {e}") from None
     missing = [n for n in graph.params if n not in weights]

@@ -146,14 +146,15 @@ def _layer_label(graph: Graph, scope: str, backward: bool, members: list[Node],
     return _label(f"{name} {shapes(entering)}→{shapes(leaving)}")
 
 
-def render(graph: Graph, path: str | os.PathLike[str], **options: object) -> Path:
+def render(graph: Graph, path: str | os.PathLike[str], hide_params: bool = False, collapse_layers: bool = False,
+           rankdir: str = "TB") -> Path:
     """Draw a graph to a file whose extension picks the format: .svg, .png, .pdf or .dot.
 
     Args:
         graph: the graph to draw.
         path: where to write; `.dot` writes the DOT text and needs no Graphviz install,
             the other formats run the Graphviz `dot` program.
-        **options: passed to `to_dot` (hide_params, collapse_layers, rankdir).
+        hide_params, collapse_layers, rankdir: as for `to_dot`.
 
     Returns:
         The path written.
@@ -167,7 +168,7 @@ def render(graph: Graph, path: str | os.PathLike[str], **options: object) -> Pat
     if fmt not in FORMATS:
         raise GraphError(f"cannot tell the image format of {str(path)!r}: end the name in "
                          f"{', '.join('.' + f for f in FORMATS)}")
-    dot = to_dot(graph, **options)  # type: ignore[arg-type]
+    dot = to_dot(graph, hide_params=hide_params, collapse_layers=collapse_layers, rankdir=rankdir)
     if fmt == "dot":
         data = dot.source.encode()
     else:

@@ -120,6 +120,7 @@ BAD_FILES = {
     "random bytes": (lambda: bytes(range(7, 255)) * 3, "does not start with a safetensors header"),
     "json garbage": (lambda: struct.pack("<Q", 5) + b"{oops", "header is not JSON"),
     "json list": (lambda: struct.pack("<Q", 2) + b"[]", "not a JSON object"),
+    "json nested deep": (lambda: struct.pack("<Q", 100_000) + b"[" * 100_000, "header is not JSON"),
     "pickle": (lambda: pickle.dumps({"0.weight": [1.0]}), "looks like a Python pickle"),
     "zip": (lambda: b"PK\x03\x04" + bytes(60), "looks like a zip archive"),
     "header length cut": (lambda: struct.pack("<Q", 900) + b"{", "truncated or not a graphdl model file"),
@@ -325,6 +326,9 @@ def test_model_and_graph_files_say_which_loader_to_use(tmp_path):
     gd.save_graph(model.graph(), tmp_path / "graph.gdl")
     with pytest.raises(gd.GraphError, match=r"holds a bare graph, not a model; load it with gd.load_graph"):
         gd.load(tmp_path / "graph.gdl")
+    gd.save_graph(model.graph(), tmp_path / "graph.txt")
+    with pytest.raises(gd.GraphError, match=r"holds IR text, not a model; load it with gd.load_graph"):
+        gd.load(tmp_path / "graph.txt")
 
 
 def _rewrite_layers(path, layers: str) -> None:
@@ -335,6 +339,7 @@ def _rewrite_layers(path, layers: str) -> None:
 
 @pytest.mark.parametrize("layers, message", [
     ("[{", "the layer list stored in the file is invalid"),
+    ("[" * 100_000, "the layer list stored in the file is invalid"),
     ('{"type": "Linear"}', "expected a list of layer settings"),
     ('[{"type": "Conv2d"}]', "unknown layer type 'Conv2d'"),
     ('[{"type": "Linear", "in_features": 2, "out_features": 25, "dtype": "load"}]', "dtype 'load' is not one of"),
@@ -351,6 +356,18 @@ def test_a_layer_list_that_disagrees_with_the_weights_is_rejected(tmp_path, laye
     _rewrite_layers(path, layers)
     with pytest.raises(gd.GraphError, match=message):
         gd.load(path)
+
+
+def test_huge_declared_shapes_are_checked_before_anything_is_allocated(tmp_path):
+    path = tmp_path / "disk.gdl"
+    disk_model().save(path)
+    _rewrite_layers(path, '[{"type": "Linear", "in_features": 2, "out_features": 1000000000000}]')
+    with pytest.raises(gd.GraphError, match=r"is f32\[2,25\] but the layers build f32\[2,1000000000000\]"):
+        gd.load(path)  # 8 TB if it were allocated
+    ir = str(tiny()).replace("0.weight: f32[2,1]", "0.weight: f32[2,1], big: f32[1000000,1000000]")
+    path.write_bytes(_container({**_good_metadata(), "ir": ir}, _good_tensors()))
+    with pytest.raises(gd.GraphError, match=r"declares params \['big'\] but the file holds no weights"):
+        gd.load_graph(path)
 
 
 def test_interrupted_model_save_leaves_the_old_model_loadable(tmp_path, monkeypatch):

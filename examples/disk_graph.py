@@ -114,6 +114,21 @@ def plot(result: dict, out: str) -> list[str]:
     paths.append(os.path.join(out, "disk_curves.png"))
     fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
     plt.close(fig)
+    return paths + draw_graphs(result["model"], out)
+
+
+def draw_graphs(model: gd.Sequential, out: str) -> list[str]:
+    """The training graph (forward + MSE) and its gradient graph, as SVG (or DOT text
+    when Graphviz's `dot` program is not installed)."""
+    loss_graph = model.graph(loss=gd.MSE(), name="disk")
+    grad_graph = gd.grad(loss_graph, wrt=list(model.parameters()))
+    paths = []
+    for name, graph in (("disk_graph", loss_graph), ("disk_grad_graph", grad_graph)):
+        try:
+            paths.append(str(gd.render(graph, os.path.join(out, f"{name}.svg"))))
+        except gd.DotNotFoundError as e:
+            print(f"{e}; writing {name}.dot instead", file=sys.stderr)
+            paths.append(str(gd.render(graph, os.path.join(out, f"{name}.dot"))))
     return paths
 
 

@@ -159,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     result = run(args, args.seed, verbose=True)
+    os.makedirs(args.out, exist_ok=True)
+    model_path = os.path.join(args.out, "disk.gdl")
+    result["model"].save(model_path)  # reload with gd.load; draw with tools/render_graph.py
+    print(f"wrote {model_path}")
     if not args.no_plots:
         for path in plot(result, args.out):
             print(f"wrote {path}")

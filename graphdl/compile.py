@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .ir import Graph, GraphError, Value, format_type
+from .ir import Graph, GraphError, format_type
 from .passes import dce
 from .text import format_node
 

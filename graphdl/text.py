@@ -238,13 +238,14 @@ def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
 
 
 # Params the text declares but `params` does not give start as zeros; past this size that
-# is more likely a typo in a dim than a wish for gigabytes of zeros.
+# is more likely a typo in a dim than a wish for gigabytes of zeros. (Under
+# `torch.device("meta")`, as io.py parses, nothing is allocated, so there is no limit.)
 MAX_ZERO_PARAM_ELEMENTS = 2**28
 
 
 def _zeros(lineno: int, line: str, name: str, dtype: torch.dtype, shape: Shape) -> torch.Tensor:
     count = math.prod(shape)  # type: ignore[arg-type]  (params have int dims only)
-    if count > MAX_ZERO_PARAM_ELEMENTS:
+    if count > MAX_ZERO_PARAM_ELEMENTS and torch.empty(0).device.type != "meta":
         raise _fail(lineno, line, f"param {name} is declared {format_type(dtype, shape)} ({count:,} elements); "
                                   f"pass its tensor with parse(text, params={{{name!r}: tensor}}) rather than "
                                   "have graphdl allocate that many zeros")

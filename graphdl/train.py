@@ -8,6 +8,7 @@ until the epoch ends, so there is one host sync per epoch, not per batch.
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -76,10 +77,125 @@ def _check_data(model: Sequential, X: Any, Y: Any, what: str = "") -> None:
             raise ValueError(f"{name}{what} must be 2-d [examples, features], got shape {list(t.shape)}")
     if len(X) != len(Y):
         raise ValueError(f"X{what} has {len(X)} examples but Y{what} has {len(Y)}; give one target per example")
+    if len(X) == 0:
+        raise ValueError(f"X{what} and Y{what} have no examples")
     if X.shape[1] != model.in_features:
         raise ValueError(f"X{what} has {X.shape[1]} features but the model takes {model.in_features}")
     if Y.shape[1] != model.out_features:
         raise ValueError(f"Y{what} has {Y.shape[1]} columns but the model outputs {model.out_features}")
+    for name, t in (("X", X), ("Y", Y)):
+        finite = torch.isfinite(t)
+        if not bool(finite.all()):  # one pass over the data, once per call: cheap beside training on it
+            row, col = (~finite).nonzero()[0].tolist()
+            raise ValueError(f"{name}{what} has NaN or inf values, first at {name}[{row}, {col}] = "
+                             f"{t[row, col].item()}; drop or repair those examples (e.g. with torch.isfinite)")
+
+
+def _check_settings(validation_data: Any, seed: Any, schedule: Any) -> None:
+    if validation_data is not None and not (isinstance(validation_data, (tuple, list)) and len(validation_data) == 2):
+        raise ValueError(f"validation_data must be a pair (X_val, Y_val), got {type(validation_data).__name__}"
+                         + (f" of length {len(validation_data)}" if isinstance(validation_data, (tuple, list)) else ""))
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed must be a whole number or None, got {seed!r}")
+    if schedule is not None and not callable(schedule):
+        raise ValueError(f"schedule must be a graphdl schedule such as gd.StepDecay(every=10, factor=0.9), "
+                         f"got {schedule!r}")
+
+
+def _scheduled_lr(schedule: Schedule | None, epoch: int, base_lr: float) -> float:
+    if schedule is None:
+        return base_lr
+    lr = schedule(epoch, base_lr)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
+        raise ValueError(f"schedule {schedule!r} gave lr={lr!r} for epoch {epoch + 1}; "
+                         "a learning rate must be a finite number >= 0")
+    return lr
+
+
+class DivergedError(FloatingPointError):
+    """`fit` stopped because the loss (or a param) stopped being finite.
+
+    The model keeps its last finite params. `history` holds the completed epochs (it is
+    also `model.history`); `epoch` and `batch` count from 1, as the progress lines do.
+    """
+
+    def __init__(self, message: str, history: History, epoch: int, batch: int | None) -> None:
+        super().__init__(message)
+        self.history, self.epoch, self.batch = history, epoch, batch
+
+
+# Divergence is found without a host sync per batch. Reading each batch's loss
+# (`.item()`) would cost ~10 us a step, as much as the step itself on a tiny net. Instead
+# fit copies the params and optimizer state at each epoch's start (a few small copies
+# per epoch), checks the epoch's mean loss and the params once, at the sync the epoch
+# already pays for its loss, and only after a divergence replays that epoch from the
+# copy one batch at a time, reading every loss, to name the batch and stop at the last
+# finite params. The replay runs the same kernels on the same batches in the same order,
+# so it meets the same non-finite value.
+
+
+class _Snapshot:
+    """Copies of tensors (params, optimizer state) taken by `save` and put back by `restore`."""
+
+    def __init__(self, tensors: Callable[[], list[torch.Tensor]]) -> None:
+        self.tensors = tensors
+        self.copies = [t.clone() for t in tensors()]
+
+    def save(self) -> None:
+        for c, t in zip(self.copies, self.tensors()):
+            c.copy_(t)
+
+    def restore(self) -> None:
+        for t, c in zip(self.tensors(), self.copies):
+            t.copy_(c)
+
+
+def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([t.isfinite().all() for t in tensors]).all() if tensors else torch.tensor(True)
+
+
+def _replay(run: Callable[..., tuple], optimizer: SGD, params: list[torch.Tensor], start: _Snapshot,
+            Xe: torch.Tensor, Ye: torch.Tensor, batch_size: int, lr: float) -> tuple[int, float, bool] | None:
+    """Replay an epoch that diverged from its starting state, one checked batch at a time.
+
+    Returns (batch index, its loss, whether it was its update that made params non-finite)
+    with the model at the last finite params, or None if the replay stayed finite (the
+    model is then back at the epoch's start).
+    """
+    start.restore()
+    before = _Snapshot(start.tensors)
+    for b, first in enumerate(range(0, len(Xe), batch_size)):
+        out = run(Xe[first:first + batch_size], Ye[first:first + batch_size])
+        loss = float(out[0])
+        if not math.isfinite(loss):
+            return b, loss, False  # the params that gave it are finite: the previous update was checked
+        before.save()
+        optimizer.step(params, out[1:], lr)
+        if not bool(_all_finite(params)):
+            before.restore()
+            return b, loss, True
+    start.restore()
+    return None
+
+
+def _diverged(found: tuple[int, float, bool] | None, epoch: int, epochs: int, batches: int, lr: float,
+              history: History) -> DivergedError:
+    where = f"epoch {epoch + 1}/{epochs}"
+    if found is None:
+        what = (f"training diverged in {where} (lr={lr:g}), but replaying it one batch at a time stayed finite, "
+                "so the batch is unknown; the model keeps its params from the start of that epoch")
+    elif found[2]:
+        what = (f"training diverged: the update of {where}, batch {found[0] + 1}/{batches} (lr={lr:g}) made params "
+                f"NaN or inf (the gradients overflowed; the loss was {found[1]:g}); the model keeps its params "
+                "from before that update")
+    else:
+        what = (f"training diverged: the loss became {found[1]} in {where}, batch {found[0] + 1}/{batches} "
+                f"(lr={lr:g}); the model keeps its last finite params, from before that batch")
+    done = f"{epoch} completed epoch{'s' if epoch != 1 else ''}"
+    message = (f"{what}.\n  The history of the {done} is on this error's .history and on model.history."
+               f"\n  hint: lower the learning rate (e.g. lr={lr / 10:g}) or scale the inputs and targets "
+               "to about [-1, 1]")
+    return DivergedError(message, history, epoch + 1, None if found is None else found[0] + 1)
 
 
 def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None = None,
@@ -114,12 +230,13 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
         raise ValueError(f"loss must be a graphdl loss such as gd.MSE(), got {loss!r}")
     if not isinstance(optimizer, SGD):
         raise ValueError(f"optimizer must be a graphdl optimizer such as gd.SGD(lr=0.01), got {optimizer!r}")
+    _check_settings(validation_data, seed, schedule)
     _check_data(model, X, Y)
     if validation_data is not None:
         _check_data(model, *validation_data, what=" (validation)")
 
     step = _step_fn(model, loss)
-    step.check_feeds((X[:1], Y[:1]), {})  # dtype and device, once, with graphdl's messages
+    step.check_feeds((X, Y), {})  # dtype and device, once, with graphdl's messages
     run = step.fn  # the unchecked entry: every batch has the shape just checked
     params = list(model.parameters().values())
     optimizer.reset(params)
@@ -131,21 +248,31 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
     sizes = [min(batch_size, n - s) for s in range(0, n, batch_size)]
     weights = torch.tensor(sizes, dtype=X.dtype, device=X.device) / max(n, 1)
     history = History()
+    model.history = history  # what fit has recorded so far, kept if it stops early
+    if not bool(_all_finite(params)):
+        bad = next(name for name, p in model.parameters().items() if not bool(p.isfinite().all()))
+        raise ValueError(f"param {bad} is NaN or inf before training; re-initialise the model")
+    start = _Snapshot(lambda: [*params, *optimizer.velocity])
 
     for epoch in range(epochs):
         started = time.perf_counter()
-        lr = schedule(epoch, optimizer.lr) if schedule is not None else optimizer.lr
+        lr = _scheduled_lr(schedule, epoch, optimizer.lr)
         if shuffle:
             order = torch.randperm(n, generator=gen).to(X.device)
             Xe, Ye = X.index_select(0, order), Y.index_select(0, order)
         else:
             Xe, Ye = X, Y
+        start.save()
         losses = []
-        for start in range(0, n, batch_size):
-            out = run(Xe[start:start + batch_size], Ye[start:start + batch_size])
+        for first in range(0, n, batch_size):
+            out = run(Xe[first:first + batch_size], Ye[first:first + batch_size])
             optimizer.step(params, out[1:], lr)
             losses.append(out[0])
-        epoch_loss = float(torch.stack(losses) @ weights) if losses else float("nan")
+        # The epoch's one sync: its mean loss, NaN if any param stopped being finite.
+        epoch_loss = float(torch.where(_all_finite(params), torch.stack(losses) @ weights, torch.nan))
+        if not math.isfinite(epoch_loss):
+            found = _replay(run, optimizer, params, start, Xe, Ye, batch_size, lr)
+            raise _diverged(found, epoch, epochs, len(sizes), lr, history)
         history["loss"].append(epoch_loss)
         history["accuracy"].append(evaluate(model, X, Y, loss, _checked=True)["accuracy"])
         if validation_data is not None:

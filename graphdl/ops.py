@@ -158,8 +158,9 @@ def loss_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
         grown = f" (they broadcast to {format_shape(both)}, averaging every pair)" if both is not None else ""
         raise ShapeError(
             f"prediction {format_shape(a.shape)} and target {format_shape(b.shape)} differ{grown}",
-            f"give the target the prediction's shape, e.g. {format_shape(a.shape)}; "
-            "for one output per example that is [N,1], e.g. y.reshape(-1, 1)",
+            f"give the target the prediction's shape, {format_shape(a.shape)}"
+            + (": declare it with shape (None, 1), or reshape it with y.reshape(-1, 1)"
+               if a.ndim == 2 and a.shape[1] == 1 else ""),
         )
     return (), a.dtype
 

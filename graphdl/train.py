@@ -191,8 +191,9 @@ def _diverged(found: tuple[int, float, bool] | None, epoch: int, epochs: int, ba
     else:
         what = (f"training diverged: the loss became {found[1]} in {where}, batch {found[0] + 1}/{batches} "
                 f"(lr={lr:g}); the model keeps its last finite params, from before that batch")
-    done = f"{epoch} completed epoch{'s' if epoch != 1 else ''}"
-    message = (f"{what}.\n  The history of the {done} is on this error's .history and on model.history."
+    done = (f"The history of the {epoch} completed epoch{'s' if epoch != 1 else ''} is"
+            if epoch else "No epoch completed; the empty history is")
+    message = (f"{what}.\n  {done} on this error's .history and on model.history."
                f"\n  hint: lower the learning rate (e.g. lr={lr / 10:g}) or scale the inputs and targets "
                "to about [-1, 1]")
     return DivergedError(message, history, epoch + 1, None if found is None else found[0] + 1)

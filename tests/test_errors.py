@@ -8,6 +8,7 @@ TypeError, AttributeError or torch/networkx error from inside graphdl.
 
 from __future__ import annotations
 
+import pathlib
 import re
 import time
 
@@ -68,7 +69,8 @@ def test_broadcast_error_names_shapes_and_explains_symbolic_dims():
 def test_loss_shape_error_tells_to_give_the_target_the_predictions_shape():
     g = gd.Graph("g")
     msg = message(gd.mse, g.input("p", (None, 1)), g.input("y", (None, 3)))
-    names(msg, r"mse %0", r"prediction \[N,1\] and target \[N,3\] differ", HERE, r"hint: .*e\.g\. \[N,1\]")
+    names(msg, r"mse %0", r"prediction \[N,1\] and target \[N,3\] differ", HERE,
+          r"hint: give the target the prediction's shape, \[N,1\]: declare it with shape \(None, 1\)")
 
 
 def test_a_target_that_would_broadcast_the_prediction_is_refused():
@@ -76,7 +78,7 @@ def test_a_target_that_would_broadcast_the_prediction_is_refused():
     g = gd.Graph("g")
     msg = message(gd.mse, g.input("p", (None, 1)), g.input("y", ("N",)))
     names(msg, r"^mse %0\(p: f32\[N,1\], y: f32\[N\]\)", r"prediction \[N,1\] and target \[N\] differ",
-          r"they broadcast to \[N,N\]", HERE, r"hint: .*\[N,1\]")
+          r"they broadcast to \[N,N\]", HERE, r"hint: .*\[N,1\].*y\.reshape\(-1, 1\)")
 
 
 def test_a_scalar_target_still_broadcasts():
@@ -524,7 +526,8 @@ def test_divergence_names_epoch_and_batch_and_keeps_the_last_finite_params(lr, m
     e = err.value
     assert (e.epoch, e.batch) == (epoch, batch)
     names(str(e), rf"the loss became (inf|nan) in epoch {epoch}/30, batch {batch}/\d+ \(lr={lr:g}\)",
-          "keeps its last finite params", f"history of the {epoch - 1} completed epoch", r"\.history",
+          "keeps its last finite params",
+          f"history of the {epoch - 1} completed epoch" if epoch > 1 else "No epoch completed", r"\.history",
           "model.history", "hint: lower the learning rate")
     for name, value in model.parameters().items():
         assert torch.isfinite(value).all() and torch.equal(value, params[name]), name
@@ -541,7 +544,8 @@ def test_an_update_that_makes_params_infinite_is_undone():
     with pytest.raises(FloatingPointError) as err:
         model.fit(X, Y, optimizer=gd.SGD(lr=1e20), epochs=1, batch_size=2, shuffle=False, verbose=False)
     names(str(err.value), r"the update of epoch 1/1, batch 1/2 \(lr=1e\+20\) made params NaN or inf",
-          "the loss was 1e\\+38", "keeps its params from before that update")
+          "the loss was 1e\\+38", "keeps its params from before that update",
+          "No epoch completed; the empty history is on this error's .history and on model.history")
     assert torch.equal(model.layers[0].weight, torch.full((1, 1), 1e19))
     assert (err.value.epoch, err.value.batch) == (1, 1)
 
@@ -566,3 +570,21 @@ def test_an_epoch_whose_replay_stays_finite_is_rolled_back_whole(monkeypatch):
     names(str(err.value), "diverged in epoch 2/5", "the batch is unknown", "params from the start of that epoch")
     assert err.value.batch is None and err.value.history.epochs == 1
     assert all(torch.equal(v, before[k]) for k, v in model.parameters().items())
+
+
+# -- docs/errors.md shows real messages --------------------------------------------------------
+
+
+def _doc_examples() -> list[tuple[str, str, str]]:
+    doc = (pathlib.Path(__file__).parent.parent / "docs" / "errors.md").read_text()
+    found = re.findall(r"```python\n# (\S+)\n(.*?)```\n\n```text\n(.*?)\n```", doc, re.S)
+    assert len(found) >= 3
+    return found
+
+
+@pytest.mark.parametrize("name, code, printed", _doc_examples(), ids=lambda v: v if v.endswith(".py") else "")
+def test_docs_show_the_messages_exactly_as_printed(name, code, printed):
+    with pytest.raises(Exception) as err:  # noqa: B017 - any exception: its printed form is what is compared
+        exec(compile(code, name, "exec"), {"__name__": "__main__"})  # noqa: S102
+    e = err.value
+    assert f"{type(e).__module__}.{type(e).__qualname__}: {e}" == printed

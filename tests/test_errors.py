@@ -96,6 +96,14 @@ def test_layer_scope_is_named_in_builder_errors():
     names(msg, r"created at .*\(in layer 2:Linear\)")
 
 
+def test_sequential_builder_errors_name_the_layer_and_the_users_line():
+    model = gd.Sequential(gd.Linear(2, 25), gd.ReLU(), gd.Linear(25, 1))
+    model.layers[2].weight = torch.zeros(1, 25)  # e.g. loaded transposed from elsewhere
+    msg = message(model.predict, torch.rand(4, 2))
+    names(msg, r"^matmul %3\(%2: f32\[N,25\], 2.weight: f32\[1,25\]\)", rf"created at .*{HERE} \(in layer 2:Linear\)",
+          r"hint: did you mean to transpose 2.weight\?")
+
+
 def test_dtype_mismatch_names_both_values():
     g = gd.Graph("g")
     msg = message(gd.matmul, g.input("x", (None, 3)), g.param("w", torch.zeros(3, 3, dtype=torch.float64)))
@@ -499,10 +507,10 @@ def _reference_divergence(X, Y, lr, momentum, epochs, batch_size, seed):
     opt.reset(params)
     gen = torch.Generator().manual_seed(seed)
     sizes = [min(batch_size, len(X) - s) for s in range(0, len(X), batch_size)]
-    weights = torch.tensor(sizes, dtype=X.dtype) / len(X)
+    weights = torch.tensor(sizes, dtype=X.dtype, device=X.device) / len(X)
     losses_per_epoch = []
     for epoch in range(epochs):
-        order = torch.randperm(len(X), generator=gen)
+        order = torch.randperm(len(X), generator=gen).to(X.device)
         Xe, Ye = X.index_select(0, order), Y.index_select(0, order)
         losses = []
         for b, first in enumerate(range(0, len(X), batch_size)):

@@ -19,6 +19,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_core import tiny  # the contract's graph
 
 import graphdl as gd
 from graphdl.ops import broadcast_shapes
@@ -30,16 +31,6 @@ FUZZ = settings(deadline=None, derandomize=True, suppress_health_check=list(Heal
 
 def fuzz(max_examples: int) -> settings:
     return settings(FUZZ, max_examples=max_examples)
-
-
-def tiny() -> gd.Graph:
-    g = gd.Graph("tiny")
-    x = g.input("x", (None, 2))
-    y = g.input("y", (None, 1))
-    w = g.param("w", torch.randn(2, 1, generator=torch.Generator().manual_seed(0)))
-    b = g.param("b", torch.zeros(1))
-    g.output(gd.mse(gd.tanh(gd.add(gd.matmul(x, w), b)), y))
-    return g
 
 
 def _scoped() -> gd.Graph:

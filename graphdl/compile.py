@@ -145,6 +145,8 @@ def compile(graph: Graph, optimize: bool = True) -> Compiled:
     """
     if not isinstance(graph, Graph):
         raise GraphError(f"compile takes a gd.Graph, got {type(graph).__name__}")
+    if not isinstance(optimize, bool):
+        raise GraphError(f"compile: optimize must be True or False, got {type(optimize).__name__}")
     graph.verify()
     if not graph.outputs:
         raise GraphError(f"graph {graph.name} has no outputs; add one with graph.output(value)")

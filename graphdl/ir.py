@@ -352,6 +352,8 @@ class Graph:
 
     def value(self, name: str) -> Value:
         """The input or param called `name`."""
+        if not isinstance(name, str):
+            raise GraphError(f"graph {self.name}: value names are str, got {type(name).__name__}")
         if name in self.inputs:
             return self.inputs[name]
         if name in self.params:

@@ -156,6 +156,73 @@ def test_odd_ir_text(text):
     _exercise(text)
 
 
+# -- wrong types anywhere in the public API --------------------------------------------------
+
+
+def _junk(g: gd.Graph) -> list:
+    """Arguments of every wrong kind: Python and numpy scalars, containers, tensors of other
+    dtypes, dtypes, names, values of this graph and of another, graphs, functions."""
+    other = gd.Graph("other").input("z", (3,))
+    x = g.inputs["x"]
+    return [None, 0, -1, 1.5, float("nan"), 10**30, True, "x", "", "%0", b"x", [1], (None, 2), (2.0,), {"a": 1},
+            object(), torch.zeros(2), torch.zeros(()), torch.zeros(2, 2, dtype=torch.int64), np.zeros(2),
+            np.float32(1), np.int64(2), x, [x], other, g.outputs[0], g, torch.float32, torch.int8, "f32", len]
+
+
+def _api_graph() -> gd.Graph:
+    g = gd.Graph("g")
+    x = g.input("x", (None, 2))
+    g.output(gd.sum(gd.matmul(x, g.param("w", torch.ones(2, 2)))))
+    return g
+
+
+API = {
+    "Graph": lambda g, a: gd.Graph(a),
+    "Graph.input name": lambda g, a: g.input(a, (2,)),
+    "Graph.input shape": lambda g, a: g.input("a", a),
+    "Graph.input dtype": lambda g, a: g.input("a", (2,), a),
+    "Graph.param name": lambda g, a: g.param(a, torch.ones(2)),
+    "Graph.param data": lambda g, a: g.param("p", a),
+    "Graph.const value": lambda g, a: g.const(a),
+    "Graph.const dtype": lambda g, a: g.const(1.0, a),
+    "Graph.output": lambda g, a: g.output(a),
+    "Graph.scope": lambda g, a: g.scope(a).__enter__(),
+    "Graph.value": lambda g, a: g.value(a),
+    "add": lambda g, a: gd.add(g.inputs["x"], a),
+    "sub (reflected)": lambda g, a: a - g.inputs["x"],
+    "matmul": lambda g, a: g.inputs["x"] @ a,
+    "relu": lambda g, a: gd.relu(a),
+    "transpose": lambda g, a: gd.transpose(a),
+    "sum axis": lambda g, a: gd.sum(g.inputs["x"], axis=a),
+    "mean keepdims": lambda g, a: gd.mean(g.inputs["x"], 0, keepdims=a),
+    "sum_to shape": lambda g, a: gd.sum_to(g.inputs["x"], a),
+    "broadcast_like axis": lambda g, a: gd.broadcast_like(g.outputs[0], g.inputs["x"], axis=a),
+    "broadcast_like ref": lambda g, a: gd.broadcast_like(g.outputs[0], a),
+    "mse target": lambda g, a: gd.mse(g.inputs["x"], a),
+    "grad graph": lambda g, a: gd.grad(a, ["w"]),
+    "grad wrt": lambda g, a: gd.grad(g, a),
+    "grad wrt item": lambda g, a: gd.grad(g, [a]),
+    "grad of": lambda g, a: gd.grad(g, ["w"], of=a),
+    "compile": lambda g, a: gd.compile(a),
+    "compile optimize": lambda g, a: gd.compile(g, optimize=a),
+    "parse": lambda g, a: gd.parse(a),
+    "parse params": lambda g, a: gd.parse("graph g(; w: f32[2]) {\n  return w\n}", params=a),
+    "call by name": lambda g, a: gd.compile(g)(x=a),
+    "call by position": lambda g, a: gd.compile(g)(a),
+}
+
+
+@pytest.mark.parametrize("call", API)
+def test_wrong_types_anywhere_raise_graph_error_or_work(call):
+    """Every argument of the public API, given every wrong kind of value: either it is a
+    valid value after all (a str name, a number where numbers are fine) or GraphError."""
+    for junk in _junk(_api_graph()):
+        try:
+            API[call](_api_graph(), junk)
+        except gd.GraphError:
+            pass
+
+
 # -- feeds --------------------------------------------------------------------------------
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.int64, torch.bool, torch.complex64]

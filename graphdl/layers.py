@@ -39,6 +39,8 @@ class Layer:
 def _check_width(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+    if value >= 2**63:  # torch cannot even describe such a tensor (its sizes are int64)
+        raise ValueError(f"{name}={value} is too large; a layer's width must be below 2**63")
     return value
 
 
@@ -53,6 +55,10 @@ class Linear(Layer):
                  dtype: torch.dtype = torch.float32) -> None:
         self.in_features = _check_width("in_features", in_features)
         self.out_features = _check_width("out_features", out_features)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise ValueError(f"dtype must be a floating torch dtype such as torch.float32, got {dtype!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         bound = 1.0 / math.sqrt(in_features)
         self.weight = (torch.rand(in_features, out_features, generator=generator, dtype=dtype) * 2 - 1) * bound
         self.bias = (torch.rand(out_features, generator=generator, dtype=dtype) * 2 - 1) * bound
@@ -176,6 +182,10 @@ class Sequential:
 
     def to(self, device: torch.device | str) -> Sequential:
         """Move the params to `device` (compiled functions are rebuilt on next use)."""
+        try:  # a bad or absent device fails here, before any layer has moved
+            torch.empty(0, device=device)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise ValueError(f"device {device!r} cannot hold the model: {e}") from None
         for layer in self.layers:
             layer.to(device)
         self._cache.clear()

@@ -37,6 +37,8 @@ class SGD:
         self.lr = _check_number("lr", lr)
         self.momentum = _check_number("momentum", momentum, 0.0, 1.0, high_inclusive=False)
         self.weight_decay = _check_number("weight_decay", weight_decay)
+        if not isinstance(nesterov, bool):
+            raise ValueError(f"nesterov must be True or False, got {nesterov!r}")
         if nesterov and self.momentum == 0:
             raise ValueError("nesterov=True needs momentum > 0")
         self.nesterov = bool(nesterov)

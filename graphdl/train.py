@@ -91,7 +91,10 @@ def _check_data(model: Sequential, X: Any, Y: Any, what: str = "") -> None:
                              f"{t[row, col].item()}; drop or repair those examples (e.g. with torch.isfinite)")
 
 
-def _check_settings(validation_data: Any, seed: Any, schedule: Any) -> None:
+def _check_settings(validation_data: Any, seed: Any, schedule: Any, shuffle: Any, verbose: Any) -> None:
+    for name, flag in (("shuffle", shuffle), ("verbose", verbose)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
     if validation_data is not None and not (isinstance(validation_data, (tuple, list)) and len(validation_data) == 2):
         raise ValueError(f"validation_data must be a pair (X_val, Y_val), got {type(validation_data).__name__}"
                          + (f" of length {len(validation_data)}" if isinstance(validation_data, (tuple, list)) else ""))
@@ -105,7 +108,10 @@ def _check_settings(validation_data: Any, seed: Any, schedule: Any) -> None:
 def _scheduled_lr(schedule: Schedule | None, epoch: int, base_lr: float) -> float:
     if schedule is None:
         return base_lr
-    lr = schedule(epoch, base_lr)
+    try:
+        lr = schedule(epoch, base_lr)
+    except TypeError as e:
+        raise ValueError(f"schedule {schedule!r} cannot be called as schedule(epoch, base_lr): {e}") from e
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
         raise ValueError(f"schedule {schedule!r} gave lr={lr!r} for epoch {epoch + 1}; "
                          "a learning rate must be a finite number >= 0")
@@ -231,7 +237,7 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
         raise ValueError(f"loss must be a graphdl loss such as gd.MSE(), got {loss!r}")
     if not isinstance(optimizer, SGD):
         raise ValueError(f"optimizer must be a graphdl optimizer such as gd.SGD(lr=0.01), got {optimizer!r}")
-    _check_settings(validation_data, seed, schedule)
+    _check_settings(validation_data, seed, schedule, shuffle, verbose)
     _check_data(model, X, Y)
     if validation_data is not None:
         _check_data(model, *validation_data, what=" (validation)")
@@ -305,6 +311,8 @@ def evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | N
              _checked: bool = False) -> dict[str, float]:
     """{"loss": the loss, "accuracy": fraction right (see `accuracy`), "error": 1 - accuracy}."""
     loss = MSE() if loss is None else loss
+    if not isinstance(loss, Loss):
+        raise ValueError(f"loss must be a graphdl loss such as gd.MSE(), got {loss!r}")
     if not _checked:
         _check_data(model, X, Y)
     value, pred = _eval_fn(model, loss)(x=X, y=Y)

@@ -465,11 +465,27 @@ X_NAN = torch.tensor([[0.1, 0.2], [0.3, float("nan")], [0.5, 0.6]])
     ((), {"seed": 1.5}, "seed must be a whole number or None, got 1.5"),
     ((), {"schedule": 3}, "schedule must be a graphdl schedule such as gd.StepDecay"),
     ((), {"schedule": lambda epoch, lr: -lr}, "gave lr=-0.01 for epoch 1; a learning rate must be a finite number"),
+    ((), {"schedule": lambda lr: lr}, r"cannot be called as schedule\(epoch, base_lr\)"),
+    ((), {"shuffle": torch.ones(2)}, "shuffle must be True or False"),
+    ((), {"verbose": "no"}, "verbose must be True or False, got 'no'"),
     ((torch.rand(4, 2, dtype=torch.float64), torch.rand(4, 1, dtype=torch.float64)), {},
      r"input x is f64\[4,2\] but the graph declares f32\[N,2\]; convert it with .to\(torch.float32\)"),
 ])
 def test_bad_fit_arguments_name_the_argument(args, kwargs, expect):
     names(_fit_message(*args, **kwargs), expect)
+
+
+@pytest.mark.parametrize("make, expect", [
+    (lambda: gd.SGD(momentum=0.5, nesterov=torch.ones(2)), "nesterov must be True or False"),
+    (lambda: gd.Linear(10**30, 2), "in_features=10{30} is too large"),
+    (lambda: gd.Linear(2, 2, dtype=torch.int64), "dtype must be a floating torch dtype such as torch.float32"),
+    (lambda: gd.Linear(2, 2, generator=0), "generator must be a torch.Generator or None, got int"),
+    (lambda: _model().to("nowhere"), "device 'nowhere' cannot hold the model"),
+    (lambda: _model().evaluate(*_data(), loss=["mse"]), "loss must be a graphdl loss such as gd.MSE"),
+])
+def test_bad_layer_optimizer_and_model_settings(make, expect):
+    with pytest.raises(ValueError, match=expect.replace("10{30}", "1" + "0" * 30)):
+        make()
 
 
 def test_evaluate_checks_its_data_too():

@@ -223,6 +223,63 @@ def test_wrong_types_anywhere_raise_graph_error_or_work(call):
             pass
 
 
+def _train_data() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return torch.rand(10, 2, generator=gen), torch.rand(10, 1, generator=gen)
+
+
+def _net() -> gd.Sequential:
+    torch.manual_seed(0)
+    return gd.Sequential(gd.Linear(2, 3), gd.Tanh(), gd.Linear(3, 1))
+
+
+def _fit_with(**kwargs):
+    X, Y = _train_data()
+    return _net().fit(X, Y, **{"verbose": False, "epochs": 1, **kwargs})
+
+
+TRAINING_API = {
+    **{f"fit {k}": (lambda k: lambda a: _fit_with(**{k: a}))(k)
+       for k in ("loss", "optimizer", "schedule", "batch_size", "shuffle", "validation_data", "seed", "verbose")},
+    "fit epochs": lambda a: _fit_with(epochs=a) if not (isinstance(a, int) and a > 100) else None,
+    "fit X": lambda a: _net().fit(a, _train_data()[1], verbose=False),
+    "fit Y": lambda a: _net().fit(_train_data()[0], a, verbose=False),
+    "predict": lambda a: _net().predict(a),
+    "evaluate X": lambda a: _net().evaluate(a, _train_data()[1]),
+    "evaluate loss": lambda a: _net().evaluate(*_train_data(), loss=a),
+    "SGD lr": lambda a: gd.SGD(lr=a),
+    "SGD momentum": lambda a: gd.SGD(momentum=a),
+    "SGD nesterov": lambda a: gd.SGD(momentum=0.5, nesterov=a),
+    "SGD weight_decay": lambda a: gd.SGD(weight_decay=a),
+    "StepDecay every": lambda a: gd.StepDecay(every=a, factor=0.5),
+    "StepDecay factor": lambda a: gd.StepDecay(every=1, factor=a),
+    "ExponentialDecay": lambda a: gd.ExponentialDecay(a),
+    "CosineDecay": lambda a: gd.CosineDecay(a),
+    "Linear in": lambda a: gd.Linear(a, 2),
+    "Linear out": lambda a: gd.Linear(2, a),
+    "Linear dtype": lambda a: gd.Linear(2, 2, dtype=a),
+    "Linear generator": lambda a: gd.Linear(2, 2, generator=a),
+    "Sequential": lambda a: gd.Sequential(a),
+    "Sequential.add": lambda a: _net().add(a),
+    "Sequential.graph loss": lambda a: _net().graph(a),
+    "Sequential.graph name": lambda a: _net().graph(name=a),
+    "Sequential.to": lambda a: _net().to(a),
+}
+
+
+@pytest.mark.parametrize("call", TRAINING_API)
+def test_wrong_types_in_training_raise_value_error_or_work(call):
+    """The training API's bad settings are ValueErrors naming the argument (GraphError is one)."""
+    X, Y = _train_data()
+    junk = [*_junk(_api_graph()), float("inf"), gd.MSE, gd.SGD, gd.SGD(), gd.MSE(), gd.StepDecay(1, 0.5),
+            (X, Y, Y), (X,), torch.rand(10, 3), torch.rand(3, 2), X.numpy()]
+    for value in junk:
+        try:
+            TRAINING_API[call](value)
+        except ValueError:
+            pass
+
+
 # -- feeds --------------------------------------------------------------------------------
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.int64, torch.bool, torch.complex64]

@@ -12,13 +12,13 @@ from __future__ import annotations
 import builtins
 import itertools
 import linecache
-import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from .ir import Graph, GraphError, Value, format_type
+from .ops import CODE_GLOBALS
 from .passes import dce
 from .text import format_node
 
@@ -148,7 +148,7 @@ def lower(graph: Graph) -> Compiled:
     filename = f"<graphdl {graph.name} #{next(_counter)}>"
     names: dict[int, str] = {}
     ir_names: dict[int, str] = {}
-    env: dict[str, Any] = {"torch": torch, "math": math}
+    env: dict[str, Any] = dict(CODE_GLOBALS)
     args = []
     for i, v in enumerate(graph.inputs.values()):
         ir_names[id(v)] = v.name

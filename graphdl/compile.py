@@ -19,16 +19,15 @@ import torch
 
 from .ir import Graph, GraphError, Value, format_type
 from .ops import CODE_GLOBALS
-from .passes import dce
+from .passes import pipeline
 from .text import format_node
 
 _counter = itertools.count()
 
 
-def run_passes(graph: Graph) -> Graph:
+def run_passes(graph: Graph, log: Callable[[str], object] | None = None) -> Graph:
     """The compiler's pass pipeline, run on (and returning) the graph given."""
-    graph, _ = dce(graph)
-    return graph
+    return pipeline(graph, log=log)
 
 
 class Compiled:
@@ -121,12 +120,14 @@ def _param_device(graph: Graph) -> torch.device | None:
     return devices.pop() if devices else None
 
 
-def compile(graph: Graph, optimize: bool = True) -> Compiled:
+def compile(graph: Graph, optimize: bool = True, trace: Callable[[str], object] | None = None) -> Compiled:
     """Compile a graph once into a function of torch calls.
 
     Args:
         graph: the graph to compile; it is not modified (passes run on a copy).
         optimize: run the pass pipeline first; False keeps the graph as written.
+        trace: called with the IR text before and after each pass and finally with the
+            generated source, e.g. `trace=print`.
 
     Returns:
         A `Compiled` callable: `fn(x=..., y=...)` returns the outputs as a tuple.
@@ -138,8 +139,11 @@ def compile(graph: Graph, optimize: bool = True) -> Compiled:
         raise GraphError(f"graph {graph.name} has no outputs; add one with graph.output(value)")
     work, _ = graph.copy()
     if optimize:
-        work = run_passes(work)
-    return lower(work)
+        work = run_passes(work, log=trace)
+    compiled = lower(work)
+    if trace is not None:
+        trace(f"// source\n{compiled.source}")
+    return compiled
 
 
 def lower(graph: Graph) -> Compiled:

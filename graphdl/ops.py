@@ -257,7 +257,8 @@ def _reduce_code(fn: str) -> Lowering:
         if attrs["axis"] is None and not attrs["keepdims"]:
             return f"torch.{fn}({args[0]})"
         axis = attrs["axis"] if attrs["axis"] is not None else tuple(range(inputs[0].ndim))
-        return f"torch.{fn}({args[0]}, {axis!r}, keepdim={attrs['keepdims']})"
+        dims = axis[0] if len(axis) == 1 else axis  # torch.sum(x, 0) parses faster than (0,)
+        return f"torch.{fn}({args[0]}, {dims!r}" + (", keepdim=True)" if attrs["keepdims"] else ")")
     return lower
 
 
@@ -434,6 +435,7 @@ def broadcast_like(g: Value, ref: Value, axis: int | Sequence[int] | None = None
 def sum_to(x: Value, shape: Sequence[Dim]) -> Value:
     """Sum x down to `shape`, undoing broadcasting."""
     return _sum_to(x, shape=tuple(shape))
+
 
 
 # -- fused ops --------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import graphdl as gd
-from graphdl.passes import PASSES, cse, dce, fold, fuse, pipeline, simplify
+from graphdl.passes import PASSES, cse, dce, fold, fuse, pipeline, plan_inplace, simplify
 
 PASS_FNS = dict(PASSES)
 
@@ -223,6 +223,22 @@ def test_pipeline_logs_the_ir_after_each_pass_and_reaches_a_fixed_point():
         assert not apply(opt, pass_fn)[1], name
 
 
+# -- memory planning ------------------------------------------------------------------------
+
+
+def test_inplace_plan_only_overwrites_dying_temporaries():
+    g = gd.grad(net(gd.relu), ["fc0.weight", "fc1.weight"])
+    opt = pipeline(g)
+    plan = plan_inplace(opt, hoisted=set())
+    assert plan, "the relus and relu_backwards should reuse their inputs"
+    returned = {id(v) for v in opt.outputs}
+    for k, i in plan.items():
+        v = opt.nodes[k].inputs[i]
+        assert v.node is not None and id(v) not in returned
+        assert all(opt.nodes.index(u) <= k for u in v.users)  # nothing reads it later
+        assert "transpose" not in {u.op.name for u in v.users}
+
+
 # -- random graphs ---------------------------------------------------------------------------
 
 UNARY = ["tanh", "relu", "sigmoid", "neg"]
@@ -322,3 +338,4 @@ def test_every_pass_keeps_random_forward_and_gradient_graphs_equal(program):
         opt = pipeline(graph.copy()[0])
         opt.verify()
         torch.testing.assert_close(gd.compile(graph)(**feeds), want, equal_nan=True)
+        torch.testing.assert_close(gd.compile(graph, reuse=False)(**feeds), want, equal_nan=True)

@@ -45,9 +45,10 @@ def initial_weights(width: int, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     dims = [2, width, width, width, 1]
     layers = []
-    for i, o in zip(dims, dims[1:]):
-        bound = 1 / i ** 0.5
-        layers.append(((torch.rand(i, o, generator=gen) * 2 - 1) * bound, (torch.rand(o, generator=gen) * 2 - 1) * bound))
+    for i, o in zip(dims[:-1], dims[1:], strict=True):
+        bound = 1 / i ** 0.5  # nn.Linear's default init range
+        w = (torch.rand(i, o, generator=gen) * 2 - 1) * bound
+        layers.append((w, (torch.rand(o, generator=gen) * 2 - 1) * bound))
     return layers
 
 
@@ -141,13 +142,13 @@ def make_hand(layers, act: str, device: str) -> Callable:
     import torch
     ws = [w.to(device).clone() for w, _ in layers]
     bs = [b.to(device).clone() for _, b in layers]
-    params = [t for pair in zip(ws, bs) for t in pair]
+    params = [t for pair in zip(ws, bs, strict=True) for t in pair]
     bufs = [torch.zeros_like(p) for p in params]
     f = torch.tanh if act == "tanh" else torch.relu
 
     def step(x, y):
         acts = [x]
-        for w, b in zip(ws[:-1], bs[:-1]):
+        for w, b in zip(ws[:-1], bs[:-1], strict=True):
             acts.append(f(torch.addmm(b, acts[-1], w)))
         d = torch.addmm(bs[-1], acts[-1], ws[-1]) - y
         loss = (d * d).mean()
@@ -228,12 +229,15 @@ def _peak(device: str) -> float:
 
 def worker_mem(width: int, batch: int, act: str, device: str, contender: str) -> dict:
     """Peak memory of one contender running a few steps ("none": the baseline process).
-    Every process imports all three contenders' libraries first, so the difference to
-    "none" is working memory, not code."""
+    Every process first runs each contender on a width-1 net, so the code and lazy imports
+    they pull in (torch.optim's use torch._dynamo) count in the baseline, and the
+    difference to "none" is working memory."""
     import torch
-    import torch.optim  # noqa: F401
-
-    import graphdl  # noqa: F401
+    tiny = initial_weights(1)
+    for name in CONTENDERS:
+        step = MAKERS[name](tiny, act, device)
+        for x, y in make_batches(1, 2, device):
+            step(x, y)
     layers = initial_weights(width)
     batches = make_batches(batch, 2, device)
     if device.startswith("cuda"):

@@ -11,6 +11,7 @@ from .cse import cse
 from .dce import dce
 from .fold import fold
 from .fuse import fuse
+from .memory import plan_inplace
 from .simplify import simplify
 
 Pass = Callable[[Graph], tuple[Graph, bool]]
@@ -53,4 +54,4 @@ def pipeline(graph: Graph, log: Callable[[str], object] | None = None, passes: l
     return graph
 
 
-__all__ = ["PASSES", "cse", "dce", "fold", "fuse", "pipeline", "simplify"]
+__all__ = ["PASSES", "cse", "dce", "fold", "fuse", "pipeline", "plan_inplace", "simplify"]

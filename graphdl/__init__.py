@@ -12,10 +12,18 @@ from .ops import (
 from .text import parse
 from .autodiff import grad
 from .compile import Compiled, compile
+from .losses import MAE, MBE, MSE, Loss
+from .optim import SGD, Constant, CosineDecay, ExponentialDecay, Schedule, StepDecay
+from .layers import Layer, Linear, ReLU, Sequential, Sigmoid, Tanh
+from .train import History
+from .viz import DotNotFoundError, render, to_dot
+from .io import load, load_graph, save_graph
 
 __all__ = [
-    "DTYPES", "OPS", "Compiled", "Graph", "GraphError", "Node", "Value",
+    "MAE", "MBE", "MSE", "SGD", "Constant", "CosineDecay", "ExponentialDecay", "History", "Layer", "Linear",
+    "Loss", "ReLU", "Schedule", "Sequential", "Sigmoid", "StepDecay", "Tanh",
+    "DTYPES", "OPS", "Compiled", "DotNotFoundError", "Graph", "GraphError", "Node", "Value",
     "abs", "add", "broadcast_like", "compile", "div", "exp", "grad", "greater", "log", "mae", "matmul",
-    "mbe", "mean", "mse", "mul", "neg", "parse", "relu", "sigmoid", "sign", "sub", "sum", "sum_to",
-    "tanh", "transpose", "zeros_like",
+    "load", "load_graph", "mbe", "mean", "mse", "mul", "neg", "parse", "relu", "render", "save_graph", "sigmoid",
+    "sign", "sub", "sum", "sum_to", "tanh", "to_dot", "transpose", "zeros_like",
 ]

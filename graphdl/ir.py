@@ -230,7 +230,8 @@ class Graph:
         if not isinstance(data, torch.Tensor):
             raise GraphError(f"param {name}: value must be a torch.Tensor, got {type(data).__name__}")
         if data.dtype not in DTYPE_NAMES:
-            raise GraphError(f"param {name}: dtype {data.dtype} is not supported; use a floating dtype such as torch.float32")
+            raise GraphError(f"param {name}: dtype {data.dtype} is not supported; "
+                             "use a floating dtype such as torch.float32")
         value = Value(self, name, tuple(data.shape), data.dtype, data=data)
         self.params[name] = value
         return value

@@ -44,16 +44,20 @@ def format_graph(graph: Graph) -> str:
 def format_node(node: Node, names: dict[int, str]) -> str:
     """One line: `%k: f32[N,25] = op[attr=value] args  # scope`."""
     out = names.get(id(node.out), node.out.label)
-    changed = {k: v for k, v in node.attrs.items() if node.op.attrs.get(k, object()) != v or k == "value"}
-    attrs = "[" + ", ".join(f"{k}={v!r}" for k, v in changed.items()) + "]" if changed else ""
     args = ", ".join(names.get(id(v), v.label) for v in node.inputs)
-    line = f"{out}: {format_type(node.out.dtype, node.out.shape)} = {node.op.name}{attrs}"
+    line = f"{out}: {format_type(node.out.dtype, node.out.shape)} = {node.op.name}{format_attrs(node)}"
     line += f" {args}" if args else ""
     if node.backward:
         line += f"  # grad {node.scope}".rstrip()
     elif node.scope:
         line += f"  # {node.scope}"
     return line
+
+
+def format_attrs(node: Node) -> str:
+    """The attrs that differ from the op's defaults, as `[k=v, ...]` ('' if none)."""
+    changed = {k: v for k, v in node.attrs.items() if node.op.attrs.get(k, object()) != v or k == "value"}
+    return "[" + ", ".join(f"{k}={v!r}" for k, v in changed.items()) + "]" if changed else ""
 
 
 # -- parsing --------------------------------------------------------------------------

@@ -1,0 +1,176 @@
+"""The reference experiment: classify points of [0,1]² as inside or outside a disk.
+
+1,000 training and 1,000 test points, uniform in [0,1]²; label 1 inside the disk of
+radius 1/sqrt(2π) centred at (0.5, 0.5) (area 1/2, so the classes are balanced), 0
+outside. A 2-25-25-25-1 net trained with MSE and SGD; the loss is logged every epoch
+and the run ends with the train and test error.
+
+    python examples/disk_graph.py                 # one run, figures in out/
+    python examples/disk_graph.py --seeds 10 --no-plots   # median/best/worst over seeds 0..9
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
+import graphdl as gd  # noqa: E402
+
+RADIUS = 1 / math.sqrt(2 * math.pi)
+
+
+def disk_data(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """n points uniform in [0,1]² and their labels (1 inside the disk, 0 outside)."""
+    X = torch.rand(n, 2, generator=gen)
+    Y = (((X - 0.5) ** 2).sum(1, keepdim=True) < RADIUS**2).float()
+    return X, Y
+
+
+def make_model(gen: torch.Generator) -> gd.Sequential:
+    """2-25-25-25-1: tanh hidden layers (zero-centred, smooth: easy for SGD on a round
+    boundary) and a linear output, thresholded at 0.5 (a sigmoid there trains slower
+    under MSE, its gradient vanishing on confident mistakes)."""
+    return gd.Sequential(
+        gd.Linear(2, 25, generator=gen), gd.Tanh(),
+        gd.Linear(25, 25, generator=gen), gd.Tanh(),
+        gd.Linear(25, 25, generator=gen), gd.Tanh(),
+        gd.Linear(25, 1, generator=gen),
+    )
+
+
+def run(args: argparse.Namespace, seed: int, verbose: bool) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    X, Y = disk_data(1000, gen)
+    Xt, Yt = disk_data(1000, gen)
+    # Centre and scale the inputs with the training set's statistics, so tanh units
+    # start in their steep range.
+    mu, sd = X.mean(0), X.std(0)
+    norm = lambda t: (t - mu) / sd  # noqa: E731
+    init = gen.get_state()
+    model = make_model(gen)
+
+    def train(model: gd.Sequential, shuffle: bool, verbose: bool) -> gd.History:
+        return model.fit(norm(X), Y, loss=gd.MSE(),
+                         optimizer=gd.SGD(lr=args.lr, momentum=args.momentum),
+                         schedule=gd.CosineDecay(args.epochs) if args.epochs else None,
+                         epochs=args.epochs, batch_size=args.batch_size, shuffle=shuffle,
+                         validation_data=(norm(Xt), Yt), seed=seed, verbose=verbose)
+
+    started = time.perf_counter()
+    history = train(model, shuffle=True, verbose=verbose)
+    seconds = time.perf_counter() - started
+    result = {
+        "model": model, "history": history, "seconds": seconds,
+        "train_error": model.evaluate(norm(X), Y)["error"], "test_error": model.evaluate(norm(Xt), Yt)["error"],
+        "X": X, "Y": Y, "Xt": Xt, "Yt": Yt, "pred": model.predict(norm(Xt)),
+    }
+    if not args.no_plots:  # the same initial weights, trained without shuffling, for comparison
+        gen.set_state(init)
+        result["history_no_shuffle"] = train(make_model(gen), shuffle=False, verbose=False)
+    return result
+
+
+def plot(result: dict, out: str) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(out, exist_ok=True)
+    Xt, Yt, pred = result["Xt"], result["Yt"], result["pred"]
+    right = ((pred > 0.5) == (Yt > 0.5)).squeeze(1)
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    ax.scatter(*Xt[right].T, s=8, c="tab:green", label=f"correct ({int(right.sum())})")
+    ax.scatter(*Xt[~right].T, s=14, c="tab:red", label=f"wrong ({int((~right).sum())})")
+    ax.add_patch(plt.Circle((0.5, 0.5), RADIUS, fill=False, color="black", lw=1.2))
+    ax.set(xlim=(0, 1), ylim=(0, 1), aspect="equal",
+           title=f"test set: {result['test_error'] * 100:.2f}% error")
+    ax.legend(loc="upper right", fontsize=8)
+    paths = [os.path.join(out, "disk_predictions.png")]
+    fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    runs = [("shuffled", result["history"], "-")]
+    if "history_no_shuffle" in result:
+        runs.append(("not shuffled", result["history_no_shuffle"], "--"))
+    for label, h, style in runs:
+        epochs = range(1, h.epochs + 1)
+        axes[0].plot(epochs, h["loss"], style, c="tab:blue", label=f"train, {label}")
+        axes[0].plot(epochs, h["val_loss"], style, c="tab:orange", label=f"test, {label}")
+        axes[1].plot(epochs, h["accuracy"], style, c="tab:blue", label=f"train, {label}")
+        axes[1].plot(epochs, h["val_accuracy"], style, c="tab:orange", label=f"test, {label}")
+    axes[0].set(xlabel="epoch", ylabel="MSE loss", yscale="log", title="loss per epoch")
+    axes[1].set(xlabel="epoch", ylabel="accuracy", title="accuracy per epoch", ylim=(0.8, 1.0))
+    for ax in axes:
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    paths.append(os.path.join(out, "disk_curves.png"))
+    fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return paths + draw_graphs(result["model"], out)
+
+
+def draw_graphs(model: gd.Sequential, out: str) -> list[str]:
+    """The training graph (forward + MSE) and its gradient graph, as SVG (or DOT text
+    when Graphviz's `dot` program is not installed)."""
+    loss_graph = model.graph(loss=gd.MSE(), name="disk")
+    grad_graph = gd.grad(loss_graph, wrt=list(model.parameters()))
+    paths = []
+    for name, graph in (("disk_graph", loss_graph), ("disk_grad_graph", grad_graph)):
+        try:
+            paths.append(str(gd.render(graph, os.path.join(out, f"{name}.svg"))))
+        except gd.DotNotFoundError as e:
+            print(f"{e}; writing {name}.dot instead", file=sys.stderr)
+            paths.append(str(gd.render(graph, os.path.join(out, f"{name}.dot"))))
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0, help="seeds data, initial weights and shuffling")
+    parser.add_argument("--seeds", type=int, default=0,
+                        help="run seeds 0..N-1 and report median, best and worst test error")
+    parser.add_argument("--epochs", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=20)
+    parser.add_argument("--lr", type=float, default=0.1, help="base rate, annealed by a cosine schedule")
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--no-plots", action="store_true", help="skip the figures")
+    parser.add_argument("--out", default="out", help="folder for the figures")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    if args.seeds:
+        errors = []
+        for seed in range(args.seeds):
+            r = run(args, seed, verbose=False)
+            errors.append(r["test_error"])
+            print(f"seed {seed}: train error {r['train_error'] * 100:.2f}%  test error "
+                  f"{r['test_error'] * 100:.2f}%  ({r['seconds']:.2f}s)", flush=True)
+        print(f"test error over {args.seeds} seeds: median {statistics.median(errors) * 100:.2f}%  "
+              f"best {min(errors) * 100:.2f}%  worst {max(errors) * 100:.2f}%")
+        return 0
+
+    result = run(args, args.seed, verbose=True)
+    os.makedirs(args.out, exist_ok=True)
+    model_path = os.path.join(args.out, "disk.gdl")
+    result["model"].save(model_path)  # reload with gd.load; draw with tools/render_graph.py
+    print(f"wrote {model_path}")
+    if not args.no_plots:
+        for path in plot(result, args.out):
+            print(f"wrote {path}")
+    print(f"trained in {result['seconds']:.2f}s")
+    print(f"train error: {result['train_error'] * 100:.2f}%")
+    print(f"test error: {result['test_error'] * 100:.2f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Command-line tools. `graphdl-render` (also `tools/render_graph.py`) draws a saved
+model or an IR text file."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .autodiff import grad
+from .io import MODEL_FORMAT, file_format, load, load_graph
+from .ir import Graph, GraphError
+from .viz import FORMATS, render
+
+
+def render_main(argv: Sequence[str] | None = None) -> int:
+    """Draw a model file or IR text file: `graphdl-render FILE -o OUT.svg [--grad] ...`.
+
+    Args:
+        argv: the arguments after the program name (default: `sys.argv[1:]`).
+
+    Returns:
+        The exit status: 0 on success, 1 with a one-line message on stderr otherwise.
+    """
+    parser = argparse.ArgumentParser(
+        prog="graphdl-render",
+        description="Draw a graphdl model file (model.save / gd.save_graph) or IR text file with Graphviz.",
+    )
+    parser.add_argument("file", help="a saved model or graph, or a text file holding IR")
+    parser.add_argument("-o", "--output", required=True,
+                        help=f"the picture to write; its extension picks the format ({', '.join(FORMATS)}); "
+                             ".dot needs no Graphviz install")
+    parser.add_argument("--grad", action="store_true",
+                        help="draw the gradient graph: the loss (a model's MSE loss, or a graph's first "
+                             "output) differentiated w.r.t. every param")
+    parser.add_argument("--hide-params", action="store_true", help="leave out param boxes")
+    parser.add_argument("--collapse-layers", action="store_true", help="draw each layer as one box")
+    args = parser.parse_args(argv)
+    try:
+        graph = _graph_to_draw(Path(args.file), args.grad)
+        render(graph, args.output, hide_params=args.hide_params, collapse_layers=args.collapse_layers)
+    except (GraphError, OSError) as e:
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        print(f"graphdl-render: error: {message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _graph_to_draw(path: Path, want_grad: bool) -> Graph:
+    if want_grad and file_format(path) == MODEL_FORMAT:
+        from .losses import MSE
+
+        graph = load(path).graph(loss=MSE())
+    else:
+        graph = load_graph(path)
+    if not want_grad:
+        return graph
+    if not graph.params:
+        raise GraphError(f"{path}: graph {graph.name} has no params, so --grad has nothing to differentiate")
+    if not graph.outputs or graph.outputs[0].shape != ():
+        raise GraphError(f"{path}: --grad differentiates the first output, which must be a scalar loss; "
+                         f"graph {graph.name}'s is not")
+    return grad(graph, wrt=list(graph.params))

@@ -1,0 +1,340 @@
+"""Model and graph files: the IR text and the weights, in one safetensors file.
+
+A file is a safetensors container (https://github.com/huggingface/safetensors): an
+8-byte little-endian header length, a JSON header, then raw tensor bytes. Loading
+parses JSON and copies bytes, never unpickles, so a file from a stranger cannot run
+code. The header's string metadata says what the file is:
+
+    format   "graphdl.model" (a Sequential) or "graphdl.graph" (a bare graph)
+    version  "1"
+    ir       the forward graph as text IR (`str(graph)`)
+    layers   models only: the JSON of `model.config()`
+
+and its tensors are the params by name ("0.weight", ...). Every weight is checked
+against the name, shape and dtype the IR declares. A graph can also be saved as plain
+IR text (a `.txt` or `.gdir` file): readable and diffable, but without weights (they
+load as zeros).
+
+Writes are atomic: the bytes go to a temporary file in the same folder, are flushed to
+disk, then renamed over the target, so a crash mid-save leaves the old file whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import safetensors.torch
+import torch
+
+from .ir import DTYPES, Graph, GraphError, format_type
+from .text import parse
+
+if TYPE_CHECKING:
+    from .layers import Sequential
+
+FORMAT_VERSION = "1"
+MODEL_FORMAT = "graphdl.model"
+GRAPH_FORMAT = "graphdl.graph"
+TEXT_SUFFIXES = (".txt", ".gdir")
+_MAX_HEADER = 100_000_000  # safetensors' own limit; a bigger "length" means this is not one
+
+
+def save_model(model: Sequential, path: str | os.PathLike[str]) -> None:
+    """Save a Sequential's layers, forward graph and weights (what `model.save(path)` does).
+
+    Args:
+        model: the model to save.
+        path: the file to write (by convention `.gdl`); replaced atomically if it exists.
+    """
+    graph = model.graph()
+    weights = model.parameters()
+    if set(weights) != set(graph.params):
+        raise GraphError(f"save: the model's parameters {sorted(weights)} differ from its graph's params "
+                         f"{sorted(graph.params)}; this is a bug in the layer that built them")
+    metadata = {"ir": str(graph), "layers": json.dumps(model.config())}
+    _write(Path(path), MODEL_FORMAT, metadata, weights)
+
+
+def load(path: str | os.PathLike[str]) -> Sequential:
+    """Load a model saved with `model.save(path)`.
+
+    Args:
+        path: the model file.
+
+    Returns:
+        A `gd.Sequential` with the saved layers and bit-identical weights.
+
+    Raises:
+        GraphError: the file is missing, truncated, corrupt, not a graphdl model (a
+            pickle, a zip, a bare graph, another program's safetensors file), or its
+            weights do not match the shapes its IR declares.
+    """
+    path = Path(path)
+    data = _read_bytes(path)
+    if _is_ir_text(data):
+        raise GraphError(f"{path}: holds IR text, not a model; load it with gd.load_graph({str(path)!r})")
+    kind, metadata, weights = _decode(path, data)
+    if kind != MODEL_FORMAT:
+        raise GraphError(f"{path}: holds a bare graph, not a model; load it with gd.load_graph({str(path)!r})")
+    graph = _graph_from(path, metadata, weights)
+    from .layers import Sequential  # here, not at the top: layers builds on the modules io sits beside
+
+    try:
+        config = json.loads(metadata["layers"])
+        _check_config(config)
+        with torch.device("meta"):  # check the shapes it builds before allocating them (it may ask for huge ones)
+            params = Sequential.from_config(config).parameters()
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
+        # GraphError is a ValueError: keep its message, but say which file it came from.
+        raise GraphError(f"{path}: the layer list stored in the file is invalid ({e}); the file is corrupt or "
+                         "was written by an incompatible graphdl") from None
+    for name, tensor in params.items():
+        if name not in graph.params:
+            raise GraphError(f"{path}: the layers build param {name!r}, which the file's IR does not declare; "
+                             "the file is corrupt")
+        _check_tensor(path, name, graph.params[name].data, tensor.dtype, tuple(tensor.shape), "the layers build")
+    if set(graph.params) - set(params):
+        extra = sorted(set(graph.params) - set(params))
+        raise GraphError(f"{path}: the file holds weights {extra} that its layers do not use; the file is corrupt")
+    model = Sequential.from_config(config)
+    for name, tensor in model.parameters().items():
+        tensor.copy_(weights[name])
+    return model
+
+
+def _check_config(config: Any) -> None:
+    """Only plain settings reach the layer classes: a list of {"type": name, ...} of JSON
+    scalars, with dtypes from graphdl's fixed list (so no name is looked up on torch blindly)."""
+    if not isinstance(config, list) or not all(isinstance(spec, dict) for spec in config):
+        raise ValueError("expected a list of layer settings")
+    dtypes = {str(t).removeprefix("torch.") for t in DTYPES.values()}
+    for k, spec in enumerate(config):
+        if not all(isinstance(v, (str, int, float, bool)) or v is None for v in spec.values()):
+            raise ValueError(f"layer {k}: settings must be plain numbers and strings, got {spec}")
+        if "dtype" in spec and spec["dtype"] not in dtypes:
+            raise ValueError(f"layer {k}: dtype {spec['dtype']!r} is not one of {sorted(dtypes)}")
+
+
+def save_graph(graph: Graph, path: str | os.PathLike[str]) -> None:
+    """Save a graph with its params' current values, or as IR text alone.
+
+    Args:
+        graph: the graph to save.
+        path: a `.txt` or `.gdir` name writes plain IR text (no weights); any other name
+            writes a safetensors file with the IR and the weights. Replaced atomically.
+    """
+    if not isinstance(graph, Graph):
+        raise GraphError(f"save_graph takes a gd.Graph, got {type(graph).__name__}; save a model with model.save")
+    path = Path(path)
+    if path.suffix.lower() in TEXT_SUFFIXES:
+        _atomic_write(path, (str(graph) + "\n").encode())
+    else:
+        _write(path, GRAPH_FORMAT, {"ir": str(graph)}, {n: v.data for n, v in graph.params.items()})
+
+
+def load_graph(path: str | os.PathLike[str]) -> Graph:
+    """Load a graph saved by `save_graph`, the forward graph of a model file, or IR text.
+
+    Args:
+        path: a graphdl safetensors file (graph or model), or a text file holding IR
+            (recognised by its content, whatever its extension; its params load as zeros).
+
+    Returns:
+        The graph, its params holding the saved weights.
+
+    Raises:
+        GraphError: as `load`, naming what is wrong with the file.
+    """
+    path = Path(path)
+    data = _read_bytes(path)
+    if _is_ir_text(data):
+        try:
+            return parse(data.decode())
+        except UnicodeDecodeError:
+            raise GraphError(f"{path}: looks like IR text but is not valid UTF-8; the file is corrupt") from None
+        except GraphError as e:
+            raise GraphError(f"{path}: {e}") from None
+    _, metadata, weights = _decode(path, data)
+    return _graph_from(path, metadata, weights)
+
+
+def _is_ir_text(data: bytes) -> bool:
+    return data.lstrip().startswith((b"graph", b"//"))
+
+
+# -- the container ----------------------------------------------------------------------
+
+
+def _write(path: Path, kind: str, metadata: dict[str, str], weights: dict[str, torch.Tensor]) -> None:
+    # safetensors wants contiguous CPU tensors that share no memory.
+    tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in weights.items()}
+    data = safetensors.torch.save(tensors, metadata={"format": kind, "version": FORMAT_VERSION, **metadata})
+    _atomic_write(path, data)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` so that a reader sees the old file or the new, never half."""
+    folder = path.parent
+    if not folder.is_dir():
+        raise GraphError(f"cannot save to {path}: the folder {folder} does not exist; create it first")
+    try:
+        mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask()
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise GraphError(f"cannot save to {path}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)  # mkstemp makes it private; give it the mode a plain open() would
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise GraphError(f"cannot save to {path}: {e.strerror or e}; the previous file is unchanged") from None
+        raise
+    _fsync_folder(folder)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_folder(folder: Path) -> None:
+    # The rename is durable only once the folder's entry is on disk; not every OS allows this.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise GraphError(f"{path}: no such file; check the path (save one with model.save or gd.save_graph)") from None
+    except IsADirectoryError:
+        raise GraphError(f"{path}: is a folder, not a model file") from None
+    except OSError as e:
+        raise GraphError(f"{path}: cannot read it: {e.strerror or e}") from None
+
+
+def file_format(path: str | os.PathLike[str]) -> str:
+    """What a file holds, reading only its header: "graphdl.model", "graphdl.graph" or "text" (IR).
+
+    Raises:
+        GraphError: the file is missing or not a graphdl file, saying what it looks like.
+    """
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            head = f.read(4096)
+            if _is_ir_text(head):
+                return "text"
+            if len(head) >= 8:
+                length = min(struct.unpack("<Q", head[:8])[0], _MAX_HEADER + 1)
+                head += f.read(max(0, 8 + length - len(head)))
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        _read_bytes(path)  # raises, naming what is wrong
+        raise
+    return _check_header(path, head, size)[0]["format"]
+
+
+def _check_header(path: Path, data: bytes, size: int) -> tuple[dict[str, str], dict[str, Any], int]:
+    """Check the container's start by hand, so each way a file can be wrong gets its own
+    message. `data` is the file or at least its header; `size` is the file's length.
+
+    Returns:
+        The metadata, the whole header and the header's length.
+    """
+    not_ours = f"{path}: is not a graphdl model file"
+    length = struct.unpack("<Q", data[:8])[0] if size >= 8 else None
+    header: Any = None
+    if length is not None and length <= _MAX_HEADER and 8 + length <= size:
+        try:
+            header = json.loads(data[8:8 + length])
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            pass
+    if header is None:  # not safetensors: say what it is instead
+        if (data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or data[:4] == b"PK\x03\x04":
+            what = "a Python pickle" if data[:1] == b"\x80" else "a zip archive (e.g. from torch.save)"
+            raise GraphError(f"{not_ours}: it looks like {what}, which graphdl never loads because unpickling "
+                             "can run code; re-save the model with graphdl's model.save")
+        if length is None:
+            raise GraphError(f"{not_ours}: it is only {size} bytes long (empty or truncated)")
+        if length > _MAX_HEADER:
+            raise GraphError(f"{not_ours}: it does not start with a safetensors header")
+        if 8 + length > size:
+            raise GraphError(f"{path}: the file is truncated or not a graphdl model file: its header alone "
+                             f"needs {8 + length} bytes but the file has {size}")
+        raise GraphError(f"{not_ours}: its header is not JSON (not a safetensors file, or corrupt)")
+    if not isinstance(header, dict):
+        raise GraphError(f"{not_ours}: its header is not a JSON object (corrupt)")
+    metadata = header.get("__metadata__")
+    if not isinstance(metadata, dict) or metadata.get("format") not in (MODEL_FORMAT, GRAPH_FORMAT):
+        raise GraphError(f"{not_ours}: it is a safetensors file without graphdl's metadata (format "
+                         f"{MODEL_FORMAT!r}); it was written by another program")
+    if metadata.get("version") != FORMAT_VERSION:
+        raise GraphError(f"{path}: format version {metadata.get('version')!r} is not one this graphdl reads "
+                         f"({FORMAT_VERSION!r}); load it with the graphdl that wrote it")
+    if not isinstance(metadata.get("ir"), str) or (metadata["format"] == MODEL_FORMAT and
+                                                    not isinstance(metadata.get("layers"), str)):
+        raise GraphError(f"{path}: the file's metadata lacks its IR or layer list; the file is corrupt")
+    return metadata, header, length
+
+
+def _decode(path: Path, data: bytes) -> tuple[str, dict[str, str], dict[str, torch.Tensor]]:
+    metadata, header, length = _check_header(path, data, len(data))
+    try:
+        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise GraphError(f"{path}: a tensor entry in the header is malformed; the file is corrupt") from None
+    if 8 + length + end > len(data):
+        raise GraphError(f"{path}: the file is truncated: it should be {8 + length + end} bytes but has "
+                         f"{len(data)}; save it again")
+    try:
+        weights = safetensors.torch.load(data)
+    except Exception as e:  # safetensors raises its own SafetensorError (not exported) for a bad layout
+        raise GraphError(f"{path}: the weights are corrupt ({e})") from None
+    return metadata["format"], metadata, weights
+
+
+def _graph_from(path: Path, metadata: dict[str, str], weights: dict[str, torch.Tensor]) -> Graph:
+    """Parse the stored IR and give its params the stored weights, after checking each."""
+    try:
+        with torch.device("meta"):  # params start as placeholders: a crafted IR cannot make us allocate them
+            graph = parse(metadata["ir"])
+    except GraphError as e:
+        raise GraphError(f"{path}: the IR stored in the file is invalid: {e}") from None
+    missing = [n for n in graph.params if n not in weights]
+    if missing:
+        raise GraphError(f"{path}: the IR declares params {missing} but the file holds no weights for them; "
+                         "the file is corrupt or truncated")
+    extra = [n for n in weights if n not in graph.params]
+    if extra:
+        raise GraphError(f"{path}: the file holds weights {extra} that its IR does not declare; the file is corrupt")
+    for name, value in graph.params.items():
+        _check_tensor(path, name, weights[name], value.dtype, value.shape, "the IR declares")
+        value.data = weights[name]
+    return graph
+
+
+def _check_tensor(path: Path, name: str, tensor: torch.Tensor, dtype: torch.dtype, shape: Any, who: str) -> None:
+    if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+        raise GraphError(f"{path}: weight {name!r} is {format_type(tensor.dtype, tuple(tensor.shape))} but "
+                         f"{who} {format_type(dtype, tuple(shape))}; the file is corrupt or was edited")

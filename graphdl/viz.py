@@ -1,0 +1,197 @@
+"""Graphviz export: a graph drawn one box per IR node, grouped by layer.
+
+Boxes read like the text IR (`%3 matmul`, `f32[N,25]`), edges carry the type of the
+value they carry, and inputs, params, constants, outputs and the forward and backward
+passes each have their own look, so a picture and a printout of the same graph can be
+read side by side.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import graphviz
+
+from .ir import Graph, GraphError, Node, Value, format_shape, format_type
+from .text import format_attrs, format_node
+
+FORMATS = ("svg", "png", "pdf", "dot")
+
+STYLES: dict[str, dict[str, str]] = {
+    "input": {"shape": "invhouse", "style": "filled", "fillcolor": "#c7e9c0"},
+    "param": {"shape": "cylinder", "style": "filled", "fillcolor": "#fff2b3"},
+    "const": {"shape": "ellipse", "style": "filled", "fillcolor": "#eeeeee", "fontsize": "9"},
+    "forward": {"shape": "box", "style": "rounded,filled", "fillcolor": "#cfe2f3"},
+    "backward": {"shape": "box", "style": "rounded,filled", "fillcolor": "#f8cbad"},
+    "output": {"shape": "house", "style": "filled", "fillcolor": "#e4c1f9"},
+}
+_FONT = {"fontname": "Helvetica"}
+
+
+class DotNotFoundError(GraphError):
+    """The Graphviz `dot` program, needed for svg/png/pdf, is not installed."""
+
+
+def to_dot(graph: Graph, hide_params: bool = False, collapse_layers: bool = False,
+           rankdir: str = "TB") -> graphviz.Digraph:
+    """Draw a graph with Graphviz.
+
+    Args:
+        graph: the graph to draw (forward or gradient).
+        hide_params: leave out param boxes; each node that uses a param names it on its
+            own label instead.
+        collapse_layers: draw each layer (nodes sharing a scope such as "0:Linear") as a
+            single box labelled with the types flowing in and out; on a gradient graph a
+            layer's forward and backward nodes become two boxes.
+        rankdir: Graphviz layout direction, "TB" (top to bottom) or "LR".
+
+    Returns:
+        A `graphviz.Digraph`: `.source` is the DOT text, `.pipe(format="svg")` draws it.
+        Node ids are `in{i}`, `p{i}`, `n{k}` (the IR node %k), `layer{j}` and `out{i}`.
+    """
+    if not isinstance(graph, Graph):
+        raise GraphError(f"to_dot takes a gd.Graph, got {type(graph).__name__}; for a model use model.graph()")
+    if rankdir not in ("TB", "LR", "BT", "RL"):
+        raise GraphError(f"to_dot: rankdir={rankdir!r} must be one of TB, LR, BT, RL")
+    names = {id(v): v.name for v in (*graph.inputs.values(), *graph.params.values())}
+    names.update({id(n.out): f"%{k}" for k, n in enumerate(graph.nodes)})
+
+    dot = graphviz.Digraph(graph.name, graph_attr={"rankdir": rankdir, "label": f"graph {graph.name}",
+                                                   "labelloc": "t", **_FONT},
+                           node_attr={"fontsize": "11", **_FONT}, edge_attr={"fontsize": "9", **_FONT})
+    scopes = list(dict.fromkeys(n.scope for n in graph.nodes if n.scope))
+    clusters = {s: graphviz.Digraph(f"cluster_{i}", graph_attr={"label": s, "style": "rounded,dashed"})
+                for i, s in enumerate(scopes)}
+
+    # A param used by one layer only is drawn inside it (or, collapsed, absorbed into it).
+    param_scope = {}
+    for v in graph.params.values():
+        used_in = {u.scope for u in v.users}
+        param_scope[id(v)] = used_in.pop() if len(used_in) == 1 else ""
+
+    box: dict[int, str | None] = {}  # id(value) -> the dot node drawing its producer (None: not drawn)
+    for i, v in enumerate(graph.inputs.values()):
+        box[id(v)] = f"in{i}"
+        dot.node(f"in{i}", _label(v.name, format_type(v.dtype, v.shape)), tooltip=f"input {v!r}", **STYLES["input"])
+    for i, v in enumerate(graph.params.values()):
+        absorbed = collapse_layers and param_scope[id(v)]
+        box[id(v)] = None if hide_params or absorbed else f"p{i}"
+        if box[id(v)]:
+            where = clusters.get(param_scope[id(v)], dot)
+            where.node(f"p{i}", _label(v.name, format_type(v.dtype, v.shape)), tooltip=f"param {v!r}",
+                       **STYLES["param"])
+
+    layers: dict[tuple[str, bool], list[Node]] = {}
+    for k, node in enumerate(graph.nodes):
+        if collapse_layers and node.scope:
+            members = layers.setdefault((node.scope, node.backward), [])
+            members.append(node)
+            box[id(node.out)] = f"layer{list(layers).index((node.scope, node.backward))}"
+            continue
+        box[id(node.out)] = f"n{k}"
+        hidden = [v for v in node.inputs if v.kind == "param" and box[id(v)] is None]
+        style = "const" if node.op.name == "const" else "backward" if node.backward else "forward"
+        attrs = dict(STYLES[style])
+        if node.op.name == "const" and node.backward:
+            attrs["fillcolor"] = STYLES["backward"]["fillcolor"]
+        clusters.get(node.scope, dot).node(
+            f"n{k}",
+            _label(f"%{k} {node.op.name}{format_attrs(node)}", format_type(node.out.dtype, node.out.shape),
+                   *(f"{v.name}: {format_type(v.dtype, v.shape)}" for v in hidden)),
+            tooltip=f"{format_node(node, names)}\ncreated at {node.where}",
+            **attrs,
+        )
+    for j, ((scope, backward), members) in enumerate(layers.items()):
+        dot.node(f"layer{j}", _layer_label(graph, scope, backward, members, box),
+                 tooltip="\n".join(format_node(n, names) for n in members),
+                 **STYLES["backward" if backward else "forward"], penwidth="2")
+
+    for c in clusters.values():
+        if c.body:
+            dot.subgraph(c)
+
+    drawn: set[tuple[str, str, int]] = set()
+    for node in graph.nodes:
+        for v in node.inputs:
+            edge = (box[id(v)], box[id(node.out)], id(v))
+            if edge[0] is not None and edge[0] != edge[1] and edge not in drawn:
+                drawn.add(edge)
+                dot.edge(edge[0], edge[1], label=format_type(v.dtype, v.shape))
+    for i, v in enumerate(graph.outputs):
+        dot.node(f"out{i}", _label(f"output {i}", format_type(v.dtype, v.shape)), **STYLES["output"])
+        if box[id(v)] is not None:
+            dot.edge(box[id(v)], f"out{i}", label=names[id(v)])
+    return dot
+
+
+def _label(*lines: str) -> str:
+    # `\n` is Graphviz's centred line break; escape() keeps any backslash in names literal.
+    return r"\n".join(graphviz.escape(line) for line in lines)
+
+
+def _layer_label(graph: Graph, scope: str, backward: bool, members: list[Node],
+                 box: dict[int, str | None]) -> str:
+    """`0:Linear [N,2]→[N,25]`: the shapes of the values entering and leaving the layer."""
+    inside = {id(n.out) for n in members}
+    entering = [v for n in members for v in n.inputs if id(v) not in inside and box.get(id(v)) is not None]
+    returned = {id(v) for v in graph.outputs}
+    leaving = [n.out for n in members if id(n.out) in returned or any(id(u.out) not in inside for u in n.out.users)]
+
+    def shapes(values: list[Value]) -> str:
+        return ", ".join(dict.fromkeys(format_shape(v.shape) for v in values)) or "·"
+
+    name = f"{scope} (grad)" if backward else scope
+    return _label(f"{name} {shapes(entering)}→{shapes(leaving)}")
+
+
+def render(graph: Graph, path: str | os.PathLike[str], hide_params: bool = False, collapse_layers: bool = False,
+           rankdir: str = "TB") -> Path:
+    """Draw a graph to a file whose extension picks the format: .svg, .png, .pdf or .dot.
+
+    Args:
+        graph: the graph to draw.
+        path: where to write; `.dot` writes the DOT text and needs no Graphviz install,
+            the other formats run the Graphviz `dot` program.
+        hide_params, collapse_layers, rankdir: as for `to_dot`.
+
+    Returns:
+        The path written.
+
+    Raises:
+        DotNotFoundError: (a GraphError) for svg/png/pdf when `dot` is not installed.
+        GraphError: for an unknown extension or a file that cannot be written.
+    """
+    path = Path(path)
+    fmt = path.suffix.lstrip(".").lower()
+    if fmt not in FORMATS:
+        raise GraphError(f"cannot tell the image format of {str(path)!r}: end the name in "
+                         f"{', '.join('.' + f for f in FORMATS)}")
+    dot = to_dot(graph, hide_params=hide_params, collapse_layers=collapse_layers, rankdir=rankdir)
+    if fmt == "dot":
+        data = dot.source.encode()
+    else:
+        data = _run_dot(dot, fmt)
+    try:
+        path.write_bytes(data)
+    except OSError as e:
+        raise GraphError(f"cannot write {str(path)!r}: {e.strerror}; check that the folder exists and is "
+                         "writable") from None
+    return path
+
+
+def _run_dot(dot: graphviz.Digraph, fmt: str) -> bytes:
+    missing = DotNotFoundError(
+        f"drawing .{fmt} files needs the Graphviz 'dot' program, which is not on PATH; install Graphviz "
+        "(apt-get install graphviz, brew install graphviz or conda install graphviz) or write a .dot file"
+    )
+    if shutil.which("dot") is None:
+        raise missing
+    try:
+        return dot.pipe(format=fmt, quiet=True)
+    except graphviz.ExecutableNotFound:
+        raise missing from None
+    except graphviz.CalledProcessError as e:
+        detail = (e.stderr or b"").decode(errors="replace").strip().splitlines()
+        raise GraphError(f"Graphviz 'dot' failed to draw .{fmt}: {detail[0] if detail else e}") from None

@@ -1,0 +1,184 @@
+"""Graphviz export: one box per IR node, layer clusters, forward/backward colours, files."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import graphdl as gd
+from graphdl.viz import STYLES
+
+# A DOT statement `id [k=v ...]`; values may be quoted and hold brackets or newlines.
+_STATEMENT = re.compile(r'^\t*(\w+) \[((?:[^\]"]|"(?:[^"\\]|\\.)*")*)\]', re.M)
+_ATTR = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|[^\s\]]+)')
+_EDGE = re.compile(r'^\t*(\w+) -> (\w+) \[label="([^"]*)"\]', re.M)
+_CLUSTER = re.compile(r'subgraph (cluster_\d+) \{\n\t\tgraph \[label="([^"]*)"[^\n]*\n(.*?)\n\t\}', re.S)
+
+
+def boxes(source: str) -> dict[str, dict[str, str]]:
+    """Every node statement of DOT source: id -> its attributes (quotes removed)."""
+    found = {}
+    for node_id, attrs in _STATEMENT.findall(source):
+        if node_id not in ("graph", "node", "edge"):
+            found[node_id] = {k: v[1:-1] if v.startswith('"') else v for k, v in _ATTR.findall(attrs)}
+    return found
+
+
+def mlp() -> gd.Graph:
+    """x -> Linear(2,3) -> ReLU -> Linear(3,1) -> Sigmoid -> MSE, scoped as Sequential does."""
+    g = gd.Graph("mlp")
+    h = g.input("x", (None, 2))
+    y = g.input("y", (None, 1))
+    torch.manual_seed(0)
+    for k, (i, o, act) in enumerate([(2, 3, gd.relu), (3, 1, gd.sigmoid)]):
+        w = g.param(f"{2 * k}.weight", torch.randn(i, o))
+        b = g.param(f"{2 * k}.bias", torch.zeros(o))
+        with g.scope(f"{2 * k}:Linear"):
+            h = gd.add(gd.matmul(h, w), b)
+        with g.scope(f"{2 * k + 1}:{'ReLU' if act is gd.relu else 'Sigmoid'}"):
+            h = act(h)
+    g.output(gd.mse(h, y))
+    return g
+
+
+def ids(found: dict, prefix: str) -> list[str]:
+    return [i for i in found if re.fullmatch(prefix + r"\d+", i)]
+
+
+@pytest.mark.parametrize("backward", [False, True], ids=["forward", "gradient"])
+def test_every_ir_node_input_param_and_output_has_one_box(backward):
+    g = mlp()
+    if backward:
+        g = gd.grad(g, list(g.params))
+    found = boxes(gd.to_dot(g).source)
+    assert len(ids(found, "n")) == len(g.nodes)
+    assert len(ids(found, "in")) == len(g.inputs) == 2
+    assert len(ids(found, "p")) == len(g.params) == 4
+    assert len(ids(found, "out")) == len(g.outputs)
+    for k, node in enumerate(g.nodes):
+        label = found[f"n{k}"]["label"]
+        assert label.startswith(f"%{k} {node.op.name}")
+        assert label.endswith(gd.ir.format_type(node.out.dtype, node.out.shape))
+    assert found["p0"]["label"] == r"0.weight\nf32[2,3]"
+
+
+def test_inputs_params_constants_outputs_and_passes_look_different():
+    g = gd.grad(mlp(), ["0.weight"])
+    found = boxes(gd.to_dot(g).source)
+    assert found["in0"]["shape"] == STYLES["input"]["shape"]
+    assert found["p0"]["shape"] == STYLES["param"]["shape"]
+    assert found["out0"]["shape"] == STYLES["output"]["shape"]
+    assert len({STYLES[k]["shape"] for k in ("input", "param", "const", "output", "forward")}) == 5
+    for k, node in enumerate(g.nodes):
+        box = found[f"n{k}"]
+        if node.op.name == "const":
+            assert box["shape"] == STYLES["const"]["shape"]
+        else:
+            assert box["shape"] == STYLES["forward"]["shape"]
+        colour = STYLES["backward" if node.backward else "forward" if node.op.name != "const" else "const"]
+        assert box["fillcolor"] == colour["fillcolor"], f"%{k} {node.op.name}"
+    assert any(n.backward for n in g.nodes) and any(not n.backward for n in g.nodes)
+    assert STYLES["forward"]["fillcolor"] != STYLES["backward"]["fillcolor"]
+
+
+def test_each_layer_is_a_cluster_holding_its_forward_and_backward_nodes():
+    g = gd.grad(mlp(), ["0.weight", "0.bias", "2.weight", "2.bias"])
+    source = gd.to_dot(g).source
+    clusters = {label: set(boxes(body)) for _, label, body in _CLUSTER.findall(source)}
+    assert list(clusters) == ["0:Linear", "1:ReLU", "2:Linear", "3:Sigmoid"]
+    for k, node in enumerate(g.nodes):
+        holders = [label for label, members in clusters.items() if f"n{k}" in members]
+        assert holders == ([node.scope] if node.scope else []), f"%{k} {node.op.name} {node.scope!r}"
+    assert {"p0", "p1"} <= clusters["0:Linear"]  # a layer's own params sit inside it
+    backward_linear = [k for k, n in enumerate(g.nodes) if n.scope == "0:Linear" and n.backward]
+    assert backward_linear and all(f"n{k}" in clusters["0:Linear"] for k in backward_linear)
+
+
+def test_edges_carry_the_type_of_their_value():
+    g = mlp()
+    edges = _EDGE.findall(gd.to_dot(g).source)
+    assert ("in0", "n0", "f32[N,2]") in edges
+    assert ("p0", "n0", "f32[2,3]") in edges
+    assert ("n0", "n1", "f32[N,3]") in edges
+    assert ("n6", "out0", "%6") in edges
+    node_inputs = sum(len(n.inputs) for n in g.nodes)
+    assert len(edges) == node_inputs + len(g.outputs)
+
+
+def test_hide_params_drops_param_boxes_but_names_them_on_their_users():
+    g = mlp()
+    found = boxes(gd.to_dot(g, hide_params=True).source)
+    assert ids(found, "p") == []
+    assert len(ids(found, "n")) == len(g.nodes)
+    assert found["n0"]["label"] == r"%0 matmul\nf32[N,3]\n0.weight: f32[2,3]"
+    assert all(not e[0].startswith("p") for e in _EDGE.findall(gd.to_dot(g, hide_params=True).source))
+
+
+def test_collapse_layers_draws_one_box_per_layer():
+    g = mlp()
+    found = boxes(gd.to_dot(g, collapse_layers=True).source)
+    layers = [found[i]["label"] for i in ids(found, "layer")]
+    assert layers == ["0:Linear [N,2]→[N,3]", "1:ReLU [N,3]→[N,3]", "2:Linear [N,3]→[N,1]",
+                      "3:Sigmoid [N,1]→[N,1]"]
+    assert ids(found, "n") == ["n6"]  # the unscoped loss node stays a node
+    assert ids(found, "p") == []  # each param belongs to one layer, so it is folded in
+
+    gg = gd.grad(g, list(g.params))
+    found = boxes(gd.to_dot(gg, collapse_layers=True).source)
+    labels = [found[i]["label"] for i in ids(found, "layer")]
+    assert "0:Linear (grad) [N,3], [N,2]→[3], [2,3]" in labels
+    assert len(labels) == 8
+    for i in ids(found, "layer"):
+        style = "backward" if "(grad)" in found[i]["label"] else "forward"
+        assert found[i]["fillcolor"] == STYLES[style]["fillcolor"]
+
+
+def test_labels_show_attrs_as_the_text_ir_does():
+    g = gd.Graph("attrs")
+    x = g.input("x", (None, 3))
+    g.output(gd.sum(gd.mean(x, axis=1, keepdims=True)))
+    found = boxes(gd.to_dot(g).source)
+    assert found["n0"]["label"] == r"%0 mean[axis=(1,), keepdims=True]\nf32[N,1]"
+    assert "mean[axis=(1,), keepdims=True] x" in str(g)
+
+
+def test_bad_arguments_raise_graph_errors():
+    with pytest.raises(gd.GraphError, match="to_dot takes a gd.Graph"):
+        gd.to_dot("graph")
+    with pytest.raises(gd.GraphError, match="rankdir"):
+        gd.to_dot(mlp(), rankdir="sideways")
+    with pytest.raises(gd.GraphError, match=r"end the name in \.svg, \.png, \.pdf, \.dot"):
+        gd.render(mlp(), "picture.jpeg")
+
+
+def test_dot_files_need_no_graphviz_install(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no `dot` anywhere on it
+    out = gd.render(mlp(), tmp_path / "g.dot")
+    assert out.read_text() == gd.to_dot(mlp()).source
+    with pytest.raises(gd.DotNotFoundError, match=r"needs the Graphviz 'dot' program.*apt-get install graphviz"):
+        gd.render(mlp(), tmp_path / "g.svg")
+    assert not (tmp_path / "g.svg").exists()
+
+
+def test_unwritable_path_raises_graph_error(tmp_path):
+    with pytest.raises(gd.GraphError, match="cannot write"):
+        gd.render(mlp(), tmp_path / "missing" / "g.dot")
+
+
+@pytest.mark.usefixtures("dot_program")
+def test_svg_drawn_by_dot_shows_every_op(tmp_path):
+    g = gd.grad(mlp(), ["0.weight"])
+    svg = gd.render(g, tmp_path / "g.svg", collapse_layers=False).read_text()
+    assert svg.lstrip().startswith("<?xml") and "<svg" in svg
+    for k, node in enumerate(g.nodes):
+        assert f"%{k} {node.op.name}" in svg
+    assert "0:Linear" in svg and "f32[N,2]" in svg
+
+
+@pytest.mark.usefixtures("dot_program")
+@pytest.mark.parametrize("fmt, magic", [("png", b"\x89PNG"), ("pdf", b"%PDF")])
+def test_binary_formats(tmp_path, fmt, magic):
+    out = gd.render(mlp(), tmp_path / f"g.{fmt}", hide_params=True, collapse_layers=True)
+    assert out.read_bytes().startswith(magic)

@@ -4,8 +4,8 @@ For each net (in 2 -> width -> width -> width -> 1, tanh or relu hidden, MSE los
 times one full training step (forward, backward, SGD with momentum) of three contenders
 that start from the same weights and see the same batches:
 
-  graphdl  the compiled gradient graph (`Compiled.fn`), then the momentum update with
-           torch._foreach_* (u <- momentum*u + lr*g, w <- w - u), as graphdl's SGD does
+  graphdl  gd.Sequential's compiled gradient graph (`Compiled.fn`) then gd.SGD.step,
+           as gd.fit runs each batch
   eager    nn.Sequential + autograd + torch.optim.SGD(momentum)
   hand     plain torch written by hand: addmm forward, manual backward, _foreach_ update
 
@@ -66,50 +66,39 @@ def make_batches(batch: int, count: int, device: str, seed: int = 1):
     return out
 
 
-def build_graph(layers, act: str):
-    """The net as a graphdl graph, built with the functional API."""
+def build_model(layers, act: str):
+    """The net as a gd.Sequential holding copies of `layers`' weights."""
     import graphdl as gd
-    g = gd.Graph("disk")
-    h = g.input("x", (None, 2))
-    y = g.input("y", (None, 1))
-    fn = {"tanh": gd.tanh, "relu": gd.relu}[act]
+    mods = []
     for k, (w, b) in enumerate(layers):
-        h = gd.add(gd.matmul(h, g.param(f"fc{k}.weight", w)), g.param(f"fc{k}.bias", b))
+        lin = gd.Linear(*w.shape)
+        lin.weight, lin.bias = w.clone(), b.clone()
+        mods.append(lin)
         if k < len(layers) - 1:
-            h = fn(h)
-    g.output(gd.mse(h, y))
-    return g
+            mods.append(gd.Tanh() if act == "tanh" else gd.ReLU())
+    return gd.Sequential(*mods)
 
 
 def compile_disk(act: str = "tanh"):
     """Build + grad + passes + codegen of the reference net: what the compile target counts."""
     import graphdl as gd
-    g = build_graph(initial_weights(25), act)
-    return gd.compile(gd.grad(g, list(g.params)))
-
-
-def momentum_update(params, bufs, grads) -> None:
-    """u <- momentum*u + lr*g; w <- w - u (graphdl's SGD rule)."""
-    import torch
-    torch._foreach_mul_(bufs, MOMENTUM)
-    torch._foreach_add_(bufs, grads, alpha=LR)
-    torch._foreach_sub_(params, bufs)
+    model = build_model(initial_weights(25), act)
+    return gd.compile(gd.grad(model.graph(loss=gd.MSE()), list(model.parameters())))
 
 
 def make_graphdl(layers, act: str, device: str) -> Callable:
-    import torch
-
+    """What gd.fit does per batch: the compiled step's unchecked entry, then SGD.step."""
     import graphdl as gd
-    g = build_graph([(w.to(device).clone(), b.to(device).clone()) for w, b in layers], act)
-    names = list(g.params)
-    fn = gd.compile(gd.grad(g, names)).fn
-    params = [g.params[n].data for n in names]
-    bufs = [torch.zeros_like(p) for p in params]
+    model = build_model([(w.to(device), b.to(device)) for w, b in layers], act)
+    params = list(model.parameters().values())
+    run = gd.compile(gd.grad(model.graph(loss=gd.MSE()), list(model.parameters()))).fn
+    opt = gd.SGD(lr=LR, momentum=MOMENTUM)
+    opt.reset(params)
 
     def step(x, y):
-        loss, *grads = fn(x, y)
-        momentum_update(params, bufs, grads)
-        return loss
+        out = run(x, y)
+        opt.step(params, out[1:], LR)
+        return out[0]
     return step
 
 
@@ -161,7 +150,9 @@ def make_hand(layers, act: str, device: str) -> Callable:
             if k:
                 g = g @ ws[k].t()
                 g = g * (1 - a * a) if act == "tanh" else g * (a > 0)
-        momentum_update(params, bufs, grads)
+        torch._foreach_mul_(bufs, MOMENTUM)  # u <- momentum*u + lr*g; w <- w - u
+        torch._foreach_add_(bufs, grads, alpha=LR)
+        torch._foreach_sub_(params, bufs)
         return loss
     return step
 

@@ -258,11 +258,27 @@ def spawn(args: argparse.Namespace, job: dict) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    if job["kind"] == "mem":
+        # A fixed glibc mmap threshold: every large tensor gets its own mapping, returned
+        # to the OS when freed, so ru_maxrss follows the live bytes instead of whatever
+        # the heap kept after glibc's adaptive threshold moved (which made peaks jumpy).
+        env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--_worker", json.dumps(job),
                           "--threads", str(args.threads)], env=env, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"worker {job} failed:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def peak_memory(args: argparse.Namespace, base: dict, repeats: int) -> dict[str, float]:
+    """MiB each contender's process peaks above the baseline process; the median of
+    `repeats` rounds of fresh processes (the allocator makes single readings jumpy)."""
+    samples: dict[str, list[float]] = {c: [] for c in CONTENDERS}
+    for _ in range(repeats):
+        floor = spawn(args, {"kind": "mem", **base, "contender": "none"})["peak_mib"]
+        for c in CONTENDERS:
+            samples[c].append(spawn(args, {"kind": "mem", **base, "contender": c})["peak_mib"] - floor)
+    return {c: statistics.median(v) for c, v in samples.items()}
 
 
 def run_worker(job: dict, threads: int) -> dict:
@@ -296,9 +312,7 @@ def main() -> None:
         timing = spawn(args, {"kind": "time", **base, "rounds": rounds, "target_s": target})
         row = {**base, **timing}
         if not args.no_mem:
-            floor = spawn(args, {"kind": "mem", **base, "contender": "none"})["peak_mib"]
-            row["peak_mib"] = {c: spawn(args, {"kind": "mem", **base, "contender": c})["peak_mib"] - floor
-                               for c in CONTENDERS}
+            row["peak_mib"] = peak_memory(args, base, repeats=1 if args.quick else 3)
         rows.append(row)
         if not args.json:
             _print_row(row, first=len(rows) == 1)

@@ -75,7 +75,7 @@ class Compiled:
         declared = ", ".join(f"{n}: {format_type(d, s)}" for n, s, d in self._specs) or "none"
         if len(args) > len(self._specs):
             raise GraphError(f"graph {name} takes {len(self._specs)} inputs ({declared}), got {len(args)} positional")
-        for n, value in zip(self.input_names, args, strict=False):
+        for n, value in zip(self.input_names, args):
             if n in feeds:
                 raise GraphError(f"graph {name}: input {n} given both by position and by name")
             feeds[n] = value
@@ -98,7 +98,7 @@ class Compiled:
             if t.dim() != len(shape):
                 raise GraphError(f"graph {name}: input {n} has rank {t.dim()} ({got}) but the graph declares "
                                  f"rank {len(shape)} ({want})")
-            for axis, (d, actual) in enumerate(zip(shape, t.shape, strict=True)):
+            for axis, (d, actual) in enumerate(zip(shape, t.shape)):
                 if isinstance(d, int) and d != actual:
                     raise GraphError(f"graph {name}: input {n} is {got} but the graph declares {want} "
                                      f"(dim {axis} is {actual}, expected {d})")

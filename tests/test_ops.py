@@ -130,7 +130,7 @@ def test_vjp_matches_central_differences(case: Case):
     grads = gd.compile(gd.grad(g, names))()[1:]
     forward = gd.compile(g)
     eps = 1e-6
-    for t, analytic in zip(tensors, grads, strict=True):
+    for t, analytic in zip(tensors, grads):
         numeric = torch.zeros_like(t)
         flat, nflat = t.view(-1), numeric.view(-1)
         for i in range(flat.numel()):
@@ -153,10 +153,10 @@ def test_vjp_matches_torch_autograd(case: Case):
     loss = (case.ref(*leaves) * r).sum()
     if case.differentiable:
         expected = torch.autograd.grad(loss, leaves, allow_unused=True)
-        expected = [torch.zeros_like(t) if e is None else e for t, e in zip(tensors, expected, strict=True)]
+        expected = [torch.zeros_like(t) if e is None else e for t, e in zip(tensors, expected)]
     else:
         expected = [torch.zeros_like(t) for t in tensors]  # no gradient flows through it
-    for got, want in zip(grads, expected, strict=True):
+    for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want)
 
 

@@ -194,6 +194,8 @@ def test_fusion_needs_the_pattern_exactly():
     near_tanh = gd.mul(h, gd.sub(g.const(1.0, torch.float64), gd.mul(y, h)))  # y*h, not y*y
     near_relu = gd.mul(h, gd.greater(y, g.const(0.5, torch.float64)))  # threshold 0.5
     g.output(gd.sum(gd.add(gd.add(near_tanh, near_relu), mm)))
+    kept = gd.matmul(x, gd.tanh(w))
+    g.output(gd.add(kept, b), kept)  # a returned product would be computed twice too
     _, changed = apply(g, fuse)
     assert not changed
 

@@ -30,8 +30,10 @@ def _orders(node: Node) -> tuple[tuple[Value, Value], tuple[Value, Value]]:
 def _addmm(node: Node) -> Fused:
     for product, bias in _orders(node):
         mm = producer(product, "matmul")
-        # Only when the product has no other use, else it would be computed twice.
-        if mm is not None and len(product.users) == 1 and node.out.shape == product.shape:
+        # Only when nothing else uses the product (no other node, not an output), else
+        # it would be computed twice.
+        sole = len(product.users) == 1 and not any(product is o for o in product.graph.outputs)
+        if mm is not None and sole and node.out.shape == product.shape:
             return "addmm", [bias, *mm.inputs]
     return None
 

@@ -324,6 +324,13 @@ class Graph:
         for v in inputs:
             v.users.append(node)
 
+    def move_before(self, node: Node, anchor: Node) -> None:
+        """Reorder `node` to sit just before `anchor`. A pass that builds a replacement
+        for `anchor` from values defined before it keeps the order topological this way,
+        without a full toposort."""
+        self.nodes.remove(node)
+        self.nodes.insert(self.nodes.index(anchor), node)
+
     # -- algorithms -------------------------------------------------------------------
 
     def to_networkx(self) -> nx.DiGraph:

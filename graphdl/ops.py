@@ -278,7 +278,8 @@ def _reduce_code(fn: str) -> Lowering:
         if attrs["axis"] is None and not attrs["keepdims"]:
             return f"torch.{fn}({args[0]})"
         axis = attrs["axis"] if attrs["axis"] is not None else tuple(range(inputs[0].ndim))
-        return f"torch.{fn}({args[0]}, {axis!r}, keepdim={attrs['keepdims']})"
+        dims = axis[0] if len(axis) == 1 else axis  # torch.sum(x, 0) parses faster than (0,)
+        return f"torch.{fn}({args[0]}, {dims!r}" + (", keepdim=True)" if attrs["keepdims"] else ")")
     return lower
 
 
@@ -458,3 +459,95 @@ def sum_to(x: Value, shape: Sequence[Dim]) -> Value:
     """Sum x down to `shape`, undoing broadcasting."""
     return _sum_to(x, shape=shape)
 
+
+
+# -- fused ops --------------------------------------------------------------------------
+#
+# Nobody builds these by hand: graphdl.passes.fuse rewrites primitive patterns into them
+# so that one torch call replaces several. Each is an ordinary registered op (it prints,
+# parses and draws) whose VJP is written with the primitives, so grad of an optimised
+# graph still works.
+
+# The globals lowered code runs with (the compiler's and constant folding's).
+CODE_GLOBALS: dict[str, Any] = {"torch": torch, "math": math, "aten": torch.ops.aten}
+
+
+def addmm_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
+    bias, a, b = inputs
+    shape, dtype = matmul_rule([a, b], attrs)
+    if broadcast_shapes(bias.shape, shape) != shape:
+        raise ShapeError(f"bias {format_shape(bias.shape)} does not broadcast to the product's "
+                         f"{format_shape(shape)}")
+    return shape, _same_dtype("addmm", inputs)
+
+
+def _transposed_rule(ta: bool, tb: bool) -> Callable[[list[Value], dict], tuple[Shape, torch.dtype]]:
+    """matmul's rule for a product whose first (ta) or second (tb) input is read transposed."""
+    def rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
+        a, b = inputs
+        for v in inputs:
+            if v.ndim != 2:
+                raise ShapeError(f"{format_shape(v.shape)}: takes two matrices (2-d)")
+        m, k = (a.shape[1], a.shape[0]) if ta else a.shape
+        k2, n = (b.shape[1], b.shape[0]) if tb else b.shape
+        if k != k2:
+            product = f"{format_shape(a.shape)}{'^T' if ta else ''} @ {format_shape(b.shape)}{'^T' if tb else ''}"
+            raise ShapeError(f"inner dims differ ({k} vs {k2}) for {product}")
+        return (m, n), _same_dtype("matmul", inputs)
+    return rule
+
+
+def same_shape(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
+    """Elementwise without broadcasting (what torch's *_backward kernels take)."""
+    dtype = _same_dtype("", inputs)
+    if any(v.shape != inputs[0].shape for v in inputs):
+        raise ShapeError("shapes differ (" + ", ".join(format_shape(v.shape) for v in inputs) + ")",
+                         "the inputs of a fused backward op must have one shape")
+    return inputs[0].shape, dtype
+
+
+def mse_backward_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
+    g, a, b = inputs
+    if g.shape != ():
+        raise ShapeError(f"the cotangent {format_shape(g.shape)} must be a scalar")
+    return same_shape([a, b], attrs)[0], _same_dtype("mse_backward", inputs)
+
+
+def _all_axes(x: Value) -> tuple[int, ...]:
+    return tuple(range(x.ndim))
+
+
+addmm = defop("addmm", "torch.addmm({0}, {1}, {2})", addmm_rule, arity=3,
+              vjp=lambda g, out, bias, a, b: [unbroadcast(g, bias), matmul(g, transpose(b)), matmul(transpose(a), g)],
+              doc="bias + a @ b in one call (fused from add(matmul(a, b), bias)).")
+
+matmul_tn = defop("matmul_tn", "torch.mm({0}.mT, {1})", _transposed_rule(True, False), arity=2,
+                  vjp=lambda g, out, a, b: [matmul(b, transpose(g)), matmul(a, g)],
+                  doc="transpose(a) @ b without a transpose node (fused from matmul(transpose(a), b)).")
+
+matmul_nt = defop("matmul_nt", "torch.mm({0}, {1}.mT)", _transposed_rule(False, True), arity=2,
+                  vjp=lambda g, out, a, b: [matmul(g, b), matmul(transpose(g), a)],
+                  doc="a @ transpose(b) without a transpose node (fused from matmul(a, transpose(b))).")
+
+relu_backward = defop("relu_backward", "aten.threshold_backward.default({0}, {1}, 0.0)", same_shape, arity=2,
+                      vjp=lambda gc, out, g, y: [gc * greater(y, 0.0), None],
+                      doc="g where y > 0 else 0: relu's VJP given its output y (fused from mul(g, greater(y, 0))).")
+
+tanh_backward = defop("tanh_backward", "aten.tanh_backward.default({0}, {1})", same_shape, arity=2,
+                      vjp=lambda gc, out, g, y: [gc * (1.0 - y * y), gc * g * y * -2.0],
+                      doc="g * (1 - y*y): tanh's VJP given its output y (fused from mul(g, sub(1, mul(y, y)))).")
+
+sigmoid_backward = defop("sigmoid_backward", "aten.sigmoid_backward.default({0}, {1})", same_shape, arity=2,
+                         vjp=lambda gc, out, g, y: [gc * (y * (1.0 - y)), gc * g * (1.0 - y * 2.0)],
+                         doc="g * y * (1 - y): sigmoid's VJP given its output y "
+                             "(fused from mul(g, mul(y, sub(1, y)))).")
+
+mse_backward = defop(
+    "mse_backward", "aten.mse_loss_backward.default({0}, {1}, {2}, 1)", mse_backward_rule, arity=3,
+    vjp=lambda gc, out, g, a, b: [
+        mean(gc * (a - b)) * 2.0,
+        broadcast_like(g, a, axis=_all_axes(a), mean=True) * gc * 2.0,
+        broadcast_like(g, b, axis=_all_axes(b), mean=True) * gc * -2.0,
+    ],
+    doc="g * 2 * (a - b) / numel: mse's VJP for a in one call (fused from the chain mse's VJP builds).",
+)

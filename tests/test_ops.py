@@ -61,6 +61,15 @@ CASES = [
          lambda g, r: (g / 4).unsqueeze(1).expand_as(r), [(3,), (3, 4)]),
     Case("sum_to", lambda x: gd.sum_to(x, (1, 4)), lambda x: _sum_to_ref(x, (1, 4)), [(2, 3, 4)]),
     Case("zeros_like", gd.zeros_like, torch.zeros_like, [(3, 4)], differentiable=False),
+    # fused ops (graphdl.passes.fuse makes them; built directly here)
+    Case("addmm", gd.ops.addmm, torch.addmm, [(4,), (3, 5), (5, 4)]),
+    Case("addmm", gd.ops.addmm, torch.addmm, [(3, 4), (3, 5), (5, 4)]),
+    Case("matmul_tn", gd.ops.matmul_tn, lambda a, b: a.t() @ b, [(5, 3), (5, 4)]),
+    Case("matmul_nt", gd.ops.matmul_nt, lambda a, b: a @ b.t(), [(3, 5), (4, 5)]),
+    Case("relu_backward", gd.ops.relu_backward, lambda g, y: g * (y > 0).to(g.dtype), [(3, 4), (3, 4)], "away"),
+    Case("tanh_backward", gd.ops.tanh_backward, lambda g, y: g * (1 - y * y), [(3, 4), (3, 4)]),
+    Case("sigmoid_backward", gd.ops.sigmoid_backward, lambda g, y: g * y * (1 - y), [(3, 4), (3, 4)]),
+    Case("mse_backward", gd.ops.mse_backward, lambda g, a, b: g * 2 * (a - b) / a.numel(), [(), (5, 1), (5, 1)]),
 ]
 
 

@@ -1,0 +1,27 @@
+"""Common-subexpression elimination: one node per (op, inputs, attrs)."""
+
+from __future__ import annotations
+
+from ..ir import Graph, Node
+from .match import replace
+
+
+def _key(node: Node) -> tuple:
+    # repr keeps values that compare equal but differ apart (0.0 and -0.0, 1 and True).
+    return node.op.name, tuple(id(v) for v in node.inputs), repr(sorted(node.attrs.items()))
+
+
+def cse(graph: Graph) -> tuple[Graph, bool]:
+    """Merge nodes that apply the same op to the same inputs with the same attrs.
+
+    Nodes are visited in order, so once a duplicate is merged its users' keys already
+    name the surviving value and whole duplicated chains fold in one sweep.
+    """
+    seen: dict[tuple, Node] = {}
+    changed = False
+    for node in list(graph.nodes):
+        first = seen.setdefault(_key(node), node)
+        if first is not node:
+            replace(graph, node, first.out)
+            changed = True
+    return graph, changed

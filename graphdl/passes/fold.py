@@ -1,0 +1,39 @@
+"""Constant folding: a node computed only from constants becomes one constant."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..ir import Graph, dtype_name
+from ..ops import CODE_GLOBALS
+from .match import const_value, rebuild
+
+
+def fold(graph: Graph) -> tuple[Graph, bool]:
+    """Evaluate every node whose inputs are all scalar `const` nodes, with the op's own
+    lowering in its dtype, and replace it by a `const` holding the result.
+
+    Constants are scalars and no op grows a shape out of scalars alone, so a result is
+    always a scalar too. A result that is not finite is left unfolded: the text IR
+    could not print it back.
+    """
+    changed = False
+    for node in list(graph.nodes):
+        if node.op.name == "const" or not node.inputs:
+            continue
+        values = [const_value(v) for v in node.inputs]
+        if any(v is None for v in values):
+            continue
+        env = dict(CODE_GLOBALS)
+        args = []
+        for i, (v, number) in enumerate(zip(node.inputs, values, strict=True)):
+            env[f"a{i}"] = torch.tensor(number, dtype=v.dtype)
+            args.append(f"a{i}")
+        result = eval(node.op.lower(args, node.attrs, node.inputs), env)  # noqa: S307 - registry code
+        if result.dim() != 0 or result.dtype != node.out.dtype or not math.isfinite(float(result)):
+            continue
+        rebuild(graph, node, "const", [], {"value": float(result), "dtype": dtype_name(result.dtype)})
+        changed = True
+    return graph, changed

@@ -1,0 +1,147 @@
+"""compile: optimize=False, tracing the passes, the generated source, in-place reuse,
+errors that name the IR line, and devices (cpu, and cuda when there is one)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import graphdl as gd
+
+# "meta" runs every op for shapes and devices only: without a GPU it still catches a
+# tensor made on the CPU meeting one on another device (torch refuses to mix them).
+DEVICES = ["cpu", "meta", *(["cuda"] if torch.cuda.is_available() else [])]
+
+
+def assert_matches(got: list[torch.Tensor], want: list[torch.Tensor], device: str) -> None:
+    """Values on real devices; on meta, devices and shapes."""
+    assert all(t.device.type == device for t in got)
+    if device == "meta":
+        assert [t.shape for t in got] == [t.shape for t in want]
+    else:
+        torch.testing.assert_close(list(got), [t.to(device) for t in want])
+
+
+def mlp(act=gd.tanh, device: str = "cpu", dtype: torch.dtype = torch.float32) -> gd.Graph:
+    gen = torch.Generator().manual_seed(0)
+    g = gd.Graph("mlp")
+    h = g.input("x", (None, 2), dtype)
+    y = g.input("y", (None, 1), dtype)
+    dims = [2, 8, 8, 1]
+    for k, (i, o) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+        w = g.param(f"fc{k}.weight", (torch.randn(i, o, generator=gen, dtype=dtype) * 0.5).to(device))
+        b = g.param(f"fc{k}.bias", torch.randn(o, generator=gen, dtype=dtype).to(device))
+        h = gd.add(gd.matmul(h, w), b)
+        if k < len(dims) - 2:
+            h = act(h)
+    g.output(gd.mse(h, y))
+    return g
+
+
+def feeds(device: str = "cpu", n: int = 6, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return {"x": torch.rand(n, 2, generator=gen, dtype=dtype).to(device),
+            "y": torch.rand(n, 1, generator=gen, dtype=dtype).to(device)}
+
+
+def autograd_reference(g: gd.Graph, data: dict[str, torch.Tensor], act) -> list[torch.Tensor]:
+    """Loss and parameter gradients by torch.autograd (the oracle)."""
+    params = {n: v.data.clone().requires_grad_() for n, v in g.params.items()}
+    h = data["x"]
+    for k in range(3):
+        h = h @ params[f"fc{k}.weight"] + params[f"fc{k}.bias"]
+        if k < 2:
+            h = act(h)
+    loss = ((h - data["y"]) ** 2).mean()
+    return [loss.detach(), *torch.autograd.grad(loss, list(params.values()))]
+
+
+def test_optimize_false_compiles_the_graph_exactly_as_written():
+    g = gd.grad(mlp(), ["fc0.weight"])
+    assert str(gd.compile(g, optimize=False).graph) == str(g)
+    assert str(gd.compile(g).graph) != str(g)
+
+
+def test_trace_prints_the_ir_after_each_pass_then_the_source():
+    messages: list[str] = []
+    fn = gd.compile(gd.grad(mlp(), ["fc0.weight"]), trace=messages.append)
+    assert messages[0].startswith("// input\ngraph mlp(")
+    assert any(m.startswith("// after fuse\n") and "addmm" in m for m in messages)
+    assert messages[-1] == f"// source\n{fn.source}"
+
+
+@pytest.mark.parametrize("act, torch_act", [(gd.tanh, torch.tanh), (gd.relu, torch.relu),
+                                            (gd.sigmoid, torch.sigmoid)])
+@pytest.mark.parametrize("device", DEVICES)
+def test_optimised_training_step_matches_autograd(act, torch_act, device):
+    want = autograd_reference(mlp(act, "cpu", torch.float64), feeds(dtype=torch.float64), torch_act)
+    g = mlp(act, device, torch.float64)  # the same weights, on the device
+    data = feeds(device, dtype=torch.float64)
+    for options in ({}, {"optimize": False}, {"reuse": False}):
+        fn = gd.compile(gd.grad(g, list(g.params)), **options)
+        assert_matches(fn(**data), want, device)
+        assert_matches(fn.fn(data["x"], data["y"]), want, device)  # the unchecked entry
+
+
+def test_generated_source_is_readable_and_fused():
+    src = gd.compile(gd.grad(mlp(), list(mlp().params))).source
+    assert "torch.addmm(p1_fc0_bias, i0_x, p0_fc0_weight)  # %0: f32[N,8] = addmm fc0.bias, x, fc0.weight" in src
+    assert "aten.tanh_backward" in src and "aten.mse_loss_backward" in src and ".mT" in src
+    assert "torch.transpose" not in src and "expand_as" not in src
+    assert "# c" in src and "const[value=1.0]" in src  # constants show up as comments
+    assert "del " in src
+
+
+def test_inplace_reuse_touches_no_feed_param_or_output():
+    g = mlp(gd.relu)
+    data = feeds()
+    saved = {k: v.clone() for k, v in data.items()}
+    params = {n: v.data.clone() for n, v in g.params.items()}
+    fn = gd.compile(gd.grad(g, list(g.params)))
+    assert ".relu_()" in fn.source and "grad_input=" in fn.source
+    first = [t.clone() for t in fn(**data)]
+    second = fn(**data)
+    torch.testing.assert_close(list(second), first, rtol=0, atol=0)
+    for k, v in data.items():
+        assert torch.equal(v, saved[k])
+    for n, v in g.params.items():
+        assert torch.equal(v.data, params[n])
+    assert torch.equal(fn(**data)[0], gd.compile(gd.grad(g, list(g.params)), reuse=False)(**data)[0])
+
+
+def test_a_runtime_failure_names_the_ir_line():
+    g = mlp()
+    fn = gd.compile(g)
+    g.params["fc1.weight"].data = torch.zeros(5, 5)  # swapped for a tensor of the wrong shape
+    with pytest.raises(gd.GraphError, match=r"running `%\d+: f32\[N,8\] = addmm fc1.bias, %\d+, fc1.weight` failed"):
+        fn(**feeds())
+
+
+def test_a_param_swapped_for_a_new_tensor_is_read_at_each_call():
+    g = mlp()
+    fn = gd.compile(g)
+    before = fn(**feeds())[0]
+    g.params["fc2.bias"].data = g.params["fc2.bias"].data + 1.0
+    assert not torch.equal(fn(**feeds())[0], before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_constants_follow_the_feeds_when_the_graph_has_no_params(device):
+    g = gd.Graph("free")
+    x = g.input("x", (None, 3))
+    g.output(gd.mean(gd.mul(gd.tanh(x), g.const(2.0))))
+    fn = gd.compile(gd.grad(g, ["x"]))
+    X = torch.rand(4, 3)
+    Xr = X.clone().requires_grad_()
+    ref = (torch.tanh(Xr) * 2.0).mean()
+    ref.backward()
+    assert_matches(fn(x=X.to(device)), [ref.detach(), Xr.grad], device)
+    assert_matches(fn(x=X), [ref.detach(), Xr.grad], "cpu")  # and back: one lowering per device
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_feeds_on_another_device_than_the_params_are_refused(device):
+    fn = gd.compile(mlp(device=device))
+    other = "meta" if device == "cpu" else "cpu"
+    with pytest.raises(gd.GraphError, match="move it with"):
+        fn(**feeds(other))

@@ -1,8 +1,9 @@
 """SGD with momentum, Nesterov and weight decay, and learning-rate schedules.
 
 The update is u <- momentum * u + lr * g, w <- w - u, applied to the live param tensors
-in place with multi-tensor (`torch._foreach_*`) ops: a handful of kernel launches per
-step whatever the number of params.
+in place by one fused multi-tensor kernel (torch's `_fused_sgd_`, the kernel behind
+`torch.optim.SGD(fused=True)`), or by a few `torch._foreach_*` ops where that kernel is
+missing: either way a handful of kernel launches per step whatever the number of params.
 """
 
 from __future__ import annotations
@@ -42,29 +43,50 @@ class SGD:
         if nesterov and self.momentum == 0:
             raise ValueError("nesterov=True needs momentum > 0")
         self.nesterov = bool(nesterov)
-        self.velocity: list[torch.Tensor] = []
+        # The momentum buffers hold u / scale. With scale = lr (whenever lr > 0) they are
+        # exactly torch's buffers (b <- γb + g, w <- w - lr*b), so the fused kernel applies
+        # our rule; when lr changes, rescaling them keeps u, as the rule requires.
+        self.buffers: list[torch.Tensor] = []
+        self.scale = 1.0
+        self.fused = hasattr(torch, "_fused_sgd_")
 
     def reset(self, params: list[torch.Tensor]) -> None:
         """Start from zero velocity for these params."""
-        self.velocity = [torch.zeros_like(p) for p in params] if self.momentum else []
+        self.buffers = [torch.zeros_like(p) for p in params] if self.momentum else []
+        self.scale = 1.0
+
+    def set_lr(self, lr: float) -> None:
+        """Use `lr` from the next step on, keeping the velocity u as it is."""
+        scale = lr if lr > 0 else 1.0
+        if scale != self.scale:
+            if self.buffers:
+                torch._foreach_mul_(self.buffers, self.scale / scale)
+            self.scale = scale
 
     def step(self, params: list[torch.Tensor], grads: list[torch.Tensor], lr: float | None = None) -> None:
         """Update `params` in place from `grads` (same order as at `reset`)."""
         lr = self.lr if lr is None else lr
+        if self.momentum and len(self.buffers) != len(params):
+            self.reset(params)
+        if lr != self.scale:
+            self.set_lr(lr)
+        if self.fused and lr > 0 and params[0].device.type in ("cpu", "cuda"):
+            torch._fused_sgd_(params, grads, self.buffers, weight_decay=self.weight_decay, momentum=self.momentum,
+                              lr=lr, dampening=0.0, nesterov=self.nesterov, maximize=False, is_first_step=False)
+            return
         if self.weight_decay:
             grads = torch._foreach_add(grads, params, alpha=self.weight_decay)
         if not self.momentum:
             torch._foreach_add_(params, grads, alpha=-lr)
             return
-        if len(self.velocity) != len(params):
-            self.reset(params)
-        torch._foreach_mul_(self.velocity, self.momentum)
-        torch._foreach_add_(self.velocity, grads, alpha=lr)
+        # u = scale * b: b <- γb + (lr/scale) g, then w <- w - scale * b (plus γ-lookahead).
+        torch._foreach_mul_(self.buffers, self.momentum)
+        torch._foreach_add_(self.buffers, grads, alpha=lr / self.scale)
         if self.nesterov:
-            torch._foreach_add_(params, self.velocity, alpha=-self.momentum)
+            torch._foreach_add_(params, self.buffers, alpha=-self.momentum * self.scale)
             torch._foreach_add_(params, grads, alpha=-lr)
         else:
-            torch._foreach_sub_(params, self.velocity)
+            torch._foreach_add_(params, self.buffers, alpha=-self.scale)
 
     def __repr__(self) -> str:
         return (f"SGD(lr={self.lr}, momentum={self.momentum}, nesterov={self.nesterov}, "

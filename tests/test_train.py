@@ -60,13 +60,15 @@ def test_fit_follows_torch_optim_sgd(loss_name, momentum):
         torch.testing.assert_close(layer.bias, lin.bias.detach(), rtol=1e-5, atol=1e-6)
 
 
-def test_nesterov_and_weight_decay_follow_torch():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-kernel", "foreach"])
+def test_nesterov_and_weight_decay_follow_torch(fused):
     gen = torch.Generator().manual_seed(4)
     X, Y = torch.rand(20, 2, generator=gen), torch.rand(20, 1, generator=gen)
     model = _net(gen, gd.ReLU)
     twin = _torch_twin(model)
-    model.fit(X, Y, optimizer=gd.SGD(lr=0.1, momentum=0.8, nesterov=True, weight_decay=0.01), epochs=3,
-              batch_size=5, shuffle=False, verbose=False)
+    opt = gd.SGD(lr=0.1, momentum=0.8, nesterov=True, weight_decay=0.01)
+    opt.fused = fused
+    model.fit(X, Y, optimizer=opt, epochs=3, batch_size=5, shuffle=False, verbose=False)
     opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.8, nesterov=True, weight_decay=0.01)
     for _ in range(3):
         for s in range(0, 20, 5):
@@ -76,24 +78,30 @@ def test_nesterov_and_weight_decay_follow_torch():
     torch.testing.assert_close(model.layers[0].weight, twin[0].weight.detach().T, rtol=1e-5, atol=1e-6)
 
 
-def test_momentum_with_a_schedule_follows_the_documented_rule():
-    """u <- γu + ηg, w <- w - u, with η from StepDecay each epoch."""
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-kernel", "foreach"])
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("factor", [0.5, 0.0], ids=["decay", "to-zero"])
+def test_momentum_with_a_schedule_follows_the_documented_rule(fused, nesterov, factor):
+    """u <- γu + ηg, w <- w - u (Nesterov: w <- w - (γu + ηg)), with η from StepDecay each
+    epoch: the velocity carries over when η changes, even to 0."""
     gen = torch.Generator().manual_seed(5)
     X, Y = torch.rand(8, 2, generator=gen), torch.rand(8, 1, generator=gen)
     model = gd.Sequential(gd.Linear(2, 1, generator=gen))
     w, b = model.layers[0].weight.clone().requires_grad_(), model.layers[0].bias.clone().requires_grad_()
-    history = model.fit(X, Y, optimizer=gd.SGD(lr=0.2, momentum=0.5), schedule=gd.StepDecay(every=2, factor=0.5),
+    opt = gd.SGD(lr=0.2, momentum=0.5, nesterov=nesterov)
+    opt.fused = fused
+    history = model.fit(X, Y, optimizer=opt, schedule=gd.StepDecay(every=2, factor=factor),
                         epochs=5, batch_size=4, shuffle=False, verbose=False)
     u = [torch.zeros_like(w), torch.zeros_like(b)]
     for epoch in range(5):
-        lr = 0.2 * 0.5 ** (epoch // 2)
+        lr = 0.2 * factor ** (epoch // 2)
         for s in range(0, 8, 4):
             gw, gb = torch.autograd.grad(((X[s:s + 4] @ w + b - Y[s:s + 4]) ** 2).mean(), [w, b])
             with torch.no_grad():
                 for p, v, g in zip((w, b), u, (gw, gb)):
                     v.mul_(0.5).add_(lr * g)
-                    p.sub_(v)
-    assert history["lr"] == pytest.approx([0.2, 0.2, 0.1, 0.1, 0.05])
+                    p.sub_(0.5 * v + lr * g if nesterov else v)
+    assert history["lr"] == pytest.approx([0.2 * factor ** (e // 2) for e in range(5)])
     torch.testing.assert_close(model.layers[0].weight, w.detach())
     torch.testing.assert_close(model.layers[0].bias, b.detach())
 

@@ -44,6 +44,13 @@ TEXT_SUFFIXES = (".txt", ".gdir")
 _MAX_HEADER = 100_000_000  # safetensors' own limit; a bigger "length" means this is not one
 
 
+def _as_path(path: object) -> Path:
+    """The path as a Path, or a GraphError for something that is no path (None, a number)."""
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise GraphError(f"expected a file path (a str or pathlib.Path), got {path!r}")
+    return Path(path)
+
+
 def save_model(model: Sequential, path: str | os.PathLike[str]) -> None:
     """Save a Sequential's layers, forward graph and weights (what `model.save(path)` does).
 
@@ -57,7 +64,7 @@ def save_model(model: Sequential, path: str | os.PathLike[str]) -> None:
         raise GraphError(f"save: the model's parameters {sorted(weights)} differ from its graph's params "
                          f"{sorted(graph.params)}; this is a bug in the layer that built them")
     metadata = {"ir": str(graph), "layers": json.dumps(model.config())}
-    _write(Path(path), MODEL_FORMAT, metadata, weights)
+    _write(_as_path(path), MODEL_FORMAT, metadata, weights)
 
 
 def load(path: str | os.PathLike[str]) -> Sequential:
@@ -74,7 +81,7 @@ def load(path: str | os.PathLike[str]) -> Sequential:
             pickle, a zip, a bare graph, another program's safetensors file), or its
             weights do not match the shapes its IR declares.
     """
-    path = Path(path)
+    path = _as_path(path)
     data = _read_bytes(path)
     if _is_ir_text(data):
         raise GraphError(f"{path}: holds IR text, not a model; load it with gd.load_graph({str(path)!r})")
@@ -130,7 +137,7 @@ def save_graph(graph: Graph, path: str | os.PathLike[str]) -> None:
     """
     if not isinstance(graph, Graph):
         raise GraphError(f"save_graph takes a gd.Graph, got {type(graph).__name__}; save a model with model.save")
-    path = Path(path)
+    path = _as_path(path)
     if path.suffix.lower() in TEXT_SUFFIXES:
         _atomic_write(path, (str(graph) + "\n").encode())
     else:
@@ -150,7 +157,7 @@ def load_graph(path: str | os.PathLike[str]) -> Graph:
     Raises:
         GraphError: as `load`, naming what is wrong with the file.
     """
-    path = Path(path)
+    path = _as_path(path)
     data = _read_bytes(path)
     if _is_ir_text(data):
         try:
@@ -239,7 +246,7 @@ def file_format(path: str | os.PathLike[str]) -> str:
     Raises:
         GraphError: the file is missing or not a graphdl file, saying what it looks like.
     """
-    path = Path(path)
+    path = _as_path(path)
     try:
         with path.open("rb") as f:
             head = f.read(4096)

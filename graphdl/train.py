@@ -259,11 +259,12 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
     if not bool(_all_finite(params)):
         bad = next(name for name, p in model.parameters().items() if not bool(p.isfinite().all()))
         raise ValueError(f"param {bad} is NaN or inf before training; re-initialise the model")
-    start = _Snapshot(lambda: [*params, *optimizer.velocity])
+    start = _Snapshot(lambda: [*params, *optimizer.buffers])
 
     for epoch in range(epochs):
         started = time.perf_counter()
         lr = _scheduled_lr(schedule, epoch, optimizer.lr)
+        optimizer.set_lr(lr)  # before the snapshot, so a replay starts from the same state
         if shuffle:
             order = torch.randperm(n, generator=gen).to(X.device)
             Xe, Ye = X.index_select(0, order), Y.index_select(0, order)
@@ -275,6 +276,7 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
             out = run(Xe[first:first + batch_size], Ye[first:first + batch_size])
             optimizer.step(params, out[1:], lr)
             losses.append(out[0])
+            del out  # free this batch's gradients before the next batch's are made
         # The epoch's one sync: its mean loss, NaN if any param stopped being finite.
         epoch_loss = float(torch.where(_all_finite(params), torch.stack(losses) @ weights, torch.nan))
         if not math.isfinite(epoch_loss):

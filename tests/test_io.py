@@ -382,3 +382,13 @@ def test_interrupted_model_save_leaves_the_old_model_loadable(tmp_path, monkeypa
     monkeypatch.undo()
     loaded = gd.load(path)
     assert torch.equal(loaded.parameters()["0.weight"], old.parameters()["0.weight"])
+
+
+@pytest.mark.parametrize("path", [None, 0, "", b"x.gdl"])
+def test_a_non_path_is_a_graph_error(path, tmp_path):
+    model = gd.Sequential(gd.Linear(2, 1))
+    g = model.graph()
+    for call in (lambda: gd.load(path), lambda: gd.load_graph(path), lambda: gd.save_graph(g, path),
+                 lambda: model.save(path)):
+        with pytest.raises(gd.GraphError, match="expected a file path"):
+            call()

@@ -588,11 +588,11 @@ def test_an_epoch_whose_replay_stays_finite_is_rolled_back_whole(monkeypatch):
     assert all(torch.equal(v, before[k]) for k, v in model.parameters().items())
 
 
-# -- docs/errors.md shows real messages --------------------------------------------------------
+# -- the README's "When things go wrong" shows real messages --------------------------------------------------------
 
 
 def _doc_examples() -> list[tuple[str, str, str]]:
-    doc = (pathlib.Path(__file__).parent.parent / "docs" / "errors.md").read_text()
+    doc = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
     found = re.findall(r"```python\n# (\S+)\n(.*?)```\n\n```text\n(.*?)\n```", doc, re.S)
     assert len(found) >= 3
     return found

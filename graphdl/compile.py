@@ -22,7 +22,7 @@ import torch
 from .ir import Graph, GraphError, Value, format_type
 from .ops import CODE_GLOBALS
 from .passes import pipeline
-from .passes.memory import INPLACE, last_uses, plan_inplace
+from .passes.memory import FRESH, INPLACE, last_uses, plan_inplace
 from .text import format_node
 
 _counter = itertools.count()
@@ -243,7 +243,11 @@ def lower(graph: Graph, device: torch.device | None = None, reuse: bool = True,
                 if last_use.get(id(v)) == k and v.node is not None and id(v) not in returned and id(v) not in hoisted]
         if dead:
             body.append("del " + ", ".join(dead))
-    outs = ", ".join(names[id(v)] for v in graph.outputs)
+    # Outputs are the caller's to keep and to modify: a param, input, constant or view
+    # (transpose, expand) is returned as a fresh copy, never aliasing graphdl's storage,
+    # and dense, as fused kernels such as the SGD update require.
+    outs = ", ".join(names[id(v)] if v.node is not None and id(v) not in hoisted and v.node.op.name in FRESH
+                     else f"{names[id(v)]}.clone(memory_format=torch.contiguous_format)" for v in graph.outputs)
     body.append(f"return ({outs},)")
     source = f"def {_py(graph.name)}({', '.join(args)}):\n" + "".join(f"    {ln}\n" for ln in body)
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)

@@ -158,8 +158,9 @@ class Sequential:
         """Params by name ("0.weight", "0.bias", ...), in build order: the live tensors."""
         return {f"{k}.{name}": t for k, layer in enumerate(self.layers) for name, t in layer.params().items()}
 
-    def graph(self, loss: Loss | None = None, name: str = "sequential") -> Graph:
-        """The IR of the forward pass (output: the prediction), or of the loss with `loss`."""
+    def graph(self, loss: Loss | None = None, name: str = "sequential", prediction: bool = False) -> Graph:
+        """The IR of the forward pass (output: the prediction), or of the loss with `loss`
+        (then `prediction=True` returns the prediction too, as a second output)."""
         g = Graph(name)
         x = g.input("x", (None, self.in_features), self._dtype())
         h = x
@@ -174,6 +175,8 @@ class Sequential:
         y = g.input("y", (None, self.out_features), self._dtype())
         with g.scope("loss"):
             g.output(loss(h, y))
+        if prediction:
+            g.output(h)
         return g
 
     def _dtype(self) -> torch.dtype:

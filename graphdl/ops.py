@@ -399,7 +399,8 @@ def _broadcast_like_vjp(g: Value, out: Value, x: Value, ref: Value, axis: tuple 
     if axis is None:
         return [unbroadcast(g, x), None]
     reduce = _mean if mean else _sum
-    return [reduce(g, axis=axis, keepdims=x.ndim == ref.ndim), None]
+    # x may also have been broadcast along other axes (x [1] against ref [N,4], axis=0).
+    return [unbroadcast(reduce(g, axis=axis, keepdims=x.ndim == ref.ndim), x), None]
 
 
 _broadcast_like = defop(

@@ -54,11 +54,7 @@ def _step_fn(model: Sequential, loss: Loss) -> Compiled:
 
 
 def _eval_fn(model: Sequential, loss: Loss) -> Compiled:
-    def build() -> Compiled:
-        g = model.graph(loss)
-        g.output(g.outputs[0].node.inputs[0])  # the prediction, beside the loss
-        return compile(g)
-    return _compiled(model, ("eval", loss), build)
+    return _compiled(model, ("eval", loss), lambda: compile(model.graph(loss, prediction=True)))
 
 
 def accuracy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

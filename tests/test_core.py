@@ -288,3 +288,54 @@ def test_random_graph_gradients_match_autograd(program, seed):
     torch.testing.assert_close(got[0], ref.detach())
     for value, want, leaf in zip(got[1:], expected, leaves):
         torch.testing.assert_close(value, torch.zeros_like(leaf) if want is None else want)
+
+
+# -- outputs belong to the caller (regressions found in review) --------------------------
+
+
+def test_outputs_never_alias_params_constants_or_views():
+    g = gd.Graph("alias")
+    x = g.input("x", (None, 2))
+    w = g.param("w", torch.randn(3, 2))
+    s = g.param("s", torch.ones(()))
+    g.output(gd.add(gd.mean(gd.matmul(x, gd.transpose(w))), s), w, gd.transpose(w))
+    gg = gd.grad(g, ["w", "s"])  # dw comes out of a transposed product; ds is the constant 1
+    fn = gd.compile(gg)
+    X = torch.randn(4, 2)
+    _, w_out, wt_out, dw, ds = fn(x=X)
+    for t in (w_out, wt_out, dw, ds):
+        assert t.is_contiguous()
+    w_out.add_(1.0)
+    wt_out.add_(1.0)
+    ds.add_(5.0)
+    assert not torch.equal(w_out, w.data) and not torch.equal(wt_out, w.data.T)
+    torch.testing.assert_close(wt_out - 1.0, w.data.T)
+    assert fn(x=X)[4].item() == 1.0  # the caller's edit did not reach the next call
+
+
+@pytest.mark.parametrize("build", [lambda x, w: gd.sum(gd.tanh(gd.matmul(x, gd.transpose(w)))),
+                                   lambda x, w: gd.add(gd.sum(w), gd.mean(x))],
+                         ids=["transposed-product", "linear-in-w"])
+def test_sgd_step_is_right_for_any_gradient_layout(build):
+    g = gd.Graph("layout")
+    x = g.input("x", (None, 2))
+    w = g.param("w", torch.randn(3, 2))
+    g.output(build(x, w))
+    _, dw = gd.compile(gd.grad(g, ["w"]))(x=torch.randn(8, 2))
+    expected = w.data - 0.1 * dw
+    opt = gd.SGD(lr=0.1, momentum=0.9)
+    opt.reset([w.data])
+    opt.step([w.data], [dw])
+    torch.testing.assert_close(w.data, expected)
+
+
+def test_broadcast_like_gradient_keeps_the_input_shape():
+    g = gd.Graph("bl")
+    a = g.input("a", (1,), torch.float64)
+    r = g.input("r", (None, 4), torch.float64)
+    g.output(gd.sum(gd.mul(gd.broadcast_like(a, r, axis=0), r)))
+    gg = gd.grad(g, ["a"])
+    assert gg.outputs[1].shape == (1,)
+    A, R = torch.randn(1, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    (da,) = gd.compile(gg)(a=A, r=R)[1:]
+    torch.testing.assert_close(da, R.sum(1).sum().reshape(1))

@@ -216,3 +216,22 @@ def test_losses_match_their_definitions():
     torch.testing.assert_close(mse, ((P - Y) ** 2).mean())
     torch.testing.assert_close(mae, (P - Y).abs().mean())
     torch.testing.assert_close(mbe, (P - Y).mean())
+
+
+class _Scaled(gd.Loss):
+    """A loss with a setting: k * mse."""
+
+    def __init__(self, k: float) -> None:
+        self.k = k
+
+    def __call__(self, pred, target):
+        return gd.mul(gd.mse(pred, target), self.k)
+
+
+def test_losses_with_different_settings_get_their_own_compiled_functions():
+    model = gd.Sequential(gd.Linear(2, 1))
+    X, Y = torch.rand(6, 2), torch.rand(6, 1)
+    one, three = model.evaluate(X, Y, loss=_Scaled(1.0)), model.evaluate(X, Y, loss=_Scaled(3.0))
+    assert three["loss"] == pytest.approx(3 * one["loss"])
+    assert one["loss"] == pytest.approx(model.evaluate(X, Y, loss=gd.MSE())["loss"])
+    assert one["accuracy"] == three["accuracy"]

@@ -22,7 +22,7 @@ import torch
 from .ir import Graph, GraphError, Value, format_type
 from .ops import CODE_GLOBALS
 from .passes import pipeline
-from .passes.memory import FRESH, INPLACE, last_uses, plan_inplace
+from .passes.memory import last_uses, plan_inplace
 from .text import format_node
 
 _counter = itertools.count()
@@ -233,7 +233,7 @@ def lower(graph: Graph, device: torch.device | None = None, reuse: bool = True,
             body.append(f"# c{k} = {ir_line}")
             continue
         if k in inplace:
-            code = INPLACE[node.op.name][inplace[k]].format(*arg_names)
+            code = node.op.inplace[inplace[k]].format(*arg_names)
         else:
             code = node.op.lower(arg_names, node.attrs, node.inputs)
         names[id(node.out)] = f"v{k}"
@@ -246,7 +246,7 @@ def lower(graph: Graph, device: torch.device | None = None, reuse: bool = True,
     # Outputs are the caller's to keep and to modify: a param, input, constant or view
     # (transpose, expand) is returned as a fresh copy, never aliasing graphdl's storage,
     # and dense, as fused kernels such as the SGD update require.
-    outs = ", ".join(names[id(v)] if v.node is not None and id(v) not in hoisted and v.node.op.name in FRESH
+    outs = ", ".join(names[id(v)] if v.node is not None and id(v) not in hoisted and v.node.op.fresh
                      else f"{names[id(v)]}.clone(memory_format=torch.contiguous_format)" for v in graph.outputs)
     body.append(f"return ({outs},)")
     source = f"def {_py(graph.name)}({', '.join(args)}):\n" + "".join(f"    {ln}\n" for ln in body)

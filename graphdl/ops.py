@@ -36,6 +36,10 @@ class OpDef:
     vjp: Callable[..., list[Value | None]] | None
     attrs: dict[str, Any] = field(default_factory=dict)
     doc: str = ""
+    # Memory planning (passes/memory.py). fresh: the result is new storage, never a view
+    # of an input. inplace: input index -> code that writes the result into that input.
+    fresh: bool = False
+    inplace: dict[int, str] = field(default_factory=dict)
 
     def infer(self, inputs: Sequence[Value], attrs: dict[str, Any]) -> tuple[Shape, torch.dtype, dict[str, Any]]:
         """Output shape and dtype, and the attrs completed with defaults and normalised."""
@@ -54,12 +58,14 @@ OPS: dict[str, OpDef] = {}
 
 
 def defop(name: str, code: str | Lowering, rule: Callable, vjp: Callable | None, arity: int = 1,
-          attrs: dict[str, Any] | None = None, doc: str = "") -> Callable[..., Value]:
+          attrs: dict[str, Any] | None = None, doc: str = "", fresh: bool = False,
+          inplace: dict[int, str] | None = None) -> Callable[..., Value]:
     """Register an op and return its builder, `builder(*inputs, **attrs) -> Value`.
 
     `code` is a torch expression with `{0}`, `{1}` for the inputs and `{attr}` for the
     attrs' reprs, or a function `(args, attrs, inputs) -> str` for ops whose code depends
-    on shapes.
+    on shapes. `fresh` and `inplace` tell the memory planner whether the result owns
+    new storage and how to compute it into a dying input's buffer instead.
     """
     if isinstance(code, str):
         template = code
@@ -68,7 +74,7 @@ def defop(name: str, code: str | Lowering, rule: Callable, vjp: Callable | None,
             return template.format(*args, **{k: repr(v) for k, v in attrs.items()})
     else:
         lower = code
-    op = OpDef(name, arity, rule, lower, vjp, dict(attrs or {}), doc)
+    op = OpDef(name, arity, rule, lower, vjp, dict(attrs or {}), doc, fresh, dict(inplace or {}))
     OPS[name] = op
 
     def builder(*inputs: Value | float, **attrs: Any) -> Value:
@@ -339,59 +345,76 @@ const = defop("const", _const_code, const_rule, lambda g, out: [], arity=0,
               attrs={"value": 0.0, "dtype": "f32"}, doc="A scalar constant (build with Graph.const).")
 
 zeros_like = defop("zeros_like", "torch.zeros_like({0})", unary, lambda g, out, x: [None],
+                   fresh=True,
                    doc="Zeros of x's shape and dtype.")
 
 add = defop("add", "torch.add({0}, {1})", elementwise, arity=2,
             vjp=lambda g, out, a, b: [unbroadcast(g, a), unbroadcast(g, b)],
+            fresh=True, inplace={0: "{0}.add_({1})", 1: "{1}.add_({0})"},
             doc="a + b, broadcasting as torch does.")
 
 sub = defop("sub", "torch.sub({0}, {1})", elementwise, arity=2,
             vjp=lambda g, out, a, b: [unbroadcast(g, a), unbroadcast(neg(g), b)],
+            fresh=True, inplace={0: "{0}.sub_({1})"},
             doc="a - b, broadcasting as torch does.")
 
 mul = defop("mul", "torch.mul({0}, {1})", elementwise, arity=2,
             vjp=lambda g, out, a, b: [unbroadcast(g * b, a), unbroadcast(g * a, b)],
+            fresh=True, inplace={0: "{0}.mul_({1})", 1: "{1}.mul_({0})"},
             doc="a * b elementwise, broadcasting as torch does.")
 
 div = defop("div", "torch.div({0}, {1})", elementwise, arity=2,
             vjp=lambda g, out, a, b: [unbroadcast(g / b, a), unbroadcast(neg(g * out) / b, b)],
+            fresh=True, inplace={0: "{0}.div_({1})"},
             doc="a / b elementwise, broadcasting as torch does.")
 
-neg = defop("neg", "torch.neg({0})", unary, lambda g, out, x: [neg(g)], doc="-x.")
+neg = defop("neg", "torch.neg({0})", unary, lambda g, out, x: [neg(g)], fresh=True, inplace={0: "{0}.neg_()"},
+            doc="-x.")
 
-exp = defop("exp", "torch.exp({0})", unary, lambda g, out, x: [g * out], doc="e**x elementwise.")
+exp = defop("exp", "torch.exp({0})", unary, lambda g, out, x: [g * out], fresh=True, inplace={0: "{0}.exp_()"},
+            doc="e**x elementwise.")
 
-log = defop("log", "torch.log({0})", unary, lambda g, out, x: [g / x], doc="Natural log, elementwise.")
+log = defop("log", "torch.log({0})", unary, lambda g, out, x: [g / x], fresh=True, inplace={0: "{0}.log_()"},
+            doc="Natural log, elementwise.")
 
-abs = defop("abs", "torch.abs({0})", unary, lambda g, out, x: [g * sign(x)], doc="|x| elementwise.")
+abs = defop("abs", "torch.abs({0})", unary, lambda g, out, x: [g * sign(x)], fresh=True, inplace={0: "{0}.abs_()"},
+            doc="|x| elementwise.")
 
 sign = defop("sign", "torch.sign({0})", unary, lambda g, out, x: [None],
+             fresh=True,
              doc="-1, 0 or 1 elementwise; its gradient is zero almost everywhere, so none flows.")
 
 greater = defop("greater", "torch.gt({0}, {1}).to({0}.dtype)", elementwise, arity=2,
                 vjp=lambda g, out, a, b: [None, None],
+                fresh=True,
                 doc="1.0 where a > b else 0.0 (a mask in a's dtype); no gradient flows through it.")
 
 relu = defop("relu", "torch.relu({0})", unary, lambda g, out, x: [g * greater(out, 0.0)],
+             fresh=True, inplace={0: "{0}.relu_()"},
              doc="max(x, 0) elementwise.")
 
 tanh = defop("tanh", "torch.tanh({0})", unary, lambda g, out, x: [g * (1.0 - out * out)],
+             fresh=True, inplace={0: "{0}.tanh_()"},
              doc="Hyperbolic tangent, elementwise.")
 
 sigmoid = defop("sigmoid", "torch.sigmoid({0})", unary, lambda g, out, x: [g * (out * (1.0 - out))],
+                fresh=True, inplace={0: "{0}.sigmoid_()"},
                 doc="1 / (1 + e**-x) elementwise.")
 
 matmul = defop("matmul", "torch.mm({0}, {1})", matmul_rule, arity=2,
                vjp=lambda g, out, a, b: [matmul(g, transpose(b)), matmul(transpose(a), g)],
+               fresh=True,
                doc="Matrix product of two 2-d values: [m,k] @ [k,n] -> [m,n].")
 
 transpose = defop("transpose", "torch.transpose({0}, -2, -1)", transpose_rule,
                   lambda g, out, x: [transpose(g)], doc="Swap the last two dims.")
 
 _sum = defop("sum", _reduce_code("sum"), reduce_rule, attrs={"axis": None, "keepdims": False},
+             fresh=True,
              vjp=lambda g, out, x, axis, keepdims: [broadcast_like(g, x, axis=axis)])
 
 _mean = defop("mean", _reduce_code("mean"), reduce_rule, attrs={"axis": None, "keepdims": False},
+              fresh=True,
               vjp=lambda g, out, x, axis, keepdims: [broadcast_like(g, x, axis=_axes(x, axis), mean=True)])
 
 
@@ -429,13 +452,16 @@ def _loss_vjp(local: Callable[[Value], Value | None]) -> Callable[..., list]:
 
 
 mse = defop("mse", "torch.mean(torch.square(torch.sub({0}, {1})))", loss_rule, arity=2,
-            vjp=_loss_vjp(lambda d: d * 2.0), doc="mean((a - b)**2) over every element.")
+            vjp=_loss_vjp(lambda d: d * 2.0), fresh=True,
+                                              doc="mean((a - b)**2) over every element.")
 
 mae = defop("mae", "torch.mean(torch.abs(torch.sub({0}, {1})))", loss_rule, arity=2,
-            vjp=_loss_vjp(sign), doc="mean(|a - b|) over every element.")
+            vjp=_loss_vjp(sign), fresh=True,
+                                 doc="mean(|a - b|) over every element.")
 
 mbe = defop("mbe", "torch.mean(torch.sub({0}, {1}))", loss_rule, arity=2,
-            vjp=_loss_vjp(lambda d: None), doc="mean(a - b) over every element (mean bias error).")
+            vjp=_loss_vjp(lambda d: None), fresh=True,
+                                           doc="mean(a - b) over every element (mean bias error).")
 
 
 # -- builders whose attrs deserve a real signature -------------------------------------
@@ -520,26 +546,32 @@ def _all_axes(x: Value) -> tuple[int, ...]:
 
 addmm = defop("addmm", "torch.addmm({0}, {1}, {2})", addmm_rule, arity=3,
               vjp=lambda g, out, bias, a, b: [unbroadcast(g, bias), matmul(g, transpose(b)), matmul(transpose(a), g)],
+              fresh=True,
               doc="bias + a @ b in one call (fused from add(matmul(a, b), bias)).")
 
 matmul_tn = defop("matmul_tn", "torch.mm({0}.mT, {1})", _transposed_rule(True, False), arity=2,
                   vjp=lambda g, out, a, b: [matmul(b, transpose(g)), matmul(a, g)],
+                  fresh=True,
                   doc="transpose(a) @ b without a transpose node (fused from matmul(transpose(a), b)).")
 
 matmul_nt = defop("matmul_nt", "torch.mm({0}, {1}.mT)", _transposed_rule(False, True), arity=2,
                   vjp=lambda g, out, a, b: [matmul(g, b), matmul(transpose(g), a)],
+                  fresh=True,
                   doc="a @ transpose(b) without a transpose node (fused from matmul(a, transpose(b))).")
 
 relu_backward = defop("relu_backward", "aten.threshold_backward.default({0}, {1}, 0.0)", same_shape, arity=2,
                       vjp=lambda gc, out, g, y: [gc * greater(y, 0.0), None],
+                      fresh=True, inplace={0: "aten.threshold_backward.grad_input({0}, {1}, 0.0, grad_input={0})"},
                       doc="g where y > 0 else 0: relu's VJP given its output y (fused from mul(g, greater(y, 0))).")
 
 tanh_backward = defop("tanh_backward", "aten.tanh_backward.default({0}, {1})", same_shape, arity=2,
                       vjp=lambda gc, out, g, y: [gc * (1.0 - y * y), gc * g * y * -2.0],
+                      fresh=True, inplace={0: "aten.tanh_backward.grad_input({0}, {1}, grad_input={0})"},
                       doc="g * (1 - y*y): tanh's VJP given its output y (fused from mul(g, sub(1, mul(y, y)))).")
 
 sigmoid_backward = defop("sigmoid_backward", "aten.sigmoid_backward.default({0}, {1})", same_shape, arity=2,
                          vjp=lambda gc, out, g, y: [gc * (y * (1.0 - y)), gc * g * (1.0 - y * 2.0)],
+                         fresh=True, inplace={0: "aten.sigmoid_backward.grad_input({0}, {1}, grad_input={0})"},
                          doc="g * y * (1 - y): sigmoid's VJP given its output y "
                              "(fused from mul(g, mul(y, sub(1, y)))).")
 
@@ -550,5 +582,6 @@ mse_backward = defop(
         broadcast_like(g, a, axis=_all_axes(a), mean=True) * gc * 2.0,
         broadcast_like(g, b, axis=_all_axes(b), mean=True) * gc * -2.0,
     ],
+    fresh=True,
     doc="g * 2 * (a - b) / numel: mse's VJP for a in one call (fused from the chain mse's VJP builds).",
 )

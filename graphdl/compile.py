@@ -13,13 +13,12 @@ import builtins
 import itertools
 import keyword
 import linecache
-import re
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .ir import Graph, GraphError, Value, format_type
+from .ir import Graph, GraphError, Node, Value, format_type
 from .ops import CODE_GLOBALS
 from .passes import pipeline
 from .passes.memory import last_uses, plan_inplace
@@ -38,13 +37,14 @@ class Compiled:
     returns a tuple of the graph's outputs."""
 
     def __init__(self, graph: Graph, source: str, fn: Callable[..., tuple], filename: str,
-                 line_text: dict[int, str], device: torch.device | None, const_device: torch.device | None = None,
+                 line_text: dict[int, tuple[str, Node]], device: torch.device | None,
+                 const_device: torch.device | None = None,
                  relower: Callable[[torch.device], Compiled] | None = None) -> None:
         self.graph = graph
         self.source = source
         self.fn = fn  # the generated function: positional inputs, no checks
         self._filename = filename
-        self._line_text = line_text
+        self._line_text = line_text  # generated line -> (its IR line, its node)
         self.device = device  # the params' device, which feeds must match; None without params
         self._const_device = const_device or torch.device("cpu")  # where fn's constants live
         self._relower = relower  # set for a graph with constants and no params
@@ -124,10 +124,8 @@ class Compiled:
             tb = tb.tb_next
         if line is None or line not in self._line_text:
             return error
-        ir_line = self._line_text[line]
-        k = re.match(r"%(\d+):", ir_line)
-        node = self.graph.nodes[int(k[1])] if k and int(k[1]) < len(self.graph.nodes) else None
-        where = f"\n  created at {node.where}" + (f" (in layer {node.scope})" if node.scope else "") if node else ""
+        ir_line, node = self._line_text[line]
+        where = f"\n  created at {node.where}" + (f" (in layer {node.scope})" if node.scope else "")
         changed = [f"{v.name} is now {format_type(v.data.dtype, tuple(v.data.shape))}, declared "
                    f"{format_type(v.dtype, v.shape)}" for v in self.graph.params.values()
                    if (tuple(v.data.shape), v.data.dtype) != (v.shape, v.dtype)]
@@ -202,7 +200,7 @@ def lower(graph: Graph, device: torch.device | None = None, reuse: bool = True,
         names[id(v)] = f"i{i}_{_py(v.name)}"
         args.append(names[id(v)])
     body: list[str] = []
-    line_text: dict[int, str] = {}
+    line_text: dict[int, tuple[str, Node]] = {}
     for i, v in enumerate(graph.params.values()):
         ir_names[id(v)] = v.name
         names[id(v)] = f"p{i}_{_py(v.name)}"
@@ -237,7 +235,7 @@ def lower(graph: Graph, device: torch.device | None = None, reuse: bool = True,
         else:
             code = node.op.lower(arg_names, node.attrs, node.inputs)
         names[id(node.out)] = f"v{k}"
-        line_text[header_lines + len(body)] = ir_line
+        line_text[header_lines + len(body)] = ir_line, node
         body.append(f"v{k} = {code}  # {ir_line}")
         dead = [names[id(v)] for v in dict.fromkeys(node.inputs)
                 if last_use.get(id(v)) == k and v.node is not None and id(v) not in returned and id(v) not in hoisted]

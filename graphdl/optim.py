@@ -68,8 +68,7 @@ class SGD:
         lr = self.lr if lr is None else lr
         if self.momentum and len(self.buffers) != len(params):
             self.reset(params)
-        if lr != self.scale:
-            self.set_lr(lr)
+        self.set_lr(lr)  # a no-op unless the rate changed
         if self.fused and lr > 0 and params[0].device.type in ("cpu", "cuda"):
             torch._fused_sgd_(params, grads, self.buffers, weight_decay=self.weight_decay, momentum=self.momentum,
                               lr=lr, dampening=0.0, nesterov=self.nesterov, maximize=False, is_first_step=False)

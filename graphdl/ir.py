@@ -76,6 +76,24 @@ def caller_location() -> str:
     return f"{os.path.relpath(frame.f_code.co_filename)}:{frame.f_lineno}"
 
 
+class Slot:
+    """A param's live tensor, in one place.
+
+    Every graph built from a param shares its slot: copies, gradient graphs, compile's
+    working copy and the layer that owns the param. Assigning a new tensor (to
+    `value.data` or to a layer's attribute) is what all of them read at their next call,
+    so a model never holds stale snapshots of its own weights.
+    """
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+    def __repr__(self) -> str:
+        return f"Slot({format_type(self.tensor.dtype, tuple(self.tensor.shape))})"
+
+
 @dataclass(eq=False)
 class Value:
     """One SSA value: a graph input, a param (holding its live tensor) or a node's output."""
@@ -85,14 +103,26 @@ class Value:
     shape: Shape
     dtype: torch.dtype
     node: Node | None = None
-    data: torch.Tensor | None = None  # params only
+    slot: Slot | None = None  # params only: where the live tensor is
     users: list[Node] = field(default_factory=list)
+
+    @property
+    def data(self) -> torch.Tensor | None:
+        """A param's live tensor (None for inputs and node outputs)."""
+        return None if self.slot is None else self.slot.tensor
+
+    @data.setter
+    def data(self, tensor: torch.Tensor) -> None:
+        if self.slot is None:
+            raise GraphError(f"{self.label} is not a param; only params hold a tensor")
+        check_param_tensor(f"param {self.name}", tensor)
+        self.slot.tensor = tensor
 
     @property
     def kind(self) -> str:
         if self.node is not None:
             return "node"
-        return "param" if self.data is not None else "input"
+        return "param" if self.slot is not None else "input"
 
     @property
     def label(self) -> str:
@@ -223,15 +253,15 @@ class Graph:
         self.inputs[name] = value
         return value
 
-    def param(self, name: str, data: torch.Tensor) -> Value:
-        """Declare a param holding `data`, its live tensor (updated in place by training)."""
+    def param(self, name: str, data: torch.Tensor | Slot) -> Value:
+        """Declare a param holding `data`, its live tensor (updated in place by training).
+
+        Pass a `Slot` instead to share the param with another graph or a layer: then a
+        tensor assigned to either is what both read."""
         self._check_new_name(name)
-        if not isinstance(data, torch.Tensor):
-            raise GraphError(f"param {name}: value must be a torch.Tensor, got {type(data).__name__}")
-        if data.dtype not in DTYPE_NAMES:
-            raise GraphError(f"param {name}: dtype {data.dtype} is not supported; "
-                             "use a floating dtype such as torch.float32")
-        value = Value(self, name, tuple(data.shape), data.dtype, data=data)
+        slot = data if isinstance(data, Slot) else Slot(data)
+        check_param_tensor(f"param {name}", slot.tensor)
+        value = Value(self, name, tuple(slot.tensor.shape), slot.tensor.dtype, slot=slot)
         self.params[name] = value
         return value
 
@@ -407,13 +437,13 @@ class Graph:
             raise GraphError(f"graph {self.name} has a cycle")
 
     def copy(self, name: str | None = None) -> tuple[Graph, dict[int, Value]]:
-        """A structural copy sharing the params' tensors; also returns id(old) -> new value."""
+        """A structural copy sharing the params' slots; also returns id(old) -> new value."""
         g = Graph(name or self.name)
         vmap: dict[int, Value] = {}
         for v in self.inputs.values():
             vmap[id(v)] = g.input(v.name, v.shape, v.dtype)
         for v in self.params.values():
-            vmap[id(v)] = g.param(v.name, v.data)
+            vmap[id(v)] = g.param(v.name, v.slot)
         for n in self.nodes:
             out = Value(g, "", n.out.shape, n.out.dtype)
             node = Node(n.op, [vmap[id(v)] for v in n.inputs], dict(n.attrs), out, n.where, n.scope, n.backward)
@@ -431,6 +461,30 @@ class Graph:
 
     def __repr__(self) -> str:
         return f"<Graph {self.name}: {len(self.inputs)} inputs, {len(self.params)} params, {len(self.nodes)} nodes>"
+
+
+def tensor_problem(t: torch.Tensor) -> str | None:
+    """What makes `t` unusable as graphdl data (None if nothing): graphdl computes on
+    dense (strided) tensors of any layout, not sparse, nested or quantized ones."""
+    if t.layout != torch.strided:
+        return f"is a {str(t.layout).removeprefix('torch.')} tensor; convert it with .to_dense()"
+    if t.is_nested:
+        return "is a nested tensor; pad it to a dense tensor first"
+    if t.is_quantized:
+        return "is a quantized tensor; convert it with .dequantize()"
+    return None
+
+
+def check_param_tensor(what: str, t: Any) -> None:
+    """A param's tensor must be a dense tensor of a dtype the IR has."""
+    if not isinstance(t, torch.Tensor):
+        raise GraphError(f"{what}: its value must be a torch.Tensor, got {type(t).__name__}")
+    problem = tensor_problem(t)
+    if problem:
+        raise GraphError(f"{what} {problem}")
+    if t.dtype not in DTYPE_NAMES:
+        supported = ", ".join(str(d) for d in DTYPES.values())
+        raise GraphError(f"{what}: dtype {t.dtype} is not supported; use a floating dtype: one of {supported}")
 
 
 def _is_identifier(name: str) -> bool:

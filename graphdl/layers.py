@@ -3,13 +3,34 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .ir import Graph, GraphError, Value
+from .ir import Graph, GraphError, Slot, Value, check_param_tensor
 from .losses import Loss
 from .ops import add, matmul, relu, sigmoid, tanh
+
+
+class Param:
+    """A layer attribute holding a param: reading it gives the live tensor; assigning a
+    tensor (`layer.weight = t`) puts it in the param's `Slot`, so every graph and compiled
+    function built from the layer computes with `t` from its next call on."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, layer: Layer | None, owner: type | None = None) -> Any:
+        return self if layer is None else layer.slot(self.name).tensor
+
+    def __set__(self, layer: Layer, tensor: torch.Tensor) -> None:
+        check_param_tensor(f"{type(layer).__name__}.{self.name}", tensor)
+        slots = layer.__dict__.setdefault("_slots", {})
+        if self.name in slots:
+            slots[self.name].tensor = tensor
+        else:
+            slots[self.name] = Slot(tensor)
 
 
 class Layer:
@@ -20,7 +41,11 @@ class Layer:
 
     def params(self) -> dict[str, torch.Tensor]:
         """The layer's params by short name ("weight", "bias"), live tensors."""
-        return {}
+        return {name: getattr(self, name) for name, attr in vars(type(self)).items() if isinstance(attr, Param)}
+
+    def slot(self, name: str) -> Slot:
+        """Where param `name` lives; graphs built from the layer share it."""
+        return self.__dict__["_slots"][name]
 
     def forward(self, graph: Graph, x: Value, prefix: str) -> Value:
         raise NotImplementedError
@@ -51,6 +76,9 @@ class Linear(Layer):
     drawn from `generator` or torch's global RNG.
     """
 
+    weight = Param()
+    bias = Param()
+
     def __init__(self, in_features: int, out_features: int, generator: torch.Generator | None = None,
                  dtype: torch.dtype = torch.float32) -> None:
         self.in_features = _check_width("in_features", in_features)
@@ -63,12 +91,9 @@ class Linear(Layer):
         self.weight = (torch.rand(in_features, out_features, generator=generator, dtype=dtype) * 2 - 1) * bound
         self.bias = (torch.rand(out_features, generator=generator, dtype=dtype) * 2 - 1) * bound
 
-    def params(self) -> dict[str, torch.Tensor]:
-        return {"weight": self.weight, "bias": self.bias}
-
     def forward(self, graph: Graph, x: Value, prefix: str) -> Value:
-        w = graph.param(f"{prefix}weight", self.weight)
-        b = graph.param(f"{prefix}bias", self.bias)
+        w = graph.param(f"{prefix}weight", self.slot("weight"))
+        b = graph.param(f"{prefix}bias", self.slot("bias"))
         return add(matmul(x, w), b)
 
     def config(self) -> dict[str, Any]:
@@ -113,7 +138,9 @@ class Sequential:
 
     def __init__(self, *layers: Layer) -> None:
         self.layers: list[Layer] = []
-        self._cache: dict[Any, Any] = {}
+        self.history: dict[str, list[float]] | None = None  # the last fit's History, kept if it stops early
+        self._cache: dict[Any, Any] = {}  # compiled functions by purpose (see `compiled`)
+        self._signature: tuple = ()  # the params' shapes, dtypes and devices the cache was built for
         for layer in layers:
             self.add(layer)
 
@@ -178,6 +205,22 @@ class Sequential:
         if prediction:
             g.output(h)
         return g
+
+    def compiled(self, key: Any, build: Callable[[], Any]) -> Any:
+        """The compiled function for `key` (such as ("predict",)), built by `build` once.
+
+        Compiled functions read the params' live tensors, so a layer given a new tensor of
+        the same shape, dtype and device keeps them; a different shape, dtype or device
+        rebuilds them (and a shape that no longer fits fails there, naming the layer).
+        """
+        signature = tuple((t.shape, t.dtype, t.device) for t in self.parameters().values())
+        if signature != self._signature:
+            self._cache.clear()
+            self._signature = signature
+        fn = self._cache.get(key)
+        if fn is None:
+            fn = self._cache[key] = build()
+        return fn
 
     def _dtype(self) -> torch.dtype:
         params = list(self.parameters().values())

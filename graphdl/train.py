@@ -18,8 +18,9 @@ import torch
 
 from .autodiff import grad
 from .compile import Compiled, compile
+from .ir import tensor_problem
 from .losses import MSE, Loss
-from .optim import SGD, Schedule
+from .optim import SGD, Schedule, check_updatable
 
 if TYPE_CHECKING:
     from .layers import Sequential
@@ -40,21 +41,13 @@ class History(dict):
         return len(self["loss"])
 
 
-def _compiled(model: Sequential, key: Any, build: Callable[[], Compiled]) -> Compiled:
-    """Compile once per model structure and device; `add` and `to` clear the cache."""
-    fn = model._cache.get(key)
-    if fn is None:
-        fn = model._cache[key] = build()
-    return fn
-
-
 def _step_fn(model: Sequential, loss: Loss) -> Compiled:
     names = list(model.parameters())
-    return _compiled(model, ("step", loss), lambda: compile(grad(model.graph(loss), names)))
+    return model.compiled(("step", loss), lambda: compile(grad(model.graph(loss), names)))
 
 
 def _eval_fn(model: Sequential, loss: Loss) -> Compiled:
-    return _compiled(model, ("eval", loss), lambda: compile(model.graph(loss, prediction=True)))
+    return model.compiled(("eval", loss), lambda: compile(model.graph(loss, prediction=True)))
 
 
 def accuracy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -69,6 +62,12 @@ def _check_data(model: Sequential, X: Any, Y: Any, what: str = "") -> None:
     for name, t in (("X", X), ("Y", Y)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name}{what} must be a torch.Tensor, got {type(t).__name__}")
+        problem = tensor_problem(t)
+        if problem:
+            raise ValueError(f"{name}{what} {problem}")
+        if t.is_meta:
+            raise ValueError(f"{name}{what} is on the meta device, which holds shapes but no values; "
+                             "training and evaluating need real data (on 'cpu' or 'cuda')")
         if t.dim() != 2:
             raise ValueError(f"{name}{what} must be 2-d [examples, features], got shape {list(t.shape)}")
     if len(X) != len(Y):
@@ -85,6 +84,17 @@ def _check_data(model: Sequential, X: Any, Y: Any, what: str = "") -> None:
             row, col = (~finite).nonzero()[0].tolist()
             raise ValueError(f"{name}{what} has NaN or inf values, first at {name}[{row}, {col}] = "
                              f"{t[row, col].item()}; drop or repair those examples (e.g. with torch.isfinite)")
+
+
+def _check_params(model: Sequential) -> None:
+    """Training updates every param in place, so each must hold real values in memory of its own."""
+    for name, p in model.parameters().items():
+        if p.is_meta:
+            raise ValueError(f"param {name} is on the meta device, which holds no values to train; "
+                             "build the model on 'cpu' or 'cuda' (or load real weights) first")
+        check_updatable(f"param {name}", p)
+        if not bool(p.isfinite().all()):
+            raise ValueError(f"param {name} is NaN or inf before training; re-initialise the model")
 
 
 def _check_settings(validation_data: Any, seed: Any, schedule: Any, shuffle: Any, verbose: Any) -> None:
@@ -172,7 +182,7 @@ def _replay(run: Callable[..., tuple], optimizer: SGD, params: list[torch.Tensor
         if not math.isfinite(loss):
             return b, loss, False  # the params that gave it are finite: the previous update was checked
         before.save()
-        optimizer.step(params, out[1:], lr)
+        optimizer.update(params, list(out[1:]), lr, overwrite_grads=True)
         if not bool(_all_finite(params)):
             before.restore()
             return b, loss, True
@@ -201,6 +211,10 @@ def _diverged(found: tuple[int, float, bool] | None, epoch: int, epochs: int, ba
     return DivergedError(message, history, epoch + 1, None if found is None else found[0] + 1)
 
 
+# Nothing fit makes reaches the user as a tensor (it hands back floats and updates the
+# params in place), so the whole loop runs in inference mode: no autograd bookkeeping,
+# and params or data that require grad (from a torch model) are fine.
+@torch.inference_mode()
 def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None = None,
         optimizer: SGD | None = None, schedule: Schedule | None = None, epochs: int = 1,
         batch_size: int = 32, shuffle: bool = True,
@@ -238,6 +252,7 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
     if validation_data is not None:
         _check_data(model, *validation_data, what=" (validation)")
 
+    _check_params(model)
     step = _step_fn(model, loss)
     step.check_feeds((X, Y), {})  # dtype and device, once, with graphdl's messages
     run = step.fn  # the unchecked entry: every batch has the shape just checked
@@ -252,15 +267,11 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
     weights = torch.tensor(sizes, dtype=X.dtype, device=X.device) / max(n, 1)
     history = History()
     model.history = history  # what fit has recorded so far, kept if it stops early
-    if not bool(_all_finite(params)):
-        bad = next(name for name, p in model.parameters().items() if not bool(p.isfinite().all()))
-        raise ValueError(f"param {bad} is NaN or inf before training; re-initialise the model")
     start = _Snapshot(lambda: [*params, *optimizer.buffers])
 
     for epoch in range(epochs):
         started = time.perf_counter()
         lr = _scheduled_lr(schedule, epoch, optimizer.lr)
-        optimizer.set_lr(lr)  # before the snapshot, so a replay starts from the same state
         if shuffle:
             order = torch.randperm(n, generator=gen).to(X.device)
             Xe, Ye = X.index_select(0, order), Y.index_select(0, order)
@@ -270,7 +281,7 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
         losses = []
         for first in range(0, n, batch_size):
             out = run(Xe[first:first + batch_size], Ye[first:first + batch_size])
-            optimizer.step(params, out[1:], lr)
+            optimizer.update(params, list(out[1:]), lr, overwrite_grads=True)  # the gradients are fit's own
             losses.append(out[0])
             del out  # free this batch's gradients before the next batch's are made
         # The epoch's one sync: its mean loss, NaN if any param stopped being finite.
@@ -301,7 +312,7 @@ def _report(epoch: int, epochs: int, history: History, seconds: float) -> None:
 
 def predict(model: Sequential, X: torch.Tensor) -> torch.Tensor:
     """The model's output for X [N, in_features]."""
-    fn = _compiled(model, ("predict",), lambda: compile(model.graph()))
+    fn = model.compiled(("predict",), lambda: compile(model.graph()))
     return fn(x=X)[0]
 
 

@@ -130,16 +130,24 @@ class Compiled:
             return error
         ir_line, node = self._line_text[line]
         where = f"\n  created at {node.where}" + (f" (in layer {node.scope})" if node.scope else "")
-        changed = [f"{v.name} is now {format_type(v.data.dtype, tuple(v.data.shape))}, declared "
-                   f"{format_type(v.dtype, v.shape)}" for v in self.graph.params.values()
-                   if (tuple(v.data.shape), v.data.dtype) != (v.shape, v.dtype)]
-        hint = f"\n  hint: a param changed after compile ({'; '.join(changed)}); update params in place " \
-               "with the same shape, or rebuild the graph" if changed else ""
+        changed = [_change(v, self.device) for v in self.graph.params.values()
+                   if (tuple(v.data.shape), v.data.dtype, v.data.device) != (v.shape, v.dtype, self.device)]
+        hint = f"\n  hint: a param changed after compile ({'; '.join(changed)}); give params tensors of the " \
+               "declared shape, dtype and device, or compile the graph again" if changed else ""
         return GraphError(f"graph {self.graph.name}: running `{ir_line}` failed: "
                           f"{type(error).__name__}: {error}{where}{hint}")
 
     def __repr__(self) -> str:
         return f"<Compiled {self.graph.name}: {len(self.graph.nodes)} nodes>\n{self.source}"
+
+
+def _change(param: Value, device: torch.device | None) -> str:
+    """How a param's tensor differs from what the compiled function was built for."""
+    t = param.data
+    now, declared = format_type(t.dtype, tuple(t.shape)), format_type(param.dtype, param.shape)
+    if t.device != device:
+        now, declared = f"{now} on {t.device}", f"{declared} on {device}"
+    return f"{param.name} is now {now}, declared {declared}"
 
 
 def _param_device(graph: Graph) -> torch.device | None:

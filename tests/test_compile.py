@@ -218,3 +218,11 @@ def test_a_sparse_feed_is_refused_naming_the_fix():
     data["x"] = data["x"].to_sparse()
     with pytest.raises(gd.GraphError, match=r"input x is a sparse_coo tensor; convert it with \.to_dense\(\)"):
         fn(**data)
+
+
+def test_a_param_moved_to_another_device_after_compile_is_named():
+    g = mlp()
+    fn = gd.compile(g)
+    g.params["fc1.weight"].data = g.params["fc1.weight"].data.to("meta")
+    with pytest.raises(gd.GraphError, match=r"fc1.weight is now f32\[8,8\] on meta, declared f32\[8,8\] on cpu"):
+        fn(**feeds())

@@ -54,12 +54,21 @@ class Compiled:
 
     def __call__(self, *args: torch.Tensor, **feeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ordered = self.check_feeds(args, feeds)
+        self._check_param_devices()
         target = self._on_device_of(ordered)
         try:
             with torch.no_grad():  # graphdl differentiates itself; feeds that require grad must not start a tape
                 return target.fn(*ordered)
         except Exception as e:  # name the IR line that failed, keep torch's error as the cause
             raise target._explain(e) from e
+
+    def _check_param_devices(self) -> None:
+        """A param given a tensor on another device would meet feeds and constants on the old
+        one (and torch computes cpu-with-meta silently, on meta)."""
+        moved = [_change(v, self.device) for v in self.graph.params.values() if v.data.device != self.device]
+        if moved:
+            raise GraphError(f"graph {self.graph.name}: a param moved after compile ({'; '.join(moved)}); "
+                             "compile the graph again, or give the param a tensor on the compiled device")
 
     def _on_device_of(self, feeds: list[torch.Tensor]) -> Compiled:
         """This compiled function, or, for a graph without params whose feeds are on

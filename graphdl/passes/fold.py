@@ -21,7 +21,7 @@ def fold(graph: Graph) -> tuple[Graph, bool]:
     """
     changed = False
     for node in list(graph.nodes):
-        if node.op.name == "const" or not node.inputs:
+        if node.op.name == "const" or not node.inputs or node.op.effect:  # a collective runs at run time
             continue
         values = [const_value(v) for v in node.inputs]
         if any(v is None for v in values):

@@ -263,20 +263,28 @@ class Sequential:
         from .train import fit
         return fit(self, X, Y, **kwargs)
 
-    def predict(self, X: torch.Tensor) -> torch.Tensor:
-        """The model's output for X [N, in_features]: a tensor [N, out_features]."""
+    def predict(self, X: torch.Tensor, distributed: bool = False) -> torch.Tensor:
+        """The model's output for X [N, in_features]: a tensor [N, out_features]
+        (`distributed`: computed in shares by the ranks, see `graphdl.train.predict`)."""
         from .train import predict
-        return predict(self, X)
+        return predict(self, X, distributed)
 
-    def evaluate(self, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None = None) -> dict[str, float]:
-        """{"loss", "accuracy", "error"} of the model on (X, Y)."""
+    def evaluate(self, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None = None,
+                 distributed: bool = False) -> dict[str, float]:
+        """{"loss", "accuracy", "error"} of the model on (X, Y) (`distributed`: scored in
+        shares by the ranks, see `graphdl.train.evaluate`)."""
         from .train import evaluate
-        return evaluate(self, X, Y, loss)
+        return evaluate(self, X, Y, loss, distributed)
 
     def save(self, path: str) -> None:
-        """Write the model (IR text, layer config, weights as safetensors) atomically."""
+        """Write the model (IR text, layer config, weights as safetensors) atomically.
+
+        In a data-parallel job only rank 0 writes (every rank holds the same weights);
+        on the others this does nothing, so no two processes write one file."""
+        from . import distributed
         from .io import save_model
-        save_model(self, path)
+        if distributed.is_main():
+            save_model(self, path)
 
     def __repr__(self) -> str:
         inner = ",\n".join(f"  ({k}) {layer!r}" for k, layer in enumerate(self.layers))

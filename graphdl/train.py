@@ -9,6 +9,7 @@ until the epoch ends, so there is one host sync per epoch, not per batch.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -16,7 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import distributed as dp
 from .autodiff import grad
+from .checkpoint import Resumed, read_checkpoint, write_checkpoint
 from .compile import Compiled, compile
 from .ir import tensor_problem
 from .losses import MSE, Loss
@@ -41,8 +44,13 @@ class History(dict):
         return len(self["loss"])
 
 
-def _step_fn(model: Sequential, loss: Loss) -> Compiled:
+def _step_fn(model: Sequential, loss: Loss, distributed: bool = False) -> Compiled:
+    """The compiled training step: (loss, *gradients) of (x, y), or, data-parallel, of
+    (x, y, scale) with the gradients summed over every rank (see graphdl.distributed)."""
     names = list(model.parameters())
+    if distributed:
+        return model.compiled(("step", loss, "data-parallel"),
+                              lambda: compile(dp.step_graph(model.graph(loss), names)))
     return model.compiled(("step", loss), lambda: compile(grad(model.graph(loss), names)))
 
 
@@ -162,12 +170,43 @@ class _Snapshot:
             t.copy_(c)
 
 
+class _Batches:
+    """fit's epoch in one process: consecutive slices of the (shuffled) data.
+    graphdl.distributed.ShardedBatches is the same walk, shared between ranks."""
+
+    is_main = True
+
+    def __init__(self, n: int, batch_size: int, X: torch.Tensor) -> None:
+        self.batch_size = batch_size
+        # Each batch's share of the epoch's mean loss, so one dot product gives the mean.
+        sizes = [min(batch_size, n - s) for s in range(0, n, batch_size)]
+        self.weights = torch.tensor(sizes, dtype=X.dtype, device=X.device) / max(n, 1)
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+    def feeds(self, X: torch.Tensor, Y: torch.Tensor, order: torch.Tensor | None) -> list[tuple[torch.Tensor, ...]]:
+        Xe, Ye = (X, Y) if order is None else (X.index_select(0, order), Y.index_select(0, order))
+        return [(Xe[s:s + self.batch_size], Ye[s:s + self.batch_size]) for s in range(0, len(X), self.batch_size)]
+
+    def epoch_loss(self, losses: list[torch.Tensor], finite: torch.Tensor) -> float:
+        """The epoch's mean loss, NaN if any param stopped being finite: the epoch's one sync."""
+        return float(torch.where(finite, torch.stack(losses) @ self.weights, torch.nan))
+
+    def batch_loss(self, loss: torch.Tensor) -> float:
+        return float(loss)
+
+    def begin(self, tensors: list[torch.Tensor], seed: int, settings: dict[str, int]) -> int:
+        return seed
+
+
 def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([t.isfinite().all() for t in tensors]).all() if tensors else torch.tensor(True)
 
 
 def _replay(run: Callable[..., tuple], optimizer: SGD, params: list[torch.Tensor], start: _Snapshot,
-            Xe: torch.Tensor, Ye: torch.Tensor, batch_size: int, lr: float) -> tuple[int, float, bool] | None:
+            feeds: list[tuple[torch.Tensor, ...]], batch_loss: Callable[[torch.Tensor], float],
+            lr: float) -> tuple[int, float, bool] | None:
     """Replay an epoch that diverged from its starting state, one checked batch at a time.
 
     Returns (batch index, its loss, whether it was its update that made params non-finite)
@@ -176,9 +215,9 @@ def _replay(run: Callable[..., tuple], optimizer: SGD, params: list[torch.Tensor
     """
     start.restore()
     before = _Snapshot(start.tensors)
-    for b, first in enumerate(range(0, len(Xe), batch_size)):
-        out = run(Xe[first:first + batch_size], Ye[first:first + batch_size])
-        loss = float(out[0])
+    for b, feed in enumerate(feeds):
+        out = run(*feed)
+        loss = batch_loss(out[0])
         if not math.isfinite(loss):
             return b, loss, False  # the params that gave it are finite: the previous update was checked
         before.save()
@@ -219,7 +258,8 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
         optimizer: SGD | None = None, schedule: Schedule | None = None, epochs: int = 1,
         batch_size: int = 32, shuffle: bool = True,
         validation_data: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int | None = None,
-        verbose: bool = True) -> History:
+        verbose: bool = True, distributed: bool = False, checkpoint: str | os.PathLike[str] | None = None,
+        resume: str | os.PathLike[str] | None = None) -> History:
     """Train `model` in place with minibatch SGD.
 
     Args:
@@ -233,6 +273,14 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
         validation_data: (X_val, Y_val), evaluated after every epoch.
         seed: seeds the shuffling; None draws one from torch's global RNG.
         verbose: print one line per epoch.
+        distributed: train data-parallel over the process group of `gd.distributed.init()`
+            (launched by torchrun): `batch_size` stays the global batch, each rank computes
+            its share of it, and every rank ends with the params and History one process
+            would have (see graphdl.distributed). Only rank 0 prints.
+        checkpoint: a file to write after every epoch (rank 0 only): the model and fit's
+            state, to continue from with `resume` (see graphdl.checkpoint).
+        resume: a checkpoint to continue from: its weights, momentum, shuffling state,
+            History and epoch count; `epochs` counts the epochs it already did.
 
     Returns:
         The `History` of per-epoch metrics.
@@ -248,57 +296,74 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
     if not isinstance(optimizer, SGD):
         raise ValueError(f"optimizer must be a graphdl optimizer such as gd.SGD(lr=0.01), got {optimizer!r}")
     _check_settings(validation_data, seed, schedule, shuffle, verbose)
+    _check_distributed(distributed, "fit")
+    for name, path in (("checkpoint", checkpoint), ("resume", resume)):
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise ValueError(f"{name} must be a file path or None, got {type(path).__name__}")
     _check_data(model, X, Y)
     if validation_data is not None:
         _check_data(model, *validation_data, what=" (validation)")
 
     _check_params(model)
-    step = _step_fn(model, loss)
-    step.check_feeds((X, Y), {})  # dtype and device, once, with graphdl's messages
+    step = _step_fn(model, loss, distributed)
+    n = len(X)
+    batches = dp.ShardedBatches(n, batch_size, X, Y) if distributed else _Batches(n, batch_size, X)
+    step.check_feeds(batches.feeds(X, Y, None)[0], {})  # dtype and device, once, with graphdl's messages
     run = step.fn  # the unchecked entry: every batch has the shape just checked
     params = list(model.parameters().values())
     optimizer.reset(params)
-    n = len(X)
+    history = History()
+    resumed = None if resume is None else read_checkpoint(resume, model, optimizer, list(history),
+                                                          validation_data is not None)
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())
+    settings = _fit_settings(model, X, batch_size, epochs, shuffle, validation_data, resumed)
+    seed = batches.begin([*params, *optimizer.buffers], seed, settings)
     gen = torch.Generator().manual_seed(seed)
-    # Each batch's share of the epoch's mean loss, so one dot product gives the mean.
-    sizes = [min(batch_size, n - s) for s in range(0, n, batch_size)]
-    weights = torch.tensor(sizes, dtype=X.dtype, device=X.device) / max(n, 1)
-    history = History()
+    if resumed is not None:
+        gen.set_state(resumed.rng)
+        history.update(resumed.history)
     model.history = history  # what fit has recorded so far, kept if it stops early
     start = _Snapshot(lambda: [*params, *optimizer.buffers])
 
-    for epoch in range(epochs):
+    for epoch in range(0 if resumed is None else resumed.epoch, epochs):
         started = time.perf_counter()
         lr = _scheduled_lr(schedule, epoch, optimizer.lr)
-        if shuffle:
-            order = torch.randperm(n, generator=gen).to(X.device)
-            Xe, Ye = X.index_select(0, order), Y.index_select(0, order)
-        else:
-            Xe, Ye = X, Y
+        order = torch.randperm(n, generator=gen).to(X.device) if shuffle else None
+        feeds = batches.feeds(X, Y, order)
         start.save()
         losses = []
-        for first in range(0, n, batch_size):
-            out = run(Xe[first:first + batch_size], Ye[first:first + batch_size])
+        for feed in feeds:
+            out = run(*feed)
             optimizer.update(params, list(out[1:]), lr, overwrite_grads=True)  # the gradients are fit's own
             losses.append(out[0])
             del out  # free this batch's gradients before the next batch's are made
-        # The epoch's one sync: its mean loss, NaN if any param stopped being finite.
-        epoch_loss = float(torch.where(_all_finite(params), torch.stack(losses) @ weights, torch.nan))
+        epoch_loss = batches.epoch_loss(losses, _all_finite(params))
         if not math.isfinite(epoch_loss):
-            found = _replay(run, optimizer, params, start, Xe, Ye, batch_size, lr)
-            raise _diverged(found, epoch, epochs, len(sizes), lr, history)
+            found = _replay(run, optimizer, params, start, feeds, batches.batch_loss, lr)
+            raise _diverged(found, epoch, epochs, len(batches), lr, history)
         history["loss"].append(epoch_loss)
-        history["accuracy"].append(evaluate(model, X, Y, loss, _checked=True)["accuracy"])
+        history["accuracy"].append(evaluate(model, X, Y, loss, distributed=distributed, _checked=True)["accuracy"])
         if validation_data is not None:
-            scores = evaluate(model, *validation_data, loss, _checked=True)
+            scores = evaluate(model, *validation_data, loss, distributed=distributed, _checked=True)
             history["val_loss"].append(scores["loss"])
             history["val_accuracy"].append(scores["accuracy"])
         history["lr"].append(lr)
-        if verbose:
+        if verbose and batches.is_main:
             _report(epoch, epochs, history, time.perf_counter() - started)
+        if checkpoint is not None:
+            write_checkpoint(checkpoint, model, optimizer, epoch + 1, gen, history)
     return history
+
+
+def _fit_settings(model: Sequential, X: torch.Tensor, batch_size: int, epochs: int, shuffle: bool,
+                  validation_data: tuple[torch.Tensor, torch.Tensor] | None, resumed: Resumed | None) -> dict[str, int]:
+    """What every rank of a data-parallel fit must agree on (else their collectives would not match)."""
+    return {"len(X)": len(X), "batch_size": batch_size, "epochs": epochs, "shuffle": int(shuffle),
+            "epochs done by the checkpoint": 0 if resumed is None else resumed.epoch,
+            "len(validation_data[0])": -1 if validation_data is None else len(validation_data[0]),
+            "number of params": len(model.parameters()),
+            "param elements": sum(p.numel() for p in model.parameters().values())}
 
 
 def _report(epoch: int, epochs: int, history: History, seconds: float) -> None:
@@ -310,20 +375,46 @@ def _report(epoch: int, epochs: int, history: History, seconds: float) -> None:
     print(" - ".join(parts), file=sys.stdout, flush=True)
 
 
-def predict(model: Sequential, X: torch.Tensor) -> torch.Tensor:
-    """The model's output for X [N, in_features]."""
+def predict(model: Sequential, X: torch.Tensor, distributed: bool = False) -> torch.Tensor:
+    """The model's output for X [N, in_features]; with `distributed`, each rank computes
+    its share of the rows and every rank gets them all."""
     fn = model.compiled(("predict",), lambda: compile(model.graph()))
-    return fn(x=X)[0]
+    if not _check_distributed(distributed, "predict"):
+        return fn(x=X)[0]
+    first, count = dp.shard(len(X))
+    mine = fn(x=X[first:first + count] if count else X[:1])[0]  # an empty share still takes part in the gather
+    return dp.gather_rows(mine, len(X))
 
 
 def evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None = None,
-             _checked: bool = False) -> dict[str, float]:
-    """{"loss": the loss, "accuracy": fraction right (see `accuracy`), "error": 1 - accuracy}."""
+             distributed: bool = False, _checked: bool = False) -> dict[str, float]:
+    """{"loss": the loss, "accuracy": fraction right (see `accuracy`), "error": 1 - accuracy}.
+
+    With `distributed`, each rank scores its share of the rows and every rank gets the
+    scores of them all."""
     loss = MSE() if loss is None else loss
     if not isinstance(loss, Loss):
         raise ValueError(f"loss must be a graphdl loss such as gd.MSE(), got {loss!r}")
     if not _checked:
         _check_data(model, X, Y)
-    value, pred = _eval_fn(model, loss)(x=X, y=Y)
-    acc = float(accuracy(pred, Y))
-    return {"loss": float(value), "accuracy": acc, "error": 1.0 - acc}
+    fn = _eval_fn(model, loss)
+    if not _check_distributed(distributed, "evaluate"):
+        value, pred = fn(x=X, y=Y)
+        acc = float(accuracy(pred, Y))
+        return {"loss": float(value), "accuracy": acc, "error": 1.0 - acc}
+    first, count = dp.shard(len(X))
+    x, y = (X[first:first + count], Y[first:first + count]) if count else (X[:1], Y[:1])
+    value, pred = fn(x=x, y=y)
+    # Sums over the ranks: the loss weighted by each share's size, and whole counts of right answers.
+    sums = torch.stack([value * (count / len(X)), (accuracy(pred, y) * count).round()])
+    dp.sum_over_ranks(sums, "summing evaluate's scores")
+    acc = float(sums[1]) / len(X)
+    return {"loss": float(sums[0]), "accuracy": acc, "error": 1.0 - acc}
+
+
+def _check_distributed(distributed: Any, what: str) -> bool:
+    if not isinstance(distributed, bool):
+        raise ValueError(f"distributed must be True or False, got {distributed!r}")
+    if distributed:
+        dp.require_group(f"{what}(distributed=True)")
+    return distributed

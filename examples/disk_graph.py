@@ -7,6 +7,7 @@ and the run ends with the train and test error.
 
     python examples/disk_graph.py                 # one run, figures in out/
     python examples/disk_graph.py --seeds 10 --no-plots   # median/best/worst over seeds 0..9
+    torchrun --standalone --nproc_per_node 2 examples/disk_graph.py   # data-parallel, same result
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def run(args: argparse.Namespace, seed: int, verbose: bool) -> dict:
                          optimizer=gd.SGD(lr=args.lr, momentum=args.momentum),
                          schedule=gd.CosineDecay(args.epochs) if args.epochs else None,
                          epochs=args.epochs, batch_size=args.batch_size, shuffle=shuffle,
-                         validation_data=(norm(Xt), Yt), seed=seed, verbose=verbose)
+                         validation_data=(norm(Xt), Yt), seed=seed, verbose=verbose,
+                         distributed=gd.distributed.world_size() > 1)
 
     started = time.perf_counter()
     history = train(model, shuffle=True, verbose=verbose)
@@ -146,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if gd.distributed.init().rank != 0:  # under torchrun, every rank trains; rank 0 reports
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of this process
 
     if args.seeds:
         errors = []
@@ -163,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     model_path = os.path.join(args.out, "disk.gdl")
     result["model"].save(model_path)  # reload with gd.load; draw with tools/render_graph.py
     print(f"wrote {model_path}")
-    if not args.no_plots:
+    if not args.no_plots and gd.distributed.is_main():
         for path in plot(result, args.out):
             print(f"wrote {path}")
     print(f"trained in {result['seconds']:.2f}s")

@@ -21,10 +21,10 @@ from .io import load, load_graph, save_graph
 from . import distributed
 
 __all__ = [
-    "DivergedError", "MAE", "distributed", "MBE", "MSE", "SGD", "Constant", "CosineDecay", "ExponentialDecay", "History",
+    "DivergedError", "MAE", "MBE", "MSE", "SGD", "Constant", "CosineDecay", "ExponentialDecay", "History",
     "Layer", "Linear", "Loss", "ReLU", "Schedule", "Sequential", "Sigmoid", "StepDecay", "Tanh",
     "DTYPES", "OPS", "Compiled", "DotNotFoundError", "Graph", "GraphError", "Node", "Value",
-    "abs", "add", "broadcast_like", "compile", "div", "exp", "grad", "greater", "log", "mae", "matmul",
+    "abs", "add", "broadcast_like", "compile", "distributed", "div", "exp", "grad", "greater", "log", "mae", "matmul",
     "load", "load_graph", "mbe", "mean", "mse", "mul", "neg", "parse", "relu", "render", "save_graph", "sigmoid",
     "sign", "sub", "sum", "sum_to", "tanh", "to_dot", "transpose", "zeros_like",
 ]

@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 300.0  # how long a collective waits for the other ranks before naming the one missing
 HEARTBEAT_S = 1.0  # how often each rank says it is alive, in the rendezvous store
+STORE_TIMEOUT_S = 5.0  # how long a rank that lost a peer tries to reach the store to find out which
 
 LAUNCH = "torchrun --nproc_per_node N script.py"
 
@@ -222,7 +223,7 @@ def _lost(error: Exception, what: str) -> RankLostError:
         found = "no rendezvous store to ask which rank is gone (MASTER_ADDR/MASTER_PORT are not set)"
     else:
         try:
-            store = _store(timeout=5.0)
+            store = _store(timeout=STORE_TIMEOUT_S)
             before = _read_beats(store, world)
             time.sleep(3 * HEARTBEAT_S)
             after = _read_beats(store, world)
@@ -245,10 +246,12 @@ def _lost(error: Exception, what: str) -> RankLostError:
                          "stuck or running other code")
             else:
                 found = "every rank still sends heartbeats, so no rank could be named"
-    return RankLostError(
-        f"{what} failed on rank {me} of {world}: {found}.\n  torch.distributed said: {first_line}"
-        "\n  hint: every rank must run the same script with the same data; restart all ranks, and resume from "
-        "the last checkpoint with fit(..., resume=path) if you saved one with fit(..., checkpoint=path)", lost)
+    hint = ("restart every rank; to continue the run, resume from the last checkpoint with fit(..., resume=path) "
+            "(fit(..., checkpoint=path) writes one every epoch)")
+    if "alive" in found or not lost:
+        hint = "every rank must run the same script on the same data, so that all issue the same collectives; " + hint
+    return RankLostError(f"{what} failed on rank {me} of {world}: {found}.\n  torch.distributed said: "
+                         f"{first_line}\n  hint: {hint}", lost)
 
 
 def _names(ranks: list[int]) -> str:

@@ -408,7 +408,7 @@ def evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | N
     # Sums over the ranks: the loss weighted by each share's size, and whole counts of right answers.
     sums = torch.stack([value * (count / len(X)), (accuracy(pred, y) * count).round()])
     dp.sum_over_ranks(sums, "summing evaluate's scores")
-    acc = float(sums[1]) / len(X)
+    acc = float(sums[1] / len(X))  # in the model's dtype, as one process's mean is
     return {"loss": float(sums[0]), "accuracy": acc, "error": 1.0 - acc}
 
 

@@ -43,6 +43,7 @@ def allreduce(graph: Graph, outputs: Sequence[int] | None = None,
     indices = list(range(1, len(graph.outputs)) if outputs is None else outputs)
     if not indices:
         return graph, False
+    _make_early(graph, [graph.outputs[i] for i in indices])
     made_at = {id(n.out): k for k, n in enumerate(graph.nodes)}
     ready = sorted(indices, key=lambda i: made_at.get(id(graph.outputs[i]), -1))  # stable: ties keep output order
     buckets = _buckets([graph.outputs[i] for i in ready], ready, bucket_mib * 2**20)
@@ -63,6 +64,30 @@ def allreduce(graph: Graph, outputs: Sequence[int] | None = None,
             graph.outputs[i] = _add(graph, "unpack", [done], {"offset": offset, "shape": shape}, start.node)
             offset += math.prod(shape)
     return graph, True
+
+
+def _make_early(graph: Graph, values: list[Value]) -> None:
+    """Move the nodes that make `values` up to just after their inputs are ready.
+
+    grad emits a layer's input gradient before its weight gradient, yet only the input
+    gradient is needed by the layers below: made first, the weight gradient's bucket
+    starts before that product, and its communication overlaps it instead of waiting at
+    the end."""
+    for v in values:
+        if v.node is not None:
+            _hoist(graph, v.node)
+
+
+def _hoist(graph: Graph, node: Node) -> None:
+    """Move `node` just after the last node it reads, first moving up that way the inputs
+    made for it alone (such as the transpose a weight gradient multiplies by)."""
+    for u in node.inputs:
+        if u.node is not None and len(u.users) == 1 and not u.node.op.effect:
+            _hoist(graph, u.node)
+    at = graph.nodes.index(node)
+    ready = max((graph.nodes.index(u.node) for u in node.inputs if u.node is not None), default=-1)
+    if ready + 1 < at and not node.op.effect:
+        graph.move_before(node, graph.nodes[ready + 1])
 
 
 def _buckets(values: list[Value], indices: list[int], cap: float) -> list[list[int]]:

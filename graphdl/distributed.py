@@ -91,6 +91,7 @@ def init(backend: str | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> Rank
         raise ValueError(f"gd.distributed.init could not join the job ({e}); launch the script with "
                          f"`{LAUNCH}`, which sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT") from e
     _Heartbeat.start(timeout)
+    atexit.unregister(shutdown)  # once, however often the job is joined
     atexit.register(shutdown)
     return Rank(rank(), world_size())
 
@@ -261,7 +262,6 @@ def _names(ranks: list[int]) -> str:
 def _collective(what: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """Issue one collective, naming the lost rank if it fails."""
     _Heartbeat.issued += 1
-    stats.issued += 1
     try:
         return call(*args, **kwargs)
     except RuntimeError as e:
@@ -273,10 +273,9 @@ def _collective(what: str, call: Callable[..., Any], *args: Any, **kwargs: Any) 
 
 @dataclass
 class Stats:
-    """Counters for benchmarks: collectives issued, bytes all-reduced by gradient buckets,
-    and seconds spent blocked waiting for them (communication not hidden by compute)."""
+    """Counters for benchmarks (reset them by assigning 0): bytes all-reduced by gradient
+    buckets, and seconds spent blocked waiting for them (communication not hidden by compute)."""
 
-    issued: int = 0
     reduced_bytes: int = 0
     wait_s: float = 0.0
 
@@ -437,6 +436,7 @@ def step_graph(loss_graph: Any, wrt: list[str], bucket_mib: float | None = None)
     from .ops import mul
     from .passes.allreduce import DEFAULT_BUCKET_MIB, allreduce
 
+    loss_graph, _ = loss_graph.copy()  # the caller's graph stays as it was
     loss = loss_graph.outputs[0]
     scale = loss_graph.input("scale", (), loss.dtype)
     with loss_graph.scope("loss"):

@@ -54,7 +54,7 @@ def worker(width: int, batch: int, n: int, epochs: int, distributed: bool) -> di
         starts.append(time.perf_counter())
         return base_lr
 
-    gd.distributed.stats.wait_s = 0.0
+    gd.distributed.stats.wait_s, gd.distributed.stats.reduced_bytes = 0.0, 0
     model.fit(X, Y, optimizer=gd.SGD(lr=0.01, momentum=0.9), schedule=clock, epochs=epochs, batch_size=batch,
               seed=0, verbose=False, distributed=distributed)
     starts.append(time.perf_counter())
@@ -62,10 +62,9 @@ def worker(width: int, batch: int, n: int, epochs: int, distributed: bool) -> di
     seconds = starts[-1] - starts[1]  # the first epoch compiles and warms up
     result = {"ex_per_s": n * (epochs - 1) / seconds, "ms_per_step": seconds / (epochs - 1) / steps * 1e3}
     if distributed:
-        grads = sum(p.numel() for p in model.parameters().values())
         result["wait_ms"] = gd.distributed.stats.wait_s / (epochs * steps) * 1e3
-        result["mib"] = grads * 4 / 2**20
-        flat = torch.zeros(grads)
+        result["mib"] = gd.distributed.stats.reduced_bytes / (epochs * steps) / 2**20
+        flat = torch.zeros(sum(p.numel() for p in model.parameters().values()))
         for _ in range(3):
             torch.distributed.all_reduce(flat)
         t0 = time.perf_counter()

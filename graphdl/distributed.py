@@ -23,7 +23,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, NamedTuple
@@ -398,15 +398,14 @@ class ShardedBatches:
     def __len__(self) -> int:
         return len(self.counts)
 
-    def feeds(self, X: torch.Tensor, Y: torch.Tensor, order: torch.Tensor | None) -> list[tuple[torch.Tensor, ...]]:
-        """(x, y, scale) of this rank for each global batch of the epoch."""
+    def feeds(self, X: torch.Tensor, Y: torch.Tensor, order: torch.Tensor | None) -> Iterator[tuple[torch.Tensor, ...]]:
+        """(x, y, scale) of this rank for each global batch of the epoch, sliced as it is reached."""
         rows = self.positions if order is None else order[self.positions]
         Xr, Yr = X.index_select(0, rows), Y.index_select(0, rows)
-        feeds, first = [], 0
+        first = 0
         for count, scale in zip(self.counts, self.scales):
-            feeds.append((Xr[first:first + count], Yr[first:first + count], scale) if count else (*self.empty, scale))
+            yield (Xr[first:first + count], Yr[first:first + count], scale) if count else (*self.empty, scale)
             first += count
-        return feeds
 
     def epoch_loss(self, losses: list[torch.Tensor], finite: torch.Tensor) -> float:
         """The epoch's mean loss over every rank, NaN if a rank's loss or params are not

@@ -12,7 +12,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -185,9 +185,11 @@ class _Batches:
     def __len__(self) -> int:
         return len(self.weights)
 
-    def feeds(self, X: torch.Tensor, Y: torch.Tensor, order: torch.Tensor | None) -> list[tuple[torch.Tensor, ...]]:
+    def feeds(self, X: torch.Tensor, Y: torch.Tensor, order: torch.Tensor | None) -> Iterator[tuple[torch.Tensor, ...]]:
+        """(x, y) of each batch of the epoch, sliced as it is reached."""
         Xe, Ye = (X, Y) if order is None else (X.index_select(0, order), Y.index_select(0, order))
-        return [(Xe[s:s + self.batch_size], Ye[s:s + self.batch_size]) for s in range(0, len(X), self.batch_size)]
+        for s in range(0, len(X), self.batch_size):
+            yield Xe[s:s + self.batch_size], Ye[s:s + self.batch_size]
 
     def epoch_loss(self, losses: list[torch.Tensor], finite: torch.Tensor) -> float:
         """The epoch's mean loss, NaN if any param stopped being finite: the epoch's one sync."""
@@ -205,7 +207,7 @@ def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _replay(run: Callable[..., tuple], optimizer: SGD, params: list[torch.Tensor], start: _Snapshot,
-            feeds: list[tuple[torch.Tensor, ...]], batch_loss: Callable[[torch.Tensor], float],
+            feeds: Iterator[tuple[torch.Tensor, ...]], batch_loss: Callable[[torch.Tensor], float],
             lr: float) -> tuple[int, float, bool] | None:
     """Replay an epoch that diverged from its starting state, one checked batch at a time.
 
@@ -308,7 +310,7 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
     step = _step_fn(model, loss, distributed)
     n = len(X)
     batches = dp.ShardedBatches(n, batch_size, X, Y) if distributed else _Batches(n, batch_size, X)
-    step.check_feeds(batches.feeds(X, Y, None)[0], {})  # dtype and device, once, with graphdl's messages
+    step.check_feeds(next(batches.feeds(X, Y, None)), {})  # dtype and device, once, with graphdl's messages
     run = step.fn  # the unchecked entry: every batch has the shape just checked
     params = list(model.parameters().values())
     optimizer.reset(params)
@@ -330,17 +332,16 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
         started = time.perf_counter()
         lr = _scheduled_lr(schedule, epoch, optimizer.lr)
         order = torch.randperm(n, generator=gen).to(X.device) if shuffle else None
-        feeds = batches.feeds(X, Y, order)
         start.save()
         losses = []
-        for feed in feeds:
+        for feed in batches.feeds(X, Y, order):
             out = run(*feed)
             optimizer.update(params, list(out[1:]), lr, overwrite_grads=True)  # the gradients are fit's own
             losses.append(out[0])
             del out  # free this batch's gradients before the next batch's are made
         epoch_loss = batches.epoch_loss(losses, _all_finite(params))
         if not math.isfinite(epoch_loss):
-            found = _replay(run, optimizer, params, start, feeds, batches.batch_loss, lr)
+            found = _replay(run, optimizer, params, start, batches.feeds(X, Y, order), batches.batch_loss, lr)
             raise _diverged(found, epoch, epochs, len(batches), lr, history)
         history["loss"].append(epoch_loss)
         history["accuracy"].append(evaluate(model, X, Y, loss, distributed=distributed, _checked=True)["accuracy"])

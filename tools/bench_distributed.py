@@ -12,6 +12,10 @@ torch thread, the two runs alternated `--repeats` times. It reports the median o
               backward pass did not hide
   alone       ms one all-reduce of a step's gradient bytes takes by itself, with no
               training beside it: the communication's full cost
+  cpu bound   2 x (CPU time per step of 1 process) / (CPU time per step of both ranks):
+              the speed-up two cores to themselves would give if no rank ever waited.
+              CPU time barely depends on what else runs on the machine, so this is the
+              number to read when other work shares the cores
 
     PYTHONPATH=. python tools/bench_distributed.py
     PYTHONPATH=. python tools/bench_distributed.py --nets wide --repeats 5
@@ -39,6 +43,7 @@ NETS = {
 
 def worker(width: int, batch: int, n: int, epochs: int, distributed: bool) -> dict:
     import torch
+
     import graphdl as gd
     torch.set_num_threads(1)
     gd.distributed.init()
@@ -48,19 +53,20 @@ def worker(width: int, batch: int, n: int, epochs: int, distributed: bool) -> di
     layers = [gd.Linear(2, width, generator=gen), gd.Tanh(), gd.Linear(width, width, generator=gen), gd.Tanh(),
               gd.Linear(width, width, generator=gen), gd.Tanh(), gd.Linear(width, 1, generator=gen)]
     model = gd.Sequential(*layers)
-    starts: list[float] = []
+    starts: list[tuple[float, float]] = []
 
     def clock(epoch: int, base_lr: float) -> float:  # a constant schedule that notes when each epoch starts
-        starts.append(time.perf_counter())
+        starts.append((time.perf_counter(), time.process_time()))
         return base_lr
 
     gd.distributed.stats.wait_s, gd.distributed.stats.reduced_bytes = 0.0, 0
     model.fit(X, Y, optimizer=gd.SGD(lr=0.01, momentum=0.9), schedule=clock, epochs=epochs, batch_size=batch,
               seed=0, verbose=False, distributed=distributed)
-    starts.append(time.perf_counter())
+    starts.append((time.perf_counter(), time.process_time()))
     steps = -(-n // batch)
-    seconds = starts[-1] - starts[1]  # the first epoch compiles and warms up
-    result = {"ex_per_s": n * (epochs - 1) / seconds, "ms_per_step": seconds / (epochs - 1) / steps * 1e3}
+    seconds = starts[-1][0] - starts[1][0]  # the first epoch compiles and warms up
+    result = {"ex_per_s": n * (epochs - 1) / seconds, "ms_per_step": seconds / (epochs - 1) / steps * 1e3,
+              "cpu_ms_per_step": (starts[-1][1] - starts[1][1]) / (epochs - 1) / steps * 1e3}
     if distributed:
         result["wait_ms"] = gd.distributed.stats.wait_s / (epochs * steps) * 1e3
         result["mib"] = gd.distributed.stats.reduced_bytes / (epochs * steps) / 2**20
@@ -82,7 +88,8 @@ def _free_port() -> int:
 
 
 def run(net: str, procs: int) -> dict:
-    """One measurement: `procs` processes (1: plain fit; 2: data-parallel), rank 0's result."""
+    """One measurement: `procs` processes (1: plain fit; 2: data-parallel): rank 0's result,
+    with the CPU time of every rank added up."""
     job = json.dumps({"width": NETS[net][0], "batch": NETS[net][1], "n": NETS[net][2], "epochs": NETS[net][3],
                       "distributed": procs > 1})
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,7 +111,8 @@ def run(net: str, procs: int) -> dict:
     for c, (_, err) in zip(children, outs):
         if c.returncode:
             raise SystemExit(f"{net} on {procs} processes failed:\n{err}")
-    return json.loads(outs[0][0].strip().splitlines()[-1])
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+    return {**results[0], "cpu_ms_per_step": sum(r["cpu_ms_per_step"] for r in results)}
 
 
 def main() -> None:
@@ -119,8 +127,8 @@ def main() -> None:
         return
     rows = []
     if not args.json:
-        print(f"{'net':>22} | {'1 proc ex/s':>11} {'2 procs ex/s':>12} {'speed-up':>8} | {'ms/step 1 / 2':>14} | "
-              f"{'grads MiB':>9} {'wait ms':>8} {'alone ms':>8}")
+        print(f"{'net':>24} | {'1 proc ex/s':>11} {'2 procs ex/s':>12} {'speed-up':>8} | {'ms/step 1 / 2':>15} | "
+              f"{'grads MiB':>9} {'wait ms':>8} {'alone ms':>8} | {'cpu bound':>9}")
     for net in args.nets.split(","):
         samples: dict[int, list[dict]] = {1: [], 2: []}
         for _ in range(args.repeats):
@@ -128,15 +136,16 @@ def main() -> None:
                 samples[procs].append(run(net, procs))
         med = {procs: {k: statistics.median(s[k] for s in runs) for k in runs[0]} for procs, runs in samples.items()}
         speedups = [b["ex_per_s"] / a["ex_per_s"] for a, b in zip(samples[1], samples[2])]
+        bound = 2 * med[1]["cpu_ms_per_step"] / med[2]["cpu_ms_per_step"]
         row = {"net": net, "width": NETS[net][0], "batch": NETS[net][1], "one": med[1], "two": med[2],
-               "speedup": statistics.median(speedups), "speedups": speedups}
+               "speedup": statistics.median(speedups), "speedups": speedups, "cpu_bound": bound}
         rows.append(row)
         if not args.json:
             width, batch = NETS[net][:2]
             label = f"{net} ({width}w, batch {batch})"
-            print(f"{label:>22} | {med[1]['ex_per_s']:11.0f} {med[2]['ex_per_s']:12.0f} {row['speedup']:7.2f}x | "
-                  f"{med[1]['ms_per_step']:6.2f} / {med[2]['ms_per_step']:5.2f} | {med[2]['mib']:9.2f} "
-                  f"{med[2]['wait_ms']:8.2f} {med[2]['alone_ms']:8.2f}", flush=True)
+            print(f"{label:>24} | {med[1]['ex_per_s']:11.0f} {med[2]['ex_per_s']:12.0f} {row['speedup']:7.2f}x | "
+                  f"{med[1]['ms_per_step']:7.2f} / {med[2]['ms_per_step']:6.2f} | {med[2]['mib']:9.2f} "
+                  f"{med[2]['wait_ms']:8.2f} {med[2]['alone_ms']:8.2f} | {bound:8.2f}x", flush=True)
     if args.json:
         print(json.dumps({"rows": rows}))
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .autodiff import grad
+from .checks import real, shown, whole
 from .compile import Compiled, compile
 from .ir import tensor_problem
 from .losses import MSE, Loss
@@ -97,15 +98,13 @@ def _check_params(model: Sequential) -> None:
             raise ValueError(f"param {name} is NaN or inf before training; re-initialise the model")
 
 
-def _check_settings(validation_data: Any, seed: Any, schedule: Any, shuffle: Any, verbose: Any) -> None:
+def _check_settings(validation_data: Any, schedule: Any, shuffle: Any, verbose: Any) -> None:
     for name, flag in (("shuffle", shuffle), ("verbose", verbose)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be True or False, got {flag!r}")
     if validation_data is not None and not (isinstance(validation_data, (tuple, list)) and len(validation_data) == 2):
         raise ValueError(f"validation_data must be a pair (X_val, Y_val), got {type(validation_data).__name__}"
                          + (f" of length {len(validation_data)}" if isinstance(validation_data, (tuple, list)) else ""))
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ValueError(f"seed must be a whole number or None, got {seed!r}")
     if schedule is not None and not callable(schedule):
         raise ValueError(f"schedule must be a graphdl schedule such as gd.StepDecay(every=10, factor=0.9), "
                          f"got {schedule!r}")
@@ -118,10 +117,14 @@ def _scheduled_lr(schedule: Schedule | None, epoch: int, base_lr: float) -> floa
         lr = schedule(epoch, base_lr)
     except TypeError as e:
         raise ValueError(f"schedule {schedule!r} cannot be called as schedule(epoch, base_lr): {e}") from e
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
-        raise ValueError(f"schedule {schedule!r} gave lr={lr!r} for epoch {epoch + 1}; "
-                         "a learning rate must be a finite number >= 0")
-    return lr
+    except OverflowError as e:  # float ** int overflows rather than giving inf
+        raise ValueError(f"schedule {schedule!r} overflowed computing the lr for epoch {epoch + 1} ({e}); "
+                         "a learning rate must be a finite number >= 0") from None
+    try:
+        return real("lr", lr, 0.0)
+    except ValueError:
+        raise ValueError(f"schedule {schedule!r} gave lr={shown(lr)} for epoch {epoch + 1}; "
+                         "a learning rate must be a finite number >= 0") from None
 
 
 class DivergedError(FloatingPointError):
@@ -239,15 +242,14 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
     """
     loss = MSE() if loss is None else loss
     optimizer = SGD() if optimizer is None else optimizer
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-        raise ValueError(f"epochs must be a whole number >= 0, got {epochs!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    epochs, batch_size = whole("epochs", epochs, 0), whole("batch_size", batch_size, 1)
+    if seed is not None:  # the range torch.Generator.manual_seed takes
+        seed = whole("seed", seed, -2**63, 2**64 - 1)
     if not isinstance(loss, Loss):
         raise ValueError(f"loss must be a graphdl loss such as gd.MSE(), got {loss!r}")
     if not isinstance(optimizer, SGD):
         raise ValueError(f"optimizer must be a graphdl optimizer such as gd.SGD(lr=0.01), got {optimizer!r}")
-    _check_settings(validation_data, seed, schedule, shuffle, verbose)
+    _check_settings(validation_data, schedule, shuffle, verbose)
     _check_data(model, X, Y)
     if validation_data is not None:
         _check_data(model, *validation_data, what=" (validation)")

@@ -51,12 +51,15 @@ def _eval_fn(model: Sequential, loss: Loss) -> Compiled:
     return model.compiled(("eval", loss), lambda: compile(model.graph(loss, prediction=True)))
 
 
-def accuracy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Fraction classified right: a single output thresholded at 0.5 against 0/1 labels;
-    several outputs by argmax against one-hot labels."""
+def correct(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """How many examples are classified right, an int64 count: a single output thresholded
+    at 0.5 against 0/1 labels; several outputs by argmax against one-hot labels.
+
+    A count, not a mean in the model's dtype: bfloat16 would round 0.991 to 0.98828125.
+    """
     if pred.shape[-1] == 1:
-        return ((pred > 0.5) == (target > 0.5)).to(pred.dtype).mean()
-    return (pred.argmax(-1) == target.argmax(-1)).to(pred.dtype).mean()
+        return ((pred > 0.5) == (target > 0.5)).sum()
+    return (pred.argmax(-1) == target.argmax(-1)).sum()
 
 
 def _check_data(model: Sequential, X: Any, Y: Any, what: str = "") -> None:
@@ -264,9 +267,11 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())
     gen = torch.Generator().manual_seed(seed)
-    # Each batch's share of the epoch's mean loss, so one dot product gives the mean.
+    # Each batch's share of the epoch's mean loss, so one dot product gives the mean. It is
+    # kept in float32 or wider whatever the model's dtype: in float16 a batch of 65,536 is inf.
     sizes = [min(batch_size, n - s) for s in range(0, n, batch_size)]
-    weights = torch.tensor(sizes, dtype=X.dtype, device=X.device) / max(n, 1)
+    wide = torch.promote_types(X.dtype, torch.float32)
+    weights = (torch.tensor(sizes, dtype=torch.float64) / n).to(X.device, wide)
     history = History()
     model.history = history  # what fit has recorded so far, kept if it stops early
     start = _Snapshot(lambda: [*params, *optimizer.buffers])
@@ -287,7 +292,7 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
             losses.append(out[0])
             del out  # free this batch's gradients before the next batch's are made
         # The epoch's one sync: its mean loss, NaN if any param stopped being finite.
-        epoch_loss = float(torch.where(_all_finite(params), torch.stack(losses) @ weights, torch.nan))
+        epoch_loss = float(torch.where(_all_finite(params), torch.stack(losses).to(wide) @ weights, torch.nan))
         if not math.isfinite(epoch_loss):
             found = _replay(run, optimizer, params, start, Xe, Ye, batch_size, lr)
             raise _diverged(found, epoch, epochs, len(sizes), lr, history)
@@ -320,12 +325,12 @@ def predict(model: Sequential, X: torch.Tensor) -> torch.Tensor:
 
 def evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None = None,
              _checked: bool = False) -> dict[str, float]:
-    """{"loss": the loss, "accuracy": fraction right (see `accuracy`), "error": 1 - accuracy}."""
+    """{"loss": the loss, "accuracy": fraction right (see `correct`), "error": 1 - accuracy}."""
     loss = MSE() if loss is None else loss
     if not isinstance(loss, Loss):
         raise ValueError(f"loss must be a graphdl loss such as gd.MSE(), got {loss!r}")
     if not _checked:
         _check_data(model, X, Y)
     value, pred = _eval_fn(model, loss)(x=X, y=Y)
-    acc = float(accuracy(pred, Y))
-    return {"loss": float(value), "accuracy": acc, "error": 1.0 - acc}
+    right, n = int(correct(pred, Y)), len(Y)
+    return {"loss": float(value), "accuracy": right / n, "error": (n - right) / n}

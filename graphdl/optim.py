@@ -15,6 +15,13 @@ import torch
 from .checks import real, whole
 
 
+def _fused_kernel_works(p: torch.Tensor) -> bool:
+    """Whether `torch._fused_sgd_` updates `p` right. On CPU it leaves every full SIMD block
+    of a float16 or bfloat16 param untouched (pytorch/pytorch#191763, seen in torch 2.13):
+    f16 training then silently stops; those params take the foreach path."""
+    return p.device.type == "cuda" or (p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64))
+
+
 class SGD:
     """Stochastic gradient descent.
 
@@ -64,8 +71,8 @@ class SGD:
         """`step` without its checks, for a caller that made the gradients itself (fit).
 
         With `overwrite_grads` the update may scale the gradients in place, which lets
-        contiguous float32/16 params take torch's fused kernel (~5 µs a step for the disk
-        net against ~30 µs for the separate multi-tensor ops).
+        contiguous float32 params (on CUDA also float16/bfloat16) take torch's fused kernel
+        (~5 µs a step for the disk net against ~30 µs for the separate multi-tensor ops).
         """
         if self.momentum and len(self.buffers) != len(params):
             self.reset(params)
@@ -79,7 +86,7 @@ class SGD:
         """torch's fused kernel walks param, gradient and buffer as flat arrays, so they must
         all be contiguous; with momentum it takes ηg by scaling the gradients in place
         (grad_scale = 1/η, a float32), which is exact enough only below float64."""
-        if not params or not self.fused or params[0].device.type not in ("cpu", "cuda"):
+        if not params or not self.fused or not _fused_kernel_works(params[0]):
             return False
         if self.momentum and (not overwrite_grads or params[0].dtype == torch.float64):
             return False

@@ -61,24 +61,26 @@ def test_compile_and_grad_follow_float64_in_the_models_dtype(dtype):
         _close(got, want, dtype, 8)  # measured: at most 3.5
 
 
-@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("momentum, nesterov", [(0.0, False), (0.9, False), (0.9, True)],
+                         ids=["plain", "momentum", "nesterov"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
-def test_sgd_step_follows_the_rule_in_float64(dtype, nesterov):
-    """u <- γu + ηg + λw-term, w <- w - u, three steps, in the params' own dtype."""
+def test_sgd_step_follows_the_rule_in_float64(dtype, momentum, nesterov):
+    """u <- γu + η(g + λw), w <- w - u (Nesterov: w <- w - γu - η(g + λw)), three steps in
+    the params' own dtype, on the public step (the fused kernel takes it without momentum)."""
     gen = torch.Generator().manual_seed(2)
     # 35 and 40 elements: more than a SIMD block, where torch's CPU fused kernel went wrong in f16 and bf16
     params = [torch.randn(5, 7, generator=gen, dtype=torch.float64).to(dtype), torch.randn(40, generator=gen).to(dtype)]
     grads = [[torch.randn(p.shape, generator=gen).to(dtype) for p in params] for _ in range(3)]
     want = [p.double().clone() for p in params]  # a copy, also in float64
     u = [torch.zeros_like(w) for w in want]
-    opt = gd.SGD(lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=0.01)
+    opt = gd.SGD(lr=0.1, momentum=momentum, nesterov=nesterov, weight_decay=0.01)
     opt.reset(params)
     for step in grads:
         opt.step(params, step)
         for w, v, g in zip(want, u, step):
             d = g.double() + 0.01 * w
-            v.mul_(0.9).add_(0.1 * d)
-            w.sub_(0.9 * v + 0.1 * d if nesterov else v)
+            v.mul_(momentum).add_(0.1 * d)
+            w.sub_(momentum * v + 0.1 * d if nesterov else v)
     for got, w in zip(params, want):
         _close(got, w, dtype, 4)  # measured: at most 1.4
     assert all(b.dtype == dtype for b in opt.buffers)

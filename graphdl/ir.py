@@ -12,6 +12,7 @@ is what passes and tests run after touching a graph.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -269,8 +270,9 @@ class Graph:
         """A scalar constant, as a `const` node."""
         from .ops import OPS
         _check_dtype("const", dtype)
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise GraphError(f"const: value {value!r} must be a Python int or float, got {type(value).__name__}"
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):  # numpy scalars and fractions too
+            raise GraphError(f"const: value {value!r} must be a real number such as 2 or 0.5, "
+                             f"got {type(value).__name__}"
                              f"\n  created at {caller_location()}"
                              "\n  hint: for a tensor, declare it with Graph.param or Graph.input")
         try:

@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from .ir import Graph, GraphError, Slot, Value, check_param_tensor
+from .checks import whole
+from .ir import DTYPES, Graph, GraphError, Slot, Value, _check_dtype, check_param_tensor
 from .losses import Loss
 from .ops import add, matmul, relu, sigmoid, tanh
 
@@ -62,11 +63,7 @@ class Layer:
 
 
 def _check_width(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
-    if value >= 2**63:  # torch cannot even describe such a tensor (its sizes are int64)
-        raise ValueError(f"{name}={value} is too large; a layer's width must be below 2**63")
-    return value
+    return whole(name, value, 1, 2**63 - 1)  # torch cannot even describe a wider tensor (its sizes are int64)
 
 
 class Linear(Layer):
@@ -83,8 +80,7 @@ class Linear(Layer):
                  dtype: torch.dtype = torch.float32) -> None:
         self.in_features = _check_width("in_features", in_features)
         self.out_features = _check_width("out_features", out_features)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating torch dtype such as torch.float32, got {dtype!r}")
+        _check_dtype("Linear", dtype)  # only what the IR supports: a float8 or int weight fails here, not in torch
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         bound = 1.0 / math.sqrt(in_features)
@@ -126,6 +122,7 @@ class Sigmoid(Layer):
 
 
 LAYERS: dict[str, type[Layer]] = {cls.__name__: cls for cls in (Linear, ReLU, Tanh, Sigmoid)}
+_DTYPES_BY_NAME = {str(d).removeprefix("torch."): d for d in DTYPES.values()}  # as config() writes them
 
 
 class Sequential:
@@ -250,11 +247,11 @@ class Sequential:
             if kind not in LAYERS:
                 raise GraphError(f"layer {k}: unknown layer type {kind!r}; known: {', '.join(LAYERS)}")
             args = {key: v for key, v in spec.items() if key != "type"}
-            if "dtype" in args:
-                args["dtype"] = getattr(torch, str(args["dtype"]))
+            if "dtype" in args:  # by name, so that "float8_e4m3fn" or "Tensor" reach Linear's check, not getattr
+                args["dtype"] = _DTYPES_BY_NAME.get(str(args["dtype"]), args["dtype"])
             try:
                 layers.append(LAYERS[kind](**args))
-            except TypeError as e:
+            except (TypeError, ValueError) as e:
                 raise GraphError(f"layer {k} ({kind}): bad settings {args}: {e}") from None
         return cls(*layers)
 

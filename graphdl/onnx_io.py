@@ -233,6 +233,10 @@ def export_onnx(model: Sequential | Graph, path: str | os.PathLike[str], opset: 
     else:
         raise GraphError(f"export_onnx takes a gd.Sequential or gd.Graph, got {type(model).__name__}")
     path = _as_path(path)
+    graph.verify()
+    if not graph.outputs:
+        raise GraphError(f"export_onnx: graph {graph.name} has no outputs, so the ONNX model would compute "
+                         "nothing; add them with graph.output(...)")
     proto = _to_proto(onnx, graph, opset)
     try:
         onnx.checker.check_model(proto)
@@ -468,8 +472,8 @@ def import_onnx(path: str | os.PathLike[str]) -> Graph:
     Args:
         path: an `.onnx` file of the ops in `IMPORT` (MatMul, Gemm, Add, Sub, Mul, Div,
             Relu, Tanh, Sigmoid, Exp, Log, Neg, Abs, Sign, Transpose, ReduceSum,
-            ReduceMean, Identity, Constant; Softmax once graphdl has it), weights inside
-            the file.
+            ReduceMean, Identity, Constant; Softmax and LogSoftmax once graphdl has those
+            ops), weights inside the file.
 
     Returns:
         A `gd.Graph`: the model's inputs under their names (sanitised to graphdl names),

@@ -152,9 +152,13 @@ def test_a_bad_opset_is_a_value_error_naming_it(tmp_path, opset):
         gd.export_onnx(disk_net(), tmp_path / "m.onnx", opset=opset)
 
 
-def test_export_refuses_what_is_not_a_model(tmp_path):
+def test_export_refuses_what_is_not_a_model_and_a_graph_without_outputs(tmp_path):
     with pytest.raises(gd.GraphError, match="takes a gd.Sequential or gd.Graph, got Sequential"):
         gd.export_onnx(torch.nn.Sequential(), tmp_path / "m.onnx")
+    g = gd.Graph("empty")
+    gd.relu(g.input("x", (None, 2)))
+    with pytest.raises(gd.GraphError, match=r"graph empty has no outputs.*graph\.output"):
+        gd.export_onnx(g, tmp_path / "m.onnx")
 
 
 # -- import -------------------------------------------------------------------------------

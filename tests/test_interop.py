@@ -148,7 +148,8 @@ def test_softmax_maps_both_ways():
 
 def test_the_readme_round_trip_runs(tmp_path, monkeypatch):
     """The README's "PyTorch and ONNX" snippet, executed as written."""
-    pytest.importorskip("onnx", reason="the snippet exports ONNX: the optional extra graphdl[onnx]")
+    for module in ("onnx", "onnxruntime"):
+        pytest.importorskip(module, reason="the snippet exports ONNX: the optional extra graphdl[onnx]")
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## PyTorch and ONNX", 1)[1].split("\n## ", 1)[0]
     code = re.findall(r"```python\n(.*?)```", section, re.S)

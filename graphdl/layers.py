@@ -270,6 +270,11 @@ class Sequential:
         from .train import evaluate
         return evaluate(self, X, Y, loss)
 
+    def to_torch(self) -> Any:
+        """A torch `nn.Sequential` with copies of this model's weights (see `graphdl.interop.to_torch`)."""
+        from .interop import to_torch
+        return to_torch(self)
+
     def save(self, path: str) -> None:
         """Write the model (IR text, layer config, weights as safetensors) atomically."""
         from .io import save_model

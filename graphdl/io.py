@@ -16,7 +16,8 @@ IR text (a `.txt` or `.gdir` file): readable and diffable, but without weights (
 load as zeros).
 
 Writes are atomic: the bytes go to a temporary file in the same folder, are flushed to
-disk, then renamed over the target, so a crash mid-save leaves the old file whole.
+disk, then renamed over the target, so a crash mid-save leaves the old file whole. Saving
+through a symlink replaces the file it points to and keeps the link.
 """
 
 from __future__ import annotations
@@ -185,15 +186,20 @@ def _write(path: Path, kind: str, metadata: dict[str, str], weights: dict[str, t
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so that a reader sees the old file or the new, never half."""
+    """Replace `path` with `data` so that a reader sees the old file or the new, never half.
+    A symlink stays a link: the file it points to is what gets replaced."""
+    shown = str(path)
+    if path.is_symlink():
+        target = Path(os.path.realpath(path))
+        shown, path = f"{path} (a link to {target})", target
     folder = path.parent
     if not folder.is_dir():
-        raise GraphError(f"cannot save to {path}: the folder {folder} does not exist; create it first")
+        raise GraphError(f"cannot save to {shown}: the folder {folder} does not exist; create it first")
     try:
         mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask()
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     except OSError as e:
-        raise GraphError(f"cannot save to {path}: {e.strerror}") from None
+        raise GraphError(f"cannot save to {shown}: {e.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -204,7 +210,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError):
-            raise GraphError(f"cannot save to {path}: {e.strerror or e}; the previous file is unchanged") from None
+            raise GraphError(f"cannot save to {shown}: {e.strerror or e}; the previous file is unchanged") from None
         raise
     _fsync_folder(folder)
 

@@ -392,3 +392,37 @@ def test_a_non_path_is_a_graph_error(path, tmp_path):
                  lambda: model.save(path)):
         with pytest.raises(gd.GraphError, match="expected a file path"):
             call()
+
+
+@pytest.mark.parametrize("saver", ["model", "graph", "text"])
+def test_saving_through_a_symlink_replaces_its_target_and_keeps_the_link(tmp_path, saver):
+    suffix = ".txt" if saver == "text" else ".gdl"
+    (tmp_path / "store").mkdir()
+    target = tmp_path / "store" / f"real{suffix}"
+    hop = tmp_path / "store" / f"hop{suffix}"
+    link = tmp_path / f"m{suffix}"
+    os.symlink(f"real{suffix}", hop)  # relative links, one through another
+    os.symlink(f"store/hop{suffix}", link)
+    models = [disk_model(), disk_model()]
+    models[1].parameters()["0.bias"].add_(1.0)
+    for model in models:  # the first save goes through a dangling link, the second replaces the file
+        if saver == "model":
+            model.save(link)
+        else:
+            gd.save_graph(model.graph(), link)
+        assert link.is_symlink() and hop.is_symlink() and target.is_file() and not target.is_symlink()
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == sorted([target.name, hop.name])  # no temp files
+    if saver == "model":
+        assert torch.equal(gd.load(link).parameters()["0.bias"], models[1].parameters()["0.bias"])
+    elif saver == "graph":
+        assert torch.equal(gd.load_graph(target).params["0.bias"].data, models[1].parameters()["0.bias"])
+    else:
+        assert target.read_text() == str(models[1].graph()) + "\n"
+
+
+def test_saving_through_a_link_into_a_missing_folder_names_both(tmp_path):
+    link = tmp_path / "m.gdl"
+    os.symlink("gone/m.gdl", link)
+    with pytest.raises(gd.GraphError, match=rf"cannot save to {link} \(a link to {tmp_path}/gone/m.gdl\): the folder "):
+        disk_model().save(link)
+    assert link.is_symlink()

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from .ir import Graph, GraphError, Value
+from .ir import Graph, GraphError, Value, read_int, read_shape
 from .losses import Loss
 from .ops import add, matmul, relu, sigmoid, tanh
 
@@ -36,14 +36,6 @@ class Layer:
         return f"{type(self).__name__}()"
 
 
-def _check_width(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
-    if value >= 2**63:  # torch cannot even describe such a tensor (its sizes are int64)
-        raise ValueError(f"{name}={value} is too large; a layer's width must be below 2**63")
-    return value
-
-
 class Linear(Layer):
     """x @ weight + bias, with weight [in_features, out_features] and bias [out_features].
 
@@ -53,10 +45,11 @@ class Linear(Layer):
 
     def __init__(self, in_features: int, out_features: int, generator: torch.Generator | None = None,
                  dtype: torch.dtype = torch.float32) -> None:
-        self.in_features = _check_width("in_features", in_features)
-        self.out_features = _check_width("out_features", out_features)
+        self.in_features = read_int(in_features, "in_features", low=1)
+        self.out_features = read_int(out_features, "out_features", low=1)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"dtype must be a floating torch dtype such as torch.float32, got {dtype!r}")
+        read_shape((in_features, out_features), "Linear's weight", dtype)  # torch could not even describe it
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         bound = 1.0 / math.sqrt(in_features)
@@ -213,6 +206,8 @@ class Sequential:
                 layers.append(LAYERS[kind](**args))
             except TypeError as e:
                 raise GraphError(f"layer {k} ({kind}): bad settings {args}: {e}") from None
+            except ValueError as e:
+                raise GraphError(f"layer {k} ({kind}): {e}") from None
         return cls(*layers)
 
     def fit(self, X: torch.Tensor, Y: torch.Tensor, **kwargs: Any) -> Any:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .ir import DTYPES, Dim, GraphError, Shape, ShapeError, Value, caller_location, dtype_name, format_shape
+from .ir import DTYPES, Dim, GraphError, Shape, ShapeError, Value, caller_location, dtype_name, format_shape, read_float
 
 Lowering = Callable[[list[str], dict[str, Any], list[Value]], str]
 
@@ -270,9 +270,10 @@ def _flag(name: str, value: Any) -> bool:
 def const_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
     if attrs["dtype"] not in DTYPES:
         raise ShapeError(f"unknown dtype {attrs['dtype']!r}", f"use one of {', '.join(DTYPES)}")
-    if not isinstance(attrs["value"], (int, float)) or isinstance(attrs["value"], bool):
-        raise ShapeError(f"value {attrs['value']!r} must be a number")
-    attrs["value"] = float(attrs["value"])
+    try:
+        attrs["value"] = read_float(attrs["value"], "value", DTYPES[attrs["dtype"]])
+    except GraphError as e:
+        raise ShapeError(str(e)) from None
     return (), DTYPES[attrs["dtype"]]
 
 

@@ -15,6 +15,7 @@ a node belongs to, and `# grad scope` marks a node that `grad` emitted.
 from __future__ import annotations
 
 import ast
+import cmath
 import math
 import re
 from typing import Any
@@ -22,7 +23,19 @@ from typing import Any
 import networkx as nx
 import torch
 
-from .ir import DTYPES, Graph, GraphError, Node, Shape, Value, format_type
+from .ir import (
+    DTYPES,
+    Graph,
+    GraphError,
+    Node,
+    NumberText,
+    Shape,
+    Value,
+    format_type,
+    read_shape,
+    show_number,
+    whole_number,
+)
 from .ops import OPS
 
 
@@ -69,43 +82,68 @@ _HEADER = re.compile(rf"^graph ({_NAME})\((.*)\) \{{$")
 _DECL = re.compile(rf"^({_NAME}): {_TYPE}$")
 _NODE = re.compile(rf"^(%\d+): {_TYPE} = ([a-z_]+)(\[[^\]]*\])?(?: ([^#\s].*?))?(?:  # (grad(?: |$))?(.*))?$")
 _RETURN = re.compile(r"^return(?: (.*))?$")
+_INTEGER = re.compile(r"-?[0-9]+")  # ASCII only: '²'.isdigit() is True, and int() would read '٣'
+# The printer writes at most 17 significant digits; a longer number is refused before
+# Python reads it (past 4,300 digits int() raises, and reading is quadratic before that).
+_LONG_NUMBER = re.compile(r"[0-9]{41,}")
 
 
 def _fail(lineno: int, line: str, message: str) -> GraphError:
     return GraphError(f"IR text, line {lineno}: {message}\n  {lineno} | {line.strip()}")
 
 
-def _parse_type(lineno: int, line: str, dtype: str, dims: str) -> tuple[torch.dtype, Shape]:
+def _parse_type(lineno: int, line: str, name: str, dtype: str, dims: str) -> tuple[torch.dtype, Shape]:
+    """The dtype and shape of `name` (a declared input or param, or a node's %k)."""
     if dtype not in DTYPES:
         raise _fail(lineno, line, f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     shape: list[int | str] = []
     for d in filter(None, (p.strip() for p in dims.split(","))):
-        if d.isascii() and d.isdigit():
-            shape.append(int(d))
+        if _INTEGER.fullmatch(d):
+            shape.append(whole_number(d))
         elif d.isidentifier():
             shape.append(d)
         else:
             raise _fail(lineno, line, f"dimension {d!r} must be a whole number or a symbol such as N")
-    return DTYPES[dtype], tuple(shape)
+    try:
+        return DTYPES[dtype], read_shape(shape, name, DTYPES[dtype])
+    except GraphError as e:
+        raise _fail(lineno, line, str(e)) from None
 
 
 def _parse_attrs(lineno: int, line: str, text: str | None) -> dict[str, Any]:
     if not text:
         return {}
+    long = _LONG_NUMBER.search(text)
+    if long:
+        names = re.findall(r"(\w+)\s*=", text[:long.start()])
+        raise _fail(lineno, line, f"attribute {names[-1] if names else '?'!r} holds a number of {len(long[0]):,} "
+                                  "digits; numbers in IR text have at most 40 (write 1e30, not 1000...0)")
+    source = f"f({text[1:-1]})"
     try:
-        call = ast.parse(f"f({text[1:-1]})", mode="eval").body
+        call = ast.parse(source, mode="eval").body
         if not isinstance(call, ast.Call) or call.args or any(kw.arg is None for kw in call.keywords):
             raise ValueError("attributes must be name=value pairs")
-        return {kw.arg: ast.literal_eval(_NonFinite().visit(kw.value)) for kw in call.keywords}
+        return {kw.arg: ast.literal_eval(_Literal(source, kw.arg).visit(kw.value)) for kw in call.keywords}
     except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError) as e:
         raise _fail(lineno, line, f"cannot read the attributes {text}: {e}") from None
 
 
-class _NonFinite(ast.NodeTransformer):
-    """The printer writes non-finite floats as repr does (inf, nan); read them back."""
+class _Literal(ast.NodeTransformer):
+    """Reads an attribute's value as the printer writes it: non-finite floats as repr
+    does (inf, nan), and no literal beyond float64 (1e400 would silently read as inf)."""
+
+    def __init__(self, source: str, name: str) -> None:
+        self.source, self.name = source, name
 
     def visit_Name(self, node: ast.Name) -> ast.AST:
         return ast.Constant(float(node.id)) if node.id in ("inf", "nan") else node
+
+    def visit_Constant(self, node: ast.Constant) -> ast.AST:
+        if isinstance(node.value, (float, complex)) and not cmath.isfinite(node.value):
+            literal = NumberText(ast.get_source_segment(self.source, node) or "")
+            raise ValueError(f"attribute {self.name}: {show_number(literal)} is too large for a float; "
+                             "write inf if that is meant")
+        return node
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -125,7 +163,7 @@ def _split_decls(lineno: int, line: str, text: str) -> list[tuple[str, torch.dty
         m = _DECL.match(part.strip())
         if not m:
             raise _fail(lineno, line, f"cannot read the declaration {part.strip()!r}; write it as name: f32[N,2]")
-        dtype, shape = _parse_type(lineno, line, m[2], m[3])
+        dtype, shape = _parse_type(lineno, line, m[1], m[2], m[3])
         decls.append((m[1], dtype, shape))
     return decls
 
@@ -214,7 +252,7 @@ def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
     env: dict[str, Value] = {**graph.inputs, **graph.params}
     for key in order:
         lineno, line, m = records[key]
-        dtype, shape = _parse_type(lineno, line, m[2], m[3])
+        dtype, shape = _parse_type(lineno, line, m[1], m[2], m[3])
         attrs = _parse_attrs(lineno, line, m[5])
         inputs = [env[a] for a in args_of(lineno, line, m[6])]
         with graph.scope((m[8] or "").strip(), backward=bool(m[7])):

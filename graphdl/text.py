@@ -9,13 +9,16 @@
 
 Inputs come before the `;`, params after. Attributes that differ from the op's
 defaults print in brackets as Python literals. A trailing `# scope` records the layer
-a node belongs to, and `# grad scope` marks a node that `grad` emitted.
+a node belongs to, and `# grad scope` marks a node that `grad` emitted. A scope that
+would not read back as itself (`grad`, ` padded `, one with a tab) is written as a JSON
+string: `# "grad"`, `# grad " padded "`.
 """
 
 from __future__ import annotations
 
 import ast
 import cmath
+import json
 import math
 import re
 from typing import Any
@@ -62,10 +65,19 @@ def format_node(node: Node, names: dict[int, str]) -> str:
     line = f"{out}: {format_type(node.out.dtype, node.out.shape)} = {node.op.name}{format_attrs(node)}"
     line += f" {args}" if args else ""
     if node.backward:
-        line += f"  # grad {node.scope}".rstrip()
+        line += "  # grad" + (f" {format_scope(node.scope)}" if node.scope else "")
     elif node.scope:
-        line += f"  # {node.scope}"
+        line += f"  # {format_scope(node.scope)}"
     return line
+
+
+def format_scope(scope: str) -> str:
+    """A scope as the text IR writes it: as it is when it reads back unchanged, else as a
+    JSON string (spaces at its ends, unprintable characters, a leading quote, or a forward
+    scope that would read as the `grad` marker)."""
+    plain = scope.isprintable() and scope == scope.strip() and not scope.startswith('"') and \
+        scope != "grad" and not scope.startswith("grad ")
+    return scope if plain else json.dumps(scope)
 
 
 def format_attrs(node: Node) -> str:
@@ -144,6 +156,20 @@ class _Literal(ast.NodeTransformer):
             raise ValueError(f"attribute {self.name}: {show_number(literal)} is too large for a float; "
                              "write inf if that is meant")
         return node
+
+
+def _parse_scope(lineno: int, line: str, text: str) -> str:
+    """The scope after `# ` (or `# grad `): as written, or decoded if it is a JSON string."""
+    if not text.startswith('"'):
+        return text
+    try:
+        scope = json.loads(text)
+    except (ValueError, RecursionError):
+        scope = None
+    if not isinstance(scope, str):
+        raise _fail(lineno, line, f"the scope {text} is not one JSON string; write it as \"name\", with JSON's "
+                                  "escapes such as \\\" and \\t inside")
+    return scope
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -255,12 +281,13 @@ def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
         dtype, shape = _parse_type(lineno, line, m[1], m[2], m[3])
         attrs = _parse_attrs(lineno, line, m[5])
         inputs = [env[a] for a in args_of(lineno, line, m[6])]
-        with graph.scope((m[8] or "").strip(), backward=bool(m[7])):
-            try:
+        scope = _parse_scope(lineno, line, m[8] or "")
+        try:
+            with graph.scope(scope, backward=bool(m[7])):
                 value = graph.add_node(OPS[m[4]], inputs, attrs, where=f"IR text line {lineno}")
-            except GraphError as e:  # keep the message and hint; "created at" is this line
-                reason = [ln for ln in str(e).splitlines() if not ln.strip().startswith("created at")]
-                raise _fail(lineno, line, "\n".join(reason)) from None
+        except GraphError as e:  # keep the message and hint; "created at" is this line
+            reason = [ln for ln in str(e).splitlines() if not ln.strip().startswith("created at")]
+            raise _fail(lineno, line, "\n".join(reason)) from None
         if (value.dtype, value.shape) != (dtype, shape):
             raise _fail(lineno, line, f"declared {format_type(dtype, shape)} but {m[4]} of these inputs "
                                       f"gives {format_type(value.dtype, value.shape)}")

@@ -101,7 +101,10 @@ _LONG_NUMBER = re.compile(r"[0-9]{41,}")
 
 
 def _fail(lineno: int, line: str, message: str) -> GraphError:
-    return GraphError(f"IR text, line {lineno}: {message}\n  {lineno} | {line.strip()}")
+    line = line.strip()
+    if len(line) > 200:  # a crafted line (a 5,000-digit dim) would bury the message
+        line = f"{line[:160]} ... ({len(line):,} characters)"
+    return GraphError(f"IR text, line {lineno}: {message}\n  {lineno} | {line}")
 
 
 def _parse_type(lineno: int, line: str, name: str, dtype: str, dims: str) -> tuple[torch.dtype, Shape]:

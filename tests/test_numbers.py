@@ -210,6 +210,11 @@ def test_crafted_numbers_in_ir_text(case, tmp_path, capsys, good_file):
         _tool_fails(capsys, model, tmp_path, message, *options)
 
 
+def test_a_crafted_line_is_quoted_cut_short():
+    message = _fails(lambda: gd.parse(IR_CASES["5000-digit dim"][0]), r"\(5000 digits\)\n  1 \| graph sequential\(x")
+    assert len(message) < 500 and message.endswith(" characters)")
+
+
 @pytest.mark.parametrize("case", list(FILE_CASES))
 def test_crafted_numbers_in_model_files(case, tmp_path, capsys, good_file):
     make, message = FILE_CASES[case]

@@ -208,6 +208,10 @@ def _is_ir_text(data: bytes) -> bool:
 
 
 def _write(path: Path, kind: str, metadata: dict[str, str], weights: dict[str, torch.Tensor]) -> None:
+    meta = [name for name, t in weights.items() if t.is_meta]
+    if meta:
+        raise GraphError(f"{path}: cannot save weight {meta[0]!r}: it is on the meta device, which holds shapes "
+                         "but no values; load or train real weights (on 'cpu' or 'cuda') before saving")
     # safetensors wants contiguous CPU tensors that share no memory.
     tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in weights.items()}
     data = safetensors.torch.save(tensors, metadata={"format": kind, "version": FORMAT_VERSION, **metadata})

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -134,22 +135,22 @@ def read_shape(dims: Sequence[object], field: str, dtype: torch.dtype, symbolic:
 
 
 def read_float(value: object, field: str, dtype: torch.dtype) -> float:
-    """A number as the float `dtype` will hold. nan and +-inf stay as they are (they say
-    what they are); a number beyond float64 (10**400, or a NumberText such as 1e400) or a
-    finite one that `dtype` would turn into inf (1e5 in f16) is refused."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return value
-    if not isinstance(value, NumberText) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+    """A real number (int, float, numpy scalar, fraction) as the float `dtype` will hold.
+    nan and +-inf stay as they are (they say what they are); a number beyond float64
+    (10**400, or a NumberText such as 1e400) or a finite one that `dtype` would turn into
+    inf (1e5 in f16) is refused."""
+    too_large = f"{field} {show_number(value)} is too large for a float; write inf if that is meant"
+    if isinstance(value, NumberText):
+        raise GraphError(too_large)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise GraphError(f"{field} must be a number, got {show_number(value)} (a {type(value).__name__})")
     try:
-        number = float(value) if not isinstance(value, NumberText) else math.inf
+        number = float(value)
     except OverflowError:
-        number = math.inf
-    if math.isinf(number):  # from a finite number written out: 10**400 or 1e400
-        raise GraphError(f"{field} {show_number(value)} is too large for a float; write inf if that is meant")
+        raise GraphError(too_large) from None
     # Past the largest finite value, whether it rounds down or to inf is torch's call (the
     # lowering builds the constant with torch.tensor); on the CPU, even under torch.device("meta").
-    if abs(number) > torch.finfo(dtype).max and \
+    if math.isfinite(number) and abs(number) > torch.finfo(dtype).max and \
             not math.isfinite(torch.tensor(number, dtype=dtype, device="cpu").item()):
         raise GraphError(f"{field} {show_number(value)} does not fit {dtype_name(dtype)} (largest finite value "
                          f"{torch.finfo(dtype).max:.6g}): it would silently become inf; write inf if that is "
@@ -167,6 +168,24 @@ def caller_location() -> str:
     return f"{os.path.relpath(frame.f_code.co_filename)}:{frame.f_lineno}"
 
 
+class Slot:
+    """A param's live tensor, in one place.
+
+    Every graph built from a param shares its slot: copies, gradient graphs, compile's
+    working copy and the layer that owns the param. Assigning a new tensor (to
+    `value.data` or to a layer's attribute) is what all of them read at their next call,
+    so a model never holds stale snapshots of its own weights.
+    """
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+    def __repr__(self) -> str:
+        return f"Slot({format_type(self.tensor.dtype, tuple(self.tensor.shape))})"
+
+
 @dataclass(eq=False)
 class Value:
     """One SSA value: a graph input, a param (holding its live tensor) or a node's output."""
@@ -176,14 +195,26 @@ class Value:
     shape: Shape
     dtype: torch.dtype
     node: Node | None = None
-    data: torch.Tensor | None = None  # params only
+    slot: Slot | None = None  # params only: where the live tensor is
     users: list[Node] = field(default_factory=list)
+
+    @property
+    def data(self) -> torch.Tensor | None:
+        """A param's live tensor (None for inputs and node outputs)."""
+        return None if self.slot is None else self.slot.tensor
+
+    @data.setter
+    def data(self, tensor: torch.Tensor) -> None:
+        if self.slot is None:
+            raise GraphError(f"{self.label} is not a param; only params hold a tensor")
+        check_param_tensor(f"param {self.name}", tensor)
+        self.slot.tensor = tensor
 
     @property
     def kind(self) -> str:
         if self.node is not None:
             return "node"
-        return "param" if self.data is not None else "input"
+        return "param" if self.slot is not None else "input"
 
     @property
     def label(self) -> str:
@@ -314,15 +345,15 @@ class Graph:
         self.inputs[name] = value
         return value
 
-    def param(self, name: str, data: torch.Tensor) -> Value:
-        """Declare a param holding `data`, its live tensor (updated in place by training)."""
+    def param(self, name: str, data: torch.Tensor | Slot) -> Value:
+        """Declare a param holding `data`, its live tensor (updated in place by training).
+
+        Pass a `Slot` instead to share the param with another graph or a layer: then a
+        tensor assigned to either is what both read."""
         self._check_new_name(name)
-        if not isinstance(data, torch.Tensor):
-            raise GraphError(f"param {name}: value must be a torch.Tensor, got {type(data).__name__}")
-        if data.dtype not in DTYPE_NAMES:
-            raise GraphError(f"param {name}: dtype {data.dtype} is not supported; "
-                             "use a floating dtype such as torch.float32")
-        value = Value(self, name, tuple(data.shape), data.dtype, data=data)
+        slot = data if isinstance(data, Slot) else Slot(data)
+        check_param_tensor(f"param {name}", slot.tensor)
+        value = Value(self, name, tuple(slot.tensor.shape), slot.tensor.dtype, slot=slot)
         self.params[name] = value
         return value
 
@@ -330,8 +361,9 @@ class Graph:
         """A scalar constant, as a `const` node."""
         from .ops import OPS
         _check_dtype("const", dtype)
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise GraphError(f"const: value {value!r} must be a Python int or float, got {type(value).__name__}"
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):  # numpy scalars and fractions too
+            raise GraphError(f"const: value {value!r} must be a real number such as 2 or 0.5, "
+                             f"got {type(value).__name__}"
                              f"\n  created at {caller_location()}"
                              "\n  hint: for a tensor, declare it with Graph.param or Graph.input")
         try:
@@ -497,13 +529,13 @@ class Graph:
             raise GraphError(f"graph {self.name} has a cycle")
 
     def copy(self, name: str | None = None) -> tuple[Graph, dict[int, Value]]:
-        """A structural copy sharing the params' tensors; also returns id(old) -> new value."""
+        """A structural copy sharing the params' slots; also returns id(old) -> new value."""
         g = Graph(name or self.name)
         vmap: dict[int, Value] = {}
         for v in self.inputs.values():
             vmap[id(v)] = g.input(v.name, v.shape, v.dtype)
         for v in self.params.values():
-            vmap[id(v)] = g.param(v.name, v.data)
+            vmap[id(v)] = g.param(v.name, v.slot)
         for n in self.nodes:
             out = Value(g, "", n.out.shape, n.out.dtype)
             node = Node(n.op, [vmap[id(v)] for v in n.inputs], dict(n.attrs), out, n.where, n.scope, n.backward)
@@ -521,6 +553,30 @@ class Graph:
 
     def __repr__(self) -> str:
         return f"<Graph {self.name}: {len(self.inputs)} inputs, {len(self.params)} params, {len(self.nodes)} nodes>"
+
+
+def tensor_problem(t: torch.Tensor) -> str | None:
+    """What makes `t` unusable as graphdl data (None if nothing): graphdl computes on
+    dense (strided) tensors of any layout, not sparse, nested or quantized ones."""
+    if t.layout != torch.strided:
+        return f"is a {str(t.layout).removeprefix('torch.')} tensor; convert it with .to_dense()"
+    if t.is_nested:
+        return "is a nested tensor; pad it to a dense tensor first"
+    if t.is_quantized:
+        return "is a quantized tensor; convert it with .dequantize()"
+    return None
+
+
+def check_param_tensor(what: str, t: Any) -> None:
+    """A param's tensor must be a dense tensor of a dtype the IR has."""
+    if not isinstance(t, torch.Tensor):
+        raise GraphError(f"{what}: its value must be a torch.Tensor, got {type(t).__name__}")
+    problem = tensor_problem(t)
+    if problem:
+        raise GraphError(f"{what} {problem}")
+    if t.dtype not in DTYPE_NAMES:
+        supported = ", ".join(str(d) for d in DTYPES.values())
+        raise GraphError(f"{what}: dtype {t.dtype} is not supported; use a floating dtype: one of {supported}")
 
 
 def _is_identifier(name: str) -> bool:

@@ -148,19 +148,18 @@ FILE_CASES: dict[str, tuple[Callable[[bytes], bytes], str]] = {
                                     h["2.weight"].__setitem__("data_offsets", [36, 48])), r"overlap or leave a gap"),
     "metadata number": (_edited(lambda h: h["__metadata__"].__setitem__("extra", 5)), r"metadata 'extra' is 5"),
     "widths of 2**62": (_layers(_linear(str(2**62), str(2**62))),
-                        r"layer 0 \(Linear\): Linear's weight: f32\[4611686018427387904,4611686018427387904\] holds"),
+                        r"layer 0 \(Linear\): .*Linear's weight: f32\[4611686018427387904,4611686018427387904\] holds"),
     "width of 2**62": (_layers(_linear("2", str(2**62))), r"Linear's weight: f32\[2,4611686018427387904\] holds"),
     "width beyond int64": (_layers(_linear("2", TWO_64)),
-                           rf"layer 0 \(Linear\): out_features must be a whole number from 1 to 2\*\*63 - 1, "
-                           rf"got {TWO_64}"),
-    "width of 5000 digits": (_layers(_linear("2", BIG)),
-                             r"out_features must be .*got 9999999999\.\.\. \(5000 digits\)"),
-    "width 1e400": (_layers(_linear("2", "1e400")), r"out_features must be a whole number .*got 1e400"),
-    "width NaN": (_layers(_linear("NaN", "3")), r"in_features must be a whole number .*got NaN"),
+                           rf"layer 0 \(Linear\): .*out_features={TWO_64} is too large; out_features must be at "
+                           rf"most {INT64_MAX}"),
+    "width of 5000 digits": (_layers(_linear("2", BIG)), r"out_features must be a whole number .*got '999999999"),
+    "width 1e400": (_layers(_linear("2", "1e400")), r"out_features must be a whole number .*got '1e400'"),
+    "width NaN": (_layers(_linear("NaN", "3")), r"in_features must be a whole number .*got 'NaN'"),
     "width float": (_layers(_linear("2", "3.0")), r"out_features must be a whole number .*got 3.0"),
-    "width bool": (_layers(_linear("true", "3")), r"in_features must be a whole number .*got True \(a bool\)"),
-    "width text": (_layers(_linear("2", '"3"')), r"out_features must be a whole number .*got '3' \(a str\)"),
-    "width zero": (_layers(_linear("2", "0")), r"out_features must be a whole number from 1 .*got 0"),
+    "width bool": (_layers(_linear("true", "3")), r"in_features must be a whole number .*got True"),
+    "width text": (_layers(_linear("2", '"3"')), r"out_features must be a whole number .*got '3'"),
+    "width zero": (_layers(_linear("2", "0")), r"out_features must be a whole number >= 1, got 0"),
 }
 MODEL_ONLY = {name for name in FILE_CASES if "width" in name}  # gd.load_graph reads no layer list
 

@@ -299,3 +299,11 @@ def test_api_shapes_get_the_same_bounds():
         g.input("y", (2**61, 4), torch.float64)
     with pytest.raises(ValueError, match=r"Linear's weight: f32\[4611686018427387904,2\] holds"):
         gd.Linear(2**62, 2)
+
+
+@pytest.mark.parametrize("make", [lambda: gd.SGD(lr=10**5000), lambda: gd.Linear(10**5000, 2),
+                                  lambda: gd.SGD(momentum=-10**5000)])
+def test_settings_beyond_python_s_digit_limit_are_named(make):
+    with pytest.raises(ValueError, match=r"-?2\*\*16609 or more") as info:
+        make()
+    assert "sys.set_int_max_str_digits" not in str(info.value)

@@ -15,10 +15,15 @@ from typing import Any
 
 import torch
 
+from .ir import show_number
+
 
 def shown(value: Any) -> str:
     """`repr(value)`, shortened: a 400-digit int would otherwise fill the screen."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's 4,300-digit limit for str()
+        return show_number(value)
     if len(text) <= 40:
         return text
     digits = f" ({len(str(abs(value)))} digits)" if isinstance(value, int) else ""

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .checks import whole
-from .ir import DTYPES, Graph, GraphError, Slot, Value, _check_dtype, check_param_tensor
+from .ir import DTYPES, Graph, GraphError, Slot, Value, _check_dtype, check_param_tensor, read_shape
 from .losses import Loss
 from .ops import add, matmul, relu, sigmoid, tanh
 
@@ -81,6 +81,7 @@ class Linear(Layer):
         self.in_features = _check_width("in_features", in_features)
         self.out_features = _check_width("out_features", out_features)
         _check_dtype("Linear", dtype)  # only what the IR supports: a float8 or int weight fails here, not in torch
+        read_shape((self.in_features, self.out_features), "Linear's weight", dtype)  # else torch fails to describe it
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         bound = 1.0 / math.sqrt(in_features)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .ir import DTYPES, Dim, GraphError, Shape, ShapeError, Value, caller_location, dtype_name, format_shape
+from .ir import DTYPES, Dim, GraphError, Shape, ShapeError, Value, caller_location, dtype_name, format_shape, read_float
 
 Lowering = Callable[[list[str], dict[str, Any], list[Value]], str]
 
@@ -278,12 +278,10 @@ def _flag(name: str, value: Any) -> bool:
 def const_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
     if not isinstance(attrs["dtype"], str) or attrs["dtype"] not in DTYPES:
         raise ShapeError(f"unknown dtype {attrs['dtype']!r}", f"use one of {', '.join(DTYPES)}")
-    if not isinstance(attrs["value"], numbers.Real) or isinstance(attrs["value"], bool):
-        raise ShapeError(f"value {attrs['value']!r} must be a number")
     try:
-        attrs["value"] = float(attrs["value"])
-    except OverflowError:
-        raise ShapeError(f"value {str(attrs['value'])[:12]}... is too large for a float") from None
+        attrs["value"] = read_float(attrs["value"], "value", DTYPES[attrs["dtype"]])
+    except GraphError as e:
+        raise ShapeError(str(e)) from None
     return (), DTYPES[attrs["dtype"]]
 
 

@@ -85,8 +85,16 @@ class Linear(Layer):
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         bound = 1.0 / math.sqrt(in_features)
-        self.weight = (torch.rand(in_features, out_features, generator=generator, dtype=dtype) * 2 - 1) * bound
-        self.bias = (torch.rand(out_features, generator=generator, dtype=dtype) * 2 - 1) * bound
+        try:  # in place, so that a big layer needs its own size in memory, not three times it
+            self.weight = torch.rand(in_features, out_features, generator=generator, dtype=dtype).mul_(2).sub_(1) \
+                .mul_(bound)
+            self.bias = torch.rand(out_features, generator=generator, dtype=dtype).mul_(2).sub_(1).mul_(bound)
+        except RuntimeError as e:  # torch.OutOfMemoryError is one too
+            if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
+                raise
+            size = in_features * out_features * dtype.itemsize / 2**30
+            raise ValueError(f"Linear({in_features}, {out_features}) needs {size:.3g} GiB for its {dtype} weight, "
+                             "more than this machine can allocate; use smaller widths") from None
 
     def forward(self, graph: Graph, x: Value, prefix: str) -> Value:
         w = graph.param(f"{prefix}weight", self.slot("weight"))

@@ -359,3 +359,8 @@ def test_accuracy_and_error_are_exact_counts(dtype, outputs):
     assert (scores["accuracy"], scores["error"]) == (0.991, 0.009)
     history = model.fit(X, Y, optimizer=gd.SGD(lr=0.0), epochs=1, validation_data=(X, Y), verbose=False)
     assert history["accuracy"] == history["val_accuracy"] == [0.991]
+
+
+def test_a_layer_too_big_for_memory_says_so_instead_of_failing_in_the_allocator():
+    with pytest.raises(ValueError, match=r"Linear\(100000, 1000000\) needs 373 GiB .* use smaller widths"):
+        gd.Linear(100_000, 1_000_000)

@@ -42,10 +42,10 @@ def write_checkpoint(path: str | os.PathLike[str], model: Sequential, optimizer:
     """Save the model and fit's state after `epoch` epochs (on rank 0 only)."""
     if not distributed.is_main():
         return
-    state = {"rng": generator.get_state()}
-    state.update({f"velocity/{name}": u for name, u in zip(model.parameters(), optimizer.buffers)})
-    info = json.dumps({"format": FORMAT, "epoch": epoch, "history": {k: list(v) for k, v in history.items()}})
-    save_model(model, path, state, info)
+    velocities = {f"velocity/{name}": u for name, u in zip(model.parameters(), optimizer.buffers)}
+    info = json.dumps({"format": FORMAT, "epoch": epoch, "history": {k: list(v) for k, v in history.items()},
+                       "rng": bytes(generator.get_state().tolist()).hex()})  # model files hold float tensors only
+    save_model(model, path, velocities, info)
 
 
 def read_checkpoint(path: str | os.PathLike[str], model: Sequential, optimizer: SGD,
@@ -58,7 +58,7 @@ def read_checkpoint(path: str | os.PathLike[str], model: Sequential, optimizer: 
         ValueError: the checkpoint is of another model or another optimizer setting.
     """
     saved, info, state = load_with_state(path)
-    resumed = _parse(path, info, state, history_keys)
+    resumed = _parse(path, info, history_keys)
     if bool(resumed.history.get("val_loss")) != (validation and resumed.epoch > 0):
         raise ValueError(f"resume: {path} was written by a fit {'with' if not validation else 'without'} "
                          "validation_data; resume it the same way, so that its History continues")
@@ -85,7 +85,7 @@ def read_checkpoint(path: str | os.PathLike[str], model: Sequential, optimizer: 
     return resumed
 
 
-def _parse(path: Any, info: str, state: dict[str, torch.Tensor], history_keys: list[str]) -> Resumed:
+def _parse(path: Any, info: str, history_keys: list[str]) -> Resumed:
     """The checkpoint's epoch count, History and generator state, each checked."""
     try:
         meta = json.loads(info) if info else None
@@ -94,7 +94,7 @@ def _parse(path: Any, info: str, state: dict[str, torch.Tensor], history_keys: l
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise GraphError(f"{path}: is a model file without fit's state, not a checkpoint; write one with "
                          "fit(..., checkpoint=path)")
-    epoch, history, rng = meta.get("epoch"), meta.get("history"), state.get("rng")
+    epoch, history = meta.get("epoch"), meta.get("history")
     if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
         raise GraphError(f"{path}: the checkpoint's epoch count {epoch!r} is not a whole number >= 0; it is corrupt")
     if not isinstance(history, dict) or any(key not in history for key in history_keys):
@@ -106,7 +106,8 @@ def _parse(path: Any, info: str, state: dict[str, torch.Tensor], history_keys: l
                 isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
             raise GraphError(f"{path}: the checkpoint's History[{key!r}] is not {epoch} finite numbers; it is corrupt")
     try:
+        rng = torch.tensor(list(bytes.fromhex(meta["rng"])), dtype=torch.uint8)
         torch.Generator().set_state(rng)
-    except (TypeError, RuntimeError):
+    except (KeyError, TypeError, ValueError, RuntimeError):
         raise GraphError(f"{path}: the checkpoint's generator state is missing or malformed; it is corrupt") from None
     return Resumed(epoch, {key: list(history[key]) for key in history_keys}, rng)

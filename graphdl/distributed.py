@@ -355,7 +355,8 @@ def gather_rows(local: torch.Tensor, n: int) -> torch.Tensor:
 def agree(settings: dict[str, int], seed: int, device: torch.device) -> int:
     """Check that every rank has the same `settings` (else a ValueError on every rank, all
     seeing the same table) and return rank 0's `seed`."""
-    mine = torch.tensor([*settings.values(), seed], dtype=torch.int64, device=device)
+    # A seed may be any of torch's [-2**63, 2**64): sent as two int64 halves.
+    mine = torch.tensor([*settings.values(), seed >> 32, seed & 0xFFFFFFFF], dtype=torch.int64, device=device)
     table = [torch.empty_like(mine) for _ in range(world_size())]
     _collective("comparing the ranks' fit settings", dist.all_gather, table, mine)
     rows = [row.tolist() for row in table]
@@ -364,7 +365,7 @@ def agree(settings: dict[str, int], seed: int, device: torch.device) -> int:
             if theirs != main:
                 raise ValueError(f"fit(distributed=True): rank {r} has {name}={theirs} but rank 0 has {main}; every "
                                  "rank must call fit with the same data, model and settings")
-    return rows[0][-1]
+    return (rows[0][-2] << 32) | rows[0][-1]
 
 
 class ShardedBatches:
@@ -380,6 +381,7 @@ class ShardedBatches:
     """
 
     def __init__(self, n: int, batch_size: int, X: torch.Tensor, Y: torch.Tensor) -> None:
+        from .train import epoch_weights
         me, world = rank(), world_size()
         sizes = [min(batch_size, n - first) for first in range(0, n, batch_size)]
         positions: list[int] = []
@@ -391,7 +393,7 @@ class ShardedBatches:
             self.counts.append(parts[me])
         self.positions = torch.tensor(positions, dtype=torch.long, device=X.device)
         self.scales = [torch.tensor(c / s, dtype=X.dtype, device=X.device) for c, s in zip(self.counts, sizes)]
-        self.weights = torch.tensor(sizes, dtype=X.dtype, device=X.device) / n  # each batch's share of the epoch
+        self.weights = epoch_weights(n, batch_size, X)
         self.empty = (X.new_zeros(1, X.shape[1]), Y.new_zeros(1, Y.shape[1]))
         self.is_main = me == 0
 
@@ -410,7 +412,8 @@ class ShardedBatches:
     def epoch_loss(self, losses: list[torch.Tensor], finite: torch.Tensor) -> float:
         """The epoch's mean loss over every rank, NaN if a rank's loss or params are not
         finite: one collective, so every rank sees the same number and stops together."""
-        both = torch.stack([torch.stack(losses) @ self.weights, (~finite).to(self.weights.dtype)])
+        wide = self.weights.dtype
+        both = torch.stack([torch.stack(losses).to(wide) @ self.weights, (~finite).to(wide)])
         sum_over_ranks(both, "summing the epoch's loss")
         return math.nan if both[1] else float(both[0])
 

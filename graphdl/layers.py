@@ -8,7 +8,8 @@ from typing import Any
 
 import torch
 
-from .ir import Graph, GraphError, Slot, Value, check_param_tensor
+from .checks import whole
+from .ir import DTYPES, Graph, GraphError, Slot, Value, _check_dtype, check_param_tensor, read_shape
 from .losses import Loss
 from .ops import add, matmul, relu, sigmoid, tanh
 
@@ -62,11 +63,7 @@ class Layer:
 
 
 def _check_width(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
-    if value >= 2**63:  # torch cannot even describe such a tensor (its sizes are int64)
-        raise ValueError(f"{name}={value} is too large; a layer's width must be below 2**63")
-    return value
+    return whole(name, value, 1, 2**63 - 1)  # torch cannot even describe a wider tensor (its sizes are int64)
 
 
 class Linear(Layer):
@@ -83,13 +80,21 @@ class Linear(Layer):
                  dtype: torch.dtype = torch.float32) -> None:
         self.in_features = _check_width("in_features", in_features)
         self.out_features = _check_width("out_features", out_features)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating torch dtype such as torch.float32, got {dtype!r}")
+        _check_dtype("Linear", dtype)  # only what the IR supports: a float8 or int weight fails here, not in torch
+        read_shape((self.in_features, self.out_features), "Linear's weight", dtype)  # else torch fails to describe it
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         bound = 1.0 / math.sqrt(in_features)
-        self.weight = (torch.rand(in_features, out_features, generator=generator, dtype=dtype) * 2 - 1) * bound
-        self.bias = (torch.rand(out_features, generator=generator, dtype=dtype) * 2 - 1) * bound
+        try:  # in place, so that a big layer needs its own size in memory, not three times it
+            self.weight = torch.rand(in_features, out_features, generator=generator, dtype=dtype).mul_(2).sub_(1) \
+                .mul_(bound)
+            self.bias = torch.rand(out_features, generator=generator, dtype=dtype).mul_(2).sub_(1).mul_(bound)
+        except RuntimeError as e:  # torch.OutOfMemoryError is one too
+            if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
+                raise
+            size = in_features * out_features * dtype.itemsize / 2**30
+            raise ValueError(f"Linear({in_features}, {out_features}) needs {size:.3g} GiB for its {dtype} weight, "
+                             "more than this machine can allocate; use smaller widths") from None
 
     def forward(self, graph: Graph, x: Value, prefix: str) -> Value:
         w = graph.param(f"{prefix}weight", self.slot("weight"))
@@ -126,6 +131,7 @@ class Sigmoid(Layer):
 
 
 LAYERS: dict[str, type[Layer]] = {cls.__name__: cls for cls in (Linear, ReLU, Tanh, Sigmoid)}
+_DTYPES_BY_NAME = {str(d).removeprefix("torch."): d for d in DTYPES.values()}  # as config() writes them
 
 
 class Sequential:
@@ -250,11 +256,11 @@ class Sequential:
             if kind not in LAYERS:
                 raise GraphError(f"layer {k}: unknown layer type {kind!r}; known: {', '.join(LAYERS)}")
             args = {key: v for key, v in spec.items() if key != "type"}
-            if "dtype" in args:
-                args["dtype"] = getattr(torch, str(args["dtype"]))
+            if "dtype" in args:  # by name, so that "float8_e4m3fn" or "Tensor" reach Linear's check, not getattr
+                args["dtype"] = _DTYPES_BY_NAME.get(str(args["dtype"]), args["dtype"])
             try:
                 layers.append(LAYERS[kind](**args))
-            except TypeError as e:
+            except (TypeError, ValueError) as e:
                 raise GraphError(f"layer {k} ({kind}): bad settings {args}: {e}") from None
         return cls(*layers)
 
@@ -275,6 +281,11 @@ class Sequential:
         shares by the ranks, see `graphdl.train.evaluate`)."""
         from .train import evaluate
         return evaluate(self, X, Y, loss, distributed)
+
+    def to_torch(self) -> Any:
+        """A torch `nn.Sequential` with copies of this model's weights (see `graphdl.interop.to_torch`)."""
+        from .interop import to_torch
+        return to_torch(self)
 
     def save(self, path: str) -> None:
         """Write the model (IR text, layer config, weights as safetensors) atomically.

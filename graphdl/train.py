@@ -20,6 +20,7 @@ import torch
 from . import distributed as dp
 from .autodiff import grad
 from .checkpoint import Resumed, read_checkpoint, write_checkpoint
+from .checks import real, shown, whole
 from .compile import Compiled, compile
 from .ir import tensor_problem
 from .losses import MSE, Loss
@@ -58,12 +59,15 @@ def _eval_fn(model: Sequential, loss: Loss) -> Compiled:
     return model.compiled(("eval", loss), lambda: compile(model.graph(loss, prediction=True)))
 
 
-def accuracy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Fraction classified right: a single output thresholded at 0.5 against 0/1 labels;
-    several outputs by argmax against one-hot labels."""
+def correct(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """How many examples are classified right, an int64 count: a single output thresholded
+    at 0.5 against 0/1 labels; several outputs by argmax against one-hot labels.
+
+    A count, not a mean in the model's dtype: bfloat16 would round 0.991 to 0.98828125.
+    """
     if pred.shape[-1] == 1:
-        return ((pred > 0.5) == (target > 0.5)).to(pred.dtype).mean()
-    return (pred.argmax(-1) == target.argmax(-1)).to(pred.dtype).mean()
+        return ((pred > 0.5) == (target > 0.5)).sum()
+    return (pred.argmax(-1) == target.argmax(-1)).sum()
 
 
 def _check_data(model: Sequential, X: Any, Y: Any, what: str = "") -> None:
@@ -105,15 +109,13 @@ def _check_params(model: Sequential) -> None:
             raise ValueError(f"param {name} is NaN or inf before training; re-initialise the model")
 
 
-def _check_settings(validation_data: Any, seed: Any, schedule: Any, shuffle: Any, verbose: Any) -> None:
+def _check_settings(validation_data: Any, schedule: Any, shuffle: Any, verbose: Any) -> None:
     for name, flag in (("shuffle", shuffle), ("verbose", verbose)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be True or False, got {flag!r}")
     if validation_data is not None and not (isinstance(validation_data, (tuple, list)) and len(validation_data) == 2):
         raise ValueError(f"validation_data must be a pair (X_val, Y_val), got {type(validation_data).__name__}"
                          + (f" of length {len(validation_data)}" if isinstance(validation_data, (tuple, list)) else ""))
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ValueError(f"seed must be a whole number or None, got {seed!r}")
     if schedule is not None and not callable(schedule):
         raise ValueError(f"schedule must be a graphdl schedule such as gd.StepDecay(every=10, factor=0.9), "
                          f"got {schedule!r}")
@@ -126,10 +128,14 @@ def _scheduled_lr(schedule: Schedule | None, epoch: int, base_lr: float) -> floa
         lr = schedule(epoch, base_lr)
     except TypeError as e:
         raise ValueError(f"schedule {schedule!r} cannot be called as schedule(epoch, base_lr): {e}") from e
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
-        raise ValueError(f"schedule {schedule!r} gave lr={lr!r} for epoch {epoch + 1}; "
-                         "a learning rate must be a finite number >= 0")
-    return lr
+    except OverflowError as e:  # float ** int overflows rather than giving inf
+        raise ValueError(f"schedule {schedule!r} overflowed computing the lr for epoch {epoch + 1} ({e}); "
+                         "a learning rate must be a finite number >= 0") from None
+    try:
+        return real("lr", lr, 0.0)
+    except ValueError:
+        raise ValueError(f"schedule {schedule!r} gave lr={shown(lr)} for epoch {epoch + 1}; "
+                         "a learning rate must be a finite number >= 0") from None
 
 
 class DivergedError(FloatingPointError):
@@ -178,9 +184,7 @@ class _Batches:
 
     def __init__(self, n: int, batch_size: int, X: torch.Tensor) -> None:
         self.batch_size = batch_size
-        # Each batch's share of the epoch's mean loss, so one dot product gives the mean.
-        sizes = [min(batch_size, n - s) for s in range(0, n, batch_size)]
-        self.weights = torch.tensor(sizes, dtype=X.dtype, device=X.device) / max(n, 1)
+        self.weights = epoch_weights(n, batch_size, X)
 
     def __len__(self) -> int:
         return len(self.weights)
@@ -193,13 +197,20 @@ class _Batches:
 
     def epoch_loss(self, losses: list[torch.Tensor], finite: torch.Tensor) -> float:
         """The epoch's mean loss, NaN if any param stopped being finite: the epoch's one sync."""
-        return float(torch.where(finite, torch.stack(losses) @ self.weights, torch.nan))
+        return float(torch.where(finite, torch.stack(losses).to(self.weights.dtype) @ self.weights, torch.nan))
 
     def batch_loss(self, loss: torch.Tensor) -> float:
         return float(loss)
 
     def begin(self, tensors: list[torch.Tensor], seed: int, settings: dict[str, int]) -> int:
         return seed
+
+
+def epoch_weights(n: int, batch_size: int, X: torch.Tensor) -> torch.Tensor:
+    """Each batch's share of the epoch's mean loss, so one dot product gives the mean. It is
+    kept in float32 or wider whatever the model's dtype: in float16 a batch of 65,536 is inf."""
+    sizes = [min(batch_size, n - s) for s in range(0, n, batch_size)]
+    return (torch.tensor(sizes, dtype=torch.float64) / n).to(X.device, torch.promote_types(X.dtype, torch.float32))
 
 
 def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -289,15 +300,14 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
     """
     loss = MSE() if loss is None else loss
     optimizer = SGD() if optimizer is None else optimizer
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-        raise ValueError(f"epochs must be a whole number >= 0, got {epochs!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    epochs, batch_size = whole("epochs", epochs, 0), whole("batch_size", batch_size, 1)
+    if seed is not None:  # the range torch.Generator.manual_seed takes
+        seed = whole("seed", seed, -2**63, 2**64 - 1)
     if not isinstance(loss, Loss):
         raise ValueError(f"loss must be a graphdl loss such as gd.MSE(), got {loss!r}")
     if not isinstance(optimizer, SGD):
         raise ValueError(f"optimizer must be a graphdl optimizer such as gd.SGD(lr=0.01), got {optimizer!r}")
-    _check_settings(validation_data, seed, schedule, shuffle, verbose)
+    _check_settings(validation_data, schedule, shuffle, verbose)
     _check_distributed(distributed, "fit")
     for name, path in (("checkpoint", checkpoint), ("resume", resume)):
         if path is not None and not isinstance(path, (str, os.PathLike)):
@@ -389,7 +399,7 @@ def predict(model: Sequential, X: torch.Tensor, distributed: bool = False) -> to
 
 def evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None = None,
              distributed: bool = False, _checked: bool = False) -> dict[str, float]:
-    """{"loss": the loss, "accuracy": fraction right (see `accuracy`), "error": 1 - accuracy}.
+    """{"loss": the loss, "accuracy": fraction right (see `correct`), "error": 1 - accuracy}.
 
     With `distributed`, each rank scores its share of the rows and every rank gets the
     scores of them all."""
@@ -401,16 +411,18 @@ def evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | N
     fn = _eval_fn(model, loss)
     if not _check_distributed(distributed, "evaluate"):
         value, pred = fn(x=X, y=Y)
-        acc = float(accuracy(pred, Y))
-        return {"loss": float(value), "accuracy": acc, "error": 1.0 - acc}
-    first, count = dp.shard(len(X))
+        right, n = int(correct(pred, Y)), len(Y)
+        return {"loss": float(value), "accuracy": right / n, "error": (n - right) / n}
+    n = len(X)
+    first, count = dp.shard(n)
     x, y = (X[first:first + count], Y[first:first + count]) if count else (X[:1], Y[:1])
     value, pred = fn(x=x, y=y)
-    # Sums over the ranks: the loss weighted by each share's size, and whole counts of right answers.
-    sums = torch.stack([value * (count / len(X)), (accuracy(pred, y) * count).round()])
+    # Summed over the ranks, in float64: the loss weighted by each share's size, and the
+    # exact count of right answers (an empty share scored its stand-in row, weighted 0).
+    sums = torch.stack([value.double() * (count / n), correct(pred, y).double() * (count > 0)])
     dp.sum_over_ranks(sums, "summing evaluate's scores")
-    acc = float(sums[1] / len(X))  # in the model's dtype, as one process's mean is
-    return {"loss": float(sums[0]), "accuracy": acc, "error": 1.0 - acc}
+    right = int(sums[1])
+    return {"loss": float(sums[0]), "accuracy": right / n, "error": (n - right) / n}
 
 
 def _check_distributed(distributed: Any, what: str) -> bool:

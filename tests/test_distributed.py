@@ -254,6 +254,12 @@ def test_allreduce_prints_parses_and_draws():
     assert len(drawn) == 2 and all("shape=hexagon" in ln for ln in drawn)  # collectives stand out
 
 
+def test_onnx_export_refuses_collectives_saying_why(tmp_path):
+    pytest.importorskip("onnx")
+    with pytest.raises(gd.GraphError, match="allreduce_start .* ONNX has no op for"):
+        gd.export_onnx(_step(), tmp_path / "step.onnx")
+
+
 def test_passes_keep_every_collective_in_its_order():
     step = _step(bucket_mib=1e-9)
     before = [op for op, _ in _collectives(step)]

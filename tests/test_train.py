@@ -309,3 +309,58 @@ def test_meta_data_and_meta_models_are_refused_saying_why(tmp_path):
     with pytest.raises(gd.GraphError, match="meta device"):
         model.save(tmp_path / "meta.gdl")
     assert not (tmp_path / "meta.gdl").exists()
+
+
+# -- bookkeeping in float32 or wider, whatever the model's dtype ------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_a_batch_of_65536_trains_in_low_precision(dtype):
+    """65,536 is inf in float16: the batch's weight in the epoch's mean loss made a finite
+    epoch look diverged. The epoch loss and the update follow a float64 reference."""
+    gen = torch.Generator().manual_seed(0)
+    n = 65536 + 8  # a full batch and a partial one
+    X = torch.rand(n, 2, generator=gen).to(dtype)
+    Y = torch.rand(n, 1, generator=gen).to(dtype)
+    model = gd.Sequential(gd.Linear(2, 1, generator=gen, dtype=dtype))
+    w, b = (t.double().requires_grad_() for t in model.parameters().values())
+    losses = []
+    for s in range(0, n, 65536):
+        loss = ((X[s:s + 65536].double() @ w + b - Y[s:s + 65536].double()) ** 2).mean()
+        gw, gb = torch.autograd.grad(loss, [w, b])
+        losses.append(loss.item())
+        with torch.no_grad():
+            w -= 0.1 * gw
+            b -= 0.1 * gb
+    history = model.fit(X, Y, optimizer=gd.SGD(lr=0.1), epochs=1, batch_size=65536, shuffle=False, verbose=False)
+    eps = torch.finfo(dtype).eps
+    assert history["loss"] == pytest.approx([(losses[0] * 65536 + losses[1] * 8) / n], rel=4 * eps)
+    torch.testing.assert_close(model.layers[0].weight.double(), w.detach(), rtol=4 * eps, atol=4 * eps)
+    assert model.layers[0].weight.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["f16", "bf16", "f32"])
+@pytest.mark.parametrize("outputs", [1, 2], ids=["threshold", "argmax"])
+def test_accuracy_and_error_are_exact_counts(dtype, outputs):
+    """9 wrong out of 1,000 is reported as 0.991 and 0.009 exactly, not the mean of 0/1s in
+    the model's dtype (bfloat16 gave 0.98828125)."""
+    labels = torch.arange(1000) % 2
+    wrong = torch.zeros(1000, dtype=torch.bool)
+    wrong[torch.arange(9) * 101] = True
+    predicted = torch.where(wrong, 1 - labels, labels)
+    if outputs == 1:  # the identity: predictions are the inputs
+        X, Y = predicted.to(dtype)[:, None], labels.to(dtype)[:, None]
+    else:
+        X, Y = torch.eye(2, dtype=dtype)[predicted], torch.eye(2, dtype=dtype)[labels]
+    model = gd.Sequential(gd.Linear(outputs, outputs, dtype=dtype))
+    model.layers[0].weight = torch.eye(outputs, dtype=dtype)
+    model.layers[0].bias = torch.zeros(outputs, dtype=dtype)
+    scores = model.evaluate(X, Y)
+    assert (scores["accuracy"], scores["error"]) == (0.991, 0.009)
+    history = model.fit(X, Y, optimizer=gd.SGD(lr=0.0), epochs=1, validation_data=(X, Y), verbose=False)
+    assert history["accuracy"] == history["val_accuracy"] == [0.991]
+
+
+def test_a_layer_too_big_for_memory_says_so_instead_of_failing_in_the_allocator():
+    with pytest.raises(ValueError, match=r"Linear\(100000, 1000000\) needs 373 GiB .* use smaller widths"):
+        gd.Linear(100_000, 1_000_000)

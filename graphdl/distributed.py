@@ -160,7 +160,7 @@ class _Heartbeat:
     issued = 0  # collectives this rank has started
 
     def __init__(self, timeout: float) -> None:
-        self.timeout = timeout
+        self.timeout, self.rank = timeout, rank()
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, name="graphdl-heartbeat", daemon=True)
 
@@ -183,7 +183,7 @@ class _Heartbeat:
             store = _store(self.timeout)
             beats = 0
             while not self.done.is_set():
-                store.set(_beat_key(rank()), f"{beats} {_Heartbeat.issued}")
+                store.set(_beat_key(self.rank), f"{beats} {_Heartbeat.issued}")
                 beats += 1
                 self.done.wait(HEARTBEAT_S)
         except Exception:  # noqa: BLE001 - no store, no heartbeat: a lost rank is then reported unnamed
@@ -207,56 +207,59 @@ def _beat_key(r: int) -> str:
 
 
 def _read_beats(store: dist.TCPStore, world: int) -> dict[int, tuple[int, int]]:
+    """rank -> (beat count, collectives issued), for the ranks whose beat is there and well formed."""
     beats = {}
     for r in range(world):
         if store.check([_beat_key(r)]):
-            count, issued = store.get(_beat_key(r)).decode().split()
-            beats[r] = (int(count), int(issued))
+            fields = store.get(_beat_key(r)).decode(errors="replace").split()
+            if len(fields) == 2 and all(f.isdigit() for f in fields):
+                beats[r] = (int(fields[0]), int(fields[1]))
     return beats
 
 
 def _lost(error: Exception, what: str) -> RankLostError:
     """The error for a failed collective, naming the rank that is gone or stuck."""
     me, world = rank(), world_size()
-    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    lost: list[int] = []
-    if _store_address() is None:
-        found = "no rendezvous store to ask which rank is gone (MASTER_ADDR/MASTER_PORT are not set)"
-    else:
-        try:
-            store = _store(timeout=STORE_TIMEOUT_S)
-            before = _read_beats(store, world)
-            time.sleep(3 * HEARTBEAT_S)
-            after = _read_beats(store, world)
-        except Exception:  # noqa: BLE001 - the store's host is what is gone
-            addr, port = _store_address()
-            lost = [0]
-            found = (f"the rendezvous store at {addr}:{port} does not answer, so the process hosting it is gone: "
-                     "rank 0 (or torchrun's agent on the first node)")
-        else:
-            others = [r for r in range(world) if r != me]
-            lost = [r for r in others if r not in after or after[r][0] == before.get(r, (None,))[0]]
-            behind = [r for r in others if r not in lost and after[r][1] < _Heartbeat.issued]
-            if lost:
-                found = (f"rank {_names(lost)} of {world} stopped sending heartbeats: its process died, was killed or "
-                         "is frozen")
-            elif behind:
-                lost = behind
-                found = (f"rank {_names(behind)} of {world} is alive but has not reached this collective (it issued "
-                         f"{', '.join(str(after[r][1]) for r in behind)} of this rank's {_Heartbeat.issued}): it is "
-                         "stuck or running other code")
-            else:
-                found = "every rank still sends heartbeats, so no rank could be named"
+    lost, found, stuck = _find_lost(me, world)
     hint = ("restart every rank; to continue the run, resume from the last checkpoint with fit(..., resume=path) "
             "(fit(..., checkpoint=path) writes one every epoch)")
-    if "alive" in found or not lost:
+    if stuck or not lost:
         hint = "every rank must run the same script on the same data, so that all issue the same collectives; " + hint
-    return RankLostError(f"{what} failed on rank {me} of {world}: {found}.\n  torch.distributed said: "
-                         f"{first_line}\n  hint: {hint}", lost)
+    said = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return RankLostError(f"{what} failed on rank {me} of {world}: {found}.\n  torch.distributed said: {said}"
+                         f"\n  hint: {hint}", lost)
 
 
-def _names(ranks: list[int]) -> str:
-    return ", ".join(map(str, ranks))
+def _find_lost(me: int, world: int) -> tuple[list[int], str, bool]:
+    """(the ranks found missing, what was found, whether they are alive but stuck), from
+    two readings of the heartbeats a few beats apart."""
+    address = _store_address()
+    if address is None:
+        return [], "no rendezvous store to ask which rank is gone (MASTER_ADDR/MASTER_PORT are not set)", False
+    try:
+        store = _store(timeout=STORE_TIMEOUT_S)
+        before = _read_beats(store, world)
+        time.sleep(3 * HEARTBEAT_S)
+        after = _read_beats(store, world)
+    except Exception:  # noqa: BLE001 - the store's host is what is gone
+        return [0], (f"the rendezvous store at {address[0]}:{address[1]} does not answer, so the process hosting it "
+                     "is gone: rank 0 (or torchrun's agent on the first node)"), False
+    others = [r for r in range(world) if r != me]
+    silent = [r for r in others if r not in after or after[r][0] == before.get(r, (None,))[0]]
+    if silent:
+        return silent, (f"{_ranks(silent, world)} stopped sending heartbeats: the process died, was killed or is "
+                        "frozen"), False
+    behind = [r for r in others if after[r][1] < _Heartbeat.issued]
+    if behind:
+        issued = ", ".join(str(after[r][1]) for r in behind)
+        return behind, (f"{_ranks(behind, world)} still beating but behind: issued {issued} collectives to this "
+                        f"rank's {_Heartbeat.issued}, so stuck or running other code"), True
+    return [], "every rank still sends heartbeats, so no rank could be named", False
+
+
+def _ranks(ranks: list[int], world: int) -> str:
+    """`rank 1 of 2`, `ranks 1, 3 of 4`."""
+    return f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks))} of {world}"
 
 
 def _collective(what: str, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -358,7 +358,7 @@ def test_a_lost_rank_is_named_from_its_heartbeat(monkeypatch):
     beats = iter(range(100))
     monkeypatch.setattr(gd.distributed, "_read_beats", lambda s, w: {0: (0, 7), 1: (next(beats), 6)})
     error = gd.distributed._lost(RuntimeError("Timed out"), "an all-reduce")
-    assert error.lost == [1] and "alive but has not reached this collective (it issued 6 of this rank's 7)" in \
+    assert error.lost == [1] and "rank 1 of 2 still beating but behind: issued 6 collectives to this rank's 7" in \
         str(error)
     del store  # the store's host is gone
     error = gd.distributed._lost(RuntimeError("Timed out"), "an all-reduce")

@@ -205,7 +205,7 @@ def lower(graph: Graph, device: torch.device | None = None, reuse: bool = True,
         ir_names[id(v)] = v.name
         names[id(v)] = f"p{i}_{_py(v.name)}"
         env[f"P{i}"] = (live or graph.params)[v.name]  # .data read at each call: it may be swapped
-        if v.users or any(v is o for o in graph.outputs):
+        if v.users or graph.is_output(v):
             body.append(f"{names[id(v)]} = P{i}.data")
 
     # Nodes whose inputs are all constants are computed once, now. Scalar constants stay

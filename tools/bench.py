@@ -15,8 +15,13 @@ subprocess of its own and reports its peak over a baseline process that only imp
 makes the data (ru_maxrss on CPU, torch.cuda.max_memory_allocated on CUDA). It also
 times compiling the reference (disk) net: build + grad + passes + codegen.
 
+With --compile-scaling it instead times the compiler on gradient graphs of deep nets
+(about 1k, 10k and 100k nodes), stage by stage, per node, to show that its cost grows
+linearly with graph size.
+
     PYTHONPATH=. python tools/bench.py               # the full table, one thread
     PYTHONPATH=. python tools/bench.py --quick --json
+    PYTHONPATH=. python tools/bench.py --compile-scaling
 """
 
 from __future__ import annotations
@@ -251,6 +256,83 @@ def worker_compile(act: str, repeats: int) -> dict:
     return {"ms": statistics.median(times), "min_ms": min(times)}
 
 
+# -- compiler cost against graph size --------------------------------------------------------
+
+SCALING_NODES = [1_000, 10_000, 100_000]  # gradient-graph sizes for --compile-scaling
+TARGET_NODES, TARGET_S = 44_000, 3.0  # print + parse + grad + compile of 44k nodes in under 3 s
+NODES_PER_LAYER = 12  # a Linear + Tanh layer adds about 12 nodes to the gradient graph
+STAGES = ["build", "grad", "print", "parse", "compile"]
+
+
+def deep_net(depth: int, width: int = 4):
+    """A Sequential of `depth` Linear + Tanh layers and a Linear head."""
+    import torch
+
+    import graphdl as gd
+    gen = torch.Generator().manual_seed(0)
+    layers = []
+    for _ in range(depth):
+        layers += [gd.Linear(width, width, generator=gen), gd.Tanh()]
+    return gd.Sequential(*layers, gd.Linear(width, 1, generator=gen))
+
+
+def time_stages(depth: int) -> tuple[int, dict[str, float]]:
+    """Seconds of each compiler stage on the deep net's gradient graph, and its node count:
+    build the forward graph, grad, print the gradient graph, parse the text, compile."""
+    import graphdl as gd
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    model = deep_net(depth)
+    graph = model.graph(loss=gd.MSE())
+    seconds["build"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    grads = gd.grad(graph, list(model.parameters()))
+    seconds["grad"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    text = str(grads)
+    seconds["print"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    gd.parse(text)
+    seconds["parse"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    gd.compile(grads)
+    seconds["compile"] = time.perf_counter() - t0
+    return len(grads.nodes), seconds
+
+
+def compile_scaling(sizes: list[int], repeats: int) -> list[dict]:
+    """One row per size: nodes and the best of `repeats` timings of each stage."""
+    time_stages(2)  # imports and caches
+    rows = []
+    for nodes in sizes:
+        depth = max(1, round(nodes / NODES_PER_LAYER))
+        best: dict[str, float] = {}
+        for _ in range(repeats):
+            count, seconds = time_stages(depth)
+            best = {k: min(v, best.get(k, v)) for k, v in seconds.items()}
+        rows.append({"nodes": count, "depth": depth, "s": best})
+    return rows
+
+
+def print_compile_scaling(rows: list[dict], target: dict) -> None:
+    print(f"{'grad nodes':>10} | " + " ".join(f"{s:>7}" for s in STAGES) + " | total µs/node | "
+          "time growth / node growth")
+    previous = None
+    for row in rows:
+        total = sum(row["s"].values())
+        per = " ".join(f"{row['s'][s] / row['nodes'] * 1e6:7.1f}" for s in STAGES)
+        growth = ""
+        if previous is not None:
+            time_x = total / sum(previous["s"].values())
+            nodes_x = row["nodes"] / previous["nodes"]
+            growth = f"{time_x:6.1f}x / {nodes_x:4.1f}x = {time_x / nodes_x:.2f}"
+        print(f"{row['nodes']:>10} | {per} | {total / row['nodes'] * 1e6:13.1f} | {growth}")
+        previous = row
+    spent = sum(target["s"][s] for s in ("grad", "print", "parse", "compile"))
+    print(f"\n{target['nodes']:,}-node gradient graph: print + parse + grad + compile = {spent:.2f} s "
+          f"(target < {TARGET_S:.0f} s: {'met' if spent < TARGET_S else 'NOT met'})")
+
+
 # -- orchestration ------------------------------------------------------------------------
 
 
@@ -297,6 +379,8 @@ def main() -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--configs", default=None, help="width:batch pairs, e.g. 25:5,1024:1024")
     p.add_argument("--no-mem", action="store_true", help="skip the memory subprocesses")
+    p.add_argument("--compile-scaling", action="store_true",
+                   help="time print/parse/grad/compile per node on 1k, 10k and 100k-node gradient graphs")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._worker:
@@ -304,6 +388,17 @@ def main() -> None:
         return
     if args.threads < 1:
         raise SystemExit("--threads must be at least 1")
+    if args.compile_scaling:
+        import torch
+        torch.set_num_threads(args.threads)
+        repeats = 1 if args.quick else 3
+        rows = compile_scaling(SCALING_NODES, repeats)
+        (target,) = compile_scaling([TARGET_NODES], repeats)
+        if args.json:
+            print(json.dumps({"rows": rows, "target": target, "target_s": TARGET_S}))
+        else:
+            print_compile_scaling(rows, target)
+        return
     configs = CONFIGS if not args.configs else [tuple(map(int, c.split(":"))) for c in args.configs.split(",")]
     rounds, target = (5, 0.05) if args.quick else (15, 0.2)
     rows = []

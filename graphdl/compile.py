@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .ir import Graph, GraphError, Node, Value, format_type
+from .ir import Graph, GraphError, Node, Value, format_type, pauses_gc
 from .ops import CODE_GLOBALS
 from .passes import pipeline
 from .passes.memory import last_uses, plan_inplace
@@ -146,6 +146,7 @@ def _param_device(graph: Graph) -> torch.device | None:
     return devices.pop() if devices else None
 
 
+@pauses_gc
 def compile(graph: Graph, optimize: bool = True, trace: Callable[[str], object] | None = None,
             reuse: bool = True) -> Compiled:
     """Compile a graph once into a function of torch calls.

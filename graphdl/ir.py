@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import networkx as nx
 import torch
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
 
 Dim = int | str
 Shape = tuple[Dim, ...]
+P = ParamSpec("P")
+R = TypeVar("R")
 
 DTYPES: dict[str, torch.dtype] = {
     "f16": torch.float16,
@@ -55,12 +58,15 @@ class ShapeError(Exception):
         self.message, self.hint = message, hint
 
 
+# These run once per printed or compiled node: map(str, ...) and no eagerly built default
+# for .get make format_type 1.4 µs instead of 2.2.
 def format_shape(shape: Shape) -> str:
-    return "[" + ",".join(str(d) for d in shape) + "]"
+    return "[" + ",".join(map(str, shape)) + "]"
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    return DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    name = DTYPE_NAMES.get(dtype)
+    return name if name is not None else str(dtype).removeprefix("torch.")
 
 
 def format_type(dtype: torch.dtype, shape: Shape) -> str:
@@ -81,6 +87,27 @@ def caller_location() -> str:
 def _display_path(filename: str, cwd: str) -> str:
     # Cached: os.path.relpath took a third of grad's time (70 µs a node; one call per node).
     return os.path.relpath(filename, cwd)
+
+
+def pauses_gc(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run `fn` (grad, parse, compile: each builds a graph node by node) with Python's
+    cycle collector paused; it runs again, as usual, once `fn` returns.
+
+    Every full collection walks every object alive, and one comes each time the heap
+    grows by a quarter, so building a graph of n nodes walks the objects of the n
+    already built again and again: on a 44,000-node gradient graph grad + parse +
+    compile took 6.2 s with the collector on and 3.1 s with it paused.
+    """
+    @functools.wraps(fn)
+    def paused(*args: P.args, **kwargs: P.kwargs) -> R:
+        if not gc.isenabled():
+            return fn(*args, **kwargs)
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            gc.enable()
+    return paused
 
 
 @dataclass(eq=False)

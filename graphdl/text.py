@@ -23,7 +23,7 @@ from typing import Any
 import networkx as nx
 import torch
 
-from .ir import DTYPES, Graph, GraphError, Node, Shape, Value, format_type
+from .ir import DTYPES, Graph, GraphError, Node, Shape, Value, format_type, pauses_gc
 from .ops import OPS
 
 
@@ -132,6 +132,7 @@ def _split_decls(lineno: int, line: str, text: str) -> list[tuple[str, torch.dty
     return decls
 
 
+@pauses_gc
 def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
     """Rebuild a graph from its textual IR; `str(parse(str(g))) == str(g)`.
 

@@ -186,6 +186,7 @@ def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
     # Read every node line first, then build in dependency order (networkx), so a
     # forward reference is fine and a cycle is reported with its lines.
     records: dict[str, tuple[int, str, re.Match]] = {}
+    forward = False  # is a %k used on a line before its own (or never defined)?
     for lineno, line in lines[1:-2]:
         m = _NODE.match(line.strip())
         if not m:
@@ -194,6 +195,7 @@ def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
             raise _fail(lineno, line, f"{m[1]} is defined twice (line {records[m[1]][0]} too)")
         if m[4] not in OPS:
             raise _fail(lineno, line, f"unknown op {m[4]!r}; known ops: {', '.join(sorted(OPS))}")
+        forward = forward or any(a.strip() not in records for a in (m[6] or "").split(",") if "%" in a)
         records[m[1]] = (lineno, line, m)
 
     def args_of(lineno: int, line: str, text: str | None) -> list[str]:
@@ -206,13 +208,7 @@ def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
     # Printed text defines every value before its uses, and then line order is the build
     # order; only text with a forward reference pays for the sort (networkx took a third
     # of parse's time on a 16,000-node graph).
-    order = list(records)
-    defined: set[str] = set()
-    for key, (lineno, line, m) in records.items():
-        if any(a in records and a not in defined for a in args_of(lineno, line, m[6])):
-            order = _dependency_order(records, args_of)
-            break
-        defined.add(key)
+    order = _dependency_order(records, args_of) if forward else list(records)
 
     env: dict[str, Value] = {**graph.inputs, **graph.params}
     for key in order:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import itertools
 import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -110,6 +111,50 @@ def pauses_gc(fn: Callable[P, R]) -> Callable[P, R]:
     return paused
 
 
+class Uses:
+    """The nodes that read a value, once per read (mul(y, y) reads y twice), in the order
+    they were added. Read it like a list; the Graph's editing functions add and remove
+    reads, each in O(1): list.remove scanned every user, so dropping the 40,000 dead
+    users of one value took 10 s.
+    """
+
+    __slots__ = ("_reads", "_total")
+
+    def __init__(self) -> None:
+        self._reads: dict[Node, int] = {}  # node -> how many of its inputs are this value
+        self._total = 0
+
+    def append(self, node: Node) -> None:
+        self._reads[node] = self._reads.get(node, 0) + 1
+        self._total += 1
+
+    def remove(self, node: Node) -> None:
+        """Drop one read by `node` (ValueError if it has none, as list.remove)."""
+        count = self._reads.pop(node, 0)
+        if count == 0:
+            raise ValueError(f"{node!r} does not read this value")
+        if count > 1:
+            self._reads[node] = count - 1
+        self._total -= 1
+
+    def clear(self) -> None:
+        self._reads.clear()
+        self._total = 0
+
+    def __len__(self) -> int:
+        return self._total
+
+    def __iter__(self) -> Iterator[Node]:
+        for node, count in self._reads.items():
+            yield from itertools.repeat(node, count)
+
+    def __contains__(self, node: object) -> bool:
+        return node in self._reads
+
+    def __repr__(self) -> str:
+        return repr(list(self))
+
+
 @dataclass(eq=False)
 class Value:
     """One SSA value: a graph input, a param (holding its live tensor) or a node's output."""
@@ -120,7 +165,7 @@ class Value:
     dtype: torch.dtype
     node: Node | None = None
     data: torch.Tensor | None = None  # params only
-    users: list[Node] = field(default_factory=list)
+    users: Uses = field(default_factory=Uses)
 
     @property
     def kind(self) -> str:
@@ -389,7 +434,7 @@ class Graph:
         for user in old.users:
             user.inputs = [new if v is old else v for v in user.inputs]
             new.users.append(user)
-        old.users = []
+        old.users = Uses()
         returned = self._returned.pop(old, 0)
         if returned:
             self.outputs = [new if v is old else v for v in self.outputs]

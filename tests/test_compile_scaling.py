@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -39,10 +40,9 @@ def test_the_deep_net_has_the_sizes_the_scaling_tests_assume():
     assert len(every_stage(graph, wrt).nodes) == 10 * NODES_PER_LAYER + 12
 
 
-def count_lines(depth: int) -> int:
-    """Lines of Python run by grad + print + parse + compile: a count that does not
-    depend on the machine or its load."""
-    graph, wrt = deep_net(depth)
+def count_lines(run: Callable[[], object]) -> int:
+    """Lines of Python that `run()` executes: a count that does not depend on the
+    machine or its load."""
     lines = 0
 
     def trace(frame, event, arg):  # noqa: ANN001, ANN202 - sys.settrace's signature
@@ -53,7 +53,7 @@ def count_lines(depth: int) -> int:
 
     sys.settrace(trace)
     try:
-        every_stage(graph, wrt)
+        run()
     finally:
         sys.settrace(None)
     return lines
@@ -62,8 +62,16 @@ def count_lines(depth: int) -> int:
 def test_the_python_lines_run_grow_linearly_with_graph_size():
     """Deterministic: a scan of the node list per node (as Value.label, remove_node and
     replace_all_uses did) makes 4x the nodes run about 16x the lines."""
-    small, large = count_lines(25), count_lines(100)  # about 300 and 1,200 nodes
-    assert large / small < 4.4, f"{small:,} lines at 25 layers, {large:,} at 100: x{large / small:.1f}"
+    (small, small_wrt), (large, large_wrt) = deep_net(25), deep_net(100)  # about 300 and 1,200 nodes
+    lines = count_lines(lambda: every_stage(small, small_wrt)), count_lines(lambda: every_stage(large, large_wrt))
+    assert lines[1] / lines[0] < 4.4, f"{lines[0]:,} lines at 25 layers, {lines[1]:,} at 100"
+
+
+def test_drawing_layers_runs_lines_linear_in_graph_size():
+    """to_dot(collapse_layers=True) built a set of all outputs for each layer."""
+    small, large = (gd.grad(graph, wrt) for graph, wrt in (deep_net(25), deep_net(100)))
+    lines = [count_lines(lambda g=g: gd.to_dot(g, collapse_layers=True)) for g in (small, large)]
+    assert lines[1] / lines[0] < 4.4, f"{lines[0]:,} lines at 25 layers, {lines[1]:,} at 100"
 
 
 def cpu_seconds(depth: int) -> float:

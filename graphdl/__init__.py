@@ -18,12 +18,15 @@ from .layers import Layer, Linear, ReLU, Sequential, Sigmoid, Tanh
 from .train import DivergedError, History
 from .viz import DotNotFoundError, render, to_dot
 from .io import load, load_graph, save_graph
+from .interop import from_torch, to_torch
+from .onnx_io import export_onnx, import_onnx
 
 __all__ = [
     "DivergedError", "MAE", "MBE", "MSE", "SGD", "Constant", "CosineDecay", "ExponentialDecay", "History",
     "Layer", "Linear", "Loss", "ReLU", "Schedule", "Sequential", "Sigmoid", "StepDecay", "Tanh",
     "DTYPES", "OPS", "Compiled", "DotNotFoundError", "Graph", "GraphError", "Node", "Value",
     "abs", "add", "broadcast_like", "compile", "div", "exp", "grad", "greater", "log", "mae", "matmul",
+    "export_onnx", "from_torch", "import_onnx", "to_torch",
     "load", "load_graph", "mbe", "mean", "mse", "mul", "neg", "parse", "relu", "render", "save_graph", "sigmoid",
     "sign", "sub", "sum", "sum_to", "tanh", "to_dot", "transpose", "zeros_like",
 ]

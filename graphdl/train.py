@@ -17,9 +17,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .autodiff import grad
+from .checks import real, shown, whole
 from .compile import Compiled, compile
+from .ir import tensor_problem
 from .losses import MSE, Loss
-from .optim import SGD, Schedule
+from .optim import SGD, Schedule, check_updatable
 
 if TYPE_CHECKING:
     from .layers import Sequential
@@ -40,35 +42,36 @@ class History(dict):
         return len(self["loss"])
 
 
-def _compiled(model: Sequential, key: Any, build: Callable[[], Compiled]) -> Compiled:
-    """Compile once per model structure and device; `add` and `to` clear the cache."""
-    fn = model._cache.get(key)
-    if fn is None:
-        fn = model._cache[key] = build()
-    return fn
-
-
 def _step_fn(model: Sequential, loss: Loss) -> Compiled:
     names = list(model.parameters())
-    return _compiled(model, ("step", loss), lambda: compile(grad(model.graph(loss), names)))
+    return model.compiled(("step", loss), lambda: compile(grad(model.graph(loss), names)))
 
 
 def _eval_fn(model: Sequential, loss: Loss) -> Compiled:
-    return _compiled(model, ("eval", loss), lambda: compile(model.graph(loss, prediction=True)))
+    return model.compiled(("eval", loss), lambda: compile(model.graph(loss, prediction=True)))
 
 
-def accuracy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Fraction classified right: a single output thresholded at 0.5 against 0/1 labels;
-    several outputs by argmax against one-hot labels."""
+def correct(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """How many examples are classified right, an int64 count: a single output thresholded
+    at 0.5 against 0/1 labels; several outputs by argmax against one-hot labels.
+
+    A count, not a mean in the model's dtype: bfloat16 would round 0.991 to 0.98828125.
+    """
     if pred.shape[-1] == 1:
-        return ((pred > 0.5) == (target > 0.5)).to(pred.dtype).mean()
-    return (pred.argmax(-1) == target.argmax(-1)).to(pred.dtype).mean()
+        return ((pred > 0.5) == (target > 0.5)).sum()
+    return (pred.argmax(-1) == target.argmax(-1)).sum()
 
 
 def _check_data(model: Sequential, X: Any, Y: Any, what: str = "") -> None:
     for name, t in (("X", X), ("Y", Y)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name}{what} must be a torch.Tensor, got {type(t).__name__}")
+        problem = tensor_problem(t)
+        if problem:
+            raise ValueError(f"{name}{what} {problem}")
+        if t.is_meta:
+            raise ValueError(f"{name}{what} is on the meta device, which holds shapes but no values; "
+                             "training and evaluating need real data (on 'cpu' or 'cuda')")
         if t.dim() != 2:
             raise ValueError(f"{name}{what} must be 2-d [examples, features], got shape {list(t.shape)}")
     if len(X) != len(Y):
@@ -87,15 +90,24 @@ def _check_data(model: Sequential, X: Any, Y: Any, what: str = "") -> None:
                              f"{t[row, col].item()}; drop or repair those examples (e.g. with torch.isfinite)")
 
 
-def _check_settings(validation_data: Any, seed: Any, schedule: Any, shuffle: Any, verbose: Any) -> None:
+def _check_params(model: Sequential) -> None:
+    """Training updates every param in place, so each must hold real values in memory of its own."""
+    for name, p in model.parameters().items():
+        if p.is_meta:
+            raise ValueError(f"param {name} is on the meta device, which holds no values to train; "
+                             "build the model on 'cpu' or 'cuda' (or load real weights) first")
+        check_updatable(f"param {name}", p)
+        if not bool(p.isfinite().all()):
+            raise ValueError(f"param {name} is NaN or inf before training; re-initialise the model")
+
+
+def _check_settings(validation_data: Any, schedule: Any, shuffle: Any, verbose: Any) -> None:
     for name, flag in (("shuffle", shuffle), ("verbose", verbose)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be True or False, got {flag!r}")
     if validation_data is not None and not (isinstance(validation_data, (tuple, list)) and len(validation_data) == 2):
         raise ValueError(f"validation_data must be a pair (X_val, Y_val), got {type(validation_data).__name__}"
                          + (f" of length {len(validation_data)}" if isinstance(validation_data, (tuple, list)) else ""))
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ValueError(f"seed must be a whole number or None, got {seed!r}")
     if schedule is not None and not callable(schedule):
         raise ValueError(f"schedule must be a graphdl schedule such as gd.StepDecay(every=10, factor=0.9), "
                          f"got {schedule!r}")
@@ -108,10 +120,14 @@ def _scheduled_lr(schedule: Schedule | None, epoch: int, base_lr: float) -> floa
         lr = schedule(epoch, base_lr)
     except TypeError as e:
         raise ValueError(f"schedule {schedule!r} cannot be called as schedule(epoch, base_lr): {e}") from e
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
-        raise ValueError(f"schedule {schedule!r} gave lr={lr!r} for epoch {epoch + 1}; "
-                         "a learning rate must be a finite number >= 0")
-    return lr
+    except OverflowError as e:  # float ** int overflows rather than giving inf
+        raise ValueError(f"schedule {schedule!r} overflowed computing the lr for epoch {epoch + 1} ({e}); "
+                         "a learning rate must be a finite number >= 0") from None
+    try:
+        return real("lr", lr, 0.0)
+    except ValueError:
+        raise ValueError(f"schedule {schedule!r} gave lr={shown(lr)} for epoch {epoch + 1}; "
+                         "a learning rate must be a finite number >= 0") from None
 
 
 class DivergedError(FloatingPointError):
@@ -172,7 +188,7 @@ def _replay(run: Callable[..., tuple], optimizer: SGD, params: list[torch.Tensor
         if not math.isfinite(loss):
             return b, loss, False  # the params that gave it are finite: the previous update was checked
         before.save()
-        optimizer.step(params, out[1:], lr)
+        optimizer.update(params, list(out[1:]), lr, overwrite_grads=True)
         if not bool(_all_finite(params)):
             before.restore()
             return b, loss, True
@@ -201,6 +217,10 @@ def _diverged(found: tuple[int, float, bool] | None, epoch: int, epochs: int, ba
     return DivergedError(message, history, epoch + 1, None if found is None else found[0] + 1)
 
 
+# Nothing fit makes reaches the user as a tensor (it hands back floats and updates the
+# params in place), so the whole loop runs in inference mode: no autograd bookkeeping,
+# and params or data that require grad (from a torch model) are fine.
+@torch.inference_mode()
 def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None = None,
         optimizer: SGD | None = None, schedule: Schedule | None = None, epochs: int = 1,
         batch_size: int = 32, shuffle: bool = True,
@@ -225,19 +245,19 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
     """
     loss = MSE() if loss is None else loss
     optimizer = SGD() if optimizer is None else optimizer
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-        raise ValueError(f"epochs must be a whole number >= 0, got {epochs!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    epochs, batch_size = whole("epochs", epochs, 0), whole("batch_size", batch_size, 1)
+    if seed is not None:  # the range torch.Generator.manual_seed takes
+        seed = whole("seed", seed, -2**63, 2**64 - 1)
     if not isinstance(loss, Loss):
         raise ValueError(f"loss must be a graphdl loss such as gd.MSE(), got {loss!r}")
     if not isinstance(optimizer, SGD):
         raise ValueError(f"optimizer must be a graphdl optimizer such as gd.SGD(lr=0.01), got {optimizer!r}")
-    _check_settings(validation_data, seed, schedule, shuffle, verbose)
+    _check_settings(validation_data, schedule, shuffle, verbose)
     _check_data(model, X, Y)
     if validation_data is not None:
         _check_data(model, *validation_data, what=" (validation)")
 
+    _check_params(model)
     step = _step_fn(model, loss)
     step.check_feeds((X, Y), {})  # dtype and device, once, with graphdl's messages
     run = step.fn  # the unchecked entry: every batch has the shape just checked
@@ -247,20 +267,18 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())
     gen = torch.Generator().manual_seed(seed)
-    # Each batch's share of the epoch's mean loss, so one dot product gives the mean.
+    # Each batch's share of the epoch's mean loss, so one dot product gives the mean. It is
+    # kept in float32 or wider whatever the model's dtype: in float16 a batch of 65,536 is inf.
     sizes = [min(batch_size, n - s) for s in range(0, n, batch_size)]
-    weights = torch.tensor(sizes, dtype=X.dtype, device=X.device) / max(n, 1)
+    wide = torch.promote_types(X.dtype, torch.float32)
+    weights = (torch.tensor(sizes, dtype=torch.float64) / n).to(X.device, wide)
     history = History()
     model.history = history  # what fit has recorded so far, kept if it stops early
-    if not bool(_all_finite(params)):
-        bad = next(name for name, p in model.parameters().items() if not bool(p.isfinite().all()))
-        raise ValueError(f"param {bad} is NaN or inf before training; re-initialise the model")
     start = _Snapshot(lambda: [*params, *optimizer.buffers])
 
     for epoch in range(epochs):
         started = time.perf_counter()
         lr = _scheduled_lr(schedule, epoch, optimizer.lr)
-        optimizer.set_lr(lr)  # before the snapshot, so a replay starts from the same state
         if shuffle:
             order = torch.randperm(n, generator=gen).to(X.device)
             Xe, Ye = X.index_select(0, order), Y.index_select(0, order)
@@ -270,11 +288,11 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
         losses = []
         for first in range(0, n, batch_size):
             out = run(Xe[first:first + batch_size], Ye[first:first + batch_size])
-            optimizer.step(params, out[1:], lr)
+            optimizer.update(params, list(out[1:]), lr, overwrite_grads=True)  # the gradients are fit's own
             losses.append(out[0])
             del out  # free this batch's gradients before the next batch's are made
         # The epoch's one sync: its mean loss, NaN if any param stopped being finite.
-        epoch_loss = float(torch.where(_all_finite(params), torch.stack(losses) @ weights, torch.nan))
+        epoch_loss = float(torch.where(_all_finite(params), torch.stack(losses).to(wide) @ weights, torch.nan))
         if not math.isfinite(epoch_loss):
             found = _replay(run, optimizer, params, start, Xe, Ye, batch_size, lr)
             raise _diverged(found, epoch, epochs, len(sizes), lr, history)
@@ -301,18 +319,18 @@ def _report(epoch: int, epochs: int, history: History, seconds: float) -> None:
 
 def predict(model: Sequential, X: torch.Tensor) -> torch.Tensor:
     """The model's output for X [N, in_features]."""
-    fn = _compiled(model, ("predict",), lambda: compile(model.graph()))
+    fn = model.compiled(("predict",), lambda: compile(model.graph()))
     return fn(x=X)[0]
 
 
 def evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None = None,
              _checked: bool = False) -> dict[str, float]:
-    """{"loss": the loss, "accuracy": fraction right (see `accuracy`), "error": 1 - accuracy}."""
+    """{"loss": the loss, "accuracy": fraction right (see `correct`), "error": 1 - accuracy}."""
     loss = MSE() if loss is None else loss
     if not isinstance(loss, Loss):
         raise ValueError(f"loss must be a graphdl loss such as gd.MSE(), got {loss!r}")
     if not _checked:
         _check_data(model, X, Y)
     value, pred = _eval_fn(model, loss)(x=X, y=Y)
-    acc = float(accuracy(pred, Y))
-    return {"loss": float(value), "accuracy": acc, "error": 1.0 - acc}
+    right, n = int(correct(pred, Y)), len(Y)
+    return {"loss": float(value), "accuracy": right / n, "error": (n - right) / n}

@@ -19,7 +19,7 @@ import math
 import numbers
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, KeysView, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
@@ -242,6 +242,10 @@ class Uses:
 
     def __contains__(self, node: object) -> bool:
         return node in self._reads
+
+    def readers(self) -> KeysView[Node]:
+        """The distinct nodes that read the value (a set-like view)."""
+        return self._reads.keys()
 
     def __repr__(self) -> str:
         return repr(list(self))
@@ -652,7 +656,7 @@ class Graph:
                 )
             defined.add(id(node.out))
         for v in [*self.inputs.values(), *self.params.values(), *(n.out for n in self.nodes)]:
-            if len(v.users) != uses.get(id(v), 0) or any(u not in self._order for u in v.users):
+            if len(v.users) != uses.get(id(v), 0) or not self._order.keys() >= v.users.readers():
                 raise GraphError(f"graph {self.name}: the use-list of {v.label} is out of sync")
         returned: dict[Value, int] = {}
         for v in self.outputs:

@@ -279,9 +279,13 @@ def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
     order = _dependency_order(records, args_of) if forward else list(records)
 
     env: dict[str, Value] = {**graph.inputs, **graph.params}
+    # A graph has few distinct types: read each once (reading them was a third of parse).
+    types: dict[tuple[str, str], tuple[torch.dtype, Shape]] = {}
     for key in order:
         lineno, line, m = records[key]
-        dtype, shape = _parse_type(lineno, line, m[1], m[2], m[3])
+        if (m[2], m[3]) not in types:
+            types[m[2], m[3]] = _parse_type(lineno, line, m[1], m[2], m[3])
+        dtype, shape = types[m[2], m[3]]
         attrs = _parse_attrs(lineno, line, m[5])
         inputs = [env[a] for a in args_of(lineno, line, m[6])]
         scope = _parse_scope(lineno, line, m[8] or "")

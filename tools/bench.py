@@ -384,7 +384,7 @@ def main() -> None:
     p.add_argument("--configs", default=None, help="width:batch pairs, e.g. 25:5,1024:1024")
     p.add_argument("--no-mem", action="store_true", help="skip the memory subprocesses")
     p.add_argument("--compile-scaling", action="store_true",
-                   help="time print/parse/grad/compile per node on 1k, 10k and 100k-node gradient graphs")
+                   help="time grad/print/parse/compile per node on 1k, 10k, 44k and 100k-node gradient graphs")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._worker:

@@ -6,8 +6,8 @@ VJPs (`grad`), compile it to a function of torch calls (`compile`) and run it ma
 
 from .ir import DTYPES, Graph, GraphError, Node, Value
 from .ops import (
-    OPS, abs, add, broadcast_like, div, exp, greater, log, mae, matmul, mbe, mean, mse, mul, neg,
-    relu, sigmoid, sign, sub, sum, sum_to, tanh, transpose, zeros_like,
+    OPS, abs, add, bce_with_logits, broadcast_like, cross_entropy, div, exp, greater, log, log_softmax, mae, matmul,
+    mbe, mean, mse, mul, neg, relu, sigmoid, sign, softmax, sub, sum, sum_to, tanh, transpose, zeros_like,
 )
 from .text import parse
 from .autodiff import grad
@@ -23,7 +23,7 @@ __all__ = [
     "DivergedError", "MAE", "MBE", "MSE", "SGD", "Constant", "CosineDecay", "ExponentialDecay", "History",
     "Layer", "Linear", "Loss", "ReLU", "Schedule", "Sequential", "Sigmoid", "StepDecay", "Tanh",
     "DTYPES", "OPS", "Compiled", "DotNotFoundError", "Graph", "GraphError", "Node", "Value",
-    "abs", "add", "broadcast_like", "compile", "div", "exp", "grad", "greater", "log", "mae", "matmul",
+    "abs", "add", "bce_with_logits", "broadcast_like", "cross_entropy", "log_softmax", "softmax", "compile", "div", "exp", "grad", "greater", "log", "mae", "matmul",
     "load", "load_graph", "mbe", "mean", "mse", "mul", "neg", "parse", "relu", "render", "save_graph", "sigmoid",
     "sign", "sub", "sum", "sum_to", "tanh", "to_dot", "transpose", "zeros_like",
 ]

@@ -9,8 +9,10 @@ code. The header's string metadata says what the file is:
     version  "1"
     ir       the forward graph as text IR (`str(graph)`)
     layers   models only: the JSON of `model.config()`
+    loss     models only, optional: the name of the loss it was trained with (`gd.MSE().name`)
 
-and its tensors are the params by name ("0.weight", ...). Every weight is checked
+and its tensors are the model's state by name ("0.weight", ..., and non-trainable
+buffers such as Standardize's "0.mean"). Every weight is checked
 against the name, shape and dtype the IR declares. A graph can also be saved as plain
 IR text (a `.txt` or `.gdir` file): readable and diffable, but without weights (they
 load as zeros).
@@ -32,6 +34,7 @@ import safetensors.torch
 import torch
 
 from .ir import DTYPES, Graph, GraphError, format_type
+from .losses import LOSSES
 from .text import parse
 
 if TYPE_CHECKING:
@@ -59,11 +62,13 @@ def save_model(model: Sequential, path: str | os.PathLike[str]) -> None:
         path: the file to write (by convention `.gdl`); replaced atomically if it exists.
     """
     graph = model.graph()
-    weights = model.parameters()
+    weights = model.state()
     if set(weights) != set(graph.params):
-        raise GraphError(f"save: the model's parameters {sorted(weights)} differ from its graph's params "
+        raise GraphError(f"save: the model's tensors {sorted(weights)} differ from its graph's params "
                          f"{sorted(graph.params)}; this is a bug in the layer that built them")
     metadata = {"ir": str(graph), "layers": json.dumps(model.config())}
+    if model.loss is not None and LOSSES.get(model.loss.name) == type(model.loss):
+        metadata["loss"] = model.loss.name  # evaluate's default, and how it reads a prediction as a class
     _write(_as_path(path), MODEL_FORMAT, metadata, weights)
 
 
@@ -95,7 +100,7 @@ def load(path: str | os.PathLike[str]) -> Sequential:
         config = json.loads(metadata["layers"])
         _check_config(config)
         with torch.device("meta"):  # check the shapes it builds before allocating them (it may ask for huge ones)
-            params = Sequential.from_config(config).parameters()
+            params = Sequential.from_config(config).state()
     except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
         # GraphError is a ValueError: keep its message, but say which file it came from.
         raise GraphError(f"{path}: the layer list stored in the file is invalid ({e}); the file is corrupt or "
@@ -108,9 +113,14 @@ def load(path: str | os.PathLike[str]) -> Sequential:
     if set(graph.params) - set(params):
         extra = sorted(set(graph.params) - set(params))
         raise GraphError(f"{path}: the file holds weights {extra} that its layers do not use; the file is corrupt")
+    loss = metadata.get("loss")
+    if loss is not None and loss not in LOSSES:
+        raise GraphError(f"{path}: the file names loss {loss!r}, which this graphdl does not know (it knows "
+                         f"{', '.join(LOSSES)}); the file is corrupt or was written by a newer graphdl")
     model = Sequential.from_config(config)
-    for name, tensor in model.parameters().items():
+    for name, tensor in model.state().items():
         tensor.copy_(weights[name])
+    model.loss = LOSSES[loss]() if loss is not None else None
     return model
 
 

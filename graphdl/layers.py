@@ -3,23 +3,32 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .ir import Graph, GraphError, Value
 from .losses import Loss
-from .ops import add, matmul, relu, sigmoid, tanh
+from .optim import SGD, Schedule
+from .ops import add, div, matmul, relu, sigmoid, softmax, sub, tanh
+
+if TYPE_CHECKING:
+    from .train import History
 
 
 class Layer:
-    """A building block: owns its params and emits the IR of its forward pass."""
+    """A building block: owns its tensors and emits the IR of its forward pass."""
 
     in_features: int | None = None  # None: keeps the width it is given
     out_features: int | None = None
 
     def params(self) -> dict[str, torch.Tensor]:
-        """The layer's params by short name ("weight", "bias"), live tensors."""
+        """The layer's trainable params by short name ("weight", "bias"), live tensors."""
+        return {}
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """The layer's non-trainable tensors by short name (Standardize's "mean" and "std"):
+        graph params that the optimizer never touches and `fit` does not differentiate."""
         return {}
 
     def forward(self, graph: Graph, x: Value, prefix: str) -> Value:
@@ -29,7 +38,7 @@ class Layer:
         return {"type": type(self).__name__}
 
     def to(self, device: torch.device | str) -> None:
-        for name, t in self.params().items():
+        for name, t in {**self.params(), **self.buffers()}.items():
             setattr(self, name, t.to(device))
 
     def __repr__(self) -> str:
@@ -44,6 +53,12 @@ def _check_width(name: str, value: int) -> int:
     return value
 
 
+def _check_dtype(dtype: Any) -> torch.dtype:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype such as torch.float32, got {dtype!r}")
+    return dtype
+
+
 class Linear(Layer):
     """x @ weight + bias, with weight [in_features, out_features] and bias [out_features].
 
@@ -55,8 +70,7 @@ class Linear(Layer):
                  dtype: torch.dtype = torch.float32) -> None:
         self.in_features = _check_width("in_features", in_features)
         self.out_features = _check_width("out_features", out_features)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating torch dtype such as torch.float32, got {dtype!r}")
+        _check_dtype(dtype)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         bound = 1.0 / math.sqrt(in_features)
@@ -100,7 +114,86 @@ class Sigmoid(Layer):
         return sigmoid(x)
 
 
-LAYERS: dict[str, type[Layer]] = {cls.__name__: cls for cls in (Linear, ReLU, Tanh, Sigmoid)}
+class Softmax(Layer):
+    """exp(x) / sum(exp(x)) over the features: rows of class probabilities. Train a
+    classifier on its logits with gd.CrossEntropy(), then add Softmax to output probabilities."""
+
+    def forward(self, graph: Graph, x: Value, prefix: str) -> Value:
+        return softmax(x)
+
+
+class Standardize(Layer):
+    """(x - mean) / std per feature, with the mean and std of the data given to `adapt`.
+
+    Put it first in a model so that the model file holds every step from raw input to
+    prediction. mean and std are graph params ("{k}.mean", "{k}.std": shown in the IR,
+    saved in model files) but not trainable: `fit` leaves them alone, and
+    `Sequential.parameters()` does not list them (`Sequential.state()` does).
+
+    Args:
+        features: the number of input features; None until `adapt` sees data. Given,
+            the layer starts as the identity (mean 0, std 1).
+        dtype: the dtype of mean and std, the model's dtype.
+    """
+
+    def __init__(self, features: int | None = None, dtype: torch.dtype = torch.float32) -> None:
+        self.dtype = _check_dtype(dtype)
+        self.mean: torch.Tensor | None = None
+        self.std: torch.Tensor | None = None
+        if features is not None:
+            self.in_features = self.out_features = _check_width("features", features)
+            self.mean, self.std = torch.zeros(features, dtype=dtype), torch.ones(features, dtype=dtype)
+
+    def adapt(self, X: torch.Tensor) -> Standardize:
+        """Set mean and std to those of X [examples, features], per feature (the population
+        std, as Keras and scikit-learn use). A constant feature (std 0) gets std 1, so it is
+        centred, never divided by zero. Adapting again updates the live tensors in place,
+        so a model that holds this layer sees the new values, trained or not.
+
+        Returns:
+            The layer, so that `gd.Standardize().adapt(X)` can go straight into a Sequential.
+        """
+        if not isinstance(X, torch.Tensor) or X.dim() != 2 or len(X) == 0:
+            got = f"shape {list(X.shape)}" if isinstance(X, torch.Tensor) else type(X).__name__
+            raise ValueError(f"adapt: X must be a 2-d torch.Tensor [examples, features] with at least one "
+                             f"example, got {got}")
+        if self.in_features is not None and X.shape[1] != self.in_features:
+            raise ValueError(f"adapt: X has {X.shape[1]} features but this Standardize takes {self.in_features}")
+        data = X.detach().to("cpu", torch.float64)  # statistics in float64, whatever the data's dtype
+        finite = torch.isfinite(data)
+        if not bool(finite.all()):
+            row, col = (~finite).nonzero()[0].tolist()
+            raise ValueError(f"adapt: X has NaN or inf values, first at X[{row}, {col}] = {X[row, col].item()}; "
+                             "drop or repair those examples before adapting")
+        mean, std = data.mean(0), data.std(0, correction=0)
+        # A std at the level of rounding noise is a constant feature, as scikit-learn judges it.
+        constant = std <= 10 * torch.finfo(self.dtype).eps * mean.abs().clamp_min(1.0)
+        std = torch.where(constant, torch.ones_like(std), std)
+        if self.mean is None:
+            self.in_features = self.out_features = X.shape[1]
+            self.mean, self.std = mean.to(self.dtype), std.to(self.dtype)
+        else:
+            self.mean.copy_(mean)
+            self.std.copy_(std)
+        return self
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        return {} if self.mean is None else {"mean": self.mean, "std": self.std}
+
+    def forward(self, graph: Graph, x: Value, prefix: str) -> Value:
+        if self.mean is None:
+            raise GraphError("Standardize has no statistics yet; call .adapt(X) on the training inputs first, "
+                             "or give features= to start from the identity")
+        return div(sub(x, graph.param(f"{prefix}mean", self.mean)), graph.param(f"{prefix}std", self.std))
+
+    def config(self) -> dict[str, Any]:
+        return {"type": "Standardize", "features": self.in_features, "dtype": str(self.dtype).removeprefix("torch.")}
+
+    def __repr__(self) -> str:
+        return f"Standardize({self.in_features})" if self.in_features is not None else "Standardize()"
+
+
+LAYERS: dict[str, type[Layer]] = {cls.__name__: cls for cls in (Linear, ReLU, Tanh, Sigmoid, Softmax, Standardize)}
 
 
 class Sequential:
@@ -114,6 +207,8 @@ class Sequential:
     def __init__(self, *layers: Layer) -> None:
         self.layers: list[Layer] = []
         self._cache: dict[Any, Any] = {}
+        self.loss: Loss | None = None  # set by fit (or load): evaluate's and fit's default
+        self.history: History | None = None  # the last fit's, kept even when it stops early
         for layer in layers:
             self.add(layer)
 
@@ -155,8 +250,15 @@ class Sequential:
         return width
 
     def parameters(self) -> dict[str, torch.Tensor]:
-        """Params by name ("0.weight", "0.bias", ...), in build order: the live tensors."""
+        """Trainable params by name ("0.weight", "0.bias", ...), in build order: the live
+        tensors that `fit` differentiates and updates."""
         return {f"{k}.{name}": t for k, layer in enumerate(self.layers) for name, t in layer.params().items()}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Every tensor the model holds, by name in build order: the trainable params and
+        the non-trainable buffers (Standardize's "{k}.mean", "{k}.std"). What a model file stores."""
+        return {f"{k}.{name}": t for k, layer in enumerate(self.layers)
+                for name, t in {**layer.params(), **layer.buffers()}.items()}
 
     def graph(self, loss: Loss | None = None, name: str = "sequential", prediction: bool = False) -> Graph:
         """The IR of the forward pass (output: the prediction), or of the loss with `loss`
@@ -180,7 +282,7 @@ class Sequential:
         return g
 
     def _dtype(self) -> torch.dtype:
-        params = list(self.parameters().values())
+        params = list(self.state().values())
         return params[0].dtype if params else torch.float32
 
     def to(self, device: torch.device | str) -> Sequential:
@@ -215,20 +317,73 @@ class Sequential:
                 raise GraphError(f"layer {k} ({kind}): bad settings {args}: {e}") from None
         return cls(*layers)
 
-    def fit(self, X: torch.Tensor, Y: torch.Tensor, **kwargs: Any) -> Any:
-        """Train in place; see `graphdl.train.fit` for the arguments. Returns the History."""
+    def fit(self, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None = None, optimizer: SGD | None = None,
+            schedule: Schedule | None = None, epochs: int = 1, batch_size: int = 32, shuffle: bool = True,
+            validation_data: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int | None = None,
+            verbose: bool = True, metrics: list[str] | None = None, threads: int | None = None) -> History:
+        """Train the model in place with minibatch SGD.
+
+        Args:
+            X: training inputs [N, in_features].
+            Y: targets [N, out_features]; with `CrossEntropy`, also integer class labels [N].
+            loss: a graphdl loss; default the model's `loss` (the last fit's, or the one
+                saved in its model file), else `MSE()`. `fit` records it in `model.loss`.
+            optimizer: an `SGD`; default `SGD(lr=0.01)`.
+            schedule: sets the learning rate each epoch from the optimizer's base rate,
+                e.g. `CosineDecay(epochs)`; default the base rate throughout.
+            epochs: passes over the data (>= 0).
+            batch_size: examples per step (>= 1); the last batch may be smaller.
+            shuffle: reshuffle the examples every epoch.
+            validation_data: (X_val, Y_val), evaluated after every epoch.
+            seed: seeds the shuffling; None draws one from torch's global RNG.
+            verbose: print one line per epoch.
+            metrics: what to measure after each epoch, from "accuracy", "mse", "mae";
+                default ["accuracy"] when Y holds class labels (0/1, one-hot rows, or
+                probability rows with CrossEntropy), else none.
+            threads: torch CPU threads while training; default one when a batch is small
+                work (below `graphdl.train.SMALL_WORK` multiply-adds), else torch's own
+                setting. Restored afterwards.
+
+        Returns:
+            The `History`: per-epoch lists "loss", each metric, "val_loss", "val_<metric>"
+            and "lr". Also kept as `model.history`, even when training stops early.
+
+        Raises:
+            ValueError: a bad argument, named. DivergedError: the loss stopped being finite.
+        """
         from .train import fit
-        return fit(self, X, Y, **kwargs)
+        return fit(self, X, Y, loss, optimizer, schedule, epochs, batch_size, shuffle, validation_data, seed,
+                   verbose, metrics, threads)
 
-    def predict(self, X: torch.Tensor) -> torch.Tensor:
-        """The model's output for X [N, in_features]: a tensor [N, out_features]."""
+    def predict(self, X: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+        """The model's output for X [N, in_features]: a tensor [N, out_features] (logits,
+        for a classifier trained with BCEWithLogits or CrossEntropy).
+
+        Args:
+            X: the inputs.
+            threads: torch CPU threads for the call, as for `fit`.
+        """
         from .train import predict
-        return predict(self, X)
+        return predict(self, X, threads)
 
-    def evaluate(self, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None = None) -> dict[str, float]:
-        """{"loss", "accuracy", "error"} of the model on (X, Y)."""
+    def evaluate(self, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None = None,
+                 metrics: list[str] | None = None, threads: int | None = None) -> dict[str, float]:
+        """Measure the model on (X, Y).
+
+        Args:
+            X, Y: inputs and targets, as for `fit`.
+            loss: default the model's `loss`, else `MSE()`. It also says how accuracy
+                reads a prediction: above 0.5 (MSE-style losses, one output), above 0
+                (BCEWithLogits), the argmax (CrossEntropy, or several outputs).
+            metrics: as for `fit`; default ["accuracy"] when Y holds class labels.
+            threads: as for `fit`.
+
+        Returns:
+            {"loss": the loss, one entry per metric, and "error" (1 - accuracy) when
+            accuracy is measured}.
+        """
         from .train import evaluate
-        return evaluate(self, X, Y, loss)
+        return evaluate(self, X, Y, loss, metrics, threads)
 
     def save(self, path: str) -> None:
         """Write the model (IR text, layer config, weights as safetensors) atomically."""

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import graphdl as gd
 
@@ -45,6 +46,14 @@ CASES = [
     Case("relu", gd.relu, torch.relu, [(3, 4)], "away"),
     Case("tanh", gd.tanh, torch.tanh, [(3, 4)]),
     Case("sigmoid", gd.sigmoid, torch.sigmoid, [(3, 4)]),
+    Case("softmax", gd.softmax, lambda x: torch.softmax(x, -1), [(3, 4)]),
+    Case("softmax", lambda x: gd.softmax(x, axis=0), lambda x: torch.softmax(x, 0), [(3, 4)]),
+    Case("log_softmax", gd.log_softmax, lambda x: torch.log_softmax(x, -1), [(3, 4)]),
+    Case("log_softmax", lambda x: gd.log_softmax(x, axis=0), lambda x: torch.log_softmax(x, 0), [(3, 4)]),
+    Case("bce_with_logits", gd.bce_with_logits, F.binary_cross_entropy_with_logits, [(5, 1), (5, 1)]),
+    Case("bce_with_logits", gd.bce_with_logits,  # a target that broadcasts to the logits
+         lambda a, b: F.binary_cross_entropy_with_logits(a, b.expand_as(a)), [(3, 4), (4,)]),
+    Case("cross_entropy", gd.cross_entropy, F.cross_entropy, [(3, 4), (3, 4)]),
     Case("matmul", gd.matmul, torch.mm, [(3, 4), (4, 5)]),
     Case("transpose", gd.transpose, lambda x: x.transpose(-2, -1), [(3, 4)]),
     Case("sum", gd.sum, torch.sum, [(3, 4)]),

@@ -12,15 +12,15 @@ from .ops import (
 from .text import parse
 from .autodiff import grad
 from .compile import Compiled, compile
-from .losses import MAE, MBE, MSE, Loss
+from .losses import MAE, MBE, MSE, BCEWithLogits, CrossEntropy, Loss
 from .optim import SGD, Constant, CosineDecay, ExponentialDecay, Schedule, StepDecay
-from .layers import Layer, Linear, ReLU, Sequential, Sigmoid, Tanh
+from .layers import Layer, Linear, ReLU, Sequential, Sigmoid, Softmax, Standardize, Tanh
 from .train import DivergedError, History
 from .viz import DotNotFoundError, render, to_dot
 from .io import load, load_graph, save_graph
 
 __all__ = [
-    "DivergedError", "MAE", "MBE", "MSE", "SGD", "Constant", "CosineDecay", "ExponentialDecay", "History",
+    "BCEWithLogits", "CrossEntropy", "DivergedError", "MAE", "MBE", "MSE", "SGD", "Softmax", "Standardize", "Constant", "CosineDecay", "ExponentialDecay", "History",
     "Layer", "Linear", "Loss", "ReLU", "Schedule", "Sequential", "Sigmoid", "StepDecay", "Tanh",
     "DTYPES", "OPS", "Compiled", "DotNotFoundError", "Graph", "GraphError", "Node", "Value",
     "abs", "add", "bce_with_logits", "broadcast_like", "cross_entropy", "log_softmax", "softmax", "compile", "div", "exp", "grad", "greater", "log", "mae", "matmul",

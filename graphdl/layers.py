@@ -325,7 +325,8 @@ class Sequential:
 
         Args:
             X: training inputs [N, in_features].
-            Y: targets [N, out_features]; with `CrossEntropy`, also integer class labels [N].
+            Y: targets [N, out_features], or integer class labels [N]: 0 to C-1 for a
+                model with C > 1 outputs (read as one-hot rows), 0 or 1 for one output.
             loss: a graphdl loss; default the model's `loss` (the last fit's, or the one
                 saved in its model file), else `MSE()`. `fit` records it in `model.loss`.
             optimizer: an `SGD`; default `SGD(lr=0.01)`.
@@ -389,6 +390,15 @@ class Sequential:
         """Write the model (IR text, layer config, weights as safetensors) atomically."""
         from .io import save_model
         save_model(self, path)
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        """Jupyter shows the forward graph's drawing (when Graphviz's `dot` is installed) and the repr."""
+        from .viz import mimebundle
+        try:
+            graph = self.graph()
+        except GraphError:  # not buildable yet (no layers, Standardize not adapted): the repr alone
+            return {"text/plain": repr(self)}
+        return mimebundle(graph, repr(self))
 
     def __repr__(self) -> str:
         inner = ",\n".join(f"  ({k}) {layer!r}" for k, layer in enumerate(self.layers))

@@ -76,9 +76,9 @@ class BCEWithLogits(Loss):
 
 class CrossEntropy(Loss):
     """Cross-entropy of logits [N, C] against one-hot or probability rows [N, C]: the mean
-    over rows of -sum(y * log_softmax(z)), as PyTorch's CrossEntropyLoss. `fit` and `evaluate`
-    also take integer class labels [N] (0 to C-1) as targets. The predicted class is the
-    argmax; add gd.Softmax() after training to output probabilities."""
+    over rows of -sum(y * log_softmax(z)), as PyTorch's CrossEntropyLoss. (`fit` and
+    `evaluate` also take integer class labels [N], 0 to C-1, as one-hot rows.) The predicted
+    class is the argmax; add gd.Softmax() after training to output probabilities."""
 
     name = "cross_entropy"
     decision = "argmax"

@@ -119,17 +119,21 @@ def _scores(pred: torch.Tensor, Y: torch.Tensor, loss_value: torch.Tensor, metri
     return scores
 
 
-def _class_targets(model: Sequential, Y: Any, loss: Loss, what: str = "") -> Any:
-    """Integer class labels [N] as one-hot rows, for a loss that decides by argmax
-    (CrossEntropy); anything else is returned as given, for _check_data to judge."""
-    if loss.decision != "argmax" or not isinstance(Y, torch.Tensor) or Y.dtype.is_floating_point \
-            or Y.dtype == torch.bool or Y.dim() != 1 or Y.is_complex():
+def _class_targets(model: Sequential, Y: Any, what: str = "") -> Any:
+    """Integer class labels [N] as targets: one-hot rows for a model with several outputs,
+    a 0/1 column for a model with one. Anything else is returned as given, for
+    _check_data to judge."""
+    if not isinstance(Y, torch.Tensor) or Y.dtype.is_floating_point or Y.is_complex() or Y.dtype == torch.bool \
+            or Y.dim() != 1:
         return Y
     classes = model.out_features
-    if len(Y) and not bool(((Y >= 0) & (Y < classes)).all()):
-        bad = Y[(Y < 0) | (Y >= classes)][0].item()
-        raise ValueError(f"Y{what} holds class label {bad}, but the model has {classes} outputs, so labels "
-                         f"run from 0 to {classes - 1}")
+    top = max(classes, 2) - 1
+    if len(Y) and not bool(((Y >= 0) & (Y <= top)).all()):
+        bad = Y[(Y < 0) | (Y > top)][0].item()
+        raise ValueError(f"Y{what} holds class label {bad}, but the model has {classes} output"
+                         f"{'s' if classes > 1 else ''}, so labels run from 0 to {top}")
+    if classes == 1:
+        return Y.to(model._dtype()).unsqueeze(1)
     rows = torch.zeros(len(Y), classes, dtype=model._dtype(), device=Y.device)
     return rows.scatter_(1, Y.long().unsqueeze(1), 1.0)
 
@@ -324,10 +328,10 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
     if not isinstance(optimizer, SGD):
         raise ValueError(f"optimizer must be a graphdl optimizer such as gd.SGD(lr=0.01), got {optimizer!r}")
     _check_settings(validation_data, seed, schedule, shuffle, verbose)
-    Y = _class_targets(model, Y, loss)
+    Y = _class_targets(model, Y)
     _check_data(model, X, Y)
     if validation_data is not None:
-        validation_data = (validation_data[0], _class_targets(model, validation_data[1], loss, " (validation)"))
+        validation_data = (validation_data[0], _class_targets(model, validation_data[1], " (validation)"))
         _check_data(model, *validation_data, what=" (validation)")
     metrics = _check_metrics(metrics, Y, loss)
     with _threads_for(model, batch_size, threads):
@@ -415,7 +419,7 @@ def evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | N
              metrics: list[str] | None = None, threads: int | None = None) -> dict[str, float]:
     """`Sequential.evaluate`, which documents the arguments."""
     loss = _model_loss(model, loss)
-    Y = _class_targets(model, Y, loss)
+    Y = _class_targets(model, Y)
     _check_data(model, X, Y)
     metrics = _check_metrics(metrics, Y, loss)
     with _threads_for(model, len(X), threads):

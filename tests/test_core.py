@@ -68,7 +68,7 @@ graph lin(x: f32[N,3]; w: f32[3,2]) {
   %7: f32[N,2] = mul %4, %6  # grad
   %8: f32[3,N] = transpose x  # grad
   %9: f32[3,2] = matmul %8, %7  # grad
-  return %2, %9
+  return %2, %9 (d/dw)
 }"""
 
 

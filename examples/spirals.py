@@ -74,14 +74,15 @@ def plot(result: dict, out: str) -> list[tuple[str, str]]:
     gx, gy = torch.meshgrid(grid, grid, indexing="xy")
     p = result["probabilities"].predict(torch.stack([gx.reshape(-1), gy.reshape(-1)], 1))
     regions, confidence = p.argmax(1).reshape(gx.shape), p.max(1).values.reshape(gx.shape)
-    ax.imshow(regions, origin="lower", extent=(-1.1, 1.1, -1.1, 1.1), cmap=ListedColormap(colours),
+    ax.imshow(regions.numpy(), origin="lower", extent=(-1.1, 1.1, -1.1, 1.1), cmap=ListedColormap(colours),
               alpha=(0.15 + 0.25 * confidence).numpy(), interpolation="nearest")
     Xt, yt = result["Xt"], result["yt"]
     wrong = result["model"].predict(Xt).argmax(1) != yt
     for k in range(CLASSES):
-        pts = Xt[(yt == k) & ~wrong]
-        ax.scatter(*pts.T, s=5, c=colours[k], label=f"class {k}")
-    ax.scatter(*Xt[wrong].T, s=30, marker="x", c="black", lw=1, label=f"wrong ({int(wrong.sum())})")
+        pts = Xt[(yt == k) & ~wrong].numpy()
+        ax.scatter(pts[:, 0], pts[:, 1], s=5, c=colours[k], label=f"class {k}")
+    pts = Xt[wrong].numpy()
+    ax.scatter(pts[:, 0], pts[:, 1], s=30, marker="x", c="black", lw=1, label=f"wrong ({int(wrong.sum())})")
     ax.set(xlim=(-1.1, 1.1), ylim=(-1.1, 1.1), aspect="equal",
            title=f"test set and the net's classes: {result['test']['accuracy'] * 100:.2f}% right")
     ax.legend(loc="lower left", fontsize=8)

@@ -71,7 +71,7 @@ _HEADER = re.compile(rf"^graph ({_NAME})\((.*)\) \{{$")
 _DECL = re.compile(rf"^({_NAME}): {_TYPE}$")
 _NODE = re.compile(rf"^(%\d+): {_TYPE} = ([a-z_]+)(\[[^\]]*\])?(?: ([^#\s].*?))?(?:  # (grad(?: |$))?(.*))?$")
 _RETURN = re.compile(r"^return(?: (.*))?$")
-_OUTPUT = re.compile(r"^(\S+)(?: \((.*)\))?$")  # %k, or %k (label)
+_OUTPUT = re.compile(r"^(\S+)(?: \((.+)\))?$")  # %k, or %k (label)
 
 
 def _fail(lineno: int, line: str, message: str) -> GraphError:

@@ -592,10 +592,13 @@ def test_an_epoch_whose_replay_stays_finite_is_rolled_back_whole(monkeypatch):
 
 
 def _doc_examples() -> list[tuple[str, str, str]]:
+    """(file name, code, printed message) for each example: the code is the whole block as
+    shown, its `# name.py` first line included, so the line numbers in a message are what
+    a reader who copies the block into that file gets."""
     doc = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
-    found = re.findall(r"```python\n# (\S+)\n(.*?)```\n\n```text\n(.*?)\n```", doc, re.S)
+    found = re.findall(r"```python\n(# (\S+)\n.*?)```\n\n```text\n(.*?)\n```", doc, re.S)
     assert len(found) >= 3
-    return found
+    return [(name, code, printed) for code, name, printed in found]
 
 
 @pytest.mark.parametrize("name, code, printed", _doc_examples(), ids=lambda v: v if v.endswith(".py") else "")

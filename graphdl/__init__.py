@@ -20,10 +20,12 @@ from .viz import DotNotFoundError, render, to_dot
 from .io import load, load_graph, save_graph
 
 __all__ = [
-    "BCEWithLogits", "CrossEntropy", "DivergedError", "MAE", "MBE", "MSE", "SGD", "Softmax", "Standardize", "Constant", "CosineDecay", "ExponentialDecay", "History",
+    "BCEWithLogits", "CrossEntropy", "DivergedError", "MAE", "MBE", "MSE", "SGD", "Softmax", "Standardize",
+    "Constant", "CosineDecay", "ExponentialDecay", "History",
     "Layer", "Linear", "Loss", "ReLU", "Schedule", "Sequential", "Sigmoid", "StepDecay", "Tanh",
     "DTYPES", "OPS", "Compiled", "DotNotFoundError", "Graph", "GraphError", "Node", "Value",
-    "abs", "add", "bce_with_logits", "broadcast_like", "cross_entropy", "log_softmax", "softmax", "compile", "div", "exp", "grad", "greater", "log", "mae", "matmul",
+    "abs", "add", "bce_with_logits", "broadcast_like", "cross_entropy", "log_softmax", "softmax", "compile", "div",
+    "exp", "grad", "greater", "log", "mae", "matmul",
     "load", "load_graph", "mbe", "mean", "mse", "mul", "neg", "parse", "relu", "render", "save_graph", "sigmoid",
     "sign", "sub", "sum", "sum_to", "tanh", "to_dot", "transpose", "zeros_like",
 ]

@@ -67,7 +67,7 @@ def save_model(model: Sequential, path: str | os.PathLike[str]) -> None:
         raise GraphError(f"save: the model's tensors {sorted(weights)} differ from its graph's params "
                          f"{sorted(graph.params)}; this is a bug in the layer that built them")
     metadata = {"ir": str(graph), "layers": json.dumps(model.config())}
-    if model.loss is not None and LOSSES.get(model.loss.name) == type(model.loss):
+    if model.loss is not None and LOSSES.get(model.loss.name) is type(model.loss):
         metadata["loss"] = model.loss.name  # evaluate's default, and how it reads a prediction as a class
     _write(_as_path(path), MODEL_FORMAT, metadata, weights)
 

@@ -9,8 +9,8 @@ import torch
 
 from .ir import Graph, GraphError, Value
 from .losses import Loss
-from .optim import SGD, Schedule
 from .ops import add, div, matmul, relu, sigmoid, softmax, sub, tanh
+from .optim import SGD, Schedule
 
 if TYPE_CHECKING:
     from .train import History

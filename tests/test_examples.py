@@ -117,3 +117,6 @@ def test_the_readme_tour_runs_and_prints_what_it_shows(capsys):
         printed = capsys.readouterr().out
         if shown:
             assert printed == shown
+    # The gradient graph's return line the tour quotes in its prose.
+    returned = str(gd.grad(namespace["g"], wrt=["w", "b"])).splitlines()[-2].strip()
+    assert f"`{returned}`" in " ".join((ROOT / "README.md").read_text().split())

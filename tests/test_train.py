@@ -265,11 +265,21 @@ def _torch_sgd_losses(twin: torch.nn.Module, criterion: Callable, X: torch.Tenso
     return losses
 
 
-def _assert_same_weights(model: gd.Sequential, twin: torch.nn.Sequential, tol: float) -> None:
-    pairs = zip([m for m in model.layers if isinstance(m, gd.Linear)], [m for m in twin if isinstance(m, torch.nn.Linear)])
-    for layer, lin in pairs:
+def _assert_follows_torch(model: gd.Sequential, X: torch.Tensor, Y: torch.Tensor, loss: gd.Loss,
+                         criterion: torch.nn.Module, lr: float) -> gd.History:
+    """Train `model` and its torch twin (same weights, torch.optim.SGD, momentum 0.9, batches
+    of 7 in order, 4 epochs): the per-epoch losses and the final weights agree."""
+    twin = _torch_twin(model)
+    history = model.fit(X, Y, loss=loss, optimizer=gd.SGD(lr=lr, momentum=0.9), epochs=4, batch_size=7,
+                        shuffle=False, verbose=False)
+    expected = _torch_sgd_losses(twin, criterion, X, Y, 4, 7, lr, 0.9)
+    tol = 1e-5 if X.dtype == torch.float32 else 1e-12
+    assert history["loss"] == pytest.approx(expected, rel=tol, abs=tol)
+    linears = [m for m in twin if isinstance(m, torch.nn.Linear)]
+    for layer, lin in zip([m for m in model.layers if isinstance(m, gd.Linear)], linears):
         torch.testing.assert_close(layer.weight, lin.weight.detach().T, rtol=tol, atol=tol)
         torch.testing.assert_close(layer.bias, lin.bias.detach(), rtol=tol, atol=tol)
+    return history
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -278,14 +288,8 @@ def test_bce_with_logits_training_follows_torch(dtype, outputs):
     gen = torch.Generator().manual_seed(11)
     X = torch.randn(30, 2, generator=gen, dtype=dtype) * 3
     Y = (torch.rand(30, outputs, generator=gen) > 0.5).to(dtype)
-    model = _classifier(gen, outputs, dtype)
-    twin = _torch_twin(model)
-    history = model.fit(X, Y, loss=gd.BCEWithLogits(), optimizer=gd.SGD(lr=0.5, momentum=0.9), epochs=4,
-                        batch_size=7, shuffle=False, verbose=False)
-    expected = _torch_sgd_losses(twin, torch.nn.BCEWithLogitsLoss(), X, Y, 4, 7, 0.5, 0.9)
-    tol = 1e-5 if dtype == torch.float32 else 1e-12
-    assert history["loss"] == pytest.approx(expected, rel=tol, abs=tol)
-    _assert_same_weights(model, twin, tol)
+    _assert_follows_torch(_classifier(gen, outputs, dtype), X, Y, gd.BCEWithLogits(), torch.nn.BCEWithLogitsLoss(),
+                          lr=0.5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -294,17 +298,11 @@ def test_cross_entropy_training_follows_torch(dtype, targets):
     gen = torch.Generator().manual_seed(12)
     X = torch.randn(30, 2, generator=gen, dtype=dtype)
     labels = torch.randint(0, 3, (30,), generator=gen)
-    onehot = torch.nn.functional.one_hot(labels, 3).to(dtype)
-    soft = torch.softmax(torch.randn(30, 3, generator=gen, dtype=dtype), 1)
-    Y, torch_Y = {"one-hot": (onehot, onehot), "probabilities": (soft, soft), "labels": (labels, labels)}[targets]
-    model = _classifier(gen, 3, dtype)
-    twin = _torch_twin(model)
-    history = model.fit(X, Y, loss=gd.CrossEntropy(), optimizer=gd.SGD(lr=0.3, momentum=0.9), epochs=4,
-                        batch_size=7, shuffle=False, verbose=False)
-    expected = _torch_sgd_losses(twin, torch.nn.CrossEntropyLoss(), X, torch_Y, 4, 7, 0.3, 0.9)
-    tol = 1e-5 if dtype == torch.float32 else 1e-12
-    assert history["loss"] == pytest.approx(expected, rel=tol, abs=tol)
-    _assert_same_weights(model, twin, tol)
+    Y = {"one-hot": torch.nn.functional.one_hot(labels, 3).to(dtype),
+         "probabilities": torch.softmax(torch.randn(30, 3, generator=gen, dtype=dtype), 1),
+         "labels": labels}[targets]
+    history = _assert_follows_torch(_classifier(gen, 3, dtype), X, Y, gd.CrossEntropy(), torch.nn.CrossEntropyLoss(),
+                                    lr=0.3)
     assert "accuracy" in history  # one-hot rows, probability rows and labels: class targets for CrossEntropy
 
 

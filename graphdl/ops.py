@@ -504,6 +504,13 @@ def _bce_with_logits_code(args: list[str], attrs: dict, inputs: list[Value]) -> 
     return f"aten.binary_cross_entropy_with_logits.default({args[0]}, {target}, None, None, 1)"
 
 
+# The two classification losses' VJPs stay primitives, with no fused backward op: fusing
+# either chain into one line of torch calls measured 1-2.5 us faster at batch 20 (cross-
+# entropy, 3 classes: 18.5 -> 17.2 us median, 14.0 -> 11.6 us best; BCE: 11.0 -> 9.8 us;
+# one thread, the variants alternated, 15 x 2000 calls each, on the 2-core machine), about
+# 1 % of a ~150 us training step: not worth an op, a fusion pattern and their tests.
+
+
 def _bce_with_logits_vjp(g: Value, out: Value, x: Value, y: Value) -> list[Value | None]:
     # loss = mean(softplus(x) - x*y): d/dx = sigmoid(x) - y, d/dy = -x, each over the element count.
     spread = broadcast_like(g, x, axis=_all_axes(x), mean=True)

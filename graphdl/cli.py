@@ -1,5 +1,5 @@
 """Command-line tools. `graphdl-render` (also `tools/render_graph.py`) draws a saved
-model or an IR text file."""
+model, an IR text file or an ONNX model."""
 
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ def render_main(argv: Sequence[str] | None = None) -> int:
     """
     parser = argparse.ArgumentParser(
         prog="graphdl-render",
-        description="Draw a graphdl model file (model.save / gd.save_graph) or IR text file with Graphviz.",
+        description="Draw a graphdl model file (model.save / gd.save_graph), IR text file or ONNX model with Graphviz.",
     )
-    parser.add_argument("file", help="a saved model or graph, or a text file holding IR")
+    parser.add_argument("file", help="a saved model or graph, a text file holding IR, or an .onnx file")
     parser.add_argument("-o", "--output", required=True,
                         help=f"the picture to write; its extension picks the format ({', '.join(FORMATS)}); "
                              ".dot needs no Graphviz install")
@@ -40,7 +40,7 @@ def render_main(argv: Sequence[str] | None = None) -> int:
     try:
         graph = _graph_to_draw(Path(args.file), args.grad)
         render(graph, args.output, hide_params=args.hide_params, collapse_layers=args.collapse_layers)
-    except (GraphError, OSError) as e:
+    except (GraphError, OSError, ImportError) as e:  # ImportError: .onnx without the onnx package
         message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
         print(f"graphdl-render: error: {message}", file=sys.stderr)
         return 1
@@ -48,12 +48,17 @@ def render_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _graph_to_draw(path: Path, want_grad: bool) -> Graph:
-    if want_grad and file_format(path) == MODEL_FORMAT:
+    if path.suffix.lower() == ".onnx":
+        from .onnx_io import import_onnx
+
+        graph = import_onnx(path)
+    elif want_grad and file_format(path) == MODEL_FORMAT:
         from .losses import MSE
 
         model = load(path)  # its trainable params only: Standardize's statistics get no gradient
         return grad(model.graph(loss=model.loss or MSE()), wrt=list(model.parameters()))
-    graph = load_graph(path)
+    else:
+        graph = load_graph(path)
     if not want_grad:
         return graph
     if not graph.params:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .ir import Graph, GraphError, Node, Value, format_type
+from .ir import Graph, GraphError, Node, Value, format_type, tensor_problem
 from .ops import CODE_GLOBALS
 from .passes import pipeline
 from .passes.memory import last_uses, plan_inplace
@@ -54,11 +54,21 @@ class Compiled:
 
     def __call__(self, *args: torch.Tensor, **feeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ordered = self.check_feeds(args, feeds)
+        self._check_param_devices()
         target = self._on_device_of(ordered)
         try:
-            return target.fn(*ordered)
+            with torch.no_grad():  # graphdl differentiates itself; feeds that require grad must not start a tape
+                return target.fn(*ordered)
         except Exception as e:  # name the IR line that failed, keep torch's error as the cause
             raise target._explain(e) from e
+
+    def _check_param_devices(self) -> None:
+        """A param given a tensor on another device would meet feeds and constants on the old
+        one (and torch computes cpu-with-meta silently, on meta)."""
+        moved = [_change(v, self.device) for v in self.graph.params.values() if v.data.device != self.device]
+        if moved:
+            raise GraphError(f"graph {self.graph.name}: a param moved after compile ({'; '.join(moved)}); "
+                             "compile the graph again, or give the param a tensor on the compiled device")
 
     def _on_device_of(self, feeds: list[torch.Tensor]) -> Compiled:
         """This compiled function, or, for a graph without params whose feeds are on
@@ -94,6 +104,9 @@ class Compiled:
             if not isinstance(t, torch.Tensor):
                 raise GraphError(f"graph {name}: input {n} must be a torch.Tensor ({want}), got {type(t).__name__}; "
                                  f"convert it with torch.as_tensor({n}, dtype={dtype})")
+            problem = tensor_problem(t)
+            if problem:
+                raise GraphError(f"graph {name}: input {n} {problem}")
             got = format_type(t.dtype, tuple(t.shape))
             if t.dtype != dtype:
                 raise GraphError(f"graph {name}: input {n} is {got} but the graph declares {want}; "
@@ -126,16 +139,24 @@ class Compiled:
             return error
         ir_line, node = self._line_text[line]
         where = f"\n  created at {node.where}" + (f" (in layer {node.scope})" if node.scope else "")
-        changed = [f"{v.name} is now {format_type(v.data.dtype, tuple(v.data.shape))}, declared "
-                   f"{format_type(v.dtype, v.shape)}" for v in self.graph.params.values()
-                   if (tuple(v.data.shape), v.data.dtype) != (v.shape, v.dtype)]
-        hint = f"\n  hint: a param changed after compile ({'; '.join(changed)}); update params in place " \
-               "with the same shape, or rebuild the graph" if changed else ""
+        changed = [_change(v, self.device) for v in self.graph.params.values()
+                   if (tuple(v.data.shape), v.data.dtype, v.data.device) != (v.shape, v.dtype, self.device)]
+        hint = f"\n  hint: a param changed after compile ({'; '.join(changed)}); give params tensors of the " \
+               "declared shape, dtype and device, or compile the graph again" if changed else ""
         return GraphError(f"graph {self.graph.name}: running `{ir_line}` failed: "
                           f"{type(error).__name__}: {error}{where}{hint}")
 
     def __repr__(self) -> str:
         return f"<Compiled {self.graph.name}: {len(self.graph.nodes)} nodes>\n{self.source}"
+
+
+def _change(param: Value, device: torch.device | None) -> str:
+    """How a param's tensor differs from what the compiled function was built for."""
+    t = param.data
+    now, declared = format_type(t.dtype, tuple(t.shape)), format_type(param.dtype, param.shape)
+    if t.device != device:
+        now, declared = f"{now} on {t.device}", f"{declared} on {device}"
+    return f"{param.name} is now {now}, declared {declared}"
 
 
 def _param_device(graph: Graph) -> torch.device | None:
@@ -171,22 +192,23 @@ def compile(graph: Graph, optimize: bool = True, trace: Callable[[str], object] 
     work, _ = graph.copy()
     if optimize:
         work = run_passes(work, log=trace)
-    compiled = lower(work, reuse=reuse, live=graph.params)
+    compiled = lower(work, reuse=reuse)
     if trace is not None:
         trace(f"// source\n{compiled.source}")
     return compiled
 
 
-def lower(graph: Graph, device: torch.device | None = None, reuse: bool = True,
-          live: dict[str, Value] | None = None) -> Compiled:
+def lower(graph: Graph, device: torch.device | None = None, reuse: bool = True) -> Compiled:
     """Generate, compile and wrap the Python function for `graph` as it stands.
 
     Args:
         graph: the graph, already optimised or not.
         device: where constants live; by default the params' device (CPU if none).
         reuse: plan in-place ops on dying temporaries (graphdl.passes.memory).
-        live: the param values to read at each call, by name (default the graph's own):
-            compile passes the caller's, so a param given a new tensor is seen.
+
+    Each call reads every param's tensor from its slot, which the graph shares with the
+    graph it was copied from and the layer that owns the param: a tensor assigned to
+    any of them after compiling is what the next call computes with.
     """
     params_on = _param_device(graph)
     device = device or params_on
@@ -204,9 +226,9 @@ def lower(graph: Graph, device: torch.device | None = None, reuse: bool = True,
     for i, v in enumerate(graph.params.values()):
         ir_names[id(v)] = v.name
         names[id(v)] = f"p{i}_{_py(v.name)}"
-        env[f"P{i}"] = (live or graph.params)[v.name]  # .data read at each call: it may be swapped
+        env[f"P{i}"] = v.slot  # read at each call: a new tensor may have been assigned
         if v.users or any(v is o for o in graph.outputs):
-            body.append(f"{names[id(v)]} = P{i}.data")
+            body.append(f"{names[id(v)]} = P{i}.tensor")
 
     # Nodes whose inputs are all constants are computed once, now. Scalar constants stay
     # 0-d tensors on the device rather than Python literals: torch wraps a literal into
@@ -241,12 +263,7 @@ def lower(graph: Graph, device: torch.device | None = None, reuse: bool = True,
                 if last_use.get(id(v)) == k and v.node is not None and id(v) not in returned and id(v) not in hoisted]
         if dead:
             body.append("del " + ", ".join(dead))
-    # Outputs are the caller's to keep and to modify: a param, input, constant or view
-    # (transpose, expand) is returned as a fresh copy, never aliasing graphdl's storage,
-    # and dense, as fused kernels such as the SGD update require.
-    outs = ", ".join(names[id(v)] if v.node is not None and id(v) not in hoisted and v.node.op.fresh
-                     else f"{names[id(v)]}.clone(memory_format=torch.contiguous_format)" for v in graph.outputs)
-    body.append(f"return ({outs},)")
+    body.append(f"return ({', '.join(_owned_outputs(graph.outputs, names, hoisted))},)")
     source = f"def {_py(graph.name)}({', '.join(args)}):\n" + "".join(f"    {ln}\n" for ln in body)
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     # The function lands in its own namespace: a graph called torch, c0 or P0 must not
@@ -255,8 +272,24 @@ def lower(graph: Graph, device: torch.device | None = None, reuse: bool = True,
     exec(builtins.compile(source, filename, "exec"), env, namespace)  # noqa: S102
     relower = None
     if params_on is None and hoisted:  # constants, but no params to say where they belong
-        relower = lambda on: lower(graph, on, reuse, live)  # noqa: E731
+        relower = lambda on: lower(graph, on, reuse)  # noqa: E731
     return Compiled(graph, source, namespace[_py(graph.name)], filename, line_text, params_on, device, relower)
+
+
+def _owned_outputs(outputs: list[Value], names: dict[int, str], hoisted: set[int]) -> list[str]:
+    """The expression returning each output so that every returned tensor owns its memory.
+
+    A node's fresh result is returned as it is, the first time. A param, input, constant
+    or view (transpose, expand) is a dense copy, never aliasing graphdl's storage; so is
+    a value returned twice (`output(a, a)`, or two gradients that CSE found equal), so
+    that updating one output in place never moves another.
+    """
+    exprs, returned = [], set()
+    for v in outputs:
+        owned = v.node is not None and id(v) not in hoisted and v.node.op.fresh and id(v) not in returned
+        exprs.append(names[id(v)] if owned else f"{names[id(v)]}.clone(memory_format=torch.contiguous_format)")
+        returned.add(id(v))
+    return exprs
 
 
 def _py(name: str) -> str:

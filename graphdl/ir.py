@@ -12,6 +12,8 @@ is what passes and tests run after touching a graph.
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -66,6 +68,96 @@ def format_type(dtype: torch.dtype, shape: Shape) -> str:
     return dtype_name(dtype) + format_shape(shape)
 
 
+# -- numbers from outside --------------------------------------------------------------
+# Every number graphdl reads from IR text, a model file's header or its layer list goes
+# through read_int, read_shape or read_float. Each raises GraphError naming the field, so
+# no OverflowError, torch RuntimeError or int() digit-limit ValueError escapes, and no
+# size reaches torch that it cannot even describe.
+
+INT64_MAX = 2**63 - 1  # torch's sizes, element counts and byte counts are int64
+_MAX_DIGITS = 20  # a longer run of digits is out of any range here; int() need not read it
+
+
+class NumberText(str):
+    """A number from a file kept as its text, because reading it is unsafe or lossy: an
+    integer of thousands of digits, or a float literal beyond float64 such as 1e400.
+    The readers refuse it, quoting the text."""
+
+
+def whole_number(text: str) -> int | NumberText:
+    """The int that a run of ASCII digits (with an optional '-') spells, or NumberText if
+    it is too long to be in range (so a 5,000-digit dim costs nothing to refuse)."""
+    return int(text) if len(text.lstrip("-")) <= _MAX_DIGITS else NumberText(text)
+
+
+def show_number(value: object) -> str:
+    """A number (or whatever came instead) for a message, cut short."""
+    if isinstance(value, NumberText):
+        digits = value.lstrip("-").isdigit()
+        return f"{value[:10]}... ({len(value)} {'digits' if digits else 'characters'})" if len(value) > 24 else value
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 133:  # over 40 digits
+        return f"{'-' if value < 0 else ''}2**{value.bit_length() - 1} or more"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:36] + "..."
+
+
+def _bound(n: int) -> str:
+    return "2**63 - 1" if n == INT64_MAX else str(n)
+
+
+def read_int(value: object, field: str, low: int = 0, high: int = INT64_MAX) -> int:
+    """`value` as an int in [low, high]; otherwise GraphError naming `field`.
+
+    Only an int is a whole number here: a bool, a float (even 3.0), a str of digits or a
+    NumberText is refused, so a file cannot pass a width as true, 25.0 or "25".
+    """
+    wanted = f"{field} must be a whole number from {_bound(low)} to {_bound(high)}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        kind = "" if isinstance(value, (float, NumberText)) else f" (a {type(value).__name__})"
+        raise GraphError(f"{wanted}, got {show_number(value)}{kind}")
+    if not low <= value <= high:
+        raise GraphError(f"{wanted}, got {show_number(value)}")
+    return value
+
+
+def read_shape(dims: Sequence[object], field: str, dtype: torch.dtype, symbolic: bool = True) -> Shape:
+    """A shape of whole numbers and, if `symbolic`, symbols (such as "N"), each dim and the
+    tensor's byte count within int64 (a symbol counts as 1), so torch can describe it."""
+    def is_symbol(d: object) -> bool:
+        return symbolic and isinstance(d, str) and not isinstance(d, NumberText) and d.isidentifier()
+
+    shape = tuple(d if is_symbol(d) else read_int(d, f"{field}: dimension {i}") for i, d in enumerate(dims))
+    count = math.prod(d for d in shape if isinstance(d, int))
+    if count * dtype.itemsize > INT64_MAX:
+        raise GraphError(f"{field}: {format_type(dtype, shape)} holds {show_number(count)} elements, more bytes "
+                         "than a tensor can hold (torch counts them in int64)")
+    return shape
+
+
+def read_float(value: object, field: str, dtype: torch.dtype) -> float:
+    """A real number (int, float, numpy scalar, fraction) as the float `dtype` will hold.
+    nan and +-inf stay as they are (they say what they are); a number beyond float64
+    (10**400, or a NumberText such as 1e400) or a finite one that `dtype` would turn into
+    inf (1e5 in f16) is refused."""
+    too_large = f"{field} {show_number(value)} is too large for a float; write inf if that is meant"
+    if isinstance(value, NumberText):
+        raise GraphError(too_large)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise GraphError(f"{field} must be a number, got {show_number(value)} (a {type(value).__name__})")
+    try:
+        number = float(value)
+    except OverflowError:
+        raise GraphError(too_large) from None
+    # Past the largest finite value, whether it rounds down or to inf is torch's call (the
+    # lowering builds the constant with torch.tensor); on the CPU, even under torch.device("meta").
+    if math.isfinite(number) and abs(number) > torch.finfo(dtype).max and \
+            not math.isfinite(torch.tensor(number, dtype=dtype, device="cpu").item()):
+        raise GraphError(f"{field} {show_number(value)} does not fit {dtype_name(dtype)} (largest finite value "
+                         f"{torch.finfo(dtype).max:.6g}): it would silently become inf; write inf if that is "
+                         "meant, or use a wider dtype")
+    return number
+
+
 def caller_location() -> str:
     """file:line of the innermost frame outside graphdl, where the user built a node."""
     frame = sys._getframe(1)
@@ -74,6 +166,24 @@ def caller_location() -> str:
     if frame is None:
         return "<graphdl>"
     return f"{os.path.relpath(frame.f_code.co_filename)}:{frame.f_lineno}"
+
+
+class Slot:
+    """A param's live tensor, in one place.
+
+    Every graph built from a param shares its slot: copies, gradient graphs, compile's
+    working copy and the layer that owns the param. Assigning a new tensor (to
+    `value.data` or to a layer's attribute) is what all of them read at their next call,
+    so a model never holds stale snapshots of its own weights.
+    """
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+    def __repr__(self) -> str:
+        return f"Slot({format_type(self.tensor.dtype, tuple(self.tensor.shape))})"
 
 
 @dataclass(eq=False)
@@ -85,14 +195,26 @@ class Value:
     shape: Shape
     dtype: torch.dtype
     node: Node | None = None
-    data: torch.Tensor | None = None  # params only
+    slot: Slot | None = None  # params only: where the live tensor is
     users: list[Node] = field(default_factory=list)
+
+    @property
+    def data(self) -> torch.Tensor | None:
+        """A param's live tensor (None for inputs and node outputs)."""
+        return None if self.slot is None else self.slot.tensor
+
+    @data.setter
+    def data(self, tensor: torch.Tensor) -> None:
+        if self.slot is None:
+            raise GraphError(f"{self.label} is not a param; only params hold a tensor")
+        check_param_tensor(f"param {self.name}", tensor)
+        self.slot.tensor = tensor
 
     @property
     def kind(self) -> str:
         if self.node is not None:
             return "node"
-        return "param" if self.data is not None else "input"
+        return "param" if self.slot is not None else "input"
 
     @property
     def label(self) -> str:
@@ -220,19 +342,19 @@ class Graph:
                     f"input {name}: dimension {d!r} in shape {shape!r} must be a non-negative int, "
                     "None (the batch dimension) or a symbol name such as 'N'"
                 )
-        value = Value(self, name, dims, dtype)
+        value = Value(self, name, read_shape(dims, f"input {name}", dtype), dtype)
         self.inputs[name] = value
         return value
 
-    def param(self, name: str, data: torch.Tensor) -> Value:
-        """Declare a param holding `data`, its live tensor (updated in place by training)."""
+    def param(self, name: str, data: torch.Tensor | Slot) -> Value:
+        """Declare a param holding `data`, its live tensor (updated in place by training).
+
+        Pass a `Slot` instead to share the param with another graph or a layer: then a
+        tensor assigned to either is what both read."""
         self._check_new_name(name)
-        if not isinstance(data, torch.Tensor):
-            raise GraphError(f"param {name}: value must be a torch.Tensor, got {type(data).__name__}")
-        if data.dtype not in DTYPE_NAMES:
-            raise GraphError(f"param {name}: dtype {data.dtype} is not supported; "
-                             "use a floating dtype such as torch.float32")
-        value = Value(self, name, tuple(data.shape), data.dtype, data=data)
+        slot = data if isinstance(data, Slot) else Slot(data)
+        check_param_tensor(f"param {name}", slot.tensor)
+        value = Value(self, name, tuple(slot.tensor.shape), slot.tensor.dtype, slot=slot)
         self.params[name] = value
         return value
 
@@ -240,15 +362,15 @@ class Graph:
         """A scalar constant, as a `const` node."""
         from .ops import OPS
         _check_dtype("const", dtype)
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise GraphError(f"const: value {value!r} must be a Python int or float, got {type(value).__name__}"
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):  # numpy scalars and fractions too
+            raise GraphError(f"const: value {value!r} must be a real number such as 2 or 0.5, "
+                             f"got {type(value).__name__}"
                              f"\n  created at {caller_location()}"
                              "\n  hint: for a tensor, declare it with Graph.param or Graph.input")
         try:
-            value = float(value)
-        except OverflowError:
-            raise GraphError(f"const: value {str(value)[:12]}... is too large for a float"
-                             f"\n  created at {caller_location()}") from None
+            value = read_float(value, "const: value", dtype)
+        except GraphError as e:
+            raise GraphError(f"{e}\n  created at {caller_location()}") from None
         return self.add_node(OPS["const"], [], {"value": value, "dtype": dtype_name(dtype)})
 
     def output(self, *values: Value, label: str = "") -> None:
@@ -419,13 +541,13 @@ class Graph:
             raise GraphError(f"graph {self.name} has a cycle")
 
     def copy(self, name: str | None = None) -> tuple[Graph, dict[int, Value]]:
-        """A structural copy sharing the params' tensors; also returns id(old) -> new value."""
+        """A structural copy sharing the params' slots; also returns id(old) -> new value."""
         g = Graph(name or self.name)
         vmap: dict[int, Value] = {}
         for v in self.inputs.values():
             vmap[id(v)] = g.input(v.name, v.shape, v.dtype)
         for v in self.params.values():
-            vmap[id(v)] = g.param(v.name, v.data)
+            vmap[id(v)] = g.param(v.name, v.slot)
         for n in self.nodes:
             out = Value(g, "", n.out.shape, n.out.dtype)
             node = Node(n.op, [vmap[id(v)] for v in n.inputs], dict(n.attrs), out, n.where, n.scope, n.backward)
@@ -449,6 +571,30 @@ class Graph:
         """Jupyter shows the drawing (SVG, when Graphviz's `dot` is installed) and the text IR."""
         from .viz import mimebundle
         return mimebundle(self, str(self))
+
+
+def tensor_problem(t: torch.Tensor) -> str | None:
+    """What makes `t` unusable as graphdl data (None if nothing): graphdl computes on
+    dense (strided) tensors of any layout, not sparse, nested or quantized ones."""
+    if t.layout != torch.strided:
+        return f"is a {str(t.layout).removeprefix('torch.')} tensor; convert it with .to_dense()"
+    if t.is_nested:
+        return "is a nested tensor; pad it to a dense tensor first"
+    if t.is_quantized:
+        return "is a quantized tensor; convert it with .dequantize()"
+    return None
+
+
+def check_param_tensor(what: str, t: Any) -> None:
+    """A param's tensor must be a dense tensor of a dtype the IR has."""
+    if not isinstance(t, torch.Tensor):
+        raise GraphError(f"{what}: its value must be a torch.Tensor, got {type(t).__name__}")
+    problem = tensor_problem(t)
+    if problem:
+        raise GraphError(f"{what} {problem}")
+    if t.dtype not in DTYPE_NAMES:
+        supported = ", ".join(str(d) for d in DTYPES.values())
+        raise GraphError(f"{what}: dtype {t.dtype} is not supported; use a floating dtype: one of {supported}")
 
 
 def _is_identifier(name: str) -> bool:

@@ -3,17 +3,45 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .ir import Graph, GraphError, Value
+from .checks import whole
+from .ir import DTYPES, Graph, GraphError, Slot, Value, _check_dtype, check_param_tensor, read_shape
 from .losses import Loss
 from .ops import add, div, matmul, relu, sigmoid, softmax, sub, tanh
 from .optim import SGD, Schedule
 
 if TYPE_CHECKING:
     from .train import History
+
+
+class Param:
+    """A layer attribute holding a param: reading it gives the live tensor; assigning a
+    tensor (`layer.weight = t`) puts it in the param's `Slot`, so every graph and compiled
+    function built from the layer computes with `t` from its next call on.
+
+    `trainable=False` makes a buffer: a graph param that `fit` neither differentiates nor
+    updates, such as Standardize's mean and std."""
+
+    def __init__(self, trainable: bool = True) -> None:
+        self.trainable = trainable
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, layer: Layer | None, owner: type | None = None) -> Any:
+        return self if layer is None else layer.slot(self.name).tensor
+
+    def __set__(self, layer: Layer, tensor: torch.Tensor) -> None:
+        check_param_tensor(f"{type(layer).__name__}.{self.name}", tensor)
+        slots = layer.__dict__.setdefault("_slots", {})
+        if self.name in slots:
+            slots[self.name].tensor = tensor
+        else:
+            slots[self.name] = Slot(tensor)
 
 
 class Layer:
@@ -24,12 +52,21 @@ class Layer:
 
     def params(self) -> dict[str, torch.Tensor]:
         """The layer's trainable params by short name ("weight", "bias"), live tensors."""
-        return {}
+        return {name: getattr(self, name) for name, p in self._declared() if p.trainable}
 
     def buffers(self) -> dict[str, torch.Tensor]:
         """The layer's non-trainable tensors by short name (Standardize's "mean" and "std"):
         graph params that the optimizer never touches and `fit` does not differentiate."""
-        return {}
+        return {name: getattr(self, name) for name, p in self._declared() if not p.trainable}
+
+    def _declared(self) -> list[tuple[str, Param]]:
+        """The Param attributes that hold a tensor, in declaration order."""
+        slots = self.__dict__.get("_slots", {})
+        return [(name, p) for name, p in vars(type(self)).items() if isinstance(p, Param) and name in slots]
+
+    def slot(self, name: str) -> Slot:
+        """Where param `name` lives; graphs built from the layer share it."""
+        return self.__dict__["_slots"][name]
 
     def forward(self, graph: Graph, x: Value, prefix: str) -> Value:
         raise NotImplementedError
@@ -46,17 +83,7 @@ class Layer:
 
 
 def _check_width(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
-    if value >= 2**63:  # torch cannot even describe such a tensor (its sizes are int64)
-        raise ValueError(f"{name}={value} is too large; a layer's width must be below 2**63")
-    return value
-
-
-def _check_dtype(dtype: Any) -> torch.dtype:
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype must be a floating torch dtype such as torch.float32, got {dtype!r}")
-    return dtype
+    return whole(name, value, 1, 2**63 - 1)  # torch cannot even describe a wider tensor (its sizes are int64)
 
 
 class Linear(Layer):
@@ -66,23 +93,32 @@ class Linear(Layer):
     drawn from `generator` or torch's global RNG.
     """
 
+    weight = Param()
+    bias = Param()
+
     def __init__(self, in_features: int, out_features: int, generator: torch.Generator | None = None,
                  dtype: torch.dtype = torch.float32) -> None:
         self.in_features = _check_width("in_features", in_features)
         self.out_features = _check_width("out_features", out_features)
-        _check_dtype(dtype)
+        _check_dtype("Linear", dtype)  # only what the IR supports: a float8 or int weight fails here, not in torch
+        read_shape((self.in_features, self.out_features), "Linear's weight", dtype)  # else torch fails to describe it
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         bound = 1.0 / math.sqrt(in_features)
-        self.weight = (torch.rand(in_features, out_features, generator=generator, dtype=dtype) * 2 - 1) * bound
-        self.bias = (torch.rand(out_features, generator=generator, dtype=dtype) * 2 - 1) * bound
-
-    def params(self) -> dict[str, torch.Tensor]:
-        return {"weight": self.weight, "bias": self.bias}
+        try:  # in place, so that a big layer needs its own size in memory, not three times it
+            self.weight = torch.rand(in_features, out_features, generator=generator, dtype=dtype).mul_(2).sub_(1) \
+                .mul_(bound)
+            self.bias = torch.rand(out_features, generator=generator, dtype=dtype).mul_(2).sub_(1).mul_(bound)
+        except RuntimeError as e:  # torch.OutOfMemoryError is one too
+            if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
+                raise
+            size = in_features * out_features * dtype.itemsize / 2**30
+            raise ValueError(f"Linear({in_features}, {out_features}) needs {size:.3g} GiB for its {dtype} weight, "
+                             "more than this machine can allocate; use smaller widths") from None
 
     def forward(self, graph: Graph, x: Value, prefix: str) -> Value:
-        w = graph.param(f"{prefix}weight", self.weight)
-        b = graph.param(f"{prefix}bias", self.bias)
+        w = graph.param(f"{prefix}weight", self.slot("weight"))
+        b = graph.param(f"{prefix}bias", self.slot("bias"))
         return add(matmul(x, w), b)
 
     def config(self) -> dict[str, Any]:
@@ -136,10 +172,12 @@ class Standardize(Layer):
         dtype: the dtype of mean and std, the model's dtype.
     """
 
+    mean = Param(trainable=False)
+    std = Param(trainable=False)
+
     def __init__(self, features: int | None = None, dtype: torch.dtype = torch.float32) -> None:
-        self.dtype = _check_dtype(dtype)
-        self.mean: torch.Tensor | None = None
-        self.std: torch.Tensor | None = None
+        _check_dtype("Standardize", dtype)
+        self.dtype = dtype
         if features is not None:
             self.in_features = self.out_features = _check_width("features", features)
             self.mean, self.std = torch.zeros(features, dtype=dtype), torch.ones(features, dtype=dtype)
@@ -147,8 +185,8 @@ class Standardize(Layer):
     def adapt(self, X: torch.Tensor) -> Standardize:
         """Set mean and std to those of X [examples, features], per feature (the population
         std, as Keras and scikit-learn use). A constant feature (std 0) gets std 1, so it is
-        centred, never divided by zero. Adapting again updates the live tensors in place,
-        so a model that holds this layer sees the new values, trained or not.
+        centred, never divided by zero. Adapting again replaces the live tensors, so a model
+        that holds this layer uses the new values from its next call on, trained or not.
 
         Returns:
             The layer, so that `gd.Standardize().adapt(X)` can go straight into a Sequential.
@@ -169,22 +207,17 @@ class Standardize(Layer):
         # A std at the level of rounding noise is a constant feature, as scikit-learn judges it.
         constant = std <= 10 * torch.finfo(self.dtype).eps * mean.abs().clamp_min(1.0)
         std = torch.where(constant, torch.ones_like(std), std)
-        if self.mean is None:
-            self.in_features = self.out_features = X.shape[1]
-            self.mean, self.std = mean.to(self.dtype), std.to(self.dtype)
-        else:
-            self.mean.copy_(mean)
-            self.std.copy_(std)
+        device = self.mean.device if self.in_features is not None else X.device
+        self.in_features = self.out_features = X.shape[1]
+        self.mean, self.std = mean.to(device, self.dtype), std.to(device, self.dtype)
         return self
 
-    def buffers(self) -> dict[str, torch.Tensor]:
-        return {} if self.mean is None else {"mean": self.mean, "std": self.std}
-
     def forward(self, graph: Graph, x: Value, prefix: str) -> Value:
-        if self.mean is None:
+        if self.in_features is None:
             raise GraphError("Standardize has no statistics yet; call .adapt(X) on the training inputs first, "
                              "or give features= to start from the identity")
-        return div(sub(x, graph.param(f"{prefix}mean", self.mean)), graph.param(f"{prefix}std", self.std))
+        mean, std = graph.param(f"{prefix}mean", self.slot("mean")), graph.param(f"{prefix}std", self.slot("std"))
+        return div(sub(x, mean), std)
 
     def config(self) -> dict[str, Any]:
         return {"type": "Standardize", "features": self.in_features, "dtype": str(self.dtype).removeprefix("torch.")}
@@ -194,6 +227,7 @@ class Standardize(Layer):
 
 
 LAYERS: dict[str, type[Layer]] = {cls.__name__: cls for cls in (Linear, ReLU, Tanh, Sigmoid, Softmax, Standardize)}
+_DTYPES_BY_NAME = {str(d).removeprefix("torch."): d for d in DTYPES.values()}  # as config() writes them
 
 
 class Sequential:
@@ -206,9 +240,10 @@ class Sequential:
 
     def __init__(self, *layers: Layer) -> None:
         self.layers: list[Layer] = []
-        self._cache: dict[Any, Any] = {}
         self.loss: Loss | None = None  # set by fit (or load): evaluate's and fit's default
-        self.history: History | None = None  # the last fit's, kept even when it stops early
+        self.history: History | None = None  # the last fit's History, kept if it stops early
+        self._cache: dict[Any, Any] = {}  # compiled functions by purpose (see `compiled`)
+        self._signature: tuple = ()  # the tensors' shapes, dtypes and devices the cache was built for
         for layer in layers:
             self.add(layer)
 
@@ -281,6 +316,22 @@ class Sequential:
             g.output(h)
         return g
 
+    def compiled(self, key: Any, build: Callable[[], Any]) -> Any:
+        """The compiled function for `key` (such as ("predict",)), built by `build` once.
+
+        Compiled functions read the params' live tensors, so a layer given a new tensor of
+        the same shape, dtype and device keeps them; a different shape, dtype or device
+        rebuilds them (and a shape that no longer fits fails there, naming the layer).
+        """
+        signature = tuple((t.shape, t.dtype, t.device) for t in self.state().values())
+        if signature != self._signature:
+            self._cache.clear()
+            self._signature = signature
+        fn = self._cache.get(key)
+        if fn is None:
+            fn = self._cache[key] = build()
+        return fn
+
     def _dtype(self) -> torch.dtype:
         params = list(self.state().values())
         return params[0].dtype if params else torch.float32
@@ -309,11 +360,11 @@ class Sequential:
             if kind not in LAYERS:
                 raise GraphError(f"layer {k}: unknown layer type {kind!r}; known: {', '.join(LAYERS)}")
             args = {key: v for key, v in spec.items() if key != "type"}
-            if "dtype" in args:
-                args["dtype"] = getattr(torch, str(args["dtype"]))
+            if "dtype" in args:  # by name, so that "float8_e4m3fn" or "Tensor" reach Linear's check, not getattr
+                args["dtype"] = _DTYPES_BY_NAME.get(str(args["dtype"]), args["dtype"])
             try:
                 layers.append(LAYERS[kind](**args))
-            except TypeError as e:
+            except (TypeError, ValueError) as e:
                 raise GraphError(f"layer {k} ({kind}): bad settings {args}: {e}") from None
         return cls(*layers)
 
@@ -385,6 +436,11 @@ class Sequential:
         """
         from .train import evaluate
         return evaluate(self, X, Y, loss, metrics, threads)
+
+    def to_torch(self) -> Any:
+        """A torch `nn.Sequential` with copies of this model's weights (see `graphdl.interop.to_torch`)."""
+        from .interop import to_torch
+        return to_torch(self)
 
     def save(self, path: str) -> None:
         """Write the model (IR text, layer config, weights as safetensors) atomically."""

@@ -14,13 +14,14 @@ Broadcasting follows torch, with one static rule for symbolic dims: a symbol suc
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .ir import DTYPES, Dim, GraphError, Shape, ShapeError, Value, caller_location, dtype_name, format_shape
+from .ir import DTYPES, Dim, GraphError, Shape, ShapeError, Value, caller_location, dtype_name, format_shape, read_float
 
 Lowering = Callable[[list[str], dict[str, Any], list[Value]], str]
 
@@ -99,7 +100,7 @@ def apply(op: OpDef, *inputs: Value | float, **attrs: Any) -> Value:
         )
     graph = values[0].graph
     for i, v in enumerate(inputs):
-        if not isinstance(v, (Value, int, float)) or isinstance(v, bool):
+        if not isinstance(v, (Value, numbers.Real)) or isinstance(v, bool):
             hint = "wrap tensors with Graph.param or Graph.input" if isinstance(v, torch.Tensor) else ""
             raise graph.node_error(op.name, inputs, f"input {i} is a {type(v).__name__}; inputs must be graph "
                                    "values or Python numbers", hint)
@@ -229,16 +230,18 @@ def _normalise_axis(x: Value, attrs: dict) -> tuple[int, ...]:
     axis = attrs["axis"]
     if axis is None:
         return tuple(range(x.ndim))
-    if not isinstance(axis, (int, tuple, list)):
+    if not isinstance(axis, (numbers.Integral, tuple, list)):
         raise ShapeError(f"axis must be None, an int or a tuple of ints, got {axis!r}",
                          "e.g. axis=1 or axis=(0, 1); None reduces every axis")
-    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    axes = (axis,) if isinstance(axis, numbers.Integral) else tuple(axis)
     out = []
     for a in axes:
-        if not isinstance(a, int) or isinstance(a, bool) or not -x.ndim <= a < max(x.ndim, 1):
+        # A 0-d value has no axis: torch would take 0 or -1 there, but the VJP could not put it back.
+        if not isinstance(a, numbers.Integral) or isinstance(a, bool) or not -x.ndim <= a < x.ndim:
             raise ShapeError(f"axis {axis!r} is out of range for shape {format_shape(x.shape)}",
-                             f"use an axis in [{-x.ndim}, {x.ndim - 1}]")
-        out.append(a % x.ndim if x.ndim else 0)
+                             f"use an axis in [{-x.ndim}, {x.ndim - 1}]" if x.ndim else
+                             "a 0-d value has no axes; use axis=None")
+        out.append(int(a) % x.ndim)
     if len(set(out)) != len(out):
         raise ShapeError(f"axis {axis!r} repeats an axis")
     return tuple(sorted(out))
@@ -262,9 +265,14 @@ def broadcast_like_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.
     shape = g.shape
     if attrs["axis"] is not None:
         axes = attrs["axis"] = _normalise_axis(ref, attrs)
+        if not axes and ref.ndim:  # the VJP reduces over these axes, and sum refuses an empty list
+            raise ShapeError(f"axis={attrs['axis']!r} names no axis", "use axis=None to broadcast without one")
         if g.ndim + len(axes) == ref.ndim:  # the reduction dropped these axes: put them back
             for a in axes:
                 shape = (*shape[:a], 1, *shape[a:])
+        elif g.ndim != ref.ndim or any(g.shape[a] != 1 for a in axes):  # nor kept them as 1s
+            raise ShapeError(f"{format_shape(g.shape)} is not {format_shape(ref.shape)} reduced over axes "
+                             f"{axes} (with or without keepdims)", "use axis=None to broadcast g as it is")
     elif attrs["mean"]:
         raise ShapeError("mean=True needs the reduced axes in axis")
     if len(shape) > ref.ndim or broadcast_shapes(shape, ref.shape) != ref.shape:
@@ -293,11 +301,12 @@ def _flag(name: str, value: Any) -> bool:
 
 
 def const_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
-    if attrs["dtype"] not in DTYPES:
+    if not isinstance(attrs["dtype"], str) or attrs["dtype"] not in DTYPES:
         raise ShapeError(f"unknown dtype {attrs['dtype']!r}", f"use one of {', '.join(DTYPES)}")
-    if not isinstance(attrs["value"], (int, float)) or isinstance(attrs["value"], bool):
-        raise ShapeError(f"value {attrs['value']!r} must be a number")
-    attrs["value"] = float(attrs["value"])
+    try:
+        attrs["value"] = read_float(attrs["value"], "value", DTYPES[attrs["dtype"]])
+    except GraphError as e:
+        raise ShapeError(str(e)) from None
     return (), DTYPES[attrs["dtype"]]
 
 
@@ -526,9 +535,11 @@ bce_with_logits = defop(
 
 def _cross_entropy_vjp(g: Value, out: Value, x: Value, y: Value) -> list[Value | None]:
     # loss = -mean over rows of sum(y * log_softmax(x)): d/dx = softmax(x) * sum(y) - y (softmax - y for
-    # rows that sum to 1), d/dy = -log_softmax(x), each over the number of rows.
-    spread = broadcast_like(g, x, axis=0, mean=True)
-    return [spread * (softmax_(x) * sum(y, axis=-1, keepdims=True) - y), neg(spread * log_softmax_(x))]
+    # rows that sum to 1), d/dy = -log_softmax(x), each over the number of rows. Each row's
+    # share g/N is spread over [N, 1], the shape of the row sums of y, and broadcasts from there.
+    row_sums = sum(y, axis=-1, keepdims=True)
+    per_row = broadcast_like(g, row_sums, axis=_all_axes(row_sums), mean=True)
+    return [per_row * (softmax_(x) * row_sums - y), neg(per_row * log_softmax_(x))]
 
 
 cross_entropy = defop(

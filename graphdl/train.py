@@ -18,9 +18,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .autodiff import grad
+from .checks import real, shown, whole
 from .compile import Compiled, compile
+from .ir import tensor_problem
 from .losses import MSE, Loss
-from .optim import SGD, Schedule
+from .optim import SGD, Schedule, check_updatable
 
 if TYPE_CHECKING:
     from .layers import Sequential
@@ -48,36 +50,37 @@ class History(dict):
         return len(self["loss"])
 
 
-def _compiled(model: Sequential, key: Any, build: Callable[[], Compiled]) -> Compiled:
-    """Compile once per model structure and device; `add` and `to` clear the cache."""
-    fn = model._cache.get(key)
-    if fn is None:
-        fn = model._cache[key] = build()
-    return fn
-
-
 def _step_fn(model: Sequential, loss: Loss) -> Compiled:
     names = list(model.parameters())
-    return _compiled(model, ("step", loss), lambda: compile(grad(model.graph(loss), names)))
+    return model.compiled(("step", loss), lambda: compile(grad(model.graph(loss), names)))
 
 
 def _eval_fn(model: Sequential, loss: Loss) -> Compiled:
-    return _compiled(model, ("eval", loss), lambda: compile(model.graph(loss, prediction=True)))
+    return model.compiled(("eval", loss), lambda: compile(model.graph(loss, prediction=True)))
 
 
 # -- metrics: counted in int64 and summed in float64, whatever the model's dtype ----------
 
 
-def accuracy(pred: torch.Tensor, target: torch.Tensor, decision: str = "threshold") -> float:
-    """Fraction classified right, read as the loss says (`Loss.decision`): "argmax" (the
-    largest output is the class, against one-hot or probability rows), "logit" (each
-    output above 0 means 1, against 0/1 labels), or "threshold" (a single output above
-    0.5 means 1; several outputs: the argmax)."""
+def correct(pred: torch.Tensor, target: torch.Tensor, decision: str = "threshold") -> tuple[int, int]:
+    """How many predictions are right, and of how many, read as the loss says
+    (`Loss.decision`): "argmax" (the largest output is the class, against one-hot or
+    probability rows), "logit" (each output above 0 means 1, against 0/1 labels), or
+    "threshold" (a single output above 0.5 means 1; several outputs: the argmax).
+
+    Counts, not a mean in the model's dtype: bfloat16 would round 0.991 to 0.98828125.
+    """
     if decision == "argmax" or (decision == "threshold" and pred.shape[-1] > 1):
         right = pred.argmax(-1) == target.argmax(-1)
     else:
         right = (pred > (0.0 if decision == "logit" else 0.5)) == (target > 0.5)
-    return int(right.sum()) / right.numel()
+    return int(right.sum()), right.numel()
+
+
+def accuracy(pred: torch.Tensor, target: torch.Tensor, decision: str = "threshold") -> float:
+    """The fraction `correct` counts."""
+    right, total = correct(pred, target, decision)
+    return right / total
 
 
 METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor, str], float]] = {
@@ -115,7 +118,8 @@ def _scores(pred: torch.Tensor, Y: torch.Tensor, loss_value: torch.Tensor, metri
             decision: str) -> dict[str, float]:
     scores = {"loss": float(loss_value), **{m: METRICS[m](pred, Y, decision) for m in metrics}}
     if "accuracy" in scores:
-        scores["error"] = 1.0 - scores["accuracy"]
+        right, total = correct(pred, Y, decision)
+        scores["error"] = (total - right) / total  # exactly, not 1 - accuracy's rounding
     return scores
 
 
@@ -123,8 +127,8 @@ def _class_targets(model: Sequential, Y: Any, what: str = "") -> Any:
     """Integer class labels [N] as targets: one-hot rows for a model with several outputs,
     a 0/1 column for a model with one. Anything else is returned as given, for
     _check_data to judge."""
-    if not isinstance(Y, torch.Tensor) or Y.dtype.is_floating_point or Y.is_complex() or Y.dtype == torch.bool \
-            or Y.dim() != 1:
+    if not isinstance(Y, torch.Tensor) or tensor_problem(Y) or Y.is_meta or Y.dtype.is_floating_point \
+            or Y.is_complex() or Y.dtype == torch.bool or Y.dim() != 1:
         return Y
     classes = model.out_features
     top = max(classes, 2) - 1
@@ -142,6 +146,12 @@ def _check_data(model: Sequential, X: Any, Y: Any, what: str = "") -> None:
     for name, t in (("X", X), ("Y", Y)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name}{what} must be a torch.Tensor, got {type(t).__name__}")
+        problem = tensor_problem(t)
+        if problem:
+            raise ValueError(f"{name}{what} {problem}")
+        if t.is_meta:
+            raise ValueError(f"{name}{what} is on the meta device, which holds shapes but no values; "
+                             "training and evaluating need real data (on 'cpu' or 'cuda')")
         if t.dim() != 2:
             raise ValueError(f"{name}{what} must be 2-d [examples, features], got shape {list(t.shape)}")
     if len(X) != len(Y):
@@ -160,15 +170,24 @@ def _check_data(model: Sequential, X: Any, Y: Any, what: str = "") -> None:
                              f"{t[row, col].item()}; drop or repair those examples (e.g. with torch.isfinite)")
 
 
-def _check_settings(validation_data: Any, seed: Any, schedule: Any, shuffle: Any, verbose: Any) -> None:
+def _check_params(model: Sequential) -> None:
+    """Training updates every param in place, so each must hold real values in memory of its own."""
+    for name, p in model.parameters().items():
+        if p.is_meta:
+            raise ValueError(f"param {name} is on the meta device, which holds no values to train; "
+                             "build the model on 'cpu' or 'cuda' (or load real weights) first")
+        check_updatable(f"param {name}", p)
+        if not bool(p.isfinite().all()):
+            raise ValueError(f"param {name} is NaN or inf before training; re-initialise the model")
+
+
+def _check_settings(validation_data: Any, schedule: Any, shuffle: Any, verbose: Any) -> None:
     for name, flag in (("shuffle", shuffle), ("verbose", verbose)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be True or False, got {flag!r}")
     if validation_data is not None and not (isinstance(validation_data, (tuple, list)) and len(validation_data) == 2):
         raise ValueError(f"validation_data must be a pair (X_val, Y_val), got {type(validation_data).__name__}"
                          + (f" of length {len(validation_data)}" if isinstance(validation_data, (tuple, list)) else ""))
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ValueError(f"seed must be a whole number or None, got {seed!r}")
     if schedule is not None and not callable(schedule):
         raise ValueError(f"schedule must be a graphdl schedule such as gd.StepDecay(every=10, factor=0.9), "
                          f"got {schedule!r}")
@@ -190,10 +209,9 @@ def _work(model: Sequential, batch: int) -> int:
 @contextlib.contextmanager
 def _threads_for(model: Sequential, batch: int, threads: int | None) -> Iterator[None]:
     """Run the block with `threads` intra-op threads (None: one for small work, else torch's setting)."""
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be a whole number >= 1, or None to choose by the work per batch, "
-                         f"got {threads!r}")
-    if threads is None and _work(model, batch) < SMALL_WORK:
+    if threads is not None:
+        threads = whole("threads", threads, 1)
+    elif _work(model, batch) < SMALL_WORK:
         threads = 1
     before = torch.get_num_threads()
     if threads is None or threads == before:
@@ -213,10 +231,14 @@ def _scheduled_lr(schedule: Schedule | None, epoch: int, base_lr: float) -> floa
         lr = schedule(epoch, base_lr)
     except TypeError as e:
         raise ValueError(f"schedule {schedule!r} cannot be called as schedule(epoch, base_lr): {e}") from e
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
-        raise ValueError(f"schedule {schedule!r} gave lr={lr!r} for epoch {epoch + 1}; "
-                         "a learning rate must be a finite number >= 0")
-    return lr
+    except OverflowError as e:  # float ** int overflows rather than giving inf
+        raise ValueError(f"schedule {schedule!r} overflowed computing the lr for epoch {epoch + 1} ({e}); "
+                         "a learning rate must be a finite number >= 0") from None
+    try:
+        return real("lr", lr, 0.0)
+    except ValueError:
+        raise ValueError(f"schedule {schedule!r} gave lr={shown(lr)} for epoch {epoch + 1}; "
+                         "a learning rate must be a finite number >= 0") from None
 
 
 class DivergedError(FloatingPointError):
@@ -277,7 +299,7 @@ def _replay(run: Callable[..., tuple], optimizer: SGD, params: list[torch.Tensor
         if not math.isfinite(loss):
             return b, loss, False  # the params that gave it are finite: the previous update was checked
         before.save()
-        optimizer.step(params, out[1:], lr)
+        optimizer.update(params, list(out[1:]), lr, overwrite_grads=True)
         if not bool(_all_finite(params)):
             before.restore()
             return b, loss, True
@@ -313,6 +335,10 @@ def _model_loss(model: Sequential, loss: Any) -> Loss:
     return loss
 
 
+# Nothing fit makes reaches the user as a tensor (it hands back floats and updates the
+# params in place), so the whole loop runs in inference mode: no autograd bookkeeping,
+# and params or data that require grad (from a torch model) are fine.
+@torch.inference_mode()
 def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None = None,
         optimizer: SGD | None = None, schedule: Schedule | None = None, epochs: int = 1,
         batch_size: int = 32, shuffle: bool = True,
@@ -321,19 +347,19 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
     """`Sequential.fit`, which documents the arguments."""
     loss = _model_loss(model, loss)
     optimizer = SGD() if optimizer is None else optimizer
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-        raise ValueError(f"epochs must be a whole number >= 0, got {epochs!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    epochs, batch_size = whole("epochs", epochs, 0), whole("batch_size", batch_size, 1)
+    if seed is not None:  # the range torch.Generator.manual_seed takes
+        seed = whole("seed", seed, -2**63, 2**64 - 1)
     if not isinstance(optimizer, SGD):
         raise ValueError(f"optimizer must be a graphdl optimizer such as gd.SGD(lr=0.01), got {optimizer!r}")
-    _check_settings(validation_data, seed, schedule, shuffle, verbose)
+    _check_settings(validation_data, schedule, shuffle, verbose)
     Y = _class_targets(model, Y)
     _check_data(model, X, Y)
     if validation_data is not None:
         validation_data = (validation_data[0], _class_targets(model, validation_data[1], " (validation)"))
         _check_data(model, *validation_data, what=" (validation)")
     metrics = _check_metrics(metrics, Y, loss)
+    _check_params(model)
     with _threads_for(model, batch_size, threads):
         model.loss = loss
         return _train(model, X, Y, loss, optimizer, schedule, epochs, batch_size, shuffle, validation_data, seed,
@@ -353,20 +379,18 @@ def _train(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss, opti
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())
     gen = torch.Generator().manual_seed(seed)
-    # Each batch's share of the epoch's mean loss, so one dot product gives the mean.
+    # Each batch's share of the epoch's mean loss, so one dot product gives the mean. It is
+    # kept in float32 or wider whatever the model's dtype: in float16 a batch of 65,536 is inf.
     sizes = [min(batch_size, n - s) for s in range(0, n, batch_size)]
-    weights = torch.tensor(sizes, dtype=X.dtype, device=X.device) / max(n, 1)
+    wide = torch.promote_types(X.dtype, torch.float32)
+    weights = (torch.tensor(sizes, dtype=torch.float64) / n).to(X.device, wide)
     history = History(metrics)
     model.history = history  # what fit has recorded so far, kept if it stops early
-    if not bool(_all_finite(params)):
-        bad = next(name for name, p in model.parameters().items() if not bool(p.isfinite().all()))
-        raise ValueError(f"param {bad} is NaN or inf before training; re-initialise the model")
     start = _Snapshot(lambda: [*params, *optimizer.buffers])
 
     for epoch in range(epochs):
         started = time.perf_counter()
         lr = _scheduled_lr(schedule, epoch, optimizer.lr)
-        optimizer.set_lr(lr)  # before the snapshot, so a replay starts from the same state
         if shuffle:
             order = torch.randperm(n, generator=gen).to(X.device)
             Xe, Ye = X.index_select(0, order), Y.index_select(0, order)
@@ -376,11 +400,11 @@ def _train(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss, opti
         losses = []
         for first in range(0, n, batch_size):
             out = run(Xe[first:first + batch_size], Ye[first:first + batch_size])
-            optimizer.step(params, out[1:], lr)
+            optimizer.update(params, list(out[1:]), lr, overwrite_grads=True)  # the gradients are fit's own
             losses.append(out[0])
             del out  # free this batch's gradients before the next batch's are made
         # The epoch's one sync: its mean loss, NaN if any param stopped being finite.
-        epoch_loss = float(torch.where(_all_finite(params), torch.stack(losses) @ weights, torch.nan))
+        epoch_loss = float(torch.where(_all_finite(params), torch.stack(losses).to(wide) @ weights, torch.nan))
         if not math.isfinite(epoch_loss):
             found = _replay(run, optimizer, params, start, Xe, Ye, batch_size, lr)
             raise _diverged(found, epoch, epochs, len(sizes), lr, history)
@@ -410,7 +434,7 @@ def _report(epoch: int, epochs: int, history: History, seconds: float) -> None:
 
 def predict(model: Sequential, X: torch.Tensor, threads: int | None = None) -> torch.Tensor:
     """`Sequential.predict`."""
-    fn = _compiled(model, ("predict",), lambda: compile(model.graph()))
+    fn = model.compiled(("predict",), lambda: compile(model.graph()))
     with _threads_for(model, len(X) if isinstance(X, torch.Tensor) and X.dim() else 1, threads):
         return fn(x=X)[0]
 

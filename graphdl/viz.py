@@ -58,11 +58,11 @@ def to_dot(graph: Graph, hide_params: bool = False, collapse_layers: bool = Fals
     names = {id(v): v.name for v in (*graph.inputs.values(), *graph.params.values())}
     names.update({id(n.out): f"%{k}" for k, n in enumerate(graph.nodes)})
 
-    dot = graphviz.Digraph(graph.name, graph_attr={"rankdir": rankdir, "label": f"graph {graph.name}",
+    dot = graphviz.Digraph(graph.name, graph_attr={"rankdir": rankdir, "label": _text(f"graph {graph.name}"),
                                                    "labelloc": "t", **_FONT},
                            node_attr={"fontsize": "11", **_FONT}, edge_attr={"fontsize": "9", **_FONT})
     scopes = list(dict.fromkeys(n.scope for n in graph.nodes if n.scope))
-    clusters = {s: graphviz.Digraph(f"cluster_{i}", graph_attr={"label": s, "style": "rounded,dashed"})
+    clusters = {s: graphviz.Digraph(f"cluster_{i}", graph_attr={"label": _text(s), "style": "rounded,dashed"})
                 for i, s in enumerate(scopes)}
 
     # A param used by one layer only is drawn inside it (or, collapsed, absorbed into it).
@@ -74,13 +74,14 @@ def to_dot(graph: Graph, hide_params: bool = False, collapse_layers: bool = Fals
     box: dict[int, str | None] = {}  # id(value) -> the dot node drawing its producer (None: not drawn)
     for i, v in enumerate(graph.inputs.values()):
         box[id(v)] = f"in{i}"
-        dot.node(f"in{i}", _label(v.name, format_type(v.dtype, v.shape)), tooltip=f"input {v!r}", **STYLES["input"])
+        dot.node(f"in{i}", _label(v.name, format_type(v.dtype, v.shape)), tooltip=_text(f"input {v!r}"),
+                 **STYLES["input"])
     for i, v in enumerate(graph.params.values()):
         absorbed = collapse_layers and param_scope[id(v)]
         box[id(v)] = None if hide_params or absorbed else f"p{i}"
         if box[id(v)]:
             where = clusters.get(param_scope[id(v)], dot)
-            where.node(f"p{i}", _label(v.name, format_type(v.dtype, v.shape)), tooltip=f"param {v!r}",
+            where.node(f"p{i}", _label(v.name, format_type(v.dtype, v.shape)), tooltip=_text(f"param {v!r}"),
                        **STYLES["param"])
 
     layers: dict[tuple[str, bool], list[Node]] = {}
@@ -100,12 +101,12 @@ def to_dot(graph: Graph, hide_params: bool = False, collapse_layers: bool = Fals
             f"n{k}",
             _label(f"%{k} {node.op.name}{format_attrs(node)}", format_type(node.out.dtype, node.out.shape),
                    *(f"{v.name}: {format_type(v.dtype, v.shape)}" for v in hidden)),
-            tooltip=f"{format_node(node, names)}\ncreated at {node.where}",
+            tooltip=_text(f"{format_node(node, names)}\ncreated at {node.where}"),
             **attrs,
         )
     for j, ((scope, backward), members) in enumerate(layers.items()):
         dot.node(f"layer{j}", _layer_label(graph, scope, backward, members, box),
-                 tooltip="\n".join(format_node(n, names) for n in members),
+                 tooltip=_text("\n".join(format_node(n, names) for n in members)),
                  **STYLES["backward" if backward else "forward"], penwidth="2")
 
     for c in clusters.values():
@@ -118,18 +119,25 @@ def to_dot(graph: Graph, hide_params: bool = False, collapse_layers: bool = Fals
             edge = (box[id(v)], box[id(node.out)], id(v))
             if edge[0] is not None and edge[0] != edge[1] and edge not in drawn:
                 drawn.add(edge)
-                dot.edge(edge[0], edge[1], label=format_type(v.dtype, v.shape))
+                dot.edge(edge[0], edge[1], label=_text(format_type(v.dtype, v.shape)))
     for i, (v, label) in enumerate(zip(graph.outputs, graph.output_labels)):
         dot.node(f"out{i}", _label(f"output {i}" + (f": {label}" if label else ""), format_type(v.dtype, v.shape)),
                  **STYLES["output"])
         if box[id(v)] is not None:
-            dot.edge(box[id(v)], f"out{i}", label=names[id(v)])
+            dot.edge(box[id(v)], f"out{i}", label=_text(names[id(v)]))
     return dot
 
 
+def _text(text: str) -> str:
+    """User text (a scope, an attr, a file path) as Graphviz should show it: literally.
+    Unescaped, `a\\` would end the quoted DOT string early, `\\l` would be a line break
+    and `<b>` HTML markup; escape() doubles backslashes and marks the text as not HTML."""
+    return graphviz.escape(text)
+
+
 def _label(*lines: str) -> str:
-    # `\n` is Graphviz's centred line break; escape() keeps any backslash in names literal.
-    return r"\n".join(graphviz.escape(line) for line in lines)
+    # `\n` is Graphviz's centred line break, joining lines that are each shown literally.
+    return r"\n".join(_text(line) for line in lines)
 
 
 def _layer_label(graph: Graph, scope: str, backward: bool, members: list[Node],

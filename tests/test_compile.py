@@ -145,3 +145,85 @@ def test_feeds_on_another_device_than_the_params_are_refused(device):
     other = "meta" if device == "cpu" else "cpu"
     with pytest.raises(gd.GraphError, match="move it with"):
         fn(**feeds(other))
+
+
+# -- every output owns its memory ---------------------------------------------------------
+
+
+def test_the_same_value_output_twice_comes_back_as_two_tensors():
+    g = gd.Graph("twice")
+    x = g.input("x", (None, 3))
+    e = gd.exp(x)
+    g.output(e, e, gd.exp(x))  # CSE also makes the third the same value
+    a, b, c = gd.compile(g)(x=torch.zeros(2, 3))
+    a.add_(1.0)
+    assert torch.equal(b, torch.ones(2, 3)) and torch.equal(c, torch.ones(2, 3))
+    assert len({t.untyped_storage().data_ptr() for t in (a, b, c)}) == 3
+
+
+def test_gradients_that_cse_makes_equal_are_separate_tensors():
+    """Two biases in a row get the same gradient; updating one in place must not move the other."""
+    g = gd.Graph("biases")
+    x = g.input("x", (None, 3))
+    b1, b2 = g.param("b1", torch.zeros(3)), g.param("b2", torch.zeros(3))
+    g.output(gd.mean(gd.add(gd.add(x, b1), b2)))
+    _, d1, d2 = gd.compile(gd.grad(g, ["b1", "b2"]))(x=torch.rand(4, 3))
+    assert d1.untyped_storage().data_ptr() != d2.untyped_storage().data_ptr()
+    want = d2.clone()
+    d1.mul_(0.0)
+    assert torch.equal(d2, want)
+
+
+# -- params are live: whatever is assigned is what runs next -------------------------------
+
+
+def test_a_param_assigned_after_grad_is_what_the_gradient_graph_reads():
+    g = mlp()
+    fn = gd.compile(gd.grad(g, ["fc1.weight"]))
+    new = torch.randn(8, 8)
+    g.params["fc1.weight"].data = new
+    fresh = gd.compile(gd.grad(g, ["fc1.weight"]))
+    for a, b in zip(fn(**feeds()), fresh(**feeds())):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert g.params["fc1.weight"].data is new
+
+
+def test_assigning_a_param_something_that_is_not_a_dense_float_tensor_is_refused():
+    g = mlp()
+    for bad, pattern in [(3.0, "must be a torch.Tensor"), (torch.zeros(8, 8, dtype=torch.int64), "dtype"),
+                         (torch.zeros(8, 8).to_sparse(), r"sparse_coo tensor; convert it with \.to_dense\(\)")]:
+        with pytest.raises(gd.GraphError, match=pattern):
+            g.params["fc1.weight"].data = bad
+
+
+# -- odd tensors: tensors that require grad, sparse feeds ------------------------------------
+
+
+def test_feeds_and_params_that_require_grad_compute_without_a_tape():
+    g = mlp()
+    for v in g.params.values():
+        v.data = v.data.clone().requires_grad_()
+    data = {k: t.clone().requires_grad_() for k, t in feeds().items()}
+    fn = gd.compile(gd.grad(g, list(g.params)))
+    outs = fn(**data)
+    assert all(not t.requires_grad and t.grad_fn is None for t in outs)
+    plain = mlp()
+    for a, b in zip(outs, gd.compile(gd.grad(plain, list(plain.params)))(**feeds())):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_sparse_feed_is_refused_naming_the_fix():
+    fn = gd.compile(mlp())
+    data = feeds()
+    data["x"] = data["x"].to_sparse()
+    with pytest.raises(gd.GraphError, match=r"input x is a sparse_coo tensor; convert it with \.to_dense\(\)"):
+        fn(**data)
+
+
+def test_a_param_moved_to_another_device_after_compile_is_named():
+    g = mlp()
+    fn = gd.compile(g)
+    g.params["fc1.weight"].data = g.params["fc1.weight"].data.to("meta")
+    with pytest.raises(gd.GraphError, match=r"param moved after compile \(fc1.weight is now f32\[8,8\] on meta, "
+                                            r"declared f32\[8,8\] on cpu\); compile the graph again"):
+        fn(**feeds())

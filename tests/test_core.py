@@ -207,9 +207,13 @@ def test_malformed_text_raises_graph_error_with_line(text, message):
 
 def test_graphdl_never_uses_torch_autograd_or_nn():
     root = pathlib.Path(gd.__file__).parent
-    pattern = re.compile(r"torch\.autograd|torch\.nn\b|from torch import (nn|autograd)|requires_grad")
+    autograd = re.compile(r"torch\.autograd|from torch import autograd|requires_grad")
+    nn = re.compile(r"torch\.nn\b|from torch import nn")
+    # interop.py converts nn.Sequential to and from graphdl: it names torch.nn modules to read and
+    # build them, and runs none (test_interop checks that no forward hook fires).
     offenders = [f"{p}:{i}" for p in root.rglob("*.py")
-                 for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+                 for i, line in enumerate(p.read_text().splitlines(), 1)
+                 if autograd.search(line) or (nn.search(line) and p.name != "interop.py")]
     assert offenders == []
 
 

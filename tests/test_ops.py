@@ -3,6 +3,7 @@ torch.autograd, the shape rule vs the kernel's real output, and the round trip."
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -249,3 +250,55 @@ def test_softmax_of_huge_logits_is_a_probability_row():
 def test_classification_op_shape_errors(build, message):
     with pytest.raises(gd.GraphError, match=message):
         build(gd.Graph("g"))
+
+
+# -- shape rules accept only what the lowering and the VJP can run -----------------------------
+
+SHAPES = [(), (1,), (3,), ("N",), (2, 3), (1, 3), ("N", 3), ("N", 1), (2, 3, 4)]
+AXES = [None, 0, -1, 1, -2, 2, -3, 3, (), [], (0,), [0], (0, 1), (1, 0), (-1, 0), (0, 0), True, 1.0, (0, True)]
+ATTRS = {
+    "sum": [{"axis": a, "keepdims": k} for a in AXES for k in (False, True)],
+    "mean": [{"axis": a, "keepdims": k} for a in AXES for k in (False, True)],
+    "broadcast_like": [{"axis": a, "mean": m} for a in AXES for m in (False, True)],
+    "sum_to": [{"shape": s} for s in [(), (1,), (3,), ("N",), (1, 1), (1, 3), (2, 3), ("N", 3), (3, 4), (1, 3, 4)]],
+}
+
+
+def _accepted_builds():
+    """Every (op, input shapes, attrs) of the grid above that the op's shape rule accepts."""
+    for name, op in gd.OPS.items():
+        if op.arity == 0:
+            continue
+        for shapes in itertools.product(SHAPES, repeat=op.arity):
+            if op.arity == 3 and len({len(s) for s in shapes[1:]}) > 1:
+                continue  # addmm and mse_backward: keep the grid small
+            for attrs in ATTRS.get(name, [{}]):
+                g = gd.Graph("rule")
+                values = [g.input(f"a{i}", s, torch.float64) for i, s in enumerate(shapes)]
+                try:
+                    out = gd.ops.apply(op, *values, **attrs)
+                except gd.GraphError:
+                    continue  # refused at build time, as it should be if anything below would fail
+                yield g, out, shapes
+
+
+def test_every_build_a_shape_rule_accepts_compiles_differentiates_and_runs():
+    """`mean(x, axis=0)` on a 0-d x used to build and then fail in grad + compile with an
+    IndexError: a rule must refuse what the lowering or the VJP cannot run."""
+    gen = torch.Generator().manual_seed(0)
+    n = 5  # the symbolic N, bound at run time
+    accepted = 0
+    for g, out, shapes in _accepted_builds():
+        feeds = {f"a{i}": 0.5 + torch.rand([n if d == "N" else d for d in s], generator=gen, dtype=torch.float64)
+                 for i, s in enumerate(shapes)}
+        g.output(gd.sum(out))
+        g.output(out)
+        loss, result = gd.compile(g)(**feeds)
+        assert tuple(result.shape) == tuple(n if d == "N" else d for d in out.shape), str(g)
+        if out.node.op.vjp is not None:
+            gg = gd.grad(g, list(feeds))
+            grads = gd.compile(gg)(**feeds)[2:]
+            assert [tuple(t.shape) for t in grads] == [tuple(f.shape) for f in feeds.values()], str(gg)
+            assert str(gd.parse(str(gg))) == str(gg)
+        accepted += 1
+    assert accepted > 500  # the grid exercises the rules, not only their refusals

@@ -510,9 +510,7 @@ def test_adapting_again_after_fit_is_seen_by_the_compiled_model():
     model.fit(X, torch.rand(20, 1, generator=gen), epochs=1, verbose=False)
     before = model.predict(X)
     layer = model.layers[0]
-    mean = layer.mean
-    layer.adapt(X * 3 + 1)
-    assert layer.mean is mean  # updated in place: the compiled functions read the live tensor
+    layer.adapt(X * 3 + 1)  # new tensors in the layer's slots, which the compiled functions read
     after = model.predict(X)
     bare = gd.Sequential(*model.layers[1:])
     torch.testing.assert_close(after, bare.predict((X - layer.mean) / layer.std))
@@ -585,3 +583,132 @@ def test_methods_show_their_real_signatures_and_docs(method, names):
     doc = pydoc.render_doc(fn, renderer=pydoc.plaintext)
     for name in names:
         assert f"{name}:" in doc or f"{name}, " in doc, name
+
+
+# -- params are live: what a layer is given is what predict, fit and save use ---------------
+
+
+def test_a_layer_given_a_new_tensor_is_one_model_everywhere(tmp_path):
+    gen = torch.Generator().manual_seed(7)
+    X, Y = torch.rand(12, 2, generator=gen), torch.rand(12, 1, generator=gen)
+    model = _net(gen)
+    model.predict(X)
+    model.fit(X, Y, epochs=1, batch_size=4, verbose=False)  # compiled functions now cached
+    new_w, new_b = torch.randn(2, 6, generator=gen), torch.randn(6, generator=gen)
+    model.layers[0].weight, model.layers[0].bias = new_w, new_b
+    fresh = _net(torch.Generator().manual_seed(0))  # a model that never had the old weights
+    for p, q in zip(fresh.parameters().values(), model.parameters().values()):
+        p.copy_(q)
+    torch.testing.assert_close(model.predict(X), fresh.predict(X), rtol=0, atol=0)
+    model.fit(X, Y, epochs=2, batch_size=4, seed=0, verbose=False)
+    fresh.fit(X, Y, epochs=2, batch_size=4, seed=0, verbose=False)
+    assert model.layers[0].weight is new_w  # trained in place: the tensor the user assigned
+    for p, q in zip(model.parameters().values(), fresh.parameters().values()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    model.save(tmp_path / "m.gdl")
+    torch.testing.assert_close(gd.load(tmp_path / "m.gdl").predict(X), model.predict(X), rtol=0, atol=0)
+
+
+def test_a_layer_given_a_tensor_of_another_shape_rebuilds_and_names_the_layer():
+    model = _net(torch.Generator().manual_seed(0))
+    model.predict(torch.rand(3, 2))
+    model.layers[2].weight = torch.zeros(5, 6)  # transposed by mistake
+    with pytest.raises(gd.GraphError, match=r"matmul .* inner dims differ .*\n  created at .*\(in layer 2:Linear\)"):
+        model.predict(torch.rand(3, 2))
+
+
+def test_a_graph_from_the_model_shares_its_params():
+    model = _net(torch.Generator().manual_seed(0))
+    g = model.graph()
+    g.params["0.weight"].data = torch.zeros(2, 6)
+    assert torch.equal(model.layers[0].weight, torch.zeros(2, 6))
+
+
+# -- odd tensors: data that requires grad, meta data and models ------------------------------
+
+
+def test_fit_takes_data_and_params_that_require_grad():
+    """Features from another torch model, weights brought over from torch.nn: no tape, same numbers."""
+    gen = torch.Generator().manual_seed(2)
+    X, Y = torch.rand(10, 2, generator=gen), torch.rand(10, 1, generator=gen)
+    a, b = _net(torch.Generator().manual_seed(3)), _net(torch.Generator().manual_seed(3))
+    for layer in a.layers:
+        if isinstance(layer, gd.Linear):
+            layer.weight = torch.nn.Parameter(layer.weight.clone())
+    a.fit(X.clone().requires_grad_(), Y.clone().requires_grad_(), optimizer=gd.SGD(lr=0.1, momentum=0.9),
+          epochs=2, batch_size=3, seed=0, verbose=False)
+    b.fit(X, Y, optimizer=gd.SGD(lr=0.1, momentum=0.9), epochs=2, batch_size=3, seed=0, verbose=False)
+    for p, q in zip(a.parameters().values(), b.parameters().values()):
+        torch.testing.assert_close(p.detach(), q, rtol=0, atol=0)
+    assert a.predict(X.requires_grad_()).grad_fn is None
+
+
+def test_meta_data_and_meta_models_are_refused_saying_why(tmp_path):
+    model = _net(torch.Generator().manual_seed(0))
+    X, Y = torch.rand(4, 2), torch.rand(4, 1)
+    for call in (lambda: model.fit(X.to("meta"), Y.to("meta"), verbose=False),
+                 lambda: model.evaluate(X.to("meta"), Y.to("meta"))):
+        with pytest.raises(ValueError, match="X is on the meta device, which holds shapes but no values"):
+            call()
+    model.to("meta")
+    assert model.predict(X.to("meta")).shape == (4, 1)  # shapes alone: fine on meta
+    with pytest.raises(ValueError, match="param 0.weight is on the meta device"):
+        model.fit(X, Y, verbose=False)
+    with pytest.raises(gd.GraphError, match="meta device"):
+        model.save(tmp_path / "meta.gdl")
+    assert not (tmp_path / "meta.gdl").exists()
+
+
+# -- bookkeeping in float32 or wider, whatever the model's dtype ------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_a_batch_of_65536_trains_in_low_precision(dtype):
+    """65,536 is inf in float16: the batch's weight in the epoch's mean loss made a finite
+    epoch look diverged. The epoch loss and the update follow a float64 reference."""
+    gen = torch.Generator().manual_seed(0)
+    n = 65536 + 8  # a full batch and a partial one
+    X = torch.rand(n, 2, generator=gen).to(dtype)
+    Y = torch.rand(n, 1, generator=gen).to(dtype)
+    model = gd.Sequential(gd.Linear(2, 1, generator=gen, dtype=dtype))
+    w, b = (t.double().requires_grad_() for t in model.parameters().values())
+    losses = []
+    for s in range(0, n, 65536):
+        loss = ((X[s:s + 65536].double() @ w + b - Y[s:s + 65536].double()) ** 2).mean()
+        gw, gb = torch.autograd.grad(loss, [w, b])
+        losses.append(loss.item())
+        with torch.no_grad():
+            w -= 0.1 * gw
+            b -= 0.1 * gb
+    history = model.fit(X, Y, optimizer=gd.SGD(lr=0.1), epochs=1, batch_size=65536, shuffle=False, verbose=False)
+    eps = torch.finfo(dtype).eps
+    assert history["loss"] == pytest.approx([(losses[0] * 65536 + losses[1] * 8) / n], rel=4 * eps)
+    torch.testing.assert_close(model.layers[0].weight.double(), w.detach(), rtol=4 * eps, atol=4 * eps)
+    assert model.layers[0].weight.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["f16", "bf16", "f32"])
+@pytest.mark.parametrize("outputs", [1, 2], ids=["threshold", "argmax"])
+def test_accuracy_and_error_are_exact_counts(dtype, outputs):
+    """9 wrong out of 1,000 is reported as 0.991 and 0.009 exactly, not the mean of 0/1s in
+    the model's dtype (bfloat16 gave 0.98828125)."""
+    labels = torch.arange(1000) % 2
+    wrong = torch.zeros(1000, dtype=torch.bool)
+    wrong[torch.arange(9) * 101] = True
+    predicted = torch.where(wrong, 1 - labels, labels)
+    if outputs == 1:  # the identity: predictions are the inputs
+        X, Y = predicted.to(dtype)[:, None], labels.to(dtype)[:, None]
+    else:
+        X, Y = torch.eye(2, dtype=dtype)[predicted], torch.eye(2, dtype=dtype)[labels]
+    model = gd.Sequential(gd.Linear(outputs, outputs, dtype=dtype))
+    model.layers[0].weight = torch.eye(outputs, dtype=dtype)
+    model.layers[0].bias = torch.zeros(outputs, dtype=dtype)
+    scores = model.evaluate(X, Y)
+    assert (scores["accuracy"], scores["error"]) == (0.991, 0.009)
+    history = model.fit(X, Y, optimizer=gd.SGD(lr=0.0), epochs=1, validation_data=(X, Y), verbose=False)
+    assert history["accuracy"] == history["val_accuracy"] == [0.991]
+
+
+def test_a_layer_too_big_for_memory_says_so_instead_of_failing_in_the_allocator():
+    with pytest.raises(ValueError, match=r"Linear\(100000, 1000000\) needs 373 GiB .* use smaller widths"):
+        gd.Linear(100_000, 1_000_000)

@@ -207,3 +207,34 @@ def test_jupyter_display_degrades_to_text(monkeypatch):
     assert model._repr_mimebundle_() == {"text/plain": repr(model)}
     unbuilt = gd.Sequential(gd.Standardize(), gd.ReLU())  # cannot build a graph yet: its repr alone
     assert unbuilt._repr_mimebundle_() == {"text/plain": repr(unbuilt)}
+
+
+ODD_SCOPES = ["a\\", "<b>", '"q"', "{x|y}", 'a\\"', "\\l", "x\\ny", "<<b>x</b>>", "a&b", "C:\\dir\\", "grad"]
+
+
+@pytest.mark.usefixtures("dot_program")
+@pytest.mark.parametrize("scope", ODD_SCOPES)
+def test_dot_draws_any_scope_literally(tmp_path, scope):
+    """Scopes are user text: `a\\` must not end DOT's quoted string, `<b>` must not be HTML,
+    `\\l` must not be a line break; the picture shows each exactly as the IR holds it."""
+    import warnings
+    import xml.etree.ElementTree as ET
+
+    from graphdl.text import format_scope
+
+    g = gd.Graph("g")
+    x = g.input("x", (None, 2))
+    w = g.param("w", torch.zeros(2, 2))
+    with g.scope(scope):
+        h = gd.mul(gd.matmul(x, w), 2.0)
+    g.output(gd.relu(h))
+    svg_ns, xlink = "{http://www.w3.org/2000/svg}", "{http://www.w3.org/1999/xlink}"
+    for collapse, shown in ((False, scope), (True, f"{scope} [N,2]→[N,2]")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # graphviz warns when it expects dot to fail
+            svg = gd.render(g, tmp_path / "g.svg", collapse_layers=collapse).read_text()
+        root = ET.fromstring(svg)
+        assert shown in [t.text for t in root.iter(f"{svg_ns}text")]
+        # dot writes "  " as " \xa0"
+        tooltips = [a.get(f"{xlink}title", "").replace("\xa0", " ") for a in root.iter(f"{svg_ns}a")]
+        assert any(t.startswith(f"%0: f32[N,2] = matmul x, w  # {format_scope(scope)}") for t in tooltips)

@@ -97,7 +97,7 @@ def make_graphdl(layers, act: str, device: str) -> Callable:
 
     def step(x, y):
         out = run(x, y)
-        opt.step(params, out[1:], LR)
+        opt.update(params, list(out[1:]), LR, overwrite_grads=True)
         return out[0]
     return step
 

@@ -1,0 +1,73 @@
+"""SGD's update rule and schedules, on their own (fit's use of them is in test_train)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import graphdl as gd
+
+
+def _rule(params, grads_per_step, lrs, momentum, nesterov=False, weight_decay=0.0):
+    """The documented rule in float64: u <- γu + η(g + λw), w <- w - u (Nesterov: w <- w - (γu + η(g + λw)))."""
+    w = [p.double().clone() for p in params]
+    u = [torch.zeros_like(p) for p in w]
+    for grads, lr in zip(grads_per_step, lrs):
+        for p, v, g in zip(w, u, grads):
+            g = g.double() + weight_decay * p
+            v.mul_(momentum).add_(lr * g)
+            p.sub_(momentum * v + lr * g if nesterov else v)
+    return w, u
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-kernel", "foreach"])
+def test_momentum_stays_bounded_through_200_epochs_of_halving(dtype, fused):
+    """ExponentialDecay(0.5) with two batches an epoch: the rate reaches 2**-200, below
+    every float's range. The velocity must decay with it, not grow (the old u/lr buffers
+    grew 2x an epoch and overflowed float32 at epoch ~155, float16 at ~21)."""
+    gen = torch.Generator().manual_seed(0)
+    X, Y = torch.rand(8, 2, generator=gen).to(dtype), torch.rand(8, 1, generator=gen).to(dtype)
+    model = gd.Sequential(gd.Linear(2, 3, generator=gen, dtype=dtype), gd.Tanh(),
+                          gd.Linear(3, 1, generator=gen, dtype=dtype))
+    opt = gd.SGD(lr=0.1, momentum=0.9)
+    opt.fused = fused
+    history = model.fit(X, Y, optimizer=opt, schedule=gd.ExponentialDecay(0.5), epochs=200, batch_size=4,
+                        shuffle=False, verbose=False)
+    assert len(history["loss"]) == 200
+    assert all(bool(b.isfinite().all()) and float(b.abs().max()) < 1.0 for b in opt.buffers)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-kernel", "foreach"])
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_the_velocity_follows_the_rule_exactly_across_rate_changes(fused, nesterov):
+    gen = torch.Generator().manual_seed(1)
+    params = [torch.randn(3, 2, generator=gen), torch.randn(2, generator=gen)]
+    steps = [[torch.randn(3, 2, generator=gen), torch.randn(2, generator=gen)] for _ in range(6)]
+    lrs = [0.1, 0.1, 0.05, 0.0, 0.0, 0.2]  # a rate of 0 keeps moving w by the decaying u
+    opt = gd.SGD(lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=0.01)
+    opt.fused = fused
+    live = [p.clone() for p in params]
+    for grads, lr in zip(steps, lrs):
+        opt.update(live, [g.clone() for g in grads], lr, overwrite_grads=True)
+    want_w, want_u = _rule(params, steps, lrs, 0.9, nesterov, 0.01)
+    for got, want in zip([*live, *opt.buffers], [*want_w, *want_u]):
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
+
+
+def test_step_leaves_the_callers_gradients_alone_and_checks_them():
+    p, g = torch.ones(3), torch.full((3,), 2.0)
+    gd.SGD(lr=0.5, momentum=0.9).step([p], [g])
+    assert torch.equal(g, torch.full((3,), 2.0)) and torch.equal(p, torch.zeros(3))
+    with pytest.raises(ValueError, match="1 params but 2 gradients"):
+        gd.SGD().step([p], [g, g])
+    with pytest.raises(ValueError, match=r"param 0 is torch.float32\[3\] .* gradient is torch.float32\[4\]"):
+        gd.SGD().step([p], [torch.ones(4)])
+
+
+def test_step_updates_params_that_require_grad_or_were_made_in_inference_mode():
+    leaf = torch.ones(2, requires_grad=True)
+    with torch.inference_mode():
+        frozen = torch.ones(2)
+    gd.SGD(lr=1.0).step([leaf, frozen], [torch.ones(2), torch.ones(2)])
+    assert torch.equal(leaf.detach(), torch.zeros(2)) and torch.equal(frozen, torch.zeros(2))

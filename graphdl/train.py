@@ -193,12 +193,19 @@ def _check_settings(validation_data: Any, schedule: Any, shuffle: Any, verbose: 
                          f"got {schedule!r}")
 
 
-# Threads. torch runs each op on all cores by default, and splitting an op's work across
-# threads costs a synchronisation per op. On this project's 2-core machine a step of the
-# disk net (2-25-25-25-1, batch 20, ~1,300 multiply-adds per example) takes THREADS_NOTE.
-# So `fit`, `predict` and `evaluate` use one thread when a batch's work is below
-# SMALL_WORK multiply-adds, and torch's setting otherwise, restoring it afterwards.
-SMALL_WORK = 2_000_000
+# Threads. torch splits each op over every core by default, which costs a synchronisation
+# per op, and on a busy machine a wait for a core as well. Measured on this project's
+# 2-core machine (fit's time per step, 1 vs 2 threads alternated, medians of 9; a tanh
+# net 2-w-w-w-1, work = multiply-adds per batch):
+#   w=25 batch 20 (the disk net, 26,500):  120 vs 152 us idle; 272 vs 379, 615 vs 1,648 busy
+#   w=64 batch 64 (537,000):                211 vs 218 us idle; 505 vs 175,816 (!) busy
+#   w=64 batch 256 (2.1 M), w=128 batch 64: 0.87x and 1.15x the 1-thread time, lightly busy
+#   w=128 batch 128 (4.2 M):                646 vs 488 us idle (0.75x)
+#   w=1024 batch 512 (1.1 G):               91 vs 52 ms idle (0.57x); 131 vs 401 ms busy
+# So below SMALL_WORK two threads gain at most ~13 % on an idle machine and lose up to
+# hundreds of times on a busy one: `fit`, `predict` and `evaluate` use one thread there,
+# and torch's setting above it (`threads=` overrides either), restoring it afterwards.
+SMALL_WORK = 4_000_000
 
 
 def _work(model: Sequential, batch: int) -> int:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .checks import whole
-from .ir import DTYPES, Graph, GraphError, Slot, Value, _check_dtype, check_param_tensor, read_shape
+from .ir import DTYPES, Graph, GraphError, Slot, Value, _check_dtype, check_param_tensor, read_shape, tensor_problem
 from .losses import Loss
 from .ops import add, div, matmul, relu, sigmoid, softmax, sub, tanh
 from .optim import SGD, Schedule
@@ -195,6 +195,10 @@ class Standardize(Layer):
             got = f"shape {list(X.shape)}" if isinstance(X, torch.Tensor) else type(X).__name__
             raise ValueError(f"adapt: X must be a 2-d torch.Tensor [examples, features] with at least one "
                              f"example, got {got}")
+        problem = tensor_problem(X) or ("is on the meta device, which holds no values" if X.is_meta else None) \
+            or ("is complex; the statistics are of real numbers" if X.is_complex() else None)
+        if problem:
+            raise ValueError(f"adapt: X {problem}")
         if self.in_features is not None and X.shape[1] != self.in_features:
             raise ValueError(f"adapt: X has {X.shape[1]} features but this Standardize takes {self.in_features}")
         data = X.detach().to("cpu", torch.float64)  # statistics in float64, whatever the data's dtype

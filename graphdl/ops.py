@@ -435,11 +435,11 @@ sigmoid = defop("sigmoid", "torch.sigmoid({0})", unary, lambda g, out, x: [g * (
                 fresh=True, inplace={0: "{0}.sigmoid_()"},
                 doc="1 / (1 + e**-x) elementwise.")
 
-softmax_ = defop("softmax", "torch.softmax({0}, {axis})", class_axis_rule, attrs={"axis": -1}, fresh=True,
+_softmax = defop("softmax", "torch.softmax({0}, {axis})", class_axis_rule, attrs={"axis": -1}, fresh=True,
                   vjp=lambda g, out, x, axis: [out * (g - sum(g * out, axis=axis, keepdims=True))],
                   doc="exp(x) / sum(exp(x)) over `axis` (the last by default): rows of probabilities.")
 
-log_softmax_ = defop("log_softmax", "torch.log_softmax({0}, {axis})", class_axis_rule, attrs={"axis": -1},
+_log_softmax = defop("log_softmax", "torch.log_softmax({0}, {axis})", class_axis_rule, attrs={"axis": -1},
                      fresh=True,
                      vjp=lambda g, out, x, axis: [g - exp(out) * sum(g, axis=axis, keepdims=True)],
                      doc="x - log(sum(exp(x))) over `axis` (the last by default), computed stably.")
@@ -539,7 +539,7 @@ def _cross_entropy_vjp(g: Value, out: Value, x: Value, y: Value) -> list[Value |
     # share g/N is spread over [N, 1], the shape of the row sums of y, and broadcasts from there.
     row_sums = sum(y, axis=-1, keepdims=True)
     per_row = broadcast_like(g, row_sums, axis=_all_axes(row_sums), mean=True)
-    return [per_row * (softmax_(x) * row_sums - y), neg(per_row * log_softmax_(x))]
+    return [per_row * (_softmax(x) * row_sums - y), neg(per_row * _log_softmax(x))]
 
 
 cross_entropy = defop(
@@ -565,12 +565,12 @@ def mean(x: Value, axis: int | Sequence[int] | None = None, keepdims: bool = Fal
 
 def softmax(x: Value, axis: int = -1) -> Value:
     """exp(x) / sum(exp(x)) over `axis` (the last by default)."""
-    return softmax_(x, axis=axis)
+    return _softmax(x, axis=axis)
 
 
 def log_softmax(x: Value, axis: int = -1) -> Value:
     """log(softmax(x)) over `axis` (the last by default), computed stably."""
-    return log_softmax_(x, axis=axis)
+    return _log_softmax(x, axis=axis)
 
 
 def broadcast_like(g: Value, ref: Value, axis: int | Sequence[int] | None = None, mean: bool = False) -> Value:

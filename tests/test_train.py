@@ -455,6 +455,9 @@ def test_a_constant_feature_is_centred_not_divided_by_zero():
     (torch.ones(3), r"2-d torch.Tensor \[examples, features\].*got shape \[3\]"),
     (torch.ones(0, 2), "at least one example"),
     ([[1.0, 2.0]], "got list"),
+    (torch.ones(3, 2, device="meta"), "X is on the meta device"),
+    (torch.ones(3, 2, dtype=torch.complex64), "X is complex"),
+    (torch.eye(2).to_sparse(), "X is a sparse_coo tensor"),
 ])
 def test_adapt_refuses_data_it_cannot_learn_from(X, message):
     with pytest.raises(ValueError, match=message):

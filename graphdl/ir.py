@@ -400,6 +400,7 @@ class Graph:
         self._listed: list[Node] | None = []  # `nodes`, rebuilt after a removal
         self._positions: dict[Node, int] | None = None  # node -> k in %k, built when first asked
         self.outputs: list[Value] = []  # edit with output() and replace_all_uses()
+        self.output_labels: list[str] = []  # one per output, "" for none; grad labels its outputs "d/dw"
         self._returned: dict[Value, int] = {}  # value -> how many entries of outputs hold it
         self._scope = ""
         self._backward = False
@@ -461,12 +462,20 @@ class Graph:
             raise GraphError(f"{e}\n  created at {caller_location()}") from None
         return self.add_node(OPS["const"], [], {"value": value, "dtype": dtype_name(dtype)})
 
-    def output(self, *values: Value) -> None:
-        """Append `values` to the graph's outputs (returned, in order, by the compiled function)."""
+    def output(self, *values: Value, label: str = "") -> None:
+        """Append `values` to the graph's outputs (returned, in order, by the compiled function).
+
+        `label` names a single output in the text IR (`return %9 (d/dw)`) and in drawings:
+        letters, digits and `_ . / : - '`, e.g. "d/dw" for the gradient of w.
+        """
+        if label and (len(values) != 1 or not isinstance(label, str) or not _is_label(label)):
+            raise GraphError(f"graph {self.name}: output label {label!r} must name one output and be made of "
+                             "letters, digits and _ . / : - ' (e.g. 'd/dw')")
         for v in values:
             if not isinstance(v, Value) or v.graph is not self:
                 raise GraphError(f"graph {self.name}: output {v!r} is not a value of this graph")
             self.outputs.append(v)
+            self.output_labels.append(label if isinstance(label, str) else "")
             self._returned[v] = self._returned.get(v, 0) + 1
 
     @contextlib.contextmanager
@@ -668,6 +677,9 @@ class Graph:
         if returned != self._returned:
             raise GraphError(f"graph {self.name}: its record of which values are outputs is out of sync; "
                              "change outputs only with Graph.output and Graph.replace_all_uses")
+        if len(self.output_labels) != len(self.outputs):
+            raise GraphError(f"graph {self.name}: {len(self.outputs)} outputs but {len(self.output_labels)} output "
+                             "labels; add outputs with Graph.output, which keeps them in step")
 
     def copy(self, name: str | None = None) -> tuple[Graph, dict[int, Value]]:
         """A structural copy sharing the params' slots; also returns id(old) -> new value."""
@@ -684,6 +696,7 @@ class Graph:
             g._append(node)
             vmap[id(n.out)] = out
         g.output(*(vmap[id(v)] for v in self.outputs))
+        g.output_labels = list(self.output_labels)
         return g, vmap
 
     def __str__(self) -> str:
@@ -692,6 +705,11 @@ class Graph:
 
     def __repr__(self) -> str:
         return f"<Graph {self.name}: {len(self.inputs)} inputs, {len(self.params)} params, {len(self.nodes)} nodes>"
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        """Jupyter shows the drawing (SVG, when Graphviz's `dot` is installed) and the text IR."""
+        from .viz import mimebundle
+        return mimebundle(self, str(self))
 
 
 def tensor_problem(t: torch.Tensor) -> str | None:
@@ -721,6 +739,11 @@ def check_param_tensor(what: str, t: Any) -> None:
 def _is_identifier(name: str) -> bool:
     """Names such as x, fc0.weight or 0.bias: dotted parts of letters, digits and '_'."""
     return all(part and part.replace("_", "a").isalnum() and part.isascii() for part in name.split("."))
+
+
+def _is_label(text: str) -> bool:
+    """Output labels such as d/dw or d/d0.weight: they print inside `( )` on the return line."""
+    return bool(text) and text.isascii() and all(c.isalnum() or c in "_./:-'" for c in text)
 
 
 def _check_dtype(what: str, dtype: Any) -> None:

@@ -4,10 +4,11 @@
       %0: f32[N,1] = matmul x, w
       %1: f32[N,1] = add %0, b
       %2: f32[] = sum[axis=(0,), keepdims=True] %1  # 0:Linear
-      return %2
+      return %2 (total)
     }
 
-Inputs come before the `;`, params after. Attributes that differ from the op's
+Inputs come before the `;`, params after. An output may carry a label in parentheses
+(`grad` labels each gradient `d/d<name>`). Attributes that differ from the op's
 defaults print in brackets as Python literals. A trailing `# scope` records the layer
 a node belongs to, and `# grad scope` marks a node that `grad` emitted. A scope that
 would not read back as itself (`grad`, ` padded `, one with a tab) is written as a JSON
@@ -55,7 +56,8 @@ def format_graph(graph: Graph) -> str:
     header = f"graph {graph.name}({inputs}; {params})" if params else f"graph {graph.name}({inputs})"
     lines = [header + " {"]
     lines += ["  " + format_node(n, names) for n in graph.nodes]
-    lines.append("  return " + ", ".join(names.get(id(v)) or v.label for v in graph.outputs))
+    lines.append("  return " + ", ".join((names.get(id(v)) or v.label) + (f" ({label})" if label else "")
+                                         for v, label in zip(graph.outputs, graph.output_labels)))
     lines.append("}")
     return "\n".join(lines)
 
@@ -97,6 +99,7 @@ _HEADER = re.compile(rf"^graph ({_NAME})\((.*)\) \{{$")
 _DECL = re.compile(rf"^({_NAME}): {_TYPE}$")
 _NODE = re.compile(rf"^(%\d+): {_TYPE} = ([a-z_]+)(\[[^\]]*\])?(?: ([^#\s].*?))?(?:  # (grad(?: |$))?(.*))?$")
 _RETURN = re.compile(r"^return(?: (.*))?$")
+_OUTPUT = re.compile(r"^(\S+)(?: \((.+)\))?$")  # %k, or %k (label)
 _INTEGER = re.compile(r"-?[0-9]+")  # ASCII only: '²'.isdigit() is True, and int() would read '٣'
 # The printer writes at most 17 significant digits; a longer number is refused before
 # Python reads it (past 4,300 digits int() raises, and reading is quadratic before that).
@@ -300,8 +303,16 @@ def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
                                       f"gives {format_type(value.dtype, value.shape)}")
         env[key] = value
 
-    ret = _RETURN.match(lines[-2][1].strip())
-    graph.output(*(env[a] for a in args_of(lines[-2][0], lines[-2][1], ret[1])))
+    lineno, line = lines[-2]
+    for part in _split_top_level(_RETURN.match(line.strip())[1] or "") if line.strip() != "return" else []:
+        m = _OUTPUT.match(part.strip())
+        if not m:
+            raise _fail(lineno, line, f"cannot read the output {part.strip()!r}; write it as %k or %k (label)")
+        (name,) = args_of(lineno, line, m[1])
+        try:
+            graph.output(env[name], label=m[2] or "")
+        except GraphError as e:
+            raise _fail(lineno, line, str(e)) from None
     unused = sorted(set(params) - set(graph.params))
     if unused:
         raise GraphError(f"parse: params={{...}} gives {', '.join(map(repr, unused))}, which the text does not "

@@ -121,8 +121,9 @@ def to_dot(graph: Graph, hide_params: bool = False, collapse_layers: bool = Fals
             if edge[0] is not None and edge[0] != edge[1] and edge not in drawn:
                 drawn.add(edge)
                 dot.edge(edge[0], edge[1], label=_text(format_type(v.dtype, v.shape)))
-    for i, v in enumerate(graph.outputs):
-        dot.node(f"out{i}", _label(f"output {i}", format_type(v.dtype, v.shape)), **STYLES["output"])
+    for i, (v, label) in enumerate(zip(graph.outputs, graph.output_labels)):
+        dot.node(f"out{i}", _label(f"output {i}" + (f": {label}" if label else ""), format_type(v.dtype, v.shape)),
+                 **STYLES["output"])
         if box[id(v)] is not None:
             dot.edge(box[id(v)], f"out{i}", label=_text(names[id(v)]))
     return dot
@@ -188,6 +189,25 @@ def render(graph: Graph, path: str | os.PathLike[str], hide_params: bool = False
         raise GraphError(f"cannot write {str(path)!r}: {e.strerror}; check that the folder exists and is "
                          "writable") from None
     return path
+
+
+# Past this many nodes a notebook gets each layer as one box, and past MAX_INLINE none
+# (dot takes seconds on thousands of nodes; the text IR is still shown).
+COLLAPSE_INLINE, MAX_INLINE = 300, 3000
+
+
+def mimebundle(graph: Graph, text: str) -> dict[str, str]:
+    """What Jupyter shows for a graph or model: the drawing as SVG when Graphviz's `dot`
+    is installed and the graph is not huge, and always `text` (the text IR or repr)."""
+    bundle = {"text/plain": text}
+    if len(graph.nodes) <= MAX_INLINE:
+        collapse = len(graph.nodes) > COLLAPSE_INLINE
+        try:
+            dot = to_dot(graph, hide_params=collapse, collapse_layers=collapse)
+            bundle["image/svg+xml"] = _run_dot(dot, "svg").decode()
+        except GraphError:  # no `dot`, or it failed: the text alone
+            pass
+    return bundle
 
 
 def _run_dot(dot: graphviz.Digraph, fmt: str) -> bytes:

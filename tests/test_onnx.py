@@ -475,7 +475,6 @@ def test_import_graphdl_never_imports_onnx_and_a_missing_onnx_says_how_to_instal
             call()
 
 
-@pytest.mark.skipif("softmax" not in gd.OPS, reason="the classification ops arrive with issue 12")
 def test_classification_ops_export_and_softmax_imports(tmp_path):
     g = gd.Graph("cls")
     x = g.input("x", (None, 3), torch.float64)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import graphdl as gd
 
@@ -46,6 +47,14 @@ CASES = [
     Case("relu", gd.relu, torch.relu, [(3, 4)], "away"),
     Case("tanh", gd.tanh, torch.tanh, [(3, 4)]),
     Case("sigmoid", gd.sigmoid, torch.sigmoid, [(3, 4)]),
+    Case("softmax", gd.softmax, lambda x: torch.softmax(x, -1), [(3, 4)]),
+    Case("softmax", lambda x: gd.softmax(x, axis=0), lambda x: torch.softmax(x, 0), [(3, 4)]),
+    Case("log_softmax", gd.log_softmax, lambda x: torch.log_softmax(x, -1), [(3, 4)]),
+    Case("log_softmax", lambda x: gd.log_softmax(x, axis=0), lambda x: torch.log_softmax(x, 0), [(3, 4)]),
+    Case("bce_with_logits", gd.bce_with_logits, F.binary_cross_entropy_with_logits, [(5, 1), (5, 1)]),
+    Case("bce_with_logits", gd.bce_with_logits,  # a target that broadcasts to the logits
+         lambda a, b: F.binary_cross_entropy_with_logits(a, b.expand_as(a)), [(3, 4), (4,)]),
+    Case("cross_entropy", gd.cross_entropy, F.cross_entropy, [(3, 4), (3, 4)]),
     Case("matmul", gd.matmul, torch.mm, [(3, 4), (4, 5)]),
     Case("transpose", gd.transpose, lambda x: x.transpose(-2, -1), [(3, 4)]),
     Case("sum", gd.sum, torch.sum, [(3, 4)]),
@@ -188,6 +197,59 @@ def test_round_trip_of_forward_and_gradient_graphs(case: Case):
         again = gd.parse(text)
         again.verify()
         assert str(again) == text
+
+
+# -- classification ops at the edges of float range ----------------------------------------
+
+
+def _loss_and_grad(op: Callable, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    g = gd.Graph("cls")
+    z = g.param("z", logits.clone())
+    y = g.input("y", tuple(target.shape), target.dtype)
+    g.output(op(z, y))
+    return gd.compile(gd.grad(g, ["z"]))(y=target)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("op, ref, logits, target", [
+    (gd.bce_with_logits, F.binary_cross_entropy_with_logits,
+     [[1000.0], [-1000.0], [1000.0], [-1000.0], [0.0]], [[1.0], [0.0], [0.0], [1.0], [1.0]]),
+    (gd.cross_entropy, F.cross_entropy,
+     [[1000.0, -1000.0, 0.0], [-1000.0, 1000.0, 0.0]], [[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]),
+], ids=["bce_with_logits", "cross_entropy"])
+def test_classification_losses_stay_finite_and_exact_for_huge_logits(op, ref, logits, target, dtype):
+    """Logits of ±1000 (confidently right and confidently wrong): no inf or NaN in the loss
+    or its gradient, and both equal PyTorch's (which computes them stably)."""
+    z = torch.tensor(logits, dtype=dtype, requires_grad=True)
+    y = torch.tensor(target, dtype=dtype)
+    loss, dz = _loss_and_grad(op, z.detach(), y)
+    want = ref(z, y)
+    (want_dz,) = torch.autograd.grad(want, z)
+    assert torch.isfinite(loss) and torch.isfinite(dz).all()
+    torch.testing.assert_close(loss, want.detach())
+    torch.testing.assert_close(dz, want_dz)
+
+
+def test_softmax_of_huge_logits_is_a_probability_row():
+    g = gd.Graph("sm")
+    z = g.input("z", (None, 3))
+    g.output(gd.softmax(z), gd.log_softmax(z))
+    p, logp = gd.compile(g)(z=torch.tensor([[1000.0, -1000.0, 0.0], [5.0, 5.0, 5.0]]))
+    torch.testing.assert_close(p, torch.tensor([[1.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3]]))
+    assert torch.isfinite(logp).all() and logp[0, 1] == -2000.0
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda g: gd.cross_entropy(g.input("z", (None, 3)), g.input("y", (None, 1))),
+     r"(?s)logits \[N,3\] and target \[N,1\] differ.*hint: give one row of class probabilities per example"),
+    (lambda g: gd.cross_entropy(g.input("z", (None,)), g.input("y", (None,))), r"must be 2-d, \[examples, classes\]"),
+    (lambda g: gd.softmax(g.input("z", (None, 3)), axis=2), r"axis=2 is not an axis of \[N,3\]"),
+    (lambda g: gd.softmax(g.input("z", (None, 3)), axis=True), r"axis=True is not an axis"),
+    (lambda g: gd.bce_with_logits(g.input("z", (None, 1)), g.input("y", (None, 2))), r"prediction \[N,1\] and "),
+])
+def test_classification_op_shape_errors(build, message):
+    with pytest.raises(gd.GraphError, match=message):
+        build(gd.Graph("g"))
 
 
 # -- shape rules accept only what the lowering and the VJP can run -----------------------------

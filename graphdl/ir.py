@@ -637,41 +637,43 @@ class Graph:
 
     def verify(self) -> None:
         """Check every invariant; raise `GraphError` naming the first that fails."""
-        defined: set[int] = {id(v) for v in (*self.inputs.values(), *self.params.values())}
-        uses: dict[int, int] = {}
+        # Values (hashed by identity) key the sets, and a node's description is written
+        # only for an error: verify runs on every compile, once per node.
+        defined: set[Value] = {*self.inputs.values(), *self.params.values()}
+        uses: dict[Value, int] = {}
         for k, node in enumerate(self.nodes):
-            where = f"graph {self.name}: node %{k} ({node.op.name}, created at {node.where})"
             for v in node.inputs:
                 if v.graph is not self:
-                    raise GraphError(f"{where} uses a value of another graph")
-                if id(v) not in defined:
+                    raise GraphError(f"{self._where(k, node)} uses a value of another graph")
+                if v not in defined:
                     if v.node is not None and v.node not in self._order:
-                        raise GraphError(f"{where} uses the value of a removed node ({v.node.op.name}); "
-                                         "build it again or stop using it")
+                        raise GraphError(f"{self._where(k, node)} uses the value of a removed node "
+                                         f"({v.node.op.name}); build it again or stop using it")
                     # So every edge runs from an earlier node to a later one: no cycle can pass
                     # this check (a networkx cycle search after it doubled verify's time).
-                    raise GraphError(f"{where} uses {v.label} before it is defined (order is not topological)")
-                uses[id(v)] = uses.get(id(v), 0) + 1
+                    raise GraphError(f"{self._where(k, node)} uses {v.label} before it is defined "
+                                     "(order is not topological)")
+                uses[v] = uses.get(v, 0) + 1
             if node.out.node is not node or node.out.graph is not self:
-                raise GraphError(f"{where}: its output does not point back to it")
-            if id(node.out) in defined:
-                raise GraphError(f"{where}: its output is defined twice (not SSA)")
+                raise GraphError(f"{self._where(k, node)}: its output does not point back to it")
+            if node.out in defined:
+                raise GraphError(f"{self._where(k, node)}: its output is defined twice (not SSA)")
             try:
                 shape, dtype, _ = node.op.infer(node.inputs, dict(node.attrs))
             except ShapeError as e:
-                raise GraphError(f"{where}: {e.message}") from None
+                raise GraphError(f"{self._where(k, node)}: {e.message}") from None
             if shape != node.out.shape or dtype != node.out.dtype:
                 raise GraphError(
-                    f"{where}: output is {format_type(node.out.dtype, node.out.shape)} "
+                    f"{self._where(k, node)}: output is {format_type(node.out.dtype, node.out.shape)} "
                     f"but the op's rule gives {format_type(dtype, shape)}"
                 )
-            defined.add(id(node.out))
+            defined.add(node.out)
         for v in [*self.inputs.values(), *self.params.values(), *(n.out for n in self.nodes)]:
-            if len(v.users) != uses.get(id(v), 0) or not self._order.keys() >= v.users.readers():
+            if len(v.users) != uses.get(v, 0) or not self._order.keys() >= v.users.readers():
                 raise GraphError(f"graph {self.name}: the use-list of {v.label} is out of sync")
         returned: dict[Value, int] = {}
         for v in self.outputs:
-            if id(v) not in defined:
+            if v not in defined:
                 raise GraphError(f"graph {self.name}: output {v.label} is not defined in the graph")
             returned[v] = returned.get(v, 0) + 1
         if returned != self._returned:
@@ -680,6 +682,9 @@ class Graph:
         if len(self.output_labels) != len(self.outputs):
             raise GraphError(f"graph {self.name}: {len(self.outputs)} outputs but {len(self.output_labels)} output "
                              "labels; add outputs with Graph.output, which keeps them in step")
+
+    def _where(self, k: int, node: Node) -> str:
+        return f"graph {self.name}: node %{k} ({node.op.name}, created at {node.where})"
 
     def copy(self, name: str | None = None) -> tuple[Graph, dict[int, Value]]:
         """A structural copy sharing the params' slots; also returns id(old) -> new value."""

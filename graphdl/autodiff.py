@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .ir import Graph, GraphError, Value
+from .ir import Graph, GraphError, Value, pauses_gc
 from .ops import add, zeros_like
 from .passes.dce import dce
 
 
+@pauses_gc
 def grad(graph: Graph, wrt: Sequence[str], of: int | Value = 0) -> Graph:
     """The gradient graph of one scalar output with respect to inputs or params.
 

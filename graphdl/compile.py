@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .ir import Graph, GraphError, Node, Value, format_type, tensor_problem
+from .ir import Graph, GraphError, Node, Value, format_type, pauses_gc, tensor_problem
 from .ops import CODE_GLOBALS
 from .passes import pipeline
 from .passes.memory import last_uses, plan_inplace
@@ -167,6 +167,7 @@ def _param_device(graph: Graph) -> torch.device | None:
     return devices.pop() if devices else None
 
 
+@pauses_gc
 def compile(graph: Graph, optimize: bool = True, trace: Callable[[str], object] | None = None,
             reuse: bool = True) -> Compiled:
     """Compile a graph once into a function of torch calls.
@@ -227,7 +228,7 @@ def lower(graph: Graph, device: torch.device | None = None, reuse: bool = True) 
         ir_names[id(v)] = v.name
         names[id(v)] = f"p{i}_{_py(v.name)}"
         env[f"P{i}"] = v.slot  # read at each call: a new tensor may have been assigned
-        if v.users or any(v is o for o in graph.outputs):
+        if v.users or graph.is_output(v):
             body.append(f"{names[id(v)]} = P{i}.tensor")
 
     # Nodes whose inputs are all constants are computed once, now. Scalar constants stay

@@ -85,11 +85,11 @@ def to_dot(graph: Graph, hide_params: bool = False, collapse_layers: bool = Fals
                        **STYLES["param"])
 
     layers: dict[tuple[str, bool], list[Node]] = {}
+    layer_box: dict[tuple[str, bool], str] = {}  # in the order of `layers`: layer{j} is its j-th
     for k, node in enumerate(graph.nodes):
         if collapse_layers and node.scope:
-            members = layers.setdefault((node.scope, node.backward), [])
-            members.append(node)
-            box[id(node.out)] = f"layer{list(layers).index((node.scope, node.backward))}"
+            layers.setdefault((node.scope, node.backward), []).append(node)
+            box[id(node.out)] = layer_box.setdefault((node.scope, node.backward), f"layer{len(layer_box)}")
             continue
         box[id(node.out)] = f"n{k}"
         hidden = [v for v in node.inputs if v.kind == "param" and box[id(v)] is None]
@@ -104,8 +104,9 @@ def to_dot(graph: Graph, hide_params: bool = False, collapse_layers: bool = Fals
             tooltip=_text(f"{format_node(node, names)}\ncreated at {node.where}"),
             **attrs,
         )
+    returned = {id(v) for v in graph.outputs}
     for j, ((scope, backward), members) in enumerate(layers.items()):
-        dot.node(f"layer{j}", _layer_label(graph, scope, backward, members, box),
+        dot.node(f"layer{j}", _layer_label(returned, scope, backward, members, box),
                  tooltip=_text("\n".join(format_node(n, names) for n in members)),
                  **STYLES["backward" if backward else "forward"], penwidth="2")
 
@@ -140,12 +141,12 @@ def _label(*lines: str) -> str:
     return r"\n".join(_text(line) for line in lines)
 
 
-def _layer_label(graph: Graph, scope: str, backward: bool, members: list[Node],
+def _layer_label(returned: set[int], scope: str, backward: bool, members: list[Node],
                  box: dict[int, str | None]) -> str:
-    """`0:Linear [N,2]→[N,25]`: the shapes of the values entering and leaving the layer."""
+    """`0:Linear [N,2]→[N,25]`: the shapes of the values entering and leaving the layer
+    (`returned`: the ids of the graph's outputs)."""
     inside = {id(n.out) for n in members}
     entering = [v for n in members for v in n.inputs if id(v) not in inside and box.get(id(v)) is not None]
-    returned = {id(v) for v in graph.outputs}
     leaving = [n.out for n in members if id(n.out) in returned or any(id(u.out) not in inside for u in n.out.users)]
 
     def shapes(values: list[Value]) -> str:

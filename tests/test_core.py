@@ -205,6 +205,14 @@ def test_malformed_text_raises_graph_error_with_line(text, message):
         gd.parse(text)
 
 
+def test_parse_builds_text_whose_values_are_used_before_their_lines_in_dependency_order():
+    text = ("graph g(x: f32[N,2]) {\n  %0: f32[N,2] = add %2, x\n  %1: f32[N,2] = relu x\n"
+            "  %2: f32[N,2] = neg %1\n  return %0\n}")
+    g = gd.parse(text)
+    assert [n.op.name for n in g.nodes] == ["relu", "neg", "add"]
+    assert str(gd.parse(str(g))) == str(g)
+
+
 def test_graphdl_never_uses_torch_autograd_or_nn():
     root = pathlib.Path(gd.__file__).parent
     autograd = re.compile(r"torch\.autograd|from torch import autograd|requires_grad")

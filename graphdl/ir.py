@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterator, KeysView, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-import networkx as nx
 import torch
 
 if TYPE_CHECKING:
@@ -529,11 +528,6 @@ class Graph:
             self._listed = list(self._order)
         return self._listed
 
-    @nodes.setter
-    def nodes(self, nodes: list[Node]) -> None:
-        self._order = dict.fromkeys(nodes)
-        self._listed = self._positions = None
-
     def position(self, node: Node) -> int | None:
         """k such that `nodes[k] is node` (its %k), or None if it is not in the graph."""
         if self._positions is None:
@@ -577,13 +571,6 @@ class Graph:
             self.outputs = [new if v is old else v for v in self.outputs]
             self._returned[new] = self._returned.get(new, 0) + returned
 
-    def set_inputs(self, node: Node, inputs: list[Value]) -> None:
-        for v in node.inputs:
-            v.users.remove(node)
-        node.inputs = list(inputs)
-        for v in inputs:
-            v.users.append(node)
-
     def rewrite(self, node: Node, op: OpDef, inputs: list[Value], attrs: dict[str, Any]) -> None:
         """Make `node` apply `op` to `inputs` instead, in place: it keeps its output value
         (so every use of it), its place, scope and source location. The inputs must be
@@ -595,34 +582,13 @@ class Graph:
         if (shape, dtype) != (node.out.shape, node.out.dtype):
             raise GraphError(f"cannot rewrite {node!r} into {op.name}, which gives {format_type(dtype, shape)}: "
                              "a rewrite keeps the value's shape and dtype")
-        self.set_inputs(node, inputs)
-        node.op, node.attrs = op, attrs
+        for v in node.inputs:
+            v.users.remove(node)
+        for v in inputs:
+            v.users.append(node)
+        node.op, node.inputs, node.attrs = op, list(inputs), attrs
 
     # -- algorithms -------------------------------------------------------------------
-
-    def to_networkx(self) -> nx.DiGraph:
-        """Nodes and their data dependencies (an edge producer -> user)."""
-        g = nx.DiGraph()
-        g.add_nodes_from(range(len(self.nodes)))
-        index = {id(n): i for i, n in enumerate(self.nodes)}
-        for i, n in enumerate(self.nodes):
-            for v in n.inputs:
-                if v.node is not None and id(v.node) in index:
-                    g.add_edge(index[id(v.node)], i)
-        return g
-
-    def toposort(self) -> None:
-        """Reorder nodes topologically, keeping the current order where it is free."""
-        dag = self.to_networkx()
-        try:
-            order = list(nx.lexicographical_topological_sort(dag))
-        except nx.NetworkXUnfeasible:
-            cycle = nx.find_cycle(dag)
-            raise GraphError(
-                f"graph {self.name} has a cycle through nodes {[u for u, _ in cycle]}; "
-                "a value cannot depend on itself"
-            ) from None
-        self.nodes = [self.nodes[i] for i in order]
 
     def value(self, name: str) -> Value:
         """The input or param called `name`."""

@@ -118,7 +118,7 @@ def apply(op: OpDef, *inputs: Value | float, **attrs: Any) -> Value:
 # -- shape rules ----------------------------------------------------------------------
 
 
-def _same_dtype(op: str, inputs: list[Value]) -> torch.dtype:
+def _same_dtype(inputs: list[Value]) -> torch.dtype:
     dtypes = {v.dtype for v in inputs}
     if len(dtypes) > 1:
         names = ", ".join(f"{v.label}: {dtype_name(v.dtype)}" for v in inputs)
@@ -146,7 +146,7 @@ def unary(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
 
 
 def elementwise(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
-    dtype = _same_dtype("", inputs)
+    dtype = _same_dtype(inputs)
     a, b = inputs
     shape = broadcast_shapes(a.shape, b.shape)
     if shape is None:
@@ -159,7 +159,7 @@ def elementwise(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
 
 def loss_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
     a, b = inputs
-    _same_dtype("", inputs)
+    _same_dtype(inputs)
     both = broadcast_shapes(a.shape, b.shape)
     if both != a.shape:  # a target may broadcast to the prediction, never enlarge it
         grown = f" (they broadcast to {format_shape(both)}, averaging every pair)" if both is not None else ""
@@ -185,7 +185,7 @@ def class_axis_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtyp
 
 def cross_entropy_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
     logits, target = inputs
-    _same_dtype("", inputs)
+    _same_dtype(inputs)
     if logits.ndim != 2:
         raise ShapeError(f"logits {format_shape(logits.shape)} must be 2-d, [examples, classes]")
     if target.shape != logits.shape:
@@ -199,7 +199,7 @@ def cross_entropy_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.d
 
 def matmul_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
     a, b = inputs
-    dtype = _same_dtype("matmul", inputs)
+    dtype = _same_dtype(inputs)
     if a.ndim != 2 or b.ndim != 2:
         raise ShapeError(
             f"{format_shape(a.shape)} @ {format_shape(b.shape)}: matmul takes two matrices (2-d)",
@@ -261,7 +261,7 @@ def reduce_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
 
 def broadcast_like_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
     g, ref = inputs
-    dtype = _same_dtype("broadcast_like", inputs)
+    dtype = _same_dtype(inputs)
     shape = g.shape
     if attrs["axis"] is not None:
         axes = attrs["axis"] = _normalise_axis(ref, attrs)
@@ -601,7 +601,7 @@ def addmm_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
     if broadcast_shapes(bias.shape, shape) != shape:
         raise ShapeError(f"bias {format_shape(bias.shape)} does not broadcast to the product's "
                          f"{format_shape(shape)}")
-    return shape, _same_dtype("addmm", inputs)
+    return shape, _same_dtype(inputs)
 
 
 def _transposed_rule(ta: bool, tb: bool) -> Callable[[list[Value], dict], tuple[Shape, torch.dtype]]:
@@ -616,13 +616,13 @@ def _transposed_rule(ta: bool, tb: bool) -> Callable[[list[Value], dict], tuple[
         if k != k2:
             product = f"{format_shape(a.shape)}{'^T' if ta else ''} @ {format_shape(b.shape)}{'^T' if tb else ''}"
             raise ShapeError(f"inner dims differ ({k} vs {k2}) for {product}")
-        return (m, n), _same_dtype("matmul", inputs)
+        return (m, n), _same_dtype(inputs)
     return rule
 
 
 def same_shape(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
     """Elementwise without broadcasting (what torch's *_backward kernels take)."""
-    dtype = _same_dtype("", inputs)
+    dtype = _same_dtype(inputs)
     if any(v.shape != inputs[0].shape for v in inputs):
         raise ShapeError("shapes differ (" + ", ".join(format_shape(v.shape) for v in inputs) + ")",
                          "the inputs of a fused backward op must have one shape")
@@ -633,7 +633,7 @@ def mse_backward_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dt
     g, a, b = inputs
     if g.shape != ():
         raise ShapeError(f"the cotangent {format_shape(g.shape)} must be a scalar")
-    return same_shape([a, b], attrs)[0], _same_dtype("mse_backward", inputs)
+    return same_shape([a, b], attrs)[0], _same_dtype(inputs)
 
 
 def _all_axes(x: Value) -> tuple[int, ...]:

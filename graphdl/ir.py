@@ -409,8 +409,8 @@ class Graph:
     def _check_new_name(self, name: str) -> None:
         if not isinstance(name, str) or not name or not _is_identifier(name):
             raise GraphError(
-                f"graph {self.name}: name {name!r} is not valid; use letters, digits, "
-                "'_' and '.', not starting with a digit-only part (e.g. 'x' or 'fc0.weight')"
+                f"graph {self.name}: name {name!r} is not valid; use dotted parts of ASCII letters, "
+                "digits and '_', none of them empty (e.g. 'x', 'fc0.weight' or '0.bias')"
             )
         if name in self.inputs or name in self.params:
             raise GraphError(f"graph {self.name}: {name!r} is already defined; pick another name")

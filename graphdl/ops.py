@@ -25,6 +25,9 @@ from .ir import DTYPES, Dim, GraphError, Shape, ShapeError, Value, caller_locati
 
 Lowering = Callable[[list[str], dict[str, Any], list[Value]], str]
 
+# The globals lowered code runs with (the compiler's and constant folding's).
+CODE_GLOBALS: dict[str, Any] = {"torch": torch, "math": math, "aten": torch.ops.aten}
+
 
 @dataclass(frozen=True, eq=False)
 class OpDef:
@@ -590,9 +593,6 @@ def sum_to(x: Value, shape: Sequence[Dim]) -> Value:
 # so that one torch call replaces several. Each is an ordinary registered op (it prints,
 # parses and draws) whose VJP is written with the primitives, so grad of an optimised
 # graph still works.
-
-# The globals lowered code runs with (the compiler's and constant folding's).
-CODE_GLOBALS: dict[str, Any] = {"torch": torch, "math": math, "aten": torch.ops.aten}
 
 
 def addmm_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:

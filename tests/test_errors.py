@@ -216,6 +216,16 @@ def test_input_and_param_names(name):
     names(message(gd.Graph("g").param, name, torch.zeros(2)), "is not valid")
 
 
+def test_the_names_a_bad_name_message_suggests_are_accepted():
+    # The message once said "not starting with a digit-only part" while 0.weight (a
+    # Sequential's own param name) was accepted: every example it gives must be valid.
+    msg = message(gd.Graph("g").input, "a b", (2,))
+    examples = re.findall(r"'([^']+)'", msg.split("e.g.")[1])
+    assert "0.bias" in examples
+    for name in examples:
+        assert gd.Graph("g").param(name, torch.zeros(2)).name == name
+
+
 def test_a_name_defined_twice():
     g = gd.Graph("g")
     g.input("x", (2,))

@@ -627,7 +627,7 @@ class Graph:
             if id(node.out) in defined:
                 raise GraphError(f"{where}: its output is defined twice (not SSA)")
             try:
-                shape, dtype, _ = node.op.infer(node.inputs, dict(node.attrs))
+                shape, dtype, _ = node.op.infer(node.inputs, node.attrs)
             except ShapeError as e:
                 raise GraphError(f"{where}: {e.message}") from None
             if shape != node.out.shape or dtype != node.out.dtype:

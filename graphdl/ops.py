@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -24,6 +25,11 @@ import torch
 from .ir import DTYPES, Dim, GraphError, Shape, ShapeError, Value, caller_location, dtype_name, format_shape, read_float
 
 Lowering = Callable[[list[str], dict[str, Any], list[Value]], str]
+# A shape rule reads the inputs and the attrs (a read-only view, defaults filled in) and
+# returns the output's shape and dtype, and, if it normalises any attrs (axis=1 becomes
+# (1,), a const's value a float), a dict of those: it never edits the attrs it is given.
+Rule = Callable[[list[Value], Mapping[str, Any]],
+                tuple[Shape, torch.dtype] | tuple[Shape, torch.dtype, dict[str, Any]]]
 
 # The globals lowered code runs with (the compiler's and constant folding's).
 CODE_GLOBALS: dict[str, Any] = {"torch": torch, "math": math, "aten": torch.ops.aten}
@@ -35,7 +41,7 @@ class OpDef:
 
     name: str
     arity: int
-    rule: Callable[[list[Value], dict[str, Any]], tuple[Shape, torch.dtype]]
+    rule: Rule
     lower: Lowering
     vjp: Callable[..., list[Value | None]] | None
     attrs: dict[str, Any] = field(default_factory=dict)
@@ -54,14 +60,14 @@ class OpDef:
             takes = ", ".join(self.attrs) or "no attributes"
             raise ShapeError(f"unknown attribute(s) {', '.join(unknown)}", f"{self.name} takes {takes}")
         full = {**self.attrs, **attrs}
-        shape, dtype = self.rule(list(inputs), full)  # a rule may normalise `full` in place
-        return shape, dtype, full
+        shape, dtype, *normalised = self.rule(list(inputs), MappingProxyType(full))
+        return shape, dtype, {**full, **normalised[0]} if normalised else full
 
 
 OPS: dict[str, OpDef] = {}
 
 
-def defop(name: str, code: str | Lowering, rule: Callable, vjp: Callable | None, arity: int = 1,
+def defop(name: str, code: str | Lowering, rule: Rule, vjp: Callable | None, arity: int = 1,
           attrs: dict[str, Any] | None = None, doc: str = "", fresh: bool = False,
           inplace: dict[int, str] | None = None) -> Callable[..., Value]:
     """Register an op and return its builder, `builder(*inputs, **attrs) -> Value`.
@@ -228,7 +234,7 @@ def transpose_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype
     return (*x.shape[:-2], x.shape[-1], x.shape[-2]), x.dtype
 
 
-def _normalise_axis(x: Value, attrs: dict) -> tuple[int, ...]:
+def _normalise_axis(x: Value, attrs: Mapping[str, Any]) -> tuple[int, ...]:
     """attrs["axis"] (None for all, an int or ints) as sorted non-negative axes."""
     axis = attrs["axis"]
     if axis is None:
@@ -250,26 +256,28 @@ def _normalise_axis(x: Value, attrs: dict) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def reduce_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
+def reduce_rule(inputs: list[Value], attrs: Mapping[str, Any]) -> tuple[Shape, torch.dtype, dict[str, Any]]:
     (x,) = inputs
     axes = _normalise_axis(x, attrs)
     if not axes and x.ndim:  # torch reads an empty dim list as "every dim": refuse rather than disagree
         raise ShapeError(f"axis={attrs['axis']!r} names no axis", "use axis=None to reduce every axis")
-    attrs["axis"] = None if len(axes) == x.ndim else axes  # None prints as "all axes"
-    attrs["keepdims"] = _flag("keepdims", attrs["keepdims"])
-    if attrs["keepdims"]:
-        return tuple(1 if i in axes else d for i, d in enumerate(x.shape)), x.dtype
-    return tuple(d for i, d in enumerate(x.shape) if i not in axes), x.dtype
+    keepdims = _flag("keepdims", attrs["keepdims"])
+    if keepdims:
+        shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape))
+    else:
+        shape = tuple(d for i, d in enumerate(x.shape) if i not in axes)
+    # None prints as "all axes"
+    return shape, x.dtype, {"axis": None if len(axes) == x.ndim else axes, "keepdims": keepdims}
 
 
-def broadcast_like_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
+def broadcast_like_rule(inputs: list[Value], attrs: Mapping[str, Any]) -> tuple[Shape, torch.dtype, dict[str, Any]]:
     g, ref = inputs
     dtype = _same_dtype(inputs)
     shape = g.shape
-    if attrs["axis"] is not None:
-        axes = attrs["axis"] = _normalise_axis(ref, attrs)
+    axes = None if attrs["axis"] is None else _normalise_axis(ref, attrs)
+    if axes is not None:
         if not axes and ref.ndim:  # the VJP reduces over these axes, and sum refuses an empty list
-            raise ShapeError(f"axis={attrs['axis']!r} names no axis", "use axis=None to broadcast without one")
+            raise ShapeError(f"axis={axes!r} names no axis", "use axis=None to broadcast without one")
         if g.ndim + len(axes) == ref.ndim:  # the reduction dropped these axes: put them back
             for a in axes:
                 shape = (*shape[:a], 1, *shape[a:])
@@ -280,21 +288,20 @@ def broadcast_like_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.
         raise ShapeError("mean=True needs the reduced axes in axis")
     if len(shape) > ref.ndim or broadcast_shapes(shape, ref.shape) != ref.shape:
         raise ShapeError(f"{format_shape(g.shape)} does not broadcast to {format_shape(ref.shape)}")
-    attrs["mean"] = _flag("mean", attrs["mean"])
-    return ref.shape, dtype
+    return ref.shape, dtype, {"axis": axes, "mean": _flag("mean", attrs["mean"])}
 
 
-def sum_to_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
+def sum_to_rule(inputs: list[Value], attrs: Mapping[str, Any]) -> tuple[Shape, torch.dtype, dict[str, Any]]:
     (x,) = inputs
     shape = attrs["shape"]
     if not isinstance(shape, (tuple, list)) or not all(
             (isinstance(d, int) and not isinstance(d, bool) and d >= 0) or (isinstance(d, str) and d.isidentifier())
             for d in shape):
         raise ShapeError(f"shape {shape!r} must be a tuple of non-negative ints or symbols such as 'N'")
-    shape = attrs["shape"] = tuple(shape)
+    shape = tuple(shape)
     if len(shape) > x.ndim or broadcast_shapes(shape, x.shape) != x.shape:
         raise ShapeError(f"{format_shape(x.shape)} cannot be summed down to {format_shape(shape)}")
-    return shape, x.dtype
+    return shape, x.dtype, {"shape": shape}
 
 
 def _flag(name: str, value: Any) -> bool:
@@ -303,14 +310,14 @@ def _flag(name: str, value: Any) -> bool:
     return bool(value)
 
 
-def const_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
+def const_rule(inputs: list[Value], attrs: Mapping[str, Any]) -> tuple[Shape, torch.dtype, dict[str, Any]]:
     if not isinstance(attrs["dtype"], str) or attrs["dtype"] not in DTYPES:
         raise ShapeError(f"unknown dtype {attrs['dtype']!r}", f"use one of {', '.join(DTYPES)}")
     try:
-        attrs["value"] = read_float(attrs["value"], "value", DTYPES[attrs["dtype"]])
+        value = read_float(attrs["value"], "value", DTYPES[attrs["dtype"]])
     except GraphError as e:
         raise ShapeError(str(e)) from None
-    return (), DTYPES[attrs["dtype"]]
+    return (), DTYPES[attrs["dtype"]], {"value": value}
 
 
 # -- lowerings that depend on shapes ------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import pytest
 import torch
@@ -130,6 +131,25 @@ def test_forward_matches_torch_and_shape_rule(case: Case):
     assert tuple(result.shape) == out.shape == tuple(expected.shape)
     assert result.dtype == out.dtype == torch.float64
     torch.testing.assert_close(result, expected)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_shape_rule_returns_what_it_normalises_and_edits_no_attrs(case: Case):
+    """A rule is given a read-only view of the attrs (editing it raises TypeError) and
+    returns the attrs it normalises, which the node keeps."""
+    g = gd.Graph("rule")
+    node = case.build(*(g.param(f"a{i}", t) for i, t in enumerate(_inputs(case)))).node
+    given = {**node.op.attrs, **node.attrs}
+    shape, dtype, *normalised = node.op.rule(list(node.inputs), MappingProxyType(given))
+    assert (shape, dtype) == (node.out.shape, node.out.dtype)
+    assert {**given, **(normalised[0] if normalised else {})} == node.attrs
+
+
+def test_const_rule_returns_its_value_as_a_float():
+    attrs = {"value": 2, "dtype": "f64"}
+    assert gd.OPS["const"].rule([], MappingProxyType(attrs)) == ((), torch.float64, {"value": 2.0})
+    assert attrs == {"value": 2, "dtype": "f64"}
+    assert gd.OPS["const"].infer([], attrs)[2] == {"value": 2.0, "dtype": "f64"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=_id)

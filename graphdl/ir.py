@@ -314,51 +314,8 @@ class Value:
     def __repr__(self) -> str:
         return f"{self.label}: {format_type(self.dtype, self.shape)}"
 
-    # Operators make VJP rules and user code read like math; each builds one IR node.
-    def __add__(self, other: Any) -> Value:
-        from .ops import add
-        return add(self, other)
-
-    def __radd__(self, other: Any) -> Value:
-        from .ops import add
-        return add(other, self)
-
-    def __sub__(self, other: Any) -> Value:
-        from .ops import sub
-        return sub(self, other)
-
-    def __rsub__(self, other: Any) -> Value:
-        from .ops import sub
-        return sub(other, self)
-
-    def __mul__(self, other: Any) -> Value:
-        from .ops import mul
-        return mul(self, other)
-
-    def __rmul__(self, other: Any) -> Value:
-        from .ops import mul
-        return mul(other, self)
-
-    def __truediv__(self, other: Any) -> Value:
-        from .ops import div
-        return div(self, other)
-
-    def __rtruediv__(self, other: Any) -> Value:
-        from .ops import div
-        return div(other, self)
-
-    def __neg__(self) -> Value:
-        from .ops import neg
-        return neg(self)
-
-    def __matmul__(self, other: Value) -> Value:
-        from .ops import matmul
-        return matmul(self, other)
-
-    @property
-    def T(self) -> Value:
-        from .ops import transpose
-        return transpose(self)
+    # Operators (+, -, *, /, @, unary -, .T) make VJP rules and user code read like math;
+    # each builds one IR node. ops.py installs them (VALUE_OPERATORS), beside the ops.
 
 
 @dataclass(eq=False)

@@ -593,6 +593,32 @@ def sum_to(x: Value, shape: Sequence[Dim]) -> Value:
     return _sum_to(x, shape=shape)
 
 
+# -- Value's operators ------------------------------------------------------------------
+# Installed on Value from here, where the ops are (as torch.fx's proxy.py installs its
+# magic methods), so ir.py needs no import of ops. A builder is a plain function, so it
+# binds as a method: `a + b` is add(a, b).
+
+
+def _reflected(op: Callable[..., Value]) -> Callable[[Value, Any], Value]:
+    def method(self: Value, other: Any) -> Value:
+        return op(other, self)
+    method.__name__ = f"r{op.__name__}"
+    return method
+
+
+VALUE_OPERATORS: dict[str, Any] = {
+    "__add__": add, "__radd__": _reflected(add),
+    "__sub__": sub, "__rsub__": _reflected(sub),
+    "__mul__": mul, "__rmul__": _reflected(mul),
+    "__truediv__": div, "__rtruediv__": _reflected(div),
+    "__matmul__": matmul,
+    "__neg__": neg,
+    "T": property(transpose, doc="The value with its last two dims swapped."),
+}
+for _name, _method in VALUE_OPERATORS.items():
+    setattr(Value, _name, _method)
+
+
 
 # -- fused ops --------------------------------------------------------------------------
 #

@@ -149,6 +149,22 @@ def test_optimize_false_keeps_the_graph_as_written():
     assert all(n.op.name != "const" for n in optimised.nodes)
 
 
+@pytest.mark.parametrize("expr, op, order", [
+    (lambda x, w: x + 2.0, "add", "xc"), (lambda x, w: 2.0 + x, "add", "cx"),
+    (lambda x, w: x - 2.0, "sub", "xc"), (lambda x, w: 2.0 - x, "sub", "cx"),
+    (lambda x, w: x * 2.0, "mul", "xc"), (lambda x, w: 2.0 * x, "mul", "cx"),
+    (lambda x, w: x / 2.0, "div", "xc"), (lambda x, w: 2.0 / x, "div", "cx"),
+    (lambda x, w: x @ w, "matmul", "xw"), (lambda x, w: -x, "neg", "x"), (lambda x, w: w.T, "transpose", "w"),
+])
+def test_value_operators_build_their_op_with_operands_in_order(expr, op, order):
+    g = gd.Graph("g")
+    x, w = g.input("x", (None, 2)), g.param("w", torch.zeros(2, 2))
+    node = expr(x, w).node
+    assert node.op.name == op
+    assert "".join("c" if v.node is not None else v.name for v in node.inputs) == order
+    assert re.search(r"test_core\.py:\d+", node.where)  # the user's line, not ops.py's
+
+
 def test_verify_catches_broken_use_lists():
     g = tiny()
     g.verify()

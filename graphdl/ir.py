@@ -42,6 +42,9 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# Frames a user's call passes through on its way into graphdl but did not write: graphdl's
+# own, and torch's decorators (fit runs under @torch.inference_mode()).
+_NOT_USER_CODE = (_PACKAGE_DIR, os.path.dirname(os.path.abspath(torch.__file__)))
 
 
 class GraphError(ValueError):
@@ -166,9 +169,9 @@ def read_float(value: object, field: str, dtype: torch.dtype) -> float:
 
 
 def caller_location() -> str:
-    """file:line of the innermost frame outside graphdl, where the user built a node."""
+    """file:line of the innermost frame outside graphdl (and torch), where the user built a node."""
     frame = sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+    while frame is not None and frame.f_code.co_filename.startswith(_NOT_USER_CODE):
         frame = frame.f_back
     if frame is None:
         return "<graphdl>"

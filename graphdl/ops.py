@@ -197,6 +197,9 @@ def cross_entropy_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.d
     _same_dtype(inputs)
     if logits.ndim != 2:
         raise ShapeError(f"logits {format_shape(logits.shape)} must be 2-d, [examples, classes]")
+    if isinstance(logits.shape[1], int) and logits.shape[1] < 2:  # softmax over one class is 1: the loss is 0
+        raise ShapeError(f"logits {format_shape(logits.shape)} have {logits.shape[1]} class; cross-entropy needs "
+                         "at least 2", "for a yes/no target with one output, use bce_with_logits (gd.BCEWithLogits())")
     if target.shape != logits.shape:
         raise ShapeError(
             f"logits {format_shape(logits.shape)} and target {format_shape(target.shape)} differ",
@@ -552,8 +555,11 @@ def _cross_entropy_vjp(g: Value, out: Value, x: Value, y: Value) -> list[Value |
     return [per_row * (_softmax(x) * row_sums - y), neg(per_row * _log_softmax(x))]
 
 
+# Per-row losses, then their mean: with reduction=mean torch sums the rows in the model's
+# dtype before dividing, which overflows float16 past a sum of 65,504 (100,000 rows at
+# loss 1.25 read inf); torch.mean accumulates in float32.
 cross_entropy = defop(
-    "cross_entropy", "aten.cross_entropy_loss.default({0}, {1}, None, 1, -100, 0.0)", cross_entropy_rule,
+    "cross_entropy", "torch.mean(aten.cross_entropy_loss.default({0}, {1}, None, 0, -100, 0.0))", cross_entropy_rule,
     _cross_entropy_vjp, arity=2, fresh=True,
     doc="-mean over rows of sum(y * log_softmax(x)): cross-entropy of logits x [N, C] against one-hot or "
         "probability rows y [N, C] (torch's CrossEntropyLoss with probability targets).",

@@ -89,10 +89,20 @@ def test_layer_scope_is_named_in_builder_errors():
 
 def test_sequential_builder_errors_name_the_layer_and_the_users_line():
     model = gd.Sequential(gd.Linear(2, 25), gd.ReLU(), gd.Linear(25, 1))
-    model.layers[2].weight = torch.zeros(1, 25)  # e.g. loaded transposed from elsewhere
+    model.layers[2].weight = torch.zeros(25, 1, dtype=torch.float64)  # e.g. loaded from a float64 model
     msg = message(model.predict, torch.rand(4, 2))
-    names(msg, r"^matmul %3\(%2: f32\[N,25\], 2.weight: f32\[1,25\]\)", rf"created at .*{HERE} \(in layer 2:Linear\)",
-          r"hint: did you mean to transpose 2.weight\?")
+    names(msg, r"^matmul %3\(%2: f32\[N,25\], 2.weight: f64\[25,1\]\)", rf"created at .*{HERE} \(in layer 2:Linear\)",
+          r"dtypes differ", "hint: make every input of the op the same dtype")
+
+
+def test_a_layer_weight_of_the_wrong_shape_is_refused_where_it_is_assigned():
+    model = gd.Sequential(gd.Linear(2, 25), gd.ReLU(), gd.Linear(25, 1))
+    with pytest.raises(gd.GraphError, match=r"Linear\(25, 1\)\.weight must have shape \[25, 1\], got \[1, 25\]; "
+                                            r"did you mean to transpose it \(tensor\.T\)\?"):
+        model.layers[2].weight = torch.zeros(1, 25)  # e.g. loaded from torch.nn.Linear, which stores [out, in]
+    with pytest.raises(gd.GraphError, match=r"Linear\(2, 25\)\.bias must have shape \[25\], got \[2\]"):
+        model.layers[0].bias = torch.zeros(2)
+    assert model.layers[2].weight.shape == (25, 1)  # the layer kept what it had
 
 
 def test_dtype_mismatch_names_both_values():

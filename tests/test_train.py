@@ -612,12 +612,30 @@ def test_a_layer_given_a_new_tensor_is_one_model_everywhere(tmp_path):
     torch.testing.assert_close(gd.load(tmp_path / "m.gdl").predict(X), model.predict(X), rtol=0, atol=0)
 
 
-def test_a_layer_given_a_tensor_of_another_shape_rebuilds_and_names_the_layer():
+def test_a_layer_given_a_tensor_of_another_dtype_rebuilds_and_names_the_layer():
     model = _net(torch.Generator().manual_seed(0))
     model.predict(torch.rand(3, 2))
-    model.layers[2].weight = torch.zeros(5, 6)  # transposed by mistake
-    with pytest.raises(gd.GraphError, match=r"matmul .* inner dims differ .*\n  created at .*\(in layer 2:Linear\)"):
+    model.layers[2].weight = torch.zeros(6, 5, dtype=torch.float64)
+    with pytest.raises(gd.GraphError, match=r"matmul .* dtypes differ .*\n  created at .*\(in layer 2:Linear\)"):
         model.predict(torch.rand(3, 2))
+
+
+def test_changing_the_layer_list_itself_rebuilds_the_compiled_functions():
+    gen = torch.Generator().manual_seed(4)
+    X, Y = torch.rand(6, 2, generator=gen), torch.rand(6, 1, generator=gen)
+    model = _net(gen)
+    model.predict(X)
+    model.fit(X, Y, epochs=1, verbose=False)
+    model.layers[1] = gd.ReLU()  # same shapes, another function
+    model.layers[0] = gd.Linear(2, 6, generator=gen)
+    model.layers.append(gd.Sigmoid())
+    twin = _torch_twin(model)
+    torch.testing.assert_close(model.predict(X), twin(X).detach())
+    model.fit(X, Y, optimizer=gd.SGD(lr=0.1), epochs=1, batch_size=6, verbose=False)
+    opt = torch.optim.SGD(twin.parameters(), lr=0.1)
+    torch.nn.functional.mse_loss(twin(X), Y).backward()
+    opt.step()
+    torch.testing.assert_close(model.layers[0].weight, twin[0].weight.detach().T)
 
 
 def test_a_graph_from_the_model_shares_its_params():
@@ -715,3 +733,40 @@ def test_accuracy_and_error_are_exact_counts(dtype, outputs):
 def test_a_layer_too_big_for_memory_says_so_instead_of_failing_in_the_allocator():
     with pytest.raises(ValueError, match=r"Linear\(100000, 1000000\) needs 373 GiB .* use smaller widths"):
         gd.Linear(100_000, 1_000_000)
+
+
+def test_standardize_scales_a_small_feature_and_refuses_a_std_its_dtype_cannot_hold():
+    gen = torch.Generator().manual_seed(0)
+    X = torch.stack([torch.randn(500, generator=gen), 3e-5 + 1e-6 * torch.randn(500, generator=gen)], 1)
+    out = gd.Sequential(gd.Standardize().adapt(X)).predict(X)
+    torch.testing.assert_close(out.double().std(0, correction=0), torch.ones(2, dtype=torch.float64), rtol=1e-5, atol=0)
+    assert torch.equal(gd.Standardize().adapt(torch.full((4, 2), 0.1)).std, torch.ones(2))  # constant: left as is
+    with pytest.raises(ValueError, match=r"feature 1 has std 1e-09, which torch.float16 cannot hold"):
+        gd.Standardize(dtype=torch.float16).adapt(torch.tensor([[0.0, 1.0], [1.0, 1.0 + 2e-9]], dtype=torch.float64))
+
+
+def test_cross_entropy_in_float16_sums_rows_without_overflow():
+    """100,000 rows at loss ~1.25 sum past float16's 65,504: the mean must still be right."""
+    gen = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(100_000, 4, generator=gen).half(), torch.randint(0, 3, (100_000,), generator=gen)
+    model = gd.Sequential(gd.Linear(4, 3, generator=gen, dtype=torch.float16))
+    logits = X.float() @ model.layers[0].weight.float() + model.layers[0].bias.float()
+    want = torch.nn.functional.cross_entropy(logits, Y)
+    assert model.evaluate(X, Y, loss=gd.CrossEntropy())["loss"] == pytest.approx(float(want), rel=2e-3)
+    history = model.fit(X, Y, loss=gd.CrossEntropy(), optimizer=gd.SGD(lr=0.0), batch_size=100_000, verbose=False)
+    assert history["loss"][0] == pytest.approx(float(want), rel=2e-3)
+
+
+def test_cross_entropy_needs_two_classes_and_says_what_to_use_instead():
+    model = gd.Sequential(gd.Linear(2, 1))
+    with pytest.raises(gd.GraphError, match=r"1 class; cross-entropy needs at least 2.*\n  created at .*test_train.py"
+                                            r".*\n  hint: .*gd.BCEWithLogits\(\)"):
+        model.fit(torch.rand(4, 2), torch.tensor([0, 1, 0, 1]), loss=gd.CrossEntropy(), verbose=False)
+
+
+def test_a_model_with_nothing_to_train_fits_as_a_no_op():
+    X, Y = torch.rand(5, 2), torch.rand(5, 2)
+    model = gd.Sequential(gd.Standardize().adapt(X))
+    before = {k: t.clone() for k, t in model.state().items()}
+    history = model.fit(X, Y, optimizer=gd.SGD(lr=0.1, momentum=0.9), epochs=2, verbose=False)
+    assert len(history["loss"]) == 2 and all(torch.equal(t, before[k]) for k, t in model.state().items())

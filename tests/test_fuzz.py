@@ -20,7 +20,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from strategies import TORCH_LIB, build_program, fuzz, programs, random_graph
-from test_core import tiny  # the contract's graph
+from test_contract import tiny  # the contract's graph
 
 import graphdl as gd
 

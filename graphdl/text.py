@@ -278,8 +278,10 @@ def _parse_nodes(graph: Graph, lines: list[tuple[int, str]]) -> dict[str, Value]
     """Add a node per line, in order; returns every value by its name in the text."""
     env: dict[str, Value] = {**graph.inputs, **graph.params}
     defined_on: dict[str, int] = {}  # %k -> its line
-    # A graph has few distinct types: read each once (reading them was a third of parse).
+    # A graph has few distinct types and attrs: read each once (reading them every time was
+    # half of parse: a third for types, a sixth for attrs, whose reader is Python's).
     types: dict[tuple[str, str], tuple[torch.dtype, Shape]] = {}
+    attrs_read: dict[str | None, dict[str, Any]] = {}
     for lineno, line in lines:
         m = _NODE.match(line.strip())
         if not m:
@@ -290,16 +292,18 @@ def _parse_nodes(graph: Graph, lines: list[tuple[int, str]]) -> dict[str, Value]
             raise _fail(lineno, line, f"unknown op {m[4]!r}; known ops: {', '.join(sorted(OPS))}")
         if (m[2], m[3]) not in types:
             types[m[2], m[3]] = _parse_type(lineno, line, m[1], m[2], m[3])
-        env[m[1]] = _parse_node(graph, lineno, line, m, types[m[2], m[3]], _args(env, lineno, line, m[6]))
+        if m[5] not in attrs_read:
+            attrs_read[m[5]] = _parse_attrs(lineno, line, m[5])
+        env[m[1]] = _parse_node(graph, lineno, line, m, types[m[2], m[3]], dict(attrs_read[m[5]]),
+                                _args(env, lineno, line, m[6]))
         defined_on[m[1]] = lineno
     return env
 
 
 def _parse_node(graph: Graph, lineno: int, line: str, m: re.Match, declared: tuple[torch.dtype, Shape],
-                inputs: list[Value]) -> Value:
+                attrs: dict[str, Any], inputs: list[Value]) -> Value:
     """Add the node of one line; its op's rule must give the type the line declares."""
     dtype, shape = declared
-    attrs = _parse_attrs(lineno, line, m[5])
     scope = _parse_scope(lineno, line, m[8] or "")
     try:
         with graph.scope(scope, backward=bool(m[7])):

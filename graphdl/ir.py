@@ -23,7 +23,6 @@ from collections.abc import Callable, Iterator, KeysView, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
-import networkx as nx
 import torch
 
 if TYPE_CHECKING:
@@ -43,6 +42,9 @@ DTYPES: dict[str, torch.dtype] = {
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# Frames a user's call passes through on its way into graphdl but did not write: graphdl's
+# own, and torch's decorators (fit runs under @torch.inference_mode()).
+_NOT_USER_CODE = (_PACKAGE_DIR, os.path.dirname(os.path.abspath(torch.__file__)))
 
 
 class GraphError(ValueError):
@@ -167,9 +169,9 @@ def read_float(value: object, field: str, dtype: torch.dtype) -> float:
 
 
 def caller_location() -> str:
-    """file:line of the innermost frame outside graphdl, where the user built a node."""
+    """file:line of the innermost frame outside graphdl (and torch), where the user built a node."""
     frame = sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+    while frame is not None and frame.f_code.co_filename.startswith(_NOT_USER_CODE):
         frame = frame.f_back
     if frame is None:
         return "<graphdl>"
@@ -315,51 +317,8 @@ class Value:
     def __repr__(self) -> str:
         return f"{self.label}: {format_type(self.dtype, self.shape)}"
 
-    # Operators make VJP rules and user code read like math; each builds one IR node.
-    def __add__(self, other: Any) -> Value:
-        from .ops import add
-        return add(self, other)
-
-    def __radd__(self, other: Any) -> Value:
-        from .ops import add
-        return add(other, self)
-
-    def __sub__(self, other: Any) -> Value:
-        from .ops import sub
-        return sub(self, other)
-
-    def __rsub__(self, other: Any) -> Value:
-        from .ops import sub
-        return sub(other, self)
-
-    def __mul__(self, other: Any) -> Value:
-        from .ops import mul
-        return mul(self, other)
-
-    def __rmul__(self, other: Any) -> Value:
-        from .ops import mul
-        return mul(other, self)
-
-    def __truediv__(self, other: Any) -> Value:
-        from .ops import div
-        return div(self, other)
-
-    def __rtruediv__(self, other: Any) -> Value:
-        from .ops import div
-        return div(other, self)
-
-    def __neg__(self) -> Value:
-        from .ops import neg
-        return neg(self)
-
-    def __matmul__(self, other: Value) -> Value:
-        from .ops import matmul
-        return matmul(self, other)
-
-    @property
-    def T(self) -> Value:
-        from .ops import transpose
-        return transpose(self)
+    # Operators (+, -, *, /, @, unary -, .T) make VJP rules and user code read like math;
+    # each builds one IR node. ops.py installs them (VALUE_OPERATORS), beside the ops.
 
 
 @dataclass(eq=False)
@@ -410,8 +369,8 @@ class Graph:
     def _check_new_name(self, name: str) -> None:
         if not isinstance(name, str) or not name or not _is_identifier(name):
             raise GraphError(
-                f"graph {self.name}: name {name!r} is not valid; use letters, digits, "
-                "'_' and '.', not starting with a digit-only part (e.g. 'x' or 'fc0.weight')"
+                f"graph {self.name}: name {name!r} is not valid; use dotted parts of ASCII letters, "
+                "digits and '_', none of them empty (e.g. 'x', 'fc0.weight' or '0.bias')"
             )
         if name in self.inputs or name in self.params:
             raise GraphError(f"graph {self.name}: {name!r} is already defined; pick another name")
@@ -496,11 +455,7 @@ class Graph:
             shape, dtype, attrs = op.infer(inputs, attrs)
         except ShapeError as e:
             raise self.node_error(op.name, inputs, e.message, e.hint, where) from None
-        out = Value(self, "", shape, dtype)
-        node = Node(op, list(inputs), attrs, out, where, self._scope, self._backward)
-        out.node = node
-        self._append(node)
-        return out
+        return self._append(op, inputs, attrs, shape, dtype, where, self._scope, self._backward)
 
     def node_error(self, op: str, inputs: Sequence[Any], message: str, hint: str = "",
                    where: str | None = None) -> GraphError:
@@ -522,11 +477,6 @@ class Graph:
             self._listed = list(self._order)
         return self._listed
 
-    @nodes.setter
-    def nodes(self, nodes: list[Node]) -> None:
-        self._order = dict.fromkeys(nodes)
-        self._listed = self._positions = None
-
     def position(self, node: Node) -> int | None:
         """k such that `nodes[k] is node` (its %k), or None if it is not in the graph."""
         if self._positions is None:
@@ -539,7 +489,14 @@ class Graph:
 
     # -- editing (the only functions that touch use-lists) ------------------------------
 
-    def _append(self, node: Node) -> None:
+    def _append(self, op: OpDef, inputs: Sequence[Value], attrs: dict[str, Any], shape: Shape, dtype: torch.dtype,
+                where: str, scope: str, backward: bool) -> Value:
+        """Create a node and its output value at the end of the graph, and record its
+        reads in the use-lists: what add_node does once the op's rule has checked it,
+        and what copy does with a node already checked."""
+        out = Value(self, "", shape, dtype)
+        node = Node(op, list(inputs), attrs, out, where, scope, backward)
+        out.node = node
         for v in node.inputs:
             v.users.append(node)
         self._order[node] = None
@@ -547,6 +504,7 @@ class Graph:
             if self._positions is not None:
                 self._positions[node] = len(self._listed)
             self._listed.append(node)
+        return out
 
     def remove_node(self, node: Node) -> None:
         """Remove a node whose output is unused."""
@@ -570,13 +528,6 @@ class Graph:
             self.outputs = [new if v is old else v for v in self.outputs]
             self._returned[new] = self._returned.get(new, 0) + returned
 
-    def set_inputs(self, node: Node, inputs: list[Value]) -> None:
-        for v in node.inputs:
-            v.users.remove(node)
-        node.inputs = list(inputs)
-        for v in inputs:
-            v.users.append(node)
-
     def rewrite(self, node: Node, op: OpDef, inputs: list[Value], attrs: dict[str, Any]) -> None:
         """Make `node` apply `op` to `inputs` instead, in place: it keeps its output value
         (so every use of it), its place, scope and source location. The inputs must be
@@ -588,34 +539,13 @@ class Graph:
         if (shape, dtype) != (node.out.shape, node.out.dtype):
             raise GraphError(f"cannot rewrite {node!r} into {op.name}, which gives {format_type(dtype, shape)}: "
                              "a rewrite keeps the value's shape and dtype")
-        self.set_inputs(node, inputs)
-        node.op, node.attrs = op, attrs
+        for v in node.inputs:
+            v.users.remove(node)
+        for v in inputs:
+            v.users.append(node)
+        node.op, node.inputs, node.attrs = op, list(inputs), attrs
 
     # -- algorithms -------------------------------------------------------------------
-
-    def to_networkx(self) -> nx.DiGraph:
-        """Nodes and their data dependencies (an edge producer -> user)."""
-        g = nx.DiGraph()
-        g.add_nodes_from(range(len(self.nodes)))
-        index = {id(n): i for i, n in enumerate(self.nodes)}
-        for i, n in enumerate(self.nodes):
-            for v in n.inputs:
-                if v.node is not None and id(v.node) in index:
-                    g.add_edge(index[id(v.node)], i)
-        return g
-
-    def toposort(self) -> None:
-        """Reorder nodes topologically, keeping the current order where it is free."""
-        dag = self.to_networkx()
-        try:
-            order = list(nx.lexicographical_topological_sort(dag))
-        except nx.NetworkXUnfeasible:
-            cycle = nx.find_cycle(dag)
-            raise GraphError(
-                f"graph {self.name} has a cycle through nodes {[u for u, _ in cycle]}; "
-                "a value cannot depend on itself"
-            ) from None
-        self.nodes = [self.nodes[i] for i in order]
 
     def value(self, name: str) -> Value:
         """The input or param called `name`."""
@@ -652,7 +582,7 @@ class Graph:
             if node.out in defined:
                 raise GraphError(f"{self._where(k, node)}: its output is defined twice (not SSA)")
             try:
-                shape, dtype, _ = node.op.infer(node.inputs, dict(node.attrs))
+                shape, dtype, _ = node.op.infer(node.inputs, node.attrs)
             except ShapeError as e:
                 raise GraphError(f"{self._where(k, node)}: {e.message}") from None
             if shape != node.out.shape or dtype != node.out.dtype:
@@ -688,11 +618,11 @@ class Graph:
         for v in self.params.values():
             vmap[id(v)] = g.param(v.name, v.slot)
         for n in self.nodes:
-            out = Value(g, "", n.out.shape, n.out.dtype)
-            node = Node(n.op, [vmap[id(v)] for v in n.inputs], dict(n.attrs), out, n.where, n.scope, n.backward)
-            out.node = node
-            g._append(node)
-            vmap[id(n.out)] = out
+            # Not add_node: these nodes passed their op's rule when built (verify re-checks
+            # them), and running the rules again would double copy's time (12,012-node
+            # gradient graph: copy 207 ms, the rules over every node 195 ms).
+            vmap[id(n.out)] = g._append(n.op, [vmap[id(v)] for v in n.inputs], dict(n.attrs), n.out.shape,
+                                        n.out.dtype, n.where, n.scope, n.backward)
         g.output(*(vmap[id(v)] for v in self.outputs))
         g.output_labels = list(self.output_labels)
         return g, vmap

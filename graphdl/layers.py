@@ -24,10 +24,14 @@ class Param:
     function built from the layer computes with `t` from its next call on.
 
     `trainable=False` makes a buffer: a graph param that `fit` neither differentiates nor
-    updates, such as Standardize's mean and std."""
+    updates, such as Standardize's mean and std. `shape(layer)` gives the shape the layer
+    declares for it (None where it is not known yet): a tensor of another shape is refused
+    where it is assigned, not found later as a model that computes something else."""
 
-    def __init__(self, trainable: bool = True) -> None:
+    def __init__(self, trainable: bool = True,
+                 shape: Callable[[Any], tuple[int | None, ...]] | None = None) -> None:
         self.trainable = trainable
+        self.shape = shape
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
@@ -37,6 +41,13 @@ class Param:
 
     def __set__(self, layer: Layer, tensor: torch.Tensor) -> None:
         check_param_tensor(f"{type(layer).__name__}.{self.name}", tensor)
+        expected = self.shape(layer) if self.shape is not None else None
+        if expected is not None and None not in expected and tuple(tensor.shape) != expected:
+            hint = ""
+            if tensor.dim() == 2 and tuple(tensor.shape) == expected[::-1]:
+                hint = "; did you mean to transpose it (tensor.T)? PyTorch's Linear stores its weight as [out, in]"
+            raise GraphError(f"{layer!r}.{self.name} must have shape {list(expected)}, got {list(tensor.shape)}"
+                             f"{hint}")
         slots = layer.__dict__.setdefault("_slots", {})
         if self.name in slots:
             slots[self.name].tensor = tensor
@@ -93,8 +104,8 @@ class Linear(Layer):
     drawn from `generator` or torch's global RNG.
     """
 
-    weight = Param()
-    bias = Param()
+    weight = Param(shape=lambda layer: (layer.in_features, layer.out_features))
+    bias = Param(shape=lambda layer: (layer.out_features,))
 
     def __init__(self, in_features: int, out_features: int, generator: torch.Generator | None = None,
                  dtype: torch.dtype = torch.float32) -> None:
@@ -172,8 +183,8 @@ class Standardize(Layer):
         dtype: the dtype of mean and std, the model's dtype.
     """
 
-    mean = Param(trainable=False)
-    std = Param(trainable=False)
+    mean = Param(trainable=False, shape=lambda layer: (layer.in_features,))
+    std = Param(trainable=False, shape=lambda layer: (layer.in_features,))
 
     def __init__(self, features: int | None = None, dtype: torch.dtype = torch.float32) -> None:
         _check_dtype("Standardize", dtype)
@@ -208,9 +219,16 @@ class Standardize(Layer):
             raise ValueError(f"adapt: X has NaN or inf values, first at X[{row}, {col}] = {X[row, col].item()}; "
                              "drop or repair those examples before adapting")
         mean, std = data.mean(0), data.std(0, correction=0)
-        # A std at the level of rounding noise is a constant feature, as scikit-learn judges it.
-        constant = std <= 10 * torch.finfo(self.dtype).eps * mean.abs().clamp_min(1.0)
+        # A std at the level of the float64 rounding noise of summing n values of this mean
+        # is a constant feature, as scikit-learn judges it (relative to the mean: a feature
+        # of 3e-5 +- 1e-6 is scaled, not left alone).
+        constant = std <= len(data) * torch.finfo(torch.float64).eps * mean.abs()
         std = torch.where(constant, torch.ones_like(std), std)
+        lost = (std.to(self.dtype) == 0).nonzero()
+        if len(lost):
+            k = int(lost[0])
+            raise ValueError(f"adapt: feature {k} has std {float(std[k]):.3g}, which {self.dtype} cannot hold "
+                             "(it rounds to 0); rescale that feature or use a wider dtype")
         device = self.mean.device if self.in_features is not None else X.device
         self.in_features = self.out_features = X.shape[1]
         self.mean, self.std = mean.to(device, self.dtype), std.to(device, self.dtype)
@@ -247,7 +265,7 @@ class Sequential:
         self.loss: Loss | None = None  # set by fit (or load): evaluate's and fit's default
         self.history: History | None = None  # the last fit's History, kept if it stops early
         self._cache: dict[Any, Any] = {}  # compiled functions by purpose (see `compiled`)
-        self._signature: tuple = ()  # the tensors' shapes, dtypes and devices the cache was built for
+        self._signature: tuple = ()  # the layers and their tensors' shapes, dtypes, devices the cache is for
         for layer in layers:
             self.add(layer)
 
@@ -324,10 +342,12 @@ class Sequential:
         """The compiled function for `key` (such as ("predict",)), built by `build` once.
 
         Compiled functions read the params' live tensors, so a layer given a new tensor of
-        the same shape, dtype and device keeps them; a different shape, dtype or device
-        rebuilds them (and a shape that no longer fits fails there, naming the layer).
+        the same shape, dtype and device keeps them; a different dtype or device, or a
+        change to `self.layers` itself (a layer replaced, added or removed), rebuilds them.
+        The signature holds the layers themselves, not their ids, so a freed layer's id
+        reused by a new one cannot pass for it.
         """
-        signature = tuple((t.shape, t.dtype, t.device) for t in self.state().values())
+        signature = (tuple(self.layers), tuple((t.shape, t.dtype, t.device) for t in self.state().values()))
         if signature != self._signature:
             self._cache.clear()
             self._signature = signature

@@ -285,6 +285,9 @@ def _value_info(helper: Any, name: str, v: Value) -> Any:
 
 
 def _initializer(helper: Any, name: str, data: torch.Tensor) -> Any:
+    if data.is_meta:
+        raise GraphError(f"export_onnx: param {name} is on the meta device, which holds shapes but no values to "
+                         "write; load or train real weights (on 'cpu' or 'cuda') before exporting")
     t = data.detach().to("cpu").contiguous()
     if t.dtype == torch.bfloat16:  # numpy has no bfloat16: write its bits
         t = t.view(torch.int16)

@@ -508,3 +508,10 @@ def test_graphdl_render_draws_an_onnx_file(tmp_path, capsys):
     assert render_main([str(tmp_path / "bad.onnx"), "-o", str(tmp_path / "b.dot")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("graphdl-render: error: ") and "is not an ONNX model" in err and "Traceback" not in err
+
+
+def test_a_meta_model_is_refused_saying_why(tmp_path):
+    model = gd.Sequential(gd.Linear(2, 3)).to("meta")
+    with pytest.raises(gd.GraphError, match="param 0.weight is on the meta device"):
+        gd.export_onnx(model, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()

@@ -62,7 +62,7 @@ def read_checkpoint(path: str | os.PathLike[str], model: Sequential, optimizer: 
     if bool(resumed.history.get("val_loss")) != (validation and resumed.epoch > 0):
         raise ValueError(f"resume: {path} was written by a fit {'with' if not validation else 'without'} "
                          "validation_data; resume it the same way, so that its History continues")
-    mine, theirs = model.parameters(), saved.parameters()
+    mine, theirs = model.state(), saved.state()  # trainable params and fixed ones (Standardize's statistics)
     for name in [*mine, *theirs]:
         if name not in mine or name not in theirs or mine[name].shape != theirs[name].shape \
                 or mine[name].dtype != theirs[name].dtype:
@@ -70,7 +70,8 @@ def read_checkpoint(path: str | os.PathLike[str], model: Sequential, optimizer: 
             raise ValueError(f"resume: {path} is a checkpoint of another model: its param {name} is {have(theirs)} "
                              f"but the model's is {have(mine)}; resume with the model that wrote it")
     velocities = {name.removeprefix("velocity/"): t for name, t in state.items() if name.startswith("velocity/")}
-    if bool(velocities) != bool(optimizer.momentum) or (velocities and set(velocities) != set(mine)):
+    trained = model.parameters()
+    if bool(velocities) != bool(optimizer.momentum) or (velocities and set(velocities) != set(trained)):
         raise ValueError(f"resume: {path} holds {'no ' if not velocities else ''}momentum velocities but the "
                          f"optimizer has momentum={optimizer.momentum}; resume with the optimizer settings that "
                          "wrote it")
@@ -80,7 +81,7 @@ def read_checkpoint(path: str | os.PathLike[str], model: Sequential, optimizer: 
                              "finite; the file is corrupt")
     for name, p in mine.items():
         p.copy_(theirs[name])
-    for u, name in zip(optimizer.buffers, mine):
+    for u, name in zip(optimizer.buffers, trained):
         u.copy_(velocities[name])
     return resumed
 

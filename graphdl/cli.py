@@ -11,6 +11,8 @@ from pathlib import Path
 from .autodiff import grad
 from .io import MODEL_FORMAT, file_format, load, load_graph
 from .ir import Graph, GraphError
+from .losses import MSE
+from .onnx_io import import_onnx
 from .viz import FORMATS, render
 
 
@@ -32,8 +34,8 @@ def render_main(argv: Sequence[str] | None = None) -> int:
                         help=f"the picture to write; its extension picks the format ({', '.join(FORMATS)}); "
                              ".dot needs no Graphviz install")
     parser.add_argument("--grad", action="store_true",
-                        help="draw the gradient graph: the loss (a model's MSE loss, or a graph's first "
-                             "output) differentiated w.r.t. every param")
+                        help="draw the gradient graph: the loss (a model's training loss, MSE if the file "
+                             "names none, or a graph's first output) differentiated w.r.t. every trainable param")
     parser.add_argument("--hide-params", action="store_true", help="leave out param boxes")
     parser.add_argument("--collapse-layers", action="store_true", help="draw each layer as one box")
     args = parser.parse_args(argv)
@@ -49,13 +51,10 @@ def render_main(argv: Sequence[str] | None = None) -> int:
 
 def _graph_to_draw(path: Path, want_grad: bool) -> Graph:
     if path.suffix.lower() == ".onnx":
-        from .onnx_io import import_onnx
-
         graph = import_onnx(path)
     elif want_grad and file_format(path) == MODEL_FORMAT:
-        from .losses import MSE
-
-        graph = load(path).graph(loss=MSE())
+        model = load(path)  # its trainable params only: Standardize's statistics get no gradient
+        return grad(model.graph(loss=model.loss or MSE()), wrt=list(model.parameters()))
     else:
         graph = load_graph(path)
     if not want_grad:

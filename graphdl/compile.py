@@ -18,18 +18,13 @@ from typing import Any
 
 import torch
 
-from .ir import Graph, GraphError, Node, Value, format_type, tensor_problem
+from .ir import Graph, GraphError, Node, Value, format_type, pauses_gc, tensor_problem
 from .ops import CODE_GLOBALS
 from .passes import pipeline
 from .passes.memory import last_uses, plan_inplace
 from .text import format_node
 
 _counter = itertools.count()
-
-
-def run_passes(graph: Graph, log: Callable[[str], object] | None = None) -> Graph:
-    """The compiler's pass pipeline, run on (and returning) the graph given."""
-    return pipeline(graph, log=log)
 
 
 class Compiled:
@@ -167,6 +162,7 @@ def _param_device(graph: Graph) -> torch.device | None:
     return devices.pop() if devices else None
 
 
+@pauses_gc
 def compile(graph: Graph, optimize: bool = True, trace: Callable[[str], object] | None = None,
             reuse: bool = True) -> Compiled:
     """Compile a graph once into a function of torch calls.
@@ -191,7 +187,7 @@ def compile(graph: Graph, optimize: bool = True, trace: Callable[[str], object] 
         raise GraphError(f"graph {graph.name} has no outputs; add one with graph.output(value)")
     work, _ = graph.copy()
     if optimize:
-        work = run_passes(work, log=trace)
+        work = pipeline(work, log=trace)
     compiled = lower(work, reuse=reuse)
     if trace is not None:
         trace(f"// source\n{compiled.source}")
@@ -227,7 +223,7 @@ def lower(graph: Graph, device: torch.device | None = None, reuse: bool = True) 
         ir_names[id(v)] = v.name
         names[id(v)] = f"p{i}_{_py(v.name)}"
         env[f"P{i}"] = v.slot  # read at each call: a new tensor may have been assigned
-        if v.users or any(v is o for o in graph.outputs):
+        if v.users or graph.is_output(v):
             body.append(f"{names[id(v)]} = P{i}.tensor")
 
     # Nodes whose inputs are all constants are computed once, now. Scalar constants stay

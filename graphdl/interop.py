@@ -68,7 +68,7 @@ def _softmax_from_torch(m: torch.nn.Softmax, where: str) -> Layer:
     if m.dim not in (None, 1, -1):
         raise GraphError(f"{where}: Softmax(dim={m.dim}) normalises across the batch; graphdl's Softmax "
                          "normalises each row (dim=1 or -1)")
-    return layers.Softmax()  # type: ignore[attr-defined]
+    return layers.Softmax()
 
 
 def _simple(module: type[torch.nn.Module], layer: type[Layer]) -> TorchLayer:
@@ -81,11 +81,8 @@ TORCH_LAYERS: list[TorchLayer] = [
     _simple(torch.nn.ReLU, layers.ReLU),
     _simple(torch.nn.Tanh, layers.Tanh),
     _simple(torch.nn.Sigmoid, layers.Sigmoid),
+    TorchLayer(torch.nn.Softmax, layers.Softmax, _softmax_from_torch, lambda layer: torch.nn.Softmax(dim=-1)),
 ]
-# The Softmax layer arrives with the classification losses; its row switches on once it exists.
-if hasattr(layers, "Softmax"):
-    TORCH_LAYERS.append(TorchLayer(torch.nn.Softmax, layers.Softmax, _softmax_from_torch,
-                                   lambda layer: torch.nn.Softmax(dim=-1)))
 
 
 def from_torch(module: torch.nn.Module) -> Sequential:
@@ -93,8 +90,8 @@ def from_torch(module: torch.nn.Module) -> Sequential:
 
     Args:
         module: an `nn.Sequential` (nested ones are flattened) of the modules in
-            `TORCH_LAYERS` (`Linear`, `ReLU`, `Tanh`, `Sigmoid`, and `Softmax` once graphdl
-            has it) and `Identity` (dropped), or one such module alone. A `Linear`
+            `TORCH_LAYERS` (`Linear`, `ReLU`, `Tanh`, `Sigmoid`, `Softmax`) and
+            `Identity` (dropped), or one such module alone. A `Linear`
             without a bias gets a zero bias.
 
     Returns:

@@ -9,8 +9,10 @@ code. The header's string metadata says what the file is:
     version  "1"
     ir       the forward graph as text IR (`str(graph)`)
     layers   models only: the JSON of `model.config()`
+    loss     models only, optional: the name of the loss it was trained with (`gd.MSE().name`)
 
-and its tensors are the params by name ("0.weight", ...). Every weight is checked
+and its tensors are the model's state by name ("0.weight", ..., and non-trainable
+buffers such as Standardize's "0.mean"). Every weight is checked
 against the name, shape and dtype the IR declares. A graph can also be saved as plain
 IR text (a `.txt` or `.gdir` file): readable and diffable, but without weights (they
 load as zeros).
@@ -35,6 +37,7 @@ import safetensors.torch
 import torch
 
 from .ir import DTYPES, Graph, GraphError, NumberText, format_type, read_int, read_shape, show_number, whole_number
+from .losses import LOSSES, Loss
 from .text import parse
 
 if TYPE_CHECKING:
@@ -66,11 +69,13 @@ def save_model(model: Sequential, path: str | os.PathLike[str], state: dict[str,
             "state" metadata; `load` reads the model and skips them.
     """
     graph = model.graph()
-    weights = model.parameters()
+    weights = model.state()
     if set(weights) != set(graph.params):
-        raise GraphError(f"save: the model's parameters {sorted(weights)} differ from its graph's params "
+        raise GraphError(f"save: the model's tensors {sorted(weights)} differ from its graph's params "
                          f"{sorted(graph.params)}; this is a bug in the layer that built them")
     metadata = {"ir": str(graph), "layers": json.dumps(model.config())}
+    if model.loss is not None and LOSSES.get(model.loss.name) is type(model.loss):
+        metadata["loss"] = model.loss.name  # evaluate's default, and how it reads a prediction as a class
     if state_info:
         metadata["state"] = state_info
     _write(_as_path(path), MODEL_FORMAT, metadata,
@@ -112,7 +117,20 @@ def load_with_state(path: str | os.PathLike[str]) -> tuple[Sequential, str, dict
     info = metadata.get("state", "")
     if not isinstance(info, str):
         raise GraphError(f"{path}: the file's training state is not text; the file is corrupt")
-    return _model_from(path, metadata["layers"], graph), info, state
+    model = _model_from(path, metadata["layers"], graph)
+    model.loss = _loss_from(path, metadata)
+    return model, info, state
+
+
+def _loss_from(path: Path, metadata: dict[str, str]) -> Loss | None:
+    """The loss the file says the model was trained with, if it says."""
+    name = metadata.get("loss")
+    if name is None:
+        return None
+    if not isinstance(name, str) or name not in LOSSES:
+        raise GraphError(f"{path}: the file names loss {name!r}, which this graphdl does not know (it knows "
+                         f"{', '.join(LOSSES)}); the file is corrupt or was written by a newer graphdl")
+    return LOSSES[name]()
 
 
 def _model_from(path: Path, layers: str, graph: Graph) -> Sequential:
@@ -128,7 +146,7 @@ def _model_from(path: Path, layers: str, graph: Graph) -> Sequential:
         # weights are drawn (which would advance torch's global RNG) only to be overwritten.
         with torch.device("meta"):
             model = Sequential.from_config(config)
-            params = model.parameters()
+            params = model.state()
             rebuilt = str(model.graph())
     except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
         # GraphError is a ValueError: keep its message, but say which file it came from.
@@ -147,7 +165,7 @@ def _model_from(path: Path, layers: str, graph: Graph) -> Sequential:
         raise GraphError(f"{path}: the file's IR and its layer list disagree ({_first_difference(stored, rebuilt)}), "
                          "so the model would not be the network the IR describes; the file is corrupt or was edited")
     for k, layer in enumerate(model.layers):
-        for short in layer.params():
+        for short in {**layer.params(), **layer.buffers()}:
             setattr(layer, short, graph.params[f"{k}.{short}"].data)
     return model
 

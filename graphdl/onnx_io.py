@@ -190,7 +190,6 @@ EXPORT: dict[str, ExportRow] = {
     "mse": _loss(lambda e, d: e("Mul", d, d)),
     "mae": _loss(lambda e, d: e("Abs", d)),
     "mbe": _loss(lambda e, d: d),
-    # The classification ops (issue 12); a row waits harmlessly until its op exists.
     "softmax": lambda e, a, n: e("Softmax", a[0], axis=n.attrs.get("axis", -1)),
     "log_softmax": lambda e, a, n: e("LogSoftmax", a[0], axis=n.attrs.get("axis", -1)),
     "bce_with_logits": _bce_with_logits,
@@ -294,6 +293,9 @@ def _value_info(helper: Any, name: str, v: Value) -> Any:
 
 
 def _initializer(helper: Any, name: str, data: torch.Tensor) -> Any:
+    if data.is_meta:
+        raise GraphError(f"export_onnx: param {name} is on the meta device, which holds shapes but no values to "
+                         "write; load or train real weights (on 'cpu' or 'cuda') before exporting")
     t = data.detach().to("cpu").contiguous()
     if t.dtype == torch.bfloat16:  # numpy has no bfloat16: write its bits
         t = t.view(torch.int16)
@@ -467,11 +469,9 @@ IMPORT: dict[str, tuple[ImportRow, frozenset[str]]] = {
     "Transpose": (_transpose, frozenset({"perm"})),
     "ReduceSum": (_reduce(ops.sum), frozenset({"axes", "keepdims", "noop_with_empty_axes"})),
     "ReduceMean": (_reduce(ops.mean), frozenset({"axes", "keepdims", "noop_with_empty_axes"})),
+    "Softmax": (_last_axis("softmax"), frozenset({"axis"})),
+    "LogSoftmax": (_last_axis("log_softmax"), frozenset({"axis"})),
 }
-# The classification ops (issue 12) bring softmax and log_softmax; their rows switch on once they exist.
-for _onnx_op, _op in {"Softmax": "softmax", "LogSoftmax": "log_softmax"}.items():
-    if _op in ops.OPS:
-        IMPORT[_onnx_op] = (_last_axis(_op), frozenset({"axis"}))
 
 
 def import_onnx(path: str | os.PathLike[str]) -> Graph:
@@ -480,8 +480,7 @@ def import_onnx(path: str | os.PathLike[str]) -> Graph:
     Args:
         path: an `.onnx` file of the ops in `IMPORT` (MatMul, Gemm, Add, Sub, Mul, Div,
             Relu, Tanh, Sigmoid, Exp, Log, Neg, Abs, Sign, Transpose, ReduceSum,
-            ReduceMean, Identity, Constant; Softmax and LogSoftmax once graphdl has those
-            ops), weights inside the file.
+            ReduceMean, Softmax, LogSoftmax, Identity, Constant), weights inside the file.
 
     Returns:
         A `gd.Graph`: the model's inputs under their names (sanitised to graphdl names),

@@ -64,6 +64,12 @@ class SGD:
         """
         lr = self.lr if lr is None else real("lr", lr, 0.0)
         _check_step(params, grads)
+        if self.momentum and len(self.buffers) == len(params):
+            for k, (p, u) in enumerate(zip(params, self.buffers)):
+                if (p.shape, p.dtype, p.device) != (u.shape, u.dtype, u.device):
+                    raise ValueError(f"step: param {k} is {p.dtype}{list(p.shape)} on {p.device} but the velocity "
+                                     f"kept for it is {u.dtype}{list(u.shape)} on {u.device}: these are not the params "
+                                     "it was made for; call reset(params) to start them from zero velocity")
         self.update(params, grads, lr)
 
     def update(self, params: list[torch.Tensor], grads: list[torch.Tensor], lr: float,
@@ -74,6 +80,8 @@ class SGD:
         contiguous float32 params (on CUDA also float16/bfloat16) take torch's fused kernel
         (~5 µs a step for the disk net against ~30 µs for the separate multi-tensor ops).
         """
+        if not params:  # a model with nothing to train (only Standardize, say)
+            return
         if self.momentum and len(self.buffers) != len(params):
             self.reset(params)
         with torch.inference_mode():  # params that require grad, or made in inference mode, update too
@@ -86,11 +94,13 @@ class SGD:
         """torch's fused kernel walks param, gradient and buffer as flat arrays, so they must
         all be contiguous; with momentum it takes ηg by scaling the gradients in place
         (grad_scale = 1/η, a float32), which is exact enough only below float64."""
-        if not params or not self.fused or not _fused_kernel_works(params[0]):
+        first = params[0]
+        if not self.fused or not _fused_kernel_works(first):
             return False
-        if self.momentum and (not overwrite_grads or params[0].dtype == torch.float64):
-            return False
-        return all(p.is_contiguous() and g.is_contiguous() for p, g in zip(params, grads))
+        if self.momentum and (not overwrite_grads or first.dtype == torch.float64):
+            return False  # one kernel call takes one dtype and device: a mixed list goes the foreach way
+        return all(p.dtype == first.dtype and p.device == first.device and p.is_contiguous() and g.is_contiguous()
+                   for p, g in zip(params, grads))
 
     def _fused(self, params: list[torch.Tensor], grads: list[torch.Tensor], lr: float) -> None:
         if not self.momentum:  # w <- w - η(g + λw): torch's rule exactly
@@ -145,6 +155,8 @@ def _check_step(params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         if (p.shape, p.dtype, p.device) != (g.shape, g.dtype, g.device):
             raise ValueError(f"step: param {k} is {p.dtype}{list(p.shape)} on {p.device} but its gradient is "
                              f"{g.dtype}{list(g.shape)} on {g.device}; they must match")
+        if not p.is_floating_point():
+            raise ValueError(f"step: param {k} is {p.dtype}; SGD updates floating-point params only")
         check_updatable(f"step: param {k}", p)
 
 

@@ -8,6 +8,7 @@ until the epoch ends, so there is one host sync per epoch, not per batch.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -31,14 +32,21 @@ if TYPE_CHECKING:
 
 
 class History(dict):
-    """Per-epoch metrics: history["loss"], ["accuracy"], ["val_loss"], ["val_accuracy"], ["lr"].
+    """Per-epoch lists: "loss", one per metric ("accuracy", "mse", ...), "val_loss" and
+    "val_<metric>" (empty without validation data), and "lr".
 
     "loss" is the mean training loss over the epoch's batches (as the optimizer saw them);
-    "accuracy" is measured on the whole training set at the end of the epoch.
+    the metrics are measured on the whole training set at the end of the epoch. A metric
+    that was not measured reads as an empty list, as "val_loss" does without validation data.
     """
 
-    def __init__(self) -> None:
-        super().__init__(loss=[], accuracy=[], val_loss=[], val_accuracy=[], lr=[])
+    def __init__(self, metrics: list[str] | tuple[str, ...] = ("accuracy",)) -> None:
+        super().__init__(loss=[], **{m: [] for m in metrics}, val_loss=[], **{f"val_{m}": [] for m in metrics}, lr=[])
+
+    def __missing__(self, key: str) -> list:
+        if isinstance(key, str) and key.removeprefix("val_") in METRICS:
+            return []
+        raise KeyError(key)
 
     @property
     def epochs(self) -> int:
@@ -59,15 +67,87 @@ def _eval_fn(model: Sequential, loss: Loss) -> Compiled:
     return model.compiled(("eval", loss), lambda: compile(model.graph(loss, prediction=True)))
 
 
-def correct(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """How many examples are classified right, an int64 count: a single output thresholded
-    at 0.5 against 0/1 labels; several outputs by argmax against one-hot labels.
+# -- metrics: counted in int64 and summed in float64, whatever the model's dtype ----------
 
-    A count, not a mean in the model's dtype: bfloat16 would round 0.991 to 0.98828125.
+
+def correct(pred: torch.Tensor, target: torch.Tensor, decision: str = "threshold") -> tuple[int, int]:
+    """How many predictions are right, and of how many, read as the loss says
+    (`Loss.decision`): "argmax" (the largest output is the class, against one-hot or
+    probability rows), "logit" (each output above 0 means 1, against 0/1 labels), or
+    "threshold" (a single output above 0.5 means 1; several outputs: the argmax).
+
+    Counts, not a mean in the model's dtype: bfloat16 would round 0.991 to 0.98828125.
     """
-    if pred.shape[-1] == 1:
-        return ((pred > 0.5) == (target > 0.5)).sum()
-    return (pred.argmax(-1) == target.argmax(-1)).sum()
+    if decision == "argmax" or (decision == "threshold" and pred.shape[-1] > 1):
+        right = pred.argmax(-1) == target.argmax(-1)
+    else:
+        right = (pred > (0.0 if decision == "logit" else 0.5)) == (target > 0.5)
+    return int(right.sum()), right.numel()
+
+
+def accuracy(pred: torch.Tensor, target: torch.Tensor, decision: str = "threshold") -> float:
+    """The fraction `correct` counts."""
+    right, total = correct(pred, target, decision)
+    return right / total
+
+
+METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor, str], float]] = {
+    "accuracy": accuracy,
+    "mse": lambda pred, y, decision: float((pred.double() - y.double()).square().mean()),
+    "mae": lambda pred, y, decision: float((pred.double() - y.double()).abs().mean()),
+}
+
+
+def _is_class_labels(Y: torch.Tensor, decision: str) -> bool:
+    """Whether targets [N, C] are class labels, so that accuracy means something:
+    0/1 values (one column, or any number with BCEWithLogits), one-hot rows, or, for
+    CrossEntropy, rows of probabilities."""
+    binary = bool(((Y == 0) | (Y == 1)).all())
+    if decision == "argmax":
+        rows = Y.double().sum(-1)
+        return bool((Y >= 0).all()) and bool(((rows - 1).abs() <= 1e-3).all())
+    if decision == "logit" or Y.shape[1] == 1:
+        return binary
+    return binary and bool((Y.sum(-1) == 1).all())
+
+
+def _check_metrics(metrics: Any, Y: torch.Tensor, loss: Loss) -> list[str]:
+    """The metrics to report: as asked, or by default accuracy when Y holds class labels."""
+    if metrics is None:
+        return ["accuracy"] if _is_class_labels(Y, loss.decision) else []
+    if isinstance(metrics, str) or not isinstance(metrics, (list, tuple)) or not all(
+            isinstance(m, str) and m in METRICS for m in metrics) or len(set(metrics)) != len(metrics):
+        raise ValueError(f"metrics must be a list of distinct metric names from {', '.join(map(repr, METRICS))}, "
+                         f"e.g. metrics=['accuracy'], got {metrics!r}")
+    return list(metrics)
+
+
+def _scores(pred: torch.Tensor, Y: torch.Tensor, loss_value: torch.Tensor, metrics: list[str],
+            decision: str) -> dict[str, float]:
+    scores = {"loss": float(loss_value), **{m: METRICS[m](pred, Y, decision) for m in metrics}}
+    if "accuracy" in scores:
+        right, total = correct(pred, Y, decision)
+        scores["error"] = (total - right) / total  # exactly, not 1 - accuracy's rounding
+    return scores
+
+
+def _class_targets(model: Sequential, Y: Any, what: str = "") -> Any:
+    """Integer class labels [N] as targets: one-hot rows for a model with several outputs,
+    a 0/1 column for a model with one. Anything else is returned as given, for
+    _check_data to judge."""
+    if not isinstance(Y, torch.Tensor) or tensor_problem(Y) or Y.is_meta or Y.dtype.is_floating_point \
+            or Y.is_complex() or Y.dtype == torch.bool or Y.dim() != 1:
+        return Y
+    classes = model.out_features
+    top = max(classes, 2) - 1
+    if len(Y) and not bool(((Y >= 0) & (Y <= top)).all()):
+        bad = Y[(Y < 0) | (Y > top)][0].item()
+        raise ValueError(f"Y{what} holds class label {bad}, but the model has {classes} output"
+                         f"{'s' if classes > 1 else ''}, so labels run from 0 to {top}")
+    if classes == 1:
+        return Y.to(model._dtype()).unsqueeze(1)
+    rows = torch.zeros(len(Y), classes, dtype=model._dtype(), device=Y.device)
+    return rows.scatter_(1, Y.long().unsqueeze(1), 1.0)
 
 
 def _check_data(model: Sequential, X: Any, Y: Any, what: str = "") -> None:
@@ -119,6 +199,44 @@ def _check_settings(validation_data: Any, schedule: Any, shuffle: Any, verbose: 
     if schedule is not None and not callable(schedule):
         raise ValueError(f"schedule must be a graphdl schedule such as gd.StepDecay(every=10, factor=0.9), "
                          f"got {schedule!r}")
+
+
+# Threads. torch splits each op over every core by default, which costs a synchronisation
+# per op, and on a busy machine a wait for a core as well. Measured on this project's
+# 2-core machine (fit's time per step, 1 vs 2 threads alternated, medians of 9; a tanh
+# net 2-w-w-w-1, work = multiply-adds per batch):
+#   w=25 batch 20 (the disk net, 26,500):  120 vs 152 us idle; 272 vs 379, 615 vs 1,648 busy
+#   w=64 batch 64 (537,000):                211 vs 218 us idle; 505 vs 175,816 (!) busy
+#   w=64 batch 256 (2.1 M), w=128 batch 64: 0.87x and 1.15x the 1-thread time, lightly busy
+#   w=128 batch 128 (4.2 M):                646 vs 488 us idle (0.75x)
+#   w=1024 batch 512 (1.1 G):               91 vs 52 ms idle (0.57x); 131 vs 401 ms busy
+# So below SMALL_WORK two threads gain at most ~13 % on an idle machine and lose up to
+# hundreds of times on a busy one: `fit`, `predict` and `evaluate` use one thread there,
+# and torch's setting above it (`threads=` overrides either), restoring it afterwards.
+SMALL_WORK = 4_000_000
+
+
+def _work(model: Sequential, batch: int) -> int:
+    """Multiply-adds of a forward pass over `batch` examples (the matmuls, which dominate)."""
+    return batch * sum(math.prod(t.shape) for name, t in model.parameters().items() if t.dim() == 2)
+
+
+@contextlib.contextmanager
+def _threads_for(model: Sequential, batch: int, threads: int | None) -> Iterator[None]:
+    """Run the block with `threads` intra-op threads (None: one for small work, else torch's setting)."""
+    if threads is not None:
+        threads = whole("threads", threads, 1)
+    elif _work(model, batch) < SMALL_WORK:
+        threads = 1
+    before = torch.get_num_threads()
+    if threads is None or threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _scheduled_lr(schedule: Schedule | None, epoch: int, base_lr: float) -> float:
@@ -263,6 +381,13 @@ def _diverged(found: tuple[int, float, bool] | None, epoch: int, epochs: int, ba
     return DivergedError(message, history, epoch + 1, None if found is None else found[0] + 1)
 
 
+def _model_loss(model: Sequential, loss: Any) -> Loss:
+    loss = (model.loss or MSE()) if loss is None else loss
+    if not isinstance(loss, Loss):
+        raise ValueError(f"loss must be a graphdl loss such as gd.MSE(), got {loss!r}")
+    return loss
+
+
 # Nothing fit makes reaches the user as a tensor (it hands back floats and updates the
 # params in place), so the whole loop runs in inference mode: no autograd bookkeeping,
 # and params or data that require grad (from a torch model) are fine.
@@ -271,40 +396,15 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
         optimizer: SGD | None = None, schedule: Schedule | None = None, epochs: int = 1,
         batch_size: int = 32, shuffle: bool = True,
         validation_data: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int | None = None,
-        verbose: bool = True, distributed: bool = False, checkpoint: str | os.PathLike[str] | None = None,
+        verbose: bool = True, metrics: list[str] | None = None, threads: int | None = None,
+        distributed: bool = False, checkpoint: str | os.PathLike[str] | None = None,
         resume: str | os.PathLike[str] | None = None) -> History:
-    """Train `model` in place with minibatch SGD.
-
-    Args:
-        X, Y: training inputs [N, in_features] and targets [N, out_features].
-        loss: a graphdl loss (default `MSE()`).
-        optimizer: an `SGD` (default `SGD(lr=0.01)`).
-        schedule: sets the learning rate each epoch from the optimizer's base rate.
-        epochs: passes over the data (>= 0).
-        batch_size: examples per step (>= 1); the last batch may be smaller.
-        shuffle: reshuffle the examples every epoch.
-        validation_data: (X_val, Y_val), evaluated after every epoch.
-        seed: seeds the shuffling; None draws one from torch's global RNG.
-        verbose: print one line per epoch.
-        distributed: train data-parallel over the process group of `gd.distributed.init()`
-            (launched by torchrun): `batch_size` stays the global batch, each rank computes
-            its share of it, and every rank ends with the params and History one process
-            would have (see graphdl.distributed). Only rank 0 prints.
-        checkpoint: a file to write after every epoch (rank 0 only): the model and fit's
-            state, to continue from with `resume` (see graphdl.checkpoint).
-        resume: a checkpoint to continue from: its weights, momentum, shuffling state,
-            History and epoch count; `epochs` counts the epochs it already did.
-
-    Returns:
-        The `History` of per-epoch metrics.
-    """
-    loss = MSE() if loss is None else loss
+    """`Sequential.fit`, which documents the arguments."""
+    loss = _model_loss(model, loss)
     optimizer = SGD() if optimizer is None else optimizer
     epochs, batch_size = whole("epochs", epochs, 0), whole("batch_size", batch_size, 1)
     if seed is not None:  # the range torch.Generator.manual_seed takes
         seed = whole("seed", seed, -2**63, 2**64 - 1)
-    if not isinstance(loss, Loss):
-        raise ValueError(f"loss must be a graphdl loss such as gd.MSE(), got {loss!r}")
     if not isinstance(optimizer, SGD):
         raise ValueError(f"optimizer must be a graphdl optimizer such as gd.SGD(lr=0.01), got {optimizer!r}")
     _check_settings(validation_data, schedule, shuffle, verbose)
@@ -312,11 +412,24 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
     for name, path in (("checkpoint", checkpoint), ("resume", resume)):
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise ValueError(f"{name} must be a file path or None, got {type(path).__name__}")
+    Y = _class_targets(model, Y)
     _check_data(model, X, Y)
     if validation_data is not None:
+        validation_data = (validation_data[0], _class_targets(model, validation_data[1], " (validation)"))
         _check_data(model, *validation_data, what=" (validation)")
-
+    metrics = _check_metrics(metrics, Y, loss)
     _check_params(model)
+    with _threads_for(model, batch_size, threads):
+        model.loss = loss
+        return _train(model, X, Y, loss, optimizer, schedule, epochs, batch_size, shuffle, validation_data, seed,
+                      verbose, metrics, distributed, checkpoint, resume)
+
+
+def _train(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss, optimizer: SGD,
+           schedule: Schedule | None, epochs: int, batch_size: int, shuffle: bool,
+           validation_data: tuple[torch.Tensor, torch.Tensor] | None, seed: int | None, verbose: bool,
+           metrics: list[str], distributed: bool, checkpoint: str | os.PathLike[str] | None,
+           resume: str | os.PathLike[str] | None) -> History:
     step = _step_fn(model, loss, distributed)
     n = len(X)
     batches = dp.ShardedBatches(n, batch_size, X, Y) if distributed else _Batches(n, batch_size, X)
@@ -324,13 +437,13 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
     run = step.fn  # the unchecked entry: every batch has the shape just checked
     params = list(model.parameters().values())
     optimizer.reset(params)
-    history = History()
+    history = History(metrics)
     resumed = None if resume is None else read_checkpoint(resume, model, optimizer, list(history),
                                                           validation_data is not None)
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())
     settings = _fit_settings(model, X, batch_size, epochs, shuffle, validation_data, resumed)
-    seed = batches.begin([*params, *optimizer.buffers], seed, settings)
+    seed = batches.begin([*model.state().values(), *optimizer.buffers], seed, settings)  # data-parallel: rank 0's
     gen = torch.Generator().manual_seed(seed)
     if resumed is not None:
         gen.set_state(resumed.rng)
@@ -354,11 +467,14 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
             found = _replay(run, optimizer, params, start, batches.feeds(X, Y, order), batches.batch_loss, lr)
             raise _diverged(found, epoch, epochs, len(batches), lr, history)
         history["loss"].append(epoch_loss)
-        history["accuracy"].append(evaluate(model, X, Y, loss, distributed=distributed, _checked=True)["accuracy"])
+        if metrics:
+            scores = _evaluate(model, X, Y, loss, metrics, distributed)
+            for m in metrics:
+                history[m].append(scores[m])
         if validation_data is not None:
-            scores = evaluate(model, *validation_data, loss, distributed=distributed, _checked=True)
-            history["val_loss"].append(scores["loss"])
-            history["val_accuracy"].append(scores["accuracy"])
+            scores = _evaluate(model, *validation_data, loss, metrics, distributed)
+            for key in ("loss", *metrics):
+                history[f"val_{key}"].append(scores[key])
         history["lr"].append(lr)
         if verbose and batches.is_main:
             _report(epoch, epochs, history, time.perf_counter() - started)
@@ -379,50 +495,60 @@ def _fit_settings(model: Sequential, X: torch.Tensor, batch_size: int, epochs: i
 
 def _report(epoch: int, epochs: int, history: History, seconds: float) -> None:
     parts = [f"Epoch {epoch + 1}/{epochs}", f"{seconds * 1000:.0f}ms"]
-    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
-        if history[key]:
+    for key in history:
+        if key != "lr" and history[key]:
             parts.append(f"{key}: {history[key][-1]:.4f}")
     parts.append(f"lr: {history['lr'][-1]:.4g}")
     print(" - ".join(parts), file=sys.stdout, flush=True)
 
 
-def predict(model: Sequential, X: torch.Tensor, distributed: bool = False) -> torch.Tensor:
-    """The model's output for X [N, in_features]; with `distributed`, each rank computes
-    its share of the rows and every rank gets them all."""
+def predict(model: Sequential, X: torch.Tensor, threads: int | None = None, distributed: bool = False) -> torch.Tensor:
+    """`Sequential.predict`."""
     fn = model.compiled(("predict",), lambda: compile(model.graph()))
-    if not _check_distributed(distributed, "predict"):
-        return fn(x=X)[0]
-    first, count = dp.shard(len(X))
-    mine = fn(x=X[first:first + count] if count else X[:1])[0]  # an empty share still takes part in the gather
-    return dp.gather_rows(mine, len(X))
+    with _threads_for(model, len(X) if isinstance(X, torch.Tensor) and X.dim() else 1, threads):
+        if not _check_distributed(distributed, "predict"):
+            return fn(x=X)[0]
+        first, count = dp.shard(len(X))
+        mine = fn(x=X[first:first + count] if count else X[:1])[0]  # an empty share still takes part in the gather
+        return dp.gather_rows(mine, len(X))
 
 
 def evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None = None,
-             distributed: bool = False, _checked: bool = False) -> dict[str, float]:
-    """{"loss": the loss, "accuracy": fraction right (see `correct`), "error": 1 - accuracy}.
+             metrics: list[str] | None = None, threads: int | None = None,
+             distributed: bool = False) -> dict[str, float]:
+    """`Sequential.evaluate`, which documents the arguments."""
+    loss = _model_loss(model, loss)
+    _check_distributed(distributed, "evaluate")
+    Y = _class_targets(model, Y)
+    _check_data(model, X, Y)
+    metrics = _check_metrics(metrics, Y, loss)
+    with _threads_for(model, len(X), threads):
+        return _evaluate(model, X, Y, loss, metrics, distributed)
 
-    With `distributed`, each rank scores its share of the rows and every rank gets the
-    scores of them all."""
-    loss = MSE() if loss is None else loss
-    if not isinstance(loss, Loss):
-        raise ValueError(f"loss must be a graphdl loss such as gd.MSE(), got {loss!r}")
-    if not _checked:
-        _check_data(model, X, Y)
+
+def _evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss, metrics: list[str],
+              distributed: bool = False) -> dict[str, float]:
     fn = _eval_fn(model, loss)
-    if not _check_distributed(distributed, "evaluate"):
+    if not distributed:
         value, pred = fn(x=X, y=Y)
-        right, n = int(correct(pred, Y)), len(Y)
-        return {"loss": float(value), "accuracy": right / n, "error": (n - right) / n}
+        return _scores(pred, Y, value, metrics, loss.decision)
+    # Each rank scores its share; one collective sums, in float64, the loss and the mean
+    # metrics weighted by the share's size and the exact counts of right answers (an
+    # empty share scores a stand-in row, weighted 0), so every rank gets one process's scores.
     n = len(X)
     first, count = dp.shard(n)
     x, y = (X[first:first + count], Y[first:first + count]) if count else (X[:1], Y[:1])
     value, pred = fn(x=x, y=y)
-    # Summed over the ranks, in float64: the loss weighted by each share's size, and the
-    # exact count of right answers (an empty share scored its stand-in row, weighted 0).
-    sums = torch.stack([value.double() * (count / n), correct(pred, y).double() * (count > 0)])
-    dp.sum_over_ranks(sums, "summing evaluate's scores")
-    right = int(sums[1])
-    return {"loss": float(sums[0]), "accuracy": right / n, "error": (n - right) / n}
+    means = [m for m in metrics if m != "accuracy"]
+    right, total = correct(pred, y, loss.decision) if count else (0, 0)
+    sums = torch.tensor([float(value) * count / n, right, total,
+                         *(METRICS[m](pred, y, loss.decision) * count / n for m in means)], dtype=torch.float64)
+    sums = dp.sum_over_ranks(sums.to(X.device), "summing evaluate's scores").tolist()
+    scores = {"loss": sums[0], **dict(zip(means, sums[3:]))}
+    if "accuracy" in metrics:
+        right, total = int(sums[1]), int(sums[2])
+        scores["accuracy"], scores["error"] = right / total, (total - right) / total
+    return scores
 
 
 def _check_distributed(distributed: Any, what: str) -> bool:

@@ -39,10 +39,13 @@ def model(device: str = "cpu") -> gd.Sequential:
     return gd.Sequential(gd.Linear(3, 8, generator=gen), gd.Tanh(), gd.Linear(8, 2, generator=gen)).to(device)
 
 
+METRICS = ["accuracy", "mae"]  # a count and a mean, both summed over the ranks
+
+
 def settings() -> dict:
     """Shuffled, momentum, weight decay and a schedule: everything that could drift apart."""
     return dict(optimizer=gd.SGD(lr=0.2, momentum=0.9, weight_decay=0.01), schedule=gd.StepDecay(2, 0.5),
-                epochs=EPOCHS, batch_size=BATCH, shuffle=True, seed=3)
+                epochs=EPOCHS, batch_size=BATCH, shuffle=True, seed=3, metrics=METRICS)
 
 
 def validation(device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +97,7 @@ def main() -> None:
     result["params"] = {k: v.tolist() for k, v in m.parameters().items()}
     result["history"] = dict(history)
     result["predict"] = m.predict(X, distributed=True).tolist()
-    result["evaluate"] = m.evaluate(X, Y, distributed=True)
+    result["evaluate"] = m.evaluate(X, Y, metrics=METRICS, distributed=True)
     m.save(os.path.join(args.out, f"saved_by_rank{me.rank}.gdl"))
     write()
     if args.only_train:

@@ -132,7 +132,6 @@ def test_a_layer_without_a_torch_module_is_named_with_its_position():
         gd.to_torch(torch.nn.Linear(2, 3))
 
 
-@pytest.mark.skipif(not hasattr(gd, "Softmax"), reason="gd.Softmax arrives with issue 12 (classification)")
 def test_softmax_maps_both_ways():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Softmax(dim=1))

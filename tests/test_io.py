@@ -394,6 +394,42 @@ def test_a_non_path_is_a_graph_error(path, tmp_path):
             call()
 
 
+def _trained_classifier() -> tuple[gd.Sequential, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(4)
+    X, labels = torch.randn(30, 2, generator=gen) * 50 + 20, torch.randint(0, 3, (30,), generator=gen)
+    model = gd.Sequential(gd.Standardize().adapt(X), gd.Linear(2, 8, generator=gen), gd.Tanh(),
+                          gd.Linear(8, 3, generator=gen), gd.Softmax())
+    model.fit(X, labels, loss=gd.BCEWithLogits(), epochs=2, batch_size=8, verbose=False)
+    return model, X, labels
+
+
+def test_a_model_file_holds_every_step_from_raw_input_and_the_loss(tmp_path):
+    model, X, labels = _trained_classifier()
+    model.save(tmp_path / "clf.gdl")
+    loaded = gd.load(tmp_path / "clf.gdl")
+    assert list(loaded.state()) == list(model.state()) and "0.mean" in loaded.state()
+    assert all(torch.equal(loaded.state()[k], v) for k, v in model.state().items())
+    assert torch.equal(loaded.predict(X), model.predict(X))
+    assert loaded.loss == gd.BCEWithLogits()  # so evaluate reads predictions as logits, as fit did
+    assert loaded.evaluate(X, labels) == model.evaluate(X, labels)
+    with safetensors.safe_open(str(tmp_path / "clf.gdl"), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["loss"] == "bce_with_logits"
+    # The layer list alone rebuilds the stored IR exactly.
+    assert str(gd.Sequential.from_config(json.loads(meta["layers"])).graph()) == meta["ir"]
+
+
+def test_a_loss_the_file_names_must_be_known(tmp_path):
+    model, _, _ = _trained_classifier()
+    path = tmp_path / "clf.gdl"
+    model.save(path)
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    path.write_bytes(safetensors.torch.save(tensors, metadata={**meta, "loss": "focal"}))
+    with pytest.raises(gd.GraphError, match=r"names loss 'focal', which this graphdl does not know"):
+        gd.load(path)
+
+
 @pytest.mark.parametrize("layers, differs", [
     # the file: the IR says tanh, the layer list says ReLU and adds a Sigmoid
     ('[{"type": "Linear", "in_features": 2, "out_features": 3}, {"type": "ReLU"}, '

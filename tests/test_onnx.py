@@ -475,7 +475,6 @@ def test_import_graphdl_never_imports_onnx_and_a_missing_onnx_says_how_to_instal
             call()
 
 
-@pytest.mark.skipif("softmax" not in gd.OPS, reason="the classification ops arrive with issue 12")
 def test_classification_ops_export_and_softmax_imports(tmp_path):
     g = gd.Graph("cls")
     x = g.input("x", (None, 3), torch.float64)
@@ -509,3 +508,10 @@ def test_graphdl_render_draws_an_onnx_file(tmp_path, capsys):
     assert render_main([str(tmp_path / "bad.onnx"), "-o", str(tmp_path / "b.dot")]) == 1
     err = capsys.readouterr().err
     assert err.startswith("graphdl-render: error: ") and "is not an ONNX model" in err and "Traceback" not in err
+
+
+def test_a_meta_model_is_refused_saying_why(tmp_path):
+    model = gd.Sequential(gd.Linear(2, 3)).to("meta")
+    with pytest.raises(gd.GraphError, match="param 0.weight is on the meta device"):
+        gd.export_onnx(model, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()

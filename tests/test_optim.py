@@ -71,3 +71,36 @@ def test_step_updates_params_that_require_grad_or_were_made_in_inference_mode():
         frozen = torch.ones(2)
     gd.SGD(lr=1.0).step([leaf, frozen], [torch.ones(2), torch.ones(2)])
     assert torch.equal(leaf.detach(), torch.zeros(2)) and torch.equal(frozen, torch.zeros(2))
+
+
+def test_a_mixed_dtype_param_list_updates_every_param():
+    """The fused kernel takes one dtype a call; a float16 param after a float32 one must move too."""
+    params = [torch.ones(64), torch.ones(64, dtype=torch.float16), torch.ones(64, dtype=torch.float64)]
+    gd.SGD(lr=0.5).step(params, [torch.ones_like(p) for p in params])
+    assert all(torch.equal(p, torch.full_like(p, 0.5)) for p in params)
+
+
+def test_nothing_to_train_is_a_no_op_and_velocities_must_fit_their_params():
+    gd.SGD(lr=0.1, momentum=0.9).step([], [])
+    opt = gd.SGD(lr=0.1, momentum=0.9)
+    opt.step([torch.ones(3)], [torch.ones(3)])
+    with pytest.raises(ValueError, match=r"velocity kept for it is torch.float32\[3\].*call reset\(params\)"):
+        opt.step([torch.ones(4)], [torch.ones(4)])
+    with pytest.raises(ValueError, match="SGD updates floating-point params only"):
+        gd.SGD().step([torch.ones(3, dtype=torch.int64)], [torch.ones(3, dtype=torch.int64)])
+
+
+@pytest.mark.parametrize("build", [lambda x, w: gd.sum(gd.tanh(gd.matmul(x, gd.transpose(w)))),
+                                   lambda x, w: gd.add(gd.sum(w), gd.mean(x))],
+                         ids=["transposed-product", "linear-in-w"])
+def test_sgd_step_is_right_for_any_gradient_layout(build):
+    g = gd.Graph("layout")
+    x = g.input("x", (None, 2))
+    w = g.param("w", torch.randn(3, 2))
+    g.output(build(x, w))
+    _, dw = gd.compile(gd.grad(g, ["w"]))(x=torch.randn(8, 2))
+    expected = w.data - 0.1 * dw
+    opt = gd.SGD(lr=0.1, momentum=0.9)
+    opt.reset([w.data])
+    opt.step([w.data], [dw])
+    torch.testing.assert_close(w.data, expected)

@@ -184,6 +184,31 @@ def test_binary_formats(tmp_path, fmt, magic):
     assert out.read_bytes().startswith(magic)
 
 
+def test_gradient_outputs_are_labelled_with_their_param():
+    found = boxes(gd.to_dot(gd.grad(mlp(), ["0.weight", "2.bias"])).source)
+    assert found["out0"]["label"] == "output 0\\nf32[]"
+    assert found["out1"]["label"] == "output 1: d/d0.weight\\nf32[2,3]"
+    assert found["out2"]["label"] == "output 2: d/d2.bias\\nf32[1]"
+
+
+def test_graphs_and_models_display_in_jupyter(dot_program):
+    model = gd.Sequential(gd.Standardize(2), gd.Linear(2, 3), gd.Softmax())
+    for obj, text in ((mlp(), str(mlp())), (model, repr(model))):
+        bundle = obj._repr_mimebundle_()
+        assert bundle["text/plain"] == text
+        assert bundle["image/svg+xml"].lstrip().startswith("<?xml") and "</svg>" in bundle["image/svg+xml"]
+    assert "0:Standardize" in model._repr_mimebundle_()["image/svg+xml"]
+
+
+def test_jupyter_display_degrades_to_text(monkeypatch):
+    monkeypatch.setattr("shutil.which", lambda name: None)  # no Graphviz `dot` on this machine
+    assert mlp()._repr_mimebundle_() == {"text/plain": str(mlp())}
+    model = gd.Sequential(gd.Linear(2, 1))
+    assert model._repr_mimebundle_() == {"text/plain": repr(model)}
+    unbuilt = gd.Sequential(gd.Standardize(), gd.ReLU())  # cannot build a graph yet: its repr alone
+    assert unbuilt._repr_mimebundle_() == {"text/plain": repr(unbuilt)}
+
+
 ODD_SCOPES = ["a\\", "<b>", '"q"', "{x|y}", 'a\\"', "\\l", "x\\ny", "<<b>x</b>>", "a&b", "C:\\dir\\", "grad"]
 
 

@@ -43,52 +43,73 @@ def allreduce(graph: Graph, outputs: Sequence[int] | None = None,
     indices = list(range(1, len(graph.outputs)) if outputs is None else outputs)
     if not indices:
         return graph, False
-    _make_early(graph, [graph.outputs[i] for i in indices])
-    made_at = {id(n.out): k for k, n in enumerate(graph.nodes)}
+    order = _early(graph.nodes, [graph.outputs[i].node for i in indices])
+    made_at = {id(n.out): k for k, n in enumerate(order)}
     ready = sorted(indices, key=lambda i: made_at.get(id(graph.outputs[i]), -1))  # stable: ties keep output order
-    buckets = _buckets([graph.outputs[i] for i in ready], ready, bucket_mib * 2**20)
-    order = list(graph.nodes)
+    starts: dict[int, list[Node]] = {}  # position in `order` -> the starts that follow that node
     pending = []
-    for members in buckets:
-        values = [graph.outputs[i] for i in members]
-        last = max(made_at.get(id(v), -1) for v in values)
-        start = _add(graph, "allreduce_start", values, {}, order[last] if last >= 0 else None)
-        if last + 1 < len(order):  # right after the last of its values, not at the end
-            graph.move_before(start.node, order[last + 1])
+    for members in _buckets([graph.outputs[i] for i in ready], ready, bucket_mib * 2**20):
+        last = max(made_at.get(id(graph.outputs[i]), -1) for i in members)
+        start = _add(graph, "allreduce_start", [graph.outputs[i] for i in members], {},
+                     order[last] if last >= 0 else None)
+        starts.setdefault(last, []).append(start.node)
         pending.append((start, members))
+    tail = []  # the waits and unpacks, at the end
     for start, members in pending:
         done = _add(graph, "allreduce_wait", [start], {}, start.node)
+        tail.append(done.node)
         offset = 0
         for i in members:
             shape = graph.outputs[i].shape
-            graph.outputs[i] = _add(graph, "unpack", [done], {"offset": offset, "shape": shape}, start.node)
+            summed = _add(graph, "unpack", [done], {"offset": offset, "shape": shape}, start.node)
+            tail.append(summed.node)
+            graph.set_output(i, summed)
             offset += math.prod(shape)
+    graph.reorder([*starts.get(-1, []), *(n for k, node in enumerate(order) for n in (node, *starts.get(k, []))),
+                   *tail])
     return graph, True
 
 
-def _make_early(graph: Graph, values: list[Value]) -> None:
-    """Move the nodes that make `values` up to just after their inputs are ready.
+def _early(nodes: list[Node], gradients: list[Node | None]) -> list[Node]:
+    """`nodes`, with each of `gradients` (and the inputs made for it alone, such as the
+    transpose a weight gradient multiplies by) moved up to just after what it reads.
 
     grad emits a layer's input gradient before its weight gradient, yet only the input
     gradient is needed by the layers below: made first, the weight gradient's bucket
     starts before that product, and its communication overlaps it instead of waiting at
     the end. (On the shared 2-core machine an A/B of this was lost in the noise of other
     work; it costs nothing.)"""
-    for v in values:
-        if v.node is not None:
-            _hoist(graph, v.node)
+    eager: set[Node] = set()
+    stack = [n for n in gradients if n is not None]
+    while stack:
+        node = stack.pop()
+        if node not in eager and not node.op.effect:
+            eager.add(node)
+            stack.extend(v.node for v in node.inputs if v.node is not None and len(v.users) == 1)
+    order: list[Node] = []
+    placed: set[Node] = set()  # in `order` already
+    queued: set[Node] = set()
 
+    def place(first: Node) -> None:
+        todo = [first]
+        queued.add(first)
+        while todo:
+            node = todo.pop()
+            order.append(node)
+            placed.add(node)
+            for user in node.out.users:  # an eager node goes as soon as its last input is placed
+                if user in eager and user not in queued and all(v.node is None or v.node in placed
+                                                                  for v in user.inputs):
+                    queued.add(user)
+                    todo.append(user)
 
-def _hoist(graph: Graph, node: Node) -> None:
-    """Move `node` just after the last node it reads, first moving up that way the inputs
-    made for it alone (such as the transpose a weight gradient multiplies by)."""
-    for u in node.inputs:
-        if u.node is not None and len(u.users) == 1 and not u.node.op.effect:
-            _hoist(graph, u.node)
-    at = graph.nodes.index(node)
-    ready = max((graph.nodes.index(u.node) for u in node.inputs if u.node is not None), default=-1)
-    if ready + 1 < at and not node.op.effect:
-        graph.move_before(node, graph.nodes[ready + 1])
+    for node in nodes:  # eager nodes that read no node at all go first
+        if node in eager and node not in queued and all(v.node is None for v in node.inputs):
+            place(node)
+    for node in nodes:
+        if node not in eager and node not in queued:
+            place(node)
+    return order
 
 
 def _buckets(values: list[Value], indices: list[int], cap: float) -> list[list[int]]:

@@ -8,6 +8,7 @@ MSE and SGD; the loss is logged every epoch and the run ends with the train and 
     python examples/disk_graph.py                 # one run, figures in out/
     python examples/disk_graph.py --save out/disk.gdl     # ... and the trained model
     python examples/disk_graph.py --seeds 10 --no-plots   # median/best/worst over seeds 0..9
+    torchrun --standalone --nproc_per_node 2 examples/disk_graph.py   # data-parallel, same result
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def run(args: argparse.Namespace, seed: int, verbose: bool) -> dict:
     def train(model: gd.Sequential, shuffle: bool, verbose: bool) -> gd.History:
         return model.fit(X, Y, loss=gd.MSE(), optimizer=gd.SGD(lr=args.lr, momentum=args.momentum),
                          schedule=gd.CosineDecay(args.epochs), epochs=args.epochs, batch_size=args.batch_size,
-                         shuffle=shuffle, validation_data=(Xt, Yt), seed=seed, verbose=verbose, threads=args.threads)
+                         shuffle=shuffle, validation_data=(Xt, Yt), seed=seed, verbose=verbose, threads=args.threads,
+                         distributed=gd.distributed.world_size() > 1)
 
     started = time.perf_counter()
     history = train(model, shuffle=True, verbose=verbose)
@@ -147,6 +149,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if gd.distributed.init().rank != 0:  # under torchrun, every rank trains; rank 0 reports
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of this process
     if args.seeds is not None:
         errors = []
         for seed in range(args.seeds):
@@ -161,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     result = run(args, args.seed, verbose=True)
     if args.save is not None and not save(result["model"], args.save, "the trained model, Standardize included"):
         return 1
-    if not args.no_plots:
+    if not args.no_plots and gd.distributed.is_main():
         for path, what in plot(result, args.out):
             print(f"wrote {path}: {what}")
     print(f"trained in {result['seconds']:.2f}s")

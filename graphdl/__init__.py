@@ -20,14 +20,16 @@ from .viz import DotNotFoundError, render, to_dot
 from .io import load, load_graph, save_graph
 from .interop import from_torch, to_torch
 from .onnx_io import export_onnx, import_onnx
+from . import distributed
 
 __all__ = [
     "BCEWithLogits", "CrossEntropy", "DivergedError", "MAE", "MBE", "MSE", "SGD", "Softmax", "Standardize",
     "Constant", "CosineDecay", "ExponentialDecay", "History",
     "Layer", "Linear", "Loss", "ReLU", "Schedule", "Sequential", "Sigmoid", "StepDecay", "Tanh",
     "DTYPES", "OPS", "Compiled", "DotNotFoundError", "Graph", "GraphError", "Node", "Value",
-    "abs", "add", "bce_with_logits", "broadcast_like", "cross_entropy", "log_softmax", "softmax", "compile", "div",
-    "exp", "grad", "greater", "log", "mae", "matmul", "export_onnx", "from_torch", "import_onnx", "to_torch",
+    "abs", "add", "bce_with_logits", "broadcast_like", "cross_entropy", "log_softmax", "softmax", "compile",
+    "distributed", "div", "exp", "grad", "greater", "log", "mae", "matmul", "export_onnx", "from_torch", "import_onnx",
+    "to_torch",
     "load", "load_graph", "mbe", "mean", "mse", "mul", "neg", "parse", "relu", "render", "save_graph", "sigmoid",
     "sign", "sub", "sum", "sum_to", "tanh", "to_dot", "transpose", "zeros_like",
 ]

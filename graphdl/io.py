@@ -57,12 +57,16 @@ def _as_path(path: object) -> Path:
     return Path(path)
 
 
-def save_model(model: Sequential, path: str | os.PathLike[str]) -> None:
+def save_model(model: Sequential, path: str | os.PathLike[str], state: dict[str, torch.Tensor] | None = None,
+               state_info: str = "") -> None:
     """Save a Sequential's layers, forward graph and weights (what `model.save(path)` does).
 
     Args:
         model: the model to save.
         path: the file to write (by convention `.gdl`); replaced atomically if it exists.
+        state, state_info: training state to keep beside the model (a checkpoint, see
+            graphdl.checkpoint): tensors stored as "state/NAME" and a string stored as the
+            "state" metadata; `load` reads the model and skips them.
     """
     graph = model.graph()
     weights = model.state()
@@ -72,11 +76,17 @@ def save_model(model: Sequential, path: str | os.PathLike[str]) -> None:
     metadata = {"ir": str(graph), "layers": json.dumps(model.config())}
     if model.loss is not None and LOSSES.get(model.loss.name) is type(model.loss):
         metadata["loss"] = model.loss.name  # evaluate's default, and how it reads a prediction as a class
-    _write(_as_path(path), MODEL_FORMAT, metadata, weights)
+    if state_info:
+        metadata["state"] = state_info
+    _write(_as_path(path), MODEL_FORMAT, metadata,
+           {**weights, **{STATE_PREFIX + name: t for name, t in (state or {}).items()}})
+
+
+STATE_PREFIX = "state/"  # tensors a checkpoint keeps beside the weights; no param name has a '/'
 
 
 def load(path: str | os.PathLike[str]) -> Sequential:
-    """Load a model saved with `model.save(path)`.
+    """Load a model saved with `model.save(path)` (or a checkpoint fit wrote).
 
     Args:
         path: the model file.
@@ -89,17 +99,27 @@ def load(path: str | os.PathLike[str]) -> Sequential:
             pickle, a zip, a bare graph, another program's safetensors file), or its
             weights do not match the shapes its IR declares.
     """
+    return load_with_state(path)[0]
+
+
+def load_with_state(path: str | os.PathLike[str]) -> tuple[Sequential, str, dict[str, torch.Tensor]]:
+    """`load`, also returning the training state saved with the model: its "state"
+    metadata ('' if none) and its state tensors by name (see `save_model`)."""
     path = _as_path(path)
     data = _read_bytes(path)
     if _is_ir_text(data):
         raise GraphError(f"{path}: holds IR text, not a model; load it with gd.load_graph({str(path)!r})")
     kind, metadata, weights = _decode(path, data)
+    state = _split_state(weights)
     if kind != MODEL_FORMAT:
         raise GraphError(f"{path}: holds a bare graph, not a model; load it with gd.load_graph({str(path)!r})")
     graph = _graph_from(path, metadata, weights)
+    info = metadata.get("state", "")
+    if not isinstance(info, str):
+        raise GraphError(f"{path}: the file's training state is not text; the file is corrupt")
     model = _model_from(path, metadata["layers"], graph)
     model.loss = _loss_from(path, metadata)
-    return model
+    return model, info, state
 
 
 def _loss_from(path: Path, metadata: dict[str, str]) -> Loss | None:
@@ -215,7 +235,14 @@ def load_graph(path: str | os.PathLike[str]) -> Graph:
         except GraphError as e:
             raise GraphError(f"{path}: {e}") from None
     _, metadata, weights = _decode(path, data)
+    _split_state(weights)
     return _graph_from(path, metadata, weights)
+
+
+def _split_state(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Take a checkpoint's state tensors out of `weights`, by their names without the prefix."""
+    return {name.removeprefix(STATE_PREFIX): weights.pop(name) for name in list(weights)
+            if name.startswith(STATE_PREFIX)}
 
 
 def _is_ir_text(data: bytes) -> bool:

@@ -545,6 +545,32 @@ class Graph:
             v.users.append(node)
         node.op, node.inputs, node.attrs = op, list(inputs), attrs
 
+    def reorder(self, nodes: Sequence[Node]) -> None:
+        """Put the graph's nodes in the order `nodes` gives: every node once, each after
+        the nodes whose values it reads (a scheduling pass's result)."""
+        if len(nodes) != len(self._order) or len(set(nodes)) != len(nodes) or any(n not in self._order for n in nodes):
+            raise GraphError(f"graph {self.name}: reorder takes every node of the graph exactly once")
+        placed: set[Node] = set()
+        for node in nodes:
+            early = next((v for v in node.inputs if v.node is not None and v.node not in placed), None)
+            if early is not None:
+                raise GraphError(f"graph {self.name}: reorder puts {node!r} before {early.node!r}, "
+                                 "whose value it reads")
+            placed.add(node)
+        self._order = dict.fromkeys(nodes)
+        self._listed, self._positions = list(nodes), None
+
+    def set_output(self, index: int, value: Value) -> None:
+        """Make output `index` return `value` instead, keeping its label."""
+        if not isinstance(value, Value) or value.graph is not self:
+            raise GraphError(f"graph {self.name}: output {value!r} is not a value of this graph")
+        old = self.outputs[index]
+        self.outputs[index] = value
+        self._returned[old] -= 1
+        if not self._returned[old]:
+            del self._returned[old]
+        self._returned[value] = self._returned.get(value, 0) + 1
+
     # -- algorithms -------------------------------------------------------------------
 
     def value(self, name: str) -> Value:

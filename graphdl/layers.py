@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -395,7 +396,9 @@ class Sequential:
     def fit(self, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None = None, optimizer: SGD | None = None,
             schedule: Schedule | None = None, epochs: int = 1, batch_size: int = 32, shuffle: bool = True,
             validation_data: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int | None = None,
-            verbose: bool = True, metrics: list[str] | None = None, threads: int | None = None) -> History:
+            verbose: bool = True, metrics: list[str] | None = None, threads: int | None = None,
+            distributed: bool = False, checkpoint: str | os.PathLike[str] | None = None,
+            resume: str | os.PathLike[str] | None = None) -> History:
         """Train the model in place with minibatch SGD.
 
         Args:
@@ -419,6 +422,14 @@ class Sequential:
             threads: torch CPU threads while training; default one when a batch is small
                 work (below `graphdl.train.SMALL_WORK` multiply-adds), else torch's own
                 setting. Restored afterwards.
+            distributed: train data-parallel over the process group of
+                `gd.distributed.init()` (launched by torchrun): `batch_size` stays the
+                global batch, each rank computes its share, and every rank ends with the
+                params and History one process would have. Only rank 0 prints.
+            checkpoint: a file to write after every epoch (rank 0 only): the model and
+                fit's state, to continue from with `resume` (see graphdl.checkpoint).
+            resume: a checkpoint to continue from: its weights, momentum, shuffling
+                state, History and epoch count; `epochs` counts the epochs it already did.
 
         Returns:
             The `History`: per-epoch lists "loss", each metric, "val_loss", "val_<metric>"
@@ -429,21 +440,24 @@ class Sequential:
         """
         from .train import fit
         return fit(self, X, Y, loss, optimizer, schedule, epochs, batch_size, shuffle, validation_data, seed,
-                   verbose, metrics, threads)
+                   verbose, metrics, threads, distributed, checkpoint, resume)
 
-    def predict(self, X: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    def predict(self, X: torch.Tensor, threads: int | None = None, distributed: bool = False) -> torch.Tensor:
         """The model's output for X [N, in_features]: a tensor [N, out_features] (logits,
         for a classifier trained with BCEWithLogits or CrossEntropy).
 
         Args:
             X: the inputs.
             threads: torch CPU threads for the call, as for `fit`.
+            distributed: in a data-parallel job, each rank computes its share of the rows
+                and every rank gets them all (see `graphdl.distributed`).
         """
         from .train import predict
-        return predict(self, X, threads)
+        return predict(self, X, threads, distributed)
 
     def evaluate(self, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None = None,
-                 metrics: list[str] | None = None, threads: int | None = None) -> dict[str, float]:
+                 metrics: list[str] | None = None, threads: int | None = None,
+                 distributed: bool = False) -> dict[str, float]:
         """Measure the model on (X, Y).
 
         Args:
@@ -453,13 +467,15 @@ class Sequential:
                 (BCEWithLogits), the argmax (CrossEntropy, or several outputs).
             metrics: as for `fit`; default ["accuracy"] when Y holds class labels.
             threads: as for `fit`.
+            distributed: in a data-parallel job, each rank scores its share of the rows
+                and every rank gets the scores of them all (see `graphdl.distributed`).
 
         Returns:
             {"loss": the loss, one entry per metric, and "error" (1 - accuracy) when
             accuracy is measured}.
         """
         from .train import evaluate
-        return evaluate(self, X, Y, loss, metrics, threads)
+        return evaluate(self, X, Y, loss, metrics, threads, distributed)
 
     def to_torch(self) -> Any:
         """A torch `nn.Sequential` with copies of this model's weights (see `graphdl.interop.to_torch`)."""
@@ -467,9 +483,14 @@ class Sequential:
         return to_torch(self)
 
     def save(self, path: str) -> None:
-        """Write the model (IR text, layer config, weights as safetensors) atomically."""
+        """Write the model (IR text, layer config, weights as safetensors) atomically.
+
+        In a data-parallel job only rank 0 writes (every rank holds the same weights);
+        on the others this does nothing, so no two processes write one file."""
+        from . import distributed
         from .io import save_model
-        save_model(self, path)
+        if distributed.is_main():
+            save_model(self, path)
 
     def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
         """Jupyter shows the forward graph's drawing (when Graphviz's `dot` is installed) and the repr."""

@@ -168,6 +168,12 @@ def _cross_entropy(e: Emitter, a: list[str], n: Any) -> str:
     return e("Neg", e.reduce("ReduceMean", per_row, 1, None, keepdims=False))
 
 
+def _collective(e: Emitter, a: list[str], n: Any) -> str:
+    raise GraphError(f"export_onnx: {n.op.name} (created at {n.where}) sums a value over the ranks of a "
+                     "data-parallel job, which ONNX has no op for; export the model, or the gradient graph "
+                     "before graphdl.passes.allreduce put collectives into it")
+
+
 EXPORT: dict[str, ExportRow] = {
     "const": lambda e, a, n: e.scalar(n.attrs["value"], n.out.dtype),
     "zeros_like": lambda e, a, n: e("Expand", e.scalar(0.0, n.out.dtype), e("Shape", a[0])),
@@ -197,6 +203,8 @@ EXPORT: dict[str, ExportRow] = {
     "tanh_backward": lambda e, a, n: e("Mul", a[0], _one_minus(e, e("Mul", a[1], a[1]), n.out.dtype)),
     "sigmoid_backward": lambda e, a, n: e("Mul", a[0], e("Mul", a[1], _one_minus(e, a[1], n.out.dtype))),
     "mse_backward": _mse_backward,
+    # Collectives (graphdl.distributed): refused, saying why.
+    "allreduce_start": _collective, "allreduce_wait": _collective, "unpack": _collective,
 }
 
 

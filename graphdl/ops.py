@@ -50,11 +50,24 @@ class OpDef:
     # of an input. inplace: input index -> code that writes the result into that input.
     fresh: bool = False
     inplace: dict[int, str] = field(default_factory=dict)
+    # Collectives (graphdl.distributed). effect: the op talks to the other processes, which
+    # must issue the same collectives in the same order, so passes never drop, merge, fold
+    # or reorder it and compile never runs it ahead of time. read_by: the one op that may
+    # read its result (an operation in flight is no tensor to compute with).
+    effect: bool = False
+    read_by: str = ""
 
     def infer(self, inputs: Sequence[Value], attrs: dict[str, Any]) -> tuple[Shape, torch.dtype, dict[str, Any]]:
         """Output shape and dtype, and the attrs completed with defaults and normalised."""
-        if len(inputs) != self.arity:
+        if self.arity == VARIADIC and not inputs:
+            raise ShapeError("takes one or more inputs, got none")
+        if self.arity != VARIADIC and len(inputs) != self.arity:
             raise ShapeError(f"takes {self.arity} input(s), got {len(inputs)}")
+        for v in inputs:
+            made_by = v.node.op if v.node is not None else None
+            if made_by is not None and made_by.read_by and made_by.read_by != self.name:
+                raise ShapeError(f"{v.label} is the result of {made_by.name}, which only {made_by.read_by} may read",
+                                 f"apply {made_by.read_by} to it first")
         unknown = sorted(set(attrs) - set(self.attrs))
         if unknown:
             takes = ", ".join(self.attrs) or "no attributes"
@@ -65,17 +78,19 @@ class OpDef:
 
 
 OPS: dict[str, OpDef] = {}
+VARIADIC = -1  # the arity of an op that takes one or more inputs
 
 
 def defop(name: str, code: str | Lowering, rule: Rule, vjp: Callable | None, arity: int = 1,
           attrs: dict[str, Any] | None = None, doc: str = "", fresh: bool = False,
-          inplace: dict[int, str] | None = None) -> Callable[..., Value]:
+          inplace: dict[int, str] | None = None, effect: bool = False, read_by: str = "") -> Callable[..., Value]:
     """Register an op and return its builder, `builder(*inputs, **attrs) -> Value`.
 
     `code` is a torch expression with `{0}`, `{1}` for the inputs and `{attr}` for the
     attrs' reprs, or a function `(args, attrs, inputs) -> str` for ops whose code depends
     on shapes. `fresh` and `inplace` tell the memory planner whether the result owns
-    new storage and how to compute it into a dying input's buffer instead.
+    new storage and how to compute it into a dying input's buffer instead; `effect` and
+    `read_by` mark collectives (see `OpDef`).
     """
     if isinstance(code, str):
         template = code
@@ -84,7 +99,7 @@ def defop(name: str, code: str | Lowering, rule: Rule, vjp: Callable | None, ari
             return template.format(*args, **{k: repr(v) for k, v in attrs.items()})
     else:
         lower = code
-    op = OpDef(name, arity, rule, lower, vjp, dict(attrs or {}), doc, fresh, dict(inplace or {}))
+    op = OpDef(name, arity, rule, lower, vjp, dict(attrs or {}), doc, fresh, dict(inplace or {}), effect, read_by)
     OPS[name] = op
 
     def builder(*inputs: Value | float, **attrs: Any) -> Value:
@@ -720,3 +735,79 @@ mse_backward = defop(
     fresh=True,
     doc="g * 2 * (a - b) / numel: mse's VJP for a in one call (fused from the chain mse's VJP builds).",
 )
+
+
+# -- collectives --------------------------------------------------------------------------
+#
+# Data-parallel training sums every gradient over the processes (ranks) with an
+# all-reduce. graphdl.passes.allreduce inserts these ops into a gradient graph, packing
+# gradients into flat buckets; their code calls torch.distributed through
+# graphdl.distributed. Every rank runs the same graph, so all issue the same collectives
+# in the same order. They have no VJP: a graph is differentiated before it is reduced.
+
+
+def _known_size(v: Value) -> int:
+    if not all(isinstance(d, int) for d in v.shape):
+        raise ShapeError(f"{v.label} has the shape {format_shape(v.shape)}; a bucket packs values of fixed size",
+                         "all-reduce the gradients of params, whose shapes are fixed")
+    return math.prod(v.shape)
+
+
+def allreduce_start_rule(inputs: list[Value], attrs: Mapping[str, Any]) -> tuple[Shape, torch.dtype]:
+    dtype = _same_dtype(inputs)
+    total = 0
+    for v in inputs:
+        total += _known_size(v)
+    return (total,), dtype
+
+
+def allreduce_wait_rule(inputs: list[Value], attrs: Mapping[str, Any]) -> tuple[Shape, torch.dtype]:
+    (pending,) = inputs
+    if pending.node is None or pending.node.op.name != "allreduce_start":
+        raise ShapeError(f"{pending.label} is not the result of an allreduce_start",
+                         "wait on what allreduce_start returns")
+    return pending.shape, pending.dtype
+
+
+def unpack_rule(inputs: list[Value], attrs: Mapping[str, Any]) -> tuple[Shape, torch.dtype, dict[str, Any]]:
+    (flat,) = inputs
+    offset, shape = attrs["offset"], attrs["shape"]
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ShapeError(f"offset={offset!r} must be a whole number >= 0")
+    if not isinstance(shape, (tuple, list)) or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ShapeError(f"shape {shape!r} must be a tuple of whole numbers >= 0")
+    shape = tuple(shape)
+    size = _known_size(flat)
+    if flat.ndim != 1 or offset + math.prod(shape) > size:
+        raise ShapeError(f"elements {offset}..{offset + math.prod(shape)} ({format_shape(shape)}) do not lie "
+                         f"inside the flat buffer {format_shape(flat.shape)}",
+                         "unpack a 1-d buffer within its length")
+    return shape, flat.dtype, {"shape": shape}
+
+
+def _unpack_code(args: list[str], attrs: dict, inputs: list[Value]) -> str:
+    offset, shape = attrs["offset"], attrs["shape"]
+    return f"{args[0]}[{offset}:{offset + math.prod(shape)}].view({shape!r})"
+
+
+allreduce_start = defop(
+    "allreduce_start", lambda args, attrs, inputs: f"collective.allreduce_start({', '.join(args)})",
+    allreduce_start_rule, None, arity=VARIADIC, effect=True, read_by="allreduce_wait",
+    doc="Pack the inputs into one flat buffer and start summing it over every rank, without "
+        "waiting; the result is the operation in flight, which only allreduce_wait reads.",
+)
+
+allreduce_wait = defop(
+    "allreduce_wait", "{0}.wait()", allreduce_wait_rule, None, effect=True, read_by="unpack",
+    doc="Wait for an allreduce_start to finish: the flat buffer summed over every rank.",
+)
+
+# A view of the buffer, but a disjoint slice of one that only unpacks read (read_by), so
+# writing into it touches nothing else: `fresh` lets compile return it without a copy.
+unpack = defop("unpack", _unpack_code, unpack_rule, None, attrs={"offset": 0, "shape": ()}, fresh=True,
+               doc="The elements offset.. of a flat buffer, viewed as `shape` (a gradient out of a bucket).")
+
+from . import distributed as _distributed  # noqa: E402 - the runtime the collectives' code calls
+
+CODE_GLOBALS["collective"] = _distributed

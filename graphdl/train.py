@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import distributed as dp
 from .autodiff import grad
+from .checkpoint import Resumed, read_checkpoint, write_checkpoint
 from .checks import real, shown, whole
 from .compile import Compiled, compile
 from .ir import tensor_problem
@@ -50,8 +53,13 @@ class History(dict):
         return len(self["loss"])
 
 
-def _step_fn(model: Sequential, loss: Loss) -> Compiled:
+def _step_fn(model: Sequential, loss: Loss, distributed: bool = False) -> Compiled:
+    """The compiled training step: (loss, *gradients) of (x, y), or, data-parallel, of
+    (x, y, scale) with the gradients summed over every rank (see graphdl.distributed)."""
     names = list(model.parameters())
+    if distributed:
+        return model.compiled(("step", loss, "data-parallel"),
+                              lambda: compile(dp.step_graph(model.graph(loss), names)))
     return model.compiled(("step", loss), lambda: compile(grad(model.graph(loss), names)))
 
 
@@ -286,12 +294,50 @@ class _Snapshot:
             t.copy_(c)
 
 
+class _Batches:
+    """fit's epoch in one process: consecutive slices of the (shuffled) data.
+    graphdl.distributed.ShardedBatches is the same walk, shared between ranks."""
+
+    is_main = True
+
+    def __init__(self, n: int, batch_size: int, X: torch.Tensor) -> None:
+        self.batch_size = batch_size
+        self.weights = epoch_weights(n, batch_size, X)
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+    def feeds(self, X: torch.Tensor, Y: torch.Tensor, order: torch.Tensor | None) -> Iterator[tuple[torch.Tensor, ...]]:
+        """(x, y) of each batch of the epoch, sliced as it is reached."""
+        Xe, Ye = (X, Y) if order is None else (X.index_select(0, order), Y.index_select(0, order))
+        for s in range(0, len(X), self.batch_size):
+            yield Xe[s:s + self.batch_size], Ye[s:s + self.batch_size]
+
+    def epoch_loss(self, losses: list[torch.Tensor], finite: torch.Tensor) -> float:
+        """The epoch's mean loss, NaN if any param stopped being finite: the epoch's one sync."""
+        return float(torch.where(finite, torch.stack(losses).to(self.weights.dtype) @ self.weights, torch.nan))
+
+    def batch_loss(self, loss: torch.Tensor) -> float:
+        return float(loss)
+
+    def begin(self, tensors: list[torch.Tensor], seed: int, settings: dict[str, int]) -> int:
+        return seed
+
+
+def epoch_weights(n: int, batch_size: int, X: torch.Tensor) -> torch.Tensor:
+    """Each batch's share of the epoch's mean loss, so one dot product gives the mean. It is
+    kept in float32 or wider whatever the model's dtype: in float16 a batch of 65,536 is inf."""
+    sizes = [min(batch_size, n - s) for s in range(0, n, batch_size)]
+    return (torch.tensor(sizes, dtype=torch.float64) / n).to(X.device, torch.promote_types(X.dtype, torch.float32))
+
+
 def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([t.isfinite().all() for t in tensors]).all() if tensors else torch.tensor(True)
 
 
 def _replay(run: Callable[..., tuple], optimizer: SGD, params: list[torch.Tensor], start: _Snapshot,
-            Xe: torch.Tensor, Ye: torch.Tensor, batch_size: int, lr: float) -> tuple[int, float, bool] | None:
+            feeds: Iterator[tuple[torch.Tensor, ...]], batch_loss: Callable[[torch.Tensor], float],
+            lr: float) -> tuple[int, float, bool] | None:
     """Replay an epoch that diverged from its starting state, one checked batch at a time.
 
     Returns (batch index, its loss, whether it was its update that made params non-finite)
@@ -300,9 +346,9 @@ def _replay(run: Callable[..., tuple], optimizer: SGD, params: list[torch.Tensor
     """
     start.restore()
     before = _Snapshot(start.tensors)
-    for b, first in enumerate(range(0, len(Xe), batch_size)):
-        out = run(Xe[first:first + batch_size], Ye[first:first + batch_size])
-        loss = float(out[0])
+    for b, feed in enumerate(feeds):
+        out = run(*feed)
+        loss = batch_loss(out[0])
         if not math.isfinite(loss):
             return b, loss, False  # the params that gave it are finite: the previous update was checked
         before.save()
@@ -350,7 +396,9 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
         optimizer: SGD | None = None, schedule: Schedule | None = None, epochs: int = 1,
         batch_size: int = 32, shuffle: bool = True,
         validation_data: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int | None = None,
-        verbose: bool = True, metrics: list[str] | None = None, threads: int | None = None) -> History:
+        verbose: bool = True, metrics: list[str] | None = None, threads: int | None = None,
+        distributed: bool = False, checkpoint: str | os.PathLike[str] | None = None,
+        resume: str | os.PathLike[str] | None = None) -> History:
     """`Sequential.fit`, which documents the arguments."""
     loss = _model_loss(model, loss)
     optimizer = SGD() if optimizer is None else optimizer
@@ -360,6 +408,10 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
     if not isinstance(optimizer, SGD):
         raise ValueError(f"optimizer must be a graphdl optimizer such as gd.SGD(lr=0.01), got {optimizer!r}")
     _check_settings(validation_data, schedule, shuffle, verbose)
+    _check_distributed(distributed, "fit")
+    for name, path in (("checkpoint", checkpoint), ("resume", resume)):
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise ValueError(f"{name} must be a file path or None, got {type(path).__name__}")
     Y = _class_targets(model, Y)
     _check_data(model, X, Y)
     if validation_data is not None:
@@ -370,64 +422,75 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
     with _threads_for(model, batch_size, threads):
         model.loss = loss
         return _train(model, X, Y, loss, optimizer, schedule, epochs, batch_size, shuffle, validation_data, seed,
-                      verbose, metrics)
+                      verbose, metrics, distributed, checkpoint, resume)
 
 
 def _train(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss, optimizer: SGD,
            schedule: Schedule | None, epochs: int, batch_size: int, shuffle: bool,
            validation_data: tuple[torch.Tensor, torch.Tensor] | None, seed: int | None, verbose: bool,
-           metrics: list[str]) -> History:
-    step = _step_fn(model, loss)
-    step.check_feeds((X, Y), {})  # dtype and device, once, with graphdl's messages
+           metrics: list[str], distributed: bool, checkpoint: str | os.PathLike[str] | None,
+           resume: str | os.PathLike[str] | None) -> History:
+    step = _step_fn(model, loss, distributed)
+    n = len(X)
+    batches = dp.ShardedBatches(n, batch_size, X, Y) if distributed else _Batches(n, batch_size, X)
+    step.check_feeds(next(batches.feeds(X, Y, None)), {})  # dtype and device, once, with graphdl's messages
     run = step.fn  # the unchecked entry: every batch has the shape just checked
     params = list(model.parameters().values())
     optimizer.reset(params)
-    n = len(X)
+    history = History(metrics)
+    resumed = None if resume is None else read_checkpoint(resume, model, optimizer, list(history),
+                                                          validation_data is not None)
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())
+    settings = _fit_settings(model, X, batch_size, epochs, shuffle, validation_data, resumed)
+    seed = batches.begin([*model.state().values(), *optimizer.buffers], seed, settings)  # data-parallel: rank 0's
     gen = torch.Generator().manual_seed(seed)
-    # Each batch's share of the epoch's mean loss, so one dot product gives the mean. It is
-    # kept in float32 or wider whatever the model's dtype: in float16 a batch of 65,536 is inf.
-    sizes = [min(batch_size, n - s) for s in range(0, n, batch_size)]
-    wide = torch.promote_types(X.dtype, torch.float32)
-    weights = (torch.tensor(sizes, dtype=torch.float64) / n).to(X.device, wide)
-    history = History(metrics)
+    if resumed is not None:
+        gen.set_state(resumed.rng)
+        history.update(resumed.history)
     model.history = history  # what fit has recorded so far, kept if it stops early
     start = _Snapshot(lambda: [*params, *optimizer.buffers])
 
-    for epoch in range(epochs):
+    for epoch in range(0 if resumed is None else resumed.epoch, epochs):
         started = time.perf_counter()
         lr = _scheduled_lr(schedule, epoch, optimizer.lr)
-        if shuffle:
-            order = torch.randperm(n, generator=gen).to(X.device)
-            Xe, Ye = X.index_select(0, order), Y.index_select(0, order)
-        else:
-            Xe, Ye = X, Y
+        order = torch.randperm(n, generator=gen).to(X.device) if shuffle else None
         start.save()
         losses = []
-        for first in range(0, n, batch_size):
-            out = run(Xe[first:first + batch_size], Ye[first:first + batch_size])
+        for feed in batches.feeds(X, Y, order):
+            out = run(*feed)
             optimizer.update(params, list(out[1:]), lr, overwrite_grads=True)  # the gradients are fit's own
             losses.append(out[0])
             del out  # free this batch's gradients before the next batch's are made
-        # The epoch's one sync: its mean loss, NaN if any param stopped being finite.
-        epoch_loss = float(torch.where(_all_finite(params), torch.stack(losses).to(wide) @ weights, torch.nan))
+        epoch_loss = batches.epoch_loss(losses, _all_finite(params))
         if not math.isfinite(epoch_loss):
-            found = _replay(run, optimizer, params, start, Xe, Ye, batch_size, lr)
-            raise _diverged(found, epoch, epochs, len(sizes), lr, history)
+            found = _replay(run, optimizer, params, start, batches.feeds(X, Y, order), batches.batch_loss, lr)
+            raise _diverged(found, epoch, epochs, len(batches), lr, history)
         history["loss"].append(epoch_loss)
         if metrics:
-            scores = _evaluate(model, X, Y, loss, metrics)
+            scores = _evaluate(model, X, Y, loss, metrics, distributed)
             for m in metrics:
                 history[m].append(scores[m])
         if validation_data is not None:
-            scores = _evaluate(model, *validation_data, loss, metrics)
+            scores = _evaluate(model, *validation_data, loss, metrics, distributed)
             for key in ("loss", *metrics):
                 history[f"val_{key}"].append(scores[key])
         history["lr"].append(lr)
-        if verbose:
+        if verbose and batches.is_main:
             _report(epoch, epochs, history, time.perf_counter() - started)
+        if checkpoint is not None:
+            write_checkpoint(checkpoint, model, optimizer, epoch + 1, gen, history)
     return history
+
+
+def _fit_settings(model: Sequential, X: torch.Tensor, batch_size: int, epochs: int, shuffle: bool,
+                  validation_data: tuple[torch.Tensor, torch.Tensor] | None, resumed: Resumed | None) -> dict[str, int]:
+    """What every rank of a data-parallel fit must agree on (else their collectives would not match)."""
+    return {"len(X)": len(X), "batch_size": batch_size, "epochs": epochs, "shuffle": int(shuffle),
+            "epochs done by the checkpoint": 0 if resumed is None else resumed.epoch,
+            "len(validation_data[0])": -1 if validation_data is None else len(validation_data[0]),
+            "number of params": len(model.parameters()),
+            "param elements": sum(p.numel() for p in model.parameters().values())}
 
 
 def _report(epoch: int, epochs: int, history: History, seconds: float) -> None:
@@ -439,24 +502,58 @@ def _report(epoch: int, epochs: int, history: History, seconds: float) -> None:
     print(" - ".join(parts), file=sys.stdout, flush=True)
 
 
-def predict(model: Sequential, X: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+def predict(model: Sequential, X: torch.Tensor, threads: int | None = None, distributed: bool = False) -> torch.Tensor:
     """`Sequential.predict`."""
     fn = model.compiled(("predict",), lambda: compile(model.graph()))
     with _threads_for(model, len(X) if isinstance(X, torch.Tensor) and X.dim() else 1, threads):
-        return fn(x=X)[0]
+        if not _check_distributed(distributed, "predict"):
+            return fn(x=X)[0]
+        first, count = dp.shard(len(X))
+        mine = fn(x=X[first:first + count] if count else X[:1])[0]  # an empty share still takes part in the gather
+        return dp.gather_rows(mine, len(X))
 
 
 def evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None = None,
-             metrics: list[str] | None = None, threads: int | None = None) -> dict[str, float]:
+             metrics: list[str] | None = None, threads: int | None = None,
+             distributed: bool = False) -> dict[str, float]:
     """`Sequential.evaluate`, which documents the arguments."""
     loss = _model_loss(model, loss)
+    _check_distributed(distributed, "evaluate")
     Y = _class_targets(model, Y)
     _check_data(model, X, Y)
     metrics = _check_metrics(metrics, Y, loss)
     with _threads_for(model, len(X), threads):
-        return _evaluate(model, X, Y, loss, metrics)
+        return _evaluate(model, X, Y, loss, metrics, distributed)
 
 
-def _evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss, metrics: list[str]) -> dict[str, float]:
-    value, pred = _eval_fn(model, loss)(x=X, y=Y)
-    return _scores(pred, Y, value, metrics, loss.decision)
+def _evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss, metrics: list[str],
+              distributed: bool = False) -> dict[str, float]:
+    fn = _eval_fn(model, loss)
+    if not distributed:
+        value, pred = fn(x=X, y=Y)
+        return _scores(pred, Y, value, metrics, loss.decision)
+    # Each rank scores its share; one collective sums, in float64, the loss and the mean
+    # metrics weighted by the share's size and the exact counts of right answers (an
+    # empty share scores a stand-in row, weighted 0), so every rank gets one process's scores.
+    n = len(X)
+    first, count = dp.shard(n)
+    x, y = (X[first:first + count], Y[first:first + count]) if count else (X[:1], Y[:1])
+    value, pred = fn(x=x, y=y)
+    means = [m for m in metrics if m != "accuracy"]
+    right, total = correct(pred, y, loss.decision) if count else (0, 0)
+    sums = torch.tensor([float(value) * count / n, right, total,
+                         *(METRICS[m](pred, y, loss.decision) * count / n for m in means)], dtype=torch.float64)
+    sums = dp.sum_over_ranks(sums.to(X.device), "summing evaluate's scores").tolist()
+    scores = {"loss": sums[0], **dict(zip(means, sums[3:]))}
+    if "accuracy" in metrics:
+        right, total = int(sums[1]), int(sums[2])
+        scores["accuracy"], scores["error"] = right / total, (total - right) / total
+    return scores
+
+
+def _check_distributed(distributed: Any, what: str) -> bool:
+    if not isinstance(distributed, bool):
+        raise ValueError(f"distributed must be True or False, got {distributed!r}")
+    if distributed:
+        dp.require_group(f"{what}(distributed=True)")
+    return distributed

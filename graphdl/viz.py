@@ -26,6 +26,7 @@ STYLES: dict[str, dict[str, str]] = {
     "const": {"shape": "ellipse", "style": "filled", "fillcolor": "#eeeeee", "fontsize": "9"},
     "forward": {"shape": "box", "style": "rounded,filled", "fillcolor": "#cfe2f3"},
     "backward": {"shape": "box", "style": "rounded,filled", "fillcolor": "#f8cbad"},
+    "collective": {"shape": "hexagon", "style": "filled", "fillcolor": "#b4d7a8"},  # talks to the other ranks
     "output": {"shape": "house", "style": "filled", "fillcolor": "#e4c1f9"},
 }
 _FONT = {"fontname": "Helvetica"}
@@ -122,7 +123,8 @@ class _Drawing:
                 continue
             self.box[id(node.out)] = f"n{k}"
             hidden = [v for v in node.inputs if v.kind == "param" and self.box[id(v)] is None]
-            style = "const" if node.op.name == "const" else "backward" if node.backward else "forward"
+            style = "const" if node.op.name == "const" else "collective" if node.op.effect else \
+                "backward" if node.backward else "forward"
             attrs = dict(STYLES[style])
             if node.op.name == "const" and node.backward:
                 attrs["fillcolor"] = STYLES["backward"]["fillcolor"]

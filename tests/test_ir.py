@@ -133,3 +133,30 @@ def test_using_a_removed_nodes_value_is_reported_not_a_recursion_error():
     assert h.label == "%?"
     names(message(g.verify), r"node %0 \(tanh", "uses the value of a removed node \\(relu\\)")
     names(message(gd.compile, g), "removed node")
+
+
+def test_reorder_takes_every_node_once_and_keeps_reads_after_writes():
+    g = tiny()  # matmul, add, tanh, mse: a chain
+    nodes = list(g.nodes)
+    with pytest.raises(gd.GraphError, match="every node of the graph exactly once"):
+        g.reorder(nodes[:-1])
+    with pytest.raises(gd.GraphError, match="every node of the graph exactly once"):
+        g.reorder([nodes[0], *nodes[:-1]])
+    with pytest.raises(gd.GraphError, match="before .* whose value it reads"):
+        g.reorder([nodes[1], nodes[0], *nodes[2:]])
+    assert g.nodes == nodes  # a refused order changes nothing
+    c = g.const(3.0)  # reads nothing: it may go first
+    g.reorder([c.node, *nodes])
+    assert g.nodes == [c.node, *nodes] and str(g).splitlines()[1].endswith("const[value=3.0]")
+    g.verify()
+
+
+def test_set_output_keeps_the_record_of_outputs_in_step():
+    g = tiny()
+    loss = g.outputs[0]
+    doubled = gd.mul(loss, 2.0)
+    g.set_output(0, doubled)
+    assert g.outputs == [doubled] and g.is_output(doubled) and not g.is_output(loss)
+    g.verify()
+    with pytest.raises(gd.GraphError, match="not a value of this graph"):
+        g.set_output(0, tiny().outputs[0])

@@ -577,9 +577,9 @@ def test_bad_threads_name_the_argument(threads):
 
 @pytest.mark.parametrize("method, names", [
     ("fit", ["X", "Y", "loss", "optimizer", "schedule", "epochs", "batch_size", "shuffle", "validation_data", "seed",
-             "verbose", "metrics", "threads"]),
-    ("predict", ["X", "threads"]),
-    ("evaluate", ["X", "Y", "loss", "metrics", "threads"]),
+             "verbose", "metrics", "threads", "distributed", "checkpoint", "resume"]),
+    ("predict", ["X", "threads", "distributed"]),
+    ("evaluate", ["X", "Y", "loss", "metrics", "threads", "distributed"]),
 ])
 def test_methods_show_their_real_signatures_and_docs(method, names):
     fn = getattr(gd.Sequential, method)

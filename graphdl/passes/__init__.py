@@ -8,6 +8,7 @@ import itertools
 from collections.abc import Callable
 
 from ..ir import Graph
+from .allreduce import allreduce
 from .cse import cse
 from .dce import dce
 from .fold import fold
@@ -59,4 +60,4 @@ def pipeline(graph: Graph, log: Callable[[str], object] | None = None, passes: l
     return graph
 
 
-__all__ = ["PASSES", "cse", "dce", "fold", "fuse", "pipeline", "plan_inplace", "simplify"]
+__all__ = ["PASSES", "allreduce", "cse", "dce", "fold", "fuse", "pipeline", "plan_inplace", "simplify"]

@@ -17,11 +17,14 @@ def cse(graph: Graph) -> tuple[Graph, bool]:
     """Merge nodes that apply the same op to the same inputs with the same attrs.
 
     Nodes are visited in order, so once a duplicate is merged its users' keys already
-    name the surviving value and whole duplicated chains fold in one sweep.
+    name the surviving value and whole duplicated chains fold in one sweep. Collectives
+    are never merged: two all-reduces are two sums, issued by every rank.
     """
     seen: dict[tuple, Node] = {}
     changed = False
     for node in list(graph.nodes):
+        if node.op.effect:
+            continue
         first = seen.setdefault(_key(node), node)
         if first is not node:
             replace(graph, node, first.out)

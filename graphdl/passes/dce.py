@@ -6,7 +6,8 @@ from ..ir import Graph
 
 
 def dce(graph: Graph) -> tuple[Graph, bool]:
-    """Remove every node whose output is neither used nor returned.
+    """Remove every node whose output is neither used nor returned, except collectives
+    (every rank must issue the same ones, whatever this graph does with their results).
 
     Walking in reverse removes a whole dead chain in one sweep: by the time a node is
     visited, its dead users are already gone.
@@ -14,7 +15,7 @@ def dce(graph: Graph) -> tuple[Graph, bool]:
     returned = {id(v) for v in graph.outputs}
     changed = False
     for node in reversed(list(graph.nodes)):
-        if not node.out.users and id(node.out) not in returned:
+        if not node.out.users and id(node.out) not in returned and not node.op.effect:
             graph.remove_node(node)
             changed = True
     return graph, changed

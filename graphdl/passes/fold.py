@@ -21,7 +21,8 @@ def fold(graph: Graph) -> tuple[Graph, bool]:
     """
     changed = False
     for node in list(graph.nodes):
-        if node.op.name == "const" or not node.inputs or any(producer(v, "const") is None for v in node.inputs):
+        if node.op.name == "const" or not node.inputs or node.op.effect \
+                or any(producer(v, "const") is None for v in node.inputs):  # a collective runs at run time
             continue
         values = [const_value(v) for v in node.inputs]
         env = dict(CODE_GLOBALS)

@@ -1,0 +1,114 @@
+"""Checkpoints: a model file that also holds fit's state, so that a run can resume.
+
+`fit(..., checkpoint=path)` writes one after every epoch (rank 0 only, atomically, so a
+crash leaves the previous one whole); `fit(..., resume=path)` continues from it. The
+weights, the optimizer's velocities, the shuffling generator's state, the History and
+the number of epochs done come back exactly, so the resumed run takes the very steps
+the uninterrupted run would have. `gd.load(path)` reads a checkpoint as a plain model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from . import distributed
+from .io import load_with_state, save_model
+from .ir import GraphError, format_type
+
+if TYPE_CHECKING:
+    from .layers import Sequential
+    from .optim import SGD
+
+FORMAT = "graphdl.fit.v1"
+
+
+@dataclass
+class Resumed:
+    """What `read_checkpoint` gives back beside the weights and velocities it restores."""
+
+    epoch: int  # epochs done
+    history: dict[str, list[float]]
+    rng: torch.Tensor  # the shuffling generator's state after those epochs
+
+
+def write_checkpoint(path: str | os.PathLike[str], model: Sequential, optimizer: SGD, epoch: int,
+                     generator: torch.Generator, history: dict[str, list[float]]) -> None:
+    """Save the model and fit's state after `epoch` epochs (on rank 0 only)."""
+    if not distributed.is_main():
+        return
+    velocities = {f"velocity/{name}": u for name, u in zip(model.parameters(), optimizer.buffers)}
+    info = json.dumps({"format": FORMAT, "epoch": epoch, "history": {k: list(v) for k, v in history.items()},
+                       "rng": bytes(generator.get_state().tolist()).hex()})  # model files hold float tensors only
+    save_model(model, path, velocities, info)
+
+
+def read_checkpoint(path: str | os.PathLike[str], model: Sequential, optimizer: SGD,
+                    history_keys: list[str], validation: bool) -> Resumed:
+    """Put a checkpoint's weights into `model` and its velocities into `optimizer` (after
+    checking that they fit), and return the rest of fit's state.
+
+    Raises:
+        GraphError: the file is not a checkpoint, or is corrupt.
+        ValueError: the checkpoint is of another model or another optimizer setting.
+    """
+    saved, info, state = load_with_state(path)
+    resumed = _parse(path, info, history_keys)
+    if bool(resumed.history.get("val_loss")) != (validation and resumed.epoch > 0):
+        raise ValueError(f"resume: {path} was written by a fit {'with' if not validation else 'without'} "
+                         "validation_data; resume it the same way, so that its History continues")
+    mine, theirs = model.state(), saved.state()  # trainable params and fixed ones (Standardize's statistics)
+    for name in [*mine, *theirs]:
+        if name not in mine or name not in theirs or mine[name].shape != theirs[name].shape \
+                or mine[name].dtype != theirs[name].dtype:
+            have = lambda d: format_type(d[name].dtype, tuple(d[name].shape)) if name in d else "nothing"  # noqa: E731
+            raise ValueError(f"resume: {path} is a checkpoint of another model: its param {name} is {have(theirs)} "
+                             f"but the model's is {have(mine)}; resume with the model that wrote it")
+    velocities = {name.removeprefix("velocity/"): t for name, t in state.items() if name.startswith("velocity/")}
+    trained = model.parameters()
+    if bool(velocities) != bool(optimizer.momentum) or (velocities and set(velocities) != set(trained)):
+        raise ValueError(f"resume: {path} holds {'no ' if not velocities else ''}momentum velocities but the "
+                         f"optimizer has momentum={optimizer.momentum}; resume with the optimizer settings that "
+                         "wrote it")
+    for name, u in velocities.items():
+        if u.shape != mine[name].shape or u.dtype != mine[name].dtype or not bool(u.isfinite().all()):
+            raise GraphError(f"{path}: the velocity of {name} is {format_type(u.dtype, tuple(u.shape))} or not "
+                             "finite; the file is corrupt")
+    for name, p in mine.items():
+        p.copy_(theirs[name])
+    for u, name in zip(optimizer.buffers, trained):
+        u.copy_(velocities[name])
+    return resumed
+
+
+def _parse(path: Any, info: str, history_keys: list[str]) -> Resumed:
+    """The checkpoint's epoch count, History and generator state, each checked."""
+    try:
+        meta = json.loads(info) if info else None
+    except (json.JSONDecodeError, RecursionError):
+        meta = None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise GraphError(f"{path}: is a model file without fit's state, not a checkpoint; write one with "
+                         "fit(..., checkpoint=path)")
+    epoch, history = meta.get("epoch"), meta.get("history")
+    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
+        raise GraphError(f"{path}: the checkpoint's epoch count {epoch!r} is not a whole number >= 0; it is corrupt")
+    if not isinstance(history, dict) or any(key not in history for key in history_keys):
+        raise GraphError(f"{path}: the checkpoint's History lacks some of {history_keys}; it is corrupt or was "
+                         "written by another graphdl")
+    for key in history_keys:
+        values = history[key]
+        if not isinstance(values, list) or len(values) not in (0, epoch) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            raise GraphError(f"{path}: the checkpoint's History[{key!r}] is not {epoch} finite numbers; it is corrupt")
+    try:
+        rng = torch.tensor(list(bytes.fromhex(meta["rng"])), dtype=torch.uint8)
+        torch.Generator().set_state(rng)
+    except (KeyError, TypeError, ValueError, RuntimeError):
+        raise GraphError(f"{path}: the checkpoint's generator state is missing or malformed; it is corrupt") from None
+    return Resumed(epoch, {key: list(history[key]) for key in history_keys}, rng)

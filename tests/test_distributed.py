@@ -1,0 +1,392 @@
+"""Data-parallel training: graphdl.distributed, the allreduce pass and fit(distributed=True).
+
+The multi-process tests start real gloo processes on 127.0.0.1 with torchrun's
+environment (tests/distributed_worker.py, launched once for the module) or torchrun
+itself (two "nodes"), each with bounded timeouts and cleaned up whatever happens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import distributed_worker as worker
+import pytest
+import torch
+import torch.distributed as dist
+
+import graphdl as gd
+from graphdl.checkpoint import read_checkpoint
+from graphdl.passes import pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH_TIMEOUT_S = 120  # a bound, never reached when things work (the machine may be loaded)
+
+
+# -- launching ranks ----------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **extra)
+    if sys.platform.startswith("linux"):
+        env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
+    return env
+
+
+def _run_all(commands: list[tuple[list[str], dict[str, str]]], cwd: Path) -> list[tuple[int, str, str]]:
+    """Run the commands side by side; return (exit code, stdout, stderr) of each. Every
+    process is killed if the bound passes or anything fails."""
+    procs = [subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for cmd, env in commands]
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_S
+    try:
+        outs = [p.communicate(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
+        return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def launch_workers(world: int, out: Path, *args: str) -> list[tuple[int, str, str]]:
+    """`world` ranks of tests/distributed_worker.py, in torchrun's environment."""
+    port = str(_free_port())
+    return _run_all([([sys.executable, str(Path(worker.__file__)), str(out), *args],
+                      _env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                           MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+                     for r in range(world)], out)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[tuple[int, str, str]], list[dict]]:
+    out = tmp_path_factory.mktemp("two_ranks")
+    runs = launch_workers(2, out)
+    for r, (code, _, err) in enumerate(runs):
+        assert (r, code) in ((0, 0), (1, -9)), f"rank {r} exited with {code}:\n{err[-3000:]}"
+    return out, runs, [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def _close(got: object, want: object) -> None:
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(want, dtype=torch.float64),
+                               rtol=1e-5, atol=1e-6)
+
+
+def _params(model: gd.Sequential) -> dict[str, list]:
+    return {k: v.tolist() for k, v in model.parameters().items()}
+
+
+# -- two ranks train as one process -------------------------------------------------------
+
+
+def test_two_ranks_train_as_one_process(two_ranks):
+    """Shuffled, momentum, weight decay, a schedule, global batches of 5 split 3 + 2, and a
+    last batch of 1 that leaves rank 1 empty: params, History, predict and evaluate match."""
+    _, _, results = two_ranks
+    X, Y = worker.data()
+    alone = worker.model()
+    history = alone.fit(X, Y, verbose=False, validation_data=worker.validation(), **worker.settings())
+    for rank in results:
+        assert rank["world_size"] == 2
+        for name, value in _params(alone).items():
+            _close(rank["params"][name], value)
+        for key, values in history.items():
+            _close(rank["history"][key], values)
+        _close(rank["predict"], alone.predict(X).tolist())
+        scores = alone.evaluate(X, Y, metrics=worker.METRICS)
+        assert set(rank["evaluate"]) == set(scores) == {"loss", "accuracy", "mae", "error"}
+        for key, value in scores.items():
+            _close(rank["evaluate"][key], value)
+    # The ranks sum the same gradients, so they hold the very same bits.
+    assert results[0]["params"] == results[1]["params"]
+    assert results[0]["history"] == results[1]["history"]
+
+
+def test_only_rank_0_prints_and_writes(two_ranks):
+    out, runs, _ = two_ranks
+    assert [line.split(" - ")[0] for line in runs[0][1].splitlines()] == [f"Epoch {e}/4" for e in range(1, 5)]
+    assert runs[1][1] == ""
+    assert (out / "saved_by_rank0.gdl").exists() and not (out / "saved_by_rank1.gdl").exists()
+    assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == []  # no torn writes left behind
+
+
+def test_divergence_stops_every_rank_alike(two_ranks):
+    _, _, results = two_ranks
+    X, Y = worker.data()
+    alone = worker.model()
+    with pytest.raises(gd.DivergedError) as single:
+        alone.fit(X, Y, verbose=False, **worker.diverging_settings())
+    first, second = (r["diverged"] for r in results)
+    assert first["message"] == second["message"]
+    assert (first["epoch"], first["batch"]) == (second["epoch"], second["batch"]) == (single.value.epoch,
+                                                                                      single.value.batch)
+    for name, value in _params(alone).items():  # both keep the last finite params, as one process does
+        _close(first["params"][name], value)
+
+
+def test_ranks_with_different_settings_all_refuse(two_ranks):
+    _, _, results = two_ranks
+    for r in results:
+        assert "rank 1 has batch_size=6 but rank 0 has 5" in r["mismatch"]
+
+
+def test_a_killed_rank_is_named_and_the_run_resumes(two_ranks):
+    """Rank 1 is killed mid-epoch: rank 0 stops with a RankLostError naming it, well within
+    the timeout (30 s); resuming from the last checkpoint reproduces the uninterrupted run."""
+    out, runs, results = two_ranks
+    assert runs[1][0] == -9
+    lost = results[0]["lost"]
+    assert lost["ranks"] == [1] and "rank 1 of 2 stopped sending heartbeats" in lost["message"], lost["message"]
+    assert lost["seconds"] < 30
+    X, Y = worker.data(worker.FAULT_N)
+    resumed, uninterrupted = worker.model(), worker.model()
+    done = read_checkpoint(out / "fault.gdl", worker.model(), worker.fault_settings()["optimizer"],
+                           list(gd.History(metrics=[])), validation=False).epoch
+    assert done >= worker.KILL_AT_EPOCH  # the checkpoint of the last epoch finished before the kill
+    h1 = resumed.fit(X, Y, epochs=done + 2, resume=out / "fault.gdl", verbose=False, **worker.fault_settings())
+    h2 = uninterrupted.fit(X, Y, epochs=done + 2, verbose=False, **worker.fault_settings())
+    assert h1 == {**h2, "loss": h1["loss"]}  # the same epochs and rates
+    _close(h1["loss"], h2["loss"])
+    for name, value in _params(uninterrupted).items():
+        _close(_params(resumed)[name], value)
+
+
+def test_two_nodes_on_localhost_run_the_example(tmp_path, capsys):
+    """torchrun's multi-node launch (c10d rendezvous), as two one-process "nodes" on
+    127.0.0.1: the example trains data-parallel, prints its result once and matches one process."""
+    port = _free_port()
+    args = ["--epochs", "2", "--no-plots", "--save", str(tmp_path / "disk.gdl")]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "graphdl-test"]
+    runs = _run_all([([*torchrun, "--node-rank", str(k), str(ROOT / "examples" / "disk_graph.py"), *args], _env())
+                     for k in range(2)], tmp_path)
+    for code, _, err in runs:
+        assert code == 0, err[-3000:]
+    printed = runs[0][1] + runs[1][1]
+    assert printed.count("test error:") == 1 and printed.count("wrote ") == 1
+    assert (tmp_path / "disk.gdl").exists()
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        import disk_graph
+    finally:
+        sys.path.pop(0)
+    threads = torch.get_num_threads()
+    try:
+        disk_graph.main([*args[:-1], str(tmp_path / "alone.gdl")])
+    finally:
+        torch.set_num_threads(threads)
+    alone = capsys.readouterr().out
+    for key in ("train error:", "test error:"):
+        assert [ln for ln in printed.splitlines() if ln.startswith(key)] == \
+               [ln for ln in alone.splitlines() if ln.startswith(key)]
+
+
+# -- without a process group --------------------------------------------------------------
+
+
+def test_fit_distributed_without_a_process_group_says_how_to_launch(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert gd.distributed.init() == (0, 1) and not gd.distributed.is_initialized()
+    X, Y = worker.data()
+    for call in (lambda m: m.fit(X, Y, distributed=True, verbose=False), lambda m: m.predict(X, distributed=True),
+                 lambda m: m.evaluate(X, Y, distributed=True)):
+        with pytest.raises(ValueError, match="torchrun --nproc_per_node N script.py"):
+            call(worker.model())
+
+
+def test_distributed_settings_of_the_wrong_type_name_the_argument():
+    X, Y = worker.data()
+    with pytest.raises(ValueError, match="distributed must be True or False"):
+        worker.model().fit(X, Y, distributed=1)
+    with pytest.raises(ValueError, match="timeout must be a number of seconds"):
+        gd.distributed.init(timeout=0)
+    with pytest.raises(ValueError, match="resume must be a file path"):
+        worker.model().fit(X, Y, resume=3)
+
+
+# -- the all-reduce as IR -----------------------------------------------------------------
+
+
+def _step(bucket_mib: float | None = None) -> gd.Graph:
+    m = worker.model()
+    return gd.distributed.step_graph(m.graph(gd.MSE()), list(m.parameters()), bucket_mib)
+
+
+def _collectives(graph: gd.Graph) -> list[tuple[str, tuple]]:
+    index = {id(n.out): k for k, n in enumerate(graph.nodes)}
+    return [(n.op.name, tuple(index.get(id(v), v.name) for v in n.inputs)) for n in graph.nodes if n.op.effect]
+
+
+def test_allreduce_buckets_gradients_in_the_order_they_are_made():
+    one = _step()  # the small net fits one bucket
+    assert [op for op, _ in _collectives(one)] == ["allreduce_start", "allreduce_wait"]
+    many = _step(bucket_mib=1e-9)  # a bucket per gradient
+    many.verify()
+    starts = [n for n in many.nodes if n.op.name == "allreduce_start"]
+    assert len(starts) == 4
+    for start in starts:  # each starts right after its gradient is made: overlap with the rest of the backward
+        (grad,) = start.inputs
+        assert many.nodes.index(start) == many.nodes.index(grad.node) + 1
+    waits = [k for k, n in enumerate(many.nodes) if n.op.name == "allreduce_wait"]
+    assert waits[0] > max(many.nodes.index(s) for s in starts)  # and waits only once all have started
+    assert [v.node.op.name for v in many.outputs[1:]] == ["unpack"] * 4
+    assert [v.shape for v in many.outputs[1:]] == [tuple(p.shape) for p in worker.model().parameters().values()]
+
+
+def test_allreduce_prints_parses_and_draws():
+    step = _step()
+    text = str(step)
+    assert "= allreduce_start " in text and "= allreduce_wait " in text
+    assert re.search(r"= unpack\[offset=\d+, shape=\(3, 8\)\] %\d+  # grad allreduce", text)
+    assert str(gd.parse(text)) == text
+    dot = gd.to_dot(step).source
+    drawn = [ln for ln in dot.splitlines() if "allreduce_" in ln and "label=" in ln]
+    assert len(drawn) == 2 and all("shape=hexagon" in ln for ln in drawn)  # collectives stand out
+
+
+def test_onnx_export_refuses_collectives_saying_why(tmp_path):
+    pytest.importorskip("onnx")
+    with pytest.raises(gd.GraphError, match="allreduce_start .* ONNX has no op for"):
+        gd.export_onnx(_step(), tmp_path / "step.onnx")
+
+
+def test_passes_keep_every_collective_in_its_order():
+    step = _step(bucket_mib=1e-9)
+    before = [op for op, _ in _collectives(step)]
+    optimised = pipeline(step.copy()[0])
+    optimised.verify()
+    assert [op for op, _ in _collectives(optimised)] == before
+    # Two all-reduces of the same value are two sums (CSE keeps both), one whose result
+    # nobody reads still happens (DCE keeps it), and one of a constant runs at each call.
+    g = gd.Graph("twice")
+    w = g.param("w", torch.ones(2))
+    c = g.const(2.0)
+    first = gd.ops.allreduce_start(w, w)
+    gd.ops.allreduce_start(w, w)
+    gd.ops.allreduce_wait(gd.ops.allreduce_start(c))
+    g.output(gd.ops.unpack(gd.ops.allreduce_wait(first), shape=(2,)))
+    optimised = pipeline(g.copy()[0])
+    assert [op for op, _ in _collectives(optimised)] == [op for op, _ in _collectives(g)]
+    # compile computes constant nodes once, up front: never a collective (it would run once, on no group)
+    assert any(ln.strip().startswith("v") and "allreduce_start(c" in ln for ln in gd.compile(g).source.splitlines())
+
+
+def test_a_collective_in_flight_is_read_only_by_its_wait():
+    g = gd.Graph("misuse")
+    w = g.param("w", torch.ones(2))
+    pending = gd.ops.allreduce_start(w)
+    with pytest.raises(gd.GraphError, match="only allreduce_wait may read"):
+        gd.add(pending, pending)
+    with pytest.raises(gd.GraphError, match="only unpack may read"):
+        gd.neg(gd.ops.allreduce_wait(pending))
+    text = "graph t(; w: f32[2]) {\n  %0: f32[2] = allreduce_start w\n  %1: f32[2] = unpack[shape=(2,)] %0\n" \
+           "  return %1\n}"
+    with pytest.raises(gd.GraphError, match="line 3"):
+        gd.parse(text)
+
+
+def test_collectives_without_a_process_group_say_how_to_launch():
+    g = gd.Graph("alone")
+    w = g.param("w", torch.ones(2))
+    g.output(gd.ops.unpack(gd.ops.allreduce_wait(gd.ops.allreduce_start(w)), shape=(2,)))
+    with pytest.raises(gd.GraphError, match="needs a process group.*torchrun"):
+        gd.compile(g)()
+
+
+# -- a process group of one, in this process ---------------------------------------------
+
+
+@pytest.fixture
+def group_of_one():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_one_rank_trains_as_fit_without_distributed(group_of_one):
+    X, Y = worker.data()
+    a, b = worker.model(), worker.model()
+    ha = a.fit(X, Y, distributed=True, verbose=False, **worker.settings())
+    hb = b.fit(X, Y, verbose=False, **worker.settings())
+    assert _params(a) == _params(b) and ha == hb
+    assert gd.distributed.rank() == 0 and gd.distributed.world_size() == 1 and gd.distributed.is_main()
+
+
+def test_the_compiled_allreduce_sums_over_the_group(group_of_one):
+    m = worker.model()
+    X, Y = worker.data()
+    reduced = gd.compile(_step(bucket_mib=1e-9))(x=X, y=Y, scale=torch.tensor(1.0))
+    plain = gd.compile(gd.grad(m.graph(gd.MSE()), list(m.parameters())))(x=X, y=Y)
+    for got, want in zip(reduced, plain):
+        torch.testing.assert_close(got, want)
+
+
+# -- naming the lost rank -----------------------------------------------------------------
+
+
+def test_a_lost_rank_is_named_from_its_heartbeat(monkeypatch):
+    """Rank 1's beat stops: lost. It beats but issued fewer collectives: stuck. The store
+    itself is gone: its host, rank 0."""
+    port = _free_port()
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setattr(gd.distributed, "HEARTBEAT_S", 0.05)
+    monkeypatch.setattr(gd.distributed, "STORE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(gd.distributed, "rank", lambda: 0)
+    monkeypatch.setattr(gd.distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(gd.distributed._Heartbeat, "issued", 7)
+    key = gd.distributed._beat_key
+    store.set(key(0), "5 7")
+    store.set(key(1), "3 6")  # never advances
+    error = gd.distributed._lost(RuntimeError("Connection closed by peer"), "an all-reduce")
+    assert error.lost == [1] and "rank 1 of 2 stopped sending heartbeats" in str(error)
+    assert "Connection closed by peer" in str(error)
+
+    beats = iter(range(100))
+    monkeypatch.setattr(gd.distributed, "_read_beats", lambda s, w: {0: (0, 7), 1: (next(beats), 6)})
+    error = gd.distributed._lost(RuntimeError("Timed out"), "an all-reduce")
+    assert error.lost == [1] and "rank 1 of 2 still beating but behind: issued 6 collectives to this rank's 7" in \
+        str(error)
+    del store  # the store's host is gone
+    error = gd.distributed._lost(RuntimeError("Timed out"), "an all-reduce")
+    assert error.lost == [0] and "does not answer" in str(error)
+
+
+# -- NCCL, one GPU per rank ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_nccl_ranks_train_as_one_process(world, tmp_path):
+    if not torch.cuda.is_available() or not dist.is_nccl_available():
+        pytest.skip("NCCL needs CUDA GPUs; this machine has none")
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"{world} NCCL ranks need {world} GPUs (one per rank); this machine has "
+                    f"{torch.cuda.device_count()}")
+    runs = launch_workers(world, tmp_path, "--device", "cuda", "--backend", "nccl", "--only-train")
+    for code, _, err in runs:
+        assert code == 0, err[-3000:]
+    X, Y = worker.data(device="cuda")
+    alone = worker.model("cuda")
+    history = alone.fit(X, Y, verbose=False, validation_data=worker.validation("cuda"), **worker.settings())
+    for r in range(world):
+        result = json.loads((tmp_path / f"rank{r}.json").read_text())
+        for name, value in _params(alone).items():
+            _close(result["params"][name], value)
+        for key, values in history.items():
+            _close(result["history"][key], values)

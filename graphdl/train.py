@@ -1,9 +1,9 @@
 """The fit loop, predict and evaluate for Sequential models.
 
-`fit` compiles the training step (forward, loss, backward) once, then per batch does
-only what must be done per batch: slice the (once-per-epoch shuffled) data, call the
-compiled step, apply the optimizer's multi-tensor update. The loss stays on the device
-until the epoch ends, so there is one host sync per epoch, not per batch.
+`fit` builds the training step (forward, loss, backward and update: a `TrainStep`,
+see graphdl.step) once, then per epoch shuffles, runs the step on every batch and
+records the metrics. The losses stay on the device until the epoch ends, so there is
+one host sync per epoch, not per batch.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .autodiff import grad
 from .compile import Compiled, compile
 from .ir import tensor_problem
 from .losses import MSE, Loss
 from .optim import SGD, Schedule, check_updatable
+from .step import TrainStep
 
 if TYPE_CHECKING:
     from .layers import Sequential
@@ -39,11 +39,6 @@ class History(dict):
     @property
     def epochs(self) -> int:
         return len(self["loss"])
-
-
-def _step_fn(model: Sequential, loss: Loss) -> Compiled:
-    names = list(model.parameters())
-    return model.compiled(("step", loss), lambda: compile(grad(model.graph(loss), names)))
 
 
 def _eval_fn(model: Sequential, loss: Loss) -> Compiled:
@@ -166,8 +161,8 @@ def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([t.isfinite().all() for t in tensors]).all() if tensors else torch.tensor(True)
 
 
-def _replay(run: Callable[..., tuple], optimizer: SGD, params: list[torch.Tensor], start: _Snapshot,
-            Xe: torch.Tensor, Ye: torch.Tensor, batch_size: int, lr: float) -> tuple[int, float, bool] | None:
+def _replay(step: TrainStep, start: _Snapshot, X: torch.Tensor, Y: torch.Tensor, order: torch.Tensor | None,
+            batch_size: int, lr: float) -> tuple[int, float, bool] | None:
     """Replay an epoch that diverged from its starting state, one checked batch at a time.
 
     Returns (batch index, its loss, whether it was its update that made params non-finite)
@@ -176,14 +171,15 @@ def _replay(run: Callable[..., tuple], optimizer: SGD, params: list[torch.Tensor
     """
     start.restore()
     before = _Snapshot(start.tensors)
-    for b, first in enumerate(range(0, len(Xe), batch_size)):
-        out = run(Xe[first:first + batch_size], Ye[first:first + batch_size])
-        loss = float(out[0])
+    if order is not None:
+        X, Y = X.index_select(0, order.to(X.device)), Y.index_select(0, order.to(Y.device))
+    for b, (x, y) in enumerate(zip(X.split(batch_size), Y.split(batch_size))):
+        loss = float(step.forward_backward(x, y))
         if not math.isfinite(loss):
             return b, loss, False  # the params that gave it are finite: the previous update was checked
         before.save()
-        optimizer.update(params, list(out[1:]), lr, overwrite_grads=True)
-        if not bool(_all_finite(params)):
+        step.apply(lr)
+        if not bool(_all_finite(step.params)):
             before.restore()
             return b, loss, True
     start.restore()
@@ -253,11 +249,9 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
         _check_data(model, *validation_data, what=" (validation)")
 
     _check_params(model)
-    step = _step_fn(model, loss)
-    step.check_feeds((X, Y), {})  # dtype and device, once, with graphdl's messages
-    run = step.fn  # the unchecked entry: every batch has the shape just checked
-    params = list(model.parameters().values())
-    optimizer.reset(params)
+    step = TrainStep(model, loss, optimizer)
+    step.compiled.check_feeds((X, Y), {})  # dtype and device, once, with graphdl's messages
+    params = step.params
     n = len(X)
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())
@@ -272,29 +266,23 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
     for epoch in range(epochs):
         started = time.perf_counter()
         lr = _scheduled_lr(schedule, epoch, optimizer.lr)
-        if shuffle:
-            order = torch.randperm(n, generator=gen).to(X.device)
-            Xe, Ye = X.index_select(0, order), Y.index_select(0, order)
-        else:
-            Xe, Ye = X, Y
+        order = torch.randperm(n, generator=gen) if shuffle else None
         start.save()
-        losses = []
-        for first in range(0, n, batch_size):
-            out = run(Xe[first:first + batch_size], Ye[first:first + batch_size])
-            optimizer.update(params, list(out[1:]), lr, overwrite_grads=True)  # the gradients are fit's own
-            losses.append(out[0])
-            del out  # free this batch's gradients before the next batch's are made
-        # The epoch's one sync: its mean loss, NaN if any param stopped being finite.
-        epoch_loss = float(torch.where(_all_finite(params), torch.stack(losses) @ weights, torch.nan))
+        losses = step.epoch(X, Y, batch_size, order, lr)
+        # The mean loss (NaN if any param stopped being finite) and the metrics, read in
+        # the epoch's one host sync.
+        scores = [torch.where(_all_finite(params), losses @ weights, torch.nan), *_scores(model, X, Y, loss)]
+        if validation_data is not None:
+            scores += _scores(model, *validation_data, loss)
+        epoch_loss, *metrics = torch.stack([s.to(torch.float64) for s in scores]).tolist()
         if not math.isfinite(epoch_loss):
-            found = _replay(run, optimizer, params, start, Xe, Ye, batch_size, lr)
+            found = _replay(step, start, X, Y, order, batch_size, lr)
             raise _diverged(found, epoch, epochs, len(sizes), lr, history)
         history["loss"].append(epoch_loss)
-        history["accuracy"].append(evaluate(model, X, Y, loss, _checked=True)["accuracy"])
+        history["accuracy"].append(metrics[1])
         if validation_data is not None:
-            scores = evaluate(model, *validation_data, loss, _checked=True)
-            history["val_loss"].append(scores["loss"])
-            history["val_accuracy"].append(scores["accuracy"])
+            history["val_loss"].append(metrics[2])
+            history["val_accuracy"].append(metrics[3])
         history["lr"].append(lr)
         if verbose:
             _report(epoch, epochs, history, time.perf_counter() - started)
@@ -324,6 +312,11 @@ def evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | N
         raise ValueError(f"loss must be a graphdl loss such as gd.MSE(), got {loss!r}")
     if not _checked:
         _check_data(model, X, Y)
+    value, acc = (float(s) for s in _scores(model, X, Y, loss))
+    return {"loss": value, "accuracy": acc, "error": 1.0 - acc}
+
+
+def _scores(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss) -> list[torch.Tensor]:
+    """[loss, accuracy] of the model on (X, Y), as tensors on the device (no host sync)."""
     value, pred = _eval_fn(model, loss)(x=X, y=Y)
-    acc = float(accuracy(pred, Y))
-    return {"loss": float(value), "accuracy": acc, "error": 1.0 - acc}
+    return [value, accuracy(pred, Y)]

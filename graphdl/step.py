@@ -123,18 +123,25 @@ class TrainStep:
         return torch.stack(self._steps(X, Y, batch_size, lr))
 
     def _steps(self, X: torch.Tensor, Y: torch.Tensor, batch_size: int, lr: float) -> list[torch.Tensor]:
-        """One step per batch; the per-batch work is a call of the generated function and
-        one of the planned update (`split` makes the batch views in one call)."""
-        losses = []
+        """One step per batch: a call of the generated function and one of the planned
+        update (`split` makes all the batch views in one call, ~0.2 µs a batch against
+        ~1 µs for slicing each)."""
+        losses: list[torch.Tensor] = []
         self.optimizer.set_lr(lr)
-        for x, y in zip(X.split(batch_size), Y.split(batch_size)):
-            arena = self._arena(len(x))
-            out = arena.run(x, y, arena.bindings)
-            if arena.update is not None:
-                arena.update()
-            else:
-                self._update(arena, out, lr)
-            losses.append(out[0])
+        xs, ys = X.split(batch_size), Y.split(batch_size)
+        full = len(X) // batch_size
+        for first, last, size in ((0, full, batch_size), (full, len(xs), len(X) - full * batch_size)):
+            if first == last:
+                continue
+            arena = self._arena(size)
+            run, bindings, update = arena.run, arena.bindings, arena.update
+            for x, y in zip(xs[first:last], ys[first:last]):
+                out = run(x, y, bindings)
+                if update is not None:
+                    update()
+                else:
+                    self.optimizer.update(self.params, list(out[1:]), lr, overwrite_grads=True)
+                losses.append(out[0])
         return losses
 
     # -- bookkeeping -------------------------------------------------------------------------

@@ -149,16 +149,22 @@ class _Snapshot:
         self.copies = [t.clone() for t in tensors()]
 
     def save(self) -> None:
-        for c, t in zip(self.copies, self.tensors()):
-            c.copy_(t)
+        if self.copies:  # one multi-tensor copy: 3 µs for the disk net's 16 tensors, 6 µs one by one
+            torch._foreach_copy_(self.copies, self.tensors())
 
     def restore(self) -> None:
-        for t, c in zip(self.tensors(), self.copies):
-            t.copy_(c)
+        if self.copies:
+            torch._foreach_copy_(self.tensors(), self.copies)
 
 
-def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack([t.isfinite().all() for t in tensors]).all() if tensors else torch.tensor(True)
+def _largest(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The largest |x| over every element, a 0-d tensor: inf or NaN once any element is,
+    so one number tells whether all are finite. One multi-tensor call, ~8 µs for the
+    disk net's params against 94 µs for isfinite().all() tensor by tensor."""
+    tensors = [t for t in tensors if t.numel()]  # an empty tensor has no largest element
+    if not tensors:
+        return torch.tensor(0.0)
+    return torch.stack(torch._foreach_norm(tensors, math.inf)).max()
 
 
 def _replay(step: TrainStep, start: _Snapshot, X: torch.Tensor, Y: torch.Tensor, order: torch.Tensor | None,
@@ -179,7 +185,7 @@ def _replay(step: TrainStep, start: _Snapshot, X: torch.Tensor, Y: torch.Tensor,
             return b, loss, False  # the params that gave it are finite: the previous update was checked
         before.save()
         step.apply(lr)
-        if not bool(_all_finite(step.params)):
+        if not math.isfinite(float(_largest(step.params))):
             before.restore()
             return b, loss, True
     start.restore()
@@ -251,6 +257,10 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
     _check_params(model)
     step = TrainStep(model, loss, optimizer)
     step.compiled.check_feeds((X, Y), {})  # dtype and device, once, with graphdl's messages
+    predicting, scoring = _predict_fn(model), _eval_fn(model, loss)
+    predicting.check_feeds((X,), {})  # so that each epoch calls their unchecked entries (.fn)
+    if validation_data is not None:
+        scoring.check_feeds(tuple(validation_data), {})
     params = step.params
     n = len(X)
     if seed is None:
@@ -269,20 +279,20 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
         order = torch.randperm(n, generator=gen) if shuffle else None
         start.save()
         losses = step.epoch(X, Y, batch_size, order, lr)
-        # The mean loss (NaN if any param stopped being finite) and the metrics, read in
-        # the epoch's one host sync.
-        scores = [torch.where(_all_finite(params), losses @ weights, torch.nan), *_scores(model, X, Y, loss)]
+        # The mean loss, the params' largest magnitude (not finite once any param is not)
+        # and the metrics, read in the epoch's one host sync.
+        scores = [losses @ weights, _largest(params), accuracy(predicting.fn(X)[0], Y)]
         if validation_data is not None:
-            scores += _scores(model, *validation_data, loss)
-        epoch_loss, *metrics = torch.stack([s.to(torch.float64) for s in scores]).tolist()
-        if not math.isfinite(epoch_loss):
+            scores += _scores(scoring.fn(*validation_data), validation_data[1])
+        epoch_loss, largest, *metrics = torch.stack(scores).tolist()
+        if not (math.isfinite(epoch_loss) and math.isfinite(largest)):
             found = _replay(step, start, X, Y, order, batch_size, lr)
             raise _diverged(found, epoch, epochs, len(sizes), lr, history)
         history["loss"].append(epoch_loss)
-        history["accuracy"].append(metrics[1])
+        history["accuracy"].append(metrics[0])
         if validation_data is not None:
-            history["val_loss"].append(metrics[2])
-            history["val_accuracy"].append(metrics[3])
+            history["val_loss"].append(metrics[1])
+            history["val_accuracy"].append(metrics[2])
         history["lr"].append(lr)
         if verbose:
             _report(epoch, epochs, history, time.perf_counter() - started)
@@ -300,8 +310,11 @@ def _report(epoch: int, epochs: int, history: History, seconds: float) -> None:
 
 def predict(model: Sequential, X: torch.Tensor) -> torch.Tensor:
     """The model's output for X [N, in_features]."""
-    fn = model.compiled(("predict",), lambda: compile(model.graph()))
-    return fn(x=X)[0]
+    return _predict_fn(model)(x=X)[0]
+
+
+def _predict_fn(model: Sequential) -> Compiled:
+    return model.compiled(("predict",), lambda: compile(model.graph()))
 
 
 def evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None = None,
@@ -312,11 +325,12 @@ def evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | N
         raise ValueError(f"loss must be a graphdl loss such as gd.MSE(), got {loss!r}")
     if not _checked:
         _check_data(model, X, Y)
-    value, acc = (float(s) for s in _scores(model, X, Y, loss))
+    value, acc = (float(s) for s in _scores(_eval_fn(model, loss)(x=X, y=Y), Y))
     return {"loss": value, "accuracy": acc, "error": 1.0 - acc}
 
 
-def _scores(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss) -> list[torch.Tensor]:
-    """[loss, accuracy] of the model on (X, Y), as tensors on the device (no host sync)."""
-    value, pred = _eval_fn(model, loss)(x=X, y=Y)
+def _scores(outputs: tuple[torch.Tensor, ...], Y: torch.Tensor) -> list[torch.Tensor]:
+    """[loss, accuracy] from the eval graph's outputs (loss, prediction) for targets Y, as
+    tensors on the device (no host sync)."""
+    value, pred = outputs
     return [value, accuracy(pred, Y)]

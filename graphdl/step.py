@@ -14,10 +14,11 @@ tensor, and nothing waits on the host until the caller reads the losses.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,6 +33,40 @@ if TYPE_CHECKING:
 # Capturing records every kernel of the epoch; past this many steps the graph would
 # take long to capture and much memory to hold, and the steps run uncaptured.
 MAX_CAPTURED_STEPS = 4096
+
+
+class CudaGraphs:
+    """What capturing an epoch needs from CUDA, in one place (tests stand in for it on
+    CPU with a recorder that has a graph's semantics: see tests/test_step.py)."""
+
+    def available(self, device: torch.device | None) -> bool:
+        return device is not None and device.type == "cuda" and os.environ.get("GRAPHDL_CUDA_GRAPHS") != "0"
+
+    @contextlib.contextmanager
+    def side_stream(self) -> Iterator[None]:
+        """Warm-up work off the capturing stream, as torch.cuda.graph asks."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            yield
+        torch.cuda.current_stream().wait_stream(stream)
+
+    def capture(self, body: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
+        """(replay, what body returned): body's kernels, recorded, not run."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            result = body()
+        return graph.replay, result
+
+    def staging(self, n: int) -> torch.Tensor:
+        """Host memory the permutation is copied from without a sync (pinned)."""
+        return torch.empty(n, dtype=torch.int64, pin_memory=True)
+
+    def event(self) -> Any:
+        return torch.cuda.Event()
+
+
+_GRAPHS: Any = CudaGraphs()
 
 
 class _Arena:
@@ -73,10 +108,7 @@ class TrainStep:
         self.optimizer = optimizer
         self.params = list(model.parameters().values())
         optimizer.reset(self.params)
-        device = self.compiled.device
-        if capture is None:
-            capture = device is not None and device.type == "cuda" and os.environ.get("GRAPHDL_CUDA_GRAPHS") != "0"
-        self.capture = bool(capture)
+        self.capture = _GRAPHS.available(self.compiled.device) if capture is None else bool(capture)
         self._arenas: dict[int, _Arena] = {}
         self._bound: list[torch.Tensor] = [v.data for v in self.arena_fn.layout.params]
         self._epochs: dict[tuple, _CapturedEpoch] = {}
@@ -205,11 +237,10 @@ class _CapturedEpoch:
         self.X, self.Y = X, Y  # the graph reads their memory: keep them alive
         n = len(X)
         self.order = torch.arange(n, device=X.device) if shuffled else None
-        self.staging = torch.empty(n, dtype=torch.int64, pin_memory=True) if shuffled else None
+        self.staging = _GRAPHS.staging(n) if shuffled else None
+        self.copied = _GRAPHS.event()  # recorded after each copy out of staging
         self._warm_up(step, batch_size)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.losses = self._body(step, batch_size)
+        self.replay_graph, self.losses = _GRAPHS.capture(lambda: self._body(step, batch_size))
 
     def _body(self, step: TrainStep, batch_size: int) -> torch.Tensor:
         X, Y = self.X, self.Y
@@ -230,24 +261,23 @@ class _CapturedEpoch:
         velocities are put back afterwards, so training is unchanged."""
         saved = [t.clone() for t in (*step.params, *step.optimizer.buffers)]
         sizes = {batch_size, len(self.X) % batch_size or batch_size}
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        with _GRAPHS.side_stream():
             if self.order is not None:
                 self.X.index_select(0, self.order)
             for size in sizes:
                 arena = step._arena(size)
                 out = arena.run(self.X[:size], self.Y[:size], arena.bindings)
                 (arena.update or step.optimizer.plan(step.params, list(out[1:])))()
-        torch.cuda.current_stream().wait_stream(stream)
         for t, s in zip((*step.params, *step.optimizer.buffers), saved):
             t.copy_(s)
 
     def replay(self, order: torch.Tensor | None) -> torch.Tensor:
         """Run the epoch's steps with this permutation; returns the batches' losses."""
         if self.order is not None:
-            self.staging.copy_(order)  # the last epoch's copy out of it finished at its sync
+            self.copied.synchronize()  # the last copy out of staging is done (fit synced since)
+            self.staging.copy_(order)
             self.order.copy_(self.staging, non_blocking=True)
-        self.graph.replay()
+            self.copied.record()
+        self.replay_graph()
         return self.losses
 

@@ -15,13 +15,14 @@ from .compile import Compiled, compile
 from .losses import MAE, MBE, MSE, Loss
 from .optim import SGD, Constant, CosineDecay, ExponentialDecay, Schedule, StepDecay
 from .layers import Layer, Linear, ReLU, Sequential, Sigmoid, Tanh
+from .step import TrainStep
 from .train import DivergedError, History
 from .viz import DotNotFoundError, render, to_dot
 from .io import load, load_graph, save_graph
 
 __all__ = [
     "DivergedError", "MAE", "MBE", "MSE", "SGD", "Constant", "CosineDecay", "ExponentialDecay", "History",
-    "Layer", "Linear", "Loss", "ReLU", "Schedule", "Sequential", "Sigmoid", "StepDecay", "Tanh",
+    "Layer", "Linear", "Loss", "ReLU", "Schedule", "Sequential", "Sigmoid", "StepDecay", "Tanh", "TrainStep",
     "DTYPES", "OPS", "Compiled", "DotNotFoundError", "Graph", "GraphError", "Node", "Value",
     "abs", "add", "broadcast_like", "compile", "div", "exp", "grad", "greater", "log", "mae", "matmul",
     "load", "load_graph", "mbe", "mean", "mse", "mul", "neg", "parse", "relu", "render", "save_graph", "sigmoid",

@@ -19,7 +19,6 @@ import math
 import re
 from typing import Any
 
-import networkx as nx
 import torch
 
 from .ir import DTYPES, Graph, GraphError, Node, Shape, Value, format_type
@@ -199,6 +198,8 @@ def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
             if a not in records and a not in graph.inputs and a not in graph.params:
                 raise _fail(lineno, line, f"{a!r} is not defined; define it as a node, input or param")
         return names
+
+    import networkx as nx  # on first use, not at `import graphdl`
 
     deps = nx.DiGraph()
     deps.add_nodes_from(records)

@@ -440,23 +440,33 @@ def worker_compile(act: str, repeats: int) -> dict:
 
 
 def startup(repeats: int) -> dict:
-    """Medians over `repeats` runs of examples/disk_graph.py --no-plots: the in-process
-    split it prints with --timings (import, compile, training) and, from outside, the
-    rest of the wall time (interpreter start and exit)."""
+    """The wall time of `python examples/disk_graph.py --no-plots`, split (medians of
+    `repeats` alternated runs): the interpreter's start and exit (`python -c pass`), the
+    import of torch and then of graphdl (each a process of its own, less the one
+    before), compile and training (what the example prints with --timings), and the
+    rest (making the data, evaluating, saving the model, torch's teardown)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    parts: dict[str, list[float]] = {}
+    runs = {"python": ["-c", "pass"], "torch": ["-c", "import torch"], "graphdl": ["-c", "import torch, graphdl"]}
+    walls: dict[str, list[float]] = {}
+    inside: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as out:
+        runs["example"] = [os.path.join(root, "examples", "disk_graph.py"), "--no-plots", "--timings", "--out", out]
         for _ in range(repeats):
-            t0 = time.perf_counter()
-            run = subprocess.run([sys.executable, os.path.join(root, "examples", "disk_graph.py"), "--no-plots",
-                                  "--timings", "--out", out], env=env, capture_output=True, text=True, check=True)
-            total = time.perf_counter() - t0
-            line = next(ln for ln in run.stdout.splitlines() if ln.startswith("time:"))
-            inside = {k: float(v.rstrip("s")) for k, v in (p.split("=") for p in line.split()[1:])}
-            for k, v in {**inside, "start+exit": total - sum(inside.values()), "total": total}.items():
-                parts.setdefault(k, []).append(v)
-    return {k: statistics.median(v) for k, v in parts.items()}
+            for name, argv in runs.items():
+                t0 = time.perf_counter()
+                run = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, check=True)
+                walls.setdefault(name, []).append(time.perf_counter() - t0)
+                if name == "example":
+                    line = next(ln for ln in run.stdout.splitlines() if ln.startswith("time:"))
+                    for k, v in (p.split("=") for p in line.split()[1:]):
+                        inside.setdefault(k, []).append(float(v.rstrip("s")))
+    wall = {k: statistics.median(v) for k, v in walls.items()}
+    split = {"start+exit": wall["python"], "import torch": wall["torch"] - wall["python"],
+             "import graphdl": wall["graphdl"] - wall["torch"],
+             **{k: statistics.median(v) for k, v in inside.items()}}
+    split["rest"] = wall["example"] - sum(split.values())
+    return {**split, "total": wall["example"]}
 
 
 # -- orchestration ----------------------------------------------------------------------------

@@ -96,8 +96,9 @@ class TrainStep:
             the step says so in one warning and runs uncaptured.
 
     `step(x, y, lr)` runs one batch and returns its loss; `step.epoch(X, Y, batch_size,
-    order, lr)` runs every batch of an epoch and returns their losses. Losses are 0-d
-    tensors on the device (reading one is a host sync; fit reads one per epoch).
+    order, lr)` runs every batch of an epoch and returns their losses. Losses are
+    tensors on the device, made in inference mode (reading one is a host sync; fit
+    reads them once per epoch). Nothing here records autograd history.
     """
 
     def __init__(self, model: Sequential, loss: Loss, optimizer: SGD, capture: bool | None = None) -> None:
@@ -116,12 +117,14 @@ class TrainStep:
 
     # -- one batch -------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
         """One step on the batch (x, y) at rate `lr`; returns the batch's loss."""
         loss = self.forward_backward(x, y)
         self.apply(lr)
         return loss
 
+    @torch.inference_mode()
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The batch's loss; its gradients stay in the arena for `apply`."""
         self._refresh()
@@ -130,6 +133,7 @@ class TrainStep:
         self._last = arena, out
         return out[0]
 
+    @torch.inference_mode()
     def apply(self, lr: float) -> None:
         """The optimizer's update from the gradients of the last `forward_backward`."""
         assert self._last is not None, "apply follows forward_backward"
@@ -139,6 +143,7 @@ class TrainStep:
 
     # -- one epoch -------------------------------------------------------------------------
 
+    @torch.inference_mode()
     def epoch(self, X: torch.Tensor, Y: torch.Tensor, batch_size: int, order: torch.Tensor | None,
               lr: float) -> torch.Tensor:
         """Every batch of X, Y taken in `order` (a permutation of the rows; None: as they
@@ -259,17 +264,19 @@ class _CapturedEpoch:
         """One step at each batch size the epoch has, on a side stream, before capture
         (cuBLAS and the kernels initialise lazily, which capture forbids); the params and
         velocities are put back afterwards, so training is unchanged."""
-        saved = [t.clone() for t in (*step.params, *step.optimizer.buffers)]
+        state = [*step.params, *step.optimizer.buffers]
+        saved = [t.clone() for t in state]
         sizes = {batch_size, len(self.X) % batch_size or batch_size}
-        with _GRAPHS.side_stream():
-            if self.order is not None:
-                self.X.index_select(0, self.order)
-            for size in sizes:
-                arena = step._arena(size)
-                out = arena.run(self.X[:size], self.Y[:size], arena.bindings)
-                (arena.update or step.optimizer.plan(step.params, list(out[1:])))()
-        for t, s in zip((*step.params, *step.optimizer.buffers), saved):
-            t.copy_(s)
+        try:
+            with _GRAPHS.side_stream():
+                if self.order is not None:
+                    self.X.index_select(0, self.order)
+                for size in sizes:
+                    arena = step._arena(size)
+                    out = arena.run(self.X[:size], self.Y[:size], arena.bindings)
+                    (arena.update or step.optimizer.plan(step.params, list(out[1:])))()
+        finally:  # also when warming up fails: the fallback trains from the same state
+            torch._foreach_copy_(state, saved)
 
     def replay(self, order: torch.Tensor | None) -> torch.Tensor:
         """Run the epoch's steps with this permutation; returns the batches' losses."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -188,16 +188,19 @@ class RecordedGraphs:
     result into the tensor capture returned for it (a graph's fixed addresses).
     """
 
-    def __init__(self, fail: Exception | None = None) -> None:
-        self.fail = fail
+    def __init__(self, fail: Exception | None = None, fail_in_warm_up: bool = False) -> None:
+        self.fail, self.fail_in_warm_up = fail, fail_in_warm_up
         self.captures = 0
         self.replays = 0
 
     def available(self, device) -> bool:
         return True
 
+    @contextmanager
     def side_stream(self):
-        return nullcontext()
+        yield
+        if self.fail is not None and self.fail_in_warm_up:  # after the warm-up steps changed the params
+            raise self.fail
 
     def capture(self, body: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
         if self.fail is not None:
@@ -245,8 +248,11 @@ def test_captured_epochs_train_like_the_plain_step(monkeypatch, settings, batch_
     assert_same_training(got, want, history["loss"], losses)
 
 
-def test_capture_that_fails_falls_back_with_one_note(monkeypatch):
-    monkeypatch.setattr(step_module, "_GRAPHS", RecordedGraphs(fail=RuntimeError("operation not permitted\nmore")))
+@pytest.mark.parametrize("in_warm_up", [False, True], ids=["in-capture", "in-warm-up"])
+def test_capture_that_fails_falls_back_with_one_note(monkeypatch, in_warm_up):
+    """The fallback trains from the state before capture: warm-up steps are undone too."""
+    graphs = RecordedGraphs(fail=RuntimeError("operation not permitted\nmore"), fail_in_warm_up=in_warm_up)
+    monkeypatch.setattr(step_module, "_GRAPHS", graphs)
     X, Y = disk_data()
     got, want = net(), net()
     with pytest.warns(RuntimeWarning, match=r"not capturing .* \(RuntimeError: operation not permitted\); running it "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from test_fuzz import GD_LIB, LEAVES, _build, fuzz, programs
+from test_fuzz import fuzz, programs, random_graph
 
 import graphdl as gd
 from graphdl.compile import lower
@@ -25,16 +25,8 @@ def disk_step(act: type[gd.Layer] = gd.Tanh, loss: gd.Loss | None = None) -> gd.
     return gd.compile(gd.grad(model.graph(loss or gd.MSE()), list(model.parameters())))
 
 
-def _random_step(program, seed: int, batch: int):
-    steps, loss = program
-    gen = torch.Generator().manual_seed(seed)
-    data = {k: torch.randn([batch if d == "N" else d for d in shape], generator=gen, dtype=torch.float64)
-            for k, shape in LEAVES.items()}
-    g = gd.Graph("random")
-    env = {k: g.input(k, [None if d == "N" else d for d in LEAVES[k]], torch.float64) for k in ("x", "y")}
-    env.update({k: g.param(k, data[k]) for k in ("c", "b", "W", "V")})
-    g.output(_build(steps, loss, env, GD_LIB))
-    return gd.compile(gd.grad(g, ["x", "y", "c", "b", "W", "V"]))
+def _random_step(program, seed: int, batch: int) -> gd.Compiled:
+    return gd.compile(gd.grad(random_graph(program, seed, batch)[0], ["x", "y", "c", "b", "W", "V"]))
 
 
 @fuzz(80)

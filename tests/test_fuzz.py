@@ -402,9 +402,8 @@ TORCH_LIB = {**{k: getattr(torch, k) for k in (*UNARY, *BINARY)}, "matmul": torc
              "mse": lambda a, b: ((a - b) ** 2).mean()}
 
 
-@fuzz(150)
-@given(programs(), st.integers(0, 2**31 - 1), st.integers(1, 5))
-def test_random_graph_gradients_match_autograd(program, seed, batch):
+def random_graph(program, seed: int, batch: int) -> tuple[gd.Graph, dict[str, torch.Tensor]]:
+    """The float64 graph a drawn program builds, and its random data (the params hold theirs)."""
     steps, loss = program
     gen = torch.Generator().manual_seed(seed)
     data = {k: torch.randn([batch if d == "N" else d for d in shape], generator=gen, dtype=torch.float64)
@@ -413,6 +412,14 @@ def test_random_graph_gradients_match_autograd(program, seed, batch):
     env = {k: g.input(k, [None if d == "N" else d for d in LEAVES[k]], torch.float64) for k in ("x", "y")}
     env.update({k: g.param(k, data[k]) for k in ("c", "b", "W", "V")})
     g.output(_build(steps, loss, env, GD_LIB))
+    return g, data
+
+
+@fuzz(150)
+@given(programs(), st.integers(0, 2**31 - 1), st.integers(1, 5))
+def test_random_graph_gradients_match_autograd(program, seed, batch):
+    steps, loss = program
+    g, data = random_graph(program, seed, batch)
     wrt = ["x", "y", "c", "b", "W", "V"]
     gg = gd.grad(g, wrt)
     gg.verify()

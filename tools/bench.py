@@ -442,31 +442,29 @@ def worker_compile(act: str, repeats: int) -> dict:
 def startup(repeats: int) -> dict:
     """The wall time of `python examples/disk_graph.py --no-plots`, split (medians of
     `repeats` alternated runs): the interpreter's start and exit (`python -c pass`), the
-    import of torch and then of graphdl (each a process of its own, less the one
-    before), compile and training (what the example prints with --timings), and the
-    rest (making the data, evaluating, saving the model, torch's teardown)."""
+    imports of torch and of graphdl (timed inside a process that only imports them),
+    compile and training (what the example prints with --timings), and the rest
+    (making the data, evaluating, saving the model, torch's teardown at exit)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    runs = {"python": ["-c", "pass"], "torch": ["-c", "import torch"], "graphdl": ["-c", "import torch, graphdl"]}
-    walls: dict[str, list[float]] = {}
-    inside: dict[str, list[float]] = {}
+    imports = ("import time; t0 = time.perf_counter(); import torch; t1 = time.perf_counter(); import graphdl; "
+               "print(f'time: import_torch={t1 - t0}s import_graphdl={time.perf_counter() - t1}s')")
+    parts: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as out:
-        runs["example"] = [os.path.join(root, "examples", "disk_graph.py"), "--no-plots", "--timings", "--out", out]
+        runs = {"start+exit": ["-c", "pass"], "imports": ["-c", imports],
+                "total": [os.path.join(root, "examples", "disk_graph.py"), "--no-plots", "--timings", "--out", out]}
         for _ in range(repeats):
             for name, argv in runs.items():
                 t0 = time.perf_counter()
                 run = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, check=True)
-                walls.setdefault(name, []).append(time.perf_counter() - t0)
-                if name == "example":
-                    line = next(ln for ln in run.stdout.splitlines() if ln.startswith("time:"))
-                    for k, v in (p.split("=") for p in line.split()[1:]):
-                        inside.setdefault(k, []).append(float(v.rstrip("s")))
-    wall = {k: statistics.median(v) for k, v in walls.items()}
-    split = {"start+exit": wall["python"], "import torch": wall["torch"] - wall["python"],
-             "import graphdl": wall["graphdl"] - wall["torch"],
-             **{k: statistics.median(v) for k, v in inside.items()}}
-    split["rest"] = wall["example"] - sum(split.values())
-    return {**split, "total": wall["example"]}
+                if name != "imports":
+                    parts.setdefault(name, []).append(time.perf_counter() - t0)
+                line = next((ln for ln in run.stdout.splitlines() if ln.startswith("time:")), "time:")
+                for k, v in (p.split("=") for p in line.split()[1:]):
+                    parts.setdefault(k, []).append(float(v.rstrip("s")))
+    split = {k: statistics.median(v) for k, v in parts.items()}
+    total = split.pop("total")
+    return {**split, "rest": total - sum(split.values()), "total": total}
 
 
 # -- orchestration ----------------------------------------------------------------------------

@@ -2,10 +2,11 @@
 
 1,000 training and 1,000 test points, uniform in [0,1]²; label 1 inside the disk of
 radius 1/sqrt(2π) centred at (0.5, 0.5) (area 1/2, so the classes are balanced), 0
-outside. A 2-25-25-25-1 net trained with MSE and SGD; the loss is logged every epoch
-and the run ends with the train and test error.
+outside. A 2-25-25-25-1 net, with the inputs standardised inside the model, trained with
+MSE and SGD; the loss is logged every epoch and the run ends with the train and test error.
 
     python examples/disk_graph.py                 # one run, figures in out/
+    python examples/disk_graph.py --save out/disk.gdl     # ... and the trained model
     python examples/disk_graph.py --seeds 10 --no-plots   # median/best/worst over seeds 0..9
 """
 
@@ -19,6 +20,7 @@ import sys
 import time
 
 import torch
+from common import Parser, number, save, training_flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # run from a checkout
 import graphdl as gd  # noqa: E402
@@ -33,11 +35,14 @@ def disk_data(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]
     return X, Y
 
 
-def make_model(gen: torch.Generator) -> gd.Sequential:
-    """2-25-25-25-1: tanh hidden layers (zero-centred, smooth: easy for SGD on a round
-    boundary) and a linear output, thresholded at 0.5 (a sigmoid there trains slower
-    under MSE, its gradient vanishing on confident mistakes)."""
+def make_model(X: torch.Tensor, gen: torch.Generator) -> gd.Sequential:
+    """Standardize, then 2-25-25-25-1: the inputs centred and scaled with the training
+    set's statistics (X), so tanh units start in their steep range, and kept in the model,
+    so a saved model takes raw points; tanh hidden layers (zero-centred, smooth: easy for
+    SGD on a round boundary) and a linear output, thresholded at 0.5 (a sigmoid there
+    trains slower under MSE, its gradient vanishing on confident mistakes)."""
     return gd.Sequential(
+        gd.Standardize().adapt(X),
         gd.Linear(2, 25, generator=gen), gd.Tanh(),
         gd.Linear(25, 25, generator=gen), gd.Tanh(),
         gd.Linear(25, 25, generator=gen), gd.Tanh(),
@@ -49,19 +54,13 @@ def run(args: argparse.Namespace, seed: int, verbose: bool) -> dict:
     gen = torch.Generator().manual_seed(seed)
     X, Y = disk_data(1000, gen)
     Xt, Yt = disk_data(1000, gen)
-    # Centre and scale the inputs with the training set's statistics, so tanh units
-    # start in their steep range.
-    mu, sd = X.mean(0), X.std(0)
-    norm = lambda t: (t - mu) / sd  # noqa: E731
     init = gen.get_state()
-    model = make_model(gen)
+    model = make_model(X, gen)
 
     def train(model: gd.Sequential, shuffle: bool, verbose: bool) -> gd.History:
-        return model.fit(norm(X), Y, loss=gd.MSE(),
-                         optimizer=gd.SGD(lr=args.lr, momentum=args.momentum),
-                         schedule=gd.CosineDecay(args.epochs) if args.epochs else None,
-                         epochs=args.epochs, batch_size=args.batch_size, shuffle=shuffle,
-                         validation_data=(norm(Xt), Yt), seed=seed, verbose=verbose)
+        return model.fit(X, Y, loss=gd.MSE(), optimizer=gd.SGD(lr=args.lr, momentum=args.momentum),
+                         schedule=gd.CosineDecay(args.epochs), epochs=args.epochs, batch_size=args.batch_size,
+                         shuffle=shuffle, validation_data=(Xt, Yt), seed=seed, verbose=verbose, threads=args.threads)
 
     started = time.perf_counter()
     gd.TrainStep(model, gd.MSE(), gd.SGD())  # compile the training step now (fit reuses it), to time it apart
@@ -70,16 +69,17 @@ def run(args: argparse.Namespace, seed: int, verbose: bool) -> dict:
     seconds = time.perf_counter() - compiled
     result = {
         "model": model, "history": history, "seconds": seconds, "compile_seconds": compiled - started,
-        "train_error": model.evaluate(norm(X), Y)["error"], "test_error": model.evaluate(norm(Xt), Yt)["error"],
-        "X": X, "Y": Y, "Xt": Xt, "Yt": Yt, "pred": model.predict(norm(Xt)),
+        "train_error": model.evaluate(X, Y)["error"], "test_error": model.evaluate(Xt, Yt)["error"],
+        "X": X, "Y": Y, "Xt": Xt, "Yt": Yt, "pred": model.predict(Xt),
     }
     if not args.no_plots:  # the same initial weights, trained without shuffling, for comparison
         gen.set_state(init)
-        result["history_no_shuffle"] = train(make_model(gen), shuffle=False, verbose=False)
+        result["history_no_shuffle"] = train(make_model(X, gen), shuffle=False, verbose=False)
     return result
 
 
-def plot(result: dict, out: str) -> list[str]:
+def plot(result: dict, out: str) -> list[tuple[str, str]]:
+    """The figures, and the graphs drawn: a list of (path, what it shows)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -94,8 +94,8 @@ def plot(result: dict, out: str) -> list[str]:
     ax.set(xlim=(0, 1), ylim=(0, 1), aspect="equal",
            title=f"test set: {result['test_error'] * 100:.2f}% error")
     ax.legend(loc="upper right", fontsize=8)
-    paths = [os.path.join(out, "disk_predictions.png")]
-    fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
+    paths = [(os.path.join(out, "disk_predictions.png"), "the test set, right and wrong")]
+    fig.savefig(paths[-1][0], dpi=110, bbox_inches="tight")
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -113,44 +113,44 @@ def plot(result: dict, out: str) -> list[str]:
     for ax in axes:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    paths.append(os.path.join(out, "disk_curves.png"))
-    fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
+    paths.append((os.path.join(out, "disk_curves.png"), "loss and accuracy per epoch"))
+    fig.savefig(paths[-1][0], dpi=110, bbox_inches="tight")
     plt.close(fig)
     return paths + draw_graphs(result["model"], out)
 
 
-def draw_graphs(model: gd.Sequential, out: str) -> list[str]:
+def draw_graphs(model: gd.Sequential, out: str) -> list[tuple[str, str]]:
     """The training graph (forward + MSE) and its gradient graph, as SVG (or DOT text
     when Graphviz's `dot` program is not installed)."""
     loss_graph = model.graph(loss=gd.MSE(), name="disk")
     grad_graph = gd.grad(loss_graph, wrt=list(model.parameters()))
     paths = []
-    for name, graph in (("disk_graph", loss_graph), ("disk_grad_graph", grad_graph)):
+    for name, graph, what in (("disk_graph", loss_graph, "the training graph"),
+                              ("disk_grad_graph", grad_graph, "its gradient graph")):
         try:
-            paths.append(str(gd.render(graph, os.path.join(out, f"{name}.svg"))))
+            paths.append((str(gd.render(graph, os.path.join(out, f"{name}.svg"))), what))
         except gd.DotNotFoundError as e:
             print(f"{e}; writing {name}.dot instead", file=sys.stderr)
-            paths.append(str(gd.render(graph, os.path.join(out, f"{name}.dot"))))
+            paths.append((str(gd.render(graph, os.path.join(out, f"{name}.dot"))), what))
     return paths
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=0, help="seeds data, initial weights and shuffling")
-    parser.add_argument("--seeds", type=int, default=0,
-                        help="run seeds 0..N-1 and report median, best and worst test error")
-    parser.add_argument("--epochs", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=20)
-    parser.add_argument("--lr", type=float, default=0.1, help="base rate, annealed by a cosine schedule")
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--no-plots", action="store_true", help="skip the figures")
-    parser.add_argument("--out", default="out", help="folder for the figures")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = Parser(prog="disk_graph.py", description=__doc__.splitlines()[0])
+    training_flags(parser, epochs=50, batch_size=20, lr=0.1, momentum=0.9)
+    parser.add_argument("--seeds", type=number(int, 1), default=None, metavar="N",
+                        help="run seeds 0..N-1 and report the median, best and worst test error, instead of "
+                             "one run")
     parser.add_argument("--timings", action="store_true", help="print the seconds spent compiling and training")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.seeds is not None and args.save is not None:
+        parser.error("--save keeps one trained model; drop --seeds, or pick the run with --seed")
+    return args
 
-    if args.seeds:
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.seeds is not None:
         errors = []
         for seed in range(args.seeds):
             r = run(args, seed, verbose=False)
@@ -162,13 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     result = run(args, args.seed, verbose=True)
-    os.makedirs(args.out, exist_ok=True)
-    model_path = os.path.join(args.out, "disk.gdl")
-    result["model"].save(model_path)  # reload with gd.load; draw with tools/render_graph.py
-    print(f"wrote {model_path}")
+    if args.save is not None and not save(result["model"], args.save, "the trained model, Standardize included"):
+        return 1
     if not args.no_plots:
-        for path in plot(result, args.out):
-            print(f"wrote {path}")
+        for path, what in plot(result, args.out):
+            print(f"wrote {path}: {what}")
     print(f"trained in {result['seconds']:.2f}s")
     if args.timings:  # tools/bench.py --startup adds the import and exit times it measures outside
         print(f"time: compile={result['compile_seconds']:.4f}s training={result['seconds']:.4f}s")

@@ -6,25 +6,29 @@ VJPs (`grad`), compile it to a function of torch calls (`compile`) and run it ma
 
 from .ir import DTYPES, Graph, GraphError, Node, Value
 from .ops import (
-    OPS, abs, add, broadcast_like, div, exp, greater, log, mae, matmul, mbe, mean, mse, mul, neg,
-    relu, sigmoid, sign, sub, sum, sum_to, tanh, transpose, zeros_like,
+    OPS, abs, add, bce_with_logits, broadcast_like, cross_entropy, div, exp, greater, log, log_softmax, mae, matmul,
+    mbe, mean, mse, mul, neg, relu, sigmoid, sign, softmax, sub, sum, sum_to, tanh, transpose, zeros_like,
 )
 from .text import parse
 from .autodiff import grad
 from .compile import Compiled, compile
-from .losses import MAE, MBE, MSE, Loss
+from .losses import MAE, MBE, MSE, BCEWithLogits, CrossEntropy, Loss
 from .optim import SGD, Constant, CosineDecay, ExponentialDecay, Schedule, StepDecay
-from .layers import Layer, Linear, ReLU, Sequential, Sigmoid, Tanh
+from .layers import Layer, Linear, ReLU, Sequential, Sigmoid, Softmax, Standardize, Tanh
 from .step import TrainStep
 from .train import DivergedError, History
 from .viz import DotNotFoundError, render, to_dot
 from .io import load, load_graph, save_graph
+from .interop import from_torch, to_torch
+from .onnx_io import export_onnx, import_onnx
 
 __all__ = [
-    "DivergedError", "MAE", "MBE", "MSE", "SGD", "Constant", "CosineDecay", "ExponentialDecay", "History",
+    "BCEWithLogits", "CrossEntropy", "DivergedError", "MAE", "MBE", "MSE", "SGD", "Softmax", "Standardize",
+    "Constant", "CosineDecay", "ExponentialDecay", "History",
     "Layer", "Linear", "Loss", "ReLU", "Schedule", "Sequential", "Sigmoid", "StepDecay", "Tanh", "TrainStep",
     "DTYPES", "OPS", "Compiled", "DotNotFoundError", "Graph", "GraphError", "Node", "Value",
-    "abs", "add", "broadcast_like", "compile", "div", "exp", "grad", "greater", "log", "mae", "matmul",
+    "abs", "add", "bce_with_logits", "broadcast_like", "cross_entropy", "log_softmax", "softmax", "compile", "div",
+    "exp", "grad", "greater", "log", "mae", "matmul", "export_onnx", "from_torch", "import_onnx", "to_torch",
     "load", "load_graph", "mbe", "mean", "mse", "mul", "neg", "parse", "relu", "render", "save_graph", "sigmoid",
     "sign", "sub", "sum", "sum_to", "tanh", "to_dot", "transpose", "zeros_like",
 ]

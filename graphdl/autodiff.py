@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .ir import Graph, GraphError, Value
+from .ir import Graph, GraphError, Value, pauses_gc
 from .ops import add, zeros_like
 from .passes.dce import dce
 
 
+@pauses_gc
 def grad(graph: Graph, wrt: Sequence[str], of: int | Value = 0) -> Graph:
     """The gradient graph of one scalar output with respect to inputs or params.
 
@@ -27,7 +28,7 @@ def grad(graph: Graph, wrt: Sequence[str], of: int | Value = 0) -> Graph:
         A new graph with the same inputs and params (sharing their tensors), whose
         outputs are the original outputs followed by one gradient per name in `wrt`,
         each with the shape of what it differentiates (zeros where the output does not
-        depend on it).
+        depend on it) and labelled "d/d{name}" (`graph.output_labels`).
     """
     if not isinstance(graph, Graph):
         raise GraphError(f"grad takes a gd.Graph, got {type(graph).__name__}")
@@ -87,7 +88,7 @@ def grad(graph: Graph, wrt: Sequence[str], of: int | Value = 0) -> Graph:
                     cotangent[id(v)] = gv if previous is None else add(previous, gv)
         for v in wanted:
             g = cotangent.get(id(v))
-            new.output(g if g is not None else zeros_like(v))
+            new.output(g if g is not None else zeros_like(v), label=f"d/d{v.name}")
     new, _ = dce(new)  # drop cotangents the rules built for inputs that needed none
     return new
 

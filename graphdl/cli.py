@@ -1,5 +1,5 @@
 """Command-line tools. `graphdl-render` (also `tools/render_graph.py`) draws a saved
-model or an IR text file."""
+model, an IR text file or an ONNX model."""
 
 from __future__ import annotations
 
@@ -25,22 +25,22 @@ def render_main(argv: Sequence[str] | None = None) -> int:
     """
     parser = argparse.ArgumentParser(
         prog="graphdl-render",
-        description="Draw a graphdl model file (model.save / gd.save_graph) or IR text file with Graphviz.",
+        description="Draw a graphdl model file (model.save / gd.save_graph), IR text file or ONNX model with Graphviz.",
     )
-    parser.add_argument("file", help="a saved model or graph, or a text file holding IR")
+    parser.add_argument("file", help="a saved model or graph, a text file holding IR, or an .onnx file")
     parser.add_argument("-o", "--output", required=True,
                         help=f"the picture to write; its extension picks the format ({', '.join(FORMATS)}); "
                              ".dot needs no Graphviz install")
     parser.add_argument("--grad", action="store_true",
-                        help="draw the gradient graph: the loss (a model's MSE loss, or a graph's first "
-                             "output) differentiated w.r.t. every param")
+                        help="draw the gradient graph: the loss (a model's training loss, MSE if the file "
+                             "names none, or a graph's first output) differentiated w.r.t. every trainable param")
     parser.add_argument("--hide-params", action="store_true", help="leave out param boxes")
     parser.add_argument("--collapse-layers", action="store_true", help="draw each layer as one box")
     args = parser.parse_args(argv)
     try:
         graph = _graph_to_draw(Path(args.file), args.grad)
         render(graph, args.output, hide_params=args.hide_params, collapse_layers=args.collapse_layers)
-    except (GraphError, OSError) as e:
+    except (GraphError, OSError, ImportError) as e:  # ImportError: .onnx without the onnx package
         message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
         print(f"graphdl-render: error: {message}", file=sys.stderr)
         return 1
@@ -48,10 +48,15 @@ def render_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _graph_to_draw(path: Path, want_grad: bool) -> Graph:
-    if want_grad and file_format(path) == MODEL_FORMAT:
+    if path.suffix.lower() == ".onnx":
+        from .onnx_io import import_onnx
+
+        graph = import_onnx(path)
+    elif want_grad and file_format(path) == MODEL_FORMAT:
         from .losses import MSE
 
-        graph = load(path).graph(loss=MSE())
+        model = load(path)  # its trainable params only: Standardize's statistics get no gradient
+        return grad(model.graph(loss=model.loss or MSE()), wrt=list(model.parameters()))
     else:
         graph = load_graph(path)
     if not want_grad:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .ir import Graph, GraphError, Node, Value, format_type, tensor_problem
+from .ir import Graph, GraphError, Node, Value, format_type, pauses_gc, tensor_problem
 from .ops import CODE_GLOBALS
 from .passes import pipeline
 from .passes.memory import last_uses, plan_arena, plan_inplace
@@ -158,7 +158,7 @@ class _ArenaLayout:
 
     def __init__(self, graph: Graph, hoisted: set[int], inplace: dict[int, int], last_use: dict[int, int]) -> None:
         self.writes, self.lives_in, self.buffers = plan_arena(graph, hoisted, inplace, last_use)
-        self.params = [v for v in graph.params.values() if v.users or any(v is o for o in graph.outputs)]
+        self.params = [v for v in graph.params.values() if v.users or graph.is_output(v)]
         index = {id(v): i for i, v in enumerate(self.params)}
         self.param_transposes: list[int] = []  # indices into self.params
         self.buffer_transposes: list[int] = []
@@ -268,6 +268,7 @@ def _param_device(graph: Graph) -> torch.device | None:
     return devices.pop() if devices else None
 
 
+@pauses_gc
 def compile(graph: Graph, optimize: bool = True, trace: Callable[[str], object] | None = None,
             reuse: bool = True) -> Compiled:
     """Compile a graph once into a function of torch calls.
@@ -333,7 +334,7 @@ def lower(graph: Graph, device: torch.device | None = None, reuse: bool = True,
         ir_names[id(v)] = v.name
         names[id(v)] = f"p{i}_{_py(v.name)}"
         env[f"P{i}"] = v.slot  # read at each call: a new tensor may have been assigned
-        if not arena and (v.users or any(v is o for o in graph.outputs)):
+        if not arena and (v.users or graph.is_output(v)):
             body.append(f"{names[id(v)]} = P{i}.tensor")
 
     # Nodes whose inputs are all constants are computed once, now. Scalar constants stay

@@ -9,19 +9,24 @@ code. The header's string metadata says what the file is:
     version  "1"
     ir       the forward graph as text IR (`str(graph)`)
     layers   models only: the JSON of `model.config()`
+    loss     models only, optional: the name of the loss it was trained with (`gd.MSE().name`)
 
-and its tensors are the params by name ("0.weight", ...). Every weight is checked
+and its tensors are the model's state by name ("0.weight", ..., and non-trainable
+buffers such as Standardize's "0.mean"). Every weight is checked
 against the name, shape and dtype the IR declares. A graph can also be saved as plain
 IR text (a `.txt` or `.gdir` file): readable and diffable, but without weights (they
 load as zeros).
 
 Writes are atomic: the bytes go to a temporary file in the same folder, are flushed to
-disk, then renamed over the target, so a crash mid-save leaves the old file whole.
+disk, then renamed over the target, so a crash mid-save leaves the old file whole. Saving
+through a symlink replaces the file it points to and keeps the link.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import struct
 import tempfile
@@ -31,7 +36,8 @@ from typing import TYPE_CHECKING, Any
 import safetensors.torch
 import torch
 
-from .ir import DTYPES, Graph, GraphError, format_type
+from .ir import DTYPES, Graph, GraphError, NumberText, format_type, read_int, read_shape, show_number, whole_number
+from .losses import LOSSES, Loss
 from .text import parse
 
 if TYPE_CHECKING:
@@ -59,11 +65,13 @@ def save_model(model: Sequential, path: str | os.PathLike[str]) -> None:
         path: the file to write (by convention `.gdl`); replaced atomically if it exists.
     """
     graph = model.graph()
-    weights = model.parameters()
+    weights = model.state()
     if set(weights) != set(graph.params):
-        raise GraphError(f"save: the model's parameters {sorted(weights)} differ from its graph's params "
+        raise GraphError(f"save: the model's tensors {sorted(weights)} differ from its graph's params "
                          f"{sorted(graph.params)}; this is a bug in the layer that built them")
     metadata = {"ir": str(graph), "layers": json.dumps(model.config())}
+    if model.loss is not None and LOSSES.get(model.loss.name) is type(model.loss):
+        metadata["loss"] = model.loss.name  # evaluate's default, and how it reads a prediction as a class
     _write(_as_path(path), MODEL_FORMAT, metadata, weights)
 
 
@@ -89,13 +97,37 @@ def load(path: str | os.PathLike[str]) -> Sequential:
     if kind != MODEL_FORMAT:
         raise GraphError(f"{path}: holds a bare graph, not a model; load it with gd.load_graph({str(path)!r})")
     graph = _graph_from(path, metadata, weights)
+    model = _model_from(path, metadata["layers"], graph)
+    model.loss = _loss_from(path, metadata)
+    return model
+
+
+def _loss_from(path: Path, metadata: dict[str, str]) -> Loss | None:
+    """The loss the file says the model was trained with, if it says."""
+    name = metadata.get("loss")
+    if name is None:
+        return None
+    if not isinstance(name, str) or name not in LOSSES:
+        raise GraphError(f"{path}: the file names loss {name!r}, which this graphdl does not know (it knows "
+                         f"{', '.join(LOSSES)}); the file is corrupt or was written by a newer graphdl")
+    return LOSSES[name]()
+
+
+def _model_from(path: Path, layers: str, graph: Graph) -> Sequential:
+    """The Sequential the file's layer list describes, holding the weights `graph` (the
+    file's IR) holds. Its layers must rebuild exactly that IR, or the model would run a
+    different network than the one the file describes."""
     from .layers import Sequential  # here, not at the top: layers builds on the modules io sits beside
 
     try:
-        config = json.loads(metadata["layers"])
+        config = _read_json(layers)
         _check_config(config)
-        with torch.device("meta"):  # check the shapes it builds before allocating them (it may ask for huge ones)
-            params = Sequential.from_config(config).parameters()
+        # On the meta device: a crafted width allocates nothing, and no random initial
+        # weights are drawn (which would advance torch's global RNG) only to be overwritten.
+        with torch.device("meta"):
+            model = Sequential.from_config(config)
+            params = model.state()
+            rebuilt = str(model.graph())
     except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
         # GraphError is a ValueError: keep its message, but say which file it came from.
         raise GraphError(f"{path}: the layer list stored in the file is invalid ({e}); the file is corrupt or "
@@ -108,10 +140,26 @@ def load(path: str | os.PathLike[str]) -> Sequential:
     if set(graph.params) - set(params):
         extra = sorted(set(graph.params) - set(params))
         raise GraphError(f"{path}: the file holds weights {extra} that its layers do not use; the file is corrupt")
-    model = Sequential.from_config(config)
-    for name, tensor in model.parameters().items():
-        tensor.copy_(weights[name])
+    stored = str(graph)
+    if rebuilt != stored:
+        raise GraphError(f"{path}: the file's IR and its layer list disagree ({_first_difference(stored, rebuilt)}), "
+                         "so the model would not be the network the IR describes; the file is corrupt or was edited")
+    for k, layer in enumerate(model.layers):
+        for short in {**layer.params(), **layer.buffers()}:
+            setattr(layer, short, graph.params[f"{k}.{short}"].data)
     return model
+
+
+def _first_difference(stored: str, rebuilt: str) -> str:
+    def shown(line: str) -> str:
+        line = line.strip()
+        return f"`{line}`" if len(line) <= 100 else f"`{line[:96]}...`"
+
+    for k, (a, b) in enumerate(itertools.zip_longest(stored.splitlines(), rebuilt.splitlines(), fillvalue="")):
+        if a != b:
+            return f"line {k + 1} of the IR is {shown(a) if a else 'missing'}; " \
+                   f"the layers build {shown(b) if b else 'nothing'}"
+    return "they differ"
 
 
 def _check_config(config: Any) -> None:
@@ -189,15 +237,20 @@ def _write(path: Path, kind: str, metadata: dict[str, str], weights: dict[str, t
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so that a reader sees the old file or the new, never half."""
+    """Replace `path` with `data` so that a reader sees the old file or the new, never half.
+    A symlink stays a link: the file it points to is what gets replaced."""
+    shown = str(path)
+    if path.is_symlink():
+        target = Path(os.path.realpath(path))
+        shown, path = f"{path} (a link to {target})", target
     folder = path.parent
     if not folder.is_dir():
-        raise GraphError(f"cannot save to {path}: the folder {folder} does not exist; create it first")
+        raise GraphError(f"cannot save to {shown}: the folder {folder} does not exist; create it first")
     try:
         mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask()
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     except OSError as e:
-        raise GraphError(f"cannot save to {path}: {e.strerror}") from None
+        raise GraphError(f"cannot save to {shown}: {e.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -208,7 +261,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError):
-            raise GraphError(f"cannot save to {path}: {e.strerror or e}; the previous file is unchanged") from None
+            raise GraphError(f"cannot save to {shown}: {e.strerror or e}; the previous file is unchanged") from None
         raise
     _fsync_folder(folder)
 
@@ -278,7 +331,7 @@ def _check_header(path: Path, data: bytes, size: int) -> tuple[dict[str, str], d
     header: Any = None
     if length is not None and length <= _MAX_HEADER and 8 + length <= size:
         try:
-            header = json.loads(data[8:8 + length])
+            header = _read_json(data[8:8 + length])
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             pass
     if header is None:  # not safetensors: say what it is instead
@@ -306,23 +359,84 @@ def _check_header(path: Path, data: bytes, size: int) -> tuple[dict[str, str], d
     if not isinstance(metadata.get("ir"), str) or (metadata["format"] == MODEL_FORMAT and
                                                     not isinstance(metadata.get("layers"), str)):
         raise GraphError(f"{path}: the file's metadata lacks its IR or layer list; the file is corrupt")
+    odd = [key for key, value in metadata.items() if not isinstance(value, str) or isinstance(value, NumberText)]
+    if odd:
+        raise GraphError(f"{path}: the file's metadata {odd[0]!r} is {show_number(metadata[odd[0]])}; safetensors "
+                         "metadata holds strings only, so the file is corrupt")
     return metadata, header, length
+
+
+def _read_json(text: bytes | str) -> Any:
+    """JSON whose numbers reach their field's reader (read_int, read_shape) as they were
+    written: an integer too long to be in range, a float beyond float64 (1e400), NaN and
+    Infinity stay text (NumberText), so the reader can refuse them by name."""
+    return json.loads(text, parse_int=whole_number, parse_float=_json_float, parse_constant=NumberText)
+
+
+def _json_float(text: str) -> float | NumberText:
+    number = float(text)
+    return number if math.isfinite(number) else NumberText(text)
 
 
 def _decode(path: Path, data: bytes) -> tuple[str, dict[str, str], dict[str, torch.Tensor]]:
     metadata, header, length = _check_header(path, data, len(data))
-    try:
-        end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
-    except (TypeError, KeyError, IndexError, ValueError):
-        raise GraphError(f"{path}: a tensor entry in the header is malformed; the file is corrupt") from None
-    if 8 + length + end > len(data):
-        raise GraphError(f"{path}: the file is truncated: it should be {8 + length + end} bytes but has "
-                         f"{len(data)}; save it again")
+    _check_entries(path, header, len(data) - 8 - length)
     try:
         weights = safetensors.torch.load(data)
-    except Exception as e:  # safetensors raises its own SafetensorError (not exported) for a bad layout
+    except Exception as e:  # not expected after _check_entries; safetensors' own SafetensorError is not exported
         raise GraphError(f"{path}: the weights are corrupt ({e})") from None
     return metadata["format"], metadata, weights
+
+
+_WEIGHT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+
+
+def _check_entries(path: Path, header: dict[str, Any], size: int) -> None:
+    """Check every tensor entry of the header before safetensors reads it: each is sound
+    (`_entry_span`), and together they tile the `size` bytes of data exactly, as
+    safetensors requires."""
+    spans = sorted((*_entry_span(path, name, entry, size), name)
+                   for name, entry in header.items() if name != "__metadata__")
+    covered = 0
+    for begin, end, name in spans:
+        if begin != covered:
+            raise GraphError(f"{path}: the weights overlap or leave a gap at byte {covered} of the data (weight "
+                             f"{name!r} starts at {begin}); the file is corrupt")
+        covered = end
+    if covered != size:
+        raise GraphError(f"{path}: the file has {size - covered} bytes after its last weight; the file is corrupt")
+
+
+def _entry_span(path: Path, name: str, entry: Any, size: int) -> tuple[int, int]:
+    """The [begin, end) bytes of one tensor entry, after checking that it holds a dtype
+    graphdl uses, a shape and data_offsets of whole numbers, and a span that fits the
+    data and matches the shape."""
+    field = f"weight {name!r}"
+    if not isinstance(entry, dict) or sorted(entry) != ["data_offsets", "dtype", "shape"]:
+        raise GraphError(f"{path}: the header entry of {field} must hold exactly dtype, shape and data_offsets; "
+                         "the file is corrupt")
+    dtype = _WEIGHT_DTYPES.get(entry["dtype"]) if isinstance(entry["dtype"], str) else None
+    if dtype is None:
+        raise GraphError(f"{path}: {field} has dtype {show_number(entry['dtype'])}; graphdl weights are "
+                         f"{', '.join(_WEIGHT_DTYPES)}, so the file is corrupt or not graphdl's")
+    offsets = entry["data_offsets"]
+    if not isinstance(entry["shape"], list) or not isinstance(offsets, list) or len(offsets) != 2:
+        raise GraphError(f"{path}: {field}'s shape and data_offsets must be lists (data_offsets of two numbers, "
+                         "[begin, end]); the file is corrupt")
+    try:
+        shape = read_shape(entry["shape"], f"{field} shape", dtype, symbolic=False)
+        begin = read_int(offsets[0], f"{field} data_offsets[0]")
+        end = read_int(offsets[1], f"{field} data_offsets[1]", low=begin)
+    except GraphError as e:
+        raise GraphError(f"{path}: {e}; the file is corrupt") from None
+    if end > size:
+        raise GraphError(f"{path}: the file is truncated: {field} ends at byte {end} of the data, which has only "
+                         f"{size} bytes; save it again")
+    needed = math.prod(shape) * dtype.itemsize
+    if end - begin != needed:
+        raise GraphError(f"{path}: {field} spans {end - begin} bytes, but its shape {list(shape)} of "
+                         f"{entry['dtype']} needs {needed}; the file is corrupt")
+    return begin, end
 
 
 def _graph_from(path: Path, metadata: dict[str, str], weights: dict[str, torch.Tensor]) -> Graph:

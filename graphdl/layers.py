@@ -4,19 +4,34 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .ir import Graph, GraphError, Slot, Value, check_param_tensor
+from .checks import whole
+from .ir import DTYPES, Graph, GraphError, Slot, Value, _check_dtype, check_param_tensor, read_shape, tensor_problem
 from .losses import Loss
-from .ops import add, matmul, relu, sigmoid, tanh
+from .ops import add, div, matmul, relu, sigmoid, softmax, sub, tanh
+from .optim import SGD, Schedule
+
+if TYPE_CHECKING:
+    from .train import History
 
 
 class Param:
     """A layer attribute holding a param: reading it gives the live tensor; assigning a
     tensor (`layer.weight = t`) puts it in the param's `Slot`, so every graph and compiled
-    function built from the layer computes with `t` from its next call on."""
+    function built from the layer computes with `t` from its next call on.
+
+    `trainable=False` makes a buffer: a graph param that `fit` neither differentiates nor
+    updates, such as Standardize's mean and std. `shape(layer)` gives the shape the layer
+    declares for it (None where it is not known yet): a tensor of another shape is refused
+    where it is assigned, not found later as a model that computes something else."""
+
+    def __init__(self, trainable: bool = True,
+                 shape: Callable[[Any], tuple[int | None, ...]] | None = None) -> None:
+        self.trainable = trainable
+        self.shape = shape
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
@@ -26,6 +41,13 @@ class Param:
 
     def __set__(self, layer: Layer, tensor: torch.Tensor) -> None:
         check_param_tensor(f"{type(layer).__name__}.{self.name}", tensor)
+        expected = self.shape(layer) if self.shape is not None else None
+        if expected is not None and None not in expected and tuple(tensor.shape) != expected:
+            hint = ""
+            if tensor.dim() == 2 and tuple(tensor.shape) == expected[::-1]:
+                hint = "; did you mean to transpose it (tensor.T)? PyTorch's Linear stores its weight as [out, in]"
+            raise GraphError(f"{layer!r}.{self.name} must have shape {list(expected)}, got {list(tensor.shape)}"
+                             f"{hint}")
         slots = layer.__dict__.setdefault("_slots", {})
         if self.name in slots:
             slots[self.name].tensor = tensor
@@ -34,14 +56,24 @@ class Param:
 
 
 class Layer:
-    """A building block: owns its params and emits the IR of its forward pass."""
+    """A building block: owns its tensors and emits the IR of its forward pass."""
 
     in_features: int | None = None  # None: keeps the width it is given
     out_features: int | None = None
 
     def params(self) -> dict[str, torch.Tensor]:
-        """The layer's params by short name ("weight", "bias"), live tensors."""
-        return {name: getattr(self, name) for name, attr in vars(type(self)).items() if isinstance(attr, Param)}
+        """The layer's trainable params by short name ("weight", "bias"), live tensors."""
+        return {name: getattr(self, name) for name, p in self._declared() if p.trainable}
+
+    def buffers(self) -> dict[str, torch.Tensor]:
+        """The layer's non-trainable tensors by short name (Standardize's "mean" and "std"):
+        graph params that the optimizer never touches and `fit` does not differentiate."""
+        return {name: getattr(self, name) for name, p in self._declared() if not p.trainable}
+
+    def _declared(self) -> list[tuple[str, Param]]:
+        """The Param attributes that hold a tensor, in declaration order."""
+        slots = self.__dict__.get("_slots", {})
+        return [(name, p) for name, p in vars(type(self)).items() if isinstance(p, Param) and name in slots]
 
     def slot(self, name: str) -> Slot:
         """Where param `name` lives; graphs built from the layer share it."""
@@ -54,7 +86,7 @@ class Layer:
         return {"type": type(self).__name__}
 
     def to(self, device: torch.device | str) -> None:
-        for name, t in self.params().items():
+        for name, t in {**self.params(), **self.buffers()}.items():
             setattr(self, name, t.to(device))
 
     def __repr__(self) -> str:
@@ -62,11 +94,7 @@ class Layer:
 
 
 def _check_width(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
-    if value >= 2**63:  # torch cannot even describe such a tensor (its sizes are int64)
-        raise ValueError(f"{name}={value} is too large; a layer's width must be below 2**63")
-    return value
+    return whole(name, value, 1, 2**63 - 1)  # torch cannot even describe a wider tensor (its sizes are int64)
 
 
 class Linear(Layer):
@@ -76,20 +104,28 @@ class Linear(Layer):
     drawn from `generator` or torch's global RNG.
     """
 
-    weight = Param()
-    bias = Param()
+    weight = Param(shape=lambda layer: (layer.in_features, layer.out_features))
+    bias = Param(shape=lambda layer: (layer.out_features,))
 
     def __init__(self, in_features: int, out_features: int, generator: torch.Generator | None = None,
                  dtype: torch.dtype = torch.float32) -> None:
         self.in_features = _check_width("in_features", in_features)
         self.out_features = _check_width("out_features", out_features)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            raise ValueError(f"dtype must be a floating torch dtype such as torch.float32, got {dtype!r}")
+        _check_dtype("Linear", dtype)  # only what the IR supports: a float8 or int weight fails here, not in torch
+        read_shape((self.in_features, self.out_features), "Linear's weight", dtype)  # else torch fails to describe it
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         bound = 1.0 / math.sqrt(in_features)
-        self.weight = (torch.rand(in_features, out_features, generator=generator, dtype=dtype) * 2 - 1) * bound
-        self.bias = (torch.rand(out_features, generator=generator, dtype=dtype) * 2 - 1) * bound
+        try:  # in place, so that a big layer needs its own size in memory, not three times it
+            self.weight = torch.rand(in_features, out_features, generator=generator, dtype=dtype).mul_(2).sub_(1) \
+                .mul_(bound)
+            self.bias = torch.rand(out_features, generator=generator, dtype=dtype).mul_(2).sub_(1).mul_(bound)
+        except RuntimeError as e:  # torch.OutOfMemoryError is one too
+            if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
+                raise
+            size = in_features * out_features * dtype.itemsize / 2**30
+            raise ValueError(f"Linear({in_features}, {out_features}) needs {size:.3g} GiB for its {dtype} weight, "
+                             "more than this machine can allocate; use smaller widths") from None
 
     def forward(self, graph: Graph, x: Value, prefix: str) -> Value:
         w = graph.param(f"{prefix}weight", self.slot("weight"))
@@ -125,7 +161,95 @@ class Sigmoid(Layer):
         return sigmoid(x)
 
 
-LAYERS: dict[str, type[Layer]] = {cls.__name__: cls for cls in (Linear, ReLU, Tanh, Sigmoid)}
+class Softmax(Layer):
+    """exp(x) / sum(exp(x)) over the features: rows of class probabilities. Train a
+    classifier on its logits with gd.CrossEntropy(), then add Softmax to output probabilities."""
+
+    def forward(self, graph: Graph, x: Value, prefix: str) -> Value:
+        return softmax(x)
+
+
+class Standardize(Layer):
+    """(x - mean) / std per feature, with the mean and std of the data given to `adapt`.
+
+    Put it first in a model so that the model file holds every step from raw input to
+    prediction. mean and std are graph params ("{k}.mean", "{k}.std": shown in the IR,
+    saved in model files) but not trainable: `fit` leaves them alone, and
+    `Sequential.parameters()` does not list them (`Sequential.state()` does).
+
+    Args:
+        features: the number of input features; None until `adapt` sees data. Given,
+            the layer starts as the identity (mean 0, std 1).
+        dtype: the dtype of mean and std, the model's dtype.
+    """
+
+    mean = Param(trainable=False, shape=lambda layer: (layer.in_features,))
+    std = Param(trainable=False, shape=lambda layer: (layer.in_features,))
+
+    def __init__(self, features: int | None = None, dtype: torch.dtype = torch.float32) -> None:
+        _check_dtype("Standardize", dtype)
+        self.dtype = dtype
+        if features is not None:
+            self.in_features = self.out_features = _check_width("features", features)
+            self.mean, self.std = torch.zeros(features, dtype=dtype), torch.ones(features, dtype=dtype)
+
+    def adapt(self, X: torch.Tensor) -> Standardize:
+        """Set mean and std to those of X [examples, features], per feature (the population
+        std, as Keras and scikit-learn use). A constant feature (std 0) gets std 1, so it is
+        centred, never divided by zero. Adapting again replaces the live tensors, so a model
+        that holds this layer uses the new values from its next call on, trained or not.
+
+        Returns:
+            The layer, so that `gd.Standardize().adapt(X)` can go straight into a Sequential.
+        """
+        if not isinstance(X, torch.Tensor) or X.dim() != 2 or len(X) == 0:
+            got = f"shape {list(X.shape)}" if isinstance(X, torch.Tensor) else type(X).__name__
+            raise ValueError(f"adapt: X must be a 2-d torch.Tensor [examples, features] with at least one "
+                             f"example, got {got}")
+        problem = tensor_problem(X) or ("is on the meta device, which holds no values" if X.is_meta else None) \
+            or ("is complex; the statistics are of real numbers" if X.is_complex() else None)
+        if problem:
+            raise ValueError(f"adapt: X {problem}")
+        if self.in_features is not None and X.shape[1] != self.in_features:
+            raise ValueError(f"adapt: X has {X.shape[1]} features but this Standardize takes {self.in_features}")
+        data = X.detach().to("cpu", torch.float64)  # statistics in float64, whatever the data's dtype
+        finite = torch.isfinite(data)
+        if not bool(finite.all()):
+            row, col = (~finite).nonzero()[0].tolist()
+            raise ValueError(f"adapt: X has NaN or inf values, first at X[{row}, {col}] = {X[row, col].item()}; "
+                             "drop or repair those examples before adapting")
+        mean, std = data.mean(0), data.std(0, correction=0)
+        # A std at the level of the float64 rounding noise of summing n values of this mean
+        # is a constant feature, as scikit-learn judges it (relative to the mean: a feature
+        # of 3e-5 +- 1e-6 is scaled, not left alone).
+        constant = std <= len(data) * torch.finfo(torch.float64).eps * mean.abs()
+        std = torch.where(constant, torch.ones_like(std), std)
+        lost = (std.to(self.dtype) == 0).nonzero()
+        if len(lost):
+            k = int(lost[0])
+            raise ValueError(f"adapt: feature {k} has std {float(std[k]):.3g}, which {self.dtype} cannot hold "
+                             "(it rounds to 0); rescale that feature or use a wider dtype")
+        device = self.mean.device if self.in_features is not None else X.device
+        self.in_features = self.out_features = X.shape[1]
+        self.mean, self.std = mean.to(device, self.dtype), std.to(device, self.dtype)
+        return self
+
+    def forward(self, graph: Graph, x: Value, prefix: str) -> Value:
+        if self.in_features is None:
+            raise GraphError("Standardize has no statistics yet; call .adapt(X) on the training inputs first, "
+                             "or give features= to start from the identity")
+        mean, std = graph.param(f"{prefix}mean", self.slot("mean")), graph.param(f"{prefix}std", self.slot("std"))
+        return div(sub(x, mean), std)
+
+    def config(self) -> dict[str, Any]:
+        return {"type": "Standardize", "features": self.in_features, "dtype": str(self.dtype).removeprefix("torch.")}
+
+    def __repr__(self) -> str:
+        return f"Standardize({self.in_features})" if self.in_features is not None else "Standardize()"
+
+
+LAYERS: dict[str, type[Layer]] = {cls.__name__: cls for cls in (Linear, ReLU, Tanh, Sigmoid, Softmax, Standardize)}
+_DTYPES_BY_NAME = {str(d).removeprefix("torch."): d for d in DTYPES.values()}  # as config() writes them
 
 
 class Sequential:
@@ -138,9 +262,10 @@ class Sequential:
 
     def __init__(self, *layers: Layer) -> None:
         self.layers: list[Layer] = []
-        self.history: dict[str, list[float]] | None = None  # the last fit's History, kept if it stops early
+        self.loss: Loss | None = None  # set by fit (or load): evaluate's and fit's default
+        self.history: History | None = None  # the last fit's History, kept if it stops early
         self._cache: dict[Any, Any] = {}  # compiled functions by purpose (see `compiled`)
-        self._signature: tuple = ()  # the params' shapes, dtypes and devices the cache was built for
+        self._signature: tuple = ()  # the layers and their tensors' shapes, dtypes, devices the cache is for
         for layer in layers:
             self.add(layer)
 
@@ -182,8 +307,15 @@ class Sequential:
         return width
 
     def parameters(self) -> dict[str, torch.Tensor]:
-        """Params by name ("0.weight", "0.bias", ...), in build order: the live tensors."""
+        """Trainable params by name ("0.weight", "0.bias", ...), in build order: the live
+        tensors that `fit` differentiates and updates."""
         return {f"{k}.{name}": t for k, layer in enumerate(self.layers) for name, t in layer.params().items()}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Every tensor the model holds, by name in build order: the trainable params and
+        the non-trainable buffers (Standardize's "{k}.mean", "{k}.std"). What a model file stores."""
+        return {f"{k}.{name}": t for k, layer in enumerate(self.layers)
+                for name, t in {**layer.params(), **layer.buffers()}.items()}
 
     def graph(self, loss: Loss | None = None, name: str = "sequential", prediction: bool = False) -> Graph:
         """The IR of the forward pass (output: the prediction), or of the loss with `loss`
@@ -210,10 +342,12 @@ class Sequential:
         """The compiled function for `key` (such as ("predict",)), built by `build` once.
 
         Compiled functions read the params' live tensors, so a layer given a new tensor of
-        the same shape, dtype and device keeps them; a different shape, dtype or device
-        rebuilds them (and a shape that no longer fits fails there, naming the layer).
+        the same shape, dtype and device keeps them; a different dtype or device, or a
+        change to `self.layers` itself (a layer replaced, added or removed), rebuilds them.
+        The signature holds the layers themselves, not their ids, so a freed layer's id
+        reused by a new one cannot pass for it.
         """
-        signature = tuple((t.shape, t.dtype, t.device) for t in self.parameters().values())
+        signature = (tuple(self.layers), tuple((t.shape, t.dtype, t.device) for t in self.state().values()))
         if signature != self._signature:
             self._cache.clear()
             self._signature = signature
@@ -223,7 +357,7 @@ class Sequential:
         return fn
 
     def _dtype(self) -> torch.dtype:
-        params = list(self.parameters().values())
+        params = list(self.state().values())
         return params[0].dtype if params else torch.float32
 
     def to(self, device: torch.device | str) -> Sequential:
@@ -250,33 +384,101 @@ class Sequential:
             if kind not in LAYERS:
                 raise GraphError(f"layer {k}: unknown layer type {kind!r}; known: {', '.join(LAYERS)}")
             args = {key: v for key, v in spec.items() if key != "type"}
-            if "dtype" in args:
-                args["dtype"] = getattr(torch, str(args["dtype"]))
+            if "dtype" in args:  # by name, so that "float8_e4m3fn" or "Tensor" reach Linear's check, not getattr
+                args["dtype"] = _DTYPES_BY_NAME.get(str(args["dtype"]), args["dtype"])
             try:
                 layers.append(LAYERS[kind](**args))
-            except TypeError as e:
+            except (TypeError, ValueError) as e:
                 raise GraphError(f"layer {k} ({kind}): bad settings {args}: {e}") from None
         return cls(*layers)
 
-    def fit(self, X: torch.Tensor, Y: torch.Tensor, **kwargs: Any) -> Any:
-        """Train in place; see `graphdl.train.fit` for the arguments. Returns the History."""
+    def fit(self, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None = None, optimizer: SGD | None = None,
+            schedule: Schedule | None = None, epochs: int = 1, batch_size: int = 32, shuffle: bool = True,
+            validation_data: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int | None = None,
+            verbose: bool = True, metrics: list[str] | None = None, threads: int | None = None) -> History:
+        """Train the model in place with minibatch SGD.
+
+        Args:
+            X: training inputs [N, in_features].
+            Y: targets [N, out_features], or integer class labels [N]: 0 to C-1 for a
+                model with C > 1 outputs (read as one-hot rows), 0 or 1 for one output.
+            loss: a graphdl loss; default the model's `loss` (the last fit's, or the one
+                saved in its model file), else `MSE()`. `fit` records it in `model.loss`.
+            optimizer: an `SGD`; default `SGD(lr=0.01)`.
+            schedule: sets the learning rate each epoch from the optimizer's base rate,
+                e.g. `CosineDecay(epochs)`; default the base rate throughout.
+            epochs: passes over the data (>= 0).
+            batch_size: examples per step (>= 1); the last batch may be smaller.
+            shuffle: reshuffle the examples every epoch.
+            validation_data: (X_val, Y_val), evaluated after every epoch.
+            seed: seeds the shuffling; None draws one from torch's global RNG.
+            verbose: print one line per epoch.
+            metrics: what to measure after each epoch, from "accuracy", "mse", "mae";
+                default ["accuracy"] when Y holds class labels (0/1, one-hot rows, or
+                probability rows with CrossEntropy), else none.
+            threads: torch CPU threads while training; default one when a batch is small
+                work (below `graphdl.train.SMALL_WORK` multiply-adds), else torch's own
+                setting. Restored afterwards.
+
+        Returns:
+            The `History`: per-epoch lists "loss", each metric, "val_loss", "val_<metric>"
+            and "lr". Also kept as `model.history`, even when training stops early.
+
+        Raises:
+            ValueError: a bad argument, named. DivergedError: the loss stopped being finite.
+        """
         from .train import fit
-        return fit(self, X, Y, **kwargs)
+        return fit(self, X, Y, loss, optimizer, schedule, epochs, batch_size, shuffle, validation_data, seed,
+                   verbose, metrics, threads)
 
-    def predict(self, X: torch.Tensor) -> torch.Tensor:
-        """The model's output for X [N, in_features]: a tensor [N, out_features]."""
+    def predict(self, X: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+        """The model's output for X [N, in_features]: a tensor [N, out_features] (logits,
+        for a classifier trained with BCEWithLogits or CrossEntropy).
+
+        Args:
+            X: the inputs.
+            threads: torch CPU threads for the call, as for `fit`.
+        """
         from .train import predict
-        return predict(self, X)
+        return predict(self, X, threads)
 
-    def evaluate(self, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None = None) -> dict[str, float]:
-        """{"loss", "accuracy", "error"} of the model on (X, Y)."""
+    def evaluate(self, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None = None,
+                 metrics: list[str] | None = None, threads: int | None = None) -> dict[str, float]:
+        """Measure the model on (X, Y).
+
+        Args:
+            X, Y: inputs and targets, as for `fit`.
+            loss: default the model's `loss`, else `MSE()`. It also says how accuracy
+                reads a prediction: above 0.5 (MSE-style losses, one output), above 0
+                (BCEWithLogits), the argmax (CrossEntropy, or several outputs).
+            metrics: as for `fit`; default ["accuracy"] when Y holds class labels.
+            threads: as for `fit`.
+
+        Returns:
+            {"loss": the loss, one entry per metric, and "error" (1 - accuracy) when
+            accuracy is measured}.
+        """
         from .train import evaluate
-        return evaluate(self, X, Y, loss)
+        return evaluate(self, X, Y, loss, metrics, threads)
+
+    def to_torch(self) -> Any:
+        """A torch `nn.Sequential` with copies of this model's weights (see `graphdl.interop.to_torch`)."""
+        from .interop import to_torch
+        return to_torch(self)
 
     def save(self, path: str) -> None:
         """Write the model (IR text, layer config, weights as safetensors) atomically."""
         from .io import save_model
         save_model(self, path)
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        """Jupyter shows the forward graph's drawing (when Graphviz's `dot` is installed) and the repr."""
+        from .viz import mimebundle
+        try:
+            graph = self.graph()
+        except GraphError:  # not buildable yet (no layers, Standardize not adapted): the repr alone
+            return {"text/plain": repr(self)}
+        return mimebundle(graph, repr(self))
 
     def __repr__(self) -> str:
         inner = ",\n".join(f"  ({k}) {layer!r}" for k, layer in enumerate(self.layers))

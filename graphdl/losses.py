@@ -1,15 +1,23 @@
-"""Losses as IR builders: each is a mean over every element of pred - target."""
+"""Losses as IR builders: each builds one scalar loss node from the prediction and target.
+
+MSE, MAE and MBE average a function of pred - target over every element; BCEWithLogits
+and CrossEntropy take logits (the raw outputs of a final Linear, no sigmoid or softmax)
+and say how `fit` and `evaluate` read a prediction as a class (`decision`).
+"""
 
 from __future__ import annotations
 
 from .ir import Value
-from .ops import mae, mbe, mse
+from .ops import bce_with_logits, cross_entropy, mae, mbe, mse
 
 
 class Loss:
     """A loss: called on the prediction and target values, it builds one scalar IR node."""
 
     name = "loss"
+    # How accuracy reads a prediction: "threshold" (one output: above 0.5 is class 1;
+    # several: the argmax), "logit" (above 0 is class 1, per output) or "argmax".
+    decision = "threshold"
 
     def __call__(self, pred: Value, target: Value) -> Value:
         raise NotImplementedError
@@ -54,4 +62,29 @@ class MBE(Loss):
         return mbe(pred, target)
 
 
-LOSSES: dict[str, type[Loss]] = {cls.name: cls for cls in (MSE, MAE, MBE)}
+class BCEWithLogits(Loss):
+    """Binary cross-entropy on logits, mean(log(1 + e**z) - z*y) over every element, with
+    targets y in [0, 1], as PyTorch's BCEWithLogitsLoss. Stable for logits of any size. Each
+    output is one yes/no question (several outputs: multi-label); a logit above 0 means yes."""
+
+    name = "bce_with_logits"
+    decision = "logit"
+
+    def __call__(self, pred: Value, target: Value) -> Value:
+        return bce_with_logits(pred, target)
+
+
+class CrossEntropy(Loss):
+    """Cross-entropy of logits [N, C] against one-hot or probability rows [N, C]: the mean
+    over rows of -sum(y * log_softmax(z)), as PyTorch's CrossEntropyLoss. (`fit` and
+    `evaluate` also take integer class labels [N], 0 to C-1, as one-hot rows.) The predicted
+    class is the argmax; add gd.Softmax() after training to output probabilities."""
+
+    name = "cross_entropy"
+    decision = "argmax"
+
+    def __call__(self, pred: Value, target: Value) -> Value:
+        return cross_entropy(pred, target)
+
+
+LOSSES: dict[str, type[Loss]] = {cls.name: cls for cls in (MSE, MAE, MBE, BCEWithLogits, CrossEntropy)}

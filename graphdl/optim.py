@@ -14,15 +14,14 @@ from typing import Any
 
 import torch
 
+from .checks import real, whole
 
-def _check_number(name: str, value: float, low: float = 0.0, high: float = math.inf,
-                  high_inclusive: bool = True) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if value < low or value > high or (value == high and not high_inclusive):
-        bound = "]" if high_inclusive else ")"
-        raise ValueError(f"{name} must be in [{low}, {high}{bound}, got {value!r}")
-    return float(value)
+
+def _fused_kernel_works(p: torch.Tensor) -> bool:
+    """Whether `torch._fused_sgd_` updates `p` right. On CPU it leaves every full SIMD block
+    of a float16 or bfloat16 param untouched (pytorch/pytorch#191763, seen in torch 2.13):
+    f16 training then silently stops; those params take the foreach path."""
+    return p.device.type == "cuda" or (p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64))
 
 
 class SGD:
@@ -41,9 +40,9 @@ class SGD:
 
     def __init__(self, lr: float = 0.01, momentum: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0) -> None:
-        self.lr = _check_number("lr", lr)
-        self.momentum = _check_number("momentum", momentum, 0.0, 1.0, high_inclusive=False)
-        self.weight_decay = _check_number("weight_decay", weight_decay)
+        self.lr = real("lr", lr, 0.0)
+        self.momentum = real("momentum", momentum, 0.0, 1.0, high_open=True)
+        self.weight_decay = real("weight_decay", weight_decay, 0.0)
         if not isinstance(nesterov, bool):
             raise ValueError(f"nesterov must be True or False, got {nesterov!r}")
         if nesterov and self.momentum == 0:
@@ -67,8 +66,14 @@ class SGD:
         sliced params); a param whose elements share memory (an expanded tensor) cannot
         be updated in place and is refused.
         """
-        lr = self.lr if lr is None else _check_number("lr", lr)
+        lr = self.lr if lr is None else real("lr", lr, 0.0)
         _check_step(params, grads)
+        if self.momentum and len(self.buffers) == len(params):
+            for k, (p, u) in enumerate(zip(params, self.buffers)):
+                if (p.shape, p.dtype, p.device) != (u.shape, u.dtype, u.device):
+                    raise ValueError(f"step: param {k} is {p.dtype}{list(p.shape)} on {p.device} but the velocity "
+                                     f"kept for it is {u.dtype}{list(u.shape)} on {u.device}: these are not the params "
+                                     "it was made for; call reset(params) to start them from zero velocity")
         self.update(params, grads, lr)
 
     def update(self, params: list[torch.Tensor], grads: list[torch.Tensor], lr: float,
@@ -76,9 +81,11 @@ class SGD:
         """`step` without its checks, for a caller that made the gradients itself (fit).
 
         With `overwrite_grads` the update may scale the gradients in place, which lets
-        contiguous float32/16 params take torch's fused kernel (~5 µs a step for the disk
-        net against ~30 µs for the separate multi-tensor ops).
+        contiguous float32 params (on CUDA also float16/bfloat16) take torch's fused kernel
+        (~5 µs a step for the disk net against ~30 µs for the separate multi-tensor ops).
         """
+        if not params:  # a model with nothing to train (only Standardize, say)
+            return
         if self.momentum and len(self.buffers) != len(params):
             self.reset(params)
         with torch.inference_mode():  # params that require grad, or made in inference mode, update too
@@ -91,11 +98,13 @@ class SGD:
         """torch's fused kernel walks param, gradient and buffer as flat arrays, so they must
         all be contiguous; with momentum it takes ηg by scaling the gradients in place
         (grad_scale = 1/η, a float32), which is exact enough only below float64."""
-        if not params or not self.fused or params[0].device.type not in ("cpu", "cuda"):
+        first = params[0]
+        if not self.fused or not _fused_kernel_works(first):
             return False
-        if self.momentum and (not overwrite_grads or params[0].dtype == torch.float64):
-            return False
-        return all(p.is_contiguous() and g.is_contiguous() for p, g in zip(params, grads))
+        if self.momentum and (not overwrite_grads or first.dtype == torch.float64):
+            return False  # one kernel call takes one dtype and device: a mixed list goes the foreach way
+        return all(p.dtype == first.dtype and p.device == first.device and p.is_contiguous() and g.is_contiguous()
+                   for p, g in zip(params, grads))
 
     def _fused(self, params: list[torch.Tensor], grads: list[torch.Tensor], lr: float) -> None:
         fused_sgd = _fused_sgd_for(params)
@@ -251,6 +260,8 @@ def _check_step(params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         if (p.shape, p.dtype, p.device) != (g.shape, g.dtype, g.device):
             raise ValueError(f"step: param {k} is {p.dtype}{list(p.shape)} on {p.device} but its gradient is "
                              f"{g.dtype}{list(g.shape)} on {g.device}; they must match")
+        if not p.is_floating_point():
+            raise ValueError(f"step: param {k} is {p.dtype}; SGD updates floating-point params only")
         check_updatable(f"step: param {k}", p)
 
 
@@ -279,10 +290,8 @@ class StepDecay(Schedule):
     """Multiply the learning rate by `factor` every `every` epochs."""
 
     def __init__(self, every: int, factor: float) -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a whole number of epochs >= 1, got {every!r}")
-        self.every = every
-        self.factor = _check_number("factor", factor, 0.0)
+        self.every = whole("every", every, 1)
+        self.factor = real("factor", factor, 0.0)
 
     def __call__(self, epoch: int, base_lr: float) -> float:
         return base_lr * self.factor ** (epoch // self.every)
@@ -295,7 +304,7 @@ class ExponentialDecay(Schedule):
     """Multiply the learning rate by `rate` every epoch."""
 
     def __init__(self, rate: float) -> None:
-        self.rate = _check_number("rate", rate, 0.0)
+        self.rate = real("rate", rate, 0.0)
 
     def __call__(self, epoch: int, base_lr: float) -> float:
         return base_lr * self.rate**epoch
@@ -308,10 +317,8 @@ class CosineDecay(Schedule):
     """Cosine annealing from the base rate down to `min_lr` over `epochs` epochs."""
 
     def __init__(self, epochs: int, min_lr: float = 0.0) -> None:
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise ValueError(f"epochs must be a whole number >= 1, got {epochs!r}")
-        self.epochs = epochs
-        self.min_lr = _check_number("min_lr", min_lr)
+        self.epochs = whole("epochs", epochs, 1)
+        self.min_lr = real("min_lr", min_lr, 0.0)
 
     def __call__(self, epoch: int, base_lr: float) -> float:
         t = min(epoch, self.epochs) / self.epochs

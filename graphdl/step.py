@@ -114,8 +114,8 @@ class TrainStep:
         self.compiled: Compiled = model.compiled(("step", loss), lambda: compile(grad(model.graph(loss), names)))
         self.arena_fn: ArenaCompiled = model.compiled(("step", loss, "arena"),
                                                       lambda: lower(self.compiled.graph, arena=True))
-        self.optimizer = optimizer
-        self.params = list(model.parameters().values())
+        self.model, self.optimizer = model, optimizer
+        self.params = list(model.parameters().values())  # what the gradients are of, in their order
         optimizer.reset(self.params)
         self.capture = _GRAPHS.available(self.compiled.device) if capture is None else bool(capture)
         self._arenas: dict[int, _Arena] = {}
@@ -212,7 +212,7 @@ class TrainStep:
         now = [v.data for v in self.arena_fn.layout.params]
         if any(a is not b for a, b in zip(now, self._bound)):
             self._bound = now
-            self.params = [v.data for v in self.compiled.graph.params.values()]
+            self.params = list(self.model.parameters().values())  # the trainable ones, as the gradients
             self._arenas.clear()
             self._epochs.clear()
 

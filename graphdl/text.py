@@ -4,24 +4,43 @@
       %0: f32[N,1] = matmul x, w
       %1: f32[N,1] = add %0, b
       %2: f32[] = sum[axis=(0,), keepdims=True] %1  # 0:Linear
-      return %2
+      return %2 (total)
     }
 
-Inputs come before the `;`, params after. Attributes that differ from the op's
+Inputs come before the `;`, params after. An output may carry a label in parentheses
+(`grad` labels each gradient `d/d<name>`). Attributes that differ from the op's
 defaults print in brackets as Python literals. A trailing `# scope` records the layer
-a node belongs to, and `# grad scope` marks a node that `grad` emitted.
+a node belongs to, and `# grad scope` marks a node that `grad` emitted. A scope that
+would not read back as itself (`grad`, ` padded `, one with a tab) is written as a JSON
+string: `# "grad"`, `# grad " padded "`.
 """
 
 from __future__ import annotations
 
 import ast
+import cmath
+import json
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from .ir import DTYPES, Graph, GraphError, Node, Shape, Value, format_type
+from .ir import (
+    DTYPES,
+    Graph,
+    GraphError,
+    Node,
+    NumberText,
+    Shape,
+    Value,
+    format_type,
+    pauses_gc,
+    read_shape,
+    show_number,
+    whole_number,
+)
 from .ops import OPS
 
 
@@ -36,22 +55,33 @@ def format_graph(graph: Graph) -> str:
     header = f"graph {graph.name}({inputs}; {params})" if params else f"graph {graph.name}({inputs})"
     lines = [header + " {"]
     lines += ["  " + format_node(n, names) for n in graph.nodes]
-    lines.append("  return " + ", ".join(names.get(id(v), v.label) for v in graph.outputs))
+    lines.append("  return " + ", ".join((names.get(id(v)) or v.label) + (f" ({label})" if label else "")
+                                         for v, label in zip(graph.outputs, graph.output_labels)))
     lines.append("}")
     return "\n".join(lines)
 
 
 def format_node(node: Node, names: dict[int, str]) -> str:
     """One line: `%k: f32[N,25] = op[attr=value] args  # scope`."""
-    out = names.get(id(node.out), node.out.label)
-    args = ", ".join(names.get(id(v), v.label) for v in node.inputs)
+    # `or`, not names.get(id, v.label), which would work out every value's label anyway.
+    out = names.get(id(node.out)) or node.out.label
+    args = ", ".join(names.get(id(v)) or v.label for v in node.inputs)
     line = f"{out}: {format_type(node.out.dtype, node.out.shape)} = {node.op.name}{format_attrs(node)}"
     line += f" {args}" if args else ""
     if node.backward:
-        line += f"  # grad {node.scope}".rstrip()
+        line += "  # grad" + (f" {format_scope(node.scope)}" if node.scope else "")
     elif node.scope:
-        line += f"  # {node.scope}"
+        line += f"  # {format_scope(node.scope)}"
     return line
+
+
+def format_scope(scope: str) -> str:
+    """A scope as the text IR writes it: as it is when it reads back unchanged, else as a
+    JSON string (spaces at its ends, unprintable characters, a leading quote, or a forward
+    scope that would read as the `grad` marker)."""
+    plain = scope.isprintable() and scope == scope.strip() and not scope.startswith('"') and \
+        scope != "grad" and not scope.startswith("grad ")
+    return scope if plain else json.dumps(scope)
 
 
 def format_attrs(node: Node) -> str:
@@ -68,43 +98,86 @@ _HEADER = re.compile(rf"^graph ({_NAME})\((.*)\) \{{$")
 _DECL = re.compile(rf"^({_NAME}): {_TYPE}$")
 _NODE = re.compile(rf"^(%\d+): {_TYPE} = ([a-z_]+)(\[[^\]]*\])?(?: ([^#\s].*?))?(?:  # (grad(?: |$))?(.*))?$")
 _RETURN = re.compile(r"^return(?: (.*))?$")
+_OUTPUT = re.compile(r"^(\S+)(?: \((.+)\))?$")  # %k, or %k (label)
+_INTEGER = re.compile(r"-?[0-9]+")  # ASCII only: '²'.isdigit() is True, and int() would read '٣'
+# The printer writes at most 17 significant digits; a longer number is refused before
+# Python reads it (past 4,300 digits int() raises, and reading is quadratic before that).
+_LONG_NUMBER = re.compile(r"[0-9]{41,}")
 
 
 def _fail(lineno: int, line: str, message: str) -> GraphError:
-    return GraphError(f"IR text, line {lineno}: {message}\n  {lineno} | {line.strip()}")
+    line = line.strip()
+    if len(line) > 200:  # a crafted line (a 5,000-digit dim) would bury the message
+        line = f"{line[:160]} ... ({len(line):,} characters)"
+    return GraphError(f"IR text, line {lineno}: {message}\n  {lineno} | {line}")
 
 
-def _parse_type(lineno: int, line: str, dtype: str, dims: str) -> tuple[torch.dtype, Shape]:
+def _parse_type(lineno: int, line: str, name: str, dtype: str, dims: str) -> tuple[torch.dtype, Shape]:
+    """The dtype and shape of `name` (a declared input or param, or a node's %k)."""
     if dtype not in DTYPES:
         raise _fail(lineno, line, f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     shape: list[int | str] = []
     for d in filter(None, (p.strip() for p in dims.split(","))):
-        if d.isascii() and d.isdigit():
-            shape.append(int(d))
+        if _INTEGER.fullmatch(d):
+            shape.append(whole_number(d))
         elif d.isidentifier():
             shape.append(d)
         else:
             raise _fail(lineno, line, f"dimension {d!r} must be a whole number or a symbol such as N")
-    return DTYPES[dtype], tuple(shape)
+    try:
+        return DTYPES[dtype], read_shape(shape, name, DTYPES[dtype])
+    except GraphError as e:
+        raise _fail(lineno, line, str(e)) from None
 
 
 def _parse_attrs(lineno: int, line: str, text: str | None) -> dict[str, Any]:
     if not text:
         return {}
+    long = _LONG_NUMBER.search(text)
+    if long:
+        names = re.findall(r"(\w+)\s*=", text[:long.start()])
+        raise _fail(lineno, line, f"attribute {names[-1] if names else '?'!r} holds a number of {len(long[0]):,} "
+                                  "digits; numbers in IR text have at most 40 (write 1e30, not 1000...0)")
+    source = f"f({text[1:-1]})"
     try:
-        call = ast.parse(f"f({text[1:-1]})", mode="eval").body
+        call = ast.parse(source, mode="eval").body
         if not isinstance(call, ast.Call) or call.args or any(kw.arg is None for kw in call.keywords):
             raise ValueError("attributes must be name=value pairs")
-        return {kw.arg: ast.literal_eval(_NonFinite().visit(kw.value)) for kw in call.keywords}
+        return {kw.arg: ast.literal_eval(_Literal(source, kw.arg).visit(kw.value)) for kw in call.keywords}
     except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError) as e:
         raise _fail(lineno, line, f"cannot read the attributes {text}: {e}") from None
 
 
-class _NonFinite(ast.NodeTransformer):
-    """The printer writes non-finite floats as repr does (inf, nan); read them back."""
+class _Literal(ast.NodeTransformer):
+    """Reads an attribute's value as the printer writes it: non-finite floats as repr
+    does (inf, nan), and no literal beyond float64 (1e400 would silently read as inf)."""
+
+    def __init__(self, source: str, name: str) -> None:
+        self.source, self.name = source, name
 
     def visit_Name(self, node: ast.Name) -> ast.AST:
         return ast.Constant(float(node.id)) if node.id in ("inf", "nan") else node
+
+    def visit_Constant(self, node: ast.Constant) -> ast.AST:
+        if isinstance(node.value, (float, complex)) and not cmath.isfinite(node.value):
+            literal = NumberText(ast.get_source_segment(self.source, node) or "")
+            raise ValueError(f"attribute {self.name}: {show_number(literal)} is too large for a float; "
+                             "write inf if that is meant")
+        return node
+
+
+def _parse_scope(lineno: int, line: str, text: str) -> str:
+    """The scope after `# ` (or `# grad `): as written, or decoded if it is a JSON string."""
+    if not text.startswith('"'):
+        return text
+    try:
+        scope = json.loads(text)
+    except (ValueError, RecursionError):
+        scope = None
+    if not isinstance(scope, str):
+        raise _fail(lineno, line, f"the scope {text} is not one JSON string; write it as \"name\", with JSON's "
+                                  "escapes such as \\\" and \\t inside")
+    return scope
 
 
 def _split_top_level(text: str) -> list[str]:
@@ -124,11 +197,12 @@ def _split_decls(lineno: int, line: str, text: str) -> list[tuple[str, torch.dty
         m = _DECL.match(part.strip())
         if not m:
             raise _fail(lineno, line, f"cannot read the declaration {part.strip()!r}; write it as name: f32[N,2]")
-        dtype, shape = _parse_type(lineno, line, m[2], m[3])
+        dtype, shape = _parse_type(lineno, line, m[1], m[2], m[3])
         decls.append((m[1], dtype, shape))
     return decls
 
 
+@pauses_gc
 def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
     """Rebuild a graph from its textual IR; `str(parse(str(g))) == str(g)`.
 
@@ -182,6 +256,7 @@ def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
     # Read every node line first, then build in dependency order (networkx), so a
     # forward reference is fine and a cycle is reported with its lines.
     records: dict[str, tuple[int, str, re.Match]] = {}
+    forward = False  # is a %k used on a line before its own (or never defined)?
     for lineno, line in lines[1:-2]:
         m = _NODE.match(line.strip())
         if not m:
@@ -190,6 +265,7 @@ def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
             raise _fail(lineno, line, f"{m[1]} is defined twice (line {records[m[1]][0]} too)")
         if m[4] not in OPS:
             raise _fail(lineno, line, f"unknown op {m[4]!r}; known ops: {', '.join(sorted(OPS))}")
+        forward = forward or any(a.strip() not in records for a in (m[6] or "").split(",") if "%" in a)
         records[m[1]] = (lineno, line, m)
 
     def args_of(lineno: int, line: str, text: str | None) -> list[str]:
@@ -199,43 +275,66 @@ def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
                 raise _fail(lineno, line, f"{a!r} is not defined; define it as a node, input or param")
         return names
 
-    import networkx as nx  # on first use, not at `import graphdl`
+    # Printed text defines every value before its uses, and then line order is the build
+    # order; only text with a forward reference pays for the sort (networkx took a third
+    # of parse's time on a 16,000-node graph).
+    order = _dependency_order(records, args_of) if forward else list(records)
+
+    env: dict[str, Value] = {**graph.inputs, **graph.params}
+    # A graph has few distinct types: read each once (reading them was a third of parse).
+    types: dict[tuple[str, str], tuple[torch.dtype, Shape]] = {}
+    for key in order:
+        lineno, line, m = records[key]
+        if (m[2], m[3]) not in types:
+            types[m[2], m[3]] = _parse_type(lineno, line, m[1], m[2], m[3])
+        dtype, shape = types[m[2], m[3]]
+        attrs = _parse_attrs(lineno, line, m[5])
+        inputs = [env[a] for a in args_of(lineno, line, m[6])]
+        scope = _parse_scope(lineno, line, m[8] or "")
+        try:
+            with graph.scope(scope, backward=bool(m[7])):
+                value = graph.add_node(OPS[m[4]], inputs, attrs, where=f"IR text line {lineno}")
+        except GraphError as e:  # keep the message and hint; "created at" is this line
+            reason = [ln for ln in str(e).splitlines() if not ln.strip().startswith("created at")]
+            raise _fail(lineno, line, "\n".join(reason)) from None
+        if (value.dtype, value.shape) != (dtype, shape):
+            raise _fail(lineno, line, f"declared {format_type(dtype, shape)} but {m[4]} of these inputs "
+                                      f"gives {format_type(value.dtype, value.shape)}")
+        env[key] = value
+
+    lineno, line = lines[-2]
+    for part in _split_top_level(_RETURN.match(line.strip())[1] or "") if line.strip() != "return" else []:
+        m = _OUTPUT.match(part.strip())
+        if not m:
+            raise _fail(lineno, line, f"cannot read the output {part.strip()!r}; write it as %k or %k (label)")
+        (name,) = args_of(lineno, line, m[1])
+        try:
+            graph.output(env[name], label=m[2] or "")
+        except GraphError as e:
+            raise _fail(lineno, line, str(e)) from None
+    unused = sorted(set(params) - set(graph.params))
+    if unused:
+        raise GraphError(f"parse: params={{...}} gives {', '.join(map(repr, unused))}, which the text does not "
+                         f"declare; it declares: {', '.join(graph.params) or 'no params'}")
+    return graph
+
+
+def _dependency_order(records: dict[str, tuple[int, str, re.Match]],
+                      args_of: Callable[[int, str, str | None], list[str]]) -> list[str]:
+    """The node keys in an order that defines each before its uses, else in line order;
+    a cycle is reported with its lines."""
+    import networkx as nx  # on first use, not at `import graphdl` (most of its own import time)
 
     deps = nx.DiGraph()
     deps.add_nodes_from(records)
     for key, (lineno, line, m) in records.items():
         deps.add_edges_from((a, key) for a in args_of(lineno, line, m[6]) if a in records)
     try:
-        order = list(nx.lexicographical_topological_sort(deps, key=lambda k: records[k][0]))
+        return list(nx.lexicographical_topological_sort(deps, key=lambda k: records[k][0]))
     except nx.NetworkXUnfeasible:
         cycle = [u for u, _ in nx.find_cycle(deps)]
         lineno, line, _ = records[cycle[0]]
         raise _fail(lineno, line, f"values depend on themselves: {' -> '.join([*cycle, cycle[0]])}") from None
-
-    env: dict[str, Value] = {**graph.inputs, **graph.params}
-    for key in order:
-        lineno, line, m = records[key]
-        dtype, shape = _parse_type(lineno, line, m[2], m[3])
-        attrs = _parse_attrs(lineno, line, m[5])
-        inputs = [env[a] for a in args_of(lineno, line, m[6])]
-        with graph.scope((m[8] or "").strip(), backward=bool(m[7])):
-            try:
-                value = graph.add_node(OPS[m[4]], inputs, attrs, where=f"IR text line {lineno}")
-            except GraphError as e:  # keep the message and hint; "created at" is this line
-                reason = [ln for ln in str(e).splitlines() if not ln.strip().startswith("created at")]
-                raise _fail(lineno, line, "\n".join(reason)) from None
-        if (value.dtype, value.shape) != (dtype, shape):
-            raise _fail(lineno, line, f"declared {format_type(dtype, shape)} but {m[4]} of these inputs "
-                                      f"gives {format_type(value.dtype, value.shape)}")
-        env[key] = value
-
-    ret = _RETURN.match(lines[-2][1].strip())
-    graph.output(*(env[a] for a in args_of(lines[-2][0], lines[-2][1], ret[1])))
-    unused = sorted(set(params) - set(graph.params))
-    if unused:
-        raise GraphError(f"parse: params={{...}} gives {', '.join(map(repr, unused))}, which the text does not "
-                         f"declare; it declares: {', '.join(graph.params) or 'no params'}")
-    return graph
 
 
 # Params the text declares but `params` does not give start as zeros; past this size that

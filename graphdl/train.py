@@ -8,14 +8,16 @@ one host sync per epoch, not per batch.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .checks import real, shown, whole
 from .compile import Compiled, compile
 from .ir import tensor_problem
 from .losses import MSE, Loss
@@ -27,14 +29,21 @@ if TYPE_CHECKING:
 
 
 class History(dict):
-    """Per-epoch metrics: history["loss"], ["accuracy"], ["val_loss"], ["val_accuracy"], ["lr"].
+    """Per-epoch lists: "loss", one per metric ("accuracy", "mse", ...), "val_loss" and
+    "val_<metric>" (empty without validation data), and "lr".
 
     "loss" is the mean training loss over the epoch's batches (as the optimizer saw them);
-    "accuracy" is measured on the whole training set at the end of the epoch.
+    the metrics are measured on the whole training set at the end of the epoch. A metric
+    that was not measured reads as an empty list, as "val_loss" does without validation data.
     """
 
-    def __init__(self) -> None:
-        super().__init__(loss=[], accuracy=[], val_loss=[], val_accuracy=[], lr=[])
+    def __init__(self, metrics: list[str] | tuple[str, ...] = ("accuracy",)) -> None:
+        super().__init__(loss=[], **{m: [] for m in metrics}, val_loss=[], **{f"val_{m}": [] for m in metrics}, lr=[])
+
+    def __missing__(self, key: str) -> list:
+        if isinstance(key, str) and key.removeprefix("val_") in METRICS:
+            return []
+        raise KeyError(key)
 
     @property
     def epochs(self) -> int:
@@ -45,12 +54,98 @@ def _eval_fn(model: Sequential, loss: Loss) -> Compiled:
     return model.compiled(("eval", loss), lambda: compile(model.graph(loss, prediction=True)))
 
 
-def accuracy(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Fraction classified right: a single output thresholded at 0.5 against 0/1 labels;
-    several outputs by argmax against one-hot labels."""
-    if pred.shape[-1] == 1:
-        return ((pred > 0.5) == (target > 0.5)).to(pred.dtype).mean()
-    return (pred.argmax(-1) == target.argmax(-1)).to(pred.dtype).mean()
+# -- metrics: counted in int64 and summed in float64, whatever the model's dtype ----------
+
+
+def correct(pred: torch.Tensor, target: torch.Tensor, decision: str = "threshold") -> tuple[int, int]:
+    """How many predictions are right, and of how many, read as the loss says
+    (`Loss.decision`): "argmax" (the largest output is the class, against one-hot or
+    probability rows), "logit" (each output above 0 means 1, against 0/1 labels), or
+    "threshold" (a single output above 0.5 means 1; several outputs: the argmax).
+
+    Counts, not a mean in the model's dtype: bfloat16 would round 0.991 to 0.98828125.
+    """
+    right = _right(pred, target, decision)
+    return int(right.sum()), right.numel()
+
+
+def _right(pred: torch.Tensor, target: torch.Tensor, decision: str) -> torch.Tensor:
+    """Which predictions are right (a bool tensor), read as `correct` says."""
+    if decision == "argmax" or (decision == "threshold" and pred.shape[-1] > 1):
+        return pred.argmax(-1) == target.argmax(-1)
+    return (pred > (0.0 if decision == "logit" else 0.5)) == (target > 0.5)
+
+
+def accuracy(pred: torch.Tensor, target: torch.Tensor, decision: str = "threshold") -> float:
+    """The fraction `correct` counts."""
+    right, total = correct(pred, target, decision)
+    return right / total
+
+
+def _fraction(right: torch.Tensor) -> torch.Tensor:
+    """The fraction of True in `right`, from its int64 count, as a float64 0-d tensor."""
+    return right.sum().double() / max(right.numel(), 1)
+
+
+# Each metric is a float64 0-d tensor on the data's device, so that fit reads an
+# epoch's loss, finiteness and metrics in one host sync.
+METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]] = {
+    "accuracy": lambda pred, y, decision: _fraction(_right(pred, y, decision)),
+    "mse": lambda pred, y, decision: (pred.double() - y.double()).square().mean(),
+    "mae": lambda pred, y, decision: (pred.double() - y.double()).abs().mean(),
+}
+
+
+def _is_class_labels(Y: torch.Tensor, decision: str) -> bool:
+    """Whether targets [N, C] are class labels, so that accuracy means something:
+    0/1 values (one column, or any number with BCEWithLogits), one-hot rows, or, for
+    CrossEntropy, rows of probabilities."""
+    binary = bool(((Y == 0) | (Y == 1)).all())
+    if decision == "argmax":
+        rows = Y.double().sum(-1)
+        return bool((Y >= 0).all()) and bool(((rows - 1).abs() <= 1e-3).all())
+    if decision == "logit" or Y.shape[1] == 1:
+        return binary
+    return binary and bool((Y.sum(-1) == 1).all())
+
+
+def _check_metrics(metrics: Any, Y: torch.Tensor, loss: Loss) -> list[str]:
+    """The metrics to report: as asked, or by default accuracy when Y holds class labels."""
+    if metrics is None:
+        return ["accuracy"] if _is_class_labels(Y, loss.decision) else []
+    if isinstance(metrics, str) or not isinstance(metrics, (list, tuple)) or not all(
+            isinstance(m, str) and m in METRICS for m in metrics) or len(set(metrics)) != len(metrics):
+        raise ValueError(f"metrics must be a list of distinct metric names from {', '.join(map(repr, METRICS))}, "
+                         f"e.g. metrics=['accuracy'], got {metrics!r}")
+    return list(metrics)
+
+
+def _scores(pred: torch.Tensor, Y: torch.Tensor, loss_value: torch.Tensor, metrics: list[str],
+            decision: str) -> dict[str, float]:
+    names, values = ["loss", *metrics], [loss_value, *(METRICS[m](pred, Y, decision) for m in metrics)]
+    if "accuracy" in metrics:
+        names.append("error")
+        values.append(_fraction(~_right(pred, Y, decision)))  # exactly, not 1 - accuracy's rounding
+    return dict(zip(names, torch.stack([v.to(torch.float64) for v in values]).tolist(), strict=True))
+
+
+def _class_targets(model: Sequential, Y: Any, what: str = "") -> Any:
+    """Integer class labels [N] as targets: one-hot rows for a model with several outputs,
+    a 0/1 column for a model with one. Anything else is returned as given, for
+    _check_data to judge."""
+    if not isinstance(Y, torch.Tensor) or tensor_problem(Y) or Y.is_meta or Y.dtype.is_floating_point \
+            or Y.is_complex() or Y.dtype == torch.bool or Y.dim() != 1:
+        return Y
+    classes = model.out_features
+    top = max(classes, 2) - 1
+    if len(Y) and not bool(((Y >= 0) & (Y <= top)).all()):
+        bad = Y[(Y < 0) | (Y > top)][0].item()
+        raise ValueError(f"Y{what} holds class label {bad}, but the model has {classes} output"
+                         f"{'s' if classes > 1 else ''}, so labels run from 0 to {top}")
+    if classes == 1:
+        return Y.to(model._dtype()).unsqueeze(1)
+    rows = torch.zeros(len(Y), classes, dtype=model._dtype(), device=Y.device)
+    return rows.scatter_(1, Y.long().unsqueeze(1), 1.0)
 
 
 def _check_data(model: Sequential, X: Any, Y: Any, what: str = "") -> None:
@@ -92,18 +187,54 @@ def _check_params(model: Sequential) -> None:
             raise ValueError(f"param {name} is NaN or inf before training; re-initialise the model")
 
 
-def _check_settings(validation_data: Any, seed: Any, schedule: Any, shuffle: Any, verbose: Any) -> None:
+def _check_settings(validation_data: Any, schedule: Any, shuffle: Any, verbose: Any) -> None:
     for name, flag in (("shuffle", shuffle), ("verbose", verbose)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be True or False, got {flag!r}")
     if validation_data is not None and not (isinstance(validation_data, (tuple, list)) and len(validation_data) == 2):
         raise ValueError(f"validation_data must be a pair (X_val, Y_val), got {type(validation_data).__name__}"
                          + (f" of length {len(validation_data)}" if isinstance(validation_data, (tuple, list)) else ""))
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise ValueError(f"seed must be a whole number or None, got {seed!r}")
     if schedule is not None and not callable(schedule):
         raise ValueError(f"schedule must be a graphdl schedule such as gd.StepDecay(every=10, factor=0.9), "
                          f"got {schedule!r}")
+
+
+# Threads. torch splits each op over every core by default, which costs a synchronisation
+# per op, and on a busy machine a wait for a core as well. Measured on this project's
+# 2-core machine (fit's time per step, 1 vs 2 threads alternated, medians of 9; a tanh
+# net 2-w-w-w-1, work = multiply-adds per batch):
+#   w=25 batch 20 (the disk net, 26,500):  120 vs 152 us idle; 272 vs 379, 615 vs 1,648 busy
+#   w=64 batch 64 (537,000):                211 vs 218 us idle; 505 vs 175,816 (!) busy
+#   w=64 batch 256 (2.1 M), w=128 batch 64: 0.87x and 1.15x the 1-thread time, lightly busy
+#   w=128 batch 128 (4.2 M):                646 vs 488 us idle (0.75x)
+#   w=1024 batch 512 (1.1 G):               91 vs 52 ms idle (0.57x); 131 vs 401 ms busy
+# So below SMALL_WORK two threads gain at most ~13 % on an idle machine and lose up to
+# hundreds of times on a busy one: `fit`, `predict` and `evaluate` use one thread there,
+# and torch's setting above it (`threads=` overrides either), restoring it afterwards.
+SMALL_WORK = 4_000_000
+
+
+def _work(model: Sequential, batch: int) -> int:
+    """Multiply-adds of a forward pass over `batch` examples (the matmuls, which dominate)."""
+    return batch * sum(math.prod(t.shape) for name, t in model.parameters().items() if t.dim() == 2)
+
+
+@contextlib.contextmanager
+def _threads_for(model: Sequential, batch: int, threads: int | None) -> Iterator[None]:
+    """Run the block with `threads` intra-op threads (None: one for small work, else torch's setting)."""
+    if threads is not None:
+        threads = whole("threads", threads, 1)
+    elif _work(model, batch) < SMALL_WORK:
+        threads = 1
+    before = torch.get_num_threads()
+    if threads is None or threads == before:
+        yield
+        return
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _scheduled_lr(schedule: Schedule | None, epoch: int, base_lr: float) -> float:
@@ -113,10 +244,14 @@ def _scheduled_lr(schedule: Schedule | None, epoch: int, base_lr: float) -> floa
         lr = schedule(epoch, base_lr)
     except TypeError as e:
         raise ValueError(f"schedule {schedule!r} cannot be called as schedule(epoch, base_lr): {e}") from e
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
-        raise ValueError(f"schedule {schedule!r} gave lr={lr!r} for epoch {epoch + 1}; "
-                         "a learning rate must be a finite number >= 0")
-    return lr
+    except OverflowError as e:  # float ** int overflows rather than giving inf
+        raise ValueError(f"schedule {schedule!r} overflowed computing the lr for epoch {epoch + 1} ({e}); "
+                         "a learning rate must be a finite number >= 0") from None
+    try:
+        return real("lr", lr, 0.0)
+    except ValueError:
+        raise ValueError(f"schedule {schedule!r} gave lr={shown(lr)} for epoch {epoch + 1}; "
+                         "a learning rate must be a finite number >= 0") from None
 
 
 class DivergedError(FloatingPointError):
@@ -213,6 +348,13 @@ def _diverged(found: tuple[int, float, bool] | None, epoch: int, epochs: int, ba
     return DivergedError(message, history, epoch + 1, None if found is None else found[0] + 1)
 
 
+def _model_loss(model: Sequential, loss: Any) -> Loss:
+    loss = (model.loss or MSE()) if loss is None else loss
+    if not isinstance(loss, Loss):
+        raise ValueError(f"loss must be a graphdl loss such as gd.MSE(), got {loss!r}")
+    return loss
+
+
 # Nothing fit makes reaches the user as a tensor (it hands back floats and updates the
 # params in place), so the whole loop runs in inference mode: no autograd bookkeeping,
 # and params or data that require grad (from a torch model) are fine.
@@ -221,40 +363,33 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
         optimizer: SGD | None = None, schedule: Schedule | None = None, epochs: int = 1,
         batch_size: int = 32, shuffle: bool = True,
         validation_data: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int | None = None,
-        verbose: bool = True) -> History:
-    """Train `model` in place with minibatch SGD.
-
-    Args:
-        X, Y: training inputs [N, in_features] and targets [N, out_features].
-        loss: a graphdl loss (default `MSE()`).
-        optimizer: an `SGD` (default `SGD(lr=0.01)`).
-        schedule: sets the learning rate each epoch from the optimizer's base rate.
-        epochs: passes over the data (>= 0).
-        batch_size: examples per step (>= 1); the last batch may be smaller.
-        shuffle: reshuffle the examples every epoch.
-        validation_data: (X_val, Y_val), evaluated after every epoch.
-        seed: seeds the shuffling; None draws one from torch's global RNG.
-        verbose: print one line per epoch.
-
-    Returns:
-        The `History` of per-epoch metrics.
-    """
-    loss = MSE() if loss is None else loss
+        verbose: bool = True, metrics: list[str] | None = None, threads: int | None = None) -> History:
+    """`Sequential.fit`, which documents the arguments."""
+    loss = _model_loss(model, loss)
     optimizer = SGD() if optimizer is None else optimizer
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-        raise ValueError(f"epochs must be a whole number >= 0, got {epochs!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
-    if not isinstance(loss, Loss):
-        raise ValueError(f"loss must be a graphdl loss such as gd.MSE(), got {loss!r}")
+    epochs, batch_size = whole("epochs", epochs, 0), whole("batch_size", batch_size, 1)
+    if seed is not None:  # the range torch.Generator.manual_seed takes
+        seed = whole("seed", seed, -2**63, 2**64 - 1)
     if not isinstance(optimizer, SGD):
         raise ValueError(f"optimizer must be a graphdl optimizer such as gd.SGD(lr=0.01), got {optimizer!r}")
-    _check_settings(validation_data, seed, schedule, shuffle, verbose)
+    _check_settings(validation_data, schedule, shuffle, verbose)
+    Y = _class_targets(model, Y)
     _check_data(model, X, Y)
     if validation_data is not None:
+        validation_data = (validation_data[0], _class_targets(model, validation_data[1], " (validation)"))
         _check_data(model, *validation_data, what=" (validation)")
-
+    metrics = _check_metrics(metrics, Y, loss)
     _check_params(model)
+    with _threads_for(model, batch_size, threads):
+        model.loss = loss
+        return _train(model, X, Y, loss, optimizer, schedule, epochs, batch_size, shuffle, validation_data, seed,
+                      verbose, metrics)
+
+
+def _train(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss, optimizer: SGD,
+           schedule: Schedule | None, epochs: int, batch_size: int, shuffle: bool,
+           validation_data: tuple[torch.Tensor, torch.Tensor] | None, seed: int | None, verbose: bool,
+           metrics: list[str]) -> History:
     step = TrainStep(model, loss, optimizer)
     step.compiled.check_feeds((X, Y), {})  # dtype and device, once, with graphdl's messages
     predicting, scoring = _predict_fn(model), _eval_fn(model, loss)
@@ -266,10 +401,12 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())
     gen = torch.Generator().manual_seed(seed)
-    # Each batch's share of the epoch's mean loss, so one dot product gives the mean.
+    # Each batch's share of the epoch's mean loss, so one dot product gives the mean. It is
+    # kept in float32 or wider whatever the model's dtype: in float16 a batch of 65,536 is inf.
     sizes = [min(batch_size, n - s) for s in range(0, n, batch_size)]
-    weights = torch.tensor(sizes, dtype=X.dtype, device=X.device) / max(n, 1)
-    history = History()
+    wide = torch.promote_types(X.dtype, torch.float32)
+    weights = (torch.tensor(sizes, dtype=torch.float64) / n).to(X.device, wide)
+    history = History(metrics)
     model.history = history  # what fit has recorded so far, kept if it stops early
     start = _Snapshot(lambda: [*params, *optimizer.buffers])
 
@@ -281,18 +418,21 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
         losses = step.epoch(X, Y, batch_size, order, lr)
         # The mean loss, the params' largest magnitude (not finite once any param is not)
         # and the metrics, read in the epoch's one host sync.
-        scores = [losses @ weights, _largest(params), accuracy(predicting.fn(X)[0], Y)]
+        scores = [losses.to(wide) @ weights, _largest(params)]
+        if metrics:
+            pred = predicting.fn(X)[0]
+            scores += [METRICS[m](pred, Y, loss.decision) for m in metrics]
         if validation_data is not None:
-            scores += _scores(scoring.fn(*validation_data), validation_data[1])
-        epoch_loss, largest, *metrics = torch.stack(scores).tolist()
+            val_loss, val_pred = scoring.fn(*validation_data)
+            scores += [val_loss, *(METRICS[m](val_pred, validation_data[1], loss.decision) for m in metrics)]
+        epoch_loss, largest, *values = torch.stack([s.to(torch.float64) for s in scores]).tolist()
         if not (math.isfinite(epoch_loss) and math.isfinite(largest)):
             found = _replay(step, start, X, Y, order, batch_size, lr)
             raise _diverged(found, epoch, epochs, len(sizes), lr, history)
         history["loss"].append(epoch_loss)
-        history["accuracy"].append(metrics[0])
-        if validation_data is not None:
-            history["val_loss"].append(metrics[1])
-            history["val_accuracy"].append(metrics[2])
+        keys = [*metrics, *(f"val_{k}" for k in ("loss", *metrics) if validation_data is not None)]
+        for key, value in zip(keys, values, strict=True):
+            history[key].append(value)
         history["lr"].append(lr)
         if verbose:
             _report(epoch, epochs, history, time.perf_counter() - started)
@@ -301,16 +441,17 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
 
 def _report(epoch: int, epochs: int, history: History, seconds: float) -> None:
     parts = [f"Epoch {epoch + 1}/{epochs}", f"{seconds * 1000:.0f}ms"]
-    for key in ("loss", "accuracy", "val_loss", "val_accuracy"):
-        if history[key]:
+    for key in history:
+        if key != "lr" and history[key]:
             parts.append(f"{key}: {history[key][-1]:.4f}")
     parts.append(f"lr: {history['lr'][-1]:.4g}")
     print(" - ".join(parts), file=sys.stdout, flush=True)
 
 
-def predict(model: Sequential, X: torch.Tensor) -> torch.Tensor:
-    """The model's output for X [N, in_features]."""
-    return _predict_fn(model)(x=X)[0]
+def predict(model: Sequential, X: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    """`Sequential.predict`."""
+    with _threads_for(model, len(X) if isinstance(X, torch.Tensor) and X.dim() else 1, threads):
+        return _predict_fn(model)(x=X)[0]
 
 
 def _predict_fn(model: Sequential) -> Compiled:
@@ -318,19 +459,16 @@ def _predict_fn(model: Sequential) -> Compiled:
 
 
 def evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None = None,
-             _checked: bool = False) -> dict[str, float]:
-    """{"loss": the loss, "accuracy": fraction right (see `accuracy`), "error": 1 - accuracy}."""
-    loss = MSE() if loss is None else loss
-    if not isinstance(loss, Loss):
-        raise ValueError(f"loss must be a graphdl loss such as gd.MSE(), got {loss!r}")
-    if not _checked:
-        _check_data(model, X, Y)
-    value, acc = (float(s) for s in _scores(_eval_fn(model, loss)(x=X, y=Y), Y))
-    return {"loss": value, "accuracy": acc, "error": 1.0 - acc}
+             metrics: list[str] | None = None, threads: int | None = None) -> dict[str, float]:
+    """`Sequential.evaluate`, which documents the arguments."""
+    loss = _model_loss(model, loss)
+    Y = _class_targets(model, Y)
+    _check_data(model, X, Y)
+    metrics = _check_metrics(metrics, Y, loss)
+    with _threads_for(model, len(X), threads):
+        return _evaluate(model, X, Y, loss, metrics)
 
 
-def _scores(outputs: tuple[torch.Tensor, ...], Y: torch.Tensor) -> list[torch.Tensor]:
-    """[loss, accuracy] from the eval graph's outputs (loss, prediction) for targets Y, as
-    tensors on the device (no host sync)."""
-    value, pred = outputs
-    return [value, accuracy(pred, Y)]
+def _evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss, metrics: list[str]) -> dict[str, float]:
+    value, pred = _eval_fn(model, loss)(x=X, y=Y)
+    return _scores(pred, Y, value, metrics, loss.decision)

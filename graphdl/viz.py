@@ -58,11 +58,11 @@ def to_dot(graph: Graph, hide_params: bool = False, collapse_layers: bool = Fals
     names = {id(v): v.name for v in (*graph.inputs.values(), *graph.params.values())}
     names.update({id(n.out): f"%{k}" for k, n in enumerate(graph.nodes)})
 
-    dot = graphviz.Digraph(graph.name, graph_attr={"rankdir": rankdir, "label": f"graph {graph.name}",
+    dot = graphviz.Digraph(graph.name, graph_attr={"rankdir": rankdir, "label": _text(f"graph {graph.name}"),
                                                    "labelloc": "t", **_FONT},
                            node_attr={"fontsize": "11", **_FONT}, edge_attr={"fontsize": "9", **_FONT})
     scopes = list(dict.fromkeys(n.scope for n in graph.nodes if n.scope))
-    clusters = {s: graphviz.Digraph(f"cluster_{i}", graph_attr={"label": s, "style": "rounded,dashed"})
+    clusters = {s: graphviz.Digraph(f"cluster_{i}", graph_attr={"label": _text(s), "style": "rounded,dashed"})
                 for i, s in enumerate(scopes)}
 
     # A param used by one layer only is drawn inside it (or, collapsed, absorbed into it).
@@ -74,21 +74,22 @@ def to_dot(graph: Graph, hide_params: bool = False, collapse_layers: bool = Fals
     box: dict[int, str | None] = {}  # id(value) -> the dot node drawing its producer (None: not drawn)
     for i, v in enumerate(graph.inputs.values()):
         box[id(v)] = f"in{i}"
-        dot.node(f"in{i}", _label(v.name, format_type(v.dtype, v.shape)), tooltip=f"input {v!r}", **STYLES["input"])
+        dot.node(f"in{i}", _label(v.name, format_type(v.dtype, v.shape)), tooltip=_text(f"input {v!r}"),
+                 **STYLES["input"])
     for i, v in enumerate(graph.params.values()):
         absorbed = collapse_layers and param_scope[id(v)]
         box[id(v)] = None if hide_params or absorbed else f"p{i}"
         if box[id(v)]:
             where = clusters.get(param_scope[id(v)], dot)
-            where.node(f"p{i}", _label(v.name, format_type(v.dtype, v.shape)), tooltip=f"param {v!r}",
+            where.node(f"p{i}", _label(v.name, format_type(v.dtype, v.shape)), tooltip=_text(f"param {v!r}"),
                        **STYLES["param"])
 
     layers: dict[tuple[str, bool], list[Node]] = {}
+    layer_box: dict[tuple[str, bool], str] = {}  # in the order of `layers`: layer{j} is its j-th
     for k, node in enumerate(graph.nodes):
         if collapse_layers and node.scope:
-            members = layers.setdefault((node.scope, node.backward), [])
-            members.append(node)
-            box[id(node.out)] = f"layer{list(layers).index((node.scope, node.backward))}"
+            layers.setdefault((node.scope, node.backward), []).append(node)
+            box[id(node.out)] = layer_box.setdefault((node.scope, node.backward), f"layer{len(layer_box)}")
             continue
         box[id(node.out)] = f"n{k}"
         hidden = [v for v in node.inputs if v.kind == "param" and box[id(v)] is None]
@@ -100,12 +101,13 @@ def to_dot(graph: Graph, hide_params: bool = False, collapse_layers: bool = Fals
             f"n{k}",
             _label(f"%{k} {node.op.name}{format_attrs(node)}", format_type(node.out.dtype, node.out.shape),
                    *(f"{v.name}: {format_type(v.dtype, v.shape)}" for v in hidden)),
-            tooltip=f"{format_node(node, names)}\ncreated at {node.where}",
+            tooltip=_text(f"{format_node(node, names)}\ncreated at {node.where}"),
             **attrs,
         )
+    returned = {id(v) for v in graph.outputs}
     for j, ((scope, backward), members) in enumerate(layers.items()):
-        dot.node(f"layer{j}", _layer_label(graph, scope, backward, members, box),
-                 tooltip="\n".join(format_node(n, names) for n in members),
+        dot.node(f"layer{j}", _layer_label(returned, scope, backward, members, box),
+                 tooltip=_text("\n".join(format_node(n, names) for n in members)),
                  **STYLES["backward" if backward else "forward"], penwidth="2")
 
     for c in clusters.values():
@@ -118,25 +120,33 @@ def to_dot(graph: Graph, hide_params: bool = False, collapse_layers: bool = Fals
             edge = (box[id(v)], box[id(node.out)], id(v))
             if edge[0] is not None and edge[0] != edge[1] and edge not in drawn:
                 drawn.add(edge)
-                dot.edge(edge[0], edge[1], label=format_type(v.dtype, v.shape))
-    for i, v in enumerate(graph.outputs):
-        dot.node(f"out{i}", _label(f"output {i}", format_type(v.dtype, v.shape)), **STYLES["output"])
+                dot.edge(edge[0], edge[1], label=_text(format_type(v.dtype, v.shape)))
+    for i, (v, label) in enumerate(zip(graph.outputs, graph.output_labels)):
+        dot.node(f"out{i}", _label(f"output {i}" + (f": {label}" if label else ""), format_type(v.dtype, v.shape)),
+                 **STYLES["output"])
         if box[id(v)] is not None:
-            dot.edge(box[id(v)], f"out{i}", label=names[id(v)])
+            dot.edge(box[id(v)], f"out{i}", label=_text(names[id(v)]))
     return dot
 
 
+def _text(text: str) -> str:
+    """User text (a scope, an attr, a file path) as Graphviz should show it: literally.
+    Unescaped, `a\\` would end the quoted DOT string early, `\\l` would be a line break
+    and `<b>` HTML markup; escape() doubles backslashes and marks the text as not HTML."""
+    return graphviz.escape(text)
+
+
 def _label(*lines: str) -> str:
-    # `\n` is Graphviz's centred line break; escape() keeps any backslash in names literal.
-    return r"\n".join(graphviz.escape(line) for line in lines)
+    # `\n` is Graphviz's centred line break, joining lines that are each shown literally.
+    return r"\n".join(_text(line) for line in lines)
 
 
-def _layer_label(graph: Graph, scope: str, backward: bool, members: list[Node],
+def _layer_label(returned: set[int], scope: str, backward: bool, members: list[Node],
                  box: dict[int, str | None]) -> str:
-    """`0:Linear [N,2]→[N,25]`: the shapes of the values entering and leaving the layer."""
+    """`0:Linear [N,2]→[N,25]`: the shapes of the values entering and leaving the layer
+    (`returned`: the ids of the graph's outputs)."""
     inside = {id(n.out) for n in members}
     entering = [v for n in members for v in n.inputs if id(v) not in inside and box.get(id(v)) is not None]
-    returned = {id(v) for v in graph.outputs}
     leaving = [n.out for n in members if id(n.out) in returned or any(id(u.out) not in inside for u in n.out.users)]
 
     def shapes(values: list[Value]) -> str:
@@ -179,6 +189,25 @@ def render(graph: Graph, path: str | os.PathLike[str], hide_params: bool = False
         raise GraphError(f"cannot write {str(path)!r}: {e.strerror}; check that the folder exists and is "
                          "writable") from None
     return path
+
+
+# Past this many nodes a notebook gets each layer as one box, and past MAX_INLINE none
+# (dot takes seconds on thousands of nodes; the text IR is still shown).
+COLLAPSE_INLINE, MAX_INLINE = 300, 3000
+
+
+def mimebundle(graph: Graph, text: str) -> dict[str, str]:
+    """What Jupyter shows for a graph or model: the drawing as SVG when Graphviz's `dot`
+    is installed and the graph is not huge, and always `text` (the text IR or repr)."""
+    bundle = {"text/plain": text}
+    if len(graph.nodes) <= MAX_INLINE:
+        collapse = len(graph.nodes) > COLLAPSE_INLINE
+        try:
+            dot = to_dot(graph, hide_params=collapse, collapse_layers=collapse)
+            bundle["image/svg+xml"] = _run_dot(dot, "svg").decode()
+        except GraphError:  # no `dot`, or it failed: the text alone
+            pass
+    return bundle
 
 
 def _run_dot(dot: graphviz.Digraph, fmt: str) -> bytes:

@@ -89,10 +89,20 @@ def test_layer_scope_is_named_in_builder_errors():
 
 def test_sequential_builder_errors_name_the_layer_and_the_users_line():
     model = gd.Sequential(gd.Linear(2, 25), gd.ReLU(), gd.Linear(25, 1))
-    model.layers[2].weight = torch.zeros(1, 25)  # e.g. loaded transposed from elsewhere
+    model.layers[2].weight = torch.zeros(25, 1, dtype=torch.float64)  # e.g. loaded from a float64 model
     msg = message(model.predict, torch.rand(4, 2))
-    names(msg, r"^matmul %3\(%2: f32\[N,25\], 2.weight: f32\[1,25\]\)", rf"created at .*{HERE} \(in layer 2:Linear\)",
-          r"hint: did you mean to transpose 2.weight\?")
+    names(msg, r"^matmul %3\(%2: f32\[N,25\], 2.weight: f64\[25,1\]\)", rf"created at .*{HERE} \(in layer 2:Linear\)",
+          r"dtypes differ", "hint: make every input of the op the same dtype")
+
+
+def test_a_layer_weight_of_the_wrong_shape_is_refused_where_it_is_assigned():
+    model = gd.Sequential(gd.Linear(2, 25), gd.ReLU(), gd.Linear(25, 1))
+    with pytest.raises(gd.GraphError, match=r"Linear\(25, 1\)\.weight must have shape \[25, 1\], got \[1, 25\]; "
+                                            r"did you mean to transpose it \(tensor\.T\)\?"):
+        model.layers[2].weight = torch.zeros(1, 25)  # e.g. loaded from torch.nn.Linear, which stores [out, in]
+    with pytest.raises(gd.GraphError, match=r"Linear\(2, 25\)\.bias must have shape \[25\], got \[2\]"):
+        model.layers[0].bias = torch.zeros(2)
+    assert model.layers[2].weight.shape == (25, 1)  # the layer kept what it had
 
 
 def test_dtype_mismatch_names_both_values():
@@ -147,6 +157,34 @@ def test_empty_axis_is_refused_because_torch_would_reduce_everything():
     g = gd.Graph("g")
     msg = message(gd.mean, g.input("x", (3, 4)), axis=[])
     names(msg, "names no axis", "hint: use axis=None to reduce every axis")
+
+
+@pytest.mark.parametrize("axis", [0, -1, (0,), [0]])
+@pytest.mark.parametrize("reduce", [gd.sum, gd.mean])
+def test_a_0d_value_has_no_axis_to_reduce(reduce, axis):
+    """mean(x, axis=0) on a 0-d x used to build and then fail in grad + compile with an IndexError."""
+    g = gd.Graph("g")
+    msg = message(reduce, g.param("w", torch.tensor(2.0)), axis=axis)
+    names(msg, rf"^{reduce.__name__} %0\(w: f32\[\]\): axis .* is out of range for shape \[\]",
+          "hint: a 0-d value has no axes; use axis=None", HERE)
+
+
+@pytest.mark.parametrize("g_shape, ref_shape, axis, expect", [
+    ((3,), (3,), 0, r"\[3\] is not \[3\] reduced over axes \(0,\)"),
+    ((1,), (2, 3), (0, 1), r"\[1\] is not \[2,3\] reduced over axes \(0, 1\)"),
+    ((3,), (2, 3), (), r"axis=\(\) names no axis"),
+])
+def test_broadcast_like_axis_must_describe_a_reduction(g_shape, ref_shape, axis, expect):
+    """Its VJP reduces over `axis`: a g that is not such a reduction failed only in grad."""
+    g = gd.Graph("g")
+    msg = message(gd.broadcast_like, g.input("g", g_shape), g.input("ref", ref_shape), axis=axis)
+    names(msg, "^broadcast_like", expect)
+
+
+def test_numpy_integer_axes_are_axes():
+    g = gd.Graph("g")
+    out = gd.sum(g.input("x", (3, 4)), axis=np.int64(-1))
+    assert out.shape == (3,) and out.node.attrs["axis"] == (1,) and type(out.node.attrs["axis"][0]) is int
 
 
 def test_keepdims_and_mean_must_be_flags():
@@ -216,7 +254,7 @@ def test_param_value(data, expect):
     names(message(gd.Graph("g").param, "w", data), "param w", expect)
 
 
-@pytest.mark.parametrize("value, expect", [("a", "must be a Python int or float, got str"),
+@pytest.mark.parametrize("value, expect", [("a", "must be a real number such as 2 or 0.5, got str"),
                                            (torch.ones(3), "got Tensor"), (10**400, "too large for a float")])
 def test_const_value(value, expect):
     names(message(gd.Graph("g").const, value), "const: value", expect, HERE)
@@ -463,7 +501,7 @@ X_NAN = torch.tensor([[0.1, 0.2], [0.3, float("nan")], [0.5, 0.6]])
     ((torch.rand(0, 2), torch.rand(0, 1)), {}, "X and Y have no examples"),
     ((), {"validation_data": torch.rand(3, 2)}, r"validation_data must be a pair \(X_val, Y_val\), got Tensor"),
     ((), {"validation_data": (1, 2, 3)}, "validation_data must be a pair .* got tuple of length 3"),
-    ((), {"seed": 1.5}, "seed must be a whole number or None, got 1.5"),
+    ((), {"seed": 1.5}, r"seed must be a whole number in \[-9223372036854775808, 18446744073709551615\], got 1.5"),
     ((), {"schedule": 3}, "schedule must be a graphdl schedule such as gd.StepDecay"),
     ((), {"schedule": lambda epoch, lr: -lr}, "gave lr=-0.01 for epoch 1; a learning rate must be a finite number"),
     ((), {"schedule": lambda lr: lr}, r"cannot be called as schedule\(epoch, base_lr\)"),
@@ -479,7 +517,7 @@ def test_bad_fit_arguments_name_the_argument(args, kwargs, expect):
 @pytest.mark.parametrize("make, expect", [
     (lambda: gd.SGD(momentum=0.5, nesterov=torch.ones(2)), "nesterov must be True or False"),
     (lambda: gd.Linear(10**30, 2), "in_features=10{30} is too large"),
-    (lambda: gd.Linear(2, 2, dtype=torch.int64), "dtype must be a floating torch dtype such as torch.float32"),
+    (lambda: gd.Linear(2, 2, dtype=torch.int64), "Linear: dtype torch.int64 is not supported; use one of"),
     (lambda: gd.Linear(2, 2, generator=0), "generator must be a torch.Generator or None, got int"),
     (lambda: _model().to("nowhere"), "device 'nowhere' cannot hold the model"),
     (lambda: _model().evaluate(*_data(), loss=["mse"]), "loss must be a graphdl loss such as gd.MSE"),
@@ -487,6 +525,75 @@ def test_bad_fit_arguments_name_the_argument(args, kwargs, expect):
 def test_bad_layer_optimizer_and_model_settings(make, expect):
     with pytest.raises(ValueError, match=expect.replace("10{30}", "1" + "0" * 30)):
         make()
+
+
+BIG = 10**400  # a Python int no float can hold
+
+
+@pytest.mark.parametrize("make, expect", [
+    (lambda: gd.Linear(2, 2, dtype=torch.float8_e4m3fn),
+     "Linear: dtype torch.float8_e4m3fn is not supported; use one of torch.float16, torch.bfloat16, torch.float32, "
+     "torch.float64"),
+    (lambda: gd.Linear(2, 2, dtype=torch.complex64), "dtype torch.complex64 is not supported"),
+    (lambda: gd.Linear(2, 2, dtype="f32"), r"dtype 'f32' is not supported; .*did you mean torch.float32\?"),
+    (lambda: gd.SGD(lr=BIG), r"lr=10{11}\.\.\.0{8} \(401 digits\) is too large for a float; lr must be a finite "
+                             r"number in \[0.0, inf\]"),
+    (lambda: gd.SGD(lr=True), "lr must be a finite number, got True"),
+    (lambda: gd.SGD(lr=0.1 + 0j), r"lr must be a finite number, got \(0.1\+0j\)"),
+    (lambda: gd.SGD(lr=torch.tensor(0.1)), r"lr must be a finite number, got tensor\(0.1000\); pass a Python number"),
+    (lambda: gd.SGD(lr=np.float32("nan")), r"lr must be a finite number, got np.float32\(nan\)"),
+    (lambda: gd.SGD(momentum=np.float64(1.0)), r"momentum must be in \[0.0, 1.0\), got np.float64\(1.0\)"),
+    (lambda: gd.SGD(weight_decay=-BIG), "weight_decay=-10{10}.* is too large for a float"),
+    (lambda: gd.StepDecay(every=1, factor=BIG), "factor=10{11}.* is too large for a float"),
+    (lambda: gd.StepDecay(every=2.0, factor=0.5), r"every must be a whole number >= 1, got 2.0"),
+    (lambda: gd.ExponentialDecay(rate=BIG), "rate=10{11}.* is too large"),
+    (lambda: gd.CosineDecay(epochs=10, min_lr=BIG), "min_lr=10{11}.* is too large"),
+    (lambda: gd.Linear(np.int64(0), 2), "in_features must be a whole number >= 1, got np.int64\\(0\\)"),
+])
+def test_number_settings_are_checked_whatever_their_type(make, expect):
+    with pytest.raises(ValueError, match=expect.replace("10{11}", "1" + "0" * 11).replace("10{10}", "1" + "0" * 10)
+                       .replace("0{8}", "0" * 8)):
+        make()
+
+
+def test_any_finite_real_number_type_is_a_number_setting():
+    from fractions import Fraction
+    opt = gd.SGD(lr=np.float32(0.5), momentum=Fraction(1, 2), weight_decay=np.int64(0))
+    assert (opt.lr, opt.momentum, opt.weight_decay) == (0.5, 0.5, 0.0)
+    assert all(type(v) is float for v in (opt.lr, opt.momentum, opt.weight_decay))
+    step = gd.StepDecay(every=np.int64(2), factor=np.float16(0.5))
+    assert (step.every, step.factor) == (2, 0.5) and type(step.every) is int
+    layer = gd.Linear(np.int64(2), np.uint8(3))
+    assert layer.config()["in_features"] == 2 and type(layer.config()["out_features"]) is int  # JSON-able
+    X, Y = _data()
+    history = _model().fit(X, Y, optimizer=opt, epochs=np.int64(2), batch_size=np.int32(8), seed=np.uint64(2**64 - 1),
+                           schedule=lambda epoch, lr: np.float32(lr / 2), verbose=False)
+    assert history["lr"] == [0.25, 0.25]
+    g = gd.Graph("g")
+    out = gd.mul(g.input("x", (2,)), np.float32(3))  # a numpy scalar becomes a const, like a Python float
+    assert gd.compile(g.output(out) or g)(x=torch.ones(2))[0].tolist() == [3.0, 3.0]
+
+
+@pytest.mark.parametrize("kwargs, expect", [
+    ({"seed": 2**70}, "seed=1180591620717411303424 is too large; seed must be at most 18446744073709551615"),
+    ({"seed": -2**70}, "seed must be a whole number >= -9223372036854775808"),
+    ({"batch_size": 2.0}, r"batch_size must be a whole number >= 1, got 2.0"),
+    ({"schedule": lambda epoch, lr: BIG}, r"gave lr=10{11}.*\(401 digits\) for epoch 1; a learning rate must be"),
+    ({"schedule": lambda epoch, lr: float("nan")}, "gave lr=nan for epoch 1"),
+    ({"schedule": lambda epoch, lr: "0.1"}, "gave lr='0.1' for epoch 1"),
+    ({"schedule": gd.StepDecay(every=1, factor=1e300), "optimizer": gd.SGD(lr=0.0), "epochs": 3},
+     r"schedule StepDecay\(every=1, factor=1e\+300\) overflowed computing the lr for epoch 3"),
+])
+def test_fit_number_settings_and_schedule_outputs(kwargs, expect):
+    names(_fit_message(**kwargs), expect.replace("10{11}", "1" + "0" * 11))
+
+
+def test_model_file_dtypes_are_checked_by_name():
+    for name in ("float8_e4m3fn", "Tensor", "no_such_dtype"):
+        with pytest.raises(gd.GraphError, match=rf"layer 0 \(Linear\): bad settings .*{name}"):
+            gd.Sequential.from_config([{"type": "Linear", "in_features": 2, "out_features": 1, "dtype": name}])
+    model = gd.Sequential.from_config([{"type": "Linear", "in_features": 2, "out_features": 1, "dtype": "bfloat16"}])
+    assert model.layers[0].weight.dtype == torch.bfloat16
 
 
 def test_evaluate_checks_its_data_too():
@@ -548,7 +655,7 @@ def test_divergence_names_epoch_and_batch_and_keeps_the_last_finite_params(lr, m
     for name, value in model.parameters().items():
         assert torch.isfinite(value).all() and torch.equal(value, params[name]), name
     assert e.history is model.history and e.history["loss"] == losses
-    assert len(e.history["accuracy"]) == len(e.history["lr"]) == epoch - 1
+    assert len(e.history["lr"]) == epoch - 1 and "accuracy" not in e.history  # regression targets: no accuracy
 
 
 def test_an_update_that_makes_params_infinite_is_undone():
@@ -592,10 +699,13 @@ def test_an_epoch_whose_replay_stays_finite_is_rolled_back_whole(monkeypatch):
 
 
 def _doc_examples() -> list[tuple[str, str, str]]:
+    """(file name, code, printed message) for each example: the code is the whole block as
+    shown, its `# name.py` first line included, so the line numbers in a message are what
+    a reader who copies the block into that file gets."""
     doc = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
-    found = re.findall(r"```python\n# (\S+)\n(.*?)```\n\n```text\n(.*?)\n```", doc, re.S)
+    found = re.findall(r"```python\n(# (\S+)\n.*?)```\n\n```text\n(.*?)\n```", doc, re.S)
     assert len(found) >= 3
-    return found
+    return [(name, code, printed) for code, name, printed in found]
 
 
 @pytest.mark.parametrize("name, code, printed", _doc_examples(), ids=lambda v: v if v.endswith(".py") else "")

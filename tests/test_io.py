@@ -392,3 +392,120 @@ def test_a_non_path_is_a_graph_error(path, tmp_path):
                  lambda: model.save(path)):
         with pytest.raises(gd.GraphError, match="expected a file path"):
             call()
+
+
+def _trained_classifier() -> tuple[gd.Sequential, torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(4)
+    X, labels = torch.randn(30, 2, generator=gen) * 50 + 20, torch.randint(0, 3, (30,), generator=gen)
+    model = gd.Sequential(gd.Standardize().adapt(X), gd.Linear(2, 8, generator=gen), gd.Tanh(),
+                          gd.Linear(8, 3, generator=gen), gd.Softmax())
+    model.fit(X, labels, loss=gd.BCEWithLogits(), epochs=2, batch_size=8, verbose=False)
+    return model, X, labels
+
+
+def test_a_model_file_holds_every_step_from_raw_input_and_the_loss(tmp_path):
+    model, X, labels = _trained_classifier()
+    model.save(tmp_path / "clf.gdl")
+    loaded = gd.load(tmp_path / "clf.gdl")
+    assert list(loaded.state()) == list(model.state()) and "0.mean" in loaded.state()
+    assert all(torch.equal(loaded.state()[k], v) for k, v in model.state().items())
+    assert torch.equal(loaded.predict(X), model.predict(X))
+    assert loaded.loss == gd.BCEWithLogits()  # so evaluate reads predictions as logits, as fit did
+    assert loaded.evaluate(X, labels) == model.evaluate(X, labels)
+    with safetensors.safe_open(str(tmp_path / "clf.gdl"), framework="pt") as f:
+        meta = f.metadata()
+    assert meta["loss"] == "bce_with_logits"
+    # The layer list alone rebuilds the stored IR exactly.
+    assert str(gd.Sequential.from_config(json.loads(meta["layers"])).graph()) == meta["ir"]
+
+
+def test_a_loss_the_file_names_must_be_known(tmp_path):
+    model, _, _ = _trained_classifier()
+    path = tmp_path / "clf.gdl"
+    model.save(path)
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    path.write_bytes(safetensors.torch.save(tensors, metadata={**meta, "loss": "focal"}))
+    with pytest.raises(gd.GraphError, match=r"names loss 'focal', which this graphdl does not know"):
+        gd.load(path)
+
+
+@pytest.mark.parametrize("layers, differs", [
+    # the issue's file: the IR says tanh, the layer list says ReLU and adds a Sigmoid
+    ('[{"type": "Linear", "in_features": 2, "out_features": 3}, {"type": "ReLU"}, '
+     '{"type": "Linear", "in_features": 3, "out_features": 1}, {"type": "Sigmoid"}]',
+     r"line 4 of the IR is `%2: f32\[N,3\] = tanh %1  # 1:Tanh`; "
+     r"the layers build `%2: f32\[N,3\] = relu %1  # 1:ReLU`"),
+    ('[{"type": "Linear", "in_features": 2, "out_features": 3}, {"type": "Tanh"}, '
+     '{"type": "Linear", "in_features": 3, "out_features": 1}, {"type": "Sigmoid"}]',
+     r"line 7 of the IR is `return %4`; the layers build `%5: f32\[N,1\] = sigmoid %4  # 3:Sigmoid`"),
+    ('[{"type": "Linear", "in_features": 2, "out_features": 3}, {"type": "Sigmoid"}, '
+     '{"type": "Linear", "in_features": 3, "out_features": 1}]',
+     r"line 4 of the IR is `%2: .* = tanh %1  # 1:Tanh`; the layers build `.* = sigmoid %1  # 1:Sigmoid`"),
+])
+def test_a_layer_list_that_rebuilds_another_network_than_the_ir_is_rejected(tmp_path, layers, differs):
+    path = tmp_path / "m.gdl"
+    gd.Sequential(gd.Linear(2, 3), gd.Tanh(), gd.Linear(3, 1)).save(path)
+    _rewrite_layers(path, layers)  # the same params, so only the IR can tell
+    with pytest.raises(gd.GraphError, match=rf"{path}: the file's IR and its layer list disagree \({differs}\), so "
+                                            "the model would not be the network the IR describes"):
+        gd.load(path)
+    assert str(gd.load_graph(path)) == str(gd.Sequential(gd.Linear(2, 3), gd.Tanh(), gd.Linear(3, 1)).graph())
+
+
+def test_load_leaves_torch_global_rng_alone(tmp_path):
+    model = disk_model()
+    model.save(tmp_path / "disk.gdl")
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    loaded = gd.load(tmp_path / "disk.gdl")
+    gd.load_graph(tmp_path / "disk.gdl")
+    assert torch.equal(torch.get_rng_state(), before)
+    for name, t in loaded.parameters().items():  # real tensors holding the file's weights, one storage each
+        assert t.device.type == "cpu" and torch.equal(t, model.parameters()[name])
+    storages = [t.untyped_storage().data_ptr() for t in loaded.parameters().values()]
+    assert len(set(storages)) == len(storages)
+
+
+def test_loaded_weights_are_writable_tensors_of_their_own(tmp_path):
+    """A loaded model holds the tensors safetensors decoded (no second copy); training
+    writes them in place, so each load must get its own."""
+    disk_model().save(tmp_path / "disk.gdl")
+    first, second = gd.load(tmp_path / "disk.gdl"), gd.load_graph(tmp_path / "disk.gdl")
+    first.parameters()["0.weight"].add_(1.0)
+    assert torch.equal(second.params["0.weight"].data, disk_model().parameters()["0.weight"])
+    assert torch.equal(gd.load(tmp_path / "disk.gdl").parameters()["0.weight"], disk_model().parameters()["0.weight"])
+
+
+@pytest.mark.parametrize("saver", ["model", "graph", "text"])
+def test_saving_through_a_symlink_replaces_its_target_and_keeps_the_link(tmp_path, saver):
+    suffix = ".txt" if saver == "text" else ".gdl"
+    (tmp_path / "store").mkdir()
+    target = tmp_path / "store" / f"real{suffix}"
+    hop = tmp_path / "store" / f"hop{suffix}"
+    link = tmp_path / f"m{suffix}"
+    os.symlink(f"real{suffix}", hop)  # relative links, one through another
+    os.symlink(f"store/hop{suffix}", link)
+    models = [disk_model(), disk_model()]
+    models[1].parameters()["0.bias"].add_(1.0)
+    for model in models:  # the first save goes through a dangling link, the second replaces the file
+        if saver == "model":
+            model.save(link)
+        else:
+            gd.save_graph(model.graph(), link)
+        assert link.is_symlink() and hop.is_symlink() and target.is_file() and not target.is_symlink()
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == sorted([target.name, hop.name])  # no temp files
+    if saver == "model":
+        assert torch.equal(gd.load(link).parameters()["0.bias"], models[1].parameters()["0.bias"])
+    elif saver == "graph":
+        assert torch.equal(gd.load_graph(target).params["0.bias"].data, models[1].parameters()["0.bias"])
+    else:
+        assert target.read_text() == str(models[1].graph()) + "\n"
+
+
+def test_saving_through_a_link_into_a_missing_folder_names_both(tmp_path):
+    link = tmp_path / "m.gdl"
+    os.symlink("gone/m.gdl", link)
+    with pytest.raises(gd.GraphError, match=rf"cannot save to {link} \(a link to {tmp_path}/gone/m.gdl\): the folder "):
+        disk_model().save(link)
+    assert link.is_symlink()

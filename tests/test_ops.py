@@ -3,11 +3,13 @@ torch.autograd, the shape rule vs the kernel's real output, and the round trip."
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import graphdl as gd
 
@@ -45,6 +47,14 @@ CASES = [
     Case("relu", gd.relu, torch.relu, [(3, 4)], "away"),
     Case("tanh", gd.tanh, torch.tanh, [(3, 4)]),
     Case("sigmoid", gd.sigmoid, torch.sigmoid, [(3, 4)]),
+    Case("softmax", gd.softmax, lambda x: torch.softmax(x, -1), [(3, 4)]),
+    Case("softmax", lambda x: gd.softmax(x, axis=0), lambda x: torch.softmax(x, 0), [(3, 4)]),
+    Case("log_softmax", gd.log_softmax, lambda x: torch.log_softmax(x, -1), [(3, 4)]),
+    Case("log_softmax", lambda x: gd.log_softmax(x, axis=0), lambda x: torch.log_softmax(x, 0), [(3, 4)]),
+    Case("bce_with_logits", gd.bce_with_logits, F.binary_cross_entropy_with_logits, [(5, 1), (5, 1)]),
+    Case("bce_with_logits", gd.bce_with_logits,  # a target that broadcasts to the logits
+         lambda a, b: F.binary_cross_entropy_with_logits(a, b.expand_as(a)), [(3, 4), (4,)]),
+    Case("cross_entropy", gd.cross_entropy, F.cross_entropy, [(3, 4), (3, 4)]),
     Case("matmul", gd.matmul, torch.mm, [(3, 4), (4, 5)]),
     Case("transpose", gd.transpose, lambda x: x.transpose(-2, -1), [(3, 4)]),
     Case("sum", gd.sum, torch.sum, [(3, 4)]),
@@ -187,3 +197,108 @@ def test_round_trip_of_forward_and_gradient_graphs(case: Case):
         again = gd.parse(text)
         again.verify()
         assert str(again) == text
+
+
+# -- classification ops at the edges of float range ----------------------------------------
+
+
+def _loss_and_grad(op: Callable, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    g = gd.Graph("cls")
+    z = g.param("z", logits.clone())
+    y = g.input("y", tuple(target.shape), target.dtype)
+    g.output(op(z, y))
+    return gd.compile(gd.grad(g, ["z"]))(y=target)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("op, ref, logits, target", [
+    (gd.bce_with_logits, F.binary_cross_entropy_with_logits,
+     [[1000.0], [-1000.0], [1000.0], [-1000.0], [0.0]], [[1.0], [0.0], [0.0], [1.0], [1.0]]),
+    (gd.cross_entropy, F.cross_entropy,
+     [[1000.0, -1000.0, 0.0], [-1000.0, 1000.0, 0.0]], [[0.0, 1.0, 0.0], [0.0, 1.0, 0.0]]),
+], ids=["bce_with_logits", "cross_entropy"])
+def test_classification_losses_stay_finite_and_exact_for_huge_logits(op, ref, logits, target, dtype):
+    """Logits of ±1000 (confidently right and confidently wrong): no inf or NaN in the loss
+    or its gradient, and both equal PyTorch's (which computes them stably)."""
+    z = torch.tensor(logits, dtype=dtype, requires_grad=True)
+    y = torch.tensor(target, dtype=dtype)
+    loss, dz = _loss_and_grad(op, z.detach(), y)
+    want = ref(z, y)
+    (want_dz,) = torch.autograd.grad(want, z)
+    assert torch.isfinite(loss) and torch.isfinite(dz).all()
+    torch.testing.assert_close(loss, want.detach())
+    torch.testing.assert_close(dz, want_dz)
+
+
+def test_softmax_of_huge_logits_is_a_probability_row():
+    g = gd.Graph("sm")
+    z = g.input("z", (None, 3))
+    g.output(gd.softmax(z), gd.log_softmax(z))
+    p, logp = gd.compile(g)(z=torch.tensor([[1000.0, -1000.0, 0.0], [5.0, 5.0, 5.0]]))
+    torch.testing.assert_close(p, torch.tensor([[1.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3]]))
+    assert torch.isfinite(logp).all() and logp[0, 1] == -2000.0
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda g: gd.cross_entropy(g.input("z", (None, 3)), g.input("y", (None, 1))),
+     r"(?s)logits \[N,3\] and target \[N,1\] differ.*hint: give one row of class probabilities per example"),
+    (lambda g: gd.cross_entropy(g.input("z", (None,)), g.input("y", (None,))), r"must be 2-d, \[examples, classes\]"),
+    (lambda g: gd.softmax(g.input("z", (None, 3)), axis=2), r"axis=2 is not an axis of \[N,3\]"),
+    (lambda g: gd.softmax(g.input("z", (None, 3)), axis=True), r"axis=True is not an axis"),
+    (lambda g: gd.bce_with_logits(g.input("z", (None, 1)), g.input("y", (None, 2))), r"prediction \[N,1\] and "),
+])
+def test_classification_op_shape_errors(build, message):
+    with pytest.raises(gd.GraphError, match=message):
+        build(gd.Graph("g"))
+
+
+# -- shape rules accept only what the lowering and the VJP can run -----------------------------
+
+SHAPES = [(), (1,), (3,), ("N",), (2, 3), (1, 3), ("N", 3), ("N", 1), (2, 3, 4)]
+AXES = [None, 0, -1, 1, -2, 2, -3, 3, (), [], (0,), [0], (0, 1), (1, 0), (-1, 0), (0, 0), True, 1.0, (0, True)]
+ATTRS = {
+    "sum": [{"axis": a, "keepdims": k} for a in AXES for k in (False, True)],
+    "mean": [{"axis": a, "keepdims": k} for a in AXES for k in (False, True)],
+    "broadcast_like": [{"axis": a, "mean": m} for a in AXES for m in (False, True)],
+    "sum_to": [{"shape": s} for s in [(), (1,), (3,), ("N",), (1, 1), (1, 3), (2, 3), ("N", 3), (3, 4), (1, 3, 4)]],
+}
+
+
+def _accepted_builds():
+    """Every (op, input shapes, attrs) of the grid above that the op's shape rule accepts."""
+    for name, op in gd.OPS.items():
+        if op.arity == 0:
+            continue
+        for shapes in itertools.product(SHAPES, repeat=op.arity):
+            if op.arity == 3 and len({len(s) for s in shapes[1:]}) > 1:
+                continue  # addmm and mse_backward: keep the grid small
+            for attrs in ATTRS.get(name, [{}]):
+                g = gd.Graph("rule")
+                values = [g.input(f"a{i}", s, torch.float64) for i, s in enumerate(shapes)]
+                try:
+                    out = gd.ops.apply(op, *values, **attrs)
+                except gd.GraphError:
+                    continue  # refused at build time, as it should be if anything below would fail
+                yield g, out, shapes
+
+
+def test_every_build_a_shape_rule_accepts_compiles_differentiates_and_runs():
+    """`mean(x, axis=0)` on a 0-d x used to build and then fail in grad + compile with an
+    IndexError: a rule must refuse what the lowering or the VJP cannot run."""
+    gen = torch.Generator().manual_seed(0)
+    n = 5  # the symbolic N, bound at run time
+    accepted = 0
+    for g, out, shapes in _accepted_builds():
+        feeds = {f"a{i}": 0.5 + torch.rand([n if d == "N" else d for d in s], generator=gen, dtype=torch.float64)
+                 for i, s in enumerate(shapes)}
+        g.output(gd.sum(out))
+        g.output(out)
+        loss, result = gd.compile(g)(**feeds)
+        assert tuple(result.shape) == tuple(n if d == "N" else d for d in out.shape), str(g)
+        if out.node.op.vjp is not None:
+            gg = gd.grad(g, list(feeds))
+            grads = gd.compile(gg)(**feeds)[2:]
+            assert [tuple(t.shape) for t in grads] == [tuple(f.shape) for f in feeds.values()], str(gg)
+            assert str(gd.parse(str(gg))) == str(gg)
+        accepted += 1
+    assert accepted > 500  # the grid exercises the rules, not only their refusals

@@ -73,6 +73,23 @@ def test_step_updates_params_that_require_grad_or_were_made_in_inference_mode():
     assert torch.equal(leaf.detach(), torch.zeros(2)) and torch.equal(frozen, torch.zeros(2))
 
 
+def test_a_mixed_dtype_param_list_updates_every_param():
+    """The fused kernel takes one dtype a call; a float16 param after a float32 one must move too."""
+    params = [torch.ones(64), torch.ones(64, dtype=torch.float16), torch.ones(64, dtype=torch.float64)]
+    gd.SGD(lr=0.5).step(params, [torch.ones_like(p) for p in params])
+    assert all(torch.equal(p, torch.full_like(p, 0.5)) for p in params)
+
+
+def test_nothing_to_train_is_a_no_op_and_velocities_must_fit_their_params():
+    gd.SGD(lr=0.1, momentum=0.9).step([], [])
+    opt = gd.SGD(lr=0.1, momentum=0.9)
+    opt.step([torch.ones(3)], [torch.ones(3)])
+    with pytest.raises(ValueError, match=r"velocity kept for it is torch.float32\[3\].*call reset\(params\)"):
+        opt.step([torch.ones(4)], [torch.ones(4)])
+    with pytest.raises(ValueError, match="SGD updates floating-point params only"):
+        gd.SGD().step([torch.ones(3, dtype=torch.int64)], [torch.ones(3, dtype=torch.int64)])
+
+
 @pytest.mark.parametrize("planned", [True, False], ids=["plan", "update"])
 def test_fused_update_of_small_params_runs_on_one_thread(monkeypatch, planned):
     """torch's fused CPU kernel forks every thread for each tensor: 115-210 µs for the disk

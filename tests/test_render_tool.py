@@ -135,3 +135,14 @@ def test_bad_requests_fail_in_one_line(tmp_path, model_file, capsys):
 def test_installed_as_a_console_script():
     pyproject = (ROOT / "pyproject.toml").read_text()  # tomllib is 3.11+, and graphdl supports 3.10
     assert re.search(r'\[project\.scripts\]\ngraphdl-render = "graphdl\.cli:render_main"\n', pyproject)
+
+
+def test_grad_of_a_model_file_differentiates_its_trainable_params_under_its_loss(tmp_path, capsys):
+    X = torch.rand(10, 2)
+    model = gd.Sequential(gd.Standardize().adapt(X), gd.Linear(2, 3), gd.Softmax())
+    model.loss = gd.CrossEntropy()
+    model.save(tmp_path / "clf.gdl")
+    assert render_main([str(tmp_path / "clf.gdl"), "-o", str(tmp_path / "g.dot"), "--grad"]) == 0
+    source = (tmp_path / "g.dot").read_text()
+    assert "d/d1.weight" in source and "d/d1.bias" in source and "cross_entropy" in source
+    assert "d/d0.mean" not in source and "d/d0.std" not in source  # Standardize's statistics are not trained

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import inspect
 import math
+import pydoc
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -20,7 +23,7 @@ def _torch_twin(model: gd.Sequential) -> torch.nn.Sequential:
     layers = []
     for layer in model.layers:
         if isinstance(layer, gd.Linear):
-            lin = torch.nn.Linear(layer.in_features, layer.out_features)
+            lin = torch.nn.Linear(layer.in_features, layer.out_features, dtype=layer.weight.dtype)
             with torch.no_grad():
                 lin.weight.copy_(layer.weight.T)
                 lin.bias.copy_(layer.bias)
@@ -234,7 +237,355 @@ def test_losses_with_different_settings_get_their_own_compiled_functions():
     one, three = model.evaluate(X, Y, loss=_Scaled(1.0)), model.evaluate(X, Y, loss=_Scaled(3.0))
     assert three["loss"] == pytest.approx(3 * one["loss"])
     assert one["loss"] == pytest.approx(model.evaluate(X, Y, loss=gd.MSE())["loss"])
-    assert one["accuracy"] == three["accuracy"]
+    assert "accuracy" not in one  # regression targets: no accuracy unless asked for
+
+
+# -- classification: losses against PyTorch, accuracy, metrics --------------------------------
+
+
+def _classifier(gen: torch.Generator, outputs: int, dtype: torch.dtype) -> gd.Sequential:
+    return gd.Sequential(gd.Linear(2, 6, generator=gen, dtype=dtype), gd.Tanh(),
+                         gd.Linear(6, outputs, generator=gen, dtype=dtype))
+
+
+def _torch_sgd_losses(twin: torch.nn.Module, criterion: Callable, X: torch.Tensor, Y: torch.Tensor, epochs: int,
+                      batch_size: int, lr: float, momentum: float) -> list[float]:
+    """Per-epoch mean batch loss of plain torch training, batches in order."""
+    opt = torch.optim.SGD(twin.parameters(), lr=lr, momentum=momentum)
+    losses = []
+    for _ in range(epochs):
+        total = 0.0
+        for s in range(0, len(X), batch_size):
+            opt.zero_grad()
+            value = criterion(twin(X[s:s + batch_size]), Y[s:s + batch_size])
+            value.backward()
+            opt.step()
+            total += value.item() * len(X[s:s + batch_size])
+        losses.append(total / len(X))
+    return losses
+
+
+def _assert_follows_torch(model: gd.Sequential, X: torch.Tensor, Y: torch.Tensor, loss: gd.Loss,
+                         criterion: torch.nn.Module, lr: float) -> gd.History:
+    """Train `model` and its torch twin (same weights, torch.optim.SGD, momentum 0.9, batches
+    of 7 in order, 4 epochs): the per-epoch losses and the final weights agree."""
+    twin = _torch_twin(model)
+    history = model.fit(X, Y, loss=loss, optimizer=gd.SGD(lr=lr, momentum=0.9), epochs=4, batch_size=7,
+                        shuffle=False, verbose=False)
+    expected = _torch_sgd_losses(twin, criterion, X, Y, 4, 7, lr, 0.9)
+    tol = 1e-5 if X.dtype == torch.float32 else 1e-12
+    assert history["loss"] == pytest.approx(expected, rel=tol, abs=tol)
+    linears = [m for m in twin if isinstance(m, torch.nn.Linear)]
+    for layer, lin in zip([m for m in model.layers if isinstance(m, gd.Linear)], linears):
+        torch.testing.assert_close(layer.weight, lin.weight.detach().T, rtol=tol, atol=tol)
+        torch.testing.assert_close(layer.bias, lin.bias.detach(), rtol=tol, atol=tol)
+    return history
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("outputs", [1, 3], ids=["binary", "multi-label"])
+def test_bce_with_logits_training_follows_torch(dtype, outputs):
+    gen = torch.Generator().manual_seed(11)
+    X = torch.randn(30, 2, generator=gen, dtype=dtype) * 3
+    Y = (torch.rand(30, outputs, generator=gen) > 0.5).to(dtype)
+    _assert_follows_torch(_classifier(gen, outputs, dtype), X, Y, gd.BCEWithLogits(), torch.nn.BCEWithLogitsLoss(),
+                          lr=0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("targets", ["one-hot", "probabilities", "labels"])
+def test_cross_entropy_training_follows_torch(dtype, targets):
+    gen = torch.Generator().manual_seed(12)
+    X = torch.randn(30, 2, generator=gen, dtype=dtype)
+    labels = torch.randint(0, 3, (30,), generator=gen)
+    Y = {"one-hot": torch.nn.functional.one_hot(labels, 3).to(dtype),
+         "probabilities": torch.softmax(torch.randn(30, 3, generator=gen, dtype=dtype), 1),
+         "labels": labels}[targets]
+    history = _assert_follows_torch(_classifier(gen, 3, dtype), X, Y, gd.CrossEntropy(), torch.nn.CrossEntropyLoss(),
+                                    lr=0.3)
+    assert "accuracy" in history  # one-hot rows, probability rows and labels: class targets for CrossEntropy
+
+
+def test_integer_labels_train_exactly_as_one_hot_rows():
+    def trained(Y: torch.Tensor) -> gd.Sequential:
+        gen = torch.Generator().manual_seed(3)
+        model = _classifier(gen, 3, torch.float32)
+        model.fit(X, Y, loss=gd.CrossEntropy(), epochs=2, batch_size=4, seed=0, verbose=False)
+        return model
+    X, labels = torch.randn(12, 2), torch.arange(12) % 3
+    a, b = trained(labels), trained(torch.nn.functional.one_hot(labels, 3).float())
+    assert all(torch.equal(a.parameters()[k], b.parameters()[k]) for k in a.parameters())
+    assert a.evaluate(X, labels) == b.evaluate(X, torch.nn.functional.one_hot(labels, 3).float())
+    with pytest.raises(ValueError, match="holds class label 3, but the model has 3 outputs, so labels run from 0 to 2"):
+        a.evaluate(X, labels + 1)
+    binary = gd.Sequential(gd.Linear(2, 1))
+    assert binary.evaluate(X, labels % 2) == binary.evaluate(X, (labels % 2).float().unsqueeze(1))
+    with pytest.raises(ValueError, match="holds class label 2, but the model has 1 output, so labels run from 0 to 1"):
+        binary.fit(X, labels, verbose=False)
+
+
+def _identity_model() -> gd.Sequential:
+    """One output equal to the one input: predictions are whatever X says."""
+    model = gd.Sequential(gd.Linear(1, 1))
+    model.layers[0].weight.fill_(1.0)
+    model.layers[0].bias.zero_()
+    return model
+
+
+def test_accuracy_reads_predictions_as_the_loss_says():
+    model = _identity_model()
+    X = torch.tensor([[0.3], [-0.2], [0.7], [0.1]])  # logits or outputs
+    Y = torch.tensor([[1.0], [0.0], [1.0], [0.0]])
+    assert model.evaluate(X, Y, loss=gd.BCEWithLogits())["accuracy"] == 0.75  # above 0 is class 1: 0.1 is wrong
+    assert model.evaluate(X, Y, loss=gd.MSE())["accuracy"] == 0.75  # above 0.5 is class 1: 0.3 is wrong
+    assert model.evaluate(X, Y, loss=gd.BCEWithLogits())["error"] == pytest.approx(0.25)
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.1, 5.0]])
+    assert gd.train.accuracy(logits, torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), "argmax") == 0.5
+    assert gd.train.accuracy(logits, torch.tensor([[0.6, 0.4, 0.0], [0.2, 0.1, 0.7]]), "argmax") == 1.0
+
+
+def test_metrics_are_counted_exactly_whatever_the_dtype():
+    """3001 predictions, 1501 right: in float16 a mean would round (to 0.5 or 0.5005);
+    the count is exact."""
+    pred = torch.cat([torch.ones(1501, 1), torch.zeros(1500, 1)]).half()
+    assert gd.train.accuracy(pred, torch.ones(3001, 1).half()) == 1501 / 3001
+    assert gd.train.METRICS["mse"](pred, torch.zeros(3001, 1).half(), "threshold") == 1501 / 3001
+
+
+def _sine() -> tuple[torch.Tensor, torch.Tensor]:
+    X = torch.linspace(-3, 3, 40).unsqueeze(1)
+    return X, torch.sin(X)
+
+
+def test_regression_reports_no_accuracy_unless_asked(capsys):
+    X, Y = _sine()
+    model = gd.Sequential(gd.Linear(1, 8), gd.Tanh(), gd.Linear(8, 1))
+    history = model.fit(X, Y, epochs=2, batch_size=8, validation_data=(X, Y), verbose=True)
+    assert set(history) == {"loss", "val_loss", "lr"}
+    assert history["accuracy"] == [] and history["val_accuracy"] == []  # unmeasured metrics read as empty
+    with pytest.raises(KeyError):
+        history["los"]
+    out = capsys.readouterr().out
+    assert "loss:" in out and "accuracy" not in out
+    assert set(model.evaluate(X, Y)) == {"loss"}
+    history = model.fit(X, Y, epochs=2, batch_size=8, validation_data=(X, Y), metrics=["mse", "mae"], verbose=False)
+    assert list(history) == ["loss", "mse", "mae", "val_loss", "val_mse", "val_mae", "lr"]
+    scores = model.evaluate(X, Y, metrics=["mae", "accuracy"])
+    pred = model.predict(X).double()
+    assert scores["mae"] == pytest.approx(float((pred - Y.double()).abs().mean()), rel=1e-12)
+    assert history["val_mse"][-1] == pytest.approx(float(((pred - Y.double()) ** 2).mean()), rel=1e-12)
+    assert scores["error"] == pytest.approx(1 - scores["accuracy"])
+
+
+@pytest.mark.parametrize("Y, loss, reported", [
+    (torch.tensor([[0.0], [1.0], [1.0], [0.0]]), gd.MSE(), True),
+    (torch.tensor([[0.0], [1.0], [1.0], [0.5]]), gd.MSE(), False),
+    (torch.tensor([[0.0], [1.0], [1.0], [0.0]]), gd.BCEWithLogits(), True),
+    (torch.tensor([[0.0, 1.0], [1.0, 1.0], [1.0, 0.0], [0.0, 0.0]]), gd.BCEWithLogits(), True),  # multi-label
+    (torch.tensor([[0.2, 0.8], [0.5, 0.5], [1.0, 0.0], [0.0, 1.0]]), gd.CrossEntropy(), True),  # probabilities
+    (torch.tensor([[0.2, 0.8], [0.5, 0.5], [1.0, 0.0], [0.0, 1.0]]), gd.MSE(), False),
+    (torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), gd.MSE(), True),  # one-hot rows
+    (torch.tensor([[0.0, 1.0], [1.0, 1.0], [1.0, 0.0], [0.0, 1.0]]), gd.CrossEntropy(), False),  # rows sum to 2
+])
+def test_accuracy_is_reported_by_default_only_for_class_labels(Y, loss, reported):
+    model = gd.Sequential(gd.Linear(2, Y.shape[1]))
+    X = torch.rand(4, 2)
+    history = model.fit(X, Y, loss=loss, epochs=1, verbose=False)
+    assert ("accuracy" in history) == reported
+    assert ("accuracy" in model.evaluate(X, Y, loss=loss)) == reported == ("error" in model.evaluate(X, Y, loss=loss))
+    assert set(model.evaluate(X, Y, loss=loss, metrics=[])) == {"loss"}
+
+
+@pytest.mark.parametrize("metrics", ["accuracy", ["accuracy", "accuracy"], ["f1"], [gd.MSE()], 3])
+def test_bad_metrics_name_the_argument(metrics):
+    model = gd.Sequential(gd.Linear(2, 1))
+    with pytest.raises(ValueError, match=r"metrics must be a list of distinct metric names from 'accuracy', 'mse'"):
+        model.fit(torch.rand(4, 2), torch.rand(4, 1), metrics=metrics, verbose=False)
+
+
+def test_evaluate_and_fit_default_to_the_loss_the_model_was_trained_with():
+    gen = torch.Generator().manual_seed(0)
+    X, labels = torch.randn(20, 2, generator=gen), torch.randint(0, 3, (20,), generator=gen)
+    model = _classifier(gen, 3, torch.float32)
+    assert model.loss is None
+    model.fit(X, labels, loss=gd.CrossEntropy(), epochs=1, verbose=False)
+    assert model.loss == gd.CrossEntropy()
+    assert model.evaluate(X, labels) == model.evaluate(X, labels, loss=gd.CrossEntropy())
+    assert model.evaluate(X, labels)["loss"] != model.evaluate(X, labels, loss=gd.MSE())["loss"]
+    history = model.fit(X, labels, epochs=1, shuffle=False, verbose=False)  # still cross-entropy
+    twin_loss = torch.nn.CrossEntropyLoss()(_torch_twin(model)(X), labels).item()
+    assert model.evaluate(X, labels)["loss"] == pytest.approx(twin_loss, rel=1e-5) and history.epochs == 1
+
+
+def test_softmax_layer_outputs_probability_rows():
+    gen = torch.Generator().manual_seed(1)
+    logits = _classifier(gen, 4, torch.float32)
+    probs = gd.Sequential(*logits.layers, gd.Softmax())
+    X = torch.randn(9, 2, generator=gen)
+    torch.testing.assert_close(probs.predict(X), torch.softmax(logits.predict(X), 1))
+    assert str(probs.graph()).splitlines()[-3:-1] == ["  %5: f32[N,4] = softmax %4  # 3:Softmax", "  return %5"]
+
+
+# -- Standardize: preprocessing inside the model ------------------------------------------------
+
+
+def test_standardize_adapts_to_the_data_in_float64():
+    X = torch.tensor([[1e4 + 0.5, -2.0], [1e4 + 1.5, 0.0], [1e4 + 2.5, 5.0]], dtype=torch.float32)
+    layer = gd.Standardize().adapt(X)
+    assert isinstance(layer, gd.Standardize) and layer.in_features == layer.out_features == 2
+    ref = X.double()
+    torch.testing.assert_close(layer.mean, ref.mean(0).float(), rtol=0, atol=0)
+    torch.testing.assert_close(layer.std, ref.std(0, correction=0).float(), rtol=0, atol=0)  # population std
+    out = gd.Sequential(layer).predict(X)
+    torch.testing.assert_close(out, ((ref - ref.mean(0)) / ref.std(0, correction=0)).float())
+
+
+def test_a_constant_feature_is_centred_not_divided_by_zero():
+    X = torch.tensor([[3.0, 1.0], [3.0, 2.0], [3.0, 4.0]])
+    layer = gd.Standardize().adapt(X)
+    assert layer.std[0] == 1.0
+    out = gd.Sequential(layer).predict(torch.tensor([[3.0, 1.0], [5.0, 1.0]]))
+    assert torch.isfinite(out).all() and out[:, 0].tolist() == [0.0, 2.0]
+    assert gd.Standardize().adapt(torch.ones(1, 3)).std.tolist() == [1.0, 1.0, 1.0]  # one example
+
+
+@pytest.mark.parametrize("X, message", [
+    (torch.tensor([[1.0, float("nan")], [2.0, 3.0]]), r"X has NaN or inf values, first at X\[0, 1\] = nan"),
+    (torch.tensor([[1.0, 2.0], [float("inf"), 3.0]]), r"first at X\[1, 0\] = inf"),
+    (torch.ones(3), r"2-d torch.Tensor \[examples, features\].*got shape \[3\]"),
+    (torch.ones(0, 2), "at least one example"),
+    ([[1.0, 2.0]], "got list"),
+    (torch.ones(3, 2, device="meta"), "X is on the meta device"),
+    (torch.ones(3, 2, dtype=torch.complex64), "X is complex"),
+    (torch.eye(2).to_sparse(), "X is a sparse_coo tensor"),
+])
+def test_adapt_refuses_data_it_cannot_learn_from(X, message):
+    with pytest.raises(ValueError, match=message):
+        gd.Standardize().adapt(X)
+    layer = gd.Standardize(2)
+    with pytest.raises(ValueError, match="X has 3 features but this Standardize takes 2"):
+        layer.adapt(torch.ones(4, 3))
+
+
+def _standardized(gen: torch.Generator, X: torch.Tensor) -> gd.Sequential:
+    return gd.Sequential(gd.Standardize().adapt(X), gd.Linear(2, 5, generator=gen), gd.Tanh(),
+                         gd.Linear(5, 1, generator=gen))
+
+
+def test_standardize_statistics_are_not_trained():
+    gen = torch.Generator().manual_seed(2)
+    X = torch.rand(40, 2, generator=gen) * 10 + 5
+    Y = (X[:, :1] > 10).float()
+    model = _standardized(gen, X)
+    stats = {k: v.clone() for k, v in model.state().items() if k.startswith("0.")}
+    assert list(model.parameters()) == ["1.weight", "1.bias", "3.weight", "3.bias"]
+    assert list(model.state()) == ["0.mean", "0.std", *model.parameters()]
+    model.fit(X, Y, loss=gd.BCEWithLogits(), optimizer=gd.SGD(lr=0.5, momentum=0.9, weight_decay=0.1), epochs=3,
+              batch_size=8, verbose=False)
+    assert all(torch.equal(model.state()[k], v) for k, v in stats.items())
+    step = model._cache[("step", gd.BCEWithLogits())].graph
+    assert "0.mean" in step.params and not any("0.mean" in label for label in step.output_labels)
+    text = str(model.graph())
+    assert "0.mean: f32[2], 0.std: f32[2]" in text and "= sub x, 0.mean  # 0:Standardize" in text
+    dot = gd.to_dot(model.graph()).source
+    assert 'label="0.mean\\nf32[2]"' in dot and 'label="0.std\\nf32[2]"' in dot
+
+
+def test_standardize_trains_like_torch_on_standardised_inputs():
+    """The same net, once with Standardize inside and raw inputs, once without it and
+    inputs standardised by hand: the same training, to float tolerance."""
+    gen = torch.Generator().manual_seed(5)
+    X = torch.rand(30, 2, generator=gen, dtype=torch.float64) * 100
+    Y = torch.randint(0, 3, (30,), generator=gen)
+    inside = gd.Sequential(gd.Standardize(dtype=torch.float64).adapt(X), *_classifier(gen, 3, torch.float64).layers)
+    twin = _torch_twin(gd.Sequential(*inside.layers[1:]))
+    history = inside.fit(X, Y, loss=gd.CrossEntropy(), optimizer=gd.SGD(lr=0.2, momentum=0.5), epochs=3,
+                         batch_size=7, shuffle=False, verbose=False)
+    scaled = (X - X.mean(0)) / X.std(0, correction=0)
+    expected = _torch_sgd_losses(twin, torch.nn.CrossEntropyLoss(), scaled, Y, 3, 7, 0.2, 0.5)
+    assert history["loss"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_adapting_again_after_fit_is_seen_by_the_compiled_model():
+    gen = torch.Generator().manual_seed(3)
+    X = torch.rand(20, 2, generator=gen)
+    model = _standardized(gen, X)
+    model.fit(X, torch.rand(20, 1, generator=gen), epochs=1, verbose=False)
+    before = model.predict(X)
+    layer = model.layers[0]
+    layer.adapt(X * 3 + 1)  # new tensors in the layer's slots, which the compiled functions read
+    after = model.predict(X)
+    bare = gd.Sequential(*model.layers[1:])
+    torch.testing.assert_close(after, bare.predict((X - layer.mean) / layer.std))
+    assert not torch.allclose(before, after)
+
+
+def test_standardize_without_statistics_says_to_adapt():
+    model = gd.Sequential(gd.Standardize(), gd.Linear(2, 1))
+    with pytest.raises(gd.GraphError, match=r"Standardize has no statistics yet; call .adapt\(X\)"):
+        model.predict(torch.rand(3, 2))
+    identity = gd.Sequential(gd.Standardize(2))
+    assert torch.equal(identity.predict(torch.tensor([[1.0, -2.0]])), torch.tensor([[1.0, -2.0]]))
+
+
+# -- threads ---------------------------------------------------------------------------------------
+
+
+class _ThreadsSeen(gd.Schedule):
+    """A schedule that records torch's thread count each epoch (fit calls it inside training)."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def __call__(self, epoch: int, base_lr: float) -> float:
+        self.seen.append(torch.get_num_threads())
+        return base_lr
+
+
+@pytest.mark.parametrize("width, threads, inside", [(4, None, 1), (4, 2, 2), (4, 1, 1), (1100, None, 3)])
+def test_fit_picks_threads_by_the_work_and_restores_them(width, threads, inside):
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        model = gd.Sequential(gd.Linear(2, width), gd.Tanh(), gd.Linear(width, width), gd.Linear(width, 1))
+        seen = _ThreadsSeen()
+        X, Y = torch.rand(8, 2), torch.rand(8, 1)
+        model.fit(X, Y, schedule=seen, epochs=2, batch_size=8, threads=threads, verbose=False)
+        assert seen.seen == [inside, inside] and torch.get_num_threads() == 3
+        with pytest.raises(FloatingPointError):  # restored when training stops early, too
+            model.fit(X, Y * 1e30, optimizer=gd.SGD(lr=1e10), epochs=2, threads=threads, verbose=False)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("threads", [0, -1, 1.5, True, "2"])
+def test_bad_threads_name_the_argument(threads):
+    model = gd.Sequential(gd.Linear(2, 1))
+    for call in (lambda: model.fit(torch.rand(4, 2), torch.rand(4, 1), threads=threads, verbose=False),
+                 lambda: model.predict(torch.rand(4, 2), threads=threads),
+                 lambda: model.evaluate(torch.rand(4, 2), torch.rand(4, 1), threads=threads)):
+        with pytest.raises(ValueError, match="threads must be a whole number >= 1"):
+            call()
+
+
+# -- the first hour: help() shows what fit, predict and evaluate take ------------------------------
+
+
+@pytest.mark.parametrize("method, names", [
+    ("fit", ["X", "Y", "loss", "optimizer", "schedule", "epochs", "batch_size", "shuffle", "validation_data", "seed",
+             "verbose", "metrics", "threads"]),
+    ("predict", ["X", "threads"]),
+    ("evaluate", ["X", "Y", "loss", "metrics", "threads"]),
+])
+def test_methods_show_their_real_signatures_and_docs(method, names):
+    fn = getattr(gd.Sequential, method)
+    params = inspect.signature(fn).parameters
+    assert list(params)[1:] == names
+    assert all(p.kind is p.POSITIONAL_OR_KEYWORD for p in params.values())  # no **kwargs hiding them
+    doc = pydoc.render_doc(fn, renderer=pydoc.plaintext)
+    for name in names:
+        assert f"{name}:" in doc or f"{name}, " in doc, name
 
 
 # -- params are live: what a layer is given is what predict, fit and save use ---------------
@@ -261,12 +612,30 @@ def test_a_layer_given_a_new_tensor_is_one_model_everywhere(tmp_path):
     torch.testing.assert_close(gd.load(tmp_path / "m.gdl").predict(X), model.predict(X), rtol=0, atol=0)
 
 
-def test_a_layer_given_a_tensor_of_another_shape_rebuilds_and_names_the_layer():
+def test_a_layer_given_a_tensor_of_another_dtype_rebuilds_and_names_the_layer():
     model = _net(torch.Generator().manual_seed(0))
     model.predict(torch.rand(3, 2))
-    model.layers[2].weight = torch.zeros(5, 6)  # transposed by mistake
-    with pytest.raises(gd.GraphError, match=r"matmul .* inner dims differ .*\n  created at .*\(in layer 2:Linear\)"):
+    model.layers[2].weight = torch.zeros(6, 5, dtype=torch.float64)
+    with pytest.raises(gd.GraphError, match=r"matmul .* dtypes differ .*\n  created at .*\(in layer 2:Linear\)"):
         model.predict(torch.rand(3, 2))
+
+
+def test_changing_the_layer_list_itself_rebuilds_the_compiled_functions():
+    gen = torch.Generator().manual_seed(4)
+    X, Y = torch.rand(6, 2, generator=gen), torch.rand(6, 1, generator=gen)
+    model = _net(gen)
+    model.predict(X)
+    model.fit(X, Y, epochs=1, verbose=False)
+    model.layers[1] = gd.ReLU()  # same shapes, another function
+    model.layers[0] = gd.Linear(2, 6, generator=gen)
+    model.layers.append(gd.Sigmoid())
+    twin = _torch_twin(model)
+    torch.testing.assert_close(model.predict(X), twin(X).detach())
+    model.fit(X, Y, optimizer=gd.SGD(lr=0.1), epochs=1, batch_size=6, verbose=False)
+    opt = torch.optim.SGD(twin.parameters(), lr=0.1)
+    torch.nn.functional.mse_loss(twin(X), Y).backward()
+    opt.step()
+    torch.testing.assert_close(model.layers[0].weight, twin[0].weight.detach().T)
 
 
 def test_a_graph_from_the_model_shares_its_params():
@@ -309,3 +678,95 @@ def test_meta_data_and_meta_models_are_refused_saying_why(tmp_path):
     with pytest.raises(gd.GraphError, match="meta device"):
         model.save(tmp_path / "meta.gdl")
     assert not (tmp_path / "meta.gdl").exists()
+
+
+# -- bookkeeping in float32 or wider, whatever the model's dtype ------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["f16", "bf16"])
+def test_a_batch_of_65536_trains_in_low_precision(dtype):
+    """65,536 is inf in float16: the batch's weight in the epoch's mean loss made a finite
+    epoch look diverged. The epoch loss and the update follow a float64 reference."""
+    gen = torch.Generator().manual_seed(0)
+    n = 65536 + 8  # a full batch and a partial one
+    X = torch.rand(n, 2, generator=gen).to(dtype)
+    Y = torch.rand(n, 1, generator=gen).to(dtype)
+    model = gd.Sequential(gd.Linear(2, 1, generator=gen, dtype=dtype))
+    w, b = (t.double().requires_grad_() for t in model.parameters().values())
+    losses = []
+    for s in range(0, n, 65536):
+        loss = ((X[s:s + 65536].double() @ w + b - Y[s:s + 65536].double()) ** 2).mean()
+        gw, gb = torch.autograd.grad(loss, [w, b])
+        losses.append(loss.item())
+        with torch.no_grad():
+            w -= 0.1 * gw
+            b -= 0.1 * gb
+    history = model.fit(X, Y, optimizer=gd.SGD(lr=0.1), epochs=1, batch_size=65536, shuffle=False, verbose=False)
+    eps = torch.finfo(dtype).eps
+    assert history["loss"] == pytest.approx([(losses[0] * 65536 + losses[1] * 8) / n], rel=4 * eps)
+    torch.testing.assert_close(model.layers[0].weight.double(), w.detach(), rtol=4 * eps, atol=4 * eps)
+    assert model.layers[0].weight.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["f16", "bf16", "f32"])
+@pytest.mark.parametrize("outputs", [1, 2], ids=["threshold", "argmax"])
+def test_accuracy_and_error_are_exact_counts(dtype, outputs):
+    """9 wrong out of 1,000 is reported as 0.991 and 0.009 exactly, not the mean of 0/1s in
+    the model's dtype (bfloat16 gave 0.98828125)."""
+    labels = torch.arange(1000) % 2
+    wrong = torch.zeros(1000, dtype=torch.bool)
+    wrong[torch.arange(9) * 101] = True
+    predicted = torch.where(wrong, 1 - labels, labels)
+    if outputs == 1:  # the identity: predictions are the inputs
+        X, Y = predicted.to(dtype)[:, None], labels.to(dtype)[:, None]
+    else:
+        X, Y = torch.eye(2, dtype=dtype)[predicted], torch.eye(2, dtype=dtype)[labels]
+    model = gd.Sequential(gd.Linear(outputs, outputs, dtype=dtype))
+    model.layers[0].weight = torch.eye(outputs, dtype=dtype)
+    model.layers[0].bias = torch.zeros(outputs, dtype=dtype)
+    scores = model.evaluate(X, Y)
+    assert (scores["accuracy"], scores["error"]) == (0.991, 0.009)
+    history = model.fit(X, Y, optimizer=gd.SGD(lr=0.0), epochs=1, validation_data=(X, Y), verbose=False)
+    assert history["accuracy"] == history["val_accuracy"] == [0.991]
+
+
+def test_a_layer_too_big_for_memory_says_so_instead_of_failing_in_the_allocator():
+    with pytest.raises(ValueError, match=r"Linear\(100000, 1000000\) needs 373 GiB .* use smaller widths"):
+        gd.Linear(100_000, 1_000_000)
+
+
+def test_standardize_scales_a_small_feature_and_refuses_a_std_its_dtype_cannot_hold():
+    gen = torch.Generator().manual_seed(0)
+    X = torch.stack([torch.randn(500, generator=gen), 3e-5 + 1e-6 * torch.randn(500, generator=gen)], 1)
+    out = gd.Sequential(gd.Standardize().adapt(X)).predict(X)
+    torch.testing.assert_close(out.double().std(0, correction=0), torch.ones(2, dtype=torch.float64), rtol=1e-5, atol=0)
+    assert torch.equal(gd.Standardize().adapt(torch.full((4, 2), 0.1)).std, torch.ones(2))  # constant: left as is
+    with pytest.raises(ValueError, match=r"feature 1 has std 1e-09, which torch.float16 cannot hold"):
+        gd.Standardize(dtype=torch.float16).adapt(torch.tensor([[0.0, 1.0], [1.0, 1.0 + 2e-9]], dtype=torch.float64))
+
+
+def test_cross_entropy_in_float16_sums_rows_without_overflow():
+    """100,000 rows at loss ~1.25 sum past float16's 65,504: the mean must still be right."""
+    gen = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(100_000, 4, generator=gen).half(), torch.randint(0, 3, (100_000,), generator=gen)
+    model = gd.Sequential(gd.Linear(4, 3, generator=gen, dtype=torch.float16))
+    logits = X.float() @ model.layers[0].weight.float() + model.layers[0].bias.float()
+    want = torch.nn.functional.cross_entropy(logits, Y)
+    assert model.evaluate(X, Y, loss=gd.CrossEntropy())["loss"] == pytest.approx(float(want), rel=2e-3)
+    history = model.fit(X, Y, loss=gd.CrossEntropy(), optimizer=gd.SGD(lr=0.0), batch_size=100_000, verbose=False)
+    assert history["loss"][0] == pytest.approx(float(want), rel=2e-3)
+
+
+def test_cross_entropy_needs_two_classes_and_says_what_to_use_instead():
+    model = gd.Sequential(gd.Linear(2, 1))
+    with pytest.raises(gd.GraphError, match=r"1 class; cross-entropy needs at least 2.*\n  created at .*test_train.py"
+                                            r".*\n  hint: .*gd.BCEWithLogits\(\)"):
+        model.fit(torch.rand(4, 2), torch.tensor([0, 1, 0, 1]), loss=gd.CrossEntropy(), verbose=False)
+
+
+def test_a_model_with_nothing_to_train_fits_as_a_no_op():
+    X, Y = torch.rand(5, 2), torch.rand(5, 2)
+    model = gd.Sequential(gd.Standardize().adapt(X))
+    before = {k: t.clone() for k, t in model.state().items()}
+    history = model.fit(X, Y, optimizer=gd.SGD(lr=0.1, momentum=0.9), epochs=2, verbose=False)
+    assert len(history["loss"]) == 2 and all(torch.equal(t, before[k]) for k, t in model.state().items())

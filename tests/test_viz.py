@@ -182,3 +182,59 @@ def test_svg_drawn_by_dot_shows_every_op(tmp_path):
 def test_binary_formats(tmp_path, fmt, magic):
     out = gd.render(mlp(), tmp_path / f"g.{fmt}", hide_params=True, collapse_layers=True)
     assert out.read_bytes().startswith(magic)
+
+
+def test_gradient_outputs_are_labelled_with_their_param():
+    found = boxes(gd.to_dot(gd.grad(mlp(), ["0.weight", "2.bias"])).source)
+    assert found["out0"]["label"] == "output 0\\nf32[]"
+    assert found["out1"]["label"] == "output 1: d/d0.weight\\nf32[2,3]"
+    assert found["out2"]["label"] == "output 2: d/d2.bias\\nf32[1]"
+
+
+def test_graphs_and_models_display_in_jupyter(dot_program):
+    model = gd.Sequential(gd.Standardize(2), gd.Linear(2, 3), gd.Softmax())
+    for obj, text in ((mlp(), str(mlp())), (model, repr(model))):
+        bundle = obj._repr_mimebundle_()
+        assert bundle["text/plain"] == text
+        assert bundle["image/svg+xml"].lstrip().startswith("<?xml") and "</svg>" in bundle["image/svg+xml"]
+    assert "0:Standardize" in model._repr_mimebundle_()["image/svg+xml"]
+
+
+def test_jupyter_display_degrades_to_text(monkeypatch):
+    monkeypatch.setattr("shutil.which", lambda name: None)  # no Graphviz `dot` on this machine
+    assert mlp()._repr_mimebundle_() == {"text/plain": str(mlp())}
+    model = gd.Sequential(gd.Linear(2, 1))
+    assert model._repr_mimebundle_() == {"text/plain": repr(model)}
+    unbuilt = gd.Sequential(gd.Standardize(), gd.ReLU())  # cannot build a graph yet: its repr alone
+    assert unbuilt._repr_mimebundle_() == {"text/plain": repr(unbuilt)}
+
+
+ODD_SCOPES = ["a\\", "<b>", '"q"', "{x|y}", 'a\\"', "\\l", "x\\ny", "<<b>x</b>>", "a&b", "C:\\dir\\", "grad"]
+
+
+@pytest.mark.usefixtures("dot_program")
+@pytest.mark.parametrize("scope", ODD_SCOPES)
+def test_dot_draws_any_scope_literally(tmp_path, scope):
+    """Scopes are user text: `a\\` must not end DOT's quoted string, `<b>` must not be HTML,
+    `\\l` must not be a line break; the picture shows each exactly as the IR holds it."""
+    import warnings
+    import xml.etree.ElementTree as ET
+
+    from graphdl.text import format_scope
+
+    g = gd.Graph("g")
+    x = g.input("x", (None, 2))
+    w = g.param("w", torch.zeros(2, 2))
+    with g.scope(scope):
+        h = gd.mul(gd.matmul(x, w), 2.0)
+    g.output(gd.relu(h))
+    svg_ns, xlink = "{http://www.w3.org/2000/svg}", "{http://www.w3.org/1999/xlink}"
+    for collapse, shown in ((False, scope), (True, f"{scope} [N,2]→[N,2]")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # graphviz warns when it expects dot to fail
+            svg = gd.render(g, tmp_path / "g.svg", collapse_layers=collapse).read_text()
+        root = ET.fromstring(svg)
+        assert shown in [t.text for t in root.iter(f"{svg_ns}text")]
+        # dot writes "  " as " \xa0"
+        tooltips = [a.get(f"{xlink}title", "").replace("\xa0", " ") for a in root.iter(f"{svg_ns}a")]
+        assert any(t.startswith(f"%0: f32[N,2] = matmul x, w  # {format_scope(scope)}") for t in tooltips)

@@ -28,14 +28,20 @@ must agree ("agree"). Peak memory runs each contender in a process of its own, a
 baseline process. JAX is optional (`pip install -e ".[bench]"`); without it the JAX
 columns are skipped with a note.
 
+With --compile-scaling it instead times the compiler on gradient graphs of deep nets
+(about 1k, 10k and 100k nodes), stage by stage, per node, to show that its cost grows
+linearly with graph size.
+
     PYTHONPATH=. python tools/bench.py                 # the full table
     PYTHONPATH=. python tools/bench.py --quick --configs 25:5,25:100
     PYTHONPATH=. python tools/bench.py --startup       # the disk example's wall time, split
+    PYTHONPATH=. python tools/bench.py --compile-scaling
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -467,7 +473,87 @@ def startup(repeats: int) -> dict:
     return {**split, "rest": total - sum(split.values()), "total": total}
 
 
-# -- orchestration ----------------------------------------------------------------------------
+# -- compiler cost against graph size --------------------------------------------------------
+
+SCALING_NODES = [1_000, 10_000, 44_000, 100_000]  # gradient-graph sizes for --compile-scaling
+TARGET_NODES, TARGET_S = 44_000, 3.0  # print + parse + grad + compile of 44k nodes in under 3 s
+TARGET_GROWTH = 5 / 4  # 4x the nodes in at most 5x the time: time per node grows at most 1.25x
+NODES_PER_LAYER = 12  # a Linear + Tanh layer adds about 12 nodes to the gradient graph
+STAGES = ["build", "grad", "print", "parse", "compile"]
+TARGETED = ["grad", "print", "parse", "compile"]  # the stages the 3 s target counts
+
+
+def deep_net(depth: int, width: int = 4):
+    """A Sequential of `depth` Linear + Tanh layers and a Linear head."""
+    import torch
+
+    import graphdl as gd
+    gen = torch.Generator().manual_seed(0)
+    layers = []
+    for _ in range(depth):
+        layers += [gd.Linear(width, width, generator=gen), gd.Tanh()]
+    return gd.Sequential(*layers, gd.Linear(width, 1, generator=gen))
+
+
+def time_stages(depth: int) -> tuple[int, dict[str, float]]:
+    """CPU seconds of each compiler stage on the deep net's gradient graph, and its node
+    count: build the forward graph, grad, print the gradient graph, parse the text,
+    compile. CPU time (one thread), so that other work on a shared machine counts less."""
+    import graphdl as gd
+    marks = [time.process_time()]
+    model = deep_net(depth)
+    graph = model.graph(loss=gd.MSE())
+    marks.append(time.process_time())
+    grads = gd.grad(graph, list(model.parameters()))
+    marks.append(time.process_time())
+    text = str(grads)
+    marks.append(time.process_time())
+    gd.parse(text)
+    marks.append(time.process_time())
+    gd.compile(grads)
+    marks.append(time.process_time())
+    return len(grads.nodes), {stage: end - start for stage, start, end in zip(STAGES, marks, marks[1:])}
+
+
+def compile_scaling(sizes: list[int], repeats: int) -> list[dict]:
+    """One row per size: nodes and the best of `repeats` timings of each stage."""
+    time_stages(2)  # imports and caches
+    rows = []
+    for nodes in sizes:
+        depth = max(1, round(nodes / NODES_PER_LAYER))
+        best: dict[str, float] = {}
+        for _ in range(repeats):
+            gc.collect()  # the last run's graphs (cycles: values point at their graph) go first
+            count, seconds = time_stages(depth)
+            best = {k: min(v, best.get(k, v)) for k, v in seconds.items()}
+        rows.append({"nodes": count, "depth": depth, "s": best})
+    return rows
+
+
+def print_compile_scaling(rows: list[dict]) -> None:
+    print("CPU µs per node of each stage (best of the runs)")
+    print(f"{'grad nodes':>10} | " + " ".join(f"{s:>7}" for s in STAGES) + " |   total | "
+          "time growth / node growth")
+    for previous, row in zip([None, *rows], rows):
+        per = " ".join(f"{row['s'][s] / row['nodes'] * 1e6:7.1f}" for s in STAGES)
+        growth = ""
+        if previous is not None:
+            time_x = sum(row["s"].values()) / sum(previous["s"].values())
+            nodes_x = row["nodes"] / previous["nodes"]
+            growth = f"{time_x:6.1f}x / {nodes_x:4.1f}x = {time_x / nodes_x:.2f}"
+        print(f"{row['nodes']:>10} | {per} | {sum(row['s'].values()) / row['nodes'] * 1e6:7.1f} | {growth}")
+    k = SCALING_NODES.index(TARGET_NODES)
+    before, target = rows[k - 1], rows[k]
+    spent = sum(target["s"][s] for s in TARGETED)
+    growth = (spent / target["nodes"]) / (sum(before["s"][s] for s in TARGETED) / before["nodes"])
+    print(f"\n{target['nodes']:,}-node gradient graph: print + parse + grad + compile = {spent:.2f} s CPU "
+          f"(target < {TARGET_S:.0f} s: {'met' if spent < TARGET_S else 'NOT met'})")
+    print(f"from {before['nodes']:,} to {target['nodes']:,} nodes their time per node grows {growth:.2f}x "
+          f"(target: at most {TARGET_GROWTH}x, i.e. 4x the nodes in at most 5x the time: "
+          f"{'met' if growth <= TARGET_GROWTH else 'NOT met'})")
+
+
+# -- orchestration ------------------------------------------------------------------------
 
 
 def spawn(args: argparse.Namespace, job: dict) -> dict:
@@ -520,6 +606,8 @@ def main() -> None:
     p.add_argument("--torch-compile", action="store_true",
                    help="add torch.compile(mode='reduce-overhead') on CPU too (on CUDA it always runs)")
     p.add_argument("--startup", action="store_true", help="only time the disk example's start-up and exit")
+    p.add_argument("--compile-scaling", action="store_true",
+                   help="time grad/print/parse/compile per node on 1k, 10k, 44k and 100k-node gradient graphs")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._worker:
@@ -531,6 +619,15 @@ def main() -> None:
         split = startup(3 if args.quick else 7)
         print(json.dumps(split) if args.json else "disk example, medians: " + ", ".join(
             f"{k} {v:.3f}s" for k, v in split.items()))
+        return
+    if args.compile_scaling:
+        import torch
+        torch.set_num_threads(args.threads)
+        rows = compile_scaling(SCALING_NODES, repeats=1 if args.quick else 3)
+        if args.json:
+            print(json.dumps({"rows": rows, "target_nodes": TARGET_NODES, "target_s": TARGET_S}))
+        else:
+            print_compile_scaling(rows)
         return
     configs = CONFIGS if not args.configs else [tuple(map(int, c.split(":"))) for c in args.configs.split(",")]
     rounds, target = (5, 0.1) if args.quick else (15, 0.3)

@@ -8,7 +8,7 @@ import torch
 
 from ..ir import Graph, dtype_name
 from ..ops import CODE_GLOBALS
-from .match import const_value, rebuild
+from .match import const_value, producer, rebuild
 
 
 def fold(graph: Graph) -> tuple[Graph, bool]:
@@ -21,11 +21,9 @@ def fold(graph: Graph) -> tuple[Graph, bool]:
     """
     changed = False
     for node in list(graph.nodes):
-        if node.op.name == "const" or not node.inputs:
+        if node.op.name == "const" or not node.inputs or any(producer(v, "const") is None for v in node.inputs):
             continue
         values = [const_value(v) for v in node.inputs]
-        if any(v is None for v in values):
-            continue
         env = dict(CODE_GLOBALS)
         args = []
         for i, (v, number) in enumerate(zip(node.inputs, values, strict=True)):

@@ -32,7 +32,7 @@ def _addmm(node: Node) -> Fused:
         mm = producer(product, "matmul")
         # Only when nothing else uses the product (no other node, not an output), else
         # it would be computed twice.
-        sole = len(product.users) == 1 and not any(product is o for o in product.graph.outputs)
+        sole = len(product.users) == 1 and not product.graph.is_output(product)
         if mm is not None and sole and node.out.shape == product.shape:
             return "addmm", [bias, *mm.inputs]
     return None

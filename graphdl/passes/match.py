@@ -32,12 +32,8 @@ def replace(graph: Graph, node: Node, value: Value) -> None:
     graph.remove_node(node)
 
 
-def rebuild(graph: Graph, node: Node, op: str, inputs: list[Value], attrs: dict[str, Any] | None = None) -> Value:
-    """Replace `node` with a new `op` node over `inputs` (values defined before `node`),
-    placed where `node` was and keeping its scope, grad mark and source location."""
-    with graph.scope(node.scope, backward=node.backward):
-        new = graph.add_node(OPS[op], inputs, attrs or {}, where=node.where)
-    graph.move_before(new.node, node)
-    replace(graph, node, new)
-    return new
+def rebuild(graph: Graph, node: Node, op: str, inputs: list[Value], attrs: dict[str, Any] | None = None) -> None:
+    """Make `node` an `op` node over `inputs` (values defined before `node`), keeping its
+    output value, place, scope, grad mark and source location (`Graph.rewrite`)."""
+    graph.rewrite(node, OPS[op], inputs, attrs or {})
 

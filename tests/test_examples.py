@@ -1,0 +1,122 @@
+"""examples/: their flags, what they write, and that a saved model reproduces what the run
+printed; and the README's tour, run block by block as shown."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import graphdl as gd
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples"))
+
+import disk_graph  # noqa: E402
+import spirals  # noqa: E402
+
+
+@pytest.mark.parametrize("main", [disk_graph.main, spirals.main], ids=["disk_graph", "spirals"])
+@pytest.mark.parametrize("flags, message", [
+    (["--lr", "-1"], "argument --lr: must be > 0, got -1"),
+    (["--lr", "nan"], "argument --lr: must be a finite number, got nan"),
+    (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+    (["--epochs", "0"], "argument --epochs: must be >= 1, got 0"),
+    (["--epochs", "2.5"], "argument --epochs: expected a whole number, got '2.5'"),
+    (["--threads", "0"], "argument --threads: must be >= 1, got 0"),
+    (["--momentum", "1"], r"argument --momentum: must be >= 0 and < 1, got 1"),
+    (["--seed", "-3"], "argument --seed: must be >= 0, got -3"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+])
+def test_bad_flags_are_one_line_and_exit_status_2(main, flags, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(flags)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert re.fullmatch(rf"(disk_graph|spirals)\.py: error: {message} \(see --help\)\n", err), err
+
+
+def test_disk_flags_that_conflict_and_the_real_exit_status(capsys):
+    with pytest.raises(SystemExit):
+        disk_graph.main(["--seeds", "0"])
+    assert "argument --seeds: must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        disk_graph.main(["--seeds", "2", "--save", "m.gdl"])
+    assert "--save keeps one trained model; drop --seeds" in capsys.readouterr().err
+    run = subprocess.run([sys.executable, str(ROOT / "examples" / "disk_graph.py"), "--batch-size", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and run.stdout == "" and "Traceback" not in run.stderr
+    assert run.stderr == "disk_graph.py: error: argument --batch-size: must be >= 1, got 0 (see --help)\n"
+
+
+def test_help_shows_the_defaults(capsys):
+    with pytest.raises(SystemExit) as exit:
+        disk_graph.main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert exit.value.code == 0
+    for default in ("(default: 50)", "(default: 20)", "(default: 0.1)", "(default: 0.9)", "(default: out)"):
+        assert default in out
+
+
+def test_the_saved_disk_model_reproduces_the_printed_test_error_on_raw_points(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert disk_graph.main(["--epochs", "3", "--seed", "2", "--no-plots"]) == 0
+    assert list(tmp_path.iterdir()) == []  # no --save: no model file, no figures
+    path = tmp_path / "models" / "disk.gdl"
+    assert disk_graph.main(["--epochs", "3", "--seed", "2", "--no-plots", "--save", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {path}: the trained model" in out
+    printed = re.search(r"^test error: (\d+\.\d\d)%$", out, re.M)[1]
+    gen = torch.Generator().manual_seed(2)  # the example's data for seed 2: train, then test
+    disk_graph.disk_data(1000, gen)
+    X_raw, Y = disk_graph.disk_data(1000, gen)
+    model = gd.load(path)
+    assert isinstance(model.layers[0], gd.Standardize)
+    assert f"{model.evaluate(X_raw, Y)['error'] * 100:.2f}" == printed
+    assert float(printed) < 30  # trained: far from the 50 % of a model that lost its preprocessing
+
+
+def test_spirals_trains_a_classifier_and_saves_it_with_softmax(tmp_path, capsys):
+    path = tmp_path / "spirals.gdl"
+    assert spirals.main(["--epochs", "3", "--save", str(path), "--out", str(tmp_path / "figs")]) == 0
+    out = capsys.readouterr().out
+    for written in re.findall(r"^wrote (\S+):", out, re.M):
+        assert Path(written).is_file()
+    assert (tmp_path / "figs" / "spirals.png").read_bytes().startswith(b"\x89PNG")
+    printed = float(re.search(r"^test: cross-entropy \S+, accuracy (\d+\.\d\d)%$", out, re.M)[1])
+    model = gd.load(path)
+    assert isinstance(model.layers[-1], gd.Softmax)
+    gen = torch.Generator().manual_seed(0)
+    spirals.spiral_data(1500, gen)
+    X, labels = spirals.spiral_data(1500, gen)
+    probabilities = model.predict(X)
+    torch.testing.assert_close(probabilities.sum(1), torch.ones(len(X)))
+    assert f"{model.evaluate(X, labels)['accuracy'] * 100:.2f}" == f"{printed:.2f}"
+
+
+# -- the README's tour runs as shown ---------------------------------------------------------------
+
+
+def _tour() -> list[tuple[str, str | None]]:
+    """The README's python blocks up to "When things go wrong" (whose blocks raise, and
+    test_errors runs), each with the plain block printed right after it, if any."""
+    doc = (ROOT / "README.md").read_text().split("## When things go wrong")[0]
+    return re.findall(r"```python\n(.*?)```\n(?:\n```\n(.*?)```\n)?", doc, re.S)
+
+
+def test_the_readme_tour_runs_and_prints_what_it_shows(capsys):
+    blocks = _tour()
+    assert len(blocks) >= 3
+    namespace: dict = {"__name__": "__main__"}
+    for code, shown in blocks:
+        exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
+        printed = capsys.readouterr().out
+        if shown:
+            assert printed == shown
+    # The gradient graph's return line the tour quotes in its prose.
+    returned = str(gd.grad(namespace["g"], wrt=["w", "b"])).splitlines()[-2].strip()
+    assert f"`{returned}`" in " ".join((ROOT / "README.md").read_text().split())

@@ -1,0 +1,159 @@
+"""graphdl.interop: torch nn.Sequential in (from_torch) and out (Sequential.to_torch)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import graphdl as gd
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def torch_net(dtype: torch.dtype = torch.float32, bias: bool = True) -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(2, 8, bias=bias), torch.nn.Tanh(), torch.nn.Linear(8, 8),
+                               torch.nn.ReLU(), torch.nn.Linear(8, 1), torch.nn.Sigmoid()).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_from_torch_and_back_predict_the_same(dtype):
+    net = torch_net(dtype)
+    model = gd.from_torch(net)
+    assert [type(layer).__name__ for layer in model.layers] == ["Linear", "Tanh", "Linear", "ReLU", "Linear",
+                                                                 "Sigmoid"]
+    back = model.to_torch()
+    assert isinstance(back, torch.nn.Sequential)
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {}
+    with torch.no_grad():
+        for n in (1, 7, 64):
+            X = torch.rand(n, 2, dtype=dtype, generator=torch.Generator().manual_seed(n))
+            torch.testing.assert_close(model.predict(X), net(X), **tol)
+            torch.testing.assert_close(back(X), net(X), rtol=0, atol=0)  # the very same weights and modules
+    for t in model.parameters().values():
+        assert t.dtype == dtype and t.is_contiguous()
+    for k in (0, 2, 4):
+        assert torch.equal(model.parameters()[f"{k}.weight"], net[k].weight.T)  # gd holds [in, out]
+        assert torch.equal(back[k].weight, net[k].weight) and back[k].weight.dtype == dtype
+
+
+def test_weights_are_copies_both_ways():
+    net = torch_net()
+    model = gd.from_torch(net)
+    back = model.to_torch()
+    w = model.parameters()["0.weight"]
+    before = w.clone()
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+        back[0].weight.add_(1.0)
+    assert torch.equal(w, before)
+    w.zero_()
+    assert back[0].weight.abs().sum() > 0 and net[0].weight.abs().sum() > 0
+    assert not w.requires_grad  # graphdl-owned, outside autograd
+    assert all(p.requires_grad for p in back.parameters())  # trainable by torch, as any nn.Module
+
+
+def test_a_linear_without_bias_gets_a_zero_bias_and_identity_is_dropped():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4, bias=False), torch.nn.Identity(),
+                              torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Linear(4, 2)))
+    model = gd.from_torch(net)
+    assert [type(layer).__name__ for layer in model.layers] == ["Linear", "ReLU", "Linear"]
+    assert torch.equal(model.parameters()["0.bias"], torch.zeros(4))
+    X = torch.randn(5, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(model.predict(X), net(X))
+    single = gd.from_torch(torch.nn.Linear(3, 1))  # one module alone is a one-layer model
+    assert len(single.layers) == 1
+
+
+def test_conversion_runs_no_torch_module():
+    """graphdl reads torch modules and builds them, but never computes with them."""
+    net = torch_net()
+    calls = []
+    for m in net.modules():
+        m.register_forward_pre_hook(lambda module, args: calls.append(module))
+    gd.from_torch(net).to_torch()
+    assert calls == []
+
+
+def test_conversion_leaves_the_global_rng_alone():
+    net = torch_net()
+    state = torch.get_rng_state()
+    gd.from_torch(net).to_torch()
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_an_imported_model_trains_and_goes_back_with_the_trained_weights():
+    net = torch_net()
+    model = gd.from_torch(net)
+    gen = torch.Generator().manual_seed(0)
+    X = torch.rand(200, 2, generator=gen)
+    Y = 0.2 + 0.6 * X[:, :1] * X[:, 1:]
+    history = model.fit(X, Y, optimizer=gd.SGD(lr=0.5, momentum=0.9), epochs=10, batch_size=20, seed=0,
+                        verbose=False)
+    assert history["loss"][-1] < 0.2 * history["loss"][0]
+    with torch.no_grad():
+        torch.testing.assert_close(model.to_torch()(X), model.predict(X))
+        assert not torch.allclose(net(X), model.predict(X))  # the torch original did not move
+
+
+def test_an_unsupported_module_is_named_with_its_position():
+    net = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Dropout(0.5)))
+    with pytest.raises(gd.GraphError, match=re.escape("from_torch: module 1.1 (Dropout(p=0.5, inplace=False)) has "
+                                                      "no graphdl layer; graphdl takes Linear, ReLU, Tanh, Sigmoid")):
+        gd.from_torch(net)
+    with pytest.raises(gd.GraphError, match="takes a torch.nn.Module"):
+        gd.from_torch([torch.nn.Linear(2, 4)])
+
+
+def test_mixed_dtypes_and_widths_that_do_not_chain_are_refused():
+    mixed = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Linear(4, 1).double())
+    with pytest.raises(gd.GraphError, match=r"module 1 \(Linear.*\) is torch.float64 but module 0 .* is "
+                                            r"torch.float32"):
+        gd.from_torch(mixed)
+    broken = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Linear(5, 1))
+    with pytest.raises(gd.GraphError, match=r"module 1 \(Linear.*\): layer 1 .* takes 5 features"):
+        gd.from_torch(broken)
+
+
+def test_a_layer_without_a_torch_module_is_named_with_its_position():
+    class Square(gd.Layer):
+        def forward(self, graph, x, prefix):
+            return x * x
+
+    model = gd.Sequential(gd.Linear(2, 3), Square())
+    with pytest.raises(gd.GraphError, match=r"to_torch: layer 1 \(Square\(\)\) has no torch module"):
+        model.to_torch()
+    with pytest.raises(gd.GraphError, match="to_torch takes a gd.Sequential"):
+        gd.to_torch(torch.nn.Linear(2, 3))
+
+
+def test_softmax_maps_both_ways():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Softmax(dim=1))
+    model = gd.from_torch(net)
+    assert type(model.layers[1]) is gd.Softmax
+    X = torch.randn(4, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(model.predict(X), net(X))
+        torch.testing.assert_close(model.to_torch()(X), net(X))
+    with pytest.raises(gd.GraphError, match="normalises across the batch"):
+        gd.from_torch(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Softmax(dim=0)))
+
+
+def test_the_readme_round_trip_runs(tmp_path, monkeypatch):
+    """The README's "PyTorch and ONNX" snippet, executed as written."""
+    for module in ("onnx", "onnxruntime"):
+        pytest.importorskip(module, reason="the snippet exports ONNX: the optional extra graphdl[onnx]")
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## PyTorch and ONNX", 1)[1].split("\n## ", 1)[0]
+    code = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert code, "the README's PyTorch and ONNX section has no python snippet"
+    monkeypatch.chdir(tmp_path)
+    for snippet in code:
+        exec(compile(snippet, "README.md", "exec"), {})
+    assert (tmp_path / "m.onnx").exists()

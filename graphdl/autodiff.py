@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .ir import Graph, GraphError, Value, pauses_gc
+from .ir import Graph, GraphError, Node, Value, pauses_gc
 from .ops import add, zeros_like
 from .passes.dce import dce
 
@@ -30,6 +30,57 @@ def grad(graph: Graph, wrt: Sequence[str], of: int | Value = 0) -> Graph:
         each with the shape of what it differentiates (zeros where the output does not
         depend on it) and labelled "d/d{name}" (`graph.output_labels`).
     """
+    wrt, index = _check_grad_args(graph, wrt, of)
+    new, vmap = graph.copy()
+    loss = vmap[id(graph.outputs[index])]
+    wanted = [vmap[id(graph.value(name))] for name in wrt]
+    with new.scope("", backward=True):
+        cotangents = _backward(new, loss, _depending_on(new, wanted))
+        for v in wanted:
+            g = cotangents.get(id(v))
+            new.output(g if g is not None else zeros_like(v), label=f"d/d{v.name}")
+    new, _ = dce(new)  # drop cotangents the rules built for inputs that needed none
+    return new
+
+
+def _depending_on(graph: Graph, wanted: list[Value]) -> set[int]:
+    """The ids of `wanted` and of every value computed from them: only these need a cotangent."""
+    depends = {id(v) for v in wanted}
+    for node in graph.nodes:
+        if any(id(v) in depends for v in node.inputs):
+            depends.add(id(node.out))
+    return depends
+
+
+def _backward(graph: Graph, loss: Value, depends: set[int]) -> dict[int, Value]:
+    """Walk the forward nodes in reverse from the loss (cotangent 1), each passing its
+    output's cotangent through its op's VJP rule to its inputs; returns the cotangents
+    that reached the inputs and params, by id."""
+    forward = list(graph.nodes)  # the walk appends the backward nodes
+    cotangents: dict[int, Value] = {}
+    if id(loss) in depends:
+        cotangents[id(loss)] = graph.const(1.0, loss.dtype)
+    for node in reversed(forward):
+        g = cotangents.pop(id(node.out), None)
+        if g is not None:
+            _pull_back(graph, node, g, cotangents, depends)
+    return cotangents
+
+
+def _pull_back(graph: Graph, node: Node, g: Value, cotangents: dict[int, Value], depends: set[int]) -> None:
+    """Add the cotangents `node`'s VJP rule gives its inputs (those that need one) to theirs."""
+    if node.op.vjp is None:
+        raise GraphError(f"grad: op {node.op.name} has no VJP rule, so {node!r} cannot be differentiated")
+    with graph.scope(node.scope):
+        for v, gv in zip(node.inputs, node.op.vjp(g, node.out, *node.inputs, **node.attrs)):
+            if gv is None or id(v) not in depends:
+                continue
+            previous = cotangents.get(id(v))
+            cotangents[id(v)] = gv if previous is None else add(previous, gv)
+
+
+def _check_grad_args(graph: Graph, wrt: Sequence[str] | str, of: int | Value) -> tuple[list[str], int]:
+    """wrt as a list of names of inputs or params, and the index of the scalar output `of`."""
     if not isinstance(graph, Graph):
         raise GraphError(f"grad takes a gd.Graph, got {type(graph).__name__}")
     if isinstance(wrt, str):
@@ -54,43 +105,9 @@ def grad(graph: Graph, wrt: Sequence[str], of: int | Value = 0) -> Graph:
         raise GraphError(
             f"grad: output {index} ({out!r}) is not a scalar; reduce it first, e.g. gd.sum(...) or gd.mean(...)"
         )
-    targets = [graph.value(name) for name in wrt]  # raises, naming what exists
     if len(set(wrt)) != len(wrt):
         raise GraphError(f"grad: wrt names a value twice: {list(wrt)}")
-
-    new, vmap = graph.copy()
-    loss = vmap[id(graph.outputs[index])]
-    wanted = [vmap[id(v)] for v in targets]
-
-    # Only values that depend on something in `wrt` need a cotangent.
-    depends: set[int] = {id(v) for v in wanted}
-    for node in new.nodes:
-        if any(id(v) in depends for v in node.inputs):
-            depends.add(id(node.out))
-
-    forward = list(new.nodes)
-    cotangent: dict[int, Value] = {}
-    with new.scope("", backward=True):
-        if id(loss) in depends:
-            cotangent[id(loss)] = new.const(1.0, loss.dtype)
-        for node in reversed(forward):
-            g = cotangent.pop(id(node.out), None)
-            if g is None:
-                continue
-            if node.op.vjp is None:
-                raise GraphError(f"grad: op {node.op.name} has no VJP rule, so {node!r} cannot be differentiated")
-            with new.scope(node.scope):
-                grads = node.op.vjp(g, node.out, *node.inputs, **node.attrs)
-                for v, gv in zip(node.inputs, grads):
-                    if gv is None or id(v) not in depends:
-                        continue
-                    previous = cotangent.get(id(v))
-                    cotangent[id(v)] = gv if previous is None else add(previous, gv)
-        for v in wanted:
-            g = cotangent.get(id(v))
-            new.output(g if g is not None else zeros_like(v), label=f"d/d{v.name}")
-    new, _ = dce(new)  # drop cotangents the rules built for inputs that needed none
-    return new
+    return list(wrt), index
 
 
 def _check_wrt(graph: Graph, name: object) -> None:

@@ -11,6 +11,8 @@ from pathlib import Path
 from .autodiff import grad
 from .io import MODEL_FORMAT, file_format, load, load_graph
 from .ir import Graph, GraphError
+from .losses import MSE
+from .onnx_io import import_onnx
 from .viz import FORMATS, render
 
 
@@ -49,12 +51,8 @@ def render_main(argv: Sequence[str] | None = None) -> int:
 
 def _graph_to_draw(path: Path, want_grad: bool) -> Graph:
     if path.suffix.lower() == ".onnx":
-        from .onnx_io import import_onnx
-
         graph = import_onnx(path)
     elif want_grad and file_format(path) == MODEL_FORMAT:
-        from .losses import MSE
-
         model = load(path)  # its trainable params only: Standardize's statistics get no gradient
         return grad(model.graph(loss=model.loss or MSE()), wrt=list(model.parameters()))
     else:

@@ -27,11 +27,6 @@ from .text import format_node
 _counter = itertools.count()
 
 
-def run_passes(graph: Graph, log: Callable[[str], object] | None = None) -> Graph:
-    """The compiler's pass pipeline, run on (and returning) the graph given."""
-    return pipeline(graph, log=log)
-
-
 class Compiled:
     """A compiled graph: call it with the inputs (by name or in declaration order); it
     returns a tuple of the graph's outputs."""
@@ -293,7 +288,7 @@ def compile(graph: Graph, optimize: bool = True, trace: Callable[[str], object] 
         raise GraphError(f"graph {graph.name} has no outputs; add one with graph.output(value)")
     work, _ = graph.copy()
     if optimize:
-        work = run_passes(work, log=trace)
+        work = pipeline(work, log=trace)
     compiled = lower(work, reuse=reuse)
     if trace is not None:
         trace(f"// source\n{compiled.source}")

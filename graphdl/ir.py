@@ -26,8 +26,6 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 import torch
 
 if TYPE_CHECKING:
-    import networkx as nx
-
     from .ops import OpDef
 
 Dim = int | str
@@ -319,51 +317,8 @@ class Value:
     def __repr__(self) -> str:
         return f"{self.label}: {format_type(self.dtype, self.shape)}"
 
-    # Operators make VJP rules and user code read like math; each builds one IR node.
-    def __add__(self, other: Any) -> Value:
-        from .ops import add
-        return add(self, other)
-
-    def __radd__(self, other: Any) -> Value:
-        from .ops import add
-        return add(other, self)
-
-    def __sub__(self, other: Any) -> Value:
-        from .ops import sub
-        return sub(self, other)
-
-    def __rsub__(self, other: Any) -> Value:
-        from .ops import sub
-        return sub(other, self)
-
-    def __mul__(self, other: Any) -> Value:
-        from .ops import mul
-        return mul(self, other)
-
-    def __rmul__(self, other: Any) -> Value:
-        from .ops import mul
-        return mul(other, self)
-
-    def __truediv__(self, other: Any) -> Value:
-        from .ops import div
-        return div(self, other)
-
-    def __rtruediv__(self, other: Any) -> Value:
-        from .ops import div
-        return div(other, self)
-
-    def __neg__(self) -> Value:
-        from .ops import neg
-        return neg(self)
-
-    def __matmul__(self, other: Value) -> Value:
-        from .ops import matmul
-        return matmul(self, other)
-
-    @property
-    def T(self) -> Value:
-        from .ops import transpose
-        return transpose(self)
+    # Operators (+, -, *, /, @, unary -, .T) make VJP rules and user code read like math;
+    # each builds one IR node. ops.py installs them (VALUE_OPERATORS), beside the ops.
 
 
 @dataclass(eq=False)
@@ -414,8 +369,8 @@ class Graph:
     def _check_new_name(self, name: str) -> None:
         if not isinstance(name, str) or not name or not _is_identifier(name):
             raise GraphError(
-                f"graph {self.name}: name {name!r} is not valid; use letters, digits, "
-                "'_' and '.', not starting with a digit-only part (e.g. 'x' or 'fc0.weight')"
+                f"graph {self.name}: name {name!r} is not valid; use dotted parts of ASCII letters, "
+                "digits and '_', none of them empty (e.g. 'x', 'fc0.weight' or '0.bias')"
             )
         if name in self.inputs or name in self.params:
             raise GraphError(f"graph {self.name}: {name!r} is already defined; pick another name")
@@ -482,19 +437,12 @@ class Graph:
             self.output_labels.append(label if isinstance(label, str) else "")
             self._returned[v] = self._returned.get(v, 0) + 1
 
-    @contextlib.contextmanager
-    def scope(self, name: str, backward: bool | None = None) -> Iterator[None]:
-        """Tag the nodes built inside with a scope (a layer) and optionally as backward."""
+    def scope(self, name: str, backward: bool | None = None) -> contextlib.AbstractContextManager[None]:
+        """Tag the nodes built inside (`with graph.scope(...):`) with a scope (a layer)
+        and optionally as backward."""
         if not isinstance(name, str) or "\n" in name or "\r" in name:
             raise GraphError(f"graph {self.name}: scope {name!r} must be a one-line str, such as '0:Linear'")
-        saved = self._scope, self._backward
-        self._scope = name
-        if backward is not None:
-            self._backward = backward
-        try:
-            yield
-        finally:
-            self._scope, self._backward = saved
+        return _Scope(self, name, self._backward if backward is None else backward)
 
     def add_node(self, op: OpDef, inputs: list[Value], attrs: dict[str, Any], where: str | None = None) -> Value:
         """Append a node; infer its output's shape and dtype with the op's rule."""
@@ -507,11 +455,7 @@ class Graph:
             shape, dtype, attrs = op.infer(inputs, attrs)
         except ShapeError as e:
             raise self.node_error(op.name, inputs, e.message, e.hint, where) from None
-        out = Value(self, "", shape, dtype)
-        node = Node(op, list(inputs), attrs, out, where, self._scope, self._backward)
-        out.node = node
-        self._append(node)
-        return out
+        return self._append(op, inputs, attrs, shape, dtype, where, self._scope, self._backward)
 
     def node_error(self, op: str, inputs: Sequence[Any], message: str, hint: str = "",
                    where: str | None = None) -> GraphError:
@@ -533,11 +477,6 @@ class Graph:
             self._listed = list(self._order)
         return self._listed
 
-    @nodes.setter
-    def nodes(self, nodes: list[Node]) -> None:
-        self._order = dict.fromkeys(nodes)
-        self._listed = self._positions = None
-
     def position(self, node: Node) -> int | None:
         """k such that `nodes[k] is node` (its %k), or None if it is not in the graph."""
         if self._positions is None:
@@ -550,7 +489,14 @@ class Graph:
 
     # -- editing (the only functions that touch use-lists) ------------------------------
 
-    def _append(self, node: Node) -> None:
+    def _append(self, op: OpDef, inputs: Sequence[Value], attrs: dict[str, Any], shape: Shape, dtype: torch.dtype,
+                where: str, scope: str, backward: bool) -> Value:
+        """Create a node and its output value at the end of the graph, and record its
+        reads in the use-lists: what add_node does once the op's rule has checked it,
+        and what copy does with a node already checked."""
+        out = Value(self, "", shape, dtype)
+        node = Node(op, list(inputs), attrs, out, where, scope, backward)
+        out.node = node
         for v in node.inputs:
             v.users.append(node)
         self._order[node] = None
@@ -558,6 +504,7 @@ class Graph:
             if self._positions is not None:
                 self._positions[node] = len(self._listed)
             self._listed.append(node)
+        return out
 
     def remove_node(self, node: Node) -> None:
         """Remove a node whose output is unused."""
@@ -581,13 +528,6 @@ class Graph:
             self.outputs = [new if v is old else v for v in self.outputs]
             self._returned[new] = self._returned.get(new, 0) + returned
 
-    def set_inputs(self, node: Node, inputs: list[Value]) -> None:
-        for v in node.inputs:
-            v.users.remove(node)
-        node.inputs = list(inputs)
-        for v in inputs:
-            v.users.append(node)
-
     def rewrite(self, node: Node, op: OpDef, inputs: list[Value], attrs: dict[str, Any]) -> None:
         """Make `node` apply `op` to `inputs` instead, in place: it keeps its output value
         (so every use of it), its place, scope and source location. The inputs must be
@@ -599,38 +539,13 @@ class Graph:
         if (shape, dtype) != (node.out.shape, node.out.dtype):
             raise GraphError(f"cannot rewrite {node!r} into {op.name}, which gives {format_type(dtype, shape)}: "
                              "a rewrite keeps the value's shape and dtype")
-        self.set_inputs(node, inputs)
-        node.op, node.attrs = op, attrs
+        for v in node.inputs:
+            v.users.remove(node)
+        for v in inputs:
+            v.users.append(node)
+        node.op, node.inputs, node.attrs = op, list(inputs), attrs
 
     # -- algorithms -------------------------------------------------------------------
-
-    def to_networkx(self) -> nx.DiGraph:
-        """Nodes and their data dependencies (an edge producer -> user)."""
-        import networkx as nx  # imported on first use: it is most of `import graphdl`'s own time
-
-        g = nx.DiGraph()
-        g.add_nodes_from(range(len(self.nodes)))
-        index = {id(n): i for i, n in enumerate(self.nodes)}
-        for i, n in enumerate(self.nodes):
-            for v in n.inputs:
-                if v.node is not None and id(v.node) in index:
-                    g.add_edge(index[id(v.node)], i)
-        return g
-
-    def toposort(self) -> None:
-        """Reorder nodes topologically, keeping the current order where it is free."""
-        import networkx as nx
-
-        dag = self.to_networkx()
-        try:
-            order = list(nx.lexicographical_topological_sort(dag))
-        except nx.NetworkXUnfeasible:
-            cycle = nx.find_cycle(dag)
-            raise GraphError(
-                f"graph {self.name} has a cycle through nodes {[u for u, _ in cycle]}; "
-                "a value cannot depend on itself"
-            ) from None
-        self.nodes = [self.nodes[i] for i in order]
 
     def value(self, name: str) -> Value:
         """The input or param called `name`."""
@@ -645,41 +560,43 @@ class Graph:
 
     def verify(self) -> None:
         """Check every invariant; raise `GraphError` naming the first that fails."""
-        defined: set[int] = {id(v) for v in (*self.inputs.values(), *self.params.values())}
-        uses: dict[int, int] = {}
+        # Values (hashed by identity) key the sets, and a node's description is written
+        # only for an error: verify runs on every compile, once per node.
+        defined: set[Value] = {*self.inputs.values(), *self.params.values()}
+        uses: dict[Value, int] = {}
         for k, node in enumerate(self.nodes):
-            where = f"graph {self.name}: node %{k} ({node.op.name}, created at {node.where})"
             for v in node.inputs:
                 if v.graph is not self:
-                    raise GraphError(f"{where} uses a value of another graph")
-                if id(v) not in defined:
+                    raise GraphError(f"{self._where(k, node)} uses a value of another graph")
+                if v not in defined:
                     if v.node is not None and v.node not in self._order:
-                        raise GraphError(f"{where} uses the value of a removed node ({v.node.op.name}); "
-                                         "build it again or stop using it")
+                        raise GraphError(f"{self._where(k, node)} uses the value of a removed node "
+                                         f"({v.node.op.name}); build it again or stop using it")
                     # So every edge runs from an earlier node to a later one: no cycle can pass
                     # this check (a networkx cycle search after it doubled verify's time).
-                    raise GraphError(f"{where} uses {v.label} before it is defined (order is not topological)")
-                uses[id(v)] = uses.get(id(v), 0) + 1
+                    raise GraphError(f"{self._where(k, node)} uses {v.label} before it is defined "
+                                     "(order is not topological)")
+                uses[v] = uses.get(v, 0) + 1
             if node.out.node is not node or node.out.graph is not self:
-                raise GraphError(f"{where}: its output does not point back to it")
-            if id(node.out) in defined:
-                raise GraphError(f"{where}: its output is defined twice (not SSA)")
+                raise GraphError(f"{self._where(k, node)}: its output does not point back to it")
+            if node.out in defined:
+                raise GraphError(f"{self._where(k, node)}: its output is defined twice (not SSA)")
             try:
-                shape, dtype, _ = node.op.infer(node.inputs, dict(node.attrs))
+                shape, dtype, _ = node.op.infer(node.inputs, node.attrs)
             except ShapeError as e:
-                raise GraphError(f"{where}: {e.message}") from None
+                raise GraphError(f"{self._where(k, node)}: {e.message}") from None
             if shape != node.out.shape or dtype != node.out.dtype:
                 raise GraphError(
-                    f"{where}: output is {format_type(node.out.dtype, node.out.shape)} "
+                    f"{self._where(k, node)}: output is {format_type(node.out.dtype, node.out.shape)} "
                     f"but the op's rule gives {format_type(dtype, shape)}"
                 )
-            defined.add(id(node.out))
+            defined.add(node.out)
         for v in [*self.inputs.values(), *self.params.values(), *(n.out for n in self.nodes)]:
-            if len(v.users) != uses.get(id(v), 0) or not self._order.keys() >= v.users.readers():
+            if len(v.users) != uses.get(v, 0) or not self._order.keys() >= v.users.readers():
                 raise GraphError(f"graph {self.name}: the use-list of {v.label} is out of sync")
         returned: dict[Value, int] = {}
         for v in self.outputs:
-            if id(v) not in defined:
+            if v not in defined:
                 raise GraphError(f"graph {self.name}: output {v.label} is not defined in the graph")
             returned[v] = returned.get(v, 0) + 1
         if returned != self._returned:
@@ -688,6 +605,9 @@ class Graph:
         if len(self.output_labels) != len(self.outputs):
             raise GraphError(f"graph {self.name}: {len(self.outputs)} outputs but {len(self.output_labels)} output "
                              "labels; add outputs with Graph.output, which keeps them in step")
+
+    def _where(self, k: int, node: Node) -> str:
+        return f"graph {self.name}: node %{k} ({node.op.name}, created at {node.where})"
 
     def copy(self, name: str | None = None) -> tuple[Graph, dict[int, Value]]:
         """A structural copy sharing the params' slots; also returns id(old) -> new value."""
@@ -698,11 +618,11 @@ class Graph:
         for v in self.params.values():
             vmap[id(v)] = g.param(v.name, v.slot)
         for n in self.nodes:
-            out = Value(g, "", n.out.shape, n.out.dtype)
-            node = Node(n.op, [vmap[id(v)] for v in n.inputs], dict(n.attrs), out, n.where, n.scope, n.backward)
-            out.node = node
-            g._append(node)
-            vmap[id(n.out)] = out
+            # Not add_node: these nodes passed their op's rule when built (verify re-checks
+            # them), and running the rules again would double copy's time (12,012-node
+            # gradient graph: copy 207 ms, the rules over every node 195 ms).
+            vmap[id(n.out)] = g._append(n.op, [vmap[id(v)] for v in n.inputs], dict(n.attrs), n.out.shape,
+                                        n.out.dtype, n.where, n.scope, n.backward)
         g.output(*(vmap[id(v)] for v in self.outputs))
         g.output_labels = list(self.output_labels)
         return g, vmap
@@ -742,6 +662,23 @@ def check_param_tensor(what: str, t: Any) -> None:
     if t.dtype not in DTYPE_NAMES:
         supported = ", ".join(str(d) for d in DTYPES.values())
         raise GraphError(f"{what}: dtype {t.dtype} is not supported; use a floating dtype: one of {supported}")
+
+
+class _Scope:
+    """Graph.scope's context. A class: with @contextlib.contextmanager's generator each
+    `with` took 3x as long (1.8 µs), and parse enters one per node."""
+
+    __slots__ = ("graph", "tag", "saved")
+
+    def __init__(self, graph: Graph, name: str, backward: bool) -> None:
+        self.graph, self.tag = graph, (name, backward)
+
+    def __enter__(self) -> None:
+        self.saved = self.graph._scope, self.graph._backward
+        self.graph._scope, self.graph._backward = self.tag
+
+    def __exit__(self, *exc: object) -> None:
+        self.graph._scope, self.graph._backward = self.saved
 
 
 def _is_identifier(name: str) -> bool:

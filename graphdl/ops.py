@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -24,6 +25,39 @@ import torch
 from .ir import DTYPES, Dim, GraphError, Shape, ShapeError, Value, caller_location, dtype_name, format_shape, read_float
 
 Lowering = Callable[[list[str], dict[str, Any], list[Value]], str]
+# A shape rule reads the inputs and the attrs (a read-only view, defaults filled in) and
+# returns the output's shape and dtype, and, if it normalises any attrs (axis=1 becomes
+# (1,), a const's value a float), a dict of those: it never edits the attrs it is given.
+Rule = Callable[[list[Value], Mapping[str, Any]],
+                tuple[Shape, torch.dtype] | tuple[Shape, torch.dtype, dict[str, Any]]]
+
+
+class _Kernels:
+    """`torch.ops.aten` for generated code, each overload resolved to its C++ entry.
+
+    `aten.tanh_backward.grad_input(...)` reads the same in the generated source, but
+    skips the Python frame of `OpOverload.__call__`: 1.7 µs a call instead of 2.5 µs
+    (tanh_backward at batch 5, one CPU thread). Lookups are cached on first use.
+    """
+
+    def __init__(self, packet: Any = None) -> None:
+        self._packet = packet
+
+    def __getattr__(self, name: str) -> Any:
+        if self._packet is None:  # an op: its overloads, resolved on demand
+            value: Any = _Kernels(getattr(torch.ops.aten, name))
+        else:
+            overload = getattr(self._packet, name)
+            value = getattr(overload, "_op", overload)
+        setattr(self, name, value)
+        return value
+
+
+# The globals lowered code runs with (the compiler's and constant folding's). `kernels`
+# is torch._C._nn, the generated C bindings of aten's loss kernels (no layers, no
+# autograd): the cheapest entry to those kernels, e.g. mse_loss in one call, 5.4 µs at
+# batch 5 against 6.6 µs for mean(square(sub)) and 6.6 µs through torch.ops.aten.
+CODE_GLOBALS: dict[str, Any] = {"torch": torch, "math": math, "aten": _Kernels(), "kernels": torch._C._nn}
 
 
 @dataclass(frozen=True, eq=False)
@@ -32,7 +66,7 @@ class OpDef:
 
     name: str
     arity: int
-    rule: Callable[[list[Value], dict[str, Any]], tuple[Shape, torch.dtype]]
+    rule: Rule
     kernel: Lowering  # the torch expression, given the operands' expressions (see `lower`)
     vjp: Callable[..., list[Value | None]] | None
     attrs: dict[str, Any] = field(default_factory=dict)
@@ -56,8 +90,8 @@ class OpDef:
             takes = ", ".join(self.attrs) or "no attributes"
             raise ShapeError(f"unknown attribute(s) {', '.join(unknown)}", f"{self.name} takes {takes}")
         full = {**self.attrs, **attrs}
-        shape, dtype = self.rule(list(inputs), full)  # a rule may normalise `full` in place
-        return shape, dtype, full
+        shape, dtype, *normalised = self.rule(list(inputs), MappingProxyType(full))
+        return shape, dtype, {**full, **normalised[0]} if normalised else full
 
     def operands(self, names: list[str], transposes: dict[int, str] | None = None) -> list[str]:
         """The expressions the code takes for inputs named `names`: an input the kernel
@@ -87,7 +121,7 @@ class OpDef:
 OPS: dict[str, OpDef] = {}
 
 
-def defop(name: str, code: str | Lowering, rule: Callable, vjp: Callable | None, arity: int = 1,
+def defop(name: str, code: str | Lowering, rule: Rule, vjp: Callable | None, arity: int = 1,
           attrs: dict[str, Any] | None = None, doc: str = "", fresh: bool = False,
           inplace: dict[int, str] | None = None, out: bool | str | Lowering | None = None,
           transposed: tuple[int, ...] = ()) -> Callable[..., Value]:
@@ -154,7 +188,7 @@ def apply(op: OpDef, *inputs: Value | float, **attrs: Any) -> Value:
 # -- shape rules ----------------------------------------------------------------------
 
 
-def _same_dtype(op: str, inputs: list[Value]) -> torch.dtype:
+def _same_dtype(inputs: list[Value]) -> torch.dtype:
     dtypes = {v.dtype for v in inputs}
     if len(dtypes) > 1:
         names = ", ".join(f"{v.label}: {dtype_name(v.dtype)}" for v in inputs)
@@ -182,7 +216,7 @@ def unary(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
 
 
 def elementwise(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
-    dtype = _same_dtype("", inputs)
+    dtype = _same_dtype(inputs)
     a, b = inputs
     shape = broadcast_shapes(a.shape, b.shape)
     if shape is None:
@@ -195,7 +229,7 @@ def elementwise(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
 
 def loss_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
     a, b = inputs
-    _same_dtype("", inputs)
+    _same_dtype(inputs)
     both = broadcast_shapes(a.shape, b.shape)
     if both != a.shape:  # a target may broadcast to the prediction, never enlarge it
         grown = f" (they broadcast to {format_shape(both)}, averaging every pair)" if both is not None else ""
@@ -221,7 +255,7 @@ def class_axis_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtyp
 
 def cross_entropy_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
     logits, target = inputs
-    _same_dtype("", inputs)
+    _same_dtype(inputs)
     if logits.ndim != 2:
         raise ShapeError(f"logits {format_shape(logits.shape)} must be 2-d, [examples, classes]")
     if isinstance(logits.shape[1], int) and logits.shape[1] < 2:  # softmax over one class is 1: the loss is 0
@@ -238,7 +272,7 @@ def cross_entropy_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.d
 
 def matmul_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
     a, b = inputs
-    dtype = _same_dtype("matmul", inputs)
+    dtype = _same_dtype(inputs)
     if a.ndim != 2 or b.ndim != 2:
         raise ShapeError(
             f"{format_shape(a.shape)} @ {format_shape(b.shape)}: matmul takes two matrices (2-d)",
@@ -264,7 +298,7 @@ def transpose_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype
     return (*x.shape[:-2], x.shape[-1], x.shape[-2]), x.dtype
 
 
-def _normalise_axis(x: Value, attrs: dict) -> tuple[int, ...]:
+def _normalise_axis(x: Value, attrs: Mapping[str, Any]) -> tuple[int, ...]:
     """attrs["axis"] (None for all, an int or ints) as sorted non-negative axes."""
     axis = attrs["axis"]
     if axis is None:
@@ -286,26 +320,28 @@ def _normalise_axis(x: Value, attrs: dict) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def reduce_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
+def reduce_rule(inputs: list[Value], attrs: Mapping[str, Any]) -> tuple[Shape, torch.dtype, dict[str, Any]]:
     (x,) = inputs
     axes = _normalise_axis(x, attrs)
     if not axes and x.ndim:  # torch reads an empty dim list as "every dim": refuse rather than disagree
         raise ShapeError(f"axis={attrs['axis']!r} names no axis", "use axis=None to reduce every axis")
-    attrs["axis"] = None if len(axes) == x.ndim else axes  # None prints as "all axes"
-    attrs["keepdims"] = _flag("keepdims", attrs["keepdims"])
-    if attrs["keepdims"]:
-        return tuple(1 if i in axes else d for i, d in enumerate(x.shape)), x.dtype
-    return tuple(d for i, d in enumerate(x.shape) if i not in axes), x.dtype
+    keepdims = _flag("keepdims", attrs["keepdims"])
+    if keepdims:
+        shape = tuple(1 if i in axes else d for i, d in enumerate(x.shape))
+    else:
+        shape = tuple(d for i, d in enumerate(x.shape) if i not in axes)
+    # None prints as "all axes"
+    return shape, x.dtype, {"axis": None if len(axes) == x.ndim else axes, "keepdims": keepdims}
 
 
-def broadcast_like_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
+def broadcast_like_rule(inputs: list[Value], attrs: Mapping[str, Any]) -> tuple[Shape, torch.dtype, dict[str, Any]]:
     g, ref = inputs
-    dtype = _same_dtype("broadcast_like", inputs)
+    dtype = _same_dtype(inputs)
     shape = g.shape
-    if attrs["axis"] is not None:
-        axes = attrs["axis"] = _normalise_axis(ref, attrs)
+    axes = None if attrs["axis"] is None else _normalise_axis(ref, attrs)
+    if axes is not None:
         if not axes and ref.ndim:  # the VJP reduces over these axes, and sum refuses an empty list
-            raise ShapeError(f"axis={attrs['axis']!r} names no axis", "use axis=None to broadcast without one")
+            raise ShapeError(f"axis={axes!r} names no axis", "use axis=None to broadcast without one")
         if g.ndim + len(axes) == ref.ndim:  # the reduction dropped these axes: put them back
             for a in axes:
                 shape = (*shape[:a], 1, *shape[a:])
@@ -316,21 +352,20 @@ def broadcast_like_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.
         raise ShapeError("mean=True needs the reduced axes in axis")
     if len(shape) > ref.ndim or broadcast_shapes(shape, ref.shape) != ref.shape:
         raise ShapeError(f"{format_shape(g.shape)} does not broadcast to {format_shape(ref.shape)}")
-    attrs["mean"] = _flag("mean", attrs["mean"])
-    return ref.shape, dtype
+    return ref.shape, dtype, {"axis": axes, "mean": _flag("mean", attrs["mean"])}
 
 
-def sum_to_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
+def sum_to_rule(inputs: list[Value], attrs: Mapping[str, Any]) -> tuple[Shape, torch.dtype, dict[str, Any]]:
     (x,) = inputs
     shape = attrs["shape"]
     if not isinstance(shape, (tuple, list)) or not all(
             (isinstance(d, int) and not isinstance(d, bool) and d >= 0) or (isinstance(d, str) and d.isidentifier())
             for d in shape):
         raise ShapeError(f"shape {shape!r} must be a tuple of non-negative ints or symbols such as 'N'")
-    shape = attrs["shape"] = tuple(shape)
+    shape = tuple(shape)
     if len(shape) > x.ndim or broadcast_shapes(shape, x.shape) != x.shape:
         raise ShapeError(f"{format_shape(x.shape)} cannot be summed down to {format_shape(shape)}")
-    return shape, x.dtype
+    return shape, x.dtype, {"shape": shape}
 
 
 def _flag(name: str, value: Any) -> bool:
@@ -339,14 +374,14 @@ def _flag(name: str, value: Any) -> bool:
     return bool(value)
 
 
-def const_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
+def const_rule(inputs: list[Value], attrs: Mapping[str, Any]) -> tuple[Shape, torch.dtype, dict[str, Any]]:
     if not isinstance(attrs["dtype"], str) or attrs["dtype"] not in DTYPES:
         raise ShapeError(f"unknown dtype {attrs['dtype']!r}", f"use one of {', '.join(DTYPES)}")
     try:
-        attrs["value"] = read_float(attrs["value"], "value", DTYPES[attrs["dtype"]])
+        value = read_float(attrs["value"], "value", DTYPES[attrs["dtype"]])
     except GraphError as e:
         raise ShapeError(str(e)) from None
-    return (), DTYPES[attrs["dtype"]]
+    return (), DTYPES[attrs["dtype"]], {"value": value}
 
 
 # -- lowerings that depend on shapes ------------------------------------------------
@@ -631,6 +666,32 @@ def sum_to(x: Value, shape: Sequence[Dim]) -> Value:
     return _sum_to(x, shape=shape)
 
 
+# -- Value's operators ------------------------------------------------------------------
+# Installed on Value from here, where the ops are (as torch.fx's proxy.py installs its
+# magic methods), so ir.py needs no import of ops. A builder is a plain function, so it
+# binds as a method: `a + b` is add(a, b).
+
+
+def _reflected(op: Callable[..., Value]) -> Callable[[Value, Any], Value]:
+    def method(self: Value, other: Any) -> Value:
+        return op(other, self)
+    method.__name__ = f"r{op.__name__}"
+    return method
+
+
+VALUE_OPERATORS: dict[str, Any] = {
+    "__add__": add, "__radd__": _reflected(add),
+    "__sub__": sub, "__rsub__": _reflected(sub),
+    "__mul__": mul, "__rmul__": _reflected(mul),
+    "__truediv__": div, "__rtruediv__": _reflected(div),
+    "__matmul__": matmul,
+    "__neg__": neg,
+    "T": property(transpose, doc="The value with its last two dims swapped."),
+}
+for _name, _method in VALUE_OPERATORS.items():
+    setattr(Value, _name, _method)
+
+
 
 # -- fused ops --------------------------------------------------------------------------
 #
@@ -639,33 +700,6 @@ def sum_to(x: Value, shape: Sequence[Dim]) -> Value:
 # parses and draws) whose VJP is written with the primitives, so grad of an optimised
 # graph still works.
 
-class _Kernels:
-    """`torch.ops.aten` for generated code, each overload resolved to its C++ entry.
-
-    `aten.tanh_backward.grad_input(...)` reads the same in the generated source, but
-    skips the Python frame of `OpOverload.__call__`: 1.7 µs a call instead of 2.5 µs
-    (tanh_backward at batch 5, one CPU thread). Lookups are cached on first use.
-    """
-
-    def __init__(self, packet: Any = None) -> None:
-        self._packet = packet
-
-    def __getattr__(self, name: str) -> Any:
-        if self._packet is None:  # an op: its overloads, resolved on demand
-            value: Any = _Kernels(getattr(torch.ops.aten, name))
-        else:
-            overload = getattr(self._packet, name)
-            value = getattr(overload, "_op", overload)
-        setattr(self, name, value)
-        return value
-
-
-# The globals lowered code runs with (the compiler's and constant folding's). `kernels`
-# is torch._C._nn, the generated C bindings of aten's loss kernels (no layers, no
-# autograd): the cheapest entry to those kernels, e.g. mse_loss in one call, 5.4 µs at
-# batch 5 against 6.6 µs for mean(square(sub)) and 6.6 µs through torch.ops.aten.
-CODE_GLOBALS: dict[str, Any] = {"torch": torch, "math": math, "aten": _Kernels(), "kernels": torch._C._nn}
-
 
 def addmm_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
     bias, a, b = inputs
@@ -673,7 +707,7 @@ def addmm_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
     if broadcast_shapes(bias.shape, shape) != shape:
         raise ShapeError(f"bias {format_shape(bias.shape)} does not broadcast to the product's "
                          f"{format_shape(shape)}")
-    return shape, _same_dtype("addmm", inputs)
+    return shape, _same_dtype(inputs)
 
 
 def _transposed_rule(ta: bool, tb: bool) -> Callable[[list[Value], dict], tuple[Shape, torch.dtype]]:
@@ -688,13 +722,13 @@ def _transposed_rule(ta: bool, tb: bool) -> Callable[[list[Value], dict], tuple[
         if k != k2:
             product = f"{format_shape(a.shape)}{'^T' if ta else ''} @ {format_shape(b.shape)}{'^T' if tb else ''}"
             raise ShapeError(f"inner dims differ ({k} vs {k2}) for {product}")
-        return (m, n), _same_dtype("matmul", inputs)
+        return (m, n), _same_dtype(inputs)
     return rule
 
 
 def same_shape(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dtype]:
     """Elementwise without broadcasting (what torch's *_backward kernels take)."""
-    dtype = _same_dtype("", inputs)
+    dtype = _same_dtype(inputs)
     if any(v.shape != inputs[0].shape for v in inputs):
         raise ShapeError("shapes differ (" + ", ".join(format_shape(v.shape) for v in inputs) + ")",
                          "the inputs of a fused backward op must have one shape")
@@ -705,7 +739,7 @@ def mse_backward_rule(inputs: list[Value], attrs: dict) -> tuple[Shape, torch.dt
     g, a, b = inputs
     if g.shape != ():
         raise ShapeError(f"the cotangent {format_shape(g.shape)} must be a scalar")
-    return same_shape([a, b], attrs)[0], _same_dtype("mse_backward", inputs)
+    return same_shape([a, b], attrs)[0], _same_dtype(inputs)
 
 
 def _all_axes(x: Value) -> tuple[int, ...]:

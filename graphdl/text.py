@@ -22,7 +22,6 @@ import cmath
 import json
 import math
 import re
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -206,6 +205,9 @@ def _split_decls(lineno: int, line: str, text: str) -> list[tuple[str, torch.dty
 def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
     """Rebuild a graph from its textual IR; `str(parse(str(g))) == str(g)`.
 
+    Every value is defined on a line before the lines that use it, as the printer
+    writes it; the nodes are built in line order.
+
     Args:
         text: the textual IR, as `str(graph)` prints it.
         params: tensors for the declared params; a param not given starts as zeros.
@@ -216,13 +218,28 @@ def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
     Raises:
         GraphError: naming the line, for any malformed or inconsistent text.
     """
+    lines, params = _check_parse_args(text, params)
+    graph = _parse_signature(*lines[0], params)
+    _check_closing_lines(lines)
+    env = _parse_nodes(graph, lines[1:-2])
+    _parse_outputs(graph, env, *lines[-2])
+    _check_params_declared(graph, params)
+    return graph
+
+
+def _check_parse_args(text: object, params: object) -> tuple[list[tuple[int, str]], dict[str, torch.Tensor]]:
+    """The text's (line number, line) pairs without blank and // comment lines, and the params."""
     if not isinstance(text, str):
         raise GraphError(f"parse takes the IR text as a str, got {type(text).__name__}")
-    params = _check_params(params)
+    checked = _check_params(params)
     lines = [(i + 1, ln) for i, ln in enumerate(text.splitlines()) if ln.strip() and not ln.strip().startswith("//")]
     if not lines:
         raise GraphError("IR text is empty; it should start with 'graph NAME(inputs; params) {'")
-    lineno, line = lines[0]
+    return lines, checked
+
+
+def _parse_signature(lineno: int, line: str, params: dict[str, torch.Tensor]) -> Graph:
+    """The graph `graph NAME(inputs; params) {` declares, with its inputs and params."""
     header = _HEADER.match(line.strip())
     if not header:
         raise _fail(lineno, line, "expected 'graph NAME(inputs; params) {'")
@@ -247,94 +264,87 @@ def parse(text: str, params: dict[str, torch.Tensor] | None = None) -> Graph:
         if "IR text" in str(e):
             raise
         raise _fail(lineno, line, str(e)) from None
+    return graph
 
+
+def _check_closing_lines(lines: list[tuple[int, str]]) -> None:
     if lines[-1][1].strip() != "}":
         raise _fail(*lines[-1], "expected '}' closing the graph")
     if len(lines) < 3 or not _RETURN.match(lines[-2][1].strip()):
         raise _fail(*lines[-2], "expected 'return VALUES' as the last line before '}'")
 
-    # Read every node line first, then build in dependency order (networkx), so a
-    # forward reference is fine and a cycle is reported with its lines.
-    records: dict[str, tuple[int, str, re.Match]] = {}
-    forward = False  # is a %k used on a line before its own (or never defined)?
-    for lineno, line in lines[1:-2]:
+
+def _parse_nodes(graph: Graph, lines: list[tuple[int, str]]) -> dict[str, Value]:
+    """Add a node per line, in order; returns every value by its name in the text."""
+    env: dict[str, Value] = {**graph.inputs, **graph.params}
+    defined_on: dict[str, int] = {}  # %k -> its line
+    # A graph has few distinct types and attrs: read each once (reading them every time was
+    # half of parse: a third for types, a sixth for attrs, whose reader is Python's).
+    types: dict[tuple[str, str], tuple[torch.dtype, Shape]] = {}
+    attrs_read: dict[str | None, dict[str, Any]] = {}
+    for lineno, line in lines:
         m = _NODE.match(line.strip())
         if not m:
             raise _fail(lineno, line, "expected '%k: f32[dims] = op[attrs] args'")
-        if m[1] in records:
-            raise _fail(lineno, line, f"{m[1]} is defined twice (line {records[m[1]][0]} too)")
+        if m[1] in defined_on:
+            raise _fail(lineno, line, f"{m[1]} is defined twice (line {defined_on[m[1]]} too)")
         if m[4] not in OPS:
             raise _fail(lineno, line, f"unknown op {m[4]!r}; known ops: {', '.join(sorted(OPS))}")
-        forward = forward or any(a.strip() not in records for a in (m[6] or "").split(",") if "%" in a)
-        records[m[1]] = (lineno, line, m)
-
-    def args_of(lineno: int, line: str, text: str | None) -> list[str]:
-        names = [a.strip() for a in text.split(",")] if text and text.strip() else []
-        for a in names:
-            if a not in records and a not in graph.inputs and a not in graph.params:
-                raise _fail(lineno, line, f"{a!r} is not defined; define it as a node, input or param")
-        return names
-
-    # Printed text defines every value before its uses, and then line order is the build
-    # order; only text with a forward reference pays for the sort (networkx took a third
-    # of parse's time on a 16,000-node graph).
-    order = _dependency_order(records, args_of) if forward else list(records)
-
-    env: dict[str, Value] = {**graph.inputs, **graph.params}
-    # A graph has few distinct types: read each once (reading them was a third of parse).
-    types: dict[tuple[str, str], tuple[torch.dtype, Shape]] = {}
-    for key in order:
-        lineno, line, m = records[key]
         if (m[2], m[3]) not in types:
             types[m[2], m[3]] = _parse_type(lineno, line, m[1], m[2], m[3])
-        dtype, shape = types[m[2], m[3]]
-        attrs = _parse_attrs(lineno, line, m[5])
-        inputs = [env[a] for a in args_of(lineno, line, m[6])]
-        scope = _parse_scope(lineno, line, m[8] or "")
-        try:
-            with graph.scope(scope, backward=bool(m[7])):
-                value = graph.add_node(OPS[m[4]], inputs, attrs, where=f"IR text line {lineno}")
-        except GraphError as e:  # keep the message and hint; "created at" is this line
-            reason = [ln for ln in str(e).splitlines() if not ln.strip().startswith("created at")]
-            raise _fail(lineno, line, "\n".join(reason)) from None
-        if (value.dtype, value.shape) != (dtype, shape):
-            raise _fail(lineno, line, f"declared {format_type(dtype, shape)} but {m[4]} of these inputs "
-                                      f"gives {format_type(value.dtype, value.shape)}")
-        env[key] = value
+        if m[5] not in attrs_read:
+            attrs_read[m[5]] = _parse_attrs(lineno, line, m[5])
+        env[m[1]] = _parse_node(graph, lineno, line, m, types[m[2], m[3]], dict(attrs_read[m[5]]),
+                                _args(env, lineno, line, m[6]))
+        defined_on[m[1]] = lineno
+    return env
 
-    lineno, line = lines[-2]
+
+def _parse_node(graph: Graph, lineno: int, line: str, m: re.Match, declared: tuple[torch.dtype, Shape],
+                attrs: dict[str, Any], inputs: list[Value]) -> Value:
+    """Add the node of one line; its op's rule must give the type the line declares."""
+    dtype, shape = declared
+    scope = _parse_scope(lineno, line, m[8] or "")
+    try:
+        with graph.scope(scope, backward=bool(m[7])):
+            value = graph.add_node(OPS[m[4]], inputs, attrs, where=f"IR text line {lineno}")
+    except GraphError as e:  # keep the message and hint; "created at" is this line
+        reason = [ln for ln in str(e).splitlines() if not ln.strip().startswith("created at")]
+        raise _fail(lineno, line, "\n".join(reason)) from None
+    if (value.dtype, value.shape) != (dtype, shape):
+        raise _fail(lineno, line, f"declared {format_type(dtype, shape)} but {m[4]} of these inputs "
+                                  f"gives {format_type(value.dtype, value.shape)}")
+    return value
+
+
+def _args(env: dict[str, Value], lineno: int, line: str, text: str | None) -> list[Value]:
+    """The values a comma-separated list names; each must be defined on an earlier line."""
+    names = [a.strip() for a in text.split(",")] if text and text.strip() else []
+    for a in names:
+        if a not in env:
+            raise _fail(lineno, line, f"{a!r} is not defined before this line; define it as a node on an "
+                                      "earlier line, an input or a param")
+    return [env[a] for a in names]
+
+
+def _parse_outputs(graph: Graph, env: dict[str, Value], lineno: int, line: str) -> None:
+    """`return %k (label), ...`: the graph's outputs, in order."""
     for part in _split_top_level(_RETURN.match(line.strip())[1] or "") if line.strip() != "return" else []:
         m = _OUTPUT.match(part.strip())
         if not m:
             raise _fail(lineno, line, f"cannot read the output {part.strip()!r}; write it as %k or %k (label)")
-        (name,) = args_of(lineno, line, m[1])
+        (value,) = _args(env, lineno, line, m[1])
         try:
-            graph.output(env[name], label=m[2] or "")
+            graph.output(value, label=m[2] or "")
         except GraphError as e:
             raise _fail(lineno, line, str(e)) from None
+
+
+def _check_params_declared(graph: Graph, params: dict[str, torch.Tensor]) -> None:
     unused = sorted(set(params) - set(graph.params))
     if unused:
         raise GraphError(f"parse: params={{...}} gives {', '.join(map(repr, unused))}, which the text does not "
                          f"declare; it declares: {', '.join(graph.params) or 'no params'}")
-    return graph
-
-
-def _dependency_order(records: dict[str, tuple[int, str, re.Match]],
-                      args_of: Callable[[int, str, str | None], list[str]]) -> list[str]:
-    """The node keys in an order that defines each before its uses, else in line order;
-    a cycle is reported with its lines."""
-    import networkx as nx  # on first use, not at `import graphdl` (most of its own import time)
-
-    deps = nx.DiGraph()
-    deps.add_nodes_from(records)
-    for key, (lineno, line, m) in records.items():
-        deps.add_edges_from((a, key) for a in args_of(lineno, line, m[6]) if a in records)
-    try:
-        return list(nx.lexicographical_topological_sort(deps, key=lambda k: records[k][0]))
-    except nx.NetworkXUnfeasible:
-        cycle = [u for u, _ in nx.find_cycle(deps)]
-        lineno, line, _ = records[cycle[0]]
-        raise _fail(lineno, line, f"values depend on themselves: {' -> '.join([*cycle, cycle[0]])}") from None
 
 
 # Params the text declares but `params` does not give start as zeros; past this size that

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import graphviz
@@ -51,82 +52,117 @@ def to_dot(graph: Graph, hide_params: bool = False, collapse_layers: bool = Fals
         A `graphviz.Digraph`: `.source` is the DOT text, `.pipe(format="svg")` draws it.
         Node ids are `in{i}`, `p{i}`, `n{k}` (the IR node %k), `layer{j}` and `out{i}`.
     """
+    _check_to_dot_args(graph, rankdir)
+    drawing = _Drawing.start(graph, rankdir)
+    drawing.draw_inputs()
+    drawing.draw_params(hide_params, collapse_layers)
+    layers = drawing.draw_nodes(collapse_layers)
+    drawing.draw_layers(layers)
+    drawing.close_clusters()
+    drawing.draw_edges()
+    drawing.draw_outputs()
+    return drawing.dot
+
+
+def _check_to_dot_args(graph: object, rankdir: object) -> None:
     if not isinstance(graph, Graph):
         raise GraphError(f"to_dot takes a gd.Graph, got {type(graph).__name__}; for a model use model.graph()")
     if rankdir not in ("TB", "LR", "BT", "RL"):
         raise GraphError(f"to_dot: rankdir={rankdir!r} must be one of TB, LR, BT, RL")
-    names = {id(v): v.name for v in (*graph.inputs.values(), *graph.params.values())}
-    names.update({id(n.out): f"%{k}" for k, n in enumerate(graph.nodes)})
 
-    dot = graphviz.Digraph(graph.name, graph_attr={"rankdir": rankdir, "label": _text(f"graph {graph.name}"),
-                                                   "labelloc": "t", **_FONT},
-                           node_attr={"fontsize": "11", **_FONT}, edge_attr={"fontsize": "9", **_FONT})
-    scopes = list(dict.fromkeys(n.scope for n in graph.nodes if n.scope))
-    clusters = {s: graphviz.Digraph(f"cluster_{i}", graph_attr={"label": _text(s), "style": "rounded,dashed"})
-                for i, s in enumerate(scopes)}
 
-    # A param used by one layer only is drawn inside it (or, collapsed, absorbed into it).
-    param_scope = {}
-    for v in graph.params.values():
-        used_in = {u.scope for u in v.users}
-        param_scope[id(v)] = used_in.pop() if len(used_in) == 1 else ""
+@dataclass
+class _Drawing:
+    """A drawing under way: the DOT graph, one dashed cluster per layer, and which DOT
+    node draws each value's producer."""
 
-    box: dict[int, str | None] = {}  # id(value) -> the dot node drawing its producer (None: not drawn)
-    for i, v in enumerate(graph.inputs.values()):
-        box[id(v)] = f"in{i}"
-        dot.node(f"in{i}", _label(v.name, format_type(v.dtype, v.shape)), tooltip=_text(f"input {v!r}"),
-                 **STYLES["input"])
-    for i, v in enumerate(graph.params.values()):
-        absorbed = collapse_layers and param_scope[id(v)]
-        box[id(v)] = None if hide_params or absorbed else f"p{i}"
-        if box[id(v)]:
-            where = clusters.get(param_scope[id(v)], dot)
-            where.node(f"p{i}", _label(v.name, format_type(v.dtype, v.shape)), tooltip=_text(f"param {v!r}"),
-                       **STYLES["param"])
+    graph: Graph
+    dot: graphviz.Digraph
+    clusters: dict[str, graphviz.Digraph]  # scope -> its cluster
+    names: dict[int, str]  # id(value) -> its name in the text IR (x, fc0.weight, %3)
+    box: dict[int, str | None] = field(default_factory=dict)  # id(value) -> the DOT node of its producer, or None
 
-    layers: dict[tuple[str, bool], list[Node]] = {}
-    layer_box: dict[tuple[str, bool], str] = {}  # in the order of `layers`: layer{j} is its j-th
-    for k, node in enumerate(graph.nodes):
-        if collapse_layers and node.scope:
-            layers.setdefault((node.scope, node.backward), []).append(node)
-            box[id(node.out)] = layer_box.setdefault((node.scope, node.backward), f"layer{len(layer_box)}")
-            continue
-        box[id(node.out)] = f"n{k}"
-        hidden = [v for v in node.inputs if v.kind == "param" and box[id(v)] is None]
-        style = "const" if node.op.name == "const" else "backward" if node.backward else "forward"
-        attrs = dict(STYLES[style])
-        if node.op.name == "const" and node.backward:
-            attrs["fillcolor"] = STYLES["backward"]["fillcolor"]
-        clusters.get(node.scope, dot).node(
-            f"n{k}",
-            _label(f"%{k} {node.op.name}{format_attrs(node)}", format_type(node.out.dtype, node.out.shape),
-                   *(f"{v.name}: {format_type(v.dtype, v.shape)}" for v in hidden)),
-            tooltip=_text(f"{format_node(node, names)}\ncreated at {node.where}"),
-            **attrs,
-        )
-    returned = {id(v) for v in graph.outputs}
-    for j, ((scope, backward), members) in enumerate(layers.items()):
-        dot.node(f"layer{j}", _layer_label(returned, scope, backward, members, box),
-                 tooltip=_text("\n".join(format_node(n, names) for n in members)),
-                 **STYLES["backward" if backward else "forward"], penwidth="2")
+    @classmethod
+    def start(cls, graph: Graph, rankdir: str) -> _Drawing:
+        names = {id(v): v.name for v in (*graph.inputs.values(), *graph.params.values())}
+        names.update({id(n.out): f"%{k}" for k, n in enumerate(graph.nodes)})
+        dot = graphviz.Digraph(graph.name, graph_attr={"rankdir": rankdir, "label": _text(f"graph {graph.name}"),
+                                                       "labelloc": "t", **_FONT},
+                               node_attr={"fontsize": "11", **_FONT}, edge_attr={"fontsize": "9", **_FONT})
+        scopes = list(dict.fromkeys(n.scope for n in graph.nodes if n.scope))
+        clusters = {s: graphviz.Digraph(f"cluster_{i}", graph_attr={"label": _text(s), "style": "rounded,dashed"})
+                    for i, s in enumerate(scopes)}
+        return cls(graph, dot, clusters, names)
 
-    for c in clusters.values():
-        if c.body:
-            dot.subgraph(c)
+    def draw_inputs(self) -> None:
+        for i, v in enumerate(self.graph.inputs.values()):
+            self.box[id(v)] = f"in{i}"
+            self.dot.node(f"in{i}", _label(v.name, format_type(v.dtype, v.shape)), tooltip=_text(f"input {v!r}"),
+                          **STYLES["input"])
 
-    drawn: set[tuple[str, str, int]] = set()
-    for node in graph.nodes:
-        for v in node.inputs:
-            edge = (box[id(v)], box[id(node.out)], id(v))
-            if edge[0] is not None and edge[0] != edge[1] and edge not in drawn:
-                drawn.add(edge)
-                dot.edge(edge[0], edge[1], label=_text(format_type(v.dtype, v.shape)))
-    for i, (v, label) in enumerate(zip(graph.outputs, graph.output_labels)):
-        dot.node(f"out{i}", _label(f"output {i}" + (f": {label}" if label else ""), format_type(v.dtype, v.shape)),
-                 **STYLES["output"])
-        if box[id(v)] is not None:
-            dot.edge(box[id(v)], f"out{i}", label=_text(names[id(v)]))
-    return dot
+    def draw_params(self, hide_params: bool, collapse_layers: bool) -> None:
+        """A param used by one layer only is drawn inside it (or, collapsed, absorbed into it)."""
+        for i, v in enumerate(self.graph.params.values()):
+            used_in = {u.scope for u in v.users}
+            scope = used_in.pop() if len(used_in) == 1 else ""
+            self.box[id(v)] = None if hide_params or (collapse_layers and scope) else f"p{i}"
+            if self.box[id(v)]:
+                self.clusters.get(scope, self.dot).node(f"p{i}", _label(v.name, format_type(v.dtype, v.shape)),
+                                                        tooltip=_text(f"param {v!r}"), **STYLES["param"])
+
+    def draw_nodes(self, collapse_layers: bool) -> dict[tuple[str, bool], list[Node]]:
+        """A box per node, in its layer's cluster; with `collapse_layers`, the nodes of each
+        (layer, backward) instead, to be drawn as one box each by draw_layers."""
+        layers: dict[tuple[str, bool], list[Node]] = {}
+        layer_box: dict[tuple[str, bool], str] = {}  # in the order of `layers`: layer{j} is its j-th
+        for k, node in enumerate(self.graph.nodes):
+            if collapse_layers and node.scope:
+                layers.setdefault((node.scope, node.backward), []).append(node)
+                self.box[id(node.out)] = layer_box.setdefault((node.scope, node.backward), f"layer{len(layer_box)}")
+                continue
+            self.box[id(node.out)] = f"n{k}"
+            hidden = [v for v in node.inputs if v.kind == "param" and self.box[id(v)] is None]
+            style = "const" if node.op.name == "const" else "backward" if node.backward else "forward"
+            attrs = dict(STYLES[style])
+            if node.op.name == "const" and node.backward:
+                attrs["fillcolor"] = STYLES["backward"]["fillcolor"]
+            self.clusters.get(node.scope, self.dot).node(
+                f"n{k}",
+                _label(f"%{k} {node.op.name}{format_attrs(node)}", format_type(node.out.dtype, node.out.shape),
+                       *(f"{v.name}: {format_type(v.dtype, v.shape)}" for v in hidden)),
+                tooltip=_text(f"{format_node(node, self.names)}\ncreated at {node.where}"),
+                **attrs,
+            )
+        return layers
+
+    def draw_layers(self, layers: dict[tuple[str, bool], list[Node]]) -> None:
+        returned = {id(v) for v in self.graph.outputs}
+        for j, ((scope, backward), members) in enumerate(layers.items()):
+            self.dot.node(f"layer{j}", _layer_label(returned, scope, backward, members, self.box),
+                          tooltip=_text("\n".join(format_node(n, self.names) for n in members)),
+                          **STYLES["backward" if backward else "forward"], penwidth="2")
+
+    def close_clusters(self) -> None:
+        for c in self.clusters.values():
+            if c.body:
+                self.dot.subgraph(c)
+
+    def draw_edges(self) -> None:
+        """One edge per value and user box, labelled with the value's type."""
+        drawn: set[tuple[str, str, int]] = set()
+        for node in self.graph.nodes:
+            for v in node.inputs:
+                edge = (self.box[id(v)], self.box[id(node.out)], id(v))
+                if edge[0] is not None and edge[0] != edge[1] and edge not in drawn:
+                    drawn.add(edge)
+                    self.dot.edge(edge[0], edge[1], label=_text(format_type(v.dtype, v.shape)))
+
+    def draw_outputs(self) -> None:
+        for i, (v, label) in enumerate(zip(self.graph.outputs, self.graph.output_labels)):
+            self.dot.node(f"out{i}", _label(f"output {i}" + (f": {label}" if label else ""),
+                                            format_type(v.dtype, v.shape)), **STYLES["output"])
+            if self.box[id(v)] is not None:
+                self.dot.edge(self.box[id(v)], f"out{i}", label=_text(self.names[id(v)]))
 
 
 def _text(text: str) -> str:

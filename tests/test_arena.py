@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from test_fuzz import fuzz, programs, random_graph
+from strategies import fuzz, programs, random_graph
 
 import graphdl as gd
 from graphdl.compile import lower

@@ -1,10 +1,14 @@
 """compile: optimize=False, tracing the passes, the generated source, in-place reuse,
-errors that name the IR line, and devices (cpu, and cuda when there is one)."""
+errors that name the IR line, and devices (cpu, and cuda when there is one); then feeds
+and their messages, and outputs that own their memory."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from messages import message, names
+from test_contract import tiny
 
 import graphdl as gd
 
@@ -227,3 +231,128 @@ def test_a_param_moved_to_another_device_after_compile_is_named():
     with pytest.raises(gd.GraphError, match=r"param moved after compile \(fc1.weight is now f32\[8,8\] on meta, "
                                             r"declared f32\[8,8\] on cpu\); compile the graph again"):
         fn(**feeds())
+
+
+def test_params_share_live_tensors_with_compiled_functions():
+    g = tiny()
+    fn = gd.compile(g)
+    X, Y = torch.rand(4, 2), torch.rand(4, 1)
+    before = fn(x=X, y=Y)[0]
+    g.params["w"].data.add_(1.0)  # training updates params in place
+    after = fn(x=X, y=Y)[0]
+    assert not torch.equal(before, after)
+
+
+def test_batch_dimension_is_bound_at_run_time():
+    fn = gd.compile(tiny())
+    for n in (1, 5, 64):
+        (loss,) = fn(x=torch.rand(n, 2), y=torch.rand(n, 1))
+        assert loss.shape == ()
+
+
+def test_compiled_source_is_kept_and_releases_values():
+    fn = gd.compile(gd.grad(tiny(), ["w", "b"]))
+    assert "torch.mm(" in fn.source and "del " in fn.source
+    assert fn.source.count("\n    v") >= len(fn.graph.nodes) - 3  # one line per node (consts hoisted)
+
+
+def test_optimize_false_keeps_the_graph_as_written():
+    g = tiny()
+    g.const(3.0)  # dead
+    assert len(gd.compile(g, optimize=False).graph.nodes) == len(g.nodes)
+    optimised = gd.compile(g).graph  # the passes drop the dead const (and fuse matmul+add into addmm)
+    assert len(optimised.nodes) < len(g.nodes) - 1
+    assert all(n.op.name != "const" for n in optimised.nodes)
+
+
+@pytest.mark.parametrize(
+    "feeds, message",
+    [
+        ({"x": torch.rand(4, 2)}, "missing input 'y'"),
+        ({"x": torch.rand(4, 2), "y": torch.rand(4, 1), "z": torch.rand(1)}, "no input 'z'"),
+        ({"x": torch.rand(4, 3), "y": torch.rand(4, 1)}, r"x is f32\[4,3\] .*declares f32\[N,2\]"),
+        ({"x": torch.rand(4), "y": torch.rand(4, 1)}, "rank 1"),
+        ({"x": torch.rand(4, 2), "y": torch.rand(5, 1)}, "disagree on N"),
+        ({"x": torch.rand(4, 2, dtype=torch.float64), "y": torch.rand(4, 1)}, "f64.*declares f32"),
+        ({"x": [[1.0, 2.0]], "y": torch.rand(1, 1)}, "must be a torch.Tensor"),
+    ],
+)
+def test_bad_feeds_raise_graph_errors_naming_the_input(feeds, message):
+    with pytest.raises(gd.GraphError, match=message):
+        gd.compile(tiny())(**feeds)
+
+
+# -- outputs belong to the caller (regressions found in review) --------------------------
+
+
+def test_outputs_never_alias_params_constants_or_views():
+    g = gd.Graph("alias")
+    x = g.input("x", (None, 2))
+    w = g.param("w", torch.randn(3, 2))
+    s = g.param("s", torch.ones(()))
+    g.output(gd.add(gd.mean(gd.matmul(x, gd.transpose(w))), s), w, gd.transpose(w))
+    gg = gd.grad(g, ["w", "s"])  # dw comes out of a transposed product; ds is the constant 1
+    fn = gd.compile(gg)
+    X = torch.randn(4, 2)
+    _, w_out, wt_out, dw, ds = fn(x=X)
+    for t in (w_out, wt_out, dw, ds):
+        assert t.is_contiguous()
+    w_out.add_(1.0)
+    wt_out.add_(1.0)
+    ds.add_(5.0)
+    assert not torch.equal(w_out, w.data) and not torch.equal(wt_out, w.data.T)
+    torch.testing.assert_close(wt_out - 1.0, w.data.T)
+    assert fn(x=X)[4].item() == 1.0  # the caller's edit did not reach the next call
+
+
+# -- compile and feeds ----------------------------------------------------------------------
+
+
+def test_compile_something_that_is_not_a_graph_or_has_no_outputs():
+    names(message(gd.compile, 3), "compile takes a gd.Graph, got int")
+    names(message(gd.compile, gd.Graph("g")), "has no outputs; add one with graph.output")
+
+
+@pytest.mark.parametrize("name", ["torch", "math", "c0", "P0", "def", "None", "lambda"])
+def test_graph_names_that_clash_with_generated_code_still_compile(name):
+    g = gd.Graph(name)
+    x = g.input("x", (3,))
+    g.output(gd.mul(gd.add(x, 2.0), g.param("w", torch.full((3,), 2.0))))
+    (out,) = gd.compile(g)(x=torch.ones(3))
+    assert torch.equal(out, torch.full((3,), 6.0))
+
+
+@pytest.mark.parametrize("x, expect", [
+    (np.zeros((4, 2), np.float32), r"input x must be a torch.Tensor \(f32\[N,2\]\), got ndarray; "
+                                   r"convert it with torch.as_tensor\(x, dtype=torch.float32\)"),
+    ([[1.0, 2.0]], "got list"),
+    (1.0, "got float"),
+    (torch.tensor(1.0), r"input x has rank 0 \(f32\[\]\) but the graph declares rank 2 \(f32\[N,2\]\)"),
+    (torch.zeros(4, 2, dtype=torch.int64), r"input x is int64\[4,2\] .*convert it with .to\(torch.float32\)"),
+    (torch.zeros(4, 3), r"dim 1 is 3, expected 2"),
+])
+def test_bad_feeds(x, expect):
+    names(message(gd.compile(tiny()), x=x, y=torch.rand(4, 1)), "graph tiny: ", expect)
+
+
+def test_feeds_given_twice_or_too_many():
+    fn = gd.compile(tiny())
+    names(message(fn, torch.rand(1, 2), x=torch.rand(1, 2)), "input x given both by position and by name")
+    names(message(fn, torch.rand(1, 2), torch.rand(1, 1), torch.rand(1)), "takes 2 inputs .*got 3 positional")
+
+
+def test_non_contiguous_feeds_are_fine():
+    g = tiny()
+    X, Y = torch.rand(2, 5).t(), torch.rand(5, 1)
+    assert not X.is_contiguous()
+    torch.testing.assert_close(gd.compile(g)(x=X, y=Y)[0], gd.compile(g)(x=X.contiguous(), y=Y)[0])
+
+
+def test_run_time_failure_names_the_ir_line_where_it_was_made_and_a_changed_param():
+    g = tiny()
+    fn = gd.compile(g)
+    g.params["w"].data.resize_(3, 3)
+    msg = message(fn, x=torch.rand(1, 2), y=torch.rand(1, 1))
+    names(msg, r"running `%0: f32\[N,1\] = (matmul|addmm)[^`]*x, w` failed: RuntimeError",
+          r"created at .*test_contract\.py:\d+",
+          r"hint: a param changed after compile \(w is now f32\[3,3\], declared f32\[2,1\]\)")

@@ -1,8 +1,10 @@
 """examples/: their flags, what they write, and that a saved model reproduces what the run
-printed; and the README's tour, run block by block as shown."""
+printed; the README's tour, run block by block as shown, and its "When things go wrong"
+messages, exactly as printed."""
 
 from __future__ import annotations
 
+import pathlib
 import re
 import subprocess
 import sys
@@ -103,7 +105,8 @@ def test_spirals_trains_a_classifier_and_saves_it_with_softmax(tmp_path, capsys)
 
 def _tour() -> list[tuple[str, str | None]]:
     """The README's python blocks up to "When things go wrong" (whose blocks raise, and
-    test_errors runs), each with the plain block printed right after it, if any."""
+    test_docs_show_the_messages_exactly_as_printed runs), each with the plain block printed
+    right after it, if any."""
     doc = (ROOT / "README.md").read_text().split("## When things go wrong")[0]
     return re.findall(r"```python\n(.*?)```\n(?:\n```\n(.*?)```\n)?", doc, re.S)
 
@@ -120,3 +123,24 @@ def test_the_readme_tour_runs_and_prints_what_it_shows(capsys):
     # The gradient graph's return line the tour quotes in its prose.
     returned = str(gd.grad(namespace["g"], wrt=["w", "b"])).splitlines()[-2].strip()
     assert f"`{returned}`" in " ".join((ROOT / "README.md").read_text().split())
+
+
+# -- the README's "When things go wrong" shows real messages --------------------------------------------------------
+
+
+def _doc_examples() -> list[tuple[str, str, str]]:
+    """(file name, code, printed message) for each example: the code is the whole block as
+    shown, its `# name.py` first line included, so the line numbers in a message are what
+    a reader who copies the block into that file gets."""
+    doc = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    found = re.findall(r"```python\n(# (\S+)\n.*?)```\n\n```text\n(.*?)\n```", doc, re.S)
+    assert len(found) >= 3
+    return [(name, code, printed) for code, name, printed in found]
+
+
+@pytest.mark.parametrize("name, code, printed", _doc_examples(), ids=lambda v: v if v.endswith(".py") else "")
+def test_docs_show_the_messages_exactly_as_printed(name, code, printed):
+    with pytest.raises(Exception) as err:  # noqa: B017 - any exception: its printed form is what is compared
+        exec(compile(code, name, "exec"), {"__name__": "__main__"})  # noqa: S102
+    e = err.value
+    assert f"{type(e).__module__}.{type(e).__qualname__}: {e}" == printed

@@ -17,20 +17,12 @@ import re
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
-from test_core import tiny  # the contract's graph
+from strategies import TORCH_LIB, build_program, fuzz, programs, random_graph
+from test_contract import tiny  # the contract's graph
 
 import graphdl as gd
-from graphdl.ops import broadcast_shapes
-
-# derandomize: the same examples every run, so CI cannot fail by chance; the example
-# counts below are the budget.
-FUZZ = settings(deadline=None, derandomize=True, suppress_health_check=list(HealthCheck), database=None)
-
-
-def fuzz(max_examples: int) -> settings:
-    return settings(FUZZ, max_examples=max_examples)
 
 
 def _scoped() -> gd.Graph:
@@ -321,98 +313,6 @@ def test_random_feeds_run_or_raise_graph_error(x, y, positional):
 
 
 # -- random graphs: gradients against torch.autograd ------------------------------------------
-#
-# A program is a list of steps over a pool of values with shapes [N,4], [N,1], [1,4], [4]
-# and the params W [4,4], V [4,1]. Each step applies one op to pool values whose shapes
-# fit, so every drawn program builds; unsafe ops get a safe domain (log of |a| + 0.5,
-# division by |b| + 0.5) so the comparison is about the VJPs, not about overflow.
-
-LEAVES = {"x": ("N", 4), "y": ("N", 1), "c": (1, 4), "b": (4,), "W": (4, 4), "V": (4, 1)}
-UNARY = ["relu", "tanh", "sigmoid", "neg", "abs", "log", "exp"]
-BINARY = ["add", "sub", "mul", "div"]
-
-
-@st.composite
-def programs(draw):
-    shapes = [LEAVES[k] for k in ("x", "y", "c", "b")]
-    steps = []
-    for _ in range(draw(st.integers(1, 8))):
-        kind = draw(st.sampled_from(["unary", "binary", "binary", "matmul", "reduce"]))
-        a = draw(st.integers(0, len(shapes) - 1))
-        sa = shapes[a]
-        if kind == "unary":
-            steps.append(("unary", draw(st.sampled_from(UNARY)), a))
-            shapes.append(sa)
-        elif kind == "binary":
-            fits = [i for i, s in enumerate(shapes) if broadcast_shapes(sa, s) is not None]
-            b = draw(st.sampled_from(fits))
-            steps.append(("binary", draw(st.sampled_from(BINARY)), a, b))
-            shapes.append(broadcast_shapes(sa, shapes[b]))
-        elif kind == "matmul" and len(sa) == 2 and sa[1] == 4:
-            w = draw(st.sampled_from(["W", "V"]))
-            steps.append(("matmul", w, a))
-            shapes.append((sa[0], LEAVES[w][1]))
-        elif kind == "reduce" and len(sa) == 2:
-            axis, keep = draw(st.sampled_from([0, 1, -1, (0, 1)])), draw(st.booleans())
-            if not keep and axis != (0, 1):
-                keep = draw(st.booleans())  # 1-d results are rarer: they broadcast with less
-            steps.append(("reduce", draw(st.sampled_from(["sum", "mean"])), a, axis, keep))
-            axes = {axis % 2} if isinstance(axis, int) else {0, 1}
-            shapes.append(tuple(1 if i in axes else d for i, d in enumerate(sa)) if keep
-                          else tuple(d for i, d in enumerate(sa) if i not in axes))
-        else:
-            steps.append(("unary", "tanh", a))
-            shapes.append(sa)
-    return steps, draw(st.sampled_from(["sum", "mean", "mse"]))
-
-
-def _build(steps, loss, env, lib):
-    pool = [env["x"], env["y"], env["c"], env["b"]]
-    for step in steps:
-        if step[0] == "unary":
-            v = pool[step[2]]
-            if step[1] == "log":
-                pool.append(lib["log"](lib["add"](lib["abs"](v), 0.5)))
-            elif step[1] == "exp":
-                pool.append(lib["exp"](lib["tanh"](v)))
-            else:
-                pool.append(lib[step[1]](v))
-        elif step[0] == "binary":
-            a, b = pool[step[2]], pool[step[3]]
-            if step[1] == "div":
-                b = lib["add"](lib["abs"](b), 0.5)
-            pool.append(lib[step[1]](a, b))
-        elif step[0] == "matmul":
-            pool.append(lib["matmul"](pool[step[2]], env[step[1]]))
-        else:
-            _, name, a, axis, keep = step
-            pool.append(lib[name](pool[a], axis, keep))
-    out = pool[-1]
-    if loss == "mse":
-        return lib["mse"](out, lib["mul"](out, 0.5))  # a target of the prediction's shape
-    return lib[loss](out, None, False)
-
-
-GD_LIB = {**{k: getattr(gd, k) for k in (*UNARY, *BINARY, "matmul")},
-          "sum": lambda v, axis, keep: gd.sum(v, axis, keep), "mean": lambda v, axis, keep: gd.mean(v, axis, keep),
-          "mse": gd.mse}
-TORCH_LIB = {**{k: getattr(torch, k) for k in (*UNARY, *BINARY)}, "matmul": torch.mm,
-             "sum": lambda v, axis, keep: v.sum() if axis is None else v.sum(axis, keepdim=keep),
-             "mean": lambda v, axis, keep: v.mean() if axis is None else v.mean(axis, keepdim=keep),
-             "mse": lambda a, b: ((a - b) ** 2).mean()}
-
-
-def random_graph(program, seed: int, batch: int) -> tuple[gd.Graph, dict[str, torch.Tensor]]:
-    """The float64 graph a drawn program builds, and its random data (the params hold theirs)."""
-    steps, loss = program
-    gen = torch.Generator().manual_seed(seed)
-    data = {k: torch.randn([batch if d == "N" else d for d in shape], generator=gen, dtype=torch.float64)
-            for k, shape in LEAVES.items()}
-    g = gd.Graph("random")
-    env = {k: g.input(k, [None if d == "N" else d for d in LEAVES[k]], torch.float64) for k in ("x", "y")}
-    env.update({k: g.param(k, data[k]) for k in ("c", "b", "W", "V")})
-    g.output(_build(steps, loss, env, GD_LIB))
-    return g, data
 
 
 @fuzz(150)
@@ -427,7 +327,7 @@ def test_random_graph_gradients_match_autograd(program, seed, batch):
     got = gd.compile(gg)(x=data["x"], y=data["y"])
 
     leaves = {k: t.clone().requires_grad_() for k, t in data.items()}
-    ref = _build(steps, loss, leaves, TORCH_LIB)
+    ref = build_program(steps, loss, leaves, TORCH_LIB)
     expected = torch.autograd.grad(ref, [leaves[k] for k in wrt], allow_unused=True)
     torch.testing.assert_close(got[0], ref.detach())
     for name, value, want in zip(wrt, got[1:], expected, strict=True):

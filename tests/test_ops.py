@@ -1,17 +1,24 @@
 """Every op, driven by one table: VJP vs float64 central differences and vs
-torch.autograd, the shape rule vs the kernel's real output, and the round trip."""
+torch.autograd, the shape rule vs the kernel's real output, and the round trip; then the
+messages of the shape rules, of `apply` and of Value's operators."""
 
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import MappingProxyType
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from messages import message, names
 
 import graphdl as gd
+
+HERE = r"test_ops\.py:\d+"  # "created at" must point at the test's own line
 
 
 @dataclass
@@ -130,6 +137,25 @@ def test_forward_matches_torch_and_shape_rule(case: Case):
     assert tuple(result.shape) == out.shape == tuple(expected.shape)
     assert result.dtype == out.dtype == torch.float64
     torch.testing.assert_close(result, expected)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_shape_rule_returns_what_it_normalises_and_edits_no_attrs(case: Case):
+    """A rule is given a read-only view of the attrs (editing it raises TypeError) and
+    returns the attrs it normalises, which the node keeps."""
+    g = gd.Graph("rule")
+    node = case.build(*(g.param(f"a{i}", t) for i, t in enumerate(_inputs(case)))).node
+    given = {**node.op.attrs, **node.attrs}
+    shape, dtype, *normalised = node.op.rule(list(node.inputs), MappingProxyType(given))
+    assert (shape, dtype) == (node.out.shape, node.out.dtype)
+    assert {**given, **(normalised[0] if normalised else {})} == node.attrs
+
+
+def test_const_rule_returns_its_value_as_a_float():
+    attrs = {"value": 2, "dtype": "f64"}
+    assert gd.OPS["const"].rule([], MappingProxyType(attrs)) == ((), torch.float64, {"value": 2.0})
+    assert attrs == {"value": 2, "dtype": "f64"}
+    assert gd.OPS["const"].infer([], attrs)[2] == {"value": 2.0, "dtype": "f64"}
 
 
 @pytest.mark.parametrize("case", CASES, ids=_id)
@@ -302,3 +328,181 @@ def test_every_build_a_shape_rule_accepts_compiles_differentiates_and_runs():
             assert str(gd.parse(str(gg))) == str(gg)
         accepted += 1
     assert accepted > 500  # the grid exercises the rules, not only their refusals
+
+
+@pytest.mark.parametrize("expr, op, order", [
+    (lambda x, w: x + 2.0, "add", "xc"), (lambda x, w: 2.0 + x, "add", "cx"),
+    (lambda x, w: x - 2.0, "sub", "xc"), (lambda x, w: 2.0 - x, "sub", "cx"),
+    (lambda x, w: x * 2.0, "mul", "xc"), (lambda x, w: 2.0 * x, "mul", "cx"),
+    (lambda x, w: x / 2.0, "div", "xc"), (lambda x, w: 2.0 / x, "div", "cx"),
+    (lambda x, w: x @ w, "matmul", "xw"), (lambda x, w: -x, "neg", "x"), (lambda x, w: w.T, "transpose", "w"),
+])
+def test_value_operators_build_their_op_with_operands_in_order(expr, op, order):
+    g = gd.Graph("g")
+    x, w = g.input("x", (None, 2)), g.param("w", torch.zeros(2, 2))
+    node = expr(x, w).node
+    assert node.op.name == op
+    assert "".join("c" if v.node is not None else v.name for v in node.inputs) == order
+    assert re.search(r"test_ops\.py:\d+", node.where)  # the user's line, not ops.py's
+
+
+def test_shape_error_names_node_op_shapes_location_and_hint():
+    g = gd.Graph("bad")
+    x = g.input("x", (None, 25))
+    w = g.param("fc1.weight", torch.zeros(30, 25))
+    with pytest.raises(gd.GraphError) as err:
+        gd.matmul(x, w)
+    msg = str(err.value)
+    assert "matmul %0" in msg and "[N,25] @ [30,25]" in msg and "inner dims differ (25 vs 30)" in msg
+    assert "did you mean to transpose fc1.weight?" in msg
+    assert re.search(r"test_ops\.py:\d+", msg)
+
+
+# -- building: shapes, with node, op, shapes, location and hint -------------------------
+
+
+def test_matmul_mismatch_names_node_op_shapes_location_and_transpose_hint():
+    g = gd.Graph("mlp")
+    h = g.input("h", (None, 25))
+    w = g.param("fc1.weight", torch.zeros(30, 25))
+    msg = message(lambda: gd.matmul(h, w))
+    names(msg, r"^matmul %0\(h: f32\[N,25\], fc1.weight: f32\[30,25\]\)", r"\[N,25\] @ \[30,25\]",
+          r"inner dims differ \(25 vs 30\)", rf"created at .*{HERE}", r"hint: did you mean to transpose fc1.weight\?")
+
+
+def test_broadcast_error_names_shapes_and_explains_symbolic_dims():
+    g = gd.Graph("g")
+    x = g.input("x", (None, 3))
+    b = g.param("b", torch.zeros(4))
+    msg = message(lambda: gd.add(x, b))
+    names(msg, r"add %0\(x: f32\[N,3\], b: f32\[4\]\)", r"\[N,3\] and \[4\] do not broadcast", HERE,
+          "hint: shapes broadcast when", "symbolic dim such as N only matches itself or 1")
+
+
+def test_loss_shape_error_tells_to_give_the_target_the_predictions_shape():
+    g = gd.Graph("g")
+    msg = message(lambda: gd.mse(g.input("p", (None, 1)), g.input("y", (None, 3))))
+    names(msg, r"mse %0", r"prediction \[N,1\] and target \[N,3\] differ", HERE,
+          r"hint: give the target the prediction's shape, \[N,1\]: declare it with shape \(None, 1\)")
+
+
+def test_a_target_that_would_broadcast_the_prediction_is_refused():
+    """pred [N,1] against y [N] broadcasts to [N,N]: a silently wrong loss, not a shape error, in torch."""
+    g = gd.Graph("g")
+    msg = message(lambda: gd.mse(g.input("p", (None, 1)), g.input("y", ("N",))))
+    names(msg, r"^mse %0\(p: f32\[N,1\], y: f32\[N\]\)", r"prediction \[N,1\] and target \[N\] differ",
+          r"they broadcast to \[N,N\]", HERE, r"hint: .*\[N,1\].*y\.reshape\(-1, 1\)")
+
+
+def test_a_scalar_target_still_broadcasts():
+    g = gd.Graph("g")
+    w = g.param("w", torch.ones(3))
+    g.output(gd.mse(w, 0.0))
+    assert gd.compile(g)()[0].item() == 1.0
+
+
+def test_dtype_mismatch_names_both_values():
+    g = gd.Graph("g")
+    msg = message(gd.matmul, g.input("x", (None, 3)), g.param("w", torch.zeros(3, 3, dtype=torch.float64)))
+    names(msg, r"dtypes differ \(x: f32, w: f64\)", "hint: make every input of the op the same dtype")
+
+
+def test_value_of_another_graph_names_node_both_graphs_and_location():
+    g, h = gd.Graph("g"), gd.Graph("h")
+    msg = message(lambda: gd.add(g.input("x", (None, 2)), h.input("y", (None, 2))))
+    names(msg, r"add %0\(x: f32\[N,2\], y: f32\[N,2\]\)", "y belongs to graph 'h', not 'g'", HERE,
+          "hint: build each graph from its own inputs and params")
+
+
+@pytest.mark.parametrize("bad, kind", [(torch.zeros(2), "Tensor"), (np.zeros(2), "ndarray"), ("x", "str"),
+                                       (None, "NoneType"), (True, "bool"), ([1.0], "list")])
+def test_op_input_of_the_wrong_type_is_named_with_its_position(bad, kind):
+    g = gd.Graph("g")
+    x = g.input("x", (None, 2))
+    msg = message(lambda: gd.add(x, bad))
+    names(msg, rf"add %0\(x: f32\[N,2\], {kind}\): input 1 is a {kind}", HERE)
+    if kind == "Tensor":
+        names(msg, "hint: wrap tensors with Graph.param or Graph.input")
+
+
+@pytest.mark.parametrize("args", [(1, 2), ("x",), ()])
+def test_op_without_any_graph_value_says_where_values_come_from(args):
+    msg = message(lambda: (gd.add if len(args) == 2 else gd.relu)(*args))
+    names(msg, "at least one input must be a graph value", "Graph.input, Graph.param", HERE)
+
+
+def test_a_failed_op_leaves_the_graph_as_it_was():
+    g = gd.Graph("g")
+    x = g.input("x", (None, 2))
+    before = str(g)
+    message(gd.matmul, x, 2.0)  # the 2.0 became a const node before the shape rule failed
+    assert str(g) == before and g.nodes == []
+
+
+@pytest.mark.parametrize("axis, expect", [(1.0, "axis must be None, an int or a tuple of ints, got 1.0"),
+                                          ("1", "axis must be None, an int or a tuple of ints"),
+                                          (5, r"axis 5 is out of range for shape \[N,2\]"),
+                                          ((0, 0), "repeats an axis"), ((), r"axis=\(\) names no axis")])
+def test_bad_reduction_axes(axis, expect):
+    g = gd.Graph("g")
+    msg = message(lambda: gd.sum(g.input("x", (None, 2)), axis=axis))
+    names(msg, r"^sum %0\(x: f32\[N,2\]\)", expect, HERE)
+
+
+def test_empty_axis_is_refused_because_torch_would_reduce_everything():
+    g = gd.Graph("g")
+    msg = message(gd.mean, g.input("x", (3, 4)), axis=[])
+    names(msg, "names no axis", "hint: use axis=None to reduce every axis")
+
+
+@pytest.mark.parametrize("axis", [0, -1, (0,), [0]])
+@pytest.mark.parametrize("reduce", [gd.sum, gd.mean])
+def test_a_0d_value_has_no_axis_to_reduce(reduce, axis):
+    """mean(x, axis=0) on a 0-d x used to build and then fail in grad + compile with an IndexError."""
+    g = gd.Graph("g")
+    msg = message(lambda: reduce(g.param("w", torch.tensor(2.0)), axis=axis))
+    names(msg, rf"^{reduce.__name__} %0\(w: f32\[\]\): axis .* is out of range for shape \[\]",
+          "hint: a 0-d value has no axes; use axis=None", HERE)
+
+
+@pytest.mark.parametrize("g_shape, ref_shape, axis, expect", [
+    ((3,), (3,), 0, r"\[3\] is not \[3\] reduced over axes \(0,\)"),
+    ((1,), (2, 3), (0, 1), r"\[1\] is not \[2,3\] reduced over axes \(0, 1\)"),
+    ((3,), (2, 3), (), r"axis=\(\) names no axis"),
+])
+def test_broadcast_like_axis_must_describe_a_reduction(g_shape, ref_shape, axis, expect):
+    """Its VJP reduces over `axis`: a g that is not such a reduction failed only in grad."""
+    g = gd.Graph("g")
+    msg = message(gd.broadcast_like, g.input("g", g_shape), g.input("ref", ref_shape), axis=axis)
+    names(msg, "^broadcast_like", expect)
+
+
+def test_numpy_integer_axes_are_axes():
+    g = gd.Graph("g")
+    out = gd.sum(g.input("x", (3, 4)), axis=np.int64(-1))
+    assert out.shape == (3,) and out.node.attrs["axis"] == (1,) and type(out.node.attrs["axis"][0]) is int
+
+
+def test_keepdims_and_mean_must_be_flags():
+    g = gd.Graph("g")
+    x = g.input("x", (3, 4))
+    names(message(gd.sum, x, axis=1, keepdims="no"), "keepdims='no' must be True or False")
+    names(message(gd.broadcast_like, g.input("s", (3,)), x, axis=1, mean=[1]), r"mean=\[1\] must be True or False")
+
+
+@pytest.mark.parametrize("shape", [5, 1.5, (1.5,), (-1,), ("a b",)])
+def test_sum_to_shape_must_be_a_shape(shape):
+    g = gd.Graph("g")
+    names(message(gd.sum_to, g.input("x", (3, 4)), shape), r"sum_to %0", "must be a tuple of non-negative ints")
+
+
+def test_unknown_attribute_lists_the_ops_attributes():
+    g = gd.Graph("g")
+    x = g.input("x", (3,))
+    names(message(lambda: gd.relu(x, foo=1)), "unknown attribute", "foo", "hint: relu takes no attributes")
+
+
+def test_wrong_number_of_inputs():
+    g = gd.Graph("g")
+    x = g.input("x", (3,))
+    names(message(gd.relu, x, x), r"relu %0\(x: f32\[3\], x: f32\[3\]\): takes 1 input\(s\), got 2")

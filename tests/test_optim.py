@@ -90,6 +90,22 @@ def test_nothing_to_train_is_a_no_op_and_velocities_must_fit_their_params():
         gd.SGD().step([torch.ones(3, dtype=torch.int64)], [torch.ones(3, dtype=torch.int64)])
 
 
+@pytest.mark.parametrize("build", [lambda x, w: gd.sum(gd.tanh(gd.matmul(x, gd.transpose(w)))),
+                                   lambda x, w: gd.add(gd.sum(w), gd.mean(x))],
+                         ids=["transposed-product", "linear-in-w"])
+def test_sgd_step_is_right_for_any_gradient_layout(build):
+    g = gd.Graph("layout")
+    x = g.input("x", (None, 2))
+    w = g.param("w", torch.randn(3, 2))
+    g.output(build(x, w))
+    _, dw = gd.compile(gd.grad(g, ["w"]))(x=torch.randn(8, 2))
+    expected = w.data - 0.1 * dw
+    opt = gd.SGD(lr=0.1, momentum=0.9)
+    opt.reset([w.data])
+    opt.step([w.data], [dw])
+    torch.testing.assert_close(w.data, expected)
+
+
 @pytest.mark.parametrize("planned", [True, False], ids=["plan", "update"])
 def test_fused_update_of_small_params_runs_on_one_thread(monkeypatch, planned):
     """torch's fused CPU kernel forks every thread for each tensor: 115-210 µs for the disk

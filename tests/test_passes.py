@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from strategies import build_pass_graph, pass_feeds, pass_programs
 
 import graphdl as gd
 from graphdl.passes import PASSES, cse, dce, fold, fuse, pipeline, plan_inplace, simplify
@@ -241,93 +241,15 @@ def test_inplace_plan_only_overwrites_dying_temporaries():
         assert "transpose" not in {u.op.name for u in v.users}
 
 
-# -- random graphs ---------------------------------------------------------------------------
-
-UNARY = ["tanh", "relu", "sigmoid", "neg"]
-BINARY = ["add", "sub", "mul"]
-CONSTS = [0.0, 1.0, 2.0, -1.0, 0.5]
-
-
-@st.composite
-def programs(draw):
-    """A random straight-line program over [N,4] values, [4,4] weights and [4] biases,
-    with the shapes the passes look for: constants, doubled negations and transposes,
-    duplicated steps, const-only arithmetic, bias adds and transposed products."""
-    steps = []
-    n = 2
-    for _ in range(draw(st.integers(1, 10))):
-        kind = draw(st.sampled_from(["unary", "binary", "const", "constconst", "bias", "matmul", "matmul_t",
-                                     "double", "repeat"]))
-        a = draw(st.integers(0, n - 1))
-        if kind == "repeat" and steps:
-            steps.append(steps[draw(st.integers(0, len(steps) - 1))])
-        elif kind == "unary":
-            steps.append((kind, draw(st.sampled_from(UNARY)), a, None))
-        elif kind == "binary":
-            steps.append((kind, draw(st.sampled_from(BINARY)), a, draw(st.integers(0, n - 1))))
-        elif kind in ("const", "constconst"):
-            steps.append((kind, draw(st.sampled_from(BINARY)), a,
-                          (draw(st.sampled_from(CONSTS)), draw(st.sampled_from(CONSTS)), draw(st.booleans()))))
-        elif kind == "double":
-            steps.append((kind, draw(st.sampled_from(["neg", "transpose"])), a, None))
-        else:
-            steps.append((kind, None, a, draw(st.integers(0, 1))))
-        n += 1
-    return steps, draw(st.sampled_from(["mse", "mean", "sum"]))
-
-
-def build_random(steps, loss) -> gd.Graph:
-    gen = torch.Generator().manual_seed(3)
-    g = gd.Graph("random")
-    x, y = g.input("x", (None, 4), torch.float64), g.input("y", (None, 4), torch.float64)
-    ws = [g.param(f"w{i}", torch.randn(4, 4, generator=gen, dtype=torch.float64) * 0.5) for i in range(2)]
-    bs = [g.param(f"b{i}", torch.randn(4, generator=gen, dtype=torch.float64)) for i in range(2)]
-    fns = {"tanh": gd.tanh, "relu": gd.relu, "sigmoid": gd.sigmoid, "neg": gd.neg,
-           "add": gd.add, "sub": gd.sub, "mul": gd.mul}
-    values = [x, gd.tanh(gd.matmul(x, ws[0]))]
-    for kind, name, a, b in steps:
-        v = values[a]
-        if kind == "unary":
-            out = fns[name](v)
-        elif kind == "binary":
-            out = fns[name](v, values[b])
-        elif kind == "const":
-            c, _, first = b
-            out = fns[name](g.const(c, torch.float64), v) if first else fns[name](v, g.const(c, torch.float64))
-        elif kind == "constconst":
-            c1, c2, _ = b
-            out = gd.mul(v, fns[name](g.const(c1, torch.float64), g.const(c2, torch.float64)))
-        elif kind == "double":
-            if name == "transpose":
-                out = gd.matmul(gd.transpose(gd.transpose(v)), ws[0])
-            else:
-                out = gd.neg(gd.neg(v))
-        elif kind == "bias":
-            out = gd.add(gd.matmul(v, ws[b]), bs[b])
-        else:  # matmul_t: v @ w^T
-            out = gd.matmul(v, gd.transpose(ws[b]))
-        values.append(out)
-    final = values[-1]
-    g.output({"mse": lambda: gd.mse(final, y), "mean": lambda: gd.mean(gd.mul(final, y)),
-              "sum": lambda: gd.sum(gd.mul(final, y))}[loss]())
-    return g
-
-
-def random_feeds() -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(4)
-    return {"x": torch.randn(5, 4, generator=gen, dtype=torch.float64),
-            "y": torch.randn(5, 4, generator=gen, dtype=torch.float64)}
-
-
 EXACT = {"dce", "cse", "fold", "simplify"}  # these reorder no arithmetic: bit-identical results
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(programs())
+@given(pass_programs())
 def test_every_pass_keeps_random_forward_and_gradient_graphs_equal(program):
-    g = build_random(*program)
+    g = build_pass_graph(*program)
     graphs = [g, gd.grad(g, ["w0", "w1", "b0", "b1", "x"])]
-    feeds = random_feeds()
+    feeds = pass_feeds()
     for graph in graphs:
         want = run(graph, feeds)
         for name, pass_fn in PASSES:

@@ -1,4 +1,5 @@
-"""Sequential, losses, SGD, schedules and fit, against PyTorch as the oracle."""
+"""Sequential, losses, SGD, schedules and fit, against PyTorch as the oracle; then the
+settings fit, SGD and the layers check (ValueError naming the argument) and divergence."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import math
 import pydoc
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
+from messages import names
 
 import graphdl as gd
 
@@ -770,3 +773,245 @@ def test_a_model_with_nothing_to_train_fits_as_a_no_op():
     before = {k: t.clone() for k, t in model.state().items()}
     history = model.fit(X, Y, optimizer=gd.SGD(lr=0.1, momentum=0.9), epochs=2, verbose=False)
     assert len(history["loss"]) == 2 and all(torch.equal(t, before[k]) for k, t in model.state().items())
+
+
+# -- training: bad settings raise ValueError naming the argument ------------------------------
+
+
+def _model() -> gd.Sequential:
+    torch.manual_seed(0)
+    return gd.Sequential(gd.Linear(2, 4), gd.Tanh(), gd.Linear(4, 1))
+
+
+def _data(n: int = 20, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return torch.rand(n, 2, generator=gen) * scale, torch.rand(n, 1, generator=gen) * scale
+
+
+def _fit_message(*args, **kwargs) -> str:
+    X, Y = _data()
+    kwargs = {"verbose": False, **kwargs}
+    with pytest.raises(ValueError) as err:
+        _model().fit(*(args or (X, Y)), **kwargs)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("make, expect", [
+    (lambda: gd.SGD(lr=-0.1), r"lr must be in \[0.0, inf\], got -0.1"),
+    (lambda: gd.SGD(lr=float("nan")), "lr must be a finite number, got nan"),
+    (lambda: gd.SGD(lr=float("inf")), "lr must be a finite number, got inf"),
+    (lambda: gd.SGD(momentum=1.0), r"momentum must be in \[0.0, 1.0\), got 1.0"),
+    (lambda: gd.SGD(momentum=-0.5), r"momentum must be in \[0.0, 1.0\), got -0.5"),
+])
+def test_bad_optimizer_settings_name_the_argument(make, expect):
+    with pytest.raises(ValueError, match=expect):
+        make()
+
+
+X_NAN = torch.tensor([[0.1, 0.2], [0.3, float("nan")], [0.5, 0.6]])
+
+
+@pytest.mark.parametrize("args, kwargs, expect", [
+    ((), {"batch_size": 0}, "batch_size must be a whole number >= 1, got 0"),
+    ((), {"epochs": -1}, "epochs must be a whole number >= 0, got -1"),
+    ((torch.rand(4, 2), torch.rand(3, 1)), {}, "X has 4 examples but Y has 3"),
+    ((torch.rand(4, 3), torch.rand(4, 1)), {}, "X has 3 features but the model takes 2"),
+    ((torch.rand(4, 2).numpy(), torch.rand(4, 1)), {}, "X must be a torch.Tensor, got ndarray"),
+    ((X_NAN, torch.rand(3, 1)), {}, r"X has NaN or inf values, first at X\[1, 1\] = nan; drop or repair"),
+    ((torch.rand(3, 2), torch.tensor([[0.0], [float("inf")], [1.0]])), {}, r"Y has NaN or inf .* Y\[1, 0\] = inf"),
+    ((), {"validation_data": (X_NAN, torch.rand(3, 1))}, r"X \(validation\) has NaN or inf values"),
+    ((torch.rand(0, 2), torch.rand(0, 1)), {}, "X and Y have no examples"),
+    ((), {"validation_data": torch.rand(3, 2)}, r"validation_data must be a pair \(X_val, Y_val\), got Tensor"),
+    ((), {"validation_data": (1, 2, 3)}, "validation_data must be a pair .* got tuple of length 3"),
+    ((), {"seed": 1.5}, r"seed must be a whole number in \[-9223372036854775808, 18446744073709551615\], got 1.5"),
+    ((), {"schedule": 3}, "schedule must be a graphdl schedule such as gd.StepDecay"),
+    ((), {"schedule": lambda epoch, lr: -lr}, "gave lr=-0.01 for epoch 1; a learning rate must be a finite number"),
+    ((), {"schedule": lambda lr: lr}, r"cannot be called as schedule\(epoch, base_lr\)"),
+    ((), {"shuffle": torch.ones(2)}, "shuffle must be True or False"),
+    ((), {"verbose": "no"}, "verbose must be True or False, got 'no'"),
+    ((torch.rand(4, 2, dtype=torch.float64), torch.rand(4, 1, dtype=torch.float64)), {},
+     r"input x is f64\[4,2\] but the graph declares f32\[N,2\]; convert it with .to\(torch.float32\)"),
+])
+def test_bad_fit_arguments_name_the_argument(args, kwargs, expect):
+    names(_fit_message(*args, **kwargs), expect)
+
+
+@pytest.mark.parametrize("make, expect", [
+    (lambda: gd.SGD(momentum=0.5, nesterov=torch.ones(2)), "nesterov must be True or False"),
+    (lambda: gd.Linear(10**30, 2), "in_features=10{30} is too large"),
+    (lambda: gd.Linear(2, 2, dtype=torch.int64), "Linear: dtype torch.int64 is not supported; use one of"),
+    (lambda: gd.Linear(2, 2, generator=0), "generator must be a torch.Generator or None, got int"),
+    (lambda: _model().to("nowhere"), "device 'nowhere' cannot hold the model"),
+    (lambda: _model().evaluate(*_data(), loss=["mse"]), "loss must be a graphdl loss such as gd.MSE"),
+])
+def test_bad_layer_optimizer_and_model_settings(make, expect):
+    with pytest.raises(ValueError, match=expect.replace("10{30}", "1" + "0" * 30)):
+        make()
+
+
+BIG = 10**400  # a Python int no float can hold
+
+
+@pytest.mark.parametrize("make, expect", [
+    (lambda: gd.Linear(2, 2, dtype=torch.float8_e4m3fn),
+     "Linear: dtype torch.float8_e4m3fn is not supported; use one of torch.float16, torch.bfloat16, torch.float32, "
+     "torch.float64"),
+    (lambda: gd.Linear(2, 2, dtype=torch.complex64), "dtype torch.complex64 is not supported"),
+    (lambda: gd.Linear(2, 2, dtype="f32"), r"dtype 'f32' is not supported; .*did you mean torch.float32\?"),
+    (lambda: gd.SGD(lr=BIG), r"lr=10{11}\.\.\.0{8} \(401 digits\) is too large for a float; lr must be a finite "
+                             r"number in \[0.0, inf\]"),
+    (lambda: gd.SGD(lr=True), "lr must be a finite number, got True"),
+    (lambda: gd.SGD(lr=0.1 + 0j), r"lr must be a finite number, got \(0.1\+0j\)"),
+    (lambda: gd.SGD(lr=torch.tensor(0.1)), r"lr must be a finite number, got tensor\(0.1000\); pass a Python number"),
+    (lambda: gd.SGD(lr=np.float32("nan")), r"lr must be a finite number, got np.float32\(nan\)"),
+    (lambda: gd.SGD(momentum=np.float64(1.0)), r"momentum must be in \[0.0, 1.0\), got np.float64\(1.0\)"),
+    (lambda: gd.SGD(weight_decay=-BIG), "weight_decay=-10{10}.* is too large for a float"),
+    (lambda: gd.StepDecay(every=1, factor=BIG), "factor=10{11}.* is too large for a float"),
+    (lambda: gd.StepDecay(every=2.0, factor=0.5), r"every must be a whole number >= 1, got 2.0"),
+    (lambda: gd.ExponentialDecay(rate=BIG), "rate=10{11}.* is too large"),
+    (lambda: gd.CosineDecay(epochs=10, min_lr=BIG), "min_lr=10{11}.* is too large"),
+    (lambda: gd.Linear(np.int64(0), 2), "in_features must be a whole number >= 1, got np.int64\\(0\\)"),
+])
+def test_number_settings_are_checked_whatever_their_type(make, expect):
+    with pytest.raises(ValueError, match=expect.replace("10{11}", "1" + "0" * 11).replace("10{10}", "1" + "0" * 10)
+                       .replace("0{8}", "0" * 8)):
+        make()
+
+
+def test_any_finite_real_number_type_is_a_number_setting():
+    from fractions import Fraction
+    opt = gd.SGD(lr=np.float32(0.5), momentum=Fraction(1, 2), weight_decay=np.int64(0))
+    assert (opt.lr, opt.momentum, opt.weight_decay) == (0.5, 0.5, 0.0)
+    assert all(type(v) is float for v in (opt.lr, opt.momentum, opt.weight_decay))
+    step = gd.StepDecay(every=np.int64(2), factor=np.float16(0.5))
+    assert (step.every, step.factor) == (2, 0.5) and type(step.every) is int
+    layer = gd.Linear(np.int64(2), np.uint8(3))
+    assert layer.config()["in_features"] == 2 and type(layer.config()["out_features"]) is int  # JSON-able
+    X, Y = _data()
+    history = _model().fit(X, Y, optimizer=opt, epochs=np.int64(2), batch_size=np.int32(8), seed=np.uint64(2**64 - 1),
+                           schedule=lambda epoch, lr: np.float32(lr / 2), verbose=False)
+    assert history["lr"] == [0.25, 0.25]
+    g = gd.Graph("g")
+    out = gd.mul(g.input("x", (2,)), np.float32(3))  # a numpy scalar becomes a const, like a Python float
+    assert gd.compile(g.output(out) or g)(x=torch.ones(2))[0].tolist() == [3.0, 3.0]
+
+
+@pytest.mark.parametrize("kwargs, expect", [
+    ({"seed": 2**70}, "seed=1180591620717411303424 is too large; seed must be at most 18446744073709551615"),
+    ({"seed": -2**70}, "seed must be a whole number >= -9223372036854775808"),
+    ({"batch_size": 2.0}, r"batch_size must be a whole number >= 1, got 2.0"),
+    ({"schedule": lambda epoch, lr: BIG}, r"gave lr=10{11}.*\(401 digits\) for epoch 1; a learning rate must be"),
+    ({"schedule": lambda epoch, lr: float("nan")}, "gave lr=nan for epoch 1"),
+    ({"schedule": lambda epoch, lr: "0.1"}, "gave lr='0.1' for epoch 1"),
+    ({"schedule": gd.StepDecay(every=1, factor=1e300), "optimizer": gd.SGD(lr=0.0), "epochs": 3},
+     r"schedule StepDecay\(every=1, factor=1e\+300\) overflowed computing the lr for epoch 3"),
+])
+def test_fit_number_settings_and_schedule_outputs(kwargs, expect):
+    names(_fit_message(**kwargs), expect.replace("10{11}", "1" + "0" * 11))
+
+
+def test_model_file_dtypes_are_checked_by_name():
+    for name in ("float8_e4m3fn", "Tensor", "no_such_dtype"):
+        with pytest.raises(gd.GraphError, match=rf"layer 0 \(Linear\): bad settings .*{name}"):
+            gd.Sequential.from_config([{"type": "Linear", "in_features": 2, "out_features": 1, "dtype": name}])
+    model = gd.Sequential.from_config([{"type": "Linear", "in_features": 2, "out_features": 1, "dtype": "bfloat16"}])
+    assert model.layers[0].weight.dtype == torch.bfloat16
+
+
+def test_evaluate_checks_its_data_too():
+    with pytest.raises(ValueError, match=r"Y has NaN or inf values, first at Y\[2, 0\]"):
+        _model().evaluate(torch.rand(3, 2), torch.tensor([[0.0], [1.0], [float("nan")]]))
+
+
+def test_params_that_are_not_finite_before_training():
+    model = _model()
+    model.layers[2].bias[0] = float("nan")
+    X, Y = _data()
+    with pytest.raises(ValueError, match="param 2.bias is NaN or inf before training; re-initialise the model"):
+        model.fit(X, Y, verbose=False)
+
+
+# -- training: divergence stops with the last finite params and the history --------------------
+
+
+def _reference_divergence(X, Y, lr, momentum, epochs, batch_size, seed):
+    """fit's loop, written out with a host sync per batch: where the loss first stops being
+    finite, the params the model had then, and each completed epoch's mean loss."""
+    model = _model()
+    params = list(model.parameters().values())
+    step = gd.compile(gd.grad(model.graph(gd.MSE()), list(model.parameters())))
+    opt = gd.SGD(lr=lr, momentum=momentum)
+    opt.reset(params)
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [min(batch_size, len(X) - s) for s in range(0, len(X), batch_size)]
+    weights = torch.tensor(sizes, dtype=X.dtype, device=X.device) / len(X)
+    losses_per_epoch = []
+    for epoch in range(epochs):
+        order = torch.randperm(len(X), generator=gen).to(X.device)
+        Xe, Ye = X.index_select(0, order), Y.index_select(0, order)
+        losses = []
+        for b, first in enumerate(range(0, len(X), batch_size)):
+            out = step(x=Xe[first:first + batch_size], y=Ye[first:first + batch_size])
+            if not torch.isfinite(out[0]):
+                return epoch + 1, b + 1, {k: v.clone() for k, v in model.parameters().items()}, losses_per_epoch
+            opt.update(params, list(out[1:]), lr, overwrite_grads=True)  # as fit updates, to the bit
+            losses.append(out[0])
+        losses_per_epoch.append(float(torch.stack(losses) @ weights))
+    raise AssertionError("the reference run did not diverge")
+
+
+@pytest.mark.parametrize("lr, momentum, batch_size", [(1.0, 0.9, 3), (5.0, 0.9, 3), (2.0, 0.0, 4)])
+def test_divergence_names_epoch_and_batch_and_keeps_the_last_finite_params(lr, momentum, batch_size):
+    X, Y = _data(scale=10.0)
+    epoch, batch, params, losses = _reference_divergence(X, Y, lr, momentum, 30, batch_size, seed=0)
+    model = _model()
+    with pytest.raises(FloatingPointError) as err:
+        model.fit(X, Y, optimizer=gd.SGD(lr=lr, momentum=momentum), epochs=30, batch_size=batch_size, seed=0,
+                  verbose=False)
+    e = err.value
+    assert (e.epoch, e.batch) == (epoch, batch)
+    names(str(e), rf"the loss became (inf|nan) in epoch {epoch}/30, batch {batch}/\d+ \(lr={lr:g}\)",
+          "keeps its last finite params",
+          f"history of the {epoch - 1} completed epoch" if epoch > 1 else "No epoch completed", r"\.history",
+          "model.history", "hint: lower the learning rate")
+    for name, value in model.parameters().items():
+        assert torch.isfinite(value).all() and torch.equal(value, params[name]), name
+    assert e.history is model.history and e.history["loss"] == losses
+    assert len(e.history["lr"]) == epoch - 1 and "accuracy" not in e.history  # regression targets: no accuracy
+
+
+def test_an_update_that_makes_params_infinite_is_undone():
+    """The loss is finite (1e38) but its gradient times a huge lr overflows the weight."""
+    model = gd.Sequential(gd.Linear(1, 1))
+    model.layers[0].weight.fill_(1e19)
+    model.layers[0].bias.zero_()
+    X, Y = torch.ones(4, 1), torch.zeros(4, 1)
+    with pytest.raises(FloatingPointError) as err:
+        model.fit(X, Y, optimizer=gd.SGD(lr=1e20), epochs=1, batch_size=2, shuffle=False, verbose=False)
+    names(str(err.value), r"the update of epoch 1/1, batch 1/2 \(lr=1e\+20\) made params NaN or inf",
+          "the loss was 1e\\+38", "keeps its params from before that update",
+          "No epoch completed; the empty history is on this error's .history and on model.history")
+    assert torch.equal(model.layers[0].weight, torch.full((1, 1), 1e19))
+    assert (err.value.epoch, err.value.batch) == (1, 1)
+
+
+def test_an_epoch_whose_replay_stays_finite_is_rolled_back_whole(monkeypatch):
+    """If the replay cannot find the batch (a non-deterministic kernel), the model goes back
+    to the epoch's start, which was checked finite."""
+    from graphdl import train
+    model, (X, Y) = _model(), _data()
+    real = train._largest
+    calls, before = {"n": 0}, {}
+
+    def flaky(tensors):  # calls: end of epoch 1 (= start of 2), end of epoch 2: say a param is not finite
+        calls["n"] += 1
+        if calls["n"] == 1:
+            before.update({k: v.clone() for k, v in model.parameters().items()})
+        return torch.tensor(float("inf")) if calls["n"] == 2 else real(tensors)
+
+    monkeypatch.setattr(train, "_largest", flaky)
+    with pytest.raises(FloatingPointError) as err:
+        model.fit(X, Y, epochs=5, batch_size=4, seed=0, verbose=False)
+    names(str(err.value), "diverged in epoch 2/5", "the batch is unknown", "params from the start of that epoch")
+    assert err.value.batch is None and err.value.history.epochs == 1
+    assert all(torch.equal(v, before[k]) for k, v in model.parameters().items())

@@ -1,0 +1,135 @@
+"""graphdl.ir: declaring inputs, params, constants, names, scopes and outputs, and what
+`verify()` catches."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from messages import message, names
+from test_contract import tiny
+
+import graphdl as gd
+
+HERE = r"test_ir\.py:\d+"  # "created at" must point at the test's own line
+
+
+def test_verify_catches_broken_use_lists():
+    g = tiny()
+    g.verify()
+    g.nodes[1].inputs[0].users.clear()
+    with pytest.raises(gd.GraphError, match="use-list"):
+        g.verify()
+
+
+def test_output_labels_are_checked_and_kept_in_step():
+    g = tiny()
+    with pytest.raises(gd.GraphError, match="must name one output"):
+        g.output(g.outputs[0], g.outputs[0], label="loss")
+    with pytest.raises(gd.GraphError, match="must name one output"):
+        g.output(g.outputs[0], label="two words")
+    g.output(g.outputs[0], label="loss")
+    assert g.output_labels == ["", "loss"] and str(g).splitlines()[-2] == "  return %3, %3 (loss)"
+    g.output_labels.pop()
+    with pytest.raises(gd.GraphError, match="2 outputs but 1 output labels"):
+        g.verify()
+
+
+# -- declaring inputs, params, constants, names -----------------------------------------
+
+
+@pytest.mark.parametrize("name", [3, None, "", "a b", "a..b", "ñ", "x-1"])
+def test_graph_name_must_be_an_ascii_name(name):
+    names(message(gd.Graph, name), "graph name", "must be a str of ASCII letters")
+
+
+@pytest.mark.parametrize("name", [3, None, "", "a b", "x-1"])
+def test_input_and_param_names(name):
+    names(message(gd.Graph("g").input, name, (2,)), "is not valid")
+    names(message(gd.Graph("g").param, name, torch.zeros(2)), "is not valid")
+
+
+def test_the_names_a_bad_name_message_suggests_are_accepted():
+    # The message once said "not starting with a digit-only part" while 0.weight (a
+    # Sequential's own param name) was accepted: every example it gives must be valid.
+    msg = message(gd.Graph("g").input, "a b", (2,))
+    examples = re.findall(r"'([^']+)'", msg.split("e.g.")[1])
+    assert "0.bias" in examples
+    for name in examples:
+        assert gd.Graph("g").param(name, torch.zeros(2)).name == name
+
+
+def test_a_name_defined_twice():
+    g = gd.Graph("g")
+    g.input("x", (2,))
+    names(message(g.param, "x", torch.zeros(2)), "'x' is already defined; pick another name")
+
+
+@pytest.mark.parametrize("shape, expect", [
+    ((None, 2.0), "dimension 2.0"), ((None, -2), "dimension -2"), ((True, 2), "dimension True"),
+    (3, "shape must be a sequence"), ((np.int64(3),), "dimension"), ((None, "2"), "dimension '2'"),
+])
+def test_input_shape_dims(shape, expect):
+    names(message(gd.Graph("g").input, "x", shape), "input x", expect, r"\(None, 2\)|non-negative int, None")
+
+
+@pytest.mark.parametrize("dtype, expect", [
+    (torch.int64, "torch.int64 is not supported"), ("f32", r"did you mean torch.float32\?"),
+    ([1], r"\[1\] is not supported"), (np.float32, "is not supported"),
+])
+def test_input_dtype(dtype, expect):
+    names(message(gd.Graph("g").input, "x", (2,), dtype), "input x: dtype", expect)
+
+
+@pytest.mark.parametrize("data, expect", [(np.zeros(2), "got ndarray"), ([1.0], "got list"),
+                                          (torch.zeros(2, dtype=torch.int64), "floating dtype")])
+def test_param_value(data, expect):
+    names(message(gd.Graph("g").param, "w", data), "param w", expect)
+
+
+@pytest.mark.parametrize("value, expect", [("a", "must be a real number such as 2 or 0.5, got str"),
+                                           (torch.ones(3), "got Tensor"), (10**400, "too large for a float")])
+def test_const_value(value, expect):
+    g = gd.Graph("g")
+    # The lambda makes this line the caller, so "created at" can name it (message() is in messages.py).
+    names(message(lambda: g.const(value)), "const: value", expect, HERE)
+
+
+def test_const_dtype():
+    names(message(gd.Graph("g").const, 1.0, torch.int32), "const: dtype torch.int32 is not supported")
+    names(message(gd.Graph("g").const, 1.0, [1]), r"const: dtype \[1\] is not supported")
+
+
+def test_scope_must_be_a_one_line_str():
+    g = gd.Graph("g")
+    for bad in (3, "a\nb"):
+        with pytest.raises(gd.GraphError, match="must be a one-line str"), g.scope(bad):
+            pass
+
+
+def test_output_must_be_a_value_of_the_graph():
+    g, h = gd.Graph("g"), gd.Graph("h")
+    names(message(g.output, 3), "output 3 is not a value of this graph")
+    names(message(g.output, h.input("x", (2,))), r"output x: f32\[2\] is not a value of this graph")
+
+
+# -- verify -----------------------------------------------------------------------------
+
+
+def test_verify_names_where_the_broken_node_was_created():
+    g = tiny()
+    g.nodes[1].out.shape = (5,)  # corrupt what add's rule gives
+    names(message(g.verify), r"node %1 \(add, created at .*test_contract\.py:\d+\)", r"output is f32\[5\]")
+
+
+def test_using_a_removed_nodes_value_is_reported_not_a_recursion_error():
+    g = gd.Graph("g")
+    x = g.input("x", (None, 3))
+    h = gd.relu(x)
+    g.remove_node(h.node)
+    g.output(gd.tanh(h))
+    assert h.label == "%?"
+    names(message(g.verify), r"node %0 \(tanh", "uses the value of a removed node \\(relu\\)")
+    names(message(gd.compile, g), "removed node")

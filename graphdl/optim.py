@@ -132,8 +132,9 @@ class SGD:
 
         For a caller whose gradients land in the same tensors at every step (fit's
         arena, a captured CUDA graph): the layout checks and the kernel choice happen
-        here, once, and the rate is read from a tensor on the params' device, so a CUDA
-        graph can capture the update and replay it at a new rate. Weight decay is added
+        here, once (the disk net's update: 4.4 µs a step against 13.3 µs for `update`,
+        one CPU thread), and the rate is read from a tensor on the params' device, so a
+        CUDA graph can capture the update and replay it at a new rate. Weight decay is added
         to the gradients first (g + λw), then the rule runs as in `update`.
         """
         if self.momentum and len(self.buffers) != len(params):

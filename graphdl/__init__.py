@@ -15,6 +15,7 @@ from .compile import Compiled, compile
 from .losses import MAE, MBE, MSE, BCEWithLogits, CrossEntropy, Loss
 from .optim import SGD, Constant, CosineDecay, ExponentialDecay, Schedule, StepDecay
 from .layers import Layer, Linear, ReLU, Sequential, Sigmoid, Softmax, Standardize, Tanh
+from .step import TrainStep
 from .train import DivergedError, History
 from .viz import DotNotFoundError, render, to_dot
 from .io import load, load_graph, save_graph
@@ -25,7 +26,7 @@ from . import distributed
 __all__ = [
     "BCEWithLogits", "CrossEntropy", "DivergedError", "MAE", "MBE", "MSE", "SGD", "Softmax", "Standardize",
     "Constant", "CosineDecay", "ExponentialDecay", "History",
-    "Layer", "Linear", "Loss", "ReLU", "Schedule", "Sequential", "Sigmoid", "StepDecay", "Tanh",
+    "Layer", "Linear", "Loss", "ReLU", "Schedule", "Sequential", "Sigmoid", "StepDecay", "Tanh", "TrainStep",
     "DTYPES", "OPS", "Compiled", "DotNotFoundError", "Graph", "GraphError", "Node", "Value",
     "abs", "add", "bce_with_logits", "broadcast_like", "cross_entropy", "log_softmax", "softmax", "compile",
     "distributed", "div", "exp", "grad", "greater", "log", "mae", "matmul", "export_onnx", "from_torch", "import_onnx",

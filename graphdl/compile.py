@@ -21,7 +21,7 @@ import torch
 from .ir import Graph, GraphError, Node, Value, format_type, pauses_gc, tensor_problem
 from .ops import CODE_GLOBALS
 from .passes import pipeline
-from .passes.memory import last_uses, plan_inplace
+from .passes.memory import last_uses, plan_arena, plan_inplace
 from .text import format_node
 
 _counter = itertools.count()
@@ -145,6 +145,107 @@ class Compiled:
         return f"<Compiled {self.graph.name}: {len(self.graph.nodes)} nodes>\n{self.source}"
 
 
+class _ArenaLayout:
+    """Where the arena form of a graph keeps things: the buffers `plan_arena` gives its
+    nodes, and the transposed views the code reads prepared rather than made per call
+    (`.mT` costs ~0.7 µs; the disk net's step reads 7): of params, re-made when a
+    slot's tensor changes, and of buffers, made with them."""
+
+    def __init__(self, graph: Graph, hoisted: set[int], inplace: dict[int, int], last_use: dict[int, int]) -> None:
+        self.writes, self.lives_in, self.buffers = plan_arena(graph, hoisted, inplace, last_use)
+        self.params = [v for v in graph.params.values() if v.users or graph.is_output(v)]
+        index = {id(v): i for i, v in enumerate(self.params)}
+        self.param_transposes: list[int] = []  # indices into self.params
+        self.buffer_transposes: list[int] = []
+        self._prepared: dict[int, str] = {}  # id(value) -> name of its prepared transpose
+        for k, node in enumerate(graph.nodes):
+            if id(node.out) in hoisted or k in inplace:
+                continue
+            for i in node.op.transposed:
+                v = node.inputs[i]
+                if id(v) in index and id(v) not in self._prepared:
+                    self._prepared[id(v)] = f"pt{index[id(v)]}"
+                    self.param_transposes.append(index[id(v)])
+                elif id(v) in self.lives_in and id(v) not in self._prepared:
+                    b = self.lives_in[id(v)]
+                    self._prepared[id(v)] = f"bt{b}"
+                    if b not in self.buffer_transposes:
+                        self.buffer_transposes.append(b)
+        # The buffer each output is returned in (None: a tensor made at the call).
+        self.output_buffers = _output_buffers(graph, self.lives_in, hoisted)
+
+    def out(self, k: int) -> str | None:
+        return f"b{self.writes[k]}" if k in self.writes else None
+
+    def transposes(self, node: Node) -> dict[int, str]:
+        prepared = ((i, self._prepared.get(id(node.inputs[i]))) for i in node.op.transposed)
+        return {i: name for i, name in prepared if name is not None}
+
+    def names(self, names: dict[int, str]) -> list[str]:
+        """The names the bindings tuple unpacks into, in `ArenaCompiled.bind`'s order."""
+        return ([names[id(v)] for v in self.params] + [f"pt{i}" for i in self.param_transposes]
+                + [f"b{j}" for j in range(len(self.buffers))] + [f"bt{j}" for j in self.buffer_transposes])
+
+
+class ArenaCompiled(Compiled):
+    """A graph compiled to the arena form fit's training step runs: `fn(*inputs, A)`, where
+    A (from `bind`) holds the params, preallocated buffers and prepared transposes.
+
+    Outputs that live in the arena are overwritten by the next call with the same
+    bindings; calling the object itself binds, runs and returns outputs of their own,
+    like `Compiled`.
+    """
+
+    def __init__(self, *args: Any, layout: _ArenaLayout) -> None:
+        super().__init__(*args)
+        self.layout = layout
+        self._arenas: dict[tuple, tuple[torch.Tensor, ...]] = {}
+
+    def bind_params(self) -> tuple[torch.Tensor, ...]:
+        """The params' tensors now, then their prepared transposes: the start of A. Bind
+        again after a param's slot gets a new tensor (views follow in-place updates)."""
+        tensors = [v.data for v in self.layout.params]
+        return (*tensors, *(tensors[i].mT for i in self.layout.param_transposes))
+
+    def buffers(self, sizes: dict[str, int]) -> tuple[torch.Tensor, ...]:
+        """New buffers for symbolic dims bound to `sizes` (e.g. {"N": 5}), then their
+        prepared transposes: the rest of A."""
+        device = self.device or self._const_device
+        made = [torch.empty([sizes[d] if isinstance(d, str) else d for d in v.shape], dtype=v.dtype, device=device)
+                for v in self.layout.buffers]
+        return (*made, *(made[j].mT for j in self.layout.buffer_transposes))
+
+    def bind(self, sizes: dict[str, int]) -> tuple[torch.Tensor, ...]:
+        """A, the bindings `fn` takes after its inputs: params, buffers, transposes."""
+        return self.bind_params() + self.buffers(sizes)
+
+    @property
+    def symbols(self) -> set[str]:
+        """The symbolic dims of the inputs (the batch dim "N")."""
+        return {d for _, shape, _ in self._specs for d in shape if isinstance(d, str)}
+
+    def sizes(self, feeds: list[torch.Tensor]) -> dict[str, int]:
+        """The symbolic dims' sizes in these feeds (in declaration order)."""
+        return {d: t.shape[axis] for (_, shape, _), t in zip(self._specs, feeds)
+                for axis, d in enumerate(shape) if isinstance(d, str)}
+
+    def __call__(self, *args: torch.Tensor, **feeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ordered = self.check_feeds(args, feeds)
+        self._check_param_devices()
+        target = self._on_device_of(ordered)
+        sizes = target.sizes(ordered)
+        key = tuple(sorted(sizes.items()))
+        if key not in target._arenas:
+            target._arenas[key] = target.buffers(sizes)
+        try:
+            with torch.no_grad():
+                outs = target.fn(*ordered, target.bind_params() + target._arenas[key])
+        except Exception as e:
+            raise target._explain(e) from e
+        held = target.layout.output_buffers
+        return tuple(o if held[i] is None else o.clone() for i, o in enumerate(outs))
+
+
 def _change(param: Value, device: torch.device | None) -> str:
     """How a param's tensor differs from what the compiled function was built for."""
     t = param.data
@@ -194,17 +295,22 @@ def compile(graph: Graph, optimize: bool = True, trace: Callable[[str], object] 
     return compiled
 
 
-def lower(graph: Graph, device: torch.device | None = None, reuse: bool = True) -> Compiled:
+def lower(graph: Graph, device: torch.device | None = None, reuse: bool = True,
+          arena: bool = False) -> Compiled:
     """Generate, compile and wrap the Python function for `graph` as it stands.
 
     Args:
         graph: the graph, already optimised or not.
         device: where constants live; by default the params' device (CPU if none).
         reuse: plan in-place ops on dying temporaries (graphdl.passes.memory).
+        arena: generate the form fit's training step runs (an `ArenaCompiled`): every
+            result an op can write into a given buffer goes into buffers planned by
+            liveness (`plan_arena`), made once per batch size and reused at every call.
 
     Each call reads every param's tensor from its slot, which the graph shares with the
     graph it was copied from and the layer that owns the param: a tensor assigned to
-    any of them after compiling is what the next call computes with.
+    any of them after compiling is what the next call computes with. (The arena form
+    takes them, with their transposes, in its bindings: see `ArenaCompiled.bind`.)
     """
     params_on = _param_device(graph)
     device = device or params_on
@@ -223,7 +329,7 @@ def lower(graph: Graph, device: torch.device | None = None, reuse: bool = True) 
         ir_names[id(v)] = v.name
         names[id(v)] = f"p{i}_{_py(v.name)}"
         env[f"P{i}"] = v.slot  # read at each call: a new tensor may have been assigned
-        if v.users or graph.is_output(v):
+        if not arena and (v.users or graph.is_output(v)):
             body.append(f"{names[id(v)]} = P{i}.tensor")
 
     # Nodes whose inputs are all constants are computed once, now. Scalar constants stay
@@ -238,7 +344,8 @@ def lower(graph: Graph, device: torch.device | None = None, reuse: bool = True) 
     last_use = last_uses(graph)
     returned = {id(v) for v in graph.outputs}
     inplace = plan_inplace(graph, hoisted, last_use) if reuse else {}
-    header_lines = 2  # the def line, then the body starts
+    layout = _ArenaLayout(graph, hoisted, inplace, last_use) if arena else None
+    header_lines = 2 + (layout is not None)  # the def line (and the arena's unpacking), then the body
     for k, node in enumerate(graph.nodes):
         arg_names = [names[id(v)] for v in node.inputs]
         ir_line = format_node(node, ir_names)
@@ -250,6 +357,8 @@ def lower(graph: Graph, device: torch.device | None = None, reuse: bool = True) 
             continue
         if k in inplace:
             code = node.op.inplace[inplace[k]].format(*arg_names)
+        elif layout is not None:
+            code = node.op.code(arg_names, node.attrs, node.inputs, layout.out(k), layout.transposes(node))
         else:
             code = node.op.lower(arg_names, node.attrs, node.inputs)
         names[id(node.out)] = f"v{k}"
@@ -260,6 +369,9 @@ def lower(graph: Graph, device: torch.device | None = None, reuse: bool = True) 
         if dead:
             body.append("del " + ", ".join(dead))
     body.append(f"return ({', '.join(_owned_outputs(graph.outputs, names, hoisted))},)")
+    if layout is not None:  # the params, buffers and their transposes arrive in one tuple
+        args.append("A")
+        body.insert(0, f"{', '.join(layout.names(names))}, = A")
     source = f"def {_py(graph.name)}({', '.join(args)}):\n" + "".join(f"    {ln}\n" for ln in body)
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     # The function lands in its own namespace: a graph called torch, c0 or P0 must not
@@ -268,8 +380,20 @@ def lower(graph: Graph, device: torch.device | None = None, reuse: bool = True) 
     exec(builtins.compile(source, filename, "exec"), env, namespace)  # noqa: S102
     relower = None
     if params_on is None and hoisted:  # constants, but no params to say where they belong
-        relower = lambda on: lower(graph, on, reuse)  # noqa: E731
+        relower = lambda on: lower(graph, on, reuse, arena)  # noqa: E731
+    if layout is not None:
+        return ArenaCompiled(graph, source, namespace[_py(graph.name)], filename, line_text, params_on, device,
+                             relower, layout=layout)
     return Compiled(graph, source, namespace[_py(graph.name)], filename, line_text, params_on, device, relower)
+
+
+def _output_buffers(graph: Graph, lives_in: dict[int, int], hoisted: set[int]) -> list[int | None]:
+    """The arena buffer each output is returned in: a value in the arena returned as it
+    is (by `_owned_outputs`: its first return, a fresh node result), else None."""
+    names = {id(v): str(lives_in.get(id(v))) for v in graph.outputs}
+    exprs = _owned_outputs(graph.outputs, names, hoisted)
+    return [lives_in[id(v)] if id(v) in lives_in and e == names[id(v)] else None
+            for v, e in zip(graph.outputs, exprs)]
 
 
 def _owned_outputs(outputs: list[Value], names: dict[int, str], hoisted: set[int]) -> list[str]:

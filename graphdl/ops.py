@@ -31,8 +31,33 @@ Lowering = Callable[[list[str], dict[str, Any], list[Value]], str]
 Rule = Callable[[list[Value], Mapping[str, Any]],
                 tuple[Shape, torch.dtype] | tuple[Shape, torch.dtype, dict[str, Any]]]
 
-# The globals lowered code runs with (the compiler's and constant folding's).
-CODE_GLOBALS: dict[str, Any] = {"torch": torch, "math": math, "aten": torch.ops.aten}
+
+class _Kernels:
+    """`torch.ops.aten` for generated code, each overload resolved to its C++ entry.
+
+    `aten.tanh_backward.grad_input(...)` reads the same in the generated source, but
+    skips the Python frame of `OpOverload.__call__`: 1.7 µs a call instead of 2.5 µs
+    (tanh_backward at batch 5, one CPU thread). Lookups are cached on first use.
+    """
+
+    def __init__(self, packet: Any = None) -> None:
+        self._packet = packet
+
+    def __getattr__(self, name: str) -> Any:
+        if self._packet is None:  # an op: its overloads, resolved on demand
+            value: Any = _Kernels(getattr(torch.ops.aten, name))
+        else:
+            overload = getattr(self._packet, name)
+            value = getattr(overload, "_op", overload)
+        setattr(self, name, value)
+        return value
+
+
+# The globals lowered code runs with (the compiler's and constant folding's). aten's
+# kernels are called through their C++ entries (`_Kernels`), not the neural-network
+# module's own bindings (its mse_loss measured ~1 µs less a call, but graphdl computes
+# nothing through that module).
+CODE_GLOBALS: dict[str, Any] = {"torch": torch, "math": math, "aten": _Kernels()}
 
 
 @dataclass(frozen=True, eq=False)
@@ -42,12 +67,15 @@ class OpDef:
     name: str
     arity: int
     rule: Rule
-    lower: Lowering
+    kernel: Lowering  # the torch expression, given the operands' expressions (see `lower`)
     vjp: Callable[..., list[Value | None]] | None
     attrs: dict[str, Any] = field(default_factory=dict)
     doc: str = ""
     # Memory planning (passes/memory.py). fresh: the result is new storage, never a view
     # of an input. inplace: input index -> code that writes the result into that input.
+    # out: code (or a lowering) that writes the result into a preallocated buffer `{out}`
+    # (fit's arena). transposed: inputs the kernel reads transposed; the code names
+    # them by an expression for that transpose (see `operands`).
     fresh: bool = False
     inplace: dict[int, str] = field(default_factory=dict)
     # Collectives (graphdl.distributed). effect: the op talks to the other processes, which
@@ -56,6 +84,8 @@ class OpDef:
     # read its result (an operation in flight is no tensor to compute with).
     effect: bool = False
     read_by: str = ""
+    out: str | Lowering | None = None
+    transposed: tuple[int, ...] = ()
 
     def infer(self, inputs: Sequence[Value], attrs: dict[str, Any]) -> tuple[Shape, torch.dtype, dict[str, Any]]:
         """Output shape and dtype, and the attrs completed with defaults and normalised."""
@@ -76,6 +106,30 @@ class OpDef:
         shape, dtype, *normalised = self.rule(list(inputs), MappingProxyType(full))
         return shape, dtype, {**full, **normalised[0]} if normalised else full
 
+    def operands(self, names: list[str], transposes: dict[int, str] | None = None) -> list[str]:
+        """The expressions the code takes for inputs named `names`: an input the kernel
+        reads transposed becomes a prepared transpose from `transposes` (by input index),
+        or `name.mT`, a view made at each call (~0.7 µs on CPU)."""
+        transposes = transposes or {}
+        return [transposes.get(i, f"{n}.mT") if i in self.transposed else n for i, n in enumerate(names)]
+
+    def lower(self, names: list[str], attrs: dict[str, Any], inputs: Sequence[Value]) -> str:
+        """The torch expression for a node of this op on inputs named `names`."""
+        return self.code(names, attrs, inputs)
+
+    def code(self, names: list[str], attrs: dict[str, Any], inputs: Sequence[Value], out: str | None = None,
+             transposes: dict[int, str] | None = None) -> str:
+        """`lower`, with the choices of fit's arena: with `out`, the expression that writes
+        into the buffer named `out` (the op must have an `out` code); `transposes` names
+        prepared transposes of inputs the kernel reads transposed."""
+        args = self.operands(names, transposes)
+        if out is None:
+            return self.kernel(args, attrs, list(inputs))
+        assert self.out is not None, f"{self.name} has no out= code"
+        if isinstance(self.out, str):
+            return self.out.format(*args, out=out)
+        return self.out(args, {**attrs, "out": out}, list(inputs))
+
 
 OPS: dict[str, OpDef] = {}
 VARIADIC = -1  # the arity of an op that takes one or more inputs
@@ -83,14 +137,17 @@ VARIADIC = -1  # the arity of an op that takes one or more inputs
 
 def defop(name: str, code: str | Lowering, rule: Rule, vjp: Callable | None, arity: int = 1,
           attrs: dict[str, Any] | None = None, doc: str = "", fresh: bool = False,
-          inplace: dict[int, str] | None = None, effect: bool = False, read_by: str = "") -> Callable[..., Value]:
+          inplace: dict[int, str] | None = None, effect: bool = False, read_by: str = "",
+          out: bool | str | Lowering | None = None, transposed: tuple[int, ...] = ()) -> Callable[..., Value]:
     """Register an op and return its builder, `builder(*inputs, **attrs) -> Value`.
 
     `code` is a torch expression with `{0}`, `{1}` for the inputs and `{attr}` for the
     attrs' reprs, or a function `(args, attrs, inputs) -> str` for ops whose code depends
     on shapes. `fresh` and `inplace` tell the memory planner whether the result owns
     new storage and how to compute it into a dying input's buffer instead; `effect` and
-    `read_by` mark collectives (see `OpDef`).
+    `read_by` mark collectives (see `OpDef`); `out` how to compute it into a preallocated
+    buffer `{out}` (True: the code's own call with `out=`); `transposed` which inputs the
+    code reads transposed (the code names them by an expression for the transpose).
     """
     if isinstance(code, str):
         template = code
@@ -99,7 +156,11 @@ def defop(name: str, code: str | Lowering, rule: Rule, vjp: Callable | None, ari
             return template.format(*args, **{k: repr(v) for k, v in attrs.items()})
     else:
         lower = code
-    op = OpDef(name, arity, rule, lower, vjp, dict(attrs or {}), doc, fresh, dict(inplace or {}), effect, read_by)
+    if out is True:  # the code's call with the buffer as its out= argument
+        assert isinstance(code, str) and code.endswith(")"), f"{name}: out=True needs code that ends in a call"
+        out = code[:-1] + ", out={out})"
+    op = OpDef(name, arity, rule, lower, vjp, dict(attrs or {}), doc, fresh, dict(inplace or {}), effect, read_by,
+               out, transposed)
     OPS[name] = op
 
     def builder(*inputs: Value | float, **attrs: Any) -> Value:
@@ -341,13 +402,16 @@ def const_rule(inputs: list[Value], attrs: Mapping[str, Any]) -> tuple[Shape, to
 # -- lowerings that depend on shapes ------------------------------------------------
 
 
-def _reduce_code(fn: str) -> Lowering:
+def _reduce_code(fn: str, out: bool = False) -> Lowering:
+    """torch.sum / torch.mean over the node's axes; with `out`, into attrs["out"] (only
+    the overload with dims takes out=)."""
     def lower(args: list[str], attrs: dict, inputs: list[Value]) -> str:
-        if attrs["axis"] is None and not attrs["keepdims"]:
+        if attrs["axis"] is None and not attrs["keepdims"] and not out:
             return f"torch.{fn}({args[0]})"
         axis = attrs["axis"] if attrs["axis"] is not None else tuple(range(inputs[0].ndim))
         dims = axis[0] if len(axis) == 1 else axis  # torch.sum(x, 0) parses faster than (0,)
-        return f"torch.{fn}({args[0]}, {dims!r}" + (", keepdim=True)" if attrs["keepdims"] else ")")
+        tail = (", keepdim=True" if attrs["keepdims"] else "") + (f", out={attrs['out']}" if out else "")
+        return f"torch.{fn}({args[0]}, {dims!r}{tail})"
     return lower
 
 
@@ -410,36 +474,38 @@ zeros_like = defop("zeros_like", "torch.zeros_like({0})", unary, lambda g, out, 
                    fresh=True,
                    doc="Zeros of x's shape and dtype.")
 
-add = defop("add", "torch.add({0}, {1})", elementwise, arity=2,
+add = defop("add", "torch.add({0}, {1})", elementwise, arity=2, out=True,
             vjp=lambda g, out, a, b: [unbroadcast(g, a), unbroadcast(g, b)],
             fresh=True, inplace={0: "{0}.add_({1})", 1: "{1}.add_({0})"},
             doc="a + b, broadcasting as torch does.")
 
-sub = defop("sub", "torch.sub({0}, {1})", elementwise, arity=2,
+sub = defop("sub", "torch.sub({0}, {1})", elementwise, arity=2, out=True,
             vjp=lambda g, out, a, b: [unbroadcast(g, a), unbroadcast(neg(g), b)],
             fresh=True, inplace={0: "{0}.sub_({1})"},
             doc="a - b, broadcasting as torch does.")
 
-mul = defop("mul", "torch.mul({0}, {1})", elementwise, arity=2,
+mul = defop("mul", "torch.mul({0}, {1})", elementwise, arity=2, out=True,
             vjp=lambda g, out, a, b: [unbroadcast(g * b, a), unbroadcast(g * a, b)],
             fresh=True, inplace={0: "{0}.mul_({1})", 1: "{1}.mul_({0})"},
             doc="a * b elementwise, broadcasting as torch does.")
 
-div = defop("div", "torch.div({0}, {1})", elementwise, arity=2,
+div = defop("div", "torch.div({0}, {1})", elementwise, arity=2, out=True,
             vjp=lambda g, out, a, b: [unbroadcast(g / b, a), unbroadcast(neg(g * out) / b, b)],
             fresh=True, inplace={0: "{0}.div_({1})"},
             doc="a / b elementwise, broadcasting as torch does.")
 
-neg = defop("neg", "torch.neg({0})", unary, lambda g, out, x: [neg(g)], fresh=True, inplace={0: "{0}.neg_()"},
+neg = defop("neg", "torch.neg({0})", unary, lambda g, out, x: [neg(g)], fresh=True, inplace={0: "{0}.neg_()"}, out=True,
             doc="-x.")
 
 exp = defop("exp", "torch.exp({0})", unary, lambda g, out, x: [g * out], fresh=True, inplace={0: "{0}.exp_()"},
+            out=True,
             doc="e**x elementwise.")
 
-log = defop("log", "torch.log({0})", unary, lambda g, out, x: [g / x], fresh=True, inplace={0: "{0}.log_()"},
+log = defop("log", "torch.log({0})", unary, lambda g, out, x: [g / x], fresh=True, inplace={0: "{0}.log_()"}, out=True,
             doc="Natural log, elementwise.")
 
 abs = defop("abs", "torch.abs({0})", unary, lambda g, out, x: [g * sign(x)], fresh=True, inplace={0: "{0}.abs_()"},
+            out=True,
             doc="|x| elementwise.")
 
 sign = defop("sign", "torch.sign({0})", unary, lambda g, out, x: [None],
@@ -456,11 +522,11 @@ relu = defop("relu", "torch.relu({0})", unary, lambda g, out, x: [g * greater(ou
              doc="max(x, 0) elementwise.")
 
 tanh = defop("tanh", "torch.tanh({0})", unary, lambda g, out, x: [g * (1.0 - out * out)],
-             fresh=True, inplace={0: "{0}.tanh_()"},
+             fresh=True, inplace={0: "{0}.tanh_()"}, out=True,
              doc="Hyperbolic tangent, elementwise.")
 
 sigmoid = defop("sigmoid", "torch.sigmoid({0})", unary, lambda g, out, x: [g * (out * (1.0 - out))],
-                fresh=True, inplace={0: "{0}.sigmoid_()"},
+                fresh=True, inplace={0: "{0}.sigmoid_()"}, out=True,
                 doc="1 / (1 + e**-x) elementwise.")
 
 _softmax = defop("softmax", "torch.softmax({0}, {axis})", class_axis_rule, attrs={"axis": -1}, fresh=True,
@@ -472,7 +538,7 @@ _log_softmax = defop("log_softmax", "torch.log_softmax({0}, {axis})", class_axis
                      vjp=lambda g, out, x, axis: [g - exp(out) * sum(g, axis=axis, keepdims=True)],
                      doc="x - log(sum(exp(x))) over `axis` (the last by default), computed stably.")
 
-matmul = defop("matmul", "torch.mm({0}, {1})", matmul_rule, arity=2,
+matmul = defop("matmul", "torch.mm({0}, {1})", matmul_rule, arity=2, out=True,
                vjp=lambda g, out, a, b: [matmul(g, transpose(b)), matmul(transpose(a), g)],
                fresh=True,
                doc="Matrix product of two 2-d values: [m,k] @ [k,n] -> [m,n].")
@@ -481,6 +547,7 @@ transpose = defop("transpose", "torch.transpose({0}, -2, -1)", transpose_rule,
                   lambda g, out, x: [transpose(g)], doc="Swap the last two dims.")
 
 _sum = defop("sum", _reduce_code("sum"), reduce_rule, attrs={"axis": None, "keepdims": False},
+             out=_reduce_code("sum", out=True),
              fresh=True,
              vjp=lambda g, out, x, axis, keepdims: [broadcast_like(g, x, axis=axis)])
 
@@ -522,7 +589,7 @@ def _loss_vjp(local: Callable[[Value], Value | None]) -> Callable[..., list]:
     return vjp
 
 
-mse = defop("mse", "torch.mean(torch.square(torch.sub({0}, {1})))", loss_rule, arity=2,
+mse = defop("mse", "aten.mse_loss.default({0}, {1}, 1)", loss_rule, arity=2,  # 1: reduction="mean"
             vjp=_loss_vjp(lambda d: d * 2.0), fresh=True,
                                               doc="mean((a - b)**2) over every element.")
 
@@ -694,17 +761,19 @@ def _all_axes(x: Value) -> tuple[int, ...]:
     return tuple(range(x.ndim))
 
 
-addmm = defop("addmm", "torch.addmm({0}, {1}, {2})", addmm_rule, arity=3,
+addmm = defop("addmm", "torch.addmm({0}, {1}, {2})", addmm_rule, arity=3, out=True,
               vjp=lambda g, out, bias, a, b: [unbroadcast(g, bias), matmul(g, transpose(b)), matmul(transpose(a), g)],
               fresh=True,
               doc="bias + a @ b in one call (fused from add(matmul(a, b), bias)).")
 
-matmul_tn = defop("matmul_tn", "torch.mm({0}.mT, {1})", _transposed_rule(True, False), arity=2,
+matmul_tn = defop("matmul_tn", "torch.mm({0}, {1})", _transposed_rule(True, False), arity=2, transposed=(0,),
+                  out=True,
                   vjp=lambda g, out, a, b: [matmul(b, transpose(g)), matmul(a, g)],
                   fresh=True,
                   doc="transpose(a) @ b without a transpose node (fused from matmul(transpose(a), b)).")
 
-matmul_nt = defop("matmul_nt", "torch.mm({0}, {1}.mT)", _transposed_rule(False, True), arity=2,
+matmul_nt = defop("matmul_nt", "torch.mm({0}, {1})", _transposed_rule(False, True), arity=2, transposed=(1,),
+                  out=True,
                   vjp=lambda g, out, a, b: [matmul(g, b), matmul(transpose(g), a)],
                   fresh=True,
                   doc="a @ transpose(b) without a transpose node (fused from matmul(a, transpose(b))).")
@@ -712,21 +781,25 @@ matmul_nt = defop("matmul_nt", "torch.mm({0}, {1}.mT)", _transposed_rule(False, 
 relu_backward = defop("relu_backward", "aten.threshold_backward.default({0}, {1}, 0.0)", same_shape, arity=2,
                       vjp=lambda gc, out, g, y: [gc * greater(y, 0.0), None],
                       fresh=True, inplace={0: "aten.threshold_backward.grad_input({0}, {1}, 0.0, grad_input={0})"},
+                      out="aten.threshold_backward.grad_input({0}, {1}, 0.0, grad_input={out})",
                       doc="g where y > 0 else 0: relu's VJP given its output y (fused from mul(g, greater(y, 0))).")
 
 tanh_backward = defop("tanh_backward", "aten.tanh_backward.default({0}, {1})", same_shape, arity=2,
                       vjp=lambda gc, out, g, y: [gc * (1.0 - y * y), gc * g * y * -2.0],
                       fresh=True, inplace={0: "aten.tanh_backward.grad_input({0}, {1}, grad_input={0})"},
+                      out="aten.tanh_backward.grad_input({0}, {1}, grad_input={out})",
                       doc="g * (1 - y*y): tanh's VJP given its output y (fused from mul(g, sub(1, mul(y, y)))).")
 
 sigmoid_backward = defop("sigmoid_backward", "aten.sigmoid_backward.default({0}, {1})", same_shape, arity=2,
                          vjp=lambda gc, out, g, y: [gc * (y * (1.0 - y)), gc * g * (1.0 - y * 2.0)],
                          fresh=True, inplace={0: "aten.sigmoid_backward.grad_input({0}, {1}, grad_input={0})"},
+                         out="aten.sigmoid_backward.grad_input({0}, {1}, grad_input={out})",
                          doc="g * y * (1 - y): sigmoid's VJP given its output y "
                              "(fused from mul(g, mul(y, sub(1, y)))).")
 
 mse_backward = defop(
     "mse_backward", "aten.mse_loss_backward.default({0}, {1}, {2}, 1)", mse_backward_rule, arity=3,
+    out="aten.mse_loss_backward.grad_input({0}, {1}, {2}, 1, grad_input={out})",
     vjp=lambda gc, out, g, a, b: [
         mean(gc * (a - b)) * 2.0,
         broadcast_like(g, a, axis=_all_axes(a), mean=True) * gc * 2.0,

@@ -104,3 +104,30 @@ def test_sgd_step_is_right_for_any_gradient_layout(build):
     opt.reset([w.data])
     opt.step([w.data], [dw])
     torch.testing.assert_close(w.data, expected)
+
+
+@pytest.mark.parametrize("planned", [True, False], ids=["plan", "update"])
+def test_fused_update_of_small_params_runs_on_one_thread(monkeypatch, planned):
+    """torch's fused CPU kernel forks every thread for each tensor: 115-210 µs for the disk
+    net's update on 2 threads against 4 µs on one. Small updates run on one thread, and
+    the thread count is put back."""
+    seen = []
+    real = torch._fused_sgd_
+    monkeypatch.setattr(torch, "_fused_sgd_", lambda *a, **k: (seen.append(torch.get_num_threads()), real(*a, **k)))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        params = [torch.rand(25, 25), torch.rand(25)]
+        grads = [torch.rand(25, 25), torch.rand(25)]
+        opt = gd.SGD(lr=0.1, momentum=0.9)
+        opt.reset(params)
+        if planned:
+            opt.plan(params, grads)()
+        else:
+            opt.update(params, grads, 0.1, overwrite_grads=True)
+        big = [torch.rand(256, 256)]
+        opt.reset(big)
+        opt.update(big, [torch.rand(256, 256)], 0.1, overwrite_grads=True)  # 65536 elements: all threads
+        assert seen == [1, 2] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -1,26 +1,40 @@
-"""Training-step benchmark: graphdl against PyTorch eager and a hand-written torch loop.
+"""Training-loop benchmark: graphdl's fit against PyTorch eager, a hand-written torch loop
+and JAX (per-step jit and a whole epoch in one lax.scan), plus compile and start-up.
 
-For each net (in 2 -> width -> width -> width -> 1, tanh or relu hidden, MSE loss) it
-times one full training step (forward, backward, SGD with momentum) of three contenders
-that start from the same weights and see the same batches:
+Every contender runs the same training loop on the same data from the same weights: a
+2 -> width -> width -> width -> 1 net (tanh or relu hidden, MSE loss, SGD with momentum
+0.9) over n points of the disk task, n a multiple of the batch (n = batch * max(4,
+ceil(1000 / batch))), every epoch shuffled by the same permutation (torch.randperm from
+one seeded generator, as fit draws it), and after every epoch the mean loss over the
+epoch's batches and the accuracy on the whole training set, read to the host:
 
-  graphdl  gd.Sequential's compiled gradient graph (`Compiled.fn`) then gd.SGD.step,
-           as gd.fit runs each batch
-  eager    nn.Sequential + autograd + torch.optim.SGD(momentum)
-  hand     plain torch written by hand: addmm forward, manual backward, _foreach_ update
+  graphdl   gd.Sequential.fit itself (its compiled TrainStep: arena, planned update;
+            on CUDA the epoch captured as a CUDA graph)
+  eager     nn.Sequential + autograd + torch.optim.SGD
+  hand      plain torch written by hand: addmm forward, manual backward, _foreach update
+  jax       a jitted step per batch; the batch sliced inside the jit (dynamic_slice)
+  jax-scan  a whole epoch as one jitted lax.scan over the batches
+  compiled  torch.compile(model, mode="reduce-overhead") of the eager model (CUDA, or
+            --torch-compile)
+  graphdl-uncaptured  (CUDA) fit with GRAPHDL_CUDA_GRAPHS=0
 
-Timing runs in one subprocess per net with the contenders alternated block by block
-(medians reported, ratios from the same run); peak memory runs each contender in a
-subprocess of its own and reports its peak over a baseline process that only imports and
-makes the data (ru_maxrss on CPU, torch.cuda.max_memory_allocated on CUDA). It also
-times compiling the reference (disk) net: build + grad + passes + codegen.
+Timing runs in one subprocess per net, pinned to one CPU core with one torch thread and
+XLA's CPU client on one thread (XLA_FLAGS="--xla_cpu_multi_thread_eigen=false
+intra_op_parallelism_threads=1"); the contenders alternate block by block, a block
+being a whole training run of some epochs, and each contender's median block time per
+step is reported (wall clock, and the process's CPU time, which shared machines disturb
+less). Ratios come from the same run. The contenders' per-epoch losses and accuracies
+must agree ("agree"). Peak memory runs each contender in a process of its own, above a
+baseline process. JAX is optional (`pip install -e ".[bench]"`); without it the JAX
+columns are skipped with a note.
 
 With --compile-scaling it instead times the compiler on gradient graphs of deep nets
 (about 1k, 10k and 100k nodes), stage by stage, per node, to show that its cost grows
 linearly with graph size.
 
-    PYTHONPATH=. python tools/bench.py               # the full table, one thread
-    PYTHONPATH=. python tools/bench.py --quick --json
+    PYTHONPATH=. python tools/bench.py                 # the full table
+    PYTHONPATH=. python tools/bench.py --quick --configs 25:5,25:100
+    PYTHONPATH=. python tools/bench.py --startup       # the disk example's wall time, split
     PYTHONPATH=. python tools/bench.py --compile-scaling
 """
 
@@ -29,20 +43,29 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
 CONFIGS = [(25, 5), (25, 100), (256, 256), (1024, 1024)]  # (width, batch)
-CONTENDERS = ["graphdl", "eager", "hand"]
-LR, MOMENTUM = 0.01, 0.9
+LR, MOMENTUM, SEED = 0.01, 0.9, 0
+XLA_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+Train = Callable[[int], list[tuple[float, float]]]  # epochs -> [(mean loss, accuracy)] per epoch
 
 
-# -- the three contenders -----------------------------------------------------------------
+# -- the task -------------------------------------------------------------------------------
+
+
+def points(batch: int) -> int:
+    """The data size for a batch size: a whole number of batches, about 1,000 points."""
+    return batch * max(4, math.ceil(1000 / batch))
 
 
 def initial_weights(width: int, seed: int = 0):
@@ -58,18 +81,24 @@ def initial_weights(width: int, seed: int = 0):
     return layers
 
 
-def make_batches(batch: int, count: int, device: str, seed: int = 1):
+def disk_data(n: int, device: str, seed: int = 1):
     """Points in [0,1]^2 labelled 1 inside the disk of radius 1/sqrt(2*pi) at (0.5, 0.5)."""
-    import math
-
     import torch
     gen = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(count):
-        x = torch.rand(batch, 2, generator=gen)
-        y = (((x - 0.5) ** 2).sum(1, keepdim=True) < 1 / (2 * math.pi)).float()
-        out.append((x.to(device), y.to(device)))
-    return out
+    x = torch.rand(n, 2, generator=gen)
+    y = (((x - 0.5) ** 2).sum(1, keepdim=True) < 1 / (2 * math.pi)).float()
+    return x.to(device), y.to(device)
+
+
+def permutations(n: int):
+    """The epochs' permutations, in order: what fit(seed=SEED) draws."""
+    import torch
+    gen = torch.Generator().manual_seed(SEED)
+    return lambda: torch.randperm(n, generator=gen)
+
+
+def _accuracy(pred, y):
+    return ((pred > 0.5) == (y > 0.5)).float().mean()
 
 
 def build_model(layers, act: str):
@@ -92,81 +121,245 @@ def compile_disk(act: str = "tanh"):
     return gd.compile(gd.grad(model.graph(loss=gd.MSE()), list(model.parameters())))
 
 
-def make_graphdl(layers, act: str, device: str) -> Callable:
-    """What gd.fit does per batch: the compiled step's unchecked entry, then SGD.step."""
+# -- the contenders: each returns train(epochs), a whole run from the initial weights ---------
+
+
+def make_graphdl(layers, act: str, device: str, batch: int, captured: bool = True) -> Train:
+    """gd.Sequential.fit, the model built once (its compiled step is cached on it) and its
+    weights reset before each run."""
     import graphdl as gd
     model = build_model([(w.to(device), b.to(device)) for w, b in layers], act)
-    params = list(model.parameters().values())
-    run = gd.compile(gd.grad(model.graph(loss=gd.MSE()), list(model.parameters()))).fn
-    opt = gd.SGD(lr=LR, momentum=MOMENTUM)
-    opt.reset(params)
+    linears = [m for m in model.layers if isinstance(m, gd.Linear)]
+    X, Y = disk_data(points(batch), device)
 
-    def step(x, y):
-        out = run(x, y)
-        opt.update(params, list(out[1:]), LR, overwrite_grads=True)
-        return out[0]
-    return step
+    def train(epochs: int) -> list[tuple[float, float]]:
+        for lin, (w, b) in zip(linears, layers, strict=True):
+            lin.weight, lin.bias = w.to(device).clone(), b.to(device).clone()
+        if not captured:
+            os.environ["GRAPHDL_CUDA_GRAPHS"] = "0"
+        try:
+            h = model.fit(X, Y, loss=gd.MSE(), optimizer=gd.SGD(lr=LR, momentum=MOMENTUM), epochs=epochs,
+                          batch_size=batch, shuffle=True, seed=SEED, verbose=False)
+        finally:
+            os.environ.pop("GRAPHDL_CUDA_GRAPHS", None)
+        return list(zip(h["loss"], h["accuracy"], strict=True))
+    return train
 
 
-def make_eager(layers, act: str, device: str) -> Callable:
+def _torch_loop(step: Callable, evaluate: Callable, X, Y, batch: int) -> Callable[[int], list]:
+    """The epoch loop the torch contenders share: shuffle, a step per batch, then the
+    mean loss and the accuracy read in one sync."""
+    import torch
+
+    def run(epochs: int) -> list[tuple[float, float]]:
+        draw = permutations(len(X))
+        history = []
+        for _ in range(epochs):
+            order = draw().to(X.device)
+            Xe, Ye = X.index_select(0, order), Y.index_select(0, order)
+            losses = [step(x, y) for x, y in zip(Xe.split(batch), Ye.split(batch), strict=True)]
+            history.append(tuple(torch.stack([torch.stack(losses).mean(), evaluate()]).tolist()))
+        return history
+    return run
+
+
+def _eager_model(layers, act: str, device: str):
     import torch
     from torch import nn
     mods: list[nn.Module] = []
-    for k, (w, b) in enumerate(layers):
-        lin = nn.Linear(*w.shape)
-        with torch.no_grad():
-            lin.weight.copy_(w.t())
-            lin.bias.copy_(b)
-        mods.append(lin)
+    for k, (w, _) in enumerate(layers):
+        mods.append(nn.Linear(*w.shape))
         if k < len(layers) - 1:
             mods.append(nn.Tanh() if act == "tanh" else nn.ReLU())
     model = nn.Sequential(*mods).to(device)
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
-    mse = nn.functional.mse_loss
 
-    def step(x, y):
-        opt.zero_grad()
-        loss = mse(model(x), y)
-        loss.backward()
-        opt.step()
-        return loss.detach()
-    return step
+    def reset() -> None:
+        with torch.no_grad():
+            for lin, (w, b) in zip(model[::2], layers, strict=True):
+                lin.weight.copy_(w.t())
+                lin.bias.copy_(b)
+    return model, reset
 
 
-def make_hand(layers, act: str, device: str) -> Callable:
+def make_eager(layers, act: str, device: str, batch: int, compiled: bool = False) -> Train:
     import torch
-    ws = [w.to(device).clone() for w, _ in layers]
-    bs = [b.to(device).clone() for _, b in layers]
-    params = [t for pair in zip(ws, bs, strict=True) for t in pair]
-    bufs = [torch.zeros_like(p) for p in params]
+    model, reset = _eager_model(layers, act, device)
+    net = torch.compile(model, mode="reduce-overhead") if compiled else model
+    mse = torch.nn.functional.mse_loss
+    X, Y = disk_data(points(batch), device)
+
+    def train(epochs: int) -> list[tuple[float, float]]:
+        reset()
+        opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+
+        def step(x, y):
+            opt.zero_grad()
+            loss = mse(net(x), y)
+            loss.backward()
+            opt.step()
+            return loss.detach()
+
+        def evaluate():
+            with torch.no_grad():
+                return _accuracy(net(X), Y)
+        return _torch_loop(step, evaluate, X, Y, batch)(epochs)
+    return train
+
+
+def make_compiled(layers, act: str, device: str, batch: int) -> Train:
+    return make_eager(layers, act, device, batch, compiled=True)
+
+
+def make_hand(layers, act: str, device: str, batch: int) -> Train:
+    import torch
     f = torch.tanh if act == "tanh" else torch.relu
+    X, Y = disk_data(points(batch), device)
 
-    def step(x, y):
-        acts = [x]
-        for w, b in zip(ws[:-1], bs[:-1], strict=True):
-            acts.append(f(torch.addmm(b, acts[-1], w)))
-        d = torch.addmm(bs[-1], acts[-1], ws[-1]) - y
-        loss = (d * d).mean()
-        g = d * (2.0 / d.numel())
-        grads = [None] * len(params)
-        for k in reversed(range(len(ws))):
-            a = acts[k]
-            grads[2 * k] = a.t() @ g
-            grads[2 * k + 1] = g.sum(0)
-            if k:
-                g = g @ ws[k].t()
-                g = g * (1 - a * a) if act == "tanh" else g * (a > 0)
-        torch._foreach_mul_(bufs, MOMENTUM)  # u <- momentum*u + lr*g; w <- w - u
-        torch._foreach_add_(bufs, grads, alpha=LR)
-        torch._foreach_sub_(params, bufs)
-        return loss
-    return step
+    def train(epochs: int) -> list[tuple[float, float]]:
+        ws = [w.to(device).clone() for w, _ in layers]
+        bs = [b.to(device).clone() for _, b in layers]
+        params = [t for pair in zip(ws, bs, strict=True) for t in pair]
+        bufs = [torch.zeros_like(p) for p in params]
+
+        def forward(x):
+            acts = [x]
+            for w, b in zip(ws[:-1], bs[:-1], strict=True):
+                acts.append(f(torch.addmm(b, acts[-1], w)))
+            return acts, torch.addmm(bs[-1], acts[-1], ws[-1])
+
+        def step(x, y):
+            acts, out = forward(x)
+            d = out - y
+            loss = (d * d).mean()
+            g = d * (2.0 / d.numel())
+            grads = [None] * len(params)
+            for k in reversed(range(len(ws))):
+                a = acts[k]
+                grads[2 * k] = a.t() @ g
+                grads[2 * k + 1] = g.sum(0)
+                if k:
+                    g = g @ ws[k].t()
+                    g = g * (1 - a * a) if act == "tanh" else g * (a > 0)
+            torch._foreach_mul_(bufs, MOMENTUM)  # u <- momentum*u + lr*g; w <- w - u
+            torch._foreach_add_(bufs, grads, alpha=LR)
+            torch._foreach_sub_(params, bufs)
+            return loss
+
+        with torch.inference_mode():
+            return _torch_loop(step, lambda: _accuracy(forward(X)[1], Y), X, Y, batch)(epochs)
+    return train
 
 
-MAKERS = {"graphdl": make_graphdl, "eager": make_eager, "hand": make_hand}
+def _jax_parts(layers, act: str, batch: int):
+    """The net, loss and SGD step in JAX, and the data as JAX arrays."""
+    import jax
+    import jax.numpy as jnp
+    f = jnp.tanh if act == "tanh" else jax.nn.relu
+    X, Y = disk_data(points(batch), "cpu")
+    X, Y = jnp.asarray(X.numpy()), jnp.asarray(Y.numpy())
+    start = [(jnp.asarray(w.numpy()), jnp.asarray(b.numpy())) for w, b in layers]
+
+    def forward(params, x):
+        for w, b in params[:-1]:
+            x = f(x @ w + b)
+        w, b = params[-1]
+        return x @ w + b
+
+    def loss_fn(params, x, y):
+        return jnp.mean((forward(params, x) - y) ** 2)
+
+    def sgd(params, velocity, x, y):
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+        velocity = jax.tree.map(lambda u, g: MOMENTUM * u + LR * g, velocity, grads)
+        return jax.tree.map(lambda p, u: p - u, params, velocity), velocity, loss
+
+    accuracy = jax.jit(lambda params: jnp.mean(((forward(params, X) > 0.5) == (Y > 0.5)).astype(jnp.float32)))
+    return X, Y, start, sgd, accuracy
 
 
-# -- workers (one subprocess each) -------------------------------------------------------
+def make_jax(layers, act: str, device: str, batch: int) -> Train:
+    """A jitted step per batch, the batch sliced inside the jit from the shuffled data."""
+    import jax
+    import jax.numpy as jnp
+    X, Y, start, sgd, accuracy = _jax_parts(layers, act, batch)
+    shuffle = jax.jit(lambda perm: (X[perm], Y[perm]))
+
+    @jax.jit
+    def step(params, velocity, Xe, Ye, first):
+        x = jax.lax.dynamic_slice_in_dim(Xe, first, batch)
+        y = jax.lax.dynamic_slice_in_dim(Ye, first, batch)
+        return sgd(params, velocity, x, y)
+
+    def train(epochs: int) -> list[tuple[float, float]]:
+        params, velocity = start, jax.tree.map(jnp.zeros_like, start)
+        draw = permutations(int(X.shape[0]))
+        history = []
+        for _ in range(epochs):
+            Xe, Ye = shuffle(jnp.asarray(draw().numpy()))
+            losses = []
+            for first in range(0, int(X.shape[0]), batch):
+                params, velocity, loss = step(params, velocity, Xe, Ye, first)
+                losses.append(loss)
+            history.append(tuple(map(float, jax.device_get((jnp.mean(jnp.stack(losses)), accuracy(params))))))
+        return history
+    return train
+
+
+def make_jax_scan(layers, act: str, device: str, batch: int) -> Train:
+    """The whole epoch, shuffle included, as one jitted lax.scan over the batches."""
+    import jax
+    import jax.numpy as jnp
+    X, Y, start, sgd, accuracy = _jax_parts(layers, act, batch)
+
+    @jax.jit
+    def epoch(params, velocity, perm):
+        xs = X[perm].reshape(-1, batch, X.shape[1])
+        ys = Y[perm].reshape(-1, batch, Y.shape[1])
+
+        def body(carry, xy):
+            params, velocity, loss = sgd(*carry, *xy)
+            return (params, velocity), loss
+        (params, velocity), losses = jax.lax.scan(body, (params, velocity), (xs, ys))
+        return params, velocity, jnp.mean(losses)
+
+    def train(epochs: int) -> list[tuple[float, float]]:
+        params, velocity = start, jax.tree.map(jnp.zeros_like, start)
+        draw = permutations(int(X.shape[0]))
+        history = []
+        for _ in range(epochs):
+            params, velocity, loss = epoch(params, velocity, jnp.asarray(draw().numpy()))
+            history.append(tuple(map(float, jax.device_get((loss, accuracy(params))))))
+        return history
+    return train
+
+
+MAKERS = {"graphdl": make_graphdl, "eager": make_eager, "hand": make_hand, "jax": make_jax,
+          "jax-scan": make_jax_scan, "compiled": make_compiled,
+          "graphdl-uncaptured": lambda *a: make_graphdl(*a, captured=False)}
+
+
+def contenders(device: str, torch_compile: bool) -> tuple[list[str], list[str]]:
+    """The contenders this run has, and notes on those it leaves out."""
+    names, notes = ["graphdl", "eager", "hand"], []
+    if device.startswith("cuda"):
+        names.insert(1, "graphdl-uncaptured")
+    if device.startswith("cuda") or torch_compile:
+        names.append("compiled")
+    if device != "cpu":
+        notes.append("JAX skipped: the installed jax runs on CPU only here")
+    elif _has_jax():
+        names += ["jax", "jax-scan"]
+    else:
+        notes.append('JAX skipped: not installed (pip install -c constraints.txt -e ".[bench]")')
+    return names, notes
+
+
+def _has_jax() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("jax") is not None
+
+
+# -- workers (one subprocess each) ------------------------------------------------------------
 
 
 def _sync(device: str) -> None:
@@ -175,45 +368,45 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def worker_time(width: int, batch: int, act: str, device: str, rounds: int, target_s: float) -> dict:
-    """Median µs per step of each contender, alternated block by block, plus a check that
-    their loss trajectories agree from the same start."""
-    import torch
+def _pin_one_cpu() -> None:
+    """Run on one core, so that no contender gets a second one through helper threads."""
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {max(os.sched_getaffinity(0))})
+
+
+def worker_time(width: int, batch: int, act: str, device: str, rounds: int, target_s: float,
+                names: list[str]) -> dict:
+    """Median µs per step of each contender's whole training run, wall and CPU time,
+    alternated block by block; and whether their per-epoch metrics agree."""
     layers = initial_weights(width)
-    batches = make_batches(batch, 8, device)
-    check = {}
-    for name in CONTENDERS:
-        step = MAKERS[name](layers, act, device)
-        check[name] = [float(step(*batches[i % len(batches)])) for i in range(4)]
-    steps = {name: MAKERS[name](layers, act, device) for name in CONTENDERS}
-    per_block = {}
-    for name, step in steps.items():  # warm up, and size a block to about target_s
-        for i in range(3):
-            step(*batches[i % len(batches)])
+    steps_per_epoch = points(batch) // batch
+    runs = {name: MAKERS[name](layers, act, device, batch) for name in names}
+    check = {name: train(3) for name, train in runs.items()}  # also warms up (compiles)
+    epochs = {}
+    for name, train in runs.items():  # size a block to about target_s
         _sync(device)
         t0 = time.perf_counter()
-        n = 0
-        while time.perf_counter() - t0 < target_s / 4 or n < 2:
-            step(*batches[n % len(batches)])
-            n += 1
+        train(2)
         _sync(device)
-        per_step = (time.perf_counter() - t0) / n
-        per_block[name] = max(1, int(target_s / per_step))
-    samples: dict[str, list[float]] = {name: [] for name in CONTENDERS}
+        per_epoch = (time.perf_counter() - t0) / 2
+        epochs[name] = max(1, round(target_s / per_epoch))
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
-        order = CONTENDERS[r % 3:] + CONTENDERS[:r % 3]  # rotate who goes first
-        for name in order:
-            step, n = steps[name], per_block[name]
+        for name in names[r % len(names):] + names[:r % len(names)]:  # rotate who goes first
+            steps = epochs[name] * steps_per_epoch
             _sync(device)
-            t0 = time.perf_counter()
-            for i in range(n):
-                step(*batches[i % len(batches)])
+            t0, c0 = time.perf_counter(), time.process_time()
+            runs[name](epochs[name])
             _sync(device)
-            samples[name].append((time.perf_counter() - t0) / n * 1e6)
-    ref = torch.tensor(check["eager"])
-    agree = all(torch.allclose(torch.tensor(v), ref, rtol=1e-3, atol=1e-5) for v in check.values())
-    return {"us": {k: statistics.median(v) for k, v in samples.items()}, "agree": agree,
-            "losses": check, "threads": torch.get_num_threads()}
+            wall[name].append((time.perf_counter() - t0) / steps * 1e6)
+            cpu[name].append((time.process_time() - c0) / steps * 1e6)
+    ref = check["eager"]
+    agree = {name: all(math.isclose(a, b, rel_tol=1e-3, abs_tol=1e-5) and math.isclose(c, d, abs_tol=2.5e-3)
+                       for (a, c), (b, d) in zip(h, ref, strict=True)) for name, h in check.items()}
+    return {"us": {k: statistics.median(v) for k, v in wall.items()},
+            "cpu_us": {k: statistics.median(v) for k, v in cpu.items()},
+            "agree": all(agree.values()), "agree_each": agree, "history": check, "epochs_per_block": epochs}
 
 
 def _peak(device: str) -> float:
@@ -224,25 +417,17 @@ def _peak(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def worker_mem(width: int, batch: int, act: str, device: str, contender: str) -> dict:
-    """Peak memory of one contender running a few steps ("none": the baseline process).
+def worker_mem(width: int, batch: int, act: str, device: str, contender: str, names: list[str]) -> dict:
+    """Peak memory of one contender training an epoch ("none": the baseline process).
     Every process first runs each contender on a width-1 net, so the code and lazy imports
-    they pull in (torch.optim's use torch._dynamo) count in the baseline, and the
-    difference to "none" is working memory."""
+    they pull in count in the baseline, and the difference to "none" is working memory."""
     import torch
-    tiny = initial_weights(1)
-    for name in CONTENDERS:
-        step = MAKERS[name](tiny, act, device)
-        for x, y in make_batches(1, 2, device):
-            step(x, y)
-    layers = initial_weights(width)
-    batches = make_batches(batch, 2, device)
+    for name in names:
+        MAKERS[name](initial_weights(1), act, device, 4)(1)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     if contender != "none":
-        step = MAKERS[contender](layers, act, device)
-        for i in range(5):
-            step(*batches[i % 2])
+        MAKERS[contender](initial_weights(width), act, device, batch)(1)
         _sync(device)
     return {"peak_mib": _peak(device)}
 
@@ -255,6 +440,37 @@ def worker_compile(act: str, repeats: int) -> dict:
         compile_disk(act)
         times.append((time.perf_counter() - t0) * 1e3)
     return {"ms": statistics.median(times), "min_ms": min(times)}
+
+
+# -- start-up: the disk example's wall time, split ---------------------------------------------
+
+
+def startup(repeats: int) -> dict:
+    """The wall time of `python examples/disk_graph.py --no-plots`, split (medians of
+    `repeats` alternated runs): the interpreter's start and exit (`python -c pass`), the
+    imports of torch and of graphdl (timed inside a process that only imports them),
+    compile and training (what the example prints with --timings), and the rest
+    (making the data, evaluating, saving the model, torch's teardown at exit)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    imports = ("import time; t0 = time.perf_counter(); import torch; t1 = time.perf_counter(); import graphdl; "
+               "print(f'time: import_torch={t1 - t0}s import_graphdl={time.perf_counter() - t1}s')")
+    parts: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as out:
+        runs = {"start+exit": ["-c", "pass"], "imports": ["-c", imports],
+                "total": [os.path.join(root, "examples", "disk_graph.py"), "--no-plots", "--timings", "--out", out]}
+        for _ in range(repeats):
+            for name, argv in runs.items():
+                t0 = time.perf_counter()
+                run = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, check=True)
+                if name != "imports":
+                    parts.setdefault(name, []).append(time.perf_counter() - t0)
+                line = next((ln for ln in run.stdout.splitlines() if ln.startswith("time:")), "time:")
+                for k, v in (p.split("=") for p in line.split()[1:]):
+                    parts.setdefault(k, []).append(float(v.rstrip("s")))
+    split = {k: statistics.median(v) for k, v in parts.items()}
+    total = split.pop("total")
+    return {**split, "rest": total - sum(split.values()), "total": total}
 
 
 # -- compiler cost against graph size --------------------------------------------------------
@@ -342,6 +558,8 @@ def print_compile_scaling(rows: list[dict]) -> None:
 
 def spawn(args: argparse.Namespace, job: dict) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    if args.threads == 1:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + XLA_ONE_THREAD).strip()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     if job["kind"] == "mem":
@@ -356,33 +574,38 @@ def spawn(args: argparse.Namespace, job: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def peak_memory(args: argparse.Namespace, base: dict, repeats: int) -> dict[str, float]:
+def peak_memory(args: argparse.Namespace, base: dict, names: list[str], repeats: int) -> dict[str, float]:
     """MiB each contender's process peaks above the baseline process; the median of
     `repeats` rounds of fresh processes (the allocator makes single readings jumpy)."""
-    samples: dict[str, list[float]] = {c: [] for c in CONTENDERS}
+    samples: dict[str, list[float]] = {c: [] for c in names}
     for _ in range(repeats):
-        floor = spawn(args, {"kind": "mem", **base, "contender": "none"})["peak_mib"]
-        for c in CONTENDERS:
-            samples[c].append(spawn(args, {"kind": "mem", **base, "contender": c})["peak_mib"] - floor)
+        floor = spawn(args, {"kind": "mem", **base, "contender": "none", "names": names})["peak_mib"]
+        for c in names:
+            samples[c].append(spawn(args, {"kind": "mem", **base, "contender": c, "names": names})["peak_mib"] - floor)
     return {c: statistics.median(v) for c, v in samples.items()}
 
 
 def run_worker(job: dict, threads: int) -> dict:
     import torch
     torch.set_num_threads(threads)
+    if threads == 1:
+        _pin_one_cpu()
     kind = job.pop("kind")
     return {"time": worker_time, "mem": worker_mem, "compile": worker_compile}[kind](**job)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: one pinned core)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:k]")
     p.add_argument("--act", choices=["tanh", "relu"], default="tanh", help="hidden activation")
     p.add_argument("--quick", action="store_true", help="fewer, shorter rounds")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("--configs", default=None, help="width:batch pairs, e.g. 25:5,1024:1024")
     p.add_argument("--no-mem", action="store_true", help="skip the memory subprocesses")
+    p.add_argument("--torch-compile", action="store_true",
+                   help="add torch.compile(mode='reduce-overhead') on CPU too (on CUDA it always runs)")
+    p.add_argument("--startup", action="store_true", help="only time the disk example's start-up and exit")
     p.add_argument("--compile-scaling", action="store_true",
                    help="time grad/print/parse/compile per node on 1k, 10k, 44k and 100k-node gradient graphs")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
@@ -392,6 +615,11 @@ def main() -> None:
         return
     if args.threads < 1:
         raise SystemExit("--threads must be at least 1")
+    if args.startup:
+        split = startup(3 if args.quick else 7)
+        print(json.dumps(split) if args.json else "disk example, medians: " + ", ".join(
+            f"{k} {v:.3f}s" for k, v in split.items()))
+        return
     if args.compile_scaling:
         import torch
         torch.set_num_threads(args.threads)
@@ -402,36 +630,43 @@ def main() -> None:
             print_compile_scaling(rows)
         return
     configs = CONFIGS if not args.configs else [tuple(map(int, c.split(":"))) for c in args.configs.split(",")]
-    rounds, target = (5, 0.05) if args.quick else (15, 0.2)
+    rounds, target = (5, 0.1) if args.quick else (15, 0.3)
+    names, notes = contenders(args.device, args.torch_compile)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
     rows = []
     for width, batch in configs:
         base = {"width": width, "batch": batch, "act": args.act, "device": args.device}
-        timing = spawn(args, {"kind": "time", **base, "rounds": rounds, "target_s": target})
+        timing = spawn(args, {"kind": "time", **base, "rounds": rounds, "target_s": target, "names": names})
         row = {**base, **timing}
         if not args.no_mem:
-            row["peak_mib"] = peak_memory(args, base, repeats=1 if args.quick else 3)
+            row["peak_mib"] = peak_memory(args, base, names, repeats=1 if args.quick else 3)
         rows.append(row)
         if not args.json:
-            _print_row(row, first=len(rows) == 1)
+            _print_row(row, names, first=len(rows) == 1)
     comp = spawn(args, {"kind": "compile", "act": args.act, "repeats": 7 if args.quick else 25})
     if args.json:
-        print(json.dumps({"threads": args.threads, "device": args.device, "rows": rows, "compile_ms": comp}))
+        print(json.dumps({"threads": args.threads, "device": args.device, "rows": rows, "compile_ms": comp,
+                          "notes": notes}))
     else:
         print(f"\ncompile of the disk net (build + grad + passes + codegen): {comp['ms']:.2f} ms median "
               f"({comp['min_ms']:.2f} min)")
 
 
-def _print_row(row: dict, first: bool) -> None:
+def _print_row(row: dict, names: list[str], first: bool) -> None:
+    short = {"graphdl": "gd", "graphdl-uncaptured": "gd-plain", "jax-scan": "scan"}
+    others = [n for n in names if n != "graphdl"]
     if first:
-        print(f"{'net':>22} | {'graphdl':>9} {'eager':>9} {'hand':>9} µs/step | {'eager/gd':>8} {'hand/gd':>8} "
-              f"| peak MiB gd / eager / hand | agree")
-    us = row["us"]
-    mem = row.get("peak_mib")
-    mem_s = " / ".join(f"{mem[c]:.1f}" for c in CONTENDERS) if mem else "-"
-    net = f"{row['width']}w b{row['batch']} {row['act']}"
-    print(f"{net:>22} | {us['graphdl']:9.1f} {us['eager']:9.1f} {us['hand']:9.1f}         | "
-          f"{us['eager'] / us['graphdl']:8.2f} {us['hand'] / us['graphdl']:8.2f} | {mem_s:>26} | {row['agree']}",
-          flush=True)
+        print(f"{'net':>14} | " + " ".join(f"{short.get(n, n):>9}" for n in names) + " µs/step | "
+              + " ".join(f"{short.get(n, n) + '/gd':>11}" for n in others) + " | cpu-time ratios | agree")
+    us, cpu = row["us"], row["cpu_us"]
+    net = f"{row['width']}w b{row['batch']}"
+    print(f"{net:>14} | " + " ".join(f"{us[n]:9.1f}" for n in names) + "         | "
+          + " ".join(f"{us[n] / us['graphdl']:11.2f}" for n in others) + " | "
+          + " ".join(f"{cpu[n] / cpu['graphdl']:.2f}" for n in others) + f" | {row['agree']}", flush=True)
+    if row.get("peak_mib"):
+        print(f"{'':>14} | peak MiB above baseline: "
+              + ", ".join(f"{n} {row['peak_mib'][n]:.1f}" for n in names), flush=True)
 
 
 if __name__ == "__main__":

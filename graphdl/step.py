@@ -1,0 +1,301 @@
+"""The compiled training step, built one way for everything that trains: `fit`, the
+benchmark and the data-parallel path.
+
+A `TrainStep` is forward, loss, backward and the optimizer's update. It runs the
+gradient graph in its arena form (`lower(..., arena=True)`): every intermediate and
+gradient lands in buffers planned by liveness, made once per batch size and reused at
+every step, and the weights' transposes are prepared views instead of new ones per
+call; the optimizer's update is planned once on those gradient buffers
+(`SGD.plan`). On CUDA a whole epoch of steps, update included, is captured as one CUDA
+graph (per data set and batch size) and replayed: the batches are gathered on the
+device from a permutation copied there once per epoch, the learning rate is a device
+tensor, and nothing waits on the host until the caller reads the losses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .autodiff import grad
+from .compile import ArenaCompiled, Compiled, compile, lower
+from .losses import Loss
+from .optim import SGD
+
+if TYPE_CHECKING:
+    from .layers import Sequential
+
+# Capturing records every kernel of the epoch; past this many steps the graph would
+# take long to capture and much memory to hold, and the steps run uncaptured. (A bound
+# chosen without a GPU to measure on: ~100k kernels, some seconds of capture.)
+MAX_CAPTURED_STEPS = 4096
+
+# An uncaptured epoch's arenas above this size are let go when it ends, so that what
+# runs between epochs (fit's evaluation of the whole training set) can reuse their
+# memory: at width 1024, batch 1024 keeping them raised fit's peak from 74 to 97 MiB
+# above a bare process (eager PyTorch's loop: 65; tools/bench.py's memory worker).
+# Re-making them is nothing beside such an epoch (~1 s); the disk net's (~10 KiB) stay.
+KEEP_ARENA_BYTES = 1 << 20
+
+
+class CudaGraphs:
+    """What capturing an epoch needs from CUDA, in one place (tests stand in for it on
+    CPU with a recorder that has a graph's semantics: see tests/test_step.py)."""
+
+    def available(self, device: torch.device | None) -> bool:
+        return device is not None and device.type == "cuda" and os.environ.get("GRAPHDL_CUDA_GRAPHS") != "0"
+
+    @contextlib.contextmanager
+    def side_stream(self) -> Iterator[None]:
+        """Warm-up work off the capturing stream, as torch.cuda.graph asks."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            yield
+        torch.cuda.current_stream().wait_stream(stream)
+
+    def capture(self, body: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
+        """(replay, what body returned): body's kernels, recorded, not run."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            result = body()
+        return graph.replay, result
+
+    def staging(self, n: int) -> torch.Tensor:
+        """Host memory the permutation is copied from without a sync (pinned)."""
+        return torch.empty(n, dtype=torch.int64, pin_memory=True)
+
+    def event(self) -> Any:
+        return torch.cuda.Event()
+
+
+_GRAPHS: Any = CudaGraphs()
+
+
+class _Arena:
+    """The step's bindings at one batch size: the arena (params, buffers, transposes) and
+    the update planned on its gradient buffers (None where some gradient is made fresh
+    at each call, which then goes through `SGD.update`)."""
+
+    def __init__(self, fn: ArenaCompiled, batch: int, optimizer: SGD, params: list[torch.Tensor]) -> None:
+        self.run = fn.fn
+        buffers = fn.buffers({d: batch for d in fn.symbols})
+        self.bindings = fn.bind_params() + buffers
+        self.bytes = sum(b.untyped_storage().nbytes() for b in buffers[:len(fn.layout.buffers)])
+        self.update: Callable[[], None] | None = None
+        grads = fn.layout.output_buffers[1:]
+        if all(j is not None for j in grads):
+            self.update = optimizer.plan(params, [buffers[j] for j in grads])
+
+
+class TrainStep:
+    """One model's compiled training step with its optimizer: what `fit` runs per batch.
+
+    Args:
+        model: the Sequential to train (its params are updated in place).
+        loss: the graphdl loss.
+        optimizer: an `SGD`; its velocity starts from zero.
+        capture: capture epochs as CUDA graphs: None (the default) on CUDA, unless the
+            environment sets GRAPHDL_CUDA_GRAPHS=0; False never. Where capture fails,
+            the step says so in one warning and runs uncaptured.
+
+    `step(x, y, lr)` runs one batch and returns its loss; `step.epoch(X, Y, batch_size,
+    order, lr)` runs every batch of an epoch and returns their losses. Losses are
+    tensors on the device, made in inference mode (reading one is a host sync; fit
+    reads them once per epoch). Nothing here records autograd history.
+    """
+
+    def __init__(self, model: Sequential, loss: Loss, optimizer: SGD, capture: bool | None = None) -> None:
+        names = list(model.parameters())
+        self.compiled: Compiled = model.compiled(("step", loss), lambda: compile(grad(model.graph(loss), names)))
+        self.arena_fn: ArenaCompiled = model.compiled(("step", loss, "arena"),
+                                                      lambda: lower(self.compiled.graph, arena=True))
+        self.model, self.optimizer = model, optimizer
+        self.params = list(model.parameters().values())  # what the gradients are of, in their order
+        optimizer.reset(self.params)
+        self.capture = _GRAPHS.available(self.compiled.device) if capture is None else bool(capture)
+        self._arenas: dict[int, _Arena] = {}
+        self._bound: list[torch.Tensor] = [v.data for v in self.arena_fn.layout.params]
+        self._epochs: dict[tuple, _CapturedEpoch] = {}
+        self._last: tuple[_Arena, tuple[torch.Tensor, ...]] | None = None
+
+    # -- one batch -------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
+        """One step on the batch (x, y) at rate `lr`; returns the batch's loss."""
+        loss = self.forward_backward(x, y)
+        self.apply(lr)
+        return loss
+
+    @torch.inference_mode()
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The batch's loss; its gradients stay in the arena for `apply`."""
+        self._refresh()
+        arena = self._arena(len(x))
+        out = arena.run(x, y, arena.bindings)
+        self._last = arena, out
+        return out[0]
+
+    @torch.inference_mode()
+    def apply(self, lr: float) -> None:
+        """The optimizer's update from the gradients of the last `forward_backward`."""
+        assert self._last is not None, "apply follows forward_backward"
+        arena, out = self._last
+        self._last = None
+        self._update(arena, out, lr)
+
+    # -- one epoch -------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def epoch(self, X: torch.Tensor, Y: torch.Tensor, batch_size: int, order: torch.Tensor | None,
+              lr: float) -> torch.Tensor:
+        """Every batch of X, Y taken in `order` (a permutation of the rows; None: as they
+        are), one step each at rate `lr`. Returns the batches' losses, a 1-d tensor on
+        the device (on CUDA it is overwritten by the next epoch)."""
+        self._refresh()
+        if self.capture:
+            captured = self._captured(X, Y, batch_size, order is not None)
+            if captured is not None:
+                self.optimizer.set_lr(lr)
+                return captured.replay(order)
+        if order is not None:
+            X, Y = X.index_select(0, order.to(X.device)), Y.index_select(0, order.to(Y.device))
+        return torch.stack(self._steps(X, Y, batch_size, lr))
+
+    def _steps(self, X: torch.Tensor, Y: torch.Tensor, batch_size: int, lr: float) -> list[torch.Tensor]:
+        """One step per batch: a call of the generated function and one of the planned
+        update (`split` makes all the batch views in one call, ~0.2 µs a batch against
+        ~1 µs for slicing each)."""
+        losses: list[torch.Tensor] = []
+        self.optimizer.set_lr(lr)
+        xs, ys = X.split(batch_size), Y.split(batch_size)
+        full = len(X) // batch_size
+        for first, last, size in ((0, full, batch_size), (full, len(xs), len(X) - full * batch_size)):
+            if first == last:
+                continue
+            arena = self._arena(size)
+            run, bindings, update = arena.run, arena.bindings, arena.update
+            for x, y in zip(xs[first:last], ys[first:last]):
+                out = run(x, y, bindings)
+                if update is not None:
+                    update()
+                else:
+                    self.optimizer.update(self.params, list(out[1:]), lr, overwrite_grads=True)
+                losses.append(out[0])
+        if sum(a.bytes for a in self._arenas.values()) > KEEP_ARENA_BYTES:
+            self._arenas.clear()
+        return losses
+
+    # -- bookkeeping -------------------------------------------------------------------------
+
+    def _update(self, arena: _Arena, out: tuple[torch.Tensor, ...], lr: float) -> None:
+        if arena.update is not None:
+            self.optimizer.set_lr(lr)
+            arena.update()
+        else:
+            self.optimizer.update(self.params, list(out[1:]), lr, overwrite_grads=True)
+
+    def _arena(self, batch: int) -> _Arena:
+        arena = self._arenas.get(batch)
+        if arena is None:
+            arena = self._arenas[batch] = _Arena(self.arena_fn, batch, self.optimizer, self.params)
+        return arena
+
+    def _refresh(self) -> None:
+        """Re-bind after a param's slot got a new tensor: the arena holds the tensors (and
+        views of them) it was bound with, and the planned updates write into them."""
+        now = [v.data for v in self.arena_fn.layout.params]
+        if any(a is not b for a, b in zip(now, self._bound)):
+            self._bound = now
+            self.params = list(self.model.parameters().values())  # the trainable ones, as the gradients
+            self._arenas.clear()
+            self._epochs.clear()
+
+    def _captured(self, X: torch.Tensor, Y: torch.Tensor, batch_size: int, shuffled: bool) -> _CapturedEpoch | None:
+        """The epoch's CUDA graph, captured on first use; None (after one warning, once)
+        where capture cannot apply."""
+        key = (id(X), id(Y), X.data_ptr(), Y.data_ptr(), len(X), batch_size, shuffled)
+        captured = self._epochs.get(key)
+        if captured is not None:
+            return captured
+        steps = -(-len(X) // batch_size)
+        if steps > MAX_CAPTURED_STEPS:
+            return self._no_capture(f"an epoch of {steps} steps is more than the {MAX_CAPTURED_STEPS} a graph "
+                                    "holds; a larger batch size captures")
+        try:
+            captured = self._epochs[key] = _CapturedEpoch(self, X, Y, batch_size, shuffled)
+        except Exception as e:  # noqa: BLE001 - any failure to capture falls back to the plain step
+            return self._no_capture(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return captured
+
+    def _no_capture(self, why: str) -> None:
+        warnings.warn(f"graphdl: not capturing the training step as a CUDA graph ({why}); running it uncaptured",
+                      RuntimeWarning, stacklevel=4)
+        self.capture = False
+        return None
+
+
+class _CapturedEpoch:
+    """One epoch of steps over fixed data and batch size, captured as one CUDA graph.
+
+    What changes between epochs lives in device tensors the graph reads: the
+    permutation (`order`, copied in before each replay), the learning rate (the
+    optimizer's rate tensors) and, of course, the params and velocities.
+    """
+
+    def __init__(self, step: TrainStep, X: torch.Tensor, Y: torch.Tensor, batch_size: int, shuffled: bool) -> None:
+        self.X, self.Y = X, Y  # the graph reads their memory: keep them alive
+        n = len(X)
+        self.order = torch.arange(n, device=X.device) if shuffled else None
+        self.staging = _GRAPHS.staging(n) if shuffled else None
+        self.copied = _GRAPHS.event()  # recorded after each copy out of staging
+        self._warm_up(step, batch_size)
+        self.replay_graph, self.losses = _GRAPHS.capture(lambda: self._body(step, batch_size))
+
+    def _body(self, step: TrainStep, batch_size: int) -> torch.Tensor:
+        X, Y = self.X, self.Y
+        if self.order is not None:
+            X, Y = X.index_select(0, self.order), Y.index_select(0, self.order)
+        losses = []
+        for x, y in zip(X.split(batch_size), Y.split(batch_size)):
+            arena = step._arena(len(x))
+            out = arena.run(x, y, arena.bindings)
+            update = arena.update or step.optimizer.plan(step.params, list(out[1:]))
+            update()
+            losses.append(out[0])
+        return torch.stack(losses)
+
+    def _warm_up(self, step: TrainStep, batch_size: int) -> None:
+        """One step at each batch size the epoch has, on a side stream, before capture
+        (cuBLAS and the kernels initialise lazily, which capture forbids); the params and
+        velocities are put back afterwards, so training is unchanged."""
+        state = [*step.params, *step.optimizer.buffers]
+        saved = [t.clone() for t in state]
+        sizes = {batch_size, len(self.X) % batch_size or batch_size}
+        try:
+            with _GRAPHS.side_stream():
+                if self.order is not None:
+                    self.X.index_select(0, self.order)
+                for size in sizes:
+                    arena = step._arena(size)
+                    out = arena.run(self.X[:size], self.Y[:size], arena.bindings)
+                    (arena.update or step.optimizer.plan(step.params, list(out[1:])))()
+        finally:  # also when warming up fails: the fallback trains from the same state
+            torch._foreach_copy_(state, saved)
+
+    def replay(self, order: torch.Tensor | None) -> torch.Tensor:
+        """Run the epoch's steps with this permutation; returns the batches' losses."""
+        if self.order is not None:
+            self.copied.synchronize()  # the last copy out of staging is done (fit synced since)
+            self.staging.copy_(order)
+            self.order.copy_(self.staging, non_blocking=True)
+            self.copied.record()
+        self.replay_graph()
+        return self.losses
+

@@ -1,0 +1,46 @@
+"""tools/bench.py: every contender trains the same net on the same data and batches, so
+their per-epoch losses and accuracies agree; JAX is optional and skipped with a note."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import pytest
+
+BENCH = pathlib.Path(__file__).parent.parent / "tools" / "bench.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_data_is_a_whole_number_of_batches(bench):
+    for batch in (1, 5, 7, 100, 256, 1024, 3000):
+        n = bench.points(batch)
+        assert n % batch == 0 and n >= 1000 and n // batch >= 4
+
+
+def test_contenders_train_alike(bench):
+    """Same losses and accuracies epoch by epoch: the same net, data, shuffling and metrics."""
+    names, _ = bench.contenders("cpu", torch_compile=False)
+    result = bench.worker_time(width=8, batch=50, act="tanh", device="cpu", rounds=1, target_s=0.005, names=names)
+    assert result["agree_each"] == {name: True for name in names}, result["history"]
+    assert set(result["us"]) == set(names)
+
+
+def test_jax_missing_is_a_note_not_a_failure(bench, monkeypatch):
+    monkeypatch.setattr(bench, "_has_jax", lambda: False)
+    names, notes = bench.contenders("cpu", torch_compile=False)
+    assert names == ["graphdl", "eager", "hand"]
+    assert any("JAX skipped: not installed" in note and ".[bench]" in note for note in notes)
+
+
+def test_cuda_adds_the_uncaptured_step_and_torch_compile(bench):
+    names, notes = bench.contenders("cuda", torch_compile=False)
+    assert {"graphdl-uncaptured", "compiled"} <= set(names) and "jax" not in names
+    assert any("JAX skipped" in note for note in notes)

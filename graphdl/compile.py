@@ -314,38 +314,70 @@ def lower(graph: Graph, device: torch.device | None = None, reuse: bool = True,
     """
     params_on = _param_device(graph)
     device = device or params_on
-    filename = f"<graphdl {graph.name} #{next(_counter)}>"
+    env: dict[str, Any] = dict(CODE_GLOBALS)
+    args, names, ir_names, body = _bind(graph, env, read_params=not arena)
+    hoisted = _hoistable(graph)
+    last_use = last_uses(graph)
+    inplace = plan_inplace(graph, hoisted, last_use) if reuse else {}
+    layout = _ArenaLayout(graph, hoisted, inplace, last_use) if arena else None
+    line_text = _emit_nodes(graph, env, names, ir_names, body, hoisted, inplace, layout, last_use, device)
+    body.append(f"return ({', '.join(_owned_outputs(graph.outputs, names, hoisted))},)")
+    if layout is not None:  # the params, buffers and their transposes arrive in one tuple
+        args.append("A")
+        body.insert(0, f"{', '.join(layout.names(names))}, = A")
+    fn, source, filename = _define(graph.name, args, body, env)
+    relower = None
+    if params_on is None and hoisted:  # constants, but no params to say where they belong
+        relower = lambda on: lower(graph, on, reuse, arena)  # noqa: E731
+    if layout is not None:
+        return ArenaCompiled(graph, source, fn, filename, line_text, params_on, device, relower, layout=layout)
+    return Compiled(graph, source, fn, filename, line_text, params_on, device, relower)
+
+
+def _bind(graph: Graph, env: dict[str, Any], read_params: bool) -> tuple[list[str], dict[int, str],
+                                                                            dict[int, str], list[str]]:
+    """Python names for the inputs (the function's arguments) and params, and the IR's
+    names for every value; each param's slot goes into `env`, and with `read_params` the
+    body starts by reading each used param's tensor from its slot (at every call: a new
+    tensor may have been assigned)."""
+    args, body = [], []
     names: dict[int, str] = {}
     ir_names: dict[int, str] = {}
-    env: dict[str, Any] = dict(CODE_GLOBALS)
-    args = []
     for i, v in enumerate(graph.inputs.values()):
         ir_names[id(v)] = v.name
         names[id(v)] = f"i{i}_{_py(v.name)}"
         args.append(names[id(v)])
-    body: list[str] = []
-    line_text: dict[int, tuple[str, Node]] = {}
     for i, v in enumerate(graph.params.values()):
         ir_names[id(v)] = v.name
         names[id(v)] = f"p{i}_{_py(v.name)}"
-        env[f"P{i}"] = v.slot  # read at each call: a new tensor may have been assigned
-        if not arena and (v.users or graph.is_output(v)):
+        env[f"P{i}"] = v.slot
+        if read_params and (v.users or graph.is_output(v)):
             body.append(f"{names[id(v)]} = P{i}.tensor")
-
-    # Nodes whose inputs are all constants are computed once, now. Scalar constants stay
-    # 0-d tensors on the device rather than Python literals: torch wraps a literal into
-    # a new tensor at every call, which measured about 4 µs per op slower on CPU.
-    hoisted: set[int] = set()
-    for node in graph.nodes:
-        if not node.op.effect and all(id(v) in hoisted for v in node.inputs):  # collectives run at each call
-            hoisted.add(id(node.out))
     for k, node in enumerate(graph.nodes):
         ir_names[id(node.out)] = f"%{k}"
-    last_use = last_uses(graph)
+    return args, names, ir_names, body
+
+
+def _hoistable(graph: Graph) -> set[int]:
+    """Ids of the values whose inputs are all constants: compile computes them once, up
+    front. Scalar constants stay 0-d tensors on the device rather than Python literals:
+    torch wraps a literal into a new tensor at every call, which measured about 4 µs per
+    op slower on CPU. Collectives run at every call, whatever their inputs."""
+    hoisted: set[int] = set()
+    for node in graph.nodes:
+        if not node.op.effect and all(id(v) in hoisted for v in node.inputs):
+            hoisted.add(id(node.out))
+    return hoisted
+
+
+def _emit_nodes(graph: Graph, env: dict[str, Any], names: dict[int, str], ir_names: dict[int, str],
+                body: list[str], hoisted: set[int], inplace: dict[int, int], layout: _ArenaLayout | None,
+                last_use: dict[int, int], device: torch.device | None) -> dict[int, tuple[str, Node]]:
+    """One line per node (a hoisted one is computed now, into `env`), each carrying its IR
+    line, and `del` after each value's last use. Returns generated line -> (IR line, node)."""
     returned = {id(v) for v in graph.outputs}
-    inplace = plan_inplace(graph, hoisted, last_use) if reuse else {}
-    layout = _ArenaLayout(graph, hoisted, inplace, last_use) if arena else None
     header_lines = 2 + (layout is not None)  # the def line (and the arena's unpacking), then the body
+    line_text: dict[int, tuple[str, Node]] = {}
     for k, node in enumerate(graph.nodes):
         arg_names = [names[id(v)] for v in node.inputs]
         ir_line = format_node(node, ir_names)
@@ -368,23 +400,20 @@ def lower(graph: Graph, device: torch.device | None = None, reuse: bool = True,
                 if last_use.get(id(v)) == k and v.node is not None and id(v) not in returned and id(v) not in hoisted]
         if dead:
             body.append("del " + ", ".join(dead))
-    body.append(f"return ({', '.join(_owned_outputs(graph.outputs, names, hoisted))},)")
-    if layout is not None:  # the params, buffers and their transposes arrive in one tuple
-        args.append("A")
-        body.insert(0, f"{', '.join(layout.names(names))}, = A")
-    source = f"def {_py(graph.name)}({', '.join(args)}):\n" + "".join(f"    {ln}\n" for ln in body)
+    return line_text
+
+
+def _define(name: str, args: list[str], body: list[str], env: dict[str, Any]) -> tuple[Callable[..., tuple], str, str]:
+    """Compile the source of `def name(args): body` and return (the function, its source,
+    its filename, under which linecache keeps the source for tracebacks)."""
+    filename = f"<graphdl {name} #{next(_counter)}>"
+    source = f"def {_py(name)}({', '.join(args)}):\n" + "".join(f"    {ln}\n" for ln in body)
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     # The function lands in its own namespace: a graph called torch, c0 or P0 must not
     # overwrite the module or the constants the function reads from env.
     namespace: dict[str, Any] = {}
     exec(builtins.compile(source, filename, "exec"), env, namespace)  # noqa: S102
-    relower = None
-    if params_on is None and hoisted:  # constants, but no params to say where they belong
-        relower = lambda on: lower(graph, on, reuse, arena)  # noqa: E731
-    if layout is not None:
-        return ArenaCompiled(graph, source, namespace[_py(graph.name)], filename, line_text, params_on, device,
-                             relower, layout=layout)
-    return Compiled(graph, source, namespace[_py(graph.name)], filename, line_text, params_on, device, relower)
+    return namespace[_py(name)], source, filename
 
 
 def _output_buffers(graph: Graph, lives_in: dict[int, int], hoisted: set[int]) -> list[int | None]:

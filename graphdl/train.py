@@ -552,11 +552,8 @@ def _train_one_process(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())
     gen = torch.Generator().manual_seed(seed)
-    # Each batch's share of the epoch's mean loss, so one dot product gives the mean. It is
-    # kept in float32 or wider whatever the model's dtype: in float16 a batch of 65,536 is inf.
-    sizes = [min(batch_size, n - s) for s in range(0, n, batch_size)]
-    wide = torch.promote_types(X.dtype, torch.float32)
-    weights = (torch.tensor(sizes, dtype=torch.float64) / n).to(X.device, wide)
+    weights = epoch_weights(n, batch_size, X)
+    wide = weights.dtype
     history = History(metrics)
     model.history = history  # what fit has recorded so far, kept if it stops early
     start = _Snapshot(lambda: [*params, *optimizer.buffers])
@@ -579,7 +576,7 @@ def _train_one_process(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss
         epoch_loss, largest, *values = torch.stack([s.to(torch.float64) for s in scores]).tolist()
         if not (math.isfinite(epoch_loss) and math.isfinite(largest)):
             found = _replay_step(step, start, X, Y, order, batch_size, lr)
-            raise _diverged(found, epoch, epochs, len(sizes), lr, history)
+            raise _diverged(found, epoch, epochs, len(weights), lr, history)
         history["loss"].append(epoch_loss)
         keys = [*metrics, *(f"val_{k}" for k in ("loss", *metrics) if validation_data is not None)]
         for key, value in zip(keys, values, strict=True):

@@ -403,22 +403,28 @@ class ShardedBatches:
     def __len__(self) -> int:
         return len(self.counts)
 
+    def run(self, step: Any, X: torch.Tensor, Y: torch.Tensor, order: torch.Tensor | None,
+            lr: float) -> torch.Tensor:
+        """This rank's steps of the epoch (a data-parallel `TrainStep`); returns its
+        weighted shares of the batches' losses."""
+        return torch.stack(step.steps(self.feeds(X, Y, order), lr))
+
     def feeds(self, X: torch.Tensor, Y: torch.Tensor, order: torch.Tensor | None) -> Iterator[tuple[torch.Tensor, ...]]:
         """(x, y, scale) of this rank for each global batch of the epoch, sliced as it is reached."""
-        rows = self.positions if order is None else order[self.positions]
+        rows = self.positions if order is None else order.to(X.device)[self.positions]
         Xr, Yr = X.index_select(0, rows), Y.index_select(0, rows)
         first = 0
         for count, scale in zip(self.counts, self.scales):
             yield (Xr[first:first + count], Yr[first:first + count], scale) if count else (*self.empty, scale)
             first += count
 
-    def epoch_loss(self, losses: list[torch.Tensor], finite: torch.Tensor) -> float:
-        """The epoch's mean loss over every rank, NaN if a rank's loss or params are not
-        finite: one collective, so every rank sees the same number and stops together."""
+    def epoch_loss(self, losses: torch.Tensor, largest: torch.Tensor) -> torch.Tensor:
+        """[the epoch's mean loss over every rank, a number that is finite only if every
+        rank's params are (the sum of their largest magnitudes)], not yet read: one
+        collective, so every rank sees the same numbers and stops together."""
         wide = self.weights.dtype
-        both = torch.stack([torch.stack(losses).to(wide) @ self.weights, (~finite).to(wide)])
-        sum_over_ranks(both, "summing the epoch's loss")
-        return math.nan if both[1] else float(both[0])
+        both = torch.stack([losses.to(wide) @ self.weights, largest.to(wide)])
+        return sum_over_ranks(both, "summing the epoch's loss")
 
     def batch_loss(self, loss: torch.Tensor) -> float:
         """One global batch's loss, from this rank's weighted share (replaying an epoch)."""

@@ -1,5 +1,5 @@
-"""The compiled training step, built one way for everything that trains: `fit`, the
-benchmark and the data-parallel path.
+"""The compiled training step, built one way for everything that trains: `fit` (in one
+process or data-parallel, checkpointed or not) and the benchmark.
 
 A `TrainStep` is forward, loss, backward and the optimizer's update. It runs the
 gradient graph in its arena form (`lower(..., arena=True)`): every intermediate and
@@ -10,6 +10,10 @@ call; the optimizer's update is planned once on those gradient buffers
 graph (per data set and batch size) and replayed: the batches are gathered on the
 device from a permutation copied there once per epoch, the learning rate is a device
 tensor, and nothing waits on the host until the caller reads the losses.
+
+Data-parallel (`distributed=True`), the step is graphdl.distributed's `step_graph`: it
+takes a third input, `scale` (the rank's share of the global batch), and sums the
+gradients over every rank with the all-reduce ops in the graph before the update.
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from . import distributed as dp
 from .autodiff import grad
 from .compile import ArenaCompiled, Compiled, compile, lower
 from .losses import Loss
@@ -83,7 +88,7 @@ class _Arena:
     at each call, which then goes through `SGD.update`)."""
 
     def __init__(self, fn: ArenaCompiled, batch: int, optimizer: SGD, params: list[torch.Tensor]) -> None:
-        self.run = fn.fn
+        self.run, self.batch = fn.fn, batch
         buffers = fn.buffers({d: batch for d in fn.symbols})
         self.bindings = fn.bind_params() + buffers
         self.bytes = sum(b.untyped_storage().nbytes() for b in buffers[:len(fn.layout.buffers)])
@@ -103,22 +108,29 @@ class TrainStep:
         capture: capture epochs as CUDA graphs: None (the default) on CUDA, unless the
             environment sets GRAPHDL_CUDA_GRAPHS=0; False never. Where capture fails,
             the step says so in one warning and runs uncaptured.
+        distributed: the data-parallel step (see the module doc), whose feeds are
+            (x, y, scale); it is never captured.
 
     `step(x, y, lr)` runs one batch and returns its loss; `step.epoch(X, Y, batch_size,
-    order, lr)` runs every batch of an epoch and returns their losses. Losses are
+    order, lr)` runs every batch of an epoch and returns their losses; `step.steps(feeds,
+    lr)` runs one step per feed tuple, such as a rank's (x, y, scale). Losses are
     tensors on the device, made in inference mode (reading one is a host sync; fit
     reads them once per epoch). Nothing here records autograd history.
     """
 
-    def __init__(self, model: Sequential, loss: Loss, optimizer: SGD, capture: bool | None = None) -> None:
+    def __init__(self, model: Sequential, loss: Loss, optimizer: SGD, capture: bool | None = None,
+                 distributed: bool = False) -> None:
         names = list(model.parameters())
-        self.compiled: Compiled = model.compiled(("step", loss), lambda: compile(grad(model.graph(loss), names)))
-        self.arena_fn: ArenaCompiled = model.compiled(("step", loss, "arena"),
-                                                      lambda: lower(self.compiled.graph, arena=True))
+        kind = ("step", loss, "data-parallel") if distributed else ("step", loss)
+        gradients = (lambda: dp.step_graph(model.graph(loss), names)) if distributed else \
+            (lambda: grad(model.graph(loss), names))
+        self.compiled: Compiled = model.compiled(kind, lambda: compile(gradients()))
+        self.arena_fn: ArenaCompiled = model.compiled((*kind, "arena"), lambda: lower(self.compiled.graph, arena=True))
         self.model, self.optimizer = model, optimizer
         self.params = list(model.parameters().values())  # what the gradients are of, in their order
         optimizer.reset(self.params)
-        self.capture = _GRAPHS.available(self.compiled.device) if capture is None else bool(capture)
+        self.capture = False if distributed else \
+            _GRAPHS.available(self.compiled.device) if capture is None else bool(capture)
         self._arenas: dict[int, _Arena] = {}
         self._bound: list[torch.Tensor] = [v.data for v in self.arena_fn.layout.params]
         self._epochs: dict[tuple, _CapturedEpoch] = {}
@@ -134,11 +146,12 @@ class TrainStep:
         return loss
 
     @torch.inference_mode()
-    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The batch's loss; its gradients stay in the arena for `apply`."""
+    def forward_backward(self, *feed: torch.Tensor) -> torch.Tensor:
+        """The loss of the batch `feed` ((x, y), or data-parallel (x, y, scale)); its
+        gradients stay in the arena for `apply`."""
         self._refresh()
-        arena = self._arena(len(x))
-        out = arena.run(x, y, arena.bindings)
+        arena = self._arena(len(feed[0]))
+        out = arena.run(*feed, arena.bindings)
         self._last = arena, out
         return out[0]
 
@@ -166,28 +179,27 @@ class TrainStep:
                 return captured.replay(order)
         if order is not None:
             X, Y = X.index_select(0, order.to(X.device)), Y.index_select(0, order.to(Y.device))
-        return torch.stack(self._steps(X, Y, batch_size, lr))
+        return torch.stack(self.steps(zip(X.split(batch_size), Y.split(batch_size)), lr))
 
-    def _steps(self, X: torch.Tensor, Y: torch.Tensor, batch_size: int, lr: float) -> list[torch.Tensor]:
-        """One step per batch: a call of the generated function and one of the planned
-        update (`split` makes all the batch views in one call, ~0.2 µs a batch against
-        ~1 µs for slicing each)."""
-        losses: list[torch.Tensor] = []
+    @torch.inference_mode()
+    def steps(self, feeds: Iterable[tuple[torch.Tensor, ...]], lr: float) -> list[torch.Tensor]:
+        """One step per feed tuple ((x, y), or data-parallel (x, y, scale)) at rate `lr`:
+        a call of the generated function and one of the planned update. Returns the
+        losses, tensors on the device. (`epoch` makes its feeds with `split`, all the
+        batch views in one call: ~0.2 µs a batch against ~1 µs for slicing each.)"""
+        self._refresh()
         self.optimizer.set_lr(lr)
-        xs, ys = X.split(batch_size), Y.split(batch_size)
-        full = len(X) // batch_size
-        for first, last, size in ((0, full, batch_size), (full, len(xs), len(X) - full * batch_size)):
-            if first == last:
-                continue
-            arena = self._arena(size)
-            run, bindings, update = arena.run, arena.bindings, arena.update
-            for x, y in zip(xs[first:last], ys[first:last]):
-                out = run(x, y, bindings)
-                if update is not None:
-                    update()
-                else:
-                    self.optimizer.update(self.params, list(out[1:]), lr, overwrite_grads=True)
-                losses.append(out[0])
+        losses: list[torch.Tensor] = []
+        arena = None
+        for feed in feeds:
+            if arena is None or len(feed[0]) != arena.batch:  # the arenas of the full batches and the last
+                arena = self._arena(len(feed[0]))
+            out = arena.run(*feed, arena.bindings)
+            if arena.update is not None:
+                arena.update()
+            else:
+                self.optimizer.update(self.params, list(out[1:]), lr, overwrite_grads=True)
+            losses.append(out[0])
         if sum(a.bytes for a in self._arenas.values()) > KEEP_ARENA_BYTES:
             self._arenas.clear()
         return losses

@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import distributed as dp
-from .autodiff import grad
 from .checkpoint import Resumed, read_checkpoint, write_checkpoint
 from .checks import real, shown, whole
 from .compile import Compiled, compile
@@ -52,16 +51,6 @@ class History(dict):
     @property
     def epochs(self) -> int:
         return len(self["loss"])
-
-
-def _step_fn(model: Sequential, loss: Loss, distributed: bool = False) -> Compiled:
-    """The compiled training step: (loss, *gradients) of (x, y), or, data-parallel, of
-    (x, y, scale) with the gradients summed over every rank (see graphdl.distributed)."""
-    names = list(model.parameters())
-    if distributed:
-        return model.compiled(("step", loss, "data-parallel"),
-                              lambda: compile(dp.step_graph(model.graph(loss), names)))
-    return model.compiled(("step", loss), lambda: compile(grad(model.graph(loss), names)))
 
 
 def _predict_fn(model: Sequential) -> Compiled:
@@ -100,17 +89,19 @@ def accuracy(pred: torch.Tensor, target: torch.Tensor, decision: str = "threshol
     return right / total
 
 
-def _fraction(right: torch.Tensor) -> torch.Tensor:
-    """The fraction of True in `right`, from its int64 count, as a float64 0-d tensor."""
-    return right.sum().double() / max(right.numel(), 1)
+def _right_count(pred: torch.Tensor, y: torch.Tensor, decision: str) -> tuple[torch.Tensor, int]:
+    right = _right(pred, y, decision)
+    return right.sum().double(), right.numel()
 
 
-# Each metric is a float64 0-d tensor on the data's device, so that fit reads an
-# epoch's loss, finiteness and metrics in one host sync.
-METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]] = {
-    "accuracy": lambda pred, y, decision: _fraction(_right(pred, y, decision)),
-    "mse": lambda pred, y, decision: (pred.double() - y.double()).square().mean(),
-    "mae": lambda pred, y, decision: (pred.double() - y.double()).abs().mean(),
+# Each metric is (a sum, how many things it sums): a float64 0-d tensor on the data's
+# device and an int. Sums and counts add up over data-parallel ranks, and the metric is
+# their quotient; so accuracy comes from an exact count of right answers, and fit reads
+# an epoch's loss, finiteness and metrics in one host sync.
+METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor, str], tuple[torch.Tensor, int]]] = {
+    "accuracy": _right_count,
+    "mse": lambda pred, y, decision: ((pred.double() - y.double()).square().sum(), pred.numel()),
+    "mae": lambda pred, y, decision: ((pred.double() - y.double()).abs().sum(), pred.numel()),
 }
 
 
@@ -138,13 +129,30 @@ def _check_metrics(metrics: Any, Y: torch.Tensor, loss: Loss) -> list[str]:
     return list(metrics)
 
 
-def _scores(pred: torch.Tensor, Y: torch.Tensor, loss_value: torch.Tensor, metrics: list[str],
-            decision: str) -> dict[str, float]:
-    names, values = ["loss", *metrics], [loss_value, *(METRICS[m](pred, Y, decision) for m in metrics)]
+def _measure(fn: Callable[..., tuple[torch.Tensor, ...]], X: torch.Tensor, Y: torch.Tensor, decision: str,
+             metrics: list[str], distributed: bool) -> dict[str, torch.Tensor]:
+    """The loss, the metrics and (with accuracy) the error of `fn` ((x, y) -> (loss,
+    prediction)) on X, Y, as float64 0-d tensors on the data's device, not yet read:
+    reading them is the host sync. Data-parallel, each rank measures its share of the
+    rows (`dp.shard`) and one collective adds up the shares' sums and counts, so every
+    rank gets one process's numbers."""
+    n = len(X)
+    first, count = dp.shard(n) if distributed else (0, n)
+    sums = torch.zeros(1 + 2 * len(metrics), dtype=torch.float64, device=X.device)  # loss, then (sum, count)s
+    if count:  # an empty share adds nothing, but still joins the collective
+        value, pred = fn(X[first:first + count], Y[first:first + count])
+        parts = [value.double() * (count / n)]  # the shares' loss means, weighted by their sizes
+        for m in metrics:
+            total, things = METRICS[m](pred, Y[first:first + count], decision)
+            parts += [total, torch.tensor(float(things), dtype=torch.float64, device=X.device)]
+        sums = torch.stack(parts)
+    if distributed:
+        dp.sum_over_ranks(sums, "summing the loss and metrics")
+    scores = {"loss": sums[0], **{m: sums[1 + 2 * k] / sums[2 + 2 * k] for k, m in enumerate(metrics)}}
     if "accuracy" in metrics:
-        names.append("error")
-        values.append(_fraction(~_right(pred, Y, decision)))  # exactly, not 1 - accuracy's rounding
-    return dict(zip(names, torch.stack([v.to(torch.float64) for v in values]).tolist(), strict=True))
+        k = metrics.index("accuracy")
+        scores["error"] = (sums[2 + 2 * k] - sums[1 + 2 * k]) / sums[2 + 2 * k]  # exactly, not 1 - accuracy's rounding
+    return scores
 
 
 def _class_targets(model: Sequential, Y: Any, what: str = "") -> Any:
@@ -323,15 +331,21 @@ class _Batches:
     def __len__(self) -> int:
         return len(self.weights)
 
-    def feeds(self, X: torch.Tensor, Y: torch.Tensor, order: torch.Tensor | None) -> Iterator[tuple[torch.Tensor, ...]]:
-        """(x, y) of each batch of the epoch, sliced as it is reached."""
-        Xe, Ye = (X, Y) if order is None else (X.index_select(0, order), Y.index_select(0, order))
-        for s in range(0, len(X), self.batch_size):
-            yield Xe[s:s + self.batch_size], Ye[s:s + self.batch_size]
+    def run(self, step: TrainStep, X: torch.Tensor, Y: torch.Tensor, order: torch.Tensor | None,
+            lr: float) -> torch.Tensor:
+        """The epoch's steps (on CUDA, one captured graph); returns the batches' losses."""
+        return step.epoch(X, Y, self.batch_size, order, lr)
 
-    def epoch_loss(self, losses: list[torch.Tensor], finite: torch.Tensor) -> float:
-        """The epoch's mean loss, NaN if any param stopped being finite: the epoch's one sync."""
-        return float(torch.where(finite, torch.stack(losses).to(self.weights.dtype) @ self.weights, torch.nan))
+    def feeds(self, X: torch.Tensor, Y: torch.Tensor, order: torch.Tensor | None) -> Iterator[tuple[torch.Tensor, ...]]:
+        """(x, y) of each batch of the epoch, as `run` takes them (to replay an epoch)."""
+        if order is not None:
+            X, Y = X.index_select(0, order.to(X.device)), Y.index_select(0, order.to(Y.device))
+        return zip(X.split(self.batch_size), Y.split(self.batch_size))
+
+    def epoch_loss(self, losses: torch.Tensor, largest: torch.Tensor) -> torch.Tensor:
+        """[the epoch's mean loss, the params' largest magnitude], not yet read."""
+        wide = self.weights.dtype
+        return torch.stack([losses.to(wide) @ self.weights, largest.to(wide)])
 
     def batch_loss(self, loss: torch.Tensor) -> float:
         return float(loss)
@@ -347,35 +361,6 @@ def epoch_weights(n: int, batch_size: int, X: torch.Tensor) -> torch.Tensor:
     return (torch.tensor(sizes, dtype=torch.float64) / n).to(X.device, torch.promote_types(X.dtype, torch.float32))
 
 
-def _all_finite(tensors: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack([t.isfinite().all() for t in tensors]).all() if tensors else torch.tensor(True)
-
-
-def _replay(run: Callable[..., tuple], optimizer: SGD, params: list[torch.Tensor], start: _Snapshot,
-            feeds: Iterator[tuple[torch.Tensor, ...]], batch_loss: Callable[[torch.Tensor], float],
-            lr: float) -> tuple[int, float, bool] | None:
-    """Replay an epoch that diverged from its starting state, one checked batch at a time.
-
-    Returns (batch index, its loss, whether it was its update that made params non-finite)
-    with the model at the last finite params, or None if the replay stayed finite (the
-    model is then back at the epoch's start).
-    """
-    start.restore()
-    before = _Snapshot(start.tensors)
-    for b, feed in enumerate(feeds):
-        out = run(*feed)
-        loss = batch_loss(out[0])
-        if not math.isfinite(loss):
-            return b, loss, False  # the params that gave it are finite: the previous update was checked
-        before.save()
-        optimizer.update(params, list(out[1:]), lr, overwrite_grads=True)
-        if not bool(_all_finite(params)):
-            before.restore()
-            return b, loss, True
-    start.restore()
-    return None
-
-
 def _largest(tensors: list[torch.Tensor]) -> torch.Tensor:
     """The largest |x| over every element, a 0-d tensor: inf or NaN once any element is,
     so one number tells whether all are finite. One multi-tensor call, ~8 µs for the
@@ -386,15 +371,18 @@ def _largest(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(tensors, math.inf)).max()
 
 
-def _replay_step(step: TrainStep, start: _Snapshot, X: torch.Tensor, Y: torch.Tensor, order: torch.Tensor | None,
-                 batch_size: int, lr: float) -> tuple[int, float, bool] | None:
-    """`_replay` for the one-process arena step (`_train_one_process`)."""
+def _replay(step: TrainStep, start: _Snapshot, feeds: Iterator[tuple[torch.Tensor, ...]],
+            batch_loss: Callable[[torch.Tensor], float], lr: float) -> tuple[int, float, bool] | None:
+    """Replay an epoch that diverged from its starting state, one checked batch at a time.
+
+    Returns (batch index, its loss, whether it was its update that made params non-finite)
+    with the model at the last finite params, or None if the replay stayed finite (the
+    model is then back at the epoch's start).
+    """
     start.restore()
     before = _Snapshot(start.tensors)
-    if order is not None:
-        X, Y = X.index_select(0, order.to(X.device)), Y.index_select(0, order.to(Y.device))
-    for b, (x, y) in enumerate(zip(X.split(batch_size), Y.split(batch_size))):
-        loss = float(step.forward_backward(x, y))
+    for b, feed in enumerate(feeds):
+        loss = batch_loss(step.forward_backward(*feed))
         if not math.isfinite(loss):
             return b, loss, False  # the params that gave it are finite: the previous update was checked
         before.save()
@@ -476,19 +464,17 @@ def _train(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss, opti
            validation_data: tuple[torch.Tensor, torch.Tensor] | None, seed: int | None, verbose: bool,
            metrics: list[str], distributed: bool, checkpoint: str | os.PathLike[str] | None,
            resume: str | os.PathLike[str] | None) -> History:
-    """The epochs. A plain fit runs the arena step (`_train_one_process`); data-parallel,
-    checkpointed or resumed fits take this general loop, whose batches, collectives and
-    checkpoints it shares with graphdl.distributed and graphdl.checkpoint."""
-    if not (distributed or checkpoint is not None or resume is not None):
-        return _train_one_process(model, X, Y, loss, optimizer, schedule, epochs, batch_size, shuffle,
-                                  validation_data, seed, verbose, metrics)
-    step = _step_fn(model, loss, distributed)
+    """The epochs: each runs the step on every batch, then reads the mean loss, the
+    params' finiteness and the metrics in one host sync (data-parallel, after one
+    collective for the loss and one per data set scored)."""
+    step = TrainStep(model, loss, optimizer, distributed=distributed)
     n = len(X)
     batches = dp.ShardedBatches(n, batch_size, X, Y) if distributed else _Batches(n, batch_size, X)
-    step.check_feeds(next(batches.feeds(X, Y, None)), {})  # dtype and device, once, with graphdl's messages
-    run = step.fn  # the unchecked entry: every batch has the shape just checked
-    params = list(model.parameters().values())
-    optimizer.reset(params)
+    step.compiled.check_feeds(next(iter(batches.feeds(X, Y, None))), {})  # dtype and device, once, with our messages
+    scoring = _eval_fn(model, loss)
+    for data in ((X, Y), *([validation_data] if validation_data is not None else [])):
+        scoring.check_feeds(tuple(data), {})  # so that each epoch calls its unchecked entry (.fn)
+    params = step.params
     history = History(metrics)
     resumed = None if resume is None else read_checkpoint(resume, model, optimizer, list(history),
                                                           validation_data is not None)
@@ -506,84 +492,30 @@ def _train(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss, opti
     for epoch in range(0 if resumed is None else resumed.epoch, epochs):
         started = time.perf_counter()
         lr = _scheduled_lr(schedule, epoch, optimizer.lr)
-        order = torch.randperm(n, generator=gen).to(X.device) if shuffle else None
+        order = torch.randperm(n, generator=gen) if shuffle else None
         start.save()
-        losses = []
-        for feed in batches.feeds(X, Y, order):
-            out = run(*feed)
-            optimizer.update(params, list(out[1:]), lr, overwrite_grads=True)  # the gradients are fit's own
-            losses.append(out[0])
-            del out  # free this batch's gradients before the next batch's are made
-        epoch_loss = batches.epoch_loss(losses, _all_finite(params))
-        if not math.isfinite(epoch_loss):
-            found = _replay(run, optimizer, params, start, batches.feeds(X, Y, order), batches.batch_loss, lr)
+        losses = batches.run(step, X, Y, order, lr)
+        # The mean loss, the params' largest magnitude (not finite once any param is not)
+        # and the metrics, read in one host sync.
+        scores = {"loss": batches.epoch_loss(losses, _largest(params))}
+        if metrics:
+            measured = _measure(scoring.fn, X, Y, loss.decision, metrics, distributed)
+            scores.update((m, measured[m]) for m in metrics)
+        if validation_data is not None:
+            measured = _measure(scoring.fn, *validation_data, loss.decision, metrics, distributed)
+            scores.update((f"val_{k}", measured[k]) for k in ("loss", *metrics))
+        epoch_loss, largest, *values = torch.cat([v.reshape(-1).double() for v in scores.values()]).tolist()
+        if not (math.isfinite(epoch_loss) and math.isfinite(largest)):
+            found = _replay(step, start, batches.feeds(X, Y, order), batches.batch_loss, lr)
             raise _diverged(found, epoch, epochs, len(batches), lr, history)
         history["loss"].append(epoch_loss)
-        if metrics:
-            scores = _evaluate(model, X, Y, loss, metrics, distributed)
-            for m in metrics:
-                history[m].append(scores[m])
-        if validation_data is not None:
-            scores = _evaluate(model, *validation_data, loss, metrics, distributed)
-            for key in ("loss", *metrics):
-                history[f"val_{key}"].append(scores[key])
+        for key, value in zip(list(scores)[1:], values, strict=True):
+            history[key].append(value)
         history["lr"].append(lr)
         if verbose and batches.is_main:
             _report(epoch, epochs, history, time.perf_counter() - started)
         if checkpoint is not None:
             write_checkpoint(checkpoint, model, optimizer, epoch + 1, gen, history)
-    return history
-
-
-def _train_one_process(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss, optimizer: SGD,
-           schedule: Schedule | None, epochs: int, batch_size: int, shuffle: bool,
-           validation_data: tuple[torch.Tensor, torch.Tensor] | None, seed: int | None, verbose: bool,
-           metrics: list[str]) -> History:
-    """fit's epochs in one process, on the arena step: one host sync an epoch reads the
-    loss, the params' finiteness and every metric."""
-    step = TrainStep(model, loss, optimizer)
-    step.compiled.check_feeds((X, Y), {})  # dtype and device, once, with graphdl's messages
-    predicting, scoring = _predict_fn(model), _eval_fn(model, loss)
-    predicting.check_feeds((X,), {})  # so that each epoch calls their unchecked entries (.fn)
-    if validation_data is not None:
-        scoring.check_feeds(tuple(validation_data), {})
-    params = step.params
-    n = len(X)
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, ()).item())
-    gen = torch.Generator().manual_seed(seed)
-    weights = epoch_weights(n, batch_size, X)
-    wide = weights.dtype
-    history = History(metrics)
-    model.history = history  # what fit has recorded so far, kept if it stops early
-    start = _Snapshot(lambda: [*params, *optimizer.buffers])
-
-    for epoch in range(epochs):
-        started = time.perf_counter()
-        lr = _scheduled_lr(schedule, epoch, optimizer.lr)
-        order = torch.randperm(n, generator=gen) if shuffle else None
-        start.save()
-        losses = step.epoch(X, Y, batch_size, order, lr)
-        # The mean loss, the params' largest magnitude (not finite once any param is not)
-        # and the metrics, read in the epoch's one host sync.
-        scores = [losses.to(wide) @ weights, _largest(params)]
-        if metrics:
-            pred = predicting.fn(X)[0]
-            scores += [METRICS[m](pred, Y, loss.decision) for m in metrics]
-        if validation_data is not None:
-            val_loss, val_pred = scoring.fn(*validation_data)
-            scores += [val_loss, *(METRICS[m](val_pred, validation_data[1], loss.decision) for m in metrics)]
-        epoch_loss, largest, *values = torch.stack([s.to(torch.float64) for s in scores]).tolist()
-        if not (math.isfinite(epoch_loss) and math.isfinite(largest)):
-            found = _replay_step(step, start, X, Y, order, batch_size, lr)
-            raise _diverged(found, epoch, epochs, len(weights), lr, history)
-        history["loss"].append(epoch_loss)
-        keys = [*metrics, *(f"val_{k}" for k in ("loss", *metrics) if validation_data is not None)]
-        for key, value in zip(keys, values, strict=True):
-            history[key].append(value)
-        history["lr"].append(lr)
-        if verbose:
-            _report(epoch, epochs, history, time.perf_counter() - started)
     return history
 
 
@@ -632,27 +564,8 @@ def evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | N
 
 def _evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss, metrics: list[str],
               distributed: bool = False) -> dict[str, float]:
-    fn = _eval_fn(model, loss)
-    if not distributed:
-        value, pred = fn(x=X, y=Y)
-        return _scores(pred, Y, value, metrics, loss.decision)
-    # Each rank scores its share; one collective sums, in float64, the loss and the mean
-    # metrics weighted by the share's size and the exact counts of right answers (an
-    # empty share scores a stand-in row, weighted 0), so every rank gets one process's scores.
-    n = len(X)
-    first, count = dp.shard(n)
-    x, y = (X[first:first + count], Y[first:first + count]) if count else (X[:1], Y[:1])
-    value, pred = fn(x=x, y=y)
-    means = [m for m in metrics if m != "accuracy"]
-    right, total = correct(pred, y, loss.decision) if count else (0, 0)
-    sums = torch.tensor([float(value) * count / n, right, total,
-                         *(METRICS[m](pred, y, loss.decision) * count / n for m in means)], dtype=torch.float64)
-    sums = dp.sum_over_ranks(sums.to(X.device), "summing evaluate's scores").tolist()
-    scores = {"loss": sums[0], **dict(zip(means, sums[3:]))}
-    if "accuracy" in metrics:
-        right, total = int(sums[1]), int(sums[2])
-        scores["accuracy"], scores["error"] = right / total, (total - right) / total
-    return scores
+    scores = _measure(_eval_fn(model, loss), X, Y, loss.decision, metrics, distributed)
+    return dict(zip(scores, torch.stack(list(scores.values())).tolist(), strict=True))
 
 
 def _check_distributed(distributed: Any, what: str) -> bool:

@@ -322,7 +322,7 @@ def test_one_rank_trains_as_fit_without_distributed(group_of_one):
     X, Y = worker.data()
     a, b = worker.model(), worker.model()
     ha = a.fit(X, Y, distributed=True, verbose=False, **worker.settings())
-    hb = b.fit(X, Y, verbose=False, **worker.settings())  # the arena step: other kernels, the same rule
+    hb = b.fit(X, Y, verbose=False, **worker.settings())  # no scale input, no all-reduce: other rounding
     for p, q in zip(a.parameters().values(), b.parameters().values()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
     assert ha.keys() == hb.keys() and all(ha[k] == pytest.approx(hb[k], rel=1e-5, abs=1e-6) for k in ha)

@@ -495,15 +495,8 @@ def _train(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss, opti
         order = torch.randperm(n, generator=gen) if shuffle else None
         start.save()
         losses = batches.run(step, X, Y, order, lr)
-        # The mean loss, the params' largest magnitude (not finite once any param is not)
-        # and the metrics, read in one host sync.
-        scores = {"loss": batches.epoch_loss(losses, _largest(params))}
-        if metrics:
-            measured = _measure(scoring.fn, X, Y, loss.decision, metrics, distributed)
-            scores.update((m, measured[m]) for m in metrics)
-        if validation_data is not None:
-            measured = _measure(scoring.fn, *validation_data, loss.decision, metrics, distributed)
-            scores.update((f"val_{k}", measured[k]) for k in ("loss", *metrics))
+        scores = _epoch_scores(batches.epoch_loss(losses, _largest(params)), scoring.fn, X, Y, validation_data,
+                               loss.decision, metrics, distributed)
         epoch_loss, largest, *values = torch.cat([v.reshape(-1).double() for v in scores.values()]).tolist()
         if not (math.isfinite(epoch_loss) and math.isfinite(largest)):
             found = _replay(step, start, batches.feeds(X, Y, order), batches.batch_loss, lr)
@@ -517,6 +510,22 @@ def _train(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss, opti
         if checkpoint is not None:
             write_checkpoint(checkpoint, model, optimizer, epoch + 1, gen, history)
     return history
+
+
+def _epoch_scores(loss_and_largest: torch.Tensor, score: Callable[..., tuple[torch.Tensor, ...]], X: torch.Tensor,
+                  Y: torch.Tensor, validation_data: tuple[torch.Tensor, torch.Tensor] | None, decision: str,
+                  metrics: list[str], distributed: bool) -> dict[str, torch.Tensor]:
+    """What an epoch reads in its one host sync: {"loss": [mean loss, the params' largest
+    magnitude (not finite once any param is not)], each metric on the training data,
+    "val_loss" and "val_<metric>"}, as tensors on the device."""
+    scores = {"loss": loss_and_largest}
+    if metrics:
+        measured = _measure(score, X, Y, decision, metrics, distributed)
+        scores.update((m, measured[m]) for m in metrics)
+    if validation_data is not None:
+        measured = _measure(score, *validation_data, decision, metrics, distributed)
+        scores.update((f"val_{k}", measured[k]) for k in ("loss", *metrics))
+    return scores
 
 
 def _fit_settings(model: Sequential, X: torch.Tensor, batch_size: int, epochs: int, shuffle: bool,

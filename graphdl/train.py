@@ -213,7 +213,15 @@ def _check_params(model: Sequential) -> None:
             raise ValueError(f"param {name} is NaN or inf before training; re-initialise the model")
 
 
-def _check_settings(validation_data: Any, schedule: Any, shuffle: Any, verbose: Any) -> None:
+def _check_settings(optimizer: Any, epochs: Any, batch_size: Any, seed: Any, validation_data: Any, schedule: Any,
+                    shuffle: Any, verbose: Any, distributed: Any, checkpoint: Any,
+                    resume: Any) -> tuple[int, int, int | None]:
+    """Check fit's settings, each named in its error; returns (epochs, batch_size, seed) as ints."""
+    if not isinstance(optimizer, SGD):
+        raise ValueError(f"optimizer must be a graphdl optimizer such as gd.SGD(lr=0.01), got {optimizer!r}")
+    epochs, batch_size = whole("epochs", epochs, 0), whole("batch_size", batch_size, 1)
+    if seed is not None:  # the range torch.Generator.manual_seed takes
+        seed = whole("seed", seed, -2**63, 2**64 - 1)
     for name, flag in (("shuffle", shuffle), ("verbose", verbose)):
         if not isinstance(flag, bool):
             raise ValueError(f"{name} must be True or False, got {flag!r}")
@@ -223,6 +231,11 @@ def _check_settings(validation_data: Any, schedule: Any, shuffle: Any, verbose: 
     if schedule is not None and not callable(schedule):
         raise ValueError(f"schedule must be a graphdl schedule such as gd.StepDecay(every=10, factor=0.9), "
                          f"got {schedule!r}")
+    _check_distributed(distributed, "fit")
+    for name, path in (("checkpoint", checkpoint), ("resume", resume)):
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise ValueError(f"{name} must be a file path or None, got {type(path).__name__}")
+    return epochs, batch_size, seed
 
 
 # Threads. torch splits each op over every core by default, which costs a synchronisation
@@ -434,18 +447,9 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
         distributed: bool = False, checkpoint: str | os.PathLike[str] | None = None,
         resume: str | os.PathLike[str] | None = None) -> History:
     """`Sequential.fit`, which documents the arguments."""
-    loss = _model_loss(model, loss)
-    optimizer = SGD() if optimizer is None else optimizer
-    epochs, batch_size = whole("epochs", epochs, 0), whole("batch_size", batch_size, 1)
-    if seed is not None:  # the range torch.Generator.manual_seed takes
-        seed = whole("seed", seed, -2**63, 2**64 - 1)
-    if not isinstance(optimizer, SGD):
-        raise ValueError(f"optimizer must be a graphdl optimizer such as gd.SGD(lr=0.01), got {optimizer!r}")
-    _check_settings(validation_data, schedule, shuffle, verbose)
-    _check_distributed(distributed, "fit")
-    for name, path in (("checkpoint", checkpoint), ("resume", resume)):
-        if path is not None and not isinstance(path, (str, os.PathLike)):
-            raise ValueError(f"{name} must be a file path or None, got {type(path).__name__}")
+    loss, optimizer = _model_loss(model, loss), SGD() if optimizer is None else optimizer
+    epochs, batch_size, seed = _check_settings(optimizer, epochs, batch_size, seed, validation_data, schedule,
+                                               shuffle, verbose, distributed, checkpoint, resume)
     Y = _class_targets(model, Y)
     _check_data(model, X, Y)
     if validation_data is not None:

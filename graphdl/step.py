@@ -192,8 +192,9 @@ class TrainStep:
         losses: list[torch.Tensor] = []
         arena = None
         for feed in feeds:
-            if arena is None or len(feed[0]) != arena.batch:  # the arenas of the full batches and the last
-                arena = self._arena(len(feed[0]))
+            size = feed[0].shape[0]  # (0.1 µs; len() of a tensor takes 0.4)
+            if arena is None or size != arena.batch:  # the arenas of the full batches and of the last
+                arena = self._arena(size)
             out = arena.run(*feed, arena.bindings)
             if arena.update is not None:
                 arena.update()

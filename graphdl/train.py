@@ -519,8 +519,8 @@ def _train(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss, opti
 def _epoch_scores(loss_and_largest: torch.Tensor, score: Callable[..., tuple[torch.Tensor, ...]], X: torch.Tensor,
                   Y: torch.Tensor, validation_data: tuple[torch.Tensor, torch.Tensor] | None, decision: str,
                   metrics: list[str], distributed: bool) -> dict[str, torch.Tensor]:
-    """What an epoch reads in its one host sync: {"loss": [mean loss, the params' largest
-    magnitude (not finite once any param is not)], each metric on the training data,
+    """What an epoch reads in its one host sync: {"loss": [mean loss, a number that is
+    finite only while every param is (`epoch_loss`)], each metric on the training data,
     "val_loss" and "val_<metric>"}, as tensors on the device."""
     scores = {"loss": loss_and_largest}
     if metrics:

@@ -144,7 +144,8 @@ def _measure(fn: Callable[..., tuple[torch.Tensor, ...]], X: torch.Tensor, Y: to
         parts = [value.double() * (count / n)]  # the shares' loss means, weighted by their sizes
         for m in metrics:
             total, things = METRICS[m](pred, Y[first:first + count], decision)
-            parts += [total, torch.tensor(float(things), dtype=torch.float64, device=X.device)]
+            # full, not torch.tensor: a tensor made from a host number is a blocking copy on CUDA (a host sync)
+            parts += [total, torch.full((), float(things), dtype=torch.float64, device=X.device)]
         sums = torch.stack(parts)
     if distributed:
         dp.sum_over_ranks(sums, "summing the loss and metrics")

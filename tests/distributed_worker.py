@@ -121,7 +121,8 @@ def main() -> None:
                               "params": {k: v.tolist() for k, v in diverging.parameters().items()}}
     huge, HX, HY = huge_weight_model()
     try:
-        result["huge_weight"] = dict(huge.fit(HX, HY, distributed=True, verbose=False, epochs=1, batch_size=BATCH, seed=1))
+        history = huge.fit(HX, HY, distributed=True, verbose=False, epochs=1, batch_size=BATCH, seed=1)
+        result["huge_weight"] = dict(history)
     except gd.DivergedError as e:
         result["huge_weight"] = str(e)
     try:

@@ -419,11 +419,12 @@ class ShardedBatches:
             first += count
 
     def epoch_loss(self, losses: torch.Tensor, largest: torch.Tensor) -> torch.Tensor:
-        """[the epoch's mean loss over every rank, a number that is finite only if every
-        rank's params are (the sum of their largest magnitudes)], not yet read: one
-        collective, so every rank sees the same numbers and stops together."""
+        """[the epoch's mean loss over every rank, 0 if every rank's params are finite
+        (`largest`, their largest magnitude, is) else NaN], not yet read: one collective,
+        so every rank sees the same numbers and stops together. The magnitudes themselves
+        are not summed: two ranks' 2e38 would overflow float32 and read as divergence."""
         wide = self.weights.dtype
-        both = torch.stack([losses.to(wide) @ self.weights, largest.to(wide)])
+        both = torch.stack([losses.to(wide) @ self.weights, largest.to(wide) * 0])  # x * 0: 0, or NaN for inf/NaN
         return sum_over_ranks(both, "summing the epoch's loss")
 
     def batch_loss(self, loss: torch.Tensor) -> float:

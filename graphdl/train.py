@@ -150,7 +150,7 @@ def _measure(fn: Callable[..., tuple[torch.Tensor, ...]], X: torch.Tensor, Y: to
             pred, parts = fn(x)[0], [sums[0]]
         for m in metrics:
             total, things = METRICS[m](pred, y, decision)
-            parts += [total, total.new_full((), float(things))]  # a fill, not a host-to-device copy (a sync)
+            parts += [total, total.new_full((), float(things))]  # a fill: on CUDA torch.tensor(n) would sync
         sums = torch.stack(parts)
     if distributed:
         dp.sum_over_ranks(sums, "summing the loss and metrics")
@@ -527,8 +527,8 @@ def _epoch_scores(loss_and_largest: torch.Tensor, predict: Callable[..., tuple[t
                   score: Callable[..., tuple[torch.Tensor, ...]], X: torch.Tensor, Y: torch.Tensor,
                   validation_data: tuple[torch.Tensor, torch.Tensor] | None, decision: str, metrics: list[str],
                   distributed: bool) -> dict[str, torch.Tensor]:
-    """What an epoch reads in its one host sync: {"loss": [mean loss, the params' largest
-    magnitude (not finite once any param is not)], each metric on the training data,
+    """What an epoch reads in its one host sync: {"loss": [mean loss, a number that is
+    finite only while every param is (`epoch_loss`)], each metric on the training data,
     "val_loss" and "val_<metric>"}, as tensors on the device."""
     scores = {"loss": loss_and_largest}
     if metrics:

@@ -57,6 +57,16 @@ def fault_settings() -> dict:
     return dict(optimizer=gd.SGD(lr=0.05, momentum=0.9), batch_size=FAULT_BATCH, seed=11)
 
 
+def huge_weight_model() -> tuple[gd.Sequential, torch.Tensor, torch.Tensor]:
+    """A model with a finite weight near float32's largest (2e38) on a feature that is
+    always 0, so it never moves and the loss stays finite: nothing diverges."""
+    m = model()
+    m.layers[0].weight[2, 0] = 2e38
+    X, Y = data()
+    X[:, 2] = 0
+    return m, X, Y
+
+
 def diverging_settings() -> dict:
     return dict(optimizer=gd.SGD(lr=1e4), epochs=3, batch_size=BATCH, seed=5)
 
@@ -109,6 +119,12 @@ def main() -> None:
     except gd.DivergedError as e:
         result["diverged"] = {"message": str(e), "epoch": e.epoch, "batch": e.batch, "history": dict(e.history),
                               "params": {k: v.tolist() for k, v in diverging.parameters().items()}}
+    huge, HX, HY = huge_weight_model()
+    try:
+        history = huge.fit(HX, HY, distributed=True, verbose=False, epochs=1, batch_size=BATCH, seed=1)
+        result["huge_weight"] = dict(history)
+    except gd.DivergedError as e:
+        result["huge_weight"] = str(e)
     try:
         model().fit(X, Y, distributed=True, verbose=False, epochs=1, batch_size=BATCH + me.rank)
     except ValueError as e:

@@ -136,6 +136,18 @@ def test_divergence_stops_every_rank_alike(two_ranks):
         _close(first["params"][name], value)
 
 
+def test_params_near_the_largest_float_are_not_taken_for_divergence(two_ranks):
+    """Each rank checks its params' finiteness in the epoch's one collective: summing the
+    ranks' largest magnitudes (2e38 + 2e38) would overflow float32 and report a finite
+    run as diverged."""
+    _, _, results = two_ranks
+    huge, X, Y = worker.huge_weight_model()
+    alone = huge.fit(X, Y, verbose=False, epochs=1, batch_size=worker.BATCH, seed=1)
+    for rank in results:
+        assert isinstance(rank["huge_weight"], dict), rank["huge_weight"]
+        _close(rank["huge_weight"]["loss"], alone["loss"])
+
+
 def test_ranks_with_different_settings_all_refuse(two_ranks):
     _, _, results = two_ranks
     for r in results:

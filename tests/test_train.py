@@ -201,6 +201,34 @@ def test_fit_prints_one_line_per_epoch(capsys):
     assert capsys.readouterr().out == ""
 
 
+def test_an_epoch_makes_no_tensor_from_host_numbers():
+    """Each epoch reads the device once. A tensor made from a host number (torch.tensor)
+    is, on CUDA, a blocking copy: one more host sync, which waits for the epoch's queued
+    steps. Counted on CPU as torch's `lift_fresh` op, which every such tensor goes through:
+    one epoch and three, with metrics on the training and validation data, make as many."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Made(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Made.count += func is torch.ops.aten.lift_fresh.default
+            return func(*args, **(kwargs or {}))
+
+    gen = torch.Generator().manual_seed(0)
+    X, Y = torch.rand(20, 2, generator=gen), torch.randint(0, 2, (20,), generator=gen)
+
+    def made(epochs: int) -> int:
+        model = _net(torch.Generator().manual_seed(1))
+        Made.count = 0
+        with Made():
+            model.fit(X, Y, epochs=epochs, batch_size=8, seed=0, verbose=False, metrics=["accuracy", "mae"],
+                      validation_data=(X[:5], Y[:5]))
+        return Made.count
+
+    assert made(3) == made(1)
+
+
 def test_shuffling_is_seeded():
     def trained(seed: int, shuffle: bool = True) -> torch.Tensor:
         gen = torch.Generator().manual_seed(0)

@@ -424,7 +424,8 @@ class ShardedBatches:
         so every rank sees the same numbers and stops together. The magnitudes themselves
         are not summed: two ranks' 2e38 would overflow float32 and read as divergence."""
         wide = self.weights.dtype
-        both = torch.stack([losses.to(wide) @ self.weights, largest.to(wide) * 0])  # x * 0: 0, or NaN for inf/NaN
+        flag = largest.to(losses.device, wide) * 0  # 0, or NaN for inf or NaN
+        both = torch.stack([losses.to(wide) @ self.weights, flag])
         return sum_over_ranks(both, "summing the epoch's loss")
 
     def batch_loss(self, loss: torch.Tensor) -> float:

@@ -364,7 +364,7 @@ class _Batches:
     def epoch_loss(self, losses: torch.Tensor, largest: torch.Tensor) -> torch.Tensor:
         """[the epoch's mean loss, the params' largest magnitude], not yet read."""
         wide = self.weights.dtype
-        return torch.stack([losses.to(wide) @ self.weights, largest.to(wide)])
+        return torch.stack([losses.to(wide) @ self.weights, largest.to(losses.device, wide)])
 
     def batch_loss(self, loss: torch.Tensor) -> float:
         return float(loss)

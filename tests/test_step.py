@@ -323,6 +323,15 @@ def test_cuda_train_step_captures_once_and_replays():
     assert bool(torch.isfinite(losses).all())
 
 
+@needs_cuda
+def test_cuda_fit_of_a_model_without_trainable_params_reads_its_epoch():
+    """No params: the largest-magnitude check is a CPU 0 that must join the epoch's CUDA numbers."""
+    X, Y = disk_data(n=100, device="cuda")
+    model = gd.Sequential(gd.Standardize().adapt(X)).to("cuda")  # its mean and std are not trained
+    history = model.fit(X, Y[:, :1].expand(-1, 2).contiguous(), epochs=2, batch_size=20, verbose=False)
+    assert history.epochs == 2 and math.isfinite(history["loss"][-1])
+
+
 def test_large_arenas_are_let_go_between_epochs_small_ones_kept():
     """fit evaluates the whole training set between epochs; a big arena kept alive meanwhile
     raised its peak memory by a third at width 1024."""

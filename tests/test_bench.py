@@ -44,3 +44,13 @@ def test_cuda_adds_the_uncaptured_step_and_torch_compile(bench):
     names, notes = bench.contenders("cuda", torch_compile=False)
     assert {"graphdl-uncaptured", "compiled"} <= set(names) and "jax" not in names
     assert any("JAX skipped" in note for note in notes)
+
+
+def test_tanh_formulas_report_their_errors(bench, monkeypatch):
+    """The README's reasons for keeping torch.tanh: the expm1 form is accurate, 2σ(2x)-1 is
+    not near 0, and every way is timed at every size."""
+    monkeypatch.setattr(bench, "TANH_SHAPES", [(4, 3)])
+    results = bench.tanh_formulas()
+    assert results["torch.tanh"]["ulp"] <= 1 and results["expm1 form"]["ulp"] <= 2
+    assert results["2σ(2x)-1"]["ulp"] > 1000  # 1e-38 comes back as 0
+    assert all(list(r["us"]) == ["4x3"] and r["us"]["4x3"] > 0 for r in results.values())

@@ -28,6 +28,10 @@ must agree ("agree"). Peak memory runs each contender in a process of its own, a
 baseline process. JAX is optional (`pip install -e ".[bench]"`); without it the JAX
 columns are skipped with a note.
 
+With --tanh it instead times tanh on the step's and the accuracy pass's sizes, torch's
+kernel against the formulas torch's faster kernels allow and JAX's jitted tanh, with
+each one's largest error in ulp (why fit keeps torch.tanh: see the README's Speed).
+
 With --compile-scaling it instead times the compiler on gradient graphs of deep nets
 (about 1k, 10k and 100k nodes), stage by stage, per node, to show that its cost grows
 linearly with graph size.
@@ -36,6 +40,7 @@ linearly with graph size.
     PYTHONPATH=. python tools/bench.py --quick --configs 25:5,25:100
     PYTHONPATH=. python tools/bench.py --startup       # the disk example's wall time, split
     PYTHONPATH=. python tools/bench.py --compile-scaling
+    PYTHONPATH=. python tools/bench.py --tanh
 """
 
 from __future__ import annotations
@@ -473,6 +478,75 @@ def startup(repeats: int) -> dict:
     return {**split, "rest": total - sum(split.values()), "total": total}
 
 
+# -- tanh: torch's kernel against the other ways to compute it ---------------------------------
+
+TANH_SHAPES = [(100, 25), (1000, 25), (256, 256)]  # the disk net's step at batch 100, its accuracy pass; width 256
+
+
+def tanh_formulas() -> dict:
+    """{name: {"us": {shape: median µs per call}, "ulp": largest error}}: torch.tanh, the
+    formulas from torch's faster kernels (into a preallocated output, in place where they
+    can be), oneDNN's tanh on its own layout, and JAX's jitted tanh when installed. The
+    error is |got - tanh(x)| / (eps * |tanh(x)|), against float64, over normal values,
+    values from 1e-38 to 30 in size, both signs."""
+    import torch
+    torch.set_num_threads(1)
+
+    def via_sigmoid(x, out):  # 2σ(2x) - 1
+        return torch.mul(x, 2, out=out).sigmoid_().mul_(2).sub_(1)
+
+    def via_expm1(x, out):  # e / (e + 2), e = expm1(2x); x clamped where tanh(x) rounds to 1 anyway
+        torch.clamp(x, max=9.1, out=out).mul_(2).expm1_()
+        return out.div_(out + 2)
+
+    import numpy as np
+    same = lambda t: t  # noqa: E731
+    ways: dict[str, tuple[Callable, Callable]] = {  # name: (prepare the input, compute into out)
+        "torch.tanh": (same, lambda x, out: torch.tanh(x, out=out)),
+        "2σ(2x)-1": (same, via_sigmoid), "expm1 form": (same, via_expm1)}
+    if torch.backends.mkldnn.is_available():
+        ways["oneDNN (to_mkldnn)"] = (same, lambda x, out: out.copy_(torch.tanh(x.to_mkldnn()).to_dense()))
+    try:
+        os.environ.setdefault("XLA_FLAGS", XLA_ONE_THREAD)
+        import jax
+        import jax.numpy as jnp
+        jitted = jax.jit(jnp.tanh)
+        ways["jax.jit(tanh)"] = (lambda t: jnp.asarray(t.numpy()), lambda x, out: jitted(x).block_until_ready())
+    except ImportError:
+        print("note: jax is not installed (pip install -e '.[bench]'); its tanh is skipped", file=sys.stderr)
+    gen = torch.Generator().manual_seed(0)
+    sweep = torch.cat([torch.randn(10**6, generator=gen) * 3, torch.logspace(-38, 1.5, 10**5),
+                       -torch.logspace(-38, 1.5, 10**5)])
+    truth = torch.tanh(sweep.double())
+    results = {}
+    for name, (prepare, way) in ways.items():
+        got = way(prepare(sweep), torch.empty_like(sweep))
+        got = got if isinstance(got, torch.Tensor) else torch.from_numpy(np.array(got))  # JAX's, copied: read-only
+        ulp = ((got.double() - truth).abs() / (torch.finfo(torch.float32).eps * truth.abs())).max().item()
+        us = {}
+        for shape in TANH_SHAPES:
+            x, out = prepare(torch.randn(*shape, generator=gen) * 2), torch.empty(*shape)
+            calls = max(20, min(2000, 200_000 // math.prod(shape)))
+            for _ in range(calls // 10):
+                way(x, out)
+            runs = []
+            for _ in range(9):
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    way(x, out)
+                runs.append((time.perf_counter() - t0) / calls * 1e6)
+            us[f"{shape[0]}x{shape[1]}"] = statistics.median(runs)
+        results[name] = {"us": us, "ulp": ulp}
+    return results
+
+
+def print_tanh(results: dict) -> None:
+    shapes = list(next(iter(results.values()))["us"])
+    print(f"{'tanh, one thread':>20} | " + " ".join(f"{s + ' µs':>12}" for s in shapes) + " | largest error (ulp)")
+    for name, r in results.items():
+        print(f"{name:>20} | " + " ".join(f"{r['us'][s]:12.1f}" for s in shapes) + f" | {r['ulp']:.2f}")
+
+
 # -- compiler cost against graph size --------------------------------------------------------
 
 SCALING_NODES = [1_000, 10_000, 44_000, 100_000]  # gradient-graph sizes for --compile-scaling
@@ -608,6 +682,7 @@ def main() -> None:
     p.add_argument("--startup", action="store_true", help="only time the disk example's start-up and exit")
     p.add_argument("--compile-scaling", action="store_true",
                    help="time grad/print/parse/compile per node on 1k, 10k, 44k and 100k-node gradient graphs")
+    p.add_argument("--tanh", action="store_true", help="time and check tanh's formulas on the step's sizes")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._worker:
@@ -619,6 +694,13 @@ def main() -> None:
         split = startup(3 if args.quick else 7)
         print(json.dumps(split) if args.json else "disk example, medians: " + ", ".join(
             f"{k} {v:.3f}s" for k, v in split.items()))
+        return
+    if args.tanh:
+        results = tanh_formulas()
+        if args.json:
+            print(json.dumps(results))
+        else:
+            print_tanh(results)
         return
     if args.compile_scaling:
         import torch

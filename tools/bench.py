@@ -711,6 +711,11 @@ def main() -> None:
         else:
             print_compile_scaling(rows)
         return
+    if args.device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            raise SystemExit(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device; "
+                             "run it on a machine with a GPU and a CUDA build of torch")
     configs = CONFIGS if not args.configs else [tuple(map(int, c.split(":"))) for c in args.configs.split(",")]
     rounds, target = (5, 0.1) if args.quick else (15, 0.3)
     names, notes = contenders(args.device, args.torch_compile)

@@ -120,6 +120,7 @@ class TrainStep:
 
     def __init__(self, model: Sequential, loss: Loss, optimizer: SGD, capture: bool | None = None,
                  distributed: bool = False) -> None:
+        _check_arguments(optimizer, capture, distributed)
         names = list(model.parameters())
         kind = ("step", loss, "data-parallel") if distributed else ("step", loss)
         gradients = (lambda: dp.step_graph(model.graph(loss), names)) if distributed else \
@@ -252,6 +253,15 @@ class TrainStep:
                       RuntimeWarning, stacklevel=4)
         self.capture = False
         return None
+
+
+def _check_arguments(optimizer: Any, capture: Any, distributed: Any) -> None:
+    if not isinstance(optimizer, SGD):
+        raise ValueError(f"optimizer must be a graphdl optimizer such as gd.SGD(lr=0.01), got {optimizer!r}")
+    if capture is not None and not isinstance(capture, bool):
+        raise ValueError(f"capture must be None (capture on CUDA), True or False, got {capture!r}")
+    if not isinstance(distributed, bool):
+        raise ValueError(f"distributed must be True or False, got {distributed!r}")
 
 
 class _CapturedEpoch:

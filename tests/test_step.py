@@ -154,6 +154,16 @@ def test_train_step_binds_a_param_assigned_between_epochs():
     assert_same_training(got, want, [0.0], [0.0])
 
 
+@pytest.mark.parametrize("kwargs, named", [
+    (dict(optimizer=0.1), "optimizer must be a graphdl optimizer"),
+    (dict(capture="yes"), "capture must be None"),
+    (dict(distributed=1), "distributed must be True or False"),
+])
+def test_train_step_names_a_wrong_argument(kwargs, named):
+    with pytest.raises(ValueError, match=named):
+        TrainStep(net(), gd.MSE(), **{"optimizer": gd.SGD(), **kwargs})
+
+
 # -- capture, on CPU, with a stand-in that has a CUDA graph's semantics ----------------------
 
 

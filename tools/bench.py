@@ -487,8 +487,8 @@ def tanh_formulas() -> dict:
     """{name: {"us": {shape: median µs per call}, "ulp": largest error}}: torch.tanh, the
     formulas from torch's faster kernels (into a preallocated output, in place where they
     can be), oneDNN's tanh on its own layout, and JAX's jitted tanh when installed. The
-    error is |got - tanh(x)| / (eps * |tanh(x)|), against float64, over normal values,
-    values from 1e-38 to 30 in size, both signs."""
+    error is |got - tanh(x)| in float32 ulps of tanh(x) (`ulps`), against float64, over
+    normally distributed values and values from 1e-38 to 30 in size, both signs."""
     import torch
     torch.set_num_threads(1)
 
@@ -522,7 +522,7 @@ def tanh_formulas() -> dict:
     for name, (prepare, way) in ways.items():
         got = way(prepare(sweep), torch.empty_like(sweep))
         got = got if isinstance(got, torch.Tensor) else torch.from_numpy(np.array(got))  # JAX's, copied: read-only
-        ulp = ((got.double() - truth).abs() / (torch.finfo(torch.float32).eps * truth.abs())).max().item()
+        ulp = ulps(got, truth).max().item()
         us = {}
         for shape in TANH_SHAPES:
             x, out = prepare(torch.randn(*shape, generator=gen) * 2), torch.empty(*shape)
@@ -538,6 +538,17 @@ def tanh_formulas() -> dict:
             us[f"{shape[0]}x{shape[1]}"] = statistics.median(runs)
         results[name] = {"us": us, "ulp": ulp}
     return results
+
+
+def ulps(got, truth):
+    """|got - truth| in units in the last place of float32 at truth (float64): 2^(e - 23)
+    for truth in [2^e, 2^(e+1)), and 2^-149 among the subnormals and at 0. Dividing by
+    eps * |truth| instead reads up to 2x low within a binade, and high among subnormals
+    (8.4e6 "ulp" for a subnormal off by one ulp), and 0 / 0 (NaN) at truth == 0."""
+    import torch
+    _, e = torch.frexp(truth)  # |truth| = m * 2^e, m in [0.5, 1)
+    e = torch.where(truth == 0, -125, e.clamp(min=-125))  # -125: float32's smallest normal exponent, -126, plus one
+    return (got.double() - truth).abs() / torch.ldexp(torch.ones_like(truth), (e - 24).double())
 
 
 def print_tanh(results: dict) -> None:

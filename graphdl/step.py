@@ -28,6 +28,7 @@ import torch
 
 from . import distributed as dp
 from .autodiff import grad
+from .checks import real, whole
 from .compile import ArenaCompiled, Compiled, compile, lower
 from .losses import Loss
 from .optim import SGD
@@ -120,7 +121,7 @@ class TrainStep:
 
     def __init__(self, model: Sequential, loss: Loss, optimizer: SGD, capture: bool | None = None,
                  distributed: bool = False) -> None:
-        _check_arguments(optimizer, capture, distributed)
+        _check_arguments(model, loss, optimizer, capture, distributed)
         names = list(model.parameters())
         kind = ("step", loss, "data-parallel") if distributed else ("step", loss)
         gradients = (lambda: dp.step_graph(model.graph(loss), names)) if distributed else \
@@ -136,12 +137,15 @@ class TrainStep:
         self._bound: list[torch.Tensor] = [v.data for v in self.arena_fn.layout.params]
         self._epochs: dict[tuple, _CapturedEpoch] = {}
         self._last: tuple[_Arena, tuple[torch.Tensor, ...]] | None = None
+        self._checked: tuple | None = None  # the last data `epoch` checked, so that fit's epochs check once
 
     # -- one batch -------------------------------------------------------------------------
 
     @torch.inference_mode()
     def __call__(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> torch.Tensor:
         """One step on the batch (x, y) at rate `lr`; returns the batch's loss."""
+        lr = real("lr", lr, 0.0)
+        self.compiled.check_feeds((x, y), {})  # shape, dtype and device, with the graph's messages
         loss = self.forward_backward(x, y)
         self.apply(lr)
         return loss
@@ -172,6 +176,12 @@ class TrainStep:
         """Every batch of X, Y taken in `order` (a permutation of the rows; None: as they
         are), one step each at rate `lr`. Returns the batches' losses, a 1-d tensor on
         the device (on CUDA it is overwritten by the next epoch)."""
+        lr, batch_size = real("lr", lr, 0.0), whole("batch_size", batch_size, 1)
+        data = (id(X), id(Y), X.shape, Y.shape, X.dtype, Y.dtype, X.device, Y.device) \
+            if isinstance(X, torch.Tensor) and isinstance(Y, torch.Tensor) else None
+        if data is None or data != self._checked:  # ~11 µs; once per data set, not per epoch
+            self.compiled.check_feeds((X, Y), {})
+            self._checked = data
         self._refresh()
         if self.capture:
             captured = self._captured(X, Y, batch_size, order is not None)
@@ -187,9 +197,10 @@ class TrainStep:
         """One step per feed tuple ((x, y), or data-parallel (x, y, scale)) at rate `lr`:
         a call of the generated function and one of the planned update. Returns the
         losses, tensors on the device. (`epoch` makes its feeds with `split`, all the
-        batch views in one call: ~0.2 µs a batch against ~1 µs for slicing each.)"""
+        batch views in one call: ~0.2 µs a batch against ~1 µs for slicing each.) The feeds
+        are not checked: `fit` checks its data once, not at every step."""
         self._refresh()
-        self.optimizer.set_lr(lr)
+        self.optimizer.set_lr(real("lr", lr, 0.0))
         losses: list[torch.Tensor] = []
         arena = None
         for feed in feeds:
@@ -255,7 +266,12 @@ class TrainStep:
         return None
 
 
-def _check_arguments(optimizer: Any, capture: Any, distributed: Any) -> None:
+def _check_arguments(model: Any, loss: Any, optimizer: Any, capture: Any, distributed: Any) -> None:
+    from .layers import Sequential  # layers imports the training code lazily; so does this
+    if not isinstance(model, Sequential):
+        raise ValueError(f"model must be a gd.Sequential, got {type(model).__name__}")
+    if not isinstance(loss, Loss):
+        raise ValueError(f"loss must be a graphdl loss such as gd.MSE(), got {loss!r}")
     if not isinstance(optimizer, SGD):
         raise ValueError(f"optimizer must be a graphdl optimizer such as gd.SGD(lr=0.01), got {optimizer!r}")
     if capture is not None and not isinstance(capture, bool):

@@ -164,6 +164,35 @@ def test_train_step_names_a_wrong_argument(kwargs, named):
         TrainStep(net(), gd.MSE(), **{"optimizer": gd.SGD(), **kwargs})
 
 
+@pytest.mark.parametrize("args, named", [
+    (("net", gd.MSE()), "model must be a gd.Sequential, got str"),  # was AttributeError: no .parameters
+    ((None, None), "loss must be a graphdl loss"),  # was grad's "output 0 is not a scalar"
+])
+def test_train_step_names_a_wrong_model_or_loss(args, named):
+    model, loss = args
+    with pytest.raises(ValueError, match=named):
+        TrainStep(net() if model is None else model, loss, gd.SGD())
+
+
+def test_train_step_calls_name_a_wrong_feed_rate_or_batch_size():
+    """A step called directly checks what fit checks once: torch's own errors (mat1 and mat2
+    shapes cannot be multiplied, split_size) and a negative or string rate got through."""
+    step = TrainStep(net(), gd.MSE(), gd.SGD())
+    X, Y = torch.rand(10, 2), torch.rand(10, 1)
+    for call, named in [(lambda: step(X[:, :1], Y, 0.1), "input x is f32\\[10,1\\]"),
+                        (lambda: step(X, Y, "0.1"), "lr must be a finite number"),
+                        (lambda: step.epoch(X, Y, 5, None, -1.0), "lr must be in"),
+                        (lambda: step.steps([(X, Y)], float("nan")), "lr must be a finite number"),
+                        (lambda: step.epoch(X, Y, 0, None, 0.1), "batch_size must be a whole number >= 1"),
+                        (lambda: step.epoch(X.double(), Y, 5, None, 0.1), "convert it with .to\\(torch.float32\\)"),
+                        (lambda: step.epoch(X, Y[:4], 5, None, 0.1), "N")]:
+        with pytest.raises(ValueError, match=named):
+            call()
+    before = [p.clone() for p in step.params]
+    assert step.epoch(X, Y, 5, None, 0.1).shape == (2,)  # the checks leave good data alone
+    assert any(not torch.equal(a, b) for a, b in zip(before, step.params))
+
+
 # -- capture, on CPU, with a stand-in that has a CUDA graph's semantics ----------------------
 
 

@@ -424,7 +424,7 @@ class ShardedBatches:
         so every rank sees the same numbers and stops together. The magnitudes themselves
         are not summed: two ranks' 2e38 would overflow float32 and read as divergence."""
         wide = self.weights.dtype
-        flag = largest.to(losses.device, wide) * 0  # 0, or NaN for inf or NaN
+        flag = largest.to(wide) * 0  # 0, or NaN for inf or NaN
         both = torch.stack([losses.to(wide) @ self.weights, flag])
         return sum_over_ranks(both, "summing the epoch's loss")
 

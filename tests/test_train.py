@@ -201,11 +201,13 @@ def test_fit_prints_one_line_per_epoch(capsys):
     assert capsys.readouterr().out == ""
 
 
-def test_an_epoch_makes_no_tensor_from_host_numbers():
+@pytest.mark.parametrize("trainable", [True, False], ids=["net", "no-trainable-params"])
+def test_an_epoch_makes_no_tensor_from_host_numbers(trainable):
     """Each epoch reads the device once. A tensor made from a host number (torch.tensor)
     is, on CUDA, a blocking copy: one more host sync, which waits for the epoch's queued
     steps. Counted on CPU as torch's `lift_fresh` op, which every such tensor goes through:
-    one epoch and three, with metrics on the training and validation data, make as many."""
+    one epoch and three, with metrics on the training and validation data, make as many
+    (also for a model with nothing to train, whose params' largest magnitude is a 0)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Made(TorchDispatchMode):
@@ -219,7 +221,7 @@ def test_an_epoch_makes_no_tensor_from_host_numbers():
     X, Y = torch.rand(20, 2, generator=gen), torch.randint(0, 2, (20,), generator=gen)
 
     def made(epochs: int) -> int:
-        model = _net(torch.Generator().manual_seed(1))
+        model = _net(torch.Generator().manual_seed(1)) if trainable else gd.Sequential(gd.Standardize().adapt(X))
         Made.count = 0
         with Made():
             model.fit(X, Y, epochs=epochs, batch_size=8, seed=0, verbose=False, metrics=["accuracy", "mae"],

@@ -1034,11 +1034,11 @@ def test_an_epoch_whose_replay_stays_finite_is_rolled_back_whole(monkeypatch):
     real = train._largest
     calls, before = {"n": 0}, {}
 
-    def flaky(tensors):  # calls: end of epoch 1 (= start of 2), end of epoch 2: say a param is not finite
+    def flaky(tensors, device="cpu"):  # calls: end of epoch 1 (= start of 2), end of epoch 2: say a param is not finite
         calls["n"] += 1
         if calls["n"] == 1:
             before.update({k: v.clone() for k, v in model.parameters().items()})
-        return torch.tensor(float("inf")) if calls["n"] == 2 else real(tensors)
+        return torch.tensor(float("inf")) if calls["n"] == 2 else real(tensors, device)
 
     monkeypatch.setattr(train, "_largest", flaky)
     with pytest.raises(FloatingPointError) as err:

@@ -220,9 +220,10 @@ def _check_params(model: Sequential) -> None:
 
 
 def _check_settings(optimizer: Any, epochs: Any, batch_size: Any, seed: Any, validation_data: Any, schedule: Any,
-                    shuffle: Any, verbose: Any, distributed: Any, checkpoint: Any,
+                    shuffle: Any, verbose: Any, threads: Any, distributed: Any, checkpoint: Any,
                     resume: Any) -> tuple[int, int, int | None]:
-    """Check fit's settings, each named in its error; returns (epochs, batch_size, seed) as ints."""
+    """Check fit's settings, each named in its error, before its data (`metrics` waits
+    for the data: its default depends on Y); returns (epochs, batch_size, seed) as ints."""
     if not isinstance(optimizer, SGD):
         raise ValueError(f"optimizer must be a graphdl optimizer such as gd.SGD(lr=0.01), got {optimizer!r}")
     epochs, batch_size = whole("epochs", epochs, 0), whole("batch_size", batch_size, 1)
@@ -237,6 +238,8 @@ def _check_settings(optimizer: Any, epochs: Any, batch_size: Any, seed: Any, val
     if schedule is not None and not callable(schedule):
         raise ValueError(f"schedule must be a graphdl schedule such as gd.StepDecay(every=10, factor=0.9), "
                          f"got {schedule!r}")
+    if threads is not None:
+        whole("threads", threads, 1)
     _check_distributed(distributed, "fit")
     for name, path in (("checkpoint", checkpoint), ("resume", resume)):
         if path is not None and not isinstance(path, (str, os.PathLike)):
@@ -456,7 +459,7 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
     """`Sequential.fit`, which documents the arguments."""
     loss, optimizer = _model_loss(model, loss), SGD() if optimizer is None else optimizer
     epochs, batch_size, seed = _check_settings(optimizer, epochs, batch_size, seed, validation_data, schedule,
-                                               shuffle, verbose, distributed, checkpoint, resume)
+                                               shuffle, verbose, threads, distributed, checkpoint, resume)
     Y = _class_targets(model, Y)
     _check_data(model, X, Y)
     if validation_data is not None:

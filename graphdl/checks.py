@@ -1,4 +1,4 @@
-"""Checked readers for the numbers users pass as settings (learning rates, epochs, seeds...).
+"""Checked readers for the settings users pass (learning rates, epochs, seeds, flags...).
 
 Every public argument that is a number goes through `real` or `whole`, so each accepts
 what a PyTorch or Keras user would pass (any real number type: int, float, numpy
@@ -49,6 +49,14 @@ def real(name: str, value: Any, low: float = -math.inf, high: float = math.inf, 
     if number < low or number > high or (high_open and number == high):
         raise ValueError(f"{name} must be in [{low}, {high}{')' if high_open else ']'}, got {shown(value)}")
     return number
+
+
+def flag(name: str, value: Any) -> bool:
+    """`value` if it is True or False; otherwise a ValueError naming `name` (1, "yes" or
+    a tensor would otherwise be taken for a flag)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {shown(value)}")
+    return value
 
 
 def whole(name: str, value: Any, low: int, high: int | None = None) -> int:

@@ -7,6 +7,8 @@ and say how `fit` and `evaluate` read a prediction as a class (`decision`).
 
 from __future__ import annotations
 
+from typing import Any
+
 from .ir import Value
 from .ops import bce_with_logits, cross_entropy, mae, mbe, mse
 
@@ -32,6 +34,13 @@ class Loss:
 
     def __hash__(self) -> int:
         return hash((type(self), tuple(sorted((k, repr(v)) for k, v in vars(self).items()))))
+
+
+def checked_loss(loss: Any) -> Loss:
+    """`loss` if it is a graphdl loss; otherwise a ValueError saying what to pass."""
+    if not isinstance(loss, Loss):
+        raise ValueError(f"loss must be a graphdl loss such as gd.MSE(), got {loss!r}")
+    return loss
 
 
 class MSE(Loss):

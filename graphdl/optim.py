@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .checks import real, whole
+from .checks import flag, real, whole
 
 
 def _fused_kernel_works(p: torch.Tensor) -> bool:
@@ -43,11 +43,9 @@ class SGD:
         self.lr = real("lr", lr, 0.0)
         self.momentum = real("momentum", momentum, 0.0, 1.0, high_open=True)
         self.weight_decay = real("weight_decay", weight_decay, 0.0)
-        if not isinstance(nesterov, bool):
-            raise ValueError(f"nesterov must be True or False, got {nesterov!r}")
-        if nesterov and self.momentum == 0:
+        self.nesterov = flag("nesterov", nesterov)
+        if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov=True needs momentum > 0")
-        self.nesterov = bool(nesterov)
         self.buffers: list[torch.Tensor] = []  # the velocities u, one per param
         self.fused = hasattr(torch, "_fused_sgd_")  # use torch's fused kernel where it applies
         self._inverse_lr: tuple[float, torch.Tensor | None] = (math.nan, None)  # 1/lr for the fused kernel
@@ -216,6 +214,13 @@ class SGD:
 # 4 µs on one thread, and 8 µs switching to one thread for the call. Below ATen's own
 # grain for parallel work (32768 elements) the update runs on one thread.
 _SERIAL_BELOW = 32768
+
+
+def checked_optimizer(optimizer: Any) -> SGD:
+    """`optimizer` if it is a graphdl optimizer; otherwise a ValueError saying what to pass."""
+    if not isinstance(optimizer, SGD):
+        raise ValueError(f"optimizer must be a graphdl optimizer such as gd.SGD(lr=0.01), got {optimizer!r}")
+    return optimizer
 
 
 def _fused_sgd_for(params: list[torch.Tensor]) -> Callable[..., None]:

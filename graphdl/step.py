@@ -28,10 +28,10 @@ import torch
 
 from . import distributed as dp
 from .autodiff import grad
-from .checks import real, whole
+from .checks import flag, real, whole
 from .compile import ArenaCompiled, Compiled, compile, lower
-from .losses import Loss
-from .optim import SGD
+from .losses import Loss, checked_loss
+from .optim import SGD, checked_optimizer
 
 if TYPE_CHECKING:
     from .layers import Sequential
@@ -270,14 +270,11 @@ def _check_arguments(model: Any, loss: Any, optimizer: Any, capture: Any, distri
     from .layers import Sequential  # layers imports the training code lazily; so does this
     if not isinstance(model, Sequential):
         raise ValueError(f"model must be a gd.Sequential, got {type(model).__name__}")
-    if not isinstance(loss, Loss):
-        raise ValueError(f"loss must be a graphdl loss such as gd.MSE(), got {loss!r}")
-    if not isinstance(optimizer, SGD):
-        raise ValueError(f"optimizer must be a graphdl optimizer such as gd.SGD(lr=0.01), got {optimizer!r}")
+    checked_loss(loss)
+    checked_optimizer(optimizer)
+    flag("distributed", distributed)
     if capture is not None and not isinstance(capture, bool):
         raise ValueError(f"capture must be None (capture on CUDA), True or False, got {capture!r}")
-    if not isinstance(distributed, bool):
-        raise ValueError(f"distributed must be True or False, got {distributed!r}")
 
 
 class _CapturedEpoch:

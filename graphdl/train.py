@@ -20,11 +20,11 @@ import torch
 
 from . import distributed as dp
 from .checkpoint import Resumed, read_checkpoint, write_checkpoint
-from .checks import real, shown, whole
+from .checks import flag, real, shown, whole
 from .compile import Compiled, compile
 from .ir import tensor_problem
-from .losses import MSE, Loss
-from .optim import SGD, Schedule, check_updatable
+from .losses import MSE, Loss, checked_loss
+from .optim import SGD, Schedule, check_updatable, checked_optimizer
 from .step import TrainStep
 
 if TYPE_CHECKING:
@@ -224,14 +224,12 @@ def _check_settings(optimizer: Any, epochs: Any, batch_size: Any, seed: Any, val
                     resume: Any) -> tuple[int, int, int | None]:
     """Check fit's settings, each named in its error, before its data (`metrics` waits
     for the data: its default depends on Y); returns (epochs, batch_size, seed) as ints."""
-    if not isinstance(optimizer, SGD):
-        raise ValueError(f"optimizer must be a graphdl optimizer such as gd.SGD(lr=0.01), got {optimizer!r}")
+    checked_optimizer(optimizer)
     epochs, batch_size = whole("epochs", epochs, 0), whole("batch_size", batch_size, 1)
     if seed is not None:  # the range torch.Generator.manual_seed takes
         seed = whole("seed", seed, -2**63, 2**64 - 1)
-    for name, flag in (("shuffle", shuffle), ("verbose", verbose)):
-        if not isinstance(flag, bool):
-            raise ValueError(f"{name} must be True or False, got {flag!r}")
+    flag("shuffle", shuffle)
+    flag("verbose", verbose)
     if validation_data is not None and not (isinstance(validation_data, (tuple, list)) and len(validation_data) == 2):
         raise ValueError(f"validation_data must be a pair (X_val, Y_val), got {type(validation_data).__name__}"
                          + (f" of length {len(validation_data)}" if isinstance(validation_data, (tuple, list)) else ""))
@@ -439,10 +437,7 @@ def _diverged(found: tuple[int, float, bool] | None, epoch: int, epochs: int, ba
 
 
 def _model_loss(model: Sequential, loss: Any) -> Loss:
-    loss = (model.loss or MSE()) if loss is None else loss
-    if not isinstance(loss, Loss):
-        raise ValueError(f"loss must be a graphdl loss such as gd.MSE(), got {loss!r}")
-    return loss
+    return checked_loss((model.loss or MSE()) if loss is None else loss)
 
 
 # Nothing fit makes reaches the user as a tensor (it hands back floats and updates the
@@ -595,8 +590,6 @@ def _evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss, m
 
 
 def _check_distributed(distributed: Any, what: str) -> bool:
-    if not isinstance(distributed, bool):
-        raise ValueError(f"distributed must be True or False, got {distributed!r}")
-    if distributed:
+    if flag("distributed", distributed):
         dp.require_group(f"{what}(distributed=True)")
     return distributed

@@ -188,9 +188,7 @@ class TrainStep:
             if captured is not None:
                 self.optimizer.set_lr(lr)
                 return captured.replay(order)
-        if order is not None:
-            X, Y = X.index_select(0, order.to(X.device)), Y.index_select(0, order.to(Y.device))
-        return torch.stack(self.steps(zip(X.split(batch_size), Y.split(batch_size)), lr))
+        return torch.stack(self.steps(epoch_batches(X, Y, batch_size, order), lr))
 
     @torch.inference_mode()
     def steps(self, feeds: Iterable[tuple[torch.Tensor, ...]], lr: float) -> list[torch.Tensor]:
@@ -264,6 +262,16 @@ class TrainStep:
                       RuntimeWarning, stacklevel=4)
         self.capture = False
         return None
+
+
+def epoch_batches(X: torch.Tensor, Y: torch.Tensor, batch_size: int,
+                  order: torch.Tensor | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(x, y) of each batch of an epoch taken in `order` (None: as the rows are): what
+    `TrainStep.epoch` runs uncaptured, and what fit replays after a divergence, which must
+    meet the very same batches."""
+    if order is not None:
+        X, Y = X.index_select(0, order.to(X.device)), Y.index_select(0, order.to(Y.device))
+    return zip(X.split(batch_size), Y.split(batch_size))
 
 
 def _check_arguments(model: Any, loss: Any, optimizer: Any, capture: Any, distributed: Any) -> None:

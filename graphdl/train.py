@@ -25,7 +25,7 @@ from .compile import Compiled, compile
 from .ir import tensor_problem
 from .losses import MSE, Loss, checked_loss
 from .optim import SGD, Schedule, check_updatable, checked_optimizer
-from .step import TrainStep
+from .step import TrainStep, epoch_batches
 
 if TYPE_CHECKING:
     from .layers import Sequential
@@ -358,9 +358,7 @@ class _Batches:
 
     def feeds(self, X: torch.Tensor, Y: torch.Tensor, order: torch.Tensor | None) -> Iterator[tuple[torch.Tensor, ...]]:
         """(x, y) of each batch of the epoch, as `run` takes them (to replay an epoch)."""
-        if order is not None:
-            X, Y = X.index_select(0, order.to(X.device)), Y.index_select(0, order.to(Y.device))
-        return zip(X.split(self.batch_size), Y.split(self.batch_size))
+        return epoch_batches(X, Y, self.batch_size, order)
 
     def epoch_loss(self, losses: torch.Tensor, largest: torch.Tensor) -> torch.Tensor:
         """[the epoch's mean loss, the params' largest magnitude], not yet read."""

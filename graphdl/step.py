@@ -300,11 +300,8 @@ class _CapturedEpoch:
         self.replay_graph, self.losses = _GRAPHS.capture(lambda: self._body(step, batch_size))
 
     def _body(self, step: TrainStep, batch_size: int) -> torch.Tensor:
-        X, Y = self.X, self.Y
-        if self.order is not None:
-            X, Y = X.index_select(0, self.order), Y.index_select(0, self.order)
         losses = []
-        for x, y in zip(X.split(batch_size), Y.split(batch_size)):
+        for x, y in epoch_batches(self.X, self.Y, batch_size, self.order):  # the order already on the device
             arena = step._arena(len(x))
             out = arena.run(x, y, arena.bindings)
             update = arena.update or step.optimizer.plan(step.params, list(out[1:]))

@@ -56,6 +56,21 @@ def test_tanh_formulas_report_their_errors(bench, monkeypatch):
     assert all(list(r["us"]) == ["4x3"] and r["us"]["4x3"] > 0 for r in results.values())
 
 
+def test_kernel_paths_name_the_processor_and_each_kernel_cost(bench, capsys):
+    """The line under --tanh's table that says why torch.tanh is slow here: the processor,
+    and ns per element of tanh and exp (MKL's VML in an MKL build) against exp2 and
+    sigmoid (torch's own loops)."""
+    import torch
+    paths = bench.kernel_paths()
+    assert paths["cpu"] and paths["mkl"] == torch.backends.mkl.is_available()
+    assert set(paths["ns"]) == {"tanh", "exp", "exp2", "sigmoid"} and all(v > 0 for v in paths["ns"].values())
+    bench.print_tanh({"torch.tanh": {"us": {"4x3": 1.0}, "ulp": 0.5}}, paths)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    vml = "MKL VML" if paths["mkl"] else "torch's loop"
+    assert last.startswith(f"ns per element on 1000x25, {paths['cpu']}: ") and "tanh " in last
+    assert f"({vml})" in last and "exp2" in last and "(torch's loop)" in last
+
+
 def test_ulps_are_float32_spacings_at_the_truth(bench):
     """An ulp is float32's spacing at the true value: 2^-23 on [1, 2), 2^-24 on [0.5, 1),
     2^-149 among the subnormals and at 0. eps * |truth| read one ulp just below 2 as 0.5,

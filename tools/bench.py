@@ -30,7 +30,9 @@ columns are skipped with a note.
 
 With --tanh it instead times tanh on the step's and the accuracy pass's sizes, torch's
 kernel against the formulas torch's faster kernels allow and JAX's jitted tanh, with
-each one's largest error in ulp (why fit keeps torch.tanh: see the README's Speed).
+each one's largest error in ulp, then the cost per element of tanh and exp (MKL's VML,
+where torch has MKL) against exp2 and sigmoid (torch's own loops), naming the processor
+(why fit keeps torch.tanh: see the README's Speed).
 
 With --compile-scaling it instead times the compiler on gradient graphs of deep nets
 (about 1k, 10k and 100k nodes), stage by stage, per node, to show that its cost grows
@@ -523,21 +525,48 @@ def tanh_formulas() -> dict:
         got = way(prepare(sweep), torch.empty_like(sweep))
         got = got if isinstance(got, torch.Tensor) else torch.from_numpy(np.array(got))  # JAX's, copied: read-only
         ulp = ulps(got, truth).max().item()
-        us = {}
-        for shape in TANH_SHAPES:
-            x, out = prepare(torch.randn(*shape, generator=gen) * 2), torch.empty(*shape)
-            calls = max(20, min(2000, 200_000 // math.prod(shape)))
-            for _ in range(calls // 10):
-                way(x, out)
-            runs = []
-            for _ in range(9):
-                t0 = time.perf_counter()
-                for _ in range(calls):
-                    way(x, out)
-                runs.append((time.perf_counter() - t0) / calls * 1e6)
-            us[f"{shape[0]}x{shape[1]}"] = statistics.median(runs)
+        us = {f"{shape[0]}x{shape[1]}": _us_per_call(way, prepare(torch.randn(*shape, generator=gen) * 2),
+                                                      torch.empty(*shape)) for shape in TANH_SHAPES}
         results[name] = {"us": us, "ulp": ulp}
     return results
+
+
+def _us_per_call(way: Callable, x, out) -> float:
+    """Median µs of `way(x, out)` over 9 runs of 20 to 2,000 calls (200,000 elements' worth), after a warm-up."""
+    calls = max(20, min(2000, 200_000 // math.prod(x.shape)))
+    for _ in range(calls // 10):
+        way(x, out)
+    runs = []
+    for _ in range(9):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            way(x, out)
+        runs.append((time.perf_counter() - t0) / calls * 1e6)
+    return statistics.median(runs)
+
+
+def kernel_paths() -> dict:
+    """Why torch.tanh is slow here: {"cpu": the processor, "mkl": whether torch has MKL,
+    "ns": {kernel: ns per element on [1000, 25]}}. torch sends float tanh and exp (among
+    others) to a vector math library, MKL's VML where torch is built with MKL (ATen's
+    UnaryOpsKernel.cpp), and computes exp2 and sigmoid in its own vectorised loops. MKL
+    picks its code by processor; on this project's AMD EPYC the VML kernels are the slow
+    ones (see the README's Speed)."""
+    import platform
+
+    import torch
+    torch.set_num_threads(1)
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    x = torch.randn(1000, 25, generator=torch.Generator().manual_seed(0))
+    kernels = {"tanh": torch.tanh, "exp": torch.exp, "exp2": torch.exp2, "sigmoid": torch.sigmoid}
+    ns = {k: _us_per_call(lambda x, out, f=f: f(x, out=out), x, torch.empty_like(x)) * 1e3 / x.numel()
+          for k, f in kernels.items()}
+    return {"cpu": cpu, "mkl": torch.backends.mkl.is_available(), "ns": ns}
 
 
 def ulps(got, truth):
@@ -551,11 +580,15 @@ def ulps(got, truth):
     return (got.double() - truth).abs() / torch.ldexp(torch.ones_like(truth), (e - 24).double())
 
 
-def print_tanh(results: dict) -> None:
+def print_tanh(results: dict, paths: dict) -> None:
     shapes = list(next(iter(results.values()))["us"])
     print(f"{'tanh, one thread':>20} | " + " ".join(f"{s + ' µs':>12}" for s in shapes) + " | largest error (ulp)")
     for name, r in results.items():
         print(f"{name:>20} | " + " ".join(f"{r['us'][s]:12.1f}" for s in shapes) + f" | {r['ulp']:.2f}")
+    vml = "MKL VML" if paths["mkl"] else "torch's loop"
+    where = {"tanh": vml, "exp": vml, "exp2": "torch's loop", "sigmoid": "torch's loop"}
+    print(f"\nns per element on 1000x25, {paths['cpu']}: " +
+          ", ".join(f"{k} {v:.2f} ({where[k]})" for k, v in paths["ns"].items()))
 
 
 # -- compiler cost against graph size --------------------------------------------------------
@@ -707,11 +740,11 @@ def main() -> None:
             f"{k} {v:.3f}s" for k, v in split.items()))
         return
     if args.tanh:
-        results = tanh_formulas()
+        results, paths = tanh_formulas(), kernel_paths()
         if args.json:
-            print(json.dumps(results))
+            print(json.dumps({"formulas": results, "kernels": paths}))
         else:
-            print_tanh(results)
+            print_tanh(results, paths)
         return
     if args.compile_scaling:
         import torch

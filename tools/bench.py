@@ -549,7 +549,7 @@ def kernel_paths() -> dict:
     """Why torch.tanh is slow here: {"cpu": the processor, "mkl": whether torch has MKL,
     "ns": {kernel: ns per element on [1000, 25]}}. torch sends float tanh and exp (among
     others) to a vector math library, MKL's VML where torch is built with MKL (ATen's
-    UnaryOpsKernel.cpp), and computes exp2 and sigmoid in its own vectorised loops. MKL
+    UnaryOpsKernel.cpp and cpu/vml.h), and computes exp2 and sigmoid in its own vectorised loops. MKL
     picks its code by processor; on this project's AMD EPYC the VML kernels are the slow
     ones (see the README's Speed)."""
     import platform

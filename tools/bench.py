@@ -547,11 +547,11 @@ def _us_per_call(way: Callable, x, out) -> float:
 
 def kernel_paths() -> dict:
     """Why torch.tanh is slow here: {"cpu": the processor, "mkl": whether torch has MKL,
-    "ns": {kernel: ns per element on [1000, 25]}}. torch sends float tanh and exp (among
-    others) to a vector math library, MKL's VML where torch is built with MKL (ATen's
-    UnaryOpsKernel.cpp and cpu/vml.h), and computes exp2 and sigmoid in its own vectorised loops. MKL
-    picks its code by processor; on this project's AMD EPYC the VML kernels are the slow
-    ones (see the README's Speed)."""
+    "kernels": {name: {"path": where torch computes it, "ns": per element on [1000, 25]}}}.
+    torch sends float tanh and exp (among others) to a vector math library, MKL's VML
+    where torch is built with MKL (ATen's UnaryOpsKernel.cpp and cpu/vml.h), and computes
+    exp2 and sigmoid in its own vectorised loops. MKL picks its code by processor; on this
+    project's AMD EPYC the VML kernels are the slow ones (see the README's Speed)."""
     import platform
 
     import torch
@@ -562,11 +562,13 @@ def kernel_paths() -> dict:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     except OSError:
         pass
+    mkl = torch.backends.mkl.is_available()
+    vml, own = "MKL VML" if mkl else "torch's loop", "torch's loop"
     x = torch.randn(1000, 25, generator=torch.Generator().manual_seed(0))
-    kernels = {"tanh": torch.tanh, "exp": torch.exp, "exp2": torch.exp2, "sigmoid": torch.sigmoid}
-    ns = {k: _us_per_call(lambda x, out, f=f: f(x, out=out), x, torch.empty_like(x)) * 1e3 / x.numel()
-          for k, f in kernels.items()}
-    return {"cpu": cpu, "mkl": torch.backends.mkl.is_available(), "ns": ns}
+    kernels = {"tanh": (torch.tanh, vml), "exp": (torch.exp, vml), "exp2": (torch.exp2, own),
+               "sigmoid": (torch.sigmoid, own)}
+    ns = lambda f: _us_per_call(lambda x, out: f(x, out=out), x, torch.empty_like(x)) * 1e3 / x.numel()  # noqa: E731
+    return {"cpu": cpu, "mkl": mkl, "kernels": {k: {"path": path, "ns": ns(f)} for k, (f, path) in kernels.items()}}
 
 
 def ulps(got, truth):
@@ -585,10 +587,8 @@ def print_tanh(results: dict, paths: dict) -> None:
     print(f"{'tanh, one thread':>20} | " + " ".join(f"{s + ' µs':>12}" for s in shapes) + " | largest error (ulp)")
     for name, r in results.items():
         print(f"{name:>20} | " + " ".join(f"{r['us'][s]:12.1f}" for s in shapes) + f" | {r['ulp']:.2f}")
-    vml = "MKL VML" if paths["mkl"] else "torch's loop"
-    where = {"tanh": vml, "exp": vml, "exp2": "torch's loop", "sigmoid": "torch's loop"}
     print(f"\nns per element on 1000x25, {paths['cpu']}: " +
-          ", ".join(f"{k} {v:.2f} ({where[k]})" for k, v in paths["ns"].items()))
+          ", ".join(f"{k} {v['ns']:.2f} ({v['path']})" for k, v in paths["kernels"].items()))
 
 
 # -- compiler cost against graph size --------------------------------------------------------

@@ -438,21 +438,3 @@ class ShardedBatches:
         seed = agree(settings, seed, self.weights.device)
         broadcast_from_main(tensors)
         return seed
-
-
-def step_graph(loss_graph: Any, wrt: list[str], bucket_mib: float | None = None) -> Any:
-    """A rank's training step: the gradient graph of `loss_graph`'s loss times a new scalar
-    input `scale` (this rank's share of the global batch), with its gradients summed over
-    every rank (graphdl.passes.allreduce). Outputs: the weighted loss, then the summed
-    gradients of `wrt`."""
-    from .autodiff import grad
-    from .ops import mul
-    from .passes.allreduce import DEFAULT_BUCKET_MIB, allreduce
-
-    loss_graph, _ = loss_graph.copy()  # the caller's graph stays as it was
-    loss = loss_graph.outputs[0]
-    scale = loss_graph.input("scale", (), loss.dtype)
-    with loss_graph.scope("loss"):
-        loss_graph.outputs[0] = mul(loss, scale)
-    step, _ = allreduce(grad(loss_graph, wrt), bucket_mib=DEFAULT_BUCKET_MIB if bucket_mib is None else bucket_mib)
-    return step

@@ -358,8 +358,8 @@ class Graph:
         self._order: dict[Node, None] = {}  # the nodes, in order: appends and removals in O(1)
         self._listed: list[Node] | None = []  # `nodes`, rebuilt after a removal
         self._positions: dict[Node, int] | None = None  # node -> k in %k, built when first asked
-        self.outputs: list[Value] = []  # edit with output() and replace_all_uses()
-        self.output_labels: list[str] = []  # one per output, "" for none; grad labels its outputs "d/dw"
+        self._outputs: list[Value] = []  # read as `outputs`; edited only by output, set_output, replace_all_uses
+        self._labels: list[str] = []  # one per output, "" for none; grad labels its outputs "d/dw"
         self._returned: dict[Value, int] = {}  # value -> how many entries of outputs hold it
         self._scope = ""
         self._backward = False
@@ -433,8 +433,8 @@ class Graph:
         for v in values:
             if not isinstance(v, Value) or v.graph is not self:
                 raise GraphError(f"graph {self.name}: output {v!r} is not a value of this graph")
-            self.outputs.append(v)
-            self.output_labels.append(label if isinstance(label, str) else "")
+            self._outputs.append(v)
+            self._labels.append(label if isinstance(label, str) else "")
             self._returned[v] = self._returned.get(v, 0) + 1
 
     def scope(self, name: str, backward: bool | None = None) -> contextlib.AbstractContextManager[None]:
@@ -487,6 +487,18 @@ class Graph:
         """Whether `value` is one of the graph's outputs, in O(1)."""
         return value in self._returned
 
+    @property
+    def outputs(self) -> tuple[Value, ...]:
+        """What the compiled function returns, in order. Read-only: change it with
+        `output`, `set_output` and `replace_all_uses`, which keep the graph's record of
+        its outputs in step (`verify` checks it)."""
+        return tuple(self._outputs)
+
+    @property
+    def output_labels(self) -> tuple[str, ...]:
+        """One label per output ("" for none); `grad` labels each gradient "d/d<name>"."""
+        return tuple(self._labels)
+
     # -- editing (the only functions that touch use-lists) ------------------------------
 
     def _append(self, op: OpDef, inputs: Sequence[Value], attrs: dict[str, Any], shape: Shape, dtype: torch.dtype,
@@ -525,7 +537,7 @@ class Graph:
         old.users = Uses()
         returned = self._returned.pop(old, 0)
         if returned:
-            self.outputs = [new if v is old else v for v in self.outputs]
+            self._outputs = [new if v is old else v for v in self._outputs]
             self._returned[new] = self._returned.get(new, 0) + returned
 
     def rewrite(self, node: Node, op: OpDef, inputs: list[Value], attrs: dict[str, Any]) -> None:
@@ -560,12 +572,20 @@ class Graph:
         self._order = dict.fromkeys(nodes)
         self._listed, self._positions = list(nodes), None
 
-    def set_output(self, index: int, value: Value) -> None:
-        """Make output `index` return `value` instead, keeping its label."""
+    def set_output(self, index: int, value: Value, label: str | None = None) -> None:
+        """Make output `index` return `value` instead, keeping its label (or giving it `label`)."""
         if not isinstance(value, Value) or value.graph is not self:
             raise GraphError(f"graph {self.name}: output {value!r} is not a value of this graph")
-        old = self.outputs[index]
-        self.outputs[index] = value
+        count = len(self._outputs)
+        if isinstance(index, bool) or not isinstance(index, int) or not -count <= index < count:
+            raise GraphError(f"graph {self.name}: no output {index!r}; it has {len(self._outputs)}")
+        if label is not None:
+            if not isinstance(label, str) or (label and not _is_label(label)):
+                raise GraphError(f"graph {self.name}: output label {label!r} must be made of letters, digits and "
+                                 "_ . / : - ' (e.g. 'd/dw')")
+            self._labels[index] = label
+        old = self._outputs[index]
+        self._outputs[index] = value
         self._returned[old] -= 1
         if not self._returned[old]:
             del self._returned[old]
@@ -649,8 +669,8 @@ class Graph:
             # gradient graph: copy 207 ms, the rules over every node 195 ms).
             vmap[id(n.out)] = g._append(n.op, [vmap[id(v)] for v in n.inputs], dict(n.attrs), n.out.shape,
                                         n.out.dtype, n.where, n.scope, n.backward)
-        g.output(*(vmap[id(v)] for v in self.outputs))
-        g.output_labels = list(self.output_labels)
+        g.output(*(vmap[id(v)] for v in self._outputs))
+        g._labels = list(self._labels)
         return g, vmap
 
     def __str__(self) -> str:

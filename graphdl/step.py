@@ -11,7 +11,7 @@ graph (per data set and batch size) and replayed: the batches are gathered on th
 device from a permutation copied there once per epoch, the learning rate is a device
 tensor, and nothing waits on the host until the caller reads the losses.
 
-Data-parallel (`distributed=True`), the step is graphdl.distributed's `step_graph`: it
+Data-parallel (`distributed=True`), the step is `step_graph`'s: it
 takes a third input, `scale` (the rank's share of the global batch), and sums the
 gradients over every rank with the all-reduce ops in the graph before the update.
 """
@@ -26,12 +26,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from . import distributed as dp
 from .autodiff import grad
 from .checks import flag, real, whole
 from .compile import ArenaCompiled, Compiled, compile, lower
+from .ir import Graph
 from .losses import Loss, checked_loss
+from .ops import mul
 from .optim import SGD, checked_optimizer
+from .passes.allreduce import DEFAULT_BUCKET_MIB, allreduce
 
 if TYPE_CHECKING:
     from .layers import Sequential
@@ -124,7 +126,7 @@ class TrainStep:
         _check_arguments(model, loss, optimizer, capture, distributed)
         names = list(model.parameters())
         kind = ("step", loss, "data-parallel") if distributed else ("step", loss)
-        gradients = (lambda: dp.step_graph(model.graph(loss), names)) if distributed else \
+        gradients = (lambda: step_graph(model.graph(loss), names)) if distributed else \
             (lambda: grad(model.graph(loss), names))
         self.compiled: Compiled = model.compiled(kind, lambda: compile(gradients()))
         self.arena_fn: ArenaCompiled = model.compiled((*kind, "arena"), lambda: lower(self.compiled.graph, arena=True))
@@ -259,6 +261,20 @@ class TrainStep:
                       RuntimeWarning, stacklevel=4)
         self.capture = False
         return None
+
+
+def step_graph(loss_graph: Graph, wrt: list[str], bucket_mib: float | None = None) -> Graph:
+    """A rank's training step: the gradient graph of `loss_graph`'s loss times a new scalar
+    input `scale` (this rank's share of the global batch), with its gradients summed over
+    every rank (graphdl.passes.allreduce). Outputs: the weighted loss, then the summed
+    gradients of `wrt`."""
+    loss_graph, _ = loss_graph.copy()  # the caller's graph stays as it was
+    loss = loss_graph.outputs[0]
+    scale = loss_graph.input("scale", (), loss.dtype)
+    with loss_graph.scope("loss"):
+        loss_graph.set_output(0, mul(loss, scale))
+    step, _ = allreduce(grad(loss_graph, wrt), bucket_mib=DEFAULT_BUCKET_MIB if bucket_mib is None else bucket_mib)
+    return step
 
 
 def epoch_batches(X: torch.Tensor, Y: torch.Tensor, batch_size: int,

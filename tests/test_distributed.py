@@ -234,7 +234,7 @@ def test_distributed_settings_of_the_wrong_type_name_the_argument():
 
 def _step(bucket_mib: float | None = None) -> gd.Graph:
     m = worker.model()
-    return gd.distributed.step_graph(m.graph(gd.MSE()), list(m.parameters()), bucket_mib)
+    return gd.step.step_graph(m.graph(gd.MSE()), list(m.parameters()), bucket_mib)
 
 
 def _collectives(graph: gd.Graph) -> list[tuple[str, tuple]]:

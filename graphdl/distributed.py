@@ -137,6 +137,19 @@ def require_group(what: str) -> None:
                          f"script and launch it with `{LAUNCH}`; or pass distributed=False")
 
 
+def spans_processes(what: str) -> bool:
+    """Whether `what` (fit(distributed=True), ...) runs over several ranks. In a world of one
+    (a plain `python script.py`, whether or not it called `init`, or a job of one rank) it
+    runs as one process does, so the same script runs unchanged on 1 or N processes. Under
+    torchrun with several ranks but no `init`, each rank would train alone: refused."""
+    if is_initialized():
+        return world_size() > 1
+    if os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1"):
+        raise ValueError(f"{what}: this process is one of {os.environ['WORLD_SIZE']} ranks torchrun launched, but "
+                         "has not joined them: call gd.distributed.init() at the start of the script")
+    return False
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name, str(default))
     if not value.isdigit():

@@ -221,9 +221,10 @@ def _check_params(model: Sequential) -> None:
 
 def _check_settings(optimizer: Any, epochs: Any, batch_size: Any, seed: Any, validation_data: Any, schedule: Any,
                     shuffle: Any, verbose: Any, threads: Any, distributed: Any, checkpoint: Any,
-                    resume: Any) -> tuple[int, int, int | None]:
+                    resume: Any) -> tuple[int, int, int | None, bool]:
     """Check fit's settings, each named in its error, before its data (`metrics` waits
-    for the data: its default depends on Y); returns (epochs, batch_size, seed) as ints."""
+    for the data: its default depends on Y); returns (epochs, batch_size, seed) as ints
+    and whether to run data-parallel."""
     checked_optimizer(optimizer)
     epochs, batch_size = whole("epochs", epochs, 0), whole("batch_size", batch_size, 1)
     if seed is not None:  # the range torch.Generator.manual_seed takes
@@ -238,11 +239,11 @@ def _check_settings(optimizer: Any, epochs: Any, batch_size: Any, seed: Any, val
                          f"got {schedule!r}")
     if threads is not None:
         whole("threads", threads, 1)
-    _check_distributed(distributed, "fit")
+    distributed = _check_distributed(distributed, "fit")
     for name, path in (("checkpoint", checkpoint), ("resume", resume)):
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise ValueError(f"{name} must be a file path or None, got {type(path).__name__}")
-    return epochs, batch_size, seed
+    return epochs, batch_size, seed, distributed
 
 
 # Threads. torch splits each op over every core by default, which costs a synchronisation
@@ -451,8 +452,9 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None =
         resume: str | os.PathLike[str] | None = None) -> History:
     """`Sequential.fit`, which documents the arguments."""
     loss, optimizer = _model_loss(model, loss), SGD() if optimizer is None else optimizer
-    epochs, batch_size, seed = _check_settings(optimizer, epochs, batch_size, seed, validation_data, schedule,
-                                               shuffle, verbose, threads, distributed, checkpoint, resume)
+    epochs, batch_size, seed, distributed = _check_settings(optimizer, epochs, batch_size, seed, validation_data,
+                                                            schedule, shuffle, verbose, threads, distributed,
+                                                            checkpoint, resume)
     Y = _class_targets(model, Y)
     _check_data(model, X, Y)
     if validation_data is not None:
@@ -573,7 +575,7 @@ def evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | N
              distributed: bool = False) -> dict[str, float]:
     """`Sequential.evaluate`, which documents the arguments."""
     loss = _model_loss(model, loss)
-    _check_distributed(distributed, "evaluate")
+    distributed = _check_distributed(distributed, "evaluate")
     Y = _class_targets(model, Y)
     _check_data(model, X, Y)
     metrics = _check_metrics(metrics, Y, loss)
@@ -588,6 +590,5 @@ def _evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss, m
 
 
 def _check_distributed(distributed: Any, what: str) -> bool:
-    if flag("distributed", distributed):
-        dp.require_group(f"{what}(distributed=True)")
-    return distributed
+    """Whether to run data-parallel: asked for, and more than one rank (see `dp.spans_processes`)."""
+    return flag("distributed", distributed) and dp.spans_processes(f"{what}(distributed=True)")

@@ -208,14 +208,33 @@ def test_two_nodes_on_localhost_run_the_example(tmp_path, capsys):
 # -- without a process group --------------------------------------------------------------
 
 
-def test_fit_distributed_without_a_process_group_says_how_to_launch(monkeypatch):
+def test_a_world_of_one_runs_distributed_calls_as_one_process(monkeypatch):
+    """The same script under plain python: init() is rank 0 of 1, and distributed=True
+    trains, predicts and evaluates exactly as distributed=False."""
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert gd.distributed.init() == (0, 1) and not gd.distributed.is_initialized()
     X, Y = worker.data()
+    results = []
+    for distributed in (True, False):
+        model = worker.model()
+        history = model.fit(X, Y, batch_size=20, epochs=2, seed=0, distributed=distributed, verbose=False)
+        results.append((history, model.predict(X, distributed=distributed),
+                        model.evaluate(X, Y, distributed=distributed), model.state()))
+    (h1, p1, e1, s1), (h2, p2, e2, s2) = results
+    assert h1 == h2 and e1 == e2 and torch.equal(p1, p2)
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+def test_a_rank_of_several_that_did_not_join_says_to_call_init(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert not gd.distributed.is_initialized()
+    X, Y = worker.data()
     for call in (lambda m: m.fit(X, Y, distributed=True, verbose=False), lambda m: m.predict(X, distributed=True),
                  lambda m: m.evaluate(X, Y, distributed=True)):
-        with pytest.raises(ValueError, match="torchrun --nproc_per_node N script.py"):
+        with pytest.raises(ValueError, match=r"one of 2 ranks torchrun launched, but has not joined them: call "
+                                             r"gd.distributed.init\(\)"):
             call(worker.model())
 
 

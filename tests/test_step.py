@@ -287,6 +287,33 @@ def test_captured_epochs_train_like_the_plain_step(monkeypatch, settings, batch_
     assert_same_training(got, want, history["loss"], losses)
 
 
+@pytest.mark.parametrize("batch_size", [103, 104, 500])
+def test_a_batch_as_large_as_the_data_or_larger_is_captured(monkeypatch, batch_size):
+    """The warm-up runs the sizes the epoch's batches really have: an arena of 500 rows
+    run on the 103 the data has made torch resize its out= buffers, and fit dropped
+    capture for the whole run with a note quoting an internal shape error."""
+    graphs = RecordedGraphs()
+    monkeypatch.setattr(step_module, "_GRAPHS", graphs)
+    X, Y = disk_data()
+    got, want = net(), net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # capture applies: no fallback note
+        history = got.fit(X, Y, optimizer=gd.SGD(lr=0.1, momentum=0.9), epochs=3, batch_size=batch_size, seed=2,
+                          verbose=False)
+    assert (graphs.captures, graphs.replays) == (1, 3)
+    losses = reference_fit(want, X, Y, gd.SGD(lr=0.1, momentum=0.9), 3, batch_size, seed=2)
+    assert_same_training(got, want, history["loss"], losses)
+
+
+def test_an_arena_refuses_a_batch_of_another_size():
+    """Its out= buffers would be resized under the prepared transposes that view them."""
+    X, Y = disk_data()
+    step = TrainStep(net(), gd.MSE(), gd.SGD(lr=0.1))
+    arena = step._arena(10)
+    with pytest.raises(RuntimeError, match="a batch of 7 rows reached the arena for 10"):
+        arena((X[:7], Y[:7]))
+
+
 @pytest.mark.parametrize("in_warm_up", [False, True], ids=["in-capture", "in-warm-up"])
 def test_capture_that_fails_falls_back_with_one_note(monkeypatch, in_warm_up):
     """The fallback trains from the state before capture: warm-up steps are undone too."""

@@ -189,10 +189,18 @@ class Standardize(Layer):
 
     def __init__(self, features: int | None = None, dtype: torch.dtype = torch.float32) -> None:
         _check_dtype("Standardize", dtype)
-        self.dtype = dtype
+        self._dtype = dtype  # until it holds statistics; then theirs
         if features is not None:
             self.in_features = self.out_features = _check_width("features", features)
             self.mean, self.std = torch.zeros(features, dtype=dtype), torch.ones(features, dtype=dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of mean and std (as assigned, e.g. converted to float64), or the
+        constructor's before `adapt`: what `adapt` computes into and `config` records."""
+        slots = self.__dict__.get("_slots", {})
+        return slots["mean"].tensor.dtype if "mean" in slots else self._dtype
+
 
     def adapt(self, X: torch.Tensor) -> Standardize:
         """Set mean and std to those of X [examples, features], per feature (the population
@@ -219,17 +227,13 @@ class Standardize(Layer):
             row, col = (~finite).nonzero()[0].tolist()
             raise ValueError(f"adapt: X has NaN or inf values, first at X[{row}, {col}] = {X[row, col].item()}; "
                              "drop or repair those examples before adapting")
-        mean, std = data.mean(0), data.std(0, correction=0)
+        mean, std = _mean_and_std(data)
         # A std at the level of the float64 rounding noise of summing n values of this mean
         # is a constant feature, as scikit-learn judges it (relative to the mean: a feature
         # of 3e-5 +- 1e-6 is scaled, not left alone).
         constant = std <= len(data) * torch.finfo(torch.float64).eps * mean.abs()
         std = torch.where(constant, torch.ones_like(std), std)
-        lost = (std.to(self.dtype) == 0).nonzero()
-        if len(lost):
-            k = int(lost[0])
-            raise ValueError(f"adapt: feature {k} has std {float(std[k]):.3g}, which {self.dtype} cannot hold "
-                             "(it rounds to 0); rescale that feature or use a wider dtype")
+        _check_statistics(mean, std, self.dtype)
         device = self.mean.device if self.in_features is not None else X.device
         self.in_features = self.out_features = X.shape[1]
         self.mean, self.std = mean.to(device, self.dtype), std.to(device, self.dtype)
@@ -243,10 +247,36 @@ class Standardize(Layer):
         return div(sub(x, mean), std)
 
     def config(self) -> dict[str, Any]:
+        # From the tensors, not the constructor's arguments: a model converted by assigning
+        # float64 statistics must be described as float64, or its file would not load.
         return {"type": "Standardize", "features": self.in_features, "dtype": str(self.dtype).removeprefix("torch.")}
 
     def __repr__(self) -> str:
         return f"Standardize({self.in_features})" if self.in_features is not None else "Standardize()"
+
+
+def _mean_and_std(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each column's mean and population std, in float64 without overflow: the columns are
+    scaled by their largest magnitude first, so no square exceeds 1 (data of size 1e160
+    squared directly is inf, which made the std inf and mapped the feature to 0)."""
+    scale = data.abs().amax(0)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    unit = data / scale
+    return unit.mean(0) * scale, unit.std(0, correction=0) * scale
+
+
+def _check_statistics(mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype) -> None:
+    """Refuse statistics that `dtype` would turn into inf (or a std it would turn into 0:
+    a division by zero), naming the feature. A mean that rounds to 0 only centres a little
+    less exactly."""
+    for what, values in (("mean", mean), ("std", std)):
+        held = values.to(dtype)
+        bad = (~torch.isfinite(held) | ((held == 0) & (what == "std"))).nonzero()
+        if len(bad):
+            k = int(bad[0])
+            becomes = "0" if bool(torch.isfinite(held[k])) else "inf"
+            raise ValueError(f"adapt: feature {k} has {what} {float(values[k]):.3g}, which {dtype} cannot hold "
+                             f"(it becomes {becomes}); rescale that feature or use a wider dtype")
 
 
 LAYERS: dict[str, type[Layer]] = {cls.__name__: cls for cls in (Linear, ReLU, Tanh, Sigmoid, Softmax, Standardize)}

@@ -35,3 +35,35 @@ def test_a_layer_weight_of_the_wrong_shape_is_refused_where_it_is_assigned():
     with pytest.raises(gd.GraphError, match=r"Linear\(2, 25\)\.bias must have shape \[25\], got \[2\]"):
         model.layers[0].bias = torch.zeros(2)
     assert model.layers[2].weight.shape == (25, 1)  # the layer kept what it had
+
+
+# -- Standardize's statistics -----------------------------------------------------------------
+
+
+def test_standardize_scales_before_squaring_so_huge_features_keep_their_std():
+    """1e160 squared is inf in float64: the std was inf and the feature mapped to 0."""
+    X = torch.tensor([[1e160, 1.0], [3e160, 2.0], [5e160, 3.0]], dtype=torch.float64)
+    layer = gd.Standardize(dtype=torch.float64).adapt(X)
+    want = torch.tensor([(8 / 3) ** 0.5 * 1e160, (2 / 3) ** 0.5],
+                                                             dtype=torch.float64)
+    torch.testing.assert_close(layer.std, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(layer.mean, torch.tensor([3e160, 2.0], dtype=torch.float64), rtol=1e-12, atol=0)
+    z = gd.Sequential(layer).predict(X)
+    assert bool(z.isfinite().all()) and float(z[:, 0].abs().max()) > 1.0  # the feature is seen, not zeroed
+
+
+def test_standardize_refuses_statistics_its_dtype_cannot_hold_naming_the_feature():
+    X = torch.tensor([[1.0, 1e300], [2.0, 3e300]], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"adapt: feature 1 has mean 2e\+300, which torch.float32 cannot hold "
+                                         r"\(it becomes inf\); rescale that feature or use a wider dtype"):
+        gd.Standardize().adapt(X)
+    tiny = torch.tensor([[1.0, 0.0], [2.0, 1e-300]], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"feature 1 has std 5e-301, which torch.float32 cannot hold \(it becomes 0\)"):
+        gd.Standardize().adapt(tiny)
+
+
+def test_standardize_takes_the_dtype_of_the_statistics_it_holds():
+    layer = gd.Standardize().adapt(torch.rand(5, 2))
+    layer.mean, layer.std = layer.mean.double(), layer.std.double()  # converting a model by assignment
+    assert layer.dtype == torch.float64 and layer.config()["dtype"] == "float64"
+    assert layer.adapt(torch.rand(5, 2)).mean.dtype == torch.float64  # adapting again keeps the model's dtype

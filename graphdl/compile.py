@@ -48,8 +48,8 @@ class Compiled:
         self._specs = [(v.name, v.shape, v.dtype) for v in graph.inputs.values()]
 
     def __call__(self, *args: torch.Tensor, **feeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self._check_params()  # first: feeds converted along with a model would be named as the wrong ones
         ordered = self.check_feeds(args, feeds)
-        self._check_param_devices()
         target = self._on_device_of(ordered)
         try:
             with torch.no_grad():  # graphdl differentiates itself; feeds that require grad must not start a tape
@@ -57,13 +57,20 @@ class Compiled:
         except Exception as e:  # name the IR line that failed, keep torch's error as the cause
             raise target._explain(e) from e
 
-    def _check_param_devices(self) -> None:
-        """A param given a tensor on another device would meet feeds and constants on the old
-        one (and torch computes cpu-with-meta silently, on meta)."""
-        moved = [_change(v, self.device) for v in self.graph.params.values() if v.data.device != self.device]
-        if moved:
-            raise GraphError(f"graph {self.graph.name}: a param moved after compile ({'; '.join(moved)}); "
-                             "compile the graph again, or give the param a tensor on the compiled device")
+    def _check_params(self) -> None:
+        """The graph still describes what it was built from, and each param's tensor has the
+        shape, dtype and device it was compiled for: a tensor of another dtype or device
+        would compute in it silently (torch computes cpu-with-meta on meta), one of another
+        shape fail inside torch."""
+        stale = self.graph.stale() if self.graph.stale is not None else None
+        if stale:
+            raise GraphError(f"graph {self.graph.name}: {stale}")
+        changed = [_change(v, self.device) for v in self.graph.params.values()
+                   if (v.data.shape, v.data.dtype, v.data.device) != (v.shape, v.dtype, self.device)]
+        if changed:
+            raise GraphError(f"graph {self.graph.name}: a param changed after compile ({'; '.join(changed)}); "
+                             "compile the graph again (a model does so itself), or give the param a tensor of the "
+                             "declared shape, dtype and device")
 
     def _on_device_of(self, feeds: list[torch.Tensor]) -> Compiled:
         """This compiled function, or, for a graph without params whose feeds are on
@@ -134,12 +141,8 @@ class Compiled:
             return error
         ir_line, node = self._line_text[line]
         where = f"\n  created at {node.where}" + (f" (in layer {node.scope})" if node.scope else "")
-        changed = [_change(v, self.device) for v in self.graph.params.values()
-                   if (tuple(v.data.shape), v.data.dtype, v.data.device) != (v.shape, v.dtype, self.device)]
-        hint = f"\n  hint: a param changed after compile ({'; '.join(changed)}); give params tensors of the " \
-               "declared shape, dtype and device, or compile the graph again" if changed else ""
         return GraphError(f"graph {self.graph.name}: running `{ir_line}` failed: "
-                          f"{type(error).__name__}: {error}{where}{hint}")
+                          f"{type(error).__name__}: {error}{where}")
 
     def __repr__(self) -> str:
         return f"<Compiled {self.graph.name}: {len(self.graph.nodes)} nodes>\n{self.source}"
@@ -230,8 +233,8 @@ class ArenaCompiled(Compiled):
                 for axis, d in enumerate(shape) if isinstance(d, str)}
 
     def __call__(self, *args: torch.Tensor, **feeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self._check_params()
         ordered = self.check_feeds(args, feeds)
-        self._check_param_devices()
         target = self._on_device_of(ordered)
         sizes = target.sizes(ordered)
         key = tuple(sorted(sizes.items()))

@@ -23,12 +23,16 @@ from .layers import Layer, Linear, Sequential
 
 @dataclass(frozen=True)
 class TorchLayer:
-    """How one torch module type and one graphdl layer type map onto each other."""
+    """How one torch module type and one graphdl layer type map onto each other.
+
+    `params` pairs each graphdl tensor with the torch parameter it is copied from and to
+    ({"weight": "weight"}): what tells a tied weight on one side to stay tied on the other."""
 
     module: type[torch.nn.Module]
     layer: type[Layer]
     to_layer: Callable[[Any, str], Layer]  # (module, where) -> layer
     to_module: Callable[[Any], torch.nn.Module]  # layer -> module
+    params: tuple[tuple[str, str], ...] = ()  # (graphdl name, torch name)
 
 
 def _owned(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -77,7 +81,7 @@ def _simple(module: type[torch.nn.Module], layer: type[Layer]) -> TorchLayer:
 
 
 TORCH_LAYERS: list[TorchLayer] = [
-    TorchLayer(torch.nn.Linear, Linear, _linear_from_torch, _linear_to_torch),
+    TorchLayer(torch.nn.Linear, Linear, _linear_from_torch, _linear_to_torch, (("weight", "weight"), ("bias", "bias"))),
     _simple(torch.nn.ReLU, layers.ReLU),
     _simple(torch.nn.Tanh, layers.Tanh),
     _simple(torch.nn.Sigmoid, layers.Sigmoid),
@@ -107,6 +111,7 @@ def from_torch(module: torch.nn.Module) -> Sequential:
     by_type = {row.module: row for row in TORCH_LAYERS}
     model = Sequential()
     dtype: tuple[torch.dtype, str] | None = None
+    tied: dict[int, tuple[Layer, str]] = {}  # id of a torch parameter -> the graphdl layer and name it became
     for position, m in _flatten(module, ""):
         where = f"module {position} ({_short(m)})"
         if type(m) is torch.nn.Identity:
@@ -117,6 +122,15 @@ def from_torch(module: torch.nn.Module) -> Sequential:
             raise GraphError(f"from_torch: {where} has no graphdl layer; graphdl takes {known} and Identity, "
                              "in an nn.Sequential")
         layer = row.to_layer(m, where)
+        for name, torch_name in row.params:  # a parameter torch shares between modules stays one tensor
+            p = getattr(m, torch_name, None)
+            if p is None:
+                continue
+            if id(p) in tied:
+                first, first_name = tied[id(p)]
+                setattr(layer, name, getattr(first, first_name))
+            else:
+                tied[id(p)] = (layer, name)
         for t in layer.params().values():
             if dtype is None:
                 dtype = (t.dtype, where)
@@ -147,12 +161,23 @@ def to_torch(model: Sequential) -> torch.nn.Sequential:
         raise GraphError(f"to_torch takes a gd.Sequential, got {type(model).__name__}")
     by_type = {row.layer: row for row in TORCH_LAYERS}
     modules = []
+    owners = model._owners()
+    made: dict[str, torch.nn.Parameter] = {}  # a graphdl param's name -> the torch parameter made for it
     for k, layer in enumerate(model.layers):
         row = by_type.get(type(layer))
         if row is None:
             known = ", ".join(row.layer.__name__ for row in TORCH_LAYERS)
             raise GraphError(f"to_torch: layer {k} ({layer!r}) has no torch module; the layers that map are {known}")
-        modules.append(row.to_module(layer))
+        module = row.to_module(layer)
+        for name, torch_name in row.params:  # a tied tensor becomes one shared torch parameter
+            owner = owners.get(f"{k}.{name}")
+            if owner is None:
+                continue
+            if owner in made:
+                setattr(module, torch_name, made[owner])
+            else:
+                made[owner] = getattr(module, torch_name)
+        modules.append(module)
     return torch.nn.Sequential(*modules)
 
 
@@ -161,8 +186,11 @@ def _flatten(module: torch.nn.Module, prefix: str) -> Iterator[tuple[str, torch.
     if type(module) is not torch.nn.Sequential:
         yield prefix or "0", module
         return
-    for name, child in module.named_children():
-        yield from _flatten(child, f"{prefix}{name}" if not prefix else f"{prefix}.{name}")
+    # Its own list, not named_children(), which skips a module the Sequential holds twice
+    # (nn.Sequential(shared, nn.ReLU(), shared) would lose its third layer).
+    for name, child in module._modules.items():
+        if child is not None:
+            yield from _flatten(child, f"{prefix}{name}" if not prefix else f"{prefix}.{name}")
 
 
 def _short(module: torch.nn.Module) -> str:

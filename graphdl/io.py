@@ -9,6 +9,8 @@ code. The header's string metadata says what the file is:
     version  "1"
     ir       the forward graph as text IR (`str(graph)`)
     layers   models only: the JSON of `model.config()`
+    ties     models only, optional: JSON {place: place it shares}, e.g. {"2.weight": "0.weight"}
+             for a tensor held by two layers (stored once, under its first place's name)
     loss     models only, optional: the name of the loss it was trained with (`gd.MSE().name`)
 
 and its tensors are the model's state by name ("0.weight", ..., and non-trainable
@@ -74,12 +76,21 @@ def save_model(model: Sequential, path: str | os.PathLike[str], state: dict[str,
         raise GraphError(f"save: the model's tensors {sorted(weights)} differ from its graph's params "
                          f"{sorted(graph.params)}; this is a bug in the layer that built them")
     metadata = {"ir": str(graph), "layers": json.dumps(model.config())}
+    ties = model.ties()
+    if ties:
+        metadata["ties"] = json.dumps(ties)  # each tensor is stored once; these places share it
     if model.loss is not None and LOSSES.get(model.loss.name) is type(model.loss):
         metadata["loss"] = model.loss.name  # evaluate's default, and how it reads a prediction as a class
     if state_info:
         metadata["state"] = state_info
-    _write(_as_path(path), MODEL_FORMAT, metadata,
-           {**weights, **{STATE_PREFIX + name: t for name, t in (state or {}).items()}})
+    path = _as_path(path)
+    data = _encode(path, MODEL_FORMAT, metadata,
+                   {**weights, **{STATE_PREFIX + name: t for name, t in (state or {}).items()}})
+    try:  # a file that save writes is one that load reads: refuse it now, while the model is still here
+        _model_from_bytes(path, data)
+    except GraphError as e:
+        raise GraphError(f"save: {path} would not load back, so nothing was written: {e}") from None
+    _atomic_write(path, data)
 
 
 STATE_PREFIX = "state/"  # tensors a checkpoint keeps beside the weights; no param name has a '/'
@@ -106,7 +117,10 @@ def load_with_state(path: str | os.PathLike[str]) -> tuple[Sequential, str, dict
     """`load`, also returning the training state saved with the model: its "state"
     metadata ('' if none) and its state tensors by name (see `save_model`)."""
     path = _as_path(path)
-    data = _read_bytes(path)
+    return _model_from_bytes(path, _read_bytes(path))
+
+
+def _model_from_bytes(path: Path, data: bytes) -> tuple[Sequential, str, dict[str, torch.Tensor]]:
     if _is_ir_text(data):
         raise GraphError(f"{path}: holds IR text, not a model; load it with gd.load_graph({str(path)!r})")
     kind, metadata, weights = _decode(path, data)
@@ -117,7 +131,7 @@ def load_with_state(path: str | os.PathLike[str]) -> tuple[Sequential, str, dict
     info = metadata.get("state", "")
     if not isinstance(info, str):
         raise GraphError(f"{path}: the file's training state is not text; the file is corrupt")
-    model = _model_from(path, metadata["layers"], graph)
+    model = _model_from(path, metadata["layers"], metadata.get("ties", "{}"), graph)
     model.loss = _loss_from(path, metadata)
     return model, info, state
 
@@ -133,10 +147,10 @@ def _loss_from(path: Path, metadata: dict[str, str]) -> Loss | None:
     return LOSSES[name]()
 
 
-def _model_from(path: Path, layers: str, graph: Graph) -> Sequential:
-    """The Sequential the file's layer list describes, holding the weights `graph` (the
-    file's IR) holds. Its layers must rebuild exactly that IR, or the model would run a
-    different network than the one the file describes."""
+def _model_from(path: Path, layers: str, ties: str, graph: Graph) -> Sequential:
+    """The Sequential the file's layer list describes, with the file's ties, holding the
+    weights `graph` (the file's IR) holds. Its layers must rebuild exactly that IR, or the
+    model would run a different network than the one the file describes."""
     from .layers import Sequential  # here, not at the top: layers builds on the modules io sits beside
 
     try:
@@ -146,6 +160,7 @@ def _model_from(path: Path, layers: str, graph: Graph) -> Sequential:
         # weights are drawn (which would advance torch's global RNG) only to be overwritten.
         with torch.device("meta"):
             model = Sequential.from_config(config)
+            _tie(model, _read_json(ties))
             params = model.state()
             rebuilt = str(model.graph())
     except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
@@ -164,10 +179,29 @@ def _model_from(path: Path, layers: str, graph: Graph) -> Sequential:
     if rebuilt != stored:
         raise GraphError(f"{path}: the file's IR and its layer list disagree ({_first_difference(stored, rebuilt)}), "
                          "so the model would not be the network the IR describes; the file is corrupt or was edited")
-    for k, layer in enumerate(model.layers):
-        for short in {**layer.params(), **layer.buffers()}:
-            setattr(layer, short, graph.params[f"{k}.{short}"].data)
+    owners = {name: owner for name, owner in model._owners().items()}
+    for name, layer, short, _, _ in model._places():
+        setattr(layer, short, graph.params[owners[name]].data)
     return model
+
+
+def _tie(model: Sequential, ties: Any) -> None:
+    """Give each place the file names ({"2.weight": "0.weight"}) the tensor of the earlier
+    place it shares, after checking that both exist and can hold one tensor."""
+    if not isinstance(ties, dict):
+        raise ValueError("the ties must be a JSON object of place names")
+    places = {name: (layer, short, t) for name, layer, short, _, t in model._places()}
+    order = list(places)
+    for name, owner in ties.items():
+        if not isinstance(owner, str) or name not in places or owner not in places:
+            raise ValueError(f"the tie {name!r} -> {owner!r} names a place the layers do not have")
+        if order.index(owner) >= order.index(name):
+            raise ValueError(f"the tie {name!r} -> {owner!r} does not point to an earlier place")
+        layer, short, t = places[name]
+        source = places[owner][2]
+        if (t.shape, t.dtype) != (source.shape, source.dtype):
+            raise ValueError(f"the tie {name!r} -> {owner!r} joins tensors of different shapes or dtypes")
+        setattr(layer, short, source)
 
 
 def _first_difference(stored: str, rebuilt: str) -> str:
@@ -253,14 +287,18 @@ def _is_ir_text(data: bytes) -> bool:
 
 
 def _write(path: Path, kind: str, metadata: dict[str, str], weights: dict[str, torch.Tensor]) -> None:
+    _atomic_write(path, _encode(path, kind, metadata, weights))
+
+
+def _encode(path: Path, kind: str, metadata: dict[str, str], weights: dict[str, torch.Tensor]) -> bytes:
+    """The file's bytes: the safetensors container of `weights` with graphdl's metadata."""
     meta = [name for name, t in weights.items() if t.is_meta]
     if meta:
         raise GraphError(f"{path}: cannot save weight {meta[0]!r}: it is on the meta device, which holds shapes "
                          "but no values; load or train real weights (on 'cpu' or 'cuda') before saving")
     # safetensors wants contiguous CPU tensors that share no memory.
     tensors = {name: t.detach().to("cpu").contiguous().clone() for name, t in weights.items()}
-    data = safetensors.torch.save(tensors, metadata={"format": kind, "version": FORMAT_VERSION, **metadata})
-    _atomic_write(path, data)
+    return safetensors.torch.save(tensors, metadata={"format": kind, "version": FORMAT_VERSION, **metadata})
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

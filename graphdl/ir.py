@@ -363,6 +363,10 @@ class Graph:
         self._returned: dict[Value, int] = {}  # value -> how many entries of outputs hold it
         self._scope = ""
         self._backward = False
+        # Left by the graph's builder: why the graph no longer describes what it was built
+        # from (a model whose layers changed since), or None. Copies keep it; compiled
+        # functions ask it at each call and refuse to run a stale graph.
+        self.stale: Callable[[], str | None] | None = None
 
     # -- building -------------------------------------------------------------------
 
@@ -671,6 +675,7 @@ class Graph:
                                         n.out.dtype, n.where, n.scope, n.backward)
         g.output(*(vmap[id(v)] for v in self._outputs))
         g._labels = list(self._labels)
+        g.stale = self.stale
         return g, vmap
 
     def __str__(self) -> str:

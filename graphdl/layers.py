@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -72,15 +73,17 @@ class Layer:
         return {name: getattr(self, name) for name, p in self._declared() if not p.trainable}
 
     def _declared(self) -> list[tuple[str, Param]]:
-        """The Param attributes that hold a tensor, in declaration order."""
+        """The Param attributes that hold a tensor, in declaration order (a subclass's after
+        those it inherits)."""
         slots = self.__dict__.get("_slots", {})
-        return [(name, p) for name, p in vars(type(self)).items() if isinstance(p, Param) and name in slots]
+        return [(name, p) for name, p in _params_of(type(self)) if name in slots]
 
     def slot(self, name: str) -> Slot:
         """Where param `name` lives; graphs built from the layer share it."""
         return self.__dict__["_slots"][name]
 
-    def forward(self, graph: Graph, x: Value, prefix: str) -> Value:
+    def forward(self, build: Build, x: Value) -> Value:
+        """The IR of the layer applied to `x`; its params come from `build.param(name)`."""
         raise NotImplementedError
 
     def config(self) -> dict[str, Any]:
@@ -92,6 +95,43 @@ class Layer:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+@functools.cache
+def _params_of(cls: type) -> tuple[tuple[str, Param], ...]:
+    """A layer class's Param attributes, inherited ones first (cached: walking the classes'
+    dicts took 5 µs a layer, paid by every `parameters()` and every predict)."""
+    declared: dict[str, Param] = {}
+    for base in reversed(cls.__mro__):
+        declared.update((name, p) for name, p in vars(base).items() if isinstance(p, Param))
+    return tuple(declared.items())
+
+
+def same_memory(t: torch.Tensor) -> Hashable:
+    """What makes two tensors one param: the same elements of the same memory (one tensor
+    assigned in two places, or a view of the whole of it). A meta or empty tensor has no
+    memory to share, so it is only itself."""
+    if t.is_meta or not t.numel():
+        return id(t)
+    return t.data_ptr(), t.stride(), t.shape, t.dtype, t.device
+
+
+class Build:
+    """What a layer's `forward` builds with: the graph and the layer's params.
+
+    `param("weight")` is the graph param holding the layer's weight, declared on first
+    use under its model-wide name ("2.weight"). A tensor that an earlier place already
+    holds (a tied weight, `l2.weight = l1.weight`) is that place's param: one value in
+    the IR, so its gradients add up and it is trained, decayed and saved once."""
+
+    def __init__(self, graph: Graph, prefix: str, owners: dict[str, str], slots: dict[str, Slot]) -> None:
+        self.graph, self.prefix = graph, prefix
+        self._owners, self._slots = owners, slots
+
+    def param(self, name: str) -> Value:
+        owner = self._owners[self.prefix + name]
+        known = self.graph.params.get(owner)
+        return known if known is not None else self.graph.param(owner, self._slots[owner])
 
 
 def _check_width(name: str, value: int) -> int:
@@ -128,10 +168,8 @@ class Linear(Layer):
             raise ValueError(f"Linear({in_features}, {out_features}) needs {size:.3g} GiB for its {dtype} weight, "
                              "more than this machine can allocate; use smaller widths") from None
 
-    def forward(self, graph: Graph, x: Value, prefix: str) -> Value:
-        w = graph.param(f"{prefix}weight", self.slot("weight"))
-        b = graph.param(f"{prefix}bias", self.slot("bias"))
-        return add(matmul(x, w), b)
+    def forward(self, build: Build, x: Value) -> Value:
+        return add(matmul(x, build.param("weight")), build.param("bias"))
 
     def config(self) -> dict[str, Any]:
         return {"type": "Linear", "in_features": self.in_features, "out_features": self.out_features,
@@ -144,21 +182,21 @@ class Linear(Layer):
 class ReLU(Layer):
     """max(x, 0)."""
 
-    def forward(self, graph: Graph, x: Value, prefix: str) -> Value:
+    def forward(self, build: Build, x: Value) -> Value:
         return relu(x)
 
 
 class Tanh(Layer):
     """Hyperbolic tangent."""
 
-    def forward(self, graph: Graph, x: Value, prefix: str) -> Value:
+    def forward(self, build: Build, x: Value) -> Value:
         return tanh(x)
 
 
 class Sigmoid(Layer):
     """1 / (1 + exp(-x))."""
 
-    def forward(self, graph: Graph, x: Value, prefix: str) -> Value:
+    def forward(self, build: Build, x: Value) -> Value:
         return sigmoid(x)
 
 
@@ -166,7 +204,7 @@ class Softmax(Layer):
     """exp(x) / sum(exp(x)) over the features: rows of class probabilities. Train a
     classifier on its logits with gd.CrossEntropy(), then add Softmax to output probabilities."""
 
-    def forward(self, graph: Graph, x: Value, prefix: str) -> Value:
+    def forward(self, build: Build, x: Value) -> Value:
         return softmax(x)
 
 
@@ -200,7 +238,6 @@ class Standardize(Layer):
         constructor's before `adapt`: what `adapt` computes into and `config` records."""
         slots = self.__dict__.get("_slots", {})
         return slots["mean"].tensor.dtype if "mean" in slots else self._dtype
-
 
     def adapt(self, X: torch.Tensor) -> Standardize:
         """Set mean and std to those of X [examples, features], per feature (the population
@@ -239,12 +276,11 @@ class Standardize(Layer):
         self.mean, self.std = mean.to(device, self.dtype), std.to(device, self.dtype)
         return self
 
-    def forward(self, graph: Graph, x: Value, prefix: str) -> Value:
+    def forward(self, build: Build, x: Value) -> Value:
         if self.in_features is None:
             raise GraphError("Standardize has no statistics yet; call .adapt(X) on the training inputs first, "
                              "or give features= to start from the identity")
-        mean, std = graph.param(f"{prefix}mean", self.slot("mean")), graph.param(f"{prefix}std", self.slot("std"))
-        return div(sub(x, mean), std)
+        return div(sub(x, build.param("mean")), build.param("std"))
 
     def config(self) -> dict[str, Any]:
         # From the tensors, not the constructor's arguments: a model converted by assigning
@@ -337,26 +373,67 @@ class Sequential:
             raise GraphError("this Sequential has no Linear layer, so its output width is unknown")
         return width
 
+    # -- the tensors, each once ----------------------------------------------------------
+    #
+    # A tensor held in several places (a tied weight: `l2.weight = l1.weight`) is one
+    # param, named after its first place in build order: listed once, one value in the
+    # IR (its gradients add up), trained, decayed and saved once. `same_memory` says when
+    # two places hold one tensor.
+
+    def _places(self) -> list[tuple[str, Layer, str, bool, torch.Tensor]]:
+        """(name, layer, short name, trainable, tensor) for every tensor every layer holds, in build order."""
+        return [(f"{k}.{short}", layer, short, p.trainable, layer.slot(short).tensor)
+                for k, layer in enumerate(self.layers) for short, p in layer._declared()]
+
+    def _owners(self, places: list[tuple[str, Layer, str, bool, torch.Tensor]] | None = None) -> dict[str, str]:
+        """Each place's name -> the name of the first place holding the same tensor (itself if none)."""
+        first: dict[Hashable, tuple[str, bool]] = {}
+        owners: dict[str, str] = {}
+        for name, _, _, trainable, t in self._places() if places is None else places:
+            owner, trained = first.setdefault(same_memory(t), (name, trainable))
+            if trained != trainable:
+                kinds = ("a trained param", "a fixed buffer") if trained else ("a fixed buffer", "a trained param")
+                raise GraphError(f"{name} holds the tensor that {owner} holds, but {owner} is {kinds[0]} and {name} "
+                                 f"{kinds[1]}; give {name} its own tensor (e.g. .clone())")
+            owners[name] = owner
+        return owners
+
+    def ties(self) -> dict[str, str]:
+        """{place: the param it shares} for each tensor held in more than one place, e.g.
+        {"2.weight": "0.weight"} after `model.layers[2].weight = model.layers[0].weight`."""
+        return {name: owner for name, owner in self._owners().items() if owner != name}
+
     def parameters(self) -> dict[str, torch.Tensor]:
-        """Trainable params by name ("0.weight", "0.bias", ...), in build order: the live
-        tensors that `fit` differentiates and updates."""
-        return {f"{k}.{name}": t for k, layer in enumerate(self.layers) for name, t in layer.params().items()}
+        """Trainable params by name ("0.weight", "0.bias", ...), in build order, each tensor
+        once (a tied one under its first place's name): the live tensors that `fit`
+        differentiates and updates."""
+        places = self._places()
+        owners = self._owners(places)
+        return {name: t for name, _, _, trainable, t in places if trainable and owners[name] == name}
 
     def state(self) -> dict[str, torch.Tensor]:
-        """Every tensor the model holds, by name in build order: the trainable params and
-        the non-trainable buffers (Standardize's "{k}.mean", "{k}.std"). What a model file stores."""
-        return {f"{k}.{name}": t for k, layer in enumerate(self.layers)
-                for name, t in {**layer.params(), **layer.buffers()}.items()}
+        """Every tensor the model holds, by name in build order, each once: the trainable
+        params and the non-trainable buffers (Standardize's "{k}.mean", "{k}.std"). What a
+        model file stores (with `ties`, so that a tie comes back on load)."""
+        places = self._places()
+        owners = self._owners(places)
+        return {name: t for name, _, _, _, t in places if owners[name] == name}
 
     def graph(self, loss: Loss | None = None, name: str = "sequential", prediction: bool = False) -> Graph:
         """The IR of the forward pass (output: the prediction), or of the loss with `loss`
         (then `prediction=True` returns the prediction too, as a second output)."""
+        places = self._places()
+        owners = self._owners(places)
+        slots = {name: layer.slot(short) for name, layer, short, _, _ in places}
         g = Graph(name)
         x = g.input("x", (None, self.in_features), self._dtype())
+        layers = tuple(self.layers)
+        g.stale = lambda: None if tuple(self.layers) == layers else \
+            "its model's layers have changed since (a layer was replaced, added or removed); build it again"
         h = x
-        for k, layer in enumerate(self.layers):
+        for k, layer in enumerate(layers):
             with g.scope(f"{k}:{type(layer).__name__}"):
-                h = layer.forward(g, h, f"{k}.")
+                h = layer.forward(Build(g, f"{k}.", owners, slots), h)
         if loss is None:
             g.output(h)
             return g
@@ -369,23 +446,52 @@ class Sequential:
             g.output(h)
         return g
 
+    def binding(self) -> tuple[tuple, tuple]:
+        """(structure, memory): what compiled code built from the model depends on.
+
+        structure: the layers themselves (not their ids, which a freed layer's successor
+        may reuse), each tensor's shape, dtype and device, and the ties; a change needs a
+        new graph. memory: where each tensor's elements are (address and strides); a
+        change (`layer.weight.data = t`, a new tensor assigned) needs code that holds
+        tensors or views of them (fit's arena, prepared transposes, planned updates) to
+        bind again. Values changed in place (`.data.copy_()`, edits under no_grad) need
+        neither: every compiled function reads the memory itself.
+        """
+        places = self._places()
+        owners = self._owners(places)
+        return self._structure(places, owners), tuple(same_memory(t) for name, *_, t in places if owners[name] == name)
+
+    def _structure(self, places: list[tuple[str, Layer, str, bool, torch.Tensor]], owners: dict[str, str]) -> tuple:
+        return tuple(self.layers), tuple((t.shape, t.dtype, t.device, owners[name]) for name, *_, t in places)
+
     def compiled(self, key: Any, build: Callable[[], Any]) -> Any:
         """The compiled function for `key` (such as ("predict",)), built by `build` once.
 
         Compiled functions read the params' live tensors, so a layer given a new tensor of
-        the same shape, dtype and device keeps them; a different dtype or device, or a
-        change to `self.layers` itself (a layer replaced, added or removed), rebuilds them.
-        The signature holds the layers themselves, not their ids, so a freed layer's id
-        reused by a new one cannot pass for it.
+        the same shape, dtype and device keeps them; a different dtype or device, a new
+        tie, or a change to `self.layers` itself (a layer replaced, added or removed)
+        rebuilds them (see `binding`).
         """
-        signature = (tuple(self.layers), tuple((t.shape, t.dtype, t.device) for t in self.state().values()))
+        places = self._places()
+        signature = self._structure(places, self._owners(places))
         if signature != self._signature:
+            self._check_shapes()
             self._cache.clear()
             self._signature = signature
         fn = self._cache.get(key)
         if fn is None:
             fn = self._cache[key] = build()
         return fn
+
+    def _check_shapes(self) -> None:
+        """Each tensor has the shape its layer declares (`.data = t` can change it unseen)."""
+        for name, layer, short, _, t in self._places():
+            declared = getattr(type(layer), short)  # the Param itself
+            expected = declared.shape(layer) if declared.shape is not None else None
+            if expected is not None and None not in expected and tuple(t.shape) != expected:
+                raise GraphError(f"{name} ({layer!r}.{short}) is now {list(t.shape)}, but the layer declares "
+                                 f"{list(expected)}; it was changed behind the layer's back (`.data = t`?): "
+                                 f"assign a tensor of shape {list(expected)}, or build a layer of the new size")
 
     def _dtype(self) -> torch.dtype:
         params = list(self.state().values())
@@ -397,8 +503,12 @@ class Sequential:
             torch.empty(0, device=device)
         except (RuntimeError, TypeError, ValueError) as e:
             raise ValueError(f"device {device!r} cannot hold the model: {e}") from None
-        for layer in self.layers:
-            layer.to(device)
+        moved: dict[Hashable, torch.Tensor] = {}
+        for _, layer, short, _, t in self._places():  # a tied tensor moves once, and stays tied
+            key = same_memory(t)
+            if key not in moved:
+                moved[key] = t.to(device)
+            setattr(layer, short, moved[key])
         self._cache.clear()
         return self
 

@@ -9,7 +9,7 @@ missing: either way a handful of kernel launches per step whatever the number of
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
@@ -56,6 +56,21 @@ class SGD:
         """Start from zero velocity for these params."""
         self.buffers = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in params] \
             if self.momentum else []
+
+    def carry(self, before: list[Hashable], after: list[Hashable], params: list[torch.Tensor]) -> None:
+        """Re-align the state with a new list of params: `before` and `after` identify the
+        params of the old and new lists (their slots); a param in both keeps its velocity
+        if its shape is unchanged (moved to its new dtype and device, as the param was),
+        and every other starts from zero."""
+        if not self.momentum:
+            return
+        old = dict(zip(before, self.buffers))
+        fresh = []
+        for key, p in zip(after, params):
+            u = old.get(key)
+            fresh.append(u.to(p.device, p.dtype) if u is not None and u.shape == p.shape else
+                         torch.zeros_like(p, memory_format=torch.contiguous_format))
+        self.buffers = fresh
 
     def step(self, params: list[torch.Tensor], grads: list[torch.Tensor], lr: float | None = None) -> None:
         """Update `params` in place from `grads` (same order as at `reset`); `grads` are not modified.
@@ -269,6 +284,38 @@ def _check_step(params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
         if not p.is_floating_point():
             raise ValueError(f"step: param {k} is {p.dtype}; SGD updates floating-point params only")
         check_updatable(f"step: param {k}", p)
+
+
+def check_apart(tensors: dict[str, torch.Tensor]) -> None:
+    """Params updated in place one by one must not share elements: a view of part of
+    another param would be updated twice a step, once through each. (One tensor held in
+    two places is one param, and comes here once.)"""
+    spans = []
+    for name, t in tensors.items():
+        if t.numel() and not t.is_meta:
+            reach = 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))  # torch's strides are >= 0
+            spans.append((t.untyped_storage().data_ptr(), t.data_ptr(), t.data_ptr() + reach * t.itemsize, name, t))
+    spans.sort(key=lambda s: (s[0], s[1]))
+    for i, (storage, _, end, name, t) in enumerate(spans):
+        for storage2, begin2, _, name2, t2 in spans[i + 1:]:
+            if storage2 != storage or begin2 >= end:
+                break
+            if not _share_elements(t, t2):
+                continue
+            raise ValueError(f"params {name} and {name2} share elements but are not one tensor (they view "
+                             f"overlapping parts of one), so training would update those elements twice a step; give "
+                             f"{name2} its own memory (.clone()), or tie the two as one tensor "
+                             "(layer.weight = other.weight)")
+
+
+def _share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two views of one storage have an element in common (exactly, for one dtype)."""
+    if a.dtype != b.dtype:
+        return True
+    size = a.untyped_storage().nbytes() // a.itemsize
+    index = torch.arange(size, device="cpu")
+    elements = [torch.as_strided(index, t.shape, t.stride(), t.storage_offset()).reshape(-1) for t in (a, b)]
+    return bool(torch.isin(elements[0], elements[1]).any())
 
 
 def check_updatable(what: str, p: torch.Tensor) -> None:

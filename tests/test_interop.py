@@ -122,7 +122,7 @@ def test_mixed_dtypes_and_widths_that_do_not_chain_are_refused():
 
 def test_a_layer_without_a_torch_module_is_named_with_its_position():
     class Square(gd.Layer):
-        def forward(self, graph, x, prefix):
+        def forward(self, build, x):
             return x * x
 
     model = gd.Sequential(gd.Linear(2, 3), Square())
@@ -157,3 +157,26 @@ def test_the_readme_round_trip_runs(tmp_path, monkeypatch):
     for snippet in code:
         exec(compile(snippet, "README.md", "exec"), {})
     assert (tmp_path / "m.onnx").exists()
+
+
+def test_a_tie_survives_the_trip_to_torch_and_back():
+    gen = torch.Generator().manual_seed(0)
+    model = gd.Sequential(gd.Linear(4, 4, generator=gen), gd.Tanh(), gd.Linear(4, 4, generator=gen))
+    model.layers[2].weight = model.layers[0].weight
+    net = model.to_torch()
+    assert net[2].weight is net[0].weight and len(list(net.parameters())) == 3  # one shared torch Parameter
+    X = torch.rand(5, 4)
+    torch.testing.assert_close(net(X).detach(), model.predict(X))
+    back = gd.from_torch(net)
+    assert back.ties() == {"2.weight": "0.weight"} and back.layers[2].weight is back.layers[0].weight
+    torch.testing.assert_close(back.predict(X), model.predict(X))
+
+
+def test_a_module_used_twice_in_torch_is_one_tensor_in_graphdl():
+    shared = torch.nn.Linear(3, 3)
+    net = torch.nn.Sequential(shared, torch.nn.ReLU(), shared)  # named_children() lists it once: the third was lost
+    back = gd.from_torch(net)
+    assert len(back.layers) == 3 and back.ties() == {"2.weight": "0.weight", "2.bias": "0.bias"}
+    assert len(back.parameters()) == 2
+    X = torch.rand(4, 3)
+    torch.testing.assert_close(back.predict(X), net(X).detach())

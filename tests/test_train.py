@@ -1069,3 +1069,46 @@ def test_checkpointing_and_resuming_take_the_very_steps_of_a_plain_fit(tmp_path)
     assert h_resumed == h_plain
     for a, b in zip(plain.state().values(), resumed.state().values(), strict=True):
         assert torch.equal(a, b)
+
+
+# -- a tied tensor is one parameter ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_a_tied_weight_trains_as_torchs_shared_parameter(nesterov):
+    """Weight decay and momentum once per tensor, however many layers read it (twice,
+    before: 0.135 off torch after 9 steps)."""
+    gen = torch.Generator().manual_seed(0)
+    model = gd.Sequential(gd.Linear(4, 4, generator=gen), gd.Tanh(), gd.Linear(4, 4, generator=gen), gd.Tanh(),
+                          gd.Linear(4, 1, generator=gen))
+    model.layers[2].weight = model.layers[0].weight
+    twin = _torch_twin(model)
+    twin[2].weight = twin[0].weight  # torch's tie: one Parameter in two modules
+    X, Y = torch.rand(27, 4, generator=gen), torch.rand(27, 1, generator=gen)
+    history = model.fit(X, Y, optimizer=gd.SGD(lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=0.1), epochs=1,
+                        batch_size=3, shuffle=False, verbose=False)
+    opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=0.1)
+    losses = []
+    for first in range(0, 27, 3):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(twin(X[first:first + 3]), Y[first:first + 3])
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert len(list(twin.parameters())) == len(model.parameters()) == 5
+    torch.testing.assert_close(model.layers[0].weight, twin[0].weight.detach().T, rtol=1e-5, atol=1e-6)
+    assert model.layers[2].weight is model.layers[0].weight
+    torch.testing.assert_close(model.layers[4].weight, twin[4].weight.detach().T, rtol=1e-5, atol=1e-6)
+    assert history["loss"][0] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+
+
+def test_params_that_share_part_of_their_memory_are_refused_by_training():
+    model = gd.Sequential(gd.Linear(4, 4), gd.Tanh(), gd.Linear(4, 4))
+    big = torch.randn(8, 4)
+    model.layers[0].weight, model.layers[2].weight = big[:4], big[2:6]  # rows 2 and 3 in both
+    with pytest.raises(ValueError, match=r"params 0.weight and 2.weight share elements but are not one tensor .* "
+                                         r"give 2.weight its own memory \(.clone\(\)\), or tie the two"):
+        model.fit(torch.rand(8, 4), torch.rand(8, 4), verbose=False)
+    a = torch.randn(4, 8)
+    model.layers[0].weight, model.layers[2].weight = a[:, ::2], a[:, 1::2]  # interleaved, no element in common
+    model.fit(torch.rand(8, 4), torch.rand(8, 4), verbose=False)

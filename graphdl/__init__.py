@@ -14,13 +14,14 @@ from .autodiff import grad
 from .compile import Compiled, compile
 from .losses import MAE, MBE, MSE, BCEWithLogits, CrossEntropy, Loss
 from .optim import SGD, Constant, CosineDecay, ExponentialDecay, Schedule, StepDecay
-from .layers import Layer, Linear, ReLU, Sequential, Sigmoid, Softmax, Standardize, Tanh
+from .layers import Layer, Linear, ReLU, Sigmoid, Softmax, Standardize, Tanh
 from .step import TrainStep
 from .train import DivergedError, History
 from .viz import DotNotFoundError, render, to_dot
-from .io import load, load_graph, save_graph
-from .interop import from_torch, to_torch
+from .io import load_graph, save_graph
+from .interop import to_torch
 from .onnx_io import export_onnx, import_onnx
+from .model import Sequential, from_torch, load
 from . import distributed
 
 __all__ = [

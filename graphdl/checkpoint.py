@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import distributed
-from .io import load_with_state, save_model
+from .io import load_model, save_model
 from .ir import GraphError, format_type
 
 if TYPE_CHECKING:
-    from .layers import Sequential
+    from .model import Sequential
     from .optim import SGD
 
 FORMAT = "graphdl.fit.v1"
@@ -57,7 +57,7 @@ def read_checkpoint(path: str | os.PathLike[str], model: Sequential, optimizer: 
         GraphError: the file is not a checkpoint, or is corrupt.
         ValueError: the checkpoint is of another model or another optimizer setting.
     """
-    saved, info, state = load_with_state(path)
+    saved, info, state = load_model(path, type(model))
     resumed = _parse(path, info, history_keys)
     if bool(resumed.history.get("val_loss")) != (validation and resumed.epoch > 0):
         raise ValueError(f"resume: {path} was written by a fit {'with' if not validation else 'without'} "

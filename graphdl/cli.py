@@ -9,9 +9,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .autodiff import grad
-from .io import MODEL_FORMAT, file_format, load, load_graph
+from .io import MODEL_FORMAT, file_format, load_graph
 from .ir import Graph, GraphError
 from .losses import MSE
+from .model import load
 from .onnx_io import import_onnx
 from .viz import FORMATS, render
 

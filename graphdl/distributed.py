@@ -13,7 +13,7 @@ lowers to calls `allreduce_start` and `Pending.wait` below.
 This module holds the process group (`init`, `rank`, `world_size`, `is_main`, `barrier`,
 `shutdown`), the collectives graphdl issues and what happens when a rank is lost (every
 other rank stops with a `RankLostError` naming it), and fit's share of the data on this
-rank (`ShardedBatches`, `shard`).
+rank (`shard`; graphdl.batches.Sharded walks a rank's share of an epoch).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, NamedTuple
@@ -382,72 +382,3 @@ def agree(settings: dict[str, int], seed: int, device: torch.device) -> int:
                 raise ValueError(f"fit(distributed=True): rank {r} has {name}={theirs} but rank 0 has {main}; every "
                                  "rank must call fit with the same data, model and settings")
     return (rows[0][-2] << 32) | rows[0][-1]
-
-
-class ShardedBatches:
-    """fit's epoch on this rank: its share of each global batch.
-
-    The epoch's order (a permutation of the n rows, the same on every rank) is cut into
-    global batches of `batch_size` (the last may be smaller); each global batch is split
-    over the ranks with `split`, rank r taking the r-th part. A rank feeds its part with
-    `scale` = its size / the global batch's size, so its loss and gradient are its share
-    of the global batch's mean, and the all-reduce's sum is that mean. A rank whose part
-    is empty (a global batch smaller than the number of ranks) still takes part in every
-    collective: it feeds one row of zeros with scale 0.
-    """
-
-    def __init__(self, n: int, batch_size: int, X: torch.Tensor, Y: torch.Tensor) -> None:
-        from .train import epoch_weights
-        me, world = rank(), world_size()
-        sizes = [min(batch_size, n - first) for first in range(0, n, batch_size)]
-        positions: list[int] = []
-        self.counts: list[int] = []
-        for first, size in zip(range(0, n, batch_size), sizes):
-            parts = split(size, world)
-            start = first + sum(parts[:me])
-            positions.extend(range(start, start + parts[me]))
-            self.counts.append(parts[me])
-        self.positions = torch.tensor(positions, dtype=torch.long, device=X.device)
-        self.scales = [torch.tensor(c / s, dtype=X.dtype, device=X.device) for c, s in zip(self.counts, sizes)]
-        self.weights = epoch_weights(n, batch_size, X)
-        self.empty = (X.new_zeros(1, X.shape[1]), Y.new_zeros(1, Y.shape[1]))
-        self.is_main = me == 0
-
-    def __len__(self) -> int:
-        return len(self.counts)
-
-    def run(self, step: Any, X: torch.Tensor, Y: torch.Tensor, order: torch.Tensor | None,
-            lr: float) -> torch.Tensor:
-        """This rank's steps of the epoch (a data-parallel `TrainStep`); returns its
-        weighted shares of the batches' losses."""
-        return torch.stack(step.steps(self.feeds(X, Y, order), lr))
-
-    def feeds(self, X: torch.Tensor, Y: torch.Tensor, order: torch.Tensor | None) -> Iterator[tuple[torch.Tensor, ...]]:
-        """(x, y, scale) of this rank for each global batch of the epoch, sliced as it is reached."""
-        rows = self.positions if order is None else order.to(X.device)[self.positions]
-        Xr, Yr = X.index_select(0, rows), Y.index_select(0, rows)
-        first = 0
-        for count, scale in zip(self.counts, self.scales):
-            yield (Xr[first:first + count], Yr[first:first + count], scale) if count else (*self.empty, scale)
-            first += count
-
-    def epoch_loss(self, losses: torch.Tensor, largest: torch.Tensor) -> torch.Tensor:
-        """[the epoch's mean loss over every rank, 0 if every rank's params are finite
-        (`largest`, their largest magnitude, is) else NaN], not yet read: one collective,
-        so every rank sees the same numbers and stops together. The magnitudes themselves
-        are not summed: two ranks' 2e38 would overflow float32 and read as divergence."""
-        wide = self.weights.dtype
-        flag = largest.to(wide) * 0  # 0, or NaN for inf or NaN
-        both = torch.stack([losses.to(wide) @ self.weights, flag])
-        return sum_over_ranks(both, "summing the epoch's loss")
-
-    def batch_loss(self, loss: torch.Tensor) -> float:
-        """One global batch's loss, from this rank's weighted share (replaying an epoch)."""
-        return float(sum_over_ranks(loss.reshape(1).clone(), "summing a batch's loss"))
-
-    def begin(self, tensors: list[torch.Tensor], seed: int, settings: dict[str, int]) -> int:
-        """Check that every rank runs the same fit, take rank 0's seed, and copy rank 0's
-        params and optimizer state to every rank. Returns the seed."""
-        seed = agree(settings, seed, self.weights.device)
-        broadcast_from_main(tensors)
-        return seed

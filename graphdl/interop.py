@@ -1,4 +1,5 @@
-"""PyTorch modules in and out: `from_torch(nn.Sequential)` and `Sequential.to_torch()`.
+"""PyTorch modules in and out: `from_torch(nn.Sequential)` (graphdl.model, with the layers
+`torch_layers` makes here) and `Sequential.to_torch()`.
 
 One table, `TORCH_LAYERS`, pairs each torch module type with the graphdl layer it becomes
 and back. The weights are copied both ways, never shared: graphdl's `Linear` holds
@@ -18,7 +19,7 @@ import torch
 
 from . import layers
 from .ir import DTYPE_NAMES, GraphError
-from .layers import Layer, Linear, Sequential
+from .layers import Layer, Linear
 
 
 @dataclass(frozen=True)
@@ -89,8 +90,10 @@ TORCH_LAYERS: list[TorchLayer] = [
 ]
 
 
-def from_torch(module: torch.nn.Module) -> Sequential:
-    """A `gd.Sequential` computing what a torch `nn.Sequential` computes, with copies of its weights.
+def torch_layers(module: torch.nn.Module) -> list[tuple[str, Layer]]:
+    """The graphdl layers computing what a torch `nn.Sequential` computes, with copies of
+    its weights, each with where it came from (`module 2 (Linear(...))`): what
+    `gd.from_torch` puts into a Sequential.
 
     Args:
         module: an `nn.Sequential` (nested ones are flattened) of the modules in
@@ -99,8 +102,9 @@ def from_torch(module: torch.nn.Module) -> Sequential:
             without a bias gets a zero bias.
 
     Returns:
-        The model. Its weights are graphdl-owned contiguous copies in the module's
-        dtype and on its device: changing one side never changes the other.
+        The layers. Their weights are graphdl-owned contiguous copies in the module's
+        dtype and on its device: changing one side never changes the other. A torch
+        parameter shared between modules is one tensor, tied between their layers.
 
     Raises:
         GraphError: a module has no graphdl counterpart (named with its position, e.g.
@@ -109,7 +113,7 @@ def from_torch(module: torch.nn.Module) -> Sequential:
     if not isinstance(module, torch.nn.Module):
         raise GraphError(f"from_torch takes a torch.nn.Module such as nn.Sequential(...), got {type(module).__name__}")
     by_type = {row.module: row for row in TORCH_LAYERS}
-    model = Sequential()
+    made: list[tuple[str, Layer]] = []
     dtype: tuple[torch.dtype, str] | None = None
     tied: dict[int, tuple[Layer, str]] = {}  # id of a torch parameter -> the graphdl layer and name it became
     for position, m in _flatten(module, ""):
@@ -122,29 +126,31 @@ def from_torch(module: torch.nn.Module) -> Sequential:
             raise GraphError(f"from_torch: {where} has no graphdl layer; graphdl takes {known} and Identity, "
                              "in an nn.Sequential")
         layer = row.to_layer(m, where)
-        for name, torch_name in row.params:  # a parameter torch shares between modules stays one tensor
-            p = getattr(m, torch_name, None)
-            if p is None:
-                continue
-            if id(p) in tied:
-                first, first_name = tied[id(p)]
-                setattr(layer, name, getattr(first, first_name))
-            else:
-                tied[id(p)] = (layer, name)
+        _tie_shared(row, m, layer, tied)
         for t in layer.params().values():
             if dtype is None:
                 dtype = (t.dtype, where)
             elif t.dtype != dtype[0]:
                 raise GraphError(f"from_torch: {where} is {t.dtype} but {dtype[1]} is {dtype[0]}; "
                                  f"one model has one dtype: convert the module with .to({dtype[0]})")
-        try:
-            model.add(layer)
-        except GraphError as e:
-            raise GraphError(f"from_torch: {where}: {e}") from None
-    return model
+        made.append((where, layer))
+    return made
 
 
-def to_torch(model: Sequential) -> torch.nn.Sequential:
+def _tie_shared(row: TorchLayer, module: torch.nn.Module, layer: Layer, tied: dict[int, tuple[Layer, str]]) -> None:
+    """Give `layer` the tensor of an earlier layer wherever torch shares the parameter."""
+    for name, torch_name in row.params:
+        p = getattr(module, torch_name, None)
+        if p is None:
+            continue
+        if id(p) in tied:
+            first, first_name = tied[id(p)]
+            setattr(layer, name, getattr(first, first_name))
+        else:
+            tied[id(p)] = (layer, name)
+
+
+def to_torch(model: Any) -> torch.nn.Sequential:
     """A torch `nn.Sequential` computing what `model` computes, with copies of its weights.
 
     Args:
@@ -157,7 +163,7 @@ def to_torch(model: Sequential) -> torch.nn.Sequential:
     Raises:
         GraphError: a layer has no torch counterpart, named with its position.
     """
-    if not isinstance(model, Sequential):
+    if not (hasattr(model, "layers") and hasattr(model, "_owners")):  # a Sequential (graphdl.model imports this)
         raise GraphError(f"to_torch takes a gd.Sequential, got {type(model).__name__}")
     by_type = {row.layer: row for row in TORCH_LAYERS}
     modules = []

@@ -43,7 +43,7 @@ from .losses import LOSSES, Loss
 from .text import parse
 
 if TYPE_CHECKING:
-    from .layers import Sequential
+    from .model import Sequential
 
 FORMAT_VERSION = "1"
 MODEL_FORMAT = "graphdl.model"
@@ -87,7 +87,7 @@ def save_model(model: Sequential, path: str | os.PathLike[str], state: dict[str,
     data = _encode(path, MODEL_FORMAT, metadata,
                    {**weights, **{STATE_PREFIX + name: t for name, t in (state or {}).items()}})
     try:  # a file that save writes is one that load reads: refuse it now, while the model is still here
-        _model_from_bytes(path, data)
+        _model_from_bytes(path, data, type(model))
     except GraphError as e:
         raise GraphError(f"save: {path} would not load back, so nothing was written: {e}") from None
     _atomic_write(path, data)
@@ -96,31 +96,24 @@ def save_model(model: Sequential, path: str | os.PathLike[str], state: dict[str,
 STATE_PREFIX = "state/"  # tensors a checkpoint keeps beside the weights; no param name has a '/'
 
 
-def load(path: str | os.PathLike[str]) -> Sequential:
-    """Load a model saved with `model.save(path)` (or a checkpoint fit wrote).
-
-    Args:
-        path: the model file.
-
-    Returns:
-        A `gd.Sequential` with the saved layers and bit-identical weights.
+def load_model(path: str | os.PathLike[str],
+               model_class: type[Sequential]) -> tuple[Sequential, str, dict[str, torch.Tensor]]:
+    """The model in a file saved with `model.save(path)` (or a checkpoint fit wrote), as
+    a `model_class` (gd.Sequential: `gd.load` is this, with the class), with the training state
+    saved beside it: its "state" metadata ('' if none) and its state tensors by name
+    (see `save_model`).
 
     Raises:
         GraphError: the file is missing, truncated, corrupt, not a graphdl model (a
             pickle, a zip, a bare graph, another program's safetensors file), or its
             weights do not match the shapes its IR declares.
     """
-    return load_with_state(path)[0]
-
-
-def load_with_state(path: str | os.PathLike[str]) -> tuple[Sequential, str, dict[str, torch.Tensor]]:
-    """`load`, also returning the training state saved with the model: its "state"
-    metadata ('' if none) and its state tensors by name (see `save_model`)."""
     path = _as_path(path)
-    return _model_from_bytes(path, _read_bytes(path))
+    return _model_from_bytes(path, _read_bytes(path), model_class)
 
 
-def _model_from_bytes(path: Path, data: bytes) -> tuple[Sequential, str, dict[str, torch.Tensor]]:
+def _model_from_bytes(path: Path, data: bytes,
+                      model_class: type[Sequential]) -> tuple[Sequential, str, dict[str, torch.Tensor]]:
     if _is_ir_text(data):
         raise GraphError(f"{path}: holds IR text, not a model; load it with gd.load_graph({str(path)!r})")
     kind, metadata, weights = _decode(path, data)
@@ -131,7 +124,7 @@ def _model_from_bytes(path: Path, data: bytes) -> tuple[Sequential, str, dict[st
     info = metadata.get("state", "")
     if not isinstance(info, str):
         raise GraphError(f"{path}: the file's training state is not text; the file is corrupt")
-    model = _model_from(path, metadata["layers"], metadata.get("ties", "{}"), graph)
+    model = _model_from(path, metadata["layers"], metadata.get("ties", "{}"), graph, model_class)
     model.loss = _loss_from(path, metadata)
     return model, info, state
 
@@ -147,19 +140,17 @@ def _loss_from(path: Path, metadata: dict[str, str]) -> Loss | None:
     return LOSSES[name]()
 
 
-def _model_from(path: Path, layers: str, ties: str, graph: Graph) -> Sequential:
-    """The Sequential the file's layer list describes, with the file's ties, holding the
-    weights `graph` (the file's IR) holds. Its layers must rebuild exactly that IR, or the
-    model would run a different network than the one the file describes."""
-    from .layers import Sequential  # here, not at the top: layers builds on the modules io sits beside
-
+def _model_from(path: Path, layers: str, ties: str, graph: Graph, model_class: type[Sequential]) -> Sequential:
+    """The model (a `model_class`) the file's layer list describes, with the file's ties, holding
+    the weights `graph` (the file's IR) holds. Its layers must rebuild exactly that IR, or
+    the model would run a different network than the one the file describes."""
     try:
         config = _read_json(layers)
         _check_config(config)
         # On the meta device: a crafted width allocates nothing, and no random initial
         # weights are drawn (which would advance torch's global RNG) only to be overwritten.
         with torch.device("meta"):
-            model = Sequential.from_config(config)
+            model = model_class.from_config(config)
             _tie(model, _read_json(ties))
             params = model.state()
             rebuilt = str(model.graph())

@@ -25,7 +25,6 @@ import torch
 from . import ops
 from .io import _as_path, _atomic_write, _read_bytes
 from .ir import DTYPE_NAMES, DTYPES, Graph, GraphError, Value, _is_identifier, dtype_name, format_shape
-from .layers import Sequential
 from .text import format_node
 
 DEFAULT_OPSET = 17
@@ -208,7 +207,7 @@ EXPORT: dict[str, ExportRow] = {
 }
 
 
-def export_onnx(model: Sequential | Graph, path: str | os.PathLike[str], opset: int = DEFAULT_OPSET) -> None:
+def export_onnx(model: Any, path: str | os.PathLike[str], opset: int = DEFAULT_OPSET) -> None:
     """Write a model's forward graph, or any graph, as an ONNX model.
 
     Args:
@@ -233,7 +232,7 @@ def export_onnx(model: Sequential | Graph, path: str | os.PathLike[str], opset: 
     if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
         raise ValueError(f"opset must be an int from {MIN_OPSET} to {newest} (what the installed onnx knows), "
                          f"got {opset!r}")
-    if isinstance(model, Sequential):
+    if not isinstance(model, Graph) and hasattr(model, "graph"):  # a model (graphdl.model imports this module)
         graph = model.graph()
     elif isinstance(model, Graph):
         graph = model

@@ -22,11 +22,12 @@ import contextlib
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from .autodiff import grad
+from .batches import epoch_batches
 from .checks import flag, real, whole
 from .compile import ArenaCompiled, Compiled, compile, lower
 from .ir import Graph, Slot
@@ -34,9 +35,6 @@ from .losses import Loss, checked_loss
 from .ops import mul
 from .optim import SGD, checked_optimizer
 from .passes.allreduce import DEFAULT_BUCKET_MIB, allreduce
-
-if TYPE_CHECKING:
-    from .layers import Sequential
 
 # Capturing records every kernel of the epoch; past this many steps the graph would
 # take long to capture and much memory to hold, and the steps run uncaptured. (A bound
@@ -49,6 +47,23 @@ MAX_CAPTURED_STEPS = 4096
 # above a bare process (eager PyTorch's loop: 65; tools/bench.py's memory worker).
 # Re-making them is nothing beside such an epoch (~1 s); the disk net's (~10 KiB) stay.
 KEEP_ARENA_BYTES = 1 << 20
+
+
+@runtime_checkable
+class Model(Protocol):
+    """What the training step needs of a model (graphdl.model's Sequential has it): its
+    loss graph, its trainable tensors, what its compiled code depends on, and a cache
+    for the code."""
+
+    def graph(self, loss: Loss | None = None, name: str = ..., prediction: bool = ...) -> Graph: ...
+
+    def parameters(self) -> dict[str, torch.Tensor]: ...
+
+    def state(self) -> dict[str, torch.Tensor]: ...
+
+    def binding(self) -> tuple[tuple, tuple]: ...
+
+    def compiled(self, key: Any, build: Callable[[], Any]) -> Any: ...
 
 
 class CudaGraphs:
@@ -113,7 +128,7 @@ class TrainStep:
     """One model's compiled training step with its optimizer: what `fit` runs per batch.
 
     Args:
-        model: the Sequential to train (its params are updated in place).
+        model: the model to train, a `gd.Sequential` (its params are updated in place).
         loss: the graphdl loss.
         optimizer: an `SGD`; its velocity starts from zero.
         capture: capture epochs as CUDA graphs: None (the default) on CUDA, unless the
@@ -129,7 +144,7 @@ class TrainStep:
     reads them once per epoch). Nothing here records autograd history.
     """
 
-    def __init__(self, model: Sequential, loss: Loss, optimizer: SGD, capture: bool | None = None,
+    def __init__(self, model: Model, loss: Loss, optimizer: SGD, capture: bool | None = None,
                  distributed: bool = False) -> None:
         _check_arguments(model, loss, optimizer, capture, distributed)
         self.model, self.loss, self.optimizer, self.distributed = model, loss, optimizer, distributed
@@ -304,20 +319,9 @@ def step_graph(loss_graph: Graph, wrt: list[str], bucket_mib: float | None = Non
     return step
 
 
-def epoch_batches(X: torch.Tensor, Y: torch.Tensor, batch_size: int,
-                  order: torch.Tensor | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(x, y) of each batch of an epoch taken in `order` (None: as the rows are): what
-    `TrainStep.epoch` runs uncaptured, and what fit replays after a divergence, which must
-    meet the very same batches."""
-    if order is not None:
-        X, Y = X.index_select(0, order.to(X.device)), Y.index_select(0, order.to(Y.device))
-    return zip(X.split(batch_size), Y.split(batch_size))
-
-
 def _check_arguments(model: Any, loss: Any, optimizer: Any, capture: Any, distributed: Any) -> None:
-    from .layers import Sequential  # layers imports the training code lazily; so does this
-    if not isinstance(model, Sequential):
-        raise ValueError(f"model must be a gd.Sequential, got {type(model).__name__}")
+    if not isinstance(model, Model):
+        raise ValueError(f"model must be a graphdl model such as gd.Sequential, got {type(model).__name__}")
     checked_loss(loss)
     checked_optimizer(optimizer)
     flag("distributed", distributed)

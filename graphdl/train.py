@@ -19,16 +19,17 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import distributed as dp
+from .batches import OneProcess, Sharded
 from .checkpoint import Resumed, read_checkpoint, write_checkpoint
 from .checks import flag, real, shown, whole
 from .compile import Compiled, compile
 from .ir import tensor_problem
 from .losses import MSE, Loss, checked_loss
 from .optim import SGD, Schedule, check_apart, check_updatable, checked_optimizer
-from .step import TrainStep, epoch_batches
+from .step import TrainStep
 
 if TYPE_CHECKING:
-    from .layers import Sequential
+    from .model import Sequential
 
 
 class History(dict):
@@ -344,47 +345,6 @@ class _Snapshot:
             torch._foreach_copy_(self.tensors(), self.copies)
 
 
-class _Batches:
-    """fit's epoch in one process: consecutive slices of the (shuffled) data.
-    graphdl.distributed.ShardedBatches is the same walk, shared between ranks."""
-
-    is_main = True
-
-    def __init__(self, n: int, batch_size: int, X: torch.Tensor) -> None:
-        self.batch_size = batch_size
-        self.weights = epoch_weights(n, batch_size, X)
-
-    def __len__(self) -> int:
-        return len(self.weights)
-
-    def run(self, step: TrainStep, X: torch.Tensor, Y: torch.Tensor, order: torch.Tensor | None,
-            lr: float) -> torch.Tensor:
-        """The epoch's steps (on CUDA, one captured graph); returns the batches' losses."""
-        return step.epoch(X, Y, self.batch_size, order, lr)
-
-    def feeds(self, X: torch.Tensor, Y: torch.Tensor, order: torch.Tensor | None) -> Iterator[tuple[torch.Tensor, ...]]:
-        """(x, y) of each batch of the epoch, as `run` takes them (to replay an epoch)."""
-        return epoch_batches(X, Y, self.batch_size, order)
-
-    def epoch_loss(self, losses: torch.Tensor, largest: torch.Tensor) -> torch.Tensor:
-        """[the epoch's mean loss, the params' largest magnitude], not yet read."""
-        wide = self.weights.dtype
-        return torch.stack([losses.to(wide) @ self.weights, largest.to(wide)])
-
-    def batch_loss(self, loss: torch.Tensor) -> float:
-        return float(loss)
-
-    def begin(self, tensors: list[torch.Tensor], seed: int, settings: dict[str, int]) -> int:
-        return seed
-
-
-def epoch_weights(n: int, batch_size: int, X: torch.Tensor) -> torch.Tensor:
-    """Each batch's share of the epoch's mean loss, so one dot product gives the mean. It is
-    kept in float32 or wider whatever the model's dtype: in float16 a batch of 65,536 is inf."""
-    sizes = [min(batch_size, n - s) for s in range(0, n, batch_size)]
-    return (torch.tensor(sizes, dtype=torch.float64) / n).to(X.device, torch.promote_types(X.dtype, torch.float32))
-
-
 def _largest(tensors: list[torch.Tensor], device: torch.device | str = "cpu") -> torch.Tensor:
     """The largest |x| over every element, a 0-d tensor on `device` (0 when there are no
     elements): inf or NaN once any element is, so one number tells whether all are
@@ -483,7 +443,7 @@ def _train(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss, opti
     collective for the loss and one per data set scored)."""
     step = TrainStep(model, loss, optimizer, distributed=distributed)
     n = len(X)
-    batches = dp.ShardedBatches(n, batch_size, X, Y) if distributed else _Batches(n, batch_size, X)
+    batches = Sharded(n, batch_size, X, Y) if distributed else OneProcess(n, batch_size, X)
     step.compiled.check_feeds(next(iter(batches.feeds(X, Y, None))), {})  # dtype and device, once, with our messages
     predicting, scoring = _predict_fn(model), _eval_fn(model, loss)
     predicting.check_feeds((X,), {})  # so that each epoch calls their unchecked entries (.fn)
@@ -495,7 +455,7 @@ def _train(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss, opti
     if seed is None:
         seed = int(torch.randint(0, 2**62, ()).item())
     settings = _fit_settings(model, X, batch_size, epochs, shuffle, validation_data, resumed)
-    seed = batches.begin([*model.state().values(), *optimizer.buffers], seed, settings)  # data-parallel: rank 0's
+    seed = batches.common_start([*model.state().values(), *optimizer.buffers], seed, settings)  # rank 0's
     gen = torch.Generator().manual_seed(seed)
     if resumed is not None:
         gen.set_state(resumed.rng)
@@ -509,7 +469,7 @@ def _train(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss, opti
         order = torch.randperm(n, generator=gen) if shuffle else None
         start.save()
         losses = batches.run(step, X, Y, order, lr)
-        finite_check = batches.epoch_loss(losses, _largest(step.params, X.device))
+        finite_check = batches.loss_and_finite(losses, _largest(step.params, X.device))
         scores = _epoch_scores(finite_check, predicting.fn, scoring.fn, X, Y, validation_data, loss.decision, metrics,
                                distributed)
         epoch_loss, largest, *values = torch.cat([v.reshape(-1).double() for v in scores.values()]).tolist()
@@ -532,7 +492,7 @@ def _epoch_scores(loss_and_largest: torch.Tensor, predict: Callable[..., tuple[t
                   validation_data: tuple[torch.Tensor, torch.Tensor] | None, decision: str, metrics: list[str],
                   distributed: bool) -> dict[str, torch.Tensor]:
     """What an epoch reads in its one host sync: {"loss": [mean loss, a number that is
-    finite only while every param is (`epoch_loss`)], each metric on the training data,
+    finite only while every param is (`Batches.loss_and_finite`)], each metric on the training data,
     "val_loss" and "val_<metric>"}, as tensors on the device."""
     scores = {"loss": loss_and_largest}
     if metrics:

@@ -165,7 +165,7 @@ def test_train_step_names_a_wrong_argument(kwargs, named):
 
 
 @pytest.mark.parametrize("args, named", [
-    (("net", gd.MSE()), "model must be a gd.Sequential, got str"),  # was AttributeError: no .parameters
+    (("net", gd.MSE()), "model must be a graphdl model such as gd.Sequential, got str"),  # was: no .parameters
     ((None, None), "loss must be a graphdl loss"),  # was grad's "output 0 is not a scalar"
 ])
 def test_train_step_names_a_wrong_model_or_loss(args, named):

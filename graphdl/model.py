@@ -1,0 +1,375 @@
+"""Models: `Sequential`, layers applied in order and compiled to one graph, with the
+methods users train and use it by (fit, predict, evaluate, save, to_torch), and `load`,
+which reads one back from its file.
+
+This module sits on top of the others: it builds its graph from the layers
+(graphdl.layers) and hands itself to the training loop (graphdl.train), the files
+(graphdl.io) and PyTorch interop (graphdl.interop), none of which imports it: they take
+any object with the model's methods (`graph`, `parameters`, `state`, `binding`,
+`compiled`, ...), so the dependencies run one way.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Hashable
+from typing import Any
+
+import torch
+
+from . import distributed, interop, io, train
+from .ir import Graph, GraphError
+from .layers import DTYPES_BY_NAME, LAYERS, Build, Layer, same_memory
+from .losses import Loss
+from .optim import SGD, Schedule
+from .train import History
+from .viz import mimebundle
+
+
+class Sequential:
+    """Layers applied in order, compiled to one graph.
+
+    The layer at position k owns params "{k}.weight" and "{k}.bias". `graph(loss)` builds
+    the IR with inputs "x" (and "y" with a loss), each node tagged with its layer's scope
+    "{k}:{Type}"; `fit`, `predict` and `evaluate` compile that graph once and reuse it.
+    """
+
+    def __init__(self, *layers: Layer) -> None:
+        self.layers: list[Layer] = []
+        self.loss: Loss | None = None  # set by fit (or load): evaluate's and fit's default
+        self.history: History | None = None  # the last fit's History, kept if it stops early
+        self._cache: dict[Any, Any] = {}  # compiled functions by purpose (see `compiled`)
+        self._signature: tuple = ()  # the layers and their tensors' shapes, dtypes, devices the cache is for
+        for layer in layers:
+            self.add(layer)
+
+    def add(self, layer: Layer) -> Sequential:
+        """Append a layer; its width must chain with the layers before it."""
+        if not isinstance(layer, Layer):
+            raise GraphError(f"Sequential.add takes a layer such as gd.Linear(25, 1), got {layer!r}")
+        width, source = self._width()
+        if layer.in_features is not None and width is not None and layer.in_features != width:
+            k = len(self.layers)
+            raise GraphError(
+                f"layer {k} ({layer!r}) takes {layer.in_features} features but layer {source} "
+                f"({self.layers[source]!r}) gives {width}; make layer {k} {type(layer).__name__}"
+                f"({width}, ...) or change layer {source}"
+            )
+        self.layers.append(layer)
+        self._cache.clear()
+        return self
+
+    def _width(self) -> tuple[int | None, int]:
+        """The output width of the stack so far and the index of the layer that sets it."""
+        for k in range(len(self.layers) - 1, -1, -1):
+            if self.layers[k].out_features is not None:
+                return self.layers[k].out_features, k
+        return None, -1
+
+    @property
+    def in_features(self) -> int:
+        for layer in self.layers:
+            if layer.in_features is not None:
+                return layer.in_features
+        raise GraphError("this Sequential has no Linear layer, so its input width is unknown; add gd.Linear(i, o)")
+
+    @property
+    def out_features(self) -> int:
+        width, _ = self._width()
+        if width is None:
+            raise GraphError("this Sequential has no Linear layer, so its output width is unknown")
+        return width
+
+    # -- the tensors, each once ----------------------------------------------------------
+    #
+    # A tensor held in several places (a tied weight: `l2.weight = l1.weight`) is one
+    # param, named after its first place in build order: listed once, one value in the
+    # IR (its gradients add up), trained, decayed and saved once. `same_memory` says when
+    # two places hold one tensor.
+
+    def _places(self) -> list[tuple[str, Layer, str, bool, torch.Tensor]]:
+        """(name, layer, short name, trainable, tensor) for every tensor every layer holds, in build order."""
+        return [(f"{k}.{short}", layer, short, p.trainable, layer.slot(short).tensor)
+                for k, layer in enumerate(self.layers) for short, p in layer._declared()]
+
+    def _owners(self, places: list[tuple[str, Layer, str, bool, torch.Tensor]] | None = None) -> dict[str, str]:
+        """Each place's name -> the name of the first place holding the same tensor (itself if none)."""
+        first: dict[Hashable, tuple[str, bool]] = {}
+        owners: dict[str, str] = {}
+        for name, _, _, trainable, t in self._places() if places is None else places:
+            owner, trained = first.setdefault(same_memory(t), (name, trainable))
+            if trained != trainable:
+                kinds = ("a trained param", "a fixed buffer") if trained else ("a fixed buffer", "a trained param")
+                raise GraphError(f"{name} holds the tensor that {owner} holds, but {owner} is {kinds[0]} and {name} "
+                                 f"{kinds[1]}; give {name} its own tensor (e.g. .clone())")
+            owners[name] = owner
+        return owners
+
+    def ties(self) -> dict[str, str]:
+        """{place: the param it shares} for each tensor held in more than one place, e.g.
+        {"2.weight": "0.weight"} after `model.layers[2].weight = model.layers[0].weight`."""
+        return {name: owner for name, owner in self._owners().items() if owner != name}
+
+    def parameters(self) -> dict[str, torch.Tensor]:
+        """Trainable params by name ("0.weight", "0.bias", ...), in build order, each tensor
+        once (a tied one under its first place's name): the live tensors that `fit`
+        differentiates and updates."""
+        places = self._places()
+        owners = self._owners(places)
+        return {name: t for name, _, _, trainable, t in places if trainable and owners[name] == name}
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Every tensor the model holds, by name in build order, each once: the trainable
+        params and the non-trainable buffers (Standardize's "{k}.mean", "{k}.std"). What a
+        model file stores (with `ties`, so that a tie comes back on load)."""
+        places = self._places()
+        owners = self._owners(places)
+        return {name: t for name, _, _, _, t in places if owners[name] == name}
+
+    def graph(self, loss: Loss | None = None, name: str = "sequential", prediction: bool = False) -> Graph:
+        """The IR of the forward pass (output: the prediction), or of the loss with `loss`
+        (then `prediction=True` returns the prediction too, as a second output)."""
+        places = self._places()
+        owners = self._owners(places)
+        slots = {name: layer.slot(short) for name, layer, short, _, _ in places}
+        g = Graph(name)
+        x = g.input("x", (None, self.in_features), self._dtype())
+        layers = tuple(self.layers)
+        g.stale = lambda: None if tuple(self.layers) == layers else \
+            "its model's layers have changed since (a layer was replaced, added or removed); build it again"
+        h = x
+        for k, layer in enumerate(layers):
+            with g.scope(f"{k}:{type(layer).__name__}"):
+                h = layer.forward(Build(g, f"{k}.", owners, slots), h)
+        if loss is None:
+            g.output(h)
+            return g
+        if not isinstance(loss, Loss):
+            raise GraphError(f"loss must be a graphdl loss such as gd.MSE(), got {loss!r}")
+        y = g.input("y", (None, self.out_features), self._dtype())
+        with g.scope("loss"):
+            g.output(loss(h, y))
+        if prediction:
+            g.output(h)
+        return g
+
+    def binding(self) -> tuple[tuple, tuple]:
+        """(structure, memory): what compiled code built from the model depends on.
+
+        structure: the layers themselves (not their ids, which a freed layer's successor
+        may reuse), each tensor's shape, dtype and device, and the ties; a change needs a
+        new graph. memory: where each tensor's elements are (address and strides); a
+        change (`layer.weight.data = t`, a new tensor assigned) needs code that holds
+        tensors or views of them (fit's arena, prepared transposes, planned updates) to
+        bind again. Values changed in place (`.data.copy_()`, edits under no_grad) need
+        neither: every compiled function reads the memory itself.
+        """
+        places = self._places()
+        owners = self._owners(places)
+        return self._structure(places, owners), tuple(same_memory(t) for name, *_, t in places if owners[name] == name)
+
+    def _structure(self, places: list[tuple[str, Layer, str, bool, torch.Tensor]], owners: dict[str, str]) -> tuple:
+        return tuple(self.layers), tuple((t.shape, t.dtype, t.device, owners[name]) for name, *_, t in places)
+
+    def compiled(self, key: Any, build: Callable[[], Any]) -> Any:
+        """The compiled function for `key` (such as ("predict",)), built by `build` once.
+
+        Compiled functions read the params' live tensors, so a layer given a new tensor of
+        the same shape, dtype and device keeps them; a different dtype or device, a new
+        tie, or a change to `self.layers` itself (a layer replaced, added or removed)
+        rebuilds them (see `binding`).
+        """
+        places = self._places()
+        signature = self._structure(places, self._owners(places))
+        if signature != self._signature:
+            self._check_shapes()
+            self._cache.clear()
+            self._signature = signature
+        fn = self._cache.get(key)
+        if fn is None:
+            fn = self._cache[key] = build()
+        return fn
+
+    def _check_shapes(self) -> None:
+        """Each tensor has the shape its layer declares (`.data = t` can change it unseen)."""
+        for name, layer, short, _, t in self._places():
+            declared = getattr(type(layer), short)  # the Param itself
+            expected = declared.shape(layer) if declared.shape is not None else None
+            if expected is not None and None not in expected and tuple(t.shape) != expected:
+                raise GraphError(f"{name} ({layer!r}.{short}) is now {list(t.shape)}, but the layer declares "
+                                 f"{list(expected)}; it was changed behind the layer's back (`.data = t`?): "
+                                 f"assign a tensor of shape {list(expected)}, or build a layer of the new size")
+
+    def _dtype(self) -> torch.dtype:
+        params = list(self.state().values())
+        return params[0].dtype if params else torch.float32
+
+    def to(self, device: torch.device | str) -> Sequential:
+        """Move the params to `device` (compiled functions are rebuilt on next use)."""
+        try:  # a bad or absent device fails here, before any layer has moved
+            torch.empty(0, device=device)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise ValueError(f"device {device!r} cannot hold the model: {e}") from None
+        moved: dict[Hashable, torch.Tensor] = {}
+        for _, layer, short, _, t in self._places():  # a tied tensor moves once, and stays tied
+            key = same_memory(t)
+            if key not in moved:
+                moved[key] = t.to(device)
+            setattr(layer, short, moved[key])
+        self._cache.clear()
+        return self
+
+    def config(self) -> list[dict[str, Any]]:
+        """The architecture as JSON-able dicts, for model files."""
+        return [layer.config() for layer in self.layers]
+
+    @classmethod
+    def from_config(cls, config: list[dict[str, Any]]) -> Sequential:
+        """A model of this architecture with freshly initialised params."""
+        layers = []
+        for k, spec in enumerate(config):
+            kind = spec.get("type") if isinstance(spec, dict) else None
+            if kind not in LAYERS:
+                raise GraphError(f"layer {k}: unknown layer type {kind!r}; known: {', '.join(LAYERS)}")
+            args = {key: v for key, v in spec.items() if key != "type"}
+            if "dtype" in args:  # by name, so that "float8_e4m3fn" or "Tensor" reach Linear's check, not getattr
+                args["dtype"] = DTYPES_BY_NAME.get(str(args["dtype"]), args["dtype"])
+            try:
+                layers.append(LAYERS[kind](**args))
+            except (TypeError, ValueError) as e:
+                raise GraphError(f"layer {k} ({kind}): bad settings {args}: {e}") from None
+        return cls(*layers)
+
+    def fit(self, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None = None, optimizer: SGD | None = None,
+            schedule: Schedule | None = None, epochs: int = 1, batch_size: int = 32, shuffle: bool = True,
+            validation_data: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int | None = None,
+            verbose: bool = True, metrics: list[str] | None = None, threads: int | None = None,
+            distributed: bool = False, checkpoint: str | os.PathLike[str] | None = None,
+            resume: str | os.PathLike[str] | None = None) -> History:
+        """Train the model in place with minibatch SGD.
+
+        Args:
+            X: training inputs [N, in_features].
+            Y: targets [N, out_features], or integer class labels [N]: 0 to C-1 for a
+                model with C > 1 outputs (read as one-hot rows), 0 or 1 for one output.
+            loss: a graphdl loss; default the model's `loss` (the last fit's, or the one
+                saved in its model file), else `MSE()`. `fit` records it in `model.loss`.
+            optimizer: an `SGD`; default `SGD(lr=0.01)`.
+            schedule: sets the learning rate each epoch from the optimizer's base rate,
+                e.g. `CosineDecay(epochs)`; default the base rate throughout.
+            epochs: passes over the data (>= 0).
+            batch_size: examples per step (>= 1); the last batch may be smaller.
+            shuffle: reshuffle the examples every epoch.
+            validation_data: (X_val, Y_val), evaluated after every epoch.
+            seed: seeds the shuffling; None draws one from torch's global RNG.
+            verbose: print one line per epoch.
+            metrics: what to measure after each epoch, from "accuracy", "mse", "mae";
+                default ["accuracy"] when Y holds class labels (0/1, one-hot rows, or
+                probability rows with CrossEntropy), else none.
+            threads: torch CPU threads while training; default one when a batch is small
+                work (below `graphdl.train.SMALL_WORK` multiply-adds), else torch's own
+                setting. Restored afterwards.
+            distributed: train data-parallel over the process group of
+                `gd.distributed.init()` (launched by torchrun): `batch_size` stays the
+                global batch, each rank computes its share, and every rank ends with the
+                params and History one process would have. Only rank 0 prints.
+            checkpoint: a file to write after every epoch (rank 0 only): the model and
+                fit's state, to continue from with `resume` (see graphdl.checkpoint).
+            resume: a checkpoint to continue from: its weights, momentum, shuffling
+                state, History and epoch count; `epochs` counts the epochs it already did.
+
+        Returns:
+            The `History`: per-epoch lists "loss", each metric, "val_loss", "val_<metric>"
+            and "lr". Also kept as `model.history`, even when training stops early.
+
+        Raises:
+            ValueError: a bad argument, named. DivergedError: the loss stopped being finite.
+        """
+        return train.fit(self, X, Y, loss, optimizer, schedule, epochs, batch_size, shuffle, validation_data, seed,
+                         verbose, metrics, threads, distributed, checkpoint, resume)
+
+    def predict(self, X: torch.Tensor, threads: int | None = None, distributed: bool = False) -> torch.Tensor:
+        """The model's output for X [N, in_features]: a tensor [N, out_features] (logits,
+        for a classifier trained with BCEWithLogits or CrossEntropy).
+
+        Args:
+            X: the inputs.
+            threads: torch CPU threads for the call, as for `fit`.
+            distributed: in a data-parallel job, each rank computes its share of the rows
+                and every rank gets them all (see `graphdl.distributed`).
+        """
+        return train.predict(self, X, threads, distributed)
+
+    def evaluate(self, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None = None,
+                 metrics: list[str] | None = None, threads: int | None = None,
+                 distributed: bool = False) -> dict[str, float]:
+        """Measure the model on (X, Y).
+
+        Args:
+            X, Y: inputs and targets, as for `fit`.
+            loss: default the model's `loss`, else `MSE()`. It also says how accuracy
+                reads a prediction: above 0.5 (MSE-style losses, one output), above 0
+                (BCEWithLogits), the argmax (CrossEntropy, or several outputs).
+            metrics: as for `fit`; default ["accuracy"] when Y holds class labels.
+            threads: as for `fit`.
+            distributed: in a data-parallel job, each rank scores its share of the rows
+                and every rank gets the scores of them all (see `graphdl.distributed`).
+
+        Returns:
+            {"loss": the loss, one entry per metric, and "error" (1 - accuracy) when
+            accuracy is measured}.
+        """
+        return train.evaluate(self, X, Y, loss, metrics, threads, distributed)
+
+    def to_torch(self) -> Any:
+        """A torch `nn.Sequential` with copies of this model's weights (see `graphdl.interop.to_torch`)."""
+        return interop.to_torch(self)
+
+    def save(self, path: str) -> None:
+        """Write the model (IR text, layer config, weights as safetensors) atomically.
+
+        In a data-parallel job only rank 0 writes (every rank holds the same weights);
+        on the others this does nothing, so no two processes write one file."""
+        if distributed.is_main():
+            io.save_model(self, path)
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, str]:
+        """Jupyter shows the forward graph's drawing (when Graphviz's `dot` is installed) and the repr."""
+        try:
+            graph = self.graph()
+        except GraphError:  # not buildable yet (no layers, Standardize not adapted): the repr alone
+            return {"text/plain": repr(self)}
+        return mimebundle(graph, repr(self))
+
+    def __repr__(self) -> str:
+        inner = ",\n".join(f"  ({k}) {layer!r}" for k, layer in enumerate(self.layers))
+        return f"Sequential(\n{inner}\n)" if inner else "Sequential()"
+
+
+def load(path: str | os.PathLike[str]) -> Sequential:
+    """Load a model saved with `model.save(path)` (or a checkpoint fit wrote).
+
+    Args:
+        path: the model file.
+
+    Returns:
+        A `gd.Sequential` with the saved layers, ties and bit-identical weights.
+
+    Raises:
+        GraphError: the file is missing, truncated, corrupt, not a graphdl model (a
+            pickle, a zip, a bare graph, another program's safetensors file), or its
+            weights do not match the shapes its IR declares.
+    """
+    return io.load_model(path, Sequential)[0]
+
+
+def from_torch(module: Any) -> Sequential:
+    """A `gd.Sequential` computing what a torch `nn.Sequential` computes, with copies of its
+    weights (see `graphdl.interop.torch_layers`, which maps each module)."""
+    model = Sequential()
+    for where, layer in interop.torch_layers(module):
+        try:
+            model.add(layer)
+        except GraphError as e:
+            raise GraphError(f"from_torch: {where}: {e}") from None
+    return model

@@ -285,8 +285,11 @@ class Sequential:
         Raises:
             ValueError: a bad argument, named. DivergedError: the loss stopped being finite.
         """
-        return train.fit(self, X, Y, loss, optimizer, schedule, epochs, batch_size, shuffle, validation_data, seed,
-                         verbose, metrics, threads, distributed, checkpoint, resume)
+        settings = train.FitSettings.check(
+            self, loss=loss, optimizer=optimizer, schedule=schedule, epochs=epochs, batch_size=batch_size,
+            shuffle=shuffle, validation_data=validation_data, seed=seed, verbose=verbose, metrics=metrics,
+            threads=threads, distributed=distributed, checkpoint=checkpoint, resume=resume)
+        return train.fit(self, X, Y, settings)
 
     def predict(self, X: torch.Tensor, threads: int | None = None, distributed: bool = False) -> torch.Tensor:
         """The model's output for X [N, in_features]: a tensor [N, out_features] (logits,

@@ -14,12 +14,13 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from . import distributed as dp
-from .batches import OneProcess, Sharded
+from .batches import Batches, OneProcess, Sharded
 from .checkpoint import Resumed, read_checkpoint, write_checkpoint
 from .checks import flag, real, shown, whole
 from .compile import Compiled, compile
@@ -123,6 +124,10 @@ def _check_metrics(metrics: Any, Y: torch.Tensor, loss: Loss) -> list[str]:
     """The metrics to report: as asked, or by default accuracy when Y holds class labels."""
     if metrics is None:
         return ["accuracy"] if _is_class_labels(Y, loss.decision) else []
+    return _check_metric_names(metrics)
+
+
+def _check_metric_names(metrics: Any) -> list[str]:
     if isinstance(metrics, str) or not isinstance(metrics, (list, tuple)) or not all(
             isinstance(m, str) and m in METRICS for m in metrics) or len(set(metrics)) != len(metrics):
         raise ValueError(f"metrics must be a list of distinct metric names from {', '.join(map(repr, METRICS))}, "
@@ -221,31 +226,64 @@ def _check_params(model: Sequential) -> None:
             raise ValueError(f"param {name} is NaN or inf before training; re-initialise the model")
 
 
-def _check_settings(optimizer: Any, epochs: Any, batch_size: Any, seed: Any, validation_data: Any, schedule: Any,
-                    shuffle: Any, verbose: Any, threads: Any, distributed: Any, checkpoint: Any,
-                    resume: Any) -> tuple[int, int, int | None, bool]:
-    """Check fit's settings, each named in its error, before its data (`metrics` waits
-    for the data: its default depends on Y); returns (epochs, batch_size, seed) as ints
-    and whether to run data-parallel."""
-    checked_optimizer(optimizer)
-    epochs, batch_size = whole("epochs", epochs, 0), whole("batch_size", batch_size, 1)
-    if seed is not None:  # the range torch.Generator.manual_seed takes
-        seed = whole("seed", seed, -2**63, 2**64 - 1)
-    flag("shuffle", shuffle)
-    flag("verbose", verbose)
-    if validation_data is not None and not (isinstance(validation_data, (tuple, list)) and len(validation_data) == 2):
-        raise ValueError(f"validation_data must be a pair (X_val, Y_val), got {type(validation_data).__name__}"
-                         + (f" of length {len(validation_data)}" if isinstance(validation_data, (tuple, list)) else ""))
-    if schedule is not None and not callable(schedule):
-        raise ValueError(f"schedule must be a graphdl schedule such as gd.StepDecay(every=10, factor=0.9), "
-                         f"got {schedule!r}")
-    if threads is not None:
-        whole("threads", threads, 1)
-    distributed = _check_distributed(distributed, "fit")
-    for name, path in (("checkpoint", checkpoint), ("resume", resume)):
-        if path is not None and not isinstance(path, (str, os.PathLike)):
-            raise ValueError(f"{name} must be a file path or None, got {type(path).__name__}")
-    return epochs, batch_size, seed, distributed
+@dataclass(frozen=True)
+class FitSettings:
+    """fit's settings, each checked once, where they are made (`FitSettings.check`), and
+    passed on as one value. (`Sequential.fit` documents each.)"""
+
+    loss: Loss
+    optimizer: SGD
+    schedule: Schedule | None
+    epochs: int
+    batch_size: int
+    shuffle: bool
+    validation_data: tuple[torch.Tensor, torch.Tensor] | None
+    seed: int | None
+    verbose: bool
+    metrics: tuple[str, ...] | None  # None until the data chooses (`with_data`)
+    threads: int | None
+    distributed: bool  # data-parallel, over more than one rank
+    checkpoint: str | os.PathLike[str] | None
+    resume: str | os.PathLike[str] | None
+
+    @classmethod
+    def check(cls, model: Sequential, *, loss: Any, optimizer: Any, schedule: Any, epochs: Any, batch_size: Any,
+              shuffle: Any, validation_data: Any, seed: Any, verbose: Any, metrics: Any, threads: Any,
+              distributed: Any, checkpoint: Any, resume: Any) -> FitSettings:
+        """The settings, after checking each (a ValueError naming the one that is wrong),
+        before any data is looked at; defaults filled in (the model's loss, SGD())."""
+        if seed is not None:  # the range torch.Generator.manual_seed takes
+            seed = whole("seed", seed, -2**63, 2**64 - 1)
+        if validation_data is not None and not (isinstance(validation_data, (tuple, list))
+                                                and len(validation_data) == 2):
+            length = f" of length {len(validation_data)}" if isinstance(validation_data, (tuple, list)) else ""
+            raise ValueError(f"validation_data must be a pair (X_val, Y_val), got "
+                             f"{type(validation_data).__name__}{length}")
+        if schedule is not None and not callable(schedule):
+            raise ValueError(f"schedule must be a graphdl schedule such as gd.StepDecay(every=10, factor=0.9), "
+                             f"got {schedule!r}")
+        for name, path in (("checkpoint", checkpoint), ("resume", resume)):
+            if path is not None and not isinstance(path, (str, os.PathLike)):
+                raise ValueError(f"{name} must be a file path or None, got {type(path).__name__}")
+        return cls(loss=_model_loss(model, loss),
+                   optimizer=checked_optimizer(SGD() if optimizer is None else optimizer),
+                   schedule=schedule, epochs=whole("epochs", epochs, 0),
+                   batch_size=whole("batch_size", batch_size, 1), shuffle=flag("shuffle", shuffle),
+                   validation_data=None if validation_data is None else tuple(validation_data), seed=seed,
+                   verbose=flag("verbose", verbose),
+                   metrics=None if metrics is None else tuple(_check_metric_names(metrics)),
+                   threads=None if threads is None else whole("threads", threads, 1),
+                   distributed=_check_distributed(distributed, "fit"), checkpoint=checkpoint, resume=resume)
+
+    def with_data(self, model: Sequential, Y: torch.Tensor) -> FitSettings:
+        """The settings for this data: validation targets as the model reads them, and the
+        metrics chosen (by default accuracy when Y holds class labels)."""
+        validation = self.validation_data
+        if validation is not None:
+            validation = (validation[0], _class_targets(model, validation[1], " (validation)"))
+            _check_data(model, *validation, what=" (validation)")
+        metrics = self.metrics if self.metrics is not None else tuple(_check_metrics(None, Y, self.loss))
+        return replace(self, validation_data=validation, metrics=metrics)
 
 
 # Threads. torch splits each op over every core by default, which costs a synchronisation
@@ -408,108 +446,109 @@ def _model_loss(model: Sequential, loss: Any) -> Loss:
 # params in place), so the whole loop runs in inference mode: no autograd bookkeeping,
 # and params or data that require grad (from a torch model) are fine.
 @torch.inference_mode()
-def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None = None,
-        optimizer: SGD | None = None, schedule: Schedule | None = None, epochs: int = 1,
-        batch_size: int = 32, shuffle: bool = True,
-        validation_data: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int | None = None,
-        verbose: bool = True, metrics: list[str] | None = None, threads: int | None = None,
-        distributed: bool = False, checkpoint: str | os.PathLike[str] | None = None,
-        resume: str | os.PathLike[str] | None = None) -> History:
-    """`Sequential.fit`, which documents the arguments."""
-    loss, optimizer = _model_loss(model, loss), SGD() if optimizer is None else optimizer
-    epochs, batch_size, seed, distributed = _check_settings(optimizer, epochs, batch_size, seed, validation_data,
-                                                            schedule, shuffle, verbose, threads, distributed,
-                                                            checkpoint, resume)
+def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, settings: FitSettings) -> History:
+    """`Sequential.fit`, which documents the arguments, with its settings checked."""
     Y = _class_targets(model, Y)
     _check_data(model, X, Y)
-    if validation_data is not None:
-        validation_data = (validation_data[0], _class_targets(model, validation_data[1], " (validation)"))
-        _check_data(model, *validation_data, what=" (validation)")
-    metrics = _check_metrics(metrics, Y, loss)
+    settings = settings.with_data(model, Y)
     _check_params(model)
-    with _threads_for(model, batch_size, threads):
-        model.loss = loss
-        return _train(model, X, Y, loss, optimizer, schedule, epochs, batch_size, shuffle, validation_data, seed,
-                      verbose, metrics, distributed, checkpoint, resume)
+    with _threads_for(model, settings.batch_size, settings.threads):
+        model.loss = settings.loss
+        return _Run(model, X, Y, settings).epochs()
 
 
-def _train(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss, optimizer: SGD,
-           schedule: Schedule | None, epochs: int, batch_size: int, shuffle: bool,
-           validation_data: tuple[torch.Tensor, torch.Tensor] | None, seed: int | None, verbose: bool,
-           metrics: list[str], distributed: bool, checkpoint: str | os.PathLike[str] | None,
-           resume: str | os.PathLike[str] | None) -> History:
-    """The epochs: each runs the step on every batch, then reads the mean loss, the
-    params' finiteness and the metrics in one host sync (data-parallel, after one
-    collective for the loss and one per data set scored)."""
-    step = TrainStep(model, loss, optimizer, distributed=distributed)
-    n = len(X)
-    batches = Sharded(n, batch_size, X, Y) if distributed else OneProcess(n, batch_size, X)
-    step.compiled.check_feeds(next(iter(batches.feeds(X, Y, None))), {})  # dtype and device, once, with our messages
-    predicting, scoring = _predict_fn(model), _eval_fn(model, loss)
-    predicting.check_feeds((X,), {})  # so that each epoch calls their unchecked entries (.fn)
-    if validation_data is not None:
-        scoring.check_feeds(tuple(validation_data), {})
-    history = History(metrics)
-    resumed = None if resume is None else read_checkpoint(resume, model, optimizer, list(history),
-                                                          validation_data is not None)
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, ()).item())
-    settings = _fit_settings(model, X, batch_size, epochs, shuffle, validation_data, resumed)
-    seed = batches.common_start([*model.state().values(), *optimizer.buffers], seed, settings)  # rank 0's
-    gen = torch.Generator().manual_seed(seed)
-    if resumed is not None:
-        gen.set_state(resumed.rng)
-        history.update(resumed.history)
-    model.history = history  # what fit has recorded so far, kept if it stops early
-    start = _Snapshot(lambda: [*step.params, *optimizer.buffers])  # the step's params: it binds again if they move
+class _Run:
+    """One fit: the step, the epoch's batches, the scoring functions, the History and the
+    shuffling generator, set up (and, with `resume`, restored) once; then the epochs.
 
-    for epoch in range(0 if resumed is None else resumed.epoch, epochs):
-        started = time.perf_counter()
-        lr = _scheduled_lr(schedule, epoch, optimizer.lr)
-        order = torch.randperm(n, generator=gen) if shuffle else None
-        start.save()
-        losses = batches.run(step, X, Y, order, lr)
-        finite_check = batches.loss_and_finite(losses, _largest(step.params, X.device))
-        scores = _epoch_scores(finite_check, predicting.fn, scoring.fn, X, Y, validation_data, loss.decision, metrics,
-                               distributed)
+    Each epoch runs the step on every batch, then reads the mean loss, the params'
+    finiteness and the metrics in one host sync (data-parallel, after one collective for
+    the loss and one per data set scored)."""
+
+    def __init__(self, model: Sequential, X: torch.Tensor, Y: torch.Tensor, settings: FitSettings) -> None:
+        self.model, self.X, self.Y, self.settings = model, X, Y, settings
+        s = settings
+        self.step = TrainStep(model, s.loss, s.optimizer, distributed=s.distributed)
+        self.batches: Batches = Sharded(len(X), s.batch_size, X, Y) if s.distributed else \
+            OneProcess(len(X), s.batch_size, X)
+        self.predicting, self.scoring = _predict_fn(model), _eval_fn(model, s.loss)
+        self._check_feeds()
+        self.history = History(s.metrics)
+        resumed = None if s.resume is None else read_checkpoint(s.resume, model, s.optimizer, list(self.history),
+                                                                s.validation_data is not None)
+        self.generator = self._generator(resumed)
+        self.first = 0
+        if resumed is not None:
+            self.generator.set_state(resumed.rng)
+            self.history.update(resumed.history)
+            self.first = resumed.epoch
+        model.history = self.history  # what fit has recorded so far, kept if it stops early
+        self.start = _Snapshot(lambda: [*self.step.params, *s.optimizer.buffers])  # the step binds again if they move
+
+    def _check_feeds(self) -> None:
+        """Dtype and device once, with the graphs' messages, so that each epoch calls the
+        compiled functions' unchecked entries (.fn)."""
+        self.step.compiled.check_feeds(next(iter(self.batches.feeds(self.X, self.Y, None))), {})
+        self.predicting.check_feeds((self.X,), {})
+        if self.settings.validation_data is not None:
+            self.scoring.check_feeds(tuple(self.settings.validation_data), {})
+
+    def _generator(self, resumed: Resumed | None) -> torch.Generator:
+        """The shuffling generator, from the seed every rank shares (rank 0's)."""
+        s = self.settings
+        seed = s.seed if s.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        agreed = _fit_settings(self.model, self.X, s, resumed)
+        seed = self.batches.common_start([*self.model.state().values(), *s.optimizer.buffers], seed, agreed)
+        return torch.Generator().manual_seed(seed)
+
+    def epochs(self) -> History:
+        for epoch in range(self.first, self.settings.epochs):
+            self.epoch(epoch)
+        return self.history
+
+    def epoch(self, epoch: int) -> None:
+        """Run one epoch, read its numbers in one sync, check them, record them."""
+        s, started = self.settings, time.perf_counter()
+        lr = _scheduled_lr(s.schedule, epoch, s.optimizer.lr)
+        order = torch.randperm(len(self.X), generator=self.generator) if s.shuffle else None
+        self.start.save()
+        losses = self.batches.run(self.step, self.X, self.Y, order, lr)
+        scores = self._scores(losses)
         epoch_loss, largest, *values = torch.cat([v.reshape(-1).double() for v in scores.values()]).tolist()
         if not (math.isfinite(epoch_loss) and math.isfinite(largest)):
-            found = _replay(step, start, batches.feeds(X, Y, order), batches.batch_loss, lr)
-            raise _diverged(found, epoch, epochs, len(batches), lr, history)
-        history["loss"].append(epoch_loss)
+            found = _replay(self.step, self.start, self.batches.feeds(self.X, self.Y, order), self.batches.batch_loss,
+                            lr)
+            raise _diverged(found, epoch, s.epochs, len(self.batches), lr, self.history)
+        self.history["loss"].append(epoch_loss)
         for key, value in zip(list(scores)[1:], values, strict=True):
-            history[key].append(value)
-        history["lr"].append(lr)
-        if verbose and batches.is_main:
-            _report(epoch, epochs, history, time.perf_counter() - started)
-        if checkpoint is not None:
-            write_checkpoint(checkpoint, model, optimizer, epoch + 1, gen, history)
-    return history
+            self.history[key].append(value)
+        self.history["lr"].append(lr)
+        if s.verbose and self.batches.is_main:
+            _report(epoch, s.epochs, self.history, time.perf_counter() - started)
+        if s.checkpoint is not None:
+            write_checkpoint(s.checkpoint, self.model, s.optimizer, epoch + 1, self.generator, self.history)
+
+    def _scores(self, losses: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What an epoch reads in its one host sync: {"loss": [mean loss, a number that is
+        finite only while every param is (`Batches.loss_and_finite`)], each metric on the
+        training data, "val_loss" and "val_<metric>"}, as tensors on the device."""
+        s = self.settings
+        scores = {"loss": self.batches.loss_and_finite(losses, _largest(self.step.params, self.X.device))}
+        decision, metrics = s.loss.decision, list(s.metrics)
+        if metrics:
+            measured = _measure(self.predicting.fn, self.X, self.Y, decision, metrics, s.distributed, with_loss=False)
+            scores.update((m, measured[m]) for m in metrics)
+        if s.validation_data is not None:
+            measured = _measure(self.scoring.fn, *s.validation_data, decision, metrics, s.distributed)
+            scores.update((f"val_{k}", measured[k]) for k in ("loss", *metrics))
+        return scores
 
 
-def _epoch_scores(loss_and_largest: torch.Tensor, predict: Callable[..., tuple[torch.Tensor, ...]],
-                  score: Callable[..., tuple[torch.Tensor, ...]], X: torch.Tensor, Y: torch.Tensor,
-                  validation_data: tuple[torch.Tensor, torch.Tensor] | None, decision: str, metrics: list[str],
-                  distributed: bool) -> dict[str, torch.Tensor]:
-    """What an epoch reads in its one host sync: {"loss": [mean loss, a number that is
-    finite only while every param is (`Batches.loss_and_finite`)], each metric on the training data,
-    "val_loss" and "val_<metric>"}, as tensors on the device."""
-    scores = {"loss": loss_and_largest}
-    if metrics:
-        measured = _measure(predict, X, Y, decision, metrics, distributed, with_loss=False)
-        scores.update((m, measured[m]) for m in metrics)
-    if validation_data is not None:
-        measured = _measure(score, *validation_data, decision, metrics, distributed)
-        scores.update((f"val_{k}", measured[k]) for k in ("loss", *metrics))
-    return scores
-
-
-def _fit_settings(model: Sequential, X: torch.Tensor, batch_size: int, epochs: int, shuffle: bool,
-                  validation_data: tuple[torch.Tensor, torch.Tensor] | None, resumed: Resumed | None) -> dict[str, int]:
+def _fit_settings(model: Sequential, X: torch.Tensor, s: FitSettings, resumed: Resumed | None) -> dict[str, int]:
     """What every rank of a data-parallel fit must agree on (else their collectives would not match)."""
-    return {"len(X)": len(X), "batch_size": batch_size, "epochs": epochs, "shuffle": int(shuffle),
+    return {"len(X)": len(X), "batch_size": s.batch_size, "epochs": s.epochs, "shuffle": int(s.shuffle),
             "epochs done by the checkpoint": 0 if resumed is None else resumed.epoch,
-            "len(validation_data[0])": -1 if validation_data is None else len(validation_data[0]),
+            "len(validation_data[0])": -1 if s.validation_data is None else len(s.validation_data[0]),
             "number of params": len(model.parameters()),
             "param elements": sum(p.numel() for p in model.parameters().values())}
 

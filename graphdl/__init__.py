@@ -4,7 +4,8 @@ Describe a computation once as a graph of op nodes, differentiate it with hand-w
 VJPs (`grad`), compile it to a function of torch calls (`compile`) and run it many times.
 """
 
-from .ir import DTYPES, Graph, GraphError, Node, Value
+from .checks import DTYPES, GraphError
+from .ir import Graph, Node, Value
 from .ops import (
     OPS, abs, add, bce_with_logits, broadcast_like, cross_entropy, div, exp, greater, log, log_softmax, mae, matmul,
     mbe, mean, mse, mul, neg, relu, sigmoid, sign, softmax, sub, sum, sum_to, tanh, transpose, zeros_like,

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .ir import Graph, GraphError, Node, Value, pauses_gc
+from .checks import GraphError
+from .ir import Graph, Node, Value, pauses_gc
 from .ops import add, zeros_like
 from .passes.dce import dce
 

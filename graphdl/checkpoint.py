@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import distributed
+from .checks import GraphError, format_type
 from .io import load_model, save_model
-from .ir import GraphError, format_type
 
 if TYPE_CHECKING:
     from .model import Sequential

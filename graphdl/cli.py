@@ -9,8 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .autodiff import grad
+from .checks import GraphError
 from .io import MODEL_FORMAT, file_format, load_graph
-from .ir import Graph, GraphError
+from .ir import Graph
 from .losses import MSE
 from .model import load
 from .onnx_io import import_onnx

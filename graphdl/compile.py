@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-from .ir import Graph, GraphError, Node, Value, format_type, pauses_gc, tensor_problem
+from .checks import GraphError, format_type
+from .ir import Graph, Node, Value, pauses_gc, tensor_problem
 from .ops import CODE_GLOBALS
 from .passes import pipeline
 from .passes.memory import last_uses, plan_arena, plan_inplace

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from . import layers
-from .ir import DTYPE_NAMES, GraphError
+from .checks import DTYPE_NAMES, GraphError
 from .layers import Layer, Linear
 
 

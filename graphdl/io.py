@@ -38,7 +38,8 @@ from typing import TYPE_CHECKING, Any
 import safetensors.torch
 import torch
 
-from .ir import DTYPES, Graph, GraphError, NumberText, format_type, read_int, read_shape, show_number, whole_number
+from .checks import DTYPES, GraphError, NumberText, format_type, read_int, read_shape, show_number, whole_number
+from .ir import Graph
 from .losses import LOSSES, Loss
 from .text import parse
 

@@ -15,7 +15,6 @@ import contextlib
 import functools
 import gc
 import itertools
-import math
 import numbers
 import os
 import sys
@@ -25,147 +24,29 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import torch
 
+from .checks import (
+    DTYPE_NAMES,
+    DTYPES,
+    GraphError,
+    Shape,
+    ShapeError,
+    check_dtype,
+    dtype_name,
+    format_type,
+    read_float,
+    read_shape,
+)
+
 if TYPE_CHECKING:
     from .ops import OpDef
 
-Dim = int | str
-Shape = tuple[Dim, ...]
 P = ParamSpec("P")
 R = TypeVar("R")
-
-DTYPES: dict[str, torch.dtype] = {
-    "f16": torch.float16,
-    "bf16": torch.bfloat16,
-    "f32": torch.float32,
-    "f64": torch.float64,
-}
-DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # Frames a user's call passes through on its way into graphdl but did not write: graphdl's
 # own, and torch's decorators (fit runs under @torch.inference_mode()).
 _NOT_USER_CODE = (_PACKAGE_DIR, os.path.dirname(os.path.abspath(torch.__file__)))
-
-
-class GraphError(ValueError):
-    """An invalid graph, shape, feed, IR text or model file.
-
-    The message names what is wrong (node, op, shapes, input) and how to fix it.
-    """
-
-
-class ShapeError(Exception):
-    """Raised by an op's shape rule; `Graph.add_node` turns it into a `GraphError`
-    that also names the node, its inputs and where it was created."""
-
-    def __init__(self, message: str, hint: str = "") -> None:
-        super().__init__(message)
-        self.message, self.hint = message, hint
-
-
-# These run once per printed or compiled node: map(str, ...) and no eagerly built default
-# for .get make format_type 1.4 µs instead of 2.2.
-def format_shape(shape: Shape) -> str:
-    return "[" + ",".join(map(str, shape)) + "]"
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    name = DTYPE_NAMES.get(dtype)
-    return name if name is not None else str(dtype).removeprefix("torch.")
-
-
-def format_type(dtype: torch.dtype, shape: Shape) -> str:
-    return dtype_name(dtype) + format_shape(shape)
-
-
-# -- numbers from outside --------------------------------------------------------------
-# Every number graphdl reads from IR text, a model file's header or its layer list goes
-# through read_int, read_shape or read_float. Each raises GraphError naming the field, so
-# no OverflowError, torch RuntimeError or int() digit-limit ValueError escapes, and no
-# size reaches torch that it cannot even describe.
-
-INT64_MAX = 2**63 - 1  # torch's sizes, element counts and byte counts are int64
-_MAX_DIGITS = 20  # a longer run of digits is out of any range here; int() need not read it
-
-
-class NumberText(str):
-    """A number from a file kept as its text, because reading it is unsafe or lossy: an
-    integer of thousands of digits, or a float literal beyond float64 such as 1e400.
-    The readers refuse it, quoting the text."""
-
-
-def whole_number(text: str) -> int | NumberText:
-    """The int that a run of ASCII digits (with an optional '-') spells, or NumberText if
-    it is too long to be in range (so a 5,000-digit dim costs nothing to refuse)."""
-    return int(text) if len(text.lstrip("-")) <= _MAX_DIGITS else NumberText(text)
-
-
-def show_number(value: object) -> str:
-    """A number (or whatever came instead) for a message, cut short."""
-    if isinstance(value, NumberText):
-        digits = value.lstrip("-").isdigit()
-        return f"{value[:10]}... ({len(value)} {'digits' if digits else 'characters'})" if len(value) > 24 else value
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 133:  # over 40 digits
-        return f"{'-' if value < 0 else ''}2**{value.bit_length() - 1} or more"
-    text = repr(value)
-    return text if len(text) <= 40 else text[:36] + "..."
-
-
-def _bound(n: int) -> str:
-    return "2**63 - 1" if n == INT64_MAX else str(n)
-
-
-def read_int(value: object, field: str, low: int = 0, high: int = INT64_MAX) -> int:
-    """`value` as an int in [low, high]; otherwise GraphError naming `field`.
-
-    Only an int is a whole number here: a bool, a float (even 3.0), a str of digits or a
-    NumberText is refused, so a file cannot pass a width as true, 25.0 or "25".
-    """
-    wanted = f"{field} must be a whole number from {_bound(low)} to {_bound(high)}"
-    if isinstance(value, bool) or not isinstance(value, int):
-        kind = "" if isinstance(value, (float, NumberText)) else f" (a {type(value).__name__})"
-        raise GraphError(f"{wanted}, got {show_number(value)}{kind}")
-    if not low <= value <= high:
-        raise GraphError(f"{wanted}, got {show_number(value)}")
-    return value
-
-
-def read_shape(dims: Sequence[object], field: str, dtype: torch.dtype, symbolic: bool = True) -> Shape:
-    """A shape of whole numbers and, if `symbolic`, symbols (such as "N"), each dim and the
-    tensor's byte count within int64 (a symbol counts as 1), so torch can describe it."""
-    def is_symbol(d: object) -> bool:
-        return symbolic and isinstance(d, str) and not isinstance(d, NumberText) and d.isidentifier()
-
-    shape = tuple(d if is_symbol(d) else read_int(d, f"{field}: dimension {i}") for i, d in enumerate(dims))
-    count = math.prod(d for d in shape if isinstance(d, int))
-    if count * dtype.itemsize > INT64_MAX:
-        raise GraphError(f"{field}: {format_type(dtype, shape)} holds {show_number(count)} elements, more bytes "
-                         "than a tensor can hold (torch counts them in int64)")
-    return shape
-
-
-def read_float(value: object, field: str, dtype: torch.dtype) -> float:
-    """A real number (int, float, numpy scalar, fraction) as the float `dtype` will hold.
-    nan and +-inf stay as they are (they say what they are); a number beyond float64
-    (10**400, or a NumberText such as 1e400) or a finite one that `dtype` would turn into
-    inf (1e5 in f16) is refused."""
-    too_large = f"{field} {show_number(value)} is too large for a float; write inf if that is meant"
-    if isinstance(value, NumberText):
-        raise GraphError(too_large)
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise GraphError(f"{field} must be a number, got {show_number(value)} (a {type(value).__name__})")
-    try:
-        number = float(value)
-    except OverflowError:
-        raise GraphError(too_large) from None
-    # Past the largest finite value, whether it rounds down or to inf is torch's call (the
-    # lowering builds the constant with torch.tensor); on the CPU, even under torch.device("meta").
-    if math.isfinite(number) and abs(number) > torch.finfo(dtype).max and \
-            not math.isfinite(torch.tensor(number, dtype=dtype, device="cpu").item()):
-        raise GraphError(f"{field} {show_number(value)} does not fit {dtype_name(dtype)} (largest finite value "
-                         f"{torch.finfo(dtype).max:.6g}): it would silently become inf; write inf if that is "
-                         "meant, or use a wider dtype")
-    return number
 
 
 def caller_location() -> str:
@@ -382,7 +263,7 @@ class Graph:
     def input(self, name: str, shape: Sequence[int | str | None], dtype: torch.dtype = torch.float32) -> Value:
         """Declare a graph input. `None` in `shape` is the batch dimension, named "N"."""
         self._check_new_name(name)
-        _check_dtype(f"input {name}", dtype)
+        check_dtype(f"input {name}", dtype)
         try:
             dims = tuple("N" if d is None else d for d in shape)
         except TypeError:
@@ -413,7 +294,7 @@ class Graph:
     def const(self, value: float, dtype: torch.dtype = torch.float32) -> Value:
         """A scalar constant, as a `const` node."""
         from .ops import OPS
-        _check_dtype("const", dtype)
+        check_dtype("const", dtype)
         if not isinstance(value, numbers.Real) or isinstance(value, bool):  # numpy scalars and fractions too
             raise GraphError(f"const: value {value!r} must be a real number such as 2 or 0.5, "
                              f"got {type(value).__name__}"
@@ -740,10 +621,3 @@ def _is_identifier(name: str) -> bool:
 def _is_label(text: str) -> bool:
     """Output labels such as d/dw or d/d0.weight: they print inside `( )` on the return line."""
     return bool(text) and text.isascii() and all(c.isalnum() or c in "_./:-'" for c in text)
-
-
-def _check_dtype(what: str, dtype: Any) -> None:
-    if not isinstance(dtype, torch.dtype) or dtype not in DTYPE_NAMES:
-        hint = f"; did you mean {DTYPES[dtype]}?" if isinstance(dtype, str) and dtype in DTYPES else ""
-        supported = ", ".join(str(d) for d in DTYPES.values())
-        raise GraphError(f"{what}: dtype {dtype!r} is not supported; use one of {supported}{hint}")

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from .checks import whole
-from .ir import DTYPES, Graph, GraphError, Slot, Value, _check_dtype, check_param_tensor, read_shape, tensor_problem
+from .checks import DTYPES, GraphError, check_dtype, read_shape, whole
+from .ir import Graph, Slot, Value, check_param_tensor, tensor_problem
 from .ops import add, div, matmul, relu, sigmoid, softmax, sub, tanh
 
 
@@ -149,7 +149,7 @@ class Linear(Layer):
                  dtype: torch.dtype = torch.float32) -> None:
         self.in_features = _check_width("in_features", in_features)
         self.out_features = _check_width("out_features", out_features)
-        _check_dtype("Linear", dtype)  # only what the IR supports: a float8 or int weight fails here, not in torch
+        check_dtype("Linear", dtype)  # only what the IR supports: a float8 or int weight fails here, not in torch
         read_shape((self.in_features, self.out_features), "Linear's weight", dtype)  # else torch fails to describe it
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
@@ -223,7 +223,7 @@ class Standardize(Layer):
     std = Param(trainable=False, shape=lambda layer: (layer.in_features,))
 
     def __init__(self, features: int | None = None, dtype: torch.dtype = torch.float32) -> None:
-        _check_dtype("Standardize", dtype)
+        check_dtype("Standardize", dtype)
         self._dtype = dtype  # until it holds statistics; then theirs
         if features is not None:
             self.in_features = self.out_features = _check_width("features", features)

@@ -18,7 +18,8 @@ from typing import Any
 import torch
 
 from . import distributed, interop, io, train
-from .ir import Graph, GraphError
+from .checks import GraphError
+from .ir import Graph
 from .layers import DTYPES_BY_NAME, LAYERS, Build, Layer, same_memory
 from .losses import Loss
 from .optim import SGD, Schedule

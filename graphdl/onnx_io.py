@@ -23,8 +23,9 @@ from typing import Any
 import torch
 
 from . import ops
+from .checks import DTYPE_NAMES, DTYPES, GraphError, dtype_name, format_shape
 from .io import _as_path, _atomic_write, _read_bytes
-from .ir import DTYPE_NAMES, DTYPES, Graph, GraphError, Value, _is_identifier, dtype_name, format_shape
+from .ir import Graph, Value, _is_identifier
 from .text import format_node
 
 DEFAULT_OPSET = 17

@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from .ir import DTYPES, Dim, GraphError, Shape, ShapeError, Value, caller_location, dtype_name, format_shape, read_float
+from .checks import DTYPES, Dim, GraphError, Shape, ShapeError, dtype_name, format_shape, read_float
+from .ir import Value, caller_location
 
 Lowering = Callable[[list[str], dict[str, Any], list[Value]], str]
 # A shape rule reads the inputs and the attrs (a read-only view, defaults filled in) and

@@ -26,20 +26,8 @@ from typing import Any
 
 import torch
 
-from .ir import (
-    DTYPES,
-    Graph,
-    GraphError,
-    Node,
-    NumberText,
-    Shape,
-    Value,
-    format_type,
-    pauses_gc,
-    read_shape,
-    show_number,
-    whole_number,
-)
+from .checks import DTYPES, GraphError, NumberText, Shape, format_type, read_shape, show_number, whole_number
+from .ir import Graph, Node, Value, pauses_gc
 from .ops import OPS
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import graphviz
 
-from .ir import Graph, GraphError, Node, Value, format_shape, format_type
+from .checks import GraphError, format_shape, format_type
+from .ir import Graph, Node, Value
 from .text import format_attrs, format_node
 
 FORMATS = ("svg", "png", "pdf", "dot")

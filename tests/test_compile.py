@@ -137,7 +137,7 @@ def test_a_param_given_a_tensor_of_another_shape_or_dtype_is_refused_before_runn
     g = mlp()
     fn = gd.compile(g)
     g.params["fc1.weight"].data = tensor
-    now = gd.ir.format_type(tensor.dtype, tuple(tensor.shape))
+    now = gd.checks.format_type(tensor.dtype, tuple(tensor.shape))
     with pytest.raises(gd.GraphError, match=re.escape(f"a param changed after compile (fc1.weight is now {now}, "
                                                       "declared f32[8,8]); compile the graph again")):
         fn(**feeds())

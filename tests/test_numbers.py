@@ -20,7 +20,7 @@ import torch
 
 import graphdl as gd
 from graphdl.cli import render_main
-from graphdl.ir import INT64_MAX, NumberText, read_float, read_int, read_shape, whole_number
+from graphdl.checks import INT64_MAX, NumberText, read_float, read_int, read_shape, whole_number
 
 BIG = "9" * 5000
 TWO_64 = str(2**64)

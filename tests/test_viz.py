@@ -60,7 +60,7 @@ def test_every_ir_node_input_param_and_output_has_one_box(backward):
     for k, node in enumerate(g.nodes):
         label = found[f"n{k}"]["label"]
         assert label.startswith(f"%{k} {node.op.name}")
-        assert label.endswith(gd.ir.format_type(node.out.dtype, node.out.shape))
+        assert label.endswith(gd.checks.format_type(node.out.dtype, node.out.shape))
     assert found["p0"]["label"] == r"0.weight\nf32[2,3]"
 
 

@@ -20,7 +20,7 @@ import torch
 
 from .checks import GraphError, format_type
 from .ir import Graph, Node, Value, pauses_gc, tensor_problem
-from .ops import CODE_GLOBALS
+from .ops.registry import CODE_GLOBALS
 from .passes import pipeline
 from .passes.memory import last_uses, plan_arena, plan_inplace
 from .text import format_node
@@ -165,7 +165,7 @@ class _ArenaLayout:
         for k, node in enumerate(graph.nodes):
             if id(node.out) in hoisted or k in inplace:
                 continue
-            for i in node.op.transposed:
+            for i in node.op.memory.transposed:
                 v = node.inputs[i]
                 if id(v) in index and id(v) not in self._prepared:
                     self._prepared[id(v)] = f"pt{index[id(v)]}"
@@ -182,7 +182,7 @@ class _ArenaLayout:
         return f"b{self.writes[k]}" if k in self.writes else None
 
     def transposes(self, node: Node) -> dict[int, str]:
-        prepared = ((i, self._prepared.get(id(node.inputs[i]))) for i in node.op.transposed)
+        prepared = ((i, self._prepared.get(id(node.inputs[i]))) for i in node.op.memory.transposed)
         return {i: name for i, name in prepared if name is not None}
 
     def names(self, names: dict[int, str]) -> list[str]:
@@ -369,7 +369,7 @@ def _hoistable(graph: Graph) -> set[int]:
     op slower on CPU. Collectives run at every call, whatever their inputs."""
     hoisted: set[int] = set()
     for node in graph.nodes:
-        if not node.op.effect and all(id(v) in hoisted for v in node.inputs):
+        if not node.op.collective and all(id(v) in hoisted for v in node.inputs):
             hoisted.add(id(node.out))
     return hoisted
 
@@ -392,7 +392,7 @@ def _emit_nodes(graph: Graph, env: dict[str, Any], names: dict[int, str], ir_nam
             body.append(f"# c{k} = {ir_line}")
             continue
         if k in inplace:
-            code = node.op.inplace[inplace[k]].format(*arg_names)
+            code = node.op.memory.inplace[inplace[k]].format(*arg_names)
         elif layout is not None:
             code = node.op.code(arg_names, node.attrs, node.inputs, layout.out(k), layout.transposes(node))
         else:
@@ -422,7 +422,7 @@ def _define(name: str, args: list[str], body: list[str], env: dict[str, Any]) ->
 
 def _output_buffers(graph: Graph, lives_in: dict[int, int], hoisted: set[int]) -> list[int | None]:
     """The arena buffer each output is returned in: a value in the arena returned as it
-    is (by `_owned_outputs`: its first return, a fresh node result), else None."""
+    is (by `_owned_outputs`: its first return, a node result in new storage), else None."""
     names = {id(v): str(lives_in.get(id(v))) for v in graph.outputs}
     exprs = _owned_outputs(graph.outputs, names, hoisted)
     return [lives_in[id(v)] if id(v) in lives_in and e == names[id(v)] else None
@@ -432,14 +432,14 @@ def _output_buffers(graph: Graph, lives_in: dict[int, int], hoisted: set[int]) -
 def _owned_outputs(outputs: list[Value], names: dict[int, str], hoisted: set[int]) -> list[str]:
     """The expression returning each output so that every returned tensor owns its memory.
 
-    A node's fresh result is returned as it is, the first time. A param, input, constant
+    A node's result in new storage is returned as it is, the first time. A param, input, constant
     or view (transpose, expand) is a dense copy, never aliasing graphdl's storage; so is
     a value returned twice (`output(a, a)`, or two gradients that CSE found equal), so
     that updating one output in place never moves another.
     """
     exprs, returned = [], set()
     for v in outputs:
-        owned = v.node is not None and id(v) not in hoisted and v.node.op.fresh and id(v) not in returned
+        owned = v.node is not None and id(v) not in hoisted and v.node.op.memory.new_storage and id(v) not in returned
         exprs.append(names[id(v)] if owned else f"{names[id(v)]}.clone(memory_format=torch.contiguous_format)")
         returned.add(id(v))
     return exprs

@@ -38,7 +38,7 @@ from .checks import (
 )
 
 if TYPE_CHECKING:
-    from .ops import OpDef
+    from .ops.registry import OpDef
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -293,7 +293,7 @@ class Graph:
 
     def const(self, value: float, dtype: torch.dtype = torch.float32) -> Value:
         """A scalar constant, as a `const` node."""
-        from .ops import OPS
+        from .ops.registry import const
         check_dtype("const", dtype)
         if not isinstance(value, numbers.Real) or isinstance(value, bool):  # numpy scalars and fractions too
             raise GraphError(f"const: value {value!r} must be a real number such as 2 or 0.5, "
@@ -304,7 +304,7 @@ class Graph:
             value = read_float(value, "const: value", dtype)
         except GraphError as e:
             raise GraphError(f"{e}\n  created at {caller_location()}") from None
-        return self.add_node(OPS["const"], [], {"value": value, "dtype": dtype_name(dtype)})
+        return self.add_node(const, [], {"value": value, "dtype": dtype_name(dtype)})
 
     def output(self, *values: Value, label: str = "") -> None:
         """Append `values` to the graph's outputs (returned, in order, by the compiled function).

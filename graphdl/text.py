@@ -28,7 +28,7 @@ import torch
 
 from .checks import DTYPES, GraphError, NumberText, Shape, format_type, read_shape, show_number, whole_number
 from .ir import Graph, Node, Value, pauses_gc
-from .ops import OPS
+from .ops.registry import OPS
 
 
 def format_graph(graph: Graph) -> str:

@@ -17,6 +17,7 @@ import graphviz
 
 from .checks import GraphError, format_shape, format_type
 from .ir import Graph, Node, Value
+from .ops.registry import const
 from .text import format_attrs, format_node
 
 FORMATS = ("svg", "png", "pdf", "dot")
@@ -124,10 +125,10 @@ class _Drawing:
                 continue
             self.box[id(node.out)] = f"n{k}"
             hidden = [v for v in node.inputs if v.kind == "param" and self.box[id(v)] is None]
-            style = "const" if node.op.name == "const" else "collective" if node.op.effect else \
+            style = "const" if node.op is const else "collective" if node.op.collective else \
                 "backward" if node.backward else "forward"
             attrs = dict(STYLES[style])
-            if node.op.name == "const" and node.backward:
+            if node.op is const and node.backward:
                 attrs["fillcolor"] = STYLES["backward"]["fillcolor"]
             self.clusters.get(node.scope, self.dot).node(
                 f"n{k}",

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
 import graphdl as gd
-from graphdl.ops import broadcast_shapes
+from graphdl.ops.registry import broadcast_shapes
 
 # derandomize: the same examples every run, so CI cannot fail by chance; the example
 # counts below are the budget.

@@ -74,7 +74,7 @@ def test_arena_plan_never_shares_a_buffer_between_live_values(program, batch):
                     break
                 chain = nxt[0].out
                 stop = max(stop, last.get(id(chain), graph.nodes.index(nxt[0])))
-            if id(chain) in returned or any(not u.op.fresh for u in chain.users):
+            if id(chain) in returned or any(not u.op.memory.new_storage for u in chain.users):
                 stop = end
             spans.setdefault(writes[k], []).append((k, stop))
     for b, ranges in spans.items():

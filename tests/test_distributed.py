@@ -258,7 +258,7 @@ def _step(bucket_mib: float | None = None) -> gd.Graph:
 
 def _collectives(graph: gd.Graph) -> list[tuple[str, tuple]]:
     index = {id(n.out): k for k, n in enumerate(graph.nodes)}
-    return [(n.op.name, tuple(index.get(id(v), v.name) for v in n.inputs)) for n in graph.nodes if n.op.effect]
+    return [(n.op.name, tuple(index.get(id(v), v.name) for v in n.inputs)) for n in graph.nodes if n.op.collective]
 
 
 def test_allreduce_buckets_gradients_in_the_order_they_are_made():

@@ -510,3 +510,41 @@ def test_wrong_number_of_inputs():
     g = gd.Graph("g")
     x = g.input("x", (3,))
     names(message(gd.relu, x, x), r"relu %0\(x: f32\[3\], x: f32\[3\]\): takes 1 input\(s\), got 2")
+
+
+def test_attrs_may_follow_the_inputs_in_the_order_the_op_declares_them():
+    g = gd.Graph("g")
+    x = g.input("x", (3, 4))
+    for built, want in ((gd.mean(x, 1), {"axis": (1,), "keepdims": False}),
+                        (gd.sum(x, 0, True), {"axis": (0,), "keepdims": True}),
+                        (gd.softmax(x, 0), {"axis": 0}),
+                        (gd.sum_to(x, (1, 4)), {"shape": (1, 4)})):
+        assert built.node.attrs == want
+    names(message(lambda: gd.mean(x, 1, axis=0)), "mean: axis is given twice, by position and by name")
+    names(message(gd.relu, x, x), r"takes 1 input\(s\), got 2")  # no attrs to bind: the arity error stands
+
+
+def test_ops_are_their_builders_and_compare_by_identity():
+    for name, op in gd.OPS.items():
+        assert op.name == name and op.__name__ == name
+    assert gd.sum is gd.OPS["sum"] and gd.abs is gd.OPS["abs"] and gd.mean is gd.OPS["mean"]
+    with pytest.raises(AssertionError, match="defined twice"):
+        gd.ops.defop("add", "torch.add({0}, {1})", gd.ops.registry.unary, None)
+
+
+def test_no_module_of_the_ops_package_shadows_a_builtin():
+    """gd.sum and gd.abs are bound in graphdl/ops/__init__.py only: inside a family, sum()
+    and abs() are Python's, so a VJP rule cannot call the op when it meant the builtin."""
+    import ast
+    import builtins
+    from pathlib import Path
+
+    package = Path(gd.ops.__file__).parent
+    for path in sorted(package.glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        tree = ast.parse(path.read_text())
+        bound = {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets
+                 if isinstance(t, ast.Name)}
+        bound |= {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+        assert not bound & set(dir(builtins)), f"{path.name} binds {sorted(bound & set(dir(builtins)))}"

@@ -19,7 +19,8 @@ import math
 from collections.abc import Sequence
 
 from ..ir import Graph, Node, Value
-from ..ops import OPS
+from ..ops.collectives import allreduce_start, allreduce_wait, unpack
+from ..ops.registry import OpDef
 
 # One bucket for nets up to ~1M params (the disk net's 1.4k take one collective a step),
 # three for the 2-1024-1024-1024-1 net, whose first bucket overlaps the backward pass.
@@ -50,18 +51,18 @@ def allreduce(graph: Graph, outputs: Sequence[int] | None = None,
     pending = []
     for members in _buckets([graph.outputs[i] for i in ready], ready, bucket_mib * 2**20):
         last = max(made_at.get(id(graph.outputs[i]), -1) for i in members)
-        start = _add(graph, "allreduce_start", [graph.outputs[i] for i in members], {},
+        start = _add(graph, allreduce_start, [graph.outputs[i] for i in members], {},
                      order[last] if last >= 0 else None)
         starts.setdefault(last, []).append(start.node)
         pending.append((start, members))
     tail = []  # the waits and unpacks, at the end
     for start, members in pending:
-        done = _add(graph, "allreduce_wait", [start], {}, start.node)
+        done = _add(graph, allreduce_wait, [start], {}, start.node)
         tail.append(done.node)
         offset = 0
         for i in members:
             shape = graph.outputs[i].shape
-            summed = _add(graph, "unpack", [done], {"offset": offset, "shape": shape}, start.node)
+            summed = _add(graph, unpack, [done], {"offset": offset, "shape": shape}, start.node)
             tail.append(summed.node)
             graph.set_output(i, summed)
             offset += math.prod(shape)
@@ -83,7 +84,7 @@ def _early(nodes: list[Node], gradients: list[Node | None]) -> list[Node]:
     stack = [n for n in gradients if n is not None]
     while stack:
         node = stack.pop()
-        if node not in eager and not node.op.effect:
+        if node not in eager and not node.op.collective:
             eager.add(node)
             stack.extend(v.node for v in node.inputs if v.node is not None and len(v.users) == 1)
     order: list[Node] = []
@@ -126,8 +127,8 @@ def _buckets(values: list[Value], indices: list[int], cap: float) -> list[list[i
     return buckets
 
 
-def _add(graph: Graph, op: str, inputs: list[Value], attrs: dict, near: Node | None) -> Value:
+def _add(graph: Graph, op: OpDef, inputs: list[Value], attrs: dict, near: Node | None) -> Value:
     """A collective node in the "allreduce" scope of the backward pass, created where the
     node it follows was (so an error names the user's line)."""
     with graph.scope("allreduce", backward=True):
-        return graph.add_node(OPS[op], inputs, attrs, where=near.where if near is not None else None)
+        return graph.add_node(op, inputs, attrs, where=near.where if near is not None else None)

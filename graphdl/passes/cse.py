@@ -23,7 +23,7 @@ def cse(graph: Graph) -> tuple[Graph, bool]:
     seen: dict[tuple, Node] = {}
     changed = False
     for node in list(graph.nodes):
-        if node.op.effect:
+        if node.op.collective:
             continue
         first = seen.setdefault(_key(node), node)
         if first is not node:

@@ -15,7 +15,7 @@ def dce(graph: Graph) -> tuple[Graph, bool]:
     returned = {id(v) for v in graph.outputs}
     changed = False
     for node in reversed(list(graph.nodes)):
-        if not node.out.users and id(node.out) not in returned and not node.op.effect:
+        if not node.out.users and id(node.out) not in returned and not node.op.collective:
             graph.remove_node(node)
             changed = True
     return graph, changed

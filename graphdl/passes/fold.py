@@ -7,7 +7,7 @@ import math
 import torch
 
 from ..ir import Graph, dtype_name
-from ..ops import CODE_GLOBALS
+from ..ops.registry import CODE_GLOBALS, const
 from .match import const_value, producer, rebuild
 
 
@@ -21,8 +21,8 @@ def fold(graph: Graph) -> tuple[Graph, bool]:
     """
     changed = False
     for node in list(graph.nodes):
-        if node.op.name == "const" or not node.inputs or node.op.effect \
-                or any(producer(v, "const") is None for v in node.inputs):  # a collective runs at run time
+        if node.op is const or not node.inputs or node.op.collective \
+                or any(producer(v, const) is None for v in node.inputs):  # a collective runs at run time
             continue
         values = [const_value(v) for v in node.inputs]
         env = dict(CODE_GLOBALS)
@@ -33,6 +33,6 @@ def fold(graph: Graph) -> tuple[Graph, bool]:
         result = eval(node.op.lower(args, node.attrs, node.inputs), env)  # noqa: S307 - registry code
         if result.dim() != 0 or result.dtype != node.out.dtype or not math.isfinite(float(result)):
             continue
-        rebuild(graph, node, "const", [], {"value": float(result), "dtype": dtype_name(result.dtype)})
+        rebuild(graph, node, const, [], {"value": float(result), "dtype": dtype_name(result.dtype)})
         changed = True
     return graph, changed

@@ -17,9 +17,26 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..ir import Graph, Node, Value
+from ..ops import (
+    add,
+    addmm,
+    broadcast_like,
+    greater,
+    matmul,
+    matmul_nt,
+    matmul_tn,
+    mse_backward,
+    mul,
+    relu_backward,
+    sigmoid_backward,
+    sub,
+    tanh_backward,
+    transpose,
+)
+from ..ops.registry import OpDef
 from .match import is_const, producer, rebuild
 
-Fused = tuple[str, list[Value]] | None
+Fused = tuple[OpDef, list[Value]] | None
 
 
 def _orders(node: Node) -> tuple[tuple[Value, Value], tuple[Value, Value]]:
@@ -29,58 +46,58 @@ def _orders(node: Node) -> tuple[tuple[Value, Value], tuple[Value, Value]]:
 
 def _addmm(node: Node) -> Fused:
     for product, bias in _orders(node):
-        mm = producer(product, "matmul")
+        mm = producer(product, matmul)
         # Only when nothing else uses the product (no other node, not an output), else
         # it would be computed twice.
         sole = len(product.users) == 1 and not product.graph.is_output(product)
         if mm is not None and sole and node.out.shape == product.shape:
-            return "addmm", [bias, *mm.inputs]
+            return addmm, [bias, *mm.inputs]
     return None
 
 
 def _transposed_matmul(node: Node) -> Fused:
     a, b = node.inputs
-    if (t := producer(a, "transpose")) is not None:
-        return "matmul_tn", [t.inputs[0], b]
-    if (t := producer(b, "transpose")) is not None:
-        return "matmul_nt", [a, t.inputs[0]]
+    if (t := producer(a, transpose)) is not None:
+        return matmul_tn, [t.inputs[0], b]
+    if (t := producer(b, transpose)) is not None:
+        return matmul_nt, [a, t.inputs[0]]
     return None
 
 
 def _relu_backward(g: Value, factor: Value) -> Value | None:
-    mask = producer(factor, "greater")
+    mask = producer(factor, greater)
     return mask.inputs[0] if mask is not None and is_const(mask.inputs[1], 0.0) else None
 
 
 def _tanh_backward(g: Value, factor: Value) -> Value | None:
-    one_minus = producer(factor, "sub")
+    one_minus = producer(factor, sub)
     if one_minus is None or not is_const(one_minus.inputs[0], 1.0):
         return None
-    square = producer(one_minus.inputs[1], "mul")
+    square = producer(one_minus.inputs[1], mul)
     if square is None or square.inputs[0] is not square.inputs[1]:
         return None
     return square.inputs[0]
 
 
 def _sigmoid_backward(g: Value, factor: Value) -> Value | None:
-    prod = producer(factor, "mul")
+    prod = producer(factor, mul)
     if prod is None:
         return None
     for y, other in _orders(prod):
-        one_minus = producer(other, "sub")
+        one_minus = producer(other, sub)
         if one_minus is not None and is_const(one_minus.inputs[0], 1.0) and one_minus.inputs[1] is y:
             return y
     return None
 
 
-ACTIVATIONS: dict[str, Callable[[Value, Value], Value | None]] = {
-    "relu_backward": _relu_backward, "tanh_backward": _tanh_backward, "sigmoid_backward": _sigmoid_backward,
+ACTIVATIONS: dict[OpDef, Callable[[Value, Value], Value | None]] = {
+    relu_backward: _relu_backward, tanh_backward: _tanh_backward, sigmoid_backward: _sigmoid_backward,
 }
 
 
 def _times_two(v: Value) -> Value | None:
     """x for v = mul(x, 2) or mul(2, x)."""
-    node = producer(v, "mul")
+    node = producer(v, mul)
     for x, c in _orders(node) if node is not None else ():
         if is_const(c, 2.0):
             return x
@@ -89,15 +106,15 @@ def _times_two(v: Value) -> Value | None:
 
 def _mse_backward(node: Node) -> Fused:
     for scaled, twice in _orders(node):
-        spread = producer(scaled, "broadcast_like")
+        spread = producer(scaled, broadcast_like)
         if spread is None or not spread.attrs["mean"]:
             continue
         g, d = spread.inputs
-        diff = producer(d, "sub")
+        diff = producer(d, sub)
         if (diff is not None and _times_two(twice) is d and g.shape == ()
                 and spread.attrs["axis"] == tuple(range(d.ndim))
                 and diff.inputs[0].shape == diff.inputs[1].shape == d.shape):
-            return "mse_backward", [g, *diff.inputs]
+            return mse_backward, [g, *diff.inputs]
     return None
 
 
@@ -114,14 +131,14 @@ def _mul(node: Node) -> Fused:
     return None
 
 
-PATTERNS: dict[str, Callable[[Node], Fused]] = {"add": _addmm, "matmul": _transposed_matmul, "mul": _mul}
+PATTERNS: dict[OpDef, Callable[[Node], Fused]] = {add: _addmm, matmul: _transposed_matmul, mul: _mul}
 
 
 def fuse(graph: Graph) -> tuple[Graph, bool]:
     """Rewrite every node that roots one of the PATTERNS into its fused op."""
     changed = False
     for node in list(graph.nodes):
-        pattern = PATTERNS.get(node.op.name)
+        pattern = PATTERNS.get(node.op)
         fused = pattern(node) if pattern is not None else None
         if fused is not None:
             op, inputs = fused

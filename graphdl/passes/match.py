@@ -6,18 +6,18 @@ from __future__ import annotations
 from typing import Any
 
 from ..ir import Graph, Node, Value
-from ..ops import OPS
+from ..ops.registry import OpDef, const
 
 
-def producer(v: Value, *ops: str) -> Node | None:
+def producer(v: Value, *ops: OpDef) -> Node | None:
     """The node defining `v` if its op is one of `ops`, else None."""
     node = v.node
-    return node if node is not None and node.op.name in ops else None
+    return node if node is not None and any(node.op is op for op in ops) else None
 
 
 def const_value(v: Value) -> float | None:
     """The number a scalar `const` node holds, or None if `v` is not one."""
-    node = producer(v, "const")
+    node = producer(v, const)
     return node.attrs["value"] if node is not None else None
 
 
@@ -32,8 +32,8 @@ def replace(graph: Graph, node: Node, value: Value) -> None:
     graph.remove_node(node)
 
 
-def rebuild(graph: Graph, node: Node, op: str, inputs: list[Value], attrs: dict[str, Any] | None = None) -> None:
+def rebuild(graph: Graph, node: Node, op: OpDef, inputs: list[Value], attrs: dict[str, Any] | None = None) -> None:
     """Make `node` an `op` node over `inputs` (values defined before `node`), keeping its
     output value, place, scope, grad mark and source location (`Graph.rewrite`)."""
-    graph.rewrite(node, OPS[op], inputs, attrs or {})
+    graph.rewrite(node, op, inputs, attrs or {})
 

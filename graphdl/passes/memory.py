@@ -6,8 +6,8 @@ node whose input dies at that very node can overwrite it instead of allocating:
 still read the old contents, so the input must
 
 - be a temporary: made by a node, not a graph input, param, output or hoisted constant;
-- own its storage: made by a `fresh` op (never a view such as transpose's, or an
-  expanded broadcast), and used by no op that is not fresh (which might have made a view);
+- own its storage: made by an op whose result is `new_storage` (never a view such as transpose's, or an
+  expanded broadcast), and used by no op whose result is not (which might have made a view);
 - die here (this node is its last use), and have the node's shape and dtype.
 
 Measured on the 2-1024-1024-1024-1 tanh net at batch 1024 (one CPU thread): a training
@@ -40,12 +40,12 @@ def plan_inplace(graph: Graph, hoisted: set[int], last_use: dict[int, int] | Non
     last_use = last_uses(graph) if last_use is None else last_use
     plan: dict[int, int] = {}
     for k, node in enumerate(graph.nodes):
-        for i in node.op.inplace:  # each op's in-place variants sit with it in ops.py
+        for i in node.op.memory.inplace:  # each op's in-place variants sit in its registry row
             v = node.inputs[i]
-            if (v.node is not None and v.node.op.fresh and last_use[id(v)] == k
+            if (v.node is not None and v.node.op.memory.new_storage and last_use[id(v)] == k
                     and id(v) not in returned and id(v) not in hoisted
                     and (v.shape, v.dtype) == (node.out.shape, node.out.dtype)
-                    and all(u.op.fresh for u in v.users)):
+                    and all(u.op.memory.new_storage for u in v.users)):
                 plan[k] = i
                 break
     return plan
@@ -64,7 +64,7 @@ def plan_arena(graph: Graph, hoisted: set[int], inplace: dict[int, int],
     against 91 µs at batch 100 (one CPU thread, alternated, medians). A node planned in place (`inplace`, from
     `plan_inplace`) keeps its input's buffer. A value is never given up while anything
     may still read it: graph outputs keep theirs, and so does a value with a user that
-    is not `fresh` (it may have made a view of the buffer).
+    is not `new_storage` (it may have made a view of the buffer).
 
     Returns:
         ({node index: buffer it writes with out=}, {id(value): buffer it lives in}, the
@@ -83,7 +83,7 @@ def plan_arena(graph: Graph, hoisted: set[int], inplace: dict[int, int],
             continue
         if k in inplace and id(node.inputs[inplace[k]]) in lives_in:
             lives_in[id(out)] = lives_in[id(node.inputs[inplace[k]])]
-        elif k not in inplace and node.op.out is not None and node.op.fresh:
+        elif k not in inplace and node.op.memory.out is not None and node.op.memory.new_storage:
             pool = free.setdefault((out.shape, out.dtype), [])
             if not pool:
                 pool.append(len(buffers))
@@ -94,6 +94,6 @@ def plan_arena(graph: Graph, hoisted: set[int], inplace: dict[int, int],
         for v in dict.fromkeys(node.inputs):
             b = lives_in.get(id(v))
             if (b is not None and owner[b] == id(v) and last_use.get(id(v)) == k and id(v) not in returned
-                    and all(u.op.fresh for u in v.users)):
+                    and all(u.op.memory.new_storage for u in v.users)):
                 free[(v.shape, v.dtype)].append(b)
     return writes, lives_in, buffers

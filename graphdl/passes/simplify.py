@@ -6,11 +6,13 @@ from collections.abc import Callable
 from typing import Any
 
 from ..ir import Graph, Node, Value
+from ..ops import add, broadcast_like, div, mul, neg, reduce_sum, sub, sum_to, transpose
+from ..ops.registry import OpDef
 from .match import is_const, producer, rebuild, replace
 
 # A rule looks at one node and returns None (no change), an existing value equal to the
 # node's output, or (op, inputs, attrs) for a node to build in its place.
-Rewrite = Value | tuple[str, list[Value], dict[str, Any]] | None
+Rewrite = Value | tuple[OpDef, list[Value], dict[str, Any]] | None
 
 
 def _add(node: Node) -> Rewrite:
@@ -19,10 +21,10 @@ def _add(node: Node) -> Rewrite:
         return a
     if is_const(a, 0.0):
         return b
-    if (n := producer(b, "neg")) is not None:  # a + (-c) -> a - c
-        return "sub", [a, n.inputs[0]], {}
-    if (n := producer(a, "neg")) is not None:
-        return "sub", [b, n.inputs[0]], {}
+    if (n := producer(b, neg)) is not None:  # a + (-c) -> a - c
+        return sub, [a, n.inputs[0]], {}
+    if (n := producer(a, neg)) is not None:
+        return sub, [b, n.inputs[0]], {}
     return None
 
 
@@ -31,9 +33,9 @@ def _sub(node: Node) -> Rewrite:
     if is_const(b, 0.0):
         return a
     if is_const(a, 0.0) and b.shape == node.out.shape:
-        return "neg", [b], {}
-    if (n := producer(b, "neg")) is not None:  # a - (-c) -> a + c
-        return "add", [a, n.inputs[0]], {}
+        return neg, [b], {}
+    if (n := producer(b, neg)) is not None:  # a - (-c) -> a + c
+        return add, [a, n.inputs[0]], {}
     return None
 
 
@@ -43,7 +45,7 @@ def _mul(node: Node) -> Rewrite:
         if is_const(c, 1.0):
             return x
         if is_const(c, -1.0) and x.shape == node.out.shape:
-            return "neg", [x], {}
+            return neg, [x], {}
     return None
 
 
@@ -53,7 +55,7 @@ def _div(node: Node) -> Rewrite:
 
 def _involution(node: Node) -> Rewrite:
     """neg(neg x) and transpose(transpose x) are x."""
-    inner = producer(node.inputs[0], node.op.name)
+    inner = producer(node.inputs[0], node.op)
     return inner.inputs[0] if inner is not None else None
 
 
@@ -69,13 +71,13 @@ def _sum_to(node: Node) -> Rewrite:
         return x
     lead = x.ndim - len(shape)
     if lead and x.shape[lead:] == shape:  # only leading dims go: a bias gradient, sum(0)
-        return "sum", [x], {"axis": tuple(range(lead)), "keepdims": False}
+        return reduce_sum, [x], {"axis": tuple(range(lead)), "keepdims": False}
     return None
 
 
-RULES: dict[str, Callable[[Node], Rewrite]] = {
-    "add": _add, "sub": _sub, "mul": _mul, "div": _div, "neg": _involution, "transpose": _involution,
-    "broadcast_like": _broadcast_like, "sum_to": _sum_to,
+RULES: dict[OpDef, Callable[[Node], Rewrite]] = {
+    add: _add, sub: _sub, mul: _mul, div: _div, neg: _involution, transpose: _involution,
+    broadcast_like: _broadcast_like, sum_to: _sum_to,
 }
 
 
@@ -88,7 +90,7 @@ def simplify(graph: Graph) -> tuple[Graph, bool]:
     changed = False
     returned = {id(v) for v in graph.outputs}
     for node in list(graph.nodes):
-        rule = RULES.get(node.op.name)
+        rule = RULES.get(node.op)
         result = rule(node) if rule is not None else None
         if result is None:
             continue

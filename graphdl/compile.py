@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .checks import GraphError, format_type
+from .checks import GraphError, Shape, format_type
 from .ir import Graph, Node, Value, pauses_gc, tensor_problem
 from .ops.registry import CODE_GLOBALS
 from .passes import pipeline
@@ -86,6 +86,14 @@ class Compiled:
     def check_feeds(self, args: tuple, feeds: dict[str, Any]) -> list[torch.Tensor]:
         """The feeds in declaration order, after checking names, types, shapes, dtypes,
         devices and that every symbolic dim (the batch size) is bound consistently."""
+        feeds = self._by_name(args, feeds)
+        bound: dict[str, tuple[int, str]] = {}  # symbol -> (its size, where it was first seen)
+        for n, shape, dtype in self._specs:
+            self._check_feed(n, feeds[n], shape, dtype, bound)
+        return [feeds[n] for n in self.input_names]
+
+    def _by_name(self, args: tuple, feeds: dict[str, Any]) -> dict[str, Any]:
+        """Positional feeds joined to the named ones; every input given once, no other."""
         name = self.graph.name
         declared = ", ".join(f"{n}: {format_type(d, s)}" for n, s, d in self._specs) or "none"
         if len(args) > len(self._specs):
@@ -100,36 +108,37 @@ class Compiled:
         missing = [n for n in self.input_names if n not in feeds]
         if missing:
             raise GraphError(f"graph {name}: missing input {missing[0]!r}; its inputs are {declared}")
-        bound: dict[str, tuple[int, str]] = {}
-        for n, shape, dtype in self._specs:
-            t = feeds[n]
-            want = format_type(dtype, shape)
-            if not isinstance(t, torch.Tensor):
-                raise GraphError(f"graph {name}: input {n} must be a torch.Tensor ({want}), got {type(t).__name__}; "
-                                 f"convert it with torch.as_tensor({n}, dtype={dtype})")
-            problem = tensor_problem(t)
-            if problem:
-                raise GraphError(f"graph {name}: input {n} {problem}")
-            got = format_type(t.dtype, tuple(t.shape))
-            if t.dtype != dtype:
-                raise GraphError(f"graph {name}: input {n} is {got} but the graph declares {want}; "
-                                 f"convert it with .to({dtype})")
-            if t.dim() != len(shape):
-                raise GraphError(f"graph {name}: input {n} has rank {t.dim()} ({got}) but the graph declares "
-                                 f"rank {len(shape)} ({want})")
-            for axis, (d, actual) in enumerate(zip(shape, t.shape)):
-                if isinstance(d, int) and d != actual:
-                    raise GraphError(f"graph {name}: input {n} is {got} but the graph declares {want} "
-                                     f"(dim {axis} is {actual}, expected {d})")
-                if isinstance(d, str):
-                    first = bound.setdefault(d, (actual, f"{n} dim {axis}"))
-                    if first[0] != actual:
-                        raise GraphError(f"graph {name}: inputs disagree on {d}: {first[1]} is {first[0]} but "
-                                         f"{n} dim {axis} is {actual}; feed batches of the same size")
-            if self.device is not None and t.device != self.device:
-                raise GraphError(f"graph {name}: input {n} is on {t.device} but the params are on "
-                                 f"{self.device}; move it with .to({str(self.device)!r})")
-        return [feeds[n] for n in self.input_names]
+        return feeds
+
+    def _check_feed(self, n: str, t: Any, shape: Shape, dtype: torch.dtype, bound: dict[str, tuple[int, str]]) -> None:
+        """One feed against its declaration: a tensor of the declared dtype, rank, sizes and
+        device, its symbolic dims agreeing with the other feeds' (`bound`)."""
+        name = self.graph.name
+        want = format_type(dtype, shape)
+        if not isinstance(t, torch.Tensor):
+            raise GraphError(f"graph {name}: input {n} must be a torch.Tensor ({want}), got {type(t).__name__}; "
+                             f"convert it with torch.as_tensor({n}, dtype={dtype})")
+        problem = tensor_problem(t)
+        if problem:
+            raise GraphError(f"graph {name}: input {n} {problem}")
+        got = format_type(t.dtype, tuple(t.shape))
+        if t.dtype != dtype:
+            raise GraphError(f"graph {name}: input {n} is {got} but the graph declares {want}; "
+                             f"convert it with .to({dtype})")
+        if t.dim() != len(shape):
+            raise GraphError(f"graph {name}: input {n} has rank {t.dim()} ({got}) but the graph declares "
+                             f"rank {len(shape)} ({want})")
+        for axis, (d, actual) in enumerate(zip(shape, t.shape)):
+            if isinstance(d, int) and d != actual:
+                raise GraphError(f"graph {name}: input {n} is {got} but the graph declares {want} "
+                                 f"(dim {axis} is {actual}, expected {d})")
+            first = bound.setdefault(d, (actual, f"{n} dim {axis}")) if isinstance(d, str) else (actual, "")
+            if first[0] != actual:
+                raise GraphError(f"graph {name}: inputs disagree on {d}: {first[1]} is {first[0]} but "
+                                 f"{n} dim {axis} is {actual}; feed batches of the same size")
+        if self.device is not None and t.device != self.device:
+            raise GraphError(f"graph {name}: input {n} is on {t.device} but the params are on "
+                             f"{self.device}; move it with .to({str(self.device)!r})")
 
     def _explain(self, error: Exception) -> Exception:
         tb = error.__traceback__
@@ -317,49 +326,125 @@ def lower(graph: Graph, device: torch.device | None = None, reuse: bool = True,
     takes them, with their transposes, in its bindings: see `ArenaCompiled.bind`.)
     """
     params_on = _param_device(graph)
-    device = device or params_on
-    env: dict[str, Any] = dict(CODE_GLOBALS)
-    args, names, ir_names, body = _bind(graph, env, read_params=not arena)
-    hoisted = _hoistable(graph)
-    last_use = last_uses(graph)
-    inplace = plan_inplace(graph, hoisted, last_use) if reuse else {}
-    layout = _ArenaLayout(graph, hoisted, inplace, last_use) if arena else None
-    line_text = _emit_nodes(graph, env, names, ir_names, body, hoisted, inplace, layout, last_use, device)
-    body.append(f"return ({', '.join(_owned_outputs(graph.outputs, names, hoisted))},)")
-    if layout is not None:  # the params, buffers and their transposes arrive in one tuple
-        args.append("A")
-        body.insert(0, f"{', '.join(layout.names(names))}, = A")
-    fn, source, filename = _define(graph.name, args, body, env)
+    emitter = (_ArenaEmitter if arena else _Emitter)(graph, device or params_on, reuse)
+    args, body = emitter.function()
+    fn, source, filename = _define(graph.name, args, body, emitter.env)
     relower = None
-    if params_on is None and hoisted:  # constants, but no params to say where they belong
+    if params_on is None and emitter.hoisted:  # constants, but no params to say where they belong
         relower = lambda on: lower(graph, on, reuse, arena)  # noqa: E731
-    if layout is not None:
-        return ArenaCompiled(graph, source, fn, filename, line_text, params_on, device, relower, layout=layout)
-    return Compiled(graph, source, fn, filename, line_text, params_on, device, relower)
+    return emitter.wrap(source, fn, filename, params_on, relower)
 
 
-def _bind(graph: Graph, env: dict[str, Any], read_params: bool) -> tuple[list[str], dict[int, str],
-                                                                            dict[int, str], list[str]]:
-    """Python names for the inputs (the function's arguments) and params, and the IR's
-    names for every value; each param's slot goes into `env`, and with `read_params` the
-    body starts by reading each used param's tensor from its slot (at every call: a new
-    tensor may have been assigned)."""
-    args, body = [], []
-    names: dict[int, str] = {}
-    ir_names: dict[int, str] = {}
-    for i, v in enumerate(graph.inputs.values()):
-        ir_names[id(v)] = v.name
-        names[id(v)] = f"i{i}_{_py(v.name)}"
-        args.append(names[id(v)])
-    for i, v in enumerate(graph.params.values()):
-        ir_names[id(v)] = v.name
-        names[id(v)] = f"p{i}_{_py(v.name)}"
-        env[f"P{i}"] = v.slot
-        if read_params and (v.users or graph.is_output(v)):
-            body.append(f"{names[id(v)]} = P{i}.tensor")
-    for k, node in enumerate(graph.nodes):
-        ir_names[id(node.out)] = f"%{k}"
-    return args, names, ir_names, body
+class _Emitter:
+    """Writes the function for one graph: a name for every value, one line per node (each
+    carrying its IR line), `del` after each value's last use; nodes whose inputs are all
+    constants are computed now, into the function's globals (`env`).
+
+    This is the plain form (`Compiled`): results are new tensors, params are read from
+    their slots at every call. `_ArenaEmitter` is the form fit's step runs.
+    """
+
+    header_lines = 2  # the def line, then the body: body[i] is source line i + 2
+
+    def __init__(self, graph: Graph, device: torch.device | None, reuse: bool) -> None:
+        self.graph = graph
+        self.device = device  # where constants live
+        self.env: dict[str, Any] = dict(CODE_GLOBALS)
+        self.hoisted = _hoistable(graph)
+        self.last_use = last_uses(graph)
+        self.inplace = plan_inplace(graph, self.hoisted, self.last_use) if reuse else {}
+        self.args: list[str] = []  # the function's arguments: the inputs
+        self.body: list[str] = []
+        self.names: dict[int, str] = {}  # id(value) -> its Python name
+        self.ir_names: dict[int, str] = {}  # id(value) -> its IR name (x, fc0.weight, %3)
+        self.line_text: dict[int, tuple[str, Node]] = {}  # generated line -> (IR line, node)
+
+    def function(self) -> tuple[list[str], list[str]]:
+        """The function's arguments and body."""
+        self._name_values()
+        returned = {id(v) for v in self.graph.outputs}
+        for k, node in enumerate(self.graph.nodes):
+            self._emit(k, node, returned)
+        self.body.append(f"return ({', '.join(_owned_outputs(self.graph.outputs, self.names, self.hoisted))},)")
+        return self.args, self.body
+
+    def wrap(self, source: str, fn: Callable[..., tuple], filename: str, params_on: torch.device | None,
+             relower: Callable[[torch.device], Compiled] | None) -> Compiled:
+        return Compiled(self.graph, source, fn, filename, self.line_text, params_on, self.device, relower)
+
+    def _name_values(self) -> None:
+        """Python names for the inputs (the function's arguments) and params, IR names for
+        every value; each param's slot goes into `env`, and `_read_param` says how the body
+        gets its tensor."""
+        graph = self.graph
+        for i, v in enumerate(graph.inputs.values()):
+            self.ir_names[id(v)] = v.name
+            self.names[id(v)] = f"i{i}_{_py(v.name)}"
+            self.args.append(self.names[id(v)])
+        for i, v in enumerate(graph.params.values()):
+            self.ir_names[id(v)] = v.name
+            self.names[id(v)] = f"p{i}_{_py(v.name)}"
+            self.env[f"P{i}"] = v.slot
+            if v.users or graph.is_output(v):
+                self._read_param(i, v)
+        for k, node in enumerate(graph.nodes):
+            self.ir_names[id(node.out)] = f"%{k}"
+
+    def _read_param(self, i: int, v: Value) -> None:
+        """Read the param's tensor from its slot at every call: a new one may have been assigned."""
+        self.body.append(f"{self.names[id(v)]} = P{i}.tensor")
+
+    def _emit(self, k: int, node: Node, returned: set[int]) -> None:
+        arg_names = [self.names[id(v)] for v in node.inputs]
+        ir_line = format_node(node, self.ir_names)
+        if id(node.out) in self.hoisted:
+            self.names[id(node.out)] = f"c{k}"
+            value = eval(node.op.lower(arg_names, node.attrs, node.inputs), self.env)  # noqa: S307 - registry code
+            self.env[f"c{k}"] = value.to(self.device) if self.device is not None else value
+            self.body.append(f"# c{k} = {ir_line}")
+            return
+        code = (node.op.memory.inplace[self.inplace[k]].format(*arg_names) if k in self.inplace
+                else self._code(k, node, arg_names))
+        self.names[id(node.out)] = f"v{k}"
+        self.line_text[self.header_lines + len(self.body)] = ir_line, node
+        self.body.append(f"v{k} = {code}  # {ir_line}")
+        dead = [self.names[id(v)] for v in dict.fromkeys(node.inputs)
+                if self.last_use.get(id(v)) == k and v.node is not None and id(v) not in returned
+                and id(v) not in self.hoisted]
+        if dead:
+            self.body.append("del " + ", ".join(dead))
+
+    def _code(self, k: int, node: Node, arg_names: list[str]) -> str:
+        """The expression for node k (not in place): a new tensor."""
+        return node.op.lower(arg_names, node.attrs, node.inputs)
+
+
+class _ArenaEmitter(_Emitter):
+    """The arena form (`ArenaCompiled`): `fn(*inputs, A)`, whose first line unpacks A into
+    the params, the buffers `plan_arena` gave, and the prepared transposes; each result
+    an op can write into a buffer (`out=`) is written there."""
+
+    header_lines = 3  # the def line, A's unpacking, then the body
+
+    def __init__(self, graph: Graph, device: torch.device | None, reuse: bool) -> None:
+        super().__init__(graph, device, reuse)
+        self.layout = _ArenaLayout(graph, self.hoisted, self.inplace, self.last_use)
+
+    def function(self) -> tuple[list[str], list[str]]:
+        args, body = super().function()
+        # the params, buffers and their transposes arrive in one tuple
+        return [*args, "A"], [f"{', '.join(self.layout.names(self.names))}, = A", *body]
+
+    def wrap(self, source: str, fn: Callable[..., tuple], filename: str, params_on: torch.device | None,
+             relower: Callable[[torch.device], Compiled] | None) -> Compiled:
+        return ArenaCompiled(self.graph, source, fn, filename, self.line_text, params_on, self.device, relower,
+                             layout=self.layout)
+
+    def _read_param(self, i: int, v: Value) -> None:
+        pass  # the params arrive in A, bound by ArenaCompiled.bind_params
+
+    def _code(self, k: int, node: Node, arg_names: list[str]) -> str:
+        return node.op.code(arg_names, node.attrs, node.inputs, self.layout.out(k), self.layout.transposes(node))
 
 
 def _hoistable(graph: Graph) -> set[int]:
@@ -372,39 +457,6 @@ def _hoistable(graph: Graph) -> set[int]:
         if not node.op.collective and all(id(v) in hoisted for v in node.inputs):
             hoisted.add(id(node.out))
     return hoisted
-
-
-def _emit_nodes(graph: Graph, env: dict[str, Any], names: dict[int, str], ir_names: dict[int, str],
-                body: list[str], hoisted: set[int], inplace: dict[int, int], layout: _ArenaLayout | None,
-                last_use: dict[int, int], device: torch.device | None) -> dict[int, tuple[str, Node]]:
-    """One line per node (a hoisted one is computed now, into `env`), each carrying its IR
-    line, and `del` after each value's last use. Returns generated line -> (IR line, node)."""
-    returned = {id(v) for v in graph.outputs}
-    header_lines = 2 + (layout is not None)  # the def line (and the arena's unpacking), then the body
-    line_text: dict[int, tuple[str, Node]] = {}
-    for k, node in enumerate(graph.nodes):
-        arg_names = [names[id(v)] for v in node.inputs]
-        ir_line = format_node(node, ir_names)
-        if id(node.out) in hoisted:
-            names[id(node.out)] = f"c{k}"
-            value = eval(node.op.lower(arg_names, node.attrs, node.inputs), env)  # noqa: S307 - registry code
-            env[f"c{k}"] = value.to(device) if device is not None else value
-            body.append(f"# c{k} = {ir_line}")
-            continue
-        if k in inplace:
-            code = node.op.memory.inplace[inplace[k]].format(*arg_names)
-        elif layout is not None:
-            code = node.op.code(arg_names, node.attrs, node.inputs, layout.out(k), layout.transposes(node))
-        else:
-            code = node.op.lower(arg_names, node.attrs, node.inputs)
-        names[id(node.out)] = f"v{k}"
-        line_text[header_lines + len(body)] = ir_line, node
-        body.append(f"v{k} = {code}  # {ir_line}")
-        dead = [names[id(v)] for v in dict.fromkeys(node.inputs)
-                if last_use.get(id(v)) == k and v.node is not None and id(v) not in returned and id(v) not in hoisted]
-        if dead:
-            body.append("del " + ", ".join(dead))
-    return line_text
 
 
 def _define(name: str, args: list[str], body: list[str], env: dict[str, Any]) -> tuple[Callable[..., tuple], str, str]:

@@ -47,7 +47,7 @@ def test_cuda_adds_the_uncaptured_step_and_torch_compile(bench):
 
 
 def test_tanh_formulas_report_their_errors(bench, monkeypatch):
-    """The README's reasons for keeping torch.tanh: the expm1 form is accurate, 2σ(2x)-1 is
+    """docs/performance.md's reasons for keeping torch.tanh: the expm1 form is accurate, 2σ(2x)-1 is
     not near 0, and every way is timed at every size."""
     monkeypatch.setattr(bench, "TANH_SHAPES", [(4, 3)])
     results = bench.tanh_formulas()

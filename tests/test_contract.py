@@ -1,4 +1,4 @@
-"""The contract of DESIGN.md end to end (build, print, parse, grad, compile, run), and
+"""The contract of docs/contract.md end to end (build, print, parse, grad, compile, run), and
 the rules every module keeps."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """examples/: their flags, what they write, and that a saved model reproduces what the run
-printed; the README's tour, run block by block as shown, and its "When things go wrong"
-messages, exactly as printed."""
+printed; the README's tour and the python examples in docs/, run block by block as shown,
+and the README's "When things go wrong" messages, exactly as printed."""
 
 from __future__ import annotations
 
@@ -100,29 +100,54 @@ def test_spirals_trains_a_classifier_and_saves_it_with_softmax(tmp_path, capsys)
     assert f"{model.evaluate(X, labels)['accuracy'] * 100:.2f}" == f"{printed:.2f}"
 
 
-# -- the README's tour runs as shown ---------------------------------------------------------------
+# -- the README's tour and the docs' examples run as shown ------------------------------------------
+
+
+def _blocks(doc: str) -> list[tuple[str, str | None]]:
+    """A document's python blocks, each with the plain block printed right after it, if any."""
+    return re.findall(r"```python\n(.*?)```\n(?:\n```\n(.*?)```\n)?", doc, re.S)
 
 
 def _tour() -> list[tuple[str, str | None]]:
     """The README's python blocks up to "When things go wrong" (whose blocks raise, and
-    test_docs_show_the_messages_exactly_as_printed runs), each with the plain block printed
-    right after it, if any."""
-    doc = (ROOT / "README.md").read_text().split("## When things go wrong")[0]
-    return re.findall(r"```python\n(.*?)```\n(?:\n```\n(.*?)```\n)?", doc, re.S)
+    test_docs_show_the_messages_exactly_as_printed runs)."""
+    return _blocks((ROOT / "README.md").read_text().split("## When things go wrong")[0])
 
 
-def test_the_readme_tour_runs_and_prints_what_it_shows(capsys):
-    blocks = _tour()
-    assert len(blocks) >= 3
+def _run_as_shown(blocks: list[tuple[str, str | None]], name: str, capsys) -> dict:
+    """Run the blocks in order in one namespace, as a reader pasting them would, checking
+    that each prints exactly the block shown after it; returns the namespace."""
     namespace: dict = {"__name__": "__main__"}
     for code, shown in blocks:
-        exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
+        exec(compile(code, name, "exec"), namespace)  # noqa: S102
         printed = capsys.readouterr().out
         if shown:
             assert printed == shown
+    return namespace
+
+
+def test_the_readme_tour_runs_and_prints_what_it_shows(tmp_path, monkeypatch, capsys):
+    blocks = _tour()
+    assert len(blocks) >= 3
+    monkeypatch.chdir(tmp_path)  # whatever the tour writes lands here, not in the repository
+    namespace = _run_as_shown(blocks, "README.md", capsys)
     # The gradient graph's return line the tour quotes in its prose.
     returned = str(gd.grad(namespace["g"], wrt=["w", "b"])).splitlines()[-2].strip()
     assert f"`{returned}`" in " ".join((ROOT / "README.md").read_text().split())
+
+
+# The docs pages whose python blocks run as shown, with how many blocks each has at least
+# (and how many of them show what they print), so that a block moved or lost fails here.
+DOC_PAGES = {"docs/contract.md": (6, 0), "docs/files.md": (1, 1), "docs/distributed.md": (1, 0)}
+
+
+@pytest.mark.parametrize("page", sorted(DOC_PAGES))
+def test_the_docs_examples_run_and_print_what_they_show(page, tmp_path, monkeypatch, capsys):
+    blocks = _blocks((ROOT / page).read_text())
+    least, shown = DOC_PAGES[page]
+    assert len(blocks) >= least and sum(bool(out) for _, out in blocks) >= shown
+    monkeypatch.chdir(tmp_path)  # files the examples write (m.onnx) land here
+    _run_as_shown(blocks, page, capsys)
 
 
 # -- the README's "When things go wrong" shows real messages --------------------------------------------------------

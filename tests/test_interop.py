@@ -145,17 +145,17 @@ def test_softmax_maps_both_ways():
         gd.from_torch(torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Softmax(dim=0)))
 
 
-def test_the_readme_round_trip_runs(tmp_path, monkeypatch):
-    """The README's "PyTorch and ONNX" snippet, executed as written."""
+def test_the_docs_round_trip_runs(tmp_path, monkeypatch):
+    """docs/files.md's "PyTorch and ONNX" snippet, executed as written."""
     for module in ("onnx", "onnxruntime"):
         pytest.importorskip(module, reason="the snippet exports ONNX: the optional extra graphdl[onnx]")
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## PyTorch and ONNX", 1)[1].split("\n## ", 1)[0]
+    page = (ROOT / "docs" / "files.md").read_text()
+    section = page.split("## PyTorch and ONNX", 1)[1].split("\n## ", 1)[0]
     code = re.findall(r"```python\n(.*?)```", section, re.S)
-    assert code, "the README's PyTorch and ONNX section has no python snippet"
+    assert code, "docs/files.md's PyTorch and ONNX section has no python snippet"
     monkeypatch.chdir(tmp_path)
     for snippet in code:
-        exec(compile(snippet, "README.md", "exec"), {})
+        exec(compile(snippet, "docs/files.md", "exec"), {})
     assert (tmp_path / "m.onnx").exists()
 
 

@@ -32,7 +32,7 @@ With --tanh it instead times tanh on the step's and the accuracy pass's sizes, t
 kernel against the formulas torch's faster kernels allow and JAX's jitted tanh, with
 each one's largest error in ulp, then the cost per element of tanh and exp (MKL's VML,
 where torch has MKL) against exp2 and sigmoid (torch's own loops), naming the processor
-(why fit keeps torch.tanh: see the README's Speed).
+(why fit keeps torch.tanh: see docs/performance.md).
 
 With --compile-scaling it instead times the compiler on gradient graphs of deep nets
 (about 1k, 10k and 100k nodes), stage by stage, per node, to show that its cost grows
@@ -43,6 +43,9 @@ linearly with graph size.
     PYTHONPATH=. python tools/bench.py --startup       # the disk example's wall time, split
     PYTHONPATH=. python tools/bench.py --compile-scaling
     PYTHONPATH=. python tools/bench.py --tanh
+
+docs/performance.md shows what each of these printed on this project's machine, and
+what it means.
 """
 
 from __future__ import annotations
@@ -551,7 +554,7 @@ def kernel_paths() -> dict:
     torch sends float tanh and exp (among others) to a vector math library, MKL's VML
     where torch is built with MKL (ATen's UnaryOpsKernel.cpp and cpu/vml.h), and computes
     exp2 and sigmoid in its own vectorised loops. MKL picks its code by processor; on this
-    project's AMD EPYC the VML kernels are the slow ones (see the README's Speed)."""
+    project's AMD EPYC the VML kernels are the slow ones (see docs/performance.md)."""
     import platform
 
     import torch
@@ -713,7 +716,8 @@ def run_worker(job: dict, threads: int) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="docs/performance.md shows each mode's output on this project's machine.")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: one pinned core)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:k]")
     p.add_argument("--act", choices=["tanh", "relu"], default="tanh", help="hidden activation")

@@ -19,6 +19,8 @@ torch thread, the two runs alternated `--repeats` times. It reports the median o
 
     PYTHONPATH=. python tools/bench_distributed.py
     PYTHONPATH=. python tools/bench_distributed.py --nets wide --repeats 5
+
+docs/performance.md shows a run on this project's machine and where it stops paying off.
 """
 
 from __future__ import annotations
@@ -116,7 +118,8 @@ def run(net: str, procs: int) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="docs/performance.md shows a run on this project's machine.")
     p.add_argument("--nets", default=",".join(NETS), help=f"comma-separated, from {', '.join(NETS)}")
     p.add_argument("--repeats", type=int, default=3, help="alternated runs per net; medians are reported")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")

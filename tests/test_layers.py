@@ -41,55 +41,6 @@ def test_a_layer_weight_of_the_wrong_shape_is_refused_where_it_is_assigned():
     assert model.layers[2].weight.shape == (25, 1)  # the layer kept what it had
 
 
-# -- one tensor is one param -------------------------------------------------------------------
-
-
-def _tied() -> gd.Sequential:
-    gen = torch.Generator().manual_seed(0)
-    model = gd.Sequential(gd.Linear(4, 4, generator=gen), gd.Tanh(), gd.Linear(4, 4, generator=gen), gd.Tanh(),
-                          gd.Linear(4, 1, generator=gen))
-    model.layers[2].weight = model.layers[0].weight
-    return model
-
-
-def test_a_tied_tensor_is_listed_once_and_is_one_value_in_the_ir():
-    model = _tied()
-    assert list(model.parameters()) == ["0.weight", "0.bias", "2.bias", "4.weight", "4.bias"]
-    assert list(model.state()) == list(model.parameters()) and model.ties() == {"2.weight": "0.weight"}
-    text = str(model.graph())
-    assert "2.weight" not in text and text.count("0.weight") == 3  # declared once, read by layers 0 and 2
-    assert "%3: f32[N,4] = matmul %2, 0.weight  # 2:Linear" in text
-
-
-def test_the_same_memory_is_one_tensor_and_a_new_tensor_unties():
-    model = _tied()
-    model.layers[2].weight.data = model.layers[0].weight.data  # two tensor objects, one memory: still tied
-    assert model.ties() == {"2.weight": "0.weight"}
-    model.layers[2].weight = model.layers[0].weight.clone()
-    assert model.ties() == {} and "2.weight" in model.parameters()
-
-
-def test_a_tensor_cannot_be_both_trained_and_a_fixed_buffer():
-    model = gd.Sequential(gd.Standardize(4), gd.Linear(4, 4))
-    model.layers[1].bias = model.layers[0].mean
-    names(message(model.parameters), r"1.bias holds the tensor that 0.mean holds, but 0.mean is a fixed buffer and "
-          r"1.bias a trained param; give 1.bias its own tensor")
-
-
-def test_moving_a_model_moves_a_tied_tensor_once():
-    model = _tied().to("cpu")
-    assert model.ties() == {"2.weight": "0.weight"}
-    assert model.layers[2].weight is model.layers[0].weight
-
-
-def test_a_weight_changed_behind_the_layers_back_is_named():
-    model = gd.Sequential(gd.Linear(2, 25), gd.ReLU(), gd.Linear(25, 1))
-    model.layers[2].weight.data = torch.zeros(3, 3)  # .data = skips the layer's own shape check
-    names(message(lambda: model.predict(torch.rand(4, 2))),
-          r"2.weight \(Linear\(25, 1\)\.weight\) is now \[3, 3\], but the layer declares \[25, 1\]",
-          r"changed behind the layer's back")
-
-
 # -- Linear and Softmax -----------------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ import ast
 import pathlib
 
 import networkx as nx
+import pytest
 
 import graphdl
 
@@ -117,18 +118,21 @@ def test_the_import_graph_sees_every_kind_of_import(tmp_path):
     ]
 
 
-def test_no_import_cycle_is_larger_than_ir_ops_text_viz():
-    graph = import_graph()
+@pytest.fixture(scope="module")
+def graph() -> nx.DiGraph:
+    return import_graph()
+
+
+def test_no_import_cycle_is_larger_than_ir_ops_text_viz(graph):
     assert "graphdl.train" in graph and graph.number_of_edges() > 20  # it did read graphdl
     big = [sorted(c) for c in nx.strongly_connected_components(graph) if len(c) > MAX_CYCLE]
     assert big == [], (f"import cycles of more than {MAX_CYCLE} modules: {big}; the cycles today: "
                        f"{[sorted(c) for c in nx.strongly_connected_components(graph) if len(c) > 1]}")
 
 
-def test_distributed_is_a_leaf_under_the_layers_that_train():
+def test_distributed_is_a_leaf_under_the_layers_that_train(graph):
     """graphdl.distributed (the process group, collectives and heartbeats) sits below
     everything that trains: it may use graphdl.checks, and nothing else of graphdl."""
-    graph = import_graph()
     imported = set(graph.successors("graphdl.distributed"))
     assert imported <= {"graphdl.checks"}, f"graphdl.distributed imports {sorted(imported)}"
     upper = {"graphdl.model", "graphdl.train", "graphdl.step", "graphdl.batches", "graphdl.layers", "graphdl.ops",

@@ -8,6 +8,7 @@ once; and what it hands back through `ArenaCompiled.__call__` must own its memor
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
@@ -29,6 +30,7 @@ def _random_step(program, seed: int, batch: int) -> gd.Compiled:
     return gd.compile(gd.grad(random_graph(program, seed, batch)[0], ["x", "y", "c", "b", "W", "V"]))
 
 
+@pytest.mark.slow
 @fuzz(80)
 @given(programs(), st.integers(0, 2**31 - 1), st.integers(1, 5))
 def test_arena_code_matches_plain_code_call_after_call(program, seed, batch):

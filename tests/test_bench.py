@@ -25,6 +25,7 @@ def test_data_is_a_whole_number_of_batches(bench):
         assert n % batch == 0 and n >= 1000 and n // batch >= 4
 
 
+@pytest.mark.slow
 def test_contenders_train_alike(bench):
     """Same losses and accuracies epoch by epoch: the same net, data, shuffling and metrics."""
     names, _ = bench.contenders("cpu", torch_compile=False)
@@ -46,6 +47,7 @@ def test_cuda_adds_the_uncaptured_step_and_torch_compile(bench):
     assert any("JAX skipped" in note for note in notes)
 
 
+@pytest.mark.slow
 def test_tanh_formulas_report_their_errors(bench, monkeypatch):
     """docs/performance.md's reasons for keeping torch.tanh: the expm1 form is accurate, 2σ(2x)-1 is
     not near 0, and every way is timed at every size."""

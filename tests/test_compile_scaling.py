@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable
 
+import pytest
 import torch
 
 import graphdl as gd
@@ -81,6 +82,7 @@ def cpu_seconds(depth: int) -> float:
     return time.process_time() - start
 
 
+@pytest.mark.slow
 def test_the_time_grows_linearly_with_graph_size():
     """Also catches scans inside C (list.remove, `x in list`), which count as one line.
     CPU time, sizes interleaved, best of three: robust to other work on the machine;

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pathlib
 import re
 
+import pytest
 import torch
 
 import graphdl as gd
@@ -61,6 +62,7 @@ def test_graphdl_never_uses_torch_autograd_or_nn():
     assert offenders == []
 
 
+@pytest.mark.slow
 def test_import_graphdl_loads_no_graph_library():
     """networkx was most of `import graphdl`'s own time (0.13 s of 0.16 s, then the first
     compile's 0.3 s); graphdl's graph walks are its own now, and importing it must not

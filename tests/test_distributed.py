@@ -91,6 +91,7 @@ def _params(model: gd.Sequential) -> dict[str, list]:
 # -- two ranks train as one process -------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_two_ranks_train_as_one_process(two_ranks):
     """Shuffled, momentum, weight decay, a schedule, global batches of 5 split 3 + 2, and a
     last batch of 1 that leaves rank 1 empty: params, History, predict and evaluate match."""
@@ -114,6 +115,7 @@ def test_two_ranks_train_as_one_process(two_ranks):
     assert results[0]["history"] == results[1]["history"]
 
 
+@pytest.mark.slow
 def test_only_rank_0_prints_and_writes(two_ranks):
     out, runs, _ = two_ranks
     assert [line.split(" - ")[0] for line in runs[0][1].splitlines()] == [f"Epoch {e}/4" for e in range(1, 5)]
@@ -122,6 +124,7 @@ def test_only_rank_0_prints_and_writes(two_ranks):
     assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == []  # no torn writes left behind
 
 
+@pytest.mark.slow
 def test_divergence_stops_every_rank_alike(two_ranks):
     _, _, results = two_ranks
     X, Y = worker.data()
@@ -136,6 +139,7 @@ def test_divergence_stops_every_rank_alike(two_ranks):
         _close(first["params"][name], value)
 
 
+@pytest.mark.slow
 def test_params_near_the_largest_float_are_not_taken_for_divergence(two_ranks):
     """Each rank checks its params' finiteness in the epoch's one collective: summing the
     ranks' largest magnitudes (2e38 + 2e38) would overflow float32 and report a finite
@@ -148,12 +152,14 @@ def test_params_near_the_largest_float_are_not_taken_for_divergence(two_ranks):
         _close(rank["huge_weight"]["loss"], alone["loss"])
 
 
+@pytest.mark.slow
 def test_ranks_with_different_settings_all_refuse(two_ranks):
     _, _, results = two_ranks
     for r in results:
         assert "rank 1 has batch_size=6 but rank 0 has 5" in r["mismatch"]
 
 
+@pytest.mark.slow
 def test_a_killed_rank_is_named_and_the_run_resumes(two_ranks):
     """Rank 1 is killed mid-epoch: rank 0 stops with a RankLostError naming it, well within
     the timeout (30 s); resuming from the last checkpoint reproduces the uninterrupted run."""
@@ -175,6 +181,7 @@ def test_a_killed_rank_is_named_and_the_run_resumes(two_ranks):
         _close(_params(resumed)[name], value)
 
 
+@pytest.mark.slow
 def test_two_nodes_on_localhost_run_the_example(tmp_path, capsys):
     """torchrun's multi-node launch (c10d rendezvous), as two one-process "nodes" on
     127.0.0.1: the example trains data-parallel, prints its result once and matches one process."""
@@ -372,6 +379,7 @@ def test_the_compiled_allreduce_sums_over_the_group(group_of_one):
 # -- naming the lost rank -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_lost_rank_is_named_from_its_heartbeat(monkeypatch):
     """Rank 1's beat stops: lost. It beats but issued fewer collectives: stuck. The store
     itself is gone: its host, rank 0."""
@@ -404,6 +412,7 @@ def test_a_lost_rank_is_named_from_its_heartbeat(monkeypatch):
 # -- NCCL, one GPU per rank ---------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [1, 2])
 def test_nccl_ranks_train_as_one_process(world, tmp_path):
     if not torch.cuda.is_available() or not dist.is_nccl_available():

@@ -42,6 +42,7 @@ def test_bad_flags_are_one_line_and_exit_status_2(main, flags, message, capsys):
     assert re.fullmatch(rf"(disk_graph|spirals)\.py: error: {message} \(see --help\)\n", err), err
 
 
+@pytest.mark.slow
 def test_disk_flags_that_conflict_and_the_real_exit_status(capsys):
     with pytest.raises(SystemExit):
         disk_graph.main(["--seeds", "0"])
@@ -82,6 +83,7 @@ def test_the_saved_disk_model_reproduces_the_printed_test_error_on_raw_points(tm
     assert float(printed) < 30  # trained: far from the 50 % of a model that lost its preprocessing
 
 
+@pytest.mark.slow
 def test_spirals_trains_a_classifier_and_saves_it_with_softmax(tmp_path, capsys):
     path = tmp_path / "spirals.gdl"
     assert spirals.main(["--epochs", "3", "--save", str(path), "--out", str(tmp_path / "figs")]) == 0

@@ -122,6 +122,7 @@ def _exercise(text: str) -> None:
         assert str(gd.parse(str(gg))) == str(gg)
 
 
+@pytest.mark.slow
 @fuzz(1200)
 @given(st.data())
 def test_mutated_ir_text_raises_graph_error_or_round_trips(data):
@@ -301,6 +302,7 @@ def _valid(x: object, y: object) -> bool:
 TINY_FN = gd.compile(tiny())
 
 
+@pytest.mark.slow
 @fuzz(400)
 @given(feeds(), feeds(), st.booleans())
 def test_random_feeds_run_or_raise_graph_error(x, y, positional):
@@ -315,6 +317,7 @@ def test_random_feeds_run_or_raise_graph_error(x, y, positional):
 # -- random graphs: gradients against torch.autograd ------------------------------------------
 
 
+@pytest.mark.slow
 @fuzz(150)
 @given(programs(), st.integers(0, 2**31 - 1), st.integers(1, 5))
 def test_random_graph_gradients_match_autograd(program, seed, batch):

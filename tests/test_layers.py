@@ -1,9 +1,13 @@
-"""graphdl.layers: what the Sequential builder and its layers say when they are misused."""
+"""graphdl.layers: what the Sequential builder and its layers say when they are misused;
+Linear's init and size, Softmax, and Standardize (adapt, its statistics, training with it)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from helpers import _classifier, _torch_sgd_losses, _torch_twin
 from messages import message, names
 
 import graphdl as gd
@@ -37,53 +41,143 @@ def test_a_layer_weight_of_the_wrong_shape_is_refused_where_it_is_assigned():
     assert model.layers[2].weight.shape == (25, 1)  # the layer kept what it had
 
 
-# -- one tensor is one param -------------------------------------------------------------------
+# -- Linear and Softmax -----------------------------------------------------------------------------
 
 
-def _tied() -> gd.Sequential:
-    gen = torch.Generator().manual_seed(0)
-    model = gd.Sequential(gd.Linear(4, 4, generator=gen), gd.Tanh(), gd.Linear(4, 4, generator=gen), gd.Tanh(),
-                          gd.Linear(4, 1, generator=gen))
-    model.layers[2].weight = model.layers[0].weight
-    return model
+def test_linear_init_follows_pytorch_bounds():
+    torch.manual_seed(0)
+    layer = gd.Linear(16, 200)
+    bound = 1 / math.sqrt(16)
+    for t in (layer.weight, layer.bias):
+        assert t.abs().max() <= bound and t.abs().max() > 0.9 * bound
+    gen_a, gen_b = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    assert torch.equal(gd.Linear(3, 4, generator=gen_a).weight, gd.Linear(3, 4, generator=gen_b).weight)
 
 
-def test_a_tied_tensor_is_listed_once_and_is_one_value_in_the_ir():
-    model = _tied()
-    assert list(model.parameters()) == ["0.weight", "0.bias", "2.bias", "4.weight", "4.bias"]
-    assert list(model.state()) == list(model.parameters()) and model.ties() == {"2.weight": "0.weight"}
+def test_a_layer_too_big_for_memory_says_so_instead_of_failing_in_the_allocator():
+    with pytest.raises(ValueError, match=r"Linear\(100000, 1000000\) needs 373 GiB .* use smaller widths"):
+        gd.Linear(100_000, 1_000_000)
+
+
+def test_softmax_layer_outputs_probability_rows():
+    gen = torch.Generator().manual_seed(1)
+    logits = _classifier(gen, 4, torch.float32)
+    probs = gd.Sequential(*logits.layers, gd.Softmax())
+    X = torch.randn(9, 2, generator=gen)
+    torch.testing.assert_close(probs.predict(X), torch.softmax(logits.predict(X), 1))
+    assert str(probs.graph()).splitlines()[-3:-1] == ["  %5: f32[N,4] = softmax %4  # 3:Softmax", "  return %5"]
+
+
+# -- Standardize: preprocessing inside the model ----------------------------------------------------
+
+
+def test_standardize_adapts_to_the_data_in_float64():
+    X = torch.tensor([[1e4 + 0.5, -2.0], [1e4 + 1.5, 0.0], [1e4 + 2.5, 5.0]], dtype=torch.float32)
+    layer = gd.Standardize().adapt(X)
+    assert isinstance(layer, gd.Standardize) and layer.in_features == layer.out_features == 2
+    ref = X.double()
+    torch.testing.assert_close(layer.mean, ref.mean(0).float(), rtol=0, atol=0)
+    torch.testing.assert_close(layer.std, ref.std(0, correction=0).float(), rtol=0, atol=0)  # population std
+    out = gd.Sequential(layer).predict(X)
+    torch.testing.assert_close(out, ((ref - ref.mean(0)) / ref.std(0, correction=0)).float())
+
+
+def test_a_constant_feature_is_centred_not_divided_by_zero():
+    X = torch.tensor([[3.0, 1.0], [3.0, 2.0], [3.0, 4.0]])
+    layer = gd.Standardize().adapt(X)
+    assert layer.std[0] == 1.0
+    out = gd.Sequential(layer).predict(torch.tensor([[3.0, 1.0], [5.0, 1.0]]))
+    assert torch.isfinite(out).all() and out[:, 0].tolist() == [0.0, 2.0]
+    assert gd.Standardize().adapt(torch.ones(1, 3)).std.tolist() == [1.0, 1.0, 1.0]  # one example
+
+
+@pytest.mark.parametrize("X, message", [
+    (torch.tensor([[1.0, float("nan")], [2.0, 3.0]]), r"X has NaN or inf values, first at X\[0, 1\] = nan"),
+    (torch.tensor([[1.0, 2.0], [float("inf"), 3.0]]), r"first at X\[1, 0\] = inf"),
+    (torch.ones(3), r"2-d torch.Tensor \[examples, features\].*got shape \[3\]"),
+    (torch.ones(0, 2), "at least one example"),
+    ([[1.0, 2.0]], "got list"),
+    (torch.ones(3, 2, device="meta"), "X is on the meta device"),
+    (torch.ones(3, 2, dtype=torch.complex64), "X is complex"),
+    (torch.eye(2).to_sparse(), "X is a sparse_coo tensor"),
+])
+def test_adapt_refuses_data_it_cannot_learn_from(X, message):
+    with pytest.raises(ValueError, match=message):
+        gd.Standardize().adapt(X)
+    layer = gd.Standardize(2)
+    with pytest.raises(ValueError, match="X has 3 features but this Standardize takes 2"):
+        layer.adapt(torch.ones(4, 3))
+
+
+def _standardized(gen: torch.Generator, X: torch.Tensor) -> gd.Sequential:
+    return gd.Sequential(gd.Standardize().adapt(X), gd.Linear(2, 5, generator=gen), gd.Tanh(),
+                         gd.Linear(5, 1, generator=gen))
+
+
+def test_standardize_statistics_are_not_trained():
+    gen = torch.Generator().manual_seed(2)
+    X = torch.rand(40, 2, generator=gen) * 10 + 5
+    Y = (X[:, :1] > 10).float()
+    model = _standardized(gen, X)
+    stats = {k: v.clone() for k, v in model.state().items() if k.startswith("0.")}
+    assert list(model.parameters()) == ["1.weight", "1.bias", "3.weight", "3.bias"]
+    assert list(model.state()) == ["0.mean", "0.std", *model.parameters()]
+    model.fit(X, Y, loss=gd.BCEWithLogits(), optimizer=gd.SGD(lr=0.5, momentum=0.9, weight_decay=0.1), epochs=3,
+              batch_size=8, verbose=False)
+    assert all(torch.equal(model.state()[k], v) for k, v in stats.items())
+    step = model._cache[("step", gd.BCEWithLogits())].graph
+    assert "0.mean" in step.params and not any("0.mean" in label for label in step.output_labels)
     text = str(model.graph())
-    assert "2.weight" not in text and text.count("0.weight") == 3  # declared once, read by layers 0 and 2
-    assert "%3: f32[N,4] = matmul %2, 0.weight  # 2:Linear" in text
+    assert "0.mean: f32[2], 0.std: f32[2]" in text and "= sub x, 0.mean  # 0:Standardize" in text
+    dot = gd.to_dot(model.graph()).source
+    assert 'label="0.mean\\nf32[2]"' in dot and 'label="0.std\\nf32[2]"' in dot
 
 
-def test_the_same_memory_is_one_tensor_and_a_new_tensor_unties():
-    model = _tied()
-    model.layers[2].weight.data = model.layers[0].weight.data  # two tensor objects, one memory: still tied
-    assert model.ties() == {"2.weight": "0.weight"}
-    model.layers[2].weight = model.layers[0].weight.clone()
-    assert model.ties() == {} and "2.weight" in model.parameters()
+def test_standardize_trains_like_torch_on_standardised_inputs():
+    """The same net, once with Standardize inside and raw inputs, once without it and
+    inputs standardised by hand: the same training, to float tolerance."""
+    gen = torch.Generator().manual_seed(5)
+    X = torch.rand(30, 2, generator=gen, dtype=torch.float64) * 100
+    Y = torch.randint(0, 3, (30,), generator=gen)
+    inside = gd.Sequential(gd.Standardize(dtype=torch.float64).adapt(X), *_classifier(gen, 3, torch.float64).layers)
+    twin = _torch_twin(gd.Sequential(*inside.layers[1:]))
+    history = inside.fit(X, Y, loss=gd.CrossEntropy(), optimizer=gd.SGD(lr=0.2, momentum=0.5), epochs=3,
+                         batch_size=7, shuffle=False, verbose=False)
+    scaled = (X - X.mean(0)) / X.std(0, correction=0)
+    expected = _torch_sgd_losses(twin, torch.nn.CrossEntropyLoss(), scaled, Y, 3, 7, 0.2, 0.5)
+    assert history["loss"] == pytest.approx(expected, rel=1e-12)
 
 
-def test_a_tensor_cannot_be_both_trained_and_a_fixed_buffer():
-    model = gd.Sequential(gd.Standardize(4), gd.Linear(4, 4))
-    model.layers[1].bias = model.layers[0].mean
-    names(message(model.parameters), r"1.bias holds the tensor that 0.mean holds, but 0.mean is a fixed buffer and "
-          r"1.bias a trained param; give 1.bias its own tensor")
+def test_adapting_again_after_fit_is_seen_by_the_compiled_model():
+    gen = torch.Generator().manual_seed(3)
+    X = torch.rand(20, 2, generator=gen)
+    model = _standardized(gen, X)
+    model.fit(X, torch.rand(20, 1, generator=gen), epochs=1, verbose=False)
+    before = model.predict(X)
+    layer = model.layers[0]
+    layer.adapt(X * 3 + 1)  # new tensors in the layer's slots, which the compiled functions read
+    after = model.predict(X)
+    bare = gd.Sequential(*model.layers[1:])
+    torch.testing.assert_close(after, bare.predict((X - layer.mean) / layer.std))
+    assert not torch.allclose(before, after)
 
 
-def test_moving_a_model_moves_a_tied_tensor_once():
-    model = _tied().to("cpu")
-    assert model.ties() == {"2.weight": "0.weight"}
-    assert model.layers[2].weight is model.layers[0].weight
+def test_standardize_without_statistics_says_to_adapt():
+    model = gd.Sequential(gd.Standardize(), gd.Linear(2, 1))
+    with pytest.raises(gd.GraphError, match=r"Standardize has no statistics yet; call .adapt\(X\)"):
+        model.predict(torch.rand(3, 2))
+    identity = gd.Sequential(gd.Standardize(2))
+    assert torch.equal(identity.predict(torch.tensor([[1.0, -2.0]])), torch.tensor([[1.0, -2.0]]))
 
 
-def test_a_weight_changed_behind_the_layers_back_is_named():
-    model = gd.Sequential(gd.Linear(2, 25), gd.ReLU(), gd.Linear(25, 1))
-    model.layers[2].weight.data = torch.zeros(3, 3)  # .data = skips the layer's own shape check
-    names(message(lambda: model.predict(torch.rand(4, 2))),
-          r"2.weight \(Linear\(25, 1\)\.weight\) is now \[3, 3\], but the layer declares \[25, 1\]",
-          r"changed behind the layer's back")
+def test_standardize_scales_a_small_feature_and_refuses_a_std_its_dtype_cannot_hold():
+    gen = torch.Generator().manual_seed(0)
+    X = torch.stack([torch.randn(500, generator=gen), 3e-5 + 1e-6 * torch.randn(500, generator=gen)], 1)
+    out = gd.Sequential(gd.Standardize().adapt(X)).predict(X)
+    torch.testing.assert_close(out.double().std(0, correction=0), torch.ones(2, dtype=torch.float64), rtol=1e-5, atol=0)
+    assert torch.equal(gd.Standardize().adapt(torch.full((4, 2), 0.1)).std, torch.ones(2))  # constant: left as is
+    with pytest.raises(ValueError, match=r"feature 1 has std 1e-09, which torch.float16 cannot hold"):
+        gd.Standardize(dtype=torch.float16).adapt(torch.tensor([[0.0, 1.0], [1.0, 1.0 + 2e-9]], dtype=torch.float64))
 
 
 # -- Standardize's statistics -----------------------------------------------------------------

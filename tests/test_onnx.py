@@ -465,6 +465,7 @@ def test_a_missing_file_is_a_graph_error(tmp_path):
         gd.import_onnx(tmp_path / "absent.onnx")
 
 
+@pytest.mark.slow
 def test_import_graphdl_never_imports_onnx_and_a_missing_onnx_says_how_to_install(tmp_path, monkeypatch):
     probe = "import sys, graphdl; print(sorted(m for m in ('onnx', 'onnxruntime') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)

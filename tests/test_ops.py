@@ -312,6 +312,7 @@ def _accepted_builds():
                 yield g, out, shapes
 
 
+@pytest.mark.slow
 def test_every_build_a_shape_rule_accepts_compiles_differentiates_and_runs():
     """`mean(x, axis=0)` on a 0-d x used to build and then fail in grad + compile with an
     IndexError: a rule must refuse what the lowering or the VJP cannot run."""

@@ -1,9 +1,13 @@
-"""SGD's update rule and schedules, on their own (fit's use of them is in test_train)."""
+"""graphdl.optim: SGD's update rule and schedules, on their own and through fit (against
+torch.optim.SGD), and the settings they check."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
+from helpers import _net, _torch_twin
 
 import graphdl as gd
 
@@ -131,3 +135,99 @@ def test_fused_update_of_small_params_runs_on_one_thread(monkeypatch, planned):
         assert seen == [1, 2] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+# -- through fit, against torch.optim.SGD -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-kernel", "foreach"])
+def test_nesterov_and_weight_decay_follow_torch(fused):
+    gen = torch.Generator().manual_seed(4)
+    X, Y = torch.rand(20, 2, generator=gen), torch.rand(20, 1, generator=gen)
+    model = _net(gen, gd.ReLU)
+    twin = _torch_twin(model)
+    opt = gd.SGD(lr=0.1, momentum=0.8, nesterov=True, weight_decay=0.01)
+    opt.fused = fused
+    model.fit(X, Y, optimizer=opt, epochs=3, batch_size=5, shuffle=False, verbose=False)
+    opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.8, nesterov=True, weight_decay=0.01)
+    for _ in range(3):
+        for s in range(0, 20, 5):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(twin(X[s:s + 5]), Y[s:s + 5]).backward()
+            opt.step()
+    torch.testing.assert_close(model.layers[0].weight, twin[0].weight.detach().T, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-kernel", "foreach"])
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("factor", [0.5, 0.0], ids=["decay", "to-zero"])
+def test_momentum_with_a_schedule_follows_the_documented_rule(fused, nesterov, factor):
+    """u <- γu + ηg, w <- w - u (Nesterov: w <- w - (γu + ηg)), with η from StepDecay each
+    epoch: the velocity carries over when η changes, even to 0."""
+    gen = torch.Generator().manual_seed(5)
+    X, Y = torch.rand(8, 2, generator=gen), torch.rand(8, 1, generator=gen)
+    model = gd.Sequential(gd.Linear(2, 1, generator=gen))
+    w, b = model.layers[0].weight.clone().requires_grad_(), model.layers[0].bias.clone().requires_grad_()
+    opt = gd.SGD(lr=0.2, momentum=0.5, nesterov=nesterov)
+    opt.fused = fused
+    history = model.fit(X, Y, optimizer=opt, schedule=gd.StepDecay(every=2, factor=factor),
+                        epochs=5, batch_size=4, shuffle=False, verbose=False)
+    u = [torch.zeros_like(w), torch.zeros_like(b)]
+    for epoch in range(5):
+        lr = 0.2 * factor ** (epoch // 2)
+        for s in range(0, 8, 4):
+            gw, gb = torch.autograd.grad(((X[s:s + 4] @ w + b - Y[s:s + 4]) ** 2).mean(), [w, b])
+            with torch.no_grad():
+                for p, v, g in zip((w, b), u, (gw, gb)):
+                    v.mul_(0.5).add_(lr * g)
+                    p.sub_(0.5 * v + lr * g if nesterov else v)
+    assert history["lr"] == pytest.approx([0.2 * factor ** (e // 2) for e in range(5)])
+    torch.testing.assert_close(model.layers[0].weight, w.detach())
+    torch.testing.assert_close(model.layers[0].bias, b.detach())
+
+
+def test_schedules():
+    assert [gd.StepDecay(every=10, factor=0.9)(e, 1.0) for e in (0, 9, 10, 25)] == pytest.approx([1, 1, 0.9, 0.81])
+    assert gd.ExponentialDecay(0.5)(3, 2.0) == pytest.approx(0.25)
+    cos = gd.CosineDecay(10, min_lr=0.1)
+    assert cos(0, 1.0) == pytest.approx(1.0) and cos(10, 1.0) == pytest.approx(0.1)
+    assert cos(5, 1.0) == pytest.approx(0.55)
+    assert gd.Constant()(7, 0.3) == 0.3
+
+
+# -- bad settings raise ValueError naming the argument ----------------------------------------------
+
+
+@pytest.mark.parametrize("make, name", [
+    (lambda: gd.SGD(lr=-0.1), "lr"), (lambda: gd.SGD(lr=math.nan), "lr"), (lambda: gd.SGD(momentum=1.0), "momentum"),
+    (lambda: gd.SGD(momentum=-0.1), "momentum"), (lambda: gd.SGD(weight_decay=-1), "weight_decay"),
+    (lambda: gd.StepDecay(every=0, factor=0.5), "every"), (lambda: gd.CosineDecay(0), "epochs"),
+    (lambda: gd.Linear(0, 3), "in_features"),
+])
+def test_bad_settings_raise_value_error_naming_the_argument(make, name):
+    with pytest.raises(ValueError, match=name):
+        make()
+
+
+@pytest.mark.parametrize("make, expect", [
+    (lambda: gd.SGD(lr=-0.1), r"lr must be in \[0.0, inf\], got -0.1"),
+    (lambda: gd.SGD(lr=float("nan")), "lr must be a finite number, got nan"),
+    (lambda: gd.SGD(lr=float("inf")), "lr must be a finite number, got inf"),
+    (lambda: gd.SGD(momentum=1.0), r"momentum must be in \[0.0, 1.0\), got 1.0"),
+    (lambda: gd.SGD(momentum=-0.5), r"momentum must be in \[0.0, 1.0\), got -0.5"),
+])
+def test_bad_optimizer_settings_name_the_argument(make, expect):
+    with pytest.raises(ValueError, match=expect):
+        make()
+
+
+def test_params_that_share_part_of_their_memory_are_refused_by_training():
+    model = gd.Sequential(gd.Linear(4, 4), gd.Tanh(), gd.Linear(4, 4))
+    big = torch.randn(8, 4)
+    model.layers[0].weight, model.layers[2].weight = big[:4], big[2:6]  # rows 2 and 3 in both
+    with pytest.raises(ValueError, match=r"params 0.weight and 2.weight share elements but are not one tensor .* "
+                                         r"give 2.weight its own memory \(.clone\(\)\), or tie the two"):
+        model.fit(torch.rand(8, 4), torch.rand(8, 4), verbose=False)
+    a = torch.randn(4, 8)
+    model.layers[0].weight, model.layers[2].weight = a[:, ::2], a[:, 1::2]  # interleaved, no element in common
+    model.fit(torch.rand(8, 4), torch.rand(8, 4), verbose=False)

@@ -244,6 +244,7 @@ def test_inplace_plan_only_overwrites_dying_temporaries():
 EXACT = {"dce", "cse", "fold", "simplify"}  # these reorder no arithmetic: bit-identical results
 
 
+@pytest.mark.slow
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pass_programs())
 def test_every_pass_keeps_random_forward_and_gradient_graphs_equal(program):

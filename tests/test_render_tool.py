@@ -61,6 +61,7 @@ def model_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("dot_program")
 @pytest.mark.parametrize("fmt", ["svg", "png", "pdf"])
 def test_renders_a_model_file_to_each_format(tmp_path, model_file, fmt):
@@ -73,6 +74,7 @@ def test_renders_a_model_file_to_each_format(tmp_path, model_file, fmt):
         assert "%0 matmul" in text and "0:Linear" in text and "3:Sigmoid" in text
 
 
+@pytest.mark.slow
 def test_dot_output_needs_no_graphviz(tmp_path, model_file):
     out = tmp_path / "disk.dot"
     result = render_tool(model_file, "-o", out, path_env=str(tmp_path))  # `dot` is not on this PATH
@@ -102,10 +104,12 @@ def test_views_and_ir_text_input(tmp_path, model_file):
     assert "cylinder" not in source  # no param boxes
 
 
+@pytest.mark.slow
 def test_missing_file_fails_in_one_line(tmp_path):
     tool_fails(render_tool(tmp_path / "nope.gdl", "-o", tmp_path / "x.svg"), "nope.gdl: no such file")
 
 
+@pytest.mark.slow
 def test_corrupt_file_fails_in_one_line(tmp_path, model_file, capsys):
     corrupt = tmp_path / "corrupt.gdl"
     corrupt.write_bytes(model_file.read_bytes()[:-10])
@@ -116,6 +120,7 @@ def test_corrupt_file_fails_in_one_line(tmp_path, model_file, capsys):
     main_fails(capsys, [corrupt, "-o", tmp_path / "x.dot"], r"line \d+: unknown op 'rleu'")
 
 
+@pytest.mark.slow
 def test_missing_dot_program_fails_in_one_line(tmp_path, model_file):
     out = tmp_path / "x.svg"
     result = render_tool(model_file, "-o", out, path_env=str(tmp_path))

@@ -33,6 +33,7 @@ def _scoped_graph(scopes: list[tuple[str, bool]]) -> gd.Graph:
     return g
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None, derandomize=True, database=None)
 @given(st.lists(st.tuples(SCOPES, st.booleans()), min_size=1, max_size=4))
 def test_any_scope_round_trips_exactly(scopes):

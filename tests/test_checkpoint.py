@@ -1,0 +1,32 @@
+"""graphdl.checkpoint: fit(checkpoint=...) and fit(resume=...) take the very steps of a
+plain fit."""
+
+from __future__ import annotations
+
+import torch
+from helpers import _sine
+
+import graphdl as gd
+
+
+def test_checkpointing_and_resuming_take_the_very_steps_of_a_plain_fit(tmp_path):
+    """fit runs one loop whatever it is asked: writing a checkpoint every epoch changes
+    no bit of training, and a run resumed from epoch 2's checkpoint ends bit-exactly
+    where the uninterrupted run does (weights, velocities, shuffling, schedule, History)."""
+    X, Y = _sine()
+    settings = dict(optimizer=gd.SGD(lr=0.05, momentum=0.9), schedule=gd.StepDecay(2, 0.5), batch_size=7,
+                    seed=5, verbose=False, validation_data=(X[::3], Y[::3]), metrics=["mae"])
+
+    def model() -> gd.Sequential:
+        gen = torch.Generator().manual_seed(1)
+        return gd.Sequential(gd.Linear(1, 8, generator=gen), gd.Tanh(), gd.Linear(8, 1, generator=gen))
+
+    plain, checkpointed, resumed = model(), model(), model()
+    h_plain = plain.fit(X, Y, epochs=4, **settings)
+    path = tmp_path / "run.gdl"
+    h_checkpointed = checkpointed.fit(X, Y, epochs=2, checkpoint=path, **settings)
+    h_resumed = resumed.fit(X, Y, epochs=4, resume=path, **settings)
+    assert h_checkpointed == {k: v[:2] for k, v in h_plain.items()}
+    assert h_resumed == h_plain
+    for a, b in zip(plain.state().values(), resumed.state().values(), strict=True):
+        assert torch.equal(a, b)

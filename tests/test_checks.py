@@ -1,0 +1,68 @@
+"""graphdl.checks: the settings users pass (numbers of any real type, dtypes, flags,
+widths, devices) are checked, and a wrong one is named with what it must be."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import BIG, _data, _model
+
+import graphdl as gd
+
+
+@pytest.mark.parametrize("make, expect", [
+    (lambda: gd.SGD(momentum=0.5, nesterov=torch.ones(2)), "nesterov must be True or False"),
+    (lambda: gd.Linear(10**30, 2), "in_features=10{30} is too large"),
+    (lambda: gd.Linear(2, 2, dtype=torch.int64), "Linear: dtype torch.int64 is not supported; use one of"),
+    (lambda: gd.Linear(2, 2, generator=0), "generator must be a torch.Generator or None, got int"),
+    (lambda: _model().to("nowhere"), "device 'nowhere' cannot hold the model"),
+    (lambda: _model().evaluate(*_data(), loss=["mse"]), "loss must be a graphdl loss such as gd.MSE"),
+])
+def test_bad_layer_optimizer_and_model_settings(make, expect):
+    with pytest.raises(ValueError, match=expect.replace("10{30}", "1" + "0" * 30)):
+        make()
+
+
+@pytest.mark.parametrize("make, expect", [
+    (lambda: gd.Linear(2, 2, dtype=torch.float8_e4m3fn),
+     "Linear: dtype torch.float8_e4m3fn is not supported; use one of torch.float16, torch.bfloat16, torch.float32, "
+     "torch.float64"),
+    (lambda: gd.Linear(2, 2, dtype=torch.complex64), "dtype torch.complex64 is not supported"),
+    (lambda: gd.Linear(2, 2, dtype="f32"), r"dtype 'f32' is not supported; .*did you mean torch.float32\?"),
+    (lambda: gd.SGD(lr=BIG), r"lr=10{11}\.\.\.0{8} \(401 digits\) is too large for a float; lr must be a finite "
+                             r"number in \[0.0, inf\]"),
+    (lambda: gd.SGD(lr=True), "lr must be a finite number, got True"),
+    (lambda: gd.SGD(lr=0.1 + 0j), r"lr must be a finite number, got \(0.1\+0j\)"),
+    (lambda: gd.SGD(lr=torch.tensor(0.1)), r"lr must be a finite number, got tensor\(0.1000\); pass a Python number"),
+    (lambda: gd.SGD(lr=np.float32("nan")), r"lr must be a finite number, got np.float32\(nan\)"),
+    (lambda: gd.SGD(momentum=np.float64(1.0)), r"momentum must be in \[0.0, 1.0\), got np.float64\(1.0\)"),
+    (lambda: gd.SGD(weight_decay=-BIG), "weight_decay=-10{10}.* is too large for a float"),
+    (lambda: gd.StepDecay(every=1, factor=BIG), "factor=10{11}.* is too large for a float"),
+    (lambda: gd.StepDecay(every=2.0, factor=0.5), r"every must be a whole number >= 1, got 2.0"),
+    (lambda: gd.ExponentialDecay(rate=BIG), "rate=10{11}.* is too large"),
+    (lambda: gd.CosineDecay(epochs=10, min_lr=BIG), "min_lr=10{11}.* is too large"),
+    (lambda: gd.Linear(np.int64(0), 2), "in_features must be a whole number >= 1, got np.int64\\(0\\)"),
+])
+def test_number_settings_are_checked_whatever_their_type(make, expect):
+    with pytest.raises(ValueError, match=expect.replace("10{11}", "1" + "0" * 11).replace("10{10}", "1" + "0" * 10)
+                       .replace("0{8}", "0" * 8)):
+        make()
+
+
+def test_any_finite_real_number_type_is_a_number_setting():
+    from fractions import Fraction
+    opt = gd.SGD(lr=np.float32(0.5), momentum=Fraction(1, 2), weight_decay=np.int64(0))
+    assert (opt.lr, opt.momentum, opt.weight_decay) == (0.5, 0.5, 0.0)
+    assert all(type(v) is float for v in (opt.lr, opt.momentum, opt.weight_decay))
+    step = gd.StepDecay(every=np.int64(2), factor=np.float16(0.5))
+    assert (step.every, step.factor) == (2, 0.5) and type(step.every) is int
+    layer = gd.Linear(np.int64(2), np.uint8(3))
+    assert layer.config()["in_features"] == 2 and type(layer.config()["out_features"]) is int  # JSON-able
+    X, Y = _data()
+    history = _model().fit(X, Y, optimizer=opt, epochs=np.int64(2), batch_size=np.int32(8), seed=np.uint64(2**64 - 1),
+                           schedule=lambda epoch, lr: np.float32(lr / 2), verbose=False)
+    assert history["lr"] == [0.25, 0.25]
+    g = gd.Graph("g")
+    out = gd.mul(g.input("x", (2,)), np.float32(3))  # a numpy scalar becomes a const, like a Python float
+    assert gd.compile(g.output(out) or g)(x=torch.ones(2))[0].tolist() == [3.0, 3.0]

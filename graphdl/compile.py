@@ -309,7 +309,7 @@ def compile(graph: Graph, optimize: bool = True, trace: Callable[[str], object] 
 
 
 def lower(graph: Graph, device: torch.device | None = None, reuse: bool = True,
-          arena: bool = False) -> Compiled:
+          arena: bool = False, emitter: Callable[..., _Emitter] | None = None) -> Compiled:
     """Generate, compile and wrap the Python function for `graph` as it stands.
 
     Args:
@@ -319,6 +319,10 @@ def lower(graph: Graph, device: torch.device | None = None, reuse: bool = True,
         arena: generate the form fit's training step runs (an `ArenaCompiled`): every
             result an op can write into a given buffer goes into buffers planned by
             liveness (`plan_arena`), made once per batch size and reused at every call.
+        emitter: what writes the code, called as `emitter(graph, device, reuse)` in place
+            of the form `arena` picks: an instrumented variant (graphdl.probe's, for the
+            profiler and the search for a non-finite value) writes the same lines with its
+            own between them.
 
     Each call reads every param's tensor from its slot, which the graph shares with the
     graph it was copied from and the layer that owns the param: a tensor assigned to
@@ -326,13 +330,13 @@ def lower(graph: Graph, device: torch.device | None = None, reuse: bool = True,
     takes them, with their transposes, in its bindings: see `ArenaCompiled.bind`.)
     """
     params_on = _param_device(graph)
-    emitter = (_ArenaEmitter if arena else _Emitter)(graph, device or params_on, reuse)
-    args, body = emitter.function()
-    fn, source, filename = _define(graph.name, args, body, emitter.env)
+    writer = (emitter or (_ArenaEmitter if arena else _Emitter))(graph, device or params_on, reuse)
+    args, body = writer.function()
+    fn, source, filename = _define(graph.name, args, body, writer.env)
     relower = None
-    if params_on is None and emitter.hoisted:  # constants, but no params to say where they belong
-        relower = lambda on: lower(graph, on, reuse, arena)  # noqa: E731
-    return emitter.wrap(source, fn, filename, params_on, relower)
+    if params_on is None and writer.hoisted:  # constants, but no params to say where they belong
+        relower = lambda on: lower(graph, on, reuse, arena, emitter)  # noqa: E731
+    return writer.wrap(source, fn, filename, params_on, relower)
 
 
 class _Emitter:

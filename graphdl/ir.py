@@ -559,6 +559,15 @@ class Graph:
         g.stale = self.stale
         return g, vmap
 
+    def to_networkx(self) -> Any:
+        """The graph as a `networkx.DiGraph`: a node per input, param and IR node, named as
+        the text IR names them (`x`, `0.weight`, `%3`), each with its op ("input" and
+        "param" for those), shape, dtype (`f32`) and layer (its scope); an edge from each
+        value's producer to every node that reads it (`inputs`: the positions it is read
+        at); `G.graph["outputs"]` lists the outputs. networkx is imported only here."""
+        from .digraph import to_networkx
+        return to_networkx(self)
+
     def __str__(self) -> str:
         from .text import format_graph
         return format_graph(self)

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import re
 
+import networkx as nx
 import numpy as np
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from messages import message, names
+from strategies import fuzz, programs, random_graph
 from test_contract import tiny
 
 import graphdl as gd
@@ -182,3 +186,60 @@ def test_set_output_keeps_the_record_of_outputs_in_step():
     g.verify()
     with pytest.raises(gd.GraphError, match="not a value of this graph"):
         g.set_output(0, tiny().outputs[0])
+
+
+# -- to_networkx: the IR as a networkx.DiGraph, and graphdl's own walks against networkx's ---------
+
+
+def test_to_networkx_has_a_node_per_value_with_its_op_shape_dtype_and_layer():
+    model = gd.Sequential(gd.Linear(2, 3), gd.ReLU(), gd.Linear(3, 1))
+    g = model.graph(gd.MSE())
+    G = g.to_networkx()
+    assert list(G.nodes) == ["x", "y", "0.weight", "0.bias", "2.weight", "2.bias", *(f"%{k}" for k in range(6))]
+    assert G.nodes["%0"] == {"op": "matmul", "shape": ("N", 3), "dtype": "f32", "layer": "0:Linear", "kind": "node",
+                             "index": 0, "backward": False, "where": g.nodes[0].where}
+    assert G.nodes["0.weight"]["op"] == "param" and G.nodes["x"]["shape"] == ("N", 2)
+    assert G.nodes["%5"]["layer"] == "loss" and G.graph == {"name": "sequential", "outputs": ["%5"]}
+    assert sorted(G.edges) == sorted([("x", "%0"), ("0.weight", "%0"), ("%0", "%1"), ("0.bias", "%1"),
+                                      ("%1", "%2"), ("%2", "%3"), ("2.weight", "%3"), ("%3", "%4"),
+                                      ("2.bias", "%4"), ("%4", "%5"), ("y", "%5")])
+    square = gd.Graph("square")
+    v = square.input("v", (2,))
+    square.output(gd.mul(v, v))
+    assert square.to_networkx().edges["v", "%0"] == {"inputs": [0, 1]}  # one edge for a value read twice
+
+
+def _random_graphs(program, backward: bool) -> gd.Graph:
+    g, _ = random_graph(program, 0, 3)
+    return gd.grad(g, ["c", "b", "W", "V"]) if backward else g
+
+
+@pytest.mark.slow
+@fuzz(80)
+@given(programs(), st.booleans())
+def test_graphdl_order_reachability_and_liveness_agree_with_networkx(program, backward):
+    """The node list is a topological order of networkx's DAG; autodiff's dependents (what
+    needs a cotangent) are networkx's descendants; DCE keeps networkx's ancestors of the
+    outputs; and the memory planner's last use of each value is its last reader."""
+    from graphdl.autodiff import _depending_on
+    from graphdl.passes.dce import dce
+    from graphdl.passes.memory import last_uses
+
+    g = _random_graphs(program, backward)
+    G = g.to_networkx()
+    assert nx.is_directed_acyclic_graph(G)
+    order = {f"%{k}": k for k in range(len(g.nodes))}
+    assert all(order[u] < order[v] for u, v in G.edges if u in order)
+    name = {id(v): n for n, v in (*g.inputs.items(), *g.params.items())}
+    name.update({id(n.out): f"%{k}" for k, n in enumerate(g.nodes)})
+    for wanted in (["x"], ["W"], ["b", "V"]):
+        depends = _depending_on(g, [g.value(w) for w in wanted])
+        reached = set(wanted).union(*(nx.descendants(G, w) for w in wanted))
+        assert {name[i] for i in depends} == reached
+    live = set().union(*(nx.ancestors(G, o) | {o} for o in G.graph["outputs"]))
+    kept, _ = dce(g.copy()[0])
+    assert len(kept.nodes) == len([n for n in live if n in order])
+    last = last_uses(g)
+    for v_id, n in name.items():
+        readers = [order[r] for r in G.successors(n)]
+        assert last.get(v_id) == (max(readers) if readers else None), n

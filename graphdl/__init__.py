@@ -23,6 +23,7 @@ from .io import load_graph, save_graph
 from .interop import to_torch
 from .onnx_io import export_onnx, import_onnx
 from .model import Sequential, from_torch, load
+from .profile import Profile, profile
 from . import distributed
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "abs", "add", "bce_with_logits", "broadcast_like", "cross_entropy", "log_softmax", "softmax", "compile",
     "distributed", "div", "exp", "grad", "greater", "log", "mae", "matmul", "export_onnx", "from_torch", "import_onnx",
     "to_torch",
-    "load", "load_graph", "mbe", "mean", "mse", "mul", "neg", "parse", "relu", "render", "save_graph", "sigmoid",
+    "load", "load_graph", "mbe", "mean", "mse", "mul", "neg", "parse", "Profile", "profile", "relu", "render",
+    "save_graph", "sigmoid",
     "sign", "sub", "sum", "sum_to", "tanh", "to_dot", "transpose", "zeros_like",
 ]

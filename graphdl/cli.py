@@ -8,6 +8,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from .autodiff import grad
 from .checks import GraphError
 from .io import MODEL_FORMAT, file_format, load_graph
@@ -15,6 +17,7 @@ from .ir import Graph
 from .losses import MSE
 from .model import load
 from .onnx_io import import_onnx
+from .profile import Profile, profile
 from .viz import FORMATS, render
 
 
@@ -40,15 +43,50 @@ def render_main(argv: Sequence[str] | None = None) -> int:
                              "names none, or a graph's first output) differentiated w.r.t. every trainable param")
     parser.add_argument("--hide-params", action="store_true", help="leave out param boxes")
     parser.add_argument("--collapse-layers", action="store_true", help="draw each layer as one box")
+    parser.add_argument("--profile", action="store_true",
+                        help="time every node on random inputs and colour the drawing by time (printing the "
+                             "profile's table): a model file's training step as fit runs it, else the graph drawn")
+    parser.add_argument("--batch-size", type=_batch_size, default=32, metavar="N",
+                        help="the rows of the random inputs --profile times (default: 32)")
     args = parser.parse_args(argv)
     try:
-        graph = _graph_to_draw(Path(args.file), args.grad)
-        render(graph, args.output, hide_params=args.hide_params, collapse_layers=args.collapse_layers)
+        graph, report = _graph_to_draw(Path(args.file), args.grad), None
+        if args.profile:
+            graph, report = _profiled(Path(args.file), graph, args.batch_size)
+            print(report)
+        render(graph, args.output, hide_params=args.hide_params, collapse_layers=args.collapse_layers,
+               profile=report)
     except (GraphError, OSError, ImportError) as e:  # ImportError: .onnx without the onnx package
         message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
         print(f"graphdl-render: error: {message}", file=sys.stderr)
         return 1
     return 0
+
+
+def _batch_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _profiled(path: Path, graph: Graph, batch: int) -> tuple[Graph, Profile]:
+    """The profile of what --profile times (a model's training step, else `graph`) on
+    random normal inputs of `batch` rows, and the graph it timed."""
+    gen = torch.Generator().manual_seed(0)
+    if path.suffix.lower() != ".onnx" and file_format(path) == MODEL_FORMAT:
+        model = load(path)
+        dtype = next(iter(model.state().values())).dtype if model.state() else torch.float32
+        X, Y = (torch.randn(batch, n, generator=gen).to(dtype) for n in (model.in_features, model.out_features))
+        report = profile(model, X, Y, batch_size=batch)
+    else:
+        feeds = {name: torch.randn([batch if isinstance(d, str) else d for d in v.shape], generator=gen).to(v.dtype)
+                 for name, v in graph.inputs.items()}
+        report = profile(graph, **feeds)
+    return report.graph, report
 
 
 def _graph_to_draw(path: Path, want_grad: bool) -> Graph:

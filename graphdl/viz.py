@@ -12,6 +12,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import graphviz
 
@@ -39,7 +40,7 @@ class DotNotFoundError(GraphError):
 
 
 def to_dot(graph: Graph, hide_params: bool = False, collapse_layers: bool = False,
-           rankdir: str = "TB") -> graphviz.Digraph:
+           rankdir: str = "TB", profile: Any = None) -> graphviz.Digraph:
     """Draw a graph with Graphviz.
 
     Args:
@@ -50,13 +51,16 @@ def to_dot(graph: Graph, hide_params: bool = False, collapse_layers: bool = Fals
             single box labelled with the types flowing in and out; on a gradient graph a
             layer's forward and backward nodes become two boxes.
         rankdir: Graphviz layout direction, "TB" (top to bottom) or "LR".
+        profile: a `gd.profile` report of this graph (`report.graph`): each node (or
+            collapsed layer) is coloured by its time, pale yellow to red for the
+            slowest, and labelled with its time and share of the step.
 
     Returns:
         A `graphviz.Digraph`: `.source` is the DOT text, `.pipe(format="svg")` draws it.
         Node ids are `in{i}`, `p{i}`, `n{k}` (the IR node %k), `layer{j}` and `out{i}`.
     """
-    _check_to_dot_args(graph, rankdir)
-    drawing = _Drawing.start(graph, rankdir)
+    _check_to_dot_args(graph, rankdir, profile)
+    drawing = _Drawing.start(graph, rankdir, profile)
     drawing.draw_inputs()
     drawing.draw_params(hide_params, collapse_layers)
     layers = drawing.draw_nodes(collapse_layers)
@@ -67,11 +71,14 @@ def to_dot(graph: Graph, hide_params: bool = False, collapse_layers: bool = Fals
     return drawing.dot
 
 
-def _check_to_dot_args(graph: object, rankdir: object) -> None:
+def _check_to_dot_args(graph: object, rankdir: object, profile: Any) -> None:
     if not isinstance(graph, Graph):
         raise GraphError(f"to_dot takes a gd.Graph, got {type(graph).__name__}; for a model use model.graph()")
     if rankdir not in ("TB", "LR", "BT", "RL"):
         raise GraphError(f"to_dot: rankdir={rankdir!r} must be one of TB, LR, BT, RL")
+    if profile is not None and getattr(profile, "graph", None) is not graph:
+        raise GraphError(f"to_dot: the profile is not of graph {graph.name} as given: it timed the compiled, "
+                         "optimised copy it holds; draw that one, gd.to_dot(report.graph, profile=report)")
 
 
 @dataclass
@@ -84,18 +91,20 @@ class _Drawing:
     clusters: dict[str, graphviz.Digraph]  # scope -> its cluster
     names: dict[int, str]  # id(value) -> its name in the text IR (x, fc0.weight, %3)
     box: dict[int, str | None] = field(default_factory=dict)  # id(value) -> the DOT node of its producer, or None
+    profile: Any = None  # a gd.profile report of the graph, which colours the nodes by time
 
     @classmethod
-    def start(cls, graph: Graph, rankdir: str) -> _Drawing:
+    def start(cls, graph: Graph, rankdir: str, profile: Any = None) -> _Drawing:
         names = {id(v): v.name for v in (*graph.inputs.values(), *graph.params.values())}
         names.update({id(n.out): f"%{k}" for k, n in enumerate(graph.nodes)})
-        dot = graphviz.Digraph(graph.name, graph_attr={"rankdir": rankdir, "label": _text(f"graph {graph.name}"),
+        title = f"graph {graph.name}" + (f": {_time(profile.seconds)} a step, coloured by time" if profile else "")
+        dot = graphviz.Digraph(graph.name, graph_attr={"rankdir": rankdir, "label": _text(title),
                                                        "labelloc": "t", **_FONT},
                                node_attr={"fontsize": "11", **_FONT}, edge_attr={"fontsize": "9", **_FONT})
         scopes = list(dict.fromkeys(n.scope for n in graph.nodes if n.scope))
         clusters = {s: graphviz.Digraph(f"cluster_{i}", graph_attr={"label": _text(s), "style": "rounded,dashed"})
                     for i, s in enumerate(scopes)}
-        return cls(graph, dot, clusters, names)
+        return cls(graph, dot, clusters, names, profile=profile)
 
     def draw_inputs(self) -> None:
         for i, v in enumerate(self.graph.inputs.values()):
@@ -130,10 +139,11 @@ class _Drawing:
             attrs = dict(STYLES[style])
             if node.op is const and node.backward:
                 attrs["fillcolor"] = STYLES["backward"]["fillcolor"]
+            timed = self._heat([node], attrs)
             self.clusters.get(node.scope, self.dot).node(
                 f"n{k}",
                 _label(f"%{k} {node.op.name}{format_attrs(node)}", format_type(node.out.dtype, node.out.shape),
-                       *(f"{v.name}: {format_type(v.dtype, v.shape)}" for v in hidden)),
+                       *(f"{v.name}: {format_type(v.dtype, v.shape)}" for v in hidden), *timed),
                 tooltip=_text(f"{format_node(node, self.names)}\ncreated at {node.where}"),
                 **attrs,
             )
@@ -142,9 +152,29 @@ class _Drawing:
     def draw_layers(self, layers: dict[tuple[str, bool], list[Node]]) -> None:
         returned = {id(v) for v in self.graph.outputs}
         for j, ((scope, backward), members) in enumerate(layers.items()):
-            self.dot.node(f"layer{j}", _layer_label(returned, scope, backward, members, self.box),
+            attrs = dict(STYLES["backward" if backward else "forward"])
+            timed = self._heat(members, attrs)
+            label = _layer_label(returned, scope, backward, members, self.box)
+            self.dot.node(f"layer{j}", r"\n".join([label, *map(_text, timed)]),
                           tooltip=_text("\n".join(format_node(n, self.names) for n in members)),
-                          **STYLES["backward" if backward else "forward"], penwidth="2")
+                          **attrs, penwidth="2")
+
+    def _heat(self, nodes: list[Node], attrs: dict[str, str]) -> list[str]:
+        """With a profile: colour `attrs` by the nodes' time against the slowest node's, and
+        return the label line saying it ([] without a profile or for untimed nodes)."""
+        if self.profile is None:
+            return []
+        rows = [r for r in map(self.profile.row, nodes) if r is not None]
+        if not rows:
+            return []
+        seconds = sum(r.seconds for r in rows)
+        hottest = max((r.seconds for r in self.profile.rows if r.node is not None), default=0.0)
+        fraction = min(seconds / hottest, 1.0) if hottest > 0 else 0.0
+        attrs["fillcolor"] = heat(fraction)
+        if fraction > 0.7:  # black text is hard to read on the dark reds
+            attrs["fontcolor"] = "white"
+        attrs["style"] = "rounded,filled" if "rounded" in attrs.get("style", "") else "filled"
+        return [f"{_time(seconds)} ({seconds / (self.profile.seconds or 1.0):.0%})"]
 
     def close_clusters(self) -> None:
         for c in self.clusters.values():
@@ -167,6 +197,22 @@ class _Drawing:
                                             format_type(v.dtype, v.shape)), **STYLES["output"])
             if self.box[id(v)] is not None:
                 self.dot.edge(self.box[id(v)], f"out{i}", label=_text(self.names[id(v)]))
+
+
+# ColorBrewer's YlOrRd: pale yellow for the fastest nodes, dark red for the slowest.
+HEAT = ("#ffffb2", "#fed976", "#feb24c", "#fd8d3c", "#f03b20", "#bd0026")
+
+
+def heat(fraction: float) -> str:
+    """The colour of a node whose time is `fraction` (0 to 1) of the slowest node's."""
+    at = max(0.0, min(1.0, fraction)) * (len(HEAT) - 1)
+    i = min(int(at), len(HEAT) - 2)
+    low, high = (tuple(int(c[j:j + 2], 16) for j in (1, 3, 5)) for c in HEAT[i:i + 2])
+    return "#" + "".join(f"{round(a + (b - a) * (at - i)):02x}" for a, b in zip(low, high))
+
+
+def _time(seconds: float) -> str:
+    return f"{seconds * 1e3:.2f} ms" if seconds >= 1e-3 else f"{seconds * 1e6:.1f} µs"
 
 
 def _text(text: str) -> str:
@@ -197,14 +243,14 @@ def _layer_label(returned: set[int], scope: str, backward: bool, members: list[N
 
 
 def render(graph: Graph, path: str | os.PathLike[str], hide_params: bool = False, collapse_layers: bool = False,
-           rankdir: str = "TB") -> Path:
+           rankdir: str = "TB", profile: Any = None) -> Path:
     """Draw a graph to a file whose extension picks the format: .svg, .png, .pdf or .dot.
 
     Args:
         graph: the graph to draw.
         path: where to write; `.dot` writes the DOT text and needs no Graphviz install,
             the other formats run the Graphviz `dot` program.
-        hide_params, collapse_layers, rankdir: as for `to_dot`.
+        hide_params, collapse_layers, rankdir, profile: as for `to_dot`.
 
     Returns:
         The path written.
@@ -218,7 +264,7 @@ def render(graph: Graph, path: str | os.PathLike[str], hide_params: bool = False
     if fmt not in FORMATS:
         raise GraphError(f"cannot tell the image format of {str(path)!r}: end the name in "
                          f"{', '.join('.' + f for f in FORMATS)}")
-    dot = to_dot(graph, hide_params=hide_params, collapse_layers=collapse_layers, rankdir=rankdir)
+    dot = to_dot(graph, hide_params=hide_params, collapse_layers=collapse_layers, rankdir=rankdir, profile=profile)
     if fmt == "dot":
         data = dot.source.encode()
     else:

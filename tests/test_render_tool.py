@@ -151,3 +151,23 @@ def test_grad_of_a_model_file_differentiates_its_trainable_params_under_its_loss
     source = (tmp_path / "g.dot").read_text()
     assert "d/d1.weight" in source and "d/d1.bias" in source and "cross_entropy" in source
     assert "d/d0.mean" not in source and "d/d0.std" not in source  # Standardize's statistics are not trained
+
+
+def test_profile_times_a_model_files_training_step_and_colours_the_drawing(tmp_path, model_file, capsys):
+    from graphdl.viz import HEAT
+    out = tmp_path / "profile.dot"
+    assert render_main([str(model_file), "-o", str(out), "--profile", "--batch-size", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("profile of the training step of sequential (MSE, SGD(") and "at batch 8" in printed
+    assert re.search(r"^  0:Linear +\d", printed, re.M) and "optimizer" in printed
+    source = out.read_text()
+    assert "a step, coloured by time" in source and HEAT[-1] in source
+    assert "mse_backward" in source  # the training step's graph: forward, backward
+    ir = tmp_path / "forward.txt"
+    gd.save_graph(gd.load(model_file).graph(), ir)
+    assert render_main([str(ir), "-o", str(out), "--profile"]) == 0
+    assert "called on x: [32,2]" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit:
+        render_main([str(model_file), "-o", str(out), "--profile", "--batch-size", "0"])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.endswith("graphdl-render: error: argument --batch-size: must be >= 1, got 0\n")

@@ -24,6 +24,7 @@ from .interop import to_torch
 from .onnx_io import export_onnx, import_onnx
 from .model import Sequential, from_torch, load
 from .profile import Profile, profile
+from .numerics import check_numerics
 from . import distributed
 
 __all__ = [
@@ -31,7 +32,8 @@ __all__ = [
     "Constant", "CosineDecay", "ExponentialDecay", "History",
     "Layer", "Linear", "Loss", "ReLU", "Schedule", "Sequential", "Sigmoid", "StepDecay", "Tanh", "TrainStep",
     "DTYPES", "OPS", "Compiled", "DotNotFoundError", "Graph", "GraphError", "Node", "Value",
-    "abs", "add", "bce_with_logits", "broadcast_like", "cross_entropy", "log_softmax", "softmax", "compile",
+    "abs", "add", "bce_with_logits", "broadcast_like", "check_numerics", "cross_entropy", "log_softmax", "softmax",
+    "compile",
     "distributed", "div", "exp", "grad", "greater", "log", "mae", "matmul", "export_onnx", "from_torch", "import_onnx",
     "to_torch",
     "load", "load_graph", "mbe", "mean", "mse", "mul", "neg", "parse", "Profile", "profile", "relu", "render",

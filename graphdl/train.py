@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -350,11 +350,20 @@ class DivergedError(FloatingPointError):
 
     The model keeps its last finite params. `history` holds the completed epochs (it is
     also `model.history`); `epoch` and `batch` count from 1, as the progress lines do.
+    `node` (`"%12"`), `op`, `layer` and `where` name the first non-finite value, found
+    by replaying the batch node by node (`source`, a `graphdl.numerics.NonFinite`, has
+    its inputs' ranges too); None where it is not known (data-parallel runs, or a
+    replay that stayed finite).
     """
 
-    def __init__(self, message: str, history: History, epoch: int, batch: int | None) -> None:
+    def __init__(self, message: str, history: History, epoch: int, batch: int | None,
+                 source: Any = None) -> None:
         super().__init__(message)
-        self.history, self.epoch, self.batch = history, epoch, batch
+        self.history, self.epoch, self.batch, self.source = history, epoch, batch, source
+        self.node = None if source is None or source.node < 0 else f"%{source.node}"
+        self.op = None if source is None else source.op
+        self.layer = None if source is None else source.layer or None
+        self.where = None if source is None else source.where or None
 
 
 # Divergence is found without a host sync per batch. Reading each batch's loss
@@ -364,7 +373,8 @@ class DivergedError(FloatingPointError):
 # already pays for its loss, and only after a divergence replays that epoch from the
 # copy one batch at a time, reading every loss, to name the batch and stop at the last
 # finite params. The replay runs the same kernels on the same batches in the same order,
-# so it meets the same non-finite value.
+# so it meets the same non-finite value. That batch is then run once more through the
+# step's graph with a check after every node (graphdl.numerics), to name the node.
 
 
 class _Snapshot:
@@ -394,31 +404,58 @@ def _largest(tensors: list[torch.Tensor], device: torch.device | str = "cpu") ->
     return torch.stack(torch._foreach_norm(tensors, math.inf)).max()
 
 
+class _Found(NamedTuple):
+    """The batch a replay found: its index, its loss, whether it was its update that made
+    params non-finite (then `bad` lists them by index), and its feed."""
+
+    batch: int
+    loss: float
+    update: bool
+    feed: tuple[torch.Tensor, ...]
+    bad: tuple[int, ...] = ()
+
+
 def _replay(step: TrainStep, start: _Snapshot, feeds: Iterator[tuple[torch.Tensor, ...]],
-            batch_loss: Callable[[torch.Tensor], float], lr: float) -> tuple[int, float, bool] | None:
+            batch_loss: Callable[[torch.Tensor], float], lr: float) -> _Found | None:
     """Replay an epoch that diverged from its starting state, one checked batch at a time.
 
-    Returns (batch index, its loss, whether it was its update that made params non-finite)
-    with the model at the last finite params, or None if the replay stayed finite (the
-    model is then back at the epoch's start).
+    Returns the batch found, with the model at the last finite params (those the batch
+    started from), or None if the replay stayed finite (the model is then back at the
+    epoch's start).
     """
     start.restore()
     before = _Snapshot(start.tensors)
     for b, feed in enumerate(feeds):
         loss = batch_loss(step.forward_backward(*feed))
         if not math.isfinite(loss):
-            return b, loss, False  # the params that gave it are finite: the previous update was checked
+            return _Found(b, loss, False, feed)  # the params that gave it are finite: the last update was checked
         before.save()
         step.apply(lr)
         if not math.isfinite(float(_largest(step.params))):
+            bad = tuple(i for i, p in enumerate(step.params) if not bool(p.isfinite().all()))
             before.restore()
-            return b, loss, True
+            return _Found(b, loss, True, feed, bad)
     start.restore()
     return None
 
 
-def _diverged(found: tuple[int, float, bool] | None, epoch: int, epochs: int, batches: int, lr: float,
-              history: History) -> DivergedError:
+def _source(step: TrainStep, found: _Found | None, lr: float) -> Any:
+    """The first non-finite value of the batch `found`, replayed node by node from the
+    params it started from (graphdl.numerics); for an update that overflowed from finite
+    gradients, the gradient of the first param it made non-finite. None if not found."""
+    if found is None:
+        return None
+    from . import numerics  # only after a divergence
+    graph = step.compiled.graph
+    source, outputs = numerics.first_nonfinite(graph, found.feed)
+    if source is None and found.bad and outputs:
+        names = list(step.model.parameters())
+        source = numerics.overflowed_update(graph, outputs, names[found.bad[0]], lr)
+    return source
+
+
+def _diverged(found: _Found | None, epoch: int, epochs: int, batches: int, lr: float,
+              history: History, source: Any = None) -> DivergedError:
     where = f"epoch {epoch + 1}/{epochs}"
     if found is None:
         what = (f"training diverged in {where} (lr={lr:g}), but replaying it one batch at a time stayed finite, "
@@ -432,10 +469,12 @@ def _diverged(found: tuple[int, float, bool] | None, epoch: int, epochs: int, ba
                 f"(lr={lr:g}); the model keeps its last finite params, from before that batch")
     done = (f"The history of the {epoch} completed epoch{'s' if epoch != 1 else ''} is"
             if epoch else "No epoch completed; the empty history is")
-    message = (f"{what}.\n  {done} on this error's .history and on model.history."
+    origin = f"\n  {source.describe()}." if source is not None else ""
+    specific = f"\n  hint: {source.hint}" if source is not None and source.hint else ""
+    message = (f"{what}.{origin}\n  {done} on this error's .history and on model.history.{specific}"
                f"\n  hint: lower the learning rate (e.g. lr={lr / 10:g}) or scale the inputs and targets "
                "to about [-1, 1]")
-    return DivergedError(message, history, epoch + 1, None if found is None else found[0] + 1)
+    return DivergedError(message, history, epoch + 1, None if found is None else found[0] + 1, source)
 
 
 def _model_loss(model: Sequential, loss: Any) -> Loss:
@@ -518,7 +557,10 @@ class _Run:
         if not (math.isfinite(epoch_loss) and math.isfinite(largest)):
             found = _replay(self.step, self.start, self.batches.feeds(self.X, self.Y, order), self.batches.batch_loss,
                             lr)
-            raise _diverged(found, epoch, s.epochs, len(self.batches), lr, self.history)
+            # Data-parallel, a rank's first non-finite node may differ from another's, and the
+            # search would run collectives a rank that stopped early never joins: not searched.
+            source = None if s.distributed else _source(self.step, found, lr)
+            raise _diverged(found, epoch, s.epochs, len(self.batches), lr, self.history, source)
         self.history["loss"].append(epoch_loss)
         for key, value in zip(list(scores)[1:], values, strict=True):
             self.history[key].append(value)

@@ -58,16 +58,21 @@ def run(args: argparse.Namespace, seed: int, verbose: bool) -> dict:
     init = gen.get_state()
     model = make_model(X, gen)
 
-    def train(model: gd.Sequential, shuffle: bool, verbose: bool) -> gd.History:
+    distributed = gd.distributed.world_size() > 1
+    # The figure shows each layer's gradient health (computed in the step, read once an
+    # epoch; it changes nothing in training); a run without figures does without.
+    monitor = None if args.no_plots or distributed else ["grad_norm", "update_ratio"]
+
+    def train(model: gd.Sequential, shuffle: bool, verbose: bool, monitor: list[str] | None = None) -> gd.History:
         return model.fit(X, Y, loss=gd.MSE(), optimizer=gd.SGD(lr=args.lr, momentum=args.momentum),
                          schedule=gd.CosineDecay(args.epochs), epochs=args.epochs, batch_size=args.batch_size,
                          shuffle=shuffle, validation_data=(Xt, Yt), seed=seed, verbose=verbose, threads=args.threads,
-                         distributed=gd.distributed.world_size() > 1)
+                         distributed=distributed, monitor=monitor)
 
     started = time.perf_counter()
-    gd.TrainStep(model, gd.MSE(), gd.SGD())  # compile the training step now (fit reuses it), to time it apart
+    gd.TrainStep(model, gd.MSE(), gd.SGD(), monitor=monitor or ())  # compile the step now (fit reuses it)
     compiled = time.perf_counter()
-    history = train(model, shuffle=True, verbose=verbose)
+    history = train(model, shuffle=True, verbose=verbose, monitor=monitor)
     seconds = time.perf_counter() - compiled
     result = {
         "model": model, "history": history, "seconds": seconds, "compile_seconds": compiled - started,
@@ -100,7 +105,9 @@ def plot(result: dict, out: str) -> list[tuple[str, str]]:
     fig.savefig(paths[-1][0], dpi=110, bbox_inches="tight")
     plt.close(fig)
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    monitored = [key.split("/", 1)[1] for key in result["history"] if key.startswith("grad_norm/")]
+    fig, grid = plt.subplots(2 if monitored else 1, 2, figsize=(11, 8 if monitored else 4), squeeze=False)
+    axes = grid[0]
     runs = [("shuffled", result["history"], "-")]
     if "history_no_shuffle" in result:
         runs.append(("not shuffled", result["history_no_shuffle"], "--"))
@@ -112,10 +119,21 @@ def plot(result: dict, out: str) -> list[tuple[str, str]]:
         axes[1].plot(epochs, h["val_accuracy"], style, c="tab:orange", label=f"test, {label}")
     axes[0].set(xlabel="epoch", ylabel="MSE loss", yscale="log", title="loss per epoch")
     axes[1].set(xlabel="epoch", ylabel="accuracy", title="accuracy per epoch", ylim=(0.8, 1.0))
-    for ax in axes:
+    if monitored:  # the shuffled run's gradient health, per layer
+        h = result["history"]
+        epochs = range(1, h.epochs + 1)
+        for layer in monitored:
+            grid[1][0].plot(epochs, h[f"grad_norm/{layer}"], label=layer)
+            grid[1][1].plot(epochs, h[f"update_ratio/{layer}"], label=layer)
+        grid[1][0].set(xlabel="epoch", ylabel="‖gradient‖", yscale="log", title="gradient norm per layer")
+        grid[1][1].set(xlabel="epoch", ylabel="lr·‖gradient‖ / ‖weights‖", yscale="log",
+                       title="update / weight ratio per layer")
+    for ax in grid.flat:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    paths.append((os.path.join(out, "disk_curves.png"), "loss and accuracy per epoch"))
+    fig.tight_layout()
+    paths.append((os.path.join(out, "disk_curves.png"), "loss and accuracy per epoch" +
+                  (", gradient health per layer" if monitored else "")))
     fig.savefig(paths[-1][0], dpi=110, bbox_inches="tight")
     plt.close(fig)
     return paths + draw_graphs(result["model"], out)

@@ -246,7 +246,7 @@ class Sequential:
             validation_data: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int | None = None,
             verbose: bool = True, metrics: list[str] | None = None, threads: int | None = None,
             distributed: bool = False, checkpoint: str | os.PathLike[str] | None = None,
-            resume: str | os.PathLike[str] | None = None) -> History:
+            resume: str | os.PathLike[str] | None = None, monitor: list[str] | None = None) -> History:
         """Train the model in place with minibatch SGD.
 
         Args:
@@ -278,6 +278,10 @@ class Sequential:
                 fit's state, to continue from with `resume` (see graphdl.checkpoint).
             resume: a checkpoint to continue from: its weights, momentum, shuffling
                 state, History and epoch count; `epochs` counts the epochs it already did.
+            monitor: gradient health per layer, each epoch, from "grad_norm",
+                "update_ratio" (lr·‖g‖/‖w‖) and "dead_relu": History gets e.g.
+                "grad_norm/2:Linear" (see graphdl.monitor). Computed inside the step
+                and read with the loss, once per epoch; one process only.
 
         Returns:
             The `History`: per-epoch lists "loss", each metric, "val_loss", "val_<metric>"
@@ -289,7 +293,7 @@ class Sequential:
         settings = train.FitSettings.check(
             self, loss=loss, optimizer=optimizer, schedule=schedule, epochs=epochs, batch_size=batch_size,
             shuffle=shuffle, validation_data=validation_data, seed=seed, verbose=verbose, metrics=metrics,
-            threads=threads, distributed=distributed, checkpoint=checkpoint, resume=resume)
+            threads=threads, distributed=distributed, checkpoint=checkpoint, resume=resume, monitor=monitor)
         return train.fit(self, X, Y, settings)
 
     def predict(self, X: torch.Tensor, threads: int | None = None, distributed: bool = False) -> torch.Tensor:

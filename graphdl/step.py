@@ -32,6 +32,7 @@ from .checks import flag, real, whole
 from .compile import ArenaCompiled, Compiled, compile, lower
 from .ir import Graph, Slot
 from .losses import Loss, checked_loss
+from .monitor import add_monitors, checked_monitor
 from .ops import mul
 from .optim import SGD, checked_optimizer
 from .passes.allreduce import DEFAULT_BUCKET_MIB, allreduce
@@ -111,7 +112,7 @@ class _Arena:
         self.bindings = fn.bind_params() + buffers
         self.bytes = sum(b.untyped_storage().nbytes() for b in buffers[:len(fn.layout.buffers)])
         self.update: Callable[[], None] | None = None
-        grads = fn.layout.output_buffers[1:]
+        grads = fn.layout.output_buffers[1:1 + len(params)]  # after them, any monitored values
         if all(j is not None for j in grads):
             self.update = optimizer.plan(params, [buffers[j] for j in grads])
 
@@ -136,6 +137,8 @@ class TrainStep:
             the step says so in one warning and runs uncaptured.
         distributed: the data-parallel step (see the module doc), whose feeds are
             (x, y, scale); it is never captured.
+        monitor: names from graphdl.monitor.MONITORS: the step's graph also computes
+            them, each batch's are kept (`take_monitored`), and it is never captured.
 
     `step(x, y, lr)` runs one batch and returns its loss; `step.epoch(X, Y, batch_size,
     order, lr)` runs every batch of an epoch and returns their losses; `step.steps(feeds,
@@ -145,16 +148,20 @@ class TrainStep:
     """
 
     def __init__(self, model: Model, loss: Loss, optimizer: SGD, capture: bool | None = None,
-                 distributed: bool = False) -> None:
+                 distributed: bool = False, monitor: tuple[str, ...] | list[str] = ()) -> None:
         _check_arguments(model, loss, optimizer, capture, distributed)
         self.model, self.loss, self.optimizer, self.distributed = model, loss, optimizer, distributed
+        self.monitor = checked_monitor(monitor or None)
+        if self.monitor and distributed:
+            raise ValueError("monitor is not available with distributed=True yet")
+        self._monitored: list[torch.Tensor] = []  # each batch's monitored values, since take_monitored
         self._arenas: dict[int, _Arena] = {}
         self._epochs: dict[tuple, _CapturedEpoch] = {}
         self._last: tuple[_Arena, tuple[torch.Tensor, ...]] | None = None
         self._checked: tuple | None = None  # the last data `epoch` checked, so that fit's epochs check once
         self._build()
         optimizer.reset(self.params)
-        self.capture = False if distributed else \
+        self.capture = False if distributed or self.monitor else \
             _GRAPHS.available(self.compiled.device) if capture is None else bool(capture)
 
     def _build(self) -> None:
@@ -162,8 +169,9 @@ class TrainStep:
         and forget every binding to the tensors it had before."""
         model, loss = self.model, self.loss
         names = list(model.parameters())
-        kind = ("step", loss, "data-parallel") if self.distributed else ("step", loss)
+        kind = ("step", loss, "data-parallel") if self.distributed else ("step", loss, *self.monitor)
         gradients = (lambda: step_graph(model.graph(loss), names)) if self.distributed else \
+            (lambda: add_monitors(grad(model.graph(loss), names), names, self.monitor)) if self.monitor else \
             (lambda: grad(model.graph(loss), names))
         self.compiled: Compiled = model.compiled(kind, lambda: compile(gradients()))
         self.arena_fn: ArenaCompiled = model.compiled((*kind, "arena"), lambda: lower(self.compiled.graph, arena=True))
@@ -174,6 +182,8 @@ class TrainStep:
         self._bound = model.binding()
         self._arenas.clear()
         self._epochs.clear()
+        # The labels of the outputs after the gradients: what the monitored values are.
+        self.monitored: tuple[str, ...] = self.compiled.graph.output_labels[1 + len(names):]
 
     # -- one batch -------------------------------------------------------------------------
 
@@ -239,6 +249,8 @@ class TrainStep:
 
     def _steps(self, feeds: Iterable[tuple[torch.Tensor, ...]], lr: float) -> list[torch.Tensor]:
         # The planned update reads the rate from the optimizer (set_lr, in _update).
+        if self.monitored:
+            return self._monitored_steps(feeds, lr)
         losses: list[torch.Tensor] = []
         arena = None
         for feed in feeds:
@@ -252,6 +264,26 @@ class TrainStep:
             self._arenas.clear()
         return losses
 
+    def _monitored_steps(self, feeds: Iterable[tuple[torch.Tensor, ...]], lr: float) -> list[torch.Tensor]:
+        """`_steps`, keeping each batch's monitored values: one stack a batch (they are in
+        arena buffers the next batch overwrites), on the device, with no host sync."""
+        losses: list[torch.Tensor] = []
+        first = 1 + len(self.params)
+        for feed in feeds:
+            arena = self._arena(feed[0].shape[0])
+            out = arena(feed)
+            self._monitored.append(torch.stack(out[first:]))
+            self._update(arena, out, lr)
+            losses.append(out[0])
+        return losses
+
+    def take_monitored(self) -> tuple[tuple[str, ...], torch.Tensor]:
+        """(the monitored outputs' labels, their values: one row per batch run since the
+        last call, on the device), and forget them."""
+        rows, self._monitored = self._monitored, []
+        empty = torch.empty(0, len(self.monitored), device=self.compiled.device)
+        return self.monitored, torch.stack(rows) if rows else empty
+
     # -- bookkeeping -------------------------------------------------------------------------
 
     def _update(self, arena: _Arena, out: tuple[torch.Tensor, ...], lr: float) -> None:
@@ -259,7 +291,7 @@ class TrainStep:
             self.optimizer.set_lr(lr)
             arena.update()
         else:
-            self.optimizer.update(self.params, list(out[1:]), lr, overwrite_grads=True)
+            self.optimizer.update(self.params, list(out[1:1 + len(self.params)]), lr, overwrite_grads=True)
 
     def _arena(self, batch: int) -> _Arena:
         arena = self._arenas.get(batch)
@@ -351,7 +383,7 @@ class _CapturedEpoch:
         for x, y in epoch_batches(self.X, self.Y, batch_size, self.order):  # the order already on the device
             arena = step._arena(len(x))
             out = arena((x, y))
-            update = arena.update or step.optimizer.plan(step.params, list(out[1:]))
+            update = arena.update or step.optimizer.plan(step.params, list(out[1:1 + len(step.params)]))
             update()
             losses.append(out[0])
         return torch.stack(losses)
@@ -372,7 +404,7 @@ class _CapturedEpoch:
                 for size in sizes:
                     arena = step._arena(size)
                     out = arena((self.X[:size], self.Y[:size]))
-                    (arena.update or step.optimizer.plan(step.params, list(out[1:])))()
+                    (arena.update or step.optimizer.plan(step.params, list(out[1:1 + len(step.params)])))()
         finally:  # also when warming up fails: the fallback trains from the same state
             torch._foreach_copy_(state, saved)
 

@@ -26,6 +26,7 @@ from .checks import flag, real, shown, whole
 from .compile import Compiled, compile
 from .ir import tensor_problem
 from .losses import MSE, Loss, checked_loss
+from .monitor import checked_monitor, epoch_values, history_keys
 from .optim import SGD, Schedule, check_apart, check_updatable, checked_optimizer
 from .step import TrainStep
 
@@ -40,6 +41,8 @@ class History(dict):
     "loss" is the mean training loss over the epoch's batches (as the optimizer saw them);
     the metrics are measured on the whole training set at the end of the epoch. A metric
     that was not measured reads as an empty list, as "val_loss" does without validation data.
+    With `fit(..., monitor=[...])`, one list per monitored value and layer too, such as
+    "grad_norm/2:Linear" (see graphdl.monitor).
     """
 
     def __init__(self, metrics: list[str] | tuple[str, ...] = ("accuracy",)) -> None:
@@ -245,11 +248,12 @@ class FitSettings:
     distributed: bool  # data-parallel, over more than one rank
     checkpoint: str | os.PathLike[str] | None
     resume: str | os.PathLike[str] | None
+    monitor: tuple[str, ...] = ()  # graphdl.monitor's names: per-layer gradient health in History
 
     @classmethod
     def check(cls, model: Sequential, *, loss: Any, optimizer: Any, schedule: Any, epochs: Any, batch_size: Any,
               shuffle: Any, validation_data: Any, seed: Any, verbose: Any, metrics: Any, threads: Any,
-              distributed: Any, checkpoint: Any, resume: Any) -> FitSettings:
+              distributed: Any, checkpoint: Any, resume: Any, monitor: Any = None) -> FitSettings:
         """The settings, after checking each (a ValueError naming the one that is wrong),
         before any data is looked at; defaults filled in (the model's loss, SGD())."""
         if seed is not None:  # the range torch.Generator.manual_seed takes
@@ -265,6 +269,10 @@ class FitSettings:
         for name, path in (("checkpoint", checkpoint), ("resume", resume)):
             if path is not None and not isinstance(path, (str, os.PathLike)):
                 raise ValueError(f"{name} must be a file path or None, got {type(path).__name__}")
+        monitor = checked_monitor(monitor)
+        distributed = _check_distributed(distributed, "fit")
+        if monitor and distributed:  # a rank's dead units are of its share: the History would differ by rank
+            raise ValueError("monitor= is not available with distributed=True yet; monitor a one-process run")
         return cls(loss=_model_loss(model, loss),
                    optimizer=checked_optimizer(SGD() if optimizer is None else optimizer),
                    schedule=schedule, epochs=whole("epochs", epochs, 0),
@@ -273,7 +281,7 @@ class FitSettings:
                    verbose=flag("verbose", verbose),
                    metrics=None if metrics is None else tuple(_check_metric_names(metrics)),
                    threads=None if threads is None else whole("threads", threads, 1),
-                   distributed=_check_distributed(distributed, "fit"), checkpoint=checkpoint, resume=resume)
+                   distributed=distributed, checkpoint=checkpoint, resume=resume, monitor=monitor)
 
     def with_data(self, model: Sequential, Y: torch.Tensor) -> FitSettings:
         """The settings for this data: validation targets as the model reads them, and the
@@ -507,12 +515,13 @@ class _Run:
     def __init__(self, model: Sequential, X: torch.Tensor, Y: torch.Tensor, settings: FitSettings) -> None:
         self.model, self.X, self.Y, self.settings = model, X, Y, settings
         s = settings
-        self.step = TrainStep(model, s.loss, s.optimizer, distributed=s.distributed)
+        self.step = TrainStep(model, s.loss, s.optimizer, distributed=s.distributed, monitor=s.monitor)
         self.batches: Batches = Sharded(len(X), s.batch_size, X, Y) if s.distributed else \
             OneProcess(len(X), s.batch_size, X)
         self.predicting, self.scoring = _predict_fn(model), _eval_fn(model, s.loss)
         self._check_feeds()
         self.history = History(s.metrics)
+        self.history.update((key, []) for key in history_keys(self.step.monitored, s.monitor))
         resumed = None if s.resume is None else read_checkpoint(s.resume, model, s.optimizer, list(self.history),
                                                                 s.validation_data is not None)
         self.generator = self._generator(resumed)
@@ -553,6 +562,8 @@ class _Run:
         self.start.save()
         losses = self.batches.run(self.step, self.X, self.Y, order, lr)
         scores = self._scores(losses)
+        if s.monitor:  # read in the same sync as the loss
+            scores.update(epoch_values(*self.step.take_monitored(), lr, s.monitor))
         epoch_loss, largest, *values = torch.cat([v.reshape(-1).double() for v in scores.values()]).tolist()
         if not (math.isfinite(epoch_loss) and math.isfinite(largest)):
             found = _replay(self.step, self.start, self.batches.feeds(self.X, self.Y, order), self.batches.batch_loss,
@@ -598,7 +609,7 @@ def _fit_settings(model: Sequential, X: torch.Tensor, s: FitSettings, resumed: R
 def _report(epoch: int, epochs: int, history: History, seconds: float) -> None:
     parts = [f"Epoch {epoch + 1}/{epochs}", f"{seconds * 1000:.0f}ms"]
     for key in history:
-        if key != "lr" and history[key]:
+        if key != "lr" and "/" not in key and history[key]:  # a monitor's per-layer series are left out
             parts.append(f"{key}: {history[key][-1]:.4f}")
     parts.append(f"lr: {history['lr'][-1]:.4g}")
     print(" - ".join(parts), file=sys.stdout, flush=True)

@@ -69,14 +69,17 @@ _RATES: dict[tuple[str, torch.dtype, int], Rates] = {}
 
 
 def machine_rates(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Rates:
-    """The device's GEMM and copy rates, measured on first use (about 0.1 s on a CPU) and
-    cached for the process, per device, dtype and torch's thread count."""
+    """The device's GEMM and copy rates, measured on first use (the best of 15 runs each,
+    about 0.2 s on a CPU) and cached for the process, per device, dtype and torch's
+    thread count. Measured on a busy machine they come out low, and a node's share of
+    them can then read above 100 %."""
     device = torch.device(device)
     key = (str(device), dtype, torch.get_num_threads())
     if key not in _RATES:
         cuda = device.type == "cuda"
-        n, elements = (4096, 64 << 20) if cuda else (384, 4 << 20)
-        a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+        n, elements = (4096, 64 << 20) if cuda else (512, 4 << 20)
+        gen = torch.Generator().manual_seed(0)  # its own: a profile leaves torch's global RNG as it was
+        a, b = (torch.randn(n, n, generator=gen).to(device, dtype) for _ in range(2))
         out = torch.empty(n, n, device=device, dtype=dtype)
         src, dst = torch.ones(elements, device=device, dtype=dtype), torch.empty(elements, device=device, dtype=dtype)
         gemm = _best(lambda: torch.mm(a, b, out=out), device)
@@ -85,7 +88,7 @@ def machine_rates(device: torch.device | str = "cpu", dtype: torch.dtype = torch
     return _RATES[key]
 
 
-def _best(run: Callable[[], Any], device: torch.device, repeats: int = 5) -> float:
+def _best(run: Callable[[], Any], device: torch.device, repeats: int = 15) -> float:
     """The shortest of `repeats` timed runs, in seconds, after one to warm up."""
     sync = _synchronizer(device)
     run()
@@ -241,14 +244,19 @@ class Profile:
         would take if everything off that chain ran alongside it."""
         return critical_path(self.graph, {r.node: r.seconds for r in self.rows if r.node is not None})
 
-    def table(self, top: int = 8) -> str:
-        """The report as text: the totals, the time by layer and by op, the `top` slowest nodes."""
+    def table(self, top: int = 8, by: Sequence[str] = ("layer", "op")) -> str:
+        """The report as text: the totals, the time by layer, op or phase (`by`), the `top`
+        slowest nodes and the critical path."""
+        if isinstance(by, str) or not set(by) <= {"layer", "op", "phase"}:
+            raise ValueError(f"by must name roll-ups from 'layer', 'op', 'phase', e.g. by=('layer',), got {by!r}")
+        whole("top", top, 0)
         inside, outside = self.timer
         lines = [f"profile of {self.what}",
                  f"step: {_time(self.seconds)} from the timed runs, {_time(self.measured)} measured without timers "
                  f"(medians of {self.steps} steps, alternated; each timer costs {_time(inside + outside)}, taken off)",
                  f"machine: {self.rates}", ""]
-        for title, groups in (("layer", self.by_layer()), ("op", self.by_op())):
+        rollups = {"layer": self.by_layer, "op": self.by_op, "phase": self.by_phase}
+        for title, groups in ((name, rollups[name]()) for name in by):
             lines.append(f"{'by ' + title:<22}{'time':>11}{'share':>8}{'FLOP':>10}{'bytes':>10}")
             lines += [f"  {g.name:<20}{_time(g.seconds):>11}{g.share:>8.1%}{_count(g.flops):>10}"
                       f"{_count(g.bytes):>10}" for g in groups]
@@ -256,7 +264,8 @@ class Profile:
                          f"{sum(g.share for g in groups):>8.1%}")
             lines.append("")
         slowest = sorted((r for r in self.rows if r.node is not None), key=lambda r: -r.seconds)[:top]
-        lines.append(f"{'slowest nodes':<22}{'time':>11}{'share':>8}{'rate':>14}{'of peak':>9}  IR")
+        if slowest:
+            lines.append(f"{'slowest nodes':<22}{'time':>11}{'share':>8}{'rate':>14}{'of peak':>9}  IR")
         for r in slowest:
             rate = _rate(r.flop_rate, "FLOP/s") if r.bound == "gemm" else _rate(r.byte_rate, "B/s")
             peak = f"{r.peak:.1%}" if r.peak is not None else ""
@@ -440,7 +449,7 @@ def _profile_training(target: Any, X: torch.Tensor, Y: torch.Tensor, loss: Any, 
         saved = [t.clone() for t in state]
         try:
             return _time_training(step, feed, lr, steps, f"the training step of {step.compiled.graph.name} "
-                                  f"({type(loss).__name__}, {optimizer!r}) at batch {batch}")
+                                  f"({type(loss).__name__}, {type(optimizer).__name__} lr={lr:g}) at batch {batch}")
         finally:
             if state:
                 torch._foreach_copy_(state, saved)

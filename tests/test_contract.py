@@ -73,3 +73,34 @@ def test_import_graphdl_loads_no_graph_library():
     env = {**__import__("os").environ, "PYTHONPATH": str(pathlib.Path(gd.__file__).parent.parent)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert out.stdout.strip() == "False"
+
+
+def test_diagnostics_name_the_node_and_change_nothing_fit_runs():
+    """contract.md's diagnostics: a divergence names the IR node, op and layer of the first
+    non-finite value; profiling neither trains nor changes the step's code; monitored
+    series land in History; the IR goes to networkx."""
+    import networkx
+
+    class Log(gd.Layer):
+        def forward(self, build, x):
+            return gd.log(x)
+
+    torch.manual_seed(0)
+    X, Y = torch.rand(16, 2) - 0.5, torch.rand(16, 1)
+    model = gd.Sequential(gd.Linear(2, 3), Log(), gd.Linear(3, 1))
+    with pytest.raises(gd.DivergedError) as err:
+        model.fit(X, Y, verbose=False)
+    step = gd.TrainStep(model, gd.MSE(), gd.SGD())
+    (k,) = [k for k, n in enumerate(step.compiled.graph.nodes) if n.op is gd.log]
+    assert (err.value.node, err.value.op, err.value.layer, err.value.epoch, err.value.batch) == (f"%{k}", "log",
+                                                                                                 "1:Log", 1, 1)
+    net = gd.Sequential(gd.Linear(2, 4), gd.ReLU(), gd.Linear(4, 1))
+    source = gd.TrainStep(net, gd.MSE(), gd.SGD()).arena_fn.source
+    before = {name: t.clone() for name, t in net.state().items()}
+    report = gd.profile(net, X, Y, steps=3)
+    assert gd.TrainStep(net, gd.MSE(), gd.SGD()).arena_fn.source == source
+    assert all(torch.equal(before[name], t) for name, t in net.state().items())
+    assert abs(sum(g.seconds for g in report.by_layer()) - report.seconds) < 1e-12
+    history = net.fit(X, Y, epochs=2, verbose=False, monitor=["grad_norm", "dead_relu"])
+    assert len(history["grad_norm/2:Linear"]) == len(history["dead_relu/1:ReLU"]) == 2
+    assert isinstance(net.graph().to_networkx(), networkx.DiGraph)

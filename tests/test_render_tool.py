@@ -158,7 +158,7 @@ def test_profile_times_a_model_files_training_step_and_colours_the_drawing(tmp_p
     out = tmp_path / "profile.dot"
     assert render_main([str(model_file), "-o", str(out), "--profile", "--batch-size", "8"]) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith("profile of the training step of sequential (MSE, SGD(") and "at batch 8" in printed
+    assert printed.startswith("profile of the training step of sequential (MSE, SGD lr=0.01) at batch 8\n")
     assert re.search(r"^  0:Linear +\d", printed, re.M) and "optimizer" in printed
     source = out.read_text()
     assert "a step, coloured by time" in source and HEAT[-1] in source

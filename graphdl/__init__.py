@@ -23,8 +23,6 @@ from .io import load_graph, save_graph
 from .interop import to_torch
 from .onnx_io import export_onnx, import_onnx
 from .model import Sequential, from_torch, load
-from .profile import Profile, profile
-from .numerics import check_numerics
 from . import distributed
 
 __all__ = [
@@ -40,3 +38,17 @@ __all__ = [
     "save_graph", "sigmoid",
     "sign", "sub", "sum", "sum_to", "tanh", "to_dot", "transpose", "zeros_like",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """The diagnostics, loaded on first use (`gd.profile`, `gd.Profile`, `gd.check_numerics`):
+    `import graphdl` stays as fast as without them (their dataclasses alone took ~10 ms)."""
+    if name in ("profile", "Profile"):
+        from . import profiler
+        value = getattr(profiler, name)
+    elif name == "check_numerics":
+        from .numerics import check_numerics as value
+    else:
+        raise AttributeError(f"module 'graphdl' has no attribute {name!r}")
+    globals()[name] = value
+    return value

@@ -7,6 +7,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -17,7 +18,6 @@ from .ir import Graph
 from .losses import MSE
 from .model import load
 from .onnx_io import import_onnx
-from .profile import Profile, profile
 from .viz import FORMATS, render
 
 
@@ -73,9 +73,10 @@ def _batch_size(text: str) -> int:
     return value
 
 
-def _profiled(path: Path, graph: Graph, batch: int) -> tuple[Graph, Profile]:
+def _profiled(path: Path, graph: Graph, batch: int) -> tuple[Graph, Any]:
     """The profile of what --profile times (a model's training step, else `graph`) on
     random normal inputs of `batch` rows, and the graph it timed."""
+    from .profiler import profile  # only for --profile: drawing alone does not load it
     gen = torch.Generator().manual_seed(0)
     if path.suffix.lower() != ".onnx" and file_format(path) == MODEL_FORMAT:
         model = load(path)

@@ -1,6 +1,6 @@
 """Instrumented variants of the compiled code: the same lines, with a probe's around each node.
 
-The profiler (graphdl.profile) times every node's line; the search for the first
+The profiler (graphdl.profiler) times every node's line; the search for the first
 non-finite value after a divergence (graphdl.numerics) checks every node's result. Both
 need the code fit runs, not an imitation of it, so both lower the graph through a
 subclass of the compiler's emitter (`compile._Emitter`, or `_ArenaEmitter` for the

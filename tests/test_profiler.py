@@ -1,4 +1,4 @@
-"""The profiler (graphdl/profile.py, on graphdl/probe.py's instrumented code): every node
+"""The profiler (graphdl/profiler.py, on graphdl/probe.py's instrumented code): every node
 timed in the code that really runs, rows that add up to the step, the work and rates of
 each node, the roll-ups, the critical path against networkx, and the heat picture."""
 
@@ -16,7 +16,7 @@ from strategies import fuzz, programs, random_graph
 
 import graphdl as gd
 from graphdl.probe import MARK, lower_probed, strip
-from graphdl.profile import critical_path, machine_rates, node_work
+from graphdl.profiler import critical_path, machine_rates, node_work
 from graphdl.viz import HEAT
 
 
@@ -216,3 +216,13 @@ def test_the_drawing_is_coloured_by_time_and_names_each_nodes_share():
     assert "a step, coloured by time" in gd.to_dot(report.graph, profile=report).source
     with pytest.raises(gd.GraphError, match=r"draw that one, gd.to_dot\(report.graph, profile=report\)"):
         gd.to_dot(model.graph(gd.MSE()), profile=report)
+
+
+def test_a_train_step_is_profiled_as_it_is_and_torchs_rng_is_left_alone():
+    model, (X, Y) = disk_net(), data()
+    step = gd.TrainStep(model, gd.MAE(), gd.SGD(lr=0.2, momentum=0.5))
+    state = torch.get_rng_state()
+    report = gd.profile(step, X, Y, steps=3, batch_size=10)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert report.what == "the training step of sequential (MAE, SGD lr=0.2) at batch 10"
+    assert any(r.op == "mae" for r in report.rows)

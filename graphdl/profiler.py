@@ -8,11 +8,12 @@ before and after each node's line (`time.perf_counter_ns`; on CUDA after a
 synchronize), and checks that without those lines it is the very source the step runs.
 
 The timed runs alternate with plain ones. Each node's time is its median over the
-timed runs, less the cost of reading the timer (measured once per process); the
-update is timed as its own line; and the step's own median time, uninstrumented, is
-what the rows add up to: what no node accounts for (calling the generated function,
-unpacking its bindings, freeing values, the loop around it) is the "python" line, the
-dispatch overhead graphdl adds around the kernels.
+timed runs, less what a timer read costs inside the interval it measures (measured once
+per process); the update is timed as its own row; and what no node accounts for in a
+timed step (calling the generated function, unpacking its bindings, freeing values),
+less the timers' cost outside their intervals, is the "python" row: the dispatch
+overhead graphdl adds around the kernels. The rows add up to `Profile.seconds`; the
+plain runs' median, `Profile.measured`, is what that should be, within noise.
 
 Each node also gets its FLOPs and bytes (from its op and its shapes at this batch size)
 and the rate they were done at, against the machine's measured GEMM and copy rates

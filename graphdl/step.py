@@ -275,6 +275,8 @@ class TrainStep:
             self._monitored.append(torch.stack(out[first:]))
             self._update(arena, out, lr)
             losses.append(out[0])
+        if sum(a.bytes for a in self._arenas.values()) > KEEP_ARENA_BYTES:
+            self._arenas.clear()
         return losses
 
     def take_monitored(self) -> tuple[tuple[str, ...], torch.Tensor]:

@@ -147,3 +147,12 @@ def test_a_bad_monitor_is_named(monitor):
         net().fit(X, Y, verbose=False, monitor=monitor)
     with pytest.raises(ValueError, match="monitor is not available with distributed=True yet"):
         gd.TrainStep(net(), gd.MSE(), gd.SGD(), distributed=True, monitor=["grad_norm"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_monitoring_on_cuda_matches_the_cpu():
+    X, Y = data()
+    on_cpu = net().fit(X, Y, epochs=2, batch_size=8, seed=0, verbose=False, monitor=ALL)
+    on_gpu = net().to("cuda").fit(X.cuda(), Y.cuda(), epochs=2, batch_size=8, seed=0, verbose=False, monitor=ALL)
+    for key in on_cpu:
+        assert on_gpu[key] == pytest.approx(on_cpu[key], rel=1e-3, abs=1e-6), key

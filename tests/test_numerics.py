@@ -234,3 +234,14 @@ def test_the_intervals_hold_every_value_the_graph_computes(program, seed):
         r = ranges[k]
         slack = 1e-9 * (1 + abs(lo) + abs(hi))
         assert r.lo - slack <= lo and hi <= r.hi + slack, (k, graph.nodes[k], r, lo, hi)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_planted_nan_is_found_on_cuda():
+    model = _identity_first(gd.Sequential(gd.Linear(1, 1), Log(), gd.Linear(1, 1))).to("cuda")
+    X = torch.linspace(0.5, 2.0, 12).reshape(-1, 1)
+    X[7] = -1.0
+    with pytest.raises(gd.DivergedError) as err:
+        model.fit(X.cuda(), torch.zeros(12, 1, device="cuda"), optimizer=gd.SGD(lr=0.0), epochs=2, batch_size=3,
+                  shuffle=False, verbose=False)
+    assert (err.value.epoch, err.value.batch, err.value.op, err.value.layer) == (1, 3, "log", "1:Log")

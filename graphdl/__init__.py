@@ -17,6 +17,9 @@ from .losses import MAE, MBE, MSE, BCEWithLogits, CrossEntropy, Loss
 from .optim import SGD, Constant, CosineDecay, ExponentialDecay, Schedule, StepDecay
 from .layers import Layer, Linear, ReLU, Sigmoid, Softmax, Standardize, Tanh
 from .step import TrainStep
+from .callbacks import (
+    Callback, CSVLogger, EarlyStopping, LambdaCallback, ModelCheckpoint, ReduceLROnPlateau, TensorBoard,
+)
 from .train import DivergedError, History
 from .viz import DotNotFoundError, render, to_dot
 from .io import load_graph, save_graph
@@ -26,6 +29,7 @@ from .model import Sequential, from_torch, load
 from . import distributed
 
 __all__ = [
+    "Callback", "CSVLogger", "EarlyStopping", "LambdaCallback", "ModelCheckpoint", "ReduceLROnPlateau", "TensorBoard",
     "BCEWithLogits", "CrossEntropy", "DivergedError", "MAE", "MBE", "MSE", "SGD", "Softmax", "Standardize",
     "Constant", "CosineDecay", "ExponentialDecay", "History",
     "Layer", "Linear", "Loss", "ReLU", "Schedule", "Sequential", "Sigmoid", "StepDecay", "Tanh", "TrainStep",

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from . import distributed, interop, io, train
+from .callbacks import Callback
 from .checks import GraphError
 from .ir import Graph
 from .layers import DTYPES_BY_NAME, LAYERS, Build, Layer, same_memory
@@ -39,6 +40,7 @@ class Sequential:
         self.layers: list[Layer] = []
         self.loss: Loss | None = None  # set by fit (or load): evaluate's and fit's default
         self.history: History | None = None  # the last fit's History, kept if it stops early
+        self.stop_training = False  # a callback sets it to end fit after the epoch (as in Keras)
         self._cache: dict[Any, Any] = {}  # compiled functions by purpose (see `compiled`)
         self._signature: tuple = ()  # the layers and their tensors' shapes, dtypes, devices the cache is for
         for layer in layers:
@@ -246,7 +248,8 @@ class Sequential:
             validation_data: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int | None = None,
             verbose: bool = True, metrics: list[str] | None = None, threads: int | None = None,
             distributed: bool = False, checkpoint: str | os.PathLike[str] | None = None,
-            resume: str | os.PathLike[str] | None = None) -> History:
+            resume: str | os.PathLike[str] | None = None, callbacks: list[Callback] | None = None,
+            validation_split: float = 0.0) -> History:
         """Train the model in place with minibatch SGD.
 
         Args:
@@ -262,6 +265,8 @@ class Sequential:
             batch_size: examples per step (>= 1); the last batch may be smaller.
             shuffle: reshuffle the examples every epoch.
             validation_data: (X_val, Y_val), evaluated after every epoch.
+            validation_split: instead of validation_data, hold out this last fraction of
+                the rows of X and Y (in [0, 1), as Keras: not shuffled first).
             seed: seeds the shuffling; None draws one from torch's global RNG.
             verbose: print one line per epoch.
             metrics: what to measure after each epoch, from "accuracy", "mse", "mae";
@@ -278,6 +283,9 @@ class Sequential:
                 fit's state, to continue from with `resume` (see graphdl.checkpoint).
             resume: a checkpoint to continue from: its weights, momentum, shuffling
                 state, History and epoch count; `epochs` counts the epochs it already did.
+            callbacks: `gd.Callback`s called at the start and end of training and of each
+                epoch with its logs (EarlyStopping, ModelCheckpoint, ReduceLROnPlateau,
+                CSVLogger, LambdaCallback, TensorBoard); one may stop the run.
 
         Returns:
             The `History`: per-epoch lists "loss", each metric, "val_loss", "val_<metric>"
@@ -289,7 +297,8 @@ class Sequential:
         settings = train.FitSettings.check(
             self, loss=loss, optimizer=optimizer, schedule=schedule, epochs=epochs, batch_size=batch_size,
             shuffle=shuffle, validation_data=validation_data, seed=seed, verbose=verbose, metrics=metrics,
-            threads=threads, distributed=distributed, checkpoint=checkpoint, resume=resume)
+            threads=threads, distributed=distributed, checkpoint=checkpoint, resume=resume, callbacks=callbacks,
+            validation_split=validation_split)
         return train.fit(self, X, Y, settings)
 
     def predict(self, X: torch.Tensor, threads: int | None = None, distributed: bool = False) -> torch.Tensor:

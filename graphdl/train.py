@@ -21,6 +21,7 @@ import torch
 
 from . import distributed as dp
 from .batches import Batches, OneProcess, Sharded
+from .callbacks import Callback, CallbackList, check_callbacks
 from .checkpoint import Resumed, read_checkpoint, write_checkpoint
 from .checks import flag, real, shown, whole
 from .compile import Compiled, compile
@@ -245,11 +246,14 @@ class FitSettings:
     distributed: bool  # data-parallel, over more than one rank
     checkpoint: str | os.PathLike[str] | None
     resume: str | os.PathLike[str] | None
+    callbacks: tuple[Callback, ...] = ()
+    validation_split: float = 0.0  # the last fraction of the rows, held out (`with_data` does it)
 
     @classmethod
     def check(cls, model: Sequential, *, loss: Any, optimizer: Any, schedule: Any, epochs: Any, batch_size: Any,
               shuffle: Any, validation_data: Any, seed: Any, verbose: Any, metrics: Any, threads: Any,
-              distributed: Any, checkpoint: Any, resume: Any) -> FitSettings:
+              distributed: Any, checkpoint: Any, resume: Any, callbacks: Any = None,
+              validation_split: Any = 0.0) -> FitSettings:
         """The settings, after checking each (a ValueError naming the one that is wrong),
         before any data is looked at; defaults filled in (the model's loss, SGD())."""
         if seed is not None:  # the range torch.Generator.manual_seed takes
@@ -262,6 +266,10 @@ class FitSettings:
         if schedule is not None and not callable(schedule):
             raise ValueError(f"schedule must be a graphdl schedule such as gd.StepDecay(every=10, factor=0.9), "
                              f"got {schedule!r}")
+        validation_split = real("validation_split", validation_split, 0.0, 1.0, high_open=True)
+        if validation_split and validation_data is not None:
+            raise ValueError("give validation_data or validation_split, not both: validation_split holds out the last "
+                             f"{validation_split:.0%} of X and Y as the validation data")
         for name, path in (("checkpoint", checkpoint), ("resume", resume)):
             if path is not None and not isinstance(path, (str, os.PathLike)):
                 raise ValueError(f"{name} must be a file path or None, got {type(path).__name__}")
@@ -273,7 +281,8 @@ class FitSettings:
                    verbose=flag("verbose", verbose),
                    metrics=None if metrics is None else tuple(_check_metric_names(metrics)),
                    threads=None if threads is None else whole("threads", threads, 1),
-                   distributed=_check_distributed(distributed, "fit"), checkpoint=checkpoint, resume=resume)
+                   distributed=_check_distributed(distributed, "fit"), checkpoint=checkpoint, resume=resume,
+                   callbacks=check_callbacks(callbacks), validation_split=validation_split)
 
     def with_data(self, model: Sequential, Y: torch.Tensor) -> FitSettings:
         """The settings for this data: validation targets as the model reads them, and the
@@ -283,6 +292,10 @@ class FitSettings:
             validation = (validation[0], _class_targets(model, validation[1], " (validation)"))
             _check_data(model, *validation, what=" (validation)")
         metrics = self.metrics if self.metrics is not None else tuple(_check_metrics(None, Y, self.loss))
+        keys = ["loss", *metrics, *(["val_loss", *(f"val_{m}" for m in metrics)] if validation is not None else []),
+                "lr"]
+        for c in self.callbacks:
+            c.check(keys)
         return replace(self, validation_data=validation, metrics=metrics)
 
 
@@ -448,6 +461,9 @@ def _model_loss(model: Sequential, loss: Any) -> Loss:
 @torch.inference_mode()
 def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, settings: FitSettings) -> History:
     """`Sequential.fit`, which documents the arguments, with its settings checked."""
+    if settings.validation_split:
+        X, Y, held_out = _split_off_validation(X, Y, settings.validation_split)
+        settings = replace(settings, validation_data=held_out)
     Y = _class_targets(model, Y)
     _check_data(model, X, Y)
     settings = settings.with_data(model, Y)
@@ -455,6 +471,19 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, settings: FitSettin
     with _threads_for(model, settings.batch_size, settings.threads):
         model.loss = settings.loss
         return _Run(model, X, Y, settings).epochs()
+
+
+def _split_off_validation(X: Any, Y: Any, fraction: float) -> tuple[Any, Any, tuple[Any, Any]]:
+    """(X_train, Y_train, (X_val, Y_val)): the last `fraction` of the rows held out, as
+    Keras does (unshuffled: shuffle the data first if its order means something)."""
+    if not isinstance(X, torch.Tensor) or not isinstance(Y, torch.Tensor) or not X.dim() or not Y.dim() \
+            or len(X) != len(Y):
+        return X, Y, (X, Y)  # _check_data names what is wrong with them
+    keep = math.floor(len(X) * (1.0 - fraction))
+    if keep == 0 or keep == len(X):
+        raise ValueError(f"validation_split={fraction} of {len(X)} rows leaves {keep} to train on and "
+                         f"{len(X) - keep} to validate; each needs at least one")
+    return X[:keep], Y[:keep], (X[keep:], Y[keep:])
 
 
 class _Run:
@@ -483,6 +512,7 @@ class _Run:
             self.history.update(resumed.history)
             self.first = resumed.epoch
         model.history = self.history  # what fit has recorded so far, kept if it stops early
+        self.callbacks = CallbackList(s.callbacks, model, s.optimizer, self.batches.is_main)
         self.start = _Snapshot(lambda: [*self.step.params, *s.optimizer.buffers])  # the step binds again if they move
 
     def _check_feeds(self) -> None:
@@ -502,9 +532,20 @@ class _Run:
         return torch.Generator().manual_seed(seed)
 
     def epochs(self) -> History:
+        self.model.stop_training = False
+        self.callbacks.train_begin(self.logs())
         for epoch in range(self.first, self.settings.epochs):
+            self.callbacks.epoch_begin(epoch, self.logs())
             self.epoch(epoch)
+            self.callbacks.epoch_end(epoch, self.logs())
+            if self.model.stop_training:
+                break
+        self.callbacks.train_end(self.logs())
         return self.history
+
+    def logs(self) -> dict[str, float]:
+        """The last epoch's numbers, as the callbacks see them ({} before the first)."""
+        return {key: values[-1] for key, values in self.history.items() if values}
 
     def epoch(self, epoch: int) -> None:
         """Run one epoch, read its numbers in one sync, check them, record them."""
@@ -512,7 +553,8 @@ class _Run:
         lr = _scheduled_lr(s.schedule, epoch, s.optimizer.lr)
         order = torch.randperm(len(self.X), generator=self.generator) if s.shuffle else None
         self.start.save()
-        losses = self.batches.run(self.step, self.X, self.Y, order, lr)
+        losses = self._logged(order, lr) if self.callbacks.batch_logs else \
+            self.batches.run(self.step, self.X, self.Y, order, lr)
         scores = self._scores(losses)
         epoch_loss, largest, *values = torch.cat([v.reshape(-1).double() for v in scores.values()]).tolist()
         if not (math.isfinite(epoch_loss) and math.isfinite(largest)):
@@ -527,6 +569,16 @@ class _Run:
             _report(epoch, s.epochs, self.history, time.perf_counter() - started)
         if s.checkpoint is not None:
             write_checkpoint(s.checkpoint, self.model, s.optimizer, epoch + 1, self.generator, self.history)
+
+    def _logged(self, order: torch.Tensor | None, lr: float) -> torch.Tensor:
+        """The epoch's steps one at a time, each batch's loss read and given to the
+        callbacks that asked for batch logs (a host sync per step)."""
+        losses = []
+        for i, feed in enumerate(self.batches.feeds(self.X, self.Y, order)):
+            (loss,) = self.step.steps([feed], lr)
+            losses.append(loss)
+            self.callbacks.batch_end(i, {"loss": self.batches.batch_loss(loss)})
+        return torch.stack(losses)
 
     def _scores(self, losses: torch.Tensor) -> dict[str, torch.Tensor]:
         """What an epoch reads in its one host sync: {"loss": [mean loss, a number that is

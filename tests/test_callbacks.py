@@ -160,7 +160,8 @@ def test_reduce_lr_on_plateau_lowers_the_rate_fit_uses():
     X, Y = _data()
     history = _fit(_model(), X, Y, epochs=7, optimizer=gd.SGD(lr=1e-9),  # a loss that barely moves: a plateau
                    callbacks=[gd.ReduceLROnPlateau(monitor="loss", factor=0.5, patience=1, eps=0.0)])
-    # (eps=0: torch's default 1e-8 would refuse drops this small.) Epoch 0 sets the best, epochs 1 and 2 are bad: the rate halves for epoch 3, and again for epoch 5
+    # eps=0: torch's default 1e-8 would refuse drops this small. Epoch 0 sets the best, epochs 1
+    # and 2 are bad: the rate halves for epoch 3, and again for epoch 5
     assert history["lr"] == pytest.approx([1e-9, 1e-9, 1e-9, 5e-10, 5e-10, 2.5e-10, 2.5e-10])
 
 

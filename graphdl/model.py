@@ -19,7 +19,7 @@ import torch
 
 from . import distributed, interop, io, train
 from .callbacks import Callback
-from .checks import GraphError
+from .checks import GraphError, format_shape
 from .ir import Graph
 from .layers import DTYPES_BY_NAME, LAYERS, Build, Layer, same_memory
 from .losses import Loss
@@ -337,6 +337,44 @@ class Sequential:
     def to_torch(self) -> Any:
         """A torch `nn.Sequential` with copies of this model's weights (see `graphdl.interop.to_torch`)."""
         return interop.to_torch(self)
+
+    def summary(self, print_fn: Callable[[str], Any] | None = print) -> str:
+        """Print (with `print_fn`; None: don't) and return a table of the layers: each one's
+        output shape (from the IR: "N" is the batch), its parameter count and its ties, then
+        the totals of trainable params and non-trainable buffers (Standardize's mean and
+        std), each tied tensor counted once, in its first place."""
+        shapes = self._output_shapes()
+        state, trainable, ties = self.state(), self.parameters(), self.ties()
+        rows = [("layer", "output shape", "params")]
+        for k, layer in enumerate(self.layers):
+            count = sum(t.numel() for name, t in state.items() if name.startswith(f"{k}."))
+            tied = [f"{name} is {owner}" for name, owner in ties.items() if name.startswith(f"{k}.")]
+            rows.append((f"{k}: {type(layer).__name__}", shapes[k], f"{count:,}" + (f" ({', '.join(tied)})"
+                                                                                     if tied else "")))
+        widths = [max(len(r[i]) for r in rows) for i in range(2)]
+        lines = ["Sequential model"] + [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}".rstrip() for a, b, c in rows]
+        total = sum(t.numel() for t in state.values())
+        trained = sum(t.numel() for t in trainable.values())
+        lines += [f"Total params: {total:,}", f"Trainable params: {trained:,}",
+                  f"Non-trainable params: {total - trained:,}"]
+        if ties:
+            lines.append(f"Tied: {len(ties)} place(s) share a tensor with an earlier one, counted once")
+        text = "\n".join(lines)
+        if print_fn is not None:
+            print_fn(text)
+        return text
+
+    def _output_shapes(self) -> list[str]:
+        """Each layer's output shape, read off the IR of the forward pass: the shape of the
+        last node built in the layer's scope (the input's, for a layer that builds none)."""
+        g = self.graph()
+        last = {node.scope: node.out.shape for node in g.nodes}
+        shape = g.inputs["x"].shape
+        shapes = []
+        for k, layer in enumerate(self.layers):
+            shape = last.get(f"{k}:{type(layer).__name__}", shape)
+            shapes.append(format_shape(shape))
+        return shapes
 
     def save(self, path: str) -> None:
         """Write the model (IR text, layer config, weights as safetensors) atomically.

@@ -31,14 +31,14 @@ import json
 import math
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import safetensors.torch
 import torch
 
-from .checks import DTYPES, GraphError, NumberText, format_type, read_int, read_shape, show_number, whole_number
+from .checks import DTYPES, GraphError, NumberText, format_type, read_int, read_shape, show_number
+from .files import as_path, atomic_write, read_bytes, read_json
 from .ir import Graph
 from .losses import LOSSES, Loss
 from .text import parse
@@ -53,11 +53,6 @@ TEXT_SUFFIXES = (".txt", ".gdir")
 _MAX_HEADER = 100_000_000  # safetensors' own limit; a bigger "length" means this is not one
 
 
-def _as_path(path: object) -> Path:
-    """The path as a Path, or a GraphError for something that is no path (None, a number)."""
-    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
-        raise GraphError(f"expected a file path (a str or pathlib.Path), got {path!r}")
-    return Path(path)
 
 
 def save_model(model: Sequential, path: str | os.PathLike[str], state: dict[str, torch.Tensor] | None = None,
@@ -84,14 +79,14 @@ def save_model(model: Sequential, path: str | os.PathLike[str], state: dict[str,
         metadata["loss"] = model.loss.name  # evaluate's default, and how it reads a prediction as a class
     if state_info:
         metadata["state"] = state_info
-    path = _as_path(path)
+    path = as_path(path)
     data = _encode(path, MODEL_FORMAT, metadata,
                    {**weights, **{STATE_PREFIX + name: t for name, t in (state or {}).items()}})
     try:  # a file that save writes is one that load reads: refuse it now, while the model is still here
         _model_from_bytes(path, data, type(model))
     except GraphError as e:
         raise GraphError(f"save: {path} would not load back, so nothing was written: {e}") from None
-    _atomic_write(path, data)
+    atomic_write(path, data)
 
 
 STATE_PREFIX = "state/"  # tensors a checkpoint keeps beside the weights; no param name has a '/'
@@ -109,8 +104,8 @@ def load_model(path: str | os.PathLike[str],
             pickle, a zip, a bare graph, another program's safetensors file), or its
             weights do not match the shapes its IR declares.
     """
-    path = _as_path(path)
-    return _model_from_bytes(path, _read_bytes(path), model_class)
+    path = as_path(path)
+    return _model_from_bytes(path, read_bytes(path), model_class)
 
 
 def _model_from_bytes(path: Path, data: bytes,
@@ -146,13 +141,13 @@ def _model_from(path: Path, layers: str, ties: str, graph: Graph, model_class: t
     the weights `graph` (the file's IR) holds. Its layers must rebuild exactly that IR, or
     the model would run a different network than the one the file describes."""
     try:
-        config = _read_json(layers)
+        config = read_json(layers)
         _check_config(config)
         # On the meta device: a crafted width allocates nothing, and no random initial
         # weights are drawn (which would advance torch's global RNG) only to be overwritten.
         with torch.device("meta"):
             model = model_class.from_config(config)
-            _tie(model, _read_json(ties))
+            _tie(model, read_json(ties))
             params = model.state()
             rebuilt = str(model.graph())
     except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
@@ -231,9 +226,9 @@ def save_graph(graph: Graph, path: str | os.PathLike[str]) -> None:
     """
     if not isinstance(graph, Graph):
         raise GraphError(f"save_graph takes a gd.Graph, got {type(graph).__name__}; save a model with model.save")
-    path = _as_path(path)
+    path = as_path(path)
     if path.suffix.lower() in TEXT_SUFFIXES:
-        _atomic_write(path, (str(graph) + "\n").encode())
+        atomic_write(path, (str(graph) + "\n").encode())
     else:
         _write(path, GRAPH_FORMAT, {"ir": str(graph)}, {n: v.data for n, v in graph.params.items()})
 
@@ -251,8 +246,8 @@ def load_graph(path: str | os.PathLike[str]) -> Graph:
     Raises:
         GraphError: as `load`, naming what is wrong with the file.
     """
-    path = _as_path(path)
-    data = _read_bytes(path)
+    path = as_path(path)
+    data = read_bytes(path)
     if _is_ir_text(data):
         try:
             return parse(data.decode())
@@ -279,7 +274,7 @@ def _is_ir_text(data: bytes) -> bool:
 
 
 def _write(path: Path, kind: str, metadata: dict[str, str], weights: dict[str, torch.Tensor]) -> None:
-    _atomic_write(path, _encode(path, kind, metadata, weights))
+    atomic_write(path, _encode(path, kind, metadata, weights))
 
 
 def _encode(path: Path, kind: str, metadata: dict[str, str], weights: dict[str, torch.Tensor]) -> bytes:
@@ -293,65 +288,12 @@ def _encode(path: Path, kind: str, metadata: dict[str, str], weights: dict[str, 
     return safetensors.torch.save(tensors, metadata={"format": kind, "version": FORMAT_VERSION, **metadata})
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so that a reader sees the old file or the new, never half.
-    A symlink stays a link: the file it points to is what gets replaced."""
-    shown = str(path)
-    if path.is_symlink():
-        target = Path(os.path.realpath(path))
-        shown, path = f"{path} (a link to {target})", target
-    folder = path.parent
-    if not folder.is_dir():
-        raise GraphError(f"cannot save to {shown}: the folder {folder} does not exist; create it first")
-    try:
-        mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except OSError as e:
-        raise GraphError(f"cannot save to {shown}: {e.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)  # mkstemp makes it private; give it the mode a plain open() would
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise GraphError(f"cannot save to {shown}: {e.strerror or e}; the previous file is unchanged") from None
-        raise
-    _fsync_folder(folder)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
-def _fsync_folder(folder: Path) -> None:
-    # The rename is durable only once the folder's entry is on disk; not every OS allows this.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise GraphError(f"{path}: no such file; check the path (save one with model.save or gd.save_graph)") from None
-    except IsADirectoryError:
-        raise GraphError(f"{path}: is a folder, not a model file") from None
-    except OSError as e:
-        raise GraphError(f"{path}: cannot read it: {e.strerror or e}") from None
 
 
 def file_format(path: str | os.PathLike[str]) -> str:
@@ -360,7 +302,7 @@ def file_format(path: str | os.PathLike[str]) -> str:
     Raises:
         GraphError: the file is missing or not a graphdl file, saying what it looks like.
     """
-    path = _as_path(path)
+    path = as_path(path)
     try:
         with path.open("rb") as f:
             head = f.read(4096)
@@ -371,7 +313,7 @@ def file_format(path: str | os.PathLike[str]) -> str:
                 head += f.read(max(0, 8 + length - len(head)))
             size = os.fstat(f.fileno()).st_size
     except OSError:
-        _read_bytes(path)  # raises, naming what is wrong
+        read_bytes(path)  # raises, naming what is wrong
         raise
     return _check_header(path, head, size)[0]["format"]
 
@@ -388,7 +330,7 @@ def _check_header(path: Path, data: bytes, size: int) -> tuple[dict[str, str], d
     header: Any = None
     if length is not None and length <= _MAX_HEADER and 8 + length <= size:
         try:
-            header = _read_json(data[8:8 + length])
+            header = read_json(data[8:8 + length])
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             pass
     if header is None:  # not safetensors: say what it is instead
@@ -423,16 +365,8 @@ def _check_header(path: Path, data: bytes, size: int) -> tuple[dict[str, str], d
     return metadata, header, length
 
 
-def _read_json(text: bytes | str) -> Any:
-    """JSON whose numbers reach their field's reader (read_int, read_shape) as they were
-    written: an integer too long to be in range, a float beyond float64 (1e400), NaN and
-    Infinity stay text (NumberText), so the reader can refuse them by name."""
-    return json.loads(text, parse_int=whole_number, parse_float=_json_float, parse_constant=NumberText)
 
 
-def _json_float(text: str) -> float | NumberText:
-    number = float(text)
-    return number if math.isfinite(number) else NumberText(text)
 
 
 def _decode(path: Path, data: bytes) -> tuple[str, dict[str, str], dict[str, torch.Tensor]]:

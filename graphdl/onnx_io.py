@@ -24,7 +24,7 @@ import torch
 
 from . import ops
 from .checks import DTYPE_NAMES, DTYPES, GraphError, dtype_name, format_shape
-from .io import _as_path, _atomic_write, _read_bytes
+from .files import as_path, atomic_write, read_bytes
 from .ir import Graph, Value, _is_identifier
 from .text import format_node
 
@@ -239,7 +239,7 @@ def export_onnx(model: Any, path: str | os.PathLike[str], opset: int = DEFAULT_O
         graph = model
     else:
         raise GraphError(f"export_onnx takes a gd.Sequential or gd.Graph, got {type(model).__name__}")
-    path = _as_path(path)
+    path = as_path(path)
     graph.verify()
     if not graph.outputs:
         raise GraphError(f"export_onnx: graph {graph.name} has no outputs, so the ONNX model would compute "
@@ -250,7 +250,7 @@ def export_onnx(model: Any, path: str | os.PathLike[str], opset: int = DEFAULT_O
     except onnx.checker.ValidationError as e:  # a wrong row in EXPORT, not a user error
         raise GraphError(f"export_onnx: the ONNX model built from graph {graph.name} is invalid ({e}); "
                          "this is a bug in graphdl's ONNX table") from None
-    _atomic_write(path, proto.SerializeToString())
+    atomic_write(path, proto.SerializeToString())
 
 
 def _to_proto(onnx: Any, graph: Graph, opset: int) -> Any:
@@ -495,7 +495,7 @@ def import_onnx(path: str | os.PathLike[str]) -> Graph:
         ImportError: the onnx package is missing.
     """
     onnx = _onnx()
-    path = _as_path(path)
+    path = as_path(path)
     return Importer(onnx, path, _read_model(onnx, path)).build()
 
 
@@ -504,7 +504,7 @@ def _read_model(onnx: Any, path: Path) -> Any:
         with path.open("rb") as f:  # read at most one byte past the limit, whatever the file claims to be
             data = f.read(MAX_FILE_BYTES + 1)
     except OSError:
-        _read_bytes(path)  # raises, naming what is wrong
+        read_bytes(path)  # raises, naming what is wrong
         raise
     if len(data) > MAX_FILE_BYTES:
         raise GraphError(f"{path}: is over 2 GiB, more than protobuf can read as one ONNX model")

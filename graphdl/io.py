@@ -166,8 +166,8 @@ def _model_from(path: Path, layers: str, ties: str, graph: Graph, model_class: t
     if rebuilt != stored:
         raise GraphError(f"{path}: the file's IR and its layer list disagree ({_first_difference(stored, rebuilt)}), "
                          "so the model would not be the network the IR describes; the file is corrupt or was edited")
-    owners = {name: owner for name, owner in model._owners().items()}
-    for name, layer, short, _, _ in model._places():
+    owners = {name: owner for name, owner in model.owners().items()}
+    for name, layer, short, _, _ in model.places():
         setattr(layer, short, graph.params[owners[name]].data)
     return model
 
@@ -177,7 +177,7 @@ def _tie(model: Sequential, ties: Any) -> None:
     place it shares, after checking that both exist and can hold one tensor."""
     if not isinstance(ties, dict):
         raise ValueError("the ties must be a JSON object of place names")
-    places = {name: (layer, short, t) for name, layer, short, _, t in model._places()}
+    places = {name: (layer, short, t) for name, layer, short, _, t in model.places()}
     order = list(places)
     for name, owner in ties.items():
         if not isinstance(owner, str) or name not in places or owner not in places:

@@ -227,7 +227,7 @@ class Graph:
     """
 
     def __init__(self, name: str = "graph") -> None:
-        if not isinstance(name, str) or not _is_identifier(name):
+        if not isinstance(name, str) or not is_identifier(name):
             raise GraphError(f"graph name {name!r} must be a str of ASCII letters, digits, '_' and '.' "
                              "(e.g. 'tiny' or 'disk.v2'), so that its text IR parses back")
         self.name = name
@@ -252,7 +252,7 @@ class Graph:
     # -- building -------------------------------------------------------------------
 
     def _check_new_name(self, name: str) -> None:
-        if not isinstance(name, str) or not name or not _is_identifier(name):
+        if not isinstance(name, str) or not name or not is_identifier(name):
             raise GraphError(
                 f"graph {self.name}: name {name!r} is not valid; use dotted parts of ASCII letters, "
                 "digits and '_', none of them empty (e.g. 'x', 'fc0.weight' or '0.bias')"
@@ -613,7 +613,7 @@ class _Scope:
         self.graph._scope, self.graph._backward = self.saved
 
 
-def _is_identifier(name: str) -> bool:
+def is_identifier(name: str) -> bool:
     """Names such as x, fc0.weight or 0.bias: dotted parts of letters, digits and '_'."""
     return all(part and part.replace("_", "a").isalnum() and part.isascii() for part in name.split("."))
 

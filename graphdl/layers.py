@@ -62,14 +62,14 @@ class Layer:
 
     def params(self) -> dict[str, torch.Tensor]:
         """The layer's trainable params by short name ("weight", "bias"), live tensors."""
-        return {name: getattr(self, name) for name, p in self._declared() if p.trainable}
+        return {name: getattr(self, name) for name, p in self.declared() if p.trainable}
 
     def buffers(self) -> dict[str, torch.Tensor]:
         """The layer's non-trainable tensors by short name (Standardize's "mean" and "std"):
         graph params that the optimizer never touches and `fit` does not differentiate."""
-        return {name: getattr(self, name) for name, p in self._declared() if not p.trainable}
+        return {name: getattr(self, name) for name, p in self.declared() if not p.trainable}
 
-    def _declared(self) -> list[tuple[str, Param]]:
+    def declared(self) -> list[tuple[str, Param]]:
         """The Param attributes that hold a tensor, in declaration order (a subclass's after
         those it inherits)."""
         slots = self.__dict__.get("_slots", {})

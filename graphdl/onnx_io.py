@@ -25,7 +25,7 @@ import torch
 from . import ops
 from .checks import DTYPE_NAMES, DTYPES, GraphError, dtype_name, format_shape
 from .files import as_path, atomic_write, read_bytes
-from .ir import Graph, Value, _is_identifier
+from .ir import Graph, Value, is_identifier
 from .text import format_node
 
 DEFAULT_OPSET = 17
@@ -715,7 +715,7 @@ def _sanitise(name: str, taken: set[str]) -> str:
     """An ONNX name as a graphdl name (letters, digits, '_' in dotted parts), unique in `taken`."""
     clean = "".join(c if c.isascii() and (c.isalnum() or c in "_.") else "_" for c in name)
     clean = ".".join(part or "_" for part in clean.split(".")) or "_"
-    if not _is_identifier(clean):
+    if not is_identifier(clean):
         clean = "_"
     unique, i = clean, 1
     while unique in taken:

@@ -181,8 +181,8 @@ def _class_targets(model: Sequential, Y: Any, what: str = "") -> Any:
         raise ValueError(f"Y{what} holds class label {bad}, but the model has {classes} output"
                          f"{'s' if classes > 1 else ''}, so labels run from 0 to {top}")
     if classes == 1:
-        return Y.to(model._dtype()).unsqueeze(1)
-    rows = torch.zeros(len(Y), classes, dtype=model._dtype(), device=Y.device)
+        return Y.to(model.dtype()).unsqueeze(1)
+    rows = torch.zeros(len(Y), classes, dtype=model.dtype(), device=Y.device)
     return rows.scatter_(1, Y.long().unsqueeze(1), 1.0)
 
 

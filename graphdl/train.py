@@ -2,7 +2,7 @@
 
 `fit` builds the training step (forward, loss, backward and update: a `TrainStep`,
 see graphdl.step) once, then per epoch shuffles, runs the step on every batch and
-records the metrics. The losses stay on the device until the epoch ends, so there is
+records the metrics (graphdl.metrics). The losses stay on the device until the epoch ends, so there is
 one host sync per epoch, not per batch.
 """
 
@@ -26,6 +26,9 @@ from .checks import flag, real, shown, whole
 from .compile import Compiled, compile
 from .ir import tensor_problem
 from .losses import MSE, Loss, checked_loss
+from .metrics import METRICS, check_metric_names, choose_metrics, measure
+from .metrics import accuracy as accuracy  # re-exported: gd.train.accuracy and .correct predate graphdl.metrics
+from .metrics import correct as correct
 from .optim import SGD, Schedule, check_apart, check_updatable, checked_optimizer
 from .step import TrainStep
 
@@ -61,110 +64,6 @@ def _predict_fn(model: Sequential) -> Compiled:
 
 def _eval_fn(model: Sequential, loss: Loss) -> Compiled:
     return model.compiled(("eval", loss), lambda: compile(model.graph(loss, prediction=True)))
-
-
-# -- metrics: counted in int64 and summed in float64, whatever the model's dtype ----------
-
-
-def correct(pred: torch.Tensor, target: torch.Tensor, decision: str = "threshold") -> tuple[int, int]:
-    """How many predictions are right, and of how many, read as the loss says
-    (`Loss.decision`): "argmax" (the largest output is the class, against one-hot or
-    probability rows), "logit" (each output above 0 means 1, against 0/1 labels), or
-    "threshold" (a single output above 0.5 means 1; several outputs: the argmax).
-
-    Counts, not a mean in the model's dtype: bfloat16 would round 0.991 to 0.98828125.
-    """
-    right = _right(pred, target, decision)
-    return int(right.sum()), right.numel()
-
-
-def _right(pred: torch.Tensor, target: torch.Tensor, decision: str) -> torch.Tensor:
-    """Which predictions are right (a bool tensor), read as `correct` says."""
-    if decision == "argmax" or (decision == "threshold" and pred.shape[-1] > 1):
-        return pred.argmax(-1) == target.argmax(-1)
-    return (pred > (0.0 if decision == "logit" else 0.5)) == (target > 0.5)
-
-
-def accuracy(pred: torch.Tensor, target: torch.Tensor, decision: str = "threshold") -> float:
-    """The fraction `correct` counts."""
-    right, total = correct(pred, target, decision)
-    return right / total
-
-
-def _right_count(pred: torch.Tensor, y: torch.Tensor, decision: str) -> tuple[torch.Tensor, int]:
-    right = _right(pred, y, decision)
-    return right.sum().double(), right.numel()
-
-
-# Each metric is (a sum, how many things it sums): a float64 0-d tensor on the data's
-# device and an int. Sums and counts add up over data-parallel ranks, and the metric is
-# their quotient; so accuracy comes from an exact count of right answers, and fit reads
-# an epoch's loss, finiteness and metrics in one host sync.
-METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor, str], tuple[torch.Tensor, int]]] = {
-    "accuracy": _right_count,
-    "mse": lambda pred, y, decision: ((pred.double() - y.double()).square().sum(), pred.numel()),
-    "mae": lambda pred, y, decision: ((pred.double() - y.double()).abs().sum(), pred.numel()),
-}
-
-
-def _is_class_labels(Y: torch.Tensor, decision: str) -> bool:
-    """Whether targets [N, C] are class labels, so that accuracy means something:
-    0/1 values (one column, or any number with BCEWithLogits), one-hot rows, or, for
-    CrossEntropy, rows of probabilities."""
-    binary = bool(((Y == 0) | (Y == 1)).all())
-    if decision == "argmax":
-        rows = Y.double().sum(-1)
-        return bool((Y >= 0).all()) and bool(((rows - 1).abs() <= 1e-3).all())
-    if decision == "logit" or Y.shape[1] == 1:
-        return binary
-    return binary and bool((Y.sum(-1) == 1).all())
-
-
-def _check_metrics(metrics: Any, Y: torch.Tensor, loss: Loss) -> list[str]:
-    """The metrics to report: as asked, or by default accuracy when Y holds class labels."""
-    if metrics is None:
-        return ["accuracy"] if _is_class_labels(Y, loss.decision) else []
-    return _check_metric_names(metrics)
-
-
-def _check_metric_names(metrics: Any) -> list[str]:
-    if isinstance(metrics, str) or not isinstance(metrics, (list, tuple)) or not all(
-            isinstance(m, str) and m in METRICS for m in metrics) or len(set(metrics)) != len(metrics):
-        raise ValueError(f"metrics must be a list of distinct metric names from {', '.join(map(repr, METRICS))}, "
-                         f"e.g. metrics=['accuracy'], got {metrics!r}")
-    return list(metrics)
-
-
-def _measure(fn: Callable[..., tuple[torch.Tensor, ...]], X: torch.Tensor, Y: torch.Tensor, decision: str,
-             metrics: list[str], distributed: bool, with_loss: bool = True) -> dict[str, torch.Tensor]:
-    """The loss, the metrics and (with accuracy) the error of a model on X, Y, as float64
-    0-d tensors on the data's device, not yet read: reading them is the host sync. `fn`
-    is the compiled scoring graph, (x, y) -> (loss, prediction), or with `with_loss=False`
-    the prediction graph, x -> (prediction,), and the loss reads 0 (fit's metrics on the
-    training data need no loss: the disk net's 1000 rows score in 365 µs without, 372 with).
-    Data-parallel, each rank measures its share of the rows (`dp.shard`) and one
-    collective adds up the shares' sums and counts, so every rank gets one process's numbers."""
-    n = len(X)
-    first, count = dp.shard(n) if distributed else (0, n)
-    sums = torch.zeros(1 + 2 * len(metrics), dtype=torch.float64, device=X.device)  # loss, then (sum, count)s
-    if count:  # an empty share adds nothing, but still joins the collective
-        x, y = X[first:first + count], Y[first:first + count]
-        if with_loss:
-            value, pred = fn(x, y)
-            parts = [value.double() * (count / n)]  # the shares' loss means, weighted by their sizes
-        else:
-            pred, parts = fn(x)[0], [sums[0]]
-        for m in metrics:
-            total, things = METRICS[m](pred, y, decision)
-            parts += [total, total.new_full((), float(things))]  # a fill: on CUDA torch.tensor(n) would sync
-        sums = torch.stack(parts)
-    if distributed:
-        dp.sum_over_ranks(sums, "summing the loss and metrics")
-    scores = {"loss": sums[0], **{m: sums[1 + 2 * k] / sums[2 + 2 * k] for k, m in enumerate(metrics)}}
-    if "accuracy" in metrics:
-        k = metrics.index("accuracy")
-        scores["error"] = (sums[2 + 2 * k] - sums[1 + 2 * k]) / sums[2 + 2 * k]  # exactly, not 1 - accuracy's rounding
-    return scores
 
 
 def _class_targets(model: Sequential, Y: Any, what: str = "") -> Any:
@@ -271,7 +170,7 @@ class FitSettings:
                    batch_size=whole("batch_size", batch_size, 1), shuffle=flag("shuffle", shuffle),
                    validation_data=None if validation_data is None else tuple(validation_data), seed=seed,
                    verbose=flag("verbose", verbose),
-                   metrics=None if metrics is None else tuple(_check_metric_names(metrics)),
+                   metrics=None if metrics is None else tuple(check_metric_names(metrics)),
                    threads=None if threads is None else whole("threads", threads, 1),
                    distributed=_check_distributed(distributed, "fit"), checkpoint=checkpoint, resume=resume)
 
@@ -282,7 +181,7 @@ class FitSettings:
         if validation is not None:
             validation = (validation[0], _class_targets(model, validation[1], " (validation)"))
             _check_data(model, *validation, what=" (validation)")
-        metrics = self.metrics if self.metrics is not None else tuple(_check_metrics(None, Y, self.loss))
+        metrics = self.metrics if self.metrics is not None else tuple(choose_metrics(None, Y, self.loss))
         return replace(self, validation_data=validation, metrics=metrics)
 
 
@@ -536,10 +435,10 @@ class _Run:
         scores = {"loss": self.batches.loss_and_finite(losses, _largest(self.step.params, self.X.device))}
         decision, metrics = s.loss.decision, list(s.metrics)
         if metrics:
-            measured = _measure(self.predicting.fn, self.X, self.Y, decision, metrics, s.distributed, with_loss=False)
+            measured = measure(self.predicting.fn, self.X, self.Y, decision, metrics, s.distributed, with_loss=False)
             scores.update((m, measured[m]) for m in metrics)
         if s.validation_data is not None:
-            measured = _measure(self.scoring.fn, *s.validation_data, decision, metrics, s.distributed)
+            measured = measure(self.scoring.fn, *s.validation_data, decision, metrics, s.distributed)
             scores.update((f"val_{k}", measured[k]) for k in ("loss", *metrics))
         return scores
 
@@ -581,14 +480,14 @@ def evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | N
     distributed = _check_distributed(distributed, "evaluate")
     Y = _class_targets(model, Y)
     _check_data(model, X, Y)
-    metrics = _check_metrics(metrics, Y, loss)
+    metrics = choose_metrics(metrics, Y, loss)
     with _threads_for(model, len(X), threads):
         return _evaluate(model, X, Y, loss, metrics, distributed)
 
 
 def _evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss, metrics: list[str],
               distributed: bool = False) -> dict[str, float]:
-    scores = _measure(_eval_fn(model, loss), X, Y, loss.decision, metrics, distributed)
+    scores = measure(_eval_fn(model, loss), X, Y, loss.decision, metrics, distributed)
     return dict(zip(scores, torch.stack(list(scores.values())).tolist(), strict=True))
 
 

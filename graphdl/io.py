@@ -210,10 +210,14 @@ def _check_config(config: Any) -> None:
         raise ValueError("expected a list of layer settings")
     dtypes = {str(t).removeprefix("torch.") for t in DTYPES.values()}
     for k, spec in enumerate(config):
-        if not all(isinstance(v, (str, int, float, bool)) or v is None for v in spec.values()):
-            raise ValueError(f"layer {k}: settings must be plain numbers and strings, got {spec}")
-        if "dtype" in spec and spec["dtype"] not in dtypes:
-            raise ValueError(f"layer {k}: dtype {spec['dtype']!r} is not one of {sorted(dtypes)}")
+        _check_layer_settings(k, spec, dtypes)
+
+
+def _check_layer_settings(k: int, spec: dict[str, Any], dtypes: set[str]) -> None:
+    if not all(isinstance(v, (str, int, float, bool)) or v is None for v in spec.values()):
+        raise ValueError(f"layer {k}: settings must be plain numbers and strings, got {spec}")
+    if "dtype" in spec and spec["dtype"] not in dtypes:
+        raise ValueError(f"layer {k}: dtype {spec['dtype']!r} is not one of {sorted(dtypes)}")
 
 
 def save_graph(graph: Graph, path: str | os.PathLike[str]) -> None:
@@ -325,27 +329,54 @@ def _check_header(path: Path, data: bytes, size: int) -> tuple[dict[str, str], d
     Returns:
         The metadata, the whole header and the header's length.
     """
-    not_ours = f"{path}: is not a graphdl model file"
     length = struct.unpack("<Q", data[:8])[0] if size >= 8 else None
-    header: Any = None
-    if length is not None and length <= _MAX_HEADER and 8 + length <= size:
-        try:
-            header = read_json(data[8:8 + length])
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            pass
-    if header is None:  # not safetensors: say what it is instead
-        if (data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or data[:4] == b"PK\x03\x04":
-            what = "a Python pickle" if data[:1] == b"\x80" else "a zip archive (e.g. from torch.save)"
-            raise GraphError(f"{not_ours}: it looks like {what}, which graphdl never loads because unpickling "
-                             "can run code; re-save the model with graphdl's model.save")
-        if length is None:
-            raise GraphError(f"{not_ours}: it is only {size} bytes long (empty or truncated)")
-        if length > _MAX_HEADER:
-            raise GraphError(f"{not_ours}: it does not start with a safetensors header")
-        if 8 + length > size:
-            raise GraphError(f"{path}: the file is truncated or not a graphdl model file: its header alone "
-                             f"needs {8 + length} bytes but the file has {size}")
-        raise GraphError(f"{not_ours}: its header is not JSON (not a safetensors file, or corrupt)")
+    header = _header_json(data, size, length)
+    if header is None:
+        raise _not_safetensors(path, data, size, length)
+    metadata = _graphdl_metadata(path, header)
+    _check_metadata_values(path, metadata)
+    return metadata, header, length
+
+
+def _header_json(data: bytes, size: int, length: int | None) -> Any:
+    """The header's JSON, or None if the file holds no header of that `length` or it is not JSON."""
+    if length is None or length > _MAX_HEADER or 8 + length > size:
+        return None
+    try:
+        return read_json(data[8:8 + length])
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+
+
+def _not_safetensors(path: Path, data: bytes, size: int, length: int | None) -> GraphError:
+    """The error for a file that is not a safetensors container, saying what it is instead."""
+    not_ours = f"{path}: is not a graphdl model file"
+    what = _pickle_or_zip(data)
+    if what is not None:
+        return GraphError(f"{not_ours}: it looks like {what}, which graphdl never loads because unpickling "
+                          "can run code; re-save the model with graphdl's model.save")
+    if length is None:
+        return GraphError(f"{not_ours}: it is only {size} bytes long (empty or truncated)")
+    if length > _MAX_HEADER:
+        return GraphError(f"{not_ours}: it does not start with a safetensors header")
+    if 8 + length > size:
+        return GraphError(f"{path}: the file is truncated or not a graphdl model file: its header alone "
+                          f"needs {8 + length} bytes but the file has {size}")
+    return GraphError(f"{not_ours}: its header is not JSON (not a safetensors file, or corrupt)")
+
+
+def _pickle_or_zip(data: bytes) -> str | None:
+    """What torch.save and pickle files look like from their first bytes, or None."""
+    if data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a Python pickle"
+    if data[:4] == b"PK\x03\x04":
+        return "a zip archive (e.g. from torch.save)"
+    return None
+
+
+def _graphdl_metadata(path: Path, header: Any) -> dict[str, str]:
+    """The header's metadata, if it is graphdl's, of the format version this graphdl reads."""
+    not_ours = f"{path}: is not a graphdl model file"
     if not isinstance(header, dict):
         raise GraphError(f"{not_ours}: its header is not a JSON object (corrupt)")
     metadata = header.get("__metadata__")
@@ -355,6 +386,11 @@ def _check_header(path: Path, data: bytes, size: int) -> tuple[dict[str, str], d
     if metadata.get("version") != FORMAT_VERSION:
         raise GraphError(f"{path}: format version {metadata.get('version')!r} is not one this graphdl reads "
                          f"({FORMAT_VERSION!r}); load it with the graphdl that wrote it")
+    return metadata
+
+
+def _check_metadata_values(path: Path, metadata: dict[str, Any]) -> None:
+    """The metadata holds the IR (and a model's layer list), and only strings, as safetensors' does."""
     if not isinstance(metadata.get("ir"), str) or (metadata["format"] == MODEL_FORMAT and
                                                     not isinstance(metadata.get("layers"), str)):
         raise GraphError(f"{path}: the file's metadata lacks its IR or layer list; the file is corrupt")
@@ -362,11 +398,6 @@ def _check_header(path: Path, data: bytes, size: int) -> tuple[dict[str, str], d
     if odd:
         raise GraphError(f"{path}: the file's metadata {odd[0]!r} is {show_number(metadata[odd[0]])}; safetensors "
                          "metadata holds strings only, so the file is corrupt")
-    return metadata, header, length
-
-
-
-
 
 
 def _decode(path: Path, data: bytes) -> tuple[str, dict[str, str], dict[str, torch.Tensor]]:
@@ -403,6 +434,20 @@ def _entry_span(path: Path, name: str, entry: Any, size: int) -> tuple[int, int]
     graphdl uses, a shape and data_offsets of whole numbers, and a span that fits the
     data and matches the shape."""
     field = f"weight {name!r}"
+    dtype = _entry_dtype(path, field, entry)
+    shape, begin, end = _entry_numbers(path, field, entry, dtype)
+    if end > size:
+        raise GraphError(f"{path}: the file is truncated: {field} ends at byte {end} of the data, which has only "
+                         f"{size} bytes; save it again")
+    needed = math.prod(shape) * dtype.itemsize
+    if end - begin != needed:
+        raise GraphError(f"{path}: {field} spans {end - begin} bytes, but its shape {list(shape)} of "
+                         f"{entry['dtype']} needs {needed}; the file is corrupt")
+    return begin, end
+
+
+def _entry_dtype(path: Path, field: str, entry: Any) -> torch.dtype:
+    """The dtype of an entry that holds exactly dtype, shape and data_offsets."""
     if not isinstance(entry, dict) or sorted(entry) != ["data_offsets", "dtype", "shape"]:
         raise GraphError(f"{path}: the header entry of {field} must hold exactly dtype, shape and data_offsets; "
                          "the file is corrupt")
@@ -410,6 +455,11 @@ def _entry_span(path: Path, name: str, entry: Any, size: int) -> tuple[int, int]
     if dtype is None:
         raise GraphError(f"{path}: {field} has dtype {show_number(entry['dtype'])}; graphdl weights are "
                          f"{', '.join(_WEIGHT_DTYPES)}, so the file is corrupt or not graphdl's")
+    return dtype
+
+
+def _entry_numbers(path: Path, field: str, entry: dict[str, Any], dtype: torch.dtype) -> tuple[tuple, int, int]:
+    """An entry's shape and data offsets (begin, end), each read by its checked reader."""
     offsets = entry["data_offsets"]
     if not isinstance(entry["shape"], list) or not isinstance(offsets, list) or len(offsets) != 2:
         raise GraphError(f"{path}: {field}'s shape and data_offsets must be lists (data_offsets of two numbers, "
@@ -420,14 +470,7 @@ def _entry_span(path: Path, name: str, entry: Any, size: int) -> tuple[int, int]
         end = read_int(offsets[1], f"{field} data_offsets[1]", low=begin)
     except GraphError as e:
         raise GraphError(f"{path}: {e}; the file is corrupt") from None
-    if end > size:
-        raise GraphError(f"{path}: the file is truncated: {field} ends at byte {end} of the data, which has only "
-                         f"{size} bytes; save it again")
-    needed = math.prod(shape) * dtype.itemsize
-    if end - begin != needed:
-        raise GraphError(f"{path}: {field} spans {end - begin} bytes, but its shape {list(shape)} of "
-                         f"{entry['dtype']} needs {needed}; the file is corrupt")
-    return begin, end
+    return shape, begin, end
 
 
 def _graph_from(path: Path, metadata: dict[str, str], weights: dict[str, torch.Tensor]) -> Graph:

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import distributed
-from .checks import GraphError, format_type
+from .checks import GraphError, format_type, read_int
+from .files import read_json
 from .io import load_model, save_model
 
 if TYPE_CHECKING:
@@ -120,8 +121,8 @@ def _parse(path: Any, info: str, history_keys: list[str]) -> Resumed:
 
 def _fit_state(path: Any, info: str) -> dict[str, Any]:
     """The JSON of fit's state that the model file holds, if it is a checkpoint's."""
-    try:
-        meta = json.loads(info) if info else None
+    try:  # numbers stay as written for their readers: a 5,000-digit epoch count is refused, not crashed on
+        meta = read_json(info) if info else None
     except (json.JSONDecodeError, RecursionError):
         meta = None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -131,10 +132,10 @@ def _fit_state(path: Any, info: str) -> dict[str, Any]:
 
 
 def _epoch(path: Any, meta: dict[str, Any]) -> int:
-    epoch = meta.get("epoch")
-    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-        raise GraphError(f"{path}: the checkpoint's epoch count {epoch!r} is not a whole number >= 0; it is corrupt")
-    return epoch
+    try:
+        return read_int(meta.get("epoch"), "the checkpoint's epoch count")
+    except GraphError as e:
+        raise GraphError(f"{path}: {e}; it is corrupt") from None
 
 
 def _history(path: Any, meta: dict[str, Any], history_keys: list[str], epoch: int) -> dict[str, list[float]]:

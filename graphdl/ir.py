@@ -465,16 +465,19 @@ class Graph:
         if isinstance(index, bool) or not isinstance(index, int) or not -count <= index < count:
             raise GraphError(f"graph {self.name}: no output {index!r}; it has {len(self._outputs)}")
         if label is not None:
-            if not isinstance(label, str) or (label and not _is_label(label)):
-                raise GraphError(f"graph {self.name}: output label {label!r} must be made of letters, digits and "
-                                 "_ . / : - ' (e.g. 'd/dw')")
-            self._labels[index] = label
+            self._labels[index] = self._checked_label(label)
         old = self._outputs[index]
         self._outputs[index] = value
         self._returned[old] -= 1
         if not self._returned[old]:
             del self._returned[old]
         self._returned[value] = self._returned.get(value, 0) + 1
+
+    def _checked_label(self, label: Any) -> str:
+        if not isinstance(label, str) or (label and not _is_label(label)):
+            raise GraphError(f"graph {self.name}: output label {label!r} must be made of letters, digits and "
+                             "_ . / : - ' (e.g. 'd/dw')")
+        return label
 
     # -- algorithms -------------------------------------------------------------------
 
@@ -496,35 +499,51 @@ class Graph:
         defined: set[Value] = {*self.inputs.values(), *self.params.values()}
         uses: dict[Value, int] = {}
         for k, node in enumerate(self.nodes):
-            for v in node.inputs:
-                if v.graph is not self:
-                    raise GraphError(f"{self._where(k, node)} uses a value of another graph")
-                if v not in defined:
-                    if v.node is not None and v.node not in self._order:
-                        raise GraphError(f"{self._where(k, node)} uses the value of a removed node "
-                                         f"({v.node.op.name}); build it again or stop using it")
-                    # So every edge runs from an earlier node to a later one: no cycle can pass
-                    # this check (a networkx cycle search after it doubled verify's time).
-                    raise GraphError(f"{self._where(k, node)} uses {v.label} before it is defined "
-                                     "(order is not topological)")
-                uses[v] = uses.get(v, 0) + 1
-            if node.out.node is not node or node.out.graph is not self:
-                raise GraphError(f"{self._where(k, node)}: its output does not point back to it")
-            if node.out in defined:
-                raise GraphError(f"{self._where(k, node)}: its output is defined twice (not SSA)")
-            try:
-                shape, dtype, _ = node.op.infer(node.inputs, node.attrs)
-            except ShapeError as e:
-                raise GraphError(f"{self._where(k, node)}: {e.message}") from None
-            if shape != node.out.shape or dtype != node.out.dtype:
-                raise GraphError(
-                    f"{self._where(k, node)}: output is {format_type(node.out.dtype, node.out.shape)} "
-                    f"but the op's rule gives {format_type(dtype, shape)}"
-                )
+            self._verify_reads(k, node, defined, uses)
+            self._verify_node(k, node, defined)
             defined.add(node.out)
+        self._verify_use_lists(uses)
+        self._verify_outputs(defined)
+
+    def _verify_reads(self, k: int, node: Node, defined: set[Value], uses: dict[Value, int]) -> None:
+        """Node k reads values of this graph defined before it; count each read in `uses`."""
+        for v in node.inputs:
+            if v.graph is not self:
+                raise GraphError(f"{self._where(k, node)} uses a value of another graph")
+            if v not in defined:
+                if v.node is not None and v.node not in self._order:
+                    raise GraphError(f"{self._where(k, node)} uses the value of a removed node "
+                                     f"({v.node.op.name}); build it again or stop using it")
+                # So every edge runs from an earlier node to a later one: no cycle can pass
+                # this check (a networkx cycle search after it doubled verify's time).
+                raise GraphError(f"{self._where(k, node)} uses {v.label} before it is defined "
+                                 "(order is not topological)")
+            uses[v] = uses.get(v, 0) + 1
+
+    def _verify_node(self, k: int, node: Node, defined: set[Value]) -> None:
+        """Node k defines its output, once, of the shape and dtype its op's rule gives."""
+        if node.out.node is not node or node.out.graph is not self:
+            raise GraphError(f"{self._where(k, node)}: its output does not point back to it")
+        if node.out in defined:
+            raise GraphError(f"{self._where(k, node)}: its output is defined twice (not SSA)")
+        try:
+            shape, dtype, _ = node.op.infer(node.inputs, node.attrs)
+        except ShapeError as e:
+            raise GraphError(f"{self._where(k, node)}: {e.message}") from None
+        if shape != node.out.shape or dtype != node.out.dtype:
+            raise GraphError(
+                f"{self._where(k, node)}: output is {format_type(node.out.dtype, node.out.shape)} "
+                f"but the op's rule gives {format_type(dtype, shape)}"
+            )
+
+    def _verify_use_lists(self, uses: dict[Value, int]) -> None:
+        """Every value's use-list holds exactly the reads `uses` counted, by nodes of the graph."""
         for v in [*self.inputs.values(), *self.params.values(), *(n.out for n in self.nodes)]:
             if len(v.users) != uses.get(v, 0) or not self._order.keys() >= v.users.readers():
                 raise GraphError(f"graph {self.name}: the use-list of {v.label} is out of sync")
+
+    def _verify_outputs(self, defined: set[Value]) -> None:
+        """The outputs are values of the graph, and its records of them (which values, their labels) agree."""
         returned: dict[Value, int] = {}
         for v in self.outputs:
             if v not in defined:

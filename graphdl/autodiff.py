@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .checks import GraphError
+from .checks import GraphError, read_int, show_number
 from .ir import Graph, Node, Value, pauses_gc
 from .ops import add, zeros_like
 from .passes.dce import dce
@@ -115,10 +115,12 @@ def _output_index(graph: Graph, of: int | Value) -> int:
         if not any(of is o for o in graph.outputs):
             raise GraphError(f"grad: {of!r} is not an output of graph {graph.name}; pass it to graph.output first")
         return next(i for i, o in enumerate(graph.outputs) if o is of)
-    if isinstance(of, int) and not isinstance(of, bool) and -len(graph.outputs) <= of < len(graph.outputs):
-        return of
-    raise GraphError(f"grad: of={of!r} is not an output index of graph {graph.name} "
-                     f"(it has {len(graph.outputs)} outputs)")
+    count = len(graph.outputs)
+    try:
+        return read_int(of, "of", -count, count - 1)
+    except GraphError:
+        raise GraphError(f"grad: of={show_number(of)} is not an output index of graph {graph.name} "
+                         f"(it has {count} outputs)") from None
 
 
 def _check_wrt(graph: Graph, name: object) -> None:

@@ -34,7 +34,9 @@ from .checks import (
     dtype_name,
     format_type,
     read_float,
+    read_int,
     read_shape,
+    show_number,
 )
 
 if TYPE_CHECKING:
@@ -268,13 +270,9 @@ class Graph:
             dims = tuple("N" if d is None else d for d in shape)
         except TypeError:
             raise GraphError(f"input {name}: shape must be a sequence such as (None, 2), got {shape!r}") from None
-        for d in dims:
-            valid_int = isinstance(d, int) and not isinstance(d, bool) and d >= 0
-            if not valid_int and not (isinstance(d, str) and d.isidentifier()):
-                raise GraphError(
-                    f"input {name}: dimension {d!r} in shape {shape!r} must be a non-negative int, "
-                    "None (the batch dimension) or a symbol name such as 'N'"
-                )
+        for i, d in enumerate(dims):
+            if not (isinstance(d, str) and d.isidentifier()):
+                _check_input_dim(name, shape, i, d)
         value = Value(self, name, read_shape(dims, f"input {name}", dtype), dtype)
         self.inputs[name] = value
         return value
@@ -461,9 +459,7 @@ class Graph:
         """Make output `index` return `value` instead, keeping its label (or giving it `label`)."""
         if not isinstance(value, Value) or value.graph is not self:
             raise GraphError(f"graph {self.name}: output {value!r} is not a value of this graph")
-        count = len(self._outputs)
-        if isinstance(index, bool) or not isinstance(index, int) or not -count <= index < count:
-            raise GraphError(f"graph {self.name}: no output {index!r}; it has {len(self._outputs)}")
+        index = self._output_index(index)
         if label is not None:
             self._labels[index] = self._checked_label(label)
         old = self._outputs[index]
@@ -472,6 +468,14 @@ class Graph:
         if not self._returned[old]:
             del self._returned[old]
         self._returned[value] = self._returned.get(value, 0) + 1
+
+    def _output_index(self, index: Any) -> int:
+        """`index` if it is one of the outputs' (from the front, or from the back if negative)."""
+        count = len(self._outputs)
+        try:
+            return read_int(index, "output index", -count, count - 1)
+        except GraphError:
+            raise GraphError(f"graph {self.name}: no output {show_number(index)}; it has {count}") from None
 
     def _checked_label(self, label: Any) -> str:
         if not isinstance(label, str) or (label and not _is_label(label)):
@@ -589,6 +593,16 @@ class Graph:
         """Jupyter shows the drawing (SVG, when Graphviz's `dot` is installed) and the text IR."""
         from .viz import mimebundle
         return mimebundle(self, str(self))
+
+
+def _check_input_dim(name: str, shape: Any, i: int, d: Any) -> None:
+    """Dim i of input `name`, not a symbol, must be a whole number in int64's range (read_int's
+    check: not a bool, a float, a str of digits or a numpy int); the message says what else it may be."""
+    try:
+        read_int(d, f"input {name}: dimension {i}")
+    except GraphError as e:
+        raise GraphError(f"{e}; each dim in shape {shape!r} must be a non-negative int, None (the batch "
+                         "dimension) or a symbol name such as 'N'") from None
 
 
 def tensor_problem(t: torch.Tensor) -> str | None:

@@ -229,12 +229,28 @@ def export_onnx(model: Any, path: str | os.PathLike[str], opset: int = DEFAULT_O
 
 def _to_proto(onnx: Any, graph: Graph, opset: int) -> Any:
     helper = onnx.helper
+    _check_size(graph)
+    names = {id(v): v.name for v in (*graph.inputs.values(), *graph.params.values())}
+    emit = Emitter(onnx, opset)
+    _emit_nodes(emit, graph, names)
+    outputs = _emit_outputs(emit, graph, names)
+    body = helper.make_graph(emit.nodes, graph.name, [_value_info(helper, v.name, v) for v in graph.inputs.values()],
+                             outputs, [_initializer(helper, v.name, v.data) for v in graph.params.values()])
+    opsets = [helper.make_opsetid("", opset)]
+    # The lowest IR version the opset allows, so that older runtimes load the file too.
+    return helper.make_model(body, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets),
+                             producer_name="graphdl")
+
+
+def _check_size(graph: Graph) -> None:
     size = sum(v.data.numel() * v.data.element_size() for v in graph.params.values())
     if size > MAX_FILE_BYTES - 2**20:
         raise GraphError(f"export_onnx: graph {graph.name}'s weights take {size} bytes; one ONNX file holds "
                          "under 2 GiB (ONNX's external-data format is not written by graphdl)")
-    names = {id(v): v.name for v in (*graph.inputs.values(), *graph.params.values())}
-    emit = Emitter(onnx, opset)
+
+
+def _emit_nodes(emit: Emitter, graph: Graph, names: dict[int, str]) -> None:
+    """Each node's ONNX nodes, by its row of EXPORT; `names` gets each node's value's name (%k)."""
     for k, node in enumerate(graph.nodes):
         names[id(node.out)] = f"%{k}"
         row = EXPORT.get(node.op.name)
@@ -244,6 +260,11 @@ def _to_proto(onnx: Any, graph: Graph, opset: int) -> Any:
                              f"  hint: add a row for {node.op.name!r} to graphdl.onnx_io.EXPORT")
         emit.start(names[id(node.out)], format_node(node, names))
         emit.finish(row(emit, [names[id(v)] for v in node.inputs], node))
+
+
+def _emit_outputs(emit: Emitter, graph: Graph, names: dict[int, str]) -> list[Any]:
+    """The graph's outputs as ONNX outputs named "output" (or "output0", ...; a name an input
+    or param has gets a "_"), each an Identity of its value; returns their value infos."""
     taken = set(graph.inputs) | set(graph.params)
     outputs = []
     for i, v in enumerate(graph.outputs):
@@ -253,13 +274,8 @@ def _to_proto(onnx: Any, graph: Graph, opset: int) -> Any:
         taken.add(name)
         emit.start(name, f"output {i}")
         emit.finish(names[id(v)])
-        outputs.append(_value_info(helper, name, v))
-    body = helper.make_graph(emit.nodes, graph.name, [_value_info(helper, v.name, v) for v in graph.inputs.values()],
-                             outputs, [_initializer(helper, v.name, v.data) for v in graph.params.values()])
-    opsets = [helper.make_opsetid("", opset)]
-    # The lowest IR version the opset allows, so that older runtimes load the file too.
-    return helper.make_model(body, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets),
-                             producer_name="graphdl")
+        outputs.append(_value_info(emit.helper, name, v))
+    return outputs
 
 
 def _value_info(helper: Any, name: str, v: Value) -> Any:

@@ -289,46 +289,18 @@ class Importer:
 
     def tensor(self, proto: Any, what: str) -> torch.Tensor:
         """A TensorProto's value, checked against its declared dims and type before any copy."""
-        import numpy as np
-
-        if proto.data_location == 1 or len(proto.external_data):  # TensorProto.EXTERNAL
-            raise GraphError(f"{what} keeps its data in an external file; graphdl reads self-contained models: "
-                             "re-save it with onnx.save_model(model, path, save_as_external_data=False)")
-        if proto.HasField("segment"):
-            raise GraphError(f"{what} is a segment of a tensor, which graphdl does not read")
+        _check_self_contained(proto, what)
         dims = list(proto.dims)
         if any(d < 0 for d in dims):
             raise GraphError(f"{what} has negative dims {dims}; the file is corrupt")
-        layouts = {1: (torch.float32, "<f4", "float_data"), 11: (torch.float64, "<f8", "double_data"),
-                   10: (torch.float16, "<f2", "int32_data"), 16: (torch.bfloat16, "<u2", "int32_data"),
-                   INT64: (torch.int64, "<i8", "int64_data")}
-        if proto.data_type not in layouts:
+        if proto.data_type not in _LAYOUTS:
             raise GraphError(f"{what} is of ONNX type {_type_name(self.onnx, proto.data_type)}; graphdl reads "
                              "float, double, float16, bfloat16 and int64 (axes) tensors")
-        dtype, layout, field = layouts[proto.data_type]
+        dtype, layout, field = _LAYOUTS[proto.data_type]
         numel = math.prod(dims)
-        if proto.raw_data:
-            itemsize = np.dtype(layout).itemsize
-            if len(proto.raw_data) != numel * itemsize:
-                raise GraphError(f"{what} declares dims {dims} ({numel} x {itemsize} bytes) but holds "
-                                 f"{len(proto.raw_data)} bytes; the file is corrupt")
-            array = np.frombuffer(proto.raw_data, dtype=layout)
-        else:
-            values = getattr(proto, field)
-            if len(values) != numel:
-                raise GraphError(f"{what} declares dims {dims} ({numel} values) but holds {len(values)}; "
-                                 "the file is corrupt")
-            if field == "int32_data":  # 16-bit floats are stored as their bits, one per int32
-                bits = np.asarray(values, dtype=np.int64)
-                if bits.size and (bits.min() < 0 or bits.max() > 0xFFFF):
-                    raise GraphError(f"{what} holds 16-bit values outside 0..65535; the file is corrupt")
-                array = bits.astype("<u2").view(layout)
-            else:
-                array = np.asarray(values, dtype=layout)
-        array = array.astype(array.dtype.newbyteorder("="))  # a native-order copy, owned by the tensor
-        if dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits
-            return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16).reshape(dims)
-        return torch.from_numpy(array).reshape(dims)
+        array = _raw_array(proto, what, dims, numel, layout) if proto.raw_data else \
+            _field_array(proto, what, dims, numel, layout, field)
+        return _as_tensor(array, dtype, dims)
 
     def as_value(self, entry: Value | Static) -> Value:
         """A graph value for an input: a constant from the file becomes a param (an
@@ -347,6 +319,12 @@ class Importer:
 
     def _input(self, v: Any) -> Value:
         what = f"input {v.name!r}"
+        dtype = self._input_dtype(v, what)
+        shape = [self._input_dim(what, axis, d) for axis, d in enumerate(v.type.tensor_type.shape.dim)]
+        return self.graph.input(self._name(v.name), shape, dtype)
+
+    def _input_dtype(self, v: Any, what: str) -> torch.dtype:
+        """The dtype of a graph input, which must be a float tensor of known rank."""
         if v.type.WhichOneof("value") != "tensor_type":
             raise self._error(f"{what} is not a tensor; graphdl takes tensor inputs")
         t = v.type.tensor_type
@@ -356,21 +334,21 @@ class Importer:
                               "float, double, float16 and bfloat16 inputs")
         if not t.HasField("shape"):
             raise self._error(f"{what} declares no shape; graphdl needs at least its rank")
-        shape: list[int | str] = []
-        for axis, d in enumerate(t.shape.dim):
-            kind = d.WhichOneof("value")
-            if kind == "dim_value":
-                if d.dim_value < 0:
-                    raise self._error(f"{what} has a negative dim {d.dim_value}; the file is corrupt")
-                shape.append(d.dim_value)
-            elif axis == 0:  # a symbolic or unknown leading dim is the batch
-                shape.append("N")
-            elif kind == "dim_param" and d.dim_param.isidentifier() and d.dim_param != "N":
-                shape.append(d.dim_param)
-            else:
-                raise self._error(f"{what}: dim {axis} is {d.dim_param or 'unknown'!r}; graphdl takes a symbolic "
-                                  "batch dim in front and fixed sizes (or symbol names) after it")
-        return self.graph.input(self._name(v.name), shape, dtype)
+        return dtype
+
+    def _input_dim(self, what: str, axis: int, d: Any) -> int | str:
+        """A graph input's dim: a size, the batch "N" (a symbolic or unknown leading dim), or a symbol."""
+        kind = d.WhichOneof("value")
+        if kind == "dim_value":
+            if d.dim_value < 0:
+                raise self._error(f"{what} has a negative dim {d.dim_value}; the file is corrupt")
+            return d.dim_value
+        if axis == 0:  # a symbolic or unknown leading dim is the batch
+            return "N"
+        if kind == "dim_param" and d.dim_param.isidentifier() and d.dim_param != "N":
+            return d.dim_param
+        raise self._error(f"{what}: dim {axis} is {d.dim_param or 'unknown'!r}; graphdl takes a symbolic "
+                          "batch dim in front and fixed sizes (or symbol names) after it")
 
     def _output(self, v: Any) -> None:
         if v.name not in self.env:
@@ -394,11 +372,22 @@ class Importer:
     def _node(self, k: int, node: Any) -> None:
         label = f"{k} ({node.name!r})" if node.name else str(k)
         where = f"ONNX node {label}, a {node.op_type} (opset {self.opset})"
+        row, known = self._row(node, label)
+        attrs = self._attrs(node, known, where)
+        if len(node.output) != 1 or not node.output[0]:
+            raise self._error(f"{where} has {len(node.output)} outputs; graphdl imports nodes with one")
+        self.env[node.output[0]] = self._build(k, node, row, attrs, where)
+
+    def _row(self, node: Any, label: str) -> tuple[ImportRow, frozenset[str]]:
+        """The node's import row and the attributes it reads, if graphdl imports its op."""
         if node.domain not in ("", "ai.onnx") or node.op_type not in IMPORT:
             op = f"{node.domain}.{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
             raise self._error(f"ONNX node {label} is a {op} (opset {self.opset}), which graphdl cannot import; "
                               f"it imports {', '.join(sorted(IMPORT))}")
-        row, known = IMPORT[node.op_type]
+        return IMPORT[node.op_type]
+
+    def _attrs(self, node: Any, known: frozenset[str], where: str) -> dict[str, Any]:
+        """The node's attributes by name, each one its row reads, each readable."""
         attrs = {}
         for a in node.attribute:
             if a.name not in known:
@@ -407,8 +396,10 @@ class Importer:
                 attrs[a.name] = self.onnx.helper.get_attribute_value(a)
             except Exception as e:  # an attribute whose type field is missing or wrong
                 raise self._error(f"{where}: attribute {a.name!r} cannot be read ({e})") from None
-        if len(node.output) != 1 or not node.output[0]:
-            raise self._error(f"{where} has {len(node.output)} outputs; graphdl imports nodes with one")
+        return attrs
+
+    def _build(self, k: int, node: Any, row: ImportRow, attrs: dict[str, Any], where: str) -> Value | Static:
+        """The node's graphdl IR, by its row, each graphdl node created noting the ONNX node it is from."""
         first = len(self.graph.nodes)
         try:
             with self.graph.scope(f"{k}:{node.op_type}"):
@@ -417,7 +408,7 @@ class Importer:
             raise self._error(f"{where}: {e}") from None
         for n in self.graph.nodes[first:]:
             n.where = f"{self.path.name}: {where}"
-        self.env[node.output[0]] = result
+        return result
 
     def _default_opset(self) -> int:
         versions = [o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")]
@@ -427,6 +418,59 @@ class Importer:
 
     def _error(self, message: str) -> GraphError:
         return GraphError(f"{self.path}: {message}")
+
+
+# How each ONNX tensor type graphdl reads is stored: (dtype, numpy layout of the raw
+# bytes, the typed field that holds the values when there are no raw bytes).
+_LAYOUTS = {1: (torch.float32, "<f4", "float_data"), 11: (torch.float64, "<f8", "double_data"),
+            10: (torch.float16, "<f2", "int32_data"), 16: (torch.bfloat16, "<u2", "int32_data"),
+            INT64: (torch.int64, "<i8", "int64_data")}
+
+
+def _check_self_contained(proto: Any, what: str) -> None:
+    """The tensor's data is in the file, whole."""
+    if proto.data_location == 1 or len(proto.external_data):  # TensorProto.EXTERNAL
+        raise GraphError(f"{what} keeps its data in an external file; graphdl reads self-contained models: "
+                         "re-save it with onnx.save_model(model, path, save_as_external_data=False)")
+    if proto.HasField("segment"):
+        raise GraphError(f"{what} is a segment of a tensor, which graphdl does not read")
+
+
+def _raw_array(proto: Any, what: str, dims: list[int], numel: int, layout: str) -> Any:
+    """The tensor's raw bytes as a numpy array, after checking they are as many as its dims say."""
+    import numpy as np
+
+    itemsize = np.dtype(layout).itemsize
+    if len(proto.raw_data) != numel * itemsize:
+        raise GraphError(f"{what} declares dims {dims} ({numel} x {itemsize} bytes) but holds "
+                         f"{len(proto.raw_data)} bytes; the file is corrupt")
+    return np.frombuffer(proto.raw_data, dtype=layout)
+
+
+def _field_array(proto: Any, what: str, dims: list[int], numel: int, layout: str, field: str) -> Any:
+    """The tensor's typed values as a numpy array, after checking they are as many as its dims say."""
+    import numpy as np
+
+    values = getattr(proto, field)
+    if len(values) != numel:
+        raise GraphError(f"{what} declares dims {dims} ({numel} values) but holds {len(values)}; "
+                         "the file is corrupt")
+    if field != "int32_data":
+        return np.asarray(values, dtype=layout)
+    bits = np.asarray(values, dtype=np.int64)  # 16-bit floats are stored as their bits, one per int32
+    if bits.size and (bits.min() < 0 or bits.max() > 0xFFFF):
+        raise GraphError(f"{what} holds 16-bit values outside 0..65535; the file is corrupt")
+    return bits.astype("<u2").view(layout)
+
+
+def _as_tensor(array: Any, dtype: torch.dtype, dims: list[int]) -> torch.Tensor:
+    """A tensor of `dims` owning a native-order copy of `array`."""
+    import numpy as np
+
+    array = array.astype(array.dtype.newbyteorder("="))  # a native-order copy, owned by the tensor
+    if dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16).reshape(dims)
+    return torch.from_numpy(array).reshape(dims)
 
 
 def _sanitise(name: str, taken: set[str]) -> str:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .checks import GraphError, dtype_name
+from .checks import GraphError, dtype_name, shown, whole
 from .files import as_path, atomic_write
 from .ir import Graph, Value
 from .onnx_format import DEFAULT_OPSET, ELEM_TYPE, INT64, MAX_FILE_BYTES, MIN_OPSET, require_onnx
@@ -203,16 +203,8 @@ def export_onnx(model: Any, path: str | os.PathLike[str], opset: int = DEFAULT_O
         ImportError: the onnx package is missing.
     """
     onnx = require_onnx()
-    newest = onnx.defs.onnx_opset_version()
-    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= newest:
-        raise ValueError(f"opset must be an int from {MIN_OPSET} to {newest} (what the installed onnx knows), "
-                         f"got {opset!r}")
-    if not isinstance(model, Graph) and hasattr(model, "graph"):  # a model (graphdl.model imports this module)
-        graph = model.graph()
-    elif isinstance(model, Graph):
-        graph = model
-    else:
-        raise GraphError(f"export_onnx takes a gd.Sequential or gd.Graph, got {type(model).__name__}")
+    opset = _checked_opset(onnx, opset)
+    graph = _graph_of(model)
     path = as_path(path)
     graph.verify()
     if not graph.outputs:
@@ -225,6 +217,25 @@ def export_onnx(model: Any, path: str | os.PathLike[str], opset: int = DEFAULT_O
         raise GraphError(f"export_onnx: the ONNX model built from graph {graph.name} is invalid ({e}); "
                          "this is a bug in graphdl's ONNX table") from None
     atomic_write(path, proto.SerializeToString())
+
+
+def _checked_opset(onnx: Any, opset: Any) -> int:
+    """`opset` as an int, if the installed onnx knows it and it is one graphdl writes."""
+    newest = onnx.defs.onnx_opset_version()
+    try:
+        return whole("opset", opset, MIN_OPSET, newest)
+    except ValueError:
+        raise ValueError(f"opset must be an int from {MIN_OPSET} to {newest} (what the installed onnx knows), "
+                         f"got {shown(opset)}") from None
+
+
+def _graph_of(model: Any) -> Graph:
+    """The graph to export: a model's forward graph, or a graph itself."""
+    if not isinstance(model, Graph) and hasattr(model, "graph"):  # a model (graphdl.model imports this module)
+        return model.graph()
+    if isinstance(model, Graph):
+        return model
+    raise GraphError(f"export_onnx takes a gd.Sequential or gd.Graph, got {type(model).__name__}")
 
 
 def _to_proto(onnx: Any, graph: Graph, opset: int) -> Any:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from . import ops
-from .checks import DTYPE_NAMES, DTYPES, GraphError, format_shape
+from .checks import DTYPE_NAMES, DTYPES, GraphError, format_shape, read_int
 from .files import as_path, read_bytes
 from .ir import Graph, Value, is_identifier
 from .onnx_format import ELEM_TYPE, INT64, MAX_FILE_BYTES, require_onnx
@@ -290,9 +290,7 @@ class Importer:
     def tensor(self, proto: Any, what: str) -> torch.Tensor:
         """A TensorProto's value, checked against its declared dims and type before any copy."""
         _check_self_contained(proto, what)
-        dims = list(proto.dims)
-        if any(d < 0 for d in dims):
-            raise GraphError(f"{what} has negative dims {dims}; the file is corrupt")
+        dims = _tensor_dims(proto, what)
         if proto.data_type not in _LAYOUTS:
             raise GraphError(f"{what} is of ONNX type {_type_name(self.onnx, proto.data_type)}; graphdl reads "
                              "float, double, float16, bfloat16 and int64 (axes) tensors")
@@ -340,9 +338,10 @@ class Importer:
         """A graph input's dim: a size, the batch "N" (a symbolic or unknown leading dim), or a symbol."""
         kind = d.WhichOneof("value")
         if kind == "dim_value":
-            if d.dim_value < 0:
-                raise self._error(f"{what} has a negative dim {d.dim_value}; the file is corrupt")
-            return d.dim_value
+            try:
+                return read_int(d.dim_value, f"{what}: dim {axis}")  # int64 in the file: only its sign can be wrong
+            except GraphError:
+                raise self._error(f"{what} has a negative dim {d.dim_value}; the file is corrupt") from None
         if axis == 0:  # a symbolic or unknown leading dim is the batch
             return "N"
         if kind == "dim_param" and d.dim_param.isidentifier() and d.dim_param != "N":
@@ -412,9 +411,10 @@ class Importer:
 
     def _default_opset(self) -> int:
         versions = [o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")]
-        if not versions or not 1 <= versions[0] <= 10_000:
-            raise self._error("it imports no valid version of the default ONNX opset; the file is corrupt")
-        return versions[0]
+        try:
+            return read_int(versions[0] if versions else None, "the default opset's version", 1, 10_000)
+        except GraphError:
+            raise self._error("it imports no valid version of the default ONNX opset; the file is corrupt") from None
 
     def _error(self, message: str) -> GraphError:
         return GraphError(f"{self.path}: {message}")
@@ -434,6 +434,18 @@ def _check_self_contained(proto: Any, what: str) -> None:
                          "re-save it with onnx.save_model(model, path, save_as_external_data=False)")
     if proto.HasField("segment"):
         raise GraphError(f"{what} is a segment of a tensor, which graphdl does not read")
+
+
+def _tensor_dims(proto: Any, what: str) -> list[int]:
+    """The tensor's dims, each a size (int64 in the file, so only its sign can be wrong); their
+    product is checked against the data the tensor holds, before anything is allocated."""
+    dims = list(proto.dims)
+    try:
+        for axis, d in enumerate(dims):
+            read_int(d, f"{what}: dim {axis}")
+    except GraphError:
+        raise GraphError(f"{what} has negative dims {dims}; the file is corrupt") from None
+    return dims
 
 
 def _raw_array(proto: Any, what: str, dims: list[int], numel: int, layout: str) -> Any:

@@ -71,29 +71,44 @@ def init(backend: str | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> Rank
         `Rank(rank, world_size)`; `Rank(0, 1)` outside torchrun (no process group then).
         Calling it again returns the same.
     """
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
-        raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+    timeout = _check_timeout(timeout)
     if is_initialized():
         return Rank(rank(), world_size())
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return Rank(0, 1)  # a plain `python script.py`: one process, nothing to join
+    _join(_backend(backend), timeout)
+    _Heartbeat.start(timeout)
+    atexit.unregister(shutdown)  # once, however often the job is joined
+    atexit.register(shutdown)
+    return Rank(rank(), world_size())
+
+
+def _check_timeout(timeout: Any) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+    return timeout
+
+
+def _backend(backend: str | None) -> str:
+    """The backend asked for, or by default NCCL when CUDA is available, else gloo."""
     if not dist.is_available():
         raise ValueError("this torch build has no torch.distributed; install a build with it to run under torchrun")
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' (CPU) or 'nccl' (CUDA), got {backend!r}")
+    return backend
+
+
+def _join(backend: str, timeout: float) -> None:
+    """Join the process group torchrun's environment describes (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)."""
     if backend == "nccl":
         torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
-    try:  # torchrun's environment: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
+    try:
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
     except (ValueError, RuntimeError) as e:
         raise ValueError(f"gd.distributed.init could not join the job ({e}); launch the script with "
                          f"`{LAUNCH}`, which sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT") from e
-    _Heartbeat.start(timeout)
-    atexit.unregister(shutdown)  # once, however often the job is joined
-    atexit.register(shutdown)
-    return Rank(rank(), world_size())
 
 
 def is_initialized() -> bool:
@@ -257,8 +272,15 @@ def _find_lost(me: int, world: int) -> tuple[list[int], str, bool]:
     except Exception:  # noqa: BLE001 - the store's host is what is gone
         return [0], (f"the rendezvous store at {address[0]}:{address[1]} does not answer, so the process hosting it "
                      "is gone: rank 0 (or torchrun's agent on the first node)"), False
+    return _judge_beats(me, world, before, after)
+
+
+def _judge_beats(me: int, world: int, before: dict[int, tuple[int, int]],
+                 after: dict[int, tuple[int, int]]) -> tuple[list[int], str, bool]:
+    """_find_lost's verdict from the two readings: the ranks whose beat stopped, else those
+    issuing fewer collectives than this rank, else none."""
     others = [r for r in range(world) if r != me]
-    silent = [r for r in others if r not in after or after[r][0] == before.get(r, (None,))[0]]
+    silent = _silent(others, before, after)
     if silent:
         return silent, (f"{_ranks(silent, world)} stopped sending heartbeats: the process died, was killed or is "
                         "frozen"), False
@@ -268,6 +290,11 @@ def _find_lost(me: int, world: int) -> tuple[list[int], str, bool]:
         return behind, (f"{_ranks(behind, world)} still beating but behind: issued {issued} collectives to this "
                         f"rank's {_Heartbeat.issued}, so stuck or running other code"), True
     return [], "every rank still sends heartbeats, so no rank could be named", False
+
+
+def _silent(ranks: list[int], before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]) -> list[int]:
+    """The `ranks` whose beat is gone or did not move between the two readings."""
+    return [r for r in ranks if r not in after or after[r][0] == before.get(r, (None,))[0]]
 
 
 def _ranks(ranks: list[int], world: int) -> str:

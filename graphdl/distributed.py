@@ -19,7 +19,6 @@ rank (`shard`; graphdl.batches.Sharded walks a rank's share of an epoch).
 from __future__ import annotations
 
 import atexit
-import math
 import os
 import threading
 import time
@@ -30,6 +29,8 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
+
+from .checks import NumberText, real, shown, whole_number
 
 DEFAULT_TIMEOUT_S = 300.0  # how long a collective waits for the other ranks before naming the one missing
 HEARTBEAT_S = 1.0  # how often each rank says it is alive, in the rendezvous store
@@ -84,9 +85,14 @@ def init(backend: str | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> Rank
 
 
 def _check_timeout(timeout: Any) -> float:
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
-        raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
-    return timeout
+    """The timeout as seconds: a finite real number (checks.real's) above 0."""
+    try:
+        seconds = real("timeout", timeout, 0.0)
+    except ValueError:
+        seconds = 0.0
+    if seconds == 0:
+        raise ValueError(f"timeout must be a number of seconds > 0, got {shown(timeout)}")
+    return seconds
 
 
 def _backend(backend: str | None) -> str:
@@ -167,9 +173,20 @@ def spans_processes(what: str) -> bool:
 
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name, str(default))
-    if not value.isdigit():
+    number = _digits(value)
+    if number is None:
         raise ValueError(f"environment variable {name}={value!r} must be a whole number (torchrun sets it)")
-    return int(value)
+    return number
+
+
+def _digits(text: str) -> int | None:
+    """The whole number that `text`, ASCII digits only, spells (torchrun's environment, the
+    heartbeats in the store), or None: '²'.isdigit() is True, yet int() cannot read it, and
+    a run of digits too long to be in any range (checks.whole_number) is none either."""
+    if not (text.isascii() and text.isdigit()):
+        return None
+    number = whole_number(text)
+    return None if isinstance(number, NumberText) else number
 
 
 # -- lost ranks ---------------------------------------------------------------------------
@@ -219,8 +236,8 @@ class _Heartbeat:
 
 
 def _store_address() -> tuple[str, int] | None:
-    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT", "")
-    return (addr, int(port)) if addr and port.isdigit() else None
+    addr, port = os.environ.get("MASTER_ADDR"), _digits(os.environ.get("MASTER_PORT", ""))
+    return (addr, port) if addr and port is not None else None
 
 
 def _store(timeout: float) -> dist.TCPStore:
@@ -239,9 +256,9 @@ def _read_beats(store: dist.TCPStore, world: int) -> dict[int, tuple[int, int]]:
     beats = {}
     for r in range(world):
         if store.check([_beat_key(r)]):
-            fields = store.get(_beat_key(r)).decode(errors="replace").split()
-            if len(fields) == 2 and all(f.isdigit() for f in fields):
-                beats[r] = (int(fields[0]), int(fields[1]))
+            fields = [_digits(f) for f in store.get(_beat_key(r)).decode(errors="replace").split()]
+            if len(fields) == 2 and None not in fields:
+                beats[r] = (fields[0], fields[1])
     return beats
 
 

@@ -70,33 +70,34 @@ def _class_targets(model: Sequential, Y: Any, what: str = "") -> Any:
     """Integer class labels [N] as targets: one-hot rows for a model with several outputs,
     a 0/1 column for a model with one. Anything else is returned as given, for
     _check_data to judge."""
-    if not isinstance(Y, torch.Tensor) or tensor_problem(Y) or Y.is_meta or Y.dtype.is_floating_point \
-            or Y.is_complex() or Y.dtype == torch.bool or Y.dim() != 1:
+    if not _is_label_vector(Y):
         return Y
     classes = model.out_features
-    top = max(classes, 2) - 1
-    if len(Y) and not bool(((Y >= 0) & (Y <= top)).all()):
-        bad = Y[(Y < 0) | (Y > top)][0].item()
-        raise ValueError(f"Y{what} holds class label {bad}, but the model has {classes} output"
-                         f"{'s' if classes > 1 else ''}, so labels run from 0 to {top}")
+    _check_labels(Y, classes, what)
     if classes == 1:
         return Y.to(model.dtype()).unsqueeze(1)
     rows = torch.zeros(len(Y), classes, dtype=model.dtype(), device=Y.device)
     return rows.scatter_(1, Y.long().unsqueeze(1), 1.0)
 
 
+def _is_label_vector(Y: Any) -> bool:
+    """Whether Y is a dense 1-d tensor of integers with values: class labels [N]."""
+    return not (not isinstance(Y, torch.Tensor) or tensor_problem(Y) or Y.is_meta or Y.dtype.is_floating_point
+                or Y.is_complex() or Y.dtype == torch.bool or Y.dim() != 1)
+
+
+def _check_labels(Y: torch.Tensor, classes: int, what: str) -> None:
+    """Each label names one of the model's `classes` outputs (0 or 1 for a single output)."""
+    top = max(classes, 2) - 1
+    if len(Y) and not bool(((Y >= 0) & (Y <= top)).all()):
+        bad = Y[(Y < 0) | (Y > top)][0].item()
+        raise ValueError(f"Y{what} holds class label {bad}, but the model has {classes} output"
+                         f"{'s' if classes > 1 else ''}, so labels run from 0 to {top}")
+
+
 def _check_data(model: Sequential, X: Any, Y: Any, what: str = "") -> None:
     for name, t in (("X", X), ("Y", Y)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name}{what} must be a torch.Tensor, got {type(t).__name__}")
-        problem = tensor_problem(t)
-        if problem:
-            raise ValueError(f"{name}{what} {problem}")
-        if t.is_meta:
-            raise ValueError(f"{name}{what} is on the meta device, which holds shapes but no values; "
-                             "training and evaluating need real data (on 'cpu' or 'cuda')")
-        if t.dim() != 2:
-            raise ValueError(f"{name}{what} must be 2-d [examples, features], got shape {list(t.shape)}")
+        _check_data_tensor(name, t, what)
     if len(X) != len(Y):
         raise ValueError(f"X{what} has {len(X)} examples but Y{what} has {len(Y)}; give one target per example")
     if len(X) == 0:
@@ -106,11 +107,29 @@ def _check_data(model: Sequential, X: Any, Y: Any, what: str = "") -> None:
     if Y.shape[1] != model.out_features:
         raise ValueError(f"Y{what} has {Y.shape[1]} columns but the model outputs {model.out_features}")
     for name, t in (("X", X), ("Y", Y)):
-        finite = torch.isfinite(t)
-        if not bool(finite.all()):  # one pass over the data, once per call: cheap beside training on it
-            row, col = (~finite).nonzero()[0].tolist()
-            raise ValueError(f"{name}{what} has NaN or inf values, first at {name}[{row}, {col}] = "
-                             f"{t[row, col].item()}; drop or repair those examples (e.g. with torch.isfinite)")
+        _check_finite(name, t, what)
+
+
+def _check_data_tensor(name: str, t: Any, what: str) -> None:
+    """X or Y is a 2-d dense tensor of real values in memory."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name}{what} must be a torch.Tensor, got {type(t).__name__}")
+    problem = tensor_problem(t)
+    if problem:
+        raise ValueError(f"{name}{what} {problem}")
+    if t.is_meta:
+        raise ValueError(f"{name}{what} is on the meta device, which holds shapes but no values; "
+                         "training and evaluating need real data (on 'cpu' or 'cuda')")
+    if t.dim() != 2:
+        raise ValueError(f"{name}{what} must be 2-d [examples, features], got shape {list(t.shape)}")
+
+
+def _check_finite(name: str, t: torch.Tensor, what: str) -> None:
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):  # one pass over the data, once per call: cheap beside training on it
+        row, col = (~finite).nonzero()[0].tolist()
+        raise ValueError(f"{name}{what} has NaN or inf values, first at {name}[{row}, {col}] = "
+                         f"{t[row, col].item()}; drop or repair those examples (e.g. with torch.isfinite)")
 
 
 def _check_params(model: Sequential) -> None:
@@ -153,17 +172,12 @@ class FitSettings:
         before any data is looked at; defaults filled in (the model's loss, SGD())."""
         if seed is not None:  # the range torch.Generator.manual_seed takes
             seed = whole("seed", seed, -2**63, 2**64 - 1)
-        if validation_data is not None and not (isinstance(validation_data, (tuple, list))
-                                                and len(validation_data) == 2):
-            length = f" of length {len(validation_data)}" if isinstance(validation_data, (tuple, list)) else ""
-            raise ValueError(f"validation_data must be a pair (X_val, Y_val), got "
-                             f"{type(validation_data).__name__}{length}")
+        _check_validation_data(validation_data)
         if schedule is not None and not callable(schedule):
             raise ValueError(f"schedule must be a graphdl schedule such as gd.StepDecay(every=10, factor=0.9), "
                              f"got {schedule!r}")
         for name, path in (("checkpoint", checkpoint), ("resume", resume)):
-            if path is not None and not isinstance(path, (str, os.PathLike)):
-                raise ValueError(f"{name} must be a file path or None, got {type(path).__name__}")
+            _check_path(name, path)
         return cls(loss=_model_loss(model, loss),
                    optimizer=checked_optimizer(SGD() if optimizer is None else optimizer),
                    schedule=schedule, epochs=whole("epochs", epochs, 0),
@@ -183,6 +197,19 @@ class FitSettings:
             _check_data(model, *validation, what=" (validation)")
         metrics = self.metrics if self.metrics is not None else tuple(choose_metrics(None, Y, self.loss))
         return replace(self, validation_data=validation, metrics=metrics)
+
+
+def _check_validation_data(validation_data: Any) -> None:
+    if validation_data is not None and not (isinstance(validation_data, (tuple, list))
+                                            and len(validation_data) == 2):
+        length = f" of length {len(validation_data)}" if isinstance(validation_data, (tuple, list)) else ""
+        raise ValueError(f"validation_data must be a pair (X_val, Y_val), got "
+                         f"{type(validation_data).__name__}{length}")
+
+
+def _check_path(name: str, path: Any) -> None:
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"{name} must be a file path or None, got {type(path).__name__}")
 
 
 # Threads. torch splits each op over every core by default, which costs a synchronisation

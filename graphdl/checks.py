@@ -196,12 +196,16 @@ def real(name: str, value: Any, low: float = -math.inf, high: float = math.inf, 
         number = float(value)
     except OverflowError:  # 10**400, or a Fraction of huge ints
         raise ValueError(f"{name}={shown(value)} is too large for a float; {name} must be a finite number "
-                         f"in [{low}, {high}{')' if high_open else ']'}") from None
+                         f"in {_interval(low, high, high_open)}") from None
     if not math.isfinite(number):
         raise ValueError(f"{name} must be a finite number, got {shown(value)}")
     if number < low or number > high or (high_open and number == high):
-        raise ValueError(f"{name} must be in [{low}, {high}{')' if high_open else ']'}, got {shown(value)}")
+        raise ValueError(f"{name} must be in {_interval(low, high, high_open)}, got {shown(value)}")
     return number
+
+
+def _interval(low: float, high: float, high_open: bool) -> str:
+    return f"[{low}, {high}{')' if high_open else ']'}"
 
 
 def flag(name: str, value: Any) -> bool:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import distributed
-from .checks import GraphError, format_type, read_int
+from .checks import GraphError, format_type, read_float, read_int
 from .files import read_json
 from .io import load_model, save_model
 
@@ -152,7 +152,11 @@ def _history(path: Any, meta: dict[str, Any], history_keys: list[str], epoch: in
 
 
 def _is_finite_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """Whether a History value from the file is a finite number, as checks.read_float reads one."""
+    try:
+        return math.isfinite(read_float(v, "a History value", torch.float64))
+    except GraphError:
+        return False
 
 
 def _rng(path: Any, meta: dict[str, Any]) -> torch.Tensor:

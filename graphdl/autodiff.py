@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from .building import pauses_gc
 from .checks import GraphError, read_int, show_number
-from .ir import Graph, Node, Value, pauses_gc
+from .ir import Graph, Node, Value
 from .ops import add, zeros_like
 from .passes.dce import dce
 

@@ -168,6 +168,30 @@ def check_dtype(what: str, dtype: Any) -> None:
         raise GraphError(f"{what}: dtype {dtype!r} is not supported; use one of {supported}{hint}")
 
 
+def tensor_problem(t: torch.Tensor) -> str | None:
+    """What makes `t` unusable as graphdl data (None if nothing): graphdl computes on
+    dense (strided) tensors of any layout, not sparse, nested or quantized ones."""
+    if t.layout != torch.strided:
+        return f"is a {str(t.layout).removeprefix('torch.')} tensor; convert it with .to_dense()"
+    if t.is_nested:
+        return "is a nested tensor; pad it to a dense tensor first"
+    if t.is_quantized:
+        return "is a quantized tensor; convert it with .dequantize()"
+    return None
+
+
+def check_param_tensor(what: str, t: Any) -> None:
+    """A param's tensor must be a dense tensor of a dtype the IR has."""
+    if not isinstance(t, torch.Tensor):
+        raise GraphError(f"{what}: its value must be a torch.Tensor, got {type(t).__name__}")
+    problem = tensor_problem(t)
+    if problem:
+        raise GraphError(f"{what} {problem}")
+    if t.dtype not in DTYPE_NAMES:
+        supported = ", ".join(str(d) for d in DTYPES.values())
+        raise GraphError(f"{what}: dtype {t.dtype} is not supported; use a floating dtype: one of {supported}")
+
+
 # -- users' settings ------------------------------------------------------------------
 
 

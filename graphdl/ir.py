@@ -12,25 +12,22 @@ is what passes and tests run after touching a graph.
 from __future__ import annotations
 
 import contextlib
-import functools
-import gc
 import itertools
 import numbers
-import os
-import sys
 from collections.abc import Callable, Iterator, KeysView, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .building import caller_location
+from .building import pauses_gc as pauses_gc  # compile.py imports it from here
 from .checks import (
-    DTYPE_NAMES,
-    DTYPES,
     GraphError,
     Shape,
     ShapeError,
     check_dtype,
+    check_param_tensor,
     dtype_name,
     format_type,
     read_float,
@@ -38,56 +35,10 @@ from .checks import (
     read_shape,
     show_number,
 )
+from .checks import tensor_problem as tensor_problem  # compile.py imports it from here
 
 if TYPE_CHECKING:
     from .ops import OpDef
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-# Frames a user's call passes through on its way into graphdl but did not write: graphdl's
-# own, and torch's decorators (fit runs under @torch.inference_mode()).
-_NOT_USER_CODE = (_PACKAGE_DIR, os.path.dirname(os.path.abspath(torch.__file__)))
-
-
-def caller_location() -> str:
-    """file:line of the innermost frame outside graphdl (and torch), where the user built a node."""
-    frame = sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith(_NOT_USER_CODE):
-        frame = frame.f_back
-    if frame is None:
-        return "<graphdl>"
-    return f"{_display_path(frame.f_code.co_filename, os.getcwd())}:{frame.f_lineno}"
-
-
-@functools.lru_cache(maxsize=256)
-def _display_path(filename: str, cwd: str) -> str:
-    # Cached: os.path.relpath costs 5 µs, paid once per node built: a third of grad's time.
-    return os.path.relpath(filename, cwd)
-
-
-def pauses_gc(fn: Callable[P, R]) -> Callable[P, R]:
-    """Run `fn` (grad, parse, compile: each builds a graph node by node) with Python's
-    cycle collector paused; it runs again, as usual, once `fn` returns.
-
-    Every full collection walks every object alive, and one comes each time the heap
-    grows by a quarter, so building a graph of n nodes walks the objects of the n
-    already built again and again: on a 44,000-node gradient graph grad + print +
-    parse + compile took 5.3 s of CPU time with the collector running, 3.3 s with it
-    paused here.
-    """
-    @functools.wraps(fn)
-    def paused(*args: P.args, **kwargs: P.kwargs) -> R:
-        if not gc.isenabled():
-            return fn(*args, **kwargs)
-        gc.disable()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            gc.enable()
-    return paused
-
 
 class Uses:
     """The nodes that read a value, once per read (mul(y, y) reads y twice), in the order
@@ -603,30 +554,6 @@ def _check_input_dim(name: str, shape: Any, i: int, d: Any) -> None:
     except GraphError as e:
         raise GraphError(f"{e}; each dim in shape {shape!r} must be a non-negative int, None (the batch "
                          "dimension) or a symbol name such as 'N'") from None
-
-
-def tensor_problem(t: torch.Tensor) -> str | None:
-    """What makes `t` unusable as graphdl data (None if nothing): graphdl computes on
-    dense (strided) tensors of any layout, not sparse, nested or quantized ones."""
-    if t.layout != torch.strided:
-        return f"is a {str(t.layout).removeprefix('torch.')} tensor; convert it with .to_dense()"
-    if t.is_nested:
-        return "is a nested tensor; pad it to a dense tensor first"
-    if t.is_quantized:
-        return "is a quantized tensor; convert it with .dequantize()"
-    return None
-
-
-def check_param_tensor(what: str, t: Any) -> None:
-    """A param's tensor must be a dense tensor of a dtype the IR has."""
-    if not isinstance(t, torch.Tensor):
-        raise GraphError(f"{what}: its value must be a torch.Tensor, got {type(t).__name__}")
-    problem = tensor_problem(t)
-    if problem:
-        raise GraphError(f"{what} {problem}")
-    if t.dtype not in DTYPE_NAMES:
-        supported = ", ".join(str(d) for d in DTYPES.values())
-        raise GraphError(f"{what}: dtype {t.dtype} is not supported; use a floating dtype: one of {supported}")
 
 
 class _Scope:

@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from .checks import DTYPES, GraphError, check_dtype, read_shape, whole
-from .ir import Graph, Slot, Value, check_param_tensor, tensor_problem
+from .checks import DTYPES, GraphError, check_dtype, check_param_tensor, read_shape, tensor_problem, whole
+from .ir import Graph, Slot, Value
 from .ops import add, div, matmul, relu, sigmoid, softmax, sub, tanh
 
 

@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 
+from .building import pauses_gc
 from .checks import DTYPES, GraphError, NumberText, Shape, format_type, read_shape, show_number, whole_number
-from .ir import Graph, Node, Value, pauses_gc
+from .ir import Graph, Node, Value
 from .ops import OPS
 
 

@@ -22,9 +22,8 @@ import torch
 from . import distributed as dp
 from .batches import Batches, OneProcess, Sharded
 from .checkpoint import Resumed, read_checkpoint, write_checkpoint
-from .checks import flag, real, shown, whole
+from .checks import flag, real, shown, tensor_problem, whole
 from .compile import Compiled, compile
-from .ir import tensor_problem
 from .losses import MSE, Loss, checked_loss
 from .metrics import METRICS, check_metric_names, choose_metrics, measure
 from .metrics import accuracy as accuracy  # re-exported: gd.train.accuracy and .correct predate graphdl.metrics

@@ -13,6 +13,9 @@ one is named in the error, with the range it must be in.
   fail later or compute nonsense: bools, complex numbers, strings, NaN, infinities and
   ints too large for a float (`10**400`).
 
+The tensors users hand over are checked here too: `tensor_problem` (sparse, nested,
+quantized) and `check_param_tensor` (a param's dense float tensor).
+
 This module is graphdl's floor: it imports nothing of graphdl, and every other module
 may import it. The types' names (`f32[N,25]`) are here too, since the messages use them.
 """

@@ -90,16 +90,16 @@ class Sequential:
     # IR (its gradients add up), trained, decayed and saved once. `same_memory` says when
     # two places hold one tensor.
 
-    def _places(self) -> list[tuple[str, Layer, str, bool, torch.Tensor]]:
+    def places(self) -> list[tuple[str, Layer, str, bool, torch.Tensor]]:
         """(name, layer, short name, trainable, tensor) for every tensor every layer holds, in build order."""
         return [(f"{k}.{short}", layer, short, p.trainable, layer.slot(short).tensor)
-                for k, layer in enumerate(self.layers) for short, p in layer._declared()]
+                for k, layer in enumerate(self.layers) for short, p in layer.declared()]
 
-    def _owners(self, places: list[tuple[str, Layer, str, bool, torch.Tensor]] | None = None) -> dict[str, str]:
+    def owners(self, places: list[tuple[str, Layer, str, bool, torch.Tensor]] | None = None) -> dict[str, str]:
         """Each place's name -> the name of the first place holding the same tensor (itself if none)."""
         first: dict[Hashable, tuple[str, bool]] = {}
         owners: dict[str, str] = {}
-        for name, _, _, trainable, t in self._places() if places is None else places:
+        for name, _, _, trainable, t in self.places() if places is None else places:
             owner, trained = first.setdefault(same_memory(t), (name, trainable))
             if trained != trainable:
                 kinds = ("a trained param", "a fixed buffer") if trained else ("a fixed buffer", "a trained param")
@@ -111,32 +111,32 @@ class Sequential:
     def ties(self) -> dict[str, str]:
         """{place: the param it shares} for each tensor held in more than one place, e.g.
         {"2.weight": "0.weight"} after `model.layers[2].weight = model.layers[0].weight`."""
-        return {name: owner for name, owner in self._owners().items() if owner != name}
+        return {name: owner for name, owner in self.owners().items() if owner != name}
 
     def parameters(self) -> dict[str, torch.Tensor]:
         """Trainable params by name ("0.weight", "0.bias", ...), in build order, each tensor
         once (a tied one under its first place's name): the live tensors that `fit`
         differentiates and updates."""
-        places = self._places()
-        owners = self._owners(places)
+        places = self.places()
+        owners = self.owners(places)
         return {name: t for name, _, _, trainable, t in places if trainable and owners[name] == name}
 
     def state(self) -> dict[str, torch.Tensor]:
         """Every tensor the model holds, by name in build order, each once: the trainable
         params and the non-trainable buffers (Standardize's "{k}.mean", "{k}.std"). What a
         model file stores (with `ties`, so that a tie comes back on load)."""
-        places = self._places()
-        owners = self._owners(places)
+        places = self.places()
+        owners = self.owners(places)
         return {name: t for name, _, _, _, t in places if owners[name] == name}
 
     def graph(self, loss: Loss | None = None, name: str = "sequential", prediction: bool = False) -> Graph:
         """The IR of the forward pass (output: the prediction), or of the loss with `loss`
         (then `prediction=True` returns the prediction too, as a second output)."""
-        places = self._places()
-        owners = self._owners(places)
+        places = self.places()
+        owners = self.owners(places)
         slots = {name: layer.slot(short) for name, layer, short, _, _ in places}
         g = Graph(name)
-        x = g.input("x", (None, self.in_features), self._dtype())
+        x = g.input("x", (None, self.in_features), self.dtype())
         layers = tuple(self.layers)
         g.stale = lambda: None if tuple(self.layers) == layers else \
             "its model's layers have changed since (a layer was replaced, added or removed); build it again"
@@ -149,7 +149,7 @@ class Sequential:
             return g
         if not isinstance(loss, Loss):
             raise GraphError(f"loss must be a graphdl loss such as gd.MSE(), got {loss!r}")
-        y = g.input("y", (None, self.out_features), self._dtype())
+        y = g.input("y", (None, self.out_features), self.dtype())
         with g.scope("loss"):
             g.output(loss(h, y))
         if prediction:
@@ -167,8 +167,8 @@ class Sequential:
         bind again. Values changed in place (`.data.copy_()`, edits under no_grad) need
         neither: every compiled function reads the memory itself.
         """
-        places = self._places()
-        owners = self._owners(places)
+        places = self.places()
+        owners = self.owners(places)
         return self._structure(places, owners), tuple(same_memory(t) for name, *_, t in places if owners[name] == name)
 
     def _structure(self, places: list[tuple[str, Layer, str, bool, torch.Tensor]], owners: dict[str, str]) -> tuple:
@@ -182,8 +182,8 @@ class Sequential:
         tie, or a change to `self.layers` itself (a layer replaced, added or removed)
         rebuilds them (see `binding`).
         """
-        places = self._places()
-        signature = self._structure(places, self._owners(places))
+        places = self.places()
+        signature = self._structure(places, self.owners(places))
         if signature != self._signature:
             self._check_shapes()
             self._cache.clear()
@@ -195,7 +195,7 @@ class Sequential:
 
     def _check_shapes(self) -> None:
         """Each tensor has the shape its layer declares (`.data = t` can change it unseen)."""
-        for name, layer, short, _, t in self._places():
+        for name, layer, short, _, t in self.places():
             declared = getattr(type(layer), short)  # the Param itself
             expected = declared.shape(layer) if declared.shape is not None else None
             if expected is not None and None not in expected and tuple(t.shape) != expected:
@@ -203,7 +203,8 @@ class Sequential:
                                  f"{list(expected)}; it was changed behind the layer's back (`.data = t`?): "
                                  f"assign a tensor of shape {list(expected)}, or build a layer of the new size")
 
-    def _dtype(self) -> torch.dtype:
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's tensors (its first tensor's; float32 with none): its inputs' dtype."""
         params = list(self.state().values())
         return params[0].dtype if params else torch.float32
 
@@ -214,7 +215,7 @@ class Sequential:
         except (RuntimeError, TypeError, ValueError) as e:
             raise ValueError(f"device {device!r} cannot hold the model: {e}") from None
         moved: dict[Hashable, torch.Tensor] = {}
-        for _, layer, short, _, t in self._places():  # a tied tensor moves once, and stays tied
+        for _, layer, short, _, t in self.places():  # a tied tensor moves once, and stays tied
             key = same_memory(t)
             if key not in moved:
                 moved[key] = t.to(device)

@@ -27,14 +27,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .checks import flag, real, whole
+from .metrics import higher_is_better, is_metric
 
 if TYPE_CHECKING:
     from .model import Sequential
 
 Logs = dict[str, float]
 
-# Metrics for which more is better: mode="auto" maximises these and minimises the rest.
-HIGHER_IS_BETTER = frozenset({"accuracy", "precision", "recall", "f1", "auc", "r2", "top_k_accuracy"})
 
 
 class Callback:
@@ -97,8 +96,9 @@ class _Monitor:
             raise ValueError(f"monitor must be a log key such as 'val_loss', got {monitor!r}")
         if mode not in ("auto", "min", "max"):
             raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
-        if mode == "auto":
-            mode = "max" if monitor.removeprefix("val_") in HIGHER_IS_BETTER else "min"
+        if mode == "auto":  # maximise accuracy-like metrics, minimise losses and errors
+            name = monitor.removeprefix("val_")
+            mode = "max" if is_metric(name) and higher_is_better(name) else "min"
         self.monitor, self.mode = monitor, mode
         self.min_delta = abs(real("min_delta", min_delta))
 

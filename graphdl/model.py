@@ -270,7 +270,9 @@ class Sequential:
                 the rows of X and Y (in [0, 1), as Keras: not shuffled first).
             seed: seeds the shuffling; None draws one from torch's global RNG.
             verbose: print one line per epoch.
-            metrics: what to measure after each epoch, from "accuracy", "mse", "mae";
+            metrics: what to measure after each epoch, from "accuracy", "precision",
+                "recall", "f1", "auc", "top_k_accuracy" (k=2; "top_5_accuracy"...), "mse",
+                "mae", "r2", each as scikit-learn computes it (see graphdl.metrics);
                 default ["accuracy"] when Y holds class labels (0/1, one-hot rows, or
                 probability rows with CrossEntropy), else none.
             threads: torch CPU threads while training; default one when a batch is small

@@ -26,8 +26,9 @@ from .checkpoint import Resumed, read_checkpoint, write_checkpoint
 from .checks import flag, real, shown, tensor_problem, whole
 from .compile import Compiled, compile
 from .losses import MSE, Loss, checked_loss
-from .metrics import METRICS, check_metric_names, choose_metrics, measure
+from .metrics import METRICS as METRICS  # re-exported: gd.train.METRICS predates graphdl.metrics
 from .metrics import accuracy as accuracy  # re-exported: gd.train.accuracy and .correct predate graphdl.metrics
+from .metrics import check_metric_names, check_metrics_fit, choose_metrics, is_metric, measure
 from .metrics import correct as correct
 from .optim import SGD, Schedule, check_apart, check_updatable, checked_optimizer
 from .step import TrainStep
@@ -49,7 +50,7 @@ class History(dict):
         super().__init__(loss=[], **{m: [] for m in metrics}, val_loss=[], **{f"val_{m}": [] for m in metrics}, lr=[])
 
     def __missing__(self, key: str) -> list:
-        if isinstance(key, str) and key.removeprefix("val_") in METRICS:
+        if isinstance(key, str) and is_metric(key.removeprefix("val_")):
             return []
         raise KeyError(key)
 
@@ -204,6 +205,9 @@ class FitSettings:
             validation = (validation[0], _class_targets(model, validation[1], " (validation)"))
             _check_data(model, *validation, what=" (validation)")
         metrics = self.metrics if self.metrics is not None else tuple(choose_metrics(None, Y, self.loss))
+        check_metrics_fit(list(metrics), Y)
+        if validation is not None:
+            check_metrics_fit(list(metrics), validation[1], "the validation targets")
         keys = ["loss", *metrics, *(["val_loss", *(f"val_{m}" for m in metrics)] if validation is not None else []),
                 "lr"]
         for c in self.callbacks:
@@ -559,6 +563,7 @@ def evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | N
     Y = _class_targets(model, Y)
     _check_data(model, X, Y)
     metrics = choose_metrics(metrics, Y, loss)
+    check_metrics_fit(metrics, Y)
     with _threads_for(model, len(X), threads):
         return _evaluate(model, X, Y, loss, metrics, distributed)
 

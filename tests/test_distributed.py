@@ -109,9 +109,14 @@ def test_two_ranks_train_as_one_process(two_ranks):
             _close(rank["history"][key], values)
         _close(rank["predict"], alone.predict(X).tolist())
         scores = alone.evaluate(X, Y, metrics=worker.METRICS)
-        assert set(rank["evaluate"]) == set(scores) == {"loss", "accuracy", "mae", "error"}
+        assert set(rank["evaluate"]) == set(scores) == {"loss", "accuracy", "mae", "f1", "r2", "error"}
         for key, value in scores.items():
             _close(rank["evaluate"][key], value)
+        BX, BY = worker.binary_data()
+        auc = worker.binary_model().evaluate(BX, BY, metrics=["auc", "precision"])
+        assert 0.5 < auc["auc"] < 1 and 0 < auc["precision"] <= 1
+        assert (rank["auc"]["auc"], rank["auc"]["precision"]) == pytest.approx((auc["auc"], auc["precision"]), rel=1e-12)
+        _close(rank["auc"]["loss"], auc["loss"])
     # The ranks sum the same gradients, so they hold the very same bits.
     assert results[0]["params"] == results[1]["params"]
     assert results[0]["history"] == results[1]["history"]

@@ -14,7 +14,9 @@ from .text import parse
 from .autodiff import grad
 from .compile import Compiled, compile
 from .losses import MAE, MBE, MSE, BCEWithLogits, CrossEntropy, Loss
-from .optim import SGD, Constant, CosineDecay, ExponentialDecay, Schedule, StepDecay
+from .optim import (
+    SGD, Adagrad, Adam, AdamW, Constant, CosineDecay, ExponentialDecay, Optimizer, RMSprop, Schedule, StepDecay,
+)
 from .layers import Layer, Linear, ReLU, Sigmoid, Softmax, Standardize, Tanh
 from .step import TrainStep
 from .train import DivergedError, History
@@ -27,6 +29,7 @@ from . import distributed
 
 __all__ = [
     "BCEWithLogits", "CrossEntropy", "DivergedError", "MAE", "MBE", "MSE", "SGD", "Softmax", "Standardize",
+    "Adagrad", "Adam", "AdamW", "Optimizer", "RMSprop",
     "Constant", "CosineDecay", "ExponentialDecay", "History",
     "Layer", "Linear", "Loss", "ReLU", "Schedule", "Sequential", "Sigmoid", "StepDecay", "Tanh", "TrainStep",
     "DTYPES", "OPS", "Compiled", "DotNotFoundError", "Graph", "GraphError", "Node", "Value",

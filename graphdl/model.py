@@ -22,7 +22,7 @@ from .checks import GraphError
 from .ir import Graph
 from .layers import DTYPES_BY_NAME, LAYERS, Build, Layer, same_memory
 from .losses import Loss
-from .optim import SGD, Schedule
+from .optim import Optimizer, Schedule
 from .train import History
 from .viz import mimebundle
 
@@ -241,13 +241,13 @@ class Sequential:
                 raise GraphError(f"layer {k} ({kind}): bad settings {args}: {e}") from None
         return cls(*layers)
 
-    def fit(self, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None = None, optimizer: SGD | None = None,
+    def fit(self, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None = None, optimizer: Optimizer | None = None,
             schedule: Schedule | None = None, epochs: int = 1, batch_size: int = 32, shuffle: bool = True,
             validation_data: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int | None = None,
             verbose: bool = True, metrics: list[str] | None = None, threads: int | None = None,
             distributed: bool = False, checkpoint: str | os.PathLike[str] | None = None,
             resume: str | os.PathLike[str] | None = None) -> History:
-        """Train the model in place with minibatch SGD.
+        """Train the model in place with minibatch gradient descent.
 
         Args:
             X: training inputs [N, in_features].
@@ -255,7 +255,8 @@ class Sequential:
                 model with C > 1 outputs (read as one-hot rows), 0 or 1 for one output.
             loss: a graphdl loss; default the model's `loss` (the last fit's, or the one
                 saved in its model file), else `MSE()`. `fit` records it in `model.loss`.
-            optimizer: an `SGD`; default `SGD(lr=0.01)`.
+            optimizer: a graphdl optimizer (`SGD`, `Adam`, `AdamW`, `RMSprop`, `Adagrad`, with
+                per-param `groups` if wanted); default `SGD(lr=0.01)`.
             schedule: sets the learning rate each epoch from the optimizer's base rate,
                 e.g. `CosineDecay(epochs)`; default the base rate throughout.
             epochs: passes over the data (>= 0).
@@ -276,7 +277,7 @@ class Sequential:
                 params and History one process would have. Only rank 0 prints.
             checkpoint: a file to write after every epoch (rank 0 only): the model and
                 fit's state, to continue from with `resume` (see graphdl.checkpoint).
-            resume: a checkpoint to continue from: its weights, momentum, shuffling
+            resume: a checkpoint to continue from: its weights, optimizer state, shuffling
                 state, History and epoch count; `epochs` counts the epochs it already did.
 
         Returns:

@@ -6,7 +6,7 @@ gradient graph in its arena form (`lower(..., arena=True)`): every intermediate 
 gradient lands in buffers planned by liveness, made once per batch size and reused at
 every step, and the weights' transposes are prepared views instead of new ones per
 call; the optimizer's update is planned once on those gradient buffers
-(`SGD.plan`). On CUDA a whole epoch of steps, update included, is captured as one CUDA
+(`Optimizer.plan`). On CUDA a whole epoch of steps, update included, is captured as one CUDA
 graph (per data set and batch size) and replayed: the batches are gathered on the
 device from a permutation copied there once per epoch, the learning rate is a device
 tensor, and nothing waits on the host until the caller reads the losses.
@@ -33,7 +33,7 @@ from .compile import ArenaCompiled, Compiled, compile, lower
 from .ir import Graph, Slot
 from .losses import Loss, checked_loss
 from .ops import mul
-from .optim import SGD, checked_optimizer
+from .optim import Optimizer, checked_optimizer
 from .passes.allreduce import DEFAULT_BUCKET_MIB, allreduce
 
 # Capturing records every kernel of the epoch; past this many steps the graph would
@@ -103,9 +103,9 @@ _GRAPHS: Any = CudaGraphs()
 class _Arena:
     """The step's bindings at one batch size: the arena (params, buffers, transposes) and
     the update planned on its gradient buffers (None where some gradient is made fresh
-    at each call, which then goes through `SGD.update`)."""
+    at each call, which then goes through `Optimizer.update`)."""
 
-    def __init__(self, fn: ArenaCompiled, batch: int, optimizer: SGD, params: list[torch.Tensor]) -> None:
+    def __init__(self, fn: ArenaCompiled, batch: int, optimizer: Optimizer, params: list[torch.Tensor]) -> None:
         self._run, self.batch = fn.fn, batch
         buffers = fn.buffers({d: batch for d in fn.symbols})
         self.bindings = fn.bind_params() + buffers
@@ -130,7 +130,7 @@ class TrainStep:
     Args:
         model: the model to train, a `gd.Sequential` (its params are updated in place).
         loss: the graphdl loss.
-        optimizer: an `SGD`; its velocity starts from zero.
+        optimizer: a graphdl optimizer (`gd.SGD`, `gd.Adam`, ...); its state starts afresh.
         capture: capture epochs as CUDA graphs: None (the default) on CUDA, unless the
             environment sets GRAPHDL_CUDA_GRAPHS=0; False never. Where capture fails,
             the step says so in one warning and runs uncaptured.
@@ -144,7 +144,7 @@ class TrainStep:
     reads them once per epoch). Nothing here records autograd history.
     """
 
-    def __init__(self, model: Model, loss: Loss, optimizer: SGD, capture: bool | None = None,
+    def __init__(self, model: Model, loss: Loss, optimizer: Optimizer, capture: bool | None = None,
                  distributed: bool = False) -> None:
         _check_arguments(model, loss, optimizer, capture, distributed)
         self.model, self.loss, self.optimizer, self.distributed = model, loss, optimizer, distributed
@@ -153,7 +153,7 @@ class TrainStep:
         self._last: tuple[_Arena, tuple[torch.Tensor, ...]] | None = None
         self._checked: tuple | None = None  # the last data `epoch` checked, so that fit's epochs check once
         self._build()
-        optimizer.reset(self.params)
+        optimizer.reset(self.params, self.names, self.aliases)
         self.capture = False if distributed else \
             _GRAPHS.available(self.compiled.device) if capture is None else bool(capture)
 
@@ -168,6 +168,8 @@ class TrainStep:
         self.compiled: Compiled = model.compiled(kind, lambda: compile(gradients()))
         self.arena_fn: ArenaCompiled = model.compiled((*kind, "arena"), lambda: lower(self.compiled.graph, arena=True))
         self.params = list(model.parameters().values())  # what the gradients are of, in their order
+        self.names = names  # and their names, for the optimizer's groups (with a tied tensor's other places)
+        self.aliases: dict[str, str] = model.ties() if hasattr(model, "ties") else {}
         # Each param's identity for the optimizer's state: the slot it is read from, which
         # a tensor assigned to the layer keeps (so its momentum does) and a new layer does not.
         self._identities: list[Slot] = [self.compiled.graph.params[name].slot for name in names]
@@ -279,7 +281,7 @@ class TrainStep:
             return
         before = self._identities
         self._build()
-        self.optimizer.carry(before, self._identities, self.params)
+        self.optimizer.carry(before, self._identities, self.params, self.names, self.aliases)
 
     def _captured(self, X: torch.Tensor, Y: torch.Tensor, batch_size: int, shuffled: bool) -> _CapturedEpoch | None:
         """The epoch's CUDA graph, captured on first use; None (after one warning, once)
@@ -360,7 +362,7 @@ class _CapturedEpoch:
         """One step at each batch size the epoch has, on a side stream, before capture
         (cuBLAS and the kernels initialise lazily, which capture forbids); the params and
         velocities are put back afterwards, so training is unchanged."""
-        state = [*step.params, *step.optimizer.buffers]
+        state = [*step.params, *step.optimizer.state_tensors()]
         saved = [t.clone() for t in state]
         # The sizes the epoch's batches really have: with a batch larger than the data, an
         # arena of batch_size rows run on fewer would have torch resize its out= buffers.

@@ -26,7 +26,7 @@ from .checks import flag, real, shown, whole
 from .compile import Compiled, compile
 from .ir import tensor_problem
 from .losses import MSE, Loss, checked_loss
-from .optim import SGD, Schedule, check_apart, check_updatable, checked_optimizer
+from .optim import SGD, Optimizer, Schedule, check_apart, check_updatable, checked_optimizer
 from .step import TrainStep
 
 if TYPE_CHECKING:
@@ -232,7 +232,7 @@ class FitSettings:
     passed on as one value. (`Sequential.fit` documents each.)"""
 
     loss: Loss
-    optimizer: SGD
+    optimizer: Optimizer
     schedule: Schedule | None
     epochs: int
     batch_size: int
@@ -483,7 +483,8 @@ class _Run:
             self.history.update(resumed.history)
             self.first = resumed.epoch
         model.history = self.history  # what fit has recorded so far, kept if it stops early
-        self.start = _Snapshot(lambda: [*self.step.params, *s.optimizer.buffers])  # the step binds again if they move
+        # (called at each save: the step binds again if the tensors move)
+        self.start = _Snapshot(lambda: [*self.step.params, *s.optimizer.state_tensors()])
 
     def _check_feeds(self) -> None:
         """Dtype and device once, with the graphs' messages, so that each epoch calls the
@@ -498,7 +499,7 @@ class _Run:
         s = self.settings
         seed = s.seed if s.seed is not None else int(torch.randint(0, 2**62, ()).item())
         agreed = _fit_settings(self.model, self.X, s, resumed)
-        seed = self.batches.common_start([*self.model.state().values(), *s.optimizer.buffers], seed, agreed)
+        seed = self.batches.common_start([*self.model.state().values(), *s.optimizer.state_tensors()], seed, agreed)
         return torch.Generator().manual_seed(seed)
 
     def epochs(self) -> History:

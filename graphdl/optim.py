@@ -789,7 +789,8 @@ class Adagrad(Optimizer):
     """Adagrad, torch.optim.Adagrad's rule and defaults.
 
     g <- g + λw, s <- s + g², w <- w - η_t g / (sqrt(s) + ε), η_t = η / (1 + (t - 1) δ)
-    with t the param's step count and δ the lr decay; s starts at `initial_accumulator_value`.
+    with t the param's step count and δ the lr decay; s starts at `initial_accumulator_value`
+    (a group's own, where it sets one: torch.optim.Adagrad takes the constructor's for all).
 
     Args:
         lr: η >= 0. lr_decay: δ >= 0. weight_decay: λ >= 0.

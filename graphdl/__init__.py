@@ -15,7 +15,8 @@ from .autodiff import grad
 from .compile import Compiled, compile
 from .losses import MAE, MBE, MSE, BCEWithLogits, CrossEntropy, Loss
 from .optim import (
-    SGD, Adagrad, Adam, AdamW, Constant, CosineDecay, ExponentialDecay, Optimizer, RMSprop, Schedule, StepDecay,
+    SGD, Adagrad, Adam, AdamW, Constant, CosineDecay, ExponentialDecay, LinearWarmup, OneCycle, Optimizer, PerStep,
+    RMSprop, Schedule, StepDecay,
 )
 from .layers import Layer, Linear, ReLU, Sigmoid, Softmax, Standardize, Tanh
 from .step import TrainStep
@@ -29,7 +30,7 @@ from . import distributed
 
 __all__ = [
     "BCEWithLogits", "CrossEntropy", "DivergedError", "MAE", "MBE", "MSE", "SGD", "Softmax", "Standardize",
-    "Adagrad", "Adam", "AdamW", "Optimizer", "RMSprop",
+    "Adagrad", "Adam", "AdamW", "LinearWarmup", "OneCycle", "Optimizer", "PerStep", "RMSprop",
     "Constant", "CosineDecay", "ExponentialDecay", "History",
     "Layer", "Linear", "Loss", "ReLU", "Schedule", "Sequential", "Sigmoid", "StepDecay", "Tanh", "TrainStep",
     "DTYPES", "OPS", "Compiled", "DotNotFoundError", "Graph", "GraphError", "Node", "Value",

@@ -258,7 +258,9 @@ class Sequential:
             optimizer: a graphdl optimizer (`SGD`, `Adam`, `AdamW`, `RMSprop`, `Adagrad`, with
                 per-param `groups` if wanted); default `SGD(lr=0.01)`.
             schedule: sets the learning rate each epoch from the optimizer's base rate,
-                e.g. `CosineDecay(epochs)`; default the base rate throughout.
+                e.g. `CosineDecay(epochs)`, or each step (a schedule whose `per` is
+                "step": `LinearWarmup`, `OneCycle`, `CosineDecay(steps=...)`,
+                `PerStep(fn)`); default the base rate throughout.
             epochs: passes over the data (>= 0).
             batch_size: examples per step (>= 1); the last batch may be smaller.
             shuffle: reshuffle the examples every epoch.

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -139,7 +139,8 @@ class TrainStep:
 
     `step(x, y, lr)` runs one batch and returns its loss; `step.epoch(X, Y, batch_size,
     order, lr)` runs every batch of an epoch and returns their losses; `step.steps(feeds,
-    lr)` runs one step per feed tuple, such as a rank's (x, y, scale). Losses are
+    lr)` runs one step per feed tuple, such as a rank's (x, y, scale). For these two, `lr`
+    is one rate, or a list of one per step (a per-step schedule's). Losses are
     tensors on the device, made in inference mode (reading one is a host sync; fit
     reads them once per epoch). Nothing here records autograd history.
     """
@@ -211,11 +212,12 @@ class TrainStep:
 
     @torch.inference_mode()
     def epoch(self, X: torch.Tensor, Y: torch.Tensor, batch_size: int, order: torch.Tensor | None,
-              lr: float) -> torch.Tensor:
+              lr: float | Sequence[float]) -> torch.Tensor:
         """Every batch of X, Y taken in `order` (a permutation of the rows; None: as they
-        are), one step each at rate `lr`. Returns the batches' losses, a 1-d tensor on
-        the device (on CUDA it is overwritten by the next epoch)."""
-        lr, batch_size = real("lr", lr, 0.0), whole("batch_size", batch_size, 1)
+        are), one step each at rate `lr` (or at lr[k] for the k-th). Returns the batches'
+        losses, a 1-d tensor on the device (on CUDA it is overwritten by the next epoch)."""
+        batch_size = whole("batch_size", batch_size, 1)
+        lr = _checked_rates(lr, -(-len(X) // batch_size) if isinstance(X, torch.Tensor) and X.dim() else None)
         self._refresh()
         data = (id(X), id(Y), X.shape, Y.shape, X.dtype, Y.dtype, X.device, Y.device, self.compiled) \
             if isinstance(X, torch.Tensor) and isinstance(Y, torch.Tensor) else None
@@ -223,27 +225,34 @@ class TrainStep:
             self.compiled.check_feeds((X, Y), {})
             self._checked = data
         if self.capture:
-            captured = self._captured(X, Y, batch_size, order is not None)
+            captured = self._captured(X, Y, batch_size, order is not None, isinstance(lr, list))
             if captured is not None:
+                if isinstance(lr, list):
+                    return captured.replay(order, lr)
                 self.optimizer.set_lr(lr)
                 return captured.replay(order)
         return torch.stack(self._steps(epoch_batches(X, Y, batch_size, order), lr))
 
     @torch.inference_mode()
-    def steps(self, feeds: Iterable[tuple[torch.Tensor, ...]], lr: float) -> list[torch.Tensor]:
+    def steps(self, feeds: Iterable[tuple[torch.Tensor, ...]], lr: float | Sequence[float]) -> list[torch.Tensor]:
         """One step per feed tuple ((x, y), or data-parallel (x, y, scale)) at rate `lr`:
         a call of the generated function and one of the planned update. Returns the
         losses, tensors on the device. (`epoch` makes its feeds with `split`, all the
         batch views in one call: ~0.2 µs a batch against ~1 µs for slicing each.) The feeds
         are not checked: `fit` checks its data once, not at every step."""
         self._refresh()
-        return self._steps(feeds, real("lr", lr, 0.0))
+        return self._steps(feeds, _checked_rates(lr, None))
 
-    def _steps(self, feeds: Iterable[tuple[torch.Tensor, ...]], lr: float) -> list[torch.Tensor]:
+    def _steps(self, feeds: Iterable[tuple[torch.Tensor, ...]], lr: float | list[float]) -> list[torch.Tensor]:
         # The planned update reads the rate from the optimizer (set_lr, in _update).
         losses: list[torch.Tensor] = []
         arena = None
-        for feed in feeds:
+        rates = lr if isinstance(lr, list) else None
+        for k, feed in enumerate(feeds):
+            if rates is not None:
+                if k >= len(rates):
+                    raise ValueError(f"lr holds {len(rates)} rates but there are more steps; give one per step")
+                lr = rates[k]
             size = feed[0].shape[0]  # (0.1 µs; len() of a tensor takes 0.4)
             if arena is None or size != arena.batch:  # the arenas of the full batches and of the last
                 arena = self._arena(size)
@@ -283,10 +292,11 @@ class TrainStep:
         self._build()
         self.optimizer.carry(before, self._identities, self.params, self.names, self.aliases)
 
-    def _captured(self, X: torch.Tensor, Y: torch.Tensor, batch_size: int, shuffled: bool) -> _CapturedEpoch | None:
+    def _captured(self, X: torch.Tensor, Y: torch.Tensor, batch_size: int, shuffled: bool,
+                  per_step: bool) -> _CapturedEpoch | None:
         """The epoch's CUDA graph, captured on first use; None (after one warning, once)
         where capture cannot apply."""
-        key = (id(X), id(Y), X.data_ptr(), Y.data_ptr(), len(X), batch_size, shuffled)
+        key = (id(X), id(Y), X.data_ptr(), Y.data_ptr(), len(X), batch_size, shuffled, per_step)
         captured = self._epochs.get(key)
         if captured is not None:
             return captured
@@ -295,7 +305,7 @@ class TrainStep:
             return self._no_capture(f"an epoch of {steps} steps is more than the {MAX_CAPTURED_STEPS} a graph "
                                     "holds; a larger batch size captures")
         try:
-            captured = self._epochs[key] = _CapturedEpoch(self, X, Y, batch_size, shuffled)
+            captured = self._epochs[key] = _CapturedEpoch(self, X, Y, batch_size, shuffled, per_step)
         except Exception as e:  # noqa: BLE001 - any failure to capture falls back to the plain step
             return self._no_capture(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         return captured
@@ -321,6 +331,15 @@ def step_graph(loss_graph: Graph, wrt: list[str], bucket_mib: float | None = Non
     return step
 
 
+def _checked_rates(lr: Any, steps: int | None) -> float | list[float]:
+    """One rate, or a list of one per step (`steps` of them, where known), each checked."""
+    if not isinstance(lr, (list, tuple)):
+        return real("lr", lr, 0.0)
+    if steps is not None and len(lr) != steps:
+        raise ValueError(f"lr holds {len(lr)} rates but the epoch has {steps} steps; give one rate, or one per step")
+    return [real(f"lr[{k}]", v, 0.0) for k, v in enumerate(lr)]
+
+
 def _check_arguments(model: Any, loss: Any, optimizer: Any, capture: Any, distributed: Any) -> None:
     if not isinstance(model, Model):
         raise ValueError(f"model must be a graphdl model such as gd.Sequential, got {type(model).__name__}")
@@ -336,24 +355,33 @@ class _CapturedEpoch:
 
     What changes between epochs lives in device tensors the graph reads: the
     permutation (`order`, copied in before each replay), the learning rate (the
-    optimizer's rate tensors) and, of course, the params and velocities.
+    optimizer's rate tensors; with `per_step`, each step's rate, copied in with the
+    order and loaded into them by the graph before each update) and, of course, the
+    params and optimizer state.
     """
 
-    def __init__(self, step: TrainStep, X: torch.Tensor, Y: torch.Tensor, batch_size: int, shuffled: bool) -> None:
-        self.X, self.Y = X, Y  # the graph reads their memory: keep them alive
+    def __init__(self, step: TrainStep, X: torch.Tensor, Y: torch.Tensor, batch_size: int, shuffled: bool,
+                 per_step: bool = False) -> None:
+        self.X, self.Y, self.optimizer = X, Y, step.optimizer  # the graph reads their memory: keep them alive
         n = len(X)
         self.order = torch.arange(n, device=X.device) if shuffled else None
         self.staging = _GRAPHS.staging(n) if shuffled else None
+        steps = -(-n // batch_size)
+        self.rates = torch.zeros(steps, dtype=torch.float64, device=X.device) if per_step else None
+        # (float64 rates in the staging made for int64 ids: the same 8 bytes each)
+        self.rate_staging = _GRAPHS.staging(steps).view(torch.float64) if per_step else None
         self.copied = _GRAPHS.event()  # recorded after each copy out of staging
         self._warm_up(step, batch_size)
         self.replay_graph, self.losses = _GRAPHS.capture(lambda: self._body(step, batch_size))
 
     def _body(self, step: TrainStep, batch_size: int) -> torch.Tensor:
         losses = []
-        for x, y in epoch_batches(self.X, self.Y, batch_size, self.order):  # the order already on the device
+        for k, (x, y) in enumerate(epoch_batches(self.X, self.Y, batch_size, self.order)):  # order: on the device
             arena = step._arena(len(x))
             out = arena((x, y))
             update = arena.update or step.optimizer.plan(step.params, list(out[1:]))
+            if self.rates is not None:
+                step.optimizer.load_lr(self.rates[k])
             update()
             losses.append(out[0])
         return torch.stack(losses)
@@ -378,13 +406,20 @@ class _CapturedEpoch:
         finally:  # also when warming up fails: the fallback trains from the same state
             torch._foreach_copy_(state, saved)
 
-    def replay(self, order: torch.Tensor | None) -> torch.Tensor:
-        """Run the epoch's steps with this permutation; returns the batches' losses."""
-        if self.order is not None:
+    def replay(self, order: torch.Tensor | None, rates: list[float] | None = None) -> torch.Tensor:
+        """Run the epoch's steps with this permutation (and, per step, these rates);
+        returns the batches' losses."""
+        if self.order is not None or self.rates is not None:
             self.copied.synchronize()  # the last copy out of staging is done (fit synced since)
-            self.staging.copy_(order)
-            self.order.copy_(self.staging, non_blocking=True)
+            if self.order is not None:
+                self.staging.copy_(order)
+                self.order.copy_(self.staging, non_blocking=True)
+            if self.rates is not None:
+                self.rate_staging.copy_(torch.tensor(rates, dtype=torch.float64))
+                self.rates.copy_(self.rate_staging, non_blocking=True)
             self.copied.record()
         self.replay_graph()
+        if self.rates is not None:
+            self.optimizer.forget_lr()  # the graph loaded the rates: set_lr must fill them afresh
         return self.losses
 

@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 
 class History(dict):
     """Per-epoch lists: "loss", one per metric ("accuracy", "mse", ...), "val_loss" and
-    "val_<metric>" (empty without validation data), and "lr".
+    "val_<metric>" (empty without validation data), and "lr" (the epoch's rate; with a
+    per-step schedule, the rate of the epoch's first step).
 
     "loss" is the mean training loss over the epoch's batches (as the optimizer saw them);
     the metrics are measured on the whole training set at the end of the epoch. A metric
@@ -328,21 +329,28 @@ def _threads_for(model: Sequential, batch: int, threads: int | None) -> Iterator
         torch.set_num_threads(before)
 
 
-def _scheduled_lr(schedule: Schedule | None, epoch: int, base_lr: float) -> float:
+def _scheduled_lr(schedule: Schedule | None, epoch: int, base_lr: float, unit: str = "epoch") -> float:
     if schedule is None:
         return base_lr
     try:
         lr = schedule(epoch, base_lr)
     except TypeError as e:
-        raise ValueError(f"schedule {schedule!r} cannot be called as schedule(epoch, base_lr): {e}") from e
+        raise ValueError(f"schedule {schedule!r} cannot be called as schedule({unit}, base_lr): {e}") from e
     except OverflowError as e:  # float ** int overflows rather than giving inf
-        raise ValueError(f"schedule {schedule!r} overflowed computing the lr for epoch {epoch + 1} ({e}); "
+        raise ValueError(f"schedule {schedule!r} overflowed computing the lr for {unit} {epoch + 1} ({e}); "
                          "a learning rate must be a finite number >= 0") from None
     try:
         return real("lr", lr, 0.0)
     except ValueError:
-        raise ValueError(f"schedule {schedule!r} gave lr={shown(lr)} for epoch {epoch + 1}; "
+        raise ValueError(f"schedule {schedule!r} gave lr={shown(lr)} for {unit} {epoch + 1}; "
                          "a learning rate must be a finite number >= 0") from None
+
+
+def _epoch_lr(schedule: Schedule | None, epoch: int, steps: int, base_lr: float) -> float | list[float]:
+    """The epoch's rate, or for a per-step schedule (`per == "step"`) each of its steps'."""
+    if getattr(schedule, "per", "epoch") != "step":
+        return _scheduled_lr(schedule, epoch, base_lr)
+    return [_scheduled_lr(schedule, epoch * steps + k, base_lr, "step") for k in range(steps)]
 
 
 class DivergedError(FloatingPointError):
@@ -395,7 +403,7 @@ def _largest(tensors: list[torch.Tensor], device: torch.device | str = "cpu") ->
 
 
 def _replay(step: TrainStep, start: _Snapshot, feeds: Iterator[tuple[torch.Tensor, ...]],
-            batch_loss: Callable[[torch.Tensor], float], lr: float) -> tuple[int, float, bool] | None:
+            batch_loss: Callable[[torch.Tensor], float], lr: float | list[float]) -> tuple[int, float, bool] | None:
     """Replay an epoch that diverged from its starting state, one checked batch at a time.
 
     Returns (batch index, its loss, whether it was its update that made params non-finite)
@@ -409,7 +417,7 @@ def _replay(step: TrainStep, start: _Snapshot, feeds: Iterator[tuple[torch.Tenso
         if not math.isfinite(loss):
             return b, loss, False  # the params that gave it are finite: the previous update was checked
         before.save()
-        step.apply(lr)
+        step.apply(lr[b] if isinstance(lr, list) else lr)
         if not math.isfinite(float(_largest(step.params))):
             before.restore()
             return b, loss, True
@@ -483,6 +491,8 @@ class _Run:
             self.history.update(resumed.history)
             self.first = resumed.epoch
         model.history = self.history  # what fit has recorded so far, kept if it stops early
+        if getattr(s.schedule, "per", "epoch") == "step" and s.epochs > self.first:  # its last rate, before any epoch
+            _scheduled_lr(s.schedule, s.epochs * len(self.batches) - 1, s.optimizer.lr, "step")
         # (called at each save: the step binds again if the tensors move)
         self.start = _Snapshot(lambda: [*self.step.params, *s.optimizer.state_tensors()])
 
@@ -510,7 +520,8 @@ class _Run:
     def epoch(self, epoch: int) -> None:
         """Run one epoch, read its numbers in one sync, check them, record them."""
         s, started = self.settings, time.perf_counter()
-        lr = _scheduled_lr(s.schedule, epoch, s.optimizer.lr)
+        lr = _epoch_lr(s.schedule, epoch, len(self.batches), s.optimizer.lr)
+        first = lr[0] if isinstance(lr, list) else lr  # what History["lr"] records of a per-step schedule
         order = torch.randperm(len(self.X), generator=self.generator) if s.shuffle else None
         self.start.save()
         losses = self.batches.run(self.step, self.X, self.Y, order, lr)
@@ -519,11 +530,11 @@ class _Run:
         if not (math.isfinite(epoch_loss) and math.isfinite(largest)):
             found = _replay(self.step, self.start, self.batches.feeds(self.X, self.Y, order), self.batches.batch_loss,
                             lr)
-            raise _diverged(found, epoch, s.epochs, len(self.batches), lr, self.history)
+            raise _diverged(found, epoch, s.epochs, len(self.batches), first, self.history)
         self.history["loss"].append(epoch_loss)
         for key, value in zip(list(scores)[1:], values, strict=True):
             self.history[key].append(value)
-        self.history["lr"].append(lr)
+        self.history["lr"].append(first)
         if s.verbose and self.batches.is_main:
             _report(epoch, s.epochs, self.history, time.perf_counter() - started)
         if s.checkpoint is not None:

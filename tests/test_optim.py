@@ -542,3 +542,110 @@ def test_a_changed_model_keeps_the_state_of_the_params_it_kept():
     assert not torch.equal(now["exp_avg/0.weight"], kept["exp_avg/0.weight"])
     # the new layer's moments are one step's from zero: m = (1 - β1) g, v = (1 - β2) g²
     torch.testing.assert_close(now["exp_avg_sq/4.bias"], (now["exp_avg/4.bias"] / 0.1) ** 2 * 0.001)
+
+
+# -- per-step schedules ---------------------------------------------------------------------------
+
+
+def _torch_rates(make_scheduler, steps: int, lr: float = 0.1) -> list[float]:
+    """The rate torch's scheduler gives each of `steps` optimizer steps (stepped after each)."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr)
+    scheduler = make_scheduler(opt)
+    rates = []
+    for _ in range(steps):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    return rates
+
+
+LR = torch.optim.lr_scheduler
+
+
+@pytest.mark.parametrize("mine, theirs, steps", [
+    (gd.LinearWarmup(5), lambda o: LR.LinearLR(o, start_factor=1 / 5, total_iters=4), 12),
+    (gd.LinearWarmup(1), lambda o: LR.LambdaLR(o, lambda s: 1.0), 3),
+    (gd.LinearWarmup(4, then=gd.CosineDecay(steps=10, min_lr=0.001)),
+     lambda o: LR.SequentialLR(o, [LR.LinearLR(o, start_factor=1 / 4, total_iters=3),
+                                   LR.CosineAnnealingLR(o, T_max=10, eta_min=0.001)], milestones=[4]), 14),
+    (gd.LinearWarmup(3, then=gd.PerStep(lambda s, lr: lr * 0.9**s)),
+     lambda o: LR.SequentialLR(o, [LR.LinearLR(o, start_factor=1 / 3, total_iters=2), LR.ExponentialLR(o, 0.9)],
+                               milestones=[3]), 10),
+    (gd.CosineDecay(steps=10, min_lr=0.01), lambda o: LR.CosineAnnealingLR(o, T_max=10, eta_min=0.01), 11),
+    (gd.OneCycle(0.5, total_steps=20), lambda o: LR.OneCycleLR(o, 0.5, total_steps=20, cycle_momentum=False), 20),
+    (gd.OneCycle(0.5, total_steps=30, pct_start=0.25, anneal_strategy="linear", div_factor=10, final_div_factor=100),
+     lambda o: LR.OneCycleLR(o, 0.5, total_steps=30, pct_start=0.25, anneal_strategy="linear", div_factor=10,
+                             final_div_factor=100, cycle_momentum=False), 30),
+    (gd.OneCycle(0.5, total_steps=25, three_phase=True),
+     lambda o: LR.OneCycleLR(o, 0.5, total_steps=25, three_phase=True, cycle_momentum=False), 25),
+], ids=["warmup", "warmup-1", "warmup-cosine", "warmup-callable", "cosine-steps", "one-cycle", "one-cycle-linear",
+        "one-cycle-three-phase"])
+def test_per_step_schedules_give_torchs_rates(mine, theirs, steps):
+    assert mine.per == "step"
+    assert [mine(s, 0.1) for s in range(steps)] == pytest.approx(_torch_rates(theirs, steps), rel=1e-12, abs=1e-15)
+
+
+@pytest.mark.parametrize("captured", [False, True], ids=["uncaptured", "captured"])
+def test_fit_with_a_per_step_schedule_follows_torchs_scheduler(monkeypatch, captured):
+    """A warm-up then a cosine decay, set into the update's rate at every step (captured:
+    loaded from a device tensor by the graph, CUDA's way, on the CPU stand-in), against
+    torch.optim.Adam stepped by SequentialLR after every batch; History["lr"] holds each
+    epoch's first rate."""
+    if captured:
+        from test_step import RecordedGraphs
+
+        from graphdl import step as step_module
+        graphs = RecordedGraphs()
+        monkeypatch.setattr(step_module, "_GRAPHS", graphs)
+    gen = torch.Generator().manual_seed(10)
+    X, Y = torch.rand(23, 3, generator=gen), torch.rand(23, 2, generator=gen)
+    model = _net(gen)
+    twin = _twin(model)
+    schedule = gd.LinearWarmup(6, then=gd.CosineDecay(steps=9, min_lr=0.001))
+    history = model.fit(X, Y, optimizer=gd.Adam(lr=0.02), schedule=schedule, epochs=3, batch_size=5, shuffle=False,
+                        verbose=False)
+    opt = torch.optim.Adam(twin.parameters(), lr=0.02)
+    scheduler = LR.SequentialLR(opt, [LR.LinearLR(opt, start_factor=1 / 6, total_iters=5),
+                                      LR.CosineAnnealingLR(opt, T_max=9, eta_min=0.001)], milestones=[6])
+    losses = _torch_fit(twin, opt, X, Y, 3, 5, scheduler, per_step=True)
+    assert history["lr"] == pytest.approx([schedule(5 * e, 0.02) for e in range(3)], rel=1e-15)
+    assert history["loss"] == pytest.approx(losses, rel=1e-5)
+    _assert_like_torch(model, twin, rtol=1e-5, atol=1e-6)
+    if captured:
+        assert (graphs.captures, graphs.replays) == (1, 3)
+
+
+def test_per_step_schedules_check_their_settings_and_their_end_before_fit_runs():
+    for make, pattern in [
+        (lambda: gd.LinearWarmup(0), "steps must be a whole number >= 1"),
+        (lambda: gd.LinearWarmup(5, then=gd.StepDecay(2, 0.5)), "then must be a per-step schedule"),
+        (lambda: gd.LinearWarmup(5, then=0.1), "then must be a per-step schedule"),
+        (lambda: gd.CosineDecay(), "CosineDecay takes epochs=N .* or steps=N"),
+        (lambda: gd.CosineDecay(10, steps=10), "CosineDecay takes epochs=N .* or steps=N"),
+        (lambda: gd.CosineDecay(steps=0), "steps must be a whole number >= 1"),
+        (lambda: gd.OneCycle(-1.0, 10), "max_lr"), (lambda: gd.OneCycle(0.1, 0), "total_steps"),
+        (lambda: gd.OneCycle(0.1, 10, pct_start=1.5), "pct_start"),
+        (lambda: gd.OneCycle(0.1, 10, anneal_strategy="cosine"), "anneal_strategy must be 'cos' or 'linear'"),
+        (lambda: gd.OneCycle(0.1, 10, div_factor=0), "div_factor must be > 0"),
+        (lambda: gd.OneCycle(0.1, 10, final_div_factor=-1), "final_div_factor"),
+        (lambda: gd.OneCycle(0.1, 10, three_phase=1), "three_phase must be True or False"),
+        (lambda: gd.OneCycle(0.1, 3, pct_start=0.3), r"leaves a phase without steps"),
+        (lambda: gd.PerStep(0.1), "PerStep takes a function"),
+    ]:
+        with pytest.raises(ValueError, match=pattern):
+            make()
+    gen = torch.Generator().manual_seed(11)
+    X, Y = torch.rand(20, 3, generator=gen), torch.rand(20, 2, generator=gen)
+    model = _net(gen)
+    before = {k: v.clone() for k, v in model.parameters().items()}
+    with pytest.raises(ValueError, match=r"OneCycle\(total_steps=10\) was asked for the rate of step 12, past its end"):
+        model.fit(X, Y, optimizer=gd.Adam(), schedule=gd.OneCycle(0.1, 10), epochs=3, batch_size=5, verbose=False)
+    with pytest.raises(ValueError, match=r"schedule .* gave lr=-0.1 for step 1"):
+        model.fit(X, Y, schedule=gd.PerStep(lambda s, lr: -0.1), epochs=1, verbose=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.parameters().items())  # no epoch ran
+    model.fit(X, Y, optimizer=gd.Adam(), schedule=gd.OneCycle(0.1, 12), epochs=3, batch_size=5, verbose=False)
+    step = gd.TrainStep(model, gd.MSE(), gd.Adam())
+    with pytest.raises(ValueError, match="lr holds 3 rates but the epoch has 4 steps"):
+        step.epoch(X, Y, 5, None, [0.1, 0.1, 0.1])
+    with pytest.raises(ValueError, match=r"lr\[1\] must be in \[0.0, inf\]"):
+        step.epoch(X, Y, 5, None, [0.1, -0.1, 0.1, 0.1])

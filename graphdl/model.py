@@ -246,7 +246,8 @@ class Sequential:
             validation_data: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int | None = None,
             verbose: bool = True, metrics: list[str] | None = None, threads: int | None = None,
             distributed: bool = False, checkpoint: str | os.PathLike[str] | None = None,
-            resume: str | os.PathLike[str] | None = None) -> History:
+            resume: str | os.PathLike[str] | None = None, clip_norm: float | None = None,
+            clip_value: float | None = None, accumulate: int = 1) -> History:
         """Train the model in place with minibatch gradient descent.
 
         Args:
@@ -281,6 +282,14 @@ class Sequential:
                 fit's state, to continue from with `resume` (see graphdl.checkpoint).
             resume: a checkpoint to continue from: its weights, optimizer state, shuffling
                 state, History and epoch count; `epochs` counts the epochs it already did.
+            clip_norm: scale each update's gradients by min(1, clip_norm / (norm + 1e-6)),
+                norm their global L2 norm (torch.nn.utils.clip_grad_norm_); None: no clipping.
+            clip_value: clamp each gradient element to [-clip_value, clip_value], before
+                clip_norm (torch.nn.utils.clip_grad_value_); None: no clipping.
+            accumulate: batches per update (>= 1): the gradients of each group of this
+                many batches are averaged by rows, so that for a mean loss the update is
+                that of one batch of accumulate * batch_size rows (the epoch's last
+                group may be shorter). Rates and per-step schedules count updates.
 
         Returns:
             The `History`: per-epoch lists "loss", each metric, "val_loss", "val_<metric>"
@@ -292,7 +301,8 @@ class Sequential:
         settings = train.FitSettings.check(
             self, loss=loss, optimizer=optimizer, schedule=schedule, epochs=epochs, batch_size=batch_size,
             shuffle=shuffle, validation_data=validation_data, seed=seed, verbose=verbose, metrics=metrics,
-            threads=threads, distributed=distributed, checkpoint=checkpoint, resume=resume)
+            threads=threads, distributed=distributed, checkpoint=checkpoint, resume=resume, clip_norm=clip_norm,
+            clip_value=clip_value, accumulate=accumulate)
         return train.fit(self, X, Y, settings)
 
     def predict(self, X: torch.Tensor, threads: int | None = None, distributed: bool = False) -> torch.Tensor:

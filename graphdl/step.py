@@ -105,15 +105,17 @@ class _Arena:
     the update planned on its gradient buffers (None where some gradient is made fresh
     at each call, which then goes through `Optimizer.update`)."""
 
-    def __init__(self, fn: ArenaCompiled, batch: int, optimizer: Optimizer, params: list[torch.Tensor]) -> None:
+    def __init__(self, fn: ArenaCompiled, batch: int, optimizer: Optimizer, params: list[torch.Tensor],
+                 control: Callable[[list[torch.Tensor]], Callable[[], None] | None] | None) -> None:
         self._run, self.batch = fn.fn, batch
         buffers = fn.buffers({d: batch for d in fn.symbols})
         self.bindings = fn.bind_params() + buffers
         self.bytes = sum(b.untyped_storage().nbytes() for b in buffers[:len(fn.layout.buffers)])
         self.update: Callable[[], None] | None = None
         grads = fn.layout.output_buffers[1:]
-        if all(j is not None for j in grads):
-            self.update = optimizer.plan(params, [buffers[j] for j in grads])
+        if control is not None and all(j is not None for j in grads):  # (None: accumulated, updated elsewhere)
+            grads = [buffers[j] for j in grads]
+            self.update = _then(control(grads), optimizer.plan(params, grads))
 
     def __call__(self, feed: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """The step's outputs for a batch of this arena's size. A batch of another size
@@ -136,6 +138,14 @@ class TrainStep:
             the step says so in one warning and runs uncaptured.
         distributed: the data-parallel step (see the module doc), whose feeds are
             (x, y, scale); it is never captured.
+        clip_norm: scale the gradients by min(1, clip_norm / (norm + 1e-6)), their
+            global L2 norm over every param (torch.nn.utils.clip_grad_norm_'s rule).
+        clip_value: clamp each gradient element to [-clip_value, clip_value] (first).
+        accumulate: update once per group of this many batches, from their gradients
+            averaged by rows (each batch's weight its share of the group's rows, the
+            epoch's last group as long as it is), so that for a mean loss a group is
+            one batch of all its rows. Rates, per-step schedules and step counts count
+            updates. Each is applied in the step, on the device: no host sync.
 
     `step(x, y, lr)` runs one batch and returns its loss; `step.epoch(X, Y, batch_size,
     order, lr)` runs every batch of an epoch and returns their losses; `step.steps(feeds,
@@ -146,9 +156,13 @@ class TrainStep:
     """
 
     def __init__(self, model: Model, loss: Loss, optimizer: Optimizer, capture: bool | None = None,
-                 distributed: bool = False) -> None:
+                 distributed: bool = False, clip_norm: float | None = None, clip_value: float | None = None,
+                 accumulate: int = 1) -> None:
         _check_arguments(model, loss, optimizer, capture, distributed)
         self.model, self.loss, self.optimizer, self.distributed = model, loss, optimizer, distributed
+        self.clip_norm, self.clip_value = (None if v is None else _positive(name, v)
+                                           for name, v in (("clip_norm", clip_norm), ("clip_value", clip_value)))
+        self.accumulate = whole("accumulate", accumulate, 1)
         self._arenas: dict[int, _Arena] = {}
         self._epochs: dict[tuple, _CapturedEpoch] = {}
         self._last: tuple[_Arena, tuple[torch.Tensor, ...]] | None = None
@@ -175,6 +189,10 @@ class TrainStep:
         # a tensor assigned to the layer keeps (so its momentum does) and a new layer does not.
         self._identities: list[Slot] = [self.compiled.graph.params[name].slot for name in names]
         self._bound = model.binding()
+        # With accumulation: the group's gradients so far, and the update planned on them.
+        self._acc = [torch.zeros_like(p, memory_format=torch.contiguous_format) for p in self.params] \
+            if self.accumulate > 1 else []
+        self._acc_update: Callable[[], None] | None = None
         self._arenas.clear()
         self._epochs.clear()
 
@@ -201,12 +219,30 @@ class TrainStep:
         return out[0]
 
     @torch.inference_mode()
-    def apply(self, lr: float) -> None:
-        """The optimizer's update from the gradients of the last `forward_backward`."""
+    def apply(self, lr: float, mark: tuple[float, bool] = (1.0, True)) -> None:
+        """The optimizer's update from the gradients of the last `forward_backward`; with
+        accumulation, `mark` is the batch's (weight, whether it ends its group), as
+        `marks` gives them."""
         assert self._last is not None, "apply follows forward_backward"
         arena, out = self._last
         self._last = None
-        self._update(arena, out, lr)
+        self._update(arena, out, lr, mark)
+
+    def marks(self, sizes: list[int]) -> list[tuple[float, bool]]:
+        """For batches of these sizes: each one's weight in its group's gradient (its share
+        of the group's rows) and whether its group ends with it (every batch, without
+        accumulation)."""
+        marks = []
+        for first in range(0, len(sizes), self.accumulate):
+            group = sizes[first:first + self.accumulate]
+            total = sum(group)
+            marks += [(size / total if total else 0.0, k == len(group) - 1) for k, size in enumerate(group)]
+        return marks
+
+    def discard_accumulated(self) -> None:
+        """Forget the gradients of a group left unfinished (an epoch that stopped)."""
+        if self._acc:
+            torch._foreach_zero_(self._acc)
 
     # -- one epoch -------------------------------------------------------------------------
 
@@ -217,7 +253,9 @@ class TrainStep:
         are), one step each at rate `lr` (or at lr[k] for the k-th). Returns the batches'
         losses, a 1-d tensor on the device (on CUDA it is overwritten by the next epoch)."""
         batch_size = whole("batch_size", batch_size, 1)
-        lr = _checked_rates(lr, -(-len(X) // batch_size) if isinstance(X, torch.Tensor) and X.dim() else None)
+        n = len(X) if isinstance(X, torch.Tensor) and X.dim() else 0
+        sizes = [min(batch_size, n - first) for first in range(0, n, batch_size)]
+        lr = _checked_rates(lr, -(-len(sizes) // self.accumulate) if n else None)
         self._refresh()
         data = (id(X), id(Y), X.shape, Y.shape, X.dtype, Y.dtype, X.device, Y.device, self.compiled) \
             if isinstance(X, torch.Tensor) and isinstance(Y, torch.Tensor) else None
@@ -231,33 +269,44 @@ class TrainStep:
                     return captured.replay(order, lr)
                 self.optimizer.set_lr(lr)
                 return captured.replay(order)
-        return torch.stack(self._steps(epoch_batches(X, Y, batch_size, order), lr))
+        return torch.stack(self._steps(epoch_batches(X, Y, batch_size, order), lr, sizes))
 
     @torch.inference_mode()
-    def steps(self, feeds: Iterable[tuple[torch.Tensor, ...]], lr: float | Sequence[float]) -> list[torch.Tensor]:
+    def steps(self, feeds: Iterable[tuple[torch.Tensor, ...]], lr: float | Sequence[float],
+              sizes: list[int] | None = None) -> list[torch.Tensor]:
         """One step per feed tuple ((x, y), or data-parallel (x, y, scale)) at rate `lr`:
         a call of the generated function and one of the planned update. Returns the
         losses, tensors on the device. (`epoch` makes its feeds with `split`, all the
         batch views in one call: ~0.2 µs a batch against ~1 µs for slicing each.) The feeds
-        are not checked: `fit` checks its data once, not at every step."""
+        are not checked: `fit` checks its data once, not at every step. With
+        accumulation, `sizes` are the batches' (global) sizes; by default their rows."""
         self._refresh()
-        return self._steps(feeds, _checked_rates(lr, None))
+        if self.accumulate > 1 and sizes is None:
+            feeds = list(feeds)
+            sizes = [feed[0].shape[0] for feed in feeds]
+        return self._steps(feeds, _checked_rates(lr, None), sizes)
 
-    def _steps(self, feeds: Iterable[tuple[torch.Tensor, ...]], lr: float | list[float]) -> list[torch.Tensor]:
+    def _steps(self, feeds: Iterable[tuple[torch.Tensor, ...]], lr: float | list[float],
+               sizes: list[int] | None) -> list[torch.Tensor]:
         # The planned update reads the rate from the optimizer (set_lr, in _update).
         losses: list[torch.Tensor] = []
         arena = None
         rates = lr if isinstance(lr, list) else None
+        marks = self.marks(sizes) if self.accumulate > 1 and sizes is not None else None
+        self.discard_accumulated()
+        update = 0
         for k, feed in enumerate(feeds):
+            mark = marks[k] if marks is not None else (1.0, True)
             if rates is not None:
-                if k >= len(rates):
+                if update >= len(rates):
                     raise ValueError(f"lr holds {len(rates)} rates but there are more steps; give one per step")
-                lr = rates[k]
+                lr = rates[update]
             size = feed[0].shape[0]  # (0.1 µs; len() of a tensor takes 0.4)
             if arena is None or size != arena.batch:  # the arenas of the full batches and of the last
                 arena = self._arena(size)
             out = arena(feed)
-            self._update(arena, out, lr)
+            self._update(arena, out, lr, mark)
+            update += mark[1]
             losses.append(out[0])
         if sum(a.bytes for a in self._arenas.values()) > KEEP_ARENA_BYTES:
             self._arenas.clear()
@@ -265,17 +314,42 @@ class TrainStep:
 
     # -- bookkeeping -------------------------------------------------------------------------
 
-    def _update(self, arena: _Arena, out: tuple[torch.Tensor, ...], lr: float) -> None:
-        if arena.update is not None:
+    def _update(self, arena: _Arena, out: tuple[torch.Tensor, ...], lr: float | torch.Tensor | None,
+                mark: tuple[float, bool] = (1.0, True)) -> None:
+        """After a batch's forward and backward: the update at rate `lr` (a float, set with
+        set_lr; a 0-d float64 tensor on the device, loaded from it; None: as it is), or
+        with accumulation, the batch's gradients added into its group's, weighted by
+        `mark`, and the update from those at the group's last batch."""
+        weight, last = mark
+        if self.accumulate > 1:
+            torch._foreach_add_(self._acc, list(out[1:]), alpha=weight)
+            if not last:
+                return
+            if self._acc_update is None:
+                self._acc_update = _then(self._control(self._acc), self.optimizer.plan(self.params, self._acc))
+            update = self._acc_update
+        elif arena.update is not None:
+            update = arena.update
+        else:  # some gradient is made at the call: clip and update it (a copy where it repeats elements)
+            grads = [g if g.is_contiguous() or torch._debug_has_internal_overlap(g) != 1 else
+                     g.clone(memory_format=torch.contiguous_format) for g in out[1:]]
+            update = _then(self._control(grads), self.optimizer.plan(self.params, grads))
+        if isinstance(lr, torch.Tensor):
+            self.optimizer.load_lr(lr)
+        elif lr is not None:
             self.optimizer.set_lr(lr)
-            arena.update()
-        else:
-            self.optimizer.update(self.params, list(out[1:]), lr, overwrite_grads=True)
+        update()
+        if self.accumulate > 1:
+            torch._foreach_zero_(self._acc)
+
+    def _control(self, grads: list[torch.Tensor]) -> Callable[[], None] | None:
+        return _clipper(grads, self.clip_norm, self.clip_value)
 
     def _arena(self, batch: int) -> _Arena:
         arena = self._arenas.get(batch)
         if arena is None:
-            arena = self._arenas[batch] = _Arena(self.arena_fn, batch, self.optimizer, self.params)
+            arena = self._arenas[batch] = _Arena(self.arena_fn, batch, self.optimizer, self.params,
+                                                 self._control if self.accumulate == 1 else None)
         return arena
 
     def _refresh(self) -> None:
@@ -331,6 +405,45 @@ def step_graph(loss_graph: Graph, wrt: list[str], bucket_mib: float | None = Non
     return step
 
 
+def _positive(name: str, value: Any) -> float:
+    number = real(name, value, 0.0)
+    if number == 0:
+        raise ValueError(f"{name} must be > 0 (None: none), got {value!r}")
+    return number
+
+
+def _then(first: Callable[[], None] | None, then: Callable[[], None]) -> Callable[[], None]:
+    if first is None:
+        return then
+
+    def both() -> None:
+        first()
+        then()
+    return both
+
+
+def _clipper(grads: list[torch.Tensor], clip_norm: float | None,
+             clip_value: float | None) -> Callable[[], None] | None:
+    """A function clipping `grads` in place, or None: each element clamped to
+    [-clip_value, clip_value] (torch.nn.utils.clip_grad_value_), then all scaled by
+    min(1, clip_norm / (norm + 1e-6)) with norm their global L2 norm
+    (torch.nn.utils.clip_grad_norm_'s formula and ops), on the device."""
+    grads = list(grads)
+    if not grads or (clip_norm is None and clip_value is None):
+        return None
+    device = grads[0].device
+
+    def clip() -> None:
+        if clip_value is not None:
+            torch._foreach_clamp_min_(grads, -clip_value)
+            torch._foreach_clamp_max_(grads, clip_value)
+        if clip_norm is not None:
+            norms = torch._foreach_norm(grads, 2.0)
+            total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]), 2.0)
+            torch._foreach_mul_(grads, torch.clamp(clip_norm / (total + 1e-6), max=1.0))
+    return clip
+
+
 def _checked_rates(lr: Any, steps: int | None) -> float | list[float]:
     """One rate, or a list of one per step (`steps` of them, where known), each checked."""
     if not isinstance(lr, (list, tuple)):
@@ -366,7 +479,9 @@ class _CapturedEpoch:
         n = len(X)
         self.order = torch.arange(n, device=X.device) if shuffled else None
         self.staging = _GRAPHS.staging(n) if shuffled else None
-        steps = -(-n // batch_size)
+        sizes = [min(batch_size, n - first) for first in range(0, n, batch_size)]
+        self.marks = step.marks(sizes)
+        steps = sum(last for _, last in self.marks)  # updates
         self.rates = torch.zeros(steps, dtype=torch.float64, device=X.device) if per_step else None
         # (float64 rates in the staging made for int64 ids: the same 8 bytes each)
         self.rate_staging = _GRAPHS.staging(steps).view(torch.float64) if per_step else None
@@ -376,13 +491,12 @@ class _CapturedEpoch:
 
     def _body(self, step: TrainStep, batch_size: int) -> torch.Tensor:
         losses = []
-        for k, (x, y) in enumerate(epoch_batches(self.X, self.Y, batch_size, self.order)):  # order: on the device
+        update = 0
+        for (x, y), mark in zip(epoch_batches(self.X, self.Y, batch_size, self.order), self.marks):  # order: device
             arena = step._arena(len(x))
             out = arena((x, y))
-            update = arena.update or step.optimizer.plan(step.params, list(out[1:]))
-            if self.rates is not None:
-                step.optimizer.load_lr(self.rates[k])
-            update()
+            step._update(arena, out, self.rates[update] if self.rates is not None and mark[1] else None, mark)
+            update += mark[1]
             losses.append(out[0])
         return torch.stack(losses)
 
@@ -390,7 +504,7 @@ class _CapturedEpoch:
         """One step at each batch size the epoch has, on a side stream, before capture
         (cuBLAS and the kernels initialise lazily, which capture forbids); the params and
         velocities are put back afterwards, so training is unchanged."""
-        state = [*step.params, *step.optimizer.state_tensors()]
+        state = [*step.params, *step.optimizer.state_tensors(), *step._acc]
         saved = [t.clone() for t in state]
         # The sizes the epoch's batches really have: with a batch larger than the data, an
         # arena of batch_size rows run on fewer would have torch resize its out= buffers.
@@ -402,7 +516,7 @@ class _CapturedEpoch:
                 for size in sizes:
                     arena = step._arena(size)
                     out = arena((self.X[:size], self.Y[:size]))
-                    (arena.update or step.optimizer.plan(step.params, list(out[1:])))()
+                    step._update(arena, out, None)  # (with accumulation: the group's update too)
         finally:  # also when warming up fails: the fallback trains from the same state
             torch._foreach_copy_(state, saved)
 

@@ -246,11 +246,15 @@ class FitSettings:
     distributed: bool  # data-parallel, over more than one rank
     checkpoint: str | os.PathLike[str] | None
     resume: str | os.PathLike[str] | None
+    clip_norm: float | None = None  # the gradients' global L2 norm at most this (torch's clip_grad_norm_)
+    clip_value: float | None = None  # each gradient element within +-this
+    accumulate: int = 1  # batches per update
 
     @classmethod
     def check(cls, model: Sequential, *, loss: Any, optimizer: Any, schedule: Any, epochs: Any, batch_size: Any,
               shuffle: Any, validation_data: Any, seed: Any, verbose: Any, metrics: Any, threads: Any,
-              distributed: Any, checkpoint: Any, resume: Any) -> FitSettings:
+              distributed: Any, checkpoint: Any, resume: Any, clip_norm: Any = None, clip_value: Any = None,
+              accumulate: Any = 1) -> FitSettings:
         """The settings, after checking each (a ValueError naming the one that is wrong),
         before any data is looked at; defaults filled in (the model's loss, SGD())."""
         if seed is not None:  # the range torch.Generator.manual_seed takes
@@ -274,7 +278,9 @@ class FitSettings:
                    verbose=flag("verbose", verbose),
                    metrics=None if metrics is None else tuple(_check_metric_names(metrics)),
                    threads=None if threads is None else whole("threads", threads, 1),
-                   distributed=_check_distributed(distributed, "fit"), checkpoint=checkpoint, resume=resume)
+                   distributed=_check_distributed(distributed, "fit"), checkpoint=checkpoint, resume=resume,
+                   clip_norm=_clip("clip_norm", clip_norm), clip_value=_clip("clip_value", clip_value),
+                   accumulate=whole("accumulate", accumulate, 1))
 
     def with_data(self, model: Sequential, Y: torch.Tensor) -> FitSettings:
         """The settings for this data: validation targets as the model reads them, and the
@@ -285,6 +291,14 @@ class FitSettings:
             _check_data(model, *validation, what=" (validation)")
         metrics = self.metrics if self.metrics is not None else tuple(_check_metrics(None, Y, self.loss))
         return replace(self, validation_data=validation, metrics=metrics)
+
+
+def _clip(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if real(name, value, 0.0) == 0:
+        raise ValueError(f"{name} must be > 0, or None for no clipping; got {shown(value)}")
+    return float(value)
 
 
 # Threads. torch splits each op over every core by default, which costs a synchronisation
@@ -403,7 +417,8 @@ def _largest(tensors: list[torch.Tensor], device: torch.device | str = "cpu") ->
 
 
 def _replay(step: TrainStep, start: _Snapshot, feeds: Iterator[tuple[torch.Tensor, ...]],
-            batch_loss: Callable[[torch.Tensor], float], lr: float | list[float]) -> tuple[int, float, bool] | None:
+            batch_loss: Callable[[torch.Tensor], float], lr: float | list[float],
+            sizes: list[int]) -> tuple[int, float, bool] | None:
     """Replay an epoch that diverged from its starting state, one checked batch at a time.
 
     Returns (batch index, its loss, whether it was its update that made params non-finite)
@@ -411,13 +426,16 @@ def _replay(step: TrainStep, start: _Snapshot, feeds: Iterator[tuple[torch.Tenso
     model is then back at the epoch's start).
     """
     start.restore()
+    step.discard_accumulated()
     before = _Snapshot(start.tensors)
-    for b, feed in enumerate(feeds):
+    update = 0
+    for b, (feed, mark) in enumerate(zip(feeds, step.marks(sizes))):
         loss = batch_loss(step.forward_backward(*feed))
         if not math.isfinite(loss):
             return b, loss, False  # the params that gave it are finite: the previous update was checked
         before.save()
-        step.apply(lr[b] if isinstance(lr, list) else lr)
+        step.apply(lr[update] if isinstance(lr, list) else lr, mark)
+        update += mark[1]
         if not math.isfinite(float(_largest(step.params))):
             before.restore()
             return b, loss, True
@@ -476,7 +494,8 @@ class _Run:
     def __init__(self, model: Sequential, X: torch.Tensor, Y: torch.Tensor, settings: FitSettings) -> None:
         self.model, self.X, self.Y, self.settings = model, X, Y, settings
         s = settings
-        self.step = TrainStep(model, s.loss, s.optimizer, distributed=s.distributed)
+        self.step = TrainStep(model, s.loss, s.optimizer, distributed=s.distributed, clip_norm=s.clip_norm,
+                              clip_value=s.clip_value, accumulate=s.accumulate)
         self.batches: Batches = Sharded(len(X), s.batch_size, X, Y) if s.distributed else \
             OneProcess(len(X), s.batch_size, X)
         self.predicting, self.scoring = _predict_fn(model), _eval_fn(model, s.loss)
@@ -491,8 +510,9 @@ class _Run:
             self.history.update(resumed.history)
             self.first = resumed.epoch
         model.history = self.history  # what fit has recorded so far, kept if it stops early
+        self.updates = -(-len(self.batches) // s.accumulate)  # per epoch: what a per-step schedule counts
         if getattr(s.schedule, "per", "epoch") == "step" and s.epochs > self.first:  # its last rate, before any epoch
-            _scheduled_lr(s.schedule, s.epochs * len(self.batches) - 1, s.optimizer.lr, "step")
+            _scheduled_lr(s.schedule, s.epochs * self.updates - 1, s.optimizer.lr, "step")
         # (called at each save: the step binds again if the tensors move)
         self.start = _Snapshot(lambda: [*self.step.params, *s.optimizer.state_tensors()])
 
@@ -520,7 +540,7 @@ class _Run:
     def epoch(self, epoch: int) -> None:
         """Run one epoch, read its numbers in one sync, check them, record them."""
         s, started = self.settings, time.perf_counter()
-        lr = _epoch_lr(s.schedule, epoch, len(self.batches), s.optimizer.lr)
+        lr = _epoch_lr(s.schedule, epoch, self.updates, s.optimizer.lr)
         first = lr[0] if isinstance(lr, list) else lr  # what History["lr"] records of a per-step schedule
         order = torch.randperm(len(self.X), generator=self.generator) if s.shuffle else None
         self.start.save()
@@ -529,7 +549,7 @@ class _Run:
         epoch_loss, largest, *values = torch.cat([v.reshape(-1).double() for v in scores.values()]).tolist()
         if not (math.isfinite(epoch_loss) and math.isfinite(largest)):
             found = _replay(self.step, self.start, self.batches.feeds(self.X, self.Y, order), self.batches.batch_loss,
-                            lr)
+                            lr, self.batches.sizes)
             raise _diverged(found, epoch, s.epochs, len(self.batches), first, self.history)
         self.history["loss"].append(epoch_loss)
         for key, value in zip(list(scores)[1:], values, strict=True):

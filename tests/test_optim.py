@@ -649,3 +649,121 @@ def test_per_step_schedules_check_their_settings_and_their_end_before_fit_runs()
         step.epoch(X, Y, 5, None, [0.1, 0.1, 0.1])
     with pytest.raises(ValueError, match=r"lr\[1\] must be in \[0.0, inf\]"):
         step.epoch(X, Y, 5, None, [0.1, -0.1, 0.1, 0.1])
+
+
+# -- gradient control in fit: clipping and accumulation -------------------------------------------
+
+
+@pytest.mark.parametrize("mine, theirs, settings", [
+    (gd.Adam, torch.optim.Adam, dict(lr=0.01)), (gd.SGD, torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
+], ids=["Adam", "SGD"])
+@pytest.mark.parametrize("clip", [dict(clip_norm=0.05), dict(clip_norm=100.0), dict(clip_value=0.01),
+                                  dict(clip_value=0.02, clip_norm=0.03)],
+                         ids=["norm", "norm-unreached", "value", "both"])
+def test_clipping_follows_torchs_clip_grad_utils(mine, theirs, settings, clip):
+    """fit(clip_norm=, clip_value=) against torch.nn.utils.clip_grad_value_ then
+    clip_grad_norm_ (torch's formula: g * min(1, max_norm / (norm + 1e-6))) before each step."""
+    gen = torch.Generator().manual_seed(12)
+    X, Y = torch.rand(23, 3, generator=gen, dtype=torch.float64), torch.rand(23, 2, generator=gen, dtype=torch.float64)
+    model = _net(gen, torch.float64)
+    twin = _twin(model)
+    history = model.fit(X, Y, optimizer=mine(**settings), epochs=2, batch_size=5, shuffle=False, verbose=False, **clip)
+    opt = theirs(twin.parameters(), **settings)
+    for _ in range(2):
+        for first in range(0, 23, 5):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(twin(X[first:first + 5]), Y[first:first + 5]).backward()
+            if "clip_value" in clip:
+                torch.nn.utils.clip_grad_value_(twin.parameters(), clip["clip_value"])
+            if "clip_norm" in clip:
+                torch.nn.utils.clip_grad_norm_(twin.parameters(), clip["clip_norm"])
+            opt.step()
+    _assert_like_torch(model, twin, rtol=1e-11, atol=1e-12)
+    assert len(history["loss"]) == 2
+
+
+def test_the_clipping_reads_nothing_back_to_the_host(monkeypatch):
+    from graphdl.step import _clipper
+
+    grads = [torch.randn(4, 3), torch.randn(3)]
+    want = [g.clone().requires_grad_() for g in grads]
+    for w, g in zip(want, grads):
+        w.grad = g.clone()
+    torch.nn.utils.clip_grad_value_(want, 0.5)
+    torch.nn.utils.clip_grad_norm_(want, 0.7)
+    clip = _clipper(grads, 0.7, 0.5)
+    with monkeypatch.context() as m:
+        for name in ("item", "__float__", "__bool__", "tolist"):
+            m.setattr(torch.Tensor, name, lambda *a, _n=name: pytest.fail(f"the clipping called Tensor.{_n}"))
+        clip()
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("optimizer", [lambda: gd.Adam(lr=0.01, weight_decay=0.01),
+                                       lambda: gd.SGD(lr=0.1, momentum=0.9), lambda: gd.RMSprop(lr=0.01)],
+                         ids=["Adam", "SGD", "RMSprop"])
+@pytest.mark.parametrize("k, batch_size", [(4, 5), (2, 5), (3, 1)])
+def test_accumulating_k_batches_is_one_batch_k_times_as_large(optimizer, k, batch_size, dtype):
+    """For a mean loss: 23 rows in batches of 5 accumulated 4 at a time update as batches
+    of 20 do, the last group (one batch of 3) as the last batch of 3; with shuffling (the
+    same permutations), clipping (of the group's gradient) and a per-step schedule (which
+    counts updates); the epoch's loss is the same mean."""
+    gen = torch.Generator().manual_seed(13)
+    X, Y = torch.rand(23, 3, generator=gen, dtype=dtype), torch.rand(23, 2, generator=gen, dtype=dtype)
+    small = _net(gen, dtype)
+    big = copy.deepcopy(small)
+    settings = dict(epochs=3, seed=4, verbose=False, clip_norm=0.5, schedule=gd.LinearWarmup(4))
+    h_small = small.fit(X, Y, optimizer=optimizer(), batch_size=batch_size, accumulate=k, **settings)
+    h_big = big.fit(X, Y, optimizer=optimizer(), batch_size=k * batch_size, **settings)
+    tol = _tolerance(dtype)
+    for (name, p), q in zip(small.parameters().items(), big.parameters().values()):
+        torch.testing.assert_close(p, q, msg=name, **tol)
+    assert h_small["loss"] == pytest.approx(h_big["loss"], rel=tol["rtol"])
+    assert h_small["lr"] == h_big["lr"]
+
+
+def test_accumulation_in_a_captured_epoch_trains_as_uncaptured(monkeypatch):
+    from test_step import RecordedGraphs
+
+    from graphdl import step as step_module
+    gen = torch.Generator().manual_seed(14)
+    X, Y = torch.rand(23, 3, generator=gen), torch.rand(23, 2, generator=gen)
+    plain = _net(gen)
+    captured = copy.deepcopy(plain)
+    settings = dict(epochs=3, batch_size=5, accumulate=2, seed=1, verbose=False, clip_value=0.05,
+                    schedule=gd.OneCycle(0.05, total_steps=9))
+    h_plain = plain.fit(X, Y, optimizer=gd.Adam(), **settings)
+    graphs = RecordedGraphs()
+    monkeypatch.setattr(step_module, "_GRAPHS", graphs)
+    h_captured = captured.fit(X, Y, optimizer=gd.Adam(), **settings)
+    assert (graphs.captures, graphs.replays) == (1, 3)
+    assert h_captured == h_plain
+    for p, q in zip(plain.parameters().values(), captured.parameters().values()):
+        assert torch.equal(p, q)
+
+
+def test_a_diverging_accumulated_fit_names_its_batch_and_keeps_finite_params():
+    gen = torch.Generator().manual_seed(15)
+    X, Y = torch.rand(24, 3, generator=gen) * 10, torch.rand(24, 2, generator=gen) * 1e3
+    model = _net(gen)
+    with pytest.raises(gd.DivergedError) as err:
+        model.fit(X, Y, optimizer=gd.SGD(lr=1e3), epochs=5, batch_size=4, accumulate=3, shuffle=False, verbose=False)
+    assert err.value.batch is not None and err.value.batch % 3 == 1  # a group's first batch meets the loss it made
+    assert all(bool(p.isfinite().all()) for p in model.parameters().values())
+
+
+@pytest.mark.parametrize("kwargs, pattern", [
+    (dict(clip_norm=0.0), "clip_norm must be > 0, or None for no clipping"), (dict(clip_norm=-1), "clip_norm"),
+    (dict(clip_norm=math.nan), "clip_norm must be a finite number"), (dict(clip_norm="1"), "clip_norm"),
+    (dict(clip_value=0), "clip_value must be > 0"), (dict(clip_value=math.inf), "clip_value"),
+    (dict(accumulate=0), "accumulate must be a whole number >= 1"), (dict(accumulate=2.0), "accumulate"),
+    (dict(accumulate=True), "accumulate"),
+])
+def test_bad_gradient_control_is_a_value_error_naming_it(kwargs, pattern):
+    model = _net(torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=pattern):
+        model.fit(torch.rand(4, 3), torch.rand(4, 2), verbose=False, **kwargs)
+    with pytest.raises(ValueError, match=pattern.split(" ")[0]):
+        gd.TrainStep(model, gd.MSE(), gd.SGD(), **kwargs)

@@ -608,7 +608,8 @@ def test_bad_threads_name_the_argument(threads):
 
 @pytest.mark.parametrize("method, names", [
     ("fit", ["X", "Y", "loss", "optimizer", "schedule", "epochs", "batch_size", "shuffle", "validation_data", "seed",
-             "verbose", "metrics", "threads", "distributed", "checkpoint", "resume"]),
+             "verbose", "metrics", "threads", "distributed", "checkpoint", "resume", "clip_norm", "clip_value",
+             "accumulate"]),
     ("predict", ["X", "threads", "distributed"]),
     ("evaluate", ["X", "Y", "loss", "metrics", "threads", "distributed"]),
 ])

@@ -114,6 +114,21 @@ def test_two_ranks_train_as_one_process(two_ranks):
     assert results[0]["history"] == results[1]["history"]
 
 
+def test_two_ranks_train_with_adam_as_one_process(two_ranks):
+    """AdamW (AMSGrad, a group) with a warm-up schedule per step, clipping of the summed
+    gradients and accumulation over global batches: the ranks end where one process does."""
+    _, _, results = two_ranks
+    X, Y = worker.data()
+    alone = worker.model()
+    history = alone.fit(X, Y, verbose=False, **worker.adam_settings())
+    for rank in results:
+        for name, value in _params(alone).items():
+            _close(rank["adam"]["params"][name], value)
+        for key, values in history.items():
+            _close(rank["adam"]["history"][key], values)
+    assert results[0]["adam"] == results[1]["adam"]
+
+
 def test_only_rank_0_prints_and_writes(two_ranks):
     out, runs, _ = two_ranks
     assert [line.split(" - ")[0] for line in runs[0][1].splitlines()] == [f"Epoch {e}/4" for e in range(1, 5)]

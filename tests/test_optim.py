@@ -767,3 +767,45 @@ def test_bad_gradient_control_is_a_value_error_naming_it(kwargs, pattern):
         model.fit(torch.rand(4, 3), torch.rand(4, 2), verbose=False, **kwargs)
     with pytest.raises(ValueError, match=pattern.split(" ")[0]):
         gd.TrainStep(model, gd.MSE(), gd.SGD(), **kwargs)
+
+
+# -- CUDA (tools/gpu_checks.sh runs these where there is a GPU) ------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; none here")
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] is not gd.SGD], ids=CASE_IDS[:-1])
+def test_cuda_fit_follows_torch_optim(case):
+    """On CUDA (fused Adam/AdamW kernels reading device rates and step counts; Adagrad and
+    RMSprop on the multi-tensor ops), the captured fit against torch.optim on the same card."""
+    mine, theirs, settings = case
+    gen = torch.Generator().manual_seed(0)
+    X, Y = torch.rand(23, 3, generator=gen), torch.rand(23, 2, generator=gen)
+    model = _net(gen).to("cuda")
+    twin = _twin(model)
+    model.fit(X.cuda(), Y.cuda(), optimizer=mine(**settings), epochs=3, batch_size=5, shuffle=False, verbose=False)
+    _torch_fit(twin, theirs(twin.parameters(), **settings), X.cuda(), Y.cuda(), 3, 5)
+    _assert_like_torch(model, twin, rtol=1e-4, atol=1e-5)
+
+
+@needs_cuda
+@pytest.mark.parametrize("optimizer", [lambda: gd.Adam(lr=0.01, amsgrad=True), lambda: gd.AdamW(lr=0.01),
+                                       lambda: gd.Adagrad(lr=0.05, lr_decay=0.1), lambda: gd.RMSprop(momentum=0.5)],
+                         ids=["Adam", "AdamW", "Adagrad", "RMSprop"])
+def test_cuda_captured_fit_with_per_step_rates_and_accumulation_matches_uncaptured(monkeypatch, optimizer):
+    gen = torch.Generator().manual_seed(1)
+    X, Y = torch.rand(203, 3, generator=gen).cuda(), torch.rand(203, 2, generator=gen).cuda()
+    start = _net(gen).to("cuda")
+    settings = dict(epochs=3, batch_size=10, seed=2, verbose=False, clip_norm=0.5, accumulate=2,
+                    schedule=gd.LinearWarmup(5, then=gd.CosineDecay(steps=25)))
+    runs = {}
+    for captured in (True, False):
+        monkeypatch.setenv("GRAPHDL_CUDA_GRAPHS", "1" if captured else "0")
+        model = copy.deepcopy(start)
+        runs[captured] = model, model.fit(X, Y, optimizer=optimizer(), **settings)
+    (a, ha), (b, hb) = runs[True], runs[False]
+    assert ha["lr"] == hb["lr"]
+    assert ha["loss"] == pytest.approx(hb["loss"], rel=1e-5)
+    for p, q in zip(a.parameters().values(), b.parameters().values()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)

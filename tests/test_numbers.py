@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import graphdl as gd
-from graphdl.cli import render_main
 from graphdl.checks import INT64_MAX, NumberText, read_float, read_int, read_shape, whole_number
+from graphdl.cli import render_main
 
 BIG = "9" * 5000
 TWO_64 = str(2**64)

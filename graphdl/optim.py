@@ -19,9 +19,11 @@ checkpoints and data-parallel training use:
 
 Parameter groups: every optimizer takes `groups=`, per-param overrides of its settings,
 as a list of {"params": [names], setting: value} or a function (name, tensor) ->
-{setting: value} or None. Names are the model's ("0.weight", "2.bias"; a tied tensor
-answers to each of its places). A group's "lr" keeps its ratio to the optimizer's lr,
-so a schedule scales every group alike, as torch's multiplicative schedulers do.
+{setting: value} or None. Names are the model's ("0.weight", "2.bias"): a list may name
+a tied tensor by any of its places, a function is called once per tensor, with its first
+place's name. A name that matches nothing is refused, listing the names there are. A
+group's "lr" keeps its ratio to the optimizer's lr, so a schedule scales every group
+alike, as torch's multiplicative schedulers do.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ from .checks import GraphError, flag, format_type, real, shown, whole
 
 Settings = dict[str, Any]
 
-# The largest step count a float32 step tensor holds exactly.
-MAX_STEPS = 2**24
+# The largest step count read back from a checkpoint: float64 counts are exact up to it
+# (float32 ones stop at 2**24, where adding 1 rounds back; bias corrections are 1 by then).
+MAX_STEPS = 2**53
 
 
 class Optimizer:
@@ -265,7 +268,7 @@ class Optimizer:
     def load_state_dict(self, tensors: dict[str, torch.Tensor], where: str = "load_state_dict") -> None:
         """Put `tensors` (as `state_dict` names them) into the state, after checking every
         one: the same kinds and params, each of the shape and dtype of the state it
-        replaces, finite, squares >= 0, step counts whole numbers from 0 to 2**24.
+        replaces, finite, squares >= 0, step counts whole numbers from 0 to 2**53.
 
         Raises:
             ValueError: the tensors are of other settings (kinds of state) or other params.

@@ -126,8 +126,9 @@ def test_another_optimizer_class_or_other_kinds_of_state_are_refused(adam_checkp
     (lambda t: t["state/max_exp_avg_sq/4.weight"].__setitem__((1, 1), -1.0), "max_exp_avg_sq/4.weight has negative "
                                                                              "values, but it holds squares"),
     (lambda t: t.__setitem__("state/step/0.bias", torch.tensor(2.5)), r"step/0.bias is 2.5, not a whole number of "
-                                                                      r"steps from 0 to 16777216"),
+                                                                      r"steps from 0 to 9007199254740992"),
     (lambda t: t.__setitem__("state/step/0.bias", torch.tensor(-1.0)), "step/0.bias is -1.0, not a whole number"),
+    (lambda t: t.__setitem__("state/step/0.bias", torch.tensor(2.0**60)), "step/0.bias is 1.15.*e\\+18, not a whole"),
     (lambda t: t.__setitem__("state/step/0.bias", torch.tensor([12.0])), r"step/0.bias is f32\[1\], not f32\[\]"),
     (lambda t: t.__setitem__("state/step/0.bias", torch.tensor(12, dtype=torch.int64)), "'state/step/0.bias' has "
                                                                                         "dtype 'I64'"),

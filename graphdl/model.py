@@ -283,9 +283,9 @@ class Sequential:
             resume: a checkpoint to continue from: its weights, optimizer state, shuffling
                 state, History and epoch count; `epochs` counts the epochs it already did.
             clip_norm: scale each update's gradients by min(1, clip_norm / (norm + 1e-6)),
-                norm their global L2 norm (torch.nn.utils.clip_grad_norm_); None: no clipping.
+                norm their global L2 norm (PyTorch's clip_grad_norm_); None: no clipping.
             clip_value: clamp each gradient element to [-clip_value, clip_value], before
-                clip_norm (torch.nn.utils.clip_grad_value_); None: no clipping.
+                clip_norm (PyTorch's clip_grad_value_); None: no clipping.
             accumulate: batches per update (>= 1): the gradients of each group of this
                 many batches are averaged by rows, so that for a mean loss the update is
                 that of one batch of accumulate * batch_size rows (the epoch's last

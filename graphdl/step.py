@@ -139,7 +139,7 @@ class TrainStep:
         distributed: the data-parallel step (see the module doc), whose feeds are
             (x, y, scale); it is never captured.
         clip_norm: scale the gradients by min(1, clip_norm / (norm + 1e-6)), their
-            global L2 norm over every param (torch.nn.utils.clip_grad_norm_'s rule).
+            global L2 norm over every param (PyTorch's clip_grad_norm_ rule).
         clip_value: clamp each gradient element to [-clip_value, clip_value] (first).
         accumulate: update once per group of this many batches, from their gradients
             averaged by rows (each batch's weight its share of the group's rows, the
@@ -425,9 +425,9 @@ def _then(first: Callable[[], None] | None, then: Callable[[], None]) -> Callabl
 def _clipper(grads: list[torch.Tensor], clip_norm: float | None,
              clip_value: float | None) -> Callable[[], None] | None:
     """A function clipping `grads` in place, or None: each element clamped to
-    [-clip_value, clip_value] (torch.nn.utils.clip_grad_value_), then all scaled by
+    [-clip_value, clip_value] (PyTorch's clip_grad_value_), then all scaled by
     min(1, clip_norm / (norm + 1e-6)) with norm their global L2 norm
-    (torch.nn.utils.clip_grad_norm_'s formula and ops), on the device."""
+    (clip_grad_norm_'s formula and ops), on the device."""
     grads = list(grads)
     if not grads or (clip_norm is None and clip_value is None):
         return None

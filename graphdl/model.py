@@ -276,7 +276,7 @@ class Sequential:
             verbose: print one line per epoch.
             metrics: what to measure after each epoch, from "accuracy", "precision",
                 "recall", "f1", "auc", "top_k_accuracy" (k=2; "top_5_accuracy"...), "mse",
-                "mae", "r2", each as scikit-learn computes it (see graphdl.metrics);
+                "mae", "r2", as scikit-learn computes them (graphdl.metrics says where not);
                 default ["accuracy"] when Y holds class labels (0/1, one-hot rows, or
                 probability rows with CrossEntropy), else none.
             threads: torch CPU threads while training; default one when a batch is small

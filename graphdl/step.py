@@ -33,7 +33,7 @@ from .compile import ArenaCompiled, Compiled, compile, lower
 from .ir import Graph, Slot
 from .losses import Loss, checked_loss
 from .ops import mul
-from .optim import Optimizer, checked_optimizer
+from .optim import Optimizer, check_apart, check_updatable, checked_optimizer
 from .passes.allreduce import DEFAULT_BUCKET_MIB, allreduce
 
 # Capturing records every kernel of the epoch; past this many steps the graph would
@@ -176,6 +176,9 @@ class TrainStep:
         """Compile (or take from the model's cache) the step for the model as it is now,
         and forget every binding to the tensors it had before."""
         model, loss = self.model, self.loss
+        check_apart(model.state())  # an update in place must write each element once (as fit checks)
+        for name, p in model.parameters().items():
+            check_updatable(f"param {name}", p)
         names = list(model.parameters())
         kind = ("step", loss, "data-parallel") if self.distributed else ("step", loss)
         gradients = (lambda: step_graph(model.graph(loss), names)) if self.distributed else \

@@ -409,3 +409,20 @@ def test_large_arenas_are_let_go_between_epochs_small_ones_kept():
         with torch.inference_mode():
             step.epoch(X, Y, 300, None, 0.01)
         assert bool(step._arenas) is kept
+
+
+def test_a_train_step_refuses_params_that_share_elements_before_any_update():
+    """fit refused these; TrainStep trained the shared elements twice a step, silently, and
+    an expanded param failed inside torch after part of an update."""
+    X, Y = torch.rand(6, 3), torch.rand(6, 4)
+    model = gd.Sequential(gd.Linear(3, 4), gd.Tanh(), gd.Linear(4, 4))
+    buf = torch.zeros(6)
+    model.layers[0].bias, model.layers[2].bias = buf[0:4], buf[2:6]
+    with pytest.raises(ValueError, match="update those elements twice"):
+        gd.TrainStep(model, gd.MSE(), gd.SGD(lr=0.1))(X, Y, 0.1)
+    model = gd.Sequential(gd.Linear(3, 4), gd.Tanh(), gd.Linear(4, 2))
+    model.layers[2].bias = torch.zeros(1).expand(2)
+    before = model.layers[0].weight.clone()
+    with pytest.raises(ValueError, match="param 2.bias"):
+        gd.TrainStep(model, gd.MSE(), gd.SGD(lr=0.1))(X, Y[:, :2], 0.1)
+    assert torch.equal(model.layers[0].weight, before)

@@ -69,6 +69,7 @@ def read_checkpoint(path: str | os.PathLike[str], model: Sequential, optimizer: 
     _check_validation(path, resumed, validation)
     mine, theirs = model.state(), saved.state()  # trainable params and fixed ones (Standardize's statistics)
     _check_same_model(path, mine, theirs)
+    _check_finite(path, theirs)
     _check_optimizer(path, resumed.optimizer, optimizer)
     trained = model.parameters()
     if optimizer.names != list(trained):  # not yet bound to this model (fit's TrainStep binds it)
@@ -94,6 +95,14 @@ def _check_same_model(path: Any, mine: dict[str, torch.Tensor], theirs: dict[str
             have = lambda d: format_type(d[name].dtype, tuple(d[name].shape)) if name in d else "nothing"  # noqa: E731
             raise ValueError(f"resume: {path} is a checkpoint of another model: its param {name} is {have(theirs)} "
                              f"but the model's is {have(mine)}; resume with the model that wrote it")
+
+
+def _check_finite(path: Any, theirs: dict[str, torch.Tensor]) -> None:
+    """fit writes a checkpoint only after an epoch whose params stayed finite: NaN or inf
+    in one is corruption, not a state to train on (it would read as a diverged rate)."""
+    for name, t in theirs.items():
+        if t.dtype.is_floating_point and not bool(t.isfinite().all()):
+            raise GraphError(f"{path}: the checkpoint's {name} holds NaN or inf, which fit never writes; it is corrupt")
 
 
 def _check_optimizer(path: Any, wrote: dict[str, Any], optimizer: Optimizer) -> None:
@@ -144,8 +153,12 @@ def _history(path: Any, meta: dict[str, Any], history_keys: list[str], epoch: in
                          "written by another graphdl")
     for key in history_keys:
         values = history[key]
-        if not isinstance(values, list) or len(values) not in (0, epoch) or not all(map(_is_finite_number, values)):
+        # every epoch records its loss and rate; a metric or val_ key is empty if not measured
+        lengths = (epoch,) if key in ("loss", "lr") else (0, epoch)
+        if not isinstance(values, list) or len(values) not in lengths or not all(map(_is_finite_number, values)):
             raise GraphError(f"{path}: the checkpoint's History[{key!r}] is not {epoch} finite numbers; it is corrupt")
+        if key == "lr" and any(float(v) < 0 for v in values):
+            raise GraphError(f"{path}: the checkpoint's History['lr'] holds a negative rate; it is corrupt")
     return {key: list(history[key]) for key in history_keys}
 
 

@@ -25,12 +25,17 @@ class Param:
     `trainable=False` makes a buffer: a graph param that `fit` neither differentiates nor
     updates, such as Standardize's mean and std. `shape(layer)` gives the shape the layer
     declares for it (None where it is not known yet): a tensor of another shape is refused
-    where it is assigned, not found later as a model that computes something else."""
+    where it is assigned, not found later as a model that computes something else.
+    `values(tensor)` says what is wrong with a tensor's values (None if nothing), for a
+    buffer whose values are not free (Standardize's std must be finite and > 0): checked
+    where it is assigned, a model file's included."""
 
     def __init__(self, trainable: bool = True,
-                 shape: Callable[[Any], tuple[int | None, ...]] | None = None) -> None:
+                 shape: Callable[[Any], tuple[int | None, ...]] | None = None,
+                 values: Callable[[torch.Tensor], str | None] | None = None) -> None:
         self.trainable = trainable
         self.shape = shape
+        self.values = values
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
@@ -47,6 +52,9 @@ class Param:
                 hint = "; did you mean to transpose it (tensor.T)? PyTorch's Linear stores its weight as [out, in]"
             raise GraphError(f"{layer!r}.{self.name} must have shape {list(expected)}, got {list(tensor.shape)}"
                              f"{hint}")
+        problem = self.values(tensor) if self.values is not None and not tensor.is_meta else None
+        if problem:
+            raise GraphError(f"{layer!r}.{self.name} {problem}")
         slots = layer.__dict__.setdefault("_slots", {})
         if self.name in slots:
             slots[self.name].tensor = tensor
@@ -205,6 +213,22 @@ class Softmax(Layer):
         return softmax(x)
 
 
+def _not_finite(t: torch.Tensor) -> str | None:
+    bad = ~t.isfinite()
+    return f"holds {int(bad.sum())} NaN or inf value(s) (feature {int(bad.nonzero()[0, 0])} first)" \
+        if bool(bad.any()) else None
+
+
+def _not_a_scale(t: torch.Tensor) -> str | None:
+    """What makes `t` no std to divide by: a value that is not finite or not > 0."""
+    bad = ~(t.isfinite() & (t > 0))
+    if not bool(bad.any()):
+        return None
+    first = int(bad.nonzero()[0, 0])
+    return (f"must be finite and > 0 (a std to divide by), but feature {first} is {float(t[first])!r}; a constant "
+            "feature gets std 1 from adapt")
+
+
 class Standardize(Layer):
     """(x - mean) / std per feature, with the mean and std of the data given to `adapt`.
 
@@ -219,8 +243,8 @@ class Standardize(Layer):
         dtype: the dtype of mean and std, the model's dtype.
     """
 
-    mean = Param(trainable=False, shape=lambda layer: (layer.in_features,))
-    std = Param(trainable=False, shape=lambda layer: (layer.in_features,))
+    mean = Param(trainable=False, shape=lambda layer: (layer.in_features,), values=lambda t: _not_finite(t))
+    std = Param(trainable=False, shape=lambda layer: (layer.in_features,), values=lambda t: _not_a_scale(t))
 
     def __init__(self, features: int | None = None, dtype: torch.dtype = torch.float32) -> None:
         check_dtype("Standardize", dtype)

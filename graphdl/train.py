@@ -137,13 +137,17 @@ def _check_finite(name: str, t: torch.Tensor, what: str) -> None:
 def _check_params(model: Sequential) -> None:
     """Training updates every param in place, so each must hold real values in memory of its own."""
     check_apart(model.state())
+    trained = model.parameters()
+    for name, t in model.state().items():  # buffers too: a NaN std would read as a diverged learning rate
+        if not t.is_meta and t.dtype.is_floating_point and not bool(t.isfinite().all()):
+            kind = "param" if name in trained else "buffer"
+            raise ValueError(f"{kind} {name} is NaN or inf before training; re-initialise the model"
+                             + ("" if kind == "param" else " (for Standardize: adapt it again)"))
     for name, p in model.parameters().items():
         if p.is_meta:
             raise ValueError(f"param {name} is on the meta device, which holds no values to train; "
                              "build the model on 'cpu' or 'cuda' (or load real weights) first")
         check_updatable(f"param {name}", p)
-        if not bool(p.isfinite().all()):
-            raise ValueError(f"param {name} is NaN or inf before training; re-initialise the model")
 
 
 @dataclass(frozen=True)

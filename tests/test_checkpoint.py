@@ -211,3 +211,24 @@ def test_a_version_1_checkpoint_of_sgd_still_resumes(tmp_path):
     assert h_plain == old.fit(X, Y, epochs=3, resume=path, **settings)
     with pytest.raises(ValueError, match="was written by a fit with gd.SGD"):
         old.fit(X, Y, epochs=3, resume=path, **dict(settings, optimizer=gd.Adam()))
+
+
+def _nan_weight(tensors):
+    tensors["0.bias"] = torch.full_like(tensors["0.bias"], float("nan"))
+
+
+@pytest.mark.parametrize("change_tensors, change_info, message", [
+    (_nan_weight, None, r"the checkpoint's 0.bias holds NaN or inf, which fit never writes"),
+    (None, lambda info: info["history"].update(loss=[], lr=[]), r"History\['loss'\] is not 2 finite numbers"),
+    (None, lambda info: info.update(epoch=10**18), r"History\['loss'\] is not 1000000000000000000 finite"),
+    (None, lambda info: info["history"].update(lr=[-0.1, 0.01]), r"History\['lr'\] holds a negative rate"),
+])
+def test_a_checkpoint_that_disagrees_with_itself_is_refused(adam_checkpoint, change_tensors, change_info, message):
+    """From the review: NaN weights resumed into a run whose divergence was blamed on the
+    rate; an epoch count with empty loss lists, or a negative rate, was taken as is."""
+    _rewrite(adam_checkpoint, change_tensors, change_info)
+    model = _model()
+    before = {k: v.clone() for k, v in model.state().items()}
+    with pytest.raises(gd.GraphError, match=message):
+        _resume(adam_checkpoint, gd.Adam(lr=0.01, amsgrad=True), model)
+    assert all(torch.equal(t, before[k]) for k, t in model.state().items())

@@ -210,3 +210,23 @@ def test_standardize_takes_the_dtype_of_the_statistics_it_holds():
     layer.mean, layer.std = layer.mean.double(), layer.std.double()  # converting a model by assignment
     assert layer.dtype == torch.float64 and layer.config()["dtype"] == "float64"
     assert layer.adapt(torch.rand(5, 2)).mean.dtype == torch.float64  # adapting again keeps the model's dtype
+
+
+@pytest.mark.parametrize("std, shown", [(torch.zeros(2), "feature 0 is 0.0"),
+                                        (torch.tensor([1.0, float("nan")]), "feature 1 is nan"),
+                                        (torch.tensor([-2.0, 1.0]), "feature 0 is -2.0")])
+def test_standardize_refuses_a_std_it_cannot_divide_by_wherever_it_comes_from(tmp_path, std, shown):
+    layer = gd.Standardize(2)
+    with pytest.raises(gd.GraphError, match=f"std must be finite and > 0 .*{shown}"):
+        layer.std = std
+    model = gd.Sequential(gd.Standardize(2), gd.Linear(2, 1))
+    path = tmp_path / "m.gdl"
+    model.save(path)
+    import safetensors
+    import safetensors.torch
+    with safetensors.safe_open(str(path), "pt") as f:  # the file, with std replaced
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    tensors["0.std"] = std
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(gd.GraphError, match=f"std must be finite and > 0 .*{shown}"):
+        gd.load(path)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 FORMAT = "graphdl.fit.v2"  # v1 (SGD's velocities only, no optimizer record) is read too
 _V1 = "graphdl.fit.v1"
+CALLBACK = "callback/"  # the prefix of the callbacks' tensors among the checkpoint's state
 
 
 @dataclass
@@ -41,17 +42,22 @@ class Resumed:
     history: dict[str, list[float]]
     rng: torch.Tensor  # the shuffling generator's state after those epochs
     optimizer: dict[str, Any]  # the optimizer that wrote it: {"class", "settings", "groups"}
+    callbacks: list[dict[str, Any]] = field(default_factory=list)  # each callback's {"class", "state"}
+    callback_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # "{i}/{name}": their tensors
 
 
 def write_checkpoint(path: str | os.PathLike[str], model: Sequential, optimizer: Optimizer, epoch: int,
-                     generator: torch.Generator, history: dict[str, list[float]]) -> None:
-    """Save the model and fit's state after `epoch` epochs (on rank 0 only)."""
+                     generator: torch.Generator, history: dict[str, list[float]],
+                     callbacks: tuple[list[dict[str, Any]], dict[str, torch.Tensor]] = ([], {})) -> None:
+    """Save the model and fit's state after `epoch` epochs (on rank 0 only); `callbacks`
+    are the callbacks' records and tensors (`CallbackList.states`)."""
     if not distributed.is_main():
         return
+    records, tensors = callbacks
     info = json.dumps({"format": FORMAT, "epoch": epoch, "history": {k: list(v) for k, v in history.items()},
                        "rng": bytes(generator.get_state().tolist()).hex(),  # model files hold float tensors only
-                       "optimizer": optimizer.config()})
-    save_model(model, path, optimizer.state_dict(), info)
+                       "optimizer": optimizer.config(), "callbacks": records})
+    save_model(model, path, {**optimizer.state_dict(), **{f"{CALLBACK}{k}": t for k, t in tensors.items()}}, info)
 
 
 def read_checkpoint(path: str | os.PathLike[str], model: Sequential, optimizer: Optimizer,
@@ -66,6 +72,8 @@ def read_checkpoint(path: str | os.PathLike[str], model: Sequential, optimizer: 
     """
     saved, info, state = load_model(path, type(model))
     resumed = _parse(path, info, history_keys)
+    resumed.callback_tensors = {k.removeprefix(CALLBACK): t for k, t in state.items() if k.startswith(CALLBACK)}
+    state = {k: t for k, t in state.items() if not k.startswith(CALLBACK)}
     _check_validation(path, resumed, validation)
     mine, theirs = model.state(), saved.state()  # trainable params and fixed ones (Standardize's statistics)
     _check_same_model(path, mine, theirs)
@@ -123,7 +131,7 @@ def _parse(path: Any, info: str, history_keys: list[str]) -> Resumed:
     meta = _fit_state(path, info)
     epoch = _epoch(path, meta)
     history = _history(path, meta, history_keys, epoch)
-    return Resumed(epoch, history, _rng(path, meta), _optimizer_record(path, meta))
+    return Resumed(epoch, history, _rng(path, meta), _optimizer_record(path, meta), _callbacks(path, meta))
 
 
 def _fit_state(path: Any, info: str) -> dict[str, Any]:
@@ -178,6 +186,15 @@ def _rng(path: Any, meta: dict[str, Any]) -> torch.Tensor:
     except (KeyError, TypeError, ValueError, RuntimeError):
         raise GraphError(f"{path}: the checkpoint's generator state is missing or malformed; it is corrupt") from None
     return rng
+
+
+def _callbacks(path: Any, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The callbacks' records ({"class", "state"}; none in checkpoints before them)."""
+    records = meta.get("callbacks", [])
+    if not isinstance(records, list) or not all(isinstance(r, dict) and isinstance(r.get("class"), str)
+                                                for r in records):
+        raise GraphError(f"{path}: the checkpoint's record of its callbacks is malformed; it is corrupt")
+    return records
 
 
 def _optimizer_record(path: Any, meta: dict[str, Any]) -> dict[str, Any]:

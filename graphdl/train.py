@@ -473,6 +473,9 @@ class _Run:
             self.first = resumed.epoch
         model.history = self.history  # what fit has recorded so far, kept if it stops early
         self.callbacks = CallbackList(s.callbacks, model, s.optimizer, self.batches.is_main)
+        self.resumed = resumed
+        if resumed is not None:  # before any callback opens a file or forgets a state
+            self.callbacks.check_resumable(resumed.callbacks, str(s.resume))
         self.updates = -(-len(self.batches) // s.accumulate)  # per epoch: what a per-step schedule counts
         if getattr(s.schedule, "per", "epoch") == "step" and s.epochs > self.first:  # its last rate, before any epoch
             _scheduled_lr(s.schedule, s.epochs * self.updates - 1, s.optimizer.lr, "step")
@@ -497,13 +500,26 @@ class _Run:
 
     def epochs(self) -> History:
         self.model.stop_training = False
-        self.callbacks.train_begin(self.logs())
-        for epoch in range(self.first, self.settings.epochs):
-            self.callbacks.epoch_begin(epoch, self.logs())
-            self.epoch(epoch)
-            self.callbacks.epoch_end(epoch, self.logs())
-            if self.model.stop_training:
-                break
+        r = self.resumed
+        self.callbacks.train_begin(self.logs(), *((r.callbacks, r.callback_tensors, str(self.settings.resume))
+                                                  if r is not None else ()))
+        try:
+            for epoch in range(self.first, self.settings.epochs):
+                if self.model.stop_training:  # after an epoch, or as a resumed callback said (EarlyStopping)
+                    break
+                self.callbacks.epoch_begin(epoch, self.logs())
+                self.epoch(epoch)
+                self.callbacks.epoch_end(epoch, self.logs())
+                if self.settings.checkpoint is not None:  # after the callbacks: their state of this epoch too
+                    write_checkpoint(self.settings.checkpoint, self.model, self.settings.optimizer, epoch + 1,
+                                     self.generator, self.history, self.callbacks.states())
+        except DivergedError:
+            # The callbacks end training as after a last epoch: EarlyStopping(restore_best_weights=True)
+            # puts back its best epoch's weights, which are better than the last finite ones.
+            self.callbacks.train_end(self.logs())
+            raise
+        finally:
+            self.callbacks.close()  # a CSV file, a TensorBoard writer: closed however fit ends
         self.callbacks.train_end(self.logs())
         return self.history
 
@@ -532,8 +548,7 @@ class _Run:
         self.history["lr"].append(first)
         if s.verbose and self.batches.is_main:
             _report(epoch, s.epochs, self.history, time.perf_counter() - started)
-        if s.checkpoint is not None:
-            write_checkpoint(s.checkpoint, self.model, s.optimizer, epoch + 1, self.generator, self.history)
+
 
     def _logged(self, order: torch.Tensor | None, lr: float | list[float]) -> torch.Tensor:
         """The epoch's steps (uncaptured), each batch's loss read after its step and given

@@ -20,6 +20,9 @@ from .layers import (
     GELU, Embedding, Flatten, Layer, LeakyReLU, Linear, ReLU, Reshape, Sigmoid, SiLU, Softmax, Standardize, Tanh,
 )
 from .step import TrainStep
+from .callbacks import (
+    Callback, CSVLogger, EarlyStopping, LambdaCallback, ModelCheckpoint, ReduceLROnPlateau, TensorBoard,
+)
 from .train import DivergedError, History
 from .viz import DotNotFoundError, render, to_dot
 from .io import load_graph, save_graph
@@ -29,6 +32,7 @@ from .model import Sequential, from_torch, load
 from . import distributed
 
 __all__ = [
+    "Callback", "CSVLogger", "EarlyStopping", "LambdaCallback", "ModelCheckpoint", "ReduceLROnPlateau", "TensorBoard",
     "BCEWithLogits", "CrossEntropy", "DivergedError", "MAE", "MBE", "MSE", "SGD", "Softmax", "Standardize",
     "Constant", "CosineDecay", "ExponentialDecay", "History",
     "Layer", "Linear", "Loss", "ReLU", "Schedule", "Sequential", "Sigmoid", "StepDecay", "Tanh", "TrainStep",

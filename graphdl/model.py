@@ -73,7 +73,8 @@ class Sequential:
                        f"{format_shape(shape)}: {error}")
         if self._input_shape is None and any(not (lay.keeps_shape or lay.in_features) for lay in self.layers):
             message += (f"\n  hint: the model takes examples of shape {format_shape(self.input_shape)}, as its layers "
-                        "declare; if they have another shape, give it: gd.Sequential(..., input_shape=(...))")
+                        "declare; if they have another shape, give it as input_shape= (to gd.Sequential or "
+                        "gd.from_torch)")
         return GraphError(message)
 
     def _shape_so_far(self) -> tuple[Shape | None, int]:

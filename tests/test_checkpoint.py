@@ -49,3 +49,23 @@ def test_a_checkpoints_epoch_count_is_read_by_the_checked_reader(tmp_path, epoch
     with pytest.raises(gd.GraphError, match=f"crafted.gdl: the checkpoint's epoch count must be a whole number "
                                             f"from 0 to .*, {shown}; it is corrupt"):
         read_checkpoint(crafted, model, gd.SGD(), ["loss", "val_loss", "lr"], False)
+
+
+def test_a_model_of_indices_resumes_exactly(tmp_path):
+    """An Embedding of sequences (i64 inputs, input_shape from the file's IR) checkpoints and resumes."""
+    def model() -> gd.Sequential:
+        return gd.Sequential(gd.Embedding(10, 4, torch.Generator().manual_seed(1)), gd.Flatten(), gd.GELU(),
+                             gd.Linear(8, 2, torch.Generator().manual_seed(2)), input_shape=(2,))
+
+    gen = torch.Generator().manual_seed(0)
+    X, Y = torch.randint(0, 10, (20, 2), generator=gen), torch.randint(0, 2, (20,), generator=gen)
+    def settings() -> dict:
+        return {"loss": gd.CrossEntropy(), "optimizer": gd.SGD(lr=0.5, momentum=0.9), "seed": 1, "verbose": False}
+
+    whole = model()
+    whole.fit(X, Y, epochs=4, **settings())
+    model().fit(X, Y, epochs=2, checkpoint=tmp_path / "c.gdl", **settings())
+    resumed = gd.load(tmp_path / "c.gdl")
+    resumed.fit(X, Y, epochs=4, resume=tmp_path / "c.gdl", **settings())
+    assert resumed.history["loss"] == whole.history["loss"]
+    assert all(torch.equal(a, b) for a, b in zip(resumed.state().values(), whole.state().values(), strict=True))

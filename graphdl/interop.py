@@ -69,12 +69,12 @@ def _linear_to_torch(layer: Linear) -> torch.nn.Linear:
 
 
 def _softmax_from_torch(m: torch.nn.Softmax, where: str) -> Layer:
-    # A graphdl model's activations are [N, features], so dim 1 (or -1, or torch's
-    # legacy None, which means 1 for 2-d input) is the feature axis graphdl's Softmax uses.
-    if m.dim not in (None, 1, -1):
+    # torch's legacy dim=None means dim 1 for rows [N, features], the rows graphdl's Softmax()
+    # normalises; an explicit dim is kept, so that examples of more dims are normalised where torch does.
+    if m.dim == 0:
         raise GraphError(f"{where}: Softmax(dim={m.dim}) normalises across the batch; graphdl's Softmax "
-                         "normalises each row (dim=1 or -1)")
-    return layers.Softmax()
+                         "normalises each example (dim=1 or more, or -1)")
+    return _settings(where, lambda: layers.Softmax() if m.dim in (None, -1) else layers.Softmax(m.dim))
 
 
 def _settings(where: str, make: Callable[[], Layer]) -> Layer:
@@ -133,7 +133,7 @@ TORCH_LAYERS: list[TorchLayer] = [
     _simple(torch.nn.ReLU, layers.ReLU),
     _simple(torch.nn.Tanh, layers.Tanh),
     _simple(torch.nn.Sigmoid, layers.Sigmoid),
-    TorchLayer(torch.nn.Softmax, layers.Softmax, _softmax_from_torch, lambda layer: torch.nn.Softmax(dim=-1)),
+    TorchLayer(torch.nn.Softmax, layers.Softmax, _softmax_from_torch, lambda layer: torch.nn.Softmax(dim=layer.dim)),
     TorchLayer(torch.nn.GELU, layers.GELU, lambda m, where: _settings(where, lambda: layers.GELU(m.approximate)),
                lambda layer: torch.nn.GELU(approximate=layer.approximate)),
     TorchLayer(torch.nn.LeakyReLU, layers.LeakyReLU,

@@ -211,15 +211,20 @@ def _constant(r: NodeReader) -> Static:
 
 
 def _last_axis(op: str) -> ImportRow:
-    """Softmax or LogSoftmax, which graphdl has over the last axis (its op's default)."""
+    """Softmax or LogSoftmax: over any axis from opset 13, over the last before it."""
     def row(r: NodeReader) -> Value:
         x = r.x(0)
         axis = r.attr("axis", -1 if r.opset >= 13 else 1, int)
+        if not -x.ndim <= axis < x.ndim:
+            raise GraphError(f"{r.node.op_type} over axis {axis} of {format_shape(x.shape)}: no such axis")
+        if r.opset >= 13 and axis % x.ndim != x.ndim - 1:
+            return ops.apply(ops.OPS[op], x, axis=axis)
         # Before opset 13 these flattened the input to 2-d at `axis`; over the last axis
         # both readings normalise each row over the last axis, as graphdl does.
-        if not -x.ndim <= axis < x.ndim or axis % x.ndim != x.ndim - 1:
-            raise GraphError(f"{r.node.op_type} over axis {axis} of {format_shape(x.shape)} is not supported; "
-                             f"graphdl's {op} normalises the last axis")
+        if axis % x.ndim != x.ndim - 1:
+            raise GraphError(f"{r.node.op_type} over axis {axis} of {format_shape(x.shape)} is not supported "
+                             f"before opset 13 (which flattened the input there); graphdl's {op} normalises "
+                             "the last axis")
         return ops.apply(ops.OPS[op], x)
     return row
 

@@ -242,3 +242,19 @@ def test_an_embedding_of_sequences_needs_the_input_shape_from_torch():
                                             r"gd.Sequential or gd.from_torch\)"):
         gd.from_torch(net)
     assert gd.from_torch(net, input_shape=(3,)).output_shape == (1,)
+
+
+def test_a_softmax_over_a_dim_of_examples_beyond_rows_keeps_torchs_dim():
+    """torch's Softmax(dim=1) of [N, L, C] normalises L: graphdl's keeps that dim, not the last."""
+    net = torch.nn.Sequential(torch.nn.Unflatten(1, (3, 4)), torch.nn.Softmax(dim=1))
+    model = gd.from_torch(net, input_shape=(12,))
+    assert repr(model.layers[1]) == "Softmax(dim=1)" and model.layers[1].config() == {"type": "Softmax", "dim": 1}
+    X = torch.randn(5, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(model.predict(X), net(X))
+        torch.testing.assert_close(model.to_torch()(X), net(X))
+    with pytest.raises(gd.GraphError, match=r"layer 1 \(Softmax\(dim=3\)\) cannot take .*: dim=3 is not a dim of "
+                                            r"the examples' shape \[3,4\]"):
+        gd.Sequential(gd.Reshape((3, 4)), gd.Softmax(dim=3))
+    with pytest.raises(ValueError, match="dim=0 would normalise across the batch"):
+        gd.Softmax(0)

@@ -642,8 +642,8 @@ def _beyond_2d(dtype: torch.dtype = torch.float32) -> gd.Sequential:
     gen = torch.Generator().manual_seed(6)
     return gd.Sequential(gd.Embedding(9, 4, gen, dtype), gd.Reshape((2, -1)), gd.GELU(approximate="tanh"),
                          gd.Flatten(), gd.Linear(12, 6, gen, dtype), gd.LeakyReLU(0.25), gd.Linear(6, 6, gen, dtype),
-                         gd.SiLU(), gd.Reshape((3, 2)), gd.GELU(), gd.Flatten(start_dim=1, end_dim=-1),
-                         input_shape=(3,))
+                         gd.SiLU(), gd.Reshape((3, 2)), gd.Softmax(dim=1), gd.GELU(),
+                         gd.Flatten(start_dim=1, end_dim=-1), input_shape=(3,))
 
 
 BEYOND_2D_PATHS = {

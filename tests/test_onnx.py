@@ -536,7 +536,7 @@ def _sequence_net(dtype: torch.dtype = torch.float32) -> gd.Sequential:
     gen = torch.Generator().manual_seed(0)
     return gd.Sequential(gd.Embedding(10, 4, gen, dtype), gd.Flatten(), gd.GELU(), gd.Linear(12, 6, gen, dtype),
                          gd.LeakyReLU(0.2), gd.Linear(6, 5, gen, dtype), gd.SiLU(), gd.Reshape((5, 1)),
-                         gd.GELU(approximate="tanh"), input_shape=(3,))
+                         gd.Softmax(dim=1), gd.GELU(approximate="tanh"), input_shape=(3,))
 
 
 def _image_net() -> gd.Sequential:

@@ -169,7 +169,8 @@ def test_metrics_are_counted_exactly_whatever_the_dtype():
     the count is exact."""
     pred = torch.cat([torch.ones(1501, 1), torch.zeros(1500, 1)]).half()
     assert gd.train.accuracy(pred, torch.ones(3001, 1).half()) == 1501 / 3001
-    total, count = gd.train.METRICS["mse"].stats(pred, torch.zeros(3001, 1).half(), "threshold")  # a sum, a count
+    zeros = torch.zeros(3001, 1).half()
+    total, count = gd.train.METRICS["mse"].stats(pred, zeros, "threshold", zeros[:1])  # a sum, a count
     assert (total.dtype, float(total), float(count)) == (torch.float64, 1501.0, 3001.0)
 
 

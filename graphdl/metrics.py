@@ -282,37 +282,41 @@ def check_metrics_fit(metrics: list[str], Y: Tensor, what: str = "Y", decision: 
 
 
 def measure(fn: Callable[..., tuple[Tensor, ...]], X: Tensor, Y: Tensor, decision: str,
-            metrics: list[str], distributed: bool, with_loss: bool = True) -> dict[str, Tensor]:
+            metrics: list[str], distributed: bool, with_loss: bool = True,
+            targets: Tensor | None = None) -> dict[str, Tensor]:
     """The loss, the metrics and (with accuracy) the error of a model on X, Y, as float64
     0-d tensors on the data's device, not yet read: reading them is the host sync. `fn`
     is the compiled scoring graph, (x, y) -> (loss, prediction), or with `with_loss=False`
     the prediction graph, x -> (prediction,), and the loss reads 0 (fit's metrics on the
     training data need no loss: the disk net's 1000 rows score in 365 µs without, 372 with).
     Data-parallel, each rank measures its share of the rows (`dp.shard`) and one
-    collective adds up the shares' statistics, so every rank gets one process's numbers."""
-    n, classes = len(X), Y.shape[-1]
+    collective adds up the shares' statistics, so every rank gets one process's numbers.
+    `targets`: what the metrics compare with, where the loss is fed more than the targets
+    (Y with each example's weight as a last column); by default Y."""
+    targets = Y if targets is None else targets
+    n, classes = len(X), targets.shape[-1]
     first, count = dp.shard(n) if distributed else (0, n)
     summed = [m for m in metrics if m not in GATHERED]
     sizes = [metric(m).size(classes) for m in summed]
     pred = None
     if count:
-        x, y = X[first:first + count], Y[first:first + count]
+        x, y, t = X[first:first + count], Y[first:first + count], targets[first:first + count]
         if with_loss:
             value, pred = fn(x, y)
             parts = [value.double().reshape(1) * (count / n)]  # the shares' loss means, weighted by their sizes
         else:
             pred, parts = fn(x)[0], [torch.zeros(1, dtype=torch.float64, device=X.device)]
-        parts += [metric(m).stats(pred, y, decision, Y[:1]) for m in summed]
+        parts += [metric(m).stats(pred, t, decision, targets[:1]) for m in summed]
         sums = torch.cat(parts)
     else:  # an empty share adds nothing, but still joins the collective
         sums = torch.zeros(1 + sum(sizes), dtype=torch.float64, device=X.device)
     if distributed:
         dp.sum_over_ranks(sums, "summing the loss and metrics")
     stats = sums[1:].split(sizes)
-    multiclass = _multiclass(Y, decision)
+    multiclass = _multiclass(targets, decision)
     scores = {"loss": sums[0], **{m: metric(m).value(s, multiclass) for m, s in zip(summed, stats, strict=True)}}
     if "auc" in metrics:
-        scores["auc"] = _gathered_auc(pred, Y, first, count, n, distributed)
+        scores["auc"] = _gathered_auc(pred, targets, first, count, n, distributed)
     if "accuracy" in metrics:
         right, rows = stats[summed.index("accuracy")]
         scores["error"] = (rows - right) / rows  # exactly, not 1 - accuracy's rounding

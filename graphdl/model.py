@@ -227,7 +227,7 @@ class Sequential:
             return g
         if not isinstance(loss, Loss):
             raise GraphError(f"loss must be a graphdl loss such as gd.MSE(), got {loss!r}")
-        y = g.input("y", h.shape, self.dtype())
+        y = g.input("y", loss.target_shape(h.shape), self.dtype())
         with g.scope("loss"):
             g.output(loss(h, y))
         if prediction:
@@ -330,7 +330,8 @@ class Sequential:
             distributed: bool = False, checkpoint: str | os.PathLike[str] | None = None,
             resume: str | os.PathLike[str] | None = None, callbacks: list[Callback] | None = None,
             validation_split: float = 0.0, clip_norm: float | None = None, clip_value: float | None = None,
-            accumulate: int = 1) -> History:
+            accumulate: int = 1, sample_weight: torch.Tensor | None = None,
+            class_weight: dict[int, float] | None = None) -> History:
         """Train the model in place with minibatch gradient descent.
 
         Args:
@@ -348,7 +349,8 @@ class Sequential:
             epochs: passes over the data (>= 0).
             batch_size: examples per step (>= 1); the last batch may be smaller.
             shuffle: reshuffle the examples every epoch.
-            validation_data: (X_val, Y_val), evaluated after every epoch.
+            validation_data: (X_val, Y_val), evaluated after every epoch; (X_val, Y_val,
+                weights) weighs val_loss by example, as sample_weight does the loss.
             validation_split: instead of validation_data, hold out this last fraction of
                 the rows of X and Y (in [0, 1), as Keras: not shuffled first).
             seed: seeds the shuffling; None draws one from torch's global RNG.
@@ -380,6 +382,11 @@ class Sequential:
                 many batches are averaged by rows, so that for a mean loss the update is
                 that of one batch of accumulate * batch_size rows (the epoch's last
                 group may be shorter). Rates and per-step schedules count updates.
+            sample_weight: each example's weight in the loss, a 1-d tensor [N] (as Keras:
+                the mean over every element of weight * term; the metrics are not weighted).
+            class_weight: {class: weight}, multiplying each example's weight by its class's
+                (integer labels, one-hot rows, or 0/1 for one output; a class left out
+                weighs 1).
 
         Returns:
             The `History`: per-epoch lists "loss", each metric, "val_loss", "val_<metric>"
@@ -392,7 +399,8 @@ class Sequential:
             self, loss=loss, optimizer=optimizer, schedule=schedule, epochs=epochs, batch_size=batch_size,
             shuffle=shuffle, validation_data=validation_data, seed=seed, verbose=verbose, metrics=metrics,
             threads=threads, distributed=distributed, checkpoint=checkpoint, resume=resume, callbacks=callbacks,
-            validation_split=validation_split, clip_norm=clip_norm, clip_value=clip_value, accumulate=accumulate)
+            validation_split=validation_split, clip_norm=clip_norm, clip_value=clip_value, accumulate=accumulate,
+            sample_weight=sample_weight, class_weight=class_weight)
         self.check_input(X)
         if settings.validation_data is not None:
             self.check_input(settings.validation_data[0], "X_val")
@@ -413,7 +421,7 @@ class Sequential:
 
     def evaluate(self, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None = None,
                  metrics: list[str] | None = None, threads: int | None = None,
-                 distributed: bool = False) -> dict[str, float]:
+                 distributed: bool = False, sample_weight: torch.Tensor | None = None) -> dict[str, float]:
         """Measure the model on (X, Y).
 
         Args:
@@ -425,13 +433,14 @@ class Sequential:
             threads: as for `fit`.
             distributed: in a data-parallel job, each rank scores its share of the rows
                 and every rank gets the scores of them all (see `graphdl.distributed`).
+            sample_weight: each example's weight in the loss, as for `fit`.
 
         Returns:
             {"loss": the loss, one entry per metric, and "error" (1 - accuracy) when
             accuracy is measured}.
         """
         self.check_input(X)
-        return train.evaluate(self, X, Y, loss, metrics, threads, distributed)
+        return train.evaluate(self, X, Y, loss, metrics, threads, distributed, sample_weight)
 
     def to_torch(self) -> Any:
         """A torch `nn.Sequential` with copies of this model's weights (see `graphdl.interop.to_torch`)."""

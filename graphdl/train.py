@@ -25,7 +25,7 @@ from .callbacks import Callback, CallbackList, check_callbacks
 from .checkpoint import Resumed, read_checkpoint, write_checkpoint
 from .checks import flag, real, shown, tensor_problem, whole
 from .compile import Compiled, compile
-from .losses import MSE, Loss, checked_loss
+from .losses import MSE, Loss, Weighted, checked_loss
 from .metrics import METRICS as METRICS  # re-exported: gd.train.METRICS predates graphdl.metrics
 from .metrics import accuracy as accuracy  # re-exported: gd.train.accuracy and .correct predate graphdl.metrics
 from .metrics import check_metric_names, check_metrics_fit, choose_metrics, is_metric, measure
@@ -183,6 +183,9 @@ class FitSettings:
     checkpoint: str | os.PathLike[str] | None
     resume: str | os.PathLike[str] | None
     callbacks: tuple[Callback, ...] = ()
+    sample_weight: torch.Tensor | None = None  # each training example's weight in the loss, [N]
+    class_weight: dict[int, float] | None = None  # each class's weight in the loss (times sample_weight)
+    validation_weights: torch.Tensor | None = None  # validation_data's third member, if it has one
     validation_split: float = 0.0  # the last fraction of the rows, held out (`with_data` does it)
     clip_norm: float | None = None  # the gradients' global L2 norm at most this (torch's clip_grad_norm_)
     clip_value: float | None = None  # each gradient element within +-this
@@ -193,7 +196,7 @@ class FitSettings:
               shuffle: Any, validation_data: Any, seed: Any, verbose: Any, metrics: Any, threads: Any,
               distributed: Any, checkpoint: Any, resume: Any, callbacks: Any = None,
               validation_split: Any = 0.0, clip_norm: Any = None, clip_value: Any = None,
-              accumulate: Any = 1) -> FitSettings:
+              accumulate: Any = 1, sample_weight: Any = None, class_weight: Any = None) -> FitSettings:
         """The settings, after checking each (a ValueError naming the one that is wrong),
         before any data is looked at; defaults filled in (the model's loss, SGD())."""
         if seed is not None:  # the range torch.Generator.manual_seed takes
@@ -212,12 +215,15 @@ class FitSettings:
                    optimizer=checked_optimizer(SGD() if optimizer is None else optimizer),
                    schedule=schedule, epochs=whole("epochs", epochs, 0),
                    batch_size=whole("batch_size", batch_size, 1), shuffle=flag("shuffle", shuffle),
-                   validation_data=None if validation_data is None else tuple(validation_data), seed=seed,
+                   validation_data=None if validation_data is None else tuple(validation_data[:2]), seed=seed,
                    verbose=flag("verbose", verbose),
                    metrics=None if metrics is None else tuple(check_metric_names(metrics)),
                    threads=None if threads is None else whole("threads", threads, 1),
                    distributed=_check_distributed(distributed, "fit"), checkpoint=checkpoint, resume=resume,
                    callbacks=check_callbacks(callbacks), validation_split=validation_split,
+                   sample_weight=_check_sample_weight(sample_weight), class_weight=_check_class_weight(class_weight),
+                   validation_weights=None if validation_data is None or len(validation_data) == 2 else
+                   _check_sample_weight(validation_data[2], "validation_data's sample weights"),
                    clip_norm=_clip("clip_norm", clip_norm), clip_value=_clip("clip_value", clip_value),
                    accumulate=whole("accumulate", accumulate, 1))
 
@@ -239,11 +245,72 @@ class FitSettings:
         return replace(self, validation_data=validation, metrics=metrics)
 
 
+def _check_sample_weight(weights: Any, what: str = "sample_weight") -> torch.Tensor | None:
+    """A 1-d tensor of finite weights >= 0 (one per example; its length is checked with the data)."""
+    if weights is None:
+        return None
+    if not isinstance(weights, torch.Tensor) or weights.dim() != 1 or not weights.dtype.is_floating_point:
+        raise ValueError(f"{what} must be a 1-d float tensor, one weight per example, got "
+                         f"{_shown_data(weights)}")
+    if not bool((weights.isfinite() & (weights >= 0)).all()):
+        raise ValueError(f"{what} must be finite and >= 0 (a weight of 0 leaves an example out)")
+    return weights
+
+
+def _check_class_weight(weights: Any) -> dict[int, float] | None:
+    """{class: weight}: whole classes >= 0 (checked against the model's with the data), finite weights >= 0."""
+    if weights is None:
+        return None
+    if not isinstance(weights, dict) or not weights:
+        raise ValueError(f"class_weight must be a dict {{class: weight}} such as {{0: 1.0, 1: 5.0}}, got {weights!r}")
+    return {whole("a class_weight key (a class)", k, 0): real(f"class_weight[{k!r}]", v, 0.0)
+            for k, v in weights.items()}
+
+
+def _shown_data(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dim()}-d {value.dtype} tensor"
+    return type(value).__name__
+
+
+def example_weights(Y: torch.Tensor, decision: str, sample_weight: torch.Tensor | None,
+                    class_weight: dict[int, float] | None, what: str = "") -> torch.Tensor | None:
+    """Each example's weight [N, 1] in Y's dtype (sample_weight times its class's
+    class_weight; a class without one weighs 1), or None without either."""
+    if sample_weight is None and class_weight is None:
+        return None
+    weights = torch.ones(len(Y), dtype=torch.float64, device=Y.device)
+    if sample_weight is not None:
+        if len(sample_weight) != len(Y):
+            raise ValueError(f"sample_weight{what} has {len(sample_weight)} weights for {len(Y)} examples; give one "
+                             "per example")
+        weights = weights * sample_weight.to(Y.device, torch.float64)
+    if class_weight is not None:
+        weights = weights * _class_weights(Y, decision, class_weight, what)
+    return weights.to(Y.dtype).reshape(-1, 1)
+
+
+def _class_weights(Y: torch.Tensor, decision: str, class_weight: dict[int, float], what: str) -> torch.Tensor:
+    if decision == "logit" and Y.shape[-1] > 1:
+        raise ValueError("class_weight weighs one class per example, but these outputs are independent yes/no labels "
+                         "(BCEWithLogits); give sample_weight instead")
+    classes = max(Y.shape[-1], 2)  # one output: classes 0 and 1
+    unknown = sorted(k for k in class_weight if k >= classes)
+    if unknown:
+        raise ValueError(f"class_weight has a weight for class {unknown[0]}, but the model has classes 0 to "
+                         f"{classes - 1}")
+    labels = Y.argmax(-1) if Y.shape[-1] > 1 else (Y[:, 0] > 0.5).long()
+    table = torch.ones(classes, dtype=torch.float64, device=Y.device)
+    for k, w in class_weight.items():
+        table[k] = w
+    return table[labels]
+
+
 def _check_validation_data(validation_data: Any) -> None:
     if validation_data is not None and not (isinstance(validation_data, (tuple, list))
-                                            and len(validation_data) == 2):
+                                            and len(validation_data) in (2, 3)):
         length = f" of length {len(validation_data)}" if isinstance(validation_data, (tuple, list)) else ""
-        raise ValueError(f"validation_data must be a pair (X_val, Y_val), got "
+        raise ValueError(f"validation_data must be a pair (X_val, Y_val) or a triple (X_val, Y_val, weights), got "
                          f"{type(validation_data).__name__}{length}")
 
 
@@ -439,10 +506,11 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, settings: FitSettin
     Y = _class_targets(model, Y)
     _check_data(model, X, Y)
     settings = settings.with_data(model, Y)
+    weights = example_weights(Y, settings.loss.decision, settings.sample_weight, settings.class_weight)
     _check_params(model)
     with _threads_for(model, settings.batch_size, settings.threads):
         model.loss = settings.loss
-        return _Run(model, X, Y, settings).epochs()
+        return _Run(model, X, Y, settings, weights).epochs()
 
 
 def _split_off_validation(X: Any, Y: Any, fraction: float) -> tuple[Any, Any, tuple[Any, Any]]:
@@ -466,14 +534,22 @@ class _Run:
     finiteness and the metrics in one host sync (data-parallel, after one collective for
     the loss and one per data set scored)."""
 
-    def __init__(self, model: Sequential, X: torch.Tensor, Y: torch.Tensor, settings: FitSettings) -> None:
+    def __init__(self, model: Sequential, X: torch.Tensor, Y: torch.Tensor, settings: FitSettings,
+                 weights: torch.Tensor | None = None) -> None:
+        # Weighted, the step's targets carry each example's weight as a last column (losses.Weighted),
+        # so the batches, ranks and replays carry them; the metrics compare with the targets alone.
+        self.targets = Y
+        loss = settings.loss if weights is None else Weighted(settings.loss)
+        Y = Y if weights is None else torch.cat([Y, weights], -1)
         self.model, self.X, self.Y, self.settings = model, X, Y, settings
         s = settings
-        self.step = TrainStep(model, s.loss, s.optimizer, distributed=s.distributed, clip_norm=s.clip_norm,
+        self.validation = None if s.validation_data is None else _validation(model, s)
+        self.step = TrainStep(model, loss, s.optimizer, distributed=s.distributed, clip_norm=s.clip_norm,
                               clip_value=s.clip_value, accumulate=s.accumulate)
         self.batches: Batches = Sharded(len(X), s.batch_size, X, Y) if s.distributed else \
             OneProcess(len(X), s.batch_size, Y)  # Y: the loss's dtype (X may hold indices)
-        self.predicting, self.scoring = _predict_fn(model), _eval_fn(model, s.loss)
+        self.predicting = _predict_fn(model)
+        self.scoring = None if self.validation is None else _eval_fn(model, self.validation[3])
         self._check_feeds()
         self.history = History(s.metrics)
         resumed = None if s.resume is None else read_checkpoint(s.resume, model, s.optimizer, list(self.history),
@@ -500,8 +576,8 @@ class _Run:
         compiled functions' unchecked entries (.fn)."""
         self.step.compiled.check_feeds(next(iter(self.batches.feeds(self.X, self.Y, None))), {})
         self.predicting.check_feeds((self.X,), {})
-        if self.settings.validation_data is not None:
-            self.scoring.check_feeds(tuple(self.settings.validation_data), {})
+        if self.validation is not None:
+            self.scoring.check_feeds(self.validation[:2], {})
 
     def _generator(self, resumed: Resumed | None) -> torch.Generator:
         """The shuffling generator, from the seed every rank shares (rank 0's)."""
@@ -579,12 +655,24 @@ class _Run:
         scores = {"loss": self.batches.loss_and_finite(losses, _largest(self.step.params, self.X.device))}
         decision, metrics = s.loss.decision, list(s.metrics)
         if metrics:
-            measured = measure(self.predicting.fn, self.X, self.Y, decision, metrics, s.distributed, with_loss=False)
+            measured = measure(self.predicting.fn, self.X, self.targets, decision, metrics, s.distributed,
+                               with_loss=False)
             scores.update((m, measured[m]) for m in metrics)
-        if s.validation_data is not None:
-            measured = measure(self.scoring.fn, *s.validation_data, decision, metrics, s.distributed)
+        if self.validation is not None:
+            X_val, fed, targets, _ = self.validation
+            measured = measure(self.scoring.fn, X_val, fed, decision, metrics, s.distributed, targets=targets)
             scores.update((f"val_{k}", measured[k]) for k in ("loss", *metrics))
         return scores
+
+
+def _validation(model: Sequential, s: FitSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Loss]:
+    """(X_val, what the scoring graph is fed, the targets, its loss): weighted by
+    validation_data's third member if it has one (as Keras, not by the training weights)."""
+    X_val, targets = s.validation_data
+    weights = example_weights(targets, s.loss.decision, s.validation_weights, None, " (validation)")
+    if weights is None:
+        return X_val, targets, targets, s.loss
+    return X_val, torch.cat([targets, weights], -1), targets, Weighted(s.loss)
 
 
 def _fit_settings(model: Sequential, X: torch.Tensor, s: FitSettings, resumed: Resumed | None) -> dict[str, int]:
@@ -618,7 +706,7 @@ def predict(model: Sequential, X: torch.Tensor, threads: int | None = None, dist
 
 def evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None = None,
              metrics: list[str] | None = None, threads: int | None = None,
-             distributed: bool = False) -> dict[str, float]:
+             distributed: bool = False, sample_weight: torch.Tensor | None = None) -> dict[str, float]:
     """`Sequential.evaluate`, which documents the arguments."""
     loss = _model_loss(model, loss)
     distributed = _check_distributed(distributed, "evaluate")
@@ -626,8 +714,13 @@ def evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | N
     _check_data(model, X, Y)
     metrics = choose_metrics(metrics, Y, loss)
     check_metrics_fit(metrics, Y, "Y", loss.decision)
+    weights = example_weights(Y, loss.decision, _check_sample_weight(sample_weight), None)
     with _threads_for(model, len(X), threads):
-        return _evaluate(model, X, Y, loss, metrics, distributed)
+        if weights is None:
+            return _evaluate(model, X, Y, loss, metrics, distributed)
+        fed = torch.cat([Y, weights], -1)
+        scores = measure(_eval_fn(model, Weighted(loss)), X, fed, loss.decision, metrics, distributed, targets=Y)
+        return dict(zip(scores, torch.stack(list(scores.values())).tolist(), strict=True))
 
 
 def _evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss, metrics: list[str],

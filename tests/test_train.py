@@ -367,8 +367,10 @@ X_NAN = torch.tensor([[0.1, 0.2], [0.3, float("nan")], [0.5, 0.6]])
     ((torch.rand(3, 2), torch.tensor([[0.0], [float("inf")], [1.0]])), {}, r"Y has NaN or inf .* Y\[1, 0\] = inf"),
     ((), {"validation_data": (X_NAN, torch.rand(3, 1))}, r"X \(validation\) has NaN or inf values"),
     ((torch.rand(0, 2), torch.rand(0, 1)), {}, "X and Y have no examples"),
-    ((), {"validation_data": torch.rand(3, 2)}, r"validation_data must be a pair \(X_val, Y_val\), got Tensor"),
-    ((), {"validation_data": (1, 2, 3)}, "validation_data must be a pair .* got tuple of length 3"),
+    ((), {"validation_data": torch.rand(3, 2)}, r"validation_data must be a pair \(X_val, Y_val\) or a triple "
+                                                r"\(X_val, Y_val, weights\), got Tensor"),
+    ((), {"validation_data": (1, 2, 3, 4)}, "validation_data must be a pair .* got tuple of length 4"),
+    ((), {"validation_data": (1, 2, 3)}, "validation_data's sample weights must be a 1-d float tensor"),
     ((), {"seed": 1.5}, r"seed must be a whole number in \[-9223372036854775808, 18446744073709551615\], got 1.5"),
     ((), {"schedule": 3}, "schedule must be a graphdl schedule such as gd.StepDecay"),
     ((), {"schedule": lambda epoch, lr: -lr}, "gave lr=-0.01 for epoch 1; a learning rate must be a finite number"),

@@ -10,6 +10,7 @@ from .ops import (
     OPS, abs, add, bce_with_logits, broadcast_like, cross_entropy, div, exp, greater, log, log_softmax, mae, matmul,
     mbe, mean, mse, mul, neg, relu, sigmoid, sign, softmax, sub, sum, sum_to, tanh, transpose, zeros_like,
 )
+from .ops import avg_pool2d, batch_norm, conv1d, conv2d, dropout_mask, layer_norm, max_pool2d, rsqrt, var
 from .text import parse
 from .autodiff import grad
 from .compile import Compiled, compile
@@ -35,4 +36,5 @@ __all__ = [
     "to_torch",
     "load", "load_graph", "mbe", "mean", "mse", "mul", "neg", "parse", "relu", "render", "save_graph", "sigmoid",
     "sign", "sub", "sum", "sum_to", "tanh", "to_dot", "transpose", "zeros_like",
+    "avg_pool2d", "batch_norm", "conv1d", "conv2d", "dropout_mask", "layer_norm", "max_pool2d", "rsqrt", "var",
 ]

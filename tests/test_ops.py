@@ -29,6 +29,7 @@ class Case:
     shapes: list[tuple[int, ...]]
     domain: str = "any"  # "positive": inputs in (0.5, 2); "away": |x| > 0.1 (kinks)
     differentiable: bool = True
+    second_order: bool = True  # False: its VJP emits an op without a VJP of its own
 
 
 def _sum_to_ref(x: torch.Tensor, shape: tuple) -> torch.Tensor:
@@ -36,6 +37,105 @@ def _sum_to_ref(x: torch.Tensor, shape: tuple) -> torch.Tensor:
     x = x.sum(tuple(range(lead))) if lead else x
     kept = tuple(i for i, d in enumerate(shape) if d == 1 and x.shape[i] != 1)
     return x.sum(kept, keepdim=True) if kept else x
+
+
+def _conv_backward_ref(which: int, **attrs: object) -> Callable[..., torch.Tensor]:
+    """aten's convolution_backward for the input (0) or weight (1) gradient."""
+    def ref(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        d = w.dim() - 2
+        spread = lambda v: [v] * d if isinstance(v, int) else list(v)  # noqa: E731
+        mask = [which == 0, which == 1, False]
+        return torch.ops.aten.convolution_backward(
+            g, x, w, None, spread(attrs.get("stride", 1)), spread(attrs.get("padding", 0)),
+            spread(attrs.get("dilation", 1)), False, [0] * d, attrs.get("groups", 1), mask)[which]
+    return ref
+
+
+def _max_pool_backward_ref(g: torch.Tensor, x: torch.Tensor, **attrs: object) -> torch.Tensor:
+    y = x.detach().requires_grad_()
+    (gx,) = torch.autograd.grad(F.max_pool2d(y, **attrs), y, g, create_graph=True)
+    return gx
+
+
+def _max_pool_select_ref(c: torch.Tensor, x: torch.Tensor, **attrs: object) -> torch.Tensor:
+    _, idx = F.max_pool2d(x, **attrs, return_indices=True)
+    return c.flatten(2).gather(2, idx.flatten(2)).view_as(idx)
+
+
+def _splitmix_mask(key: float, shape: tuple[int, ...], seed: int, p: float) -> torch.Tensor:
+    """The dropout mask written out with Python's unbounded ints and unsigned wrap-around,
+    as splitmix64 is published: an oracle independent of torch's int64 arithmetic."""
+    full = 2**64 - 1
+    golden = 0x9E3779B97F4A7C15
+
+    def mix(z: int) -> int:
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & full
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & full
+        return z ^ (z >> 31)
+
+    stream = mix((int(key) * golden + seed) & full)
+    count = int(np.prod(shape))
+    kept = [mix((stream + (i + 1) * golden) & full) & (2**24 - 1) >= round(p * 2**24) for i in range(count)]
+    return torch.tensor(kept, dtype=torch.float64).reshape(shape) / (1 - p)
+
+
+def _batch_norm_ref(x: torch.Tensor, m: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
+                    b: torch.Tensor) -> torch.Tensor:
+    """BatchNorm's formula with the statistics as differentiable inputs (torch's kernel
+    takes no gradient for the running statistics); checked against it below."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return (x - m.view(shape)) / torch.sqrt(v.view(shape) + 1e-5) * w.view(shape) + b.view(shape)
+
+
+def test_the_batch_norm_oracle_is_torchs_inference_batch_norm():
+    x, m, v, w, b = (torch.rand(s, dtype=torch.float64) + 0.5 for s in [(4, 3, 2, 2), (3,), (3,), (3,), (3,)])
+    torch.testing.assert_close(_batch_norm_ref(x, m, v, w, b), F.batch_norm(x, m, v, w, b, training=False))
+
+
+CONV_CASES = [
+    Case("conv1d", lambda x, w, b: gd.conv1d(x, w, b, stride=2, padding=1, dilation=2, groups=2),
+         lambda x, w, b: F.conv1d(x, w, b, stride=2, padding=1, dilation=2, groups=2), [(2, 4, 9), (6, 2, 3), (6,)]),
+    Case("conv1d", gd.conv1d, F.conv1d, [(2, 3, 7), (4, 3, 3)]),
+    Case("conv2d", lambda x, w, b: gd.conv2d(x, w, b, stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2),
+         lambda x, w, b: F.conv2d(x, w, b, stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2),
+         [(2, 4, 6, 5), (6, 2, 3, 2), (6,)]),
+    Case("conv2d", lambda x, w: gd.conv2d(x, w, padding=1), lambda x, w: F.conv2d(x, w, padding=1),
+         [(1, 3, 4, 4), (2, 3, 3, 3)]),
+    Case("conv_backward_input", lambda g, x, w: gd.ops.conv_backward_input(g, x, w, stride=2, padding=1),
+         _conv_backward_ref(0, stride=2, padding=1), [(2, 4, 3, 3), (2, 3, 6, 5), (4, 3, 3, 3)]),
+    Case("conv_backward_weight", lambda g, x, w: gd.ops.conv_backward_weight(g, x, w, stride=2, padding=1, groups=3),
+         _conv_backward_ref(1, stride=2, padding=1, groups=3), [(2, 6, 3, 3), (2, 3, 6, 5), (6, 1, 3, 3)]),
+    Case("conv_backward_input", lambda g, x, w: gd.ops.conv_backward_input(g, x, w, dilation=2),
+         _conv_backward_ref(0, dilation=2), [(2, 4, 3), (2, 3, 7), (4, 3, 3)]),
+    Case("max_pool2d", lambda x: gd.max_pool2d(x, 3, stride=2, padding=1),
+         lambda x: F.max_pool2d(x, 3, stride=2, padding=1), [(2, 3, 6, 5)]),
+    Case("max_pool2d", lambda x: gd.max_pool2d(x, (2, 3)), lambda x: F.max_pool2d(x, (2, 3)), [(1, 2, 4, 6)]),
+    Case("max_pool2d_backward", lambda g, x: gd.ops.max_pool2d_backward(g, x, 3, stride=2, padding=1),
+         lambda g, x: _max_pool_backward_ref(g, x, kernel_size=3, stride=2, padding=1), [(2, 3, 3, 3), (2, 3, 6, 5)]),
+    Case("max_pool2d_select", lambda c, x: gd.ops.max_pool2d_select(c, x, 3, stride=2, padding=1),
+         lambda c, x: _max_pool_select_ref(c, x, kernel_size=3, stride=2, padding=1), [(2, 3, 6, 5), (2, 3, 6, 5)]),
+    Case("avg_pool2d", lambda x: gd.avg_pool2d(x, 3, stride=2, padding=1),
+         lambda x: F.avg_pool2d(x, 3, stride=2, padding=1), [(2, 3, 6, 5)]),
+    Case("avg_pool2d", lambda x: gd.avg_pool2d(x, 2, padding=1, count_include_pad=False),
+         lambda x: F.avg_pool2d(x, 2, padding=1, count_include_pad=False), [(1, 2, 5, 4)]),
+    Case("avg_pool2d_backward", lambda g, x: gd.ops.avg_pool2d_backward(g, x, 3, stride=2, padding=1),
+         lambda g, x: torch.ops.aten.avg_pool2d_backward(g, x, [3, 3], [2, 2], [1, 1], False, True, None),
+         [(2, 3, 3, 3), (2, 3, 6, 5)]),
+    Case("rsqrt", gd.rsqrt, torch.rsqrt, [(3, 4)], "positive"),
+    Case("var", lambda x: gd.var(x, axis=0), lambda x: x.var(0, correction=0), [(3, 4)]),
+    Case("var", lambda x: gd.var(x, axis=(0, 2), keepdims=True, correction=1),
+         lambda x: x.var((0, 2), keepdim=True, correction=1), [(3, 2, 4)]),
+    Case("batch_norm", gd.batch_norm,  # inference: the statistics given
+         _batch_norm_ref, [(4, 3, 2, 2), (3,), (3,), (3,), (3,)],
+         "positive"),
+    Case("batch_norm", lambda x, w, b: gd.batch_norm(x, gd.mean(x, axis=(0, 2)), gd.var(x, axis=(0, 2)), w, b),
+         lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True),  # training: the batch's statistics
+         [(4, 3, 5), (3,), (3,)]),
+    Case("layer_norm", gd.layer_norm, lambda x, w, b: F.layer_norm(x, (4, 5), w, b), [(3, 4, 5), (4, 5), (4, 5)]),
+    Case("layer_norm", gd.layer_norm, lambda x, w, b: F.layer_norm(x, (5,), w, b), [(3, 5), (5,), (5,)]),
+    Case("dropout_mask", lambda k, x: gd.dropout_mask(k, x, p=0.3, seed=5),
+         lambda k, x: _splitmix_mask(k.item(), tuple(x.shape), 5, 0.3), [(), (6, 7)], differentiable=False),
+]
 
 
 CASES = [
@@ -87,6 +187,7 @@ CASES = [
     Case("tanh_backward", gd.ops.tanh_backward, lambda g, y: g * (1 - y * y), [(3, 4), (3, 4)]),
     Case("sigmoid_backward", gd.ops.sigmoid_backward, lambda g, y: g * y * (1 - y), [(3, 4), (3, 4)]),
     Case("mse_backward", gd.ops.mse_backward, lambda g, a, b: g * 2 * (a - b) / a.numel(), [(), (5, 1), (5, 1)]),
+    *CONV_CASES,
 ]
 
 
@@ -200,7 +301,7 @@ def test_vjp_matches_torch_autograd(case: Case):
         torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.differentiable], ids=_id)
+@pytest.mark.parametrize("case", [c for c in CASES if c.differentiable and c.second_order], ids=_id)
 def test_second_order_matches_torch_autograd(case: Case):
     """grad of a gradient graph: d/da sum(dL/da * dL/da), against autograd's double backward."""
     tensors = _inputs(case, seed=2)
@@ -299,9 +400,12 @@ def _accepted_builds():
     for name, op in gd.OPS.items():
         if op.arity == 0 or name in COLLECTIVES:
             continue
-        for shapes in itertools.product(SHAPES, repeat=op.arity):
-            if op.arity == 3 and len({len(s) for s in shapes[1:]}) > 1:
-                continue  # addmm and mse_backward: keep the grid small
+        arities = (2, 3) if op.arity == gd.ops.VARIADIC else (op.arity,)  # conv: with and without a bias
+        for shapes in (s for arity in arities for s in itertools.product(SHAPES, repeat=arity)):
+            if len(shapes) == 3 and len({len(s) for s in shapes[1:]}) > 1:
+                continue  # addmm, mse_backward, the convolutions: keep the grid small
+            if len(shapes) > 3 and len(set(shapes[1:])) > 1:
+                continue  # batch_norm: its statistics and affine params share one shape
             for attrs in ATTRS.get(name, [{}]):
                 g = gd.Graph("rule")
                 values = [g.input(f"a{i}", s, torch.float64) for i, s in enumerate(shapes)]

@@ -114,21 +114,42 @@ def same_memory(t: torch.Tensor) -> Hashable:
 
 
 class Build:
-    """What a layer's `forward` builds with: the graph and the layer's params.
+    """What a layer's `forward` builds with: the graph, the layer's params and the mode.
 
     `param("weight")` is the graph param holding the layer's weight, declared on first
     use under its model-wide name ("2.weight"). A tensor that an earlier place already
     holds (a tied weight, `l2.weight = l1.weight`) is that place's param: one value in
-    the IR, so its gradients add up and it is trained, decayed and saved once."""
+    the IR, so its gradients add up and it is trained, decayed and saved once.
 
-    def __init__(self, graph: Graph, prefix: str, owners: dict[str, str], slots: dict[str, Slot]) -> None:
-        self.graph, self.prefix = graph, prefix
+    `training` is the mode the graph is built for: True for the graph `fit` trains
+    (Dropout drops, BatchNorm normalises with the batch's statistics), False for the
+    one `predict` and `evaluate` run. In a training graph a layer gives the next value
+    of a buffer it holds with `update` (BatchNorm's running mean); the graph outputs it,
+    and the training step writes it into the buffer after each batch."""
+
+    def __init__(self, graph: Graph, prefix: str, owners: dict[str, str], slots: dict[str, Slot],
+                 training: bool = False, updates: dict[str, Value] | None = None) -> None:
+        self.graph, self.prefix, self.training = graph, prefix, training
         self._owners, self._slots = owners, slots
+        self.updates = {} if updates is None else updates  # buffer name -> its next value, model-wide
 
     def param(self, name: str) -> Value:
         owner = self._owners[self.prefix + name]
         known = self.graph.params.get(owner)
         return known if known is not None else self.graph.param(owner, self._slots[owner])
+
+    def update(self, name: str, value: Value) -> None:
+        """`value` is the next value of this layer's buffer `name` (training graphs only)."""
+        owner = self._owners[self.prefix + name]
+        param = self.param(name)
+        if not self.training:
+            raise GraphError(f"{self.prefix}{name}: a buffer is updated only in a training graph")
+        if owner in self.updates:
+            raise GraphError(f"{self.prefix}{name} holds the tensor of {owner}, which another layer updates too; "
+                             "give each layer its own buffer (e.g. .clone())")
+        if (value.shape, value.dtype) != (param.shape, param.dtype):
+            raise GraphError(f"{self.prefix}{name}: its next value {value!r} must have the buffer's type {param!r}")
+        self.updates[owner] = value
 
 
 def _check_width(name: str, value: int) -> int:

@@ -11,6 +11,12 @@ graph (per data set and batch size) and replayed: the batches are gathered on th
 device from a permutation copied there once per epoch, the learning rate is a device
 tensor, and nothing waits on the host until the caller reads the losses.
 
+The step trains the model's graph in training mode (`model.graph(loss, training=True)`).
+Layers that keep state besides their params (BatchNorm's running statistics, Dropout's
+key) make that graph output the state's next values after the loss, labelled
+"next/{name}" (`NEXT`); the step writes them into the model's buffers with each
+update, inside the same compiled step (and the same captured CUDA graph).
+
 Data-parallel (`distributed=True`), the step is `step_graph`'s: it
 takes a third input, `scale` (the rank's share of the global batch), and sums the
 gradients over every rank with the all-reduce ops in the graph before the update.
@@ -30,7 +36,7 @@ from .autodiff import grad
 from .batches import epoch_batches
 from .checks import flag, real, whole
 from .compile import ArenaCompiled, Compiled, compile, lower
-from .ir import Graph, Slot
+from .ir import Graph, Slot, Value
 from .losses import Loss, checked_loss
 from .ops import mul
 from .optim import SGD, checked_optimizer
@@ -47,6 +53,13 @@ MAX_CAPTURED_STEPS = 4096
 # above a bare process (eager PyTorch's loop: 65; tools/bench.py's memory worker).
 # Re-making them is nothing beside such an epoch (~1 s); the disk net's (~10 KiB) stay.
 KEEP_ARENA_BYTES = 1 << 20
+
+NEXT = "next/"  # the label of a training graph's output that is a buffer's next value
+
+
+def state_updates(graph: Graph) -> list[str]:
+    """The buffers whose next values `graph` outputs, in output order (they follow the loss)."""
+    return [label.removeprefix(NEXT) for label in graph.output_labels if label.startswith(NEXT)]
 
 
 @runtime_checkable
@@ -105,13 +118,14 @@ class _Arena:
     the update planned on its gradient buffers (None where some gradient is made fresh
     at each call, which then goes through `SGD.update`)."""
 
-    def __init__(self, fn: ArenaCompiled, batch: int, optimizer: SGD, params: list[torch.Tensor]) -> None:
+    def __init__(self, fn: ArenaCompiled, batch: int, optimizer: SGD, params: list[torch.Tensor],
+                 first_grad: int = 1) -> None:
         self._run, self.batch = fn.fn, batch
         buffers = fn.buffers({d: batch for d in fn.symbols})
         self.bindings = fn.bind_params() + buffers
         self.bytes = sum(b.untyped_storage().nbytes() for b in buffers[:len(fn.layout.buffers)])
         self.update: Callable[[], None] | None = None
-        grads = fn.layout.output_buffers[1:]
+        grads = fn.layout.output_buffers[first_grad:]
         if all(j is not None for j in grads):
             self.update = optimizer.plan(params, [buffers[j] for j in grads])
 
@@ -163,11 +177,15 @@ class TrainStep:
         model, loss = self.model, self.loss
         names = list(model.parameters())
         kind = ("step", loss, "data-parallel") if self.distributed else ("step", loss)
-        gradients = (lambda: step_graph(model.graph(loss), names)) if self.distributed else \
-            (lambda: grad(model.graph(loss), names))
+        gradients = (lambda: step_graph(model.graph(loss, training=True), names)) if self.distributed else \
+            (lambda: grad(model.graph(loss, training=True), names))
         self.compiled: Compiled = model.compiled(kind, lambda: compile(gradients()))
         self.arena_fn: ArenaCompiled = model.compiled((*kind, "arena"), lambda: lower(self.compiled.graph, arena=True))
         self.params = list(model.parameters().values())  # what the gradients are of, in their order
+        # The buffers the step updates (outputs 1..S), then the gradients (from 1 + S on).
+        state = model.state()
+        self.state = [state[name] for name in state_updates(self.compiled.graph)]
+        self._first_grad = 1 + len(self.state)
         # Each param's identity for the optimizer's state: the slot it is read from, which
         # a tensor assigned to the layer keeps (so its momentum does) and a new layer does not.
         self._identities: list[Slot] = [self.compiled.graph.params[name].slot for name in names]
@@ -255,16 +273,26 @@ class TrainStep:
     # -- bookkeeping -------------------------------------------------------------------------
 
     def _update(self, arena: _Arena, out: tuple[torch.Tensor, ...], lr: float) -> None:
+        self.write_state(out)
         if arena.update is not None:
             self.optimizer.set_lr(lr)
             arena.update()
         else:
-            self.optimizer.update(self.params, list(out[1:]), lr, overwrite_grads=True)
+            self.optimizer.update(self.params, self.grads(out), lr, overwrite_grads=True)
+
+    def write_state(self, out: tuple[torch.Tensor, ...]) -> None:
+        """Put the buffers' next values, computed by the step that returned `out`, into them."""
+        if self.state:  # one multi-tensor copy
+            torch._foreach_copy_(self.state, list(out[1:self._first_grad]))
+
+    def grads(self, out: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        """The gradients among the step's outputs `out`, in the order of `params`."""
+        return list(out[self._first_grad:])
 
     def _arena(self, batch: int) -> _Arena:
         arena = self._arenas.get(batch)
         if arena is None:
-            arena = self._arenas[batch] = _Arena(self.arena_fn, batch, self.optimizer, self.params)
+            arena = self._arenas[batch] = _Arena(self.arena_fn, batch, self.optimizer, self.params, self._first_grad)
         return arena
 
     def _refresh(self) -> None:
@@ -308,15 +336,36 @@ class TrainStep:
 def step_graph(loss_graph: Graph, wrt: list[str], bucket_mib: float | None = None) -> Graph:
     """A rank's training step: the gradient graph of `loss_graph`'s loss times a new scalar
     input `scale` (this rank's share of the global batch), with its gradients summed over
-    every rank (graphdl.passes.allreduce). Outputs: the weighted loss, then the summed
-    gradients of `wrt`."""
+    every rank (graphdl.passes.allreduce). Outputs: the weighted loss, then the buffers'
+    next values (`NEXT`), then the summed gradients of `wrt`.
+
+    A buffer's next value computed from the data (BatchNorm's running statistics) is
+    averaged over the ranks, weighted by their shares, so that every rank keeps the same
+    buffers (the statistics that normalise a batch stay each rank's own, as under DDP);
+    one computed without the data (Dropout's key) is the same on every rank already."""
     loss_graph, _ = loss_graph.copy()  # the caller's graph stays as it was
     loss = loss_graph.outputs[0]
     scale = loss_graph.input("scale", (), loss.dtype)
+    from_data = _computed_from(loss_graph, [v for v in loss_graph.inputs.values() if v is not scale])
+    averaged = [i for i, (v, label) in enumerate(zip(loss_graph.outputs, loss_graph.output_labels))
+                if label.startswith(NEXT) and v in from_data]
     with loss_graph.scope("loss"):
         loss_graph.set_output(0, mul(loss, scale))
-    step, _ = allreduce(grad(loss_graph, wrt), bucket_mib=DEFAULT_BUCKET_MIB if bucket_mib is None else bucket_mib)
+        for i in averaged:
+            loss_graph.set_output(i, mul(loss_graph.outputs[i], scale))
+    step = grad(loss_graph, wrt)
+    summed = [*averaged, *range(len(loss_graph.outputs), len(step.outputs))]
+    step, _ = allreduce(step, summed, bucket_mib=DEFAULT_BUCKET_MIB if bucket_mib is None else bucket_mib)
     return step
+
+
+def _computed_from(graph: Graph, sources: list[Value]) -> set[Value]:
+    """`sources` and every value computed from any of them."""
+    reached = set(sources)
+    for node in graph.nodes:
+        if any(v in reached for v in node.inputs):
+            reached.add(node.out)
+    return reached
 
 
 def _check_arguments(model: Any, loss: Any, optimizer: Any, capture: Any, distributed: Any) -> None:
@@ -351,7 +400,8 @@ class _CapturedEpoch:
         for x, y in epoch_batches(self.X, self.Y, batch_size, self.order):  # the order already on the device
             arena = step._arena(len(x))
             out = arena((x, y))
-            update = arena.update or step.optimizer.plan(step.params, list(out[1:]))
+            step.write_state(out)
+            update = arena.update or step.optimizer.plan(step.params, step.grads(out))
             update()
             losses.append(out[0])
         return torch.stack(losses)
@@ -360,7 +410,7 @@ class _CapturedEpoch:
         """One step at each batch size the epoch has, on a side stream, before capture
         (cuBLAS and the kernels initialise lazily, which capture forbids); the params and
         velocities are put back afterwards, so training is unchanged."""
-        state = [*step.params, *step.optimizer.buffers]
+        state = [*step.params, *step.state, *step.optimizer.buffers]
         saved = [t.clone() for t in state]
         # The sizes the epoch's batches really have: with a batch larger than the data, an
         # arena of batch_size rows run on fewer would have torch resize its out= buffers.
@@ -372,7 +422,8 @@ class _CapturedEpoch:
                 for size in sizes:
                     arena = step._arena(size)
                     out = arena((self.X[:size], self.Y[:size]))
-                    (arena.update or step.optimizer.plan(step.params, list(out[1:])))()
+                    step.write_state(out)
+                    (arena.update or step.optimizer.plan(step.params, step.grads(out)))()
         finally:  # also when warming up fails: the fallback trains from the same state
             torch._foreach_copy_(state, saved)
 

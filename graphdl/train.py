@@ -483,7 +483,8 @@ class _Run:
             self.history.update(resumed.history)
             self.first = resumed.epoch
         model.history = self.history  # what fit has recorded so far, kept if it stops early
-        self.start = _Snapshot(lambda: [*self.step.params, *s.optimizer.buffers])  # the step binds again if they move
+        # the step binds again if they move; its state is the buffers it updates (BatchNorm's statistics)
+        self.start = _Snapshot(lambda: [*self.step.params, *self.step.state, *s.optimizer.buffers])
 
     def _check_feeds(self) -> None:
         """Dtype and device once, with the graphs' messages, so that each epoch calls the

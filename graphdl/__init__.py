@@ -9,6 +9,7 @@ from .ir import Graph, Node, Value
 from .ops import (
     OPS, abs, add, bce_with_logits, broadcast_like, cross_entropy, div, exp, greater, log, log_softmax, mae, matmul,
     mbe, mean, mse, mul, neg, relu, sigmoid, sign, softmax, sub, sum, sum_to, tanh, transpose, zeros_like,
+    concat, flatten, gelu, index_add, index_select, leaky_relu, permute, reshape, silu, slice, split, unslice,
 )
 from .ops import avg_pool2d, batch_norm, conv1d, conv2d, dropout_mask, layer_norm, max_pool2d, rsqrt, var
 from .text import parse
@@ -36,5 +37,7 @@ __all__ = [
     "to_torch",
     "load", "load_graph", "mbe", "mean", "mse", "mul", "neg", "parse", "relu", "render", "save_graph", "sigmoid",
     "sign", "sub", "sum", "sum_to", "tanh", "to_dot", "transpose", "zeros_like",
+    "concat", "flatten", "gelu", "index_add", "index_select", "leaky_relu", "permute", "reshape", "silu", "slice",
+    "split", "unslice",
     "avg_pool2d", "batch_norm", "conv1d", "conv2d", "dropout_mask", "layer_norm", "max_pool2d", "rsqrt", "var",
 ]

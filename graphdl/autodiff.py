@@ -114,6 +114,10 @@ def _check_grad_args(graph: Graph, wrt: Sequence[str] | str, of: int | Value) ->
 def _check_wrt(graph: Graph, name: object) -> None:
     """`name` must name an input or param: say what it is otherwise, and what to pass."""
     if isinstance(name, str) and (name in graph.inputs or name in graph.params):
+        value = graph.value(name)
+        if not value.dtype.is_floating_point:
+            raise GraphError(f"grad: wrt {name!r} is {value!r}, integer indices, which take no gradient\n"
+                             f"  hint: differentiate with respect to floating inputs and params only")
         return
     known = ", ".join([*graph.inputs, *graph.params]) or "none"
     if isinstance(name, Value) and name.node is None and name.graph is graph:

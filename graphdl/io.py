@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import safetensors.torch
 import torch
 
-from .checks import DTYPES, GraphError, NumberText, format_type, read_int, read_shape, show_number, whole_number
+from .checks import FLOAT_DTYPES, GraphError, NumberText, format_type, read_int, read_shape, show_number, whole_number
 from .ir import Graph
 from .losses import LOSSES, Loss
 from .text import parse
@@ -213,7 +213,7 @@ def _check_config(config: Any) -> None:
     scalars, with dtypes from graphdl's fixed list (so no name is looked up on torch blindly)."""
     if not isinstance(config, list) or not all(isinstance(spec, dict) for spec in config):
         raise ValueError("expected a list of layer settings")
-    dtypes = {str(t).removeprefix("torch.") for t in DTYPES.values()}
+    dtypes = {str(t).removeprefix("torch.") for t in FLOAT_DTYPES.values()}
     for k, spec in enumerate(config):
         if not all(isinstance(v, (str, int, float, bool)) or v is None for v in spec.values()):
             raise ValueError(f"layer {k}: settings must be plain numbers and strings, got {spec}")

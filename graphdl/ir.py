@@ -25,8 +25,7 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 import torch
 
 from .checks import (
-    DTYPE_NAMES,
-    DTYPES,
+    FLOAT_DTYPES,
     GraphError,
     Shape,
     ShapeError,
@@ -261,9 +260,11 @@ class Graph:
             raise GraphError(f"graph {self.name}: {name!r} is already defined; pick another name")
 
     def input(self, name: str, shape: Sequence[int | str | None], dtype: torch.dtype = torch.float32) -> Value:
-        """Declare a graph input. `None` in `shape` is the batch dimension, named "N"."""
+        """Declare a graph input. `None` in `shape` is the batch dimension, named "N".
+        `dtype` is a floating dtype, or torch.int64 for indices (what `index_select` and
+        gd.Embedding read), which take no gradient."""
         self._check_new_name(name)
-        check_dtype(f"input {name}", dtype)
+        check_dtype(f"input {name}", dtype, integer=True)
         try:
             dims = tuple("N" if d is None else d for d in shape)
         except TypeError:
@@ -591,8 +592,8 @@ def check_param_tensor(what: str, t: Any) -> None:
     problem = tensor_problem(t)
     if problem:
         raise GraphError(f"{what} {problem}")
-    if t.dtype not in DTYPE_NAMES:
-        supported = ", ".join(str(d) for d in DTYPES.values())
+    if t.dtype not in FLOAT_DTYPES.values():
+        supported = ", ".join(str(d) for d in FLOAT_DTYPES.values())
         raise GraphError(f"{what}: dtype {t.dtype} is not supported; use a floating dtype: one of {supported}")
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .checks import DTYPES, GraphError, check_dtype, read_shape, whole
+from .checks import FLOAT_DTYPES, GraphError, check_dtype, read_shape, whole
 from .ir import Graph, Slot, Value, check_param_tensor, tensor_problem
 from .ops import add, div, matmul, relu, sigmoid, softmax, sub, tanh
 
@@ -334,4 +334,4 @@ def _check_statistics(mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype)
 
 
 LAYERS: dict[str, type[Layer]] = {cls.__name__: cls for cls in (Linear, ReLU, Tanh, Sigmoid, Softmax, Standardize)}
-DTYPES_BY_NAME = {str(d).removeprefix("torch."): d for d in DTYPES.values()}  # as config() writes them
+DTYPES_BY_NAME = {str(d).removeprefix("torch."): d for d in FLOAT_DTYPES.values()}  # as config() writes them

@@ -18,6 +18,7 @@ from .compile import Compiled, compile
 from .losses import MAE, MBE, MSE, BCEWithLogits, CrossEntropy, Loss
 from .optim import SGD, Constant, CosineDecay, ExponentialDecay, Schedule, StepDecay
 from .layers import Layer, Linear, ReLU, Sigmoid, Softmax, Standardize, Tanh
+from .layers import AvgPool2d, BatchNorm1d, BatchNorm2d, Conv1d, Conv2d, Dropout, LayerNorm, MaxPool2d
 from .step import TrainStep
 from .train import DivergedError, History
 from .viz import DotNotFoundError, render, to_dot
@@ -39,5 +40,6 @@ __all__ = [
     "sign", "sub", "sum", "sum_to", "tanh", "to_dot", "transpose", "zeros_like",
     "concat", "flatten", "gelu", "index_add", "index_select", "leaky_relu", "permute", "reshape", "silu", "slice",
     "split", "unslice",
+    "AvgPool2d", "BatchNorm1d", "BatchNorm2d", "Conv1d", "Conv2d", "Dropout", "LayerNorm", "MaxPool2d",
     "avg_pool2d", "batch_norm", "conv1d", "conv2d", "dropout_mask", "layer_norm", "max_pool2d", "rsqrt", "var",
 ]

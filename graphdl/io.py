@@ -215,10 +215,17 @@ def _check_config(config: Any) -> None:
         raise ValueError("expected a list of layer settings")
     dtypes = {str(t).removeprefix("torch.") for t in FLOAT_DTYPES.values()}
     for k, spec in enumerate(config):
-        if not all(isinstance(v, (str, int, float, bool)) or v is None for v in spec.values()):
-            raise ValueError(f"layer {k}: settings must be plain numbers and strings, got {spec}")
+        if not all(isinstance(v, (str, int, float, bool)) or v is None or _ints(v) for v in spec.values()):
+            raise ValueError(f"layer {k}: settings must be plain numbers, strings and lists of whole numbers "
+                             f"(a kernel size), got {spec}")
         if "dtype" in spec and spec["dtype"] not in dtypes:
             raise ValueError(f"layer {k}: dtype {spec['dtype']!r} is not one of {sorted(dtypes)}")
+
+
+def _ints(value: Any) -> bool:
+    """A short list of whole numbers, as a layer's config holds a kernel size or a shape."""
+    return isinstance(value, list) and len(value) <= 8 and all(
+        isinstance(v, int) and not isinstance(v, (bool, NumberText)) for v in value)
 
 
 def save_graph(graph: Graph, path: str | os.PathLike[str]) -> None:

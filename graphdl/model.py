@@ -213,8 +213,12 @@ class Sequential:
                                  f"assign a tensor of shape {list(expected)}, or build a layer of the new size")
 
     def _dtype(self) -> torch.dtype:
-        params = list(self.state().values())
-        return params[0].dtype if params else torch.float32
+        """The model's dtype: its first tensor's, of those in the model's dtype (not Dropout's key)."""
+        owners = self._owners()
+        for name, layer, short, _, t in self._places():
+            if owners[name] == name and getattr(type(layer), short).model_dtype:
+                return t.dtype
+        return torch.float32
 
     def to(self, device: torch.device | str) -> Sequential:
         """Move the params to `device` (compiled functions are rebuilt on next use)."""

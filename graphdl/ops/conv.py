@@ -40,6 +40,8 @@ def _ints(name: str, value: Any, d: int, low: int, hint: str = "") -> tuple[int,
             isinstance(v, int) and not isinstance(v, bool) for v in values):
         raise ShapeError(f"{name}={value!r} must be an int or {d} int{'s' if d > 1 else ''}, one per spatial dim",
                          hint)
+    if any(v > 2**31 - 1 for v in values):
+        raise ShapeError(f"{name}={value!r} is larger than any size torch's kernels take (2**31 - 1)")
     if any(v < low for v in values):
         what = "a zero stride would never move the window" if name == "stride" else f"each must be >= {low}"
         raise ShapeError(f"{name}={value!r}: {what}", hint or f"use {name}={max(low, 1)} or more")
@@ -85,6 +87,24 @@ def _window(sizes: Sequence[int], spans: Sequence[int], stride: Sequence[int], p
                              "or a larger input")
         out.append((size + 2 * p - span) // s + 1)
     return tuple(out)
+
+
+class _Shaped:
+    """A shape standing in for a value, for the shape functions layers call (`conv_shape`)."""
+
+    def __init__(self, shape: Shape, label: str) -> None:
+        self.shape, self.ndim, self.label = tuple(shape), len(shape), label
+
+
+def conv_shape(x: Shape, weight: Shape, **attrs: Any) -> Shape:
+    """The shape conv1d or conv2d gives for x and weight of these shapes (ShapeError if none)."""
+    d = len(weight) - 2
+    return _conv_shapes(_Shaped(x, "x"), _Shaped(weight, "weight"), {**_CONV_ATTRS, **attrs}, f"conv{d}d", d)[0]
+
+
+def pool_shape(x: Shape, **attrs: Any) -> Shape:
+    """The shape max_pool2d or avg_pool2d gives for x of this shape (ShapeError if none)."""
+    return _pool_geometry(_Shaped(x, "x"), {**_POOL_ATTRS, **attrs}, "a pool")[0]
 
 
 # -- convolution -----------------------------------------------------------------------

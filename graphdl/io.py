@@ -216,8 +216,8 @@ def _check_config(config: Any) -> None:
     dtypes = {str(t).removeprefix("torch.") for t in FLOAT_DTYPES.values()}
     for k, spec in enumerate(config):
         if not all(isinstance(v, (str, int, float, bool)) or v is None or _ints(v) for v in spec.values()):
-            raise ValueError(f"layer {k}: settings must be plain numbers, strings and lists of whole numbers "
-                             f"(a kernel size), got {spec}")
+            raise ValueError(f"layer {k}: settings must be plain numbers and strings (or lists of whole numbers, "
+                             f"such as a kernel size), got {spec}")
         if "dtype" in spec and spec["dtype"] not in dtypes:
             raise ValueError(f"layer {k}: dtype {spec['dtype']!r} is not one of {sorted(dtypes)}")
 

@@ -479,14 +479,14 @@ def _json(value: int | tuple[int, ...]) -> int | list[int]:
 
 
 class Conv1d(_Conv):
-    """Cross-correlation over [N, C, L] (torch.nn.Conv1d): weight [out, in/groups, k], bias
+    """Cross-correlation over [N, C, L] (PyTorch's nn.Conv1d): weight [out, in/groups, k], bias
     [out], both uniform in +-1/sqrt(in/groups * k) as PyTorch initialises them."""
 
     dims = 1
 
 
 class Conv2d(_Conv):
-    """Cross-correlation over [N, C, H, W] (torch.nn.Conv2d): at position k of a model it
+    """Cross-correlation over [N, C, H, W] (PyTorch's nn.Conv2d): at position k of a model it
     owns "{k}.weight" [out, in/groups, kh, kw] and "{k}.bias" [out], both uniform in
     +-1/sqrt(in/groups * kh * kw) as PyTorch initialises them (kaiming_uniform_ with
     a=sqrt(5)); `bias=False` leaves the bias out."""
@@ -530,14 +530,14 @@ class _Pool(Layer):
 
 
 class MaxPool2d(_Pool):
-    """The largest element of each window of [N, C, H, W] (torch.nn.MaxPool2d); stride
+    """The largest element of each window of [N, C, H, W] (PyTorch's nn.MaxPool2d); stride
     defaults to the kernel size."""
 
     op = max_pool2d
 
 
 class AvgPool2d(_Pool):
-    """The mean of each window of [N, C, H, W] (torch.nn.AvgPool2d); stride defaults to the
+    """The mean of each window of [N, C, H, W] (PyTorch's nn.AvgPool2d); stride defaults to the
     kernel size, and with count_include_pad (the default) padding counts as zeros."""
 
     op = avg_pool2d
@@ -611,7 +611,7 @@ class _BatchNorm(Layer):
 
 
 class BatchNorm1d(_BatchNorm):
-    """BatchNorm2d for [N, C] and [N, C, L] values (torch.nn.BatchNorm1d)."""
+    """BatchNorm2d for [N, C] and [N, C, L] values (PyTorch's nn.BatchNorm1d)."""
 
     ranks = (1, 2)
     layouts = "[N, C] or [N, C, L]"
@@ -619,7 +619,7 @@ class BatchNorm1d(_BatchNorm):
 
 class BatchNorm2d(_BatchNorm):
     """Each channel of [N, C, H, W] normalised, then scaled by weight and shifted by bias
-    (torch.nn.BatchNorm2d): in `fit` by the batch's mean and biased variance, while the
+    (PyTorch's nn.BatchNorm2d): in `fit` by the batch's mean and biased variance, while the
     running statistics move towards the batch's (running = (1 - momentum) * running +
     momentum * batch, the variance unbiased); in `predict` and `evaluate` by the running
     statistics. weight starts at 1, bias at 0, running_mean at 0, running_var at 1.
@@ -631,7 +631,7 @@ class BatchNorm2d(_BatchNorm):
 
 class LayerNorm(Layer):
     """Each example normalised over its last dims (`normalized_shape`), then scaled and
-    shifted elementwise by weight and bias of that shape (torch.nn.LayerNorm); weight
+    shifted elementwise by weight and bias of that shape (PyTorch's nn.LayerNorm); weight
     starts at 1, bias at 0. The same in training and inference."""
 
     weight = Param(shape=lambda layer: layer.normalized_shape)
@@ -677,7 +677,7 @@ class LayerNorm(Layer):
 
 class Dropout(Layer):
     """In `fit`, each element is zeroed with probability p and the rest scaled by 1/(1 - p)
-    (torch.nn.Dropout); in `predict` and `evaluate`, the identity.
+    (PyTorch's nn.Dropout); in `predict` and `evaluate`, the identity.
 
     The mask is a pure function of the layer's seed, its key and the element's place
     (graphdl.ops.random): the key, "{k}.key", is a step counter the training step

@@ -1,7 +1,7 @@
 """Convolution and pooling over channels-first values: [N, C, L] and [N, C, H, W].
 
 Weights are laid out as PyTorch lays them out, [out_channels, in_channels / groups,
-*kernel], so a model's tensors go to and from torch.nn and ONNX unchanged. Each op's
+*kernel], so a model's tensors go to and from PyTorch and ONNX unchanged. Each op's
 VJP is another op of this family, lowered to one of aten's backward kernels
 (`aten.convolution_backward`, `aten.max_pool2d_with_indices_backward`,
 `aten.avg_pool2d_backward`); those backward ops are linear in the cotangent, so their
@@ -223,11 +223,11 @@ _CONV_ATTRS = {"stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 
 conv1d = defop("conv1d", _conv_code, _conv_rule(1), _conv_vjp, arity=VARIADIC, attrs=_CONV_ATTRS, new_storage=True,
                doc="Cross-correlation of x [N, C, L] with weight [out, C/groups, k] (and bias [out]), as "
-                   "torch.nn.Conv1d computes it: [N, out, (L + 2*padding - dilation*(k-1) - 1) // stride + 1].")
+                   "PyTorch's nn.Conv1d computes it: [N, out, (L + 2*padding - dilation*(k-1) - 1) // stride + 1].")
 
 conv2d = defop("conv2d", _conv_code, _conv_rule(2), _conv_vjp, arity=VARIADIC, attrs=_CONV_ATTRS, new_storage=True,
                doc="Cross-correlation of x [N, C, H, W] with weight [out, C/groups, kh, kw] (and bias [out]), as "
-                   "torch.nn.Conv2d computes it; each output size as conv1d's.")
+                   "PyTorch's nn.Conv2d computes it; each output size as conv1d's.")
 
 conv_backward_input = defop(
     "conv_backward_input", _conv_backward_code(1), _backward_rule(1), _backward_input_vjp, arity=3,
@@ -301,7 +301,7 @@ max_pool2d = defop(
     _pool_rule("max_pool2d"), lambda g, out, x, **attrs: [max_pool2d_backward(g, x, **attrs)],
     attrs=_POOL_ATTRS, new_storage=True,
     doc="The largest element of each kernel_size window of x [N, C, H, W], moved by stride (default: the "
-        "kernel size), with padding that never wins (torch.nn.MaxPool2d).")
+        "kernel size), with padding that never wins (PyTorch's nn.MaxPool2d).")
 
 # The window's argmax is found again from x (aten.max_pool2d_with_indices) rather than
 # kept from the forward pass: an IR value holds one tensor of a float dtype, and the
@@ -348,7 +348,7 @@ avg_pool2d = defop(
     _pool_rule("avg_pool2d"), lambda g, out, x, **attrs: [avg_pool2d_backward(g, x, **attrs)],
     attrs={**_POOL_ATTRS, "count_include_pad": True}, new_storage=True,
     doc="The mean of each kernel_size window of x [N, C, H, W], moved by stride (default: the kernel size); "
-        "with count_include_pad (the default) padding counts as zeros in the mean (torch.nn.AvgPool2d).")
+        "with count_include_pad (the default) padding counts as zeros in the mean (PyTorch's nn.AvgPool2d).")
 
 avg_pool2d_backward = defop(
     "avg_pool2d_backward",

@@ -122,7 +122,7 @@ batch_norm = defop(
                                                f"{args[2]}, False, 0.0, {attrs['eps']!r}, False)"),
     batch_norm_rule, _batch_norm_vjp, arity=5, attrs={"eps": 1e-5}, new_storage=True,
     doc="(x - mean) / sqrt(var + eps) * weight + bias over x's channels (axis 1), given the statistics "
-        "mean and var [C] and the affine weight and bias [C] (torch.nn.BatchNorm1d/2d's formula).")
+        "mean and var [C] and the affine weight and bias [C] (PyTorch's nn.BatchNorm1d/2d's formula).")
 
 
 # -- layer norm ------------------------------------------------------------------------
@@ -163,5 +163,5 @@ layer_norm = defop(
     "layer_norm", _layer_norm_code, layer_norm_rule, _layer_norm_vjp, arity=3, attrs={"eps": 1e-5},
     new_storage=True,
     doc="(x - mean) / sqrt(var + eps) * weight + bias, the statistics over x's last dims (as many as the "
-        "weight has, whose shape they must have): torch.nn.LayerNorm with an elementwise affine.")
+        "weight has, whose shape they must have): PyTorch's nn.LayerNorm with an elementwise affine.")
 

@@ -865,3 +865,113 @@ def test_reductions_and_broadcasting_at_rank_3_and_4(rank):
     torch.testing.assert_close(got[0], want.detach())
     for a, e in zip(got[1:], torch.autograd.grad(want, [xs, bs]), strict=True):
         torch.testing.assert_close(a, e)
+
+
+# -- convolution, pooling, normalisation and dropout: what is wrong and how to fix it ---------
+
+
+def _conv_error(x: tuple, w: tuple, **attrs: object) -> str:
+    g = gd.Graph("g")
+    op = gd.conv1d if len(w) == 3 else gd.conv2d
+    return message(lambda: op(g.input("x", x), g.param("w", torch.zeros(w)), **attrs))
+
+
+@pytest.mark.parametrize("x, w, attrs, parts", [
+    ((None, 1, 2, 2), (4, 1, 3, 3), {},
+     [r"the kernel \[3,3\] spans 3 along H \(dim 2\) but the input is only 2 there, 2 padded",
+      "hint: use a smaller kernel, padding of at least 1 along H, or a larger input"]),
+    ((None, 1, 9, 4), (4, 1, 3, 3), {"dilation": (1, 2)},
+     [r"dilated by \(1, 2\) spans 5 along W \(dim 3\) but the input is only 4 there", "padding of at least 1"]),
+    ((None, 1, 8, 8), (4, 1, 3, 3), {"stride": (1, 0)},
+     [r"stride=\(1, 0\): a zero stride would never move the window", "hint: use stride=1 or more"]),
+    ((None, 3, 8, 8), (4, 2, 3, 3), {},
+     [r"x has 3 channels but the weight \[4,2,3,3\] takes 2",
+      "hint: make the layer's in_channels 3, or make the layer before it give 2 channels"]),
+    ((None, 4, 8, 8), (6, 1, 3, 3), {"groups": 2},
+     [r"takes 2 \(1 per group x 2 groups\)"]),
+    ((None, 4, 8, 8), (6, 2, 3, 3), {"groups": 3},
+     ["groups=3 does not divide x's 4 channels", "hint: groups must divide both in_channels and out_channels"]),
+    ((None, 64), (4, 1, 3, 3), {},
+     [r"x \[N,64\] must be 4-d, \[N, C, H, W\]", r"hint: conv2d reads channels-first values .* gd.Reshape\(\(C, H, W\)\)"]),
+    ((None, 2, 8), (4, 2, 3, 3), {}, [r"x \[N,2,8\] must be 4-d"]),
+    ((None, 2, 8), (4, 2, 3), {"padding": -1}, [r"padding=-1: each must be >= 0"]),
+    ((None, 2, 8), (4, 2, 3), {"stride": (1, 1)}, [r"stride=\(1, 1\) must be an int or 1 int, one per spatial dim"]),
+    ((None, "C", 8), (4, 2, 3), {}, [r"x \[N,C,8\] has a symbolic C \(dim 1\)"]),
+])
+def test_conv_shape_errors_say_what_is_wrong_and_how_to_fix_it(x, w, attrs, parts):
+    msg = _conv_error(x, w, **attrs)
+    names(msg, rf"^conv{len(w) - 2}d %0\(x: ", *parts, HERE)
+
+
+def test_a_conv_bias_must_have_one_entry_per_out_channel():
+    g = gd.Graph("g")
+    msg = message(gd.conv2d, g.input("x", (None, 1, 4, 4)), g.param("w", torch.zeros(3, 1, 2, 2)),
+                  g.param("b", torch.zeros(2)))
+    names(msg, r"bias \[2\] must be \[3\], one per out_channel")
+
+
+@pytest.mark.parametrize("attrs, parts", [
+    ({"kernel_size": 5}, [r"the pooling window 5 spans 5 along H \(dim 2\) but the input is only 4 there"]),
+    ({"kernel_size": 2, "padding": 2}, [r"padding=2 is more than half the kernel size 2", "hint: use padding of at most 1"]),
+    ({"kernel_size": 2, "stride": 0}, [r"stride=0: a zero stride would never move the window"]),
+    ({"kernel_size": 0}, [r"kernel_size=0: each must be >= 1"]),
+])
+@pytest.mark.parametrize("pool", [gd.max_pool2d, gd.avg_pool2d])
+def test_pool_shape_errors(pool, attrs, parts):
+    g = gd.Graph("g")
+    names(message(lambda: pool(g.input("x", (None, 3, 4, 6)), **attrs)), rf"^{pool.name} %0", *parts, HERE)
+
+
+def test_normalisation_shape_errors():
+    g = gd.Graph("g")
+    x = g.input("x", (None, 3, 4, 4))
+    c, d = g.param("c", torch.ones(3)), g.param("d", torch.ones(4))
+    names(message(gd.batch_norm, x, c, d, c, c), r"var \[4\] must be \[3\], one per channel of x \[N,3,4,4\]")
+    names(message(gd.batch_norm, x, c, c, d, c), r"weight \[4\] must be \[3\]", "hint: make the layer's num_features 3")
+    names(message(gd.batch_norm, x, c, c, c, c, eps=0.0), "eps=0.0 must be a finite number > 0")
+    names(message(gd.layer_norm, x, c, c), r"x \[N,3,4,4\] does not end in the normalised shape \[3\]",
+          "hint: make the layer's normalized_shape the last dims of its input")
+    names(message(gd.var, x, axis=1, correction=-1), "correction=-1 must be a whole number >= 0")
+
+
+def test_dropout_mask_errors():
+    g = gd.Graph("g")
+    x = g.input("x", (None, 3))
+    key = g.param("key", torch.zeros((), dtype=torch.float64))
+    names(message(gd.dropout_mask, g.param("k32", torch.zeros(())), x),
+          r"the key k32 is f32\[\]; a key is an f64\[\] step counter")
+    names(message(gd.dropout_mask, key, x, p=1.5), r"p=1.5 must be a probability in \[0, 1\]")
+    names(message(gd.dropout_mask, key, x, seed=-1), r"seed=-1 must be a whole number from 0 to 2\*\*63 - 1")
+
+
+def test_a_dropout_mask_keeps_one_minus_p_and_scales_what_it_keeps():
+    """Over 100,000 elements the kept fraction is 1 - p within 5 standard deviations, every
+    kept element is 1/(1 - p), neighbouring elements and consecutive keys are uncorrelated,
+    and the mask is the same for the same key, seed and shape."""
+    g = gd.Graph("g")
+    x = g.input("x", (None, 1000))
+    key = g.input("key", (), torch.float64)
+    g.output(gd.dropout_mask(key, x, p=0.3, seed=11), gd.dropout_mask(key + 1.0, x, p=0.3, seed=11),
+             gd.dropout_mask(key, x, p=0.3, seed=12))
+    fn = gd.compile(g)
+    X = torch.zeros(100, 1000)
+    m, next_key, other_seed = fn(x=X, key=torch.tensor(7.0, dtype=torch.float64))
+    kept = (m > 0).double()
+    sd = (0.3 * 0.7 / kept.numel()) ** 0.5
+    assert abs(kept.mean().item() - 0.7) < 5 * sd
+    assert torch.equal(m[m > 0], torch.full_like(m[m > 0], 1 / 0.7))
+    flat = kept.flatten() - 0.7
+    for other in (flat.roll(1), (next_key > 0).double().flatten() - 0.7, (other_seed > 0).double().flatten() - 0.7):
+        assert abs((flat * other).mean().item()) / 0.21 < 5 / kept.numel() ** 0.5  # correlation within 5 sd
+    again = fn(x=X, key=torch.tensor(7.0, dtype=torch.float64))
+    assert all(torch.equal(a, b) for a, b in zip(again, (m, next_key, other_seed)))
+    assert not torch.equal(m, next_key)
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0])
+def test_a_dropout_mask_at_the_ends_keeps_all_or_nothing(p):
+    g = gd.Graph("g")
+    x = g.input("x", (None, 7))
+    g.output(gd.dropout_mask(g.param("key", torch.tensor(3.0, dtype=torch.float64)), x, p=p))
+    (m,) = gd.compile(g)(x=torch.zeros(5, 7))
+    assert torch.equal(m, torch.full((5, 7), 1.0 - p))

@@ -892,7 +892,8 @@ def _conv_error(x: tuple, w: tuple, **attrs: object) -> str:
     ((None, 4, 8, 8), (6, 2, 3, 3), {"groups": 3},
      ["groups=3 does not divide x's 4 channels", "hint: groups must divide both in_channels and out_channels"]),
     ((None, 64), (4, 1, 3, 3), {},
-     [r"x \[N,64\] must be 4-d, \[N, C, H, W\]", r"hint: conv2d reads channels-first values .* gd.Reshape\(\(C, H, W\)\)"]),
+     [r"x \[N,64\] must be 4-d, \[N, C, H, W\]",
+      r"hint: conv2d reads channels-first values .* gd.Reshape\(\(C, H, W\)\)"]),
     ((None, 2, 8), (4, 2, 3, 3), {}, [r"x \[N,2,8\] must be 4-d"]),
     ((None, 2, 8), (4, 2, 3), {"padding": -1}, [r"padding=-1: each must be >= 0"]),
     ((None, 2, 8), (4, 2, 3), {"stride": (1, 1)}, [r"stride=\(1, 1\) must be an int or 1 int, one per spatial dim"]),
@@ -912,7 +913,8 @@ def test_a_conv_bias_must_have_one_entry_per_out_channel():
 
 @pytest.mark.parametrize("attrs, parts", [
     ({"kernel_size": 5}, [r"the pooling window 5 spans 5 along H \(dim 2\) but the input is only 4 there"]),
-    ({"kernel_size": 2, "padding": 2}, [r"padding=2 is more than half the kernel size 2", "hint: use padding of at most 1"]),
+    ({"kernel_size": 2, "padding": 2},
+     [r"padding=2 is more than half the kernel size 2", "hint: use padding of at most 1"]),
     ({"kernel_size": 2, "stride": 0}, [r"stride=0: a zero stride would never move the window"]),
     ({"kernel_size": 0}, [r"kernel_size=0: each must be >= 1"]),
 ])

@@ -17,7 +17,9 @@ from .autodiff import grad
 from .compile import Compiled, compile
 from .losses import MAE, MBE, MSE, BCEWithLogits, CrossEntropy, Loss
 from .optim import SGD, Constant, CosineDecay, ExponentialDecay, Schedule, StepDecay
-from .layers import Layer, Linear, ReLU, Sigmoid, Softmax, Standardize, Tanh
+from .layers import (
+    GELU, Embedding, Flatten, Layer, LeakyReLU, Linear, ReLU, Reshape, Sigmoid, SiLU, Softmax, Standardize, Tanh,
+)
 from .layers import AvgPool2d, BatchNorm1d, BatchNorm2d, Conv1d, Conv2d, Dropout, LayerNorm, MaxPool2d
 from .step import TrainStep
 from .train import DivergedError, History
@@ -32,6 +34,7 @@ __all__ = [
     "BCEWithLogits", "CrossEntropy", "DivergedError", "MAE", "MBE", "MSE", "SGD", "Softmax", "Standardize",
     "Constant", "CosineDecay", "ExponentialDecay", "History",
     "Layer", "Linear", "Loss", "ReLU", "Schedule", "Sequential", "Sigmoid", "StepDecay", "Tanh", "TrainStep",
+    "Embedding", "Flatten", "GELU", "LeakyReLU", "Reshape", "SiLU",
     "DTYPES", "OPS", "Compiled", "DotNotFoundError", "Graph", "GraphError", "Node", "Value",
     "abs", "add", "bce_with_logits", "broadcast_like", "cross_entropy", "log_softmax", "softmax", "compile",
     "distributed", "div", "exp", "grad", "greater", "log", "mae", "matmul", "export_onnx", "from_torch", "import_onnx",

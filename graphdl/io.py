@@ -151,7 +151,7 @@ def _model_from(path: Path, layers: str, ties: str, graph: Graph, model_class: t
         # On the meta device: a crafted width allocates nothing, and no random initial
         # weights are drawn (which would advance torch's global RNG) only to be overwritten.
         with torch.device("meta"):
-            model = model_class.from_config(config)
+            model = model_class.from_config(config, input_shape=_input_shape(graph))
             _tie(model, _read_json(ties))
             params = model.state()
             rebuilt = str(model.graph())
@@ -175,6 +175,14 @@ def _model_from(path: Path, layers: str, ties: str, graph: Graph, model_class: t
     for name, layer, short, _, _ in model._places():
         setattr(layer, short, graph.params[owners[name]].data)
     return model
+
+
+def _input_shape(graph: Graph) -> tuple | None:
+    """The shape of one example the file's IR takes (its input x without the batch dim),
+    which the layers' own declarations may not say (an Embedding of sequences); the
+    model's constructor checks it, and the IR it rebuilds must match the file's."""
+    x = graph.inputs.get("x")
+    return None if x is None or not x.shape else x.shape[1:]
 
 
 def _tie(model: Sequential, ties: Any) -> None:
@@ -208,6 +216,10 @@ def _first_difference(stored: str, rebuilt: str) -> str:
     return "they differ"
 
 
+def _plain(value: Any) -> bool:
+    return isinstance(value, (str, int, float, bool)) or value is None
+
+
 def _check_config(config: Any) -> None:
     """Only plain settings reach the layer classes: a list of {"type": name, ...} of JSON
     scalars, with dtypes from graphdl's fixed list (so no name is looked up on torch blindly)."""
@@ -215,17 +227,11 @@ def _check_config(config: Any) -> None:
         raise ValueError("expected a list of layer settings")
     dtypes = {str(t).removeprefix("torch.") for t in FLOAT_DTYPES.values()}
     for k, spec in enumerate(config):
-        if not all(isinstance(v, (str, int, float, bool)) or v is None or _ints(v) for v in spec.values()):
-            raise ValueError(f"layer {k}: settings must be plain numbers and strings (or lists of whole numbers, "
-                             f"such as a kernel size), got {spec}")
+        if not all(_plain(v) or isinstance(v, list) and all(_plain(e) for e in v) for v in spec.values()):
+            raise ValueError(f"layer {k}: settings must be plain numbers and strings (or lists of them, such as a "
+                             f"Reshape's shape), got {spec}")
         if "dtype" in spec and spec["dtype"] not in dtypes:
             raise ValueError(f"layer {k}: dtype {spec['dtype']!r} is not one of {sorted(dtypes)}")
-
-
-def _ints(value: Any) -> bool:
-    """A short list of whole numbers, as a layer's config holds a kernel size or a shape."""
-    return isinstance(value, list) and len(value) <= 8 and all(
-        isinstance(v, int) and not isinstance(v, (bool, NumberText)) for v in value)
 
 
 def save_graph(graph: Graph, path: str | os.PathLike[str]) -> None:

@@ -135,7 +135,8 @@ def _conv_shapes(x: Value, w: Value, attrs: Mapping[str, Any], op: str,
                          "groups must divide both in_channels and out_channels")
     if per_group * groups != channels:
         took = f"{per_group * groups}" + (f" ({per_group} per group x {groups} groups)" if groups > 1 else "")
-        raise ShapeError(f"x has {channels} channels but the weight {format_shape(w.shape)} takes {took}",
+        raise ShapeError(f"x has {channels} channel{'s' if channels != 1 else ''} but the weight "
+                         f"{format_shape(w.shape)} takes {took}",
                          f"make the layer's in_channels {channels}, or make the layer before it give "
                          f"{per_group * groups} channels")
     spans = [dl * (k - 1) + 1 for dl, k in zip(dilation, w.shape[2:])]

@@ -22,6 +22,9 @@ from .layers import (
 )
 from .layers import AvgPool2d, BatchNorm1d, BatchNorm2d, Conv1d, Conv2d, Dropout, LayerNorm, MaxPool2d
 from .step import TrainStep
+from .callbacks import (
+    Callback, CSVLogger, EarlyStopping, LambdaCallback, ModelCheckpoint, ReduceLROnPlateau, TensorBoard,
+)
 from .train import DivergedError, History
 from .viz import DotNotFoundError, render, to_dot
 from .io import load_graph, save_graph
@@ -31,6 +34,7 @@ from .model import Sequential, from_torch, load
 from . import distributed
 
 __all__ = [
+    "Callback", "CSVLogger", "EarlyStopping", "LambdaCallback", "ModelCheckpoint", "ReduceLROnPlateau", "TensorBoard",
     "BCEWithLogits", "CrossEntropy", "DivergedError", "MAE", "MBE", "MSE", "SGD", "Softmax", "Standardize",
     "Constant", "CosineDecay", "ExponentialDecay", "History",
     "Layer", "Linear", "Loss", "ReLU", "Schedule", "Sequential", "Sigmoid", "StepDecay", "Tanh", "TrainStep",

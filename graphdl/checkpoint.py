@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import distributed
-from .checks import GraphError, format_type
+from .checks import GraphError, format_type, read_float, read_int
+from .files import read_json
 from .io import load_model, save_model
 
 if TYPE_CHECKING:
@@ -59,26 +60,11 @@ def read_checkpoint(path: str | os.PathLike[str], model: Sequential, optimizer: 
     """
     saved, info, state = load_model(path, type(model))
     resumed = _parse(path, info, history_keys)
-    if bool(resumed.history.get("val_loss")) != (validation and resumed.epoch > 0):
-        raise ValueError(f"resume: {path} was written by a fit {'with' if not validation else 'without'} "
-                         "validation_data; resume it the same way, so that its History continues")
+    _check_validation(path, resumed, validation)
     mine, theirs = model.state(), saved.state()  # trainable params and fixed ones (Standardize's statistics)
-    for name in [*mine, *theirs]:
-        if name not in mine or name not in theirs or mine[name].shape != theirs[name].shape \
-                or mine[name].dtype != theirs[name].dtype:
-            have = lambda d: format_type(d[name].dtype, tuple(d[name].shape)) if name in d else "nothing"  # noqa: E731
-            raise ValueError(f"resume: {path} is a checkpoint of another model: its param {name} is {have(theirs)} "
-                             f"but the model's is {have(mine)}; resume with the model that wrote it")
-    velocities = {name.removeprefix("velocity/"): t for name, t in state.items() if name.startswith("velocity/")}
+    _check_same_model(path, mine, theirs)
     trained = model.parameters()
-    if bool(velocities) != bool(optimizer.momentum) or (velocities and set(velocities) != set(trained)):
-        raise ValueError(f"resume: {path} holds {'no ' if not velocities else ''}momentum velocities but the "
-                         f"optimizer has momentum={optimizer.momentum}; resume with the optimizer settings that "
-                         "wrote it")
-    for name, u in velocities.items():
-        if u.shape != mine[name].shape or u.dtype != mine[name].dtype or not bool(u.isfinite().all()):
-            raise GraphError(f"{path}: the velocity of {name} is {format_type(u.dtype, tuple(u.shape))} or not "
-                             "finite; the file is corrupt")
+    velocities = _velocities(path, state, trained, optimizer, mine)
     for name, p in mine.items():
         p.copy_(theirs[name])
     for u, name in zip(optimizer.buffers, trained):
@@ -86,29 +72,98 @@ def read_checkpoint(path: str | os.PathLike[str], model: Sequential, optimizer: 
     return resumed
 
 
+def _check_validation(path: Any, resumed: Resumed, validation: bool) -> None:
+    """A fit with validation data resumes one without only before its first epoch, and vice versa."""
+    if bool(resumed.history.get("val_loss")) != (validation and resumed.epoch > 0):
+        raise ValueError(f"resume: {path} was written by a fit {'with' if not validation else 'without'} "
+                         "validation_data; resume it the same way, so that its History continues")
+
+
+def _check_same_model(path: Any, mine: dict[str, torch.Tensor], theirs: dict[str, torch.Tensor]) -> None:
+    """The checkpoint holds the model's tensors: the same names, shapes and dtypes."""
+    for name in [*mine, *theirs]:
+        if name not in mine or name not in theirs or mine[name].shape != theirs[name].shape \
+                or mine[name].dtype != theirs[name].dtype:
+            have = lambda d: format_type(d[name].dtype, tuple(d[name].shape)) if name in d else "nothing"  # noqa: E731
+            raise ValueError(f"resume: {path} is a checkpoint of another model: its param {name} is {have(theirs)} "
+                             f"but the model's is {have(mine)}; resume with the model that wrote it")
+
+
+def _velocities(path: Any, state: dict[str, torch.Tensor], trained: dict[str, torch.Tensor], optimizer: SGD,
+                mine: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The checkpoint's momentum velocities by param name, after checking that the
+    optimizer's setting wants them and that each fits its param."""
+    velocities = {name.removeprefix("velocity/"): t for name, t in state.items() if name.startswith("velocity/")}
+    _check_momentum(path, velocities, trained, optimizer)
+    for name, u in velocities.items():
+        if u.shape != mine[name].shape or u.dtype != mine[name].dtype or not bool(u.isfinite().all()):
+            raise GraphError(f"{path}: the velocity of {name} is {format_type(u.dtype, tuple(u.shape))} or not "
+                             "finite; the file is corrupt")
+    return velocities
+
+
+def _check_momentum(path: Any, velocities: dict[str, torch.Tensor], trained: dict[str, torch.Tensor],
+                    optimizer: SGD) -> None:
+    """Velocities for every trained param with momentum, none without."""
+    if bool(velocities) != bool(optimizer.momentum) or (velocities and set(velocities) != set(trained)):
+        raise ValueError(f"resume: {path} holds {'no ' if not velocities else ''}momentum velocities but the "
+                         f"optimizer has momentum={optimizer.momentum}; resume with the optimizer settings that "
+                         "wrote it")
+
+
 def _parse(path: Any, info: str, history_keys: list[str]) -> Resumed:
     """The checkpoint's epoch count, History and generator state, each checked."""
-    try:
-        meta = json.loads(info) if info else None
+    meta = _fit_state(path, info)
+    epoch = _epoch(path, meta)
+    history = _history(path, meta, history_keys, epoch)
+    return Resumed(epoch, history, _rng(path, meta))
+
+
+def _fit_state(path: Any, info: str) -> dict[str, Any]:
+    """The JSON of fit's state that the model file holds, if it is a checkpoint's."""
+    try:  # numbers stay as written for their readers: a 5,000-digit epoch count is refused, not crashed on
+        meta = read_json(info) if info else None
     except (json.JSONDecodeError, RecursionError):
         meta = None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise GraphError(f"{path}: is a model file without fit's state, not a checkpoint; write one with "
                          "fit(..., checkpoint=path)")
-    epoch, history = meta.get("epoch"), meta.get("history")
-    if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-        raise GraphError(f"{path}: the checkpoint's epoch count {epoch!r} is not a whole number >= 0; it is corrupt")
+    return meta
+
+
+def _epoch(path: Any, meta: dict[str, Any]) -> int:
+    try:
+        return read_int(meta.get("epoch"), "the checkpoint's epoch count")
+    except GraphError as e:
+        raise GraphError(f"{path}: {e}; it is corrupt") from None
+
+
+def _history(path: Any, meta: dict[str, Any], history_keys: list[str], epoch: int) -> dict[str, list[float]]:
+    """The History's lists of `history_keys`, each empty or of `epoch` finite numbers."""
+    history = meta.get("history")
     if not isinstance(history, dict) or any(key not in history for key in history_keys):
         raise GraphError(f"{path}: the checkpoint's History lacks some of {history_keys}; it is corrupt or was "
                          "written by another graphdl")
     for key in history_keys:
         values = history[key]
-        if not isinstance(values, list) or len(values) not in (0, epoch) or not all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        if not isinstance(values, list) or len(values) not in (0, epoch) or not all(map(_is_finite_number, values)):
             raise GraphError(f"{path}: the checkpoint's History[{key!r}] is not {epoch} finite numbers; it is corrupt")
+    return {key: list(history[key]) for key in history_keys}
+
+
+def _is_finite_number(v: Any) -> bool:
+    """Whether a History value from the file is a finite number, as checks.read_float reads one."""
+    try:
+        return math.isfinite(read_float(v, "a History value", torch.float64))
+    except GraphError:
+        return False
+
+
+def _rng(path: Any, meta: dict[str, Any]) -> torch.Tensor:
+    """The shuffling generator's state, after checking that a generator takes it."""
     try:
         rng = torch.tensor(list(bytes.fromhex(meta["rng"])), dtype=torch.uint8)
         torch.Generator().set_state(rng)
     except (KeyError, TypeError, ValueError, RuntimeError):
         raise GraphError(f"{path}: the checkpoint's generator state is missing or malformed; it is corrupt") from None
-    return Resumed(epoch, {key: list(history[key]) for key in history_keys}, rng)
+    return rng

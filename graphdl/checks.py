@@ -13,6 +13,9 @@ one is named in the error, with the range it must be in.
   fail later or compute nonsense: bools, complex numbers, strings, NaN, infinities and
   ints too large for a float (`10**400`).
 
+The tensors users hand over are checked here too: `tensor_problem` (sparse, nested,
+quantized) and `check_param_tensor` (a param's dense float tensor).
+
 This module is graphdl's floor: it imports nothing of graphdl, and every other module
 may import it. The types' names (`f32[N,25]`) are here too, since the messages use them.
 """
@@ -173,6 +176,30 @@ def check_dtype(what: str, dtype: Any, integer: bool = False) -> None:
         raise GraphError(f"{what}: dtype {dtype!r} is not supported; use one of {supported}{hint}")
 
 
+def tensor_problem(t: torch.Tensor) -> str | None:
+    """What makes `t` unusable as graphdl data (None if nothing): graphdl computes on
+    dense (strided) tensors of any layout, not sparse, nested or quantized ones."""
+    if t.layout != torch.strided:
+        return f"is a {str(t.layout).removeprefix('torch.')} tensor; convert it with .to_dense()"
+    if t.is_nested:
+        return "is a nested tensor; pad it to a dense tensor first"
+    if t.is_quantized:
+        return "is a quantized tensor; convert it with .dequantize()"
+    return None
+
+
+def check_param_tensor(what: str, t: Any) -> None:
+    """A param's tensor must be a dense tensor of a floating dtype the IR has (indices, i64, are inputs)."""
+    if not isinstance(t, torch.Tensor):
+        raise GraphError(f"{what}: its value must be a torch.Tensor, got {type(t).__name__}")
+    problem = tensor_problem(t)
+    if problem:
+        raise GraphError(f"{what} {problem}")
+    if t.dtype not in FLOAT_DTYPES.values():
+        supported = ", ".join(str(d) for d in FLOAT_DTYPES.values())
+        raise GraphError(f"{what}: dtype {t.dtype} is not supported; use a floating dtype: one of {supported}")
+
+
 # -- users' settings ------------------------------------------------------------------
 
 
@@ -201,12 +228,16 @@ def real(name: str, value: Any, low: float = -math.inf, high: float = math.inf, 
         number = float(value)
     except OverflowError:  # 10**400, or a Fraction of huge ints
         raise ValueError(f"{name}={shown(value)} is too large for a float; {name} must be a finite number "
-                         f"in [{low}, {high}{')' if high_open else ']'}") from None
+                         f"in {_interval(low, high, high_open)}") from None
     if not math.isfinite(number):
         raise ValueError(f"{name} must be a finite number, got {shown(value)}")
     if number < low or number > high or (high_open and number == high):
-        raise ValueError(f"{name} must be in [{low}, {high}{')' if high_open else ']'}, got {shown(value)}")
+        raise ValueError(f"{name} must be in {_interval(low, high, high_open)}, got {shown(value)}")
     return number
+
+
+def _interval(low: float, high: float, high_open: bool) -> str:
+    return f"[{low}, {high}{')' if high_open else ']'}"
 
 
 def flag(name: str, value: Any) -> bool:

@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from .checks import GraphError, Shape, format_type
-from .ir import Graph, Node, Value, pauses_gc, tensor_problem
+from .building import pauses_gc
+from .checks import GraphError, Shape, format_type, tensor_problem
+from .ir import Graph, Node, Value
 from .ops.registry import CODE_GLOBALS
 from .passes import pipeline
 from .passes.memory import last_uses, plan_arena, plan_inplace

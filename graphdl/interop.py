@@ -293,11 +293,11 @@ def to_torch(model: Any) -> torch.nn.Sequential:
     Raises:
         GraphError: a layer has no torch counterpart, named with its position.
     """
-    if not (hasattr(model, "layers") and hasattr(model, "_owners")):  # a Sequential (graphdl.model imports this)
+    if not (hasattr(model, "layers") and hasattr(model, "owners")):  # a Sequential (graphdl.model imports this)
         raise GraphError(f"to_torch takes a gd.Sequential, got {type(model).__name__}")
     by_type = {row.layer: row for row in TORCH_LAYERS}
     modules = []
-    owners = model._owners()
+    owners = model.owners()
     made: dict[str, torch.nn.Parameter] = {}  # a graphdl param's name -> the torch parameter made for it
     for k, layer in enumerate(model.layers):
         row = by_type.get(type(layer))

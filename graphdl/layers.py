@@ -18,14 +18,16 @@ from .checks import (
     Shape,
     ShapeError,
     check_dtype,
+    check_param_tensor,
     flag,
     format_shape,
     read_shape,
     real,
     shown,
+    tensor_problem,
     whole,
 )
-from .ir import Graph, Slot, Value, check_param_tensor, tensor_problem
+from .ir import Graph, Slot, Value
 from .ops import (
     add,
     avg_pool2d,
@@ -138,7 +140,7 @@ class Layer:
         Most layers need no check (the compiled graph checks shapes and dtypes)."""
 
     def _built_shape(self, shape: Shape) -> Shape:
-        slots = {name: self.slot(name) for name, _ in self._declared()}
+        slots = {name: self.slot(name) for name, _ in self.declared()}
         dtype = self.input_dtype or next((slot.tensor.dtype for slot in slots.values()), torch.float32)
         g = Graph("shape")
         out = self.forward(Build(g, "", {name: name for name in slots}, slots), g.input("x", (None, *shape), dtype))
@@ -148,14 +150,14 @@ class Layer:
 
     def params(self) -> dict[str, torch.Tensor]:
         """The layer's trainable params by short name ("weight", "bias"), live tensors."""
-        return {name: getattr(self, name) for name, p in self._declared() if p.trainable}
+        return {name: getattr(self, name) for name, p in self.declared() if p.trainable}
 
     def buffers(self) -> dict[str, torch.Tensor]:
         """The layer's non-trainable tensors by short name (Standardize's "mean" and "std"):
         graph params that the optimizer never touches and `fit` does not differentiate."""
-        return {name: getattr(self, name) for name, p in self._declared() if not p.trainable}
+        return {name: getattr(self, name) for name, p in self.declared() if not p.trainable}
 
-    def _declared(self) -> list[tuple[str, Param]]:
+    def declared(self) -> list[tuple[str, Param]]:
         """The Param attributes that hold a tensor, in declaration order (a subclass's after
         those it inherits)."""
         slots = self.__dict__.get("_slots", {})
@@ -506,22 +508,9 @@ class Standardize(Layer):
         Returns:
             The layer, so that `gd.Standardize().adapt(X)` can go straight into a Sequential.
         """
-        if not isinstance(X, torch.Tensor) or X.dim() != 2 or len(X) == 0:
-            got = f"shape {list(X.shape)}" if isinstance(X, torch.Tensor) else type(X).__name__
-            raise ValueError(f"adapt: X must be a 2-d torch.Tensor [examples, features] with at least one "
-                             f"example, got {got}")
-        problem = tensor_problem(X) or ("is on the meta device, which holds no values" if X.is_meta else None) \
-            or ("is complex; the statistics are of real numbers" if X.is_complex() else None)
-        if problem:
-            raise ValueError(f"adapt: X {problem}")
-        if self.in_features is not None and X.shape[1] != self.in_features:
-            raise ValueError(f"adapt: X has {X.shape[1]} features but this Standardize takes {self.in_features}")
+        self._check_data(X)
         data = X.detach().to("cpu", torch.float64)  # statistics in float64, whatever the data's dtype
-        finite = torch.isfinite(data)
-        if not bool(finite.all()):
-            row, col = (~finite).nonzero()[0].tolist()
-            raise ValueError(f"adapt: X has NaN or inf values, first at X[{row}, {col}] = {X[row, col].item()}; "
-                             "drop or repair those examples before adapting")
+        _check_finite(X, data)
         mean, std = _mean_and_std(data)
         # A std at the level of the float64 rounding noise of summing n values of this mean
         # is a constant feature, as scikit-learn judges it (relative to the mean: a feature
@@ -533,6 +522,18 @@ class Standardize(Layer):
         self.in_features = self.out_features = X.shape[1]
         self.mean, self.std = mean.to(device, self.dtype), std.to(device, self.dtype)
         return self
+
+    def _check_data(self, X: Any) -> None:
+        """X is a 2-d tensor of real values in memory, of this layer's width (if it has one yet)."""
+        if not isinstance(X, torch.Tensor) or X.dim() != 2 or len(X) == 0:
+            got = f"shape {list(X.shape)}" if isinstance(X, torch.Tensor) else type(X).__name__
+            raise ValueError(f"adapt: X must be a 2-d torch.Tensor [examples, features] with at least one "
+                             f"example, got {got}")
+        problem = _data_problem(X)
+        if problem:
+            raise ValueError(f"adapt: X {problem}")
+        if self.in_features is not None and X.shape[1] != self.in_features:
+            raise ValueError(f"adapt: X has {X.shape[1]} features but this Standardize takes {self.in_features}")
 
     def forward(self, build: Build, x: Value) -> Value:
         if self.in_features is None:
@@ -547,6 +548,27 @@ class Standardize(Layer):
 
     def __repr__(self) -> str:
         return f"Standardize({self.in_features})" if self.in_features is not None else "Standardize()"
+
+
+def _data_problem(X: torch.Tensor) -> str | None:
+    """What makes X no data to take statistics of (None if nothing)."""
+    problem = tensor_problem(X)
+    if problem:
+        return problem
+    if X.is_meta:
+        return "is on the meta device, which holds no values"
+    if X.is_complex():
+        return "is complex; the statistics are of real numbers"
+    return None
+
+
+def _check_finite(X: torch.Tensor, data: torch.Tensor) -> None:
+    """`data` (X in float64) holds no NaN or inf; else the error names the first, as X holds it."""
+    finite = torch.isfinite(data)
+    if not bool(finite.all()):
+        row, col = (~finite).nonzero()[0].tolist()
+        raise ValueError(f"adapt: X has NaN or inf values, first at X[{row}, {col}] = {X[row, col].item()}; "
+                         "drop or repair those examples before adapting")
 
 
 def _mean_and_std(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from . import distributed, interop, io, train
+from .callbacks import Callback
 from .checks import GraphError, Shape, flag, format_shape, read_shape, whole
 from .ir import Graph, Value
 from .layers import DTYPES_BY_NAME, LAYERS, Build, Layer, same_memory
@@ -40,6 +41,7 @@ class Sequential:
         self.layers: list[Layer] = []
         self.loss: Loss | None = None  # set by fit (or load): evaluate's and fit's default
         self.history: History | None = None  # the last fit's History, kept if it stops early
+        self.stop_training = False  # a callback sets it to end fit after the epoch (as in Keras)
         self._cache: dict[Any, Any] = {}  # compiled functions by purpose (see `compiled`)
         self._signature: tuple = ()  # the layers and their tensors' shapes, dtypes, devices the cache is for
         self._input_shape = None if input_shape is None else _check_input_shape(input_shape)
@@ -165,16 +167,16 @@ class Sequential:
     # IR (its gradients add up), trained, decayed and saved once. `same_memory` says when
     # two places hold one tensor.
 
-    def _places(self) -> list[tuple[str, Layer, str, bool, torch.Tensor]]:
+    def places(self) -> list[tuple[str, Layer, str, bool, torch.Tensor]]:
         """(name, layer, short name, trainable, tensor) for every tensor every layer holds, in build order."""
         return [(f"{k}.{short}", layer, short, p.trainable, layer.slot(short).tensor)
-                for k, layer in enumerate(self.layers) for short, p in layer._declared()]
+                for k, layer in enumerate(self.layers) for short, p in layer.declared()]
 
-    def _owners(self, places: list[tuple[str, Layer, str, bool, torch.Tensor]] | None = None) -> dict[str, str]:
+    def owners(self, places: list[tuple[str, Layer, str, bool, torch.Tensor]] | None = None) -> dict[str, str]:
         """Each place's name -> the name of the first place holding the same tensor (itself if none)."""
         first: dict[Hashable, tuple[str, bool]] = {}
         owners: dict[str, str] = {}
-        for name, _, _, trainable, t in self._places() if places is None else places:
+        for name, _, _, trainable, t in self.places() if places is None else places:
             owner, trained = first.setdefault(same_memory(t), (name, trainable))
             if trained != trainable:
                 kinds = ("a trained param", "a fixed buffer") if trained else ("a fixed buffer", "a trained param")
@@ -186,22 +188,22 @@ class Sequential:
     def ties(self) -> dict[str, str]:
         """{place: the param it shares} for each tensor held in more than one place, e.g.
         {"2.weight": "0.weight"} after `model.layers[2].weight = model.layers[0].weight`."""
-        return {name: owner for name, owner in self._owners().items() if owner != name}
+        return {name: owner for name, owner in self.owners().items() if owner != name}
 
     def parameters(self) -> dict[str, torch.Tensor]:
         """Trainable params by name ("0.weight", "0.bias", ...), in build order, each tensor
         once (a tied one under its first place's name): the live tensors that `fit`
         differentiates and updates."""
-        places = self._places()
-        owners = self._owners(places)
+        places = self.places()
+        owners = self.owners(places)
         return {name: t for name, _, _, trainable, t in places if trainable and owners[name] == name}
 
     def state(self) -> dict[str, torch.Tensor]:
         """Every tensor the model holds, by name in build order, each once: the trainable
         params and the non-trainable buffers (Standardize's "{k}.mean", "{k}.std"). What a
         model file stores (with `ties`, so that a tie comes back on load)."""
-        places = self._places()
-        owners = self._owners(places)
+        places = self.places()
+        owners = self.owners(places)
         return {name: t for name, _, _, _, t in places if owners[name] == name}
 
     def graph(self, loss: Loss | None = None, name: str = "sequential", prediction: bool = False,
@@ -214,12 +216,12 @@ class Sequential:
         above come the next values of the buffers the layers update (BatchNorm's running
         statistics, Dropout's key), each labelled "next/{name}" (see graphdl.step).
         Without it, the graph is in inference mode, as `predict` and `evaluate` run it."""
-        places = self._places()
-        owners = self._owners(places)
+        places = self.places()
+        owners = self.owners(places)
         slots = {name: layer.slot(short) for name, layer, short, _, _ in places}
         g = Graph(name)
         shape, dtype = self._input()
-        x = g.input("x", (None, *shape), dtype or self._dtype())
+        x = g.input("x", (None, *shape), dtype or self.dtype())
         layers = tuple(self.layers)
         g.stale = lambda: None if tuple(self.layers) == layers else \
             "its model's layers have changed since (a layer was replaced, added or removed); build it again"
@@ -233,7 +235,7 @@ class Sequential:
         else:
             if not isinstance(loss, Loss):
                 raise GraphError(f"loss must be a graphdl loss such as gd.MSE(), got {loss!r}")
-            y = g.input("y", h.shape, self._dtype())
+            y = g.input("y", h.shape, self.dtype())
             with g.scope("loss"):
                 g.output(loss(h, y))
             if prediction:
@@ -253,8 +255,8 @@ class Sequential:
         bind again. Values changed in place (`.data.copy_()`, edits under no_grad) need
         neither: every compiled function reads the memory itself.
         """
-        places = self._places()
-        owners = self._owners(places)
+        places = self.places()
+        owners = self.owners(places)
         return self._structure(places, owners), tuple(same_memory(t) for name, *_, t in places if owners[name] == name)
 
     def _structure(self, places: list[tuple[str, Layer, str, bool, torch.Tensor]], owners: dict[str, str]) -> tuple:
@@ -268,8 +270,8 @@ class Sequential:
         tie, or a change to `self.layers` itself (a layer replaced, added or removed)
         rebuilds them (see `binding`).
         """
-        places = self._places()
-        signature = self._structure(places, self._owners(places))
+        places = self.places()
+        signature = self._structure(places, self.owners(places))
         if signature != self._signature:
             self._check_shapes()
             self._cache.clear()
@@ -281,7 +283,7 @@ class Sequential:
 
     def _check_shapes(self) -> None:
         """Each tensor has the shape its layer declares (`.data = t` can change it unseen)."""
-        for name, layer, short, _, t in self._places():
+        for name, layer, short, _, t in self.places():
             declared = getattr(type(layer), short)  # the Param itself
             expected = declared.shape(layer) if declared.shape is not None else None
             if expected is not None and None not in expected and tuple(t.shape) != expected:
@@ -289,10 +291,11 @@ class Sequential:
                                  f"{list(expected)}; it was changed behind the layer's back (`.data = t`?): "
                                  f"assign a tensor of shape {list(expected)}, or build a layer of the new size")
 
-    def _dtype(self) -> torch.dtype:
-        """The model's dtype: its first tensor's, of those in the model's dtype (not Dropout's key)."""
-        owners = self._owners()
-        for name, layer, short, _, t in self._places():
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's tensors (its first tensor's, of those in the model's dtype, not
+        Dropout's f64 key; float32 with none): its inputs' dtype."""
+        owners = self.owners()
+        for name, layer, short, _, t in self.places():
             if owners[name] == name and getattr(type(layer), short).model_dtype:
                 return t.dtype
         return torch.float32
@@ -304,7 +307,7 @@ class Sequential:
         except (RuntimeError, TypeError, ValueError) as e:
             raise ValueError(f"device {device!r} cannot hold the model: {e}") from None
         moved: dict[Hashable, torch.Tensor] = {}
-        for _, layer, short, _, t in self._places():  # a tied tensor moves once, and stays tied
+        for _, layer, short, _, t in self.places():  # a tied tensor moves once, and stays tied
             key = same_memory(t)
             if key not in moved:
                 moved[key] = t.to(device)
@@ -339,7 +342,8 @@ class Sequential:
             validation_data: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int | None = None,
             verbose: bool = True, metrics: list[str] | None = None, threads: int | None = None,
             distributed: bool = False, checkpoint: str | os.PathLike[str] | None = None,
-            resume: str | os.PathLike[str] | None = None) -> History:
+            resume: str | os.PathLike[str] | None = None, callbacks: list[Callback] | None = None,
+            validation_split: float = 0.0) -> History:
         """Train the model in place with minibatch SGD.
 
         Args:
@@ -355,9 +359,13 @@ class Sequential:
             batch_size: examples per step (>= 1); the last batch may be smaller.
             shuffle: reshuffle the examples every epoch.
             validation_data: (X_val, Y_val), evaluated after every epoch.
+            validation_split: instead of validation_data, hold out this last fraction of
+                the rows of X and Y (in [0, 1), as Keras: not shuffled first).
             seed: seeds the shuffling; None draws one from torch's global RNG.
             verbose: print one line per epoch.
-            metrics: what to measure after each epoch, from "accuracy", "mse", "mae";
+            metrics: what to measure after each epoch, from "accuracy", "precision",
+                "recall", "f1", "auc", "top_k_accuracy" (k=2; "top_5_accuracy"...), "mse",
+                "mae", "r2", each as scikit-learn computes it (see graphdl.metrics);
                 default ["accuracy"] when Y holds class labels (0/1, one-hot rows, or
                 probability rows with CrossEntropy), else none.
             threads: torch CPU threads while training; default one when a batch is small
@@ -371,6 +379,9 @@ class Sequential:
                 fit's state, to continue from with `resume` (see graphdl.checkpoint).
             resume: a checkpoint to continue from: its weights, momentum, shuffling
                 state, History and epoch count; `epochs` counts the epochs it already did.
+            callbacks: `gd.Callback`s called at the start and end of training and of each
+                epoch with its logs (EarlyStopping, ModelCheckpoint, ReduceLROnPlateau,
+                CSVLogger, LambdaCallback, TensorBoard); one may stop the run.
 
         Returns:
             The `History`: per-epoch lists "loss", each metric, "val_loss", "val_<metric>"
@@ -382,7 +393,8 @@ class Sequential:
         settings = train.FitSettings.check(
             self, loss=loss, optimizer=optimizer, schedule=schedule, epochs=epochs, batch_size=batch_size,
             shuffle=shuffle, validation_data=validation_data, seed=seed, verbose=verbose, metrics=metrics,
-            threads=threads, distributed=distributed, checkpoint=checkpoint, resume=resume)
+            threads=threads, distributed=distributed, checkpoint=checkpoint, resume=resume, callbacks=callbacks,
+            validation_split=validation_split)
         self.check_input(X)
         if settings.validation_data is not None:
             self.check_input(settings.validation_data[0], "X_val")
@@ -426,6 +438,44 @@ class Sequential:
     def to_torch(self) -> Any:
         """A torch `nn.Sequential` with copies of this model's weights (see `graphdl.interop.to_torch`)."""
         return interop.to_torch(self)
+
+    def summary(self, print_fn: Callable[[str], Any] | None = print) -> str:
+        """Print (with `print_fn`; None: don't) and return a table of the layers: each one's
+        output shape (from the IR: "N" is the batch), its parameter count and its ties, then
+        the totals of trainable params and non-trainable buffers (Standardize's mean and
+        std), each tied tensor counted once, in its first place."""
+        shapes = self._output_shapes()
+        state, trainable, ties = self.state(), self.parameters(), self.ties()
+        rows = [("layer", "output shape", "params")]
+        for k, layer in enumerate(self.layers):
+            count = sum(t.numel() for name, t in state.items() if name.startswith(f"{k}."))
+            tied = [f"{name} is {owner}" for name, owner in ties.items() if name.startswith(f"{k}.")]
+            rows.append((f"{k}: {type(layer).__name__}", shapes[k], f"{count:,}" + (f" ({', '.join(tied)})"
+                                                                                     if tied else "")))
+        widths = [max(len(r[i]) for r in rows) for i in range(2)]
+        lines = ["Sequential model"] + [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}".rstrip() for a, b, c in rows]
+        total = sum(t.numel() for t in state.values())
+        trained = sum(t.numel() for t in trainable.values())
+        lines += [f"Total params: {total:,}", f"Trainable params: {trained:,}",
+                  f"Non-trainable params: {total - trained:,}"]
+        if ties:
+            lines.append(f"Tied: {len(ties)} place(s) share a tensor with an earlier one, counted once")
+        text = "\n".join(lines)
+        if print_fn is not None:
+            print_fn(text)
+        return text
+
+    def _output_shapes(self) -> list[str]:
+        """Each layer's output shape, read off the IR of the forward pass: the shape of the
+        last node built in the layer's scope (the input's, for a layer that builds none)."""
+        g = self.graph()
+        last = {node.scope: node.out.shape for node in g.nodes}
+        shape = g.inputs["x"].shape
+        shapes = []
+        for k, layer in enumerate(self.layers):
+            shape = last.get(f"{k}:{type(layer).__name__}", shape)
+            shapes.append(format_shape(shape))
+        return shapes
 
     def save(self, path: str) -> None:
         """Write the model (IR text, layer config, weights as safetensors) atomically.

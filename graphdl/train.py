@@ -2,7 +2,7 @@
 
 `fit` builds the training step (forward, loss, backward and update: a `TrainStep`,
 see graphdl.step) once, then per epoch shuffles, runs the step on every batch and
-records the metrics. The losses stay on the device until the epoch ends, so there is
+records the metrics (graphdl.metrics). The losses stay on the device until the epoch ends, so there is
 one host sync per epoch, not per batch.
 """
 
@@ -21,11 +21,15 @@ import torch
 
 from . import distributed as dp
 from .batches import Batches, OneProcess, Sharded
+from .callbacks import Callback, CallbackList, check_callbacks
 from .checkpoint import Resumed, read_checkpoint, write_checkpoint
-from .checks import flag, real, shown, whole
+from .checks import flag, real, shown, tensor_problem, whole
 from .compile import Compiled, compile
-from .ir import tensor_problem
 from .losses import MSE, Loss, checked_loss
+from .metrics import METRICS as METRICS  # re-exported: gd.train.METRICS predates graphdl.metrics
+from .metrics import accuracy as accuracy  # re-exported: gd.train.accuracy and .correct predate graphdl.metrics
+from .metrics import check_metric_names, check_metrics_fit, choose_metrics, is_metric, measure
+from .metrics import correct as correct
 from .optim import SGD, Schedule, check_apart, check_updatable, checked_optimizer
 from .step import TrainStep
 
@@ -46,7 +50,7 @@ class History(dict):
         super().__init__(loss=[], **{m: [] for m in metrics}, val_loss=[], **{f"val_{m}": [] for m in metrics}, lr=[])
 
     def __missing__(self, key: str) -> list:
-        if isinstance(key, str) and key.removeprefix("val_") in METRICS:
+        if isinstance(key, str) and is_metric(key.removeprefix("val_")):
             return []
         raise KeyError(key)
 
@@ -63,145 +67,41 @@ def _eval_fn(model: Sequential, loss: Loss) -> Compiled:
     return model.compiled(("eval", loss), lambda: compile(model.graph(loss, prediction=True)))
 
 
-# -- metrics: counted in int64 and summed in float64, whatever the model's dtype ----------
-
-
-def correct(pred: torch.Tensor, target: torch.Tensor, decision: str = "threshold") -> tuple[int, int]:
-    """How many predictions are right, and of how many, read as the loss says
-    (`Loss.decision`): "argmax" (the largest output is the class, against one-hot or
-    probability rows), "logit" (each output above 0 means 1, against 0/1 labels), or
-    "threshold" (a single output above 0.5 means 1; several outputs: the argmax).
-
-    Counts, not a mean in the model's dtype: bfloat16 would round 0.991 to 0.98828125.
-    """
-    right = _right(pred, target, decision)
-    return int(right.sum()), right.numel()
-
-
-def _right(pred: torch.Tensor, target: torch.Tensor, decision: str) -> torch.Tensor:
-    """Which predictions are right (a bool tensor), read as `correct` says."""
-    if decision == "argmax" or (decision == "threshold" and pred.shape[-1] > 1):
-        return pred.argmax(-1) == target.argmax(-1)
-    return (pred > (0.0 if decision == "logit" else 0.5)) == (target > 0.5)
-
-
-def accuracy(pred: torch.Tensor, target: torch.Tensor, decision: str = "threshold") -> float:
-    """The fraction `correct` counts."""
-    right, total = correct(pred, target, decision)
-    return right / total
-
-
-def _right_count(pred: torch.Tensor, y: torch.Tensor, decision: str) -> tuple[torch.Tensor, int]:
-    right = _right(pred, y, decision)
-    return right.sum().double(), right.numel()
-
-
-# Each metric is (a sum, how many things it sums): a float64 0-d tensor on the data's
-# device and an int. Sums and counts add up over data-parallel ranks, and the metric is
-# their quotient; so accuracy comes from an exact count of right answers, and fit reads
-# an epoch's loss, finiteness and metrics in one host sync.
-METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor, str], tuple[torch.Tensor, int]]] = {
-    "accuracy": _right_count,
-    "mse": lambda pred, y, decision: ((pred.double() - y.double()).square().sum(), pred.numel()),
-    "mae": lambda pred, y, decision: ((pred.double() - y.double()).abs().sum(), pred.numel()),
-}
-
-
-def _is_class_labels(Y: torch.Tensor, decision: str) -> bool:
-    """Whether targets [N, C] are class labels, so that accuracy means something:
-    0/1 values (one column, or any number with BCEWithLogits), one-hot rows, or, for
-    CrossEntropy, rows of probabilities."""
-    binary = bool(((Y == 0) | (Y == 1)).all())
-    if decision == "argmax":
-        rows = Y.double().sum(-1)
-        return bool((Y >= 0).all()) and bool(((rows - 1).abs() <= 1e-3).all())
-    if decision == "logit" or Y.shape[1] == 1:
-        return binary
-    return binary and bool((Y.sum(-1) == 1).all())
-
-
-def _check_metrics(metrics: Any, Y: torch.Tensor, loss: Loss) -> list[str]:
-    """The metrics to report: as asked, or by default accuracy when Y holds class labels."""
-    if metrics is None:
-        return ["accuracy"] if _is_class_labels(Y, loss.decision) else []
-    return _check_metric_names(metrics)
-
-
-def _check_metric_names(metrics: Any) -> list[str]:
-    if isinstance(metrics, str) or not isinstance(metrics, (list, tuple)) or not all(
-            isinstance(m, str) and m in METRICS for m in metrics) or len(set(metrics)) != len(metrics):
-        raise ValueError(f"metrics must be a list of distinct metric names from {', '.join(map(repr, METRICS))}, "
-                         f"e.g. metrics=['accuracy'], got {metrics!r}")
-    return list(metrics)
-
-
-def _measure(fn: Callable[..., tuple[torch.Tensor, ...]], X: torch.Tensor, Y: torch.Tensor, decision: str,
-             metrics: list[str], distributed: bool, with_loss: bool = True) -> dict[str, torch.Tensor]:
-    """The loss, the metrics and (with accuracy) the error of a model on X, Y, as float64
-    0-d tensors on the data's device, not yet read: reading them is the host sync. `fn`
-    is the compiled scoring graph, (x, y) -> (loss, prediction), or with `with_loss=False`
-    the prediction graph, x -> (prediction,), and the loss reads 0 (fit's metrics on the
-    training data need no loss: the disk net's 1000 rows score in 365 µs without, 372 with).
-    Data-parallel, each rank measures its share of the rows (`dp.shard`) and one
-    collective adds up the shares' sums and counts, so every rank gets one process's numbers."""
-    n = len(X)
-    first, count = dp.shard(n) if distributed else (0, n)
-    sums = torch.zeros(1 + 2 * len(metrics), dtype=torch.float64, device=X.device)  # loss, then (sum, count)s
-    if count:  # an empty share adds nothing, but still joins the collective
-        x, y = X[first:first + count], Y[first:first + count]
-        if with_loss:
-            value, pred = fn(x, y)
-            parts = [value.double() * (count / n)]  # the shares' loss means, weighted by their sizes
-        else:
-            pred, parts = fn(x)[0], [sums[0]]
-        for m in metrics:
-            total, things = METRICS[m](pred, y, decision)
-            parts += [total, total.new_full((), float(things))]  # a fill: on CUDA torch.tensor(n) would sync
-        sums = torch.stack(parts)
-    if distributed:
-        dp.sum_over_ranks(sums, "summing the loss and metrics")
-    scores = {"loss": sums[0], **{m: sums[1 + 2 * k] / sums[2 + 2 * k] for k, m in enumerate(metrics)}}
-    if "accuracy" in metrics:
-        k = metrics.index("accuracy")
-        scores["error"] = (sums[2 + 2 * k] - sums[1 + 2 * k]) / sums[2 + 2 * k]  # exactly, not 1 - accuracy's rounding
-    return scores
-
-
 def _class_targets(model: Sequential, Y: Any, what: str = "") -> Any:
     """Integer class labels [N] as targets: one-hot rows for a model with several outputs,
     a 0/1 column for a model with one. Anything else is returned as given, for
     _check_data to judge."""
-    if not isinstance(Y, torch.Tensor) or tensor_problem(Y) or Y.is_meta or Y.dtype.is_floating_point \
-            or Y.is_complex() or Y.dtype == torch.bool or Y.dim() != 1:
+    if not _is_label_vector(Y):
         return Y
     classes = model.out_features
+    _check_labels(Y, classes, what)
+    if classes == 1:
+        return Y.to(model.dtype()).unsqueeze(1)
+    rows = torch.zeros(len(Y), classes, dtype=model.dtype(), device=Y.device)
+    return rows.scatter_(1, Y.long().unsqueeze(1), 1.0)
+
+
+def _is_label_vector(Y: Any) -> bool:
+    """Whether Y is a dense 1-d tensor of integers with values: class labels [N]."""
+    return not (not isinstance(Y, torch.Tensor) or tensor_problem(Y) or Y.is_meta or Y.dtype.is_floating_point
+                or Y.is_complex() or Y.dtype == torch.bool or Y.dim() != 1)
+
+
+def _check_labels(Y: torch.Tensor, classes: int, what: str) -> None:
+    """Each label names one of the model's `classes` outputs (0 or 1 for a single output)."""
     top = max(classes, 2) - 1
     if len(Y) and not bool(((Y >= 0) & (Y <= top)).all()):
         bad = Y[(Y < 0) | (Y > top)][0].item()
         raise ValueError(f"Y{what} holds class label {bad}, but the model has {classes} output"
                          f"{'s' if classes > 1 else ''}, so labels run from 0 to {top}")
-    if classes == 1:
-        return Y.to(model._dtype()).unsqueeze(1)
-    rows = torch.zeros(len(Y), classes, dtype=model._dtype(), device=Y.device)
-    return rows.scatter_(1, Y.long().unsqueeze(1), 1.0)
 
 
 def _check_data(model: Sequential, X: Any, Y: Any, what: str = "") -> None:
     for name, t in (("X", X), ("Y", Y)):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name}{what} must be a torch.Tensor, got {type(t).__name__}")
-        problem = tensor_problem(t)
-        if problem:
-            raise ValueError(f"{name}{what} {problem}")
-        if t.is_meta:
-            raise ValueError(f"{name}{what} is on the meta device, which holds shapes but no values; "
-                             "training and evaluating need real data (on 'cpu' or 'cuda')")
+        _check_data_tensor(name, t, what)
     wanted = {"X": model.input_shape, "Y": model.output_shape}  # of one example
     for name, t in (("X", X), ("Y", Y)):
-        if t.dim() != 1 + len(wanted[name]):
-            dims = "2-d [examples, features]" if len(wanted[name]) == 1 else \
-                f"{1 + len(wanted[name])}-d [examples{''.join(f', {d}' for d in wanted[name])}]"
-            raise ValueError(f"{name}{what} must be {dims}, got shape {list(t.shape)}")
+        _check_rank(name, t, what, wanted[name])
     if len(X) != len(Y):
         raise ValueError(f"X{what} has {len(X)} examples but Y{what} has {len(Y)}; give one target per example")
     if len(X) == 0:
@@ -215,11 +115,35 @@ def _check_data(model: Sequential, X: Any, Y: Any, what: str = "") -> None:
             raise ValueError(f"{name}{what} holds examples of shape {list(t.shape[1:])} but the model "
                              f"{'takes' if name == 'X' else 'outputs'} {list(wanted[name])}")
     for name, t in (("X", X), ("Y", Y)):
-        finite = torch.isfinite(t)
-        if not bool(finite.all()):  # one pass over the data, once per call: cheap beside training on it
-            where = (~finite).nonzero()[0].tolist()
-            raise ValueError(f"{name}{what} has NaN or inf values, first at {name}[{', '.join(map(str, where))}] = "
-                             f"{t[tuple(where)].item()}; drop or repair those examples (e.g. with torch.isfinite)")
+        _check_finite(name, t, what)
+
+
+def _check_data_tensor(name: str, t: Any, what: str) -> None:
+    """X or Y is a dense tensor of real values in memory."""
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name}{what} must be a torch.Tensor, got {type(t).__name__}")
+    problem = tensor_problem(t)
+    if problem:
+        raise ValueError(f"{name}{what} {problem}")
+    if t.is_meta:
+        raise ValueError(f"{name}{what} is on the meta device, which holds shapes but no values; "
+                         "training and evaluating need real data (on 'cpu' or 'cuda')")
+
+
+def _check_rank(name: str, t: torch.Tensor, what: str, example: tuple) -> None:
+    """X or Y holds examples of the model's rank: rows [examples, features] for a 2-d model."""
+    if t.dim() != 1 + len(example):
+        dims = "2-d [examples, features]" if len(example) == 1 else \
+            f"{1 + len(example)}-d [examples{''.join(f', {d}' for d in example)}]"
+        raise ValueError(f"{name}{what} must be {dims}, got shape {list(t.shape)}")
+
+
+def _check_finite(name: str, t: torch.Tensor, what: str) -> None:
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):  # one pass over the data, once per call: cheap beside training on it
+        where = (~finite).nonzero()[0].tolist()
+        raise ValueError(f"{name}{what} has NaN or inf values, first at {name}[{', '.join(map(str, where))}] = "
+                         f"{t[tuple(where)].item()}; drop or repair those examples (e.g. with torch.isfinite)")
 
 
 def _check_params(model: Sequential) -> None:
@@ -253,35 +177,38 @@ class FitSettings:
     distributed: bool  # data-parallel, over more than one rank
     checkpoint: str | os.PathLike[str] | None
     resume: str | os.PathLike[str] | None
+    callbacks: tuple[Callback, ...] = ()
+    validation_split: float = 0.0  # the last fraction of the rows, held out (`with_data` does it)
 
     @classmethod
     def check(cls, model: Sequential, *, loss: Any, optimizer: Any, schedule: Any, epochs: Any, batch_size: Any,
               shuffle: Any, validation_data: Any, seed: Any, verbose: Any, metrics: Any, threads: Any,
-              distributed: Any, checkpoint: Any, resume: Any) -> FitSettings:
+              distributed: Any, checkpoint: Any, resume: Any, callbacks: Any = None,
+              validation_split: Any = 0.0) -> FitSettings:
         """The settings, after checking each (a ValueError naming the one that is wrong),
         before any data is looked at; defaults filled in (the model's loss, SGD())."""
         if seed is not None:  # the range torch.Generator.manual_seed takes
             seed = whole("seed", seed, -2**63, 2**64 - 1)
-        if validation_data is not None and not (isinstance(validation_data, (tuple, list))
-                                                and len(validation_data) == 2):
-            length = f" of length {len(validation_data)}" if isinstance(validation_data, (tuple, list)) else ""
-            raise ValueError(f"validation_data must be a pair (X_val, Y_val), got "
-                             f"{type(validation_data).__name__}{length}")
+        _check_validation_data(validation_data)
         if schedule is not None and not callable(schedule):
             raise ValueError(f"schedule must be a graphdl schedule such as gd.StepDecay(every=10, factor=0.9), "
                              f"got {schedule!r}")
+        validation_split = real("validation_split", validation_split, 0.0, 1.0, high_open=True)
+        if validation_split and validation_data is not None:
+            raise ValueError("give validation_data or validation_split, not both: validation_split holds out the last "
+                             f"{validation_split:.0%} of X and Y as the validation data")
         for name, path in (("checkpoint", checkpoint), ("resume", resume)):
-            if path is not None and not isinstance(path, (str, os.PathLike)):
-                raise ValueError(f"{name} must be a file path or None, got {type(path).__name__}")
+            _check_path(name, path)
         return cls(loss=_model_loss(model, loss),
                    optimizer=checked_optimizer(SGD() if optimizer is None else optimizer),
                    schedule=schedule, epochs=whole("epochs", epochs, 0),
                    batch_size=whole("batch_size", batch_size, 1), shuffle=flag("shuffle", shuffle),
                    validation_data=None if validation_data is None else tuple(validation_data), seed=seed,
                    verbose=flag("verbose", verbose),
-                   metrics=None if metrics is None else tuple(_check_metric_names(metrics)),
+                   metrics=None if metrics is None else tuple(check_metric_names(metrics)),
                    threads=None if threads is None else whole("threads", threads, 1),
-                   distributed=_check_distributed(distributed, "fit"), checkpoint=checkpoint, resume=resume)
+                   distributed=_check_distributed(distributed, "fit"), checkpoint=checkpoint, resume=resume,
+                   callbacks=check_callbacks(callbacks), validation_split=validation_split)
 
     def with_data(self, model: Sequential, Y: torch.Tensor) -> FitSettings:
         """The settings for this data: validation targets as the model reads them, and the
@@ -290,8 +217,28 @@ class FitSettings:
         if validation is not None:
             validation = (validation[0], _class_targets(model, validation[1], " (validation)"))
             _check_data(model, *validation, what=" (validation)")
-        metrics = self.metrics if self.metrics is not None else tuple(_check_metrics(None, Y, self.loss))
+        metrics = self.metrics if self.metrics is not None else tuple(choose_metrics(None, Y, self.loss))
+        check_metrics_fit(list(metrics), Y)
+        if validation is not None:
+            check_metrics_fit(list(metrics), validation[1], "the validation targets")
+        keys = ["loss", *metrics, *(["val_loss", *(f"val_{m}" for m in metrics)] if validation is not None else []),
+                "lr"]
+        for c in self.callbacks:
+            c.check(keys)
         return replace(self, validation_data=validation, metrics=metrics)
+
+
+def _check_validation_data(validation_data: Any) -> None:
+    if validation_data is not None and not (isinstance(validation_data, (tuple, list))
+                                            and len(validation_data) == 2):
+        length = f" of length {len(validation_data)}" if isinstance(validation_data, (tuple, list)) else ""
+        raise ValueError(f"validation_data must be a pair (X_val, Y_val), got "
+                         f"{type(validation_data).__name__}{length}")
+
+
+def _check_path(name: str, path: Any) -> None:
+    if path is not None and not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"{name} must be a file path or None, got {type(path).__name__}")
 
 
 # Threads. torch splits each op over every core by default, which costs a synchronisation
@@ -456,6 +403,9 @@ def _model_loss(model: Sequential, loss: Any) -> Loss:
 @torch.inference_mode()
 def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, settings: FitSettings) -> History:
     """`Sequential.fit`, which documents the arguments, with its settings checked."""
+    if settings.validation_split:
+        X, Y, held_out = _split_off_validation(X, Y, settings.validation_split)
+        settings = replace(settings, validation_data=held_out)
     Y = _class_targets(model, Y)
     _check_data(model, X, Y)
     settings = settings.with_data(model, Y)
@@ -463,6 +413,19 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, settings: FitSettin
     with _threads_for(model, settings.batch_size, settings.threads):
         model.loss = settings.loss
         return _Run(model, X, Y, settings).epochs()
+
+
+def _split_off_validation(X: Any, Y: Any, fraction: float) -> tuple[Any, Any, tuple[Any, Any]]:
+    """(X_train, Y_train, (X_val, Y_val)): the last `fraction` of the rows held out, as
+    Keras does (unshuffled: shuffle the data first if its order means something)."""
+    if not isinstance(X, torch.Tensor) or not isinstance(Y, torch.Tensor) or not X.dim() or not Y.dim() \
+            or len(X) != len(Y):
+        return X, Y, (X, Y)  # _check_data names what is wrong with them
+    keep = math.floor(len(X) * (1.0 - fraction))
+    if keep == 0 or keep == len(X):
+        raise ValueError(f"validation_split={fraction} of {len(X)} rows leaves {keep} to train on and "
+                         f"{len(X) - keep} to validate; each needs at least one")
+    return X[:keep], Y[:keep], (X[keep:], Y[keep:])
 
 
 class _Run:
@@ -491,6 +454,7 @@ class _Run:
             self.history.update(resumed.history)
             self.first = resumed.epoch
         model.history = self.history  # what fit has recorded so far, kept if it stops early
+        self.callbacks = CallbackList(s.callbacks, model, s.optimizer, self.batches.is_main)
         # the step binds again if they move; its state is the buffers it updates (BatchNorm's statistics)
         self.start = _Snapshot(lambda: [*self.step.params, *self.step.state, *s.optimizer.buffers])
 
@@ -511,9 +475,20 @@ class _Run:
         return torch.Generator().manual_seed(seed)
 
     def epochs(self) -> History:
+        self.model.stop_training = False
+        self.callbacks.train_begin(self.logs())
         for epoch in range(self.first, self.settings.epochs):
+            self.callbacks.epoch_begin(epoch, self.logs())
             self.epoch(epoch)
+            self.callbacks.epoch_end(epoch, self.logs())
+            if self.model.stop_training:
+                break
+        self.callbacks.train_end(self.logs())
         return self.history
+
+    def logs(self) -> dict[str, float]:
+        """The last epoch's numbers, as the callbacks see them ({} before the first)."""
+        return {key: values[-1] for key, values in self.history.items() if values}
 
     def epoch(self, epoch: int) -> None:
         """Run one epoch, read its numbers in one sync, check them, record them."""
@@ -521,7 +496,8 @@ class _Run:
         lr = _scheduled_lr(s.schedule, epoch, s.optimizer.lr)
         order = torch.randperm(len(self.X), generator=self.generator) if s.shuffle else None
         self.start.save()
-        losses = self.batches.run(self.step, self.X, self.Y, order, lr)
+        losses = self._logged(order, lr) if self.callbacks.batch_logs else \
+            self.batches.run(self.step, self.X, self.Y, order, lr)
         scores = self._scores(losses)
         epoch_loss, largest, *values = torch.cat([v.reshape(-1).double() for v in scores.values()]).tolist()
         if not (math.isfinite(epoch_loss) and math.isfinite(largest)):
@@ -537,6 +513,16 @@ class _Run:
         if s.checkpoint is not None:
             write_checkpoint(s.checkpoint, self.model, s.optimizer, epoch + 1, self.generator, self.history)
 
+    def _logged(self, order: torch.Tensor | None, lr: float) -> torch.Tensor:
+        """The epoch's steps one at a time, each batch's loss read and given to the
+        callbacks that asked for batch logs (a host sync per step)."""
+        losses = []
+        for i, feed in enumerate(self.batches.feeds(self.X, self.Y, order)):
+            (loss,) = self.step.steps([feed], lr)
+            losses.append(loss)
+            self.callbacks.batch_end(i, {"loss": self.batches.batch_loss(loss)})
+        return torch.stack(losses)
+
     def _scores(self, losses: torch.Tensor) -> dict[str, torch.Tensor]:
         """What an epoch reads in its one host sync: {"loss": [mean loss, a number that is
         finite only while every param is (`Batches.loss_and_finite`)], each metric on the
@@ -545,10 +531,10 @@ class _Run:
         scores = {"loss": self.batches.loss_and_finite(losses, _largest(self.step.params, self.X.device))}
         decision, metrics = s.loss.decision, list(s.metrics)
         if metrics:
-            measured = _measure(self.predicting.fn, self.X, self.Y, decision, metrics, s.distributed, with_loss=False)
+            measured = measure(self.predicting.fn, self.X, self.Y, decision, metrics, s.distributed, with_loss=False)
             scores.update((m, measured[m]) for m in metrics)
         if s.validation_data is not None:
-            measured = _measure(self.scoring.fn, *s.validation_data, decision, metrics, s.distributed)
+            measured = measure(self.scoring.fn, *s.validation_data, decision, metrics, s.distributed)
             scores.update((f"val_{k}", measured[k]) for k in ("loss", *metrics))
         return scores
 
@@ -590,14 +576,15 @@ def evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | N
     distributed = _check_distributed(distributed, "evaluate")
     Y = _class_targets(model, Y)
     _check_data(model, X, Y)
-    metrics = _check_metrics(metrics, Y, loss)
+    metrics = choose_metrics(metrics, Y, loss)
+    check_metrics_fit(metrics, Y)
     with _threads_for(model, len(X), threads):
         return _evaluate(model, X, Y, loss, metrics, distributed)
 
 
 def _evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss, metrics: list[str],
               distributed: bool = False) -> dict[str, float]:
-    scores = _measure(_eval_fn(model, loss), X, Y, loss.decision, metrics, distributed)
+    scores = measure(_eval_fn(model, loss), X, Y, loss.decision, metrics, distributed)
     return dict(zip(scores, torch.stack(list(scores.values())).tolist(), strict=True))
 
 

@@ -3,6 +3,7 @@ plain fit."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from helpers import _sine
 
@@ -30,6 +31,24 @@ def test_checkpointing_and_resuming_take_the_very_steps_of_a_plain_fit(tmp_path)
     assert h_resumed == h_plain
     for a, b in zip(plain.state().values(), resumed.state().values(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("epoch, shown", [("-1", "got -1"), ("true", r"got True \(a bool\)"), ("2.0", "got 2.0"),
+                                          ("9" * 5000, r"got 9999999999\.\.\. \(5000 digits\)")])
+def test_a_checkpoints_epoch_count_is_read_by_the_checked_reader(tmp_path, epoch, shown):
+    """The epoch count in a checkpoint's JSON is a number from a file: read_int reads it,
+    so a crafted 5,000-digit one is refused by name instead of crashing int()."""
+    from graphdl import io
+    from graphdl.checkpoint import read_checkpoint
+    X, Y = _sine()
+    model = gd.Sequential(gd.Linear(1, 2), gd.Linear(2, 1))
+    path, crafted = tmp_path / "run.gdl", tmp_path / "crafted.gdl"
+    model.fit(X, Y, epochs=1, checkpoint=path, verbose=False)
+    saved, info, state = io.load_model(path, gd.Sequential)
+    io.save_model(saved, crafted, state, info.replace('"epoch": 1', f'"epoch": {epoch}'))
+    with pytest.raises(gd.GraphError, match=f"crafted.gdl: the checkpoint's epoch count must be a whole number "
+                                            f"from 0 to .*, {shown}; it is corrupt"):
+        read_checkpoint(crafted, model, gd.SGD(), ["loss", "val_loss", "lr"], False)
 
 
 def test_a_net_with_dropout_and_batchnorm_resumes_exactly(tmp_path):

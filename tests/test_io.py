@@ -569,7 +569,7 @@ def test_a_file_without_its_ties_is_refused(tmp_path):
 
 
 def _convert(model: gd.Sequential, dtype: torch.dtype) -> gd.Sequential:
-    for _, layer, short, _, t in model._places():
+    for _, layer, short, _, t in model.places():
         setattr(layer, short, t.to(dtype))
     return model
 

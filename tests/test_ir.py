@@ -52,7 +52,7 @@ def test_outputs_are_read_only_and_only_the_editing_functions_change_them():
     g.verify()
     assert g.outputs == (doubled,) and g.output_labels == ("twice",) and g.is_output(doubled)
     assert not g.is_output(loss)
-    for bad in (1, -2, True, "0"):
+    for bad in (1, -2, True, "0", 10**5000):  # a 5,000-digit index is named without crashing repr
         with pytest.raises(gd.GraphError, match="no output"):
             g.set_output(bad, loss)
     with pytest.raises(gd.GraphError, match="output label"):
@@ -90,8 +90,10 @@ def test_a_name_defined_twice():
 
 
 @pytest.mark.parametrize("shape, expect", [
-    ((None, 2.0), "dimension 2.0"), ((None, -2), "dimension -2"), ((True, 2), "dimension True"),
-    (3, "shape must be a sequence"), ((np.int64(3),), "dimension"), ((None, "2"), "dimension '2'"),
+    ((None, 2.0), "dimension 1 .*got 2.0"), ((None, -2), "dimension 1 .*got -2"),
+    ((True, 2), r"dimension 0 .*got True \(a bool\)"), (3, "shape must be a sequence"), ((np.int64(3),), "dimension 0"),
+    ((None, "2"), r"dimension 1 .*got '2' \(a str\)"),
+    ((None, 2**64), r"dimension 1 .* to 2\*\*63 - 1, got 18446744073709551616"),
 ])
 def test_input_shape_dims(shape, expect):
     names(message(gd.Graph("g").input, "x", shape), "input x", expect, r"\(None, 2\)|non-negative int, None")

@@ -152,6 +152,12 @@ def test_a_bad_opset_is_a_value_error_naming_it(tmp_path, opset):
         gd.export_onnx(disk_net(), tmp_path / "m.onnx", opset=opset)
 
 
+
+def test_an_opset_is_read_as_a_whole_number_so_a_numpy_int_is_one(tmp_path):
+    """opset goes through checks.whole, which takes any integral number that is not a bool."""
+    gd.export_onnx(disk_net(), tmp_path / "m.onnx", opset=np.int64(17))
+    assert onnx.load(tmp_path / "m.onnx").opset_import[0].version == 17
+
 def test_export_refuses_what_is_not_a_model_and_a_graph_without_outputs(tmp_path):
     with pytest.raises(gd.GraphError, match="takes a gd.Sequential or gd.Graph, got Sequential"):
         gd.export_onnx(torch.nn.Sequential(), tmp_path / "m.onnx")

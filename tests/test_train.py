@@ -169,8 +169,8 @@ def test_metrics_are_counted_exactly_whatever_the_dtype():
     the count is exact."""
     pred = torch.cat([torch.ones(1501, 1), torch.zeros(1500, 1)]).half()
     assert gd.train.accuracy(pred, torch.ones(3001, 1).half()) == 1501 / 3001
-    total, count = gd.train.METRICS["mse"](pred, torch.zeros(3001, 1).half(), "threshold")  # a sum and a count
-    assert (total.dtype, float(total), count) == (torch.float64, 1501.0, 3001)
+    total, count = gd.train.METRICS["mse"].stats(pred, torch.zeros(3001, 1).half(), "threshold")  # a sum, a count
+    assert (total.dtype, float(total), float(count)) == (torch.float64, 1501.0, 3001.0)
 
 
 def test_regression_reports_no_accuracy_unless_asked(capsys):
@@ -212,7 +212,7 @@ def test_accuracy_is_reported_by_default_only_for_class_labels(Y, loss, reported
     assert set(model.evaluate(X, Y, loss=loss, metrics=[])) == {"loss"}
 
 
-@pytest.mark.parametrize("metrics", ["accuracy", ["accuracy", "accuracy"], ["f1"], [gd.MSE()], 3])
+@pytest.mark.parametrize("metrics", ["accuracy", ["accuracy", "accuracy"], ["f2"], ["top_0_accuracy"], [gd.MSE()], 3])
 def test_bad_metrics_name_the_argument(metrics):
     model = gd.Sequential(gd.Linear(2, 1))
     with pytest.raises(ValueError, match=r"metrics must be a list of distinct metric names from 'accuracy', 'mse'"):

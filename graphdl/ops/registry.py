@@ -27,8 +27,9 @@ from typing import Any
 
 import torch
 
+from ..building import caller_location
 from ..checks import FLOAT_DTYPES, Dim, GraphError, Shape, ShapeError, dtype_name, read_float
-from ..ir import Value, caller_location
+from ..ir import Value
 
 Lowering = Callable[[list[str], dict[str, Any], list[Value]], str]
 # A shape rule reads the inputs and the attrs (a read-only view, defaults filled in) and

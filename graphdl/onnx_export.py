@@ -1,0 +1,305 @@
+"""ONNX export: `export_onnx(model_or_graph, path)`, through one table, `EXPORT`.
+
+`EXPORT` gives each graphdl op the ONNX nodes that compute it (every op in `OPS`, the
+adjoints and fused ops included, so a gradient graph or a compiled graph exports too),
+in the spirit of the op registry. The symbolic batch dim "N" is a `dim_param` in the
+file, so one file serves every batch size. (graphdl.onnx_io is the front door of both
+directions; graphdl.onnx_import reads files back.)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from .checks import GraphError, dtype_name, shown, whole
+from .files import as_path, atomic_write
+from .ir import Graph, Value
+from .onnx_format import DEFAULT_OPSET, ELEM_TYPE, INT64, MAX_FILE_BYTES, MIN_OPSET, require_onnx
+from .text import format_node
+
+
+class Emitter:
+    """Appends the ONNX nodes for one graphdl node at a time, naming each value after the
+    text IR (`%3`, its helpers `%3.1`, ...) and noting the IR line in each node's doc."""
+
+    def __init__(self, onnx: Any, opset: int) -> None:
+        self.helper = onnx.helper
+        self.opset = opset
+        self.nodes: list[Any] = []
+        self.result = ""
+        self._doc = ""
+        self._count = 0
+
+    def start(self, result: str, doc: str) -> None:
+        self.result, self._doc, self._count = result, doc, 0
+
+    def __call__(self, op_type: str, *inputs: str, **attrs: Any) -> str:
+        self._count += 1
+        out = f"{self.result}.{self._count}"
+        self.nodes.append(self.helper.make_node(op_type, list(inputs), [out], name=out, doc_string=self._doc,
+                                                **attrs))
+        return out
+
+    def finish(self, name: str) -> None:
+        """Make `name`, what the row computed, carry the graphdl value's own name."""
+        last = self.nodes[-1] if self.nodes else None
+        if last is not None and last.output[0] == name and name.startswith(self.result + "."):
+            last.output[0] = last.name = self.result
+        else:
+            self("Identity", name)
+            self.nodes[-1].output[0] = self.nodes[-1].name = self.result
+
+    def scalar(self, value: float, dtype: torch.dtype) -> str:
+        tensor = self.helper.make_tensor("", ELEM_TYPE[dtype_name(dtype)], [], [value])
+        return self("Constant", value=tensor)
+
+    def ints(self, values: Sequence[int]) -> str:
+        return self("Constant", value=self.helper.make_tensor("", INT64, [len(values)], list(values)))
+
+    def reduce(self, op_type: str, x: str, ndim: int, axes: Sequence[int] | None, keepdims: bool) -> str:
+        """ReduceSum/ReduceMean over `axes` (None: all), in the form the opset wants."""
+        if ndim == 0:
+            return self("Identity", x)
+        axes = list(range(ndim)) if axes is None else list(axes)
+        if self.opset >= (13 if op_type == "ReduceSum" else 18):  # axes became an input then
+            return self(op_type, x, self.ints(axes), keepdims=int(keepdims))
+        return self(op_type, x, axes=axes, keepdims=int(keepdims))
+
+    def count(self, ref: str, value: Value, axes: Sequence[int]) -> str:
+        """The number of elements of `value` over `axes`, in its dtype (symbolic dims read at run time)."""
+        static = math.prod(d for i, d in enumerate(value.shape) if i in axes and isinstance(d, int))
+        dynamic = [i for i in axes if isinstance(value.shape[i], str)]
+        if not dynamic:
+            return self.scalar(float(static), value.dtype)
+        dims = self("Gather", self("Shape", ref), self.ints(dynamic))
+        n = self("ReduceProd", self("Cast", dims, to=ELEM_TYPE[dtype_name(value.dtype)]), keepdims=0)
+        return n if static == 1 else self("Mul", n, self.scalar(float(static), value.dtype))
+
+
+ExportRow = Callable[[Emitter, list[str], Any], str]  # (emit, input names, graphdl node) -> result name
+
+
+def _same(op_type: str) -> ExportRow:
+    """An op that is one ONNX op of the same inputs."""
+    return lambda e, a, n: e(op_type, *a)
+
+
+def _broadcast_like(e: Emitter, a: list[str], n: Any) -> str:
+    g, ref = n.inputs
+    axes = tuple(range(ref.ndim)) if n.attrs["axis"] is None else n.attrs["axis"]
+    src = a[0]
+    if n.attrs["axis"] is not None and g.ndim and g.ndim + len(axes) == ref.ndim:
+        src = e("Unsqueeze", src, e.ints(axes))
+    if n.attrs["mean"]:
+        src = e("Div", src, e.count(a[1], ref, axes))
+    return e("Expand", src, e("Shape", a[1]))
+
+
+def _sum_to(e: Emitter, a: list[str], n: Any) -> str:
+    (x,), shape = n.inputs, n.attrs["shape"]
+    lead = x.ndim - len(shape)
+    kept = [lead + i for i, d in enumerate(shape) if d == 1 and x.shape[lead + i] != 1]
+    src = a[0]
+    if kept:
+        src = e.reduce("ReduceSum", src, x.ndim, kept, keepdims=True)
+    if lead:
+        src = e.reduce("ReduceSum", src, x.ndim, range(lead), keepdims=False)
+    return src
+
+
+def _loss(elementwise: Callable[[Emitter, str], str]) -> ExportRow:
+    """mean(f(a - b)) over every element, as the loss ops compute it."""
+    def row(e: Emitter, a: list[str], n: Any) -> str:
+        return e.reduce("ReduceMean", elementwise(e, e("Sub", *a)), n.inputs[0].ndim, None, keepdims=False)
+    return row
+
+
+def _mse_backward(e: Emitter, a: list[str], n: Any) -> str:
+    g, x, y = a
+    scaled = e("Mul", e("Mul", e("Sub", x, y), g), e.scalar(2.0, n.out.dtype))
+    return e("Div", scaled, e.count(x, n.inputs[1], range(n.inputs[1].ndim)))
+
+
+def _one_minus(e: Emitter, y: str, dtype: torch.dtype) -> str:
+    return e("Sub", e.scalar(1.0, dtype), y)
+
+
+def _bce_with_logits(e: Emitter, a: list[str], n: Any) -> str:
+    # softplus(x) - x*y, with softplus(x) = max(x, 0) + log(1 + e**-|x|): finite for logits of any size.
+    x, y = a
+    softplus = e("Add", e("Relu", x), e("Log", e("Add", e.scalar(1.0, n.out.dtype), e("Exp", e("Neg", e("Abs", x))))))
+    return e.reduce("ReduceMean", e("Sub", softplus, e("Mul", x, y)), n.inputs[0].ndim, None, keepdims=False)
+
+
+def _cross_entropy(e: Emitter, a: list[str], n: Any) -> str:
+    x, y = a  # -mean over rows of sum(y * log_softmax(x)), x and y [N, C]
+    per_row = e.reduce("ReduceSum", e("Mul", y, e("LogSoftmax", x, axis=-1)), 2, [1], keepdims=False)
+    return e("Neg", e.reduce("ReduceMean", per_row, 1, None, keepdims=False))
+
+
+def _collective(e: Emitter, a: list[str], n: Any) -> str:
+    raise GraphError(f"export_onnx: {n.op.name} (created at {n.where}) sums a value over the ranks of a "
+                     "data-parallel job, which ONNX has no op for; export the model, or the gradient graph "
+                     "before graphdl.passes.allreduce put collectives into it")
+
+
+EXPORT: dict[str, ExportRow] = {
+    "const": lambda e, a, n: e.scalar(n.attrs["value"], n.out.dtype),
+    "zeros_like": lambda e, a, n: e("Expand", e.scalar(0.0, n.out.dtype), e("Shape", a[0])),
+    "add": _same("Add"), "sub": _same("Sub"), "mul": _same("Mul"), "div": _same("Div"),
+    "neg": _same("Neg"), "exp": _same("Exp"), "log": _same("Log"), "abs": _same("Abs"), "sign": _same("Sign"),
+    "greater": lambda e, a, n: e("Cast", e("Greater", *a), to=ELEM_TYPE[dtype_name(n.out.dtype)]),
+    "relu": _same("Relu"), "tanh": _same("Tanh"), "sigmoid": _same("Sigmoid"),
+    "matmul": _same("MatMul"),
+    "transpose": lambda e, a, n: e("Transpose", a[0], perm=[*range(n.out.ndim - 2), n.out.ndim - 1, n.out.ndim - 2]),
+    "sum": lambda e, a, n: e.reduce("ReduceSum", a[0], n.inputs[0].ndim, n.attrs["axis"], n.attrs["keepdims"]),
+    "mean": lambda e, a, n: e.reduce("ReduceMean", a[0], n.inputs[0].ndim, n.attrs["axis"], n.attrs["keepdims"]),
+    "broadcast_like": _broadcast_like,
+    "sum_to": _sum_to,
+    "mse": _loss(lambda e, d: e("Mul", d, d)),
+    "mae": _loss(lambda e, d: e("Abs", d)),
+    "mbe": _loss(lambda e, d: d),
+    "softmax": lambda e, a, n: e("Softmax", a[0], axis=n.attrs.get("axis", -1)),
+    "log_softmax": lambda e, a, n: e("LogSoftmax", a[0], axis=n.attrs.get("axis", -1)),
+    "bce_with_logits": _bce_with_logits,
+    "cross_entropy": _cross_entropy,
+    # Fused ops, so that a compiled (optimised) graph exports as well.
+    "addmm": lambda e, a, n: e("Gemm", a[1], a[2], a[0]),
+    "matmul_tn": lambda e, a, n: e("Gemm", *a, transA=1),
+    "matmul_nt": lambda e, a, n: e("Gemm", *a, transB=1),
+    "relu_backward": lambda e, a, n: e("Where", e("Greater", a[1], e.scalar(0.0, n.out.dtype)), a[0],
+                                       e.scalar(0.0, n.out.dtype)),
+    "tanh_backward": lambda e, a, n: e("Mul", a[0], _one_minus(e, e("Mul", a[1], a[1]), n.out.dtype)),
+    "sigmoid_backward": lambda e, a, n: e("Mul", a[0], e("Mul", a[1], _one_minus(e, a[1], n.out.dtype))),
+    "mse_backward": _mse_backward,
+    # Collectives (graphdl.distributed): refused, saying why.
+    "allreduce_start": _collective, "allreduce_wait": _collective, "unpack": _collective,
+}
+
+
+def export_onnx(model: Any, path: str | os.PathLike[str], opset: int = DEFAULT_OPSET) -> None:
+    """Write a model's forward graph, or any graph, as an ONNX model.
+
+    Args:
+        model: a `gd.Sequential` (its forward graph: input "x", output the prediction)
+            or a `gd.Graph` (a loss graph, a gradient graph from `gd.grad`, a compiled
+            graph: every op graphdl has is mapped).
+        path: the `.onnx` file to write; replaced atomically if it exists.
+        opset: the ONNX opset to write, from 13 up to what the installed onnx knows.
+
+    The graph's inputs keep their names and the symbolic batch dim stays symbolic
+    (`dim_param` "N"); params become initializers under their own names; the outputs are
+    named "output" (or "output0", "output1", ...).
+
+    Raises:
+        GraphError: an op has no ONNX mapping (named with its node), or the weights are
+            too big for one ONNX file.
+        ValueError: a bad `opset`.
+        ImportError: the onnx package is missing.
+    """
+    onnx = require_onnx()
+    opset = _checked_opset(onnx, opset)
+    graph = _graph_of(model)
+    path = as_path(path)
+    graph.verify()
+    if not graph.outputs:
+        raise GraphError(f"export_onnx: graph {graph.name} has no outputs, so the ONNX model would compute "
+                         "nothing; add them with graph.output(...)")
+    proto = _to_proto(onnx, graph, opset)
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as e:  # a wrong row in EXPORT, not a user error
+        raise GraphError(f"export_onnx: the ONNX model built from graph {graph.name} is invalid ({e}); "
+                         "this is a bug in graphdl's ONNX table") from None
+    atomic_write(path, proto.SerializeToString())
+
+
+def _checked_opset(onnx: Any, opset: Any) -> int:
+    """`opset` as an int, if the installed onnx knows it and it is one graphdl writes."""
+    newest = onnx.defs.onnx_opset_version()
+    try:
+        return whole("opset", opset, MIN_OPSET, newest)
+    except ValueError:
+        raise ValueError(f"opset must be an int from {MIN_OPSET} to {newest} (what the installed onnx knows), "
+                         f"got {shown(opset)}") from None
+
+
+def _graph_of(model: Any) -> Graph:
+    """The graph to export: a model's forward graph, or a graph itself."""
+    if not isinstance(model, Graph) and hasattr(model, "graph"):  # a model (graphdl.model imports this module)
+        return model.graph()
+    if isinstance(model, Graph):
+        return model
+    raise GraphError(f"export_onnx takes a gd.Sequential or gd.Graph, got {type(model).__name__}")
+
+
+def _to_proto(onnx: Any, graph: Graph, opset: int) -> Any:
+    helper = onnx.helper
+    _check_size(graph)
+    names = {id(v): v.name for v in (*graph.inputs.values(), *graph.params.values())}
+    emit = Emitter(onnx, opset)
+    _emit_nodes(emit, graph, names)
+    outputs = _emit_outputs(emit, graph, names)
+    body = helper.make_graph(emit.nodes, graph.name, [_value_info(helper, v.name, v) for v in graph.inputs.values()],
+                             outputs, [_initializer(helper, v.name, v.data) for v in graph.params.values()])
+    opsets = [helper.make_opsetid("", opset)]
+    # The lowest IR version the opset allows, so that older runtimes load the file too.
+    return helper.make_model(body, opset_imports=opsets, ir_version=helper.find_min_ir_version_for(opsets),
+                             producer_name="graphdl")
+
+
+def _check_size(graph: Graph) -> None:
+    size = sum(v.data.numel() * v.data.element_size() for v in graph.params.values())
+    if size > MAX_FILE_BYTES - 2**20:
+        raise GraphError(f"export_onnx: graph {graph.name}'s weights take {size} bytes; one ONNX file holds "
+                         "under 2 GiB (ONNX's external-data format is not written by graphdl)")
+
+
+def _emit_nodes(emit: Emitter, graph: Graph, names: dict[int, str]) -> None:
+    """Each node's ONNX nodes, by its row of EXPORT; `names` gets each node's value's name (%k)."""
+    for k, node in enumerate(graph.nodes):
+        names[id(node.out)] = f"%{k}"
+        row = EXPORT.get(node.op.name)
+        if row is None:
+            raise GraphError(f"export_onnx: node %{k} ({node.op.name}) has no ONNX mapping: "
+                             f"`{format_node(node, names)}`, created at {node.where}\n"
+                             f"  hint: add a row for {node.op.name!r} to graphdl.onnx_io.EXPORT")
+        emit.start(names[id(node.out)], format_node(node, names))
+        emit.finish(row(emit, [names[id(v)] for v in node.inputs], node))
+
+
+def _emit_outputs(emit: Emitter, graph: Graph, names: dict[int, str]) -> list[Any]:
+    """The graph's outputs as ONNX outputs named "output" (or "output0", ...; a name an input
+    or param has gets a "_"), each an Identity of its value; returns their value infos."""
+    taken = set(graph.inputs) | set(graph.params)
+    outputs = []
+    for i, v in enumerate(graph.outputs):
+        name = "output" if len(graph.outputs) == 1 else f"output{i}"
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        emit.start(name, f"output {i}")
+        emit.finish(names[id(v)])
+        outputs.append(_value_info(emit.helper, name, v))
+    return outputs
+
+
+def _value_info(helper: Any, name: str, v: Value) -> Any:
+    return helper.make_tensor_value_info(name, ELEM_TYPE[dtype_name(v.dtype)], list(v.shape))
+
+
+def _initializer(helper: Any, name: str, data: torch.Tensor) -> Any:
+    if data.is_meta:
+        raise GraphError(f"export_onnx: param {name} is on the meta device, which holds shapes but no values to "
+                         "write; load or train real weights (on 'cpu' or 'cuda') before exporting")
+    t = data.detach().to("cpu").contiguous()
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: write its bits
+        t = t.view(torch.int16)
+    array = t.numpy()
+    raw = array.astype(array.dtype.newbyteorder("<")).tobytes()  # ONNX raw data is little-endian
+    return helper.make_tensor(name, ELEM_TYPE[dtype_name(data.dtype)], list(data.shape), raw, raw=True)

@@ -193,6 +193,17 @@ def _dropout_from_torch(m: torch.nn.Dropout, where: str) -> Layer:
     return layers.Dropout(m.p, seed=seed)
 
 
+def _unflatten_from_torch(m: torch.nn.Unflatten, where: str) -> Layer:
+    if m.dim not in (1, -1):
+        raise _refuse(where, f"dim={m.dim}", "unflatten dim 1, the features of rows [N, features]")
+    return layers.Reshape(tuple(m.unflattened_size))
+
+
+def _reshape_to_torch(layer: layers.Reshape) -> torch.nn.Module:
+    # graphdl's Reshape reshapes each whole example, whatever its rank: flattened first.
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Unflatten(1, layer.shape))
+
+
 def _simple(module: type[torch.nn.Module], layer: type[Layer]) -> TorchLayer:
     """A row for a parameter-free activation: the same function on both sides."""
     return TorchLayer(module, layer, lambda m, where: layer(), lambda layer: module())
@@ -214,6 +225,9 @@ TORCH_LAYERS: list[TorchLayer] = [
     TorchLayer(torch.nn.LayerNorm, layers.LayerNorm, _layer_norm_from_torch, _layer_norm_to_torch,
                (("weight", "weight"), ("bias", "bias"))),
     TorchLayer(torch.nn.Dropout, layers.Dropout, _dropout_from_torch, lambda layer: torch.nn.Dropout(layer.p)),
+    TorchLayer(torch.nn.Flatten, layers.Flatten, lambda m, where: layers.Flatten(m.start_dim, m.end_dim),
+               lambda layer: torch.nn.Flatten(layer.start_dim, layer.end_dim)),
+    TorchLayer(torch.nn.Unflatten, layers.Reshape, _unflatten_from_torch, _reshape_to_torch),
 ]
 
 
@@ -226,7 +240,8 @@ def torch_layers(module: torch.nn.Module) -> list[tuple[str, Layer]]:
         module: an `nn.Sequential` (nested ones are flattened) of the modules in
             `TORCH_LAYERS` (`Linear`, `ReLU`, `Tanh`, `Sigmoid`, `Softmax`, `Conv1d`,
             `Conv2d`, `MaxPool2d`, `AvgPool2d`, `BatchNorm1d`, `BatchNorm2d`,
-            `LayerNorm`, `Dropout`) and `Identity` (dropped), or one such module alone.
+            `LayerNorm`, `Dropout`, `Flatten`, `Unflatten` of rows) and `Identity`
+            (dropped), or one such module alone.
             A `Linear` without a bias gets a zero bias. BatchNorm's running statistics
             come along; whether the module is in train or eval mode does not matter
             (graphdl trains in `fit` and infers in `predict`).

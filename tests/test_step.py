@@ -409,3 +409,32 @@ def test_large_arenas_are_let_go_between_epochs_small_ones_kept():
         with torch.inference_mode():
             step.epoch(X, Y, 300, None, 0.01)
         assert bool(step._arenas) is kept
+
+
+def test_captured_epochs_update_batchnorm_and_dropout_state_as_the_plain_step(monkeypatch):
+    """The buffers' next values are written inside the captured epoch, and the masks are
+    made from the key on the device: a replay draws each step's fresh mask and moves the
+    running statistics, as the uncaptured fit does, bit for bit."""
+    def cnn() -> gd.Sequential:
+        gen = torch.Generator().manual_seed(4)
+        return gd.Sequential(gd.Reshape((1, 4, 4)), gd.Conv2d(1, 3, 3, padding=1, generator=gen), gd.BatchNorm2d(3),
+                             gd.ReLU(), gd.MaxPool2d(2), gd.Dropout(0.5, seed=2), gd.Flatten(),
+                             gd.Linear(12, 2, generator=gen))
+
+    gen = torch.Generator().manual_seed(0)
+    X, labels = torch.rand(30, 16, generator=gen), torch.randint(0, 2, (30,), generator=gen)
+    settings = dict(loss=gd.CrossEntropy(), optimizer=gd.SGD(lr=0.1, momentum=0.9), epochs=3, batch_size=8, seed=1,
+                    verbose=False)
+    plain = cnn()
+    plain_history = plain.fit(X, labels, **settings)
+    graphs = RecordedGraphs()
+    monkeypatch.setattr(step_module, "_GRAPHS", graphs)
+    captured = cnn()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # capture applies: no fallback note
+        history = captured.fit(X, labels, **settings)
+    assert (graphs.captures, graphs.replays) == (1, 3)
+    assert history["loss"] == plain_history["loss"]
+    assert float(captured.state()["5.key"]) == 12.0  # 3 epochs of 4 steps
+    for name, t in plain.state().items():
+        assert torch.equal(captured.state()[name], t), name

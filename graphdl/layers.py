@@ -171,6 +171,11 @@ class Layer:
         """The IR of the layer applied to `x`; its params come from `build.param(name)`."""
         raise NotImplementedError
 
+    def batch_error(self, rows: int, shape: Shape) -> str | None:
+        """Why the layer cannot train on a step of `rows` examples of `shape` (None: it can);
+        `fit` asks before training, for the smallest step it will take."""
+        return None
+
     def config(self) -> dict[str, Any]:
         return {"type": type(self).__name__}
 
@@ -832,6 +837,13 @@ class _BatchNorm(Layer):
     def output_shape(self, shape: Shape) -> Shape:
         self._check(tuple(shape))
         return tuple(shape)
+
+    def batch_error(self, rows: int, shape: Shape) -> str | None:
+        values = rows * math.prod(shape[1:])
+        if values > 1:
+            return None
+        return (f"would normalise 1 value per channel in a step of {rows} row: a batch's variance needs two "
+                "(PyTorch's BatchNorm refuses to train on one too)")
 
     def config(self) -> dict[str, Any]:
         return {"type": type(self).__name__, "num_features": self.num_features, "eps": self.eps,

@@ -592,3 +592,17 @@ def test_a_conv_net_follows_pytorchs_trajectory_running_statistics_included(buil
     with torch.no_grad():
         torch.testing.assert_close(model.predict(X), exact(X), **tol)
         torch.testing.assert_close(model.predict(X), twin.eval()(X), rtol=100 * tol["rtol"], atol=100 * tol["atol"])
+
+
+def test_a_step_batchnorm_cannot_train_on_is_named_before_training():
+    """A last batch of 1 row gives BatchNorm1d on [N, C] one value per channel: its variance
+    is undefined (torch raises there too), so fit names the layer and the fix first."""
+    model = gd.Sequential(gd.Linear(3, 4), gd.BatchNorm1d(4), gd.Linear(4, 1))
+    before = [t.clone() for t in model.state().values()]
+    with pytest.raises(ValueError, match=r"^layer 1 \(BatchNorm1d\(4\)\) would normalise 1 value per channel in a step "
+                                         r"of 1 row.*\(the last batch of the 21 rows\); choose a batch_size"):
+        model.fit(torch.rand(21, 3), torch.rand(21, 1), batch_size=5, verbose=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.state().values()))
+    model.fit(torch.rand(22, 3), torch.rand(22, 1), batch_size=5, verbose=False)  # a last batch of 2 trains
+    conv = gd.Sequential(gd.Reshape((1, 2, 2)), gd.BatchNorm2d(1), gd.Flatten(), gd.Linear(4, 1))
+    conv.fit(torch.rand(21, 4), torch.rand(21, 1), batch_size=5, verbose=False)  # 1 row of 4 values: fine

@@ -16,7 +16,10 @@ from .text import parse
 from .autodiff import grad
 from .compile import Compiled, compile
 from .losses import MAE, MBE, MSE, BCEWithLogits, CrossEntropy, Loss
-from .optim import SGD, Constant, CosineDecay, ExponentialDecay, Schedule, StepDecay
+from .optim import (
+    SGD, Adagrad, Adam, AdamW, Constant, CosineDecay, ExponentialDecay, LinearWarmup, OneCycle, Optimizer, PerStep,
+    RMSprop, Schedule, StepDecay,
+)
 from .layers import (
     GELU, Embedding, Flatten, Layer, LeakyReLU, Linear, ReLU, Reshape, Sigmoid, SiLU, Softmax, Standardize, Tanh,
 )
@@ -36,6 +39,7 @@ from . import distributed
 __all__ = [
     "Callback", "CSVLogger", "EarlyStopping", "LambdaCallback", "ModelCheckpoint", "ReduceLROnPlateau", "TensorBoard",
     "BCEWithLogits", "CrossEntropy", "DivergedError", "MAE", "MBE", "MSE", "SGD", "Softmax", "Standardize",
+    "Adagrad", "Adam", "AdamW", "LinearWarmup", "OneCycle", "Optimizer", "PerStep", "RMSprop",
     "Constant", "CosineDecay", "ExponentialDecay", "History",
     "Layer", "Linear", "Loss", "ReLU", "Schedule", "Sequential", "Sigmoid", "StepDecay", "Tanh", "TrainStep",
     "Embedding", "Flatten", "GELU", "LeakyReLU", "Reshape", "SiLU",

@@ -23,7 +23,7 @@ from .checks import GraphError, Shape, flag, format_shape, read_shape, whole
 from .ir import Graph, Value
 from .layers import DTYPES_BY_NAME, LAYERS, Build, Layer, same_memory
 from .losses import Loss
-from .optim import SGD, Schedule
+from .optim import Optimizer, Schedule
 from .step import NEXT
 from .train import History
 from .viz import mimebundle
@@ -337,14 +337,15 @@ class Sequential:
                 raise GraphError(f"layer {k} ({kind}): bad settings {args}: {e}") from None
         return cls(*layers, input_shape=input_shape)
 
-    def fit(self, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None = None, optimizer: SGD | None = None,
+    def fit(self, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None = None, optimizer: Optimizer | None = None,
             schedule: Schedule | None = None, epochs: int = 1, batch_size: int = 32, shuffle: bool = True,
             validation_data: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int | None = None,
             verbose: bool = True, metrics: list[str] | None = None, threads: int | None = None,
             distributed: bool = False, checkpoint: str | os.PathLike[str] | None = None,
             resume: str | os.PathLike[str] | None = None, callbacks: list[Callback] | None = None,
-            validation_split: float = 0.0) -> History:
-        """Train the model in place with minibatch SGD.
+            validation_split: float = 0.0, clip_norm: float | None = None, clip_value: float | None = None,
+            accumulate: int = 1) -> History:
+        """Train the model in place with minibatch gradient descent.
 
         Args:
             X: training inputs [N, in_features].
@@ -352,9 +353,12 @@ class Sequential:
                 model with C > 1 outputs (read as one-hot rows), 0 or 1 for one output.
             loss: a graphdl loss; default the model's `loss` (the last fit's, or the one
                 saved in its model file), else `MSE()`. `fit` records it in `model.loss`.
-            optimizer: an `SGD`; default `SGD(lr=0.01)`.
+            optimizer: a graphdl optimizer (`SGD`, `Adam`, `AdamW`, `RMSprop`, `Adagrad`, with
+                per-param `groups` if wanted); default `SGD(lr=0.01)`.
             schedule: sets the learning rate each epoch from the optimizer's base rate,
-                e.g. `CosineDecay(epochs)`; default the base rate throughout.
+                e.g. `CosineDecay(epochs)`, or each step (a schedule whose `per` is
+                "step": `LinearWarmup`, `OneCycle`, `CosineDecay(steps=...)`,
+                `PerStep(fn)`); default the base rate throughout.
             epochs: passes over the data (>= 0).
             batch_size: examples per step (>= 1); the last batch may be smaller.
             shuffle: reshuffle the examples every epoch.
@@ -377,11 +381,19 @@ class Sequential:
                 params and History one process would have. Only rank 0 prints.
             checkpoint: a file to write after every epoch (rank 0 only): the model and
                 fit's state, to continue from with `resume` (see graphdl.checkpoint).
-            resume: a checkpoint to continue from: its weights, momentum, shuffling
+            resume: a checkpoint to continue from: its weights, optimizer state, shuffling
                 state, History and epoch count; `epochs` counts the epochs it already did.
             callbacks: `gd.Callback`s called at the start and end of training and of each
                 epoch with its logs (EarlyStopping, ModelCheckpoint, ReduceLROnPlateau,
                 CSVLogger, LambdaCallback, TensorBoard); one may stop the run.
+            clip_norm: scale each update's gradients by min(1, clip_norm / (norm + 1e-6)),
+                norm their global L2 norm (PyTorch's clip_grad_norm_); None: no clipping.
+            clip_value: clamp each gradient element to [-clip_value, clip_value], before
+                clip_norm (PyTorch's clip_grad_value_); None: no clipping.
+            accumulate: batches per update (>= 1): the gradients of each group of this
+                many batches are averaged by rows, so that for a mean loss the update is
+                that of one batch of accumulate * batch_size rows (the epoch's last
+                group may be shorter). Rates and per-step schedules count updates.
 
         Returns:
             The `History`: per-epoch lists "loss", each metric, "val_loss", "val_<metric>"
@@ -394,7 +406,7 @@ class Sequential:
             self, loss=loss, optimizer=optimizer, schedule=schedule, epochs=epochs, batch_size=batch_size,
             shuffle=shuffle, validation_data=validation_data, seed=seed, verbose=verbose, metrics=metrics,
             threads=threads, distributed=distributed, checkpoint=checkpoint, resume=resume, callbacks=callbacks,
-            validation_split=validation_split)
+            validation_split=validation_split, clip_norm=clip_norm, clip_value=clip_value, accumulate=accumulate)
         self.check_input(X)
         if settings.validation_data is not None:
             self.check_input(settings.validation_data[0], "X_val")

@@ -30,7 +30,7 @@ from .metrics import METRICS as METRICS  # re-exported: gd.train.METRICS predate
 from .metrics import accuracy as accuracy  # re-exported: gd.train.accuracy and .correct predate graphdl.metrics
 from .metrics import check_metric_names, check_metrics_fit, choose_metrics, is_metric, measure
 from .metrics import correct as correct
-from .optim import SGD, Schedule, check_apart, check_updatable, checked_optimizer
+from .optim import SGD, Optimizer, Schedule, check_apart, check_updatable, checked_optimizer
 from .step import TrainStep
 
 if TYPE_CHECKING:
@@ -39,7 +39,8 @@ if TYPE_CHECKING:
 
 class History(dict):
     """Per-epoch lists: "loss", one per metric ("accuracy", "mse", ...), "val_loss" and
-    "val_<metric>" (empty without validation data), and "lr".
+    "val_<metric>" (empty without validation data), and "lr" (the epoch's rate; with a
+    per-step schedule, the rate of the epoch's first step).
 
     "loss" is the mean training loss over the epoch's batches (as the optimizer saw them);
     the metrics are measured on the whole training set at the end of the epoch. A metric
@@ -164,7 +165,7 @@ class FitSettings:
     passed on as one value. (`Sequential.fit` documents each.)"""
 
     loss: Loss
-    optimizer: SGD
+    optimizer: Optimizer
     schedule: Schedule | None
     epochs: int
     batch_size: int
@@ -179,12 +180,16 @@ class FitSettings:
     resume: str | os.PathLike[str] | None
     callbacks: tuple[Callback, ...] = ()
     validation_split: float = 0.0  # the last fraction of the rows, held out (`with_data` does it)
+    clip_norm: float | None = None  # the gradients' global L2 norm at most this (torch's clip_grad_norm_)
+    clip_value: float | None = None  # each gradient element within +-this
+    accumulate: int = 1  # batches per update
 
     @classmethod
     def check(cls, model: Sequential, *, loss: Any, optimizer: Any, schedule: Any, epochs: Any, batch_size: Any,
               shuffle: Any, validation_data: Any, seed: Any, verbose: Any, metrics: Any, threads: Any,
               distributed: Any, checkpoint: Any, resume: Any, callbacks: Any = None,
-              validation_split: Any = 0.0) -> FitSettings:
+              validation_split: Any = 0.0, clip_norm: Any = None, clip_value: Any = None,
+              accumulate: Any = 1) -> FitSettings:
         """The settings, after checking each (a ValueError naming the one that is wrong),
         before any data is looked at; defaults filled in (the model's loss, SGD())."""
         if seed is not None:  # the range torch.Generator.manual_seed takes
@@ -208,7 +213,9 @@ class FitSettings:
                    metrics=None if metrics is None else tuple(check_metric_names(metrics)),
                    threads=None if threads is None else whole("threads", threads, 1),
                    distributed=_check_distributed(distributed, "fit"), checkpoint=checkpoint, resume=resume,
-                   callbacks=check_callbacks(callbacks), validation_split=validation_split)
+                   callbacks=check_callbacks(callbacks), validation_split=validation_split,
+                   clip_norm=_clip("clip_norm", clip_norm), clip_value=_clip("clip_value", clip_value),
+                   accumulate=whole("accumulate", accumulate, 1))
 
     def with_data(self, model: Sequential, Y: torch.Tensor) -> FitSettings:
         """The settings for this data: validation targets as the model reads them, and the
@@ -239,6 +246,14 @@ def _check_validation_data(validation_data: Any) -> None:
 def _check_path(name: str, path: Any) -> None:
     if path is not None and not isinstance(path, (str, os.PathLike)):
         raise ValueError(f"{name} must be a file path or None, got {type(path).__name__}")
+
+
+def _clip(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if real(name, value, 0.0) == 0:
+        raise ValueError(f"{name} must be > 0, or None for no clipping; got {shown(value)}")
+    return float(value)
 
 
 # Threads. torch splits each op over every core by default, which costs a synchronisation
@@ -283,21 +298,28 @@ def _threads_for(model: Sequential, batch: int, threads: int | None) -> Iterator
         torch.set_num_threads(before)
 
 
-def _scheduled_lr(schedule: Schedule | None, epoch: int, base_lr: float) -> float:
+def _scheduled_lr(schedule: Schedule | None, epoch: int, base_lr: float, unit: str = "epoch") -> float:
     if schedule is None:
         return base_lr
     try:
         lr = schedule(epoch, base_lr)
     except TypeError as e:
-        raise ValueError(f"schedule {schedule!r} cannot be called as schedule(epoch, base_lr): {e}") from e
+        raise ValueError(f"schedule {schedule!r} cannot be called as schedule({unit}, base_lr): {e}") from e
     except OverflowError as e:  # float ** int overflows rather than giving inf
-        raise ValueError(f"schedule {schedule!r} overflowed computing the lr for epoch {epoch + 1} ({e}); "
+        raise ValueError(f"schedule {schedule!r} overflowed computing the lr for {unit} {epoch + 1} ({e}); "
                          "a learning rate must be a finite number >= 0") from None
     try:
         return real("lr", lr, 0.0)
     except ValueError:
-        raise ValueError(f"schedule {schedule!r} gave lr={shown(lr)} for epoch {epoch + 1}; "
+        raise ValueError(f"schedule {schedule!r} gave lr={shown(lr)} for {unit} {epoch + 1}; "
                          "a learning rate must be a finite number >= 0") from None
+
+
+def _epoch_lr(schedule: Schedule | None, epoch: int, steps: int, base_lr: float) -> float | list[float]:
+    """The epoch's rate, or for a per-step schedule (`per == "step"`) each of its steps'."""
+    if getattr(schedule, "per", "epoch") != "step":
+        return _scheduled_lr(schedule, epoch, base_lr)
+    return [_scheduled_lr(schedule, epoch * steps + k, base_lr, "step") for k in range(steps)]
 
 
 class DivergedError(FloatingPointError):
@@ -350,7 +372,8 @@ def _largest(tensors: list[torch.Tensor], device: torch.device | str = "cpu") ->
 
 
 def _replay(step: TrainStep, start: _Snapshot, feeds: Iterator[tuple[torch.Tensor, ...]],
-            batch_loss: Callable[[torch.Tensor], float], lr: float) -> tuple[int, float, bool] | None:
+            batch_loss: Callable[[torch.Tensor], float], lr: float | list[float],
+            sizes: list[int]) -> tuple[int, float, bool] | None:
     """Replay an epoch that diverged from its starting state, one checked batch at a time.
 
     Returns (batch index, its loss, whether it was its update that made params non-finite)
@@ -358,13 +381,16 @@ def _replay(step: TrainStep, start: _Snapshot, feeds: Iterator[tuple[torch.Tenso
     model is then back at the epoch's start).
     """
     start.restore()
+    step.discard_accumulated()
     before = _Snapshot(start.tensors)
-    for b, feed in enumerate(feeds):
+    update = 0
+    for b, (feed, mark) in enumerate(zip(feeds, step.marks(sizes))):
         loss = batch_loss(step.forward_backward(*feed))
         if not math.isfinite(loss):
             return b, loss, False  # the params that gave it are finite: the previous update was checked
         before.save()
-        step.apply(lr)
+        step.apply(lr[update] if isinstance(lr, list) else lr, mark)
+        update += mark[1]
         if not math.isfinite(float(_largest(step.params))):
             before.restore()
             return b, loss, True
@@ -458,7 +484,8 @@ class _Run:
     def __init__(self, model: Sequential, X: torch.Tensor, Y: torch.Tensor, settings: FitSettings) -> None:
         self.model, self.X, self.Y, self.settings = model, X, Y, settings
         s = settings
-        self.step = TrainStep(model, s.loss, s.optimizer, distributed=s.distributed)
+        self.step = TrainStep(model, s.loss, s.optimizer, distributed=s.distributed, clip_norm=s.clip_norm,
+                              clip_value=s.clip_value, accumulate=s.accumulate)
         self.batches: Batches = Sharded(len(X), s.batch_size, X, Y) if s.distributed else \
             OneProcess(len(X), s.batch_size, Y)  # Y: the loss's dtype (X may hold indices)
         self.predicting, self.scoring = _predict_fn(model), _eval_fn(model, s.loss)
@@ -474,8 +501,12 @@ class _Run:
             self.first = resumed.epoch
         model.history = self.history  # what fit has recorded so far, kept if it stops early
         self.callbacks = CallbackList(s.callbacks, model, s.optimizer, self.batches.is_main)
-        # the step binds again if they move; its state is the buffers it updates (BatchNorm's statistics)
-        self.start = _Snapshot(lambda: [*self.step.params, *self.step.state, *s.optimizer.buffers])
+        self.updates = -(-len(self.batches) // s.accumulate)  # per epoch: what a per-step schedule counts
+        if getattr(s.schedule, "per", "epoch") == "step" and s.epochs > self.first:  # its last rate, before any epoch
+            _scheduled_lr(s.schedule, s.epochs * self.updates - 1, s.optimizer.lr, "step")
+        # (called at each save: the step binds again if the tensors move; its state is the buffers it
+        # updates, BatchNorm's running statistics and Dropout's key)
+        self.start = _Snapshot(lambda: [*self.step.params, *self.step.state, *s.optimizer.state_tensors()])
 
     def _check_feeds(self) -> None:
         """Dtype and device once, with the graphs' messages, so that each epoch calls the
@@ -490,7 +521,7 @@ class _Run:
         s = self.settings
         seed = s.seed if s.seed is not None else int(torch.randint(0, 2**62, ()).item())
         agreed = _fit_settings(self.model, self.X, s, resumed)
-        seed = self.batches.common_start([*self.model.state().values(), *s.optimizer.buffers], seed, agreed)
+        seed = self.batches.common_start([*self.model.state().values(), *s.optimizer.state_tensors()], seed, agreed)
         return torch.Generator().manual_seed(seed)
 
     def epochs(self) -> History:
@@ -512,7 +543,8 @@ class _Run:
     def epoch(self, epoch: int) -> None:
         """Run one epoch, read its numbers in one sync, check them, record them."""
         s, started = self.settings, time.perf_counter()
-        lr = _scheduled_lr(s.schedule, epoch, s.optimizer.lr)
+        lr = _epoch_lr(s.schedule, epoch, self.updates, s.optimizer.lr)
+        first = lr[0] if isinstance(lr, list) else lr  # what History["lr"] records of a per-step schedule
         order = torch.randperm(len(self.X), generator=self.generator) if s.shuffle else None
         self.start.save()
         losses = self._logged(order, lr) if self.callbacks.batch_logs else \
@@ -521,26 +553,24 @@ class _Run:
         epoch_loss, largest, *values = torch.cat([v.reshape(-1).double() for v in scores.values()]).tolist()
         if not (math.isfinite(epoch_loss) and math.isfinite(largest)):
             found = _replay(self.step, self.start, self.batches.feeds(self.X, self.Y, order), self.batches.batch_loss,
-                            lr)
-            raise _diverged(found, epoch, s.epochs, len(self.batches), lr, self.history)
+                            lr, self.batches.sizes)
+            raise _diverged(found, epoch, s.epochs, len(self.batches), first, self.history)
         self.history["loss"].append(epoch_loss)
         for key, value in zip(list(scores)[1:], values, strict=True):
             self.history[key].append(value)
-        self.history["lr"].append(lr)
+        self.history["lr"].append(first)
         if s.verbose and self.batches.is_main:
             _report(epoch, s.epochs, self.history, time.perf_counter() - started)
         if s.checkpoint is not None:
             write_checkpoint(s.checkpoint, self.model, s.optimizer, epoch + 1, self.generator, self.history)
 
-    def _logged(self, order: torch.Tensor | None, lr: float) -> torch.Tensor:
-        """The epoch's steps one at a time, each batch's loss read and given to the
-        callbacks that asked for batch logs (a host sync per step)."""
-        losses = []
-        for i, feed in enumerate(self.batches.feeds(self.X, self.Y, order)):
-            (loss,) = self.step.steps([feed], lr)
-            losses.append(loss)
-            self.callbacks.batch_end(i, {"loss": self.batches.batch_loss(loss)})
-        return torch.stack(losses)
+    def _logged(self, order: torch.Tensor | None, lr: float | list[float]) -> torch.Tensor:
+        """The epoch's steps (uncaptured), each batch's loss read after its step and given
+        to the callbacks that asked for batch logs (a host sync per step)."""
+        def log(k: int, loss: torch.Tensor) -> None:
+            self.callbacks.batch_end(k, {"loss": self.batches.batch_loss(loss)})
+        feeds = self.batches.feeds(self.X, self.Y, order)
+        return torch.stack(self.step.steps(feeds, lr, self.batches.sizes, after=log))
 
     def _scores(self, losses: torch.Tensor) -> dict[str, torch.Tensor]:
         """What an epoch reads in its one host sync: {"loss": [mean loss, a number that is

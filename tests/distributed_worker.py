@@ -70,6 +70,13 @@ def binary_model(device: str = "cpu") -> gd.Sequential:
     return model.to(device)
 
 
+def adam_settings() -> dict:
+    """Adam's moments and step counts, groups, a per-step schedule, clipping and accumulation."""
+    return dict(optimizer=gd.AdamW(lr=0.02, amsgrad=True, groups=[{"params": ["0.bias"], "weight_decay": 0.0}]),
+                schedule=gd.LinearWarmup(3, then=gd.CosineDecay(steps=6)), clip_norm=0.5, accumulate=2,
+                epochs=3, batch_size=BATCH, shuffle=True, seed=7)
+
+
 def validation(device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     X, Y = data(7, device)
     return X, Y
@@ -139,6 +146,10 @@ def main() -> None:
     write()
     if args.only_train:
         return
+
+    adam = model(device)
+    history = adam.fit(X, Y, distributed=True, verbose=False, **adam_settings())
+    result["adam"] = {"params": {k: v.tolist() for k, v in adam.parameters().items()}, "history": dict(history)}
 
     diverging = model(device)
     try:

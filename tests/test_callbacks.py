@@ -274,3 +274,13 @@ def test_bad_callback_and_split_settings_are_refused_before_training(kwargs, mes
 def test_bad_callback_arguments_name_the_argument(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+def test_batch_logs_keep_accumulation_and_per_step_rates_exact():
+    X, Y = _data(23)
+    settings = {"optimizer": gd.Adam(lr=0.01), "schedule": gd.LinearWarmup(3), "accumulate": 2, "epochs": 3}
+    plain = _fit(_model(), X, Y, **settings)
+    seen = []
+    logger = gd.LambdaCallback(on_batch_end=lambda b, logs: seen.append(b))
+    logged = _fit(_model(), X, Y, **settings, callbacks=[logger])
+    assert logged == plain and seen == [0, 1, 2, 3, 4] * 3

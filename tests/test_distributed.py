@@ -116,7 +116,8 @@ def test_two_ranks_train_as_one_process(two_ranks):
         BX, BY = worker.binary_data()
         auc = worker.binary_model().evaluate(BX, BY, metrics=["auc", "precision"])
         assert 0.5 < auc["auc"] < 1 and 0 < auc["precision"] <= 1
-        assert (rank["auc"]["auc"], rank["auc"]["precision"]) == pytest.approx((auc["auc"], auc["precision"]), rel=1e-12)
+        gathered = (rank["auc"]["auc"], rank["auc"]["precision"])
+        assert gathered == pytest.approx((auc["auc"], auc["precision"]), rel=1e-12)
         _close(rank["auc"]["loss"], auc["loss"])
     # The ranks sum the same gradients, so they hold the very same bits.
     assert results[0]["params"] == results[1]["params"]
@@ -141,6 +142,23 @@ def test_ranks_keep_batchnorm_and_dropout_state_alike(two_ranks):
     assert all(math.isfinite(v) for v in ranks[0]["stateful"]["loss"])
 
 
+@pytest.mark.slow
+def test_two_ranks_train_with_adam_as_one_process(two_ranks):
+    """AdamW (AMSGrad, a group) with a warm-up schedule per step, clipping of the summed
+    gradients and accumulation over global batches: the ranks end where one process does."""
+    _, _, results = two_ranks
+    X, Y = worker.data()
+    alone = worker.model()
+    history = alone.fit(X, Y, verbose=False, **worker.adam_settings())
+    for rank in results:
+        for name, value in _params(alone).items():
+            _close(rank["adam"]["params"][name], value)
+        for key, values in history.items():
+            _close(rank["adam"]["history"][key], values)
+    assert results[0]["adam"] == results[1]["adam"]
+
+
+@pytest.mark.slow
 def test_only_rank_0_prints_and_writes(two_ranks):
     out, runs, _ = two_ranks
     assert [line.split(" - ")[0] for line in runs[0][1].splitlines()] == [f"Epoch {e}/4" for e in range(1, 5)]

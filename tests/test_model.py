@@ -46,7 +46,8 @@ def test_model_file_dtypes_are_checked_by_name():
 
 @pytest.mark.parametrize("method, names", [
     ("fit", ["X", "Y", "loss", "optimizer", "schedule", "epochs", "batch_size", "shuffle", "validation_data", "seed",
-             "verbose", "metrics", "threads", "distributed", "checkpoint", "resume", "callbacks", "validation_split"]),
+             "verbose", "metrics", "threads", "distributed", "checkpoint", "resume", "callbacks", "validation_split",
+             "clip_norm", "clip_value", "accumulate"]),
     ("predict", ["X", "threads", "distributed"]),
     ("evaluate", ["X", "Y", "loss", "metrics", "threads", "distributed"]),
 ])

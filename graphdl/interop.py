@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from . import layers
-from .checks import DTYPE_NAMES, GraphError
+from .checks import FLOAT_DTYPES, GraphError
 from .layers import Layer, Linear
 
 
@@ -33,8 +33,9 @@ class TorchLayer:
     module: type[torch.nn.Module]
     layer: type[Layer]
     to_layer: Callable[[Any, str], Layer]  # (module, where) -> layer
-    to_module: Callable[[Any], torch.nn.Module]  # layer -> module
+    to_module: Callable[..., torch.nn.Module]  # layer -> module; with `shaped`, (layer, its input's shape) -> module
     params: tuple[tuple[str, str], ...] = ()  # (graphdl name, torch name)
+    shaped: bool = False  # to_module needs the shape of one example coming in
 
 
 def _owned(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -44,7 +45,7 @@ def _owned(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
 
 def _linear_from_torch(m: torch.nn.Linear, where: str) -> Linear:
     w = m.weight
-    if w.dtype not in DTYPE_NAMES:
+    if w.dtype not in FLOAT_DTYPES.values():
         raise GraphError(f"{where}: weight dtype {w.dtype} is not one graphdl holds; "
                          f"convert the module first, e.g. module.float()")
     out_features, in_features = w.shape
@@ -69,16 +70,62 @@ def _linear_to_torch(layer: Linear) -> torch.nn.Linear:
 
 
 def _softmax_from_torch(m: torch.nn.Softmax, where: str) -> Layer:
-    # A graphdl model's activations are [N, features], so dim 1 (or -1, or torch's
-    # legacy None, which means 1 for 2-d input) is the feature axis graphdl's Softmax uses.
-    if m.dim not in (None, 1, -1):
+    # torch's legacy dim=None means dim 1 for rows [N, features], the rows graphdl's Softmax()
+    # normalises; an explicit dim is kept, so that examples of more dims are normalised where torch does.
+    if m.dim == 0:
         raise GraphError(f"{where}: Softmax(dim={m.dim}) normalises across the batch; graphdl's Softmax "
-                         "normalises each row (dim=1 or -1)")
-    return layers.Softmax()
+                         "normalises each example (dim=1 or more, or -1)")
+    return _settings(where, lambda: layers.Softmax() if m.dim in (None, -1) else layers.Softmax(m.dim))
+
+
+def _settings(where: str, make: Callable[[], Layer]) -> Layer:
+    """The layer `make` builds from a module's settings, a GraphError naming the module if it refuses them."""
+    try:
+        return make()
+    except ValueError as e:
+        raise GraphError(f"{where}: {e}") from None
+
+
+def _embedding_from_torch(m: torch.nn.Embedding, where: str) -> Layer:
+    w = m.weight
+    if w.dtype not in FLOAT_DTYPES.values():
+        raise GraphError(f"{where}: weight dtype {w.dtype} is not one graphdl holds; convert the module first, "
+                         "e.g. module.float()")
+    unlike = [f"{name}={value!r}" for name, value, default in (
+        ("padding_idx", m.padding_idx, None), ("max_norm", m.max_norm, None),
+        ("scale_grad_by_freq", m.scale_grad_by_freq, False), ("sparse", m.sparse, False)) if value != default]
+    if unlike:
+        raise GraphError(f"{where}: {', '.join(unlike)} changes how torch's Embedding computes or trains, which "
+                         "graphdl's Embedding does not do; build the module without it")
+    layer = layers.Embedding(m.num_embeddings, m.embedding_dim, generator=torch.Generator(), dtype=w.dtype)
+    layer.weight = _owned(w).to(w.device)  # the same layout on both sides: [num_embeddings, embedding_dim]
+    return layer
+
+
+def _embedding_to_torch(layer: layers.Embedding) -> torch.nn.Embedding:
+    module = torch.nn.Embedding(layer.num_embeddings, layer.embedding_dim, device="meta", dtype=layer.weight.dtype)
+    module.weight = torch.nn.Parameter(_owned(layer.weight))
+    return module
+
+
+def _unflatten_from_torch(m: torch.nn.Unflatten, where: str) -> Layer:
+    # graphdl's Reshape shapes the whole of each example: what Unflatten(1, sizes) does to rows
+    # [N, features] (a model with examples of more dims refuses it where it is added).
+    if m.dim != 1 or not isinstance(m.unflattened_size, (tuple, list)):
+        raise GraphError(f"{where}: Unflatten(dim={m.dim}) is not supported; graphdl's Reshape unflattens rows "
+                         "(dim=1) into the shape of each example")
+    return _settings(where, lambda: layers.Reshape(tuple(m.unflattened_size)))
+
+
+def _reshape_to_torch(layer: layers.Reshape, shape: tuple) -> torch.nn.Module:
+    """Unflatten(1, the example's shape) of rows; examples of more dims are flattened first."""
+    out = layer.output_shape(shape)
+    unflatten = torch.nn.Unflatten(1, out)
+    return unflatten if len(shape) == 1 else torch.nn.Sequential(torch.nn.Flatten(), unflatten)
 
 
 def _floating(t: torch.Tensor, where: str) -> torch.dtype:
-    if t.dtype not in DTYPE_NAMES:
+    if t.dtype not in FLOAT_DTYPES.values():
         raise GraphError(f"{where}: weight dtype {t.dtype} is not one graphdl holds; "
                          f"convert the module first, e.g. module.float()")
     return t.dtype
@@ -193,17 +240,6 @@ def _dropout_from_torch(m: torch.nn.Dropout, where: str) -> Layer:
     return layers.Dropout(m.p, seed=seed)
 
 
-def _unflatten_from_torch(m: torch.nn.Unflatten, where: str) -> Layer:
-    if m.dim not in (1, -1):
-        raise _refuse(where, f"dim={m.dim}", "unflatten dim 1, the features of rows [N, features]")
-    return layers.Reshape(tuple(m.unflattened_size))
-
-
-def _reshape_to_torch(layer: layers.Reshape) -> torch.nn.Module:
-    # graphdl's Reshape reshapes each whole example, whatever its rank: flattened first.
-    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Unflatten(1, layer.shape))
-
-
 def _simple(module: type[torch.nn.Module], layer: type[Layer]) -> TorchLayer:
     """A row for a parameter-free activation: the same function on both sides."""
     return TorchLayer(module, layer, lambda m, where: layer(), lambda layer: module())
@@ -214,7 +250,19 @@ TORCH_LAYERS: list[TorchLayer] = [
     _simple(torch.nn.ReLU, layers.ReLU),
     _simple(torch.nn.Tanh, layers.Tanh),
     _simple(torch.nn.Sigmoid, layers.Sigmoid),
-    TorchLayer(torch.nn.Softmax, layers.Softmax, _softmax_from_torch, lambda layer: torch.nn.Softmax(dim=-1)),
+    TorchLayer(torch.nn.Softmax, layers.Softmax, _softmax_from_torch, lambda layer: torch.nn.Softmax(dim=layer.dim)),
+    TorchLayer(torch.nn.GELU, layers.GELU, lambda m, where: _settings(where, lambda: layers.GELU(m.approximate)),
+               lambda layer: torch.nn.GELU(approximate=layer.approximate)),
+    TorchLayer(torch.nn.LeakyReLU, layers.LeakyReLU,
+               lambda m, where: _settings(where, lambda: layers.LeakyReLU(m.negative_slope)),
+               lambda layer: torch.nn.LeakyReLU(layer.negative_slope)),
+    _simple(torch.nn.SiLU, layers.SiLU),
+    TorchLayer(torch.nn.Flatten, layers.Flatten,
+               lambda m, where: _settings(where, lambda: layers.Flatten(m.start_dim, m.end_dim)),
+               lambda layer: torch.nn.Flatten(layer.start_dim, layer.end_dim)),
+    TorchLayer(torch.nn.Unflatten, layers.Reshape, _unflatten_from_torch, _reshape_to_torch, shaped=True),
+    TorchLayer(torch.nn.Embedding, layers.Embedding, _embedding_from_torch, _embedding_to_torch,
+               (("weight", "weight"),)),
     *(TorchLayer(module, layer, _conv_from_torch, _conv_to_torch, (("weight", "weight"), ("bias", "bias")))
       for module, layer in ((torch.nn.Conv1d, layers.Conv1d), (torch.nn.Conv2d, layers.Conv2d))),
     *(TorchLayer(module, layer, _pool_from_torch, _pool_to_torch)
@@ -225,9 +273,6 @@ TORCH_LAYERS: list[TorchLayer] = [
     TorchLayer(torch.nn.LayerNorm, layers.LayerNorm, _layer_norm_from_torch, _layer_norm_to_torch,
                (("weight", "weight"), ("bias", "bias"))),
     TorchLayer(torch.nn.Dropout, layers.Dropout, _dropout_from_torch, lambda layer: torch.nn.Dropout(layer.p)),
-    TorchLayer(torch.nn.Flatten, layers.Flatten, lambda m, where: layers.Flatten(m.start_dim, m.end_dim),
-               lambda layer: torch.nn.Flatten(layer.start_dim, layer.end_dim)),
-    TorchLayer(torch.nn.Unflatten, layers.Reshape, _unflatten_from_torch, _reshape_to_torch),
 ]
 
 
@@ -238,10 +283,10 @@ def torch_layers(module: torch.nn.Module) -> list[tuple[str, Layer]]:
 
     Args:
         module: an `nn.Sequential` (nested ones are flattened) of the modules in
-            `TORCH_LAYERS` (`Linear`, `ReLU`, `Tanh`, `Sigmoid`, `Softmax`, `Conv1d`,
+            `TORCH_LAYERS` (`Linear`, `ReLU`, `Tanh`, `Sigmoid`, `Softmax`, `GELU`,
+            `LeakyReLU`, `SiLU`, `Flatten`, `Unflatten` of rows, `Embedding`, `Conv1d`,
             `Conv2d`, `MaxPool2d`, `AvgPool2d`, `BatchNorm1d`, `BatchNorm2d`,
-            `LayerNorm`, `Dropout`, `Flatten`, `Unflatten` of rows) and `Identity`
-            (dropped), or one such module alone.
+            `LayerNorm`, `Dropout`) and `Identity` (dropped), or one such module alone.
             A `Linear` without a bias gets a zero bias. BatchNorm's running statistics
             come along; whether the module is in train or eval mode does not matter
             (graphdl trains in `fit` and infers in `predict`).
@@ -314,12 +359,15 @@ def to_torch(model: Any) -> torch.nn.Sequential:
     modules = []
     owners = model.owners()
     made: dict[str, torch.nn.Parameter] = {}  # a graphdl param's name -> the torch parameter made for it
+    shapes: list[tuple] = []  # of one example into each layer, worked out if a layer needs them
     for k, layer in enumerate(model.layers):
         row = by_type.get(type(layer))
         if row is None:
             known = ", ".join(row.layer.__name__ for row in TORCH_LAYERS)
             raise GraphError(f"to_torch: layer {k} ({layer!r}) has no torch module; the layers that map are {known}")
-        module = row.to_module(layer)
+        if row.shaped and not shapes:
+            shapes = _example_shapes(model)
+        module = row.to_module(layer, shapes[k]) if row.shaped else row.to_module(layer)
         for name, torch_name in row.params:  # a tied tensor becomes one shared torch parameter
             owner = owners.get(f"{k}.{name}")
             if owner is None:
@@ -330,6 +378,16 @@ def to_torch(model: Any) -> torch.nn.Sequential:
                 made[owner] = getattr(module, torch_name)
         modules.append(module)
     return torch.nn.Sequential(*modules)
+
+
+def _example_shapes(model: Any) -> list[tuple]:
+    """The shape of one example coming into each layer of the model."""
+    shape = model.input_shape
+    shapes = []
+    for layer in model.layers:
+        shapes.append(shape)
+        shape = layer.output_shape(shape)
+    return shapes
 
 
 def _flatten(module: torch.nn.Module, prefix: str) -> Iterator[tuple[str, torch.nn.Module]]:

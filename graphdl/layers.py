@@ -313,10 +313,30 @@ class Sigmoid(Layer):
 
 class Softmax(Layer):
     """exp(x) / sum(exp(x)) over the features: rows of class probabilities. Train a
-    classifier on its logits with gd.CrossEntropy(), then add Softmax to output probabilities."""
+    classifier on its logits with gd.CrossEntropy(), then add Softmax to output probabilities.
+
+    `dim` is the dim normalised, as torch's: the last by default; counted with the batch
+    dim as 0, which it cannot be."""
+
+    def __init__(self, dim: int = -1) -> None:
+        self.dim = _dim("dim", dim)
+        if self.dim == 0:
+            raise ValueError("dim=0 would normalise across the batch; use dim=1 or more, or -1 (the last)")
+
+    def output_shape(self, shape: Shape) -> Shape:
+        if not -len(shape) - 1 < self.dim <= len(shape):
+            raise GraphError(f"dim={self.dim} is not a dim of the examples' shape {format_shape(shape)} (the "
+                             f"batch dim is 0, the examples' from 1 to {len(shape)})")
+        return tuple(shape)
 
     def forward(self, build: Build, x: Value) -> Value:
-        return softmax(x)
+        return softmax(x) if self.dim == -1 else softmax(x, axis=self.dim)
+
+    def config(self) -> dict[str, Any]:
+        return {"type": "Softmax"} if self.dim == -1 else {"type": "Softmax", "dim": self.dim}
+
+    def __repr__(self) -> str:
+        return "Softmax()" if self.dim == -1 else f"Softmax(dim={self.dim})"
 
 
 class GELU(Layer):

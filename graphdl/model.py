@@ -74,7 +74,8 @@ class Sequential:
                        f"{format_shape(shape)}: {error}")
         if self._input_shape is None and any(not (lay.keeps_shape or lay.in_features) for lay in self.layers):
             message += (f"\n  hint: the model takes examples of shape {format_shape(self.input_shape)}, as its layers "
-                        "declare; if they have another shape, give it: gd.Sequential(..., input_shape=(...))")
+                        "declare; if they have another shape, give it as input_shape= (to gd.Sequential or "
+                        "gd.from_torch)")
         return GraphError(message)
 
     def _shape_so_far(self) -> tuple[Shape | None, int]:
@@ -369,7 +370,7 @@ class Sequential:
             verbose: print one line per epoch.
             metrics: what to measure after each epoch, from "accuracy", "precision",
                 "recall", "f1", "auc", "top_k_accuracy" (k=2; "top_5_accuracy"...), "mse",
-                "mae", "r2", each as scikit-learn computes it (see graphdl.metrics);
+                "mae", "r2", as scikit-learn computes them (graphdl.metrics says where not);
                 default ["accuracy"] when Y holds class labels (0/1, one-hot rows, or
                 probability rows with CrossEntropy), else none.
             threads: torch CPU threads while training; default one when a batch is small

@@ -153,6 +153,120 @@ def _cross_entropy(e: Emitter, a: list[str], n: Any) -> str:
     return e("Neg", e.reduce("ReduceMean", per_row, 1, None, keepdims=False))
 
 
+# -- beyond two dims: shapes, indexing, activations -------------------------------------------
+
+
+def _sizes(e: Emitter, ref: str, ref_value: Value, shape: Sequence[int | str]) -> str:
+    """An int64 shape tensor for `shape`, whose symbolic dims are those of `ref_value`
+    (named `ref`), read from its Shape at run time: -1 for the one symbol where that is
+    exact, else the dims gathered."""
+    symbols = [d for d in shape if isinstance(d, str)]
+    static = math.prod(d for d in shape if isinstance(d, int))
+    if len(symbols) <= 1 and static > 0:
+        return e.ints([-1 if isinstance(d, str) else d for d in shape])
+    dims = e("Shape", ref)
+    parts = [e("Gather", dims, e.ints([ref_value.shape.index(d)])) if isinstance(d, str) else e.ints([d])
+             for d in shape]
+    return e("Concat", *parts, axis=0) if len(parts) > 1 else parts[0]
+
+
+def _reshape_to(e: Emitter, x: str, x_value: Value, shape: Sequence[int | str]) -> str:
+    if 0 in shape:  # Reshape reads a 0 as "copy the input's dim" unless allowzero (opset 14)
+        if e.opset < 14:
+            raise GraphError(f"export_onnx: reshaping to {list(shape)}, with a 0 dim, needs opset 14 or later")
+        return e("Reshape", x, _sizes(e, x, x_value, shape), allowzero=1)
+    return e("Reshape", x, _sizes(e, x, x_value, shape))
+
+
+def _slice(e: Emitter, a: list[str], n: Any) -> str:
+    at = n.attrs
+    return e("Slice", a[0], e.ints([at["start"]]), e.ints([at["stop"]]), e.ints([at["axis"]]), e.ints([at["step"]]))
+
+
+def _pad(e: Emitter, x: str, ndim: int, axis: int, before: int, after: int, dtype: torch.dtype) -> str:
+    pads = [0] * (2 * ndim)
+    pads[axis], pads[ndim + axis] = before, after
+    return e("Pad", x, e.ints(pads), e.scalar(0.0, dtype))
+
+
+def _unslice(e: Emitter, a: list[str], n: Any) -> str:
+    """g put back along the axis: spread out by `step` (each element then step - 1 zeros),
+    padded to `start` before and to `size` after."""
+    (g,), at = n.inputs, n.attrs
+    axis, step, size, length = at["axis"], at["step"], at["size"], g.shape[at["axis"]]
+    src, span = a[0], length
+    if step > 1 and length:
+        spread = _pad(e, e("Unsqueeze", src, e.ints([axis + 1])), g.ndim + 1, axis + 1, 0, step - 1, g.dtype)
+        span = length * step
+        src = _reshape_to(e, spread, g, [*g.shape[:axis], span, *g.shape[axis + 1:]])
+    after = size - at["start"] - span
+    src = _pad(e, src, g.ndim, axis, at["start"], max(after, 0), g.dtype)
+    return e("Slice", src, e.ints([0]), e.ints([size]), e.ints([axis])) if after < 0 else src
+
+
+def _index_add(e: Emitter, a: list[str], n: Any) -> str:
+    """ScatterElements adding src at the indices, each index spread over src's other dims."""
+    x, index, src = n.inputs
+    axis = n.attrs["axis"]
+    if e.opset < 16:
+        raise GraphError("export_onnx: index_add is a ScatterElements with reduction='add', which needs opset 16 "
+                         "or later")
+    values = a[2] if index.ndim == 1 else e("Reshape", a[2], _flat_sizes(e, a[0], x, axis, a[1]))
+    along = e("Reshape", a[1], e.ints([-1 if i == axis else 1 for i in range(x.ndim)]))
+    indices = e("Expand", along, e("Shape", values))
+    return e("ScatterElements", a[0], indices, values, axis=axis, reduction="add")
+
+
+def _flat_sizes(e: Emitter, x: str, x_value: Value, axis: int, index: str) -> str:
+    """x's shape with the axis dim replaced by the number of indices."""
+    count = e("Size", index)
+    pieces = [*(e("Gather", e("Shape", x), e.ints([i])) if isinstance(d, str) else e.ints([d])
+                for i, d in enumerate(x_value.shape[:axis])),
+              e("Reshape", count, e.ints([1])),
+              *(e("Gather", e("Shape", x), e.ints([axis + 1 + i])) if isinstance(d, str) else e.ints([d])
+                for i, d in enumerate(x_value.shape[axis + 1:]))]
+    return e("Concat", *pieces, axis=0)
+
+
+_SQRT_HALF, _SQRT_2_OVER_PI, _INV_SQRT_2PI, _CUBIC = math.sqrt(0.5), math.sqrt(2 / math.pi), \
+    1 / math.sqrt(2 * math.pi), 0.044715
+
+
+def _erf(e: Emitter, x: str, dtype: torch.dtype) -> str:
+    """Erf, computed in float32 for float64 and bfloat16, which onnxruntime (1.23) has no Erf
+    for: an absolute error under 1e-7, within float64's tolerance for gelu."""
+    if dtype in (torch.float32, torch.float16):
+        return e("Erf", x)
+    return e("Cast", e("Erf", e("Cast", x, to=ELEM_TYPE["f32"])), to=ELEM_TYPE[dtype_name(dtype)])
+
+
+def _cdf_terms(e: Emitter, x: str, n: Any, approximate: str) -> tuple[str, str]:
+    """(Phi(x), or its tanh form's 0.5 (1 + t); and the rest of gelu' beside it)."""
+    dtype = n.out.dtype
+    c = lambda v: e.scalar(v, dtype)  # noqa: E731
+    if approximate == "none":
+        phi = e("Mul", c(0.5), e("Add", c(1.0), _erf(e, e("Mul", x, c(_SQRT_HALF)), dtype)))
+        density = e("Mul", c(_INV_SQRT_2PI), e("Exp", e("Mul", c(-0.5), e("Mul", x, x))))
+        return phi, e("Mul", x, density)
+    x3 = e("Mul", e("Mul", x, x), x)
+    t = e("Tanh", e("Mul", c(_SQRT_2_OVER_PI), e("Add", x, e("Mul", c(_CUBIC), x3))))
+    half = e("Mul", c(0.5), e("Add", c(1.0), t))
+    du = e("Mul", c(_SQRT_2_OVER_PI), e("Add", c(1.0), e("Mul", c(3 * _CUBIC), e("Mul", x, x))))
+    rest = e("Mul", e("Mul", c(0.5), x), e("Mul", e("Sub", c(1.0), e("Mul", t, t)), du))
+    return half, rest
+
+
+def _gelu(e: Emitter, a: list[str], n: Any) -> str:
+    if e.opset >= 20 and n.out.dtype in (torch.float32, torch.float16):  # the runtime's Gelu types
+        return e("Gelu", a[0], approximate=n.attrs["approximate"])
+    return e("Mul", a[0], _cdf_terms(e, a[0], n, n.attrs["approximate"])[0])
+
+
+def _gelu_backward(e: Emitter, a: list[str], n: Any) -> str:
+    phi, rest = _cdf_terms(e, a[1], n, n.attrs["approximate"])
+    return e("Mul", a[0], e("Add", phi, rest))
+
+
 def _collective(e: Emitter, a: list[str], n: Any) -> str:
     raise GraphError(f"export_onnx: {n.op.name} (created at {n.where}) sums a value over the ranks of a "
                      "data-parallel job, which ONNX has no op for; export the model, or the gradient graph "
@@ -179,6 +293,18 @@ EXPORT: dict[str, ExportRow] = {
     "log_softmax": lambda e, a, n: e("LogSoftmax", a[0], axis=n.attrs.get("axis", -1)),
     "bce_with_logits": _bce_with_logits,
     "cross_entropy": _cross_entropy,
+    "reshape": lambda e, a, n: _reshape_to(e, a[0], n.inputs[0], n.attrs["shape"]),
+    "flatten": lambda e, a, n: _reshape_to(e, a[0], n.inputs[0], n.out.shape),
+    "permute": lambda e, a, n: e("Transpose", a[0], perm=list(n.attrs["dims"])),
+    "concat": lambda e, a, n: e("Concat", *a, axis=n.attrs["axis"]),
+    "slice": _slice,
+    "unslice": _unslice,
+    "index_select": lambda e, a, n: e("Gather", *a, axis=n.attrs["axis"]),
+    "index_add": _index_add,
+    "gelu": _gelu,
+    "gelu_backward": _gelu_backward,
+    "leaky_relu": lambda e, a, n: e("LeakyRelu", a[0], alpha=n.attrs["negative_slope"]),
+    "silu": lambda e, a, n: e("Mul", a[0], e("Sigmoid", a[0])),
     # Fused ops, so that a compiled (optimised) graph exports as well.
     "addmm": lambda e, a, n: e("Gemm", a[1], a[2], a[0]),
     "matmul_tn": lambda e, a, n: e("Gemm", *a, transA=1),

@@ -225,9 +225,9 @@ class FitSettings:
             validation = (validation[0], _class_targets(model, validation[1], " (validation)"))
             _check_data(model, *validation, what=" (validation)")
         metrics = self.metrics if self.metrics is not None else tuple(choose_metrics(None, Y, self.loss))
-        check_metrics_fit(list(metrics), Y)
+        check_metrics_fit(list(metrics), Y, "Y", self.loss.decision)
         if validation is not None:
-            check_metrics_fit(list(metrics), validation[1], "the validation targets")
+            check_metrics_fit(list(metrics), validation[1], "the validation targets", self.loss.decision)
         keys = ["loss", *metrics, *(["val_loss", *(f"val_{m}" for m in metrics)] if validation is not None else []),
                 "lr"]
         for c in self.callbacks:
@@ -626,7 +626,7 @@ def evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | N
     Y = _class_targets(model, Y)
     _check_data(model, X, Y)
     metrics = choose_metrics(metrics, Y, loss)
-    check_metrics_fit(metrics, Y)
+    check_metrics_fit(metrics, Y, "Y", loss.decision)
     with _threads_for(model, len(X), threads):
         return _evaluate(model, X, Y, loss, metrics, distributed)
 

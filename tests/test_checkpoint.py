@@ -213,6 +213,26 @@ def test_a_version_1_checkpoint_of_sgd_still_resumes(tmp_path):
         old.fit(X, Y, epochs=3, resume=path, **dict(settings, optimizer=gd.Adam()))
 
 
+def test_a_model_of_indices_resumes_exactly(tmp_path):
+    """An Embedding of sequences (i64 inputs, input_shape from the file's IR) checkpoints and resumes."""
+    def model() -> gd.Sequential:
+        return gd.Sequential(gd.Embedding(10, 4, torch.Generator().manual_seed(1)), gd.Flatten(), gd.GELU(),
+                             gd.Linear(8, 2, torch.Generator().manual_seed(2)), input_shape=(2,))
+
+    gen = torch.Generator().manual_seed(0)
+    X, Y = torch.randint(0, 10, (20, 2), generator=gen), torch.randint(0, 2, (20,), generator=gen)
+    def settings() -> dict:
+        return {"loss": gd.CrossEntropy(), "optimizer": gd.SGD(lr=0.5, momentum=0.9), "seed": 1, "verbose": False}
+
+    whole = model()
+    whole.fit(X, Y, epochs=4, **settings())
+    model().fit(X, Y, epochs=2, checkpoint=tmp_path / "c.gdl", **settings())
+    resumed = gd.load(tmp_path / "c.gdl")
+    resumed.fit(X, Y, epochs=4, resume=tmp_path / "c.gdl", **settings())
+    assert resumed.history["loss"] == whole.history["loss"]
+    assert all(torch.equal(a, b) for a, b in zip(resumed.state().values(), whole.state().values(), strict=True))
+
+
 def test_a_net_with_dropout_and_batchnorm_resumes_exactly(tmp_path):
     """Dropout's key and BatchNorm's running statistics are model state: the checkpoint
     holds them, so the resumed run draws the very masks the plain run draws and ends

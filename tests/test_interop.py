@@ -182,6 +182,84 @@ def test_a_module_used_twice_in_torch_is_one_tensor_in_graphdl():
     torch.testing.assert_close(back.predict(X), net(X).detach())
 
 
+# -- beyond two dims: Embedding, Flatten, Unflatten and the new activations ---------------------------
+
+
+def _sequence_torch(dtype: torch.dtype) -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Embedding(11, 4), torch.nn.Flatten(), torch.nn.GELU(), torch.nn.Linear(12, 6),
+                               torch.nn.LeakyReLU(0.2), torch.nn.Linear(6, 8), torch.nn.SiLU(),
+                               torch.nn.Unflatten(1, (2, 4)), torch.nn.GELU(approximate="tanh"),
+                               torch.nn.Flatten(), torch.nn.Linear(8, 2)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_layers_beyond_2d_go_both_ways_keeping_the_numbers(dtype):
+    net = _sequence_torch(dtype)
+    model = gd.from_torch(net, input_shape=(3,))
+    assert [type(layer).__name__ for layer in model.layers] == [
+        "Embedding", "Flatten", "GELU", "Linear", "LeakyReLU", "Linear", "SiLU", "Reshape", "GELU", "Flatten", "Linear"]
+    assert model.layers[4].negative_slope == 0.2 and model.layers[8].approximate == "tanh"
+    assert torch.equal(model.parameters()["0.weight"], net[0].weight)  # the same layout: [num, dim]
+    assert model.parameters()["0.weight"].data_ptr() != net[0].weight.data_ptr()  # a copy
+    back = model.to_torch()
+    assert [type(m).__name__ for m in back] == [type(m).__name__ for m in net]
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {}
+    with torch.no_grad():
+        for n in (1, 7, 64):
+            X = torch.randint(0, 11, (n, 3), generator=torch.Generator().manual_seed(n))
+            torch.testing.assert_close(model.predict(X), net(X), **tol)
+            torch.testing.assert_close(back(X), net(X), rtol=0, atol=0)
+    assert torch.equal(back[0].weight, net[0].weight) and back[0].weight.requires_grad
+
+
+def test_a_reshape_of_examples_beyond_rows_goes_to_torch_flattened_first():
+    model = gd.Sequential(gd.Reshape((4, -1)), gd.Tanh(), input_shape=(2, 2, 2))
+    back = model.to_torch()
+    assert [type(m).__name__ for m in back[0]] == ["Flatten", "Unflatten"] and back[0][1].unflattened_size == (4, 2)
+    X = torch.rand(3, 2, 2, 2)
+    torch.testing.assert_close(back(X), model.predict(X))
+    again = gd.from_torch(back, input_shape=(2, 2, 2))
+    torch.testing.assert_close(again.predict(X), model.predict(X))
+
+
+@pytest.mark.parametrize("module, message", [
+    (torch.nn.Embedding(5, 2, padding_idx=0), r"module 0 \(Embedding\(5, 2, padding_idx=0\)\): padding_idx=0 "
+                                              r"changes how torch's Embedding computes or trains"),
+    (torch.nn.Embedding(5, 2, max_norm=1.0), r"max_norm=1.0 changes how"),
+    (torch.nn.Flatten(0), r"module 0 \(Flatten\(start_dim=0, end_dim=-1\)\): start_dim=0 would merge the batch dim"),
+    (torch.nn.Unflatten(2, (2, 2)), r"Unflatten\(dim=2\) is not supported; graphdl's Reshape unflattens rows"),
+])
+def test_torch_settings_graphdl_cannot_follow_are_refused_naming_the_module(module, message):
+    with pytest.raises(gd.GraphError, match=message):
+        gd.from_torch(torch.nn.Sequential(module), input_shape=(4,))
+
+
+def test_an_embedding_of_sequences_needs_the_input_shape_from_torch():
+    net = torch.nn.Sequential(torch.nn.Embedding(5, 2), torch.nn.Flatten(), torch.nn.Linear(6, 1))
+    with pytest.raises(gd.GraphError, match=r"(?s)module 2 \(Linear.*takes 6 features but layer 0 "
+                                            r"\(Embedding\(5, 2\)\) gives 2.*give it as input_shape= \(to "
+                                            r"gd.Sequential or gd.from_torch\)"):
+        gd.from_torch(net)
+    assert gd.from_torch(net, input_shape=(3,)).output_shape == (1,)
+
+
+def test_a_softmax_over_a_dim_of_examples_beyond_rows_keeps_torchs_dim():
+    """torch's Softmax(dim=1) of [N, L, C] normalises L: graphdl's keeps that dim, not the last."""
+    net = torch.nn.Sequential(torch.nn.Unflatten(1, (3, 4)), torch.nn.Softmax(dim=1))
+    model = gd.from_torch(net, input_shape=(12,))
+    assert repr(model.layers[1]) == "Softmax(dim=1)" and model.layers[1].config() == {"type": "Softmax", "dim": 1}
+    X = torch.randn(5, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(model.predict(X), net(X))
+        torch.testing.assert_close(model.to_torch()(X), net(X))
+    with pytest.raises(gd.GraphError, match=r"layer 1 \(Softmax\(dim=3\)\) cannot take .*: dim=3 is not a dim of "
+                                            r"the examples' shape \[3,4\]"):
+        gd.Sequential(gd.Reshape((3, 4)), gd.Softmax(dim=3))
+    with pytest.raises(ValueError, match="dim=0 would normalise across the batch"):
+        gd.Softmax(0)
+
+
 # -- nets beyond two dims ---------------------------------------------------------------------
 
 

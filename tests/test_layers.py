@@ -249,7 +249,7 @@ def test_a_linear_layer_maps_the_last_dim_of_any_rank():
      r"\[6\]: reshape %0\(x: f32\[N,6\]\): cannot reshape \[N,6\] to shape \(None, 4, -1\): 6 is not a multiple"),
     ([gd.Embedding(10, 4), gd.Flatten(), gd.Linear(12, 2)], None,
      r"(?s)layer 2 \(Linear\(12, 2\)\) takes 12 features but layer 0 \(Embedding\(10, 4\)\) gives 4.*hint: the model "
-     r"takes examples of shape \[\], as its layers declare; if they have another shape, give it"),
+     r"takes examples of shape \[\], as its layers declare; if they have another shape, give it as input_shape="),
     ([gd.Linear(3, 2)], (4,), r"layer 0 \(Linear\(3, 2\)\) takes 3 features but the model's input is 4; make layer 0 "
                               r"Linear\(4, \.\.\.\) or change input_shape"),
     ([gd.Flatten(end_dim=2), gd.Linear(6, 2)], (2, 3, 4),

@@ -266,6 +266,13 @@ CASES_BEYOND_2D = [
          "away"),
     Case("silu", gd.silu, lambda x: _aten.silu(x), [(3, 4)]),
     Case("silu", gd.silu, lambda x: _aten.silu(x), [(2, 1, 3, 2)]),
+    # reductions and broadcasting, which were rank-general already, at ranks 3 and 4
+    Case("sum", lambda x: gd.sum(x, axis=(1, 3)), lambda x: x.sum((1, 3)), [(2, 3, 2, 2)]),
+    Case("mean", lambda x: gd.mean(x, axis=(0, 2), keepdims=True), lambda x: x.mean((0, 2), keepdim=True),
+         [(2, 3, 4)]),
+    Case("add", gd.add, torch.add, [(2, 1, 3, 2), (3, 1)]),
+    Case("mul", gd.mul, torch.mul, [(2, 3, 1), (1, 3, 4)]),
+    Case("softmax", lambda x: gd.softmax(x, axis=1), lambda x: torch.softmax(x, 1), [(2, 3, 2, 2)]),
 ]
 CASES += CASES_BEYOND_2D
 
@@ -865,6 +872,19 @@ def test_reductions_and_broadcasting_at_rank_3_and_4(rank):
     torch.testing.assert_close(got[0], want.detach())
     for a, e in zip(got[1:], torch.autograd.grad(want, [xs, bs]), strict=True):
         torch.testing.assert_close(a, e)
+
+
+def test_integer_indices_move_through_the_shape_ops_and_stay_i64():
+    g = gd.Graph("g")
+    i = g.input("i", (None, 2, 3), torch.int64)
+    moved = gd.concat(gd.slice(gd.permute(i, (0, 2, 1)), 1, 1), gd.reshape(gd.slice(i, 2, 0, 2), (None, 2, 2)), axis=1)
+    table = g.param("t", torch.arange(12.0).reshape(6, 2))
+    g.output(moved, gd.index_select(table, moved, axis=0))
+    assert moved.dtype == torch.int64 and moved.shape == ("N", 4, 2)
+    ids = torch.randint(0, 6, (3, 2, 3), generator=torch.Generator().manual_seed(0))
+    want = torch.cat([ids.permute(0, 2, 1)[:, 1:], ids[:, :, 0:2].reshape(3, 2, 2)], 1)
+    got, rows = gd.compile(g)(i=ids)
+    assert torch.equal(got, want) and torch.equal(rows, table.data[want])
 
 
 # -- convolution, pooling, normalisation and dropout: what is wrong and how to fix it ---------

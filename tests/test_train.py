@@ -169,7 +169,8 @@ def test_metrics_are_counted_exactly_whatever_the_dtype():
     the count is exact."""
     pred = torch.cat([torch.ones(1501, 1), torch.zeros(1500, 1)]).half()
     assert gd.train.accuracy(pred, torch.ones(3001, 1).half()) == 1501 / 3001
-    total, count = gd.train.METRICS["mse"].stats(pred, torch.zeros(3001, 1).half(), "threshold")  # a sum, a count
+    zeros = torch.zeros(3001, 1).half()
+    total, count = gd.train.METRICS["mse"].stats(pred, zeros, "threshold", zeros[:1])  # a sum, a count
     assert (total.dtype, float(total), float(count)) == (torch.float64, 1501.0, 3001.0)
 
 
@@ -492,6 +493,83 @@ def test_an_epoch_whose_replay_stays_finite_is_rolled_back_whole(monkeypatch):
     names(str(err.value), "diverged in epoch 2/5", "the batch is unknown", "params from the start of that epoch")
     assert err.value.batch is None and err.value.history.epochs == 1
     assert all(torch.equal(v, before[k]) for k, v in model.parameters().items())
+
+
+# -- beyond two dims: a net of an Embedding, Flatten, Reshape and the new activations -----------------
+
+
+def _sequence_model(dtype: torch.dtype) -> tuple[gd.Sequential, torch.nn.Sequential]:
+    """The net in graphdl and its torch twin by hand (not through to_torch), with the same weights."""
+    gen = torch.Generator().manual_seed(4)
+    model = gd.Sequential(gd.Embedding(13, 4, gen, dtype), gd.Flatten(), gd.GELU(), gd.Linear(12, 8, gen, dtype),
+                          gd.LeakyReLU(0.1), gd.Linear(8, 8, gen, dtype), gd.SiLU(), gd.Reshape((2, 4)),
+                          gd.GELU(approximate="tanh"), gd.Flatten(), gd.Linear(8, 3, gen, dtype), input_shape=(3,))
+    nn = torch.nn
+    twin = nn.Sequential(nn.Embedding(13, 4), nn.Flatten(), nn.GELU(), nn.Linear(12, 8), nn.LeakyReLU(0.1),
+                         nn.Linear(8, 8), nn.SiLU(), nn.Unflatten(1, (2, 4)), nn.GELU(approximate="tanh"), nn.Flatten(),
+                         nn.Linear(8, 3)).to(dtype)
+    with torch.no_grad():
+        twin[0].weight.copy_(model.layers[0].weight)
+        for k in (3, 5, 10):
+            twin[k].weight.copy_(model.layers[k].weight.T)
+            twin[k].bias.copy_(model.layers[k].bias)
+    return model, twin
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_net_beyond_2d_follows_torch_in_training(dtype):
+    """Same weights, same batches (a partial one last), SGD with momentum and weight decay,
+    CrossEntropy on class labels: the same losses epoch by epoch and the same weights at the end."""
+    model, twin = _sequence_model(dtype)
+    gen = torch.Generator().manual_seed(5)
+    X, labels = torch.randint(0, 13, (30, 3), generator=gen), torch.randint(0, 3, (30,), generator=gen)
+    history = model.fit(X, labels, loss=gd.CrossEntropy(), optimizer=gd.SGD(lr=0.1, momentum=0.9, weight_decay=0.01),
+                        epochs=4, batch_size=7, shuffle=False, verbose=False)
+    opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    expected = []
+    for _ in range(4):
+        total = 0.0
+        for s in range(0, 30, 7):
+            opt.zero_grad()
+            value = torch.nn.functional.cross_entropy(twin(X[s:s + 7]), labels[s:s + 7])
+            value.backward()
+            opt.step()
+            total += value.item() * len(X[s:s + 7])
+        expected.append(total / 30)
+    tol = {"rel": 1e-12} if dtype == torch.float64 else {"rel": 1e-5, "abs": 1e-6}
+    assert history["loss"] == pytest.approx(expected, **tol)
+    assert history["loss"][-1] < history["loss"][0]  # it learns
+    close = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(model.layers[0].weight, twin[0].weight.detach(), **close)
+    for k in (3, 5, 10):
+        torch.testing.assert_close(model.layers[k].weight, twin[k].weight.detach().T, **close)
+        torch.testing.assert_close(model.layers[k].bias, twin[k].bias.detach(), **close)
+    with torch.no_grad():
+        torch.testing.assert_close(model.predict(X), twin(X), **close)
+
+
+def test_fit_checks_examples_of_any_rank_against_the_models_input():
+    model, _ = _sequence_model(torch.float32)
+    Y = torch.rand(4, 3)
+    names(_value_error(lambda: model.fit(torch.zeros(4, 3, 1).long(), Y, verbose=False)),
+          r"X must be 2-d \[examples, features\], got shape \[4, 3, 1\]")
+    names(_value_error(lambda: model.fit(torch.zeros(4, 5).long(), Y, verbose=False)),
+          "X has 5 features but the model takes 3")
+    images = gd.Sequential(gd.Flatten(), gd.Linear(12, 1), input_shape=(3, 4))
+    names(_value_error(lambda: images.fit(torch.rand(4, 12), torch.rand(4, 1), verbose=False)),
+          r"X must be 3-d \[examples, 3, 4\], got shape \[4, 12\]")
+    names(_value_error(lambda: images.fit(torch.rand(4, 4, 3), torch.rand(4, 1), verbose=False)),
+          r"X holds examples of shape \[4, 3\] but the model takes \[3, 4\]")
+    bad = torch.rand(4, 3, 4)
+    bad[2, 1, 3] = float("nan")
+    names(_value_error(lambda: images.fit(bad, torch.rand(4, 1), verbose=False)),
+          r"X has NaN or inf values, first at X\[2, 1, 3\] = nan")
+
+
+def _value_error(call) -> str:
+    with pytest.raises(ValueError) as err:
+        call()
+    return str(err.value)
 
 
 # -- nets beyond two dims: convolution, pooling, BatchNorm and Dropout against PyTorch -------

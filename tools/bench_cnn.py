@@ -29,19 +29,12 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import graphdl as gd  # noqa: E402
-from graphdl.interop import TORCH_LAYERS  # noqa: E402
 
 
 def cnn(gen: torch.Generator) -> gd.Sequential:
     return gd.Sequential(
         gd.Reshape((1, 8, 8)), gd.Conv2d(1, 16, 3, padding=1, generator=gen), gd.BatchNorm2d(16), gd.ReLU(),
         gd.MaxPool2d(2), gd.Dropout(0.25, generator=gen), gd.Flatten(), gd.Linear(256, 10, generator=gen))
-
-
-def twin(model: gd.Sequential) -> torch.nn.Sequential:
-    """The same net in torch.nn, with copies of its weights."""
-    rows = {row.layer: row for row in TORCH_LAYERS}
-    return torch.nn.Sequential(*(rows[type(layer)].to_module(layer) for layer in model.layers))
 
 
 def main() -> None:
@@ -59,7 +52,7 @@ def main() -> None:
     labels = torch.randint(0, 10, (n,), generator=gen)
     Y = torch.nn.functional.one_hot(labels, 10).float().to(device)
     model = cnn(gen).to(device)
-    net = twin(model).to(device)
+    net = model.to_torch().to(device)  # the same net in torch.nn, with copies of its weights
     step = gd.TrainStep(model, gd.CrossEntropy(), gd.SGD(lr=0.01, momentum=0.9))
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
     labels = labels.to(device)

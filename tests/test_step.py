@@ -390,6 +390,33 @@ def test_cuda_train_step_captures_once_and_replays():
 
 
 @needs_cuda
+def test_cuda_captured_cnn_matches_uncaptured_with_its_state(monkeypatch):
+    """A CNN with BatchNorm and Dropout on the GPU: the captured epochs draw each step's
+    mask from the key on the device and move the running statistics, as uncaptured ones do
+    (and as on the CPU: the mask is the same hash on every device)."""
+    gen = torch.Generator().manual_seed(0)
+    X, labels = torch.rand(200, 64, generator=gen), torch.randint(0, 10, (200,), generator=gen)
+    runs = {}
+    for device, captured in (("cuda", True), ("cuda", False), ("cpu", False)):
+        monkeypatch.setenv("GRAPHDL_CUDA_GRAPHS", "1" if captured else "0")
+        torch.manual_seed(1)
+        model = gd.Sequential(gd.Reshape((1, 8, 8)), gd.Conv2d(1, 8, 3, padding=1), gd.BatchNorm2d(8), gd.ReLU(),
+                              gd.MaxPool2d(2), gd.Dropout(0.25), gd.Flatten(), gd.Linear(128, 10)).to(device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback note
+            history = model.fit(X.to(device), labels.to(device), loss=gd.CrossEntropy(),
+                                optimizer=gd.SGD(lr=0.05, momentum=0.9), epochs=3, batch_size=32, seed=0,
+                                verbose=False)
+        runs[(device, captured)] = history["loss"], {k: t.cpu() for k, t in model.state().items()}
+    (la, sa), (lb, sb), (lc, sc) = runs[("cuda", True)], runs[("cuda", False)], runs[("cpu", False)]
+    assert la == pytest.approx(lb, rel=1e-4) and lb == pytest.approx(lc, rel=1e-3)
+    assert float(sa["5.key"]) == float(sb["5.key"]) == float(sc["5.key"]) == 21.0  # 3 epochs of 7 steps
+    for name in sa:
+        torch.testing.assert_close(sa[name], sb[name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(sb[name], sc[name], rtol=1e-3, atol=1e-4)
+
+
+@needs_cuda
 def test_cuda_fit_of_a_model_without_trainable_params_reads_its_epoch():
     """No params: the largest-magnitude check is a CPU 0 that must join the epoch's CUDA numbers."""
     X, Y = disk_data(n=100, device="cuda")

@@ -11,6 +11,7 @@ from .ops import (
     mbe, mean, mse, mul, neg, relu, sigmoid, sign, softmax, sub, sum, sum_to, tanh, transpose, zeros_like,
     concat, flatten, gelu, index_add, index_select, leaky_relu, permute, reshape, silu, slice, split, unslice,
 )
+from .ops import avg_pool2d, batch_norm, conv1d, conv2d, dropout_mask, layer_norm, max_pool2d, rsqrt, var
 from .text import parse
 from .autodiff import grad
 from .compile import Compiled, compile
@@ -22,6 +23,7 @@ from .optim import (
 from .layers import (
     GELU, Embedding, Flatten, Layer, LeakyReLU, Linear, ReLU, Reshape, Sigmoid, SiLU, Softmax, Standardize, Tanh,
 )
+from .layers import AvgPool2d, BatchNorm1d, BatchNorm2d, Conv1d, Conv2d, Dropout, LayerNorm, MaxPool2d
 from .step import TrainStep
 from .callbacks import (
     Callback, CSVLogger, EarlyStopping, LambdaCallback, ModelCheckpoint, ReduceLROnPlateau, TensorBoard,
@@ -49,4 +51,6 @@ __all__ = [
     "sign", "sub", "sum", "sum_to", "tanh", "to_dot", "transpose", "zeros_like",
     "concat", "flatten", "gelu", "index_add", "index_select", "leaky_relu", "permute", "reshape", "silu", "slice",
     "split", "unslice",
+    "AvgPool2d", "BatchNorm1d", "BatchNorm2d", "Conv1d", "Conv2d", "Dropout", "LayerNorm", "MaxPool2d",
+    "avg_pool2d", "batch_norm", "conv1d", "conv2d", "dropout_mask", "layer_norm", "max_pool2d", "rsqrt", "var",
 ]

@@ -11,6 +11,7 @@ torch.nn is only used here to read and build modules; graphdl never runs them.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -123,6 +124,122 @@ def _reshape_to_torch(layer: layers.Reshape, shape: tuple) -> torch.nn.Module:
     return unflatten if len(shape) == 1 else torch.nn.Sequential(torch.nn.Flatten(), unflatten)
 
 
+def _floating(t: torch.Tensor, where: str) -> torch.dtype:
+    if t.dtype not in FLOAT_DTYPES.values():
+        raise GraphError(f"{where}: weight dtype {t.dtype} is not one graphdl holds; "
+                         f"convert the module first, e.g. module.float()")
+    return t.dtype
+
+
+def _refuse(where: str, what: str, fix: str) -> GraphError:
+    return GraphError(f"from_torch: {where}: {what}, which graphdl's layer does not have; {fix}")
+
+
+def _conv_padding(m: torch.nn.Module, where: str) -> tuple[int, ...]:
+    """torch's padding as numbers: "valid" is none, "same" (stride 1) half the dilated kernel."""
+    if m.padding == "valid":
+        return (0,) * len(m.kernel_size)
+    if m.padding == "same":
+        spans = [d * (k - 1) for d, k in zip(m.dilation, m.kernel_size)]
+        if any(s % 2 for s in spans):
+            raise _refuse(where, "padding='same' with an even kernel pads one side more than the other",
+                          "use an odd kernel size or explicit padding")
+        return tuple(s // 2 for s in spans)
+    return tuple(m.padding)
+
+
+def _conv_from_torch(m: torch.nn.Conv1d | torch.nn.Conv2d, where: str) -> Layer:
+    dtype = _floating(m.weight, where)
+    if m.padding_mode != "zeros":
+        raise _refuse(where, f"padding_mode={m.padding_mode!r}", "use padding_mode='zeros'")
+    layer_type = layers.Conv1d if isinstance(m, torch.nn.Conv1d) else layers.Conv2d
+    layer = layer_type(m.in_channels, m.out_channels, m.kernel_size, stride=m.stride, padding=_conv_padding(m, where),
+                       dilation=m.dilation, groups=m.groups, bias=m.bias is not None, generator=torch.Generator(),
+                       dtype=dtype)
+    layer.weight = _owned(m.weight).to(m.weight.device)
+    if m.bias is not None:
+        layer.bias = _owned(m.bias, dtype)
+    return layer
+
+
+def _conv_to_torch(layer: layers.Conv1d | layers.Conv2d) -> torch.nn.Module:
+    module_type = torch.nn.Conv1d if isinstance(layer, layers.Conv1d) else torch.nn.Conv2d
+    w = layer.weight
+    module = module_type(layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
+                         padding=layer.padding, dilation=layer.dilation, groups=layer.groups, bias=layer.has_bias,
+                         device="meta", dtype=w.dtype)
+    module.weight = torch.nn.Parameter(_owned(w))
+    if layer.has_bias:
+        module.bias = torch.nn.Parameter(_owned(layer.bias))
+    return module
+
+
+def _pool_from_torch(m: torch.nn.MaxPool2d | torch.nn.AvgPool2d, where: str) -> Layer:
+    if m.ceil_mode:
+        raise _refuse(where, "ceil_mode=True", "use ceil_mode=False (pad the input instead)")
+    if isinstance(m, torch.nn.MaxPool2d):
+        if m.return_indices or m.dilation not in (1, (1, 1)):
+            raise _refuse(where, "dilation or return_indices", "use a MaxPool2d without them")
+        return layers.MaxPool2d(m.kernel_size, m.stride, m.padding)
+    if m.divisor_override is not None:
+        raise _refuse(where, "divisor_override", "leave it None")
+    return layers.AvgPool2d(m.kernel_size, m.stride, m.padding, count_include_pad=m.count_include_pad)
+
+
+def _pool_to_torch(layer: layers.MaxPool2d | layers.AvgPool2d) -> torch.nn.Module:
+    if isinstance(layer, layers.MaxPool2d):
+        return torch.nn.MaxPool2d(layer.kernel_size, layer.stride, layer.padding)
+    return torch.nn.AvgPool2d(layer.kernel_size, layer.stride, layer.padding,
+                              count_include_pad=layer.count_include_pad)
+
+
+def _batch_norm_from_torch(m: torch.nn.BatchNorm1d | torch.nn.BatchNorm2d, where: str) -> Layer:
+    if not m.affine or not m.track_running_stats or m.momentum is None:
+        raise _refuse(where, "affine=False, track_running_stats=False or momentum=None",
+                      "use affine=True, track_running_stats=True and a momentum")
+    dtype = _floating(m.weight, where)
+    layer_type = layers.BatchNorm1d if isinstance(m, torch.nn.BatchNorm1d) else layers.BatchNorm2d
+    layer = layer_type(m.num_features, eps=m.eps, momentum=m.momentum, dtype=dtype)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        setattr(layer, name, _owned(getattr(m, name), dtype).to(m.weight.device))
+    return layer
+
+
+def _batch_norm_to_torch(layer: layers.BatchNorm1d | layers.BatchNorm2d) -> torch.nn.Module:
+    module_type = torch.nn.BatchNorm1d if isinstance(layer, layers.BatchNorm1d) else torch.nn.BatchNorm2d
+    w = layer.weight
+    module = module_type(layer.num_features, eps=layer.eps, momentum=layer.momentum, device=w.device, dtype=w.dtype)
+    module.weight = torch.nn.Parameter(_owned(w))
+    module.bias = torch.nn.Parameter(_owned(layer.bias))
+    module.running_mean.copy_(layer.running_mean)
+    module.running_var.copy_(layer.running_var)
+    return module
+
+
+def _layer_norm_from_torch(m: torch.nn.LayerNorm, where: str) -> Layer:
+    if not m.elementwise_affine or m.bias is None:
+        raise _refuse(where, "no elementwise affine weight or no bias", "use elementwise_affine=True, bias=True")
+    dtype = _floating(m.weight, where)
+    layer = layers.LayerNorm(m.normalized_shape, eps=m.eps, dtype=dtype)
+    layer.weight, layer.bias = _owned(m.weight).to(m.weight.device), _owned(m.bias, dtype)
+    return layer
+
+
+def _layer_norm_to_torch(layer: layers.LayerNorm) -> torch.nn.Module:
+    w = layer.weight
+    module = torch.nn.LayerNorm(layer.normalized_shape, eps=layer.eps, device="meta", dtype=w.dtype)
+    module.weight = torch.nn.Parameter(_owned(w))
+    module.bias = torch.nn.Parameter(_owned(layer.bias))
+    return module
+
+
+def _dropout_from_torch(m: torch.nn.Dropout, where: str) -> Layer:
+    # The seed comes from the module's place, not torch's global RNG (converting must not
+    # advance it): one model's Dropouts draw different masks, and converting again the same.
+    seed = int.from_bytes(hashlib.blake2b(where.encode(), digest_size=8).digest(), "little") % 2**63
+    return layers.Dropout(m.p, seed=seed)
+
+
 def _simple(module: type[torch.nn.Module], layer: type[Layer]) -> TorchLayer:
     """A row for a parameter-free activation: the same function on both sides."""
     return TorchLayer(module, layer, lambda m, where: layer(), lambda layer: module())
@@ -146,6 +263,16 @@ TORCH_LAYERS: list[TorchLayer] = [
     TorchLayer(torch.nn.Unflatten, layers.Reshape, _unflatten_from_torch, _reshape_to_torch, shaped=True),
     TorchLayer(torch.nn.Embedding, layers.Embedding, _embedding_from_torch, _embedding_to_torch,
                (("weight", "weight"),)),
+    *(TorchLayer(module, layer, _conv_from_torch, _conv_to_torch, (("weight", "weight"), ("bias", "bias")))
+      for module, layer in ((torch.nn.Conv1d, layers.Conv1d), (torch.nn.Conv2d, layers.Conv2d))),
+    *(TorchLayer(module, layer, _pool_from_torch, _pool_to_torch)
+      for module, layer in ((torch.nn.MaxPool2d, layers.MaxPool2d), (torch.nn.AvgPool2d, layers.AvgPool2d))),
+    *(TorchLayer(module, layer, _batch_norm_from_torch, _batch_norm_to_torch,
+                 (("weight", "weight"), ("bias", "bias")))
+      for module, layer in ((torch.nn.BatchNorm1d, layers.BatchNorm1d), (torch.nn.BatchNorm2d, layers.BatchNorm2d))),
+    TorchLayer(torch.nn.LayerNorm, layers.LayerNorm, _layer_norm_from_torch, _layer_norm_to_torch,
+               (("weight", "weight"), ("bias", "bias"))),
+    TorchLayer(torch.nn.Dropout, layers.Dropout, _dropout_from_torch, lambda layer: torch.nn.Dropout(layer.p)),
 ]
 
 
@@ -157,9 +284,12 @@ def torch_layers(module: torch.nn.Module) -> list[tuple[str, Layer]]:
     Args:
         module: an `nn.Sequential` (nested ones are flattened) of the modules in
             `TORCH_LAYERS` (`Linear`, `ReLU`, `Tanh`, `Sigmoid`, `Softmax`, `GELU`,
-            `LeakyReLU`, `SiLU`, `Flatten`, `Unflatten` of rows, `Embedding`) and
-            `Identity` (dropped), or one such module alone. A `Linear`
-            without a bias gets a zero bias.
+            `LeakyReLU`, `SiLU`, `Flatten`, `Unflatten` of rows, `Embedding`, `Conv1d`,
+            `Conv2d`, `MaxPool2d`, `AvgPool2d`, `BatchNorm1d`, `BatchNorm2d`,
+            `LayerNorm`, `Dropout`) and `Identity` (dropped), or one such module alone.
+            A `Linear` without a bias gets a zero bias. BatchNorm's running statistics
+            come along; whether the module is in train or eval mode does not matter
+            (graphdl trains in `fit` and infers in `predict`).
 
     Returns:
         The layers. Their weights are graphdl-owned contiguous copies in the module's

@@ -19,11 +19,12 @@ import torch
 
 from . import distributed, interop, io, train
 from .callbacks import Callback
-from .checks import GraphError, Shape, format_shape, read_shape, whole
-from .ir import Graph
+from .checks import GraphError, Shape, flag, format_shape, read_shape, whole
+from .ir import Graph, Value
 from .layers import DTYPES_BY_NAME, LAYERS, Build, Layer, same_memory
 from .losses import Loss
 from .optim import Optimizer, Schedule
+from .step import NEXT
 from .train import History
 from .viz import mimebundle
 
@@ -206,9 +207,16 @@ class Sequential:
         owners = self.owners(places)
         return {name: t for name, _, _, _, t in places if owners[name] == name}
 
-    def graph(self, loss: Loss | None = None, name: str = "sequential", prediction: bool = False) -> Graph:
+    def graph(self, loss: Loss | None = None, name: str = "sequential", prediction: bool = False,
+              training: bool = False) -> Graph:
         """The IR of the forward pass (output: the prediction), or of the loss with `loss`
-        (then `prediction=True` returns the prediction too, as a second output)."""
+        (then `prediction=True` returns the prediction too, as a second output).
+
+        `training=True` builds the graph in training mode, the one `fit` differentiates:
+        Dropout drops and BatchNorm uses the batch's statistics, and after the outputs
+        above come the next values of the buffers the layers update (BatchNorm's running
+        statistics, Dropout's key), each labelled "next/{name}" (see graphdl.step).
+        Without it, the graph is in inference mode, as `predict` and `evaluate` run it."""
         places = self.places()
         owners = self.owners(places)
         slots = {name: layer.slot(short) for name, layer, short, _, _ in places}
@@ -219,19 +227,22 @@ class Sequential:
         g.stale = lambda: None if tuple(self.layers) == layers else \
             "its model's layers have changed since (a layer was replaced, added or removed); build it again"
         h = x
+        updates: dict[str, Value] = {}
         for k, layer in enumerate(layers):
             with g.scope(f"{k}:{type(layer).__name__}"):
-                h = layer.forward(Build(g, f"{k}.", owners, slots), h)
+                h = layer.forward(Build(g, f"{k}.", owners, slots, flag("training", training), updates), h)
         if loss is None:
             g.output(h)
-            return g
-        if not isinstance(loss, Loss):
-            raise GraphError(f"loss must be a graphdl loss such as gd.MSE(), got {loss!r}")
-        y = g.input("y", loss.target_shape(h.shape), self.dtype())
-        with g.scope("loss"):
-            g.output(loss(h, y))
-        if prediction:
-            g.output(h)
+        else:
+            if not isinstance(loss, Loss):
+                raise GraphError(f"loss must be a graphdl loss such as gd.MSE(), got {loss!r}")
+            y = g.input("y", loss.target_shape(h.shape), self.dtype())
+            with g.scope("loss"):
+                g.output(loss(h, y))
+            if prediction:
+                g.output(h)
+        for buffer, value in updates.items():
+            g.output(value, label=NEXT + buffer)
         return g
 
     def binding(self) -> tuple[tuple, tuple]:
@@ -282,9 +293,13 @@ class Sequential:
                                  f"assign a tensor of shape {list(expected)}, or build a layer of the new size")
 
     def dtype(self) -> torch.dtype:
-        """The dtype of the model's tensors (its first tensor's; float32 with none): its inputs' dtype."""
-        params = list(self.state().values())
-        return params[0].dtype if params else torch.float32
+        """The dtype of the model's tensors (its first tensor's, of those in the model's dtype, not
+        Dropout's f64 key; float32 with none): its inputs' dtype."""
+        owners = self.owners()
+        for name, layer, short, _, t in self.places():
+            if owners[name] == name and getattr(type(layer), short).model_dtype:
+                return t.dtype
+        return torch.float32
 
     def to(self, device: torch.device | str) -> Sequential:
         """Move the params to `device` (compiled functions are rebuilt on next use)."""

@@ -54,6 +54,17 @@ class Emitter:
             self("Identity", name)
             self.nodes[-1].output[0] = self.nodes[-1].name = self.result
 
+    def pair(self, op_type: str, *inputs: str, **attrs: Any) -> tuple[str, str]:
+        """A node of two outputs (MaxPool's values and indices): their names."""
+        self._count += 1
+        out = f"{self.result}.{self._count}"
+        self.nodes.append(self.helper.make_node(op_type, list(inputs), [out, f"{out}i"], name=out,
+                                                doc_string=self._doc, **attrs))
+        return out, f"{out}i"
+
+    def int64(self, value: int) -> str:
+        return self("Constant", value=self.helper.make_tensor("", INT64, [], [value]))
+
     def scalar(self, value: float, dtype: torch.dtype) -> str:
         tensor = self.helper.make_tensor("", ELEM_TYPE[dtype_name(dtype)], [], [value])
         return self("Constant", value=tensor)
@@ -306,6 +317,176 @@ EXPORT: dict[str, ExportRow] = {
     # Collectives (graphdl.distributed): refused, saying why.
     "allreduce_start": _collective, "allreduce_wait": _collective, "unpack": _collective,
 }
+
+
+# -- convolution, pooling, normalisation, dropout (graphdl.ops.conv, .normalization, .random) --
+
+
+def _spread(value: int | tuple[int, ...], d: int) -> list[int]:
+    return [value] * d if isinstance(value, int) else list(value)
+
+
+def _conv_attrs(n: Any, w: Value) -> dict[str, Any]:
+    d = w.ndim - 2
+    a = n.attrs
+    return {"kernel_shape": list(w.shape[2:]), "strides": _spread(a["stride"], d),
+            "pads": _spread(a["padding"], d) * 2, "dilations": _spread(a["dilation"], d), "group": a["groups"]}
+
+
+def _conv(e: Emitter, a: list[str], n: Any) -> str:
+    return e("Conv", *a, **_conv_attrs(n, n.inputs[1]))
+
+
+def _output_padding(x: Value, g: Value, kernel: Sequence[int], attrs: dict[str, Any]) -> list[int]:
+    """What ConvTranspose must add at the end of each spatial dim to give x's size: the
+    elements a strided window never reached."""
+    return [size - ((out - 1) * s - 2 * p + dl * (k - 1) + 1)
+            for size, out, k, s, p, dl in zip(x.shape[2:], g.shape[2:], kernel, attrs["strides"], attrs["pads"],
+                                              attrs["dilations"])]
+
+
+def _conv_backward_input(e: Emitter, a: list[str], n: Any) -> str:
+    g, x, w = n.inputs
+    attrs = _conv_attrs(n, w)
+    return e("ConvTranspose", a[0], a[2], output_padding=_output_padding(x, g, w.shape[2:], attrs), **attrs)
+
+
+def _conv_backward_weight(e: Emitter, a: list[str], n: Any) -> str:
+    # gw[o, i, k] = sum over n, l of g[n, o, l] * x_padded[n, i, l*stride + k*dilation]: a
+    # convolution of x's channels (as a batch) with g's (as kernels), over the batch as
+    # channels, its stride the dilation and its dilation the stride; one per group.
+    g, x, w = n.inputs
+    d = w.ndim - 2
+    attrs = _conv_attrs(n, w)
+    groups, swap = attrs["group"], [1, 0, *range(2, d + 2)]
+    xt, gt = e("Transpose", a[1], perm=swap), e("Transpose", a[0], perm=swap)
+    per_in, per_out = x.shape[1] // groups, w.shape[0] // groups
+    parts = []
+    for k in range(groups):
+        xs = e("Slice", xt, e.ints([k * per_in]), e.ints([(k + 1) * per_in]), e.ints([0])) if groups > 1 else xt
+        gs = e("Slice", gt, e.ints([k * per_out]), e.ints([(k + 1) * per_out]), e.ints([0])) if groups > 1 else gt
+        full = e("Conv", xs, gs, strides=attrs["dilations"], dilations=attrs["strides"], pads=attrs["pads"],
+                 kernel_shape=list(g.shape[2:]))
+        parts.append(e("Transpose", full, perm=swap))
+    both = e("Concat", *parts, axis=0) if groups > 1 else parts[0]
+    return e("Slice", both, e.ints([0] * d), e.ints(list(w.shape[2:])), e.ints(list(range(2, d + 2))))
+
+
+def _pool_attrs(n: Any) -> dict[str, Any]:
+    a = n.attrs
+    kernel = _spread(a["kernel_size"], 2)
+    return {"kernel_shape": kernel, "strides": kernel if a["stride"] is None else _spread(a["stride"], 2),
+            "pads": _spread(a["padding"], 2) * 2}
+
+
+def _flat(e: Emitter, x: str) -> str:
+    return e("Reshape", x, e.ints([-1]))
+
+
+def _needs_opset(e: Emitter, n: Any, opset: int, what: str) -> None:
+    if e.opset < opset:
+        raise GraphError(f"export_onnx: {n.op.name} (created at {n.where}) needs {what}, from ONNX opset {opset}; "
+                         f"export with opset={opset} or later")
+
+
+def _max_pool_backward(e: Emitter, a: list[str], n: Any) -> str:
+    # MaxPool's indices count over the whole [N, C, H, W] tensor: g is added in at them.
+    _needs_opset(e, n, 16, "ScatterElements' reduction='add'")
+    _, indices = e.pair("MaxPool", a[1], **_pool_attrs(n))
+    zeros = _flat(e, e("Expand", e.scalar(0.0, n.out.dtype), e("Shape", a[1])))
+    summed = e("ScatterElements", zeros, _flat(e, indices), _flat(e, a[0]), axis=0, reduction="add")
+    return e("Reshape", summed, e("Shape", a[1]))
+
+
+def _max_pool_select(e: Emitter, a: list[str], n: Any) -> str:
+    _, indices = e.pair("MaxPool", a[1], **_pool_attrs(n))
+    return e("Gather", _flat(e, a[0]), indices, axis=0)
+
+
+def _avg_pool(e: Emitter, a: list[str], n: Any) -> str:
+    return e("AveragePool", a[0], count_include_pad=int(n.attrs["count_include_pad"]), **_pool_attrs(n))
+
+
+def _avg_pool_backward(e: Emitter, a: list[str], n: Any) -> str:
+    # Each window's share of g (divided by what the pool divided by), spread over the
+    # window by a transposed convolution of every plane with a kernel of ones.
+    g, x = n.inputs
+    attrs = _pool_attrs(n)
+    kernel = attrs["kernel_shape"]
+    if n.attrs["count_include_pad"]:
+        divisor = e.scalar(float(math.prod(kernel)), n.out.dtype)
+    else:  # how many real elements each window holds
+        ones = e("Expand", e.scalar(1.0, n.out.dtype), e("Shape", a[1]))
+        divisor = e("Mul", e("AveragePool", ones, count_include_pad=1, **attrs),
+                    e.scalar(float(math.prod(kernel)), n.out.dtype))
+    planes = e("Reshape", e("Div", a[0], divisor), e.ints([-1, 1, *g.shape[2:]]))
+    ones_kernel = e("Expand", e.scalar(1.0, n.out.dtype), e.ints([1, 1, *kernel]))
+    conv = {"strides": attrs["strides"], "pads": attrs["pads"], "dilations": [1, 1]}
+    spread = e("ConvTranspose", planes, ones_kernel, kernel_shape=kernel,
+               output_padding=_output_padding(x, g, kernel, conv), **conv)
+    return e("Reshape", spread, e("Shape", a[1]))
+
+
+def _var(e: Emitter, a: list[str], n: Any) -> str:
+    (x,) = n.inputs
+    axes = tuple(range(x.ndim)) if n.attrs["axis"] is None else n.attrs["axis"]
+    centred = e("Sub", a[0], e.reduce("ReduceMean", a[0], x.ndim, axes, keepdims=True))
+    squares = e.reduce("ReduceSum", e("Mul", centred, centred), x.ndim, axes, n.attrs["keepdims"])
+    count = e("Sub", e.count(a[0], x, axes), e.scalar(float(n.attrs["correction"]), x.dtype))
+    return e("Div", squares, count)
+
+
+def _layer_norm(e: Emitter, a: list[str], n: Any) -> str:
+    x, w, _ = n.inputs
+    eps = n.attrs["eps"]
+    if e.opset >= 17:
+        return e("LayerNormalization", *a, axis=-w.ndim, epsilon=eps)
+    axes = tuple(range(x.ndim - w.ndim, x.ndim))
+    centred = e("Sub", a[0], e.reduce("ReduceMean", a[0], x.ndim, axes, keepdims=True))
+    variance = e.reduce("ReduceMean", e("Mul", centred, centred), x.ndim, axes, keepdims=True)
+    std = e("Sqrt", e("Add", variance, e.scalar(eps, x.dtype)))
+    return e("Add", e("Mul", e("Div", centred, std), a[1]), a[2])
+
+
+def _dropout_mask(e: Emitter, a: list[str], n: Any) -> str:
+    """graphdl.ops.random's splitmix64 hash, bit for bit: int64 arithmetic that wraps, and
+    logical right shifts as unsigned shifts."""
+    from .ops.random import _GOLDEN, _MIX1, _MIX2, _int64, keep_threshold
+    _needs_opset(e, n, 18, "the bitwise ops its hash is made of")
+    uint64, int64 = 13, INT64
+
+    def shifted(z: str, bits: int) -> str:
+        unsigned = e("Cast", z, to=uint64)
+        amount = e("Constant", value=e.helper.make_tensor("", uint64, [], [bits]))
+        return e("Cast", e("BitShift", unsigned, amount, direction="RIGHT"), to=int64)
+
+    def mix(z: str) -> str:
+        z = e("Mul", e("BitwiseXor", z, shifted(z, 30)), e.int64(_MIX1))
+        z = e("Mul", e("BitwiseXor", z, shifted(z, 27)), e.int64(_MIX2))
+        return e("BitwiseXor", z, shifted(z, 31))
+
+    p, seed = n.attrs["p"], n.attrs["seed"]
+    stream = mix(e("Add", e("Mul", e("Cast", a[0], to=int64), e.int64(_GOLDEN)), e.int64(_int64(seed % 2**64))))
+    count = e("ReduceProd", e("Shape", a[1]), keepdims=0)
+    places = e("Range", e.int64(1), e("Add", count, e.int64(1)), e.int64(1))
+    bits = e("BitwiseAnd", mix(e("Add", e("Mul", places, e.int64(_GOLDEN)), stream)), e.int64((1 << 24) - 1))
+    kept = e("Cast", e("GreaterOrEqual", bits, e.int64(keep_threshold(p))), to=ELEM_TYPE[dtype_name(n.out.dtype)])
+    scaled = e("Mul", kept, e.scalar(0.0 if p == 1 else 1.0 / (1.0 - p), n.out.dtype))
+    return e("Reshape", scaled, e("Shape", a[1]))
+
+
+EXPORT.update({
+    "conv1d": _conv, "conv2d": _conv,
+    "conv_backward_input": _conv_backward_input, "conv_backward_weight": _conv_backward_weight,
+    "max_pool2d": lambda e, a, n: e("MaxPool", a[0], **_pool_attrs(n)),
+    "max_pool2d_backward": _max_pool_backward, "max_pool2d_select": _max_pool_select,
+    "avg_pool2d": _avg_pool, "avg_pool2d_backward": _avg_pool_backward,
+    "rsqrt": lambda e, a, n: e("Reciprocal", e("Sqrt", a[0])),
+    "var": _var,
+    "batch_norm": lambda e, a, n: e("BatchNormalization", a[0], a[3], a[4], a[1], a[2], epsilon=n.attrs["eps"]),
+    "layer_norm": _layer_norm,
+    "dropout_mask": _dropout_mask,
+})
 
 
 def export_onnx(model: Any, path: str | os.PathLike[str], opset: int = DEFAULT_OPSET) -> None:

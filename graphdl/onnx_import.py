@@ -271,6 +271,92 @@ IMPORT: dict[str, tuple[ImportRow, frozenset[str]]] = {
 }
 
 
+# -- convolution, pooling, normalisation, dropout (as torch.onnx.export writes them) ---------
+
+
+def _text(r: NodeReader, name: str, default: str) -> str:
+    value = r.attr(name, default.encode(), bytes)
+    return value.decode("ascii", "replace")
+
+
+def _ints(r: NodeReader, name: str, default: list[int]) -> list[int]:
+    values = r.attr(name, default, list)
+    if not all(isinstance(v, int) for v in values):
+        raise GraphError(f"attribute {name}={values!r} must be ints")
+    return values
+
+
+def _padding(r: NodeReader, d: int) -> tuple[int, ...]:
+    """ONNX's pads [begin..., end...] as graphdl's padding: the same at both ends."""
+    if _text(r, "auto_pad", "NOTSET") != "NOTSET":
+        raise GraphError("auto_pad is not supported; graphdl reads explicit pads")
+    pads = _ints(r, "pads", [0] * 2 * d)
+    if len(pads) != 2 * d or pads[:d] != pads[d:]:
+        raise GraphError(f"pads {pads} pad the two ends differently; graphdl pads both ends alike")
+    return tuple(pads[:d])
+
+
+def _conv_in(r: NodeReader) -> Value:
+    x, w, bias = r.x(0), r.x(1), r.optional(2)
+    d = w.ndim - 2
+    if d not in (1, 2):
+        raise GraphError(f"a Conv of {d}-d kernels is not supported; graphdl has conv1d and conv2d")
+    if _ints(r, "kernel_shape", list(w.shape[2:])) != list(w.shape[2:]):
+        raise GraphError(f"kernel_shape {r.attrs['kernel_shape']} is not the weight's {list(w.shape[2:])}")
+    op = ops.conv1d if d == 1 else ops.conv2d
+    return op(x, w, *([bias] if bias is not None else []), stride=tuple(_ints(r, "strides", [1] * d)),
+              padding=_padding(r, d), dilation=tuple(_ints(r, "dilations", [1] * d)), groups=r.attr("group", 1, int))
+
+
+def _pool_in(op: Any) -> ImportRow:
+    def row(r: NodeReader) -> Value:
+        if r.attr("ceil_mode", 0, int) or r.attr("storage_order", 0, int) or \
+                _ints(r, "dilations", [1, 1]) != [1, 1]:
+            raise GraphError("ceil_mode, storage_order and dilations are not supported")
+        kernel = _ints(r, "kernel_shape", [])
+        if len(kernel) != 2:
+            raise GraphError(f"kernel_shape {kernel} is not 2-d; graphdl pools [N, C, H, W]")
+        extra = {} if op is ops.max_pool2d else {"count_include_pad": bool(r.attr("count_include_pad", 0, int))}
+        return op(r.x(0), kernel_size=tuple(kernel), stride=tuple(_ints(r, "strides", [1, 1])),
+                  padding=_padding(r, 2), **extra)
+    return row
+
+
+def _batch_norm_in(r: NodeReader) -> Value:
+    if r.attr("training_mode", 0, int):
+        raise GraphError("training_mode=1 is not supported; graphdl imports inference graphs (running statistics)")
+    return ops.batch_norm(r.x(0), r.x(3), r.x(4), r.x(1), r.x(2), eps=float(r.attr("epsilon", 1e-5, float)))
+
+
+def _layer_norm_in(r: NodeReader) -> Value:
+    x, w, bias = r.x(0), r.x(1), r.optional(2)
+    axis = r.attr("axis", -1, int)
+    if not -x.ndim <= axis < x.ndim or axis % x.ndim != x.ndim - w.ndim:
+        raise GraphError(f"axis={axis} does not normalise the weight's {w.ndim} last dims of {format_shape(x.shape)}")
+    if bias is None:
+        raise GraphError("a LayerNormalization without a bias is not supported")
+    return ops.layer_norm(x, w, bias, eps=float(r.attr("epsilon", 1e-5, float)))
+
+
+def _dropout_in(r: NodeReader) -> Value | Static:
+    if len(r.node.input) > 2 and r.node.input[2]:
+        raise GraphError("a Dropout with a training_mode input is not supported; export the model in eval mode")
+    return r.entry(0)  # inference: the identity
+
+
+IMPORT.update({
+    "Conv": (_conv_in, frozenset({"auto_pad", "dilations", "group", "kernel_shape", "pads", "strides"})),
+    "MaxPool": (_pool_in(ops.max_pool2d),
+                frozenset({"auto_pad", "ceil_mode", "dilations", "kernel_shape", "pads", "storage_order", "strides"})),
+    "AveragePool": (_pool_in(ops.avg_pool2d),
+                    frozenset({"auto_pad", "ceil_mode", "count_include_pad", "dilations", "kernel_shape", "pads",
+                               "strides"})),
+    "BatchNormalization": (_batch_norm_in, frozenset({"epsilon", "momentum", "training_mode"})),
+    "LayerNormalization": (_layer_norm_in, frozenset({"axis", "epsilon", "stash_type"})),
+    "Dropout": (_dropout_in, frozenset({"seed"})),
+})
+
+
 def import_onnx(path: str | os.PathLike[str]) -> Graph:
     """Build a graph from an ONNX model file.
 
@@ -278,7 +364,9 @@ def import_onnx(path: str | os.PathLike[str]) -> Graph:
         path: an `.onnx` file of the ops in `IMPORT` (MatMul, Gemm, Add, Sub, Mul, Div,
             Relu, Tanh, Sigmoid, Exp, Log, Neg, Abs, Sign, Transpose, ReduceSum,
             ReduceMean, Softmax, LogSoftmax, Identity, Constant, Reshape, Flatten, Concat,
-            Slice, Gather, LeakyRelu, Gelu), weights inside the file.
+            Slice, Gather, LeakyRelu, Gelu; Conv, MaxPool, AveragePool, BatchNormalization
+            (inference), LayerNormalization, Dropout (inference: the identity)), weights
+            inside the file.
 
     Returns:
         A `gd.Graph`: the model's inputs under their names (sanitised to graphdl names),

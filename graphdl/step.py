@@ -11,6 +11,12 @@ graph (per data set and batch size) and replayed: the batches are gathered on th
 device from a permutation copied there once per epoch, the learning rate is a device
 tensor, and nothing waits on the host until the caller reads the losses.
 
+The step trains the model's graph in training mode (`model.graph(loss, training=True)`).
+Layers that keep state besides their params (BatchNorm's running statistics, Dropout's
+key) make that graph output the state's next values after the loss, labelled
+"next/{name}" (`NEXT`); the step writes them into the model's buffers with each
+update, inside the same compiled step (and the same captured CUDA graph).
+
 Data-parallel (`distributed=True`), the step is `step_graph`'s: it
 takes a third input, `scale` (the rank's share of the global batch), and sums the
 gradients over every rank with the all-reduce ops in the graph before the update.
@@ -30,7 +36,7 @@ from .autodiff import grad
 from .batches import epoch_batches
 from .checks import flag, real, whole
 from .compile import ArenaCompiled, Compiled, compile, lower
-from .ir import Graph, Slot
+from .ir import Graph, Slot, Value
 from .losses import Loss, checked_loss
 from .ops import mul
 from .optim import Optimizer, check_apart, check_updatable, checked_optimizer
@@ -47,6 +53,13 @@ MAX_CAPTURED_STEPS = 4096
 # above a bare process (eager PyTorch's loop: 65; tools/bench.py's memory worker).
 # Re-making them is nothing beside such an epoch (~1 s); the disk net's (~10 KiB) stay.
 KEEP_ARENA_BYTES = 1 << 20
+
+NEXT = "next/"  # the label of a training graph's output that is a buffer's next value
+
+
+def state_updates(graph: Graph) -> list[str]:
+    """The buffers whose next values `graph` outputs, in output order (they follow the loss)."""
+    return [label.removeprefix(NEXT) for label in graph.output_labels if label.startswith(NEXT)]
 
 
 @runtime_checkable
@@ -106,13 +119,14 @@ class _Arena:
     at each call, which then goes through `Optimizer.update`)."""
 
     def __init__(self, fn: ArenaCompiled, batch: int, optimizer: Optimizer, params: list[torch.Tensor],
-                 control: Callable[[list[torch.Tensor]], Callable[[], None] | None] | None) -> None:
+                 control: Callable[[list[torch.Tensor]], Callable[[], None] | None] | None,
+                 first_grad: int = 1) -> None:
         self.run, self.batch = fn.fn, batch  # run(*feed, bindings): unchecked, for a feed of `batch` rows
         buffers = fn.buffers({d: batch for d in fn.symbols})
         self.bindings = fn.bind_params() + buffers
         self.bytes = sum(b.untyped_storage().nbytes() for b in buffers[:len(fn.layout.buffers)])
         self.update: Callable[[], None] | None = None
-        grads = fn.layout.output_buffers[1:]
+        grads = fn.layout.output_buffers[first_grad:]  # (after the loss and the buffers' next values)
         if control is not None and all(j is not None for j in grads):  # (None: accumulated, updated elsewhere)
             grads = [buffers[j] for j in grads]
             self.update = _then(control(grads), optimizer.plan(params, grads))
@@ -181,11 +195,15 @@ class TrainStep:
             check_updatable(f"param {name}", p)
         names = list(model.parameters())
         kind = ("step", loss, "data-parallel") if self.distributed else ("step", loss)
-        gradients = (lambda: step_graph(model.graph(loss), names)) if self.distributed else \
-            (lambda: grad(model.graph(loss), names))
+        gradients = (lambda: step_graph(model.graph(loss, training=True), names)) if self.distributed else \
+            (lambda: grad(model.graph(loss, training=True), names))
         self.compiled: Compiled = model.compiled(kind, lambda: compile(gradients()))
         self.arena_fn: ArenaCompiled = model.compiled((*kind, "arena"), lambda: lower(self.compiled.graph, arena=True))
         self.params = list(model.parameters().values())  # what the gradients are of, in their order
+        # The buffers the step updates (outputs 1..S), then the gradients (from 1 + S on).
+        state = model.state()
+        self.state = [state[name] for name in state_updates(self.compiled.graph)]
+        self._first_grad = 1 + len(self.state)
         self.names = names  # and their names, for the optimizer's groups (with a tied tensor's other places)
         self.aliases: dict[str, str] = model.ties() if hasattr(model, "ties") else {}
         # Each param's identity for the optimizer's state: the slot it is read from, which
@@ -327,9 +345,10 @@ class TrainStep:
         set_lr; a 0-d float64 tensor on the device, loaded from it; None: as it is), or
         with accumulation, the batch's gradients added into its group's, weighted by
         `mark`, and the update from those at the group's last batch."""
+        self.write_state(out)
         weight, last = mark
         if self.accumulate > 1:
-            torch._foreach_add_(self._acc, list(out[1:]), alpha=weight)
+            torch._foreach_add_(self._acc, self.grads(out), alpha=weight)
             if not last:
                 return
             if self._acc_update is None:
@@ -339,7 +358,7 @@ class TrainStep:
             update = arena.update
         else:  # some gradient is made at the call: clip and update it (a copy where it repeats elements)
             grads = [g if g.is_contiguous() or torch._debug_has_internal_overlap(g) != 1 else
-                     g.clone(memory_format=torch.contiguous_format) for g in out[1:]]
+                     g.clone(memory_format=torch.contiguous_format) for g in self.grads(out)]
             update = _then(self._control(grads), self.optimizer.plan(self.params, grads))
         if isinstance(lr, torch.Tensor):
             self.optimizer.load_lr(lr)
@@ -349,6 +368,15 @@ class TrainStep:
         if self.accumulate > 1:
             torch._foreach_zero_(self._acc)
 
+    def write_state(self, out: tuple[torch.Tensor, ...]) -> None:
+        """Put the buffers' next values, computed by the step that returned `out`, into them."""
+        if self.state:  # one multi-tensor copy
+            torch._foreach_copy_(self.state, list(out[1:self._first_grad]))
+
+    def grads(self, out: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        """The gradients among the step's outputs `out`, in the order of `params`."""
+        return list(out[self._first_grad:])
+
     def _control(self, grads: list[torch.Tensor]) -> Callable[[], None] | None:
         return _clipper(grads, self.clip_norm, self.clip_value)
 
@@ -356,7 +384,7 @@ class TrainStep:
         arena = self._arenas.get(batch)
         if arena is None:
             arena = self._arenas[batch] = _Arena(self.arena_fn, batch, self.optimizer, self.params,
-                                                 self._control if self.accumulate == 1 else None)
+                                                 self._control if self.accumulate == 1 else None, self._first_grad)
         return arena
 
     def _refresh(self) -> None:
@@ -401,15 +429,36 @@ class TrainStep:
 def step_graph(loss_graph: Graph, wrt: list[str], bucket_mib: float | None = None) -> Graph:
     """A rank's training step: the gradient graph of `loss_graph`'s loss times a new scalar
     input `scale` (this rank's share of the global batch), with its gradients summed over
-    every rank (graphdl.passes.allreduce). Outputs: the weighted loss, then the summed
-    gradients of `wrt`."""
+    every rank (graphdl.passes.allreduce). Outputs: the weighted loss, then the buffers'
+    next values (`NEXT`), then the summed gradients of `wrt`.
+
+    A buffer's next value computed from the data (BatchNorm's running statistics) is
+    averaged over the ranks, weighted by their shares, so that every rank keeps the same
+    buffers (the statistics that normalise a batch stay each rank's own, as under DDP);
+    one computed without the data (Dropout's key) is the same on every rank already."""
     loss_graph, _ = loss_graph.copy()  # the caller's graph stays as it was
     loss = loss_graph.outputs[0]
     scale = loss_graph.input("scale", (), loss.dtype)
+    from_data = _computed_from(loss_graph, [v for v in loss_graph.inputs.values() if v is not scale])
+    averaged = [i for i, (v, label) in enumerate(zip(loss_graph.outputs, loss_graph.output_labels))
+                if label.startswith(NEXT) and v in from_data]
     with loss_graph.scope("loss"):
         loss_graph.set_output(0, mul(loss, scale))
-    step, _ = allreduce(grad(loss_graph, wrt), bucket_mib=DEFAULT_BUCKET_MIB if bucket_mib is None else bucket_mib)
+        for i in averaged:
+            loss_graph.set_output(i, mul(loss_graph.outputs[i], scale))
+    step = grad(loss_graph, wrt)
+    summed = [*averaged, *range(len(loss_graph.outputs), len(step.outputs))]
+    step, _ = allreduce(step, summed, bucket_mib=DEFAULT_BUCKET_MIB if bucket_mib is None else bucket_mib)
     return step
+
+
+def _computed_from(graph: Graph, sources: list[Value]) -> set[Value]:
+    """`sources` and every value computed from any of them."""
+    reached = set(sources)
+    for node in graph.nodes:
+        if any(v in reached for v in node.inputs):
+            reached.add(node.out)
+    return reached
 
 
 def _positive(name: str, value: Any) -> float:
@@ -511,7 +560,7 @@ class _CapturedEpoch:
         """One step at each batch size the epoch has, on a side stream, before capture
         (cuBLAS and the kernels initialise lazily, which capture forbids); the params and
         velocities are put back afterwards, so training is unchanged."""
-        state = [*step.params, *step.optimizer.state_tensors(), *step._acc]
+        state = [*step.params, *step.state, *step.optimizer.state_tensors(), *step._acc]
         saved = [t.clone() for t in state]
         # The sizes the epoch's batches really have: with a batch larger than the data, an
         # arena of batch_size rows run on fewer would have torch resize its out= buffers.

@@ -508,9 +508,28 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, settings: FitSettin
     settings = settings.with_data(model, Y)
     weights = example_weights(Y, settings.loss.decision, settings.sample_weight, settings.class_weight)
     _check_params(model)
+    _check_steps(model, len(X), settings)
     with _threads_for(model, settings.batch_size, settings.threads):
         model.loss = settings.loss
         return _Run(model, X, Y, settings, weights).epochs()
+
+
+def _check_steps(model: Sequential, n: int, s: FitSettings) -> None:
+    """Name a layer that cannot train on the smallest step fit will take (BatchNorm on one
+    value per channel), before training: the last batch, or data-parallel a rank's share
+    of it (an empty share feeds one row of zeros)."""
+    world = dp.world_size() if s.distributed else 1
+    sizes = {min(s.batch_size, n), n % s.batch_size or s.batch_size}
+    rows = min(max(part, 1) for size in sizes for part in dp.split(size, world))
+    shape = model.input_shape
+    for k, layer in enumerate(model.layers):
+        problem = layer.batch_error(rows, shape)
+        if problem:
+            where = f" (each rank's share of a batch of {min(sizes)})" if world > 1 else \
+                f" (the last batch of the {n} rows)" if n % s.batch_size else ""
+            raise ValueError(f"layer {k} ({layer!r}) {problem}{where}; choose a batch_size that leaves no such step, "
+                             f"or drop a few rows")
+        shape = layer.output_shape(shape)
 
 
 def _split_off_validation(X: Any, Y: Any, fraction: float) -> tuple[Any, Any, tuple[Any, Any]]:
@@ -568,8 +587,9 @@ class _Run:
         self.updates = -(-len(self.batches) // s.accumulate)  # per epoch: what a per-step schedule counts
         if getattr(s.schedule, "per", "epoch") == "step" and s.epochs > self.first:  # its last rate, before any epoch
             _scheduled_lr(s.schedule, s.epochs * self.updates - 1, s.optimizer.lr, "step")
-        # (called at each save: the step binds again if the tensors move)
-        self.start = _Snapshot(lambda: [*self.step.params, *s.optimizer.state_tensors()])
+        # (called at each save: the step binds again if the tensors move; its state is the buffers it
+        # updates, BatchNorm's running statistics and Dropout's key)
+        self.start = _Snapshot(lambda: [*self.step.params, *self.step.state, *s.optimizer.state_tensors()])
 
     def _check_feeds(self) -> None:
         """Dtype and device once, with the graphs' messages, so that each epoch calls the

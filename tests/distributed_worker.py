@@ -48,6 +48,13 @@ def settings() -> dict:
                 epochs=EPOCHS, batch_size=BATCH, shuffle=True, seed=3, metrics=METRICS)
 
 
+def stateful_model(device: str = "cpu") -> gd.Sequential:
+    """BatchNorm's running statistics and Dropout's key: state the ranks must keep alike."""
+    gen = torch.Generator().manual_seed(2)
+    return gd.Sequential(gd.Reshape((1, 3)), gd.Conv1d(1, 2, 2, padding=1, generator=gen), gd.BatchNorm1d(2),
+                         gd.Tanh(), gd.Dropout(0.3, seed=4), gd.Flatten(), gd.Linear(8, 2, generator=gen)).to(device)
+
+
 def binary_data(device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(5)
     X = torch.rand(N, 3, generator=gen)
@@ -133,6 +140,9 @@ def main() -> None:
     BX, BY = binary_data(device)  # AUC needs every row: gathered, not summed
     result["auc"] = binary_model(device).evaluate(BX, BY, metrics=["auc", "precision"], distributed=True)
     m.save(os.path.join(args.out, f"saved_by_rank{me.rank}.gdl"))
+    stateful = stateful_model(device)
+    result["stateful"] = dict(stateful.fit(X, Y, distributed=True, verbose=False, **settings()))
+    result["state"] = {k: v.tolist() for k, v in stateful.state().items()}
     write()
     if args.only_train:
         return

@@ -252,3 +252,29 @@ def test_a_model_of_indices_resumes_exactly(tmp_path):
     resumed.fit(X, Y, epochs=4, resume=tmp_path / "c.gdl", **settings())
     assert resumed.history["loss"] == whole.history["loss"]
     assert all(torch.equal(a, b) for a, b in zip(resumed.state().values(), whole.state().values(), strict=True))
+
+
+def test_a_net_with_dropout_and_batchnorm_resumes_exactly(tmp_path):
+    """Dropout's key and BatchNorm's running statistics are model state: the checkpoint
+    holds them, so the resumed run draws the very masks the plain run draws and ends
+    bit-exactly where it does."""
+    gen = torch.Generator().manual_seed(2)
+    X, labels = torch.randn(40, 16, generator=gen), torch.randint(0, 3, (40,), generator=gen)
+    settings = dict(loss=gd.CrossEntropy(), optimizer=gd.SGD(lr=0.1, momentum=0.9), batch_size=8, seed=5,
+                    verbose=False)
+
+    def model() -> gd.Sequential:
+        gen = torch.Generator().manual_seed(1)
+        return gd.Sequential(gd.Reshape((1, 4, 4)), gd.Conv2d(1, 3, 3, padding=1, generator=gen), gd.BatchNorm2d(3),
+                             gd.ReLU(), gd.Dropout(0.5, generator=gen), gd.Flatten(), gd.Linear(48, 3, generator=gen))
+
+    plain, checkpointed, resumed = model(), model(), model()
+    h_plain = plain.fit(X, labels, epochs=4, **settings)
+    path = tmp_path / "run.gdl"
+    checkpointed.fit(X, labels, epochs=2, checkpoint=path, **settings)
+    assert float(gd.load(path).state()["4.key"]) == 10.0  # 2 epochs of 5 steps
+    h_resumed = resumed.fit(X, labels, epochs=4, resume=path, **settings)
+    assert h_resumed == h_plain
+    assert set(plain.state()) >= {"2.running_mean", "2.running_var", "4.key"}
+    for a, b in zip(plain.state().values(), resumed.state().values(), strict=True):
+        assert torch.equal(a, b)

@@ -102,8 +102,8 @@ def test_an_imported_model_trains_and_goes_back_with_the_trained_weights():
 
 
 def test_an_unsupported_module_is_named_with_its_position():
-    net = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Dropout(0.5)))
-    with pytest.raises(gd.GraphError, match=re.escape("from_torch: module 1.1 (Dropout(p=0.5, inplace=False)) has "
+    net = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Sequential(torch.nn.ReLU(), torch.nn.PReLU()))
+    with pytest.raises(gd.GraphError, match=re.escape("from_torch: module 1.1 (PReLU(num_parameters=1)) has "
                                                       "no graphdl layer; graphdl takes Linear, ReLU, Tanh, Sigmoid")):
         gd.from_torch(net)
     with pytest.raises(gd.GraphError, match="takes a torch.nn.Module"):
@@ -258,3 +258,78 @@ def test_a_softmax_over_a_dim_of_examples_beyond_rows_keeps_torchs_dim():
         gd.Sequential(gd.Reshape((3, 4)), gd.Softmax(dim=3))
     with pytest.raises(ValueError, match="dim=0 would normalise across the batch"):
         gd.Softmax(0)
+
+
+# -- nets beyond two dims ---------------------------------------------------------------------
+
+
+def torch_cnn(dtype: torch.dtype = torch.float32) -> torch.nn.Sequential:
+    """A torch CNN whose BatchNorms hold running statistics of their own (not 0 and 1)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Unflatten(1, (2, 6, 6)),
+        torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.BatchNorm2d(4, momentum=0.3), torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2), torch.nn.Dropout(0.5),
+        torch.nn.Conv2d(4, 6, (2, 1), stride=(1, 2), groups=2, bias=False), torch.nn.AvgPool2d(2, 1, padding=1),
+        torch.nn.Flatten(), torch.nn.Unflatten(1, (6, 9)),
+        torch.nn.Conv1d(6, 3, 3, padding="same", dilation=2), torch.nn.BatchNorm1d(3), torch.nn.LayerNorm(9),
+        torch.nn.Flatten(), torch.nn.Linear(27, 5)).to(dtype)
+    with torch.no_grad():
+        for m in net:
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 2)
+                m.bias.uniform_(-1, 1)
+    return net
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_a_cnn_from_torch_and_back_computes_the_same_in_both_modes(dtype):
+    """predict is torch's eval mode (running statistics, no dropout); the training graph is
+    its train mode (the batch's statistics, and the running ones' next values: torch's after
+    that forward). Back in torch, every weight and running statistic is the same."""
+    net, original = torch_cnn(dtype), torch_cnn(dtype)
+    model = gd.from_torch(net)
+    assert [type(layer).__name__ for layer in model.layers] == [
+        "Reshape", "Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d", "Dropout", "Conv2d", "AvgPool2d", "Flatten", "Reshape",
+        "Conv1d", "BatchNorm1d", "LayerNorm", "Flatten", "Linear"]
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
+    X = torch.randn(9, 72, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model.predict(X), net.eval()(X), **tol)
+        model.layers[5].p = 0.0  # the masks differ from torch's: compare the training mode without them
+        net[5].p = 0.0
+        out, *stats = gd.compile(model.graph(training=True))(x=X)
+        torch.testing.assert_close(out, net.train()(X), **tol)
+    torch.testing.assert_close(stats, [net[2].running_mean, net[2].running_var, net[11].running_mean,
+                                       net[11].running_var], **tol)
+    back = model.to_torch()
+    for mine, theirs in zip([m for m in back.modules() if list(m.parameters(recurse=False)) or list(m.buffers(False))],
+                            [m for m in original if list(m.parameters()) or list(m.buffers())], strict=True):
+        for (name, a), (_, b) in zip(mine.state_dict().items(), theirs.state_dict().items(), strict=True):
+            if name != "num_batches_tracked":  # graphdl does not count batches; with a momentum torch does not read it
+                assert torch.equal(a, b) and a.dtype == dtype, name
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(X), original.eval()(X), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("module, message", [
+    (torch.nn.Conv2d(1, 2, 3, padding_mode="reflect"), "padding_mode='reflect'"),
+    (torch.nn.Conv2d(1, 2, 2, padding="same"), "padding='same' with an even kernel"),
+    (torch.nn.MaxPool2d(2, ceil_mode=True), "ceil_mode=True"),
+    (torch.nn.AvgPool2d(2, divisor_override=3), "divisor_override"),
+    (torch.nn.BatchNorm2d(3, affine=False), "affine=False"),
+    (torch.nn.BatchNorm1d(3, momentum=None), "momentum=None"),
+    (torch.nn.LayerNorm(3, elementwise_affine=False), "no elementwise affine weight"),
+])
+def test_torch_options_graphdl_lacks_are_named(module, message):
+    with pytest.raises(gd.GraphError, match=re.escape(message)):
+        gd.from_torch(torch.nn.Sequential(module))
+
+
+def test_two_torch_dropouts_become_two_streams_of_masks():
+    model = gd.from_torch(torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Dropout(0.5)), input_shape=(4,))
+    again = gd.from_torch(torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Dropout(0.5)), input_shape=(4,))
+    assert model.layers[0].seed != model.layers[1].seed
+    assert [layer.seed for layer in model.layers] == [layer.seed for layer in again.layers]

@@ -341,7 +341,7 @@ def _rewrite_layers(path, layers: str) -> None:
     ("[{", "the layer list stored in the file is invalid"),
     ("[" * 100_000, "the layer list stored in the file is invalid"),
     ('{"type": "Linear"}', "expected a list of layer settings"),
-    ('[{"type": "Conv2d"}]', "unknown layer type 'Conv2d'"),
+    ('[{"type": "Conv3d"}]', "unknown layer type 'Conv3d'"),
     ('[{"type": "Linear", "in_features": 2, "out_features": 25, "dtype": "load"}]', "dtype 'load' is not one of"),
     ('[{"type": "Linear", "in_features": 2, "out_features": {"x": 1}}]', "plain numbers and strings"),
     ('[{"type": "Linear", "in_features": 2, "out_features": 7}]', r"weight '0.weight' is f32\[2,25\] but the "

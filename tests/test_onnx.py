@@ -7,6 +7,7 @@ import importlib
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -103,16 +104,33 @@ def test_every_op_has_an_export_row():
     assert set(gd.OPS) <= set(EXPORT), f"ops without an ONNX row in onnx_io.EXPORT: {set(gd.OPS) - set(EXPORT)}"
 
 
+# onnxruntime's CPU kernels for Conv, ConvTranspose and AveragePool are float32 only
+# (1.23): the cases whose graphs use them run in float32 there.
+FLOAT32_IN_ORT = {"conv1d", "conv2d", "conv_backward_input", "conv_backward_weight", "avg_pool2d",
+                  "avg_pool2d_backward"}
+OPSET_OF = {"dropout_mask": 18}  # its hash is made of bitwise ops, which ONNX has from opset 18
+
+
+def _float32_graph(case, tensors: list[torch.Tensor]) -> gd.Graph:
+    g = gd.Graph("case")
+    out = case.build(*(g.param(f"a{i}", t.float()) for i, t in enumerate(tensors)))
+    r = torch.rand(tuple(out.shape), generator=torch.Generator().manual_seed(7))
+    g.output(gd.sum(gd.mul(out, g.param("r", r))))
+    return g
+
+
 @pytest.mark.parametrize("case", CASES, ids=_id)
 def test_each_op_and_its_gradient_graph_agree_with_onnxruntime(tmp_path, case):
     """The op table of test_ops drives this: every op's forward and backward IR, through ONNX."""
     tensors = _inputs(case, seed=3)
-    g, _ = _graph(case, tensors)
-    feeds = _feeds(case, tensors)
+    float32 = case.op in FLOAT32_IN_ORT
+    g = _float32_graph(case, tensors) if float32 else _graph(case, tensors)[0]
+    feeds = {} if float32 else _feeds(case, tensors)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if float32 else {}
     for graph in (g, gd.grad(g, _wrt(case))):
         path = tmp_path / "op.onnx"
-        gd.export_onnx(graph, path)
-        assert_same(run_ort(path, basic=True, **feeds), gd.compile(graph, optimize=False)(**feeds))
+        gd.export_onnx(graph, path, opset=OPSET_OF.get(case.op, 17))
+        assert_same(run_ort(path, basic=True, **feeds), gd.compile(graph, optimize=False)(**feeds), **tol)
 
 
 def test_symbolic_dims_survive_in_reductions_and_broadcasts(tmp_path):
@@ -612,3 +630,73 @@ def test_import_of_shape_ops_as_other_exporters_write_them(tmp_path):
     torch.testing.assert_close(r, torch.nn.functional.leaky_relu(torch.arange(15.0, dtype=torch.float64)
                                                                  .reshape(5, 3)[ids], 0.3))
     assert_same(run_ort(tmp_path / "t.onnx", x=X, ids=ids), [c, r])
+
+
+# -- nets beyond two dims -------------------------------------------------------------------
+
+
+def _cnn() -> gd.Sequential:
+    gen = torch.Generator().manual_seed(0)
+    model = gd.Sequential(gd.Conv2d(1, 4, 3, padding=1, generator=gen), gd.BatchNorm2d(4), gd.ReLU(),
+                          gd.MaxPool2d(2), gd.AvgPool2d(2, stride=1, padding=1, count_include_pad=False),
+                          gd.Dropout(0.3), gd.Conv2d(4, 4, (2, 1), stride=(1, 2), groups=2, generator=gen),
+                          gd.LayerNorm((4, 4, 3)), input_shape=(1, 8, 8))
+    with torch.no_grad():
+        model.layers[1].running_mean.uniform_(-1, 1, generator=gen)
+        model.layers[1].running_var.uniform_(0.5, 2, generator=gen)
+    return model
+
+
+@pytest.mark.parametrize("opset", [13, 17, 18])
+def test_a_cnn_exports_in_inference_mode_and_its_training_step_too(tmp_path, opset):
+    """The forward graph (running statistics, no dropout) for every batch size; the training
+    step (batch statistics, the masks, the buffers' next values, the gradients) from opset
+    18, whose bitwise ops make the mask's hash; before it, that export names the opset."""
+    model = _cnn()
+    path = tmp_path / "cnn.onnx"
+    gd.export_onnx(model, path, opset=opset)
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    for n in BATCHES:
+        X = torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(n))
+        assert_same(run_ort(path, x=X), [model.predict(X)], rtol=1e-5, atol=1e-6)
+    step = gd.grad(model.graph(gd.MSE(), training=True), list(model.parameters()))
+    if opset < 18:
+        with pytest.raises(gd.GraphError, match="dropout_mask .* needs the bitwise ops its hash is made of, from "
+                                                "ONNX opset 18; export with opset=18 or later"):
+            gd.export_onnx(step, path, opset=opset)
+        return
+    gd.export_onnx(step, path, opset=opset)
+    X, Y = torch.rand(7, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.rand(7, 4, 4, 3)
+    assert_same(run_ort(path, x=X, y=Y), gd.compile(step)(x=X, y=Y), rtol=1e-4, atol=1e-5)
+
+
+def test_a_cnn_torch_exported_imports_and_computes_the_same(tmp_path):
+    """What torch.onnx.export writes for these layers (its TorchScript exporter, eval mode;
+    without constant folding BatchNormalization stays a node of its own) imports, and
+    computes what the torch module does, for every batch size."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.AvgPool2d(2, 1, padding=1, count_include_pad=False), torch.nn.Dropout(0.2),
+        torch.nn.Conv2d(4, 6, (2, 1), stride=(1, 2), groups=2, bias=False), torch.nn.Flatten(),
+        torch.nn.LayerNorm(72), torch.nn.Linear(72, 3), torch.nn.BatchNorm1d(3)).eval()
+    with torch.no_grad():
+        for m in (net[1], net[10]):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    for fold in (True, False):
+        path = tmp_path / f"torch{fold}.onnx"
+        with torch.no_grad():
+            with warnings.catch_warnings():  # torch says its TorchScript exporter is deprecated
+                warnings.simplefilter("ignore", DeprecationWarning)
+                torch.onnx.export(net, (torch.rand(2, 1, 8, 8),), str(path), dynamo=False, input_names=["x"],
+                                  dynamic_axes={"x": {0: "N"}}, opset_version=17, do_constant_folding=fold)
+        ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+        assert {"Conv", "MaxPool", "AveragePool", "LayerNormalization", "Flatten"} <= set(ops)
+        assert ops.count("BatchNormalization") == (1 if fold else 2)  # folding merges BatchNorm2d into its Conv
+        graph = gd.import_onnx(path)
+        fn = gd.compile(graph)
+        for n in BATCHES:
+            X = torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(n))
+            with torch.no_grad():
+                torch.testing.assert_close(fn(X)[0], net(X), rtol=1e-5, atol=1e-5)

@@ -572,3 +572,117 @@ def _value_error(call) -> str:
     with pytest.raises(ValueError) as err:
         call()
     return str(err.value)
+
+
+# -- nets beyond two dims: convolution, pooling, BatchNorm and Dropout against PyTorch -------
+
+
+class _TwinDropout(torch.nn.Module):
+    """torch's side of gd.Dropout: the same mask (graphdl's, a function of the seed and the
+    step's key: tests/test_ops.py checks it against splitmix64 itself), the key counted here."""
+
+    def __init__(self, layer: gd.Dropout) -> None:
+        super().__init__()
+        self.p, self.seed, self.key = layer.p, layer.seed, float(layer.key)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        from graphdl.ops.random import dropout_mask_kernel
+        mask = dropout_mask_kernel(torch.tensor(self.key, dtype=torch.float64), x.detach(), self.seed, self.p)
+        self.key += 1
+        return x * mask
+
+
+def _conv_twin(model: gd.Sequential) -> torch.nn.Sequential:
+    """The same net in torch.nn, with copies of the same weights and running statistics."""
+    from graphdl.interop import TORCH_LAYERS
+    rows = {row.layer: row for row in TORCH_LAYERS}
+    modules = []
+    for layer in model.layers:
+        if isinstance(layer, gd.Reshape):
+            modules.append(torch.nn.Unflatten(1, layer.shape))
+        elif isinstance(layer, gd.Flatten):
+            modules.append(torch.nn.Flatten())
+        elif isinstance(layer, gd.Dropout):
+            modules.append(_TwinDropout(layer))
+        else:
+            modules.append(rows[type(layer)].to_module(layer))
+    return torch.nn.Sequential(*modules)
+
+
+def _conv_net(dtype: torch.dtype, p: float = 0.0) -> gd.Sequential:
+    gen = torch.Generator().manual_seed(5)
+    return gd.Sequential(
+        gd.Reshape((2, 6, 6)),
+        gd.Conv2d(2, 4, 3, padding=1, generator=gen, dtype=dtype), gd.BatchNorm2d(4, momentum=0.2, dtype=dtype),
+        gd.ReLU(), gd.MaxPool2d(2),  # [4, 3, 3]
+        gd.Conv2d(4, 6, 2, groups=2, generator=gen, dtype=dtype), gd.Dropout(p, seed=9),  # [6, 2, 2]
+        gd.AvgPool2d(2, stride=1),  # [6, 1, 1]
+        gd.Flatten(), gd.Linear(6, 3, generator=gen, dtype=dtype))
+
+
+def _seq_net(dtype: torch.dtype, p: float = 0.0) -> gd.Sequential:
+    gen = torch.Generator().manual_seed(6)
+    return gd.Sequential(
+        gd.Reshape((3, 8)),
+        gd.Conv1d(3, 4, 3, stride=2, padding=1, dilation=1, generator=gen, dtype=dtype),  # [4, 4]
+        gd.BatchNorm1d(4, dtype=dtype), gd.Tanh(), gd.LayerNorm(4, dtype=dtype), gd.Dropout(p, seed=3),
+        gd.Flatten(), gd.Linear(16, 3, generator=gen, dtype=dtype), gd.BatchNorm1d(3, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("build, features", [(_conv_net, 72), (_seq_net, 24)], ids=["conv2d", "conv1d"])
+@pytest.mark.parametrize("p", [0.0, 0.4], ids=["no-dropout", "dropout"])
+def test_a_conv_net_follows_pytorchs_trajectory_running_statistics_included(build, features, dtype, p):
+    """fit against its torch twin (the same weights, batches and masks) with torch.optim.SGD:
+    the losses per epoch, the weights, and BatchNorm's running statistics at the end, then
+    predict (inference mode) against the twin in eval mode (after 12 steps in float32 the
+    weights differ by rounding, so against the trained weights themselves too)."""
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(26, features, generator=gen, dtype=dtype)
+    labels = torch.randint(0, 3, (26,), generator=gen)
+    model = build(dtype, p)
+    twin = _conv_twin(model)
+    history = model.fit(X, labels, loss=gd.CrossEntropy(), optimizer=gd.SGD(lr=0.1, momentum=0.9), epochs=3,
+                        batch_size=8, shuffle=False, verbose=False)  # 26 = 3*8 + 2: a partial batch
+    opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+    expected = []
+    for _ in range(3):
+        total = 0.0
+        for s in range(0, 26, 8):
+            opt.zero_grad()
+            value = torch.nn.functional.cross_entropy(twin(X[s:s + 8]), labels[s:s + 8])
+            value.backward()
+            opt.step()
+            total += value.item() * len(X[s:s + 8])
+        expected.append(total / 26)
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
+    assert history["loss"] == pytest.approx(expected, rel=tol["rtol"])
+    mine = model.state()
+    theirs = {f"{k}.{name}": t.T if isinstance(m, torch.nn.Linear) and name == "weight" else t  # [out, in] there
+              for k, m in enumerate(twin) for name, t in m.state_dict().items()
+              if not name.endswith("num_batches_tracked")}
+    weights = {name: t for name, t in mine.items() if not name.endswith(".key")}
+    assert set(weights) == set(theirs) and any("running_var" in name for name in weights)
+    for name, t in weights.items():
+        torch.testing.assert_close(t, theirs[name].detach(), **tol, msg=name)
+    assert [float(t) for name, t in mine.items() if name.endswith(".key")] == [12.0 if p else 0.0]  # 3 x 4 steps
+    exact = _conv_twin(model).eval()  # the trained weights themselves, in inference mode
+    with torch.no_grad():
+        torch.testing.assert_close(model.predict(X), exact(X), **tol)
+        torch.testing.assert_close(model.predict(X), twin.eval()(X), rtol=100 * tol["rtol"], atol=100 * tol["atol"])
+
+
+def test_a_step_batchnorm_cannot_train_on_is_named_before_training():
+    """A last batch of 1 row gives BatchNorm1d on [N, C] one value per channel: its variance
+    is undefined (torch raises there too), so fit names the layer and the fix first."""
+    model = gd.Sequential(gd.Linear(3, 4), gd.BatchNorm1d(4), gd.Linear(4, 1))
+    before = [t.clone() for t in model.state().values()]
+    with pytest.raises(ValueError, match=r"^layer 1 \(BatchNorm1d\(4\)\) would normalise 1 value per channel in a step "
+                                         r"of 1 row.*\(the last batch of the 21 rows\); choose a batch_size"):
+        model.fit(torch.rand(21, 3), torch.rand(21, 1), batch_size=5, verbose=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.state().values()))
+    model.fit(torch.rand(22, 3), torch.rand(22, 1), batch_size=5, verbose=False)  # a last batch of 2 trains
+    conv = gd.Sequential(gd.Reshape((1, 2, 2)), gd.BatchNorm2d(1), gd.Flatten(), gd.Linear(4, 1))
+    conv.fit(torch.rand(21, 4), torch.rand(21, 1), batch_size=5, verbose=False)  # 1 row of 4 values: fine

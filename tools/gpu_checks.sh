@@ -21,3 +21,4 @@ python=${PYTHON:-python3}
 timeout 240 "$python" -m pytest -q -rs -p no:cacheprovider tests/test_step.py tests/test_optim.py tests/test_distributed.py \
     -k "cuda or nccl" 2>&1 | tee "$out/tests.txt"
 timeout 300 "$python" tools/bench.py --device cuda --quick --no-mem 2>&1 | tee "$out/bench.txt"
+timeout 120 "$python" tools/bench_cnn.py --device cuda 2>&1 | tee "$out/bench_cnn.txt"

@@ -126,7 +126,7 @@ def plot(result: dict, out: str) -> list[tuple[str, str]]:
             grid[1][0].plot(epochs, h[f"grad_norm/{layer}"], label=layer)
             grid[1][1].plot(epochs, h[f"update_ratio/{layer}"], label=layer)
         grid[1][0].set(xlabel="epoch", ylabel="‖gradient‖", yscale="log", title="gradient norm per layer")
-        grid[1][1].set(xlabel="epoch", ylabel="lr·‖gradient‖ / ‖weights‖", yscale="log",
+        grid[1][1].set(xlabel="epoch", ylabel="‖update‖ / ‖weights‖", yscale="log",
                        title="update / weight ratio per layer")
     for ax in grid.flat:
         ax.legend(fontsize=8)

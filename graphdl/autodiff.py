@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .checks import GraphError
-from .ir import Graph, Node, Value, pauses_gc
+from .building import pauses_gc
+from .checks import GraphError, read_int, show_number
+from .ir import Graph, Node, Value
 from .ops import add, zeros_like
 from .passes.dce import dce
 
@@ -84,23 +85,10 @@ def _check_grad_args(graph: Graph, wrt: Sequence[str] | str, of: int | Value) ->
     """wrt as a list of names of inputs or params, and the index of the scalar output `of`."""
     if not isinstance(graph, Graph):
         raise GraphError(f"grad takes a gd.Graph, got {type(graph).__name__}")
-    if isinstance(wrt, str):
-        wrt = [wrt]
-    if not isinstance(wrt, Sequence):
-        raise GraphError(f"grad: wrt must be a list of input or param names such as ['w', 'b'], got {wrt!r}")
-    for name in wrt:
-        _check_wrt(graph, name)
+    wrt = _wrt_names(graph, wrt)
     if not graph.outputs:
         raise GraphError(f"grad: graph {graph.name} has no outputs; add the loss with graph.output(loss)")
-    if isinstance(of, Value):
-        if not any(of is o for o in graph.outputs):
-            raise GraphError(f"grad: {of!r} is not an output of graph {graph.name}; pass it to graph.output first")
-        index = next(i for i, o in enumerate(graph.outputs) if o is of)
-    elif isinstance(of, int) and not isinstance(of, bool) and -len(graph.outputs) <= of < len(graph.outputs):
-        index = of
-    else:
-        raise GraphError(f"grad: of={of!r} is not an output index of graph {graph.name} "
-                         f"(it has {len(graph.outputs)} outputs)")
+    index = _output_index(graph, of)
     if graph.outputs[index].shape != ():
         out = graph.outputs[index]
         raise GraphError(
@@ -111,18 +99,52 @@ def _check_grad_args(graph: Graph, wrt: Sequence[str] | str, of: int | Value) ->
     return list(wrt), index
 
 
+def _wrt_names(graph: Graph, wrt: Sequence[str] | str) -> Sequence[str]:
+    """`wrt` as a sequence of names (one name alone too), each of an input or param."""
+    if isinstance(wrt, str):
+        wrt = [wrt]
+    if not isinstance(wrt, Sequence):
+        raise GraphError(f"grad: wrt must be a list of input or param names such as ['w', 'b'], got {wrt!r}")
+    for name in wrt:
+        _check_wrt(graph, name)
+    return wrt
+
+
+def _output_index(graph: Graph, of: int | Value) -> int:
+    """The index in `graph.outputs` of `of`: an output value, or an index of one."""
+    if isinstance(of, Value):
+        if not any(of is o for o in graph.outputs):
+            raise GraphError(f"grad: {of!r} is not an output of graph {graph.name}; pass it to graph.output first")
+        return next(i for i, o in enumerate(graph.outputs) if o is of)
+    count = len(graph.outputs)
+    try:
+        return read_int(of, "of", -count, count - 1)
+    except GraphError:
+        raise GraphError(f"grad: of={show_number(of)} is not an output index of graph {graph.name} "
+                         f"(it has {count} outputs)") from None
+
+
 def _check_wrt(graph: Graph, name: object) -> None:
     """`name` must name an input or param: say what it is otherwise, and what to pass."""
     if isinstance(name, str) and (name in graph.inputs or name in graph.params):
+        value = graph.value(name)
+        if not value.dtype.is_floating_point:
+            raise GraphError(f"grad: wrt {name!r} is {value!r}, integer indices, which take no gradient\n"
+                             f"  hint: differentiate with respect to floating inputs and params only")
         return
-    known = ", ".join([*graph.inputs, *graph.params]) or "none"
     if isinstance(name, Value) and name.node is None and name.graph is graph:
         raise GraphError(f"grad: wrt takes names, got the {name.kind} {name!r} itself\n"
                          f"  hint: pass its name, wrt=[{name.name!r}]")
     what = repr(name) if isinstance(name, str) else f"{name!r} ({type(name).__name__})"
-    hint = f"pass the names of inputs or params; graph {graph.name} has: {known}"
+    raise GraphError(f"grad: wrt {what} is not an input or param of graph {graph.name}\n"
+                     f"  hint: {_wrt_hint(graph, name)}")
+
+
+def _wrt_hint(graph: Graph, name: object) -> str:
+    """What to pass instead of `name`: the names the graph has (and, for a computed value, why not it)."""
+    known = ", ".join([*graph.inputs, *graph.params]) or "none"
     if isinstance(name, Value) and name.node is not None or isinstance(name, str) and name.startswith("%"):
-        hint = ("grad differentiates with respect to inputs and params, not values computed by nodes "
+        return ("grad differentiates with respect to inputs and params, not values computed by nodes "
                 "(to get the gradient at an intermediate value, make it an input); "
                 f"graph {graph.name} has: {known}")
-    raise GraphError(f"grad: wrt {what} is not an input or param of graph {graph.name}\n  hint: {hint}")
+    return f"pass the names of inputs or params; graph {graph.name} has: {known}"

@@ -13,6 +13,9 @@ one is named in the error, with the range it must be in.
   fail later or compute nonsense: bools, complex numbers, strings, NaN, infinities and
   ints too large for a float (`10**400`).
 
+The tensors users hand over are checked here too: `tensor_problem` (sparse, nested,
+quantized) and `check_param_tensor` (a param's dense float tensor).
+
 This module is graphdl's floor: it imports nothing of graphdl, and every other module
 may import it. The types' names (`f32[N,25]`) are here too, since the messages use them.
 """
@@ -34,8 +37,10 @@ DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
     "f32": torch.float32,
     "f64": torch.float64,
+    "i64": torch.int64,  # indices (gd.Embedding, index_select): graph inputs only, never differentiated
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES: dict[str, torch.dtype] = {k: v for k, v in DTYPES.items() if v.is_floating_point}
 
 class GraphError(ValueError):
     """An invalid graph, shape, feed, IR text or model file.
@@ -161,11 +166,38 @@ def read_float(value: object, field: str, dtype: torch.dtype) -> float:
     return number
 
 
-def check_dtype(what: str, dtype: Any) -> None:
-    if not isinstance(dtype, torch.dtype) or dtype not in DTYPE_NAMES:
-        hint = f"; did you mean {DTYPES[dtype]}?" if isinstance(dtype, str) and dtype in DTYPES else ""
-        supported = ", ".join(str(d) for d in DTYPES.values())
+def check_dtype(what: str, dtype: Any, integer: bool = False) -> None:
+    """`dtype` must be a floating dtype the IR has, or with `integer` (a graph input) also
+    its integer dtype, torch.int64, for indices."""
+    allowed = DTYPES if integer else FLOAT_DTYPES
+    if not isinstance(dtype, torch.dtype) or dtype not in allowed.values():
+        hint = f"; did you mean {DTYPES[dtype]}?" if isinstance(dtype, str) and dtype in allowed else ""
+        supported = ", ".join(str(d) for d in allowed.values())
         raise GraphError(f"{what}: dtype {dtype!r} is not supported; use one of {supported}{hint}")
+
+
+def tensor_problem(t: torch.Tensor) -> str | None:
+    """What makes `t` unusable as graphdl data (None if nothing): graphdl computes on
+    dense (strided) tensors of any layout, not sparse, nested or quantized ones."""
+    if t.layout != torch.strided:
+        return f"is a {str(t.layout).removeprefix('torch.')} tensor; convert it with .to_dense()"
+    if t.is_nested:
+        return "is a nested tensor; pad it to a dense tensor first"
+    if t.is_quantized:
+        return "is a quantized tensor; convert it with .dequantize()"
+    return None
+
+
+def check_param_tensor(what: str, t: Any) -> None:
+    """A param's tensor must be a dense tensor of a floating dtype the IR has (indices, i64, are inputs)."""
+    if not isinstance(t, torch.Tensor):
+        raise GraphError(f"{what}: its value must be a torch.Tensor, got {type(t).__name__}")
+    problem = tensor_problem(t)
+    if problem:
+        raise GraphError(f"{what} {problem}")
+    if t.dtype not in FLOAT_DTYPES.values():
+        supported = ", ".join(str(d) for d in FLOAT_DTYPES.values())
+        raise GraphError(f"{what}: dtype {t.dtype} is not supported; use a floating dtype: one of {supported}")
 
 
 # -- users' settings ------------------------------------------------------------------
@@ -196,12 +228,16 @@ def real(name: str, value: Any, low: float = -math.inf, high: float = math.inf, 
         number = float(value)
     except OverflowError:  # 10**400, or a Fraction of huge ints
         raise ValueError(f"{name}={shown(value)} is too large for a float; {name} must be a finite number "
-                         f"in [{low}, {high}{')' if high_open else ']'}") from None
+                         f"in {_interval(low, high, high_open)}") from None
     if not math.isfinite(number):
         raise ValueError(f"{name} must be a finite number, got {shown(value)}")
     if number < low or number > high or (high_open and number == high):
-        raise ValueError(f"{name} must be in [{low}, {high}{')' if high_open else ']'}, got {shown(value)}")
+        raise ValueError(f"{name} must be in {_interval(low, high, high_open)}, got {shown(value)}")
     return number
+
+
+def _interval(low: float, high: float, high_open: bool) -> str:
+    return f"[{low}, {high}{')' if high_open else ']'}"
 
 
 def flag(name: str, value: Any) -> bool:

@@ -19,7 +19,6 @@ rank (`shard`; graphdl.batches.Sharded walks a rank's share of an epoch).
 from __future__ import annotations
 
 import atexit
-import math
 import os
 import threading
 import time
@@ -30,6 +29,8 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
+
+from .checks import NumberText, real, shown, whole_number
 
 DEFAULT_TIMEOUT_S = 300.0  # how long a collective waits for the other ranks before naming the one missing
 HEARTBEAT_S = 1.0  # how often each rank says it is alive, in the rendezvous store
@@ -71,29 +72,49 @@ def init(backend: str | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> Rank
         `Rank(rank, world_size)`; `Rank(0, 1)` outside torchrun (no process group then).
         Calling it again returns the same.
     """
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
-        raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+    timeout = _check_timeout(timeout)
     if is_initialized():
         return Rank(rank(), world_size())
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return Rank(0, 1)  # a plain `python script.py`: one process, nothing to join
+    _join(_backend(backend), timeout)
+    _Heartbeat.start(timeout)
+    atexit.unregister(shutdown)  # once, however often the job is joined
+    atexit.register(shutdown)
+    return Rank(rank(), world_size())
+
+
+def _check_timeout(timeout: Any) -> float:
+    """The timeout as seconds: a finite real number (checks.real's) above 0."""
+    try:
+        seconds = real("timeout", timeout, 0.0)
+    except ValueError:
+        seconds = 0.0
+    if seconds == 0:
+        raise ValueError(f"timeout must be a number of seconds > 0, got {shown(timeout)}")
+    return seconds
+
+
+def _backend(backend: str | None) -> str:
+    """The backend asked for, or by default NCCL when CUDA is available, else gloo."""
     if not dist.is_available():
         raise ValueError("this torch build has no torch.distributed; install a build with it to run under torchrun")
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' (CPU) or 'nccl' (CUDA), got {backend!r}")
+    return backend
+
+
+def _join(backend: str, timeout: float) -> None:
+    """Join the process group torchrun's environment describes (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT)."""
     if backend == "nccl":
         torch.cuda.set_device(_env_int("LOCAL_RANK", 0))
-    try:  # torchrun's environment: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
+    try:
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
     except (ValueError, RuntimeError) as e:
         raise ValueError(f"gd.distributed.init could not join the job ({e}); launch the script with "
                          f"`{LAUNCH}`, which sets RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT") from e
-    _Heartbeat.start(timeout)
-    atexit.unregister(shutdown)  # once, however often the job is joined
-    atexit.register(shutdown)
-    return Rank(rank(), world_size())
 
 
 def is_initialized() -> bool:
@@ -152,9 +173,20 @@ def spans_processes(what: str) -> bool:
 
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name, str(default))
-    if not value.isdigit():
+    number = _digits(value)
+    if number is None:
         raise ValueError(f"environment variable {name}={value!r} must be a whole number (torchrun sets it)")
-    return int(value)
+    return number
+
+
+def _digits(text: str) -> int | None:
+    """The whole number that `text`, ASCII digits only, spells (torchrun's environment, the
+    heartbeats in the store), or None: '²'.isdigit() is True, yet int() cannot read it, and
+    a run of digits too long to be in any range (checks.whole_number) is none either."""
+    if not (text.isascii() and text.isdigit()):
+        return None
+    number = whole_number(text)
+    return None if isinstance(number, NumberText) else number
 
 
 # -- lost ranks ---------------------------------------------------------------------------
@@ -204,8 +236,8 @@ class _Heartbeat:
 
 
 def _store_address() -> tuple[str, int] | None:
-    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT", "")
-    return (addr, int(port)) if addr and port.isdigit() else None
+    addr, port = os.environ.get("MASTER_ADDR"), _digits(os.environ.get("MASTER_PORT", ""))
+    return (addr, port) if addr and port is not None else None
 
 
 def _store(timeout: float) -> dist.TCPStore:
@@ -224,9 +256,9 @@ def _read_beats(store: dist.TCPStore, world: int) -> dict[int, tuple[int, int]]:
     beats = {}
     for r in range(world):
         if store.check([_beat_key(r)]):
-            fields = store.get(_beat_key(r)).decode(errors="replace").split()
-            if len(fields) == 2 and all(f.isdigit() for f in fields):
-                beats[r] = (int(fields[0]), int(fields[1]))
+            fields = [_digits(f) for f in store.get(_beat_key(r)).decode(errors="replace").split()]
+            if len(fields) == 2 and None not in fields:
+                beats[r] = (fields[0], fields[1])
     return beats
 
 
@@ -257,8 +289,15 @@ def _find_lost(me: int, world: int) -> tuple[list[int], str, bool]:
     except Exception:  # noqa: BLE001 - the store's host is what is gone
         return [0], (f"the rendezvous store at {address[0]}:{address[1]} does not answer, so the process hosting it "
                      "is gone: rank 0 (or torchrun's agent on the first node)"), False
+    return _judge_beats(me, world, before, after)
+
+
+def _judge_beats(me: int, world: int, before: dict[int, tuple[int, int]],
+                 after: dict[int, tuple[int, int]]) -> tuple[list[int], str, bool]:
+    """_find_lost's verdict from the two readings: the ranks whose beat stopped, else those
+    issuing fewer collectives than this rank, else none."""
     others = [r for r in range(world) if r != me]
-    silent = [r for r in others if r not in after or after[r][0] == before.get(r, (None,))[0]]
+    silent = _silent(others, before, after)
     if silent:
         return silent, (f"{_ranks(silent, world)} stopped sending heartbeats: the process died, was killed or is "
                         "frozen"), False
@@ -268,6 +307,11 @@ def _find_lost(me: int, world: int) -> tuple[list[int], str, bool]:
         return behind, (f"{_ranks(behind, world)} still beating but behind: issued {issued} collectives to this "
                         f"rank's {_Heartbeat.issued}, so stuck or running other code"), True
     return [], "every rank still sends heartbeats, so no rank could be named", False
+
+
+def _silent(ranks: list[int], before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]]) -> list[int]:
+    """The `ranks` whose beat is gone or did not move between the two readings."""
+    return [r for r in ranks if r not in after or after[r][0] == before.get(r, (None,))[0]]
 
 
 def _ranks(ranks: list[int], world: int) -> str:

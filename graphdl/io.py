@@ -31,14 +31,14 @@ import json
 import math
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import safetensors.torch
 import torch
 
-from .checks import DTYPES, GraphError, NumberText, format_type, read_int, read_shape, show_number, whole_number
+from .checks import FLOAT_DTYPES, GraphError, NumberText, format_type, read_int, read_shape, show_number
+from .files import as_path, atomic_write, read_bytes, read_json
 from .ir import Graph
 from .losses import LOSSES, Loss
 from .text import parse
@@ -53,11 +53,6 @@ TEXT_SUFFIXES = (".txt", ".gdir")
 _MAX_HEADER = 100_000_000  # safetensors' own limit; a bigger "length" means this is not one
 
 
-def _as_path(path: object) -> Path:
-    """The path as a Path, or a GraphError for something that is no path (None, a number)."""
-    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
-        raise GraphError(f"expected a file path (a str or pathlib.Path), got {path!r}")
-    return Path(path)
 
 
 def save_model(model: Sequential, path: str | os.PathLike[str], state: dict[str, torch.Tensor] | None = None,
@@ -84,14 +79,14 @@ def save_model(model: Sequential, path: str | os.PathLike[str], state: dict[str,
         metadata["loss"] = model.loss.name  # evaluate's default, and how it reads a prediction as a class
     if state_info:
         metadata["state"] = state_info
-    path = _as_path(path)
+    path = as_path(path)
     data = _encode(path, MODEL_FORMAT, metadata,
                    {**weights, **{STATE_PREFIX + name: t for name, t in (state or {}).items()}})
     try:  # a file that save writes is one that load reads: refuse it now, while the model is still here
         _model_from_bytes(path, data, type(model))
     except GraphError as e:
         raise GraphError(f"save: {path} would not load back, so nothing was written: {e}") from None
-    _atomic_write(path, data)
+    atomic_write(path, data)
 
 
 STATE_PREFIX = "state/"  # tensors a checkpoint keeps beside the weights; no param name has a '/'
@@ -109,8 +104,8 @@ def load_model(path: str | os.PathLike[str],
             pickle, a zip, a bare graph, another program's safetensors file), or its
             weights do not match the shapes its IR declares.
     """
-    path = _as_path(path)
-    return _model_from_bytes(path, _read_bytes(path), model_class)
+    path = as_path(path)
+    return _model_from_bytes(path, read_bytes(path), model_class)
 
 
 def _model_from_bytes(path: Path, data: bytes,
@@ -146,13 +141,13 @@ def _model_from(path: Path, layers: str, ties: str, graph: Graph, model_class: t
     the weights `graph` (the file's IR) holds. Its layers must rebuild exactly that IR, or
     the model would run a different network than the one the file describes."""
     try:
-        config = _read_json(layers)
+        config = read_json(layers)
         _check_config(config)
         # On the meta device: a crafted width allocates nothing, and no random initial
         # weights are drawn (which would advance torch's global RNG) only to be overwritten.
         with torch.device("meta"):
-            model = model_class.from_config(config)
-            _tie(model, _read_json(ties))
+            model = model_class.from_config(config, input_shape=_input_shape(graph))
+            _tie(model, read_json(ties))
             params = model.state()
             rebuilt = str(model.graph())
     except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
@@ -171,10 +166,18 @@ def _model_from(path: Path, layers: str, ties: str, graph: Graph, model_class: t
     if rebuilt != stored:
         raise GraphError(f"{path}: the file's IR and its layer list disagree ({_first_difference(stored, rebuilt)}), "
                          "so the model would not be the network the IR describes; the file is corrupt or was edited")
-    owners = {name: owner for name, owner in model._owners().items()}
-    for name, layer, short, _, _ in model._places():
+    owners = {name: owner for name, owner in model.owners().items()}
+    for name, layer, short, _, _ in model.places():
         setattr(layer, short, graph.params[owners[name]].data)
     return model
+
+
+def _input_shape(graph: Graph) -> tuple | None:
+    """The shape of one example the file's IR takes (its input x without the batch dim),
+    which the layers' own declarations may not say (an Embedding of sequences); the
+    model's constructor checks it, and the IR it rebuilds must match the file's."""
+    x = graph.inputs.get("x")
+    return None if x is None or not x.shape else x.shape[1:]
 
 
 def _tie(model: Sequential, ties: Any) -> None:
@@ -182,7 +185,7 @@ def _tie(model: Sequential, ties: Any) -> None:
     place it shares, after checking that both exist and can hold one tensor."""
     if not isinstance(ties, dict):
         raise ValueError("the ties must be a JSON object of place names")
-    places = {name: (layer, short, t) for name, layer, short, _, t in model._places()}
+    places = {name: (layer, short, t) for name, layer, short, _, t in model.places()}
     order = list(places)
     for name, owner in ties.items():
         if not isinstance(owner, str) or name not in places or owner not in places:
@@ -210,15 +213,25 @@ def _first_difference(stored: str, rebuilt: str) -> str:
 
 def _check_config(config: Any) -> None:
     """Only plain settings reach the layer classes: a list of {"type": name, ...} of JSON
-    scalars, with dtypes from graphdl's fixed list (so no name is looked up on torch blindly)."""
+    scalars (or flat lists of them), with dtypes from graphdl's fixed list (so no name is
+    looked up on torch blindly)."""
     if not isinstance(config, list) or not all(isinstance(spec, dict) for spec in config):
         raise ValueError("expected a list of layer settings")
-    dtypes = {str(t).removeprefix("torch.") for t in DTYPES.values()}
+    dtypes = {str(t).removeprefix("torch.") for t in FLOAT_DTYPES.values()}
     for k, spec in enumerate(config):
-        if not all(isinstance(v, (str, int, float, bool)) or v is None for v in spec.values()):
-            raise ValueError(f"layer {k}: settings must be plain numbers and strings, got {spec}")
-        if "dtype" in spec and spec["dtype"] not in dtypes:
-            raise ValueError(f"layer {k}: dtype {spec['dtype']!r} is not one of {sorted(dtypes)}")
+        _check_layer_settings(k, spec, dtypes)
+
+
+def _plain(value: Any) -> bool:
+    return isinstance(value, (str, int, float, bool)) or value is None
+
+
+def _check_layer_settings(k: int, spec: dict[str, Any], dtypes: set[str]) -> None:
+    if not all(_plain(v) or isinstance(v, list) and all(_plain(e) for e in v) for v in spec.values()):
+        raise ValueError(f"layer {k}: settings must be plain numbers and strings (or lists of them, such as a "
+                         f"Reshape's shape), got {spec}")
+    if "dtype" in spec and spec["dtype"] not in dtypes:
+        raise ValueError(f"layer {k}: dtype {spec['dtype']!r} is not one of {sorted(dtypes)}")
 
 
 def save_graph(graph: Graph, path: str | os.PathLike[str]) -> None:
@@ -231,9 +244,9 @@ def save_graph(graph: Graph, path: str | os.PathLike[str]) -> None:
     """
     if not isinstance(graph, Graph):
         raise GraphError(f"save_graph takes a gd.Graph, got {type(graph).__name__}; save a model with model.save")
-    path = _as_path(path)
+    path = as_path(path)
     if path.suffix.lower() in TEXT_SUFFIXES:
-        _atomic_write(path, (str(graph) + "\n").encode())
+        atomic_write(path, (str(graph) + "\n").encode())
     else:
         _write(path, GRAPH_FORMAT, {"ir": str(graph)}, {n: v.data for n, v in graph.params.items()})
 
@@ -251,8 +264,8 @@ def load_graph(path: str | os.PathLike[str]) -> Graph:
     Raises:
         GraphError: as `load`, naming what is wrong with the file.
     """
-    path = _as_path(path)
-    data = _read_bytes(path)
+    path = as_path(path)
+    data = read_bytes(path)
     if _is_ir_text(data):
         try:
             return parse(data.decode())
@@ -279,7 +292,7 @@ def _is_ir_text(data: bytes) -> bool:
 
 
 def _write(path: Path, kind: str, metadata: dict[str, str], weights: dict[str, torch.Tensor]) -> None:
-    _atomic_write(path, _encode(path, kind, metadata, weights))
+    atomic_write(path, _encode(path, kind, metadata, weights))
 
 
 def _encode(path: Path, kind: str, metadata: dict[str, str], weights: dict[str, torch.Tensor]) -> bytes:
@@ -293,65 +306,12 @@ def _encode(path: Path, kind: str, metadata: dict[str, str], weights: dict[str, 
     return safetensors.torch.save(tensors, metadata={"format": kind, "version": FORMAT_VERSION, **metadata})
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` so that a reader sees the old file or the new, never half.
-    A symlink stays a link: the file it points to is what gets replaced."""
-    shown = str(path)
-    if path.is_symlink():
-        target = Path(os.path.realpath(path))
-        shown, path = f"{path} (a link to {target})", target
-    folder = path.parent
-    if not folder.is_dir():
-        raise GraphError(f"cannot save to {shown}: the folder {folder} does not exist; create it first")
-    try:
-        mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except OSError as e:
-        raise GraphError(f"cannot save to {shown}: {e.strerror}") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)  # mkstemp makes it private; give it the mode a plain open() would
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise GraphError(f"cannot save to {shown}: {e.strerror or e}; the previous file is unchanged") from None
-        raise
-    _fsync_folder(folder)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
-def _fsync_folder(folder: Path) -> None:
-    # The rename is durable only once the folder's entry is on disk; not every OS allows this.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
-def _read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise GraphError(f"{path}: no such file; check the path (save one with model.save or gd.save_graph)") from None
-    except IsADirectoryError:
-        raise GraphError(f"{path}: is a folder, not a model file") from None
-    except OSError as e:
-        raise GraphError(f"{path}: cannot read it: {e.strerror or e}") from None
 
 
 def file_format(path: str | os.PathLike[str]) -> str:
@@ -360,7 +320,7 @@ def file_format(path: str | os.PathLike[str]) -> str:
     Raises:
         GraphError: the file is missing or not a graphdl file, saying what it looks like.
     """
-    path = _as_path(path)
+    path = as_path(path)
     try:
         with path.open("rb") as f:
             head = f.read(4096)
@@ -371,7 +331,7 @@ def file_format(path: str | os.PathLike[str]) -> str:
                 head += f.read(max(0, 8 + length - len(head)))
             size = os.fstat(f.fileno()).st_size
     except OSError:
-        _read_bytes(path)  # raises, naming what is wrong
+        read_bytes(path)  # raises, naming what is wrong
         raise
     return _check_header(path, head, size)[0]["format"]
 
@@ -383,27 +343,54 @@ def _check_header(path: Path, data: bytes, size: int) -> tuple[dict[str, str], d
     Returns:
         The metadata, the whole header and the header's length.
     """
-    not_ours = f"{path}: is not a graphdl model file"
     length = struct.unpack("<Q", data[:8])[0] if size >= 8 else None
-    header: Any = None
-    if length is not None and length <= _MAX_HEADER and 8 + length <= size:
-        try:
-            header = _read_json(data[8:8 + length])
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
-            pass
-    if header is None:  # not safetensors: say what it is instead
-        if (data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or data[:4] == b"PK\x03\x04":
-            what = "a Python pickle" if data[:1] == b"\x80" else "a zip archive (e.g. from torch.save)"
-            raise GraphError(f"{not_ours}: it looks like {what}, which graphdl never loads because unpickling "
-                             "can run code; re-save the model with graphdl's model.save")
-        if length is None:
-            raise GraphError(f"{not_ours}: it is only {size} bytes long (empty or truncated)")
-        if length > _MAX_HEADER:
-            raise GraphError(f"{not_ours}: it does not start with a safetensors header")
-        if 8 + length > size:
-            raise GraphError(f"{path}: the file is truncated or not a graphdl model file: its header alone "
-                             f"needs {8 + length} bytes but the file has {size}")
-        raise GraphError(f"{not_ours}: its header is not JSON (not a safetensors file, or corrupt)")
+    header = _header_json(data, size, length)
+    if header is None:
+        raise _not_safetensors(path, data, size, length)
+    metadata = _graphdl_metadata(path, header)
+    _check_metadata_values(path, metadata)
+    return metadata, header, length
+
+
+def _header_json(data: bytes, size: int, length: int | None) -> Any:
+    """The header's JSON, or None if the file holds no header of that `length` or it is not JSON."""
+    if length is None or length > _MAX_HEADER or 8 + length > size:
+        return None
+    try:
+        return read_json(data[8:8 + length])
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+
+
+def _not_safetensors(path: Path, data: bytes, size: int, length: int | None) -> GraphError:
+    """The error for a file that is not a safetensors container, saying what it is instead."""
+    not_ours = f"{path}: is not a graphdl model file"
+    what = _pickle_or_zip(data)
+    if what is not None:
+        return GraphError(f"{not_ours}: it looks like {what}, which graphdl never loads because unpickling "
+                          "can run code; re-save the model with graphdl's model.save")
+    if length is None:
+        return GraphError(f"{not_ours}: it is only {size} bytes long (empty or truncated)")
+    if length > _MAX_HEADER:
+        return GraphError(f"{not_ours}: it does not start with a safetensors header")
+    if 8 + length > size:
+        return GraphError(f"{path}: the file is truncated or not a graphdl model file: its header alone "
+                          f"needs {8 + length} bytes but the file has {size}")
+    return GraphError(f"{not_ours}: its header is not JSON (not a safetensors file, or corrupt)")
+
+
+def _pickle_or_zip(data: bytes) -> str | None:
+    """What torch.save and pickle files look like from their first bytes, or None."""
+    if data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a Python pickle"
+    if data[:4] == b"PK\x03\x04":
+        return "a zip archive (e.g. from torch.save)"
+    return None
+
+
+def _graphdl_metadata(path: Path, header: Any) -> dict[str, str]:
+    """The header's metadata, if it is graphdl's, of the format version this graphdl reads."""
+    not_ours = f"{path}: is not a graphdl model file"
     if not isinstance(header, dict):
         raise GraphError(f"{not_ours}: its header is not a JSON object (corrupt)")
     metadata = header.get("__metadata__")
@@ -413,6 +400,11 @@ def _check_header(path: Path, data: bytes, size: int) -> tuple[dict[str, str], d
     if metadata.get("version") != FORMAT_VERSION:
         raise GraphError(f"{path}: format version {metadata.get('version')!r} is not one this graphdl reads "
                          f"({FORMAT_VERSION!r}); load it with the graphdl that wrote it")
+    return metadata
+
+
+def _check_metadata_values(path: Path, metadata: dict[str, Any]) -> None:
+    """The metadata holds the IR (and a model's layer list), and only strings, as safetensors' does."""
     if not isinstance(metadata.get("ir"), str) or (metadata["format"] == MODEL_FORMAT and
                                                     not isinstance(metadata.get("layers"), str)):
         raise GraphError(f"{path}: the file's metadata lacks its IR or layer list; the file is corrupt")
@@ -420,19 +412,6 @@ def _check_header(path: Path, data: bytes, size: int) -> tuple[dict[str, str], d
     if odd:
         raise GraphError(f"{path}: the file's metadata {odd[0]!r} is {show_number(metadata[odd[0]])}; safetensors "
                          "metadata holds strings only, so the file is corrupt")
-    return metadata, header, length
-
-
-def _read_json(text: bytes | str) -> Any:
-    """JSON whose numbers reach their field's reader (read_int, read_shape) as they were
-    written: an integer too long to be in range, a float beyond float64 (1e400), NaN and
-    Infinity stay text (NumberText), so the reader can refuse them by name."""
-    return json.loads(text, parse_int=whole_number, parse_float=_json_float, parse_constant=NumberText)
-
-
-def _json_float(text: str) -> float | NumberText:
-    number = float(text)
-    return number if math.isfinite(number) else NumberText(text)
 
 
 def _decode(path: Path, data: bytes) -> tuple[str, dict[str, str], dict[str, torch.Tensor]]:
@@ -469,6 +448,20 @@ def _entry_span(path: Path, name: str, entry: Any, size: int) -> tuple[int, int]
     graphdl uses, a shape and data_offsets of whole numbers, and a span that fits the
     data and matches the shape."""
     field = f"weight {name!r}"
+    dtype = _entry_dtype(path, field, entry)
+    shape, begin, end = _entry_numbers(path, field, entry, dtype)
+    if end > size:
+        raise GraphError(f"{path}: the file is truncated: {field} ends at byte {end} of the data, which has only "
+                         f"{size} bytes; save it again")
+    needed = math.prod(shape) * dtype.itemsize
+    if end - begin != needed:
+        raise GraphError(f"{path}: {field} spans {end - begin} bytes, but its shape {list(shape)} of "
+                         f"{entry['dtype']} needs {needed}; the file is corrupt")
+    return begin, end
+
+
+def _entry_dtype(path: Path, field: str, entry: Any) -> torch.dtype:
+    """The dtype of an entry that holds exactly dtype, shape and data_offsets."""
     if not isinstance(entry, dict) or sorted(entry) != ["data_offsets", "dtype", "shape"]:
         raise GraphError(f"{path}: the header entry of {field} must hold exactly dtype, shape and data_offsets; "
                          "the file is corrupt")
@@ -476,6 +469,11 @@ def _entry_span(path: Path, name: str, entry: Any, size: int) -> tuple[int, int]
     if dtype is None:
         raise GraphError(f"{path}: {field} has dtype {show_number(entry['dtype'])}; graphdl weights are "
                          f"{', '.join(_WEIGHT_DTYPES)}, so the file is corrupt or not graphdl's")
+    return dtype
+
+
+def _entry_numbers(path: Path, field: str, entry: dict[str, Any], dtype: torch.dtype) -> tuple[tuple, int, int]:
+    """An entry's shape and data offsets (begin, end), each read by its checked reader."""
     offsets = entry["data_offsets"]
     if not isinstance(entry["shape"], list) or not isinstance(offsets, list) or len(offsets) != 2:
         raise GraphError(f"{path}: {field}'s shape and data_offsets must be lists (data_offsets of two numbers, "
@@ -486,14 +484,7 @@ def _entry_span(path: Path, name: str, entry: Any, size: int) -> tuple[int, int]
         end = read_int(offsets[1], f"{field} data_offsets[1]", low=begin)
     except GraphError as e:
         raise GraphError(f"{path}: {e}; the file is corrupt") from None
-    if end > size:
-        raise GraphError(f"{path}: the file is truncated: {field} ends at byte {end} of the data, which has only "
-                         f"{size} bytes; save it again")
-    needed = math.prod(shape) * dtype.itemsize
-    if end - begin != needed:
-        raise GraphError(f"{path}: {field} spans {end - begin} bytes, but its shape {list(shape)} of "
-                         f"{entry['dtype']} needs {needed}; the file is corrupt")
-    return begin, end
+    return shape, begin, end
 
 
 def _graph_from(path: Path, metadata: dict[str, str], weights: dict[str, torch.Tensor]) -> Graph:

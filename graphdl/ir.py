@@ -12,80 +12,31 @@ is what passes and tests run after touching a graph.
 from __future__ import annotations
 
 import contextlib
-import functools
-import gc
 import itertools
 import numbers
-import os
-import sys
 from collections.abc import Callable, Iterator, KeysView, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .building import caller_location
 from .checks import (
-    DTYPE_NAMES,
-    DTYPES,
     GraphError,
     Shape,
     ShapeError,
     check_dtype,
+    check_param_tensor,
     dtype_name,
     format_type,
     read_float,
+    read_int,
     read_shape,
+    show_number,
 )
 
 if TYPE_CHECKING:
     from .ops.registry import OpDef
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
-# Frames a user's call passes through on its way into graphdl but did not write: graphdl's
-# own, and torch's decorators (fit runs under @torch.inference_mode()).
-_NOT_USER_CODE = (_PACKAGE_DIR, os.path.dirname(os.path.abspath(torch.__file__)))
-
-
-def caller_location() -> str:
-    """file:line of the innermost frame outside graphdl (and torch), where the user built a node."""
-    frame = sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename.startswith(_NOT_USER_CODE):
-        frame = frame.f_back
-    if frame is None:
-        return "<graphdl>"
-    return f"{_display_path(frame.f_code.co_filename, os.getcwd())}:{frame.f_lineno}"
-
-
-@functools.lru_cache(maxsize=256)
-def _display_path(filename: str, cwd: str) -> str:
-    # Cached: os.path.relpath costs 5 µs, paid once per node built: a third of grad's time.
-    return os.path.relpath(filename, cwd)
-
-
-def pauses_gc(fn: Callable[P, R]) -> Callable[P, R]:
-    """Run `fn` (grad, parse, compile: each builds a graph node by node) with Python's
-    cycle collector paused; it runs again, as usual, once `fn` returns.
-
-    Every full collection walks every object alive, and one comes each time the heap
-    grows by a quarter, so building a graph of n nodes walks the objects of the n
-    already built again and again: on a 44,000-node gradient graph grad + print +
-    parse + compile took 5.3 s of CPU time with the collector running, 3.3 s with it
-    paused here.
-    """
-    @functools.wraps(fn)
-    def paused(*args: P.args, **kwargs: P.kwargs) -> R:
-        if not gc.isenabled():
-            return fn(*args, **kwargs)
-        gc.disable()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            gc.enable()
-    return paused
-
 
 class Uses:
     """The nodes that read a value, once per read (mul(y, y) reads y twice), in the order
@@ -227,7 +178,7 @@ class Graph:
     """
 
     def __init__(self, name: str = "graph") -> None:
-        if not isinstance(name, str) or not _is_identifier(name):
+        if not isinstance(name, str) or not is_identifier(name):
             raise GraphError(f"graph name {name!r} must be a str of ASCII letters, digits, '_' and '.' "
                              "(e.g. 'tiny' or 'disk.v2'), so that its text IR parses back")
         self.name = name
@@ -252,7 +203,7 @@ class Graph:
     # -- building -------------------------------------------------------------------
 
     def _check_new_name(self, name: str) -> None:
-        if not isinstance(name, str) or not name or not _is_identifier(name):
+        if not isinstance(name, str) or not name or not is_identifier(name):
             raise GraphError(
                 f"graph {self.name}: name {name!r} is not valid; use dotted parts of ASCII letters, "
                 "digits and '_', none of them empty (e.g. 'x', 'fc0.weight' or '0.bias')"
@@ -261,20 +212,18 @@ class Graph:
             raise GraphError(f"graph {self.name}: {name!r} is already defined; pick another name")
 
     def input(self, name: str, shape: Sequence[int | str | None], dtype: torch.dtype = torch.float32) -> Value:
-        """Declare a graph input. `None` in `shape` is the batch dimension, named "N"."""
+        """Declare a graph input. `None` in `shape` is the batch dimension, named "N".
+        `dtype` is a floating dtype, or torch.int64 for indices (what `index_select` and
+        gd.Embedding read), which take no gradient."""
         self._check_new_name(name)
-        check_dtype(f"input {name}", dtype)
+        check_dtype(f"input {name}", dtype, integer=True)
         try:
             dims = tuple("N" if d is None else d for d in shape)
         except TypeError:
             raise GraphError(f"input {name}: shape must be a sequence such as (None, 2), got {shape!r}") from None
-        for d in dims:
-            valid_int = isinstance(d, int) and not isinstance(d, bool) and d >= 0
-            if not valid_int and not (isinstance(d, str) and d.isidentifier()):
-                raise GraphError(
-                    f"input {name}: dimension {d!r} in shape {shape!r} must be a non-negative int, "
-                    "None (the batch dimension) or a symbol name such as 'N'"
-                )
+        for i, d in enumerate(dims):
+            if not (isinstance(d, str) and d.isidentifier()):
+                _check_input_dim(name, shape, i, d)
         value = Value(self, name, read_shape(dims, f"input {name}", dtype), dtype)
         self.inputs[name] = value
         return value
@@ -461,20 +410,29 @@ class Graph:
         """Make output `index` return `value` instead, keeping its label (or giving it `label`)."""
         if not isinstance(value, Value) or value.graph is not self:
             raise GraphError(f"graph {self.name}: output {value!r} is not a value of this graph")
-        count = len(self._outputs)
-        if isinstance(index, bool) or not isinstance(index, int) or not -count <= index < count:
-            raise GraphError(f"graph {self.name}: no output {index!r}; it has {len(self._outputs)}")
+        index = self._output_index(index)
         if label is not None:
-            if not isinstance(label, str) or (label and not _is_label(label)):
-                raise GraphError(f"graph {self.name}: output label {label!r} must be made of letters, digits and "
-                                 "_ . / : - ' (e.g. 'd/dw')")
-            self._labels[index] = label
+            self._labels[index] = self._checked_label(label)
         old = self._outputs[index]
         self._outputs[index] = value
         self._returned[old] -= 1
         if not self._returned[old]:
             del self._returned[old]
         self._returned[value] = self._returned.get(value, 0) + 1
+
+    def _output_index(self, index: Any) -> int:
+        """`index` if it is one of the outputs' (from the front, or from the back if negative)."""
+        count = len(self._outputs)
+        try:
+            return read_int(index, "output index", -count, count - 1)
+        except GraphError:
+            raise GraphError(f"graph {self.name}: no output {show_number(index)}; it has {count}") from None
+
+    def _checked_label(self, label: Any) -> str:
+        if not isinstance(label, str) or (label and not _is_label(label)):
+            raise GraphError(f"graph {self.name}: output label {label!r} must be made of letters, digits and "
+                             "_ . / : - ' (e.g. 'd/dw')")
+        return label
 
     # -- algorithms -------------------------------------------------------------------
 
@@ -496,35 +454,51 @@ class Graph:
         defined: set[Value] = {*self.inputs.values(), *self.params.values()}
         uses: dict[Value, int] = {}
         for k, node in enumerate(self.nodes):
-            for v in node.inputs:
-                if v.graph is not self:
-                    raise GraphError(f"{self._where(k, node)} uses a value of another graph")
-                if v not in defined:
-                    if v.node is not None and v.node not in self._order:
-                        raise GraphError(f"{self._where(k, node)} uses the value of a removed node "
-                                         f"({v.node.op.name}); build it again or stop using it")
-                    # So every edge runs from an earlier node to a later one: no cycle can pass
-                    # this check (a networkx cycle search after it doubled verify's time).
-                    raise GraphError(f"{self._where(k, node)} uses {v.label} before it is defined "
-                                     "(order is not topological)")
-                uses[v] = uses.get(v, 0) + 1
-            if node.out.node is not node or node.out.graph is not self:
-                raise GraphError(f"{self._where(k, node)}: its output does not point back to it")
-            if node.out in defined:
-                raise GraphError(f"{self._where(k, node)}: its output is defined twice (not SSA)")
-            try:
-                shape, dtype, _ = node.op.infer(node.inputs, node.attrs)
-            except ShapeError as e:
-                raise GraphError(f"{self._where(k, node)}: {e.message}") from None
-            if shape != node.out.shape or dtype != node.out.dtype:
-                raise GraphError(
-                    f"{self._where(k, node)}: output is {format_type(node.out.dtype, node.out.shape)} "
-                    f"but the op's rule gives {format_type(dtype, shape)}"
-                )
+            self._verify_reads(k, node, defined, uses)
+            self._verify_node(k, node, defined)
             defined.add(node.out)
+        self._verify_use_lists(uses)
+        self._verify_outputs(defined)
+
+    def _verify_reads(self, k: int, node: Node, defined: set[Value], uses: dict[Value, int]) -> None:
+        """Node k reads values of this graph defined before it; count each read in `uses`."""
+        for v in node.inputs:
+            if v.graph is not self:
+                raise GraphError(f"{self._where(k, node)} uses a value of another graph")
+            if v not in defined:
+                if v.node is not None and v.node not in self._order:
+                    raise GraphError(f"{self._where(k, node)} uses the value of a removed node "
+                                     f"({v.node.op.name}); build it again or stop using it")
+                # So every edge runs from an earlier node to a later one: no cycle can pass
+                # this check (a networkx cycle search after it doubled verify's time).
+                raise GraphError(f"{self._where(k, node)} uses {v.label} before it is defined "
+                                 "(order is not topological)")
+            uses[v] = uses.get(v, 0) + 1
+
+    def _verify_node(self, k: int, node: Node, defined: set[Value]) -> None:
+        """Node k defines its output, once, of the shape and dtype its op's rule gives."""
+        if node.out.node is not node or node.out.graph is not self:
+            raise GraphError(f"{self._where(k, node)}: its output does not point back to it")
+        if node.out in defined:
+            raise GraphError(f"{self._where(k, node)}: its output is defined twice (not SSA)")
+        try:
+            shape, dtype, _ = node.op.infer(node.inputs, node.attrs)
+        except ShapeError as e:
+            raise GraphError(f"{self._where(k, node)}: {e.message}") from None
+        if shape != node.out.shape or dtype != node.out.dtype:
+            raise GraphError(
+                f"{self._where(k, node)}: output is {format_type(node.out.dtype, node.out.shape)} "
+                f"but the op's rule gives {format_type(dtype, shape)}"
+            )
+
+    def _verify_use_lists(self, uses: dict[Value, int]) -> None:
+        """Every value's use-list holds exactly the reads `uses` counted, by nodes of the graph."""
         for v in [*self.inputs.values(), *self.params.values(), *(n.out for n in self.nodes)]:
             if len(v.users) != uses.get(v, 0) or not self._order.keys() >= v.users.readers():
                 raise GraphError(f"graph {self.name}: the use-list of {v.label} is out of sync")
+
+    def _verify_outputs(self, defined: set[Value]) -> None:
+        """The outputs are values of the graph, and its records of them (which values, their labels) agree."""
         returned: dict[Value, int] = {}
         for v in self.outputs:
             if v not in defined:
@@ -581,28 +555,14 @@ class Graph:
         return mimebundle(self, str(self))
 
 
-def tensor_problem(t: torch.Tensor) -> str | None:
-    """What makes `t` unusable as graphdl data (None if nothing): graphdl computes on
-    dense (strided) tensors of any layout, not sparse, nested or quantized ones."""
-    if t.layout != torch.strided:
-        return f"is a {str(t.layout).removeprefix('torch.')} tensor; convert it with .to_dense()"
-    if t.is_nested:
-        return "is a nested tensor; pad it to a dense tensor first"
-    if t.is_quantized:
-        return "is a quantized tensor; convert it with .dequantize()"
-    return None
-
-
-def check_param_tensor(what: str, t: Any) -> None:
-    """A param's tensor must be a dense tensor of a dtype the IR has."""
-    if not isinstance(t, torch.Tensor):
-        raise GraphError(f"{what}: its value must be a torch.Tensor, got {type(t).__name__}")
-    problem = tensor_problem(t)
-    if problem:
-        raise GraphError(f"{what} {problem}")
-    if t.dtype not in DTYPE_NAMES:
-        supported = ", ".join(str(d) for d in DTYPES.values())
-        raise GraphError(f"{what}: dtype {t.dtype} is not supported; use a floating dtype: one of {supported}")
+def _check_input_dim(name: str, shape: Any, i: int, d: Any) -> None:
+    """Dim i of input `name`, not a symbol, must be a whole number in int64's range (read_int's
+    check: not a bool, a float, a str of digits or a numpy int); the message says what else it may be."""
+    try:
+        read_int(d, f"input {name}: dimension {i}")
+    except GraphError as e:
+        raise GraphError(f"{e}; each dim in shape {shape!r} must be a non-negative int, None (the batch "
+                         "dimension) or a symbol name such as 'N'") from None
 
 
 class _Scope:
@@ -622,7 +582,7 @@ class _Scope:
         self.graph._scope, self.graph._backward = self.saved
 
 
-def _is_identifier(name: str) -> bool:
+def is_identifier(name: str) -> bool:
     """Names such as x, fc0.weight or 0.bias: dotted parts of letters, digits and '_'."""
     return all(part and part.replace("_", "a").isalnum() and part.isascii() for part in name.split("."))
 

@@ -1,19 +1,27 @@
 """Gradient health per layer, in fit's History: `fit(..., monitor=[...])`.
 
-- "grad_norm": the L2 norm of the layer's gradients (all its params together),
+- "grad_norm": the L2 norm of the layer's gradients (all its params together), as the
+  backward pass computed them for the batch (before clip_norm or clip_value, the norm
+  PyTorch's clip_grad_norm_ returns; with accumulate, each batch's own),
   `history["grad_norm/2:Linear"]`;
-- "update_ratio": lr·‖g‖ / ‖w‖, the size of SGD's step against the weights' (without
-  momentum it is the update itself; with momentum γ the steady update is about 1/(1−γ)
-  times it), `history["update_ratio/2:Linear"]`; a healthy run is often near 1e-3;
+- "update_ratio": ‖Δw‖ / ‖w‖, the size of the update the optimizer made to the layer's
+  params against theirs before it (measured, so it is the real step of any optimizer,
+  with its momentum, per-group rates, weight decay, clipping and accumulation: for plain
+  SGD it is lr·‖g‖/‖w‖), `history["update_ratio/2:Linear"]`; a healthy run is often
+  near 1e-3;
 - "dead_relu": the fraction of a ReLU layer's units that are 0 for every example of the
-  batch, `history["dead_relu/1:ReLU"]`.
+  batch (a unit is an output feature, or a channel at one position of a feature map),
+  `history["dead_relu/1:ReLU"]`.
 
-Each is the mean over the epoch's batches. They are computed inside the step, as IR
-nodes appended to its gradient graph (`add_monitors`: per layer the sums of squares of
-its gradients and weights, per ReLU layer the fraction of dead units, each a scalar
-output labelled "gg/<layer>", "ww/<layer>" or "dead/<layer>"); the step keeps each
-batch's on the device, and fit reduces them (`epoch_values`) and reads them in the one
-host sync an epoch already has. Without `monitor` the step's graph is as it was.
+Each is the mean over the epoch's batches ("update_ratio": over its updates). The
+gradient norms and dead fractions are computed inside the step, as IR nodes appended to
+its gradient graph (`add_monitors`: per layer the sum of squares of its gradients, per
+ReLU layer the fraction of dead units, each a scalar output labelled "gg/<layer>" or
+"dead/<layer>", after the loss, the buffers' next values and the gradients); the update
+ratios around the update, from a copy of the params taken before it (`Watch`). The step
+keeps each batch's values on the device, and fit reduces them (`epoch_values`) and reads
+them in the one host sync an epoch already has. Without `monitor` the step's graph and
+its update are as they were.
 """
 
 from __future__ import annotations
@@ -41,22 +49,16 @@ def checked_monitor(monitor: Any) -> tuple[str, ...]:
 
 
 def add_monitors(graph: Graph, wrt: list[str], monitor: tuple[str, ...]) -> Graph:
-    """Append the monitored values to a gradient graph whose outputs are the loss and the
-    gradients of `wrt` (what `grad` gives), as scalar outputs after them; edits and
-    returns `graph`. Their labels say what each is: "gg/<layer>" (the sum of squares of
-    the layer's gradients), "ww/<layer>" (of its params), "dead/<layer>"."""
-    norms, weights = "grad_norm" in monitor or "update_ratio" in monitor, "update_ratio" in monitor
-    gradients = graph.outputs[1:1 + len(wrt)]
-    layers: dict[str, list[tuple[Value, Value]]] = {}
-    for name, g in zip(wrt, gradients):
-        param = graph.value(name)
-        layers.setdefault(_layer(param), []).append((param, g))
+    """Append the monitored values to a gradient graph that outputs the gradients of `wrt`
+    (labelled "d/d<name>", as `grad` makes them), as scalar outputs after every output it
+    has; edits and returns `graph`. Their labels say what each is: "gg/<layer>" (the sum
+    of squares of the layer's gradients), "dead/<layer>"."""
+    position = {label: i for i, label in enumerate(graph.output_labels)}
+    gradients = [graph.outputs[position[f"d/d{name}"]] for name in wrt]
     with graph.scope("monitor"):
-        for layer, members in layers.items():
-            if norms:
-                graph.output(_squares([g for _, g in members]), label=f"gg/{layer}")
-            if weights:
-                graph.output(_squares([p for p, _ in members]), label=f"ww/{layer}")
+        if "grad_norm" in monitor:
+            for layer, members in param_layers(graph, wrt).items():
+                graph.output(_squares([gradients[i] for i in members]), label=f"gg/{layer}")
         if "dead_relu" in monitor:
             for node in [n for n in graph.nodes if n.op is relu and not n.backward and n.out.ndim]:
                 alive = greater(reduce_sum(node.out, axis=0), 0.0)  # a unit is alive if one example lit it
@@ -64,9 +66,17 @@ def add_monitors(graph: Graph, wrt: list[str], monitor: tuple[str, ...]) -> Grap
     return graph
 
 
+def param_layers(graph: Graph, wrt: list[str]) -> dict[str, list[int]]:
+    """The layers of the params `wrt`, in their order: {layer: the positions in wrt of its params}."""
+    layers: dict[str, list[int]] = {}
+    for i, name in enumerate(wrt):
+        layers.setdefault(_layer(graph.value(name)), []).append(i)
+    return layers
+
+
 def _layer(param: Value) -> str:
     """The layer a param belongs to: the scope of the first forward node that reads it."""
-    scopes = [u.scope for u in param.users if not u.backward and u.scope]
+    scopes = [u.scope for u in param.users if not u.backward and u.scope and u.scope != "monitor"]
     return _label(scopes[0] if scopes else param.name)
 
 
@@ -82,31 +92,88 @@ def _squares(values: list[Value]) -> Value:
     return total
 
 
-def history_keys(labels: tuple[str, ...], monitor: tuple[str, ...]) -> list[str]:
-    """The History keys the monitored outputs `labels` give, in `epoch_values`' order."""
-    layers = [label.split("/", 1)[1] for label in labels if label.startswith("gg/")]
+class Watch:
+    """What a monitored step keeps, on the device: each batch's monitored outputs (`rows`)
+    and, for "update_ratio", each update's ‖Δw‖/‖w‖ per layer (`ratios`), measured
+    against a copy of the params taken just before the update (`before_update`,
+    `after_update`). No host sync."""
+
+    def __init__(self, graph: Graph, names: list[str], params: list[torch.Tensor], first: int,
+                 monitor: tuple[str, ...]) -> None:
+        self.first = first  # the index of the first monitored output (after the gradients)
+        self.labels: tuple[str, ...] = graph.output_labels[first:]
+        self.params = params
+        groups = param_layers(graph, names) if "update_ratio" in monitor else {}
+        self.layers = list(groups)
+        self.rows: list[torch.Tensor] = []
+        self.ratios: list[torch.Tensor] = []
+        self._before: list[torch.Tensor] = []
+        self._members: torch.Tensor | None = None
+        if groups:
+            device = params[0].device if params else None
+            members = torch.zeros(len(groups), len(params), dtype=torch.float64)
+            for j, positions in enumerate(groups.values()):
+                members[j, positions] = 1.0
+            self._members = members.to(device)  # [layers, params]: which params each layer holds
+            self._before = [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params]
+
+    def batch(self, out: tuple[torch.Tensor, ...]) -> None:
+        """Keep a batch's monitored outputs (in arena buffers the next batch overwrites)."""
+        if self.labels:
+            self.rows.append(torch.stack([v.reshape(()) for v in out[self.first:]]))
+
+    def before_update(self) -> None:
+        if self._before:
+            torch._foreach_copy_(self._before, self.params)
+
+    def after_update(self) -> None:
+        if not self._before:
+            return
+        moved = torch.stack(torch._foreach_norm(torch._foreach_sub(self.params, self._before), 2.0)).double()
+        held = torch.stack(torch._foreach_norm(self._before, 2.0)).double()
+        tiny = torch.finfo(torch.float64).tiny  # a layer of zeros: a large ratio, not inf
+        self.ratios.append((self._members @ moved.square()).sqrt() / (self._members @ held.square()).sqrt()
+                           .clamp_min(tiny))
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the batches' rows [batches, labels], the updates' ratios [updates, layers]), and forget them."""
+        device = self.params[0].device if self.params else None
+        rows = torch.stack(self.rows) if self.rows else torch.empty(0, len(self.labels), device=device)
+        ratios = torch.stack(self.ratios) if self.ratios else \
+            torch.empty(0, len(self.layers), dtype=torch.float64, device=device)
+        self.rows, self.ratios = [], []
+        return rows, ratios
+
+    def keys(self, monitor: tuple[str, ...]) -> list[str]:
+        """The History keys, in `epoch_values`' order."""
+        return history_keys(self.labels, self.layers, monitor)
+
+
+def history_keys(labels: tuple[str, ...], layers: list[str], monitor: tuple[str, ...]) -> list[str]:
+    """The History keys of the monitored outputs `labels` and update ratios of `layers`."""
+    norms = [label.split("/", 1)[1] for label in labels if label.startswith("gg/")]
     dead = [label.split("/", 1)[1] for label in labels if label.startswith("dead/")]
-    keys = []
-    for name in monitor:
-        keys += [f"{name}/{layer}" for layer in (dead if name == "dead_relu" else layers)]
-    return keys
+    per = {"grad_norm": norms, "update_ratio": layers, "dead_relu": dead}
+    return [f"{name}/{layer}" for name in monitor for layer in per[name]]
 
 
-def epoch_values(labels: tuple[str, ...], rows: torch.Tensor, lr: float,
-                 monitor: tuple[str, ...]) -> dict[str, torch.Tensor]:
+def epoch_values(watch: Watch, monitor: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """Each History key's number for the epoch, a float64 0-d tensor on the device (not
-    yet read): the mean over the batches, `rows` holding one row of the monitored
-    outputs (in `labels`' order) per batch."""
+    yet read): the mean over the epoch's batches (its updates, for "update_ratio")."""
+    rows, ratios = watch.take()
     rows = rows.double()
-    column = {label: rows[:, j] for j, label in enumerate(labels)}
+    column = {label: rows[:, j] for j, label in enumerate(watch.labels)}
+    layer = {name: j for j, name in enumerate(watch.layers)}
     values: dict[str, torch.Tensor] = {}
-    for key in history_keys(labels, monitor):
-        name, layer = key.split("/", 1)
+    for key in watch.keys(monitor):
+        name, of = key.split("/", 1)
         if name == "grad_norm":
-            values[key] = column[f"gg/{layer}"].sqrt().mean()
+            values[key] = column[f"gg/{of}"].sqrt().mean()
         elif name == "update_ratio":
-            tiny = torch.finfo(torch.float64).tiny  # a layer of zeros: a large ratio, not inf
-            values[key] = (lr * column[f"gg/{layer}"].sqrt() / column[f"ww/{layer}"].sqrt().clamp_min(tiny)).mean()
+            values[key] = ratios[:, layer[of]].mean()
         else:
-            values[key] = column[f"dead/{layer}"].mean()
+            values[key] = column[f"dead/{of}"].mean()
     return values
+
+
+__all__ = ["MONITORS", "Watch", "add_monitors", "checked_monitor", "epoch_values", "history_keys", "param_layers"]

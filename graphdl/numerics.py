@@ -17,6 +17,7 @@ and each exp of a value that can overflow.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -150,7 +151,7 @@ RULES: dict[Any, Rule] = {
     ops.log_softmax: lambda n, r: Range(-math.inf, 0.0),
     ops.zeros_like: lambda n, r: ZERO,
     ops.matmul: lambda n, r: _product(r[0], r[1], n.inputs[0].shape[-1]),
-    ops.matmul_tn: lambda n, r: _product(r[0], r[1], n.inputs[0].shape[0]),
+    ops.matmul_tn: lambda n, r: _product(r[0], r[1], n.inputs[0].shape[-2]),
     ops.matmul_nt: lambda n, r: _product(r[0], r[1], n.inputs[0].shape[-1]),
     ops.addmm: lambda n, r: _add(r[0], _product(r[1], r[2], n.inputs[1].shape[-1])),
     ops.transpose: lambda n, r: r[0],
@@ -162,13 +163,155 @@ RULES: dict[Any, Rule] = {
     ops.mse: lambda n, r: _square(_add(r[0], _neg(r[1]))),
     ops.mae: lambda n, r: _abs(_add(r[0], _neg(r[1]))),
     ops.mbe: lambda n, r: _add(r[0], _neg(r[1])),
-    ops.bce_with_logits: lambda n, r: Range(0.0, math.inf),
-    ops.cross_entropy: lambda n, r: Range(0.0, math.inf),
+    # >= 0 for targets that are probabilities (in [0, 1]; cross-entropy's rows of them >= 0)
+    ops.bce_with_logits: lambda n, r: Range(0.0, math.inf) if 0 <= r[1].lo and r[1].hi <= 1 else ANY,
+    ops.cross_entropy: lambda n, r: Range(0.0, math.inf) if r[1].lo >= 0 else ANY,
     ops.relu_backward: lambda n, r: _hull(r[0], ZERO),
     ops.tanh_backward: lambda n, r: _mul(r[0], _add(Range(1.0, 1.0), _neg(_square(r[1])))),
     ops.sigmoid_backward: lambda n, r: _mul(r[0], _mul(r[1], _add(Range(1.0, 1.0), _neg(r[1])))),
     ops.mse_backward: lambda n, r: _hull(_mul(_mul(r[0], _add(r[1], _neg(r[2]))), Range(2.0, 2.0)), ZERO),
 }
+
+
+# -- the rules of the ops beyond the elementwise core: activations, convolution and
+# pooling, normalisation, dropout, shapes and indexing. Each is sound (every value the op
+# can give lies in its range) and, where a tight one would be long to derive, simply
+# loose: `ANY` is always a correct answer.
+
+
+def _ints(value: Any, d: int) -> tuple[int, ...]:
+    return (value,) * d if isinstance(value, int) else tuple(value)
+
+
+def _static(shape: Sequence[Any]) -> int | None:
+    return math.prod(shape) if all(isinstance(d, int) for d in shape) else None
+
+
+def _dipping(fn: Callable[[torch.Tensor], torch.Tensor], a: Range, dtype: torch.dtype, lowest: float) -> Range:
+    """The range of an activation that is 0 at -inf, dips to its minimum at x = `lowest` and
+    then rises without bound (gelu, silu), computed in the value's dtype."""
+    def at(x: float) -> float:
+        if x == -math.inf:
+            return 0.0  # the limit, approached from below
+        if x == math.inf:
+            return math.inf
+        return float(fn(torch.tensor(x, dtype=dtype if dtype.is_floating_point else torch.float64)))
+    ends = [at(a.lo), at(a.hi)]
+    lo = min(min(ends), at(lowest)) if a.lo <= lowest <= a.hi else min(ends)
+    return Range(lo, max(ends))
+
+
+def _leaky(n: Node, r: list[Range]) -> Range:
+    slope = float(n.attrs["negative_slope"])
+    f = lambda x: x if x > 0 else _times(slope, x)  # noqa: E731
+    values = [f(r[0].lo), f(r[0].hi), *([0.0] if r[0].lo <= 0 <= r[0].hi else [])]
+    return Range(min(values), max(values))
+
+
+def _rsqrt(a: Range, dtype: torch.dtype) -> Range:
+    """1/sqrt(x), decreasing on x > 0 (inf at 0, NaN below, which no range holds: unbounded)."""
+    if a.hi <= 0:
+        return ANY
+    hi = math.inf if a.lo <= 0 else float(torch.rsqrt(torch.tensor(a.lo, dtype=dtype)))
+    return Range(float(torch.rsqrt(torch.tensor(a.hi, dtype=dtype))), hi)
+
+
+def _conv(n: Node, r: list[Range]) -> Range:
+    """A convolution: each result a sum of C/groups·kernel products of an input and a weight
+    element (or of zero padding), plus the bias."""
+    w = n.inputs[1]
+    inner = _static(w.shape)
+    total = _sum(_hull(_mul(r[0], r[1]), ZERO), None if inner is None else inner // max(w.shape[0], 1))
+    return _add(total, r[2]) if len(r) > 2 else total
+
+
+def _conv_backward_input(n: Node, r: list[Range]) -> Range:
+    """The input's gradient: each element a sum of at most out/groups·kernel products g·w."""
+    w = n.inputs[2]
+    count = _static(w.shape)
+    groups = int(n.attrs.get("groups", 1))
+    terms = None if count is None else count // max(w.shape[1], 1) // max(groups, 1) or 1
+    return _sum(_hull(_mul(r[0], r[2]), ZERO), terms)
+
+
+def _conv_backward_weight(n: Node, r: list[Range]) -> Range:
+    """The weight's gradient: each element a sum over the examples and output positions of g·x."""
+    g = n.inputs[0]
+    count = _static(g.shape)
+    return _sum(_hull(_mul(r[0], r[1]), ZERO), None if count is None else count // max(g.shape[1], 1))
+
+
+def _window(n: Node) -> int:
+    return math.prod(_ints(n.attrs["kernel_size"], 2))
+
+
+def _padded(n: Node) -> bool:
+    return any(_ints(n.attrs.get("padding", 0), 2))
+
+
+def _var(n: Node, r: list[Range]) -> Range:
+    a = r[0]
+    if n.attrs.get("correction", 0) == 0 and math.isfinite(a.lo) and math.isfinite(a.hi):
+        return Range(0.0, (a.hi - a.lo) ** 2 / 4)  # Popoviciu's bound
+    return Range(0.0, math.inf)
+
+
+def _batch_norm(n: Node, r: list[Range]) -> Range:
+    x, mean, var_, weight, bias = r
+    scale = _rsqrt(_add(var_, Range(n.attrs["eps"], n.attrs["eps"])), n.out.dtype)
+    return _add(_mul(_mul(_add(x, _neg(mean)), scale), weight), bias)
+
+
+def _layer_norm(n: Node, r: list[Range]) -> Range:
+    """Normalised over k elements, each value is within sqrt(k - 1) of 0; then the affine."""
+    k = _static(n.inputs[1].shape) or 1
+    bound = math.sqrt(max(k - 1, 0))
+    return _add(_mul(Range(-bound, bound), r[1]), r[2])
+
+
+def _dropout_mask(n: Node, r: list[Range]) -> Range:
+    p = float(n.attrs["p"])
+    return ZERO if p >= 1 else Range(0.0, 1.0 / (1.0 - p))
+
+
+def _gelu_slope(n: Node, r: list[Range]) -> Range:
+    """g · gelu'(x): gelu' lies in about [-0.13, 1.13] (the tanh form's too); widened a little."""
+    return _mul(r[0], Range(-0.2, 1.2))
+
+
+RULES.update({
+    ops.gelu: lambda n, r: _dipping(lambda t: torch.ops.aten.gelu(t, approximate=n.attrs["approximate"]),
+                                    r[0], n.out.dtype, -0.7517916),
+    ops.gelu_backward: _gelu_slope,
+    ops.silu: lambda n, r: _dipping(torch.ops.aten.silu, r[0], n.out.dtype, -1.2784645),
+    ops.leaky_relu: _leaky,
+    ops.rsqrt: lambda n, r: _rsqrt(r[0], n.out.dtype),
+    ops.var: _var,
+    ops.batch_norm: _batch_norm,
+    ops.layer_norm: _layer_norm,
+    ops.dropout_mask: _dropout_mask,
+    ops.conv1d: _conv,
+    ops.conv2d: _conv,
+    ops.conv_backward_input: _conv_backward_input,
+    ops.conv_backward_weight: _conv_backward_weight,
+    ops.max_pool2d: lambda n, r: r[0],  # one of the window's elements (padding never wins)
+    ops.max_pool2d_select: lambda n, r: _hull(r[0], ZERO),
+    # Each position of x is in at most kernel_size windows (fewer with a wider stride).
+    ops.max_pool2d_backward: lambda n, r: _sum(_hull(r[0], ZERO), _window(n)),
+    ops.avg_pool2d: lambda n, r: _hull(r[0], ZERO) if _padded(n) else r[0],
+    ops.avg_pool2d_backward: lambda n, r: _sum(_hull(r[0], ZERO), _window(n)),
+    ops.reshape: lambda n, r: r[0],
+    ops.flatten: lambda n, r: r[0],
+    ops.permute: lambda n, r: r[0],
+    ops.slice_: lambda n, r: r[0],
+    ops.unslice: lambda n, r: _hull(r[0], ZERO),
+    ops.concat: lambda n, r: functools.reduce(_hull, r),
+    ops.index_select: lambda n, r: r[0],
+    ops.index_add: lambda n, r: _add(r[0], _sum(_hull(r[2], ZERO), None)),  # any number of repeats
+    ops.allreduce_start: lambda n, r: ANY,  # the operation in flight, not a value
+    ops.allreduce_wait: lambda n, r: ANY,  # a sum over the ranks of a flat buffer of everything
+})
+
 # Values that are positive in exact arithmetic but round to 0 for inputs far below zero.
 _UNDERFLOW = {ops.exp, ops.sigmoid, ops.softmax}
 
@@ -200,12 +343,14 @@ def check_numerics(target: Any, known: Mapping[str, tuple[float, float]] | None 
 
     An interval analysis over the IR: each value gets the range its elements may take
     (inputs and trained params: any real number, unless `known` says otherwise; a
-    model's fixed buffers, such as Standardize's std: the range of their values now),
+    model's fixed buffers, such as Standardize's std: the range of their values now;
+    those training updates, such as BatchNorm's running statistics: any),
     and each log or division of a value that can be <= 0 (or 0), and each exp of a value
     that can exceed the dtype's range, is a finding.
 
     Args:
-        target: a `gd.Graph`, or a model (its training graph with its loss, MSE by default).
+        target: a `gd.Graph`, or a model (its training graph, in training mode, with its
+            loss, MSE by default).
         known: ranges of inputs or params by name, e.g. {"x": (0.0, 1.0)}.
 
     Returns:
@@ -247,11 +392,13 @@ def _graph_and_ranges(target: Any) -> tuple[Graph, dict[int, Range]]:
         raise ValueError(f"check_numerics takes a gd.Graph or a model such as gd.Sequential, got "
                          f"{type(target).__name__}")
     from .losses import MSE  # the model's default loss, as fit's
-    graph = target.graph(getattr(target, "loss", None) or MSE())
-    trained = target.parameters()
+    from .step import state_updates
+    graph = target.graph(getattr(target, "loss", None) or MSE(), training=True)  # what fit trains
+    trained, updated = target.parameters(), set(state_updates(graph))
     ranges = {}
-    for name, t in target.state().items():  # buffers stay as they are: their values bound them
-        if name not in trained and name in graph.params and t.numel() and not t.is_meta:
+    for name, t in target.state().items():  # fixed buffers (Standardize's std) stay as they are: their values
+        # bound them; those training updates (BatchNorm's running statistics, Dropout's key) do not
+        if name not in trained and name not in updated and name in graph.params and t.numel() and not t.is_meta:
             ranges[id(graph.params[name])] = Range(float(t.min()), float(t.max()))
     return graph, ranges
 
@@ -273,13 +420,22 @@ def _risk(k: int, node: Node, inputs: list[Range], names: dict[int, str]) -> Fin
         return finding("division by a value that can be 0",
                        f"the divisor {names[id(node.inputs[1])]} lies in {inputs[1]}",
                        "keep the divisor away from 0 (e.g. divide by abs(d) + 1e-7)")
-    limit = math.log(torch.finfo(node.out.dtype).max)
+    if node.op is ops.rsqrt and inputs[0].lo <= 0:
+        return finding("rsqrt of a value that can be <= 0",
+                       f"its input {names[id(node.inputs[0])]} lies in {inputs[0]} (rsqrt is inf at 0, NaN below)",
+                       "add a small positive number first, as BatchNorm and LayerNorm add eps to the variance")
+    limit = _exp_limit(node.out.dtype)
     if node.op is ops.exp and inputs[0].hi > limit:
         return finding(f"exp of a value that can exceed {limit:.4g}",
                        f"its input {names[id(node.inputs[0])]} lies in {inputs[0]}, and exp is inf in "
                        f"{dtype_name(node.out.dtype)} above {limit:.4g}",
                        "bound the input first (subtract its maximum, as softmax does, or squash it with tanh)")
     return None
+
+
+def _exp_limit(dtype: torch.dtype) -> float:
+    """The largest x whose exp is finite in `dtype` (inf for an integer dtype, which exp never makes)."""
+    return math.log(torch.finfo(dtype).max) if dtype.is_floating_point else math.inf
 
 
 def _ir_names(graph: Graph) -> dict[int, str]:
@@ -330,7 +486,8 @@ class _Check:
 
     def __init__(self) -> None:
         def check(k: int, out: torch.Tensor, inputs: tuple[Any, ...]) -> None:
-            if not bool(torch.isfinite(out).all()):
+            # (an allreduce in flight is no tensor; an integer tensor is always finite)
+            if isinstance(out, torch.Tensor) and out.dtype.is_floating_point and not bool(torch.isfinite(out).all()):
                 raise _Found(k, out, inputs)
         self.env = {"_check": check}
 
@@ -359,9 +516,11 @@ def first_nonfinite(graph: Graph, feed: Sequence[torch.Tensor]) -> tuple[NonFini
                          _became(found.out), inputs, problem, hint), ()
 
 
-def overflowed_update(graph: Graph, outputs: Sequence[torch.Tensor], param: str, lr: float) -> NonFinite:
+def overflowed_update(graph: Graph, outputs: Sequence[torch.Tensor], param: str, lr: float,
+                      optimizer: str = "SGD", accumulate: int = 1) -> NonFinite:
     """For an update that made `param` non-finite although every gradient was finite:
-    the node that made its gradient, and the gradient's range."""
+    the node that made its gradient, and the gradient's range (with accumulation, the
+    batch's own, one of those the group's update averaged)."""
     index = next(i for i, label in enumerate(graph.output_labels) if label == f"d/d{param}")
     value = graph.outputs[index]
     names = _ir_names(graph)
@@ -372,8 +531,16 @@ def overflowed_update(graph: Graph, outputs: Sequence[torch.Tensor], param: str,
     return NonFinite(position if position is not None else -1, node.op.name if node else "param",
                      node.scope if node else "", node.where if node else "", format_node(node, names) if node else "",
                      "", ((names[id(value)], gradient),),
-                     f"the update of {param} overflowed: lr={lr:g} times a gradient of up to "
-                     f"{_number(max(-gradient.lo, gradient.hi))} is past {dtype}'s range", "")
+                     _overflow(param, lr, _number(max(-gradient.lo, gradient.hi)), dtype, optimizer, accumulate), "")
+
+
+def _overflow(param: str, lr: float, largest: str, dtype: str, optimizer: str, accumulate: int) -> str:
+    if optimizer == "SGD" and accumulate == 1:
+        return (f"the update of {param} overflowed: lr={lr:g} times a gradient of up to {largest} is past "
+                f"{dtype}'s range")
+    group = f", averaging the gradients of up to {accumulate} batches" if accumulate > 1 else ""
+    return (f"the update of {param} overflowed ({optimizer} at lr={lr:g}{group}): from this batch's gradient of up "
+            f"to {largest}, it went past {dtype}'s range")
 
 
 def _range(t: Any) -> Range:
@@ -400,7 +567,10 @@ def _why(node: Node, inputs: list[Any]) -> tuple[str, str]:
         zeros = int((inputs[1] == 0).sum())
         return (f"division by zero (the divisor holds {zeros} zero{'s' if zeros != 1 else ''})",
                 "keep the divisor away from 0 (e.g. divide by abs(d) + 1e-7)")
-    limit = math.log(torch.finfo(node.out.dtype).max)
+    if node.op is ops.rsqrt and _range(inputs[0]).lo <= 0:
+        return (f"rsqrt of a value <= 0 (its input's smallest is {_number(_range(inputs[0]).lo)})",
+                "add a small positive number first, as BatchNorm and LayerNorm add eps to the variance")
+    limit = _exp_limit(node.out.dtype)
     if node.op is ops.exp and _range(inputs[0]).hi > limit:
         return (f"exp overflow (its input reaches {_number(_range(inputs[0]).hi)}; exp is inf in "
                 f"{dtype_name(node.out.dtype)} above {limit:.4g})",

@@ -112,7 +112,12 @@ def _synchronizer(device: torch.device | None) -> Callable[[], None]:
 # -- each node's work ---------------------------------------------------------------------
 
 _PRODUCTS = {ops.matmul, ops.matmul_tn, ops.matmul_nt, ops.addmm}  # held against the GEMM rate, the rest copying
-_VIEWS = {ops.transpose, ops.unpack, ops.const}  # no work of their own (nor broadcast_like without mean)
+# Convolutions, held against the GEMM rate too: (the input of output shape, the weight's position).
+_CONVS = {ops.conv1d: (None, 1), ops.conv2d: (None, 1), ops.conv_backward_input: (0, 2),
+          ops.conv_backward_weight: (0, 2)}
+# No work of their own (nor broadcast_like without mean); a reshape of a value whose layout
+# asks for a copy does one, counted as none.
+_VIEWS = {ops.transpose, ops.unpack, ops.const, ops.reshape, ops.flatten, ops.permute}
 # FLOPs per output element of the elementwise ops; per input element of the reductions and losses.
 _PER_ELEMENT = {op: 1 for op in (ops.add, ops.sub, ops.mul, ops.div, ops.neg, ops.exp, ops.log, ops.absolute,
                                  ops.sign, ops.greater, ops.relu, ops.tanh, ops.sigmoid, ops.relu_backward,
@@ -124,9 +129,11 @@ _PER_INPUT = {ops.reduce_sum: 1, ops.reduce_mean: 1, ops.sum_to: 1, ops.mse: 3, 
 
 def node_work(node: Node, sizes: Mapping[str, int]) -> tuple[int, int]:
     """(FLOPs, bytes read and written) of one node with its symbolic dims bound to
-    `sizes`: 2mkn for a matrix product (plus mn for addmm's bias); one FLOP per element
-    for elementwise ops (five for softmax), per input element for reductions; nothing
-    for views. An op not listed counts as elementwise."""
+    `sizes`: 2mkn for a matrix product (times its batch; plus mn for addmm's bias); for a
+    convolution or either of its backward ops, two per output element and weight element
+    of one output channel (2·N·out·spatial·C/groups·k); one FLOP per element for
+    elementwise ops (five for softmax), per input element for reductions; nothing for
+    views. An op not listed counts as elementwise."""
     op = node.op
     if op in _VIEWS or (op is ops.broadcast_like and not node.attrs.get("mean")):
         return 0, 0
@@ -136,14 +143,24 @@ def node_work(node: Node, sizes: Mapping[str, int]) -> tuple[int, int]:
     if op in _PRODUCTS:
         a, b = node.inputs[-2:]
         (m, k), n = _dims(a, sizes, transposed=op is ops.matmul_tn), _dims(b, sizes, transposed=op is ops.matmul_nt)[1]
-        return 2 * m * k * n + (m * n if op is ops.addmm else 0), moved
+        batch = out // (m * n) if m * n else 0  # a batched matmul's leading dims
+        return batch * (2 * m * k * n + (m * n if op is ops.addmm else 0)), moved
+    if op in _CONVS:
+        shaped, weight = _CONVS[op]
+        w = node.inputs[weight]
+        per_output = _numel(w, sizes) // max(_size(w.shape[0], sizes), 1)  # C/groups · kernel
+        return 2 * (out if shaped is None else ins[shaped]) * per_output, moved
     if op in _PER_INPUT:
         return _PER_INPUT[op] * ins[0], moved
     return _PER_ELEMENT.get(op, 1) * out, moved
 
 
 def _numel(v: Value, sizes: Mapping[str, int]) -> int:
-    return math.prod(sizes.get(d, 1) if isinstance(d, str) else d for d in v.shape)
+    return math.prod(_size(d, sizes) for d in v.shape)
+
+
+def _size(d: int | str, sizes: Mapping[str, int]) -> int:
+    return sizes.get(d, 1) if isinstance(d, str) else d
 
 
 def _dims(v: Value, sizes: Mapping[str, int], transposed: bool) -> tuple[int, int]:
@@ -373,7 +390,7 @@ class _Runs:
             node = graph.nodes[k]
             seconds = max(statistics.median(s[k] for s in self.nodes) * 1e-9 - inside, 0.0)
             flops, moved = node_work(node, sizes)
-            bound = "gemm" if node.op in _PRODUCTS else "copy" if moved else ""
+            bound = "gemm" if node.op in _PRODUCTS or node.op in _CONVS else "copy" if moved else ""
             rate = flops / seconds if bound == "gemm" else moved / seconds if bound else 0.0
             peak = None if not bound or seconds <= 0 else \
                 rate / (rates.gemm_flops if bound == "gemm" else rates.copy_bytes)
@@ -396,26 +413,35 @@ def _ir_names(graph: Graph) -> dict[int, str]:
 
 
 def profile(target: Any, *feeds: torch.Tensor, loss: Any = None, optimizer: Any = None, steps: int = 20,
-            batch_size: int = 32, threads: int | None = None, **named: torch.Tensor) -> Profile:
+            batch_size: int = 32, threads: int | None = None, clip_norm: float | None = None,
+            clip_value: float | None = None, accumulate: int = 1, **named: torch.Tensor) -> Profile:
     """Time every IR node of a model's training step or of a compiled graph.
 
     Args:
         target: a model (`gd.Sequential`) or a `gd.TrainStep`: its training step as fit
-            runs it, on the first `batch_size` rows of the feeds X, Y; or a `gd.Graph`
-            (compiled first) or `gd.Compiled`, called with the feeds as inputs.
+            runs it (in training mode, its buffers' next values written with the update),
+            on the first `batch_size` rows of the feeds X, Y; or a `gd.Graph` (compiled
+            first) or `gd.Compiled`, called with the feeds as inputs.
         feeds: X, Y for a model; a graph's inputs by position (or by name, `named`).
         loss, optimizer: a model's loss (default its own, else MSE) and optimizer
             (default `SGD()`; a copy is used, so the one given keeps its state).
         steps: how many steps (or calls) are timed with the timers, and as many without.
         batch_size: the rows of X, Y a training step is timed on (at most len(X)).
         threads: torch CPU threads, as for `fit` (by default the thread count fit uses).
+        clip_norm, clip_value: a model's step clips as fit's would (timed in the update's
+            row); a TrainStep's own settings are used for it.
+        accumulate: 1 only: a step of an accumulating run adds its gradients up and
+            updates once a group, so no one step is what a step costs (a ValueError).
 
     Returns:
-        A `Profile`. The model's params and the optimizer's state are put back as they
-        were: profiling does not train.
+        A `Profile`. The model's params, buffers (BatchNorm's running statistics,
+        Dropout's key) and the optimizer's state are put back as they were: profiling
+        does not train.
 
     Raises:
-        ValueError: a bad argument, named; GraphError: feeds that do not fit the graph.
+        ValueError: a bad argument, named, or a step that cannot be timed as one step
+            (accumulate > 1, a data-parallel TrainStep); GraphError: feeds that do not
+            fit the graph.
     """
     steps = whole("steps", steps, 1)
     if isinstance(target, Graph):
@@ -426,13 +452,27 @@ def profile(target: Any, *feeds: torch.Tensor, loss: Any = None, optimizer: Any 
         if named or len(feeds) != 2:
             raise ValueError(f"profile of a model takes the data as profile(model, X, Y), got {len(feeds)} "
                              f"positional feed(s){' and ' + ', '.join(named) if named else ''}")
-        return _profile_training(target, *feeds, loss, optimizer, steps, whole("batch_size", batch_size, 1), threads)
+        if isinstance(target, TrainStep):
+            if target.distributed:
+                raise ValueError("profile of a data-parallel TrainStep (distributed=True) is not available: its "
+                                 "all-reduces wait on the other ranks; profile the model in one process")
+            clip_norm = target.clip_norm if clip_norm is None else clip_norm
+            clip_value = target.clip_value if clip_value is None else clip_value
+            accumulate = target.accumulate if accumulate == 1 else accumulate
+        if whole("accumulate", accumulate, 1) > 1:
+            raise ValueError(f"profile with accumulate={accumulate} is not available: an accumulating step adds "
+                             "its gradients into the group's and updates once every accumulate steps, so no single "
+                             "step's time is the step's cost; profile with accumulate=1 (the forward and backward "
+                             "are the same)")
+        return _profile_training(target, *feeds, loss, optimizer, steps, whole("batch_size", batch_size, 1), threads,
+                                 clip_norm, clip_value)
     raise ValueError(f"profile takes a model (gd.Sequential), a gd.TrainStep, a gd.Graph or a compiled graph, "
                      f"got {type(target).__name__}")
 
 
 def _profile_training(target: Any, X: torch.Tensor, Y: torch.Tensor, loss: Any, optimizer: Any, steps: int,
-                      batch_size: int, threads: int | None) -> Profile:
+                      batch_size: int, threads: int | None, clip_norm: float | None,
+                      clip_value: float | None) -> Profile:
     model = target.model if isinstance(target, TrainStep) else target
     loss = target.loss if isinstance(target, TrainStep) and loss is None else _model_loss(model, loss)
     if optimizer is None:
@@ -444,13 +484,16 @@ def _profile_training(target: Any, X: torch.Tensor, Y: torch.Tensor, loss: Any, 
     feed = (X[:batch], Y[:batch])
     lr = optimizer.lr
     with _threads_for(model, batch, threads), torch.inference_mode():
-        step = TrainStep(model, loss, optimizer, capture=False)
+        step = TrainStep(model, loss, optimizer, capture=False, clip_norm=clip_norm, clip_value=clip_value)
         step.steps([], lr)  # bound to the model as it is now
-        state = [*step.params, *optimizer.buffers]
+        state = [*step.params, *step.state]  # the optimizer is a copy: its state may go
         saved = [t.clone() for t in state]
+        clipping = "".join(f", {name}={v:g}" for name, v in (("clip_norm", clip_norm), ("clip_value", clip_value))
+                           if v is not None)
         try:
             return _time_training(step, feed, lr, steps, f"the training step of {step.compiled.graph.name} "
-                                  f"({type(loss).__name__}, {type(optimizer).__name__} lr={lr:g}) at batch {batch}")
+                                  f"({type(loss).__name__}, {type(optimizer).__name__} lr={lr:g}{clipping}) "
+                                  f"at batch {batch}")
         finally:
             if state:
                 torch._foreach_copy_(state, saved)
@@ -462,19 +505,17 @@ def _time_training(step: TrainStep, feed: tuple[torch.Tensor, torch.Tensor], lr:
     timer = _Timer(len(graph.nodes), device)
     timed_fn = lower_probed(graph, timer, arena=True)
     assert strip(timed_fn.source) == step.arena_fn.source, "the timed step is not the step fit runs"
-    batch, grads, optimizer = len(feed[0]), len(step.params), step.optimizer
-    plain, timed = (_Arena(fn, batch, optimizer, step.params) for fn in (step.arena_fn, timed_fn))
+    batch, optimizer = len(feed[0]), step.optimizer
+    plain, timed = (_Arena(fn, batch, optimizer, step.params, step._control, step._first_grad)
+                    for fn in (step.arena_fn, timed_fn))
     sync = _synchronizer(device)
 
     def run(arena: _Arena) -> int:
-        """One step as TrainStep runs it (`_update`); returns when its update began."""
+        """One step as TrainStep runs it (`_update`: the buffers' next values written, the
+        gradients clipped, the optimizer's update); returns when its update began."""
         out = arena(feed)
         updating = time.perf_counter_ns()
-        if arena.update is not None:
-            optimizer.set_lr(lr)
-            arena.update()
-        else:
-            optimizer.update(step.params, list(out[1:1 + grads]), lr, overwrite_grads=True)
+        step._update(arena, out, lr)
         sync()
         return updating
 
@@ -495,10 +536,19 @@ def _time_training(step: TrainStep, feed: tuple[torch.Tensor, torch.Tensor], lr:
     rows = runs.rows(graph, {d: batch for d in step.arena_fn.symbols}, device, rates,
                      "calling the generated function: its bindings unpacked, values freed, outputs returned")
     update_s = statistics.median(runs.updates) * 1e-9
-    # the update reads each param and gradient (and velocity) and writes the param (and velocity)
-    moved = sum(p.numel() * p.element_size() for p in step.params) * (3 + 2 * bool(optimizer.buffers))
-    rows.insert(-1, Row(None, f"the optimizer's update of {len(step.params)} params", "update", "optimizer",
-                        "update", update_s, 0, moved, "copy",
+    # The update reads each param and gradient and writes the param, and reads and writes
+    # the optimizer's state; the buffers' next values are copied; clipping reads the
+    # gradients again (and clip_value writes them): a count of bytes, not of every pass.
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    params = nbytes(step.params)
+    moved = 3 * params + 2 * nbytes(optimizer.state_tensors()) + 2 * nbytes(step.state) \
+        + params * (2 * (step.clip_value is not None) + 2 * (step.clip_norm is not None))
+    parts = ["the optimizer's update of", f"{len(step.params)} params"]
+    if step.state:
+        parts.insert(0, f"{len(step.state)} buffers written,")
+    if step.clip_norm is not None or step.clip_value is not None:
+        parts.insert(0, "gradients clipped,")
+    rows.insert(-1, Row(None, " ".join(parts), "update", "optimizer", "update", update_s, 0, moved, "copy",
                         moved / update_s / rates.copy_bytes if update_s > 0 else None))
     return Profile(graph, rows, statistics.median(runs.plain) * 1e-9, _timer_cost(device), rates, what, steps)
 

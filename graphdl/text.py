@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 
+from .building import pauses_gc
 from .checks import DTYPES, GraphError, NumberText, Shape, format_type, read_shape, show_number, whole_number
-from .ir import Graph, Node, Value, pauses_gc
+from .ir import Graph, Node, Value
 from .ops.registry import OPS
 
 
@@ -83,7 +84,7 @@ _NAME = r"[A-Za-z0-9_][A-Za-z0-9_.]*"
 _TYPE = r"(\w+)\[([^\]]*)\]"
 _HEADER = re.compile(rf"^graph ({_NAME})\((.*)\) \{{$")
 _DECL = re.compile(rf"^({_NAME}): {_TYPE}$")
-_NODE = re.compile(rf"^(%\d+): {_TYPE} = ([a-z_]+)(\[[^\]]*\])?(?: ([^#\s].*?))?(?:  # (grad(?: |$))?(.*))?$")
+_NODE = re.compile(rf"^(%\d+): {_TYPE} = ([a-z_][a-z0-9_]*)(\[[^\]]*\])?(?: ([^#\s].*?))?(?:  # (grad(?: |$))?(.*))?$")
 _RETURN = re.compile(r"^return(?: (.*))?$")
 _OUTPUT = re.compile(r"^(\S+)(?: \((.+)\))?$")  # %k, or %k (label)
 _INTEGER = re.compile(r"-?[0-9]+")  # ASCII only: '²'.isdigit() is True, and int() would read '٣'
@@ -239,20 +240,27 @@ def _parse_signature(lineno: int, line: str, params: dict[str, torch.Tensor]) ->
         for name, dtype, shape in _split_decls(lineno, line, sig[0]):
             graph.input(name, shape, dtype)
         for name, dtype, shape in _split_decls(lineno, line, sig[1] if len(sig) == 2 else ""):
-            if any(isinstance(d, str) for d in shape):
-                raise _fail(lineno, line, f"param {name} has a symbolic dim; params need concrete shapes")
-            data = params.get(name)
-            if data is None:
-                data = _zeros(lineno, line, name, dtype, shape)
-            elif tuple(data.shape) != shape or data.dtype != dtype:
-                raise _fail(lineno, line, f"param {name} is declared {format_type(dtype, shape)} but the "
-                                          f"tensor given is {format_type(data.dtype, tuple(data.shape))}")
-            graph.param(name, data)
+            graph.param(name, _param_data(lineno, line, name, dtype, shape, params))
     except GraphError as e:
         if "IR text" in str(e):
             raise
         raise _fail(lineno, line, str(e)) from None
     return graph
+
+
+def _param_data(lineno: int, line: str, name: str, dtype: torch.dtype, shape: Shape,
+                params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The tensor of a param the signature declares: the one `params` gives, of the declared
+    type, or zeros."""
+    if any(isinstance(d, str) for d in shape):
+        raise _fail(lineno, line, f"param {name} has a symbolic dim; params need concrete shapes")
+    data = params.get(name)
+    if data is None:
+        return _zeros(lineno, line, name, dtype, shape)
+    if tuple(data.shape) != shape or data.dtype != dtype:
+        raise _fail(lineno, line, f"param {name} is declared {format_type(dtype, shape)} but the "
+                                  f"tensor given is {format_type(data.dtype, tuple(data.shape))}")
+    return data
 
 
 def _check_closing_lines(lines: list[tuple[int, str]]) -> None:

@@ -132,22 +132,22 @@ class _Drawing:
                 layers.setdefault((node.scope, node.backward), []).append(node)
                 self.box[id(node.out)] = layer_box.setdefault((node.scope, node.backward), f"layer{len(layer_box)}")
                 continue
-            self.box[id(node.out)] = f"n{k}"
-            hidden = [v for v in node.inputs if v.kind == "param" and self.box[id(v)] is None]
-            style = "const" if node.op is const else "collective" if node.op.collective else \
-                "backward" if node.backward else "forward"
-            attrs = dict(STYLES[style])
-            if node.op is const and node.backward:
-                attrs["fillcolor"] = STYLES["backward"]["fillcolor"]
-            timed = self._heat([node], attrs)
-            self.clusters.get(node.scope, self.dot).node(
-                f"n{k}",
-                _label(f"%{k} {node.op.name}{format_attrs(node)}", format_type(node.out.dtype, node.out.shape),
-                       *(f"{v.name}: {format_type(v.dtype, v.shape)}" for v in hidden), *timed),
-                tooltip=_text(f"{format_node(node, self.names)}\ncreated at {node.where}"),
-                **attrs,
-            )
+            self.draw_node(k, node)
         return layers
+
+    def draw_node(self, k: int, node: Node) -> None:
+        """Node k's box, listing the params drawn nowhere else, in its layer's cluster."""
+        self.box[id(node.out)] = f"n{k}"
+        hidden = [v for v in node.inputs if v.kind == "param" and self.box[id(v)] is None]
+        attrs = _node_style(node)
+        timed = self._heat([node], attrs)  # with a profile: coloured by its time, which its label says
+        self.clusters.get(node.scope, self.dot).node(
+            f"n{k}",
+            _label(f"%{k} {node.op.name}{format_attrs(node)}", format_type(node.out.dtype, node.out.shape),
+                   *(f"{v.name}: {format_type(v.dtype, v.shape)}" for v in hidden), *timed),
+            tooltip=_text(f"{format_node(node, self.names)}\ncreated at {node.where}"),
+            **attrs,
+        )
 
     def draw_layers(self, layers: dict[tuple[str, bool], list[Node]]) -> None:
         returned = {id(v) for v in self.graph.outputs}
@@ -227,19 +227,35 @@ def _label(*lines: str) -> str:
     return r"\n".join(_text(line) for line in lines)
 
 
+def _node_style(node: Node) -> dict[str, str]:
+    """A node box's Graphviz attributes: a constant, a collective, backward or forward (a
+    constant of the backward pass in the backward pass's colour)."""
+    style = "const" if node.op is const else "collective" if node.op.collective else \
+        "backward" if node.backward else "forward"
+    attrs = dict(STYLES[style])
+    if node.op is const and node.backward:
+        attrs["fillcolor"] = STYLES["backward"]["fillcolor"]
+    return attrs
+
+
 def _layer_label(returned: set[int], scope: str, backward: bool, members: list[Node],
                  box: dict[int, str | None]) -> str:
     """`0:Linear [N,2]→[N,25]`: the shapes of the values entering and leaving the layer
     (`returned`: the ids of the graph's outputs)."""
     inside = {id(n.out) for n in members}
     entering = [v for n in members for v in n.inputs if id(v) not in inside and box.get(id(v)) is not None]
-    leaving = [n.out for n in members if id(n.out) in returned or any(id(u.out) not in inside for u in n.out.users)]
-
-    def shapes(values: list[Value]) -> str:
-        return ", ".join(dict.fromkeys(format_shape(v.shape) for v in values)) or "·"
-
+    leaving = [n.out for n in members if id(n.out) in returned or _read_outside(n, inside)]
     name = f"{scope} (grad)" if backward else scope
-    return _label(f"{name} {shapes(entering)}→{shapes(leaving)}")
+    return _label(f"{name} {_shapes(entering)}→{_shapes(leaving)}")
+
+
+def _read_outside(node: Node, inside: set[int]) -> bool:
+    """Whether a node outside the layer (whose values' ids are `inside`) reads this node's value."""
+    return any(id(u.out) not in inside for u in node.out.users)
+
+
+def _shapes(values: list[Value]) -> str:
+    return ", ".join(dict.fromkeys(format_shape(v.shape) for v in values)) or "·"
 
 
 def render(graph: Graph, path: str | os.PathLike[str], hide_params: bool = False, collapse_layers: bool = False,

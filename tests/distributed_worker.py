@@ -39,13 +39,42 @@ def model(device: str = "cpu") -> gd.Sequential:
     return gd.Sequential(gd.Linear(3, 8, generator=gen), gd.Tanh(), gd.Linear(8, 2, generator=gen)).to(device)
 
 
-METRICS = ["accuracy", "mae"]  # a count and a mean, both summed over the ranks
+METRICS = ["accuracy", "mae", "f1", "r2"]  # a count, a mean, per-class counts, sums of squares: summed over ranks
 
 
 def settings() -> dict:
     """Shuffled, momentum, weight decay and a schedule: everything that could drift apart."""
     return dict(optimizer=gd.SGD(lr=0.2, momentum=0.9, weight_decay=0.01), schedule=gd.StepDecay(2, 0.5),
                 epochs=EPOCHS, batch_size=BATCH, shuffle=True, seed=3, metrics=METRICS)
+
+
+def stateful_model(device: str = "cpu") -> gd.Sequential:
+    """BatchNorm's running statistics and Dropout's key: state the ranks must keep alike."""
+    gen = torch.Generator().manual_seed(2)
+    return gd.Sequential(gd.Reshape((1, 3)), gd.Conv1d(1, 2, 2, padding=1, generator=gen), gd.BatchNorm1d(2),
+                         gd.Tanh(), gd.Dropout(0.3, seed=4), gd.Flatten(), gd.Linear(8, 2, generator=gen)).to(device)
+
+
+def binary_data(device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(5)
+    X = torch.rand(N, 3, generator=gen)
+    return X.to(device), (X.sum(1, keepdim=True) + 0.3 * torch.randn(N, 1, generator=gen) > 1.5).float().to(device)
+
+
+def binary_model(device: str = "cpu") -> gd.Sequential:
+    """A fair classifier of `binary_data`: logit sum(x) - 1.5 (plus a little noise)."""
+    gen = torch.Generator().manual_seed(1)
+    model = gd.Sequential(gd.Linear(3, 1, generator=gen))
+    model.layers[0].weight = torch.ones(3, 1) + 0.1 * torch.randn(3, 1, generator=gen)
+    model.layers[0].bias = torch.tensor([-1.5])
+    return model.to(device)
+
+
+def adam_settings() -> dict:
+    """Adam's moments and step counts, groups, a per-step schedule, clipping and accumulation."""
+    return dict(optimizer=gd.AdamW(lr=0.02, amsgrad=True, groups=[{"params": ["0.bias"], "weight_decay": 0.0}]),
+                schedule=gd.LinearWarmup(3, then=gd.CosineDecay(steps=6)), clip_norm=0.5, accumulate=2,
+                epochs=3, batch_size=BATCH, shuffle=True, seed=7)
 
 
 def validation(device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,10 +137,19 @@ def main() -> None:
     result["history"] = dict(history)
     result["predict"] = m.predict(X, distributed=True).tolist()
     result["evaluate"] = m.evaluate(X, Y, metrics=METRICS, distributed=True)
+    BX, BY = binary_data(device)  # AUC needs every row: gathered, not summed
+    result["auc"] = binary_model(device).evaluate(BX, BY, metrics=["auc", "precision"], distributed=True)
     m.save(os.path.join(args.out, f"saved_by_rank{me.rank}.gdl"))
+    stateful = stateful_model(device)
+    result["stateful"] = dict(stateful.fit(X, Y, distributed=True, verbose=False, **settings()))
+    result["state"] = {k: v.tolist() for k, v in stateful.state().items()}
     write()
     if args.only_train:
         return
+
+    adam = model(device)
+    history = adam.fit(X, Y, distributed=True, verbose=False, **adam_settings())
+    result["adam"] = {"params": {k: v.tolist() for k, v in adam.parameters().items()}, "history": dict(history)}
 
     diverging = model(device)
     try:

@@ -108,7 +108,29 @@ def test_grad_of_a_non_scalar_output_and_of_a_graph_without_outputs():
     names(message(gd.grad, g, ["x"]), "is not a scalar; reduce it first")
 
 
+
+@pytest.mark.parametrize("of", [1, -2, True, "0", 0.0, 10**5000], ids=["1", "-2", "True", "str", "float", "huge"])
+def test_grad_of_an_index_that_is_no_outputs_names_it(of):
+    """`of` is read by checks.read_int: a bool or a float is no index, and a 5,000-digit
+    int is named without crashing repr."""
+    g = tiny()
+    shown = "2\\*\\*16609 or more" if of == 10**5000 else re.escape(repr(of))
+    names(message(gd.grad, g, ["w"], of=of), f"grad: of={shown} is not an output index of graph tiny",
+          r"\(it has 1 outputs\)")
+
 def test_no_non_float_value_can_exist_to_differentiate():
     """grad wrt a non-float value cannot be asked for: graphdl values are floating by construction."""
     names(message(gd.Graph("g").input, "i", (2,), torch.int32), "not supported")
     names(message(gd.Graph("g").param, "i", torch.zeros(2, dtype=torch.bool)), "floating dtype")
+
+
+def test_integer_indices_take_no_gradient():
+    """i64 inputs are indices: grad refuses to differentiate with respect to one, naming it."""
+    g = gd.Graph("g")
+    i = g.input("i", (None,), torch.int64)
+    w = g.param("w", torch.rand(5, 3))
+    g.output(gd.sum(gd.index_select(w, i, axis=0)))
+    names(message(gd.grad, g, ["w", "i"]), r"grad: wrt 'i' is i: i64\[N\], integer indices, which take no gradient",
+          "hint: differentiate with respect to floating inputs and params only")
+    (_, dw) = gd.compile(gd.grad(g, ["w"]))(i=torch.tensor([0, 0, 4]))
+    assert torch.equal(dw, torch.tensor([[2.0] * 3, [0.0] * 3, [0.0] * 3, [0.0] * 3, [1.0] * 3]))

@@ -41,7 +41,7 @@ def tensor(*shape: int, seed: int = 7) -> torch.Tensor:
 
 
 def to_float64(m: gd.Sequential) -> None:
-    for _, layer, short, _, t in m._places():
+    for _, layer, short, _, t in m.places():
         setattr(layer, short, t.double())
 
 
@@ -85,7 +85,7 @@ def fresh_copy(m: gd.Sequential) -> gd.Sequential:
 
 
 def model_data(m: gd.Sequential) -> tuple[torch.Tensor, torch.Tensor]:
-    X, Y = data(m._dtype())
+    X, Y = data(m.dtype())
     device = next(iter(m.state().values())).device
     return X.to(device), Y.to(device)
 

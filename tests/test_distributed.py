@@ -7,7 +7,9 @@ itself (two "nodes"), each with bounded timeouts and cleaned up whatever happens
 
 from __future__ import annotations
 
+import fractions
 import json
+import math
 import os
 import re
 import socket
@@ -17,6 +19,7 @@ import time
 from pathlib import Path
 
 import distributed_worker as worker
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -107,12 +110,52 @@ def test_two_ranks_train_as_one_process(two_ranks):
             _close(rank["history"][key], values)
         _close(rank["predict"], alone.predict(X).tolist())
         scores = alone.evaluate(X, Y, metrics=worker.METRICS)
-        assert set(rank["evaluate"]) == set(scores) == {"loss", "accuracy", "mae", "error"}
+        assert set(rank["evaluate"]) == set(scores) == {"loss", "accuracy", "mae", "f1", "r2", "error"}
         for key, value in scores.items():
             _close(rank["evaluate"][key], value)
+        BX, BY = worker.binary_data()
+        auc = worker.binary_model().evaluate(BX, BY, metrics=["auc", "precision"])
+        assert 0.5 < auc["auc"] < 1 and 0 < auc["precision"] <= 1
+        gathered = (rank["auc"]["auc"], rank["auc"]["precision"])
+        assert gathered == pytest.approx((auc["auc"], auc["precision"]), rel=1e-12)
+        _close(rank["auc"]["loss"], auc["loss"])
     # The ranks sum the same gradients, so they hold the very same bits.
     assert results[0]["params"] == results[1]["params"]
     assert results[0]["history"] == results[1]["history"]
+
+
+@pytest.mark.slow
+def test_ranks_keep_batchnorm_and_dropout_state_alike(two_ranks):
+    """Each rank normalises its share with its own batch statistics (as DDP does), and the
+    running statistics' next values are averaged over the ranks by their shares, so every
+    rank ends with the same state: the same running statistics and the same Dropout key.
+    A rank left with no rows (the last batch of 1) feeds a row of zeros with no weight."""
+    _, _, ranks = two_ranks
+    states = [r["state"] for r in ranks]
+    assert states[0] == states[1]
+    assert states[0]["4.key"] == 20.0  # 4 epochs of 5 global batches
+    running = torch.tensor(states[0]["2.running_var"])
+    assert torch.isfinite(running).all() and not torch.equal(running, torch.ones(2))
+    # Not one process's run: the batch statistics of shares of 3 and 2 rows are not those of
+    # the 5, and each rank draws the masks of its rows by their place in its share.
+    assert ranks[0]["stateful"]["loss"] == ranks[1]["stateful"]["loss"]
+    assert all(math.isfinite(v) for v in ranks[0]["stateful"]["loss"])
+
+
+@pytest.mark.slow
+def test_two_ranks_train_with_adam_as_one_process(two_ranks):
+    """AdamW (AMSGrad, a group) with a warm-up schedule per step, clipping of the summed
+    gradients and accumulation over global batches: the ranks end where one process does."""
+    _, _, results = two_ranks
+    X, Y = worker.data()
+    alone = worker.model()
+    history = alone.fit(X, Y, verbose=False, **worker.adam_settings())
+    for rank in results:
+        for name, value in _params(alone).items():
+            _close(rank["adam"]["params"][name], value)
+        for key, values in history.items():
+            _close(rank["adam"]["history"][key], values)
+    assert results[0]["adam"] == results[1]["adam"]
 
 
 @pytest.mark.slow
@@ -254,6 +297,30 @@ def test_distributed_settings_of_the_wrong_type_name_the_argument():
     with pytest.raises(ValueError, match="resume must be a file path"):
         worker.model().fit(X, Y, resume=3)
 
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0, True, "30", float("inf"), float("nan"), 10**400])
+def test_init_reads_its_timeout_as_a_real_number_of_seconds(monkeypatch, timeout):
+    """checks.real reads it: any finite real number above 0 (10**400 is not one a float holds)."""
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(ValueError, match="timeout must be a number of seconds > 0, got "):
+        gd.distributed.init(timeout=timeout)
+
+
+def test_init_takes_a_timeout_of_any_real_type_outside_torchrun(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    assert gd.distributed.init(timeout=np.float64(2.5)) == (0, 1)
+    assert gd.distributed.init(timeout=fractions.Fraction(1, 2)) == (0, 1)
+
+
+def test_torchruns_numbers_are_ascii_digits(monkeypatch):
+    """'²'.isdigit() is True, but int() cannot read it: such a LOCAL_RANK or MASTER_PORT is refused by name."""
+    monkeypatch.setenv("LOCAL_RANK", "²")
+    with pytest.raises(ValueError, match="environment variable LOCAL_RANK='²' must be a whole number"):
+        gd.distributed._env_int("LOCAL_RANK", 0)
+    monkeypatch.setenv("MASTER_ADDR", "localhost")
+    monkeypatch.setenv("MASTER_PORT", "²")
+    assert gd.distributed._store_address() is None
 
 # -- the all-reduce as IR -----------------------------------------------------------------
 

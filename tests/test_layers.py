@@ -210,3 +210,300 @@ def test_standardize_takes_the_dtype_of_the_statistics_it_holds():
     layer.mean, layer.std = layer.mean.double(), layer.std.double()  # converting a model by assignment
     assert layer.dtype == torch.float64 and layer.config()["dtype"] == "float64"
     assert layer.adapt(torch.rand(5, 2)).mean.dtype == torch.float64  # adapting again keeps the model's dtype
+
+
+@pytest.mark.parametrize("std, shown", [(torch.zeros(2), "feature 0 is 0.0"),
+                                        (torch.tensor([1.0, float("nan")]), "feature 1 is nan"),
+                                        (torch.tensor([-2.0, 1.0]), "feature 0 is -2.0")])
+def test_standardize_refuses_a_std_it_cannot_divide_by_wherever_it_comes_from(tmp_path, std, shown):
+    layer = gd.Standardize(2)
+    with pytest.raises(gd.GraphError, match=f"std must be finite and > 0 .*{shown}"):
+        layer.std = std
+    model = gd.Sequential(gd.Standardize(2), gd.Linear(2, 1))
+    path = tmp_path / "m.gdl"
+    model.save(path)
+    import safetensors
+    import safetensors.torch
+    with safetensors.safe_open(str(path), "pt") as f:  # the file, with std replaced
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    tensors["0.std"] = std
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(gd.GraphError, match=f"std must be finite and > 0 .*{shown}"):
+        gd.load(path)
+
+
+# -- layers beyond two dims: Flatten, Reshape, Embedding, and shapes tracked through a model -----------
+
+
+def test_reshape_and_flatten_track_each_examples_shape_through_the_model():
+    model = gd.Sequential(gd.Reshape((1, 8, 8)), gd.Flatten(start_dim=2), gd.Flatten(), gd.Linear(64, 3))
+    assert model.input_shape == (64,) and model.output_shape == (3,)  # a Reshape first takes flat rows
+    text = str(model.graph())
+    assert "%0: f32[N,1,8,8] = reshape[shape=('N', 1, 8, 8)] x  # 0:Reshape" in text
+    assert "%1: f32[N,1,64] = flatten[start_dim=2] %0  # 1:Flatten" in text and "%2: f32[N,64] = flatten %1" in text
+    X = torch.rand(5, 64)
+    torch.testing.assert_close(model.predict(X), X @ model.layers[3].weight + model.layers[3].bias)
+    images = gd.Sequential(gd.Flatten(), gd.Linear(12, 2), input_shape=(3, 2, 2))
+    assert images.graph().inputs["x"].shape == ("N", 3, 2, 2) and images.output_shape == (2,)
+    assert gd.Sequential(gd.Reshape((4, -1)), input_shape=(8,)).output_shape == (4, 2)
+
+
+def test_a_linear_layer_maps_the_last_dim_of_any_rank():
+    gen = torch.Generator().manual_seed(0)
+    model = gd.Sequential(gd.Linear(3, 2, generator=gen), gd.Tanh(), input_shape=(4, 3))
+    assert model.output_shape == (4, 2)
+    X = torch.rand(5, 4, 3, generator=gen)
+    layer = model.layers[0]
+    torch.testing.assert_close(model.predict(X), torch.tanh(X @ layer.weight + layer.bias))
+
+
+@pytest.mark.parametrize("layers, input_shape, message", [
+    ([gd.Flatten(), gd.Linear(3, 2)], None,
+     r"the shape of the model's input is unknown: layer 0 \(Flatten\(\)\) comes first and takes examples of any "
+     r"shape; give the shape of one example \(the batch dim left out\), e.g. gd.Sequential\(..., input_shape="),
+    ([gd.Reshape((2, 8)), gd.Linear(4, 2)], None,
+     r"layer 1 \(Linear\(4, 2\)\) takes 4 features but layer 0 \(Reshape\(\(2, 8\)\)\) gives 8; make layer 1 "
+     r"Linear\(8, \.\.\.\) or change layer 0"),
+    ([gd.Linear(3, 6), gd.Reshape((4, -1))], None,
+     r"(?s)layer 1 \(Reshape\(\(4, -1\)\)\) cannot take what layer 0 \(Linear\(3, 6\)\) gives: examples of shape "
+     r"\[6\]: reshape %0\(x: f32\[N,6\]\): cannot reshape \[N,6\] to shape \(None, 4, -1\): 6 is not a multiple"),
+    ([gd.Embedding(10, 4), gd.Flatten(), gd.Linear(12, 2)], None,
+     r"(?s)layer 2 \(Linear\(12, 2\)\) takes 12 features but layer 0 \(Embedding\(10, 4\)\) gives 4.*hint: the model "
+     r"takes examples of shape \[\], as its layers declare; if they have another shape, give it as input_shape="),
+    ([gd.Linear(3, 2)], (4,), r"layer 0 \(Linear\(3, 2\)\) takes 3 features but the model's input is 4; make layer 0 "
+                              r"Linear\(4, \.\.\.\) or change input_shape"),
+    ([gd.Flatten(end_dim=2), gd.Linear(6, 2)], (2, 3, 4),
+     r"layer 1 \(Linear\(6, 2\)\) takes 6 features but layer 0 \(Flatten\(start_dim=1, end_dim=2\)\) gives 4"),
+])
+def test_a_model_names_the_layer_whose_shape_does_not_chain(layers, input_shape, message):
+    with pytest.raises(gd.GraphError, match=message):
+        gd.Sequential(*layers, input_shape=input_shape).graph()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: gd.Reshape(64), r"shape must be a tuple of whole numbers \(the batch dim left out\), such as \(1, 8, 8\)"),
+    (lambda: gd.Reshape((-1, -1)), "has more than one -1"),
+    (lambda: gd.Reshape((0, 2)), "shape must be a whole number >= 1"),
+    (lambda: gd.Reshape((2.0, 2)), "shape must be a whole number"),
+    (lambda: gd.Flatten(start_dim=0), "start_dim=0 would merge the batch dim into the examples"),
+    (lambda: gd.Flatten(end_dim=1.5), "end_dim must be a whole number"),
+    (lambda: gd.Embedding(0, 3), "num_embeddings must be a whole number >= 1"),
+    (lambda: gd.Embedding(3, 2, dtype=torch.int64), "Embedding: dtype torch.int64 is not supported"),
+    (lambda: gd.GELU("erf"), "approximate must be 'none' or 'tanh', got 'erf'"),
+    (lambda: gd.LeakyReLU(float("nan")), "negative_slope must be a finite number"),
+    (lambda: gd.LeakyReLU("0.1"), "negative_slope must be a finite number, got '0.1'"),
+    (lambda: gd.Sequential(gd.Linear(2, 1), input_shape=3), r"input_shape must be the shape of one example"),
+    (lambda: gd.Sequential(gd.Linear(2, 1), input_shape=(0,)), r"input_shape\[0\] must be a whole number >= 1"),
+])
+def test_layer_settings_are_checked_where_they_are_given(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_embedding_holds_pytorchs_layout_and_init():
+    torch.manual_seed(0)
+    layer = gd.Embedding(400, 50)
+    assert layer.weight.shape == (400, 50) and layer.weight.dtype == torch.float32
+    assert abs(layer.weight.mean().item()) < 0.02 and abs(layer.weight.std().item() - 1.0) < 0.02  # N(0, 1)
+    a, b = (gd.Embedding(5, 3, generator=torch.Generator().manual_seed(1)) for _ in range(2))
+    assert torch.equal(a.weight, b.weight)
+    assert torch.equal(a.weight, torch.randn(5, 3, generator=torch.Generator().manual_seed(1)))
+    with pytest.raises(gd.GraphError, match=r"Embedding\(5, 3\)\.weight must have shape \[5, 3\], got \[3, 5\]"):
+        a.weight = torch.zeros(3, 5)
+
+
+@pytest.mark.parametrize("input_shape, X", [(None, torch.tensor([3, 0, 3])), ((2,), torch.tensor([[1, 4], [0, 0]])),
+                                            ((2, 2), torch.tensor([[[1, 4], [2, 2]]]))])
+def test_embedding_picks_rows_for_indices_of_any_rank(input_shape, X):
+    model = gd.Sequential(gd.Embedding(5, 3, dtype=torch.float64), input_shape=input_shape)
+    assert model.graph().inputs["x"].dtype == torch.int64
+    assert model.output_shape == (*X.shape[1:], 3)
+    torch.testing.assert_close(model.predict(X), model.layers[0].weight[X])
+
+
+def test_an_index_out_of_range_is_refused_naming_the_layer():
+    gen = torch.Generator().manual_seed(0)
+    model = gd.Sequential(gd.Embedding(10, 4, generator=gen), gd.Flatten(), gd.Linear(8, 1, generator=gen),
+                          input_shape=(2,))
+    X, Y = torch.tensor([[1, 2], [3, 10]]), torch.rand(2, 1)
+    for call in (lambda: model.predict(X), lambda: model.evaluate(X, Y), lambda: model.fit(X, Y, verbose=False),
+                 lambda: model.fit(Y.new_zeros(2, 2).long(), Y, validation_data=(X, Y), verbose=False)):
+        msg = message(call)
+        names(msg, r"X(_val)?\[1, 1\] is 10, not an index of layer 0 \(Embedding\(10, 4\)\): indices run from 0 to 9")
+    names(message(model.predict, torch.tensor([[-1, 0]])), r"X\[0, 0\] is -1, not an index of layer 0")
+    # Compiled directly, the kernel's own check is named with the node and its layer
+    names(message(gd.compile(model.graph()), x=X), r"running `%0: f32\[N,2,4\] = index_select 0.weight, x  "
+          r"# 0:Embedding` failed: IndexError", r"\(in layer 0:Embedding\)")
+
+
+def test_indices_of_the_wrong_dtype_are_named_with_the_fix():
+    model = gd.Sequential(gd.Embedding(10, 4), input_shape=(2,))
+    names(message(model.predict, torch.zeros(3, 2)), r"input x is f32\[3,2\] but the graph declares i64\[N,2\]; "
+          r"convert it with .to\(torch.int64\)")
+    names(message(lambda: gd.Sequential(gd.Linear(3, 6), gd.Embedding(3, 2)).graph()),
+          r"index_select %2\(1.weight: f32\[3,2\], %1: f32\[N,6\]\): input 1, %1, holds indices, so it must be i64",
+          r"\(in layer 1:Embedding\)")
+
+
+@pytest.mark.parametrize("layer, ref", [
+    (gd.GELU(), torch.nn.GELU()), (gd.GELU(approximate="tanh"), torch.nn.GELU(approximate="tanh")),
+    (gd.LeakyReLU(), torch.nn.LeakyReLU()), (gd.LeakyReLU(0.2), torch.nn.LeakyReLU(0.2)), (gd.SiLU(), torch.nn.SiLU()),
+])
+def test_activation_layers_compute_what_torch_does_at_any_rank(layer, ref):
+    X = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    model = gd.Sequential(layer, input_shape=(3, 2, 2))
+    torch.testing.assert_close(model.predict(X), ref(X))
+    assert model.output_shape == (3, 2, 2)
+
+
+def test_a_models_tracked_shapes_are_those_its_graph_builds():
+    """output_shape, which Sequential.add checks with, against the shape rules of the graph itself."""
+    gen = torch.Generator().manual_seed(0)
+    model = gd.Sequential(gd.Embedding(7, 4, generator=gen), gd.Reshape((2, -1)), gd.GELU(), gd.Flatten(),
+                          gd.LeakyReLU(0.3), gd.Linear(12, 5, generator=gen), gd.SiLU(), gd.Reshape((5, 1)),
+                          input_shape=(3,))
+    g = model.graph()
+    assert model.output_shape == g.outputs[0].shape[1:] == (5, 1)
+    for k in range(1, len(model.layers) + 1):
+        prefix = gd.Sequential(*model.layers[:k], input_shape=(3,))
+        assert prefix.output_shape == prefix.graph().outputs[0].shape[1:]
+
+
+# -- convolution, pooling, normalisation, dropout -----------------------------------------
+
+
+def _cnn(p: float = 0.25, seed: int = 7) -> gd.Sequential:
+    gen = torch.Generator().manual_seed(0)
+    return gd.Sequential(gd.Reshape((1, 8, 8)), gd.Conv2d(1, 16, 3, padding=1, generator=gen), gd.BatchNorm2d(16),
+                         gd.ReLU(), gd.MaxPool2d(2), gd.Dropout(p, seed=seed), gd.Flatten(),
+                         gd.Linear(16 * 4 * 4, 10, generator=gen))
+
+
+def test_conv_layers_hold_pytorchs_layout_and_init():
+    """Conv2d at position k owns "{k}.weight" [out, in/groups, kh, kw] and "{k}.bias" [out],
+    uniform in +-1/sqrt(fan_in) as torch's kaiming_uniform_(a=sqrt(5)) draws them: the
+    same spread as torch's own Conv2d."""
+    model = gd.Sequential(gd.Reshape((4, 9, 9)), gd.Conv2d(4, 64, (3, 2), groups=2), gd.Conv2d(64, 8, 1, bias=False))
+    params = model.parameters()
+    assert {name: tuple(t.shape) for name, t in params.items()} == {
+        "1.weight": (64, 2, 3, 2), "1.bias": (64,), "2.weight": (8, 64, 1, 1)}
+    bound = 1 / math.sqrt(2 * 3 * 2)
+    torch_conv = torch.nn.Conv2d(4, 64, (3, 2), groups=2)
+    for mine, theirs in ((params["1.weight"], torch_conv.weight), (params["1.bias"], torch_conv.bias)):
+        assert mine.abs().max() <= bound and mine.abs().max() > 0.9 * bound
+        assert mine.std().item() == pytest.approx(theirs.detach().std().item(), rel=0.25)
+    assert gd.Conv1d(3, 5, 4).weight.shape == (5, 3, 4) and gd.Conv1d(3, 5, 4).bias.shape == (5,)
+    assert model.output_shape == (8, 7, 8)
+
+
+def test_batchnorm_running_statistics_are_state_not_parameters():
+    model = gd.Sequential(gd.Reshape((3, 2, 2)), gd.BatchNorm2d(3), gd.Flatten(), gd.LayerNorm(12), gd.Dropout(0.1))
+    assert list(model.parameters()) == ["1.weight", "1.bias", "3.weight", "3.bias"]
+    assert list(model.state()) == ["1.weight", "1.bias", "1.running_mean", "1.running_var", "3.weight", "3.bias",
+                                   "4.key"]
+    assert model.state()["4.key"].dtype == torch.float64 and model.graph().inputs["x"].dtype == torch.float32
+
+
+def test_the_mode_is_in_the_graph_and_its_text():
+    """The training graph normalises with the batch's statistics, drops, and returns the
+    buffers' next values; the inference graph reads the running statistics and does not
+    drop. Both print and parse back, and the Dropout's key is declared in both (it is
+    model state, which model files hold)."""
+    model = _cnn()
+    train, infer = model.graph(gd.CrossEntropy(), training=True), model.graph()
+    train_text, infer_text = str(train), str(infer)
+    assert "dropout_mask[p=0.25, seed=7] 5.key" in train_text and "dropout_mask" not in infer_text
+    assert "batch_norm %1, 2.running_mean, 2.running_var, 2.weight, 2.bias" in infer_text
+    assert "var[axis=(0, 2, 3), correction=1]" in train_text
+    assert train.output_labels == ("", "next/2.running_mean", "next/2.running_var", "next/5.key")
+    assert "5.key: f64[]" in infer_text and infer.outputs and len(infer.outputs) == 1
+    for text in (train_text, infer_text):
+        assert str(gd.parse(text)) == text
+
+
+def test_dropout_drops_p_in_training_and_is_the_identity_in_predict():
+    model = gd.Sequential(gd.Dropout(0.3, seed=1), input_shape=(50, 40))
+    X = torch.rand(20, 50, 40) + 1
+    (dropped, next_key) = gd.compile(model.graph(training=True))(x=X)
+    kept = (dropped != 0).double().mean().item()
+    assert abs(kept - 0.7) < 5 * (0.21 / X.numel()) ** 0.5
+    torch.testing.assert_close(dropped[dropped != 0], (X / 0.7)[dropped != 0])
+    assert float(next_key) == 1.0
+    assert torch.equal(model.predict(X), X)
+
+
+def test_dropout_is_reproduced_by_its_seed_and_the_model():
+    gen = torch.Generator().manual_seed(3)
+    X, labels = torch.rand(64, 64, generator=gen), torch.randint(0, 10, (64,), generator=gen)
+    runs = []
+    for seed in (7, 7, 8):
+        model = _cnn(0.5, seed)
+        model.fit(X, labels, loss=gd.CrossEntropy(), epochs=2, batch_size=16, seed=0, verbose=False)
+        runs.append(model.state())
+    assert all(torch.equal(a, b) for a, b in zip(runs[0].values(), runs[1].values(), strict=True))
+    assert not torch.equal(runs[0]["7.weight"], runs[2]["7.weight"])
+    torch.manual_seed(11)
+    a = gd.Dropout()
+    torch.manual_seed(11)
+    assert gd.Dropout().seed == a.seed != gd.Dropout().seed  # drawn from torch's RNG, as weights are
+
+
+def test_a_cnn_saves_and_loads_with_its_state(tmp_path):
+    model = gd.Sequential(gd.Reshape((2, 6)), gd.Conv1d(2, 4, 3, padding=(1,), dilation=1, bias=False),
+                          gd.BatchNorm1d(4), gd.LayerNorm((4, 6)), gd.Dropout(0.2), gd.Reshape((4, 2, 3)),
+                          gd.Conv2d(4, 2, (1, 2), stride=(1, 1)), gd.AvgPool2d((2, 1), padding=(1, 0)),
+                          gd.MaxPool2d(1, stride=2), gd.Flatten())
+    with torch.no_grad():
+        for t in model.state().values():
+            t.copy_(torch.randn_like(t).abs() + 0.5 if t.dim() else torch.tensor(5.0, dtype=t.dtype))
+    path = tmp_path / "cnn.gdl"
+    model.save(path)
+    again = gd.load(path)
+    assert again.config() == model.config() and str(again.graph()) == str(model.graph())
+    assert all(torch.equal(a, b) for a, b in zip(again.state().values(), model.state().values(), strict=True))
+    X = torch.randn(5, 12)
+    assert torch.equal(again.predict(X), model.predict(X))
+    assert str(again.graph(gd.MSE(), training=True)) == str(model.graph(gd.MSE(), training=True))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: gd.Conv2d(0, 4, 3), "in_channels must be a whole number >= 1, got 0"),
+    (lambda: gd.Conv2d(3, 4, 3, stride=0), "stride must be a whole number >= 1, got 0"),
+    (lambda: gd.Conv2d(3, 4, (3, 3, 3)), r"kernel_size must be an int or 2 ints \(one per spatial dim\)"),
+    (lambda: gd.Conv2d(3, 4, 3, groups=2), "groups=2 must divide both in_channels=3 and out_channels=4"),
+    (lambda: gd.Conv1d(3, 4, 3, padding=-1), "padding must be a whole number >= 0, got -1"),
+    (lambda: gd.Conv2d(3, 4, 3, bias=1), "bias must be True or False, got 1"),
+    (lambda: gd.MaxPool2d(2, padding=2), "padding=2 must be at most half of kernel_size=2"),
+    (lambda: gd.AvgPool2d(0), "kernel_size must be a whole number >= 1, got 0"),
+    (lambda: gd.BatchNorm2d(4, momentum=1.5), r"momentum must be in \[0.0, 1.0\], got 1.5"),
+    (lambda: gd.BatchNorm1d(4, eps=0), "eps must be > 0"),
+    (lambda: gd.LayerNorm(()), "normalized_shape must name at least one dim"),
+    (lambda: gd.Dropout(1.5), r"p must be in \[0.0, 1.0\], got 1.5"),
+    (lambda: gd.Dropout(seed=-1), "seed must be a whole number"),
+])
+def test_conv_layer_settings_are_checked_where_they_are_given(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+@pytest.mark.parametrize("layers, shape, parts", [
+    ([gd.Reshape((1, 8, 8)), gd.Conv2d(2, 4, 3)],
+     None, [r"layer 1 \(Conv2d\(2, 4, kernel_size=3\)\) cannot take what layer 0 \(Reshape\(\(1, 8, 8\)\)\) gives",
+            r"x has 1 channel but the weight \[4,2,3,3\] takes 2",
+            "hint: make the layer's in_channels 1, or make the layer before it give 2 channels"]),
+    ([gd.Reshape((1, 2, 2)), gd.Conv2d(1, 4, 3)],
+     None, [r"the kernel \[3,3\] spans 3 along H \(dim 2\) but the input is only 2 there, 2 padded",
+            "hint: use a smaller kernel, padding of at least 1 along H, or a larger input"]),
+    ([gd.Linear(4, 8), gd.Conv2d(8, 4, 3)],
+     None, [r"x \[N,8\] must be 4-d, \[N, C, H, W\]", r"gd.Reshape\(\(C, H, W\)\)"]),
+    ([gd.Reshape((4, 8, 8)), gd.BatchNorm2d(3)],
+     None, [r"it normalises 3 channels \(dim 1\) but the values have 4", r"hint: make it BatchNorm2d\(4\)"]),
+    ([gd.Linear(4, 8), gd.BatchNorm2d(8)],
+     None, [r"BatchNorm2d takes \[N, C, H, W\] values, not examples of shape \[8\]",
+            r"hint: use BatchNorm1d for \[N, C\] or \[N, C, L\]"]),
+    ([gd.Reshape((4, 2, 2)), gd.MaxPool2d(3)],
+     None, [r"the pooling window 3 spans 3 along H \(dim 2\) but the input is only 2 there"]),
+    ([gd.LayerNorm(5)], (4, 6), [r"it normalises examples ending in \[5\]", "hint: make normalized_shape the last"]),
+])
+def test_a_conv_model_names_the_layer_the_shapes_and_the_fix(layers, shape, parts):
+    names(message(lambda: gd.Sequential(*layers, input_shape=shape)), *parts)

@@ -46,9 +46,10 @@ def test_model_file_dtypes_are_checked_by_name():
 
 @pytest.mark.parametrize("method, names", [
     ("fit", ["X", "Y", "loss", "optimizer", "schedule", "epochs", "batch_size", "shuffle", "validation_data", "seed",
-             "verbose", "metrics", "threads", "distributed", "checkpoint", "resume", "monitor"]),
+             "verbose", "metrics", "threads", "distributed", "checkpoint", "resume", "callbacks", "validation_split",
+             "clip_norm", "clip_value", "accumulate", "sample_weight", "class_weight", "monitor"]),
     ("predict", ["X", "threads", "distributed"]),
-    ("evaluate", ["X", "Y", "loss", "metrics", "threads", "distributed"]),
+    ("evaluate", ["X", "Y", "loss", "metrics", "threads", "distributed", "sample_weight"]),
 ])
 def test_methods_show_their_real_signatures_and_docs(method, names):
     fn = getattr(gd.Sequential, method)
@@ -192,3 +193,26 @@ def test_a_tied_weight_trains_as_torchs_shared_parameter(nesterov):
     assert model.layers[2].weight is model.layers[0].weight
     torch.testing.assert_close(model.layers[4].weight, twin[4].weight.detach().T, rtol=1e-5, atol=1e-6)
     assert history["loss"][0] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
+
+
+# -- summary ---------------------------------------------------------------------------------------
+
+
+def test_summary_lists_each_layers_shape_and_params_and_counts_a_tie_once(capsys):
+    model = gd.Sequential(gd.Standardize(3), gd.Linear(3, 4), gd.ReLU(), gd.Linear(4, 4), gd.Tanh(),
+                          gd.Linear(4, 4), gd.Linear(4, 2))
+    model.layers[5].weight = model.layers[3].weight  # tied: one tensor in two places
+    text = model.summary()
+    assert capsys.readouterr().out == text + "\n"
+    lines = text.splitlines()
+    assert lines[1].split() == ["layer", "output", "shape", "params"]
+    rows = [line.split() for line in lines[2:9]]
+    assert [r[2] for r in rows] == ["[N,3]", "[N,4]", "[N,4]", "[N,4]", "[N,4]", "[N,4]", "[N,2]"]
+    assert [r[3] for r in rows] == ["6", "16", "0", "20", "0", "4", "10"]  # 5.weight is 3.weight's: only the bias
+    assert "(5.weight is 3.weight)" in lines[7]
+    unique = sum(t.numel() for t in model.state().values())
+    assert unique == 6 + 16 + 20 + 4 + 10
+    assert f"Total params: {unique:,}" in text and "Trainable params: 50" in text and "Non-trainable params: 6" in text
+    assert model.summary(print_fn=None) == text and capsys.readouterr().out == ""
+    # the shapes are the IR's: they agree with what predict returns
+    assert tuple(model.predict(torch.rand(7, 3)).shape) == (7, 2)

@@ -245,3 +245,128 @@ def test_a_planted_nan_is_found_on_cuda():
         model.fit(X.cuda(), torch.zeros(12, 1, device="cuda"), optimizer=gd.SGD(lr=0.0), epochs=2, batch_size=3,
                   shuffle=False, verbose=False)
     assert (err.value.epoch, err.value.batch, err.value.op, err.value.layer) == (1, 3, "log", "1:Log")
+
+
+# -- every registered op: a rule that holds, and no crash -------------------------------------
+
+
+def _recorded(graph: gd.Graph, feeds: dict[str, torch.Tensor]) -> dict[int, tuple[float, float] | None]:
+    """Each node's (smallest, largest) value, the graph run node by node on `feeds`."""
+    seen: dict[int, tuple[float, float] | None] = {}
+
+    class Record:
+        env = {"_seen": seen}
+
+        def before(self, k, node):
+            return []
+
+        def after(self, k, node, out, inputs):
+            return [f"_seen[{k}] = (float({out}.min()), float({out}.max())) "
+                    f"if isinstance({out}, torch.Tensor) and {out}.numel() else None"]
+
+    from graphdl.probe import lower_probed
+    lower_probed(graph, Record(), reuse=False)(**feeds)
+    return seen
+
+
+def _op_cases():
+    from test_ops import CASES, _feeds, _graph, _id, _inputs, _wrt
+    return [pytest.param(case, _feeds, _graph, _inputs, _wrt, id=_id(case)) for case in CASES]
+
+
+@pytest.mark.parametrize("case, feeds_of, graph_of, inputs_of, wrt_of", _op_cases())
+def test_every_ops_interval_holds_the_values_it_computes(case, feeds_of, graph_of, inputs_of, wrt_of):
+    """tests/test_ops.py's case of every op (conv, pooling, normalisation, dropout,
+    shapes, indexing, the activations...), forward and differentiated: with the params
+    known to lie in their values' ranges, each node's values lie in its interval."""
+    tensors = inputs_of(case)
+    forward, _ = graph_of(case, tensors)
+    graphs = [forward]
+    if case.differentiable:
+        graphs.append(gd.grad(forward, wrt_of(case)))
+    for graph in graphs:
+        known = {name: (float(v.slot.tensor.min()), float(v.slot.tensor.max()))
+                 for name, v in graph.params.items() if v.slot.tensor.numel()}
+        known.update({f"a{i}": (0.0, float(n - 1)) for i, n in case.ints.items()})
+        findings, ranges = analyse(graph, known)
+        assert all(isinstance(f, numerics.Finding) for f in findings)
+        for k, span in _recorded(graph, feeds_of(case, tensors)).items():
+            if span is None:
+                continue
+            lo, hi = span
+            r = ranges[k]
+            slack = 1e-6 * (1 + abs(lo) + abs(hi))
+            assert r.lo - slack <= lo and hi <= r.hi + slack, (case.op, graph.nodes[k], r, lo, hi)
+
+
+def test_check_numerics_reads_every_registered_op():
+    """Every op of gd.OPS, met in some graph check_numerics reads: the cases' graphs and
+    their gradients, a data-parallel step (the collectives) and a CNN's training step."""
+    from test_ops import CASES, _graph, _inputs, _wrt
+
+    from graphdl.step import step_graph
+    seen: set[str] = set()
+    for case in CASES:
+        forward, _ = _graph(case, _inputs(case))
+        for graph in [forward, *([gd.grad(forward, _wrt(case))] if case.differentiable else [])]:
+            gd.check_numerics(graph)
+            seen.update(n.op.name for n in graph.nodes)
+    model = gd.Sequential(gd.Conv2d(1, 4, 3, padding=1), gd.BatchNorm2d(4), gd.ReLU(), gd.MaxPool2d(2),
+                          gd.Dropout(0.25), gd.Flatten(), gd.Linear(16, 3), input_shape=(1, 4, 4))
+    gd.check_numerics(model)
+    parallel = step_graph(model.graph(gd.CrossEntropy(), training=True), list(model.parameters()))
+    gd.check_numerics(parallel)
+    for graph in (parallel, gd.TrainStep(model, gd.CrossEntropy(), gd.SGD()).compiled.graph):
+        seen.update(n.op.name for n in graph.nodes)
+    assert seen | {"const"} >= set(gd.OPS), set(gd.OPS) - seen
+    assert set(numerics.RULES) >= set(gd.OPS.values()), "an op without a rule reads as any value: give it one"
+
+
+def test_rsqrt_of_a_value_that_can_be_zero_is_flagged_and_a_batch_norms_is_not():
+    g = gd.Graph("g")
+    x = g.input("x", (None, 3))
+    g.output(gd.rsqrt(gd.var(x, axis=0)), gd.rsqrt(gd.var(x, axis=0) + 1e-5))
+    (finding,) = gd.check_numerics(g)
+    assert finding.problem == "rsqrt of a value that can be <= 0" and "lies in [0, inf]" in finding.detail
+    model = gd.Sequential(gd.Linear(3, 4), gd.BatchNorm1d(4), gd.GELU(), gd.LayerNorm(4), gd.Linear(4, 1))
+    assert gd.check_numerics(model) == []
+
+
+# -- with main's layers and training features -----------------------------------------------------
+
+
+class Sqrt(gd.Layer):
+    """rsqrt's reciprocal: sqrt(x) as x * rsqrt(x), NaN for x < 0."""
+
+    def forward(self, build, x):
+        return gd.mul(x, gd.rsqrt(x))
+
+
+def _cnn_with(layer: gd.Layer) -> gd.Sequential:
+    torch.manual_seed(0)
+    return gd.Sequential(layer, gd.Conv2d(1, 2, 3, padding=1), gd.BatchNorm2d(2), gd.ReLU(), gd.Dropout(0.5),
+                         gd.Flatten(), gd.Linear(2 * 4 * 4, 1), input_shape=(1, 4, 4))
+
+
+@pytest.mark.parametrize("accumulate, clip_norm", [(1, None), (2, 1.0)])
+def test_a_planted_nan_in_a_conv_net_with_batch_norm_and_dropout_is_found(accumulate, clip_norm):
+    """The step trains in training mode and writes BatchNorm's statistics and Dropout's key
+    with each update: the replay starts from the epoch's buffers as well as its params, so
+    the batch found is the one that failed, and the model keeps the buffers of the batches
+    before it (those a run of only those batches ends with)."""
+    gen = torch.Generator().manual_seed(0)
+    X, Y = torch.rand(12, 1, 4, 4, generator=gen) + 0.1, torch.rand(12, 1, generator=gen)
+    X[7, 0, 2, 1] = -1.0  # batch 3 of 3-row batches
+    model = _cnn_with(Sqrt())
+    settings = dict(optimizer=gd.SGD(lr=0.01), batch_size=3, shuffle=False, verbose=False, accumulate=accumulate,
+                    clip_norm=clip_norm)
+    with pytest.raises(gd.DivergedError) as err:
+        model.fit(X, Y, epochs=2, **settings)
+    e = err.value
+    assert (e.epoch, e.batch, e.op, e.layer) == (1, 3, "rsqrt", "0:Sqrt")
+    names(str(e), r"The first non-finite value: %\d+, (nan|inf)",
+          r"rsqrt of a value <= 0 \(its input's smallest is -1\)", "hint: add a small positive number first")
+    clean = _cnn_with(Sqrt())
+    clean.fit(X[:6], Y[:6], epochs=1, **settings)  # the two batches before it
+    for name, value in clean.state().items():
+        torch.testing.assert_close(model.state()[name], value, msg=name)

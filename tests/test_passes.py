@@ -200,6 +200,23 @@ def test_fusion_needs_the_pattern_exactly():
     assert not changed
 
 
+def test_a_batched_product_is_not_fused_into_the_matrix_kernels():
+    """addmm and matmul_tn/nt take matrices: a Linear over [N,L,in] keeps matmul, add and
+    the transposes, in its forward pass and its gradient."""
+    g = gd.Graph("seq")
+    x = g.input("x", (None, 4, 3), torch.float64)
+    w = g.param("w", torch.randn(3, 2, dtype=torch.float64))
+    b = g.param("b", torch.randn(2, dtype=torch.float64))
+    g.output(gd.sum(gd.tanh(gd.add(gd.matmul(x, w), b))))
+    gg = gd.grad(g, ["w", "b"])
+    opt = pipeline(gg.copy()[0])
+    opt.verify()
+    ops = ops_of(opt)
+    assert not {"addmm", "matmul_tn", "matmul_nt"} & set(ops) and ops.count("matmul") == 2
+    feeds = {"x": torch.randn(5, 4, 3, dtype=torch.float64)}
+    torch.testing.assert_close(gd.compile(gg, optimize=False)(**feeds), gd.compile(opt)(**feeds))
+
+
 def test_grad_of_an_optimised_graph_matches_the_unoptimised_one():
     g = gd.grad(net(gd.tanh), ["fc1.weight"])
     d = g.outputs[1]
@@ -223,6 +240,27 @@ def test_pipeline_logs_the_ir_after_each_pass_and_reaches_a_fixed_point():
     assert any(m == "// after cse: no change" for m in lines)
     for name, pass_fn in PASSES:  # nothing left to do
         assert not apply(opt, pass_fn)[1], name
+
+
+def test_the_passes_treat_a_dropout_mask_as_the_pure_function_it_is():
+    """A mask is a function of its key, seed, p and shape: CSE merges only masks of the same
+    key and attrs (which are equal), keeps those of different keys or seeds apart, and
+    fold never computes one at compile time; the training graph's result is unchanged."""
+    g = gd.Graph("drop")
+    x = g.input("x", (None, 6), torch.float64)
+    key = g.param("key", torch.tensor(4.0, dtype=torch.float64))
+    same = [gd.dropout_mask(key, x, p=0.5, seed=1) for _ in range(2)]
+    apart = [gd.dropout_mask(key + 1.0, x, p=0.5, seed=1), gd.dropout_mask(key, x, p=0.5, seed=2)]
+    g.output(gd.sum(x * same[0] + x * same[1] + x * apart[0] + x * apart[1]))
+    feeds = {"x": torch.rand(5, 6, dtype=torch.float64)}
+    merged, changed = apply(g, cse)
+    assert changed and ops_of(merged).count("dropout_mask") == 3
+    assert ops_of(apply(g, fold)[0]).count("dropout_mask") == 4
+    torch.testing.assert_close(run(pipeline(g.copy()[0]), feeds), run(g, feeds), rtol=0, atol=0)
+    masks = gd.Graph("masks")
+    masks.output(gd.dropout_mask(masks.param("key", torch.tensor(0.0, dtype=torch.float64)),
+                                 masks.input("x", (None, 6), torch.float64)))
+    assert ops_of(apply(masks, dce)[0]) == ["dropout_mask"]  # a mask that is returned stays
 
 
 # -- memory planning ------------------------------------------------------------------------

@@ -175,6 +175,51 @@ def test_bad_arguments_are_named(call, message):
         call(disk_net(), X, Y)
 
 
+def cnn() -> gd.Sequential:
+    torch.manual_seed(0)
+    return gd.Sequential(gd.Conv2d(1, 4, 3, padding=1), gd.BatchNorm2d(4), gd.ReLU(), gd.MaxPool2d(2),
+                         gd.Dropout(0.25), gd.Flatten(), gd.Linear(4 * 4 * 4, 3), input_shape=(1, 8, 8))
+
+
+def test_a_cnns_training_step_is_profiled_with_its_buffers_written_and_put_back():
+    """The step fit runs on a CNN, in training mode: BatchNorm's statistics and Dropout's
+    key are written with each update (the update's row says so) and put back after; the
+    convolution and its two backward ops are held against the GEMM rate, with their FLOPs."""
+    model = cnn()
+    gen = torch.Generator().manual_seed(2)
+    X, labels = torch.randn(40, 1, 8, 8, generator=gen), torch.randint(0, 3, (40,), generator=gen)
+    state = {k: v.clone() for k, v in model.state().items()}
+    report = gd.profile(model, X, labels, loss=gd.CrossEntropy(), optimizer=gd.Adam(), steps=4, batch_size=16,
+                        clip_norm=1.0)
+    assert all(torch.equal(state[k], v) for k, v in model.state().items())  # params, running stats and key
+    ops = {r.op for r in report.rows}
+    assert {"conv2d", "conv_backward_weight", "batch_norm", "max_pool2d", "dropout_mask"} <= ops, ops
+    (update,) = [r for r in report.rows if r.phase == "update"]
+    assert update.text.startswith("gradients clipped, 3 buffers written, the optimizer's update of")
+    assert "clip_norm=1" in report.what and "Adam" in report.what
+    (conv,) = [r for r in report.rows if r.op == "conv2d"]
+    assert conv.bound == "gemm" and conv.flops == 2 * 16 * 4 * 8 * 8 * (1 * 3 * 3)
+    weight_grad = next(r for r in report.rows if r.op == "conv_backward_weight")
+    assert weight_grad.bound == "gemm" and weight_grad.flops == conv.flops
+    assert "0:Conv2d" in {g.name for g in report.by_layer()}
+    gd.to_dot(report.graph, profile=report)  # the heat picture of a CNN's step
+    history = model.fit(X, labels, loss=gd.CrossEntropy(), epochs=1, verbose=False)  # and fit still runs
+    assert len(history["loss"]) == 1
+
+
+def test_a_train_steps_clipping_is_profiled_and_accumulation_is_refused():
+    model, (X, Y) = disk_net(), data()
+    clipped = gd.TrainStep(model, gd.MSE(), gd.SGD(), clip_value=0.5)
+    report = gd.profile(clipped, X, Y, steps=2)
+    assert "clip_value=0.5" in report.what
+    assert next(r for r in report.rows if r.phase == "update").text.startswith("gradients clipped, the optimizer's")
+    refused = r"profile with accumulate=2 is not available: an accumulating step .* profile with accumulate=1"
+    with pytest.raises(ValueError, match=refused):
+        gd.profile(gd.TrainStep(model, gd.MSE(), gd.SGD(), accumulate=2), X, Y)
+    with pytest.raises(ValueError, match=refused):
+        gd.profile(model, X, Y, accumulate=2)
+
+
 # -- the critical path, against networkx -------------------------------------------------------
 
 

@@ -47,7 +47,19 @@ def allreduce(graph: Graph, outputs: Sequence[int] | None = None,
     order = _early(graph.nodes, [graph.outputs[i].node for i in indices])
     made_at = {id(n.out): k for k, n in enumerate(order)}
     ready = sorted(indices, key=lambda i: made_at.get(id(graph.outputs[i]), -1))  # stable: ties keep output order
-    starts: dict[int, list[Node]] = {}  # position in `order` -> the starts that follow that node
+    starts, pending = _start_buckets(graph, order, made_at, ready, bucket_mib)
+    tail = _finish_buckets(graph, pending)
+    graph.reorder([*starts.get(-1, []), *(n for k, node in enumerate(order) for n in (node, *starts.get(k, []))),
+                   *tail])
+    return graph, True
+
+
+def _start_buckets(graph: Graph, order: list[Node], made_at: dict[int, int], ready: list[int],
+                   bucket_mib: float) -> tuple[dict[int, list[Node]], list[tuple[Value, list[int]]]]:
+    """An allreduce_start per bucket of the outputs `ready` lists, each placed right after
+    its bucket's last value is made. Returns {position in `order`: the starts that follow
+    that node (-1: before every node)} and each start with its bucket's output indices."""
+    starts: dict[int, list[Node]] = {}
     pending = []
     for members in _buckets([graph.outputs[i] for i in ready], ready, bucket_mib * 2**20):
         last = max(made_at.get(id(graph.outputs[i]), -1) for i in members)
@@ -55,7 +67,13 @@ def allreduce(graph: Graph, outputs: Sequence[int] | None = None,
                      order[last] if last >= 0 else None)
         starts.setdefault(last, []).append(start.node)
         pending.append((start, members))
-    tail = []  # the waits and unpacks, at the end
+    return starts, pending
+
+
+def _finish_buckets(graph: Graph, pending: list[tuple[Value, list[int]]]) -> list[Node]:
+    """For each bucket started, its allreduce_wait and an unpack per output, which becomes
+    that output; returns those nodes, which go at the end."""
+    tail = []
     for start, members in pending:
         done = _add(graph, allreduce_wait, [start], {}, start.node)
         tail.append(done.node)
@@ -66,9 +84,7 @@ def allreduce(graph: Graph, outputs: Sequence[int] | None = None,
             tail.append(summed.node)
             graph.set_output(i, summed)
             offset += math.prod(shape)
-    graph.reorder([*starts.get(-1, []), *(n for k, node in enumerate(order) for n in (node, *starts.get(k, []))),
-                   *tail])
-    return graph, True
+    return tail
 
 
 def _early(nodes: list[Node], gradients: list[Node | None]) -> list[Node]:
@@ -80,6 +96,18 @@ def _early(nodes: list[Node], gradients: list[Node | None]) -> list[Node]:
     starts before that product, and its communication overlaps it instead of waiting at
     the end. (On the shared 2-core machine an A/B of this was lost in the noise of other
     work; it costs nothing.)"""
+    schedule = _EarlySchedule(_eager(gradients))
+    for node in nodes:  # eager nodes that read no node at all go first
+        if schedule.is_eager(node) and all(v.node is None for v in node.inputs):
+            schedule.place(node)
+    for node in nodes:
+        if node not in schedule.eager and node not in schedule.queued:
+            schedule.place(node)
+    return schedule.order
+
+
+def _eager(gradients: list[Node | None]) -> set[Node]:
+    """`gradients` and the nodes made for them alone (whose value only they read), but no collective."""
     eager: set[Node] = set()
     stack = [n for n in gradients if n is not None]
     while stack:
@@ -87,30 +115,33 @@ def _early(nodes: list[Node], gradients: list[Node | None]) -> list[Node]:
         if node not in eager and not node.op.collective:
             eager.add(node)
             stack.extend(v.node for v in node.inputs if v.node is not None and len(v.users) == 1)
-    order: list[Node] = []
-    placed: set[Node] = set()  # in `order` already
-    queued: set[Node] = set()
+    return eager
 
-    def place(first: Node) -> None:
+
+class _EarlySchedule:
+    """_early's order as it is built: a node placed takes along each eager node whose last input it was."""
+
+    def __init__(self, eager: set[Node]) -> None:
+        self.eager = eager
+        self.order: list[Node] = []
+        self.placed: set[Node] = set()  # in `order` already
+        self.queued: set[Node] = set()
+
+    def is_eager(self, node: Node) -> bool:
+        """An eager node not placed or about to be."""
+        return node in self.eager and node not in self.queued
+
+    def place(self, first: Node) -> None:
         todo = [first]
-        queued.add(first)
+        self.queued.add(first)
         while todo:
             node = todo.pop()
-            order.append(node)
-            placed.add(node)
+            self.order.append(node)
+            self.placed.add(node)
             for user in node.out.users:  # an eager node goes as soon as its last input is placed
-                if user in eager and user not in queued and all(v.node is None or v.node in placed
-                                                                  for v in user.inputs):
-                    queued.add(user)
+                if self.is_eager(user) and all(v.node is None or v.node in self.placed for v in user.inputs):
+                    self.queued.add(user)
                     todo.append(user)
-
-    for node in nodes:  # eager nodes that read no node at all go first
-        if node in eager and node not in queued and all(v.node is None for v in node.inputs):
-            place(node)
-    for node in nodes:
-        if node not in eager and node not in queued:
-            place(node)
-    return order
 
 
 def _buckets(values: list[Value], indices: list[int], cap: float) -> list[list[int]]:

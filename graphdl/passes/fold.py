@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from ..ir import Graph, dtype_name
+from ..checks import dtype_name
+from ..ir import Graph, Node
 from ..ops.registry import CODE_GLOBALS, const
 from .match import const_value, producer, rebuild
 
@@ -21,18 +22,27 @@ def fold(graph: Graph) -> tuple[Graph, bool]:
     """
     changed = False
     for node in list(graph.nodes):
-        if node.op is const or not node.inputs or node.op.collective \
-                or any(producer(v, const) is None for v in node.inputs):  # a collective runs at run time
+        if not _foldable(node):
             continue
-        values = [const_value(v) for v in node.inputs]
-        env = dict(CODE_GLOBALS)
-        args = []
-        for i, (v, number) in enumerate(zip(node.inputs, values, strict=True)):
-            env[f"a{i}"] = torch.tensor(number, dtype=v.dtype)
-            args.append(f"a{i}")
-        result = eval(node.op.lower(args, node.attrs, node.inputs), env)  # noqa: S307 - registry code
+        result = _evaluate(node)
         if result.dim() != 0 or result.dtype != node.out.dtype or not math.isfinite(float(result)):
             continue
         rebuild(graph, node, const, [], {"value": float(result), "dtype": dtype_name(result.dtype)})
         changed = True
     return graph, changed
+
+
+def _foldable(node: Node) -> bool:
+    """A node of scalar `const` inputs only, and no collective (those run at run time)."""
+    return not (node.op is const or not node.inputs or node.op.collective
+                or any(producer(v, const) is None for v in node.inputs))
+
+
+def _evaluate(node: Node) -> torch.Tensor:
+    """The node's result, computed by its op's own lowering from its constants, in their dtypes."""
+    env = dict(CODE_GLOBALS)
+    args = []
+    for i, v in enumerate(node.inputs):
+        env[f"a{i}"] = torch.tensor(const_value(v), dtype=v.dtype)
+        args.append(f"a{i}")
+    return eval(node.op.lower(args, node.attrs, node.inputs), env)  # noqa: S307 - registry code

@@ -20,7 +20,7 @@ cheaper to call than `torch.tanh`.
 
 from __future__ import annotations
 
-from ..ir import Graph, Value
+from ..ir import Graph, Node, Value
 
 
 def last_uses(graph: Graph) -> dict[int, int]:
@@ -36,20 +36,24 @@ def plan_inplace(graph: Graph, hoisted: set[int], last_use: dict[int, int] | Non
     """{node index: index of the input it overwrites} for the nodes that can reuse a
     dying input's buffer (see the module doc). `hoisted` holds the ids of the values
     compile computes once, up front; `last_use` is `last_uses(graph)` if given."""
-    returned = {id(v) for v in graph.outputs}
+    kept = {id(v) for v in graph.outputs} | hoisted
     last_use = last_uses(graph) if last_use is None else last_use
     plan: dict[int, int] = {}
     for k, node in enumerate(graph.nodes):
         for i in node.op.memory.inplace:  # each op's in-place variants sit in its registry row
-            v = node.inputs[i]
-            if (v.node is not None and v.node.op.memory.new_storage and last_use[id(v)] == k
-                    and id(v) not in returned and id(v) not in hoisted
-                    and (v.shape, v.dtype) == (node.out.shape, node.out.dtype)
-                    and all(u.op.memory.new_storage for u in v.users)):
+            if _can_overwrite(node.inputs[i], k, node, last_use, kept):
                 plan[k] = i
                 break
     return plan
 
+
+def _can_overwrite(v: Value, k: int, node: Node, last_use: dict[int, int], kept: set[int]) -> bool:
+    """Whether node k may write its result into input `v`'s buffer: a temporary in new
+    storage, read only by ops whose results are new storage, dying here, of the node's shape
+    and dtype, and not in `kept` (the ids of the outputs and hoisted values)."""
+    return (v.node is not None and v.node.op.memory.new_storage and last_use[id(v)] == k and id(v) not in kept
+            and (v.shape, v.dtype) == (node.out.shape, node.out.dtype)
+            and all(u.op.memory.new_storage for u in v.users))
 
 
 def plan_arena(graph: Graph, hoisted: set[int], inplace: dict[int, int],
@@ -72,28 +76,49 @@ def plan_arena(graph: Graph, hoisted: set[int], inplace: dict[int, int],
     """
     returned = {id(v) for v in graph.outputs}
     last_use = last_uses(graph) if last_use is None else last_use
-    writes: dict[int, int] = {}
-    lives_in: dict[int, int] = {}
-    owner: dict[int, int] = {}  # buffer -> id of the value in it now
-    buffers: list[Value] = []
-    free: dict[tuple, list[int]] = {}
+    arena = _Arena()
     for k, node in enumerate(graph.nodes):
-        out = node.out
-        if id(out) in hoisted:
+        if id(node.out) in hoisted:
             continue
-        if k in inplace and id(node.inputs[inplace[k]]) in lives_in:
-            lives_in[id(out)] = lives_in[id(node.inputs[inplace[k]])]
+        arena.place(k, node, inplace)
+        arena.release(k, node, last_use, returned)
+    return arena.writes, arena.lives_in, arena.buffers
+
+
+class _Arena:
+    """plan_arena's state as it walks the nodes: which buffer each value lives in, which
+    value is in each buffer now, and the free buffers by shape and dtype."""
+
+    def __init__(self) -> None:
+        self.writes: dict[int, int] = {}  # node index -> the buffer it writes with out=
+        self.lives_in: dict[int, int] = {}  # id(value) -> its buffer
+        self.owner: dict[int, int] = {}  # buffer -> id of the value in it now
+        self.buffers: list[Value] = []  # the value each buffer was made for
+        self.free: dict[tuple, list[int]] = {}
+
+    def place(self, k: int, node: Node, inplace: dict[int, int]) -> None:
+        """Give node k's result a buffer: its input's, if planned in place, else a free one
+        of its shape and dtype (a new one if none is free) if its op writes out=."""
+        out = node.out
+        if k in inplace and id(node.inputs[inplace[k]]) in self.lives_in:
+            self.lives_in[id(out)] = self.lives_in[id(node.inputs[inplace[k]])]
         elif k not in inplace and node.op.memory.out is not None and node.op.memory.new_storage:
-            pool = free.setdefault((out.shape, out.dtype), [])
-            if not pool:
-                pool.append(len(buffers))
-                buffers.append(out)
-            lives_in[id(out)] = writes[k] = pool.pop()
-        if id(out) in lives_in:
-            owner[lives_in[id(out)]] = id(out)
+            self.lives_in[id(out)] = self.writes[k] = self._take(out)
+        if id(out) in self.lives_in:
+            self.owner[self.lives_in[id(out)]] = id(out)
+
+    def _take(self, out: Value) -> int:
+        pool = self.free.setdefault((out.shape, out.dtype), [])
+        if not pool:
+            pool.append(len(self.buffers))
+            self.buffers.append(out)
+        return pool.pop()
+
+    def release(self, k: int, node: Node, last_use: dict[int, int], returned: set[int]) -> None:
+        """Return to the pool the buffers of node k's inputs that die at it, unless an
+        output holds one or a user whose result is not new storage may have made a view of it."""
         for v in dict.fromkeys(node.inputs):
-            b = lives_in.get(id(v))
-            if (b is not None and owner[b] == id(v) and last_use.get(id(v)) == k and id(v) not in returned
+            b = self.lives_in.get(id(v))
+            if (b is not None and self.owner[b] == id(v) and last_use.get(id(v)) == k and id(v) not in returned
                     and all(u.op.memory.new_storage for u in v.users)):
-                free[(v.shape, v.dtype)].append(b)
-    return writes, lives_in, buffers
+                self.free[(v.shape, v.dtype)].append(b)

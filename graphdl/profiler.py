@@ -509,13 +509,19 @@ def _time_training(step: TrainStep, feed: tuple[torch.Tensor, torch.Tensor], lr:
     plain, timed = (_Arena(fn, batch, optimizer, step.params, step._control, step._first_grad)
                     for fn in (step.arena_fn, timed_fn))
     sync = _synchronizer(device)
+    optimizer.set_lr(lr)  # once, as fit's loop sets it for an epoch
 
     def run(arena: _Arena) -> int:
-        """One step as TrainStep runs it (`_update`: the buffers' next values written, the
-        gradients clipped, the optimizer's update); returns when its update began."""
+        """One step as fit's loop runs it (`TrainStep._plain_steps`: the buffers' next values
+        written, then the update planned on the arena, clipping first; or, where some
+        gradient is made at the call, `_update`); returns when its update began."""
         out = arena(feed)
         updating = time.perf_counter_ns()
-        step._update(arena, out, lr)
+        if arena.update is not None:
+            step.write_state(out)
+            arena.update()
+        else:
+            step._update(arena, out, None)
         sync()
         return updating
 

@@ -336,6 +336,8 @@ class TrainStep:
         rates = lr if isinstance(lr, list) else None
         marks = self.marks(sizes) if self.accumulate > 1 and sizes is not None else None
         self.discard_accumulated()
+        if marks is None and rates is None and after is None and self._watch is None:  # (monitored: _update)
+            return self._plain_steps(feeds, lr)
         update = 0
         for k, feed in enumerate(feeds):
             mark = marks[k] if marks is not None else (1.0, True)
@@ -364,6 +366,30 @@ class TrainStep:
         return self._watch
 
     # -- bookkeeping -------------------------------------------------------------------------
+
+    def _plain_steps(self, feeds: Iterable[tuple[torch.Tensor, ...]], lr: float) -> list[torch.Tensor]:
+        """`_steps` for one update per batch at one rate, with no batch logs: what nearly every
+        fit runs, so the loop carries nothing else (the general loop's bookkeeping cost ~2 µs
+        a step, 4 % of the disk net's at batch 5)."""
+        losses: list[torch.Tensor] = []
+        arena = None
+        state = self.state
+        self.optimizer.set_lr(lr)
+        for feed in feeds:
+            size = feed[0].shape[0]  # (0.1 µs; len() of a tensor takes 0.4)
+            if arena is None or size != arena.batch:  # the arenas of the full batches and of the last
+                arena = self._arena(size)
+            out = arena.run(*feed, arena.bindings)  # `size` chose it: unchecked (a call less, ~1 µs a step)
+            if arena.update is not None:
+                if state:
+                    torch._foreach_copy_(state, list(out[1:self._first_grad]))  # the buffers' next values
+                arena.update()
+            else:  # some gradient is made at the call: the general update, which writes the state too
+                self._update(arena, out, None)
+            losses.append(out[0])
+        if sum(a.bytes for a in self._arenas.values()) > KEEP_ARENA_BYTES:
+            self._arenas.clear()
+        return losses
 
     def _update(self, arena: _Arena, out: tuple[torch.Tensor, ...], lr: float | torch.Tensor | None,
                 mark: tuple[float, bool] = (1.0, True)) -> None:

@@ -90,3 +90,10 @@ def test_optimizers_mode_times_every_optimizer(bench):
     result = bench.worker_optimizers(width=8, batch=50, act="tanh", device="cpu", rounds=1, target_s=0.005)
     assert set(result["update_us"]) == set(result["step_us"]) == set(bench.OPTIMIZERS)
     assert all(v > 0 for v in [*result["update_us"].values(), *result["step_us"].values()])
+
+
+def test_roofline_counts_the_steps_matmul_flops(bench):
+    """6 * batch * MACs of the 2-w-w-w-1 net, against torch.mm's measured rate here."""
+    r = bench.roofline(16, 8, step_us=100.0)
+    assert r["step_gflops"] == pytest.approx(6 * 8 * (2 * 16 + 2 * 16 * 16 + 16) / 100e-6 / 1e9)
+    assert r["mm_gflops"] > 0 and r["fraction"] == pytest.approx(r["step_gflops"] / r["mm_gflops"])

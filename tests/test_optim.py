@@ -333,7 +333,7 @@ def test_the_cpu_fused_kernels_are_taken_where_right_and_follow_torch(monkeypatc
     opt = mine(**settings)
     for grads in steps:
         opt.step(params, grads)
-    works = optim._fused_works(kernel, torch.device("cpu"), dtype)
+    works = optim.kernels.fused_works(kernel, torch.device("cpu"), dtype)
     assert works == (kernel != "_fused_sgd_" or dtype == torch.float32)  # what torch 2.13 does
     assert bool(calls) == works and all(d == dtype for d in calls)
     eps = torch.finfo(dtype).eps
@@ -356,8 +356,8 @@ def test_a_fused_kernel_that_skips_elements_is_found_and_not_used(monkeypatch, c
             p[16:64] = k
 
     monkeypatch.setattr(torch, kernel, faulty)
-    monkeypatch.setattr(optim, "_WORKS", {})
-    assert not optim._fused_works(kernel, torch.device("cpu"), torch.float32)
+    monkeypatch.setattr(optim.kernels, "_WORKS", {})
+    assert not optim.kernels.fused_works(kernel, torch.device("cpu"), torch.float32)
     gen = torch.Generator().manual_seed(4)
     start = [torch.randn(100, generator=gen), torch.randn(7, 9, generator=gen)]
     steps = [[torch.randn(p.shape, generator=gen) for p in start] for _ in range(3)]

@@ -867,7 +867,7 @@ def main() -> None:
     for width, batch in configs:
         base = {"width": width, "batch": batch, "act": args.act, "device": args.device}
         timing = spawn(args, {"kind": "time", **base, "rounds": rounds, "target_s": target, "names": names})
-        row = {**base, **timing}
+        row = {**base, **timing, "roofline": roofline(base["width"], base["batch"], timing["us"]["graphdl"])}
         if not args.no_mem:
             row["peak_mib"] = peak_memory(args, base, names, repeats=1 if args.quick else 3)
         rows.append(row)
@@ -882,6 +882,35 @@ def main() -> None:
               f"({comp['min_ms']:.2f} min)")
 
 
+def roofline(width: int, batch: int, step_us: float) -> dict[str, float]:
+    """graphdl's achieved matmul rate on a step of the 2-w-w-w-1 net, and this machine's
+    torch.mm rate on the step's largest product ([batch, w] @ [w, w]), one thread: the
+    step's matmul flops are 6 * batch * MACs (forward, and the two backward products),
+    MACs = 2w + w² + w² + w per example."""
+    import torch
+
+    flops = 6 * batch * (2 * width + 2 * width * width + width)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a, b = torch.randn(batch, width), torch.randn(width, width)
+        out = torch.empty(batch, width)
+        runs = max(3, min(200, int(2e8 / max(1, 2 * batch * width * width))))
+        for _ in range(2):
+            torch.mm(a, b, out=out)
+        times = []
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(runs):
+                torch.mm(a, b, out=out)
+            times.append((time.perf_counter() - start) / runs)
+    finally:
+        torch.set_num_threads(before)
+    gemm = 2 * batch * width * width / statistics.median(times) / 1e9
+    achieved = flops / (step_us * 1e-6) / 1e9
+    return {"step_gflops": achieved, "mm_gflops": gemm, "fraction": achieved / gemm}
+
+
 def _print_row(row: dict, names: list[str], first: bool) -> None:
     short = {"graphdl": "gd", "graphdl-uncaptured": "gd-plain", "jax-scan": "scan"}
     others = [n for n in names if n != "graphdl"]
@@ -893,6 +922,10 @@ def _print_row(row: dict, names: list[str], first: bool) -> None:
     print(f"{net:>14} | " + " ".join(f"{us[n]:9.1f}" for n in names) + "         | "
           + " ".join(f"{us[n] / us['graphdl']:11.2f}" for n in others) + " | "
           + " ".join(f"{cpu[n] / cpu['graphdl']:.2f}" for n in others) + f" | {row['agree']}", flush=True)
+    if row.get("roofline"):
+        r = row["roofline"]
+        print(f"{'':>14} | roofline: gd's step does its matmuls at {r['step_gflops']:.1f} GF/s, "
+              f"{r['fraction']:.0%} of torch.mm's {r['mm_gflops']:.1f} GF/s here on [b,w]@[w,w]", flush=True)
     if row.get("peak_mib"):
         print(f"{'':>14} | peak MiB above baseline: "
               + ", ".join(f"{n} {row['peak_mib'][n]:.1f}" for n in names), flush=True)

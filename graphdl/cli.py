@@ -80,8 +80,10 @@ def _profiled(path: Path, graph: Graph, batch: int) -> tuple[Graph, Any]:
     gen = torch.Generator().manual_seed(0)
     if path.suffix.lower() != ".onnx" and file_format(path) == MODEL_FORMAT:
         model = load(path)
-        dtype = next(iter(model.state().values())).dtype if model.state() else torch.float32
-        X, Y = (torch.randn(batch, n, generator=gen).to(dtype) for n in (model.in_features, model.out_features))
+        x = model.graph().inputs["x"]  # one example's shape and dtype: rows, images, or indices (all 0)
+        X = torch.randn(batch, *model.input_shape, generator=gen).to(x.dtype) if x.dtype.is_floating_point else \
+            torch.zeros(batch, *model.input_shape, dtype=x.dtype)
+        Y = torch.randn(batch, *model.output_shape, generator=gen).to(model.dtype())
         report = profile(model, X, Y, batch_size=batch)
     else:
         feeds = {name: torch.randn([batch if isinstance(d, str) else d for d in v.shape], generator=gen).to(v.dtype)

@@ -171,3 +171,18 @@ def test_profile_times_a_model_files_training_step_and_colours_the_drawing(tmp_p
         render_main([str(model_file), "-o", str(out), "--profile", "--batch-size", "0"])
     assert exit.value.code == 2
     assert capsys.readouterr().err.endswith("graphdl-render: error: argument --batch-size: must be >= 1, got 0\n")
+
+
+def test_profile_of_a_cnn_and_an_embedding_model_file_feeds_examples_of_their_shape(tmp_path, capsys):
+    """--profile makes random inputs of one example's shape and dtype: images for a CNN,
+    indices (zeros) for an Embedding; the drawing is of the step it timed."""
+    torch.manual_seed(0)
+    cnn = gd.Sequential(gd.Conv2d(1, 2, 3, padding=1), gd.BatchNorm2d(2), gd.ReLU(), gd.Dropout(0.2), gd.Flatten(),
+                        gd.Linear(2 * 4 * 4, 3), input_shape=(1, 4, 4))
+    words = gd.Sequential(gd.Embedding(10, 4), gd.Flatten(), gd.Linear(12, 1), input_shape=(3,))
+    for name, model, op in (("cnn", cnn, "conv2d"), ("words", words, "index_select")):
+        path, out = tmp_path / f"{name}.gdl", tmp_path / f"{name}.dot"
+        model.save(path)
+        assert render_main([str(path), "-o", str(out), "--profile", "--batch-size", "4"]) == 0
+        assert capsys.readouterr().out.startswith("profile of the training step of sequential")
+        assert op in out.read_text() and "a step, coloured by time" in out.read_text()

@@ -127,6 +127,10 @@ def _output_index(graph: Graph, of: int | Value) -> int:
 def _check_wrt(graph: Graph, name: object) -> None:
     """`name` must name an input or param: say what it is otherwise, and what to pass."""
     if isinstance(name, str) and (name in graph.inputs or name in graph.params):
+        value = graph.value(name)
+        if not value.dtype.is_floating_point:
+            raise GraphError(f"grad: wrt {name!r} is {value!r}, integer indices, which take no gradient\n"
+                             f"  hint: differentiate with respect to floating inputs and params only")
         return
     if isinstance(name, Value) and name.node is None and name.graph is graph:
         raise GraphError(f"grad: wrt takes names, got the {name.kind} {name!r} itself\n"

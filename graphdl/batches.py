@@ -56,9 +56,9 @@ class OneProcess:
 
     is_main = True
 
-    def __init__(self, n: int, batch_size: int, X: torch.Tensor) -> None:
+    def __init__(self, n: int, batch_size: int, Y: torch.Tensor) -> None:
         self.batch_size = batch_size
-        self.weights = epoch_weights(n, batch_size, X)
+        self.weights = epoch_weights(n, batch_size, Y)
 
     def __len__(self) -> int:
         return len(self.weights)
@@ -84,11 +84,12 @@ class OneProcess:
         return seed
 
 
-def epoch_weights(n: int, batch_size: int, X: torch.Tensor) -> torch.Tensor:
+def epoch_weights(n: int, batch_size: int, Y: torch.Tensor) -> torch.Tensor:
     """Each batch's share of the epoch's mean loss, so one dot product gives the mean. It is
-    kept in float32 or wider whatever the model's dtype: in float16 a batch of 65,536 is inf."""
+    kept in float32 or wider whatever the model's dtype (the targets'; the inputs may be
+    indices): in float16 a batch of 65,536 is inf."""
     sizes = [min(batch_size, n - s) for s in range(0, n, batch_size)]
-    return (torch.tensor(sizes, dtype=torch.float64) / n).to(X.device, torch.promote_types(X.dtype, torch.float32))
+    return (torch.tensor(sizes, dtype=torch.float64) / n).to(Y.device, torch.promote_types(Y.dtype, torch.float32))
 
 
 class Sharded:
@@ -114,9 +115,9 @@ class Sharded:
             positions.extend(range(start, start + parts[me]))
             self.counts.append(parts[me])
         self.positions = torch.tensor(positions, dtype=torch.long, device=X.device)
-        self.scales = [torch.tensor(c / s, dtype=X.dtype, device=X.device) for c, s in zip(self.counts, sizes)]
-        self.weights = epoch_weights(n, batch_size, X)
-        self.empty = (X.new_zeros(1, X.shape[1]), Y.new_zeros(1, Y.shape[1]))
+        self.scales = [torch.tensor(c / s, dtype=Y.dtype, device=X.device) for c, s in zip(self.counts, sizes)]
+        self.weights = epoch_weights(n, batch_size, Y)
+        self.empty = (X.new_zeros(1, *X.shape[1:]), Y.new_zeros(1, *Y.shape[1:]))
         self.is_main = me == 0
 
     def __len__(self) -> int:

@@ -37,8 +37,10 @@ DTYPES: dict[str, torch.dtype] = {
     "bf16": torch.bfloat16,
     "f32": torch.float32,
     "f64": torch.float64,
+    "i64": torch.int64,  # indices (gd.Embedding, index_select): graph inputs only, never differentiated
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES: dict[str, torch.dtype] = {k: v for k, v in DTYPES.items() if v.is_floating_point}
 
 class GraphError(ValueError):
     """An invalid graph, shape, feed, IR text or model file.
@@ -164,10 +166,13 @@ def read_float(value: object, field: str, dtype: torch.dtype) -> float:
     return number
 
 
-def check_dtype(what: str, dtype: Any) -> None:
-    if not isinstance(dtype, torch.dtype) or dtype not in DTYPE_NAMES:
-        hint = f"; did you mean {DTYPES[dtype]}?" if isinstance(dtype, str) and dtype in DTYPES else ""
-        supported = ", ".join(str(d) for d in DTYPES.values())
+def check_dtype(what: str, dtype: Any, integer: bool = False) -> None:
+    """`dtype` must be a floating dtype the IR has, or with `integer` (a graph input) also
+    its integer dtype, torch.int64, for indices."""
+    allowed = DTYPES if integer else FLOAT_DTYPES
+    if not isinstance(dtype, torch.dtype) or dtype not in allowed.values():
+        hint = f"; did you mean {DTYPES[dtype]}?" if isinstance(dtype, str) and dtype in allowed else ""
+        supported = ", ".join(str(d) for d in allowed.values())
         raise GraphError(f"{what}: dtype {dtype!r} is not supported; use one of {supported}{hint}")
 
 
@@ -184,14 +189,14 @@ def tensor_problem(t: torch.Tensor) -> str | None:
 
 
 def check_param_tensor(what: str, t: Any) -> None:
-    """A param's tensor must be a dense tensor of a dtype the IR has."""
+    """A param's tensor must be a dense tensor of a floating dtype the IR has (indices, i64, are inputs)."""
     if not isinstance(t, torch.Tensor):
         raise GraphError(f"{what}: its value must be a torch.Tensor, got {type(t).__name__}")
     problem = tensor_problem(t)
     if problem:
         raise GraphError(f"{what} {problem}")
-    if t.dtype not in DTYPE_NAMES:
-        supported = ", ".join(str(d) for d in DTYPES.values())
+    if t.dtype not in FLOAT_DTYPES.values():
+        supported = ", ".join(str(d) for d in FLOAT_DTYPES.values())
         raise GraphError(f"{what}: dtype {t.dtype} is not supported; use a floating dtype: one of {supported}")
 
 

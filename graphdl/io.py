@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import safetensors.torch
 import torch
 
-from .checks import DTYPES, GraphError, NumberText, format_type, read_int, read_shape, show_number
+from .checks import FLOAT_DTYPES, GraphError, NumberText, format_type, read_int, read_shape, show_number
 from .files import as_path, atomic_write, read_bytes, read_json
 from .ir import Graph
 from .losses import LOSSES, Loss
@@ -146,7 +146,7 @@ def _model_from(path: Path, layers: str, ties: str, graph: Graph, model_class: t
         # On the meta device: a crafted width allocates nothing, and no random initial
         # weights are drawn (which would advance torch's global RNG) only to be overwritten.
         with torch.device("meta"):
-            model = model_class.from_config(config)
+            model = model_class.from_config(config, input_shape=_input_shape(graph))
             _tie(model, read_json(ties))
             params = model.state()
             rebuilt = str(model.graph())
@@ -170,6 +170,14 @@ def _model_from(path: Path, layers: str, ties: str, graph: Graph, model_class: t
     for name, layer, short, _, _ in model.places():
         setattr(layer, short, graph.params[owners[name]].data)
     return model
+
+
+def _input_shape(graph: Graph) -> tuple | None:
+    """The shape of one example the file's IR takes (its input x without the batch dim),
+    which the layers' own declarations may not say (an Embedding of sequences); the
+    model's constructor checks it, and the IR it rebuilds must match the file's."""
+    x = graph.inputs.get("x")
+    return None if x is None or not x.shape else x.shape[1:]
 
 
 def _tie(model: Sequential, ties: Any) -> None:
@@ -205,17 +213,23 @@ def _first_difference(stored: str, rebuilt: str) -> str:
 
 def _check_config(config: Any) -> None:
     """Only plain settings reach the layer classes: a list of {"type": name, ...} of JSON
-    scalars, with dtypes from graphdl's fixed list (so no name is looked up on torch blindly)."""
+    scalars (or flat lists of them), with dtypes from graphdl's fixed list (so no name is
+    looked up on torch blindly)."""
     if not isinstance(config, list) or not all(isinstance(spec, dict) for spec in config):
         raise ValueError("expected a list of layer settings")
-    dtypes = {str(t).removeprefix("torch.") for t in DTYPES.values()}
+    dtypes = {str(t).removeprefix("torch.") for t in FLOAT_DTYPES.values()}
     for k, spec in enumerate(config):
         _check_layer_settings(k, spec, dtypes)
 
 
+def _plain(value: Any) -> bool:
+    return isinstance(value, (str, int, float, bool)) or value is None
+
+
 def _check_layer_settings(k: int, spec: dict[str, Any], dtypes: set[str]) -> None:
-    if not all(isinstance(v, (str, int, float, bool)) or v is None for v in spec.values()):
-        raise ValueError(f"layer {k}: settings must be plain numbers and strings, got {spec}")
+    if not all(_plain(v) or isinstance(v, list) and all(_plain(e) for e in v) for v in spec.values()):
+        raise ValueError(f"layer {k}: settings must be plain numbers and strings (or lists of them, such as a "
+                         f"Reshape's shape), got {spec}")
     if "dtype" in spec and spec["dtype"] not in dtypes:
         raise ValueError(f"layer {k}: dtype {spec['dtype']!r} is not one of {sorted(dtypes)}")
 

@@ -212,9 +212,11 @@ class Graph:
             raise GraphError(f"graph {self.name}: {name!r} is already defined; pick another name")
 
     def input(self, name: str, shape: Sequence[int | str | None], dtype: torch.dtype = torch.float32) -> Value:
-        """Declare a graph input. `None` in `shape` is the batch dimension, named "N"."""
+        """Declare a graph input. `None` in `shape` is the batch dimension, named "N".
+        `dtype` is a floating dtype, or torch.int64 for indices (what `index_select` and
+        gd.Embedding read), which take no gradient."""
         self._check_new_name(name)
-        check_dtype(f"input {name}", dtype)
+        check_dtype(f"input {name}", dtype, integer=True)
         try:
             dims = tuple("N" if d is None else d for d in shape)
         except TypeError:

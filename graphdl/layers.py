@@ -7,14 +7,41 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
 
-from .checks import DTYPES, GraphError, check_dtype, check_param_tensor, read_shape, tensor_problem, whole
+from .checks import (
+    FLOAT_DTYPES,
+    GraphError,
+    Shape,
+    check_dtype,
+    check_param_tensor,
+    format_shape,
+    read_shape,
+    real,
+    shown,
+    tensor_problem,
+    whole,
+)
 from .ir import Graph, Slot, Value
-from .ops import add, div, matmul, relu, sigmoid, softmax, sub, tanh
+from .ops import (
+    add,
+    div,
+    flatten,
+    gelu,
+    index_select,
+    leaky_relu,
+    matmul,
+    relu,
+    reshape,
+    sigmoid,
+    silu,
+    softmax,
+    sub,
+    tanh,
+)
 
 
 class Param:
@@ -55,10 +82,55 @@ class Param:
 
 
 class Layer:
-    """A building block: owns its tensors and emits the IR of its forward pass."""
+    """A building block: owns its tensors and emits the IR of its forward pass.
+
+    A model tracks the shape of one example (the batch dim left out) through its layers:
+    each layer says what it gives for what it is given (`output_shape`) and, first in a
+    model, what it takes (`input_shape`). A layer of features (`in_features`, such as
+    Linear) works on the last dim, whatever the rank before it.
+    """
 
     in_features: int | None = None  # None: keeps the width it is given
     out_features: int | None = None
+    # The output has the input's shape, whatever it is (an activation). First in a model,
+    # such a layer lets the model look at the next one for the input's shape.
+    keeps_shape: bool = True
+    input_dtype: torch.dtype | None = None  # what it takes when not the model's dtype (Embedding: int64)
+    passes_dtype: bool = False  # it only moves elements (Flatten, Reshape): any dtype goes through
+
+    def input_shape(self) -> Shape | None:
+        """The shape of one example this layer takes first in a model (the batch dim left
+        out), or None if it takes any; a Sequential's `input_shape=` overrides it."""
+        return None if self.in_features is None else (self.in_features,)
+
+    def output_shape(self, shape: Shape) -> Shape:
+        """The shape of one example out of this layer for one example of `shape` in (the batch
+        dim left out of both). Raises GraphError saying why it cannot take `shape`.
+
+        A layer of features maps the last dim; one that keeps the shape keeps it; any other
+        is built once on a scratch graph, so its ops' shape rules answer (and explain)."""
+        if self.in_features is not None and (not shape or shape[-1] != self.in_features):
+            raise GraphError(f"takes {self.in_features} features (the last dim), got examples of shape "
+                             f"{format_shape(shape)}")
+        if self.in_features is not None and self.out_features is not None:
+            return (*shape[:-1], self.out_features)
+        if self.keeps_shape:
+            return tuple(shape)
+        return self._built_shape(shape)
+
+    def check_input(self, X: torch.Tensor, what: str, where: str) -> None:
+        """Refuse values of the model's input X (named `what`) that this layer, the first
+        to read it, cannot take: a GraphError naming the layer (`where`, e.g. "layer 0").
+        Most layers need no check (the compiled graph checks shapes and dtypes)."""
+
+    def _built_shape(self, shape: Shape) -> Shape:
+        slots = {name: self.slot(name) for name, _ in self.declared()}
+        dtype = self.input_dtype or next((slot.tensor.dtype for slot in slots.values()), torch.float32)
+        g = Graph("shape")
+        out = self.forward(Build(g, "", {name: name for name in slots}, slots), g.input("x", (None, *shape), dtype))
+        if not out.shape or out.shape[0] != "N":
+            raise GraphError(f"{self!r} gives {out!r}, which does not keep the batch dim first")
+        return out.shape[1:]
 
     def params(self) -> dict[str, torch.Tensor]:
         """The layer's trainable params by short name ("weight", "bias"), live tensors."""
@@ -205,6 +277,160 @@ class Softmax(Layer):
         return softmax(x)
 
 
+class GELU(Layer):
+    """x * Phi(x), Phi the standard normal's CDF; approximate="tanh" is torch's tanh form."""
+
+    def __init__(self, approximate: str = "none") -> None:
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+        self.approximate = approximate
+
+    def forward(self, build: Build, x: Value) -> Value:
+        return gelu(x, approximate=self.approximate)
+
+    def config(self) -> dict[str, Any]:
+        return {"type": "GELU", "approximate": self.approximate}
+
+    def __repr__(self) -> str:
+        return "GELU()" if self.approximate == "none" else f"GELU(approximate={self.approximate!r})"
+
+
+class LeakyReLU(Layer):
+    """x where x > 0, else negative_slope * x."""
+
+    def __init__(self, negative_slope: float = 0.01) -> None:
+        self.negative_slope = real("negative_slope", negative_slope)
+
+    def forward(self, build: Build, x: Value) -> Value:
+        return leaky_relu(x, negative_slope=self.negative_slope)
+
+    def config(self) -> dict[str, Any]:
+        return {"type": "LeakyReLU", "negative_slope": self.negative_slope}
+
+    def __repr__(self) -> str:
+        return f"LeakyReLU({self.negative_slope!r})"
+
+
+class SiLU(Layer):
+    """x * sigmoid(x) (also called swish)."""
+
+    def forward(self, build: Build, x: Value) -> Value:
+        return silu(x)
+
+
+def _dim(name: str, value: Any) -> int:
+    """A dim index of a layer's settings, which may count from the end (-1)."""
+    return whole(name, value, -64, 64)  # torch's tensors have at most 64 dims
+
+
+class Flatten(Layer):
+    """Each example's dims from start_dim to end_dim merged into one (dim 0 is the batch's,
+    so the default, 1 to -1, makes each example a row of features), as torch's nn.Flatten."""
+
+    keeps_shape = False
+    passes_dtype = True
+
+    def __init__(self, start_dim: int = 1, end_dim: int = -1) -> None:
+        self.start_dim, self.end_dim = _dim("start_dim", start_dim), _dim("end_dim", end_dim)
+        if self.start_dim == 0:
+            raise ValueError("start_dim=0 would merge the batch dim into the examples; use start_dim=1 or more")
+
+    def forward(self, build: Build, x: Value) -> Value:
+        return flatten(x, self.start_dim, self.end_dim)
+
+    def config(self) -> dict[str, Any]:
+        return {"type": "Flatten", "start_dim": self.start_dim, "end_dim": self.end_dim}
+
+    def __repr__(self) -> str:
+        if (self.start_dim, self.end_dim) == (1, -1):
+            return "Flatten()"
+        return f"Flatten(start_dim={self.start_dim}, end_dim={self.end_dim})"
+
+
+class Reshape(Layer):
+    """Each example in `shape` (the batch dim left out: `Reshape((1, 8, 8))` makes rows of
+    64 into 1x8x8 images); one dim may be -1, inferred. First in a model without -1, it
+    takes rows of the shape's size (64 there)."""
+
+    keeps_shape = False
+    passes_dtype = True
+
+    def __init__(self, shape: Sequence[int]) -> None:
+        if not isinstance(shape, (tuple, list)) or not shape:
+            raise ValueError(f"shape must be a tuple of whole numbers (the batch dim left out), such as (1, 8, 8), "
+                             f"got {shown(shape)}")
+        dims = tuple(-1 if d == -1 and not isinstance(d, bool) else _check_width("shape", d) for d in shape)
+        if dims.count(-1) > 1:
+            raise ValueError(f"shape {shown(shape)} has more than one -1; at most one dim can be inferred")
+        read_shape([d for d in dims if d != -1], "Reshape's shape", torch.float64)
+        self.shape = dims
+
+    def input_shape(self) -> Shape | None:
+        return None if -1 in self.shape else (math.prod(self.shape),)
+
+    def forward(self, build: Build, x: Value) -> Value:
+        return reshape(x, (None, *self.shape))
+
+    def config(self) -> dict[str, Any]:
+        return {"type": "Reshape", "shape": list(self.shape)}
+
+    def __repr__(self) -> str:
+        return f"Reshape({self.shape!r})"
+
+
+class Embedding(Layer):
+    """Rows of a table: each index (int64, from 0 to num_embeddings - 1) becomes its row of
+    weight [num_embeddings, embedding_dim], PyTorch's layout, which starts N(0, 1) as
+    PyTorch's does. Indices [N] give [N, embedding_dim], [N, L] give [N, L, embedding_dim]
+    (give the model `input_shape=(L,)`). An index out of range is refused, naming the layer."""
+
+    weight = Param(shape=lambda layer: (layer.num_embeddings, layer.embedding_dim))
+    keeps_shape = False
+    input_dtype = torch.int64
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, generator: torch.Generator | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.num_embeddings = _check_width("num_embeddings", num_embeddings)
+        self.embedding_dim = _check_width("embedding_dim", embedding_dim)
+        check_dtype("Embedding", dtype)
+        read_shape((self.num_embeddings, self.embedding_dim), "Embedding's weight", dtype)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        try:
+            self.weight = torch.randn(self.num_embeddings, self.embedding_dim, generator=generator, dtype=dtype)
+        except RuntimeError as e:
+            if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
+                raise
+            size = self.num_embeddings * self.embedding_dim * dtype.itemsize / 2**30
+            raise ValueError(f"{self!r} needs {size:.3g} GiB for its {dtype} weight, more than this machine can "
+                             "allocate; use a smaller table") from None
+
+    def input_shape(self) -> Shape | None:
+        return ()
+
+    def forward(self, build: Build, x: Value) -> Value:
+        return index_select(build.param("weight"), x, axis=0)
+
+    def check_input(self, X: torch.Tensor, what: str, where: str) -> None:
+        """Every index in X (called `what`) is in range for this layer (`where`, e.g. "layer 0"):
+        one pass over X, where the kernel would fail without naming the layer (on a GPU, not
+        recoverably)."""
+        if X.dtype.is_floating_point or X.is_complex() or not X.numel() or X.is_meta:
+            return  # the graph's own check names a wrong dtype
+        low, high = torch.aminmax(X)
+        if low < 0 or high >= self.num_embeddings:
+            first = ((X < 0) | (X >= self.num_embeddings)).nonzero()[0].tolist()
+            raise GraphError(f"{what}[{', '.join(map(str, first))}] is {X[tuple(first)].item()}, not an index of "
+                             f"{where} ({self!r}): indices run from 0 to {self.num_embeddings - 1}")
+
+    def config(self) -> dict[str, Any]:
+        return {"type": "Embedding", "num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
+                "dtype": str(self.weight.dtype).removeprefix("torch.")}
+
+    def __repr__(self) -> str:
+        return f"Embedding({self.num_embeddings}, {self.embedding_dim})"
+
+
 class Standardize(Layer):
     """(x - mean) / std per feature, with the mean and std of the data given to `adapt`.
 
@@ -332,5 +558,6 @@ def _check_statistics(mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype)
                              f"(it becomes {becomes}); rescale that feature or use a wider dtype")
 
 
-LAYERS: dict[str, type[Layer]] = {cls.__name__: cls for cls in (Linear, ReLU, Tanh, Sigmoid, Softmax, Standardize)}
-DTYPES_BY_NAME = {str(d).removeprefix("torch."): d for d in DTYPES.values()}  # as config() writes them
+LAYERS: dict[str, type[Layer]] = {cls.__name__: cls for cls in (Linear, ReLU, Tanh, Sigmoid, Softmax, Standardize,
+                                                                 GELU, LeakyReLU, SiLU, Flatten, Reshape, Embedding)}
+DTYPES_BY_NAME = {str(d).removeprefix("torch."): d for d in FLOAT_DTYPES.values()}  # as config() writes them

@@ -12,14 +12,14 @@ any object with the model's methods (`graph`, `parameters`, `state`, `binding`,
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import torch
 
 from . import distributed, interop, io, train
 from .callbacks import Callback
-from .checks import GraphError, format_shape
+from .checks import GraphError, Shape, format_shape, read_shape, whole
 from .ir import Graph
 from .layers import DTYPES_BY_NAME, LAYERS, Build, Layer, same_memory
 from .losses import Loss
@@ -36,52 +36,128 @@ class Sequential:
     "{k}:{Type}"; `fit`, `predict` and `evaluate` compile that graph once and reuse it.
     """
 
-    def __init__(self, *layers: Layer) -> None:
+    def __init__(self, *layers: Layer, input_shape: Sequence[int] | None = None) -> None:
         self.layers: list[Layer] = []
         self.loss: Loss | None = None  # set by fit (or load): evaluate's and fit's default
         self.history: History | None = None  # the last fit's History, kept if it stops early
         self.stop_training = False  # a callback sets it to end fit after the epoch (as in Keras)
         self._cache: dict[Any, Any] = {}  # compiled functions by purpose (see `compiled`)
         self._signature: tuple = ()  # the layers and their tensors' shapes, dtypes, devices the cache is for
+        self._input_shape = None if input_shape is None else _check_input_shape(input_shape)
         for layer in layers:
             self.add(layer)
 
     def add(self, layer: Layer) -> Sequential:
-        """Append a layer; its width must chain with the layers before it."""
+        """Append a layer; it must take the shape of what the layers before it give."""
         if not isinstance(layer, Layer):
             raise GraphError(f"Sequential.add takes a layer such as gd.Linear(25, 1), got {layer!r}")
-        width, source = self._width()
-        if layer.in_features is not None and width is not None and layer.in_features != width:
-            k = len(self.layers)
-            raise GraphError(
-                f"layer {k} ({layer!r}) takes {layer.in_features} features but layer {source} "
-                f"({self.layers[source]!r}) gives {width}; make layer {k} {type(layer).__name__}"
-                f"({width}, ...) or change layer {source}"
-            )
+        shape, source = self._shape_so_far()
+        if shape is not None:
+            try:
+                layer.output_shape(shape)
+            except GraphError as e:
+                raise self._mismatch(len(self.layers), layer, shape, source, e) from None
         self.layers.append(layer)
         self._cache.clear()
         return self
 
-    def _width(self) -> tuple[int | None, int]:
-        """The output width of the stack so far and the index of the layer that sets it."""
-        for k in range(len(self.layers) - 1, -1, -1):
-            if self.layers[k].out_features is not None:
-                return self.layers[k].out_features, k
-        return None, -1
+    def _mismatch(self, k: int, layer: Layer, shape: Shape, source: int, error: GraphError) -> GraphError:
+        given = f"layer {source} ({self.layers[source]!r}) gives" if source >= 0 else "the model's input is"
+        if layer.in_features is not None and shape and shape[-1] != layer.in_features:
+            width = shape[-1]
+            message = (f"layer {k} ({layer!r}) takes {layer.in_features} features but {given} {width}; make "
+                       f"layer {k} {type(layer).__name__}({width}, ...) or change "
+                       f"{f'layer {source}' if source >= 0 else 'input_shape'}")
+        else:
+            message = (f"layer {k} ({layer!r}) cannot take what {given.removesuffix(' is')}: examples of shape "
+                       f"{format_shape(shape)}: {error}")
+        if self._input_shape is None and any(not (lay.keeps_shape or lay.in_features) for lay in self.layers):
+            message += (f"\n  hint: the model takes examples of shape {format_shape(self.input_shape)}, as its layers "
+                        "declare; if they have another shape, give it: gd.Sequential(..., input_shape=(...))")
+        return GraphError(message)
+
+    def _shape_so_far(self) -> tuple[Shape | None, int]:
+        """The shape of one example after the layers so far (None while the input's shape is
+        unknown) and the index of the last layer that set it (-1: the input)."""
+        shape = self._input(required=False)[0]
+        if shape is None:
+            return None, -1
+        source = -1
+        for k, layer in enumerate(self.layers):
+            out = layer.output_shape(shape)
+            if out != shape or layer.out_features is not None:
+                source = k
+            shape = out
+        return shape, source
+
+    def _input(self, required: bool = True) -> tuple[Shape | None, torch.dtype | None]:
+        """The shape of one example the model takes and its dtype (None: the model's). The
+        shape is `input_shape=`, else what the first layer that says declares (layers
+        that keep any shape are looked past); None, or with `required` a GraphError, if
+        no layer says."""
+        dtype = None
+        for layer in self.layers:
+            if layer.input_dtype is not None or not layer.passes_dtype:
+                dtype = layer.input_dtype
+                break
+        if self._input_shape is not None:
+            return self._input_shape, dtype
+        for k, layer in enumerate(self.layers):
+            shape = layer.input_shape()
+            if shape is not None:
+                return tuple(shape), dtype
+            if not layer.keeps_shape:
+                if not required:
+                    return None, dtype
+                raise GraphError(f"the shape of the model's input is unknown: layer {k} ({layer!r}) comes first and "
+                                 "takes examples of any shape; give the shape of one example (the batch dim left out), "
+                                 "e.g. gd.Sequential(..., input_shape=(1, 28, 28))")
+        if not required:
+            return None, dtype
+        raise GraphError("this Sequential has no Linear layer, so its input width is unknown; add gd.Linear(i, o), "
+                         "or give the shape of one example: gd.Sequential(..., input_shape=(...))")
+
+    @property
+    def input_shape(self) -> Shape:
+        """The shape of one example the model takes, the batch dim left out: (2,) for rows of
+        2 features, (L,) for sequences of L indices into an Embedding."""
+        return self._input()[0]
+
+    @property
+    def output_shape(self) -> Shape:
+        """The shape of one example the model gives, the batch dim left out."""
+        shape = self.input_shape
+        for layer in self.layers:
+            shape = layer.output_shape(shape)
+        return shape
 
     @property
     def in_features(self) -> int:
-        for layer in self.layers:
-            if layer.in_features is not None:
-                return layer.in_features
-        raise GraphError("this Sequential has no Linear layer, so its input width is unknown; add gd.Linear(i, o)")
+        """The width of the rows the model takes (for a model whose examples are rows)."""
+        shape = self.input_shape
+        if len(shape) != 1:
+            raise GraphError(f"this model takes examples of shape {format_shape(shape)}, not rows of features; "
+                             "see its input_shape")
+        return shape[0]
 
     @property
     def out_features(self) -> int:
-        width, _ = self._width()
-        if width is None:
-            raise GraphError("this Sequential has no Linear layer, so its output width is unknown")
-        return width
+        """The width of the rows the model gives (for a model whose outputs are rows)."""
+        shape = self.output_shape
+        if len(shape) != 1:
+            raise GraphError(f"this model gives examples of shape {format_shape(shape)}, not rows of outputs; "
+                             "see its output_shape")
+        return shape[0]
+
+    def check_input(self, X: Any, what: str = "X") -> None:
+        """Refuse what the first layer to read the input cannot take (an index outside an
+        Embedding's table), naming the layer; shapes and dtypes are the compiled graph's to check."""
+        if not isinstance(X, torch.Tensor):
+            return
+        for k, layer in enumerate(self.layers):
+            layer.check_input(X, what, f"layer {k}")
+            if not layer.passes_dtype:
+                break
 
     # -- the tensors, each once ----------------------------------------------------------
     #
@@ -136,7 +212,8 @@ class Sequential:
         owners = self.owners(places)
         slots = {name: layer.slot(short) for name, layer, short, _, _ in places}
         g = Graph(name)
-        x = g.input("x", (None, self.in_features), self.dtype())
+        shape, dtype = self._input()
+        x = g.input("x", (None, *shape), dtype or self.dtype())
         layers = tuple(self.layers)
         g.stale = lambda: None if tuple(self.layers) == layers else \
             "its model's layers have changed since (a layer was replaced, added or removed); build it again"
@@ -149,7 +226,7 @@ class Sequential:
             return g
         if not isinstance(loss, Loss):
             raise GraphError(f"loss must be a graphdl loss such as gd.MSE(), got {loss!r}")
-        y = g.input("y", (None, self.out_features), self.dtype())
+        y = g.input("y", h.shape, self.dtype())
         with g.scope("loss"):
             g.output(loss(h, y))
         if prediction:
@@ -228,8 +305,9 @@ class Sequential:
         return [layer.config() for layer in self.layers]
 
     @classmethod
-    def from_config(cls, config: list[dict[str, Any]]) -> Sequential:
-        """A model of this architecture with freshly initialised params."""
+    def from_config(cls, config: list[dict[str, Any]], input_shape: Sequence[int] | None = None) -> Sequential:
+        """A model of this architecture with freshly initialised params (taking examples of
+        `input_shape`, if given)."""
         layers = []
         for k, spec in enumerate(config):
             kind = spec.get("type") if isinstance(spec, dict) else None
@@ -242,7 +320,7 @@ class Sequential:
                 layers.append(LAYERS[kind](**args))
             except (TypeError, ValueError) as e:
                 raise GraphError(f"layer {k} ({kind}): bad settings {args}: {e}") from None
-        return cls(*layers)
+        return cls(*layers, input_shape=input_shape)
 
     def fit(self, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None = None, optimizer: SGD | None = None,
             schedule: Schedule | None = None, epochs: int = 1, batch_size: int = 32, shuffle: bool = True,
@@ -302,6 +380,9 @@ class Sequential:
             shuffle=shuffle, validation_data=validation_data, seed=seed, verbose=verbose, metrics=metrics,
             threads=threads, distributed=distributed, checkpoint=checkpoint, resume=resume, callbacks=callbacks,
             validation_split=validation_split)
+        self.check_input(X)
+        if settings.validation_data is not None:
+            self.check_input(settings.validation_data[0], "X_val")
         return train.fit(self, X, Y, settings)
 
     def predict(self, X: torch.Tensor, threads: int | None = None, distributed: bool = False) -> torch.Tensor:
@@ -314,6 +395,7 @@ class Sequential:
             distributed: in a data-parallel job, each rank computes its share of the rows
                 and every rank gets them all (see `graphdl.distributed`).
         """
+        self.check_input(X)
         return train.predict(self, X, threads, distributed)
 
     def evaluate(self, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None = None,
@@ -335,6 +417,7 @@ class Sequential:
             {"loss": the loss, one entry per metric, and "error" (1 - accuracy) when
             accuracy is measured}.
         """
+        self.check_input(X)
         return train.evaluate(self, X, Y, loss, metrics, threads, distributed)
 
     def to_torch(self) -> Any:
@@ -400,6 +483,18 @@ class Sequential:
         return f"Sequential(\n{inner}\n)" if inner else "Sequential()"
 
 
+def _check_input_shape(shape: Any) -> Shape:
+    if not isinstance(shape, (tuple, list)):
+        raise ValueError(f"input_shape must be the shape of one example, the batch dim left out, such as (12,) or "
+                         f"(1, 28, 28), got {shape!r}")
+    dims = tuple(whole(f"input_shape[{i}]", d, 1) for i, d in enumerate(shape))
+    try:
+        read_shape(dims, "input_shape", torch.float64)
+    except GraphError as e:
+        raise ValueError(str(e)) from None
+    return dims
+
+
 def load(path: str | os.PathLike[str]) -> Sequential:
     """Load a model saved with `model.save(path)` (or a checkpoint fit wrote).
 
@@ -417,10 +512,12 @@ def load(path: str | os.PathLike[str]) -> Sequential:
     return io.load_model(path, Sequential)[0]
 
 
-def from_torch(module: Any) -> Sequential:
+def from_torch(module: Any, input_shape: Sequence[int] | None = None) -> Sequential:
     """A `gd.Sequential` computing what a torch `nn.Sequential` computes, with copies of its
-    weights (see `graphdl.interop.torch_layers`, which maps each module)."""
-    model = Sequential()
+    weights (see `graphdl.interop.torch_layers`, which maps each module). `input_shape`, the
+    shape of one example without the batch dim, is needed where the modules do not say it
+    (an Embedding of sequences, a Flatten first)."""
+    model = Sequential(input_shape=input_shape)
     for where, layer in interop.torch_layers(module):
         try:
             model.add(layer)

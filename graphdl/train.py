@@ -99,20 +99,27 @@ def _check_labels(Y: torch.Tensor, classes: int, what: str) -> None:
 def _check_data(model: Sequential, X: Any, Y: Any, what: str = "") -> None:
     for name, t in (("X", X), ("Y", Y)):
         _check_data_tensor(name, t, what)
+    wanted = {"X": model.input_shape, "Y": model.output_shape}  # of one example
+    for name, t in (("X", X), ("Y", Y)):
+        _check_rank(name, t, what, wanted[name])
     if len(X) != len(Y):
         raise ValueError(f"X{what} has {len(X)} examples but Y{what} has {len(Y)}; give one target per example")
     if len(X) == 0:
         raise ValueError(f"X{what} and Y{what} have no examples")
-    if X.shape[1] != model.in_features:
+    if len(wanted["X"]) == 1 and X.shape[1] != model.in_features:
         raise ValueError(f"X{what} has {X.shape[1]} features but the model takes {model.in_features}")
-    if Y.shape[1] != model.out_features:
+    if len(wanted["Y"]) == 1 and Y.shape[1] != model.out_features:
         raise ValueError(f"Y{what} has {Y.shape[1]} columns but the model outputs {model.out_features}")
+    for name, t in (("X", X), ("Y", Y)):
+        if tuple(t.shape[1:]) != wanted[name]:
+            raise ValueError(f"{name}{what} holds examples of shape {list(t.shape[1:])} but the model "
+                             f"{'takes' if name == 'X' else 'outputs'} {list(wanted[name])}")
     for name, t in (("X", X), ("Y", Y)):
         _check_finite(name, t, what)
 
 
 def _check_data_tensor(name: str, t: Any, what: str) -> None:
-    """X or Y is a 2-d dense tensor of real values in memory."""
+    """X or Y is a dense tensor of real values in memory."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name}{what} must be a torch.Tensor, got {type(t).__name__}")
     problem = tensor_problem(t)
@@ -121,16 +128,22 @@ def _check_data_tensor(name: str, t: Any, what: str) -> None:
     if t.is_meta:
         raise ValueError(f"{name}{what} is on the meta device, which holds shapes but no values; "
                          "training and evaluating need real data (on 'cpu' or 'cuda')")
-    if t.dim() != 2:
-        raise ValueError(f"{name}{what} must be 2-d [examples, features], got shape {list(t.shape)}")
+
+
+def _check_rank(name: str, t: torch.Tensor, what: str, example: tuple) -> None:
+    """X or Y holds examples of the model's rank: rows [examples, features] for a 2-d model."""
+    if t.dim() != 1 + len(example):
+        dims = "2-d [examples, features]" if len(example) == 1 else \
+            f"{1 + len(example)}-d [examples{''.join(f', {d}' for d in example)}]"
+        raise ValueError(f"{name}{what} must be {dims}, got shape {list(t.shape)}")
 
 
 def _check_finite(name: str, t: torch.Tensor, what: str) -> None:
     finite = torch.isfinite(t)
     if not bool(finite.all()):  # one pass over the data, once per call: cheap beside training on it
-        row, col = (~finite).nonzero()[0].tolist()
-        raise ValueError(f"{name}{what} has NaN or inf values, first at {name}[{row}, {col}] = "
-                         f"{t[row, col].item()}; drop or repair those examples (e.g. with torch.isfinite)")
+        where = (~finite).nonzero()[0].tolist()
+        raise ValueError(f"{name}{what} has NaN or inf values, first at {name}[{', '.join(map(str, where))}] = "
+                         f"{t[tuple(where)].item()}; drop or repair those examples (e.g. with torch.isfinite)")
 
 
 def _check_params(model: Sequential) -> None:
@@ -428,7 +441,7 @@ class _Run:
         s = settings
         self.step = TrainStep(model, s.loss, s.optimizer, distributed=s.distributed)
         self.batches: Batches = Sharded(len(X), s.batch_size, X, Y) if s.distributed else \
-            OneProcess(len(X), s.batch_size, X)
+            OneProcess(len(X), s.batch_size, Y)  # Y: the loss's dtype (X may hold indices)
         self.predicting, self.scoring = _predict_fn(model), _eval_fn(model, s.loss)
         self._check_feeds()
         self.history = History(s.metrics)

@@ -122,3 +122,15 @@ def test_no_non_float_value_can_exist_to_differentiate():
     """grad wrt a non-float value cannot be asked for: graphdl values are floating by construction."""
     names(message(gd.Graph("g").input, "i", (2,), torch.int32), "not supported")
     names(message(gd.Graph("g").param, "i", torch.zeros(2, dtype=torch.bool)), "floating dtype")
+
+
+def test_integer_indices_take_no_gradient():
+    """i64 inputs are indices: grad refuses to differentiate with respect to one, naming it."""
+    g = gd.Graph("g")
+    i = g.input("i", (None,), torch.int64)
+    w = g.param("w", torch.rand(5, 3))
+    g.output(gd.sum(gd.index_select(w, i, axis=0)))
+    names(message(gd.grad, g, ["w", "i"]), r"grad: wrt 'i' is i: i64\[N\], integer indices, which take no gradient",
+          "hint: differentiate with respect to floating inputs and params only")
+    (_, dw) = gd.compile(gd.grad(g, ["w"]))(i=torch.tensor([0, 0, 4]))
+    assert torch.equal(dw, torch.tensor([[2.0] * 3, [0.0] * 3, [0.0] * 3, [0.0] * 3, [1.0] * 3]))

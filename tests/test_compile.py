@@ -350,7 +350,7 @@ def test_graph_names_that_clash_with_generated_code_still_compile(name):
     ([[1.0, 2.0]], "got list"),
     (1.0, "got float"),
     (torch.tensor(1.0), r"input x has rank 0 \(f32\[\]\) but the graph declares rank 2 \(f32\[N,2\]\)"),
-    (torch.zeros(4, 2, dtype=torch.int64), r"input x is int64\[4,2\] .*convert it with .to\(torch.float32\)"),
+    (torch.zeros(4, 2, dtype=torch.int64), r"input x is i64\[4,2\] .*convert it with .to\(torch.float32\)"),
     (torch.zeros(4, 3), r"dim 1 is 3, expected 2"),
 ])
 def test_bad_feeds(x, expect):

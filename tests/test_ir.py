@@ -100,7 +100,7 @@ def test_input_shape_dims(shape, expect):
 
 
 @pytest.mark.parametrize("dtype, expect", [
-    (torch.int64, "torch.int64 is not supported"), ("f32", r"did you mean torch.float32\?"),
+    (torch.int32, "torch.int32 is not supported"), ("f32", r"did you mean torch.float32\?"),
     ([1], r"\[1\] is not supported"), (np.float32, "is not supported"),
 ])
 def test_input_dtype(dtype, expect):
@@ -184,3 +184,24 @@ def test_set_output_keeps_the_record_of_outputs_in_step():
     g.verify()
     with pytest.raises(gd.GraphError, match="not a value of this graph"):
         g.set_output(0, tiny().outputs[0])
+
+
+def test_an_i64_input_holds_indices_and_prints_and_parses_as_i64():
+    g = gd.Graph("g")
+    i = g.input("i", (None, 4), torch.int64)
+    assert i.dtype == torch.int64 and repr(i) == "i: i64[N,4]"
+    g.output(gd.reshape(i, (None, 2, 2)))
+    assert str(g).startswith("graph g(i: i64[N,4]) {")
+    assert str(gd.parse(str(g))) == str(g)
+    names(message(gd.Graph("g").param, "w", torch.zeros(2, dtype=torch.int64)), "floating dtype")
+    names(message(gd.Graph("g").const, 1.0, torch.int64), "const: dtype torch.int64 is not supported")
+
+
+def test_float_ops_refuse_integer_values_and_say_what_integers_are_for():
+    g = gd.Graph("g")
+    i = g.input("i", (None,), torch.int64)
+    names(message(gd.tanh, i), r"^tanh %0\(i: i64\[N\]\): i is i64, integer indices, but tanh computes on "
+          "floating-point values", r"hint: integers are only read as indices \(index_select, gd.Embedding\)")
+    names(message(lambda: i + 1.0), r"i is i64, integer indices; a Python number only combines with floating values")
+    names(message(gd.index_select, g.param("w", torch.zeros(3, 2)), g.input("f", (None,))),
+          r"input 1, f, holds indices, so it must be i64, not f32", r"hint: declare it with dtype=torch.int64")

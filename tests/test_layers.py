@@ -210,3 +210,140 @@ def test_standardize_takes_the_dtype_of_the_statistics_it_holds():
     layer.mean, layer.std = layer.mean.double(), layer.std.double()  # converting a model by assignment
     assert layer.dtype == torch.float64 and layer.config()["dtype"] == "float64"
     assert layer.adapt(torch.rand(5, 2)).mean.dtype == torch.float64  # adapting again keeps the model's dtype
+
+
+# -- layers beyond two dims: Flatten, Reshape, Embedding, and shapes tracked through a model -----------
+
+
+def test_reshape_and_flatten_track_each_examples_shape_through_the_model():
+    model = gd.Sequential(gd.Reshape((1, 8, 8)), gd.Flatten(start_dim=2), gd.Flatten(), gd.Linear(64, 3))
+    assert model.input_shape == (64,) and model.output_shape == (3,)  # a Reshape first takes flat rows
+    text = str(model.graph())
+    assert "%0: f32[N,1,8,8] = reshape[shape=('N', 1, 8, 8)] x  # 0:Reshape" in text
+    assert "%1: f32[N,1,64] = flatten[start_dim=2] %0  # 1:Flatten" in text and "%2: f32[N,64] = flatten %1" in text
+    X = torch.rand(5, 64)
+    torch.testing.assert_close(model.predict(X), X @ model.layers[3].weight + model.layers[3].bias)
+    images = gd.Sequential(gd.Flatten(), gd.Linear(12, 2), input_shape=(3, 2, 2))
+    assert images.graph().inputs["x"].shape == ("N", 3, 2, 2) and images.output_shape == (2,)
+    assert gd.Sequential(gd.Reshape((4, -1)), input_shape=(8,)).output_shape == (4, 2)
+
+
+def test_a_linear_layer_maps_the_last_dim_of_any_rank():
+    gen = torch.Generator().manual_seed(0)
+    model = gd.Sequential(gd.Linear(3, 2, generator=gen), gd.Tanh(), input_shape=(4, 3))
+    assert model.output_shape == (4, 2)
+    X = torch.rand(5, 4, 3, generator=gen)
+    layer = model.layers[0]
+    torch.testing.assert_close(model.predict(X), torch.tanh(X @ layer.weight + layer.bias))
+
+
+@pytest.mark.parametrize("layers, input_shape, message", [
+    ([gd.Flatten(), gd.Linear(3, 2)], None,
+     r"the shape of the model's input is unknown: layer 0 \(Flatten\(\)\) comes first and takes examples of any "
+     r"shape; give the shape of one example \(the batch dim left out\), e.g. gd.Sequential\(..., input_shape="),
+    ([gd.Reshape((2, 8)), gd.Linear(4, 2)], None,
+     r"layer 1 \(Linear\(4, 2\)\) takes 4 features but layer 0 \(Reshape\(\(2, 8\)\)\) gives 8; make layer 1 "
+     r"Linear\(8, \.\.\.\) or change layer 0"),
+    ([gd.Linear(3, 6), gd.Reshape((4, -1))], None,
+     r"(?s)layer 1 \(Reshape\(\(4, -1\)\)\) cannot take what layer 0 \(Linear\(3, 6\)\) gives: examples of shape "
+     r"\[6\]: reshape %0\(x: f32\[N,6\]\): cannot reshape \[N,6\] to shape \(None, 4, -1\): 6 is not a multiple"),
+    ([gd.Embedding(10, 4), gd.Flatten(), gd.Linear(12, 2)], None,
+     r"(?s)layer 2 \(Linear\(12, 2\)\) takes 12 features but layer 0 \(Embedding\(10, 4\)\) gives 4.*hint: the model "
+     r"takes examples of shape \[\], as its layers declare; if they have another shape, give it"),
+    ([gd.Linear(3, 2)], (4,), r"layer 0 \(Linear\(3, 2\)\) takes 3 features but the model's input is 4; make layer 0 "
+                              r"Linear\(4, \.\.\.\) or change input_shape"),
+    ([gd.Flatten(end_dim=2), gd.Linear(6, 2)], (2, 3, 4),
+     r"layer 1 \(Linear\(6, 2\)\) takes 6 features but layer 0 \(Flatten\(start_dim=1, end_dim=2\)\) gives 4"),
+])
+def test_a_model_names_the_layer_whose_shape_does_not_chain(layers, input_shape, message):
+    with pytest.raises(gd.GraphError, match=message):
+        gd.Sequential(*layers, input_shape=input_shape).graph()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: gd.Reshape(64), r"shape must be a tuple of whole numbers \(the batch dim left out\), such as \(1, 8, 8\)"),
+    (lambda: gd.Reshape((-1, -1)), "has more than one -1"),
+    (lambda: gd.Reshape((0, 2)), "shape must be a whole number >= 1"),
+    (lambda: gd.Reshape((2.0, 2)), "shape must be a whole number"),
+    (lambda: gd.Flatten(start_dim=0), "start_dim=0 would merge the batch dim into the examples"),
+    (lambda: gd.Flatten(end_dim=1.5), "end_dim must be a whole number"),
+    (lambda: gd.Embedding(0, 3), "num_embeddings must be a whole number >= 1"),
+    (lambda: gd.Embedding(3, 2, dtype=torch.int64), "Embedding: dtype torch.int64 is not supported"),
+    (lambda: gd.GELU("erf"), "approximate must be 'none' or 'tanh', got 'erf'"),
+    (lambda: gd.LeakyReLU(float("nan")), "negative_slope must be a finite number"),
+    (lambda: gd.LeakyReLU("0.1"), "negative_slope must be a finite number, got '0.1'"),
+    (lambda: gd.Sequential(gd.Linear(2, 1), input_shape=3), r"input_shape must be the shape of one example"),
+    (lambda: gd.Sequential(gd.Linear(2, 1), input_shape=(0,)), r"input_shape\[0\] must be a whole number >= 1"),
+])
+def test_layer_settings_are_checked_where_they_are_given(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_embedding_holds_pytorchs_layout_and_init():
+    torch.manual_seed(0)
+    layer = gd.Embedding(400, 50)
+    assert layer.weight.shape == (400, 50) and layer.weight.dtype == torch.float32
+    assert abs(layer.weight.mean().item()) < 0.02 and abs(layer.weight.std().item() - 1.0) < 0.02  # N(0, 1)
+    a, b = (gd.Embedding(5, 3, generator=torch.Generator().manual_seed(1)) for _ in range(2))
+    assert torch.equal(a.weight, b.weight)
+    assert torch.equal(a.weight, torch.randn(5, 3, generator=torch.Generator().manual_seed(1)))
+    with pytest.raises(gd.GraphError, match=r"Embedding\(5, 3\)\.weight must have shape \[5, 3\], got \[3, 5\]"):
+        a.weight = torch.zeros(3, 5)
+
+
+@pytest.mark.parametrize("input_shape, X", [(None, torch.tensor([3, 0, 3])), ((2,), torch.tensor([[1, 4], [0, 0]])),
+                                            ((2, 2), torch.tensor([[[1, 4], [2, 2]]]))])
+def test_embedding_picks_rows_for_indices_of_any_rank(input_shape, X):
+    model = gd.Sequential(gd.Embedding(5, 3, dtype=torch.float64), input_shape=input_shape)
+    assert model.graph().inputs["x"].dtype == torch.int64
+    assert model.output_shape == (*X.shape[1:], 3)
+    torch.testing.assert_close(model.predict(X), model.layers[0].weight[X])
+
+
+def test_an_index_out_of_range_is_refused_naming_the_layer():
+    gen = torch.Generator().manual_seed(0)
+    model = gd.Sequential(gd.Embedding(10, 4, generator=gen), gd.Flatten(), gd.Linear(8, 1, generator=gen),
+                          input_shape=(2,))
+    X, Y = torch.tensor([[1, 2], [3, 10]]), torch.rand(2, 1)
+    for call in (lambda: model.predict(X), lambda: model.evaluate(X, Y), lambda: model.fit(X, Y, verbose=False),
+                 lambda: model.fit(Y.new_zeros(2, 2).long(), Y, validation_data=(X, Y), verbose=False)):
+        msg = message(call)
+        names(msg, r"X(_val)?\[1, 1\] is 10, not an index of layer 0 \(Embedding\(10, 4\)\): indices run from 0 to 9")
+    names(message(model.predict, torch.tensor([[-1, 0]])), r"X\[0, 0\] is -1, not an index of layer 0")
+    # Compiled directly, the kernel's own check is named with the node and its layer
+    names(message(gd.compile(model.graph()), x=X), r"running `%0: f32\[N,2,4\] = index_select 0.weight, x  "
+          r"# 0:Embedding` failed: IndexError", r"\(in layer 0:Embedding\)")
+
+
+def test_indices_of_the_wrong_dtype_are_named_with_the_fix():
+    model = gd.Sequential(gd.Embedding(10, 4), input_shape=(2,))
+    names(message(model.predict, torch.zeros(3, 2)), r"input x is f32\[3,2\] but the graph declares i64\[N,2\]; "
+          r"convert it with .to\(torch.int64\)")
+    names(message(lambda: gd.Sequential(gd.Linear(3, 6), gd.Embedding(3, 2)).graph()),
+          r"index_select %2\(1.weight: f32\[3,2\], %1: f32\[N,6\]\): input 1, %1, holds indices, so it must be i64",
+          r"\(in layer 1:Embedding\)")
+
+
+@pytest.mark.parametrize("layer, ref", [
+    (gd.GELU(), torch.nn.GELU()), (gd.GELU(approximate="tanh"), torch.nn.GELU(approximate="tanh")),
+    (gd.LeakyReLU(), torch.nn.LeakyReLU()), (gd.LeakyReLU(0.2), torch.nn.LeakyReLU(0.2)), (gd.SiLU(), torch.nn.SiLU()),
+])
+def test_activation_layers_compute_what_torch_does_at_any_rank(layer, ref):
+    X = torch.randn(4, 3, 2, 2, generator=torch.Generator().manual_seed(0))
+    model = gd.Sequential(layer, input_shape=(3, 2, 2))
+    torch.testing.assert_close(model.predict(X), ref(X))
+    assert model.output_shape == (3, 2, 2)
+
+
+def test_a_models_tracked_shapes_are_those_its_graph_builds():
+    """output_shape, which Sequential.add checks with, against the shape rules of the graph itself."""
+    gen = torch.Generator().manual_seed(0)
+    model = gd.Sequential(gd.Embedding(7, 4, generator=gen), gd.Reshape((2, -1)), gd.GELU(), gd.Flatten(),
+                          gd.LeakyReLU(0.3), gd.Linear(12, 5, generator=gen), gd.SiLU(), gd.Reshape((5, 1)),
+                          input_shape=(3,))
+    g = model.graph()
+    assert model.output_shape == g.outputs[0].shape[1:] == (5, 1)
+    for k in range(1, len(model.layers) + 1):
+        prefix = gd.Sequential(*model.layers[:k], input_shape=(3,))
+        assert prefix.output_shape == prefix.graph().outputs[0].shape[1:]

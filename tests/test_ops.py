@@ -4,10 +4,12 @@ messages of the shape rules, of `apply` and of Value's operators."""
 
 from __future__ import annotations
 
+import functools
 import itertools
+import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
 import numpy as np
@@ -29,6 +31,7 @@ class Case:
     shapes: list[tuple[int, ...]]
     domain: str = "any"  # "positive": inputs in (0.5, 2); "away": |x| > 0.1 (kinks)
     differentiable: bool = True
+    ints: dict[int, int] = field(default_factory=dict)  # input position -> n: i64 indices in [0, n), graph inputs
 
 
 def _sum_to_ref(x: torch.Tensor, shape: tuple) -> torch.Tensor:
@@ -90,10 +93,89 @@ CASES = [
 ]
 
 
+def _unslice_ref(g: torch.Tensor, axis: int, start: int, stop: int, step: int, size: int) -> torch.Tensor:
+    shape = list(g.shape)
+    shape[axis] = size
+    out = g.new_zeros(shape)
+    out[(slice(None),) * axis + (slice(start, stop, step),)] = g
+    return out
+
+
+def _index_add_ref(x: torch.Tensor, i: torch.Tensor, src: torch.Tensor, axis: int) -> torch.Tensor:
+    flat = src.reshape(*x.shape[:axis], i.numel(), *x.shape[axis + 1:])
+    return torch.index_add(x, axis, i.reshape(-1), flat)
+
+
+def _take(x: torch.Tensor, i: torch.Tensor, axis: int) -> torch.Tensor:
+    return x[(slice(None),) * axis + (i,)]
+
+
+_aten = torch.ops.aten
+
+# The ops beyond two dims, each at ranks 1 to 4.
+CASES_BEYOND_2D = [
+    Case("reshape", lambda x: gd.reshape(x, (6, -1)), lambda x: x.reshape(6, -1), [(2, 3, 4)]),
+    Case("reshape", lambda x: gd.reshape(x, (2, 2, 1, 3)), lambda x: x.reshape(2, 2, 1, 3), [(12,)]),
+    Case("reshape", lambda x: gd.reshape(x, (-1,)), lambda x: x.reshape(-1), [(2, 3, 1, 2)]),
+    Case("flatten", gd.flatten, lambda x: x.flatten(1), [(2, 3, 4)]),
+    Case("flatten", lambda x: gd.flatten(x, 0), lambda x: x.flatten(), [(5,)]),
+    Case("flatten", lambda x: gd.flatten(x, 1, 2), lambda x: x.flatten(1, 2), [(2, 3, 2, 2)]),
+    Case("flatten", lambda x: gd.flatten(x, -3, -2), lambda x: x.flatten(-3, -2), [(2, 3, 2, 2)]),
+    Case("permute", lambda x: gd.permute(x, (1, 0)), lambda x: x.permute(1, 0), [(3, 4)]),
+    Case("permute", lambda x: gd.permute(x, (2, 0, 1)), lambda x: x.permute(2, 0, 1), [(2, 3, 4)]),
+    Case("permute", lambda x: gd.permute(x, (0, -1, 1, 2)), lambda x: x.permute(0, 3, 1, 2), [(2, 3, 1, 2)]),
+    Case("permute", lambda x: gd.permute(x, (0,)), lambda x: x.permute(0), [(4,)]),
+    Case("matmul", gd.matmul, torch.matmul, [(2, 3, 4), (4, 5)]),  # a Linear over [N,L,in]
+    Case("matmul", gd.matmul, torch.matmul, [(3, 4), (2, 4, 2)]),
+    Case("matmul", gd.matmul, torch.matmul, [(2, 1, 3, 4), (3, 4, 2)]),  # batch dims broadcast both ways
+    Case("concat", lambda a, b: gd.concat(a, b, axis=1), lambda a, b: torch.cat([a, b], 1), [(2, 3), (2, 1)]),
+    Case("concat", gd.concat, lambda *xs: torch.cat(xs), [(4,), (2,), (3,)]),
+    Case("concat", lambda a, b: gd.concat(a, b, axis=-3), lambda a, b: torch.cat([a, b], -3),
+         [(2, 2, 3, 2), (2, 1, 3, 2)]),
+    Case("concat", lambda a: gd.concat(a, axis=1), lambda a: torch.cat([a], 1), [(2, 3, 2)]),
+    Case("slice", lambda x: gd.slice(x, 0, 1, 4), lambda x: x[1:4], [(5, 3)]),
+    Case("slice", lambda x: gd.slice(x, 0, -4), lambda x: x[-4:], [(6,)]),
+    Case("slice", lambda x: gd.slice(x, 1, -6, None, 2), lambda x: x[:, -6::2], [(2, 7, 3)]),
+    Case("slice", lambda x: gd.slice(x, axis=2, stop=100, step=3), lambda x: x[:, :, ::3], [(2, 2, 5, 2)]),
+    Case("unslice", lambda g: gd.unslice(g, axis=1, start=1, stop=7, step=2, size=7),
+         lambda g: _unslice_ref(g, 1, 1, 7, 2, 7), [(2, 3)]),
+    Case("unslice", lambda g: gd.unslice(g, start=2, stop=4, size=5), lambda g: _unslice_ref(g, 0, 2, 4, 1, 5), [(2,)]),
+    Case("unslice", lambda g: gd.unslice(g, axis=3, start=0, stop=3, size=4),
+         lambda g: _unslice_ref(g, 3, 0, 3, 1, 4), [(2, 1, 2, 3)]),
+    Case("index_select", gd.index_select, lambda x, i: x.index_select(0, i), [(5, 3), (7,)], ints={1: 5}),
+    Case("index_select", gd.index_select, lambda x, i: x[i], [(6,), (2, 3)], ints={1: 6}),
+    Case("index_select", lambda x, i: gd.index_select(x, i, axis=1), lambda x, i: _take(x, i, 1),
+         [(3, 4), (2, 3)], ints={1: 4}),
+    Case("index_select", lambda x, i: gd.index_select(x, i, axis=-2), lambda x, i: _take(x, i, 2),
+         [(2, 1, 3, 2), (5,)], ints={1: 3}),
+    Case("index_add", gd.index_add, lambda x, i, s: torch.index_add(x, 0, i, s), [(5, 3), (7,), (7, 3)],
+         ints={1: 5}),
+    Case("index_add", lambda x, i, s: gd.index_add(x, i, s, axis=1), lambda x, i, s: _index_add_ref(x, i, s, 1),
+         [(3, 4), (2, 2), (3, 2, 2)], ints={1: 4}),
+    Case("gelu", gd.gelu, lambda x: _aten.gelu(x), [(3, 4)]),
+    Case("gelu", lambda x: gd.gelu(x, approximate="tanh"), lambda x: _aten.gelu(x, approximate="tanh"), [(2, 3, 4)]),
+    Case("gelu", gd.gelu, lambda x: _aten.gelu(x), [(7,)]),
+    Case("gelu", lambda x: gd.gelu(x, "tanh"), lambda x: _aten.gelu(x, approximate="tanh"), [(2, 1, 3, 2)]),
+    Case("gelu_backward", gd.ops.gelu_backward, _aten.gelu_backward, [(3, 4), (3, 4)]),
+    Case("gelu_backward", lambda g, x: gd.ops.gelu_backward(g, x, approximate="tanh"),
+         lambda g, x: _aten.gelu_backward(g, x, approximate="tanh"), [(2, 3, 2), (2, 3, 2)]),
+    Case("leaky_relu", gd.leaky_relu, lambda x: _aten.leaky_relu(x), [(3, 4)], "away"),
+    Case("leaky_relu", lambda x: gd.leaky_relu(x, 0.2), lambda x: _aten.leaky_relu(x, 0.2), [(2, 3, 4)], "away"),
+    Case("leaky_relu", lambda x: gd.leaky_relu(x, negative_slope=-1.5), lambda x: _aten.leaky_relu(x, -1.5), [(6,)],
+         "away"),
+    Case("silu", gd.silu, lambda x: _aten.silu(x), [(3, 4)]),
+    Case("silu", gd.silu, lambda x: _aten.silu(x), [(2, 1, 3, 2)]),
+]
+CASES += CASES_BEYOND_2D
+
+
 def _inputs(case: Case, seed: int = 0) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     out = []
-    for shape in case.shapes:
+    for k, shape in enumerate(case.shapes):
+        if k in case.ints:
+            out.append(torch.randint(0, case.ints[k], shape, generator=gen))
+            continue
         t = torch.rand(shape, generator=gen, dtype=torch.float64)
         if case.domain == "positive":
             t = 0.5 + 1.5 * t
@@ -106,11 +188,25 @@ def _inputs(case: Case, seed: int = 0) -> list[torch.Tensor]:
     return out
 
 
+def _values(case: Case, g: gd.Graph, tensors: list[torch.Tensor]) -> list[gd.Value]:
+    """The case's inputs in g: params "a0", "a1", ..., and the integer indices as i64 inputs."""
+    return [g.input(f"a{i}", tuple(t.shape), torch.int64) if i in case.ints else g.param(f"a{i}", t)
+            for i, t in enumerate(tensors)]
+
+
+def _feeds(case: Case, tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {f"a{i}": tensors[i] for i in case.ints}
+
+
+def _wrt(case: Case) -> list[str]:
+    """What a case differentiates: every input but the indices."""
+    return [f"a{i}" for i in range(len(case.shapes)) if i not in case.ints]
+
+
 def _graph(case: Case, tensors: list[torch.Tensor]) -> tuple[gd.Graph, torch.Tensor]:
     """loss = sum(op(params) * R) with a fixed random R, so the cotangent is generic."""
     g = gd.Graph("case")
-    values = [g.param(f"a{i}", t) for i, t in enumerate(tensors)]
-    out = case.build(*values)
+    out = case.build(*_values(case, g, tensors))
     r = torch.rand(tuple(out.shape), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     g.output(gd.sum(gd.mul(out, g.param("r", r))))
     return g, r
@@ -132,11 +228,10 @@ def test_every_op_has_a_case():
 def test_forward_matches_torch_and_shape_rule(case: Case):
     tensors = _inputs(case)
     g = gd.Graph("fwd")
-    values = [g.param(f"a{i}", t) for i, t in enumerate(tensors)]
-    out = case.build(*values)
+    out = case.build(*_values(case, g, tensors))
     g.output(out)
     g.verify()
-    (result,) = gd.compile(g)()
+    (result,) = gd.compile(g)(**_feeds(case, tensors))
     expected = case.ref(*tensors)
     assert tuple(result.shape) == out.shape == tuple(expected.shape)
     assert result.dtype == out.dtype == torch.float64
@@ -148,7 +243,7 @@ def test_shape_rule_returns_what_it_normalises_and_edits_no_attrs(case: Case):
     """A rule is given a read-only view of the attrs (editing it raises TypeError) and
     returns the attrs it normalises, which the node keeps."""
     g = gd.Graph("rule")
-    node = case.build(*(g.param(f"a{i}", t) for i, t in enumerate(_inputs(case)))).node
+    node = case.build(*_values(case, g, _inputs(case))).node
     given = {**node.op.attrs, **node.attrs}
     shape, dtype, *normalised = node.op.rule(list(node.inputs), MappingProxyType(given))
     assert (shape, dtype) == (node.out.shape, node.out.dtype)
@@ -166,11 +261,11 @@ def test_const_rule_returns_its_value_as_a_float():
 def test_vjp_matches_central_differences(case: Case):
     tensors = _inputs(case)
     g, _ = _graph(case, tensors)
-    names = [f"a{i}" for i in range(len(tensors))]
-    grads = gd.compile(gd.grad(g, names))()[1:]
-    forward = gd.compile(g)
+    feeds = _feeds(case, tensors)
+    grads = gd.compile(gd.grad(g, _wrt(case)))(**feeds)[1:]
+    forward = functools.partial(gd.compile(g), **feeds)
     eps = 1e-6
-    for t, analytic in zip(tensors, grads):
+    for t, analytic in zip([t for i, t in enumerate(tensors) if i not in case.ints], grads, strict=True):
         numeric = torch.zeros_like(t)
         flat, nflat = t.view(-1), numeric.view(-1)
         for i in range(flat.numel()):
@@ -188,15 +283,16 @@ def test_vjp_matches_central_differences(case: Case):
 def test_vjp_matches_torch_autograd(case: Case):
     tensors = _inputs(case, seed=1)
     g, r = _graph(case, tensors)
-    grads = gd.compile(gd.grad(g, [f"a{i}" for i in range(len(tensors))]))()[1:]
-    leaves = [t.clone().requires_grad_() for t in tensors]
+    grads = gd.compile(gd.grad(g, _wrt(case)))(**_feeds(case, tensors))[1:]
+    leaves = [t if i in case.ints else t.clone().requires_grad_() for i, t in enumerate(tensors)]
+    floats = [t for i, t in enumerate(leaves) if i not in case.ints]
     loss = (case.ref(*leaves) * r).sum()
     if case.differentiable:
-        expected = torch.autograd.grad(loss, leaves, allow_unused=True)
-        expected = [torch.zeros_like(t) if e is None else e for t, e in zip(tensors, expected)]
+        expected = torch.autograd.grad(loss, floats, allow_unused=True)
+        expected = [torch.zeros_like(t) if e is None else e for t, e in zip(floats, expected)]
     else:
-        expected = [torch.zeros_like(t) for t in tensors]  # no gradient flows through it
-    for got, want in zip(grads, expected):
+        expected = [torch.zeros_like(t) for t in floats]  # no gradient flows through it
+    for got, want in zip(grads, expected, strict=True):
         torch.testing.assert_close(got, want)
 
 
@@ -209,8 +305,8 @@ def test_second_order_matches_torch_autograd(case: Case):
     da = gg.outputs[1]
     h = gd.sum(gd.mul(da, da))
     gg.output(h)
-    got = gd.compile(gd.grad(gg, ["a0"], of=h))()[-1]
-    leaves = [t.clone().requires_grad_() for t in tensors]
+    got = gd.compile(gd.grad(gg, ["a0"], of=h))(**_feeds(case, tensors))[-1]
+    leaves = [t if i in case.ints else t.clone().requires_grad_() for i, t in enumerate(tensors)]
     (first,) = torch.autograd.grad((case.ref(*leaves) * r).sum(), leaves[0], create_graph=True)
     if not first.requires_grad:  # a linear op: its gradient does not depend on a0
         want = None
@@ -222,7 +318,7 @@ def test_second_order_matches_torch_autograd(case: Case):
 @pytest.mark.parametrize("case", CASES, ids=_id)
 def test_round_trip_of_forward_and_gradient_graphs(case: Case):
     g, _ = _graph(case, _inputs(case))
-    for graph in (g, gd.grad(g, [f"a{i}" for i in range(len(case.shapes))])):
+    for graph in (g, gd.grad(g, _wrt(case))):
         text = str(graph)
         again = gd.parse(text)
         again.verify()
@@ -291,6 +387,21 @@ ATTRS = {
     "mean": [{"axis": a, "keepdims": k} for a in AXES for k in (False, True)],
     "broadcast_like": [{"axis": a, "mean": m} for a in AXES for m in (False, True)],
     "sum_to": [{"shape": s} for s in [(), (1,), (3,), ("N",), (1, 1), (1, 3), (2, 3), ("N", 3), (3, 4), (1, 3, 4)]],
+    "reshape": [{"shape": s} for s in [(), (-1,), (None, -1), ("N",), (None, 3), (3, -1), (-1, 1), (1, -1, 1), (2, -1),
+                                       (6,), (0,), (-1, -1), ("M",), (None, 1.5), (3, "N")]],
+    "flatten": [{"start_dim": a, "end_dim": b} for a in (0, 1, -1, 2, True) for b in (-1, 0, 1)],
+    "permute": [{"dims": d} for d in [(), (0,), (1, 0), (0, 1), (1, 2, 0), (0, 0), (2,), (-1, 0), 0]],
+    "concat": [{"axis": a} for a in (0, 1, -1, 2, True)],
+    "slice": [{"axis": a, "start": b, "stop": c, "step": d} for a, b, c, d in [
+        (0, 0, None, 1), (1, 1, 3, 1), (-1, -2, None, 2), (0, 5, 1, 1), (1, 0, None, 0), (0, None, -1, 1),
+        (2, 1, 2, 1), (0, 1.0, None, 1)]],
+    "unslice": [{"axis": a, "start": b, "stop": c, "step": d, "size": e} for a, b, c, d, e in [
+        (0, 0, 1, 1, 3), (1, 1, 4, 1, 4), (-1, 0, None, 2, 5), (0, 0, None, 1, 1), (0, 0, 1, 1, -1)]],
+    "index_select": [{"axis": a} for a in (0, 1, -1, 2)],
+    "index_add": [{"axis": a} for a in (0, 1, -1)],
+    "gelu": [{"approximate": a} for a in ("none", "tanh", "erf")],
+    "gelu_backward": [{"approximate": a} for a in ("none", "tanh", None)],
+    "leaky_relu": [{"negative_slope": a} for a in (0.01, -2, True, math.nan)],
 }
 
 
@@ -299,12 +410,14 @@ def _accepted_builds():
     for name, op in gd.OPS.items():
         if op.arity == 0 or name in COLLECTIVES:
             continue
-        for shapes in itertools.product(SHAPES, repeat=op.arity):
-            if op.arity == 3 and len({len(s) for s in shapes[1:]}) > 1:
+        arity = 2 if op.arity == gd.ops.VARIADIC else op.arity
+        for shapes in itertools.product(SHAPES, repeat=arity):
+            if arity == 3 and len({len(s) for s in shapes[1:]}) > 1 and not op.indices:
                 continue  # addmm and mse_backward: keep the grid small
             for attrs in ATTRS.get(name, [{}]):
                 g = gd.Graph("rule")
-                values = [g.input(f"a{i}", s, torch.float64) for i, s in enumerate(shapes)]
+                values = [g.input(f"a{i}", s, torch.int64 if i in op.indices else torch.float64)
+                          for i, s in enumerate(shapes)]
                 try:
                     out = gd.ops.apply(op, *values, **attrs)
                 except gd.GraphError:
@@ -320,16 +433,18 @@ def test_every_build_a_shape_rule_accepts_compiles_differentiates_and_runs():
     n = 5  # the symbolic N, bound at run time
     accepted = 0
     for g, out, shapes in _accepted_builds():
-        feeds = {f"a{i}": 0.5 + torch.rand([n if d == "N" else d for d in s], generator=gen, dtype=torch.float64)
-                 for i, s in enumerate(shapes)}
+        sizes = [[n if d == "N" else d for d in s] for s in shapes]
+        feeds = {f"a{i}": torch.zeros(size, dtype=torch.int64) if i in out.node.op.indices else  # index 0 is in range
+                 0.5 + torch.rand(size, generator=gen, dtype=torch.float64) for i, size in enumerate(sizes)}
         g.output(gd.sum(out))
         g.output(out)
         loss, result = gd.compile(g)(**feeds)
         assert tuple(result.shape) == tuple(n if d == "N" else d for d in out.shape), str(g)
         if out.node.op.vjp is not None:
-            gg = gd.grad(g, list(feeds))
+            wrt = [k for k, t in feeds.items() if t.is_floating_point()]
+            gg = gd.grad(g, wrt)
             grads = gd.compile(gg)(**feeds)[2:]
-            assert [tuple(t.shape) for t in grads] == [tuple(f.shape) for f in feeds.values()], str(gg)
+            assert [tuple(t.shape) for t in grads] == [tuple(feeds[k].shape) for k in wrt], str(gg)
             assert str(gd.parse(str(gg))) == str(gg)
         accepted += 1
     assert accepted > 500  # the grid exercises the rules, not only their refusals
@@ -549,3 +664,101 @@ def test_no_module_of_the_ops_package_shadows_a_builtin():
                  if isinstance(t, ast.Name)}
         bound |= {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
         assert not bound & set(dir(builtins)), f"{path.name} binds {sorted(bound & set(dir(builtins)))}"
+
+
+# -- shapes beyond two dims: what a rule refuses, it names with the shapes and the fix ---------------
+
+
+def _x(g: gd.Graph) -> gd.Value:
+    return g.input("x", (None, 4, 5))
+
+
+@pytest.mark.parametrize("build, expect", [
+    (lambda g: gd.reshape(_x(g), (None, 21)),
+     [r"^reshape %0\(x: f32\[N,4,5\]\): cannot reshape \[N,4,5\] \(N\*20 elements\) to shape \(None, 21\) "
+      r"\(N\*21 elements\)", "hint: the element counts must be equal; a -1 infers one dim"]),
+    (lambda g: gd.reshape(_x(g), (-1,)),
+     [r"shape \(-1,\) would fold the symbolic dim N of \[N,4,5\] into another dim",
+      r"hint: keep N as a dim of its own, e.g. None first for the batch dim: \(None, 20\)"]),
+    (lambda g: gd.reshape(_x(g), (None, -1, -1)), [r"has more than one -1", "at most one dim can be inferred"]),
+    (lambda g: gd.reshape(_x(g), ("N", 3, -1)),
+     [r"cannot reshape \[N,4,5\] to shape \('N', 3, -1\): 20 is not a multiple of 3", r"holds N\*20 elements"]),
+    (lambda g: gd.reshape(_x(g), ("M", 20)), [r"names M, which is no dim of \[N,4,5\]"]),
+    (lambda g: gd.reshape(_x(g), 20), [r"shape 20 must be a tuple such as \(None, 64\)"]),
+    (lambda g: gd.flatten(_x(g), 0),
+     [r"flattening dims 0 to 2 of \[N,4,5\] would fold the symbolic dim N", "hint: flatten from the dim after N, "
+      "e.g. start_dim=1"]),
+    (lambda g: gd.flatten(_x(g), 2, 1), [r"start_dim=2 comes after end_dim=1 in \[N,4,5\]"]),
+    (lambda g: gd.flatten(_x(g), 3), [r"start_dim=3 is not an axis of \[N,4,5\]", r"hint: use an int in \[-3, 2\]"]),
+    (lambda g: gd.permute(_x(g), (0, 1)),
+     [r"dims=\(0, 1\) is not an order of the 3 dims of \[N,4,5\]", r"hint: give each of 0..2 once"]),
+    (lambda g: gd.concat(_x(g), g.input("y", (None, 4, 2))),
+     [r"^concat %0\(x: f32\[N,4,5\], y: f32\[N,4,2\]\): shapes \[N,4,5\], \[N,4,2\] differ outside axis 0",
+      "hint: every input needs the same dims except along axis 0"]),
+    (lambda g: gd.concat(_x(g), g.input("y", (None, 4, 5))),
+     [r"axis 0 is the symbolic dim N in \[N,4,5\]", "hint: concat along a dim of known size"]),
+    (lambda g: gd.slice(_x(g), 0, 0, 2), [r"axis 0 of \[N,4,5\] is the symbolic dim N, whose size is unknown"]),
+    (lambda g: gd.slice(_x(g), 1, 0, 2, 0), [r"step=0 must be a whole number >= 1"]),
+    (lambda g: gd.split(_x(g), [1, 2], axis=1),
+     [r"^split %0\(x: f32\[N,4,5\]\): sizes=\[1, 2\] must be a whole number >= 1, or lengths that add up to 4"]),
+    (lambda g: gd.matmul(g.input("a", (2, 5, 4)), g.input("b", (3, 4, 2))),
+     [r"\[2,5,4\] @ \[3,4,2\]: the batch dims \[2\] and \[3\] do not broadcast"]),
+    (lambda g: gd.matmul(_x(g), g.param("w", torch.zeros(3, 5))),
+     [r"\[N,4,5\] @ \[3,5\]: inner dims differ \(5 vs 3\)", r"hint: did you mean to transpose w\?"]),
+    (lambda g: gd.matmul(g.input("v", (5,)), g.param("w", torch.zeros(5, 3))),
+     [r"matmul takes matrices \(2-d\) or batches of them"]),
+    (lambda g: gd.index_select(g.param("w", torch.zeros(3, 5)), g.input("i", (None, 2, 2), torch.int64), axis=2),
+     [r"axis=2 is not an axis of \[3,5\]"]),
+    (lambda g: gd.index_add(g.param("w", torch.zeros(3, 5)), g.input("i", (4,), torch.int64), g.input("s", (3, 5))),
+     [r"src \[3,5\] is not what index_select of \[3,5\] by \[4\] along axis 0 gives, \[4,5\]"]),
+    (lambda g: gd.gelu(_x(g), "erf"), [r"approximate='erf' is not a form of GELU", "hint: use 'none'"]),
+    (lambda g: gd.leaky_relu(_x(g), negative_slope=math.inf), [r"negative_slope=inf must be a finite number"]),
+])
+def test_shape_rules_beyond_2d_name_the_shapes_and_the_fix(build, expect):
+    msg = message(lambda: build(gd.Graph("g")))
+    names(msg, *expect, HERE)
+
+
+def test_reshape_keeps_the_batch_dim_given_as_none_or_by_name():
+    g = gd.Graph("g")
+    x = g.input("x", (None, 4, 5))
+    for shape in [(None, 20), ("N", 20), (None, -1), ("N", -1, 1)]:
+        out = gd.reshape(x, shape)
+        assert out.shape[0] == "N" and out.node.attrs["shape"] == out.shape
+    assert gd.reshape(x, (5, None, 4)).shape == (5, "N", 4)  # N may move: the elements are read in order
+    y = gd.reshape(x, (None, 2, 10))
+    g.output(y)
+    X = torch.rand(3, 4, 5)
+    torch.testing.assert_close(gd.compile(g)(x=X)[0], X.reshape(3, 2, 10))
+
+
+def test_split_cuts_an_axis_as_torch_split():
+    g = gd.Graph("g")
+    x = g.input("x", (None, 7))
+    parts = gd.split(x, 3, axis=1)
+    assert [p.shape for p in parts] == [("N", 3), ("N", 3), ("N", 1)]
+    g.output(*parts, *gd.split(x, [2, 5], axis=-1))
+    X = torch.rand(2, 7)
+    for got, want in zip(gd.compile(g)(x=X), [*X.split(3, 1), *X.split([2, 5], 1)], strict=True):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("rank", [3, 4])
+def test_reductions_and_broadcasting_at_rank_3_and_4(rank):
+    """sum, mean and a broadcast add over chosen axes of rank-3 and rank-4 values, their gradients against autograd."""
+    shape = (2, 3, 4, 5)[:rank]
+    gen = torch.Generator().manual_seed(rank)
+    X = torch.rand(shape, generator=gen, dtype=torch.float64)
+    B = torch.rand((1,) * (rank - 2) + shape[-2:-1] + (1,), generator=gen, dtype=torch.float64)
+    g = gd.Graph("r")
+    x, b = g.param("x", X.clone()), g.param("b", B.clone())
+    h = gd.tanh(x + b)
+    loss = gd.sum(gd.mean(h, axis=(1, -1), keepdims=True) * 2.0) + gd.sum(gd.sum(h, axis=0) * gd.sum(h, axis=0))
+    g.output(loss)
+    got = gd.compile(gd.grad(g, ["x", "b"]))()
+    xs, bs = X.clone().requires_grad_(), B.clone().requires_grad_()
+    hs = torch.tanh(xs + bs)
+    want = (hs.mean((1, -1), keepdim=True) * 2).sum() + (hs.sum(0) * hs.sum(0)).sum()
+    torch.testing.assert_close(got[0], want.detach())
+    for a, e in zip(got[1:], torch.autograd.grad(want, [xs, bs]), strict=True):
+        torch.testing.assert_close(a, e)

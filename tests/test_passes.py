@@ -200,6 +200,23 @@ def test_fusion_needs_the_pattern_exactly():
     assert not changed
 
 
+def test_a_batched_product_is_not_fused_into_the_matrix_kernels():
+    """addmm and matmul_tn/nt take matrices: a Linear over [N,L,in] keeps matmul, add and
+    the transposes, in its forward pass and its gradient."""
+    g = gd.Graph("seq")
+    x = g.input("x", (None, 4, 3), torch.float64)
+    w = g.param("w", torch.randn(3, 2, dtype=torch.float64))
+    b = g.param("b", torch.randn(2, dtype=torch.float64))
+    g.output(gd.sum(gd.tanh(gd.add(gd.matmul(x, w), b))))
+    gg = gd.grad(g, ["w", "b"])
+    opt = pipeline(gg.copy()[0])
+    opt.verify()
+    ops = ops_of(opt)
+    assert not {"addmm", "matmul_tn", "matmul_nt"} & set(ops) and ops.count("matmul") == 2
+    feeds = {"x": torch.randn(5, 4, 3, dtype=torch.float64)}
+    torch.testing.assert_close(gd.compile(gg, optimize=False)(**feeds), gd.compile(opt)(**feeds))
+
+
 def test_grad_of_an_optimised_graph_matches_the_unoptimised_one():
     g = gd.grad(net(gd.tanh), ["fc1.weight"])
     d = g.outputs[1]

@@ -3,8 +3,11 @@
     registry     OpDef, defop, OPS, apply, CODE_GLOBALS, the shared shape rules, const
     reductions   sum, mean, broadcast_like, sum_to (and unbroadcast, for every VJP)
     elementwise  add, sub, mul, div, neg, exp, log, abs, sign, greater, relu, tanh,
-                 sigmoid, softmax, log_softmax, zeros_like
-    linalg       matmul, transpose
+                 sigmoid, softmax, log_softmax, zeros_like, gelu (and gelu_backward),
+                 leaky_relu, silu
+    linalg       matmul (of matrices or batches of them), transpose
+    shapes       reshape, flatten, permute, concat, slice (and unslice), split
+    indexing     index_select, index_add (integer indices, i64)
     losses       mse, mae, mbe, bce_with_logits, cross_entropy
     fused        addmm, matmul_tn, matmul_nt, *_backward (made by passes.fuse)
     collectives  allreduce_start, allreduce_wait, unpack (made by passes.allreduce)
@@ -20,14 +23,17 @@ from collections.abc import Callable
 from typing import Any
 
 from ..ir import Value
-from . import collectives, elementwise, fused, linalg, losses, reductions, registry
+from . import collectives, elementwise, fused, indexing, linalg, losses, reductions, registry, shapes
 from .collectives import allreduce_start, allreduce_wait, unpack
 from .elementwise import (
     absolute,
     add,
     div,
     exp,
+    gelu,
+    gelu_backward,
     greater,
+    leaky_relu,
     log,
     log_softmax,
     mul,
@@ -35,21 +41,25 @@ from .elementwise import (
     relu,
     sigmoid,
     sign,
+    silu,
     softmax,
     sub,
     tanh,
     zeros_like,
 )
 from .fused import addmm, matmul_nt, matmul_tn, mse_backward, relu_backward, sigmoid_backward, tanh_backward
+from .indexing import index_add, index_select
 from .linalg import matmul, transpose
 from .losses import bce_with_logits, cross_entropy, mae, mbe, mse
 from .reductions import broadcast_like, reduce_mean, reduce_sum, sum_to, unbroadcast
 from .registry import CODE_GLOBALS, OPS, VARIADIC, Collective, Memory, OpDef, apply, const, defop
+from .shapes import concat, flatten, permute, reshape, slice_, split, unslice
 
-# The public names that are Python builtins too: bound here, for `gd.sum` and `gd.abs`,
-# and nowhere inside the package.
+# The public names that are Python builtins too: bound here, for `gd.sum`, `gd.abs` and
+# `gd.slice`, and nowhere inside the package.
 sum = reduce_sum  # noqa: A001
 abs = absolute  # noqa: A001
+slice = slice_  # noqa: A001
 mean = reduce_mean
 
 
@@ -91,6 +101,8 @@ __all__ = [
     "const", "reduce_sum", "reduce_mean", "sum", "mean", "broadcast_like", "sum_to", "unbroadcast",
     "absolute", "abs", "add", "div", "exp", "greater", "log", "log_softmax", "mul", "neg", "relu", "sigmoid", "sign",
     "softmax", "sub", "tanh", "zeros_like", "matmul", "transpose",
+    "gelu", "gelu_backward", "leaky_relu", "silu", "shapes", "indexing",
+    "reshape", "flatten", "permute", "concat", "slice", "slice_", "unslice", "split", "index_select", "index_add",
     "bce_with_logits", "cross_entropy", "mae", "mbe", "mse",
     "addmm", "matmul_nt", "matmul_tn", "mse_backward", "relu_backward", "sigmoid_backward", "tanh_backward",
     "allreduce_start", "allreduce_wait", "unpack",

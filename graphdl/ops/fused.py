@@ -22,6 +22,8 @@ from .registry import all_axes, broadcast_shapes, defop, same_dtype
 
 def addmm_rule(inputs: list[Value], attrs: Mapping[str, Any]) -> tuple[Shape, torch.dtype]:
     bias, a, b = inputs
+    if a.ndim != 2 or b.ndim != 2:
+        raise ShapeError(f"{format_shape(a.shape)} @ {format_shape(b.shape)}: addmm takes two matrices (2-d)")
     shape, dtype = matmul_rule([a, b], attrs)
     if broadcast_shapes(bias.shape, shape) != shape:
         raise ShapeError(f"bias {format_shape(bias.shape)} does not broadcast to the product's "

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..building import caller_location
-from ..checks import DTYPES, Dim, GraphError, Shape, ShapeError, dtype_name, read_float
+from ..checks import FLOAT_DTYPES, Dim, GraphError, Shape, ShapeError, dtype_name, read_float
 from ..ir import Value
 
 Lowering = Callable[[list[str], dict[str, Any], list[Value]], str]
@@ -114,6 +114,10 @@ class OpDef:
     doc: str = ""
     memory: Memory = NO_MEMORY_TRAITS
     collective: Collective | None = None
+    # Dtypes: every input is floating, but those in `indices` (integer indices: i64) and,
+    # with `any_dtype`, the others may be integers too (ops that only move elements).
+    indices: tuple[int, ...] = ()
+    any_dtype: bool = False
 
     def __call__(self, *args: Any, **attrs: Any) -> Value:
         """Add a node applying this op: its inputs, then (optionally) its attrs in the
@@ -140,6 +144,7 @@ class OpDef:
         """Output shape and dtype, and the attrs completed with defaults and normalised."""
         self._check_arity(inputs)
         self._check_readers(inputs)
+        self._check_dtypes(inputs)
         unknown = sorted(set(attrs) - set(self.attrs))
         if unknown:
             takes = ", ".join(self.attrs) or "no attributes"
@@ -153,6 +158,18 @@ class OpDef:
             raise ShapeError("takes one or more inputs, got none")
         if self.arity != VARIADIC and len(inputs) != self.arity:
             raise ShapeError(f"takes {self.arity} input(s), got {len(inputs)}")
+
+    def _check_dtypes(self, inputs: Sequence[Value]) -> None:
+        """Indices are integers; everything else is floating unless the op only moves elements."""
+        for i, v in enumerate(inputs):
+            integer = not v.dtype.is_floating_point
+            if i in self.indices and not integer:
+                raise ShapeError(f"input {i}, {v.label}, holds indices, so it must be i64, not {dtype_name(v.dtype)}",
+                                 "declare it with dtype=torch.int64, e.g. g.input('i', (None,), torch.int64)")
+            if integer and i not in self.indices and not self.any_dtype:
+                raise ShapeError(f"{v.label} is {dtype_name(v.dtype)}, integer indices, but {self.name} computes on "
+                                 "floating-point values", "integers are only read as indices (index_select, "
+                                 "gd.Embedding) or moved (reshape, concat, slice); feed floats here")
 
     def _check_readers(self, inputs: Sequence[Value]) -> None:
         """A collective's result in flight may be read only by the op it names."""
@@ -195,14 +212,17 @@ OPS: dict[str, OpDef] = {}  # every op by name: what the text reader and model f
 def defop(name: str, code: str | Lowering, rule: Rule, vjp: Callable | None, arity: int = 1,
           attrs: dict[str, Any] | None = None, doc: str = "", new_storage: bool = False,
           inplace: dict[int, str] | None = None, out: bool | str | Lowering | None = None,
-          transposed: tuple[int, ...] = (), collective: Collective | None = None) -> OpDef:
+          transposed: tuple[int, ...] = (), collective: Collective | None = None,
+          indices: tuple[int, ...] = (), any_dtype: bool = False) -> OpDef:
     """Register an op and return it; calling it builds a node, `op(*inputs, **attrs) -> Value`.
 
     `code` is a torch expression with `{0}`, `{1}` for the inputs and `{attr}` for the
     attrs' reprs, or a function `(args, attrs, inputs) -> str` for ops whose code depends
     on shapes. `new_storage`, `inplace`, `out` (True: the code's own call with `out=`) and
     `transposed` are the op's `Memory` traits; `collective` marks an op that talks to the
-    other ranks.
+    other ranks. `indices` lists the inputs that hold integer indices (i64); with
+    `any_dtype` the others may be integers too (an op that only moves elements, such as
+    reshape); otherwise every input must be floating.
     """
     assert name not in OPS, f"op {name!r} is defined twice"
     if isinstance(code, str):
@@ -216,7 +236,8 @@ def defop(name: str, code: str | Lowering, rule: Rule, vjp: Callable | None, ari
         assert isinstance(code, str) and code.endswith(")"), f"{name}: out=True needs code that ends in a call"
         out = code[:-1] + ", out={out})"
     memory = Memory(new_storage, MappingProxyType(dict(inplace or {})), out or None, transposed)
-    op = OpDef(name, arity, rule, lower, vjp, MappingProxyType(dict(attrs or {})), doc, memory, collective)
+    op = OpDef(name, arity, rule, lower, vjp, MappingProxyType(dict(attrs or {})), doc, memory, collective,
+               tuple(indices), any_dtype)
     OPS[name] = op
     return op
 
@@ -233,6 +254,9 @@ def apply(op: OpDef, *inputs: Value | float, **attrs: Any) -> Value:
             hint = "wrap tensors with Graph.param or Graph.input" if isinstance(v, torch.Tensor) else ""
             raise graph.node_error(op.name, inputs, f"input {i} is a {type(v).__name__}; inputs must be graph "
                                    "values or Python numbers", hint)
+    if len(values) < len(inputs) and not values[0].dtype.is_floating_point:
+        raise graph.node_error(op.name, inputs, f"{values[0].label} is {dtype_name(values[0].dtype)}, integer "
+                               "indices; a Python number only combines with floating values")
     consts = [graph.const(v, values[0].dtype) for v in inputs if not isinstance(v, Value)]
     it = iter(consts)
     args = [v if isinstance(v, Value) else next(it) for v in inputs]
@@ -298,19 +322,19 @@ def all_axes(x: Value) -> tuple[int, ...]:
 
 
 def _const_rule(inputs: list[Value], attrs: Mapping[str, Any]) -> tuple[Shape, torch.dtype, dict[str, Any]]:
-    if not isinstance(attrs["dtype"], str) or attrs["dtype"] not in DTYPES:
-        raise ShapeError(f"unknown dtype {attrs['dtype']!r}", f"use one of {', '.join(DTYPES)}")
+    if not isinstance(attrs["dtype"], str) or attrs["dtype"] not in FLOAT_DTYPES:
+        raise ShapeError(f"unknown dtype {attrs['dtype']!r}", f"use one of {', '.join(FLOAT_DTYPES)}")
     try:
-        value = read_float(attrs["value"], "value", DTYPES[attrs["dtype"]])
+        value = read_float(attrs["value"], "value", FLOAT_DTYPES[attrs["dtype"]])
     except GraphError as e:
         raise ShapeError(str(e)) from None
-    return (), DTYPES[attrs["dtype"]], {"value": value}
+    return (), FLOAT_DTYPES[attrs["dtype"]], {"value": value}
 
 
 def _const_code(args: list[str], attrs: dict, inputs: list[Value]) -> str:
     value = attrs["value"]
     literal = repr(value) if math.isfinite(value) else f"float('{value}')"  # repr(inf) is not Python source
-    return f"torch.tensor({literal}, dtype={DTYPES[attrs['dtype']]})"
+    return f"torch.tensor({literal}, dtype={FLOAT_DTYPES[attrs['dtype']]})"
 
 
 const = defop("const", _const_code, _const_rule, lambda g, out: [], arity=0,

@@ -44,9 +44,16 @@ def _orders(node: Node) -> tuple[tuple[Value, Value], tuple[Value, Value]]:
     return (a, b), (b, a)
 
 
+def _matrices(node: Node) -> bool:
+    """A matmul of two matrices: the fused products take no batch dims."""
+    return all(v.ndim == 2 for v in node.inputs)
+
+
 def _addmm(node: Node) -> Fused:
     for product, bias in _orders(node):
         mm = producer(product, matmul)
+        if mm is not None and not _matrices(mm):
+            continue
         # Only when nothing else uses the product (no other node, not an output), else
         # it would be computed twice.
         sole = len(product.users) == 1 and not product.graph.is_output(product)
@@ -57,6 +64,8 @@ def _addmm(node: Node) -> Fused:
 
 def _transposed_matmul(node: Node) -> Fused:
     a, b = node.inputs
+    if not _matrices(node):
+        return None
     if (t := producer(a, transpose)) is not None:
         return matmul_tn, [t.inputs[0], b]
     if (t := producer(b, transpose)) is not None:

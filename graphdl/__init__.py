@@ -28,14 +28,15 @@ from .viz import DotNotFoundError, render, to_dot
 from .io import load_graph, save_graph
 from .interop import to_torch
 from .onnx_io import export_onnx, import_onnx
-from .model import Sequential, from_torch, load
+from .model import Sequential, from_torch
+from .functional import Model, load
 from . import distributed
 
 __all__ = [
     "Callback", "CSVLogger", "EarlyStopping", "LambdaCallback", "ModelCheckpoint", "ReduceLROnPlateau", "TensorBoard",
     "BCEWithLogits", "CrossEntropy", "DivergedError", "MAE", "MBE", "MSE", "SGD", "Softmax", "Standardize",
     "Constant", "CosineDecay", "ExponentialDecay", "History",
-    "Layer", "Linear", "Loss", "ReLU", "Schedule", "Sequential", "Sigmoid", "StepDecay", "Tanh", "TrainStep",
+    "Layer", "Linear", "Loss", "Model", "ReLU", "Schedule", "Sequential", "Sigmoid", "StepDecay", "Tanh", "TrainStep",
     "Embedding", "Flatten", "GELU", "LeakyReLU", "Reshape", "SiLU",
     "DTYPES", "OPS", "Compiled", "DotNotFoundError", "Graph", "GraphError", "Node", "Value",
     "abs", "add", "bce_with_logits", "broadcast_like", "cross_entropy", "log_softmax", "softmax", "compile",

@@ -381,12 +381,14 @@ Non-trainable params: 0"""
                            "  (2) Linear(6, 1)")
 
 
-def test_the_models_methods_are_sequentials_and_it_moves_exports_and_draws():
+def test_a_model_moves_draws_and_exports_as_a_sequential_does(tmp_path):
     model, _ = _residual()
-    assert gd.Model.fit is not gd.Sequential.fit and gd.Model.summary is gd.Sequential.summary
-    model.to("cpu")
-    assert model.state()["0.weight"].device.type == "cpu"
-    assert "x" in gd.to_dot(model.graph()).source
+    X = torch.rand(5, 4)
+    before = model.predict(X)
+    assert model.to("cpu") is model and torch.equal(model.predict(X), before)
+    assert "0:Linear" in gd.to_dot(model.graph()).source
+    gd.export_onnx(model, tmp_path / "m.onnx")  # one input: the forward graph as it is
+    assert gd.import_onnx(tmp_path / "m.onnx").inputs.keys() == {"x"}
 
 
 # -- what Model and layer calls refuse, before any work -----------------------------------------
@@ -476,3 +478,16 @@ def test_a_file_whose_ir_and_layers_disagree_is_refused(tmp_path):
         safetensors.torch.save_file(tensors, crafted, metadata={**metadata, **edit})
         with pytest.raises(gd.GraphError, match=expected):
             gd.load(crafted)
+
+
+def test_a_layer_that_could_not_build_builds_once_it_can():
+    """Standardize called before `adapt` is refused; adapted, the same layer builds, its
+    statistics read as its own (fixed) params."""
+    g = gd.Graph("g")
+    x = g.input("x", (None, 2))
+    std = gd.Standardize()
+    names(message(std, x), "Standardize has no statistics yet; call .adapt")
+    std.adapt(torch.tensor([[1.0, 2.0], [3.0, 6.0]]))
+    model = gd.Model(x, gd.Linear(2, 1)(std(x)))
+    assert list(model.state()) == ["0.mean", "0.std", "1.weight", "1.bias"]
+    assert list(model.parameters()) == ["1.weight", "1.bias"]

@@ -11,14 +11,19 @@ from .ops import (
     mbe, mean, mse, mul, neg, relu, sigmoid, sign, softmax, sub, sum, sum_to, tanh, transpose, zeros_like,
     concat, flatten, gelu, index_add, index_select, leaky_relu, permute, reshape, silu, slice, split, unslice,
 )
+from .ops import avg_pool2d, batch_norm, conv1d, conv2d, dropout_mask, layer_norm, max_pool2d, rsqrt, var
 from .text import parse
 from .autodiff import grad
 from .compile import Compiled, compile
 from .losses import MAE, MBE, MSE, BCEWithLogits, CrossEntropy, Loss
-from .optim import SGD, Constant, CosineDecay, ExponentialDecay, Schedule, StepDecay
+from .optim import (
+    SGD, Adagrad, Adam, AdamW, Constant, CosineDecay, ExponentialDecay, LinearWarmup, OneCycle, Optimizer, PerStep,
+    RMSprop, Schedule, StepDecay,
+)
 from .layers import (
     GELU, Embedding, Flatten, Layer, LeakyReLU, Linear, ReLU, Reshape, Sigmoid, SiLU, Softmax, Standardize, Tanh,
 )
+from .layers import AvgPool2d, BatchNorm1d, BatchNorm2d, Conv1d, Conv2d, Dropout, LayerNorm, MaxPool2d
 from .step import TrainStep
 from .callbacks import (
     Callback, CSVLogger, EarlyStopping, LambdaCallback, ModelCheckpoint, ReduceLROnPlateau, TensorBoard,
@@ -35,6 +40,7 @@ from . import distributed
 __all__ = [
     "Callback", "CSVLogger", "EarlyStopping", "LambdaCallback", "ModelCheckpoint", "ReduceLROnPlateau", "TensorBoard",
     "BCEWithLogits", "CrossEntropy", "DivergedError", "MAE", "MBE", "MSE", "SGD", "Softmax", "Standardize",
+    "Adagrad", "Adam", "AdamW", "LinearWarmup", "OneCycle", "Optimizer", "PerStep", "RMSprop",
     "Constant", "CosineDecay", "ExponentialDecay", "History",
     "Layer", "Linear", "Loss", "Model", "ReLU", "Schedule", "Sequential", "Sigmoid", "StepDecay", "Tanh", "TrainStep",
     "Embedding", "Flatten", "GELU", "LeakyReLU", "Reshape", "SiLU",
@@ -46,4 +52,6 @@ __all__ = [
     "sign", "sub", "sum", "sum_to", "tanh", "to_dot", "transpose", "zeros_like",
     "concat", "flatten", "gelu", "index_add", "index_select", "leaky_relu", "permute", "reshape", "silu", "slice",
     "split", "unslice",
+    "AvgPool2d", "BatchNorm1d", "BatchNorm2d", "Conv1d", "Conv2d", "Dropout", "LayerNorm", "MaxPool2d",
+    "avg_pool2d", "batch_norm", "conv1d", "conv2d", "dropout_mask", "layer_norm", "max_pool2d", "rsqrt", "var",
 ]

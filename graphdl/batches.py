@@ -19,6 +19,7 @@ class Batches(Protocol):
     """An epoch's batches as fit's loop sees them."""
 
     is_main: bool  # whether this process prints and writes files
+    sizes: list[int]  # the (global) batches' sizes
 
     def __len__(self) -> int:
         """The number of (global) batches an epoch has."""
@@ -58,6 +59,7 @@ class OneProcess:
 
     def __init__(self, n: int, batch_size: int, Y: torch.Tensor) -> None:
         self.batch_size = batch_size
+        self.sizes = [min(batch_size, n - s) for s in range(0, n, batch_size)]
         self.weights = epoch_weights(n, batch_size, Y)
 
     def __len__(self) -> int:
@@ -115,6 +117,7 @@ class Sharded:
             positions.extend(range(start, start + parts[me]))
             self.counts.append(parts[me])
         self.positions = torch.tensor(positions, dtype=torch.long, device=X.device)
+        self.sizes = sizes
         self.scales = [torch.tensor(c / s, dtype=Y.dtype, device=X.device) for c, s in zip(self.counts, sizes)]
         self.weights = epoch_weights(n, batch_size, Y)
         self.empty = (X.new_zeros(1, *X.shape[1:]), Y.new_zeros(1, *Y.shape[1:]))
@@ -127,7 +130,7 @@ class Sharded:
             lr: float) -> torch.Tensor:
         """This rank's steps of the epoch (a data-parallel `TrainStep`); returns its
         weighted shares of the batches' losses."""
-        return torch.stack(step.steps(self.feeds(X, Y, order), lr))
+        return torch.stack(step.steps(self.feeds(X, Y, order), lr, self.sizes))
 
     def feeds(self, X: torch.Tensor, Y: torch.Tensor, order: torch.Tensor | None) -> Iterator[tuple[torch.Tensor, ...]]:
         """(x, y, scale) of this rank for each global batch of the epoch, sliced as it is reached."""

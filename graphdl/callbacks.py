@@ -13,6 +13,10 @@ small net's whole step).
 In a data-parallel fit every rank runs the callbacks on the same logs, so they decide
 alike; the ones that write files (`ModelCheckpoint`, `CSVLogger`, `TensorBoard`) write
 on rank 0 only.
+
+A callback's state (EarlyStopping's best value, wait and best weights, the rate
+ReduceLROnPlateau lowered, ...) is part of fit's checkpoints (`state`, `tensors`,
+`load_state`), so a resumed run decides as the uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .checks import flag, real, whole
+from .checks import GraphError, flag, read_float, read_int, real, whole
 from .metrics import higher_is_better, is_metric
 
 if TYPE_CHECKING:
@@ -61,6 +65,18 @@ class Callback:
                     hint = "; there is no validation data: give fit validation_data= or validation_split="
                 raise ValueError(f"{type(self).__name__} monitors {key!r}, which the logs will not have (they "
                                  f"have {', '.join(keys)}){hint}")
+
+    def state(self) -> dict[str, Any]:
+        """What fit's checkpoint keeps of this callback (JSON numbers), to resume it."""
+        return {}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors the checkpoint keeps of this callback (EarlyStopping's best weights)."""
+        return {}
+
+    def load_state(self, state: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> None:
+        """Continue from a checkpoint's `state()` and `tensors()` (called after
+        `on_train_begin`): check every value read back (GraphError naming `where`)."""
 
     def on_train_begin(self, logs: Logs) -> None: ...
 
@@ -104,6 +120,15 @@ class _Monitor:
 
     def worst(self) -> float:
         return math.inf if self.mode == "min" else -math.inf
+
+    def saved(self, best: float) -> float | None:
+        return None if math.isinf(best) else best  # JSON has no inf: None is "nothing yet"
+
+    def read(self, value: Any, field: str) -> float:
+        best = self.worst() if value is None else read_float(value, field, torch.float64)
+        if math.isnan(best):
+            raise GraphError(f"{field} is NaN; it is corrupt")
+        return best
 
     def improved(self, current: float, best: float) -> bool:
         if self.mode == "min":
@@ -174,6 +199,31 @@ class EarlyStopping(Callback):
             self.stopped_epoch = epoch
             self.model.stop_training = True
 
+    def state(self) -> dict[str, Any]:
+        return {"wait": self.wait, "stopped_epoch": self.stopped_epoch, "best_epoch": self.best_epoch,
+                "best": self._watch.saved(self.best)}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self.best_weights) if self.best_weights is not None else {}
+
+    def load_state(self, state: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> None:
+        counts = {key: read_int(state.get(key), f"{where}: EarlyStopping's {key}")
+                  for key in ("wait", "stopped_epoch", "best_epoch")}
+        best = self._watch.read(state.get("best"), f"{where}: EarlyStopping's best {self.monitor}")
+        weights = None
+        if tensors:
+            mine = self.model.state()
+            for name, t in mine.items():
+                got = tensors.get(name)
+                if got is None or got.shape != t.shape or got.dtype != t.dtype or not bool(got.isfinite().all()):
+                    raise GraphError(f"{where}: EarlyStopping's best weights do not fit the model's {name} (or are "
+                                     "not finite); it is corrupt or of another model")
+            weights = {name: tensors[name].to(t.device) for name, t in mine.items()}
+        self.wait, self.stopped_epoch, self.best_epoch = counts["wait"], counts["stopped_epoch"], counts["best_epoch"]
+        self.best, self.best_weights = best, weights
+        if self.stopped_epoch > 0:  # it had stopped the run the checkpoint comes from: no more epochs
+            self.model.stop_training = True
+
     def on_train_end(self, logs: Logs) -> None:
         if self.stopped_epoch > 0 and self.verbose and self.is_main:
             print(f"Epoch {self.stopped_epoch + 1}: early stopping")
@@ -220,6 +270,12 @@ class ModelCheckpoint(Callback):
 
     def on_train_begin(self, logs: Logs) -> None:
         self.best = self._watch.worst()
+
+    def state(self) -> dict[str, Any]:
+        return {"best": self._watch.saved(self.best)}
+
+    def load_state(self, state: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> None:
+        self.best = self._watch.read(state.get("best"), f"{where}: ModelCheckpoint's best {self.monitor}")
 
     def _path(self, epoch: int, logs: Logs) -> str:
         try:
@@ -293,6 +349,20 @@ class ReduceLROnPlateau(Callback):
     def on_train_begin(self, logs: Logs) -> None:
         self._reset()
 
+    def state(self) -> dict[str, Any]:
+        return {"best": self._watch.saved(self.best), "num_bad_epochs": self.num_bad_epochs,
+                "cooldown_counter": self.cooldown_counter, "lr": self.optimizer.lr}
+
+    def load_state(self, state: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> None:
+        best = self._watch.read(state.get("best"), f"{where}: ReduceLROnPlateau's best {self.monitor}")
+        bad = read_int(state.get("num_bad_epochs"), f"{where}: ReduceLROnPlateau's num_bad_epochs")
+        cooldown = read_int(state.get("cooldown_counter"), f"{where}: ReduceLROnPlateau's cooldown_counter")
+        lr = read_float(state.get("lr"), f"{where}: ReduceLROnPlateau's lr", torch.float64)
+        if not (math.isfinite(lr) and lr >= 0):
+            raise GraphError(f"{where}: ReduceLROnPlateau's lr is {lr!r}, not a rate; it is corrupt")
+        self.best, self.num_bad_epochs, self.cooldown_counter = best, bad, cooldown
+        self.optimizer.lr = lr  # the rate it lowered to, which the checkpoint's optimizer record does not restore
+
     def is_better(self, current: float, best: float) -> bool:
         rel, mode, t = self.threshold_mode == "rel", self._watch.mode, self.threshold
         if mode == "min":
@@ -335,19 +405,27 @@ class CSVLogger(Callback):
         if not isinstance(separator, str) or len(separator) != 1:
             raise ValueError(f"separator must be one character, got {separator!r}")
         self.filename, self.separator, self.append = os.fspath(filename), separator, flag("append", append)
+        self._resumed = False
         self._file: Any = None
         self._writer: Any = None
 
     def on_train_begin(self, logs: Logs) -> None:
-        if not self.is_main:
-            return
-        exists = self.append and os.path.exists(self.filename) and os.path.getsize(self.filename) > 0
-        self._file = open(self.filename, "a" if self.append else "w", newline="")  # noqa: SIM115 - kept open
-        self._writer = None if not exists else csv.writer(self._file, delimiter=self.separator)
+        self._resumed = False
+
+    def state(self) -> dict[str, Any]:
+        return {"started": True}
+
+    def load_state(self, state: dict[str, Any], tensors: dict[str, torch.Tensor], where: str) -> None:
+        self._resumed = True  # a resumed run adds its rows to the file the run so far wrote
 
     def on_epoch_end(self, epoch: int, logs: Logs) -> None:
-        if self._file is None:
+        if not self.is_main:
             return
+        if self._file is None:  # opened at the first row, so that a resumed run appends
+            append = self.append or self._resumed
+            exists = append and os.path.exists(self.filename) and os.path.getsize(self.filename) > 0
+            self._file = open(self.filename, "a" if append else "w", newline="")  # noqa: SIM115 - kept open
+            self._writer = csv.writer(self._file, delimiter=self.separator) if exists else None
         if self._writer is None:
             self._writer = csv.writer(self._file, delimiter=self.separator)
             self._writer.writerow(["epoch", *logs])
@@ -426,9 +504,41 @@ class CallbackList:
             c.model, c.optimizer, c.is_main = model, optimizer, is_main
         self.batch_logs = any(c.batch_logs for c in self.callbacks)
 
-    def train_begin(self, logs: Logs) -> None:
+    def train_begin(self, logs: Logs, saved: list[dict[str, Any]] | None = None,
+                    tensors: dict[str, torch.Tensor] | None = None, where: str = "") -> None:
+        """on_train_begin, then, resuming, each callback's state from the checkpoint."""
         for c in self.callbacks:
             c.on_train_begin(logs)
+        for i, (c, record) in enumerate(zip(self.callbacks, saved or [])):
+            prefix = f"{i}/"
+            mine = {k.removeprefix(prefix): t for k, t in (tensors or {}).items() if k.startswith(prefix)}
+            state = record.get("state")
+            if not isinstance(state, dict):
+                raise GraphError(f"{where}: the state of its callback {i} is malformed; it is corrupt")
+            c.load_state(state, mine, where)
+
+    def check_resumable(self, saved: list[dict[str, Any]], where: str) -> None:
+        """A checkpoint written with callbacks resumes with the same ones, in order, so
+        that each continues its own state (a fresh EarlyStopping would forget its best)."""
+        if not saved:
+            return
+        theirs = [record.get("class") if isinstance(record, dict) else None for record in saved]
+        mine = [type(c).__name__ for c in self.callbacks]
+        if theirs != mine:
+            raise ValueError(f"resume: {where} was written by a fit with callbacks {theirs}, but this fit has {mine}; "
+                             "give the same callbacks, in the same order, so that each continues its state")
+
+    def states(self) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+        """What fit's checkpoint keeps of the callbacks: their records and tensors."""
+        records = [{"class": type(c).__name__, "state": c.state()} for c in self.callbacks]
+        tensors = {f"{i}/{k}": t for i, c in enumerate(self.callbacks) for k, t in c.tensors().items()}
+        return records, tensors
+
+    def close(self) -> None:
+        """End what the callbacks hold open (a CSV file), however fit ends."""
+        for c in self.callbacks:
+            if isinstance(c, (CSVLogger, TensorBoard)):
+                c.on_train_end({})
 
     def train_end(self, logs: Logs) -> None:
         for c in self.callbacks:

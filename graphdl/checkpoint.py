@@ -2,9 +2,12 @@
 
 `fit(..., checkpoint=path)` writes one after every epoch (rank 0 only, atomically, so a
 crash leaves the previous one whole); `fit(..., resume=path)` continues from it. The
-weights, the optimizer's velocities, the shuffling generator's state, the History and
-the number of epochs done come back exactly, so the resumed run takes the very steps
-the uninterrupted run would have. `gd.load(path)` reads a checkpoint as a plain model.
+weights, the optimizer's state (its `state_dict`: velocities, moments, step counts, each
+checked as it is read), the shuffling generator's state, the History and the number of
+epochs done come back exactly, so the resumed run takes the very steps the
+uninterrupted run would have. The checkpoint records the optimizer's class and
+settings (`config`); resuming with another class is refused. `gd.load(path)` reads a
+checkpoint as a plain model.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,51 +27,64 @@ from .io import load_model, save_model
 
 if TYPE_CHECKING:
     from .model import Sequential
-    from .optim import SGD
+    from .optim import Optimizer
 
-FORMAT = "graphdl.fit.v1"
+FORMAT = "graphdl.fit.v2"  # v1 (SGD's velocities only, no optimizer record) is read too
+_V1 = "graphdl.fit.v1"
+CALLBACK = "callback/"  # the prefix of the callbacks' tensors among the checkpoint's state
 
 
 @dataclass
 class Resumed:
-    """What `read_checkpoint` gives back beside the weights and velocities it restores."""
+    """What `read_checkpoint` gives back beside the weights and optimizer state it restores."""
 
     epoch: int  # epochs done
     history: dict[str, list[float]]
     rng: torch.Tensor  # the shuffling generator's state after those epochs
+    optimizer: dict[str, Any]  # the optimizer that wrote it: {"class", "settings", "groups"}
+    callbacks: list[dict[str, Any]] = field(default_factory=list)  # each callback's {"class", "state"}
+    callback_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # "{i}/{name}": their tensors
 
 
-def write_checkpoint(path: str | os.PathLike[str], model: Sequential, optimizer: SGD, epoch: int,
-                     generator: torch.Generator, history: dict[str, list[float]]) -> None:
-    """Save the model and fit's state after `epoch` epochs (on rank 0 only)."""
+def write_checkpoint(path: str | os.PathLike[str], model: Sequential, optimizer: Optimizer, epoch: int,
+                     generator: torch.Generator, history: dict[str, list[float]],
+                     callbacks: tuple[list[dict[str, Any]], dict[str, torch.Tensor]] = ([], {})) -> None:
+    """Save the model and fit's state after `epoch` epochs (on rank 0 only); `callbacks`
+    are the callbacks' records and tensors (`CallbackList.states`)."""
     if not distributed.is_main():
         return
-    velocities = {f"velocity/{name}": u for name, u in zip(model.parameters(), optimizer.buffers)}
+    records, tensors = callbacks
     info = json.dumps({"format": FORMAT, "epoch": epoch, "history": {k: list(v) for k, v in history.items()},
-                       "rng": bytes(generator.get_state().tolist()).hex()})  # model files hold float tensors only
-    save_model(model, path, velocities, info)
+                       "rng": bytes(generator.get_state().tolist()).hex(),  # model files hold float tensors only
+                       "optimizer": optimizer.config(), "callbacks": records})
+    save_model(model, path, {**optimizer.state_dict(), **{f"{CALLBACK}{k}": t for k, t in tensors.items()}}, info)
 
 
-def read_checkpoint(path: str | os.PathLike[str], model: Sequential, optimizer: SGD,
+def read_checkpoint(path: str | os.PathLike[str], model: Sequential, optimizer: Optimizer,
                     history_keys: list[str], validation: bool) -> Resumed:
-    """Put a checkpoint's weights into `model` and its velocities into `optimizer` (after
-    checking that they fit), and return the rest of fit's state.
+    """Put a checkpoint's weights into `model` and its optimizer state into `optimizer`
+    (after checking that they fit), and return the rest of fit's state.
 
     Raises:
         GraphError: the file is not a checkpoint, or is corrupt.
-        ValueError: the checkpoint is of another model or another optimizer setting.
+        ValueError: the checkpoint is of another model, another optimizer class or other
+            optimizer settings (kinds of state).
     """
     saved, info, state = load_model(path, type(model))
     resumed = _parse(path, info, history_keys)
+    resumed.callback_tensors = {k.removeprefix(CALLBACK): t for k, t in state.items() if k.startswith(CALLBACK)}
+    state = {k: t for k, t in state.items() if not k.startswith(CALLBACK)}
     _check_validation(path, resumed, validation)
     mine, theirs = model.state(), saved.state()  # trainable params and fixed ones (Standardize's statistics)
     _check_same_model(path, mine, theirs)
+    _check_finite(path, theirs)
+    _check_optimizer(path, resumed.optimizer, optimizer)
     trained = model.parameters()
-    velocities = _velocities(path, state, trained, optimizer, mine)
+    if optimizer.names != list(trained):  # not yet bound to this model (fit's TrainStep binds it)
+        optimizer.reset(list(trained.values()), list(trained), model.ties())
+    optimizer.load_state_dict(state, f"resume: {path}")  # checks every tensor before taking any
     for name, p in mine.items():
         p.copy_(theirs[name])
-    for u, name in zip(optimizer.buffers, trained):
-        u.copy_(velocities[name])
     return resumed
 
 
@@ -89,26 +105,25 @@ def _check_same_model(path: Any, mine: dict[str, torch.Tensor], theirs: dict[str
                              f"but the model's is {have(mine)}; resume with the model that wrote it")
 
 
-def _velocities(path: Any, state: dict[str, torch.Tensor], trained: dict[str, torch.Tensor], optimizer: SGD,
-                mine: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The checkpoint's momentum velocities by param name, after checking that the
-    optimizer's setting wants them and that each fits its param."""
-    velocities = {name.removeprefix("velocity/"): t for name, t in state.items() if name.startswith("velocity/")}
-    _check_momentum(path, velocities, trained, optimizer)
-    for name, u in velocities.items():
-        if u.shape != mine[name].shape or u.dtype != mine[name].dtype or not bool(u.isfinite().all()):
-            raise GraphError(f"{path}: the velocity of {name} is {format_type(u.dtype, tuple(u.shape))} or not "
-                             "finite; the file is corrupt")
-    return velocities
+def _check_finite(path: Any, theirs: dict[str, torch.Tensor]) -> None:
+    """fit writes a checkpoint only after an epoch whose params stayed finite: NaN or inf
+    in one is corruption, not a state to train on (it would read as a diverged rate)."""
+    for name, t in theirs.items():
+        if t.dtype.is_floating_point and not bool(t.isfinite().all()):
+            raise GraphError(f"{path}: the checkpoint's {name} holds NaN or inf, which fit never writes; it is corrupt")
 
 
-def _check_momentum(path: Any, velocities: dict[str, torch.Tensor], trained: dict[str, torch.Tensor],
-                    optimizer: SGD) -> None:
-    """Velocities for every trained param with momentum, none without."""
-    if bool(velocities) != bool(optimizer.momentum) or (velocities and set(velocities) != set(trained)):
-        raise ValueError(f"resume: {path} holds {'no ' if not velocities else ''}momentum velocities but the "
-                         f"optimizer has momentum={optimizer.momentum}; resume with the optimizer settings that "
-                         "wrote it")
+def _check_optimizer(path: Any, wrote: dict[str, Any], optimizer: Optimizer) -> None:
+    """The checkpoint was written by a fit with this optimizer's class."""
+    if wrote["class"] != type(optimizer).__name__:
+        raise ValueError(f"resume: {path} was written by a fit with gd.{wrote['class']}"
+                         f"({_settings_text(wrote)}), but this fit's optimizer is {optimizer!r}; resume with "
+                         f"gd.{wrote['class']} (its state is of no use to another optimizer), or start afresh")
+
+
+def _settings_text(config: dict[str, Any]) -> str:
+    settings = config.get("settings")
+    return ", ".join(f"{k}={v!r}" for k, v in settings.items()) if isinstance(settings, dict) else ""
 
 
 def _parse(path: Any, info: str, history_keys: list[str]) -> Resumed:
@@ -116,7 +131,7 @@ def _parse(path: Any, info: str, history_keys: list[str]) -> Resumed:
     meta = _fit_state(path, info)
     epoch = _epoch(path, meta)
     history = _history(path, meta, history_keys, epoch)
-    return Resumed(epoch, history, _rng(path, meta))
+    return Resumed(epoch, history, _rng(path, meta), _optimizer_record(path, meta), _callbacks(path, meta))
 
 
 def _fit_state(path: Any, info: str) -> dict[str, Any]:
@@ -125,7 +140,7 @@ def _fit_state(path: Any, info: str) -> dict[str, Any]:
         meta = read_json(info) if info else None
     except (json.JSONDecodeError, RecursionError):
         meta = None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, _V1):
         raise GraphError(f"{path}: is a model file without fit's state, not a checkpoint; write one with "
                          "fit(..., checkpoint=path)")
     return meta
@@ -146,8 +161,12 @@ def _history(path: Any, meta: dict[str, Any], history_keys: list[str], epoch: in
                          "written by another graphdl")
     for key in history_keys:
         values = history[key]
-        if not isinstance(values, list) or len(values) not in (0, epoch) or not all(map(_is_finite_number, values)):
+        # every epoch records its loss and rate; a metric or val_ key is empty if not measured
+        lengths = (epoch,) if key in ("loss", "lr") else (0, epoch)
+        if not isinstance(values, list) or len(values) not in lengths or not all(map(_is_finite_number, values)):
             raise GraphError(f"{path}: the checkpoint's History[{key!r}] is not {epoch} finite numbers; it is corrupt")
+        if key == "lr" and any(float(v) < 0 for v in values):
+            raise GraphError(f"{path}: the checkpoint's History['lr'] holds a negative rate; it is corrupt")
     return {key: list(history[key]) for key in history_keys}
 
 
@@ -167,3 +186,20 @@ def _rng(path: Any, meta: dict[str, Any]) -> torch.Tensor:
     except (KeyError, TypeError, ValueError, RuntimeError):
         raise GraphError(f"{path}: the checkpoint's generator state is missing or malformed; it is corrupt") from None
     return rng
+
+
+def _callbacks(path: Any, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The callbacks' records ({"class", "state"}; none in checkpoints before them)."""
+    records = meta.get("callbacks", [])
+    if not isinstance(records, list) or not all(isinstance(r, dict) and isinstance(r.get("class"), str)
+                                                for r in records):
+        raise GraphError(f"{path}: the checkpoint's record of its callbacks is malformed; it is corrupt")
+    return records
+
+
+def _optimizer_record(path: Any, meta: dict[str, Any]) -> dict[str, Any]:
+    """The record of the optimizer that wrote the checkpoint (v1 checkpoints: SGD's)."""
+    optimizer = meta.get("optimizer") if meta["format"] == FORMAT else {"class": "SGD"}
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("class"), str):
+        raise GraphError(f"{path}: the checkpoint's record of its optimizer is malformed; it is corrupt")
+    return optimizer

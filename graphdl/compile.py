@@ -13,6 +13,7 @@ import builtins
 import itertools
 import keyword
 import linecache
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -225,8 +226,14 @@ class ArenaCompiled(Compiled):
         """New buffers for symbolic dims bound to `sizes` (e.g. {"N": 5}), then their
         prepared transposes: the rest of A."""
         device = self.device or self._const_device
-        made = [torch.empty([sizes[d] if isinstance(d, str) else d for d in v.shape], dtype=v.dtype, device=device)
-                for v in self.layout.buffers]
+        shapes = [[sizes[d] if isinstance(d, str) else d for d in v.shape] for v in self.layout.buffers]
+        try:
+            made = [torch.empty(shape, dtype=v.dtype, device=device) for shape, v in zip(shapes, self.layout.buffers)]
+        except RuntimeError as e:  # out of memory (torch.OutOfMemoryError is one): name it, not the allocator
+            need = sum(math.prod(shape) * v.dtype.itemsize for shape, v in zip(shapes, self.layout.buffers))
+            raise GraphError(f"graph {self.graph.name}: its buffers for {sizes} need {need / 2**20:,.0f} MiB, "
+                             f"which {device} cannot allocate ({str(e).splitlines()[0]}); use a smaller "
+                             "batch_size") from None
         return (*made, *(made[j].mT for j in self.layout.buffer_transposes))
 
     def bind(self, sizes: dict[str, int]) -> tuple[torch.Tensor, ...]:

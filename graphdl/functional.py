@@ -43,9 +43,9 @@ from typing import Any
 import torch
 
 from . import io
-from .checks import GraphError, Shape, format_shape, format_type, tensor_problem
+from .checks import GraphError, Shape, flag, format_shape, format_type, tensor_problem
 from .ir import Graph, Node, Slot, Value
-from .layers import Build, Layer, Param, same_memory
+from .layers import Build, Dropout, Layer, Param, _BatchNorm, same_memory
 from .losses import Loss
 from .model import Sequential, layer_from_config
 from .ops import slice_
@@ -221,10 +221,18 @@ class Model:
         kept = {p.name for p in self._places if not isinstance(p.holder, _GraphParam)}
         return {name: owner for name, owner in Sequential.ties(self).items() if name in kept}
 
-    def graph(self, loss: Loss | None = None, name: str | None = None, prediction: bool = False) -> Graph:
+    def graph(self, loss: Loss | None = None, name: str | None = None, prediction: bool = False,
+              training: bool = False) -> Graph:
         """The IR of the forward pass (input "x", output: the prediction), or of the loss
         with `loss` (then `prediction=True` returns the prediction too, as a second
-        output): a fresh copy of the template, params that now hold one tensor made one."""
+        output): a fresh copy of the template, params that now hold one tensor made one.
+        `training=True` is the graph fit trains (Sequential.graph); not yet for layers
+        whose training forward differs (Dropout, BatchNorm)."""
+        if flag("training", training):
+            moded = next((layer for layer in self.layers if isinstance(layer, (Dropout, _BatchNorm))), None)
+            if moded is not None:
+                raise GraphError(f"{moded!r} trains in a mode of its own, which a functional model does not build "
+                                 "yet; use a gd.Sequential")
         places = self.places()
         owners = self.owners(places)
         self._check_places(places, owners)
@@ -234,7 +242,7 @@ class Model:
             return g
         if not isinstance(loss, Loss):
             raise GraphError(f"loss must be a graphdl loss such as gd.MSE(), got {loss!r}")
-        y = g.input("y", h.shape, h.dtype)
+        y = g.input("y", loss.target_shape(h.shape), h.dtype)
         with g.scope("loss"):
             g.output(loss(h, y))
         if prediction:
@@ -307,6 +315,14 @@ class Model:
             for i in self._read_inputs(j):
                 part = X if len(columns) == 1 else X[:, columns[i][0]:columns[i][1]]
                 layer.check_input(part, what if len(columns) == 1 else f"{what}[{i}]", f"layer {j}")
+
+    def layer_inputs(self) -> list[tuple[int, Layer, Shape]]:
+        """Each layer with the shape of one example its first node reads (fit asks each
+        layer whether it can train on its smallest step)."""
+        firsts: dict[str, Shape] = {}
+        for node in self._template.nodes:
+            firsts.setdefault(node.scope, node.inputs[0].shape[1:] if node.inputs else ())
+        return [(j, layer, firsts.get(f"{j}:{type(layer).__name__}", ())) for j, layer in enumerate(self.layers)]
 
     def _read_inputs(self, j: int) -> list[int]:
         """The inputs (by index) that nodes of layer j read directly."""

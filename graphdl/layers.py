@@ -16,8 +16,10 @@ from .checks import (
     FLOAT_DTYPES,
     GraphError,
     Shape,
+    ShapeError,
     check_dtype,
     check_param_tensor,
+    flag,
     format_shape,
     read_shape,
     real,
@@ -28,12 +30,21 @@ from .checks import (
 from .ir import Graph, Slot, Value
 from .ops import (
     add,
+    avg_pool2d,
+    batch_norm,
+    conv1d,
+    conv2d,
     div,
+    dropout_mask,
     flatten,
     gelu,
     index_select,
+    layer_norm,
     leaky_relu,
     matmul,
+    max_pool2d,
+    mul,
+    reduce_mean,
     relu,
     reshape,
     sigmoid,
@@ -41,7 +52,9 @@ from .ops import (
     softmax,
     sub,
     tanh,
+    var,
 )
+from .ops.conv import conv_shape, pool_shape
 
 
 class Param:
@@ -49,15 +62,23 @@ class Param:
     tensor (`layer.weight = t`) puts it in the param's `Slot`, so every graph and compiled
     function built from the layer computes with `t` from its next call on.
 
-    `trainable=False` makes a buffer: a graph param that `fit` neither differentiates nor
-    updates, such as Standardize's mean and std. `shape(layer)` gives the shape the layer
-    declares for it (None where it is not known yet): a tensor of another shape is refused
-    where it is assigned, not found later as a model that computes something else."""
+    `trainable=False` makes a buffer: a graph param that `fit` does not differentiate and
+    the optimizer never touches, such as Standardize's mean and std (a layer may still
+    give its next value in a training graph, as BatchNorm does: see `Build.update`).
+    `shape(layer)` gives the shape the layer declares for it (None where it is not known
+    yet): a tensor of another shape is refused where it is assigned, not found later as a
+    model that computes something else. `values(tensor)` says what is wrong with a
+    tensor's values (None if nothing), for a buffer whose values are not free
+    (Standardize's std must be finite and > 0): checked where it is assigned, a model
+    file's included."""
 
     def __init__(self, trainable: bool = True,
-                 shape: Callable[[Any], tuple[int | None, ...]] | None = None) -> None:
+                 shape: Callable[[Any], tuple[int | None, ...]] | None = None, model_dtype: bool = True,
+                 values: Callable[[torch.Tensor], str | None] | None = None) -> None:
         self.trainable = trainable
         self.shape = shape
+        self.model_dtype = model_dtype  # False: its dtype is its own (Dropout's f64 key), not the model's
+        self.values = values
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
@@ -74,6 +95,9 @@ class Param:
                 hint = "; did you mean to transpose it (tensor.T)? PyTorch's Linear stores its weight as [out, in]"
             raise GraphError(f"{layer!r}.{self.name} must have shape {list(expected)}, got {list(tensor.shape)}"
                              f"{hint}")
+        problem = self.values(tensor) if self.values is not None and not tensor.is_meta else None
+        if problem:
+            raise GraphError(f"{layer!r}.{self.name} {problem}")
         slots = layer.__dict__.setdefault("_slots", {})
         if self.name in slots:
             slots[self.name].tensor = tensor
@@ -155,6 +179,11 @@ class Layer:
         """The IR of the layer applied to `x`; its params come from `build.param(name)`."""
         raise NotImplementedError
 
+    def batch_error(self, rows: int, shape: Shape) -> str | None:
+        """Why the layer cannot train on a step of `rows` examples of `shape` (None: it can);
+        `fit` asks before training, for the smallest step it will take."""
+        return None
+
     def config(self) -> dict[str, Any]:
         return {"type": type(self).__name__}
 
@@ -186,21 +215,42 @@ def same_memory(t: torch.Tensor) -> Hashable:
 
 
 class Build:
-    """What a layer's `forward` builds with: the graph and the layer's params.
+    """What a layer's `forward` builds with: the graph, the layer's params and the mode.
 
     `param("weight")` is the graph param holding the layer's weight, declared on first
     use under its model-wide name ("2.weight"). A tensor that an earlier place already
     holds (a tied weight, `l2.weight = l1.weight`) is that place's param: one value in
-    the IR, so its gradients add up and it is trained, decayed and saved once."""
+    the IR, so its gradients add up and it is trained, decayed and saved once.
 
-    def __init__(self, graph: Graph, prefix: str, owners: dict[str, str], slots: dict[str, Slot]) -> None:
-        self.graph, self.prefix = graph, prefix
+    `training` is the mode the graph is built for: True for the graph `fit` trains
+    (Dropout drops, BatchNorm normalises with the batch's statistics), False for the
+    one `predict` and `evaluate` run. In a training graph a layer gives the next value
+    of a buffer it holds with `update` (BatchNorm's running mean); the graph outputs it,
+    and the training step writes it into the buffer after each batch."""
+
+    def __init__(self, graph: Graph, prefix: str, owners: dict[str, str], slots: dict[str, Slot],
+                 training: bool = False, updates: dict[str, Value] | None = None) -> None:
+        self.graph, self.prefix, self.training = graph, prefix, training
         self._owners, self._slots = owners, slots
+        self.updates = {} if updates is None else updates  # buffer name -> its next value, model-wide
 
     def param(self, name: str) -> Value:
         owner = self._owners[self.prefix + name]
         known = self.graph.params.get(owner)
         return known if known is not None else self.graph.param(owner, self._slots[owner])
+
+    def update(self, name: str, value: Value) -> None:
+        """`value` is the next value of this layer's buffer `name` (training graphs only)."""
+        owner = self._owners[self.prefix + name]
+        param = self.param(name)
+        if not self.training:
+            raise GraphError(f"{self.prefix}{name}: a buffer is updated only in a training graph")
+        if owner in self.updates:
+            raise GraphError(f"{self.prefix}{name} holds the tensor of {owner}, which another layer updates too; "
+                             "give each layer its own buffer (e.g. .clone())")
+        if (value.shape, value.dtype) != (param.shape, param.dtype):
+            raise GraphError(f"{self.prefix}{name}: its next value {value!r} must have the buffer's type {param!r}")
+        self.updates[owner] = value
 
 
 def _check_width(name: str, value: int) -> int:
@@ -271,10 +321,30 @@ class Sigmoid(Layer):
 
 class Softmax(Layer):
     """exp(x) / sum(exp(x)) over the features: rows of class probabilities. Train a
-    classifier on its logits with gd.CrossEntropy(), then add Softmax to output probabilities."""
+    classifier on its logits with gd.CrossEntropy(), then add Softmax to output probabilities.
+
+    `dim` is the dim normalised, as torch's: the last by default; counted with the batch
+    dim as 0, which it cannot be."""
+
+    def __init__(self, dim: int = -1) -> None:
+        self.dim = _dim("dim", dim)
+        if self.dim == 0:
+            raise ValueError("dim=0 would normalise across the batch; use dim=1 or more, or -1 (the last)")
+
+    def output_shape(self, shape: Shape) -> Shape:
+        if not -len(shape) - 1 < self.dim <= len(shape):
+            raise GraphError(f"dim={self.dim} is not a dim of the examples' shape {format_shape(shape)} (the "
+                             f"batch dim is 0, the examples' from 1 to {len(shape)})")
+        return tuple(shape)
 
     def forward(self, build: Build, x: Value) -> Value:
-        return softmax(x)
+        return softmax(x) if self.dim == -1 else softmax(x, axis=self.dim)
+
+    def config(self) -> dict[str, Any]:
+        return {"type": "Softmax"} if self.dim == -1 else {"type": "Softmax", "dim": self.dim}
+
+    def __repr__(self) -> str:
+        return "Softmax()" if self.dim == -1 else f"Softmax(dim={self.dim})"
 
 
 class GELU(Layer):
@@ -431,6 +501,22 @@ class Embedding(Layer):
         return f"Embedding({self.num_embeddings}, {self.embedding_dim})"
 
 
+def _not_finite(t: torch.Tensor) -> str | None:
+    bad = ~t.isfinite()
+    return f"holds {int(bad.sum())} NaN or inf value(s) (feature {int(bad.nonzero()[0, 0])} first)" \
+        if bool(bad.any()) else None
+
+
+def _not_a_scale(t: torch.Tensor) -> str | None:
+    """What makes `t` no std to divide by: a value that is not finite or not > 0."""
+    bad = ~(t.isfinite() & (t > 0))
+    if not bool(bad.any()):
+        return None
+    first = int(bad.nonzero()[0, 0])
+    return (f"must be finite and > 0 (a std to divide by), but feature {first} is {float(t[first])!r}; a constant "
+            "feature gets std 1 from adapt")
+
+
 class Standardize(Layer):
     """(x - mean) / std per feature, with the mean and std of the data given to `adapt`.
 
@@ -445,8 +531,8 @@ class Standardize(Layer):
         dtype: the dtype of mean and std, the model's dtype.
     """
 
-    mean = Param(trainable=False, shape=lambda layer: (layer.in_features,))
-    std = Param(trainable=False, shape=lambda layer: (layer.in_features,))
+    mean = Param(trainable=False, shape=lambda layer: (layer.in_features,), values=lambda t: _not_finite(t))
+    std = Param(trainable=False, shape=lambda layer: (layer.in_features,), values=lambda t: _not_a_scale(t))
 
     def __init__(self, features: int | None = None, dtype: torch.dtype = torch.float32) -> None:
         check_dtype("Standardize", dtype)
@@ -558,6 +644,365 @@ def _check_statistics(mean: torch.Tensor, std: torch.Tensor, dtype: torch.dtype)
                              f"(it becomes {becomes}); rescale that feature or use a wider dtype")
 
 
+# -- layers beyond two dims: convolution, pooling, normalisation, dropout ----------------
+#
+# Values are channels first, as PyTorch lays them out: one example is [C, L] or
+# [C, H, W], and a model's batch dim comes before it. Each layer's `output_shape` asks
+# its op's shape rule, so a kernel wider than its padded input or channels that do not
+# match fail where the layer is added to a model, naming it, the shapes and the fix.
+
+
+def _spatial(name: str, value: Any, d: int, low: int) -> int | tuple[int, ...]:
+    """An int, or one int per spatial dim, each >= low; one int where all agree."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != d:
+            raise ValueError(f"{name} must be an int or {d} ints (one per spatial dim), got {value!r}")
+        values = tuple(whole(name, v, low, _LARGEST) for v in value)
+        return values[0] if len(set(values)) == 1 else values
+    return whole(name, value, low, _LARGEST)
+
+
+_LARGEST = 2**31 - 1  # a kernel, stride or padding past this is no size torch's kernels take
+
+
+def _expand(value: int | tuple[int, ...], d: int) -> tuple[int, ...]:
+    return (value,) * d if isinstance(value, int) else tuple(value)
+
+
+def _shape_of(layer: Layer, rule: Callable[[], Shape]) -> Shape:
+    """What an op's shape function gives, its ShapeError a GraphError naming the layer."""
+    try:
+        return rule()
+    except ShapeError as e:
+        raise GraphError(e.message + (f"\n  hint: {e.hint}" if e.hint else "")) from None
+
+
+def _uniform(shape: tuple[int, ...], bound: float, generator: torch.Generator | None,
+             dtype: torch.dtype) -> torch.Tensor:
+    return torch.rand(shape, generator=generator, dtype=dtype).mul_(2).sub_(1).mul_(bound)
+
+
+def _check_generator(generator: Any) -> None:
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+
+
+class _Conv(Layer):
+    """Conv1d and Conv2d: PyTorch's layout, defaults and initialisation."""
+
+    dims = 2
+    keeps_shape = False
+    weight = Param(shape=lambda layer: (layer.out_channels, layer.in_channels // layer.groups,
+                                        *_expand(layer.kernel_size, layer.dims)))
+    bias = Param(shape=lambda layer: (layer.out_channels,))
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, ...],
+                 stride: int | tuple[int, ...] = 1, padding: int | tuple[int, ...] = 0,
+                 dilation: int | tuple[int, ...] = 1, groups: int = 1, bias: bool = True,
+                 generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> None:
+        d = self.dims
+        self.in_channels = _check_width("in_channels", in_channels)
+        self.out_channels = _check_width("out_channels", out_channels)
+        self.kernel_size = _spatial("kernel_size", kernel_size, d, 1)
+        self.stride = _spatial("stride", stride, d, 1)
+        self.padding = _spatial("padding", padding, d, 0)
+        self.dilation = _spatial("dilation", dilation, d, 1)
+        self.groups = whole("groups", groups, 1)
+        self.has_bias = flag("bias", bias)
+        if self.in_channels % self.groups or self.out_channels % self.groups:
+            raise ValueError(f"groups={groups} must divide both in_channels={in_channels} and "
+                             f"out_channels={out_channels}")
+        check_dtype(type(self).__name__, dtype)
+        _check_generator(generator)
+        shape = (self.out_channels, self.in_channels // self.groups, *_expand(self.kernel_size, d))
+        read_shape(shape, f"{type(self).__name__}'s weight", dtype)
+        # kaiming_uniform_(a=sqrt(5)), PyTorch's default, is uniform in +-1/sqrt(fan_in), as is the bias.
+        bound = 1.0 / math.sqrt(math.prod(shape[1:]))
+        self.weight = _uniform(shape, bound, generator, dtype)
+        if self.has_bias:
+            self.bias = _uniform((self.out_channels,), bound, generator, dtype)
+
+    def _attrs(self) -> dict[str, Any]:
+        return {"stride": self.stride, "padding": self.padding, "dilation": self.dilation, "groups": self.groups}
+
+    def forward(self, build: Build, x: Value) -> Value:
+        op = conv1d if self.dims == 1 else conv2d
+        weight = build.param("weight")
+        return op(x, weight, *([build.param("bias")] if self.has_bias else []), **self._attrs())
+
+    def input_shape(self) -> Shape | None:
+        return None  # channels-first examples of any spatial size
+
+    def output_shape(self, shape: Shape) -> Shape:
+        weight = tuple(self.slot("weight").tensor.shape)
+        return _shape_of(self, lambda: conv_shape(("N", *shape), weight, **self._attrs()))[1:]
+
+    def config(self) -> dict[str, Any]:
+        return {"type": type(self).__name__, "in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": _json(self.kernel_size), "stride": _json(self.stride),
+                "padding": _json(self.padding), "dilation": _json(self.dilation), "groups": self.groups,
+                "bias": self.has_bias, "dtype": str(self.weight.dtype).removeprefix("torch.")}
+
+    def __repr__(self) -> str:
+        extra = "".join(f", {k}={v}" for k, v in (("stride", self.stride), ("padding", self.padding),
+                                                   ("dilation", self.dilation), ("groups", self.groups),
+                                                   ("bias", self.has_bias))
+                        if v != {"stride": 1, "padding": 0, "dilation": 1, "groups": 1, "bias": True}[k])
+        return f"{type(self).__name__}({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}{extra})"
+
+
+def _json(value: int | tuple[int, ...]) -> int | list[int]:
+    return value if isinstance(value, int) else list(value)
+
+
+class Conv1d(_Conv):
+    """Cross-correlation over [N, C, L] (PyTorch's nn.Conv1d): weight [out, in/groups, k], bias
+    [out], both uniform in +-1/sqrt(in/groups * k) as PyTorch initialises them."""
+
+    dims = 1
+
+
+class Conv2d(_Conv):
+    """Cross-correlation over [N, C, H, W] (PyTorch's nn.Conv2d): at position k of a model it
+    owns "{k}.weight" [out, in/groups, kh, kw] and "{k}.bias" [out], both uniform in
+    +-1/sqrt(in/groups * kh * kw) as PyTorch initialises them (kaiming_uniform_ with
+    a=sqrt(5)); `bias=False` leaves the bias out."""
+
+    dims = 2
+
+
+class _Pool(Layer):
+    keeps_shape = False
+    op: Any = None
+
+    def __init__(self, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] | None = None,
+                 padding: int | tuple[int, int] = 0) -> None:
+        self.kernel_size = _spatial("kernel_size", kernel_size, 2, 1)
+        self.stride = None if stride is None else _spatial("stride", stride, 2, 1)
+        self.padding = _spatial("padding", padding, 2, 0)
+        for k, p in zip(_expand(self.kernel_size, 2), _expand(self.padding, 2)):
+            if 2 * p > k:
+                raise ValueError(f"padding={padding!r} must be at most half of kernel_size={kernel_size!r}")
+
+    def _attrs(self) -> dict[str, Any]:
+        return {"kernel_size": self.kernel_size, "stride": self.stride, "padding": self.padding}
+
+    def forward(self, build: Build, x: Value) -> Value:
+        return type(self).op(x, **self._attrs())
+
+    def input_shape(self) -> Shape | None:
+        return None
+
+    def output_shape(self, shape: Shape) -> Shape:
+        return _shape_of(self, lambda: pool_shape(("N", *shape), **self._attrs()))[1:]
+
+    def config(self) -> dict[str, Any]:
+        return {"type": type(self).__name__, "kernel_size": _json(self.kernel_size),
+                "stride": None if self.stride is None else _json(self.stride), "padding": _json(self.padding)}
+
+    def __repr__(self) -> str:
+        extra = (f", stride={self.stride}" if self.stride is not None else "") + \
+            (f", padding={self.padding}" if self.padding else "")
+        return f"{type(self).__name__}({self.kernel_size}{extra})"
+
+
+class MaxPool2d(_Pool):
+    """The largest element of each window of [N, C, H, W] (PyTorch's nn.MaxPool2d); stride
+    defaults to the kernel size."""
+
+    op = max_pool2d
+
+
+class AvgPool2d(_Pool):
+    """The mean of each window of [N, C, H, W] (PyTorch's nn.AvgPool2d); stride defaults to the
+    kernel size, and with count_include_pad (the default) padding counts as zeros."""
+
+    op = avg_pool2d
+
+    def __init__(self, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] | None = None,
+                 padding: int | tuple[int, int] = 0, *, count_include_pad: bool = True) -> None:
+        super().__init__(kernel_size, stride, padding)
+        self.count_include_pad = flag("count_include_pad", count_include_pad)
+
+    def _attrs(self) -> dict[str, Any]:
+        return {**super()._attrs(), "count_include_pad": self.count_include_pad}
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "count_include_pad": self.count_include_pad}
+
+
+class _BatchNorm(Layer):
+    """BatchNorm1d and BatchNorm2d (see BatchNorm2d)."""
+
+    ranks: tuple[int, ...] = (3,)  # the ranks of one example it takes
+    layouts = "[N, C, H, W]"
+    weight = Param(shape=lambda layer: (layer.num_features,))
+    bias = Param(shape=lambda layer: (layer.num_features,))
+    running_mean = Param(trainable=False, shape=lambda layer: (layer.num_features,))
+    running_var = Param(trainable=False, shape=lambda layer: (layer.num_features,))
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.num_features = _check_width("num_features", num_features)
+        self.eps = real("eps", eps, 0.0)
+        if self.eps == 0:
+            raise ValueError("eps must be > 0: it keeps a channel of one value from dividing by zero")
+        self.momentum = real("momentum", momentum, 0.0, 1.0)
+        check_dtype(type(self).__name__, dtype)
+        n = self.num_features
+        self.weight, self.bias = torch.ones(n, dtype=dtype), torch.zeros(n, dtype=dtype)
+        self.running_mean, self.running_var = torch.zeros(n, dtype=dtype), torch.ones(n, dtype=dtype)
+
+    def _check(self, shape: Shape) -> None:
+        """One example's shape: [C], [C, L] or [C, H, W] as the layer takes, C its num_features."""
+        if len(shape) not in self.ranks:
+            other = "BatchNorm1d for [N, C] or [N, C, L]" if self.ranks == (3,) else "BatchNorm2d for [N, C, H, W]"
+            raise GraphError(f"{type(self).__name__} takes {self.layouts} values, not examples of shape "
+                             f"{format_shape(shape)}\n  hint: use {other}")
+        if shape[0] != self.num_features:
+            raise GraphError(f"it normalises {self.num_features} channels (dim 1) but the values have {shape[0]}"
+                             f"\n  hint: make it {type(self).__name__}({shape[0]})")
+
+    def forward(self, build: Build, x: Value) -> Value:
+        self._check(x.shape[1:])
+        weight, bias = build.param("weight"), build.param("bias")
+        running_mean, running_var = build.param("running_mean"), build.param("running_var")
+        if not build.training:
+            return batch_norm(x, running_mean, running_var, weight, bias, eps=self.eps)
+        # The batch's statistics normalise it; the running ones move towards them as
+        # torch's do: by momentum, with the unbiased variance.
+        axes = (0, *range(2, x.ndim))
+        mean, variance = reduce_mean(x, axis=axes), var(x, axis=axes)
+        m = self.momentum
+        build.update("running_mean", running_mean * (1.0 - m) + mean * m)
+        build.update("running_var", running_var * (1.0 - m) + var(x, axis=axes, correction=1) * m)
+        return batch_norm(x, mean, variance, weight, bias, eps=self.eps)
+
+    def output_shape(self, shape: Shape) -> Shape:
+        self._check(tuple(shape))
+        return tuple(shape)
+
+    def batch_error(self, rows: int, shape: Shape) -> str | None:
+        values = rows * math.prod(shape[1:])
+        if values > 1:
+            return None
+        return (f"would normalise 1 value per channel in a step of {rows} row: a batch's variance needs two "
+                "(PyTorch's BatchNorm refuses to train on one too)")
+
+    def config(self) -> dict[str, Any]:
+        return {"type": type(self).__name__, "num_features": self.num_features, "eps": self.eps,
+                "momentum": self.momentum, "dtype": str(self.weight.dtype).removeprefix("torch.")}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.num_features})"
+
+
+class BatchNorm1d(_BatchNorm):
+    """BatchNorm2d for [N, C] and [N, C, L] values (PyTorch's nn.BatchNorm1d)."""
+
+    ranks = (1, 2)
+    layouts = "[N, C] or [N, C, L]"
+
+
+class BatchNorm2d(_BatchNorm):
+    """Each channel of [N, C, H, W] normalised, then scaled by weight and shifted by bias
+    (PyTorch's nn.BatchNorm2d): in `fit` by the batch's mean and biased variance, while the
+    running statistics move towards the batch's (running = (1 - momentum) * running +
+    momentum * batch, the variance unbiased); in `predict` and `evaluate` by the running
+    statistics. weight starts at 1, bias at 0, running_mean at 0, running_var at 1.
+
+    running_mean and running_var are model state, not trained: in `model.state()`, model
+    files and checkpoints, not in `model.parameters()`.
+    """
+
+
+class LayerNorm(Layer):
+    """Each example normalised over its last dims (`normalized_shape`), then scaled and
+    shifted elementwise by weight and bias of that shape (PyTorch's nn.LayerNorm); weight
+    starts at 1, bias at 0. The same in training and inference."""
+
+    weight = Param(shape=lambda layer: layer.normalized_shape)
+    bias = Param(shape=lambda layer: layer.normalized_shape)
+
+    def __init__(self, normalized_shape: int | tuple[int, ...], eps: float = 1e-5,
+                 dtype: torch.dtype = torch.float32) -> None:
+        dims = (normalized_shape,) if not isinstance(normalized_shape, (tuple, list)) else tuple(normalized_shape)
+        if not dims:
+            raise ValueError("normalized_shape must name at least one dim, e.g. LayerNorm(64)")
+        self.normalized_shape = tuple(_check_width("normalized_shape", d) for d in dims)
+        self.eps = real("eps", eps, 0.0)
+        if self.eps == 0:
+            raise ValueError("eps must be > 0: it keeps an example of equal values from dividing by zero")
+        check_dtype("LayerNorm", dtype)
+        read_shape(self.normalized_shape, "LayerNorm's weight", dtype)
+        self.weight = torch.ones(self.normalized_shape, dtype=dtype)
+        self.bias = torch.zeros(self.normalized_shape, dtype=dtype)
+
+    def forward(self, build: Build, x: Value) -> Value:
+        self.output_shape(x.shape[1:])
+        return layer_norm(x, build.param("weight"), build.param("bias"), eps=self.eps)
+
+    def input_shape(self) -> Shape | None:
+        return self.normalized_shape
+
+    def output_shape(self, shape: Shape) -> Shape:
+        k = len(self.normalized_shape)
+        if tuple(shape[len(shape) - k:]) != self.normalized_shape or len(shape) < k:
+            raise GraphError(f"it normalises examples ending in {format_shape(self.normalized_shape)}"
+                             f"\n  hint: make normalized_shape the last dims of its input, {format_shape(shape[-k:])}")
+        return tuple(shape)
+
+    def config(self) -> dict[str, Any]:
+        return {"type": "LayerNorm", "normalized_shape": list(self.normalized_shape), "eps": self.eps,
+                "dtype": str(self.weight.dtype).removeprefix("torch.")}
+
+    def __repr__(self) -> str:
+        shape = self.normalized_shape
+        return f"LayerNorm({shape[0] if len(shape) == 1 else shape})"
+
+
+class Dropout(Layer):
+    """In `fit`, each element is zeroed with probability p and the rest scaled by 1/(1 - p)
+    (PyTorch's nn.Dropout); in `predict` and `evaluate`, the identity.
+
+    The mask is a pure function of the layer's seed, its key and the element's place
+    (graphdl.ops.random): the key, "{k}.key", is a step counter the training step
+    advances, kept as model state (in `model.state()`, files and checkpoints; a 0-d
+    float64 tensor whatever the model's dtype). So a run is reproduced by its starting
+    model and `fit`'s seed, and resumes exactly from a checkpoint.
+
+    Args:
+        p: the probability of dropping an element, in [0, 1].
+        seed: the layer's stream of masks; None draws one from `generator` or torch's
+            global RNG (as the weights of a new layer are drawn).
+    """
+
+    key = Param(trainable=False, shape=lambda layer: (), model_dtype=False)
+
+    def __init__(self, p: float = 0.5, seed: int | None = None, generator: torch.Generator | None = None) -> None:
+        self.p = real("p", p, 0.0, 1.0)
+        _check_generator(generator)
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (), generator=generator))
+        self.seed = whole("seed", seed, 0, 2**63 - 1)
+        self.key = torch.zeros((), dtype=torch.float64)
+
+    def forward(self, build: Build, x: Value) -> Value:
+        key = build.param("key")  # declared in both modes: it is model state, saved with the model
+        if not build.training or self.p == 0:
+            return x
+        build.update("key", key + 1.0)
+        return mul(x, dropout_mask(key, x, p=self.p, seed=self.seed))
+
+    def config(self) -> dict[str, Any]:
+        return {"type": "Dropout", "p": self.p, "seed": self.seed}
+
+    def __repr__(self) -> str:
+        return f"Dropout(p={self.p})"
+
+
 LAYERS: dict[str, type[Layer]] = {cls.__name__: cls for cls in (Linear, ReLU, Tanh, Sigmoid, Softmax, Standardize,
                                                                  GELU, LeakyReLU, SiLU, Flatten, Reshape, Embedding)}
+LAYERS.update((cls.__name__, cls) for cls in (Conv1d, Conv2d, MaxPool2d, AvgPool2d, BatchNorm1d, BatchNorm2d,
+                                              LayerNorm, Dropout))
 DTYPES_BY_NAME = {str(d).removeprefix("torch."): d for d in FLOAT_DTYPES.values()}  # as config() writes them

@@ -9,8 +9,23 @@ from __future__ import annotations
 
 from typing import Any
 
+from .checks import Shape
 from .ir import Value
-from .ops import bce_with_logits, cross_entropy, mae, mbe, mse
+from .ops import (
+    absolute,
+    bce_with_logits,
+    cross_entropy,
+    exp,
+    log,
+    mae,
+    mbe,
+    mse,
+    neg,
+    reduce_mean,
+    relu,
+    slice_,
+    sub,
+)
 
 
 class Loss:
@@ -23,6 +38,16 @@ class Loss:
 
     def __call__(self, pred: Value, target: Value) -> Value:
         raise NotImplementedError
+
+    def weighted(self, pred: Value, target: Value, weight: Value) -> Value:
+        """The loss with each example's terms times its weight [N, 1] (Keras' sample
+        weights: the mean over every element of weight * term, not divided by the
+        weights' sum)."""
+        raise NotImplementedError(f"{type(self).__name__} takes no sample weights")
+
+    def target_shape(self, shape: Shape) -> Shape:
+        """The target's shape for a prediction of `shape` (`Weighted` adds a column)."""
+        return shape
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -51,6 +76,10 @@ class MSE(Loss):
     def __call__(self, pred: Value, target: Value) -> Value:
         return mse(pred, target)
 
+    def weighted(self, pred: Value, target: Value, weight: Value) -> Value:
+        d = sub(pred, target)
+        return reduce_mean(weight * (d * d))
+
 
 class MAE(Loss):
     """Mean absolute error, mean(|pred - y|)."""
@@ -59,6 +88,9 @@ class MAE(Loss):
 
     def __call__(self, pred: Value, target: Value) -> Value:
         return mae(pred, target)
+
+    def weighted(self, pred: Value, target: Value, weight: Value) -> Value:
+        return reduce_mean(weight * absolute(sub(pred, target)))
 
 
 class MBE(Loss):
@@ -69,6 +101,9 @@ class MBE(Loss):
 
     def __call__(self, pred: Value, target: Value) -> Value:
         return mbe(pred, target)
+
+    def weighted(self, pred: Value, target: Value, weight: Value) -> Value:
+        return reduce_mean(weight * sub(pred, target))
 
 
 class BCEWithLogits(Loss):
@@ -82,6 +117,11 @@ class BCEWithLogits(Loss):
     def __call__(self, pred: Value, target: Value) -> Value:
         return bce_with_logits(pred, target)
 
+    def weighted(self, pred: Value, target: Value, weight: Value) -> Value:
+        # log(1 + e**z) - z*y, stably: max(z, 0) - z*y + log(1 + e**-|z|)
+        terms = relu(pred) - pred * target + log(exp(neg(absolute(pred))) + 1.0)
+        return reduce_mean(weight * terms)
+
 
 class CrossEntropy(Loss):
     """Cross-entropy of logits [N, C] against one-hot or probability rows [N, C]: the mean
@@ -94,6 +134,31 @@ class CrossEntropy(Loss):
 
     def __call__(self, pred: Value, target: Value) -> Value:
         return cross_entropy(pred, target)
+
+    def weighted(self, pred: Value, target: Value, weight: Value) -> Value:
+        return cross_entropy(pred, target * weight)  # linear in the target rows: each row's loss times its weight
+
+
+class Weighted(Loss):
+    """`loss` with a weight per example, which its target carries as a last column: fit
+    and evaluate put `sample_weight` (times `class_weight`) there, so that the batches,
+    the ranks' shares and checkpoints carry the weights with the targets unchanged."""
+
+    def __init__(self, loss: Loss) -> None:
+        self.loss = checked_loss(loss)
+        self.name, self.decision = loss.name, loss.decision
+
+    def target_shape(self, shape: Shape) -> Shape:
+        return (*shape[:-1], shape[-1] + 1) if isinstance(shape[-1], int) else shape
+
+    def __call__(self, pred: Value, target: Value) -> Value:
+        columns = pred.shape[-1]
+        y = slice_(target, axis=-1, start=0, stop=columns)
+        w = slice_(target, axis=-1, start=columns, stop=columns + 1)
+        return self.loss.weighted(pred, y, w)
+
+    def __repr__(self) -> str:
+        return f"Weighted({self.loss!r})"
 
 
 LOSSES: dict[str, type[Loss]] = {cls.name: cls for cls in (MSE, MAE, MBE, BCEWithLogits, CrossEntropy)}

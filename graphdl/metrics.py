@@ -13,7 +13,9 @@ ROC AUC is the exception: it ranks every score against every other, so no fixed 
 sums determines it. Data-parallel, each rank's (score, label) rows are gathered to every
 rank (one all-gather, of 2 numbers a row), which computes the exact AUC of all of them.
 
-Each metric equals scikit-learn's: precision, recall and f1 are binary (positive class 1)
+Each metric equals scikit-learn's, but for accuracy of several independent yes/no outputs
+(BCEWithLogits), which is the fraction of right elements (Keras' binary_accuracy), not
+scikit-learn's fraction of rows right in every label. precision, recall and f1 are binary (positive class 1)
 for a model with one output, the macro average over the classes for several (the classes
 present in the targets or the predictions, as scikit-learn counts them; every column for
 several independent yes/no outputs under BCEWithLogits), 0 where a class has nothing to
@@ -24,6 +26,7 @@ outputs; top_k_accuracy counts a row right when its class is among the k highest
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -75,24 +78,26 @@ def accuracy(pred: Tensor, target: Tensor, decision: str = "threshold") -> float
 class Metric:
     """A metric as statistics that add up.
 
-    stats(pred, y, decision): the statistics of these rows, a float64 vector of `size(C)`
-    numbers for C outputs. value(stats, multiclass): the metric of summed statistics, a
-    0-d float64 tensor. higher_is_better: its direction (callbacks' mode="auto").
+    stats(pred, y, decision, origin): the statistics of these rows, a float64 vector of
+    `size(C)` numbers for C outputs (`origin`: the first row of all the targets, the
+    same on every rank, for statistics that must not be measured from 0).
+    value(stats, multiclass): the metric of summed statistics, a 0-d float64 tensor.
+    higher_is_better: its direction (callbacks' mode="auto").
     """
 
-    stats: Callable[[Tensor, Tensor, str], Tensor]
+    stats: Callable[[Tensor, Tensor, str, Tensor], Tensor]
     value: Callable[[Tensor, bool], Tensor]
     size: Callable[[int], int]
     higher_is_better: bool = True
 
 
-def _count(pred: Tensor, y: Tensor, decision: str) -> Tensor:
+def _count(pred: Tensor, y: Tensor, decision: str, origin: Tensor) -> Tensor:
     right = _right(pred, y, decision)
     return torch.stack([right.sum().double(), right.new_full((), right.numel(), dtype=torch.float64)])
 
 
-def _mean_of(fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor, str], Tensor]:
-    def stats(pred: Tensor, y: Tensor, decision: str) -> Tensor:
+def _mean_of(fn: Callable[[Tensor, Tensor], Tensor]) -> Callable[..., Tensor]:
+    def stats(pred: Tensor, y: Tensor, decision: str, origin: Tensor) -> Tensor:
         total = fn(pred.double(), y.double()).sum()
         return torch.stack([total, total.new_full((), float(pred.numel()))])
     return stats
@@ -102,7 +107,7 @@ def _quotient(s: Tensor, multiclass: bool) -> Tensor:
     return s[0] / s[1]
 
 
-def _confusion(pred: Tensor, y: Tensor, decision: str) -> Tensor:
+def _confusion(pred: Tensor, y: Tensor, decision: str, origin: Tensor) -> Tensor:
     """Per class: [true positives, predicted positives, actual positives], flattened. One
     class for a single yes/no output (its positives), C for several columns."""
     if _multiclass(pred, decision):
@@ -127,11 +132,15 @@ def _per_class(score: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]])
     return value
 
 
-def _r2_stats(pred: Tensor, y: Tensor, decision: str) -> Tensor:
-    """Per output: [rows, sum of y, sum of y², sum of squared errors]."""
+def _r2_stats(pred: Tensor, y: Tensor, decision: str, origin: Tensor) -> Tensor:
+    """Per output: [rows, sum of y - origin, sum of (y - origin)², sum of squared errors].
+    Measured from `origin` (the first row of all the targets, which every rank holds), the
+    spread Σ(y - o)² - (Σ(y - o))²/n keeps its digits: from 0 it would cancel for targets
+    of a large mean (1e8 + noise gave r2 0.0 for scikit-learn's 0.73)."""
     p, t = pred.double(), y.double()
     rows = t.new_full((t.shape[-1],), float(t.shape[0]))
-    return torch.stack([rows, t.sum(0), t.square().sum(0), (t - p).square().sum(0)]).reshape(-1)
+    centred = t - origin.double()
+    return torch.stack([rows, centred.sum(0), centred.square().sum(0), (t - p).square().sum(0)]).reshape(-1)
 
 
 def _r2(s: Tensor, multiclass: bool) -> Tensor:
@@ -141,16 +150,20 @@ def _r2(s: Tensor, multiclass: bool) -> Tensor:
     spread = (squares - total.square() / n).clamp(min=0)
     score = 1 - residual / torch.where(spread > 0, spread, torch.ones_like(spread))
     score = torch.where(spread > 0, score, (residual == 0).double())
-    return score.mean()
+    return score.mean() if bool((n >= 2).all()) else score.new_full((), math.nan)  # sklearn: nan below 2 rows
 
 
-def _top_k(k: int) -> Callable[[Tensor, Tensor, str], Tensor]:
-    def stats(pred: Tensor, y: Tensor, decision: str) -> Tensor:
+def _top_k(k: int) -> Callable[..., Tensor]:
+    """Rows whose class is among the k highest scores, ties broken as scikit-learn breaks
+    them (a stable sort, the later class first). One output is a yes/no score: top-1 is
+    its accuracy, and any k >= 2 holds both classes."""
+    def stats(pred: Tensor, y: Tensor, decision: str, origin: Tensor) -> Tensor:
         rows = pred.shape[0]
-        if pred.shape[-1] <= k:  # every class is among the k best
-            hits = pred.new_full((), float(rows), dtype=torch.float64)
+        if pred.shape[-1] == 1:
+            hits = _right(pred, y, decision).sum().double() if k == 1 else \
+                pred.new_full((), float(rows), dtype=torch.float64)
         else:
-            best = pred.topk(k, dim=-1).indices
+            best = pred.argsort(dim=-1, stable=True)[:, -k:]
             hits = (best == y.argmax(-1, keepdim=True)).any(-1).sum().double()
         return torch.stack([hits, hits.new_full((), float(rows))])
     return stats
@@ -213,6 +226,8 @@ def auc(scores: Tensor, labels: Tensor) -> Tensor:
     roc_auc_score: the probability that a positive row scores above a negative one, ties
     counting a half (the Mann-Whitney U statistic, from average ranks)."""
     scores, positive = scores.double(), labels > 0.5
+    if bool(scores.isnan().any()):  # no order to rank (scikit-learn refuses such input)
+        return scores.new_full((), math.nan)
     values, inverse, counts = torch.unique(scores, sorted=True, return_inverse=True, return_counts=True)
     ranks = (counts.cumsum(0) - (counts - 1) / 2.0)[inverse]  # 1-based average ranks of ties
     pos = positive.sum().double()
@@ -249,9 +264,14 @@ def check_metric_names(metrics: Any) -> list[str]:
     return list(metrics)
 
 
-def check_metrics_fit(metrics: list[str], Y: Tensor, what: str = "Y") -> None:
+def check_metrics_fit(metrics: list[str], Y: Tensor, what: str = "Y", decision: str = "threshold") -> None:
     """Refuse, before any work, a metric these targets cannot give: AUC of several
-    outputs, or of targets with one class only (scikit-learn refuses it too)."""
+    outputs, or of targets with one class only, top-k of several yes/no outputs
+    (scikit-learn refuses each too)."""
+    top_k = [m for m in metrics if m == "top_k_accuracy" or _TOP_K.fullmatch(m)]
+    if top_k and decision == "logit" and Y.shape[-1] > 1:
+        raise ValueError(f"metric {top_k[0]!r} ranks one class per row, but these {Y.shape[-1]} outputs are "
+                         "independent yes/no labels (BCEWithLogits); use precision, recall or f1")
     if "auc" in metrics:
         if Y.shape[-1] != 1:
             raise ValueError(f"metric 'auc' is binary ROC AUC, of a model with one output; {what} has "
@@ -262,37 +282,41 @@ def check_metrics_fit(metrics: list[str], Y: Tensor, what: str = "Y") -> None:
 
 
 def measure(fn: Callable[..., tuple[Tensor, ...]], X: Tensor, Y: Tensor, decision: str,
-            metrics: list[str], distributed: bool, with_loss: bool = True) -> dict[str, Tensor]:
+            metrics: list[str], distributed: bool, with_loss: bool = True,
+            targets: Tensor | None = None) -> dict[str, Tensor]:
     """The loss, the metrics and (with accuracy) the error of a model on X, Y, as float64
     0-d tensors on the data's device, not yet read: reading them is the host sync. `fn`
     is the compiled scoring graph, (x, y) -> (loss, prediction), or with `with_loss=False`
     the prediction graph, x -> (prediction,), and the loss reads 0 (fit's metrics on the
     training data need no loss: the disk net's 1000 rows score in 365 µs without, 372 with).
     Data-parallel, each rank measures its share of the rows (`dp.shard`) and one
-    collective adds up the shares' statistics, so every rank gets one process's numbers."""
-    n, classes = len(X), Y.shape[-1]
+    collective adds up the shares' statistics, so every rank gets one process's numbers.
+    `targets`: what the metrics compare with, where the loss is fed more than the targets
+    (Y with each example's weight as a last column); by default Y."""
+    targets = Y if targets is None else targets
+    n, classes = len(X), targets.shape[-1]
     first, count = dp.shard(n) if distributed else (0, n)
     summed = [m for m in metrics if m not in GATHERED]
     sizes = [metric(m).size(classes) for m in summed]
     pred = None
     if count:
-        x, y = X[first:first + count], Y[first:first + count]
+        x, y, t = X[first:first + count], Y[first:first + count], targets[first:first + count]
         if with_loss:
             value, pred = fn(x, y)
             parts = [value.double().reshape(1) * (count / n)]  # the shares' loss means, weighted by their sizes
         else:
             pred, parts = fn(x)[0], [torch.zeros(1, dtype=torch.float64, device=X.device)]
-        parts += [metric(m).stats(pred, y, decision) for m in summed]
+        parts += [metric(m).stats(pred, t, decision, targets[:1]) for m in summed]
         sums = torch.cat(parts)
     else:  # an empty share adds nothing, but still joins the collective
         sums = torch.zeros(1 + sum(sizes), dtype=torch.float64, device=X.device)
     if distributed:
         dp.sum_over_ranks(sums, "summing the loss and metrics")
     stats = sums[1:].split(sizes)
-    multiclass = _multiclass(Y, decision)
+    multiclass = _multiclass(targets, decision)
     scores = {"loss": sums[0], **{m: metric(m).value(s, multiclass) for m, s in zip(summed, stats, strict=True)}}
     if "auc" in metrics:
-        scores["auc"] = _gathered_auc(pred, Y, first, count, n, distributed)
+        scores["auc"] = _gathered_auc(pred, targets, first, count, n, distributed)
     if "accuracy" in metrics:
         right, rows = stats[summed.index("accuracy")]
         scores["error"] = (rows - right) / rows  # exactly, not 1 - accuracy's rounding

@@ -19,11 +19,12 @@ import torch
 
 from . import distributed, interop, io, train
 from .callbacks import Callback
-from .checks import GraphError, Shape, format_shape, read_shape, whole
-from .ir import Graph
+from .checks import GraphError, Shape, flag, format_shape, read_shape, whole
+from .ir import Graph, Value
 from .layers import DTYPES_BY_NAME, LAYERS, Build, Layer, same_memory
 from .losses import Loss
-from .optim import SGD, Schedule
+from .optim import Optimizer, Schedule
+from .step import NEXT
 from .train import History
 from .viz import mimebundle
 
@@ -73,7 +74,8 @@ class Sequential:
                        f"{format_shape(shape)}: {error}")
         if self._input_shape is None and any(not (lay.keeps_shape or lay.in_features) for lay in self.layers):
             message += (f"\n  hint: the model takes examples of shape {format_shape(self.input_shape)}, as its layers "
-                        "declare; if they have another shape, give it: gd.Sequential(..., input_shape=(...))")
+                        "declare; if they have another shape, give it as input_shape= (to gd.Sequential or "
+                        "gd.from_torch)")
         return GraphError(message)
 
     def _shape_so_far(self) -> tuple[Shape | None, int]:
@@ -149,6 +151,14 @@ class Sequential:
                              "see its output_shape")
         return shape[0]
 
+    def layer_inputs(self) -> list[tuple[int, Layer, Shape]]:
+        """Each layer with the shape of one example it is given (the batch dim left out), in order."""
+        shape, shapes = self.input_shape, []
+        for k, layer in enumerate(self.layers):
+            shapes.append((k, layer, shape))
+            shape = layer.output_shape(shape)
+        return shapes
+
     def check_input(self, X: Any, what: str = "X") -> None:
         """Refuse what the first layer to read the input cannot take (an index outside an
         Embedding's table), naming the layer; shapes and dtypes are the compiled graph's to check."""
@@ -205,9 +215,16 @@ class Sequential:
         owners = self.owners(places)
         return {name: t for name, _, _, _, t in places if owners[name] == name}
 
-    def graph(self, loss: Loss | None = None, name: str = "sequential", prediction: bool = False) -> Graph:
+    def graph(self, loss: Loss | None = None, name: str = "sequential", prediction: bool = False,
+              training: bool = False) -> Graph:
         """The IR of the forward pass (output: the prediction), or of the loss with `loss`
-        (then `prediction=True` returns the prediction too, as a second output)."""
+        (then `prediction=True` returns the prediction too, as a second output).
+
+        `training=True` builds the graph in training mode, the one `fit` differentiates:
+        Dropout drops and BatchNorm uses the batch's statistics, and after the outputs
+        above come the next values of the buffers the layers update (BatchNorm's running
+        statistics, Dropout's key), each labelled "next/{name}" (see graphdl.step).
+        Without it, the graph is in inference mode, as `predict` and `evaluate` run it."""
         places = self.places()
         owners = self.owners(places)
         slots = {name: layer.slot(short) for name, layer, short, _, _ in places}
@@ -218,19 +235,22 @@ class Sequential:
         g.stale = lambda: None if tuple(self.layers) == layers else \
             "its model's layers have changed since (a layer was replaced, added or removed); build it again"
         h = x
+        updates: dict[str, Value] = {}
         for k, layer in enumerate(layers):
             with g.scope(f"{k}:{type(layer).__name__}"):
-                h = layer.forward(Build(g, f"{k}.", owners, slots), h)
+                h = layer.forward(Build(g, f"{k}.", owners, slots, flag("training", training), updates), h)
         if loss is None:
             g.output(h)
-            return g
-        if not isinstance(loss, Loss):
-            raise GraphError(f"loss must be a graphdl loss such as gd.MSE(), got {loss!r}")
-        y = g.input("y", h.shape, self.dtype())
-        with g.scope("loss"):
-            g.output(loss(h, y))
-        if prediction:
-            g.output(h)
+        else:
+            if not isinstance(loss, Loss):
+                raise GraphError(f"loss must be a graphdl loss such as gd.MSE(), got {loss!r}")
+            y = g.input("y", loss.target_shape(h.shape), self.dtype())
+            with g.scope("loss"):
+                g.output(loss(h, y))
+            if prediction:
+                g.output(h)
+        for buffer, value in updates.items():
+            g.output(value, label=NEXT + buffer)
         return g
 
     def binding(self) -> tuple[tuple, tuple]:
@@ -281,9 +301,13 @@ class Sequential:
                                  f"assign a tensor of shape {list(expected)}, or build a layer of the new size")
 
     def dtype(self) -> torch.dtype:
-        """The dtype of the model's tensors (its first tensor's; float32 with none): its inputs' dtype."""
-        params = list(self.state().values())
-        return params[0].dtype if params else torch.float32
+        """The dtype of the model's tensors (its first tensor's, of those in the model's dtype, not
+        Dropout's f64 key; float32 with none): its inputs' dtype."""
+        owners = self.owners()
+        for name, layer, short, _, t in self.places():
+            if owners[name] == name and getattr(type(layer), short).model_dtype:
+                return t.dtype
+        return torch.float32
 
     def to(self, device: torch.device | str) -> Sequential:
         """Move the params to `device` (compiled functions are rebuilt on next use)."""
@@ -310,14 +334,16 @@ class Sequential:
         `input_shape`, if given)."""
         return cls(*(layer_from_config(k, spec) for k, spec in enumerate(config)), input_shape=input_shape)
 
-    def fit(self, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None = None, optimizer: SGD | None = None,
+    def fit(self, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None = None, optimizer: Optimizer | None = None,
             schedule: Schedule | None = None, epochs: int = 1, batch_size: int = 32, shuffle: bool = True,
             validation_data: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int | None = None,
             verbose: bool = True, metrics: list[str] | None = None, threads: int | None = None,
             distributed: bool = False, checkpoint: str | os.PathLike[str] | None = None,
             resume: str | os.PathLike[str] | None = None, callbacks: list[Callback] | None = None,
-            validation_split: float = 0.0) -> History:
-        """Train the model in place with minibatch SGD.
+            validation_split: float = 0.0, clip_norm: float | None = None, clip_value: float | None = None,
+            accumulate: int = 1, sample_weight: torch.Tensor | None = None,
+            class_weight: dict[int, float] | None = None) -> History:
+        """Train the model in place with minibatch gradient descent.
 
         Args:
             X: training inputs [N, in_features].
@@ -325,20 +351,24 @@ class Sequential:
                 model with C > 1 outputs (read as one-hot rows), 0 or 1 for one output.
             loss: a graphdl loss; default the model's `loss` (the last fit's, or the one
                 saved in its model file), else `MSE()`. `fit` records it in `model.loss`.
-            optimizer: an `SGD`; default `SGD(lr=0.01)`.
+            optimizer: a graphdl optimizer (`SGD`, `Adam`, `AdamW`, `RMSprop`, `Adagrad`, with
+                per-param `groups` if wanted); default `SGD(lr=0.01)`.
             schedule: sets the learning rate each epoch from the optimizer's base rate,
-                e.g. `CosineDecay(epochs)`; default the base rate throughout.
+                e.g. `CosineDecay(epochs)`, or each step (a schedule whose `per` is
+                "step": `LinearWarmup`, `OneCycle`, `CosineDecay(steps=...)`,
+                `PerStep(fn)`); default the base rate throughout.
             epochs: passes over the data (>= 0).
             batch_size: examples per step (>= 1); the last batch may be smaller.
             shuffle: reshuffle the examples every epoch.
-            validation_data: (X_val, Y_val), evaluated after every epoch.
+            validation_data: (X_val, Y_val), evaluated after every epoch; (X_val, Y_val,
+                weights) weighs val_loss by example, as sample_weight does the loss.
             validation_split: instead of validation_data, hold out this last fraction of
                 the rows of X and Y (in [0, 1), as Keras: not shuffled first).
             seed: seeds the shuffling; None draws one from torch's global RNG.
             verbose: print one line per epoch.
             metrics: what to measure after each epoch, from "accuracy", "precision",
                 "recall", "f1", "auc", "top_k_accuracy" (k=2; "top_5_accuracy"...), "mse",
-                "mae", "r2", each as scikit-learn computes it (see graphdl.metrics);
+                "mae", "r2", as scikit-learn computes them (graphdl.metrics says where not);
                 default ["accuracy"] when Y holds class labels (0/1, one-hot rows, or
                 probability rows with CrossEntropy), else none.
             threads: torch CPU threads while training; default one when a batch is small
@@ -350,11 +380,24 @@ class Sequential:
                 params and History one process would have. Only rank 0 prints.
             checkpoint: a file to write after every epoch (rank 0 only): the model and
                 fit's state, to continue from with `resume` (see graphdl.checkpoint).
-            resume: a checkpoint to continue from: its weights, momentum, shuffling
+            resume: a checkpoint to continue from: its weights, optimizer state, shuffling
                 state, History and epoch count; `epochs` counts the epochs it already did.
             callbacks: `gd.Callback`s called at the start and end of training and of each
                 epoch with its logs (EarlyStopping, ModelCheckpoint, ReduceLROnPlateau,
                 CSVLogger, LambdaCallback, TensorBoard); one may stop the run.
+            clip_norm: scale each update's gradients by min(1, clip_norm / (norm + 1e-6)),
+                norm their global L2 norm (PyTorch's clip_grad_norm_); None: no clipping.
+            clip_value: clamp each gradient element to [-clip_value, clip_value], before
+                clip_norm (PyTorch's clip_grad_value_); None: no clipping.
+            accumulate: batches per update (>= 1): the gradients of each group of this
+                many batches are averaged by rows, so that for a mean loss the update is
+                that of one batch of accumulate * batch_size rows (the epoch's last
+                group may be shorter). Rates and per-step schedules count updates.
+            sample_weight: each example's weight in the loss, a 1-d tensor [N] (as Keras:
+                the mean over every element of weight * term; the metrics are not weighted).
+            class_weight: {class: weight}, multiplying each example's weight by its class's
+                (integer labels, one-hot rows, or 0/1 for one output; a class left out
+                weighs 1).
 
         Returns:
             The `History`: per-epoch lists "loss", each metric, "val_loss", "val_<metric>"
@@ -367,7 +410,8 @@ class Sequential:
             self, loss=loss, optimizer=optimizer, schedule=schedule, epochs=epochs, batch_size=batch_size,
             shuffle=shuffle, validation_data=validation_data, seed=seed, verbose=verbose, metrics=metrics,
             threads=threads, distributed=distributed, checkpoint=checkpoint, resume=resume, callbacks=callbacks,
-            validation_split=validation_split)
+            validation_split=validation_split, clip_norm=clip_norm, clip_value=clip_value, accumulate=accumulate,
+            sample_weight=sample_weight, class_weight=class_weight)
         self.check_input(X)
         if settings.validation_data is not None:
             self.check_input(settings.validation_data[0], "X_val")
@@ -388,7 +432,7 @@ class Sequential:
 
     def evaluate(self, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None = None,
                  metrics: list[str] | None = None, threads: int | None = None,
-                 distributed: bool = False) -> dict[str, float]:
+                 distributed: bool = False, sample_weight: torch.Tensor | None = None) -> dict[str, float]:
         """Measure the model on (X, Y).
 
         Args:
@@ -400,13 +444,14 @@ class Sequential:
             threads: as for `fit`.
             distributed: in a data-parallel job, each rank scores its share of the rows
                 and every rank gets the scores of them all (see `graphdl.distributed`).
+            sample_weight: each example's weight in the loss, as for `fit`.
 
         Returns:
             {"loss": the loss, one entry per metric, and "error" (1 - accuracy) when
             accuracy is measured}.
         """
         self.check_input(X)
-        return train.evaluate(self, X, Y, loss, metrics, threads, distributed)
+        return train.evaluate(self, X, Y, loss, metrics, threads, distributed, sample_weight)
 
     def to_torch(self) -> Any:
         """A torch `nn.Sequential` with copies of this model's weights (see `graphdl.interop.to_torch`)."""

@@ -54,6 +54,17 @@ class Emitter:
             self("Identity", name)
             self.nodes[-1].output[0] = self.nodes[-1].name = self.result
 
+    def pair(self, op_type: str, *inputs: str, **attrs: Any) -> tuple[str, str]:
+        """A node of two outputs (MaxPool's values and indices): their names."""
+        self._count += 1
+        out = f"{self.result}.{self._count}"
+        self.nodes.append(self.helper.make_node(op_type, list(inputs), [out, f"{out}i"], name=out,
+                                                doc_string=self._doc, **attrs))
+        return out, f"{out}i"
+
+    def int64(self, value: int) -> str:
+        return self("Constant", value=self.helper.make_tensor("", INT64, [], [value]))
+
     def scalar(self, value: float, dtype: torch.dtype) -> str:
         tensor = self.helper.make_tensor("", ELEM_TYPE[dtype_name(dtype)], [], [value])
         return self("Constant", value=tensor)
@@ -142,6 +153,120 @@ def _cross_entropy(e: Emitter, a: list[str], n: Any) -> str:
     return e("Neg", e.reduce("ReduceMean", per_row, 1, None, keepdims=False))
 
 
+# -- beyond two dims: shapes, indexing, activations -------------------------------------------
+
+
+def _sizes(e: Emitter, ref: str, ref_value: Value, shape: Sequence[int | str]) -> str:
+    """An int64 shape tensor for `shape`, whose symbolic dims are those of `ref_value`
+    (named `ref`), read from its Shape at run time: -1 for the one symbol where that is
+    exact, else the dims gathered."""
+    symbols = [d for d in shape if isinstance(d, str)]
+    static = math.prod(d for d in shape if isinstance(d, int))
+    if len(symbols) <= 1 and static > 0:
+        return e.ints([-1 if isinstance(d, str) else d for d in shape])
+    dims = e("Shape", ref)
+    parts = [e("Gather", dims, e.ints([ref_value.shape.index(d)])) if isinstance(d, str) else e.ints([d])
+             for d in shape]
+    return e("Concat", *parts, axis=0) if len(parts) > 1 else parts[0]
+
+
+def _reshape_to(e: Emitter, x: str, x_value: Value, shape: Sequence[int | str]) -> str:
+    if 0 in shape:  # Reshape reads a 0 as "copy the input's dim" unless allowzero (opset 14)
+        if e.opset < 14:
+            raise GraphError(f"export_onnx: reshaping to {list(shape)}, with a 0 dim, needs opset 14 or later")
+        return e("Reshape", x, _sizes(e, x, x_value, shape), allowzero=1)
+    return e("Reshape", x, _sizes(e, x, x_value, shape))
+
+
+def _slice(e: Emitter, a: list[str], n: Any) -> str:
+    at = n.attrs
+    return e("Slice", a[0], e.ints([at["start"]]), e.ints([at["stop"]]), e.ints([at["axis"]]), e.ints([at["step"]]))
+
+
+def _pad(e: Emitter, x: str, ndim: int, axis: int, before: int, after: int, dtype: torch.dtype) -> str:
+    pads = [0] * (2 * ndim)
+    pads[axis], pads[ndim + axis] = before, after
+    return e("Pad", x, e.ints(pads), e.scalar(0.0, dtype))
+
+
+def _unslice(e: Emitter, a: list[str], n: Any) -> str:
+    """g put back along the axis: spread out by `step` (each element then step - 1 zeros),
+    padded to `start` before and to `size` after."""
+    (g,), at = n.inputs, n.attrs
+    axis, step, size, length = at["axis"], at["step"], at["size"], g.shape[at["axis"]]
+    src, span = a[0], length
+    if step > 1 and length:
+        spread = _pad(e, e("Unsqueeze", src, e.ints([axis + 1])), g.ndim + 1, axis + 1, 0, step - 1, g.dtype)
+        span = length * step
+        src = _reshape_to(e, spread, g, [*g.shape[:axis], span, *g.shape[axis + 1:]])
+    after = size - at["start"] - span
+    src = _pad(e, src, g.ndim, axis, at["start"], max(after, 0), g.dtype)
+    return e("Slice", src, e.ints([0]), e.ints([size]), e.ints([axis])) if after < 0 else src
+
+
+def _index_add(e: Emitter, a: list[str], n: Any) -> str:
+    """ScatterElements adding src at the indices, each index spread over src's other dims."""
+    x, index, src = n.inputs
+    axis = n.attrs["axis"]
+    if e.opset < 16:
+        raise GraphError("export_onnx: index_add is a ScatterElements with reduction='add', which needs opset 16 "
+                         "or later")
+    values = a[2] if index.ndim == 1 else e("Reshape", a[2], _flat_sizes(e, a[0], x, axis, a[1]))
+    along = e("Reshape", a[1], e.ints([-1 if i == axis else 1 for i in range(x.ndim)]))
+    indices = e("Expand", along, e("Shape", values))
+    return e("ScatterElements", a[0], indices, values, axis=axis, reduction="add")
+
+
+def _flat_sizes(e: Emitter, x: str, x_value: Value, axis: int, index: str) -> str:
+    """x's shape with the axis dim replaced by the number of indices."""
+    count = e("Size", index)
+    pieces = [*(e("Gather", e("Shape", x), e.ints([i])) if isinstance(d, str) else e.ints([d])
+                for i, d in enumerate(x_value.shape[:axis])),
+              e("Reshape", count, e.ints([1])),
+              *(e("Gather", e("Shape", x), e.ints([axis + 1 + i])) if isinstance(d, str) else e.ints([d])
+                for i, d in enumerate(x_value.shape[axis + 1:]))]
+    return e("Concat", *pieces, axis=0)
+
+
+_SQRT_HALF, _SQRT_2_OVER_PI, _INV_SQRT_2PI, _CUBIC = math.sqrt(0.5), math.sqrt(2 / math.pi), \
+    1 / math.sqrt(2 * math.pi), 0.044715
+
+
+def _erf(e: Emitter, x: str, dtype: torch.dtype) -> str:
+    """Erf, computed in float32 for float64 and bfloat16, which onnxruntime (1.23) has no Erf
+    for: an absolute error under 1e-7, within float64's tolerance for gelu."""
+    if dtype in (torch.float32, torch.float16):
+        return e("Erf", x)
+    return e("Cast", e("Erf", e("Cast", x, to=ELEM_TYPE["f32"])), to=ELEM_TYPE[dtype_name(dtype)])
+
+
+def _cdf_terms(e: Emitter, x: str, n: Any, approximate: str) -> tuple[str, str]:
+    """(Phi(x), or its tanh form's 0.5 (1 + t); and the rest of gelu' beside it)."""
+    dtype = n.out.dtype
+    c = lambda v: e.scalar(v, dtype)  # noqa: E731
+    if approximate == "none":
+        phi = e("Mul", c(0.5), e("Add", c(1.0), _erf(e, e("Mul", x, c(_SQRT_HALF)), dtype)))
+        density = e("Mul", c(_INV_SQRT_2PI), e("Exp", e("Mul", c(-0.5), e("Mul", x, x))))
+        return phi, e("Mul", x, density)
+    x3 = e("Mul", e("Mul", x, x), x)
+    t = e("Tanh", e("Mul", c(_SQRT_2_OVER_PI), e("Add", x, e("Mul", c(_CUBIC), x3))))
+    half = e("Mul", c(0.5), e("Add", c(1.0), t))
+    du = e("Mul", c(_SQRT_2_OVER_PI), e("Add", c(1.0), e("Mul", c(3 * _CUBIC), e("Mul", x, x))))
+    rest = e("Mul", e("Mul", c(0.5), x), e("Mul", e("Sub", c(1.0), e("Mul", t, t)), du))
+    return half, rest
+
+
+def _gelu(e: Emitter, a: list[str], n: Any) -> str:
+    if e.opset >= 20 and n.out.dtype in (torch.float32, torch.float16):  # the runtime's Gelu types
+        return e("Gelu", a[0], approximate=n.attrs["approximate"])
+    return e("Mul", a[0], _cdf_terms(e, a[0], n, n.attrs["approximate"])[0])
+
+
+def _gelu_backward(e: Emitter, a: list[str], n: Any) -> str:
+    phi, rest = _cdf_terms(e, a[1], n, n.attrs["approximate"])
+    return e("Mul", a[0], e("Add", phi, rest))
+
+
 def _collective(e: Emitter, a: list[str], n: Any) -> str:
     raise GraphError(f"export_onnx: {n.op.name} (created at {n.where}) sums a value over the ranks of a "
                      "data-parallel job, which ONNX has no op for; export the model, or the gradient graph "
@@ -168,6 +293,18 @@ EXPORT: dict[str, ExportRow] = {
     "log_softmax": lambda e, a, n: e("LogSoftmax", a[0], axis=n.attrs.get("axis", -1)),
     "bce_with_logits": _bce_with_logits,
     "cross_entropy": _cross_entropy,
+    "reshape": lambda e, a, n: _reshape_to(e, a[0], n.inputs[0], n.attrs["shape"]),
+    "flatten": lambda e, a, n: _reshape_to(e, a[0], n.inputs[0], n.out.shape),
+    "permute": lambda e, a, n: e("Transpose", a[0], perm=list(n.attrs["dims"])),
+    "concat": lambda e, a, n: e("Concat", *a, axis=n.attrs["axis"]),
+    "slice": _slice,
+    "unslice": _unslice,
+    "index_select": lambda e, a, n: e("Gather", *a, axis=n.attrs["axis"]),
+    "index_add": _index_add,
+    "gelu": _gelu,
+    "gelu_backward": _gelu_backward,
+    "leaky_relu": lambda e, a, n: e("LeakyRelu", a[0], alpha=n.attrs["negative_slope"]),
+    "silu": lambda e, a, n: e("Mul", a[0], e("Sigmoid", a[0])),
     # Fused ops, so that a compiled (optimised) graph exports as well.
     "addmm": lambda e, a, n: e("Gemm", a[1], a[2], a[0]),
     "matmul_tn": lambda e, a, n: e("Gemm", *a, transA=1),
@@ -180,6 +317,176 @@ EXPORT: dict[str, ExportRow] = {
     # Collectives (graphdl.distributed): refused, saying why.
     "allreduce_start": _collective, "allreduce_wait": _collective, "unpack": _collective,
 }
+
+
+# -- convolution, pooling, normalisation, dropout (graphdl.ops.conv, .normalization, .random) --
+
+
+def _spread(value: int | tuple[int, ...], d: int) -> list[int]:
+    return [value] * d if isinstance(value, int) else list(value)
+
+
+def _conv_attrs(n: Any, w: Value) -> dict[str, Any]:
+    d = w.ndim - 2
+    a = n.attrs
+    return {"kernel_shape": list(w.shape[2:]), "strides": _spread(a["stride"], d),
+            "pads": _spread(a["padding"], d) * 2, "dilations": _spread(a["dilation"], d), "group": a["groups"]}
+
+
+def _conv(e: Emitter, a: list[str], n: Any) -> str:
+    return e("Conv", *a, **_conv_attrs(n, n.inputs[1]))
+
+
+def _output_padding(x: Value, g: Value, kernel: Sequence[int], attrs: dict[str, Any]) -> list[int]:
+    """What ConvTranspose must add at the end of each spatial dim to give x's size: the
+    elements a strided window never reached."""
+    return [size - ((out - 1) * s - 2 * p + dl * (k - 1) + 1)
+            for size, out, k, s, p, dl in zip(x.shape[2:], g.shape[2:], kernel, attrs["strides"], attrs["pads"],
+                                              attrs["dilations"])]
+
+
+def _conv_backward_input(e: Emitter, a: list[str], n: Any) -> str:
+    g, x, w = n.inputs
+    attrs = _conv_attrs(n, w)
+    return e("ConvTranspose", a[0], a[2], output_padding=_output_padding(x, g, w.shape[2:], attrs), **attrs)
+
+
+def _conv_backward_weight(e: Emitter, a: list[str], n: Any) -> str:
+    # gw[o, i, k] = sum over n, l of g[n, o, l] * x_padded[n, i, l*stride + k*dilation]: a
+    # convolution of x's channels (as a batch) with g's (as kernels), over the batch as
+    # channels, its stride the dilation and its dilation the stride; one per group.
+    g, x, w = n.inputs
+    d = w.ndim - 2
+    attrs = _conv_attrs(n, w)
+    groups, swap = attrs["group"], [1, 0, *range(2, d + 2)]
+    xt, gt = e("Transpose", a[1], perm=swap), e("Transpose", a[0], perm=swap)
+    per_in, per_out = x.shape[1] // groups, w.shape[0] // groups
+    parts = []
+    for k in range(groups):
+        xs = e("Slice", xt, e.ints([k * per_in]), e.ints([(k + 1) * per_in]), e.ints([0])) if groups > 1 else xt
+        gs = e("Slice", gt, e.ints([k * per_out]), e.ints([(k + 1) * per_out]), e.ints([0])) if groups > 1 else gt
+        full = e("Conv", xs, gs, strides=attrs["dilations"], dilations=attrs["strides"], pads=attrs["pads"],
+                 kernel_shape=list(g.shape[2:]))
+        parts.append(e("Transpose", full, perm=swap))
+    both = e("Concat", *parts, axis=0) if groups > 1 else parts[0]
+    return e("Slice", both, e.ints([0] * d), e.ints(list(w.shape[2:])), e.ints(list(range(2, d + 2))))
+
+
+def _pool_attrs(n: Any) -> dict[str, Any]:
+    a = n.attrs
+    kernel = _spread(a["kernel_size"], 2)
+    return {"kernel_shape": kernel, "strides": kernel if a["stride"] is None else _spread(a["stride"], 2),
+            "pads": _spread(a["padding"], 2) * 2}
+
+
+def _flat(e: Emitter, x: str) -> str:
+    return e("Reshape", x, e.ints([-1]))
+
+
+def _needs_opset(e: Emitter, n: Any, opset: int, what: str) -> None:
+    if e.opset < opset:
+        raise GraphError(f"export_onnx: {n.op.name} (created at {n.where}) needs {what}, from ONNX opset {opset}; "
+                         f"export with opset={opset} or later")
+
+
+def _max_pool_backward(e: Emitter, a: list[str], n: Any) -> str:
+    # MaxPool's indices count over the whole [N, C, H, W] tensor: g is added in at them.
+    _needs_opset(e, n, 16, "ScatterElements' reduction='add'")
+    _, indices = e.pair("MaxPool", a[1], **_pool_attrs(n))
+    zeros = _flat(e, e("Expand", e.scalar(0.0, n.out.dtype), e("Shape", a[1])))
+    summed = e("ScatterElements", zeros, _flat(e, indices), _flat(e, a[0]), axis=0, reduction="add")
+    return e("Reshape", summed, e("Shape", a[1]))
+
+
+def _max_pool_select(e: Emitter, a: list[str], n: Any) -> str:
+    _, indices = e.pair("MaxPool", a[1], **_pool_attrs(n))
+    return e("Gather", _flat(e, a[0]), indices, axis=0)
+
+
+def _avg_pool(e: Emitter, a: list[str], n: Any) -> str:
+    return e("AveragePool", a[0], count_include_pad=int(n.attrs["count_include_pad"]), **_pool_attrs(n))
+
+
+def _avg_pool_backward(e: Emitter, a: list[str], n: Any) -> str:
+    # Each window's share of g (divided by what the pool divided by), spread over the
+    # window by a transposed convolution of every plane with a kernel of ones.
+    g, x = n.inputs
+    attrs = _pool_attrs(n)
+    kernel = attrs["kernel_shape"]
+    if n.attrs["count_include_pad"]:
+        divisor = e.scalar(float(math.prod(kernel)), n.out.dtype)
+    else:  # how many real elements each window holds
+        ones = e("Expand", e.scalar(1.0, n.out.dtype), e("Shape", a[1]))
+        divisor = e("Mul", e("AveragePool", ones, count_include_pad=1, **attrs),
+                    e.scalar(float(math.prod(kernel)), n.out.dtype))
+    planes = e("Reshape", e("Div", a[0], divisor), e.ints([-1, 1, *g.shape[2:]]))
+    ones_kernel = e("Expand", e.scalar(1.0, n.out.dtype), e.ints([1, 1, *kernel]))
+    conv = {"strides": attrs["strides"], "pads": attrs["pads"], "dilations": [1, 1]}
+    spread = e("ConvTranspose", planes, ones_kernel, kernel_shape=kernel,
+               output_padding=_output_padding(x, g, kernel, conv), **conv)
+    return e("Reshape", spread, e("Shape", a[1]))
+
+
+def _var(e: Emitter, a: list[str], n: Any) -> str:
+    (x,) = n.inputs
+    axes = tuple(range(x.ndim)) if n.attrs["axis"] is None else n.attrs["axis"]
+    centred = e("Sub", a[0], e.reduce("ReduceMean", a[0], x.ndim, axes, keepdims=True))
+    squares = e.reduce("ReduceSum", e("Mul", centred, centred), x.ndim, axes, n.attrs["keepdims"])
+    count = e("Sub", e.count(a[0], x, axes), e.scalar(float(n.attrs["correction"]), x.dtype))
+    return e("Div", squares, count)
+
+
+def _layer_norm(e: Emitter, a: list[str], n: Any) -> str:
+    x, w, _ = n.inputs
+    eps = n.attrs["eps"]
+    if e.opset >= 17:
+        return e("LayerNormalization", *a, axis=-w.ndim, epsilon=eps)
+    axes = tuple(range(x.ndim - w.ndim, x.ndim))
+    centred = e("Sub", a[0], e.reduce("ReduceMean", a[0], x.ndim, axes, keepdims=True))
+    variance = e.reduce("ReduceMean", e("Mul", centred, centred), x.ndim, axes, keepdims=True)
+    std = e("Sqrt", e("Add", variance, e.scalar(eps, x.dtype)))
+    return e("Add", e("Mul", e("Div", centred, std), a[1]), a[2])
+
+
+def _dropout_mask(e: Emitter, a: list[str], n: Any) -> str:
+    """graphdl.ops.random's splitmix64 hash, bit for bit: int64 arithmetic that wraps, and
+    logical right shifts as unsigned shifts."""
+    from .ops.random import _GOLDEN, _MIX1, _MIX2, _int64, keep_threshold
+    _needs_opset(e, n, 18, "the bitwise ops its hash is made of")
+    uint64, int64 = 13, INT64
+
+    def shifted(z: str, bits: int) -> str:
+        unsigned = e("Cast", z, to=uint64)
+        amount = e("Constant", value=e.helper.make_tensor("", uint64, [], [bits]))
+        return e("Cast", e("BitShift", unsigned, amount, direction="RIGHT"), to=int64)
+
+    def mix(z: str) -> str:
+        z = e("Mul", e("BitwiseXor", z, shifted(z, 30)), e.int64(_MIX1))
+        z = e("Mul", e("BitwiseXor", z, shifted(z, 27)), e.int64(_MIX2))
+        return e("BitwiseXor", z, shifted(z, 31))
+
+    p, seed = n.attrs["p"], n.attrs["seed"]
+    stream = mix(e("Add", e("Mul", e("Cast", a[0], to=int64), e.int64(_GOLDEN)), e.int64(_int64(seed % 2**64))))
+    count = e("ReduceProd", e("Shape", a[1]), keepdims=0)
+    places = e("Range", e.int64(1), e("Add", count, e.int64(1)), e.int64(1))
+    bits = e("BitwiseAnd", mix(e("Add", e("Mul", places, e.int64(_GOLDEN)), stream)), e.int64((1 << 24) - 1))
+    kept = e("Cast", e("GreaterOrEqual", bits, e.int64(keep_threshold(p))), to=ELEM_TYPE[dtype_name(n.out.dtype)])
+    scaled = e("Mul", kept, e.scalar(0.0 if p == 1 else 1.0 / (1.0 - p), n.out.dtype))
+    return e("Reshape", scaled, e("Shape", a[1]))
+
+
+EXPORT.update({
+    "conv1d": _conv, "conv2d": _conv,
+    "conv_backward_input": _conv_backward_input, "conv_backward_weight": _conv_backward_weight,
+    "max_pool2d": lambda e, a, n: e("MaxPool", a[0], **_pool_attrs(n)),
+    "max_pool2d_backward": _max_pool_backward, "max_pool2d_select": _max_pool_select,
+    "avg_pool2d": _avg_pool, "avg_pool2d_backward": _avg_pool_backward,
+    "rsqrt": lambda e, a, n: e("Reciprocal", e("Sqrt", a[0])),
+    "var": _var,
+    "batch_norm": lambda e, a, n: e("BatchNormalization", a[0], a[3], a[4], a[1], a[2], epsilon=n.attrs["eps"]),
+    "layer_norm": _layer_norm,
+    "dropout_mask": _dropout_mask,
+})
 
 
 def export_onnx(model: Any, path: str | os.PathLike[str], opset: int = DEFAULT_OPSET) -> None:

@@ -12,8 +12,8 @@ MAX_FILE_BYTES = 2**31 - 1  # protobuf cannot parse a bigger message, so a bigge
 INSTALL_HINT = "install it with `pip install graphdl[onnx]`"
 
 # ONNX's TensorProto.DataType numbers (fixed by the spec) for the dtypes graphdl holds.
-ELEM_TYPE = {"f32": 1, "f16": 10, "f64": 11, "bf16": 16}
 INT64 = 7
+ELEM_TYPE = {"f32": 1, "f16": 10, "f64": 11, "bf16": 16, "i64": INT64}  # i64: indices, as graph inputs
 
 
 def require_onnx() -> Any:

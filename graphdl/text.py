@@ -84,7 +84,7 @@ _NAME = r"[A-Za-z0-9_][A-Za-z0-9_.]*"
 _TYPE = r"(\w+)\[([^\]]*)\]"
 _HEADER = re.compile(rf"^graph ({_NAME})\((.*)\) \{{$")
 _DECL = re.compile(rf"^({_NAME}): {_TYPE}$")
-_NODE = re.compile(rf"^(%\d+): {_TYPE} = ([a-z_]+)(\[[^\]]*\])?(?: ([^#\s].*?))?(?:  # (grad(?: |$))?(.*))?$")
+_NODE = re.compile(rf"^(%\d+): {_TYPE} = ([a-z_][a-z0-9_]*)(\[[^\]]*\])?(?: ([^#\s].*?))?(?:  # (grad(?: |$))?(.*))?$")
 _RETURN = re.compile(r"^return(?: (.*))?$")
 _OUTPUT = re.compile(r"^(\S+)(?: \((.+)\))?$")  # %k, or %k (label)
 _INTEGER = re.compile(r"-?[0-9]+")  # ASCII only: '²'.isdigit() is True, and int() would read '٣'

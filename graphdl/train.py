@@ -25,12 +25,12 @@ from .callbacks import Callback, CallbackList, check_callbacks
 from .checkpoint import Resumed, read_checkpoint, write_checkpoint
 from .checks import flag, real, shown, tensor_problem, whole
 from .compile import Compiled, compile
-from .losses import MSE, Loss, checked_loss
+from .losses import MSE, Loss, Weighted, checked_loss
 from .metrics import METRICS as METRICS  # re-exported: gd.train.METRICS predates graphdl.metrics
 from .metrics import accuracy as accuracy  # re-exported: gd.train.accuracy and .correct predate graphdl.metrics
 from .metrics import check_metric_names, check_metrics_fit, choose_metrics, is_metric, measure
 from .metrics import correct as correct
-from .optim import SGD, Schedule, check_apart, check_updatable, checked_optimizer
+from .optim import SGD, Optimizer, Schedule, check_apart, check_updatable, checked_optimizer
 from .step import TrainStep
 
 if TYPE_CHECKING:
@@ -39,7 +39,8 @@ if TYPE_CHECKING:
 
 class History(dict):
     """Per-epoch lists: "loss", one per metric ("accuracy", "mse", ...), "val_loss" and
-    "val_<metric>" (empty without validation data), and "lr".
+    "val_<metric>" (empty without validation data), and "lr" (the epoch's rate; with a
+    per-step schedule, the rate of the epoch's first step).
 
     "loss" is the mean training loss over the epoch's batches (as the optimizer saw them);
     the metrics are measured on the whole training set at the end of the epoch. A metric
@@ -149,13 +150,17 @@ def _check_finite(name: str, t: torch.Tensor, what: str) -> None:
 def _check_params(model: Sequential) -> None:
     """Training updates every param in place, so each must hold real values in memory of its own."""
     check_apart(model.state())
+    trained = model.parameters()
+    for name, t in model.state().items():  # buffers too: a NaN std would read as a diverged learning rate
+        if not t.is_meta and t.dtype.is_floating_point and not bool(t.isfinite().all()):
+            kind = "param" if name in trained else "buffer"
+            raise ValueError(f"{kind} {name} is NaN or inf before training; re-initialise the model"
+                             + ("" if kind == "param" else " (for Standardize: adapt it again)"))
     for name, p in model.parameters().items():
         if p.is_meta:
             raise ValueError(f"param {name} is on the meta device, which holds no values to train; "
                              "build the model on 'cpu' or 'cuda' (or load real weights) first")
         check_updatable(f"param {name}", p)
-        if not bool(p.isfinite().all()):
-            raise ValueError(f"param {name} is NaN or inf before training; re-initialise the model")
 
 
 @dataclass(frozen=True)
@@ -164,7 +169,7 @@ class FitSettings:
     passed on as one value. (`Sequential.fit` documents each.)"""
 
     loss: Loss
-    optimizer: SGD
+    optimizer: Optimizer
     schedule: Schedule | None
     epochs: int
     batch_size: int
@@ -178,13 +183,20 @@ class FitSettings:
     checkpoint: str | os.PathLike[str] | None
     resume: str | os.PathLike[str] | None
     callbacks: tuple[Callback, ...] = ()
+    sample_weight: torch.Tensor | None = None  # each training example's weight in the loss, [N]
+    class_weight: dict[int, float] | None = None  # each class's weight in the loss (times sample_weight)
+    validation_weights: torch.Tensor | None = None  # validation_data's third member, if it has one
     validation_split: float = 0.0  # the last fraction of the rows, held out (`with_data` does it)
+    clip_norm: float | None = None  # the gradients' global L2 norm at most this (torch's clip_grad_norm_)
+    clip_value: float | None = None  # each gradient element within +-this
+    accumulate: int = 1  # batches per update
 
     @classmethod
     def check(cls, model: Sequential, *, loss: Any, optimizer: Any, schedule: Any, epochs: Any, batch_size: Any,
               shuffle: Any, validation_data: Any, seed: Any, verbose: Any, metrics: Any, threads: Any,
               distributed: Any, checkpoint: Any, resume: Any, callbacks: Any = None,
-              validation_split: Any = 0.0) -> FitSettings:
+              validation_split: Any = 0.0, clip_norm: Any = None, clip_value: Any = None,
+              accumulate: Any = 1, sample_weight: Any = None, class_weight: Any = None) -> FitSettings:
         """The settings, after checking each (a ValueError naming the one that is wrong),
         before any data is looked at; defaults filled in (the model's loss, SGD())."""
         if seed is not None:  # the range torch.Generator.manual_seed takes
@@ -203,12 +215,17 @@ class FitSettings:
                    optimizer=checked_optimizer(SGD() if optimizer is None else optimizer),
                    schedule=schedule, epochs=whole("epochs", epochs, 0),
                    batch_size=whole("batch_size", batch_size, 1), shuffle=flag("shuffle", shuffle),
-                   validation_data=None if validation_data is None else tuple(validation_data), seed=seed,
+                   validation_data=None if validation_data is None else tuple(validation_data[:2]), seed=seed,
                    verbose=flag("verbose", verbose),
                    metrics=None if metrics is None else tuple(check_metric_names(metrics)),
                    threads=None if threads is None else whole("threads", threads, 1),
                    distributed=_check_distributed(distributed, "fit"), checkpoint=checkpoint, resume=resume,
-                   callbacks=check_callbacks(callbacks), validation_split=validation_split)
+                   callbacks=check_callbacks(callbacks), validation_split=validation_split,
+                   sample_weight=_check_sample_weight(sample_weight), class_weight=_check_class_weight(class_weight),
+                   validation_weights=None if validation_data is None or len(validation_data) == 2 else
+                   _check_sample_weight(validation_data[2], "validation_data's sample weights"),
+                   clip_norm=_clip("clip_norm", clip_norm), clip_value=_clip("clip_value", clip_value),
+                   accumulate=whole("accumulate", accumulate, 1))
 
     def with_data(self, model: Sequential, Y: torch.Tensor) -> FitSettings:
         """The settings for this data: validation targets as the model reads them, and the
@@ -218,9 +235,9 @@ class FitSettings:
             validation = (validation[0], _class_targets(model, validation[1], " (validation)"))
             _check_data(model, *validation, what=" (validation)")
         metrics = self.metrics if self.metrics is not None else tuple(choose_metrics(None, Y, self.loss))
-        check_metrics_fit(list(metrics), Y)
+        check_metrics_fit(list(metrics), Y, "Y", self.loss.decision)
         if validation is not None:
-            check_metrics_fit(list(metrics), validation[1], "the validation targets")
+            check_metrics_fit(list(metrics), validation[1], "the validation targets", self.loss.decision)
         keys = ["loss", *metrics, *(["val_loss", *(f"val_{m}" for m in metrics)] if validation is not None else []),
                 "lr"]
         for c in self.callbacks:
@@ -228,17 +245,86 @@ class FitSettings:
         return replace(self, validation_data=validation, metrics=metrics)
 
 
+def _check_sample_weight(weights: Any, what: str = "sample_weight") -> torch.Tensor | None:
+    """A 1-d tensor of finite weights >= 0 (one per example; its length is checked with the data)."""
+    if weights is None:
+        return None
+    if not isinstance(weights, torch.Tensor) or weights.dim() != 1 or not weights.dtype.is_floating_point:
+        raise ValueError(f"{what} must be a 1-d float tensor, one weight per example, got "
+                         f"{_shown_data(weights)}")
+    if not bool((weights.isfinite() & (weights >= 0)).all()):
+        raise ValueError(f"{what} must be finite and >= 0 (a weight of 0 leaves an example out)")
+    return weights
+
+
+def _check_class_weight(weights: Any) -> dict[int, float] | None:
+    """{class: weight}: whole classes >= 0 (checked against the model's with the data), finite weights >= 0."""
+    if weights is None:
+        return None
+    if not isinstance(weights, dict) or not weights:
+        raise ValueError(f"class_weight must be a dict {{class: weight}} such as {{0: 1.0, 1: 5.0}}, got {weights!r}")
+    return {whole("a class_weight key (a class)", k, 0): real(f"class_weight[{k!r}]", v, 0.0)
+            for k, v in weights.items()}
+
+
+def _shown_data(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dim()}-d {value.dtype} tensor"
+    return type(value).__name__
+
+
+def example_weights(Y: torch.Tensor, decision: str, sample_weight: torch.Tensor | None,
+                    class_weight: dict[int, float] | None, what: str = "") -> torch.Tensor | None:
+    """Each example's weight [N, 1] in Y's dtype (sample_weight times its class's
+    class_weight; a class without one weighs 1), or None without either."""
+    if sample_weight is None and class_weight is None:
+        return None
+    weights = torch.ones(len(Y), dtype=torch.float64, device=Y.device)
+    if sample_weight is not None:
+        if len(sample_weight) != len(Y):
+            raise ValueError(f"sample_weight{what} has {len(sample_weight)} weights for {len(Y)} examples; give one "
+                             "per example")
+        weights = weights * sample_weight.to(Y.device, torch.float64)
+    if class_weight is not None:
+        weights = weights * _class_weights(Y, decision, class_weight, what)
+    return weights.to(Y.dtype).reshape(-1, 1)
+
+
+def _class_weights(Y: torch.Tensor, decision: str, class_weight: dict[int, float], what: str) -> torch.Tensor:
+    if decision == "logit" and Y.shape[-1] > 1:
+        raise ValueError("class_weight weighs one class per example, but these outputs are independent yes/no labels "
+                         "(BCEWithLogits); give sample_weight instead")
+    classes = max(Y.shape[-1], 2)  # one output: classes 0 and 1
+    unknown = sorted(k for k in class_weight if k >= classes)
+    if unknown:
+        raise ValueError(f"class_weight has a weight for class {unknown[0]}, but the model has classes 0 to "
+                         f"{classes - 1}")
+    labels = Y.argmax(-1) if Y.shape[-1] > 1 else (Y[:, 0] > 0.5).long()
+    table = torch.ones(classes, dtype=torch.float64, device=Y.device)
+    for k, w in class_weight.items():
+        table[k] = w
+    return table[labels]
+
+
 def _check_validation_data(validation_data: Any) -> None:
     if validation_data is not None and not (isinstance(validation_data, (tuple, list))
-                                            and len(validation_data) == 2):
+                                            and len(validation_data) in (2, 3)):
         length = f" of length {len(validation_data)}" if isinstance(validation_data, (tuple, list)) else ""
-        raise ValueError(f"validation_data must be a pair (X_val, Y_val), got "
+        raise ValueError(f"validation_data must be a pair (X_val, Y_val) or a triple (X_val, Y_val, weights), got "
                          f"{type(validation_data).__name__}{length}")
 
 
 def _check_path(name: str, path: Any) -> None:
     if path is not None and not isinstance(path, (str, os.PathLike)):
         raise ValueError(f"{name} must be a file path or None, got {type(path).__name__}")
+
+
+def _clip(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if real(name, value, 0.0) == 0:
+        raise ValueError(f"{name} must be > 0, or None for no clipping; got {shown(value)}")
+    return float(value)
 
 
 # Threads. torch splits each op over every core by default, which costs a synchronisation
@@ -283,21 +369,28 @@ def _threads_for(model: Sequential, batch: int, threads: int | None) -> Iterator
         torch.set_num_threads(before)
 
 
-def _scheduled_lr(schedule: Schedule | None, epoch: int, base_lr: float) -> float:
+def _scheduled_lr(schedule: Schedule | None, epoch: int, base_lr: float, unit: str = "epoch") -> float:
     if schedule is None:
         return base_lr
     try:
         lr = schedule(epoch, base_lr)
     except TypeError as e:
-        raise ValueError(f"schedule {schedule!r} cannot be called as schedule(epoch, base_lr): {e}") from e
+        raise ValueError(f"schedule {schedule!r} cannot be called as schedule({unit}, base_lr): {e}") from e
     except OverflowError as e:  # float ** int overflows rather than giving inf
-        raise ValueError(f"schedule {schedule!r} overflowed computing the lr for epoch {epoch + 1} ({e}); "
+        raise ValueError(f"schedule {schedule!r} overflowed computing the lr for {unit} {epoch + 1} ({e}); "
                          "a learning rate must be a finite number >= 0") from None
     try:
         return real("lr", lr, 0.0)
     except ValueError:
-        raise ValueError(f"schedule {schedule!r} gave lr={shown(lr)} for epoch {epoch + 1}; "
+        raise ValueError(f"schedule {schedule!r} gave lr={shown(lr)} for {unit} {epoch + 1}; "
                          "a learning rate must be a finite number >= 0") from None
+
+
+def _epoch_lr(schedule: Schedule | None, epoch: int, steps: int, base_lr: float) -> float | list[float]:
+    """The epoch's rate, or for a per-step schedule (`per == "step"`) each of its steps'."""
+    if getattr(schedule, "per", "epoch") != "step":
+        return _scheduled_lr(schedule, epoch, base_lr)
+    return [_scheduled_lr(schedule, epoch * steps + k, base_lr, "step") for k in range(steps)]
 
 
 class DivergedError(FloatingPointError):
@@ -350,7 +443,8 @@ def _largest(tensors: list[torch.Tensor], device: torch.device | str = "cpu") ->
 
 
 def _replay(step: TrainStep, start: _Snapshot, feeds: Iterator[tuple[torch.Tensor, ...]],
-            batch_loss: Callable[[torch.Tensor], float], lr: float) -> tuple[int, float, bool] | None:
+            batch_loss: Callable[[torch.Tensor], float], lr: float | list[float],
+            sizes: list[int]) -> tuple[int, float, bool] | None:
     """Replay an epoch that diverged from its starting state, one checked batch at a time.
 
     Returns (batch index, its loss, whether it was its update that made params non-finite)
@@ -358,13 +452,16 @@ def _replay(step: TrainStep, start: _Snapshot, feeds: Iterator[tuple[torch.Tenso
     model is then back at the epoch's start).
     """
     start.restore()
+    step.discard_accumulated()
     before = _Snapshot(start.tensors)
-    for b, feed in enumerate(feeds):
+    update = 0
+    for b, (feed, mark) in enumerate(zip(feeds, step.marks(sizes))):
         loss = batch_loss(step.forward_backward(*feed))
         if not math.isfinite(loss):
             return b, loss, False  # the params that gave it are finite: the previous update was checked
         before.save()
-        step.apply(lr)
+        step.apply(lr[update] if isinstance(lr, list) else lr, mark)
+        update += mark[1]
         if not math.isfinite(float(_largest(step.params))):
             before.restore()
             return b, loss, True
@@ -409,10 +506,28 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, settings: FitSettin
     Y = _class_targets(model, Y)
     _check_data(model, X, Y)
     settings = settings.with_data(model, Y)
+    weights = example_weights(Y, settings.loss.decision, settings.sample_weight, settings.class_weight)
     _check_params(model)
+    _check_steps(model, len(X), settings)
     with _threads_for(model, settings.batch_size, settings.threads):
         model.loss = settings.loss
-        return _Run(model, X, Y, settings).epochs()
+        return _Run(model, X, Y, settings, weights).epochs()
+
+
+def _check_steps(model: Sequential, n: int, s: FitSettings) -> None:
+    """Name a layer that cannot train on the smallest step fit will take (BatchNorm on one
+    value per channel), before training: the last batch, or data-parallel a rank's share
+    of it (an empty share feeds one row of zeros)."""
+    world = dp.world_size() if s.distributed else 1
+    sizes = {min(s.batch_size, n), n % s.batch_size or s.batch_size}
+    rows = min(max(part, 1) for size in sizes for part in dp.split(size, world))
+    for k, layer, shape in model.layer_inputs():
+        problem = layer.batch_error(rows, shape)
+        if problem:
+            where = f" (each rank's share of a batch of {min(sizes)})" if world > 1 else \
+                f" (the last batch of the {n} rows)" if n % s.batch_size else ""
+            raise ValueError(f"layer {k} ({layer!r}) {problem}{where}; choose a batch_size that leaves no such step, "
+                             f"or drop a few rows")
 
 
 def _split_off_validation(X: Any, Y: Any, fraction: float) -> tuple[Any, Any, tuple[Any, Any]]:
@@ -436,13 +551,22 @@ class _Run:
     finiteness and the metrics in one host sync (data-parallel, after one collective for
     the loss and one per data set scored)."""
 
-    def __init__(self, model: Sequential, X: torch.Tensor, Y: torch.Tensor, settings: FitSettings) -> None:
+    def __init__(self, model: Sequential, X: torch.Tensor, Y: torch.Tensor, settings: FitSettings,
+                 weights: torch.Tensor | None = None) -> None:
+        # Weighted, the step's targets carry each example's weight as a last column (losses.Weighted),
+        # so the batches, ranks and replays carry them; the metrics compare with the targets alone.
+        self.targets = Y
+        loss = settings.loss if weights is None else Weighted(settings.loss)
+        Y = Y if weights is None else torch.cat([Y, weights], -1)
         self.model, self.X, self.Y, self.settings = model, X, Y, settings
         s = settings
-        self.step = TrainStep(model, s.loss, s.optimizer, distributed=s.distributed)
+        self.validation = None if s.validation_data is None else _validation(model, s)
+        self.step = TrainStep(model, loss, s.optimizer, distributed=s.distributed, clip_norm=s.clip_norm,
+                              clip_value=s.clip_value, accumulate=s.accumulate)
         self.batches: Batches = Sharded(len(X), s.batch_size, X, Y) if s.distributed else \
             OneProcess(len(X), s.batch_size, Y)  # Y: the loss's dtype (X may hold indices)
-        self.predicting, self.scoring = _predict_fn(model), _eval_fn(model, s.loss)
+        self.predicting = _predict_fn(model)
+        self.scoring = None if self.validation is None else _eval_fn(model, self.validation[3])
         self._check_feeds()
         self.history = History(s.metrics)
         resumed = None if s.resume is None else read_checkpoint(s.resume, model, s.optimizer, list(self.history),
@@ -455,33 +579,54 @@ class _Run:
             self.first = resumed.epoch
         model.history = self.history  # what fit has recorded so far, kept if it stops early
         self.callbacks = CallbackList(s.callbacks, model, s.optimizer, self.batches.is_main)
-        self.start = _Snapshot(lambda: [*self.step.params, *s.optimizer.buffers])  # the step binds again if they move
+        self.resumed = resumed
+        if resumed is not None:  # before any callback opens a file or forgets a state
+            self.callbacks.check_resumable(resumed.callbacks, str(s.resume))
+        self.updates = -(-len(self.batches) // s.accumulate)  # per epoch: what a per-step schedule counts
+        if getattr(s.schedule, "per", "epoch") == "step" and s.epochs > self.first:  # its last rate, before any epoch
+            _scheduled_lr(s.schedule, s.epochs * self.updates - 1, s.optimizer.lr, "step")
+        # (called at each save: the step binds again if the tensors move; its state is the buffers it
+        # updates, BatchNorm's running statistics and Dropout's key)
+        self.start = _Snapshot(lambda: [*self.step.params, *self.step.state, *s.optimizer.state_tensors()])
 
     def _check_feeds(self) -> None:
         """Dtype and device once, with the graphs' messages, so that each epoch calls the
         compiled functions' unchecked entries (.fn)."""
         self.step.compiled.check_feeds(next(iter(self.batches.feeds(self.X, self.Y, None))), {})
         self.predicting.check_feeds((self.X,), {})
-        if self.settings.validation_data is not None:
-            self.scoring.check_feeds(tuple(self.settings.validation_data), {})
+        if self.validation is not None:
+            self.scoring.check_feeds(self.validation[:2], {})
 
     def _generator(self, resumed: Resumed | None) -> torch.Generator:
         """The shuffling generator, from the seed every rank shares (rank 0's)."""
         s = self.settings
         seed = s.seed if s.seed is not None else int(torch.randint(0, 2**62, ()).item())
         agreed = _fit_settings(self.model, self.X, s, resumed)
-        seed = self.batches.common_start([*self.model.state().values(), *s.optimizer.buffers], seed, agreed)
+        seed = self.batches.common_start([*self.model.state().values(), *s.optimizer.state_tensors()], seed, agreed)
         return torch.Generator().manual_seed(seed)
 
     def epochs(self) -> History:
         self.model.stop_training = False
-        self.callbacks.train_begin(self.logs())
-        for epoch in range(self.first, self.settings.epochs):
-            self.callbacks.epoch_begin(epoch, self.logs())
-            self.epoch(epoch)
-            self.callbacks.epoch_end(epoch, self.logs())
-            if self.model.stop_training:
-                break
+        r = self.resumed
+        self.callbacks.train_begin(self.logs(), *((r.callbacks, r.callback_tensors, str(self.settings.resume))
+                                                  if r is not None else ()))
+        try:
+            for epoch in range(self.first, self.settings.epochs):
+                if self.model.stop_training:  # after an epoch, or as a resumed callback said (EarlyStopping)
+                    break
+                self.callbacks.epoch_begin(epoch, self.logs())
+                self.epoch(epoch)
+                self.callbacks.epoch_end(epoch, self.logs())
+                if self.settings.checkpoint is not None:  # after the callbacks: their state of this epoch too
+                    write_checkpoint(self.settings.checkpoint, self.model, self.settings.optimizer, epoch + 1,
+                                     self.generator, self.history, self.callbacks.states())
+        except DivergedError:
+            # The callbacks end training as after a last epoch: EarlyStopping(restore_best_weights=True)
+            # puts back its best epoch's weights, which are better than the last finite ones.
+            self.callbacks.train_end(self.logs())
+            raise
+        finally:
+            self.callbacks.close()  # a CSV file, a TensorBoard writer: closed however fit ends
         self.callbacks.train_end(self.logs())
         return self.history
 
@@ -492,7 +637,8 @@ class _Run:
     def epoch(self, epoch: int) -> None:
         """Run one epoch, read its numbers in one sync, check them, record them."""
         s, started = self.settings, time.perf_counter()
-        lr = _scheduled_lr(s.schedule, epoch, s.optimizer.lr)
+        lr = _epoch_lr(s.schedule, epoch, self.updates, s.optimizer.lr)
+        first = lr[0] if isinstance(lr, list) else lr  # what History["lr"] records of a per-step schedule
         order = torch.randperm(len(self.X), generator=self.generator) if s.shuffle else None
         self.start.save()
         losses = self._logged(order, lr) if self.callbacks.batch_logs else \
@@ -501,26 +647,23 @@ class _Run:
         epoch_loss, largest, *values = torch.cat([v.reshape(-1).double() for v in scores.values()]).tolist()
         if not (math.isfinite(epoch_loss) and math.isfinite(largest)):
             found = _replay(self.step, self.start, self.batches.feeds(self.X, self.Y, order), self.batches.batch_loss,
-                            lr)
-            raise _diverged(found, epoch, s.epochs, len(self.batches), lr, self.history)
+                            lr, self.batches.sizes)
+            raise _diverged(found, epoch, s.epochs, len(self.batches), first, self.history)
         self.history["loss"].append(epoch_loss)
         for key, value in zip(list(scores)[1:], values, strict=True):
             self.history[key].append(value)
-        self.history["lr"].append(lr)
+        self.history["lr"].append(first)
         if s.verbose and self.batches.is_main:
             _report(epoch, s.epochs, self.history, time.perf_counter() - started)
-        if s.checkpoint is not None:
-            write_checkpoint(s.checkpoint, self.model, s.optimizer, epoch + 1, self.generator, self.history)
 
-    def _logged(self, order: torch.Tensor | None, lr: float) -> torch.Tensor:
-        """The epoch's steps one at a time, each batch's loss read and given to the
-        callbacks that asked for batch logs (a host sync per step)."""
-        losses = []
-        for i, feed in enumerate(self.batches.feeds(self.X, self.Y, order)):
-            (loss,) = self.step.steps([feed], lr)
-            losses.append(loss)
-            self.callbacks.batch_end(i, {"loss": self.batches.batch_loss(loss)})
-        return torch.stack(losses)
+
+    def _logged(self, order: torch.Tensor | None, lr: float | list[float]) -> torch.Tensor:
+        """The epoch's steps (uncaptured), each batch's loss read after its step and given
+        to the callbacks that asked for batch logs (a host sync per step)."""
+        def log(k: int, loss: torch.Tensor) -> None:
+            self.callbacks.batch_end(k, {"loss": self.batches.batch_loss(loss)})
+        feeds = self.batches.feeds(self.X, self.Y, order)
+        return torch.stack(self.step.steps(feeds, lr, self.batches.sizes, after=log))
 
     def _scores(self, losses: torch.Tensor) -> dict[str, torch.Tensor]:
         """What an epoch reads in its one host sync: {"loss": [mean loss, a number that is
@@ -530,12 +673,24 @@ class _Run:
         scores = {"loss": self.batches.loss_and_finite(losses, _largest(self.step.params, self.X.device))}
         decision, metrics = s.loss.decision, list(s.metrics)
         if metrics:
-            measured = measure(self.predicting.fn, self.X, self.Y, decision, metrics, s.distributed, with_loss=False)
+            measured = measure(self.predicting.fn, self.X, self.targets, decision, metrics, s.distributed,
+                               with_loss=False)
             scores.update((m, measured[m]) for m in metrics)
-        if s.validation_data is not None:
-            measured = measure(self.scoring.fn, *s.validation_data, decision, metrics, s.distributed)
+        if self.validation is not None:
+            X_val, fed, targets, _ = self.validation
+            measured = measure(self.scoring.fn, X_val, fed, decision, metrics, s.distributed, targets=targets)
             scores.update((f"val_{k}", measured[k]) for k in ("loss", *metrics))
         return scores
+
+
+def _validation(model: Sequential, s: FitSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Loss]:
+    """(X_val, what the scoring graph is fed, the targets, its loss): weighted by
+    validation_data's third member if it has one (as Keras, not by the training weights)."""
+    X_val, targets = s.validation_data
+    weights = example_weights(targets, s.loss.decision, s.validation_weights, None, " (validation)")
+    if weights is None:
+        return X_val, targets, targets, s.loss
+    return X_val, torch.cat([targets, weights], -1), targets, Weighted(s.loss)
 
 
 def _fit_settings(model: Sequential, X: torch.Tensor, s: FitSettings, resumed: Resumed | None) -> dict[str, int]:
@@ -569,16 +724,21 @@ def predict(model: Sequential, X: torch.Tensor, threads: int | None = None, dist
 
 def evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None = None,
              metrics: list[str] | None = None, threads: int | None = None,
-             distributed: bool = False) -> dict[str, float]:
+             distributed: bool = False, sample_weight: torch.Tensor | None = None) -> dict[str, float]:
     """`Sequential.evaluate`, which documents the arguments."""
     loss = _model_loss(model, loss)
     distributed = _check_distributed(distributed, "evaluate")
     Y = _class_targets(model, Y)
     _check_data(model, X, Y)
     metrics = choose_metrics(metrics, Y, loss)
-    check_metrics_fit(metrics, Y)
+    check_metrics_fit(metrics, Y, "Y", loss.decision)
+    weights = example_weights(Y, loss.decision, _check_sample_weight(sample_weight), None)
     with _threads_for(model, len(X), threads):
-        return _evaluate(model, X, Y, loss, metrics, distributed)
+        if weights is None:
+            return _evaluate(model, X, Y, loss, metrics, distributed)
+        fed = torch.cat([Y, weights], -1)
+        scores = measure(_eval_fn(model, Weighted(loss)), X, fed, loss.decision, metrics, distributed, targets=Y)
+        return dict(zip(scores, torch.stack(list(scores.values())).tolist(), strict=True))
 
 
 def _evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss, metrics: list[str],

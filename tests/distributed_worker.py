@@ -48,6 +48,13 @@ def settings() -> dict:
                 epochs=EPOCHS, batch_size=BATCH, shuffle=True, seed=3, metrics=METRICS)
 
 
+def stateful_model(device: str = "cpu") -> gd.Sequential:
+    """BatchNorm's running statistics and Dropout's key: state the ranks must keep alike."""
+    gen = torch.Generator().manual_seed(2)
+    return gd.Sequential(gd.Reshape((1, 3)), gd.Conv1d(1, 2, 2, padding=1, generator=gen), gd.BatchNorm1d(2),
+                         gd.Tanh(), gd.Dropout(0.3, seed=4), gd.Flatten(), gd.Linear(8, 2, generator=gen)).to(device)
+
+
 def binary_data(device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(5)
     X = torch.rand(N, 3, generator=gen)
@@ -61,6 +68,13 @@ def binary_model(device: str = "cpu") -> gd.Sequential:
     model.layers[0].weight = torch.ones(3, 1) + 0.1 * torch.randn(3, 1, generator=gen)
     model.layers[0].bias = torch.tensor([-1.5])
     return model.to(device)
+
+
+def adam_settings() -> dict:
+    """Adam's moments and step counts, groups, a per-step schedule, clipping and accumulation."""
+    return dict(optimizer=gd.AdamW(lr=0.02, amsgrad=True, groups=[{"params": ["0.bias"], "weight_decay": 0.0}]),
+                schedule=gd.LinearWarmup(3, then=gd.CosineDecay(steps=6)), clip_norm=0.5, accumulate=2,
+                epochs=3, batch_size=BATCH, shuffle=True, seed=7)
 
 
 def validation(device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,9 +140,16 @@ def main() -> None:
     BX, BY = binary_data(device)  # AUC needs every row: gathered, not summed
     result["auc"] = binary_model(device).evaluate(BX, BY, metrics=["auc", "precision"], distributed=True)
     m.save(os.path.join(args.out, f"saved_by_rank{me.rank}.gdl"))
+    stateful = stateful_model(device)
+    result["stateful"] = dict(stateful.fit(X, Y, distributed=True, verbose=False, **settings()))
+    result["state"] = {k: v.tolist() for k, v in stateful.state().items()}
     write()
     if args.only_train:
         return
+
+    adam = model(device)
+    history = adam.fit(X, Y, distributed=True, verbose=False, **adam_settings())
+    result["adam"] = {"params": {k: v.tolist() for k, v in adam.parameters().items()}, "history": dict(history)}
 
     diverging = model(device)
     try:

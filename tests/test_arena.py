@@ -140,3 +140,12 @@ def test_other_activations_and_losses_run_in_the_arena():
             x, y = torch.rand(7, 2), torch.rand(7, 1)
             for got, want in zip(arena.fn(x, y, bindings), plain(x=x, y=y), strict=True):
                 torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_buffers_that_cannot_be_allocated_are_named_not_a_bare_allocator_error():
+    """[1e6, 1e7] float32 buffers need 160 TB, more than any address space holds."""
+    model = gd.Sequential(gd.Linear(1, 10**7), gd.Tanh(), gd.Linear(10**7, 1))
+    X = torch.zeros(10**6, 1)
+    with pytest.raises(gd.GraphError, match=r"its buffers for \{'N': 1000000\} need .* MiB, which cpu cannot "
+                                            r"allocate .*use a smaller batch_size"):
+        model.fit(X, X, batch_size=len(X), epochs=1, verbose=False)

@@ -84,3 +84,9 @@ def test_ulps_are_float32_spacings_at_the_truth(bench):
     assert bench.ulps(one_up, truth).tolist() == [1.0] * 7
     assert bench.ulps(truth.float(), truth).tolist() == [0.0] * 7
     assert bench.ulps(torch.tensor([1.0]), torch.tensor([1 + 2.0**-25], dtype=torch.float64)).item() == 0.25
+
+
+def test_optimizers_mode_times_every_optimizer(bench):
+    result = bench.worker_optimizers(width=8, batch=50, act="tanh", device="cpu", rounds=1, target_s=0.005)
+    assert set(result["update_us"]) == set(result["step_us"]) == set(bench.OPTIMIZERS)
+    assert all(v > 0 for v in [*result["update_us"].values(), *result["step_us"].values()])

@@ -274,3 +274,75 @@ def test_bad_callback_and_split_settings_are_refused_before_training(kwargs, mes
 def test_bad_callback_arguments_name_the_argument(build, message):
     with pytest.raises(ValueError, match=message):
         build()
+
+
+def test_batch_logs_keep_accumulation_and_per_step_rates_exact():
+    X, Y = _data(23)
+    settings = {"optimizer": gd.Adam(lr=0.01), "schedule": gd.LinearWarmup(3), "accumulate": 2, "epochs": 3}
+    plain = _fit(_model(), X, Y, **settings)
+    seen = []
+    logger = gd.LambdaCallback(on_batch_end=lambda b, logs: seen.append(b))
+    logged = _fit(_model(), X, Y, **settings, callbacks=[logger])
+    assert logged == plain and seen == [0, 1, 2, 3, 4] * 3
+
+
+# -- resuming: a callback continues its state ---------------------------------------------------------
+
+
+def _divergent_run(tmp_path, callbacks, epochs, **kwargs):
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(60, 5, generator=gen)
+    Y = X[:, :1] * 2 + 0.5 * torch.randn(60, 1, generator=gen)
+    model = gd.Sequential(gd.Linear(5, 16, generator=torch.Generator().manual_seed(0)), gd.Tanh(),
+                          gd.Linear(16, 1, generator=torch.Generator().manual_seed(1)))
+    history = model.fit(X, Y, optimizer=gd.SGD(lr=0.05, momentum=0.9), epochs=epochs, batch_size=4, seed=0,
+                        verbose=False, validation_split=0.5, callbacks=callbacks, **kwargs)
+    return model, history
+
+
+@pytest.mark.parametrize("make", [
+    lambda tmp: [gd.ModelCheckpoint(tmp / "best.gdl", save_best_only=True)],
+    lambda tmp: [gd.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=0)],
+    lambda tmp: [gd.EarlyStopping(monitor="val_loss", patience=3, restore_best_weights=True)],
+    lambda tmp: [gd.CSVLogger(tmp / "log.csv"), gd.ModelCheckpoint(tmp / "best.gdl", save_best_only=True)],
+], ids=["checkpoint", "plateau", "early-stopping", "csv"])
+def test_a_resumed_run_continues_each_callbacks_state(tmp_path, make):
+    """From the review: each callback reset itself on resume, so the best model file was
+    overwritten by a worse one, the rate went back up and the restored weights differed."""
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    straight.mkdir(), interrupted.mkdir()
+    model_a, history_a = _divergent_run(straight, make(straight), 8)
+    _divergent_run(interrupted, make(interrupted), 4, checkpoint=interrupted / "run.gdl")
+    model_b, history_b = _divergent_run(interrupted, make(interrupted), 8, resume=interrupted / "run.gdl")
+    assert history_b == history_a
+    for name, t in model_a.state().items():
+        assert torch.equal(t, model_b.state()[name]), name
+    if (straight / "best.gdl").exists():
+        best_a, best_b = gd.load(straight / "best.gdl").state(), gd.load(interrupted / "best.gdl").state()
+        assert all(torch.equal(t, best_b[name]) for name, t in best_a.items())
+    if (straight / "log.csv").exists():
+        assert (interrupted / "log.csv").read_text() == (straight / "log.csv").read_text()
+
+
+def test_resuming_with_other_callbacks_is_refused_before_any_file_is_touched(tmp_path):
+    _divergent_run(tmp_path, [gd.CSVLogger(tmp_path / "log.csv")], 2, checkpoint=tmp_path / "run.gdl")
+    log = (tmp_path / "log.csv").read_bytes()
+    with pytest.raises(ValueError, match=r"written by a fit with callbacks \['CSVLogger'\], but this fit has "
+                                         r"\['EarlyStopping'\]"):
+        _divergent_run(tmp_path, [gd.EarlyStopping(monitor="val_loss")], 4, resume=tmp_path / "run.gdl")
+    assert (tmp_path / "log.csv").read_bytes() == log
+
+
+def test_a_diverged_fit_still_ends_its_callbacks(tmp_path):
+    """From the review: on DivergedError the CSV file stayed open and the best weights
+    EarlyStopping kept were not restored."""
+    X, Y = _data()
+    stopper = gd.EarlyStopping(monitor="loss", patience=50, restore_best_weights=True)
+    logger = gd.CSVLogger(tmp_path / "log.csv")
+    model = _model()
+    with pytest.raises(gd.DivergedError):
+        _fit(model, X, Y, epochs=30, optimizer=gd.SGD(lr=0.1), schedule=gd.ExponentialDecay(100.0),
+             callbacks=[stopper, logger])
+    assert logger._file is None
+    for name, t in model.state().items():
+        assert torch.equal(t, stopper.best_weights[name]), name

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fractions
 import json
+import math
 import os
 import re
 import socket
@@ -115,11 +116,46 @@ def test_two_ranks_train_as_one_process(two_ranks):
         BX, BY = worker.binary_data()
         auc = worker.binary_model().evaluate(BX, BY, metrics=["auc", "precision"])
         assert 0.5 < auc["auc"] < 1 and 0 < auc["precision"] <= 1
-        assert (rank["auc"]["auc"], rank["auc"]["precision"]) == pytest.approx((auc["auc"], auc["precision"]), rel=1e-12)
+        gathered = (rank["auc"]["auc"], rank["auc"]["precision"])
+        assert gathered == pytest.approx((auc["auc"], auc["precision"]), rel=1e-12)
         _close(rank["auc"]["loss"], auc["loss"])
     # The ranks sum the same gradients, so they hold the very same bits.
     assert results[0]["params"] == results[1]["params"]
     assert results[0]["history"] == results[1]["history"]
+
+
+@pytest.mark.slow
+def test_ranks_keep_batchnorm_and_dropout_state_alike(two_ranks):
+    """Each rank normalises its share with its own batch statistics (as DDP does), and the
+    running statistics' next values are averaged over the ranks by their shares, so every
+    rank ends with the same state: the same running statistics and the same Dropout key.
+    A rank left with no rows (the last batch of 1) feeds a row of zeros with no weight."""
+    _, _, ranks = two_ranks
+    states = [r["state"] for r in ranks]
+    assert states[0] == states[1]
+    assert states[0]["4.key"] == 20.0  # 4 epochs of 5 global batches
+    running = torch.tensor(states[0]["2.running_var"])
+    assert torch.isfinite(running).all() and not torch.equal(running, torch.ones(2))
+    # Not one process's run: the batch statistics of shares of 3 and 2 rows are not those of
+    # the 5, and each rank draws the masks of its rows by their place in its share.
+    assert ranks[0]["stateful"]["loss"] == ranks[1]["stateful"]["loss"]
+    assert all(math.isfinite(v) for v in ranks[0]["stateful"]["loss"])
+
+
+@pytest.mark.slow
+def test_two_ranks_train_with_adam_as_one_process(two_ranks):
+    """AdamW (AMSGrad, a group) with a warm-up schedule per step, clipping of the summed
+    gradients and accumulation over global batches: the ranks end where one process does."""
+    _, _, results = two_ranks
+    X, Y = worker.data()
+    alone = worker.model()
+    history = alone.fit(X, Y, verbose=False, **worker.adam_settings())
+    for rank in results:
+        for name, value in _params(alone).items():
+            _close(rank["adam"]["params"][name], value)
+        for key, values in history.items():
+            _close(rank["adam"]["history"][key], values)
+    assert results[0]["adam"] == results[1]["adam"]
 
 
 @pytest.mark.slow

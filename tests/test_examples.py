@@ -18,11 +18,13 @@ import graphdl as gd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 
+import digits_cnn  # noqa: E402
 import disk_graph  # noqa: E402
 import spirals  # noqa: E402
 
 
-@pytest.mark.parametrize("main", [disk_graph.main, spirals.main], ids=["disk_graph", "spirals"])
+@pytest.mark.parametrize("main", [disk_graph.main, spirals.main, digits_cnn.main],
+                         ids=["disk_graph", "spirals", "digits_cnn"])
 @pytest.mark.parametrize("flags, message", [
     (["--lr", "-1"], "argument --lr: must be > 0, got -1"),
     (["--lr", "nan"], "argument --lr: must be a finite number, got nan"),
@@ -39,7 +41,7 @@ def test_bad_flags_are_one_line_and_exit_status_2(main, flags, message, capsys):
         main(flags)
     err = capsys.readouterr().err
     assert exit.value.code == 2 and len(err.strip().splitlines()) == 1, err
-    assert re.fullmatch(rf"(disk_graph|spirals)\.py: error: {message} \(see --help\)\n", err), err
+    assert re.fullmatch(rf"(disk_graph|spirals|digits_cnn)\.py: error: {message} \(see --help\)\n", err), err
 
 
 @pytest.mark.slow
@@ -81,6 +83,24 @@ def test_the_saved_disk_model_reproduces_the_printed_test_error_on_raw_points(tm
     assert isinstance(model.layers[0], gd.Standardize)
     assert f"{model.evaluate(X_raw, Y)['error'] * 100:.2f}" == printed
     assert float(printed) < 30  # trained: far from the 50 % of a model that lost its preprocessing
+
+
+@pytest.mark.slow
+def test_digits_cnn_trains_both_nets_draws_and_saves_a_model_that_reproduces_its_accuracy(tmp_path, capsys):
+    """A quick run (2 epochs): it prints both test accuracies, writes the figure, and the
+    saved CNN (BatchNorm's running statistics and Dropout's key with it) scores what was printed."""
+    pytest.importorskip("sklearn", reason="examples/digits_cnn.py reads scikit-learn's digits (the examples extra)")
+    path = tmp_path / "digits.gdl"
+    assert digits_cnn.main(["--epochs", "2", "--save", str(path), "--out", str(tmp_path / "figs")]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "figs" / "digits_cnn.png").read_bytes().startswith(b"\x89PNG")
+    printed = {net: float(acc) for net, acc in re.findall(r"^(CNN|MLP): test accuracy (\d+\.\d\d)%", out, re.M)}
+    assert set(printed) == {"CNN", "MLP"} and printed["CNN"] > 80, out
+    model = gd.load(path)
+    assert [type(layer).__name__ for layer in model.layers] == [
+        "Reshape", "Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d", "Dropout", "Flatten", "Linear"]
+    _, _, Xt, yt = digits_cnn.digits(0)
+    assert f"{model.evaluate(Xt, yt)['accuracy'] * 100:.2f}" == f"{printed['CNN']:.2f}"
 
 
 @pytest.mark.slow

@@ -102,8 +102,8 @@ def test_an_imported_model_trains_and_goes_back_with_the_trained_weights():
 
 
 def test_an_unsupported_module_is_named_with_its_position():
-    net = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Sequential(torch.nn.ReLU(), torch.nn.Dropout(0.5)))
-    with pytest.raises(gd.GraphError, match=re.escape("from_torch: module 1.1 (Dropout(p=0.5, inplace=False)) has "
+    net = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Sequential(torch.nn.ReLU(), torch.nn.PReLU()))
+    with pytest.raises(gd.GraphError, match=re.escape("from_torch: module 1.1 (PReLU(num_parameters=1)) has "
                                                       "no graphdl layer; graphdl takes Linear, ReLU, Tanh, Sigmoid")):
         gd.from_torch(net)
     with pytest.raises(gd.GraphError, match="takes a torch.nn.Module"):
@@ -180,3 +180,156 @@ def test_a_module_used_twice_in_torch_is_one_tensor_in_graphdl():
     assert len(back.parameters()) == 2
     X = torch.rand(4, 3)
     torch.testing.assert_close(back.predict(X), net(X).detach())
+
+
+# -- beyond two dims: Embedding, Flatten, Unflatten and the new activations ---------------------------
+
+
+def _sequence_torch(dtype: torch.dtype) -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Embedding(11, 4), torch.nn.Flatten(), torch.nn.GELU(), torch.nn.Linear(12, 6),
+                               torch.nn.LeakyReLU(0.2), torch.nn.Linear(6, 8), torch.nn.SiLU(),
+                               torch.nn.Unflatten(1, (2, 4)), torch.nn.GELU(approximate="tanh"),
+                               torch.nn.Flatten(), torch.nn.Linear(8, 2)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_layers_beyond_2d_go_both_ways_keeping_the_numbers(dtype):
+    net = _sequence_torch(dtype)
+    model = gd.from_torch(net, input_shape=(3,))
+    assert [type(layer).__name__ for layer in model.layers] == [
+        "Embedding", "Flatten", "GELU", "Linear", "LeakyReLU", "Linear", "SiLU", "Reshape", "GELU", "Flatten", "Linear"]
+    assert model.layers[4].negative_slope == 0.2 and model.layers[8].approximate == "tanh"
+    assert torch.equal(model.parameters()["0.weight"], net[0].weight)  # the same layout: [num, dim]
+    assert model.parameters()["0.weight"].data_ptr() != net[0].weight.data_ptr()  # a copy
+    back = model.to_torch()
+    assert [type(m).__name__ for m in back] == [type(m).__name__ for m in net]
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {}
+    with torch.no_grad():
+        for n in (1, 7, 64):
+            X = torch.randint(0, 11, (n, 3), generator=torch.Generator().manual_seed(n))
+            torch.testing.assert_close(model.predict(X), net(X), **tol)
+            torch.testing.assert_close(back(X), net(X), rtol=0, atol=0)
+    assert torch.equal(back[0].weight, net[0].weight) and back[0].weight.requires_grad
+
+
+def test_a_reshape_of_examples_beyond_rows_goes_to_torch_flattened_first():
+    model = gd.Sequential(gd.Reshape((4, -1)), gd.Tanh(), input_shape=(2, 2, 2))
+    back = model.to_torch()
+    assert [type(m).__name__ for m in back[0]] == ["Flatten", "Unflatten"] and back[0][1].unflattened_size == (4, 2)
+    X = torch.rand(3, 2, 2, 2)
+    torch.testing.assert_close(back(X), model.predict(X))
+    again = gd.from_torch(back, input_shape=(2, 2, 2))
+    torch.testing.assert_close(again.predict(X), model.predict(X))
+
+
+@pytest.mark.parametrize("module, message", [
+    (torch.nn.Embedding(5, 2, padding_idx=0), r"module 0 \(Embedding\(5, 2, padding_idx=0\)\): padding_idx=0 "
+                                              r"changes how torch's Embedding computes or trains"),
+    (torch.nn.Embedding(5, 2, max_norm=1.0), r"max_norm=1.0 changes how"),
+    (torch.nn.Flatten(0), r"module 0 \(Flatten\(start_dim=0, end_dim=-1\)\): start_dim=0 would merge the batch dim"),
+    (torch.nn.Unflatten(2, (2, 2)), r"Unflatten\(dim=2\) is not supported; graphdl's Reshape unflattens rows"),
+])
+def test_torch_settings_graphdl_cannot_follow_are_refused_naming_the_module(module, message):
+    with pytest.raises(gd.GraphError, match=message):
+        gd.from_torch(torch.nn.Sequential(module), input_shape=(4,))
+
+
+def test_an_embedding_of_sequences_needs_the_input_shape_from_torch():
+    net = torch.nn.Sequential(torch.nn.Embedding(5, 2), torch.nn.Flatten(), torch.nn.Linear(6, 1))
+    with pytest.raises(gd.GraphError, match=r"(?s)module 2 \(Linear.*takes 6 features but layer 0 "
+                                            r"\(Embedding\(5, 2\)\) gives 2.*give it as input_shape= \(to "
+                                            r"gd.Sequential or gd.from_torch\)"):
+        gd.from_torch(net)
+    assert gd.from_torch(net, input_shape=(3,)).output_shape == (1,)
+
+
+def test_a_softmax_over_a_dim_of_examples_beyond_rows_keeps_torchs_dim():
+    """torch's Softmax(dim=1) of [N, L, C] normalises L: graphdl's keeps that dim, not the last."""
+    net = torch.nn.Sequential(torch.nn.Unflatten(1, (3, 4)), torch.nn.Softmax(dim=1))
+    model = gd.from_torch(net, input_shape=(12,))
+    assert repr(model.layers[1]) == "Softmax(dim=1)" and model.layers[1].config() == {"type": "Softmax", "dim": 1}
+    X = torch.randn(5, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(model.predict(X), net(X))
+        torch.testing.assert_close(model.to_torch()(X), net(X))
+    with pytest.raises(gd.GraphError, match=r"layer 1 \(Softmax\(dim=3\)\) cannot take .*: dim=3 is not a dim of "
+                                            r"the examples' shape \[3,4\]"):
+        gd.Sequential(gd.Reshape((3, 4)), gd.Softmax(dim=3))
+    with pytest.raises(ValueError, match="dim=0 would normalise across the batch"):
+        gd.Softmax(0)
+
+
+# -- nets beyond two dims ---------------------------------------------------------------------
+
+
+def torch_cnn(dtype: torch.dtype = torch.float32) -> torch.nn.Sequential:
+    """A torch CNN whose BatchNorms hold running statistics of their own (not 0 and 1)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Unflatten(1, (2, 6, 6)),
+        torch.nn.Conv2d(2, 4, 3, padding=1), torch.nn.BatchNorm2d(4, momentum=0.3), torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2), torch.nn.Dropout(0.5),
+        torch.nn.Conv2d(4, 6, (2, 1), stride=(1, 2), groups=2, bias=False), torch.nn.AvgPool2d(2, 1, padding=1),
+        torch.nn.Flatten(), torch.nn.Unflatten(1, (6, 9)),
+        torch.nn.Conv1d(6, 3, 3, padding="same", dilation=2), torch.nn.BatchNorm1d(3), torch.nn.LayerNorm(9),
+        torch.nn.Flatten(), torch.nn.Linear(27, 5)).to(dtype)
+    with torch.no_grad():
+        for m in net:
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-1, 1)
+                m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 2)
+                m.bias.uniform_(-1, 1)
+    return net
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_a_cnn_from_torch_and_back_computes_the_same_in_both_modes(dtype):
+    """predict is torch's eval mode (running statistics, no dropout); the training graph is
+    its train mode (the batch's statistics, and the running ones' next values: torch's after
+    that forward). Back in torch, every weight and running statistic is the same."""
+    net, original = torch_cnn(dtype), torch_cnn(dtype)
+    model = gd.from_torch(net)
+    assert [type(layer).__name__ for layer in model.layers] == [
+        "Reshape", "Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d", "Dropout", "Conv2d", "AvgPool2d", "Flatten", "Reshape",
+        "Conv1d", "BatchNorm1d", "LayerNorm", "Flatten", "Linear"]
+    tol = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-6}
+    X = torch.randn(9, 72, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model.predict(X), net.eval()(X), **tol)
+        model.layers[5].p = 0.0  # the masks differ from torch's: compare the training mode without them
+        net[5].p = 0.0
+        out, *stats = gd.compile(model.graph(training=True))(x=X)
+        torch.testing.assert_close(out, net.train()(X), **tol)
+    torch.testing.assert_close(stats, [net[2].running_mean, net[2].running_var, net[11].running_mean,
+                                       net[11].running_var], **tol)
+    back = model.to_torch()
+    for mine, theirs in zip([m for m in back.modules() if list(m.parameters(recurse=False)) or list(m.buffers(False))],
+                            [m for m in original if list(m.parameters()) or list(m.buffers())], strict=True):
+        for (name, a), (_, b) in zip(mine.state_dict().items(), theirs.state_dict().items(), strict=True):
+            if name != "num_batches_tracked":  # graphdl does not count batches; with a momentum torch does not read it
+                assert torch.equal(a, b) and a.dtype == dtype, name
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(X), original.eval()(X), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("module, message", [
+    (torch.nn.Conv2d(1, 2, 3, padding_mode="reflect"), "padding_mode='reflect'"),
+    (torch.nn.Conv2d(1, 2, 2, padding="same"), "padding='same' with an even kernel"),
+    (torch.nn.MaxPool2d(2, ceil_mode=True), "ceil_mode=True"),
+    (torch.nn.AvgPool2d(2, divisor_override=3), "divisor_override"),
+    (torch.nn.BatchNorm2d(3, affine=False), "affine=False"),
+    (torch.nn.BatchNorm1d(3, momentum=None), "momentum=None"),
+    (torch.nn.LayerNorm(3, elementwise_affine=False), "no elementwise affine weight"),
+])
+def test_torch_options_graphdl_lacks_are_named(module, message):
+    with pytest.raises(gd.GraphError, match=re.escape(message)):
+        gd.from_torch(torch.nn.Sequential(module))
+
+
+def test_two_torch_dropouts_become_two_streams_of_masks():
+    model = gd.from_torch(torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Dropout(0.5)), input_shape=(4,))
+    again = gd.from_torch(torch.nn.Sequential(torch.nn.Dropout(0.5), torch.nn.Dropout(0.5)), input_shape=(4,))
+    assert model.layers[0].seed != model.layers[1].seed
+    assert [layer.seed for layer in model.layers] == [layer.seed for layer in again.layers]

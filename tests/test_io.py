@@ -341,7 +341,7 @@ def _rewrite_layers(path, layers: str) -> None:
     ("[{", "the layer list stored in the file is invalid"),
     ("[" * 100_000, "the layer list stored in the file is invalid"),
     ('{"type": "Linear"}', "expected a list of layer settings"),
-    ('[{"type": "Conv2d"}]', "unknown layer type 'Conv2d'"),
+    ('[{"type": "Conv3d"}]', "unknown layer type 'Conv3d'"),
     ('[{"type": "Linear", "in_features": 2, "out_features": 25, "dtype": "load"}]', "dtype 'load' is not one of"),
     ('[{"type": "Linear", "in_features": 2, "out_features": {"x": 1}}]', "plain numbers and strings"),
     ('[{"type": "Linear", "in_features": 2, "out_features": 7}]', r"weight '0.weight' is f32\[2,25\] but the "
@@ -633,3 +633,74 @@ def test_save_refuses_a_model_load_would_refuse_and_writes_nothing(tmp_path):
                                             r"layer type 'Square'"):
         gd.Sequential(gd.Linear(2, 3), Square()).save(path)
     assert path.read_bytes() == before
+
+
+# -- layers beyond two dims in model files ------------------------------------------------------------
+
+
+def _beyond_2d(dtype: torch.dtype = torch.float32) -> gd.Sequential:
+    gen = torch.Generator().manual_seed(6)
+    return gd.Sequential(gd.Embedding(9, 4, gen, dtype), gd.Reshape((2, -1)), gd.GELU(approximate="tanh"),
+                         gd.Flatten(), gd.Linear(12, 6, gen, dtype), gd.LeakyReLU(0.25), gd.Linear(6, 6, gen, dtype),
+                         gd.SiLU(), gd.Reshape((3, 2)), gd.Softmax(dim=1), gd.GELU(),
+                         gd.Flatten(start_dim=1, end_dim=-1), input_shape=(3,))
+
+
+BEYOND_2D_PATHS = {
+    "built": _beyond_2d,
+    "assigned": lambda dtype: _convert(_beyond_2d(), dtype),
+    "from torch": lambda dtype: gd.from_torch(_convert(_beyond_2d(), dtype).to_torch(), input_shape=(3,)),
+    "tied": lambda dtype: _convert(_beyond_2d(), dtype),  # and 6.bias given 4.bias's tensor, below
+}
+
+
+@pytest.mark.parametrize("path", list(BEYOND_2D_PATHS))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_layers_beyond_2d_round_trip_through_model_files(tmp_path, path, dtype):
+    model = BEYOND_2D_PATHS[path](dtype)
+    if path == "tied":
+        model.layers[6].bias = model.layers[4].bias
+    model.save(tmp_path / "m.gdl")
+    loaded = gd.load(tmp_path / "m.gdl")
+    assert loaded.config() == model.config() and loaded.ties() == model.ties()
+    assert loaded.input_shape == (3,) and loaded.graph().inputs["x"].dtype == torch.int64  # from the file's IR
+    assert all(torch.equal(a, b) and a.dtype == b.dtype == dtype
+               for a, b in zip(model.state().values(), loaded.state().values(), strict=True))
+    X = torch.randint(0, 9, (5, 3), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(loaded.predict(X), model.predict(X))
+    assert str(loaded.graph()) == str(model.graph())
+
+
+def test_a_layer_list_beyond_2d_is_checked_like_any(tmp_path):
+    path = tmp_path / "m.gdl"
+    _beyond_2d().save(path)
+    config = json.loads(safetensors.safe_open(str(path), framework="pt").metadata()["layers"])
+    assert config[1] == {"type": "Reshape", "shape": [2, -1]} and config[0]["num_embeddings"] == 9
+    for layers, message in [
+        ('[{"type": "Reshape", "shape": [[2], 3]}]', "plain numbers and strings \\(or lists of them"),
+        ('[{"type": "Reshape", "shape": [2, 1e400]}]', "layer 0 \\(Reshape\\): bad settings"),
+        ('[{"type": "Reshape", "shape": [2, 99999999999999999999999]}]', "layer 0 \\(Reshape\\): bad settings"),
+        ('[{"type": "Flatten", "start_dim": true}]', "start_dim must be a whole number"),
+        ('[{"type": "Embedding", "num_embeddings": 9, "embedding_dim": 0}]', "embedding_dim must be a whole number"),
+        ('[{"type": "GELU", "approximate": "erf"}]', "approximate must be 'none' or 'tanh'"),
+        ('[{"type": "LeakyReLU", "negative_slope": NaN}]', "negative_slope must be a finite number"),
+        (json.dumps([{**config[0], "num_embeddings": 8}, *config[1:]]),
+         r"weight '0.weight' is f32\[9,4\] but the layers build f32\[8,4\]"),
+    ]:
+        _rewrite_layers(path, layers)
+        with pytest.raises(gd.GraphError, match=message):
+            gd.load(path)
+
+
+def test_the_input_shape_a_files_ir_declares_is_the_models(tmp_path):
+    """The layers of an Embedding of sequences do not say the sequences' length: the IR does."""
+    path = tmp_path / "m.gdl"
+    gd.Sequential(gd.Embedding(9, 4), input_shape=(3,)).save(path)
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    path.write_bytes(safetensors.torch.save(tensors, metadata={**meta, "ir": meta["ir"].replace("[N,3", "[N,5")}))
+    assert gd.load(path).input_shape == (5,)
+    path.write_bytes(safetensors.torch.save(tensors, metadata={**meta, "ir": meta["ir"].replace("[N,3", "[N,L")}))
+    with pytest.raises(gd.GraphError, match=r"the layer list stored in the file is invalid \(input_shape\[0\] must "
+                                            r"be a whole number >= 1, got 'L'\)"):
+        gd.load(path)

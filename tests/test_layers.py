@@ -212,6 +212,26 @@ def test_standardize_takes_the_dtype_of_the_statistics_it_holds():
     assert layer.adapt(torch.rand(5, 2)).mean.dtype == torch.float64  # adapting again keeps the model's dtype
 
 
+@pytest.mark.parametrize("std, shown", [(torch.zeros(2), "feature 0 is 0.0"),
+                                        (torch.tensor([1.0, float("nan")]), "feature 1 is nan"),
+                                        (torch.tensor([-2.0, 1.0]), "feature 0 is -2.0")])
+def test_standardize_refuses_a_std_it_cannot_divide_by_wherever_it_comes_from(tmp_path, std, shown):
+    layer = gd.Standardize(2)
+    with pytest.raises(gd.GraphError, match=f"std must be finite and > 0 .*{shown}"):
+        layer.std = std
+    model = gd.Sequential(gd.Standardize(2), gd.Linear(2, 1))
+    path = tmp_path / "m.gdl"
+    model.save(path)
+    import safetensors
+    import safetensors.torch
+    with safetensors.safe_open(str(path), "pt") as f:  # the file, with std replaced
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    tensors["0.std"] = std
+    safetensors.torch.save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(gd.GraphError, match=f"std must be finite and > 0 .*{shown}"):
+        gd.load(path)
+
+
 # -- layers beyond two dims: Flatten, Reshape, Embedding, and shapes tracked through a model -----------
 
 
@@ -249,7 +269,7 @@ def test_a_linear_layer_maps_the_last_dim_of_any_rank():
      r"\[6\]: reshape %0\(x: f32\[N,6\]\): cannot reshape \[N,6\] to shape \(None, 4, -1\): 6 is not a multiple"),
     ([gd.Embedding(10, 4), gd.Flatten(), gd.Linear(12, 2)], None,
      r"(?s)layer 2 \(Linear\(12, 2\)\) takes 12 features but layer 0 \(Embedding\(10, 4\)\) gives 4.*hint: the model "
-     r"takes examples of shape \[\], as its layers declare; if they have another shape, give it"),
+     r"takes examples of shape \[\], as its layers declare; if they have another shape, give it as input_shape="),
     ([gd.Linear(3, 2)], (4,), r"layer 0 \(Linear\(3, 2\)\) takes 3 features but the model's input is 4; make layer 0 "
                               r"Linear\(4, \.\.\.\) or change input_shape"),
     ([gd.Flatten(end_dim=2), gd.Linear(6, 2)], (2, 3, 4),
@@ -347,3 +367,143 @@ def test_a_models_tracked_shapes_are_those_its_graph_builds():
     for k in range(1, len(model.layers) + 1):
         prefix = gd.Sequential(*model.layers[:k], input_shape=(3,))
         assert prefix.output_shape == prefix.graph().outputs[0].shape[1:]
+
+
+# -- convolution, pooling, normalisation, dropout -----------------------------------------
+
+
+def _cnn(p: float = 0.25, seed: int = 7) -> gd.Sequential:
+    gen = torch.Generator().manual_seed(0)
+    return gd.Sequential(gd.Reshape((1, 8, 8)), gd.Conv2d(1, 16, 3, padding=1, generator=gen), gd.BatchNorm2d(16),
+                         gd.ReLU(), gd.MaxPool2d(2), gd.Dropout(p, seed=seed), gd.Flatten(),
+                         gd.Linear(16 * 4 * 4, 10, generator=gen))
+
+
+def test_conv_layers_hold_pytorchs_layout_and_init():
+    """Conv2d at position k owns "{k}.weight" [out, in/groups, kh, kw] and "{k}.bias" [out],
+    uniform in +-1/sqrt(fan_in) as torch's kaiming_uniform_(a=sqrt(5)) draws them: the
+    same spread as torch's own Conv2d."""
+    model = gd.Sequential(gd.Reshape((4, 9, 9)), gd.Conv2d(4, 64, (3, 2), groups=2), gd.Conv2d(64, 8, 1, bias=False))
+    params = model.parameters()
+    assert {name: tuple(t.shape) for name, t in params.items()} == {
+        "1.weight": (64, 2, 3, 2), "1.bias": (64,), "2.weight": (8, 64, 1, 1)}
+    bound = 1 / math.sqrt(2 * 3 * 2)
+    torch_conv = torch.nn.Conv2d(4, 64, (3, 2), groups=2)
+    for mine, theirs in ((params["1.weight"], torch_conv.weight), (params["1.bias"], torch_conv.bias)):
+        assert mine.abs().max() <= bound and mine.abs().max() > 0.9 * bound
+        assert mine.std().item() == pytest.approx(theirs.detach().std().item(), rel=0.25)
+    assert gd.Conv1d(3, 5, 4).weight.shape == (5, 3, 4) and gd.Conv1d(3, 5, 4).bias.shape == (5,)
+    assert model.output_shape == (8, 7, 8)
+
+
+def test_batchnorm_running_statistics_are_state_not_parameters():
+    model = gd.Sequential(gd.Reshape((3, 2, 2)), gd.BatchNorm2d(3), gd.Flatten(), gd.LayerNorm(12), gd.Dropout(0.1))
+    assert list(model.parameters()) == ["1.weight", "1.bias", "3.weight", "3.bias"]
+    assert list(model.state()) == ["1.weight", "1.bias", "1.running_mean", "1.running_var", "3.weight", "3.bias",
+                                   "4.key"]
+    assert model.state()["4.key"].dtype == torch.float64 and model.graph().inputs["x"].dtype == torch.float32
+
+
+def test_the_mode_is_in_the_graph_and_its_text():
+    """The training graph normalises with the batch's statistics, drops, and returns the
+    buffers' next values; the inference graph reads the running statistics and does not
+    drop. Both print and parse back, and the Dropout's key is declared in both (it is
+    model state, which model files hold)."""
+    model = _cnn()
+    train, infer = model.graph(gd.CrossEntropy(), training=True), model.graph()
+    train_text, infer_text = str(train), str(infer)
+    assert "dropout_mask[p=0.25, seed=7] 5.key" in train_text and "dropout_mask" not in infer_text
+    assert "batch_norm %1, 2.running_mean, 2.running_var, 2.weight, 2.bias" in infer_text
+    assert "var[axis=(0, 2, 3), correction=1]" in train_text
+    assert train.output_labels == ("", "next/2.running_mean", "next/2.running_var", "next/5.key")
+    assert "5.key: f64[]" in infer_text and infer.outputs and len(infer.outputs) == 1
+    for text in (train_text, infer_text):
+        assert str(gd.parse(text)) == text
+
+
+def test_dropout_drops_p_in_training_and_is_the_identity_in_predict():
+    model = gd.Sequential(gd.Dropout(0.3, seed=1), input_shape=(50, 40))
+    X = torch.rand(20, 50, 40) + 1
+    (dropped, next_key) = gd.compile(model.graph(training=True))(x=X)
+    kept = (dropped != 0).double().mean().item()
+    assert abs(kept - 0.7) < 5 * (0.21 / X.numel()) ** 0.5
+    torch.testing.assert_close(dropped[dropped != 0], (X / 0.7)[dropped != 0])
+    assert float(next_key) == 1.0
+    assert torch.equal(model.predict(X), X)
+
+
+def test_dropout_is_reproduced_by_its_seed_and_the_model():
+    gen = torch.Generator().manual_seed(3)
+    X, labels = torch.rand(64, 64, generator=gen), torch.randint(0, 10, (64,), generator=gen)
+    runs = []
+    for seed in (7, 7, 8):
+        model = _cnn(0.5, seed)
+        model.fit(X, labels, loss=gd.CrossEntropy(), epochs=2, batch_size=16, seed=0, verbose=False)
+        runs.append(model.state())
+    assert all(torch.equal(a, b) for a, b in zip(runs[0].values(), runs[1].values(), strict=True))
+    assert not torch.equal(runs[0]["7.weight"], runs[2]["7.weight"])
+    torch.manual_seed(11)
+    a = gd.Dropout()
+    torch.manual_seed(11)
+    assert gd.Dropout().seed == a.seed != gd.Dropout().seed  # drawn from torch's RNG, as weights are
+
+
+def test_a_cnn_saves_and_loads_with_its_state(tmp_path):
+    model = gd.Sequential(gd.Reshape((2, 6)), gd.Conv1d(2, 4, 3, padding=(1,), dilation=1, bias=False),
+                          gd.BatchNorm1d(4), gd.LayerNorm((4, 6)), gd.Dropout(0.2), gd.Reshape((4, 2, 3)),
+                          gd.Conv2d(4, 2, (1, 2), stride=(1, 1)), gd.AvgPool2d((2, 1), padding=(1, 0)),
+                          gd.MaxPool2d(1, stride=2), gd.Flatten())
+    with torch.no_grad():
+        for t in model.state().values():
+            t.copy_(torch.randn_like(t).abs() + 0.5 if t.dim() else torch.tensor(5.0, dtype=t.dtype))
+    path = tmp_path / "cnn.gdl"
+    model.save(path)
+    again = gd.load(path)
+    assert again.config() == model.config() and str(again.graph()) == str(model.graph())
+    assert all(torch.equal(a, b) for a, b in zip(again.state().values(), model.state().values(), strict=True))
+    X = torch.randn(5, 12)
+    assert torch.equal(again.predict(X), model.predict(X))
+    assert str(again.graph(gd.MSE(), training=True)) == str(model.graph(gd.MSE(), training=True))
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: gd.Conv2d(0, 4, 3), "in_channels must be a whole number >= 1, got 0"),
+    (lambda: gd.Conv2d(3, 4, 3, stride=0), "stride must be a whole number >= 1, got 0"),
+    (lambda: gd.Conv2d(3, 4, (3, 3, 3)), r"kernel_size must be an int or 2 ints \(one per spatial dim\)"),
+    (lambda: gd.Conv2d(3, 4, 3, groups=2), "groups=2 must divide both in_channels=3 and out_channels=4"),
+    (lambda: gd.Conv1d(3, 4, 3, padding=-1), "padding must be a whole number >= 0, got -1"),
+    (lambda: gd.Conv2d(3, 4, 3, bias=1), "bias must be True or False, got 1"),
+    (lambda: gd.MaxPool2d(2, padding=2), "padding=2 must be at most half of kernel_size=2"),
+    (lambda: gd.AvgPool2d(0), "kernel_size must be a whole number >= 1, got 0"),
+    (lambda: gd.BatchNorm2d(4, momentum=1.5), r"momentum must be in \[0.0, 1.0\], got 1.5"),
+    (lambda: gd.BatchNorm1d(4, eps=0), "eps must be > 0"),
+    (lambda: gd.LayerNorm(()), "normalized_shape must name at least one dim"),
+    (lambda: gd.Dropout(1.5), r"p must be in \[0.0, 1.0\], got 1.5"),
+    (lambda: gd.Dropout(seed=-1), "seed must be a whole number"),
+])
+def test_conv_layer_settings_are_checked_where_they_are_given(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+@pytest.mark.parametrize("layers, shape, parts", [
+    ([gd.Reshape((1, 8, 8)), gd.Conv2d(2, 4, 3)],
+     None, [r"layer 1 \(Conv2d\(2, 4, kernel_size=3\)\) cannot take what layer 0 \(Reshape\(\(1, 8, 8\)\)\) gives",
+            r"x has 1 channel but the weight \[4,2,3,3\] takes 2",
+            "hint: make the layer's in_channels 1, or make the layer before it give 2 channels"]),
+    ([gd.Reshape((1, 2, 2)), gd.Conv2d(1, 4, 3)],
+     None, [r"the kernel \[3,3\] spans 3 along H \(dim 2\) but the input is only 2 there, 2 padded",
+            "hint: use a smaller kernel, padding of at least 1 along H, or a larger input"]),
+    ([gd.Linear(4, 8), gd.Conv2d(8, 4, 3)],
+     None, [r"x \[N,8\] must be 4-d, \[N, C, H, W\]", r"gd.Reshape\(\(C, H, W\)\)"]),
+    ([gd.Reshape((4, 8, 8)), gd.BatchNorm2d(3)],
+     None, [r"it normalises 3 channels \(dim 1\) but the values have 4", r"hint: make it BatchNorm2d\(4\)"]),
+    ([gd.Linear(4, 8), gd.BatchNorm2d(8)],
+     None, [r"BatchNorm2d takes \[N, C, H, W\] values, not examples of shape \[8\]",
+            r"hint: use BatchNorm1d for \[N, C\] or \[N, C, L\]"]),
+    ([gd.Reshape((4, 2, 2)), gd.MaxPool2d(3)],
+     None, [r"the pooling window 3 spans 3 along H \(dim 2\) but the input is only 2 there"]),
+    ([gd.LayerNorm(5)], (4, 6), [r"it normalises examples ending in \[5\]", "hint: make normalized_shape the last"]),
+])
+def test_a_conv_model_names_the_layer_the_shapes_and_the_fix(layers, shape, parts):
+    names(message(lambda: gd.Sequential(*layers, input_shape=shape)), *parts)

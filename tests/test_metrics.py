@@ -3,6 +3,8 @@ the sum over chunks of rows (data-parallel ranks) gives the metric of all of the
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +18,7 @@ skm = pytest.importorskip("sklearn.metrics", reason="the metrics' oracle is scik
 def _value(name, pred, y, decision, chunks=1):
     """The metric of all rows, from the statistics of `chunks` parts of them added up."""
     m = metrics.metric(name)
-    stats = sum(m.stats(p, t, decision) for p, t in zip(pred.tensor_split(chunks), y.tensor_split(chunks)))
+    stats = sum(m.stats(p, t, decision, y[:1]) for p, t in zip(pred.tensor_split(chunks), y.tensor_split(chunks)))
     return float(m.value(stats, metrics._multiclass(y, decision)))
 
 
@@ -86,6 +88,37 @@ def test_r2_equals_scikit_learns_uniform_average(outputs, chunks):
     flat = torch.ones(10, 1, dtype=torch.float64)
     assert _value("r2", flat, flat, "threshold") == skm.r2_score(flat.numpy(), flat.numpy()) == 1.0
     assert _value("r2", flat * 2, flat, "threshold") == skm.r2_score(flat.numpy(), 2 * flat.numpy()) == 0.0
+    assert math.isnan(_value("r2", flat[:1], flat[:1], "threshold"))  # scikit-learn: not defined for one row
+
+
+def test_r2_keeps_its_digits_for_targets_of_a_large_mean():
+    """Σy² - (Σy)²/n cancels for y = 1e8 + noise (it read 0.0 against 0.73); measured from
+    the first target, the spread keeps its digits, summed in chunks as over ranks."""
+    gen = torch.Generator().manual_seed(0)
+    y = 1e8 + torch.randn(1000, 1, generator=gen, dtype=torch.float64)
+    pred = y + 0.5 * torch.randn(1000, 1, generator=gen, dtype=torch.float64)
+    want = skm.r2_score(y.numpy(), pred.numpy())
+    for chunks in (1, 7):
+        assert _value("r2", pred, y, "threshold", chunks) == pytest.approx(want, rel=1e-9)
+
+
+def test_top_k_breaks_ties_as_scikit_learn_and_reads_one_output_as_yes_or_no():
+    gen = torch.Generator().manual_seed(1)
+    scores = torch.randint(0, 3, (500, 4), generator=gen).double()  # ties everywhere
+    labels = torch.randint(0, 4, (500,), generator=gen)
+    y = torch.eye(4)[labels]
+    for k in (1, 2, 3):
+        want = skm.top_k_accuracy_score(labels.numpy(), scores.numpy(), k=k, labels=np.arange(4))
+        assert _value(f"top_{k}_accuracy", scores, y, "argmax") == pytest.approx(want, abs=1e-12), k
+    logits = torch.randn(50, 1, generator=gen)
+    yes = (torch.rand(50, 1, generator=gen) > 0.5).float()
+    want = skm.top_k_accuracy_score(yes[:, 0].numpy(), logits[:, 0].numpy(), k=1)
+    assert _value("top_1_accuracy", logits, yes, "logit") == pytest.approx(want)
+    assert _value("top_k_accuracy", logits, yes, "logit") == 1.0
+
+
+def test_auc_of_nan_scores_is_nan():
+    assert math.isnan(float(metrics.auc(torch.tensor([0.1, float("nan"), 0.3]), torch.tensor([0.0, 1.0, 1.0]))))
 
 
 @pytest.mark.parametrize("n", [2, 9, 100, 1000])
@@ -149,3 +182,9 @@ def test_early_stopping_maximises_the_new_metrics_in_auto_mode():
     for name in ("val_precision", "val_recall", "val_f1", "val_auc", "val_r2", "top_5_accuracy"):
         assert gd.EarlyStopping(monitor=name)._watch.mode == "max", name
     assert gd.EarlyStopping(monitor="val_mse")._watch.mode == "min"
+
+
+def test_top_k_of_independent_yes_no_outputs_is_refused():
+    model = gd.Sequential(gd.Linear(2, 3))
+    with pytest.raises(ValueError, match="ranks one class per row"):
+        model.evaluate(torch.rand(4, 2), torch.ones(4, 3), loss=gd.BCEWithLogits(), metrics=["top_k_accuracy"])

@@ -46,9 +46,10 @@ def test_model_file_dtypes_are_checked_by_name():
 
 @pytest.mark.parametrize("method, names", [
     ("fit", ["X", "Y", "loss", "optimizer", "schedule", "epochs", "batch_size", "shuffle", "validation_data", "seed",
-             "verbose", "metrics", "threads", "distributed", "checkpoint", "resume", "callbacks", "validation_split"]),
+             "verbose", "metrics", "threads", "distributed", "checkpoint", "resume", "callbacks", "validation_split",
+             "clip_norm", "clip_value", "accumulate", "sample_weight", "class_weight"]),
     ("predict", ["X", "threads", "distributed"]),
-    ("evaluate", ["X", "Y", "loss", "metrics", "threads", "distributed"]),
+    ("evaluate", ["X", "Y", "loss", "metrics", "threads", "distributed", "sample_weight"]),
 ])
 def test_methods_show_their_real_signatures_and_docs(method, names):
     fn = getattr(gd.Sequential, method)

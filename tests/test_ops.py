@@ -31,6 +31,7 @@ class Case:
     shapes: list[tuple[int, ...]]
     domain: str = "any"  # "positive": inputs in (0.5, 2); "away": |x| > 0.1 (kinks)
     differentiable: bool = True
+    second_order: bool = True  # False: its VJP emits an op without a VJP of its own
     ints: dict[int, int] = field(default_factory=dict)  # input position -> n: i64 indices in [0, n), graph inputs
 
 
@@ -39,6 +40,105 @@ def _sum_to_ref(x: torch.Tensor, shape: tuple) -> torch.Tensor:
     x = x.sum(tuple(range(lead))) if lead else x
     kept = tuple(i for i, d in enumerate(shape) if d == 1 and x.shape[i] != 1)
     return x.sum(kept, keepdim=True) if kept else x
+
+
+def _conv_backward_ref(which: int, **attrs: object) -> Callable[..., torch.Tensor]:
+    """aten's convolution_backward for the input (0) or weight (1) gradient."""
+    def ref(g: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        d = w.dim() - 2
+        spread = lambda v: [v] * d if isinstance(v, int) else list(v)  # noqa: E731
+        mask = [which == 0, which == 1, False]
+        return torch.ops.aten.convolution_backward(
+            g, x, w, None, spread(attrs.get("stride", 1)), spread(attrs.get("padding", 0)),
+            spread(attrs.get("dilation", 1)), False, [0] * d, attrs.get("groups", 1), mask)[which]
+    return ref
+
+
+def _max_pool_backward_ref(g: torch.Tensor, x: torch.Tensor, **attrs: object) -> torch.Tensor:
+    y = x.detach().requires_grad_()
+    (gx,) = torch.autograd.grad(F.max_pool2d(y, **attrs), y, g, create_graph=True)
+    return gx
+
+
+def _max_pool_select_ref(c: torch.Tensor, x: torch.Tensor, **attrs: object) -> torch.Tensor:
+    _, idx = F.max_pool2d(x, **attrs, return_indices=True)
+    return c.flatten(2).gather(2, idx.flatten(2)).view_as(idx)
+
+
+def _splitmix_mask(key: float, shape: tuple[int, ...], seed: int, p: float) -> torch.Tensor:
+    """The dropout mask written out with Python's unbounded ints and unsigned wrap-around,
+    as splitmix64 is published: an oracle independent of torch's int64 arithmetic."""
+    full = 2**64 - 1
+    golden = 0x9E3779B97F4A7C15
+
+    def mix(z: int) -> int:
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & full
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & full
+        return z ^ (z >> 31)
+
+    stream = mix((int(key) * golden + seed) & full)
+    count = int(np.prod(shape))
+    kept = [mix((stream + (i + 1) * golden) & full) & (2**24 - 1) >= round(p * 2**24) for i in range(count)]
+    return torch.tensor(kept, dtype=torch.float64).reshape(shape) / (1 - p)
+
+
+def _batch_norm_ref(x: torch.Tensor, m: torch.Tensor, v: torch.Tensor, w: torch.Tensor,
+                    b: torch.Tensor) -> torch.Tensor:
+    """BatchNorm's formula with the statistics as differentiable inputs (torch's kernel
+    takes no gradient for the running statistics); checked against it below."""
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return (x - m.view(shape)) / torch.sqrt(v.view(shape) + 1e-5) * w.view(shape) + b.view(shape)
+
+
+def test_the_batch_norm_oracle_is_torchs_inference_batch_norm():
+    x, m, v, w, b = (torch.rand(s, dtype=torch.float64) + 0.5 for s in [(4, 3, 2, 2), (3,), (3,), (3,), (3,)])
+    torch.testing.assert_close(_batch_norm_ref(x, m, v, w, b), F.batch_norm(x, m, v, w, b, training=False))
+
+
+CONV_CASES = [
+    Case("conv1d", lambda x, w, b: gd.conv1d(x, w, b, stride=2, padding=1, dilation=2, groups=2),
+         lambda x, w, b: F.conv1d(x, w, b, stride=2, padding=1, dilation=2, groups=2), [(2, 4, 9), (6, 2, 3), (6,)]),
+    Case("conv1d", gd.conv1d, F.conv1d, [(2, 3, 7), (4, 3, 3)]),
+    Case("conv2d", lambda x, w, b: gd.conv2d(x, w, b, stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2),
+         lambda x, w, b: F.conv2d(x, w, b, stride=(2, 1), padding=(1, 0), dilation=(1, 2), groups=2),
+         [(2, 4, 6, 5), (6, 2, 3, 2), (6,)]),
+    Case("conv2d", lambda x, w: gd.conv2d(x, w, padding=1), lambda x, w: F.conv2d(x, w, padding=1),
+         [(1, 3, 4, 4), (2, 3, 3, 3)]),
+    Case("conv_backward_input", lambda g, x, w: gd.ops.conv_backward_input(g, x, w, stride=2, padding=1),
+         _conv_backward_ref(0, stride=2, padding=1), [(2, 4, 3, 3), (2, 3, 6, 5), (4, 3, 3, 3)]),
+    Case("conv_backward_weight", lambda g, x, w: gd.ops.conv_backward_weight(g, x, w, stride=2, padding=1, groups=3),
+         _conv_backward_ref(1, stride=2, padding=1, groups=3), [(2, 6, 3, 3), (2, 3, 6, 5), (6, 1, 3, 3)]),
+    Case("conv_backward_input", lambda g, x, w: gd.ops.conv_backward_input(g, x, w, dilation=2),
+         _conv_backward_ref(0, dilation=2), [(2, 4, 3), (2, 3, 7), (4, 3, 3)]),
+    Case("max_pool2d", lambda x: gd.max_pool2d(x, 3, stride=2, padding=1),
+         lambda x: F.max_pool2d(x, 3, stride=2, padding=1), [(2, 3, 6, 5)]),
+    Case("max_pool2d", lambda x: gd.max_pool2d(x, (2, 3)), lambda x: F.max_pool2d(x, (2, 3)), [(1, 2, 4, 6)]),
+    Case("max_pool2d_backward", lambda g, x: gd.ops.max_pool2d_backward(g, x, 3, stride=2, padding=1),
+         lambda g, x: _max_pool_backward_ref(g, x, kernel_size=3, stride=2, padding=1), [(2, 3, 3, 3), (2, 3, 6, 5)]),
+    Case("max_pool2d_select", lambda c, x: gd.ops.max_pool2d_select(c, x, 3, stride=2, padding=1),
+         lambda c, x: _max_pool_select_ref(c, x, kernel_size=3, stride=2, padding=1), [(2, 3, 6, 5), (2, 3, 6, 5)]),
+    Case("avg_pool2d", lambda x: gd.avg_pool2d(x, 3, stride=2, padding=1),
+         lambda x: F.avg_pool2d(x, 3, stride=2, padding=1), [(2, 3, 6, 5)]),
+    Case("avg_pool2d", lambda x: gd.avg_pool2d(x, 2, padding=1, count_include_pad=False),
+         lambda x: F.avg_pool2d(x, 2, padding=1, count_include_pad=False), [(1, 2, 5, 4)]),
+    Case("avg_pool2d_backward", lambda g, x: gd.ops.avg_pool2d_backward(g, x, 3, stride=2, padding=1),
+         lambda g, x: torch.ops.aten.avg_pool2d_backward(g, x, [3, 3], [2, 2], [1, 1], False, True, None),
+         [(2, 3, 3, 3), (2, 3, 6, 5)]),
+    Case("rsqrt", gd.rsqrt, torch.rsqrt, [(3, 4)], "positive"),
+    Case("var", lambda x: gd.var(x, axis=0), lambda x: x.var(0, correction=0), [(3, 4)]),
+    Case("var", lambda x: gd.var(x, axis=(0, 2), keepdims=True, correction=1),
+         lambda x: x.var((0, 2), keepdim=True, correction=1), [(3, 2, 4)]),
+    Case("batch_norm", gd.batch_norm,  # inference: the statistics given
+         _batch_norm_ref, [(4, 3, 2, 2), (3,), (3,), (3,), (3,)],
+         "positive"),
+    Case("batch_norm", lambda x, w, b: gd.batch_norm(x, gd.mean(x, axis=(0, 2)), gd.var(x, axis=(0, 2)), w, b),
+         lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True),  # training: the batch's statistics
+         [(4, 3, 5), (3,), (3,)]),
+    Case("layer_norm", gd.layer_norm, lambda x, w, b: F.layer_norm(x, (4, 5), w, b), [(3, 4, 5), (4, 5), (4, 5)]),
+    Case("layer_norm", gd.layer_norm, lambda x, w, b: F.layer_norm(x, (5,), w, b), [(3, 5), (5,), (5,)]),
+    Case("dropout_mask", lambda k, x: gd.dropout_mask(k, x, p=0.3, seed=5),
+         lambda k, x: _splitmix_mask(k.item(), tuple(x.shape), 5, 0.3), [(), (6, 7)], differentiable=False),
+]
 
 
 CASES = [
@@ -90,6 +190,7 @@ CASES = [
     Case("tanh_backward", gd.ops.tanh_backward, lambda g, y: g * (1 - y * y), [(3, 4), (3, 4)]),
     Case("sigmoid_backward", gd.ops.sigmoid_backward, lambda g, y: g * y * (1 - y), [(3, 4), (3, 4)]),
     Case("mse_backward", gd.ops.mse_backward, lambda g, a, b: g * 2 * (a - b) / a.numel(), [(), (5, 1), (5, 1)]),
+    *CONV_CASES,
 ]
 
 
@@ -165,6 +266,13 @@ CASES_BEYOND_2D = [
          "away"),
     Case("silu", gd.silu, lambda x: _aten.silu(x), [(3, 4)]),
     Case("silu", gd.silu, lambda x: _aten.silu(x), [(2, 1, 3, 2)]),
+    # reductions and broadcasting, which were rank-general already, at ranks 3 and 4
+    Case("sum", lambda x: gd.sum(x, axis=(1, 3)), lambda x: x.sum((1, 3)), [(2, 3, 2, 2)]),
+    Case("mean", lambda x: gd.mean(x, axis=(0, 2), keepdims=True), lambda x: x.mean((0, 2), keepdim=True),
+         [(2, 3, 4)]),
+    Case("add", gd.add, torch.add, [(2, 1, 3, 2), (3, 1)]),
+    Case("mul", gd.mul, torch.mul, [(2, 3, 1), (1, 3, 4)]),
+    Case("softmax", lambda x: gd.softmax(x, axis=1), lambda x: torch.softmax(x, 1), [(2, 3, 2, 2)]),
 ]
 CASES += CASES_BEYOND_2D
 
@@ -296,7 +404,7 @@ def test_vjp_matches_torch_autograd(case: Case):
         torch.testing.assert_close(got, want)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.differentiable], ids=_id)
+@pytest.mark.parametrize("case", [c for c in CASES if c.differentiable and c.second_order], ids=_id)
 def test_second_order_matches_torch_autograd(case: Case):
     """grad of a gradient graph: d/da sum(dL/da * dL/da), against autograd's double backward."""
     tensors = _inputs(case, seed=2)
@@ -410,10 +518,12 @@ def _accepted_builds():
     for name, op in gd.OPS.items():
         if op.arity == 0 or name in COLLECTIVES:
             continue
-        arity = 2 if op.arity == gd.ops.VARIADIC else op.arity
-        for shapes in itertools.product(SHAPES, repeat=arity):
-            if arity == 3 and len({len(s) for s in shapes[1:]}) > 1 and not op.indices:
-                continue  # addmm and mse_backward: keep the grid small
+        arities = (2, 3) if op.arity == gd.ops.VARIADIC else (op.arity,)  # conv: with and without a bias
+        for shapes in (s for arity in arities for s in itertools.product(SHAPES, repeat=arity)):
+            if len(shapes) == 3 and len({len(s) for s in shapes[1:]}) > 1 and not op.indices:
+                continue  # addmm, mse_backward, the convolutions: keep the grid small
+            if len(shapes) > 3 and len(set(shapes[1:])) > 1:
+                continue  # batch_norm: its statistics and affine params share one shape
             for attrs in ATTRS.get(name, [{}]):
                 g = gd.Graph("rule")
                 values = [g.input(f"a{i}", s, torch.int64 if i in op.indices else torch.float64)
@@ -762,3 +872,128 @@ def test_reductions_and_broadcasting_at_rank_3_and_4(rank):
     torch.testing.assert_close(got[0], want.detach())
     for a, e in zip(got[1:], torch.autograd.grad(want, [xs, bs]), strict=True):
         torch.testing.assert_close(a, e)
+
+
+def test_integer_indices_move_through_the_shape_ops_and_stay_i64():
+    g = gd.Graph("g")
+    i = g.input("i", (None, 2, 3), torch.int64)
+    moved = gd.concat(gd.slice(gd.permute(i, (0, 2, 1)), 1, 1), gd.reshape(gd.slice(i, 2, 0, 2), (None, 2, 2)), axis=1)
+    table = g.param("t", torch.arange(12.0).reshape(6, 2))
+    g.output(moved, gd.index_select(table, moved, axis=0))
+    assert moved.dtype == torch.int64 and moved.shape == ("N", 4, 2)
+    ids = torch.randint(0, 6, (3, 2, 3), generator=torch.Generator().manual_seed(0))
+    want = torch.cat([ids.permute(0, 2, 1)[:, 1:], ids[:, :, 0:2].reshape(3, 2, 2)], 1)
+    got, rows = gd.compile(g)(i=ids)
+    assert torch.equal(got, want) and torch.equal(rows, table.data[want])
+
+
+# -- convolution, pooling, normalisation and dropout: what is wrong and how to fix it ---------
+
+
+def _conv_error(x: tuple, w: tuple, **attrs: object) -> str:
+    g = gd.Graph("g")
+    op = gd.conv1d if len(w) == 3 else gd.conv2d
+    return message(lambda: op(g.input("x", x), g.param("w", torch.zeros(w)), **attrs))
+
+
+@pytest.mark.parametrize("x, w, attrs, parts", [
+    ((None, 1, 2, 2), (4, 1, 3, 3), {},
+     [r"the kernel \[3,3\] spans 3 along H \(dim 2\) but the input is only 2 there, 2 padded",
+      "hint: use a smaller kernel, padding of at least 1 along H, or a larger input"]),
+    ((None, 1, 9, 4), (4, 1, 3, 3), {"dilation": (1, 2)},
+     [r"dilated by \(1, 2\) spans 5 along W \(dim 3\) but the input is only 4 there", "padding of at least 1"]),
+    ((None, 1, 8, 8), (4, 1, 3, 3), {"stride": (1, 0)},
+     [r"stride=\(1, 0\): a zero stride would never move the window", "hint: use stride=1 or more"]),
+    ((None, 3, 8, 8), (4, 2, 3, 3), {},
+     [r"x has 3 channels but the weight \[4,2,3,3\] takes 2",
+      "hint: make the layer's in_channels 3, or make the layer before it give 2 channels"]),
+    ((None, 4, 8, 8), (6, 1, 3, 3), {"groups": 2},
+     [r"takes 2 \(1 per group x 2 groups\)"]),
+    ((None, 4, 8, 8), (6, 2, 3, 3), {"groups": 3},
+     ["groups=3 does not divide x's 4 channels", "hint: groups must divide both in_channels and out_channels"]),
+    ((None, 64), (4, 1, 3, 3), {},
+     [r"x \[N,64\] must be 4-d, \[N, C, H, W\]",
+      r"hint: conv2d reads channels-first values .* gd.Reshape\(\(C, H, W\)\)"]),
+    ((None, 2, 8), (4, 2, 3, 3), {}, [r"x \[N,2,8\] must be 4-d"]),
+    ((None, 2, 8), (4, 2, 3), {"padding": -1}, [r"padding=-1: each must be >= 0"]),
+    ((None, 2, 8), (4, 2, 3), {"stride": (1, 1)}, [r"stride=\(1, 1\) must be an int or 1 int, one per spatial dim"]),
+    ((None, "C", 8), (4, 2, 3), {}, [r"x \[N,C,8\] has a symbolic C \(dim 1\)"]),
+])
+def test_conv_shape_errors_say_what_is_wrong_and_how_to_fix_it(x, w, attrs, parts):
+    msg = _conv_error(x, w, **attrs)
+    names(msg, rf"^conv{len(w) - 2}d %0\(x: ", *parts, HERE)
+
+
+def test_a_conv_bias_must_have_one_entry_per_out_channel():
+    g = gd.Graph("g")
+    msg = message(gd.conv2d, g.input("x", (None, 1, 4, 4)), g.param("w", torch.zeros(3, 1, 2, 2)),
+                  g.param("b", torch.zeros(2)))
+    names(msg, r"bias \[2\] must be \[3\], one per out_channel")
+
+
+@pytest.mark.parametrize("attrs, parts", [
+    ({"kernel_size": 5}, [r"the pooling window 5 spans 5 along H \(dim 2\) but the input is only 4 there"]),
+    ({"kernel_size": 2, "padding": 2},
+     [r"padding=2 is more than half the kernel size 2", "hint: use padding of at most 1"]),
+    ({"kernel_size": 2, "stride": 0}, [r"stride=0: a zero stride would never move the window"]),
+    ({"kernel_size": 0}, [r"kernel_size=0: each must be >= 1"]),
+])
+@pytest.mark.parametrize("pool", [gd.max_pool2d, gd.avg_pool2d])
+def test_pool_shape_errors(pool, attrs, parts):
+    g = gd.Graph("g")
+    names(message(lambda: pool(g.input("x", (None, 3, 4, 6)), **attrs)), rf"^{pool.name} %0", *parts, HERE)
+
+
+def test_normalisation_shape_errors():
+    g = gd.Graph("g")
+    x = g.input("x", (None, 3, 4, 4))
+    c, d = g.param("c", torch.ones(3)), g.param("d", torch.ones(4))
+    names(message(gd.batch_norm, x, c, d, c, c), r"var \[4\] must be \[3\], one per channel of x \[N,3,4,4\]")
+    names(message(gd.batch_norm, x, c, c, d, c), r"weight \[4\] must be \[3\]", "hint: make the layer's num_features 3")
+    names(message(gd.batch_norm, x, c, c, c, c, eps=0.0), "eps=0.0 must be a finite number > 0")
+    names(message(gd.layer_norm, x, c, c), r"x \[N,3,4,4\] does not end in the normalised shape \[3\]",
+          "hint: make the layer's normalized_shape the last dims of its input")
+    names(message(gd.var, x, axis=1, correction=-1), "correction=-1 must be a whole number >= 0")
+
+
+def test_dropout_mask_errors():
+    g = gd.Graph("g")
+    x = g.input("x", (None, 3))
+    key = g.param("key", torch.zeros((), dtype=torch.float64))
+    names(message(gd.dropout_mask, g.param("k32", torch.zeros(())), x),
+          r"the key k32 is f32\[\]; a key is an f64\[\] step counter")
+    names(message(gd.dropout_mask, key, x, p=1.5), r"p=1.5 must be a probability in \[0, 1\]")
+    names(message(gd.dropout_mask, key, x, seed=-1), r"seed=-1 must be a whole number from 0 to 2\*\*63 - 1")
+
+
+def test_a_dropout_mask_keeps_one_minus_p_and_scales_what_it_keeps():
+    """Over 100,000 elements the kept fraction is 1 - p within 5 standard deviations, every
+    kept element is 1/(1 - p), neighbouring elements and consecutive keys are uncorrelated,
+    and the mask is the same for the same key, seed and shape."""
+    g = gd.Graph("g")
+    x = g.input("x", (None, 1000))
+    key = g.input("key", (), torch.float64)
+    g.output(gd.dropout_mask(key, x, p=0.3, seed=11), gd.dropout_mask(key + 1.0, x, p=0.3, seed=11),
+             gd.dropout_mask(key, x, p=0.3, seed=12))
+    fn = gd.compile(g)
+    X = torch.zeros(100, 1000)
+    m, next_key, other_seed = fn(x=X, key=torch.tensor(7.0, dtype=torch.float64))
+    kept = (m > 0).double()
+    sd = (0.3 * 0.7 / kept.numel()) ** 0.5
+    assert abs(kept.mean().item() - 0.7) < 5 * sd
+    assert torch.equal(m[m > 0], torch.full_like(m[m > 0], 1 / 0.7))
+    flat = kept.flatten() - 0.7
+    for other in (flat.roll(1), (next_key > 0).double().flatten() - 0.7, (other_seed > 0).double().flatten() - 0.7):
+        assert abs((flat * other).mean().item()) / 0.21 < 5 / kept.numel() ** 0.5  # correlation within 5 sd
+    again = fn(x=X, key=torch.tensor(7.0, dtype=torch.float64))
+    assert all(torch.equal(a, b) for a, b in zip(again, (m, next_key, other_seed)))
+    assert not torch.equal(m, next_key)
+
+
+@pytest.mark.parametrize("p", [0.0, 1.0])
+def test_a_dropout_mask_at_the_ends_keeps_all_or_nothing(p):
+    g = gd.Graph("g")
+    x = g.input("x", (None, 7))
+    g.output(gd.dropout_mask(g.param("key", torch.tensor(3.0, dtype=torch.float64)), x, p=p))
+    (m,) = gd.compile(g)(x=torch.zeros(5, 7))
+    assert torch.equal(m, torch.full((5, 7), 1.0 - p))

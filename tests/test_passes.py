@@ -242,6 +242,27 @@ def test_pipeline_logs_the_ir_after_each_pass_and_reaches_a_fixed_point():
         assert not apply(opt, pass_fn)[1], name
 
 
+def test_the_passes_treat_a_dropout_mask_as_the_pure_function_it_is():
+    """A mask is a function of its key, seed, p and shape: CSE merges only masks of the same
+    key and attrs (which are equal), keeps those of different keys or seeds apart, and
+    fold never computes one at compile time; the training graph's result is unchanged."""
+    g = gd.Graph("drop")
+    x = g.input("x", (None, 6), torch.float64)
+    key = g.param("key", torch.tensor(4.0, dtype=torch.float64))
+    same = [gd.dropout_mask(key, x, p=0.5, seed=1) for _ in range(2)]
+    apart = [gd.dropout_mask(key + 1.0, x, p=0.5, seed=1), gd.dropout_mask(key, x, p=0.5, seed=2)]
+    g.output(gd.sum(x * same[0] + x * same[1] + x * apart[0] + x * apart[1]))
+    feeds = {"x": torch.rand(5, 6, dtype=torch.float64)}
+    merged, changed = apply(g, cse)
+    assert changed and ops_of(merged).count("dropout_mask") == 3
+    assert ops_of(apply(g, fold)[0]).count("dropout_mask") == 4
+    torch.testing.assert_close(run(pipeline(g.copy()[0]), feeds), run(g, feeds), rtol=0, atol=0)
+    masks = gd.Graph("masks")
+    masks.output(gd.dropout_mask(masks.param("key", torch.tensor(0.0, dtype=torch.float64)),
+                                 masks.input("x", (None, 6), torch.float64)))
+    assert ops_of(apply(masks, dce)[0]) == ["dropout_mask"]  # a mask that is returned stays
+
+
 # -- memory planning ------------------------------------------------------------------------
 
 

@@ -390,6 +390,33 @@ def test_cuda_train_step_captures_once_and_replays():
 
 
 @needs_cuda
+def test_cuda_captured_cnn_matches_uncaptured_with_its_state(monkeypatch):
+    """A CNN with BatchNorm and Dropout on the GPU: the captured epochs draw each step's
+    mask from the key on the device and move the running statistics, as uncaptured ones do
+    (and as on the CPU: the mask is the same hash on every device)."""
+    gen = torch.Generator().manual_seed(0)
+    X, labels = torch.rand(200, 64, generator=gen), torch.randint(0, 10, (200,), generator=gen)
+    runs = {}
+    for device, captured in (("cuda", True), ("cuda", False), ("cpu", False)):
+        monkeypatch.setenv("GRAPHDL_CUDA_GRAPHS", "1" if captured else "0")
+        torch.manual_seed(1)
+        model = gd.Sequential(gd.Reshape((1, 8, 8)), gd.Conv2d(1, 8, 3, padding=1), gd.BatchNorm2d(8), gd.ReLU(),
+                              gd.MaxPool2d(2), gd.Dropout(0.25), gd.Flatten(), gd.Linear(128, 10)).to(device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback note
+            history = model.fit(X.to(device), labels.to(device), loss=gd.CrossEntropy(),
+                                optimizer=gd.SGD(lr=0.05, momentum=0.9), epochs=3, batch_size=32, seed=0,
+                                verbose=False)
+        runs[(device, captured)] = history["loss"], {k: t.cpu() for k, t in model.state().items()}
+    (la, sa), (lb, sb), (lc, sc) = runs[("cuda", True)], runs[("cuda", False)], runs[("cpu", False)]
+    assert la == pytest.approx(lb, rel=1e-4) and lb == pytest.approx(lc, rel=1e-3)
+    assert float(sa["5.key"]) == float(sb["5.key"]) == float(sc["5.key"]) == 21.0  # 3 epochs of 7 steps
+    for name in sa:
+        torch.testing.assert_close(sa[name], sb[name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(sb[name], sc[name], rtol=1e-3, atol=1e-4)
+
+
+@needs_cuda
 def test_cuda_fit_of_a_model_without_trainable_params_reads_its_epoch():
     """No params: the largest-magnitude check is a CPU 0 that must join the epoch's CUDA numbers."""
     X, Y = disk_data(n=100, device="cuda")
@@ -409,3 +436,49 @@ def test_large_arenas_are_let_go_between_epochs_small_ones_kept():
         with torch.inference_mode():
             step.epoch(X, Y, 300, None, 0.01)
         assert bool(step._arenas) is kept
+
+
+def test_a_train_step_refuses_params_that_share_elements_before_any_update():
+    """fit refused these; TrainStep trained the shared elements twice a step, silently, and
+    an expanded param failed inside torch after part of an update."""
+    X, Y = torch.rand(6, 3), torch.rand(6, 4)
+    model = gd.Sequential(gd.Linear(3, 4), gd.Tanh(), gd.Linear(4, 4))
+    buf = torch.zeros(6)
+    model.layers[0].bias, model.layers[2].bias = buf[0:4], buf[2:6]
+    with pytest.raises(ValueError, match="update those elements twice"):
+        gd.TrainStep(model, gd.MSE(), gd.SGD(lr=0.1))(X, Y, 0.1)
+    model = gd.Sequential(gd.Linear(3, 4), gd.Tanh(), gd.Linear(4, 2))
+    model.layers[2].bias = torch.zeros(1).expand(2)
+    before = model.layers[0].weight.clone()
+    with pytest.raises(ValueError, match="param 2.bias"):
+        gd.TrainStep(model, gd.MSE(), gd.SGD(lr=0.1))(X, Y[:, :2], 0.1)
+    assert torch.equal(model.layers[0].weight, before)
+
+
+def test_captured_epochs_update_batchnorm_and_dropout_state_as_the_plain_step(monkeypatch):
+    """The buffers' next values are written inside the captured epoch, and the masks are
+    made from the key on the device: a replay draws each step's fresh mask and moves the
+    running statistics, as the uncaptured fit does, bit for bit."""
+    def cnn() -> gd.Sequential:
+        gen = torch.Generator().manual_seed(4)
+        return gd.Sequential(gd.Reshape((1, 4, 4)), gd.Conv2d(1, 3, 3, padding=1, generator=gen), gd.BatchNorm2d(3),
+                             gd.ReLU(), gd.MaxPool2d(2), gd.Dropout(0.5, seed=2), gd.Flatten(),
+                             gd.Linear(12, 2, generator=gen))
+
+    gen = torch.Generator().manual_seed(0)
+    X, labels = torch.rand(30, 16, generator=gen), torch.randint(0, 2, (30,), generator=gen)
+    settings = dict(loss=gd.CrossEntropy(), optimizer=gd.SGD(lr=0.1, momentum=0.9), epochs=3, batch_size=8, seed=1,
+                    verbose=False)
+    plain = cnn()
+    plain_history = plain.fit(X, labels, **settings)
+    graphs = RecordedGraphs()
+    monkeypatch.setattr(step_module, "_GRAPHS", graphs)
+    captured = cnn()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # capture applies: no fallback note
+        history = captured.fit(X, labels, **settings)
+    assert (graphs.captures, graphs.replays) == (1, 3)
+    assert history["loss"] == plain_history["loss"]
+    assert float(captured.state()["5.key"]) == 12.0  # 3 epochs of 4 steps
+    for name, t in plain.state().items():
+        assert torch.equal(captured.state()[name], t), name

@@ -169,7 +169,8 @@ def test_metrics_are_counted_exactly_whatever_the_dtype():
     the count is exact."""
     pred = torch.cat([torch.ones(1501, 1), torch.zeros(1500, 1)]).half()
     assert gd.train.accuracy(pred, torch.ones(3001, 1).half()) == 1501 / 3001
-    total, count = gd.train.METRICS["mse"].stats(pred, torch.zeros(3001, 1).half(), "threshold")  # a sum, a count
+    zeros = torch.zeros(3001, 1).half()
+    total, count = gd.train.METRICS["mse"].stats(pred, zeros, "threshold", zeros[:1])  # a sum, a count
     assert (total.dtype, float(total), float(count)) == (torch.float64, 1501.0, 3001.0)
 
 
@@ -366,8 +367,10 @@ X_NAN = torch.tensor([[0.1, 0.2], [0.3, float("nan")], [0.5, 0.6]])
     ((torch.rand(3, 2), torch.tensor([[0.0], [float("inf")], [1.0]])), {}, r"Y has NaN or inf .* Y\[1, 0\] = inf"),
     ((), {"validation_data": (X_NAN, torch.rand(3, 1))}, r"X \(validation\) has NaN or inf values"),
     ((torch.rand(0, 2), torch.rand(0, 1)), {}, "X and Y have no examples"),
-    ((), {"validation_data": torch.rand(3, 2)}, r"validation_data must be a pair \(X_val, Y_val\), got Tensor"),
-    ((), {"validation_data": (1, 2, 3)}, "validation_data must be a pair .* got tuple of length 3"),
+    ((), {"validation_data": torch.rand(3, 2)}, r"validation_data must be a pair \(X_val, Y_val\) or a triple "
+                                                r"\(X_val, Y_val, weights\), got Tensor"),
+    ((), {"validation_data": (1, 2, 3, 4)}, "validation_data must be a pair .* got tuple of length 4"),
+    ((), {"validation_data": (1, 2, 3)}, "validation_data's sample weights must be a 1-d float tensor"),
     ((), {"seed": 1.5}, r"seed must be a whole number in \[-9223372036854775808, 18446744073709551615\], got 1.5"),
     ((), {"schedule": 3}, "schedule must be a graphdl schedule such as gd.StepDecay"),
     ((), {"schedule": lambda epoch, lr: -lr}, "gave lr=-0.01 for epoch 1; a learning rate must be a finite number"),
@@ -492,3 +495,194 @@ def test_an_epoch_whose_replay_stays_finite_is_rolled_back_whole(monkeypatch):
     names(str(err.value), "diverged in epoch 2/5", "the batch is unknown", "params from the start of that epoch")
     assert err.value.batch is None and err.value.history.epochs == 1
     assert all(torch.equal(v, before[k]) for k, v in model.parameters().items())
+
+
+# -- beyond two dims: a net of an Embedding, Flatten, Reshape and the new activations -----------------
+
+
+def _sequence_model(dtype: torch.dtype) -> tuple[gd.Sequential, torch.nn.Sequential]:
+    """The net in graphdl and its torch twin by hand (not through to_torch), with the same weights."""
+    gen = torch.Generator().manual_seed(4)
+    model = gd.Sequential(gd.Embedding(13, 4, gen, dtype), gd.Flatten(), gd.GELU(), gd.Linear(12, 8, gen, dtype),
+                          gd.LeakyReLU(0.1), gd.Linear(8, 8, gen, dtype), gd.SiLU(), gd.Reshape((2, 4)),
+                          gd.GELU(approximate="tanh"), gd.Flatten(), gd.Linear(8, 3, gen, dtype), input_shape=(3,))
+    nn = torch.nn
+    twin = nn.Sequential(nn.Embedding(13, 4), nn.Flatten(), nn.GELU(), nn.Linear(12, 8), nn.LeakyReLU(0.1),
+                         nn.Linear(8, 8), nn.SiLU(), nn.Unflatten(1, (2, 4)), nn.GELU(approximate="tanh"), nn.Flatten(),
+                         nn.Linear(8, 3)).to(dtype)
+    with torch.no_grad():
+        twin[0].weight.copy_(model.layers[0].weight)
+        for k in (3, 5, 10):
+            twin[k].weight.copy_(model.layers[k].weight.T)
+            twin[k].bias.copy_(model.layers[k].bias)
+    return model, twin
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_net_beyond_2d_follows_torch_in_training(dtype):
+    """Same weights, same batches (a partial one last), SGD with momentum and weight decay,
+    CrossEntropy on class labels: the same losses epoch by epoch and the same weights at the end."""
+    model, twin = _sequence_model(dtype)
+    gen = torch.Generator().manual_seed(5)
+    X, labels = torch.randint(0, 13, (30, 3), generator=gen), torch.randint(0, 3, (30,), generator=gen)
+    history = model.fit(X, labels, loss=gd.CrossEntropy(), optimizer=gd.SGD(lr=0.1, momentum=0.9, weight_decay=0.01),
+                        epochs=4, batch_size=7, shuffle=False, verbose=False)
+    opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
+    expected = []
+    for _ in range(4):
+        total = 0.0
+        for s in range(0, 30, 7):
+            opt.zero_grad()
+            value = torch.nn.functional.cross_entropy(twin(X[s:s + 7]), labels[s:s + 7])
+            value.backward()
+            opt.step()
+            total += value.item() * len(X[s:s + 7])
+        expected.append(total / 30)
+    tol = {"rel": 1e-12} if dtype == torch.float64 else {"rel": 1e-5, "abs": 1e-6}
+    assert history["loss"] == pytest.approx(expected, **tol)
+    assert history["loss"][-1] < history["loss"][0]  # it learns
+    close = {"rtol": 1e-12, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
+    torch.testing.assert_close(model.layers[0].weight, twin[0].weight.detach(), **close)
+    for k in (3, 5, 10):
+        torch.testing.assert_close(model.layers[k].weight, twin[k].weight.detach().T, **close)
+        torch.testing.assert_close(model.layers[k].bias, twin[k].bias.detach(), **close)
+    with torch.no_grad():
+        torch.testing.assert_close(model.predict(X), twin(X), **close)
+
+
+def test_fit_checks_examples_of_any_rank_against_the_models_input():
+    model, _ = _sequence_model(torch.float32)
+    Y = torch.rand(4, 3)
+    names(_value_error(lambda: model.fit(torch.zeros(4, 3, 1).long(), Y, verbose=False)),
+          r"X must be 2-d \[examples, features\], got shape \[4, 3, 1\]")
+    names(_value_error(lambda: model.fit(torch.zeros(4, 5).long(), Y, verbose=False)),
+          "X has 5 features but the model takes 3")
+    images = gd.Sequential(gd.Flatten(), gd.Linear(12, 1), input_shape=(3, 4))
+    names(_value_error(lambda: images.fit(torch.rand(4, 12), torch.rand(4, 1), verbose=False)),
+          r"X must be 3-d \[examples, 3, 4\], got shape \[4, 12\]")
+    names(_value_error(lambda: images.fit(torch.rand(4, 4, 3), torch.rand(4, 1), verbose=False)),
+          r"X holds examples of shape \[4, 3\] but the model takes \[3, 4\]")
+    bad = torch.rand(4, 3, 4)
+    bad[2, 1, 3] = float("nan")
+    names(_value_error(lambda: images.fit(bad, torch.rand(4, 1), verbose=False)),
+          r"X has NaN or inf values, first at X\[2, 1, 3\] = nan")
+
+
+def _value_error(call) -> str:
+    with pytest.raises(ValueError) as err:
+        call()
+    return str(err.value)
+
+
+# -- nets beyond two dims: convolution, pooling, BatchNorm and Dropout against PyTorch -------
+
+
+class _TwinDropout(torch.nn.Module):
+    """torch's side of gd.Dropout: the same mask (graphdl's, a function of the seed and the
+    step's key: tests/test_ops.py checks it against splitmix64 itself), the key counted here."""
+
+    def __init__(self, layer: gd.Dropout) -> None:
+        super().__init__()
+        self.p, self.seed, self.key = layer.p, layer.seed, float(layer.key)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        from graphdl.ops.random import dropout_mask_kernel
+        mask = dropout_mask_kernel(torch.tensor(self.key, dtype=torch.float64), x.detach(), self.seed, self.p)
+        self.key += 1
+        return x * mask
+
+
+def _conv_twin(model: gd.Sequential) -> torch.nn.Sequential:
+    """The same net in torch.nn, with copies of the same weights and running statistics."""
+    from graphdl.interop import TORCH_LAYERS
+    rows = {row.layer: row for row in TORCH_LAYERS}
+    modules = []
+    for layer in model.layers:
+        if isinstance(layer, gd.Reshape):
+            modules.append(torch.nn.Unflatten(1, layer.shape))
+        elif isinstance(layer, gd.Flatten):
+            modules.append(torch.nn.Flatten())
+        elif isinstance(layer, gd.Dropout):
+            modules.append(_TwinDropout(layer))
+        else:
+            modules.append(rows[type(layer)].to_module(layer))
+    return torch.nn.Sequential(*modules)
+
+
+def _conv_net(dtype: torch.dtype, p: float = 0.0) -> gd.Sequential:
+    gen = torch.Generator().manual_seed(5)
+    return gd.Sequential(
+        gd.Reshape((2, 6, 6)),
+        gd.Conv2d(2, 4, 3, padding=1, generator=gen, dtype=dtype), gd.BatchNorm2d(4, momentum=0.2, dtype=dtype),
+        gd.ReLU(), gd.MaxPool2d(2),  # [4, 3, 3]
+        gd.Conv2d(4, 6, 2, groups=2, generator=gen, dtype=dtype), gd.Dropout(p, seed=9),  # [6, 2, 2]
+        gd.AvgPool2d(2, stride=1),  # [6, 1, 1]
+        gd.Flatten(), gd.Linear(6, 3, generator=gen, dtype=dtype))
+
+
+def _seq_net(dtype: torch.dtype, p: float = 0.0) -> gd.Sequential:
+    gen = torch.Generator().manual_seed(6)
+    return gd.Sequential(
+        gd.Reshape((3, 8)),
+        gd.Conv1d(3, 4, 3, stride=2, padding=1, dilation=1, generator=gen, dtype=dtype),  # [4, 4]
+        gd.BatchNorm1d(4, dtype=dtype), gd.Tanh(), gd.LayerNorm(4, dtype=dtype), gd.Dropout(p, seed=3),
+        gd.Flatten(), gd.Linear(16, 3, generator=gen, dtype=dtype), gd.BatchNorm1d(3, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("build, features", [(_conv_net, 72), (_seq_net, 24)], ids=["conv2d", "conv1d"])
+@pytest.mark.parametrize("p", [0.0, 0.4], ids=["no-dropout", "dropout"])
+def test_a_conv_net_follows_pytorchs_trajectory_running_statistics_included(build, features, dtype, p):
+    """fit against its torch twin (the same weights, batches and masks) with torch.optim.SGD:
+    the losses per epoch, the weights, and BatchNorm's running statistics at the end, then
+    predict (inference mode) against the twin in eval mode (after 12 steps in float32 the
+    weights differ by rounding, so against the trained weights themselves too)."""
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(26, features, generator=gen, dtype=dtype)
+    labels = torch.randint(0, 3, (26,), generator=gen)
+    model = build(dtype, p)
+    twin = _conv_twin(model)
+    history = model.fit(X, labels, loss=gd.CrossEntropy(), optimizer=gd.SGD(lr=0.1, momentum=0.9), epochs=3,
+                        batch_size=8, shuffle=False, verbose=False)  # 26 = 3*8 + 2: a partial batch
+    opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+    expected = []
+    for _ in range(3):
+        total = 0.0
+        for s in range(0, 26, 8):
+            opt.zero_grad()
+            value = torch.nn.functional.cross_entropy(twin(X[s:s + 8]), labels[s:s + 8])
+            value.backward()
+            opt.step()
+            total += value.item() * len(X[s:s + 8])
+        expected.append(total / 26)
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
+    assert history["loss"] == pytest.approx(expected, rel=tol["rtol"])
+    mine = model.state()
+    theirs = {f"{k}.{name}": t.T if isinstance(m, torch.nn.Linear) and name == "weight" else t  # [out, in] there
+              for k, m in enumerate(twin) for name, t in m.state_dict().items()
+              if not name.endswith("num_batches_tracked")}
+    weights = {name: t for name, t in mine.items() if not name.endswith(".key")}
+    assert set(weights) == set(theirs) and any("running_var" in name for name in weights)
+    for name, t in weights.items():
+        torch.testing.assert_close(t, theirs[name].detach(), **tol, msg=name)
+    assert [float(t) for name, t in mine.items() if name.endswith(".key")] == [12.0 if p else 0.0]  # 3 x 4 steps
+    exact = _conv_twin(model).eval()  # the trained weights themselves, in inference mode
+    with torch.no_grad():
+        torch.testing.assert_close(model.predict(X), exact(X), **tol)
+        torch.testing.assert_close(model.predict(X), twin.eval()(X), rtol=100 * tol["rtol"], atol=100 * tol["atol"])
+
+
+def test_a_step_batchnorm_cannot_train_on_is_named_before_training():
+    """A last batch of 1 row gives BatchNorm1d on [N, C] one value per channel: its variance
+    is undefined (torch raises there too), so fit names the layer and the fix first."""
+    model = gd.Sequential(gd.Linear(3, 4), gd.BatchNorm1d(4), gd.Linear(4, 1))
+    before = [t.clone() for t in model.state().values()]
+    with pytest.raises(ValueError, match=r"^layer 1 \(BatchNorm1d\(4\)\) would normalise 1 value per channel in a step "
+                                         r"of 1 row.*\(the last batch of the 21 rows\); choose a batch_size"):
+        model.fit(torch.rand(21, 3), torch.rand(21, 1), batch_size=5, verbose=False)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.state().values()))
+    model.fit(torch.rand(22, 3), torch.rand(22, 1), batch_size=5, verbose=False)  # a last batch of 2 trains
+    conv = gd.Sequential(gd.Reshape((1, 2, 2)), gd.BatchNorm2d(1), gd.Flatten(), gd.Linear(4, 1))
+    conv.fit(torch.rand(21, 4), torch.rand(21, 1), batch_size=5, verbose=False)  # 1 row of 4 values: fine

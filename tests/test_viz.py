@@ -64,6 +64,20 @@ def test_every_ir_node_input_param_and_output_has_one_box(backward):
     assert found["p0"]["label"] == r"0.weight\nf32[2,3]"
 
 
+def test_a_cnns_training_step_draws_every_node_with_its_attrs():
+    """The conv layers' ops, the dropout mask and the buffers' next values draw as any node:
+    one box each, labelled as the text IR writes them."""
+    model = gd.Sequential(gd.Reshape((1, 6, 6)), gd.Conv2d(1, 2, 3, padding=1), gd.BatchNorm2d(2), gd.ReLU(),
+                          gd.MaxPool2d(2), gd.Dropout(0.5, seed=3), gd.Flatten(), gd.Linear(18, 2))
+    g = gd.grad(model.graph(gd.CrossEntropy(), training=True), list(model.parameters()))
+    found = boxes(gd.to_dot(g).source)
+    assert len(ids(found, "n")) == len(g.nodes) and len(ids(found, "out")) == len(g.outputs)
+    labels = [found[f"n{k}"]["label"] for k in range(len(g.nodes))]
+    for expected in ("conv2d[padding=1]", "max_pool2d[kernel_size=2]", "dropout_mask[seed=3]", "batch_norm",
+                     "conv_backward_weight[padding=1]", "max_pool2d_backward[kernel_size=2]"):
+        assert any(expected in label for label in labels), expected
+
+
 def test_inputs_params_constants_outputs_and_passes_look_different():
     g = gd.grad(mlp(), ["0.weight"])
     found = boxes(gd.to_dot(g).source)

@@ -43,6 +43,10 @@ linearly with graph size.
     PYTHONPATH=. python tools/bench.py --startup       # the disk example's wall time, split
     PYTHONPATH=. python tools/bench.py --compile-scaling
     PYTHONPATH=. python tools/bench.py --tanh
+    PYTHONPATH=. python tools/bench.py --optimizers --quick --configs 25:5,256:256
+
+With --optimizers it instead times, for each of graphdl's optimizers, its planned update
+alone (on the fit step's gradient buffers) and fit's whole step with it.
 
 docs/performance.md shows what each of these printed on this project's machine, and
 what it means.
@@ -419,6 +423,79 @@ def worker_time(width: int, batch: int, act: str, device: str, rounds: int, targ
             "agree": all(agree.values()), "agree_each": agree, "history": check, "epochs_per_block": epochs}
 
 
+OPTIMIZERS = {  # what --optimizers times, by name: the update's settings that cost the most work
+    "SGD": "gd.SGD(lr=LR, momentum=MOMENTUM)",
+    "Adam": "gd.Adam(lr=1e-3)",
+    "AdamW": "gd.AdamW(lr=1e-3, amsgrad=True)",
+    "RMSprop": "gd.RMSprop(lr=1e-3, momentum=MOMENTUM, centered=True)",
+    "Adagrad": "gd.Adagrad(lr=1e-2)",
+}
+
+
+def worker_optimizers(width: int, batch: int, act: str, device: str, rounds: int, target_s: float) -> dict:
+    """Per optimizer: the median µs of its planned update alone (on the fit step's gradient
+    buffers), and of fit's whole step, alternated block by block."""
+    import torch
+
+    import graphdl as gd
+    from graphdl.step import TrainStep
+    layers = initial_weights(width)
+    X, Y = disk_data(points(batch), device)
+    steps_per_epoch = points(batch) // batch
+    made = {name: eval(code, {"gd": gd, "LR": LR, "MOMENTUM": MOMENTUM}) for name, code in OPTIMIZERS.items()}
+    update_us: dict[str, list[float]] = {name: [] for name in made}
+    step_us: dict[str, list[float]] = {name: [] for name in made}
+    updates = {}
+    for name, code in OPTIMIZERS.items():  # the update a fit step runs, planned on its arena's gradient buffers
+        opt = eval(code, {"gd": gd, "LR": LR, "MOMENTUM": MOMENTUM})
+        step = TrainStep(build_model([(w.to(device), b.to(device)) for w, b in layers], act), gd.MSE(), opt,
+                         capture=False)
+        with torch.inference_mode():
+            step.forward_backward(X[:batch], Y[:batch])
+            updates[name] = step._arenas[batch].update
+        opt.set_lr(1e-12)  # the same kernels, with the params barely moving however often it runs
+    models = {name: build_model([(w.to(device), b.to(device)) for w, b in layers], act) for name in made}
+
+    def run_fit(name: str, epochs: int) -> None:
+        model = models[name]
+        for lin, (w, b) in zip([m for m in model.layers if isinstance(m, gd.Linear)], layers, strict=True):
+            lin.weight, lin.bias = w.to(device).clone(), b.to(device).clone()
+        model.fit(X, Y, loss=gd.MSE(), optimizer=made[name], epochs=epochs, batch_size=batch, seed=SEED,
+                  verbose=False)
+    fits = {name: (lambda epochs, n=name: run_fit(n, epochs)) for name in made}
+    epochs, calls = {}, {}
+    for name, train in fits.items():  # size the blocks to about target_s / 2 each
+        train(1)  # compiles
+        _sync(device)
+        t0 = time.perf_counter()
+        train(1)
+        _sync(device)
+        epochs[name] = max(1, round(target_s / 2 / (time.perf_counter() - t0)))
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            for _ in range(20):
+                updates[name]()
+            _sync(device)
+        calls[name] = max(20, round(target_s / 2 / ((time.perf_counter() - t0) / 20)))
+    for r in range(rounds):
+        names = list(made)
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            with torch.inference_mode():
+                _sync(device)
+                t0 = time.perf_counter()
+                for _ in range(calls[name]):
+                    updates[name]()
+                _sync(device)
+            update_us[name].append((time.perf_counter() - t0) / calls[name] * 1e6)
+            _sync(device)
+            t0 = time.perf_counter()
+            fits[name](epochs[name])
+            _sync(device)
+            step_us[name].append((time.perf_counter() - t0) / (epochs[name] * steps_per_epoch) * 1e6)
+    return {"update_us": {k: statistics.median(v) for k, v in update_us.items()},
+            "step_us": {k: statistics.median(v) for k, v in step_us.items()}}
+
+
 def _peak(device: str) -> float:
     """Peak memory so far, in MiB."""
     if device.startswith("cuda"):
@@ -712,7 +789,8 @@ def run_worker(job: dict, threads: int) -> dict:
     if threads == 1:
         _pin_one_cpu()
     kind = job.pop("kind")
-    return {"time": worker_time, "mem": worker_mem, "compile": worker_compile}[kind](**job)
+    return {"time": worker_time, "mem": worker_mem, "compile": worker_compile,
+            "optimizers": worker_optimizers}[kind](**job)
 
 
 def main() -> None:
@@ -731,6 +809,8 @@ def main() -> None:
     p.add_argument("--compile-scaling", action="store_true",
                    help="time grad/print/parse/compile per node on 1k, 10k, 44k and 100k-node gradient graphs")
     p.add_argument("--tanh", action="store_true", help="time and check tanh's formulas on the step's sizes")
+    p.add_argument("--optimizers", action="store_true",
+                   help="time each optimizer's planned update and fit's step with it (graphdl only)")
     p.add_argument("--_worker", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._worker:
@@ -766,6 +846,20 @@ def main() -> None:
                              "run it on a machine with a GPU and a CUDA build of torch")
     configs = CONFIGS if not args.configs else [tuple(map(int, c.split(":"))) for c in args.configs.split(",")]
     rounds, target = (5, 0.1) if args.quick else (15, 0.3)
+    if args.optimizers:
+        rows = [{"width": w, "batch": b, **spawn(args, {"kind": "optimizers", "width": w, "batch": b, "act": args.act,
+                                                      "device": args.device, "rounds": rounds, "target_s": target})}
+                for w, b in configs]
+        if args.json:
+            print(json.dumps({"threads": args.threads, "device": args.device, "rows": rows}))
+            return
+        for row in rows:
+            print(f"width {row['width']}, batch {row['batch']} ({args.device}, {args.threads} thread"
+                  f"{'s' if args.threads > 1 else ''}): µs per call, medians")
+            print(f"  {'':10s} {'update':>8s} {'fit step':>9s}")
+            for name in OPTIMIZERS:
+                print(f"  {name:10s} {row['update_us'][name]:8.2f} {row['step_us'][name]:9.2f}")
+        return
     names, notes = contenders(args.device, args.torch_compile)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)

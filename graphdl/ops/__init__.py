@@ -11,6 +11,9 @@
     losses       mse, mae, mbe, bce_with_logits, cross_entropy
     fused        addmm, matmul_tn, matmul_nt, *_backward (made by passes.fuse)
     collectives  allreduce_start, allreduce_wait, unpack (made by passes.allreduce)
+    conv         conv1d, conv2d, max_pool2d, avg_pool2d and their *_backward ops
+    normalization  rsqrt, var, batch_norm, layer_norm
+    random       dropout_mask (a pure function of a key)
 
 Each op is an `OpDef`, which is also its builder: `add(a, b)` adds a node. Attributes
 may follow the inputs positionally, in the order the op declares them (`mean(x, 1)`),
@@ -23,8 +26,32 @@ from collections.abc import Callable
 from typing import Any
 
 from ..ir import Value
-from . import collectives, elementwise, fused, indexing, linalg, losses, reductions, registry, shapes
+from . import (
+    collectives,
+    conv,
+    elementwise,
+    fused,
+    indexing,
+    linalg,
+    losses,
+    normalization,
+    random,
+    reductions,
+    registry,
+    shapes,
+)
 from .collectives import allreduce_start, allreduce_wait, unpack
+from .conv import (
+    avg_pool2d,
+    avg_pool2d_backward,
+    conv1d,
+    conv2d,
+    conv_backward_input,
+    conv_backward_weight,
+    max_pool2d,
+    max_pool2d_backward,
+    max_pool2d_select,
+)
 from .elementwise import (
     absolute,
     add,
@@ -51,6 +78,8 @@ from .fused import addmm, matmul_nt, matmul_tn, mse_backward, relu_backward, sig
 from .indexing import index_add, index_select
 from .linalg import matmul, transpose
 from .losses import bce_with_logits, cross_entropy, mae, mbe, mse
+from .normalization import batch_norm, layer_norm, rsqrt, var
+from .random import dropout_mask
 from .reductions import broadcast_like, reduce_mean, reduce_sum, sum_to, unbroadcast
 from .registry import CODE_GLOBALS, OPS, VARIADIC, Collective, Memory, OpDef, apply, const, defop
 from .shapes import concat, flatten, permute, reshape, slice_, split, unslice
@@ -106,4 +135,7 @@ __all__ = [
     "bce_with_logits", "cross_entropy", "mae", "mbe", "mse",
     "addmm", "matmul_nt", "matmul_tn", "mse_backward", "relu_backward", "sigmoid_backward", "tanh_backward",
     "allreduce_start", "allreduce_wait", "unpack",
+    "conv", "normalization", "random", "conv1d", "conv2d", "conv_backward_input", "conv_backward_weight",
+    "max_pool2d", "max_pool2d_backward", "max_pool2d_select", "avg_pool2d", "avg_pool2d_backward",
+    "rsqrt", "var", "batch_norm", "layer_norm", "dropout_mask",
 ]

@@ -13,16 +13,27 @@ k = 0, 1, ...: layer k builds in the scope "k:Type" and its params are "k.weight
 as in a Sequential. Called again, a layer reads the same params (one param, whose
 gradients add up); a layer holding a tensor that the graph already has as a param (a
 tie, `l2.weight = l1.weight`, or a tensor given to `graph.param`) reads that param.
-Which layer is which is recorded here, per graph (`_CALLS`), not in the IR.
+Which layer is which, and each call (the layer, the value it was called on, the value
+it gave), is recorded here, per graph (`_CALLS`), not in the IR.
+
+Modes. A call builds the layer's forward in inference mode, the graph `predict` runs
+(Dropout passes its input through, BatchNorm reads its running statistics). Each call
+gives a value of its own, the output of a node it built: one whose forward gives back
+a value it did not build (Dropout's inference forward gives its input) gives it as
+`value * 1`, so that what reads the call's output is told from what reads its input.
+A model rebuilds each call in the mode asked for (`graph(training=True)` is the graph
+fit trains: Dropout draws its mask, BatchNorm normalises by the batch and gives its
+running statistics' next values, labelled "next/NAME", as a Sequential's do).
 
 A model keeps its own copy of what its output needs (its template): the inputs, the
-nodes that lead to the output and the params they read, its layers renumbered in order
-of first call (a layer the output does not use is not the model's). `graph()` builds a
-fresh copy each time, with the loss appended. Several inputs are fed as one tensor, their
-features side by side, because fit's epochs walk one X: the template's first nodes slice
-them apart, each in the scope "input:NAME". So they must be rows [N, features] of one
-dtype, and fit, predict and evaluate take a tuple, one tensor per input, joined once per
-call (a copy of the data).
+nodes and layer calls that lead to the output and the params they read, its layers
+renumbered in order of first call (a layer the output does not use is not the model's).
+`graph()` builds a fresh graph from it each time: the nodes copied, each call built
+again by its layer in the mode asked for, the loss appended. Several inputs are fed as
+one tensor, their features side by side, because fit's epochs walk one X: the
+template's first nodes slice them apart, each in the scope "input:NAME". So they must be
+rows [N, features] of one dtype, and fit, predict and evaluate take a tuple, one tensor
+per input, joined once per call (a copy of the data).
 
 Ties made after building. The template fixes which param each place reads. When two of
 its params come to hold one tensor later (`l2.weight = l1.weight` after the model was
@@ -33,6 +44,7 @@ refused.
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import os
 import weakref
@@ -45,23 +57,35 @@ import torch
 from . import io
 from .checks import GraphError, Shape, flag, format_shape, format_type, tensor_problem
 from .ir import Graph, Node, Slot, Value
-from .layers import Build, Dropout, Layer, Param, _BatchNorm, same_memory
+from .layers import Build, Layer, Param, same_memory
 from .losses import Loss
 from .model import Sequential, layer_from_config
-from .ops import slice_
+from .ops import reshape, slice_
+from .step import NEXT
 from .train import History
 
 # -- layers called on graph values ---------------------------------------------------------
 
 
+@dataclass(frozen=True, eq=False)
+class _Call:
+    """One call of layer k on the value `input` (held weakly: the record of a graph must
+    not keep the graph alive)."""
+
+    k: int
+    input: weakref.ref[Value]
+
+
 @dataclass
 class _Calls:
-    """The layers called on one graph, numbered by first call, and the graph param each
-    place of each layer reads (its own "k.weight", or the param it is tied to)."""
+    """The layers called on one graph, numbered by first call, the graph param each place
+    of each layer reads (its own "k.weight", or the param it is tied to), and the calls,
+    by the value each gave."""
 
     layers: list[Layer] = field(default_factory=list)
     numbers: dict[int, int] = field(default_factory=dict)  # id(layer) -> k; `layers` keeps each alive
     reads: list[dict[str, str]] = field(default_factory=list)  # per k: short name -> graph param name
+    made: weakref.WeakKeyDictionary[Value, _Call] = field(default_factory=weakref.WeakKeyDictionary)
 
     def number(self, graph: Graph, layer: Layer) -> int:
         """The layer's number in `graph`, given at its first call, with the params its places
@@ -80,6 +104,7 @@ class _Calls:
 
 
 _CALLS: weakref.WeakKeyDictionary[Graph, _Calls] = weakref.WeakKeyDictionary()
+_FORWARD = contextvars.ContextVar("graphdl_functional_forward", default=False)  # inside a layer's forward
 
 
 def _first_reads(graph: Graph, k: int, layer: Layer, shorts: list[str]) -> dict[str, str]:
@@ -104,12 +129,16 @@ def _first_reads(graph: Graph, k: int, layer: Layer, shorts: list[str]) -> dict[
 
 
 def call(layer: Layer, x: Value) -> Value:
-    """`layer(x)`: the layer's forward pass applied to `x`, built in x's graph (see the
-    module's doc), its nodes in the scope "k:Type" of the layer's number k there."""
+    """`layer(x)`: the layer's forward pass applied to `x`, built in x's graph in inference
+    mode (see the module's doc), its nodes in the scope "k:Type" of the layer's number k
+    there; the value it gives is the output of a node the call built."""
     if not isinstance(x, Value):
         raise GraphError(f"{layer!r} was called on a {type(x).__name__}; a layer is called on a value of a graph "
                          "(from graph.input, an op or another layer), e.g. h = layer(x); to run layers on tensors, "
                          "put them in a model (gd.Sequential(...) or gd.Model(inputs, outputs)) and predict")
+    if _FORWARD.get():
+        raise GraphError(f"{layer!r} was called on a graph value inside a layer's forward; a layer made of others "
+                         "builds them with their forward(build, x) (or call each layer on the graph's values)")
     graph = x.graph
     calls = _CALLS.setdefault(graph, _Calls())
     k = calls.number(graph, layer)
@@ -117,10 +146,31 @@ def call(layer: Layer, x: Value) -> Value:
     owners = {prefix + short: name for short, name in calls.reads[k].items()}
     slots = {prefix + short: layer.slot(short) for short in calls.reads[k]}
     with graph.scope(calls.scope(k)):
-        return layer.forward(Build(graph, prefix, owners, slots), x)
+        y = _forward(layer, Build(graph, prefix, owners, slots), x)
+    calls.made[y] = _Call(k, weakref.ref(x))
+    return y
 
 
 Layer.__call__ = call  # type: ignore[attr-defined]  # installed here, beside the record it keeps
+
+
+def _forward(layer: Layer, build: Build, x: Value) -> Value:
+    """The layer's forward applied to x, as a value of its own: the output of the last node
+    it built, else that value times 1 (a value it did not build, such as Dropout's input in
+    inference), so that each call of a layer gives a value no other call or op gave."""
+    graph = build.graph
+    start = len(graph.nodes)
+    token = _FORWARD.set(True)
+    try:
+        y = layer.forward(build, x)
+    finally:
+        _FORWARD.reset(token)
+    if not isinstance(y, Value) or y.graph is not graph:
+        raise GraphError(f"{layer!r}.forward gave {y!r}, not a value of graph {graph.name}")
+    nodes = graph.nodes
+    if len(nodes) > start and nodes[-1].out is y:
+        return y
+    return y * 1.0 if y.dtype.is_floating_point else reshape(y, y.shape)
 
 
 class _GraphParam(Layer):
@@ -148,6 +198,19 @@ class _Place:
     reads: str  # the template param: its own name, or the earlier place's it was tied to when built
 
 
+@dataclass(frozen=True, eq=False)
+class _TemplateCall:
+    """A call of the model's layer j in its template: on `input`, giving `output`, its
+    nodes the template's `start` to `stop` - 1 (rebuilt, in the mode asked for, by each
+    `graph()`)."""
+
+    j: int
+    input: Value
+    output: Value
+    start: int
+    stop: int
+
+
 # -- the model ---------------------------------------------------------------------------------
 
 
@@ -164,6 +227,9 @@ class Model:
     "k.weight", "k.bias", ... as in a Sequential. `fit`, `predict` and `evaluate` are
     Sequential's, taking one tensor per input (a tuple with several inputs); so are
     `summary`, `save` (read back by `gd.load`), `to`, `parameters`, `state` and `ties`.
+    fit trains the graph in training mode, each layer call built again in it (Dropout
+    drops, BatchNorm normalises by the batch and moves its running statistics, which the
+    step writes); predict and evaluate run it in inference mode, as the calls built it.
 
     Raises:
         GraphError: an input that is not one of the graph's inputs, an output of another
@@ -177,12 +243,14 @@ class Model:
                  name: str | None = None) -> None:
         given = _checked_inputs(inputs)
         output = _checked_output(outputs, given)
-        nodes, read = _leading_to(output)
-        _check_given(given, read, output)
         calls = _CALLS.get(output.graph, _Calls())
-        self.layers: list[Layer] = _used_layers(calls, nodes)
+        steps, read = _leading_to(output, calls)
+        _check_given(given, read, output)
+        self.layers: list[Layer] = _used_layers(calls, steps)
+        read |= _layer_params(output.graph, calls, self.layers)  # Dropout's key too, which inference reads not
         self._places, params = _places(output.graph, calls, self.layers, read)
-        self._template = _template(name or output.graph.name, given, output, nodes, calls, self.layers, params)
+        self._template, self._calls = _template(name or output.graph.name, given, output, steps, calls, self.layers,
+                                                self._places, params)
         self._inputs = tuple((v.name, v.shape[1:], v.dtype) for v in given)  # what fit's X holds, per input
         self.loss: Loss | None = None  # set by fit (or load): evaluate's and fit's default
         self.history: History | None = None  # the last fit's History, kept if it stops early
@@ -225,29 +293,71 @@ class Model:
               training: bool = False) -> Graph:
         """The IR of the forward pass (input "x", output: the prediction), or of the loss
         with `loss` (then `prediction=True` returns the prediction too, as a second
-        output): a fresh copy of the template, params that now hold one tensor made one.
-        `training=True` is the graph fit trains (Sequential.graph); not yet for layers
-        whose training forward differs (Dropout, BatchNorm)."""
-        if flag("training", training):
-            moded = next((layer for layer in self.layers if isinstance(layer, (Dropout, _BatchNorm))), None)
-            if moded is not None:
-                raise GraphError(f"{moded!r} trains in a mode of its own, which a functional model does not build "
-                                 "yet; use a gd.Sequential")
+        output), built from the template: its nodes copied, its layer calls built again,
+        params that now hold one tensor made one.
+
+        `training=True` builds the graph in training mode, the one `fit` differentiates, as
+        `Sequential.graph` does: Dropout drops and BatchNorm uses the batch's statistics, and
+        after the outputs above come the next values of the buffers the layers update
+        (BatchNorm's running statistics, Dropout's key), each labelled "next/{name}".
+        Without it, the graph is in inference mode, as `predict` and `evaluate` run it."""
+        updates: dict[str, Value] = {}
+        g, h, _ = self._build(name, flag("training", training), updates)
+        if loss is None:
+            g.output(h)
+        else:
+            if not isinstance(loss, Loss):
+                raise GraphError(f"loss must be a graphdl loss such as gd.MSE(), got {loss!r}")
+            y = g.input("y", loss.target_shape(h.shape), h.dtype)
+            with g.scope("loss"):
+                g.output(loss(h, y))
+            if prediction:
+                g.output(h)
+        for buffer, value in updates.items():
+            g.output(value, label=NEXT + buffer)
+        return g
+
+    def calls(self) -> list[list[int | str]]:
+        """The layer calls of the forward IR (`graph()`), in order, as model files keep them:
+        [j, input, start, stop] for layer j called on `input` (the name of an input or a
+        param, or k for the node %k that gives it), its nodes %start to %(stop - 1), the
+        last one giving its output."""
+        g, _, spans = self._build(None, False, {})
+        return [[j, x.name if x.node is None else g.position(x.node), start, stop] for j, x, start, stop in spans]
+
+    def _build(self, name: str | None, training: bool,
+               updates: dict[str, Value]) -> tuple[Graph, Value, list[tuple[int, Value, int, int]]]:
+        """A graph of the template, in the mode asked for: (the graph, its prediction, each
+        call's (j, input, start, stop) there); the buffers' next values go into `updates`."""
         places = self.places()
         owners = self.owners(places)
         self._check_places(places, owners)
-        g, h = self._copy(owners, name)
-        if loss is None:
-            g.output(h)
-            return g
-        if not isinstance(loss, Loss):
-            raise GraphError(f"loss must be a graphdl loss such as gd.MSE(), got {loss!r}")
-        y = g.input("y", loss.target_shape(h.shape), h.dtype)
-        with g.scope("loss"):
-            g.output(loss(h, y))
-        if prediction:
-            g.output(h)
-        return g
+        slots = {name: holder.slot(short) for name, holder, short, _, _ in places}
+        template = self._template
+        g = Graph(name or template.name)
+        values = {v: g.input(v.name, v.shape, v.dtype) for v in template.inputs.values()}
+        for param, v in template.params.items():  # an owner comes before the params it owns
+            owner = owners[param]
+            values[v] = g.param(param, v.slot) if owner == param else g.params[owner]
+        at = {c.start: c for c in self._calls}
+        nodes, spans, updaters = template.nodes, [], {}
+        i = 0
+        while i < len(nodes):
+            c = at.get(i)
+            if c is None:
+                _copy_nodes(g, [nodes[i]], values)
+                i += 1
+                continue
+            layer, start, mine = self.layers[c.j], len(g.nodes), {}
+            with g.scope(f"{c.j}:{type(layer).__name__}"):
+                values[c.output] = _forward(layer, Build(g, f"{c.j}.", owners, slots, training, mine), values[c.input])
+            spans.append((c.j, values[c.input], start, len(g.nodes)))
+            for buffer, value in mine.items():
+                if buffer in updates:
+                    raise _updated_twice(buffer, updaters[buffer], c.j, self.layers)
+                updates[buffer], updaters[buffer] = value, c.j
+            i = c.stop
+        return g, values[template.outputs[0]], spans
 
     def _check_places(self, places: list[tuple[str, Layer, str, bool, torch.Tensor]], owners: dict[str, str]) -> None:
         """The template still describes the tensors: a place tied when built still shares its
@@ -263,17 +373,6 @@ class Model:
                 raise GraphError(f"{name} ({holder!r}.{short}) is now {format_type(t.dtype, tuple(t.shape))}, but "
                                  f"the model was built for {format_type(declared.dtype, declared.shape)}; assign a "
                                  "tensor of that shape and dtype, or build the model again")
-
-    def _copy(self, owners: dict[str, str], name: str | None) -> tuple[Graph, Value]:
-        """The template, copied: (the graph, its prediction), each param read as its owner."""
-        template = self._template
-        g = Graph(name or template.name)
-        values = {v: g.input(v.name, v.shape, v.dtype) for v in template.inputs.values()}
-        for param, v in template.params.items():  # an owner comes before the params it owns
-            owner = owners[param]
-            values[v] = g.param(param, v.slot) if owner == param else g.params[owner]
-        _copy_nodes(g, template.nodes, values)
-        return g, values[template.outputs[0]]
 
     @property
     def input_shape(self) -> Shape:
@@ -317,18 +416,15 @@ class Model:
                 layer.check_input(part, what if len(columns) == 1 else f"{what}[{i}]", f"layer {j}")
 
     def layer_inputs(self) -> list[tuple[int, Layer, Shape]]:
-        """Each layer with the shape of one example its first node reads (fit asks each
-        layer whether it can train on its smallest step)."""
-        firsts: dict[str, Shape] = {}
-        for node in self._template.nodes:
-            firsts.setdefault(node.scope, node.inputs[0].shape[1:] if node.inputs else ())
-        return [(j, layer, firsts.get(f"{j}:{type(layer).__name__}", ())) for j, layer in enumerate(self.layers)]
+        """Each layer call, in order: the layer's number, the layer and the shape of one
+        example it is called on (the batch dim left out); fit asks each layer whether it
+        can train on the smallest step."""
+        return [(c.j, self.layers[c.j], c.input.shape[1:]) for c in self._calls]
 
     def _read_inputs(self, j: int) -> list[int]:
-        """The inputs (by index) that nodes of layer j read directly."""
-        scope = f"{j}:{type(self.layers[j]).__name__}"
+        """The inputs (by index) that layer j is called on directly."""
         fed = {v: i for i, v in enumerate(_fed_values(self._template))}
-        return sorted({fed[v] for n in self._template.nodes if n.scope == scope for v in n.inputs if v in fed})
+        return sorted({fed[c.input] for c in self._calls if c.j == j and c.input in fed})
 
     # -- fit, predict, evaluate: Sequential's, with one tensor per input -------------------
 
@@ -339,8 +435,8 @@ class Model:
         bound = _FIT.bind(self, X, Y, *args, **kwargs)
         bound.arguments["X"] = self._fed(X, "X")
         validation = bound.arguments.get("validation_data")
-        if isinstance(validation, (tuple, list)) and len(validation) == 2:
-            bound.arguments["validation_data"] = (self._fed(validation[0], "validation_data[0]"), validation[1])
+        if isinstance(validation, (tuple, list)) and len(validation) in (2, 3):  # (X, Y) or (X, Y, weights)
+            bound.arguments["validation_data"] = (self._fed(validation[0], "validation_data[0]"), *validation[1:])
         return Sequential.fit(*bound.args, **bound.kwargs)
 
     def predict(self, X: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -382,26 +478,39 @@ class Model:
         return f"Model {self._template.name}({inputs}) -> {format_type(out.dtype, out.shape)}{inner}"
 
     @classmethod
-    def from_config(cls, config: list[dict[str, Any]], graph: Graph, ties: Any) -> Model:
+    def from_config(cls, config: list[dict[str, Any]], graph: Graph, ties: Any, calls: Any) -> Model:
         """The model a file describes: its layers (`config`), the forward graph its IR holds
         (`graph`: the input "x", sliced into several inputs in the scopes "input:NAME",
-        the nodes in the layers' scopes "k:Type", the params "k.weight" and any others)
-        and its ties ({place: the param it shares}). The graph is replayed as a user's
-        graph whose layers were called, and the model built from it as any other; the
-        file's IR must be what that model builds (graphdl.io compares them)."""
+        the params "k.weight" and any others), its ties ({place: the param it shares})
+        and its layer calls (`calls`, as `Model.calls` gives them). The graph is replayed
+        as a user's graph: its nodes copied, each call's nodes built again by calling the
+        layer, and the model built from it as any other; the file's IR must be what that
+        model builds, and its calls the model's (graphdl.io compares them)."""
         layers = [layer_from_config(k, spec) for k, spec in enumerate(config)]
         if not isinstance(ties, dict) or not all(isinstance(v, str) for v in ties.values()):
             raise ValueError("the ties must be a JSON object of place names")
+        spans = _checked_calls(calls, graph, layers)
         replay = Graph(graph.name)
         values = _replayed_inputs(replay, graph)
-        calls = _Calls(layers=layers, numbers={id(layer): k for k, layer in enumerate(layers)},
-                       reads=[{} for _ in layers])
+        record = _Calls(layers=layers, numbers={id(layer): k for k, layer in enumerate(layers)},
+                        reads=[{} for _ in layers])
         for name, value in graph.params.items():
-            values[value] = replay.param(name, _replayed_slot(name, value, layers, calls))
-        _replay_ties(ties, replay, layers, calls)
-        _check_scopes(graph, layers)
-        _CALLS[replay] = calls
-        _copy_nodes(replay, [n for n in graph.nodes if n.out not in values], values)  # the inputs' slices are inputs
+            values[value] = replay.param(name, _replayed_slot(name, value, layers, record))
+        _replay_ties(ties, replay, layers, record)
+        _CALLS[replay] = record
+        nodes, i = graph.nodes, 0
+        while i < len(nodes):
+            if i in spans:
+                j, x, stop = spans[i]
+                if x not in values:
+                    raise GraphError(f"the file's call of layer {j} at %{i} is on {x!r}, a value inside another "
+                                     "call")
+                values[nodes[stop - 1].out] = layers[j](values[x])
+                i = stop
+                continue
+            if nodes[i].out not in values:  # the inputs' slices are inputs
+                _copy_nodes(replay, [nodes[i]], values)
+            i += 1
         if len(graph.outputs) != 1:
             raise GraphError(f"a functional model's IR returns its prediction, one value; this one returns "
                              f"{len(graph.outputs)}")
@@ -491,18 +600,31 @@ def _checked_output(outputs: Any, given: list[Value]) -> Value:
     return outputs
 
 
-def _leading_to(output: Value) -> tuple[list[Node], set[Value]]:
-    """The nodes the output needs, in graph order, and the inputs and params they read."""
+def _leading_to(output: Value, calls: _Calls) -> tuple[list[tuple[Node, _Call | None]], set[Value]]:
+    """What the output needs, in graph order: (node, None) for a node of an op, (the node
+    giving a call's output, the call) for a layer call, whose own nodes are the layer's to
+    build again; and the inputs and params they read (a call: the value it was called on)."""
     seen: set[Value] = set()
+    made: dict[Value, _Call] = {}
     stack = [output]
     while stack:
         v = stack.pop()
-        if v not in seen:
-            seen.add(v)
-            if v.node is not None:
-                stack.extend(v.node.inputs)
-    nodes = [n for n in output.graph.nodes if n.out in seen]
-    return nodes, {v for v in seen if v.node is None}
+        if v in seen:
+            continue
+        seen.add(v)
+        c = calls.made.get(v)
+        if c is not None:
+            x = c.input()
+            if x is None or x.graph is not v.graph:
+                raise GraphError(f"{v!r}, which layer {c.k} ({calls.layers[c.k]!r}) gave, was called on a value "
+                                 f"graph {v.graph.name} no longer has (the graph was edited since); call the layers "
+                                 "again in a new graph")
+            made[v] = c
+            stack.append(x)
+        elif v.node is not None:
+            stack.extend(v.node.inputs)
+    steps = [(n, made.get(n.out)) for n in output.graph.nodes if n.out in seen]
+    return steps, {v for v in seen if v.node is None}
 
 
 def _check_given(given: list[Value], read: set[Value], output: Value) -> None:
@@ -514,47 +636,54 @@ def _check_given(given: list[Value], read: set[Value], output: Value) -> None:
                          f"gd.Model([{', '.join([*(v.name for v in given), *missing])}], out)")
 
 
-def _used_layers(calls: _Calls, nodes: list[Node]) -> list[Layer]:
-    """The layers that built nodes the output needs, in order of first call: the model's layers."""
-    scopes = {n.scope for n in nodes}
-    return [layer for k, layer in enumerate(calls.layers) if calls.scope(k) in scopes]
+def _used_layers(calls: _Calls, steps: list[tuple[Node, _Call | None]]) -> list[Layer]:
+    """The layers of the calls the output needs, in order of first call: the model's layers."""
+    used = {c.k for _, c in steps if c is not None}
+    return [layer for k, layer in enumerate(calls.layers) if k in used]
+
+
+def _layer_params(graph: Graph, calls: _Calls, layers: list[Layer]) -> set[Value]:
+    """The graph params the layers' places read, whether or not a node reads them."""
+    return {graph.params[name] for layer in layers for name in calls.reads[calls.numbers[id(layer)]].values()
+            if name in graph.params}
 
 
 def _places(graph: Graph, calls: _Calls, layers: list[Layer],
-            read: set[Value]) -> tuple[list[_Place], list[tuple[Value, str]]]:
-    """The model's places, and the graph params its template declares (those its nodes
-    read, in declaration order) with the name each takes there. A param is read in one or
-    more places: first the one that declared it (a layer's own, or a graph param's), then
-    the layers' tied to it, in order; it takes its first place's name, and each place
-    `reads` it."""
+            read: set[Value]) -> tuple[list[_Place], list[tuple[Value | None, Slot, str]]]:
+    """The model's places, and the params its template declares: (the graph's param, or
+    None for a layer's that its graph never declared, its slot, the name it takes there),
+    those the model reads in declaration order. A param is read in one or more places:
+    first the one that declared it (a layer's own, or a graph param's), then the layers'
+    tied to it, in order; it takes its first place's name, and each place `reads` it."""
     declarer: dict[str, _Place] = {}  # a param's place in the layer that declared it ("k.weight" for layer k's)
     readers: dict[str, list[_Place]] = {}  # the places of other layers that read it (tied when called)
     for j, layer in enumerate(layers):
         k = calls.numbers[id(layer)]
         for short, p in layer.declared():
             name = calls.reads[k].get(short)
-            if name is None or graph.params.get(name) not in read:
-                raise GraphError(f"layer {j} ({layer!r}) holds {short}, which its graph does not read (it was "
-                                 "added after the layer was called?); call the layer again in a new graph")
+            if name is None:
+                raise GraphError(f"layer {j} ({layer!r}) holds {short}, which it did not hold when it was called; "
+                                 "call the layer again in a new graph")
             place = _Place(f"{j}.{short}", layer, short, p.trainable, "")
             if name == f"{k}.{short}":
                 declarer[name] = place
             else:
                 readers.setdefault(name, []).append(place)
     places: list[_Place] = []
-    params: list[tuple[Value, str]] = []
-    for v in graph.params.values():
-        if v not in read:
-            continue
-        first = declarer.get(v.name)
-        if first is None and (v.name in _declared_params(calls) and readers.get(v.name)):
-            first, *rest = readers[v.name]  # declared by a layer not in the model: its first reader's
-            readers[v.name] = rest
+    params: list[tuple[Value | None, Slot, str]] = []
+    # A layer's own param its forward did not read in inference is not in the graph: after the rest.
+    names = [v.name for v in graph.params.values() if v in read] + [n for n in declarer if n not in graph.params]
+    for name in names:
+        v = graph.params.get(name)
+        first = declarer.get(name)
+        if first is None and (name in _declared_params(calls) and readers.get(name)):
+            first, *rest = readers[name]  # declared by a layer not in the model: its first reader's
+            readers[name] = rest
         if first is None:  # a graph param of the user's (graph.param), or read by no layer of the model
-            first = _Place(v.name, _GraphParam(v.slot), "tensor", True, "")
-        group = [first, *readers.get(v.name, [])]
+            first = _Place(name, _GraphParam(v.slot), "tensor", True, "")
+        group = [first, *readers.get(name, [])]
         places += [_Place(p.name, p.holder, p.short, p.trainable, first.name) for p in group]
-        params.append((v, first.name))
+        params.append((v, first.holder.slot(first.short), first.name))
     _check_names([p.name for p in places], places)
     return places, params
 
@@ -573,10 +702,12 @@ def _check_names(names: list[str], places: list[_Place]) -> None:
             raise GraphError(f"graph param {p.name!r} has the name of {what}; give the param another name")
 
 
-def _template(name: str, given: list[Value], output: Value, nodes: list[Node], calls: _Calls, layers: list[Layer],
-              params: list[tuple[Value, str]]) -> Graph:
-    """The model's own graph of the forward pass: input "x" (several inputs side by side,
-    sliced apart), the template params, the output's nodes in the model's layer scopes."""
+def _template(name: str, given: list[Value], output: Value, steps: list[tuple[Node, _Call | None]], calls: _Calls,
+              layers: list[Layer], places: list[_Place],
+              params: list[tuple[Value | None, Slot, str]]) -> tuple[Graph, list[_TemplateCall]]:
+    """The model's own graph of the forward pass, in inference mode: input "x" (several
+    inputs side by side, sliced apart), the template params, the output's nodes, and its
+    calls, built by their layers in the model's layer scopes; and those calls."""
     t = Graph(name)
     values: dict[Value, Value] = {}
     if len(given) == 1:
@@ -586,12 +717,25 @@ def _template(name: str, given: list[Value], output: Value, nodes: list[Node], c
         for v, (start, stop) in zip(given, _columns([(v.name, v.shape[1:], v.dtype) for v in given]), strict=True):
             with t.scope(f"input:{v.name}"):
                 values[v] = slice_(x, 1, start, stop)
-    for v, param in params:
-        values[v] = t.param(param, v.slot)
-    scopes = {calls.scope(calls.numbers[id(layer)]): f"{j}:{type(layer).__name__}" for j, layer in enumerate(layers)}
-    _copy_nodes(t, nodes, values, scopes)
+    for v, slot, param in params:
+        declared = t.param(param, slot)
+        if v is not None:
+            values[v] = declared
+    owners = {p.name: p.reads for p in places}  # each place reads the template param it read when built
+    slots = {p.name: p.holder.slot(p.short) for p in places}
+    number = {calls.numbers[id(layer)]: j for j, layer in enumerate(layers)}
+    scopes = {calls.scope(k): f"{j}:{type(layers[j]).__name__}" for k, j in number.items()}
+    template_calls = []
+    for node, c in steps:
+        if c is None:
+            _copy_nodes(t, [node], values, scopes)
+            continue
+        j, x, start = number[c.k], values[c.input()], len(t.nodes)
+        with t.scope(f"{j}:{type(layers[j]).__name__}"):
+            y = values[node.out] = _forward(layers[j], Build(t, f"{j}.", owners, slots), x)
+        template_calls.append(_TemplateCall(j, x, y, start, len(t.nodes)))
     t.output(values[output])
-    return t
+    return t, template_calls
 
 
 def _copy_nodes(g: Graph, nodes: Iterable[Node], values: dict[Value, Value], scopes: dict[str, str] | None = None,
@@ -653,6 +797,16 @@ def _check_part(what: str, t: Any, spec: tuple[str, Shape, torch.dtype], first: 
                              "drop or repair those examples (e.g. with torch.isfinite)")
 
 
+def _updated_twice(buffer: str, first: int, then: int, layers: list[Layer]) -> GraphError:
+    """The error for a buffer two calls would give a next value in one training step."""
+    if first == then:
+        return GraphError(f"layer {then} ({layers[then]!r}) is called more than once, and in training each call "
+                          f"gives its buffer {buffer} a next value of its own (a step writes one); give each call a "
+                          "layer of its own")
+    return GraphError(f"layers {first} ({layers[first]!r}) and {then} ({layers[then]!r}) both update {buffer} in "
+                      "training (they hold one buffer); give each its own (e.g. .clone())")
+
+
 # -- a model from a file -----------------------------------------------------------------------
 
 
@@ -711,15 +865,31 @@ def _replay_ties(ties: dict[str, str], replay: Graph, layers: list[Layer], calls
             calls.reads[j][short] = owner
 
 
-def _check_scopes(graph: Graph, layers: list[Layer]) -> None:
-    """Each layer builds nodes of the IR, in its scope "j:Type"; no scope names a layer that is not there."""
-    scopes = {n.scope for n in graph.nodes}
-    for j, layer in enumerate(layers):
-        if f"{j}:{type(layer).__name__}" not in scopes:
-            raise GraphError(f"layer {j} ({layer!r}) builds no node of the IR (none is in the scope "
-                             f"{j}:{type(layer).__name__})")
-    for scope in scopes:
-        j, colon, kind = scope.partition(":")
-        if colon and j.isdigit() and (int(j) >= len(layers) or type(layers[int(j)]).__name__ != kind):
-            held = f"is {layers[int(j)]!r}" if int(j) < len(layers) else f"is not there ({len(layers)} layers)"
-            raise GraphError(f"the IR has nodes in the scope {scope}, but the file's layer {j} {held}")
+def _checked_calls(calls: Any, graph: Graph, layers: list[Layer]) -> dict[int, tuple[int, Value, int]]:
+    """A file's layer calls ([j, input, start, stop] each, in order: see `Model.calls`) as
+    {start: (j, the value it is called on, stop)}: each on a value defined before it, its
+    nodes after the last call's, every layer called."""
+    if not isinstance(calls, list):
+        raise ValueError("the layer calls must be a JSON list")
+    spans, end = {}, 0
+    for c in calls:
+        if not isinstance(c, list) or len(c) != 4 or not all(isinstance(v, (int, str)) and not isinstance(v, bool)
+                                                              for v in c):
+            raise ValueError(f"a layer call must be [layer, input, start, stop], got {c!r}")
+        j, x, start, stop = c
+        if not isinstance(j, int) or not 0 <= j < len(layers):
+            raise GraphError(f"the file's calls name layer {j!r}, but it has {len(layers)} layers")
+        if not isinstance(start, int) or not isinstance(stop, int) or not end <= start < stop <= len(graph.nodes):
+            raise GraphError(f"the file's call {c!r} does not span nodes of the IR after the call before it")
+        if isinstance(x, int) and 0 <= x < start:
+            value = graph.nodes[x].out
+        elif isinstance(x, str) and (x in graph.inputs or x in graph.params):
+            value = graph.inputs[x] if x in graph.inputs else graph.params[x]
+        else:
+            raise GraphError(f"the file's call {c!r} is on {x!r}, which is no value of the IR defined before it")
+        spans[start], end = (j, value, stop), stop
+    uncalled = sorted(set(range(len(layers))) - {j for j, _, _ in spans.values()})
+    if uncalled:
+        j = uncalled[0]
+        raise GraphError(f"layer {j} ({layers[j]!r}) is called nowhere in the file's calls")
+    return spans

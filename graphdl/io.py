@@ -11,6 +11,8 @@ code. The header's string metadata says what the file is:
     layers   models only: the JSON of `model.config()`
     model    models only, optional: "functional" for a gd.Model, whose IR (not the order of its
              layers) says how its layers connect; absent for a Sequential
+    calls    functional models only: JSON [[layer, input, start, stop], ...], each layer call and
+             the IR nodes it built (`Model.calls`), so that each is built again in training mode
     ties     models only, optional: JSON {place: place it shares}, e.g. {"2.weight": "0.weight"}
              for a tensor held by two layers (stored once, under its first place's name)
     loss     models only, optional: the name of the loss it was trained with (`gd.MSE().name`)
@@ -77,6 +79,7 @@ def save_model(model: Sequential, path: str | os.PathLike[str], state: dict[str,
     metadata = {"ir": str(graph), "layers": json.dumps(model.config())}
     if _kind(model) != SEQUENTIAL:
         metadata["model"] = _kind(model)
+        metadata["calls"] = json.dumps(model.calls())  # which nodes each layer call built (graphdl.functional)
     ties = model.ties()
     if ties:
         metadata["ties"] = json.dumps(ties)  # each tensor is stored once; these places share it
@@ -132,7 +135,7 @@ def _model_from_bytes(path: Path, data: bytes,
     info = metadata.get("state", "")
     if not isinstance(info, str):
         raise GraphError(f"{path}: the file's training state is not text; the file is corrupt")
-    model = _model_from(path, metadata["layers"], metadata.get("ties", "{}"), graph, model_class)
+    model = _model_from(path, metadata, graph, model_class)
     model.loss = _loss_from(path, metadata)
     return model, info, state
 
@@ -162,18 +165,20 @@ def _loss_from(path: Path, metadata: dict[str, str]) -> Loss | None:
     return LOSSES[name]()
 
 
-def _model_from(path: Path, layers: str, ties: str, graph: Graph, model_class: type[Sequential]) -> Sequential:
+def _model_from(path: Path, metadata: dict[str, str], graph: Graph, model_class: type[Sequential]) -> Sequential:
     """The model (a `model_class`) the file's layer list describes, with the file's ties, holding
     the weights `graph` (the file's IR) holds. Its layers must rebuild exactly that IR, or
     the model would run a different network than the one the file describes."""
+    ties = metadata.get("ties", "{}")
     try:
-        config = read_json(layers)
+        config = read_json(metadata["layers"])
         _check_config(config)
         # On the meta device: a crafted width allocates nothing, and no random initial
         # weights are drawn (which would advance torch's global RNG) only to be overwritten.
         with torch.device("meta"):
             if _kind(model_class) == FUNCTIONAL:  # its IR says how its layers connect (graphdl.functional)
-                model = model_class.from_config(config, graph=graph, ties=read_json(ties))
+                model = model_class.from_config(config, graph=graph, ties=read_json(ties),
+                                                calls=read_json(metadata.get("calls", "null")))
             else:
                 model = model_class.from_config(config, input_shape=_input_shape(graph))
             _tie(model, read_json(ties))
@@ -195,6 +200,9 @@ def _model_from(path: Path, layers: str, ties: str, graph: Graph, model_class: t
     if rebuilt != stored:
         raise GraphError(f"{path}: the file's IR and its layer list disagree ({_first_difference(stored, rebuilt)}), "
                          "so the model would not be the network the IR describes; the file is corrupt or was edited")
+    if _kind(model_class) == FUNCTIONAL and model.calls() != read_json(metadata.get("calls", "null")):
+        raise GraphError(f"{path}: the file's layer calls are not those its IR and layers make; the file is corrupt "
+                         "or was edited")
     owners = {name: owner for name, owner in model.owners().items()}
     for name, layer, short, _, _ in model.places():
         setattr(layer, short, graph.params[owners[name]].data)

@@ -1,6 +1,7 @@
 """graphdl.functional: layers called on graph values and `gd.Model`, trained against
-torch.nn twins (same weights, same batches, torch.optim.SGD and autograd as the oracle),
-with fit's callbacks, checkpoints and model files, and the errors of what it refuses."""
+torch.nn twins (same weights, same batches, the same Dropout masks, torch.optim.SGD and
+autograd as the oracle) in training and inference mode, with fit's callbacks,
+checkpoints, sample weights and model files, and the errors of what it refuses."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import pytest
 import safetensors.torch
 import torch
+from helpers import _TwinDropout
 from messages import message, names
 
 import graphdl as gd
@@ -391,6 +393,257 @@ def test_a_model_moves_draws_and_exports_as_a_sequential_does(tmp_path):
     assert gd.import_onnx(tmp_path / "m.onnx").inputs.keys() == {"x"}
 
 
+# -- training mode: BatchNorm and Dropout --------------------------------------------------
+
+
+def _res_cnn(dtype: torch.dtype = torch.float64, p: float = 0.4) -> tuple[gd.Model, list[gd.Layer]]:
+    """A residual CNN: conv, BatchNorm, ReLU and pooling, then a skip connection around
+    Dropout and a conv, the skip reading the very value Dropout is called on (in inference
+    the two are the same tensor; in training only Dropout's branch is masked)."""
+    gen = torch.Generator().manual_seed(13)
+    layers = [gd.Conv2d(2, 4, 3, padding=1, generator=gen, dtype=dtype), gd.BatchNorm2d(4, momentum=0.2, dtype=dtype),
+              gd.MaxPool2d(2), gd.Dropout(p, seed=9), gd.Conv2d(4, 4, 3, padding=1, generator=gen, dtype=dtype),
+              gd.Linear(4 * 3 * 3, 3, generator=gen, dtype=dtype)]
+    conv1, bn, pool, drop, conv2, head = layers
+    g = gd.Graph("rescnn")
+    x = g.input("x", (None, 2, 6, 6), dtype)
+    h = pool(gd.relu(bn(conv1(x))))  # [4, 3, 3]
+    h = h + conv2(drop(h))
+    return gd.Model(x, head(gd.flatten(h))), layers
+
+
+class _ResCNNTwin(torch.nn.Module):
+    def __init__(self, layers: list[gd.Layer]) -> None:
+        super().__init__()
+        from graphdl.interop import TORCH_LAYERS
+        rows = {row.layer: row for row in TORCH_LAYERS}
+        self.mods = torch.nn.ModuleList(_TwinDropout(layer) if isinstance(layer, gd.Dropout) else
+                                        rows[type(layer)].to_module(layer) for layer in layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv1, bn, pool, drop, conv2, head = self.mods
+        h = pool(torch.relu(bn(conv1(x))))
+        return head((h + conv2(drop(h))).flatten(1))
+
+
+def _twin_state(twin: _ResCNNTwin) -> dict[str, torch.Tensor]:
+    """The twin's tensors under the model's names (a Linear's weight as [in, out])."""
+    return {f"{k}.{name}": t.T if isinstance(m, torch.nn.Linear) and name == "weight" else t
+            for k, m in enumerate(twin.mods) for name, t in m.state_dict().items()
+            if not name.endswith("num_batches_tracked")}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("p", [0.0, 0.4], ids=["no-dropout", "dropout"])
+def test_a_residual_cnn_trains_in_training_mode_and_predicts_in_inference_mode_as_its_torch_twin(dtype, p):
+    """fit against the twin in train mode (the same weights, batches and Dropout masks,
+    torch.optim.SGD): the losses per epoch, the weights, BatchNorm's running statistics and
+    Dropout's key at the end; then predict and evaluate against the twin in eval mode."""
+    gen = torch.Generator().manual_seed(14)
+    X = torch.randn(26, 2, 6, 6, generator=gen, dtype=dtype)
+    labels = torch.randint(0, 3, (26,), generator=gen)
+    model, layers = _res_cnn(dtype, p)
+    twin = _ResCNNTwin(layers)
+    history = model.fit(X, labels, loss=gd.CrossEntropy(), optimizer=gd.SGD(lr=0.1, momentum=0.9), epochs=3,
+                        batch_size=8, shuffle=False, verbose=False)  # 26 = 3*8 + 2: a partial batch
+    opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+    expected = []
+    for _ in range(3):
+        total = 0.0
+        for s in range(0, 26, 8):
+            opt.zero_grad()
+            value = torch.nn.functional.cross_entropy(twin(X[s:s + 8]), labels[s:s + 8])
+            value.backward()
+            opt.step()
+            total += value.item() * len(X[s:s + 8])
+        expected.append(total / 26)
+    tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
+    assert history["loss"] == pytest.approx(expected, rel=tol["rtol"])
+    state, theirs = model.state(), _twin_state(twin)
+    assert list(state) == ["0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var", "3.key",
+                           "4.weight", "4.bias", "5.weight", "5.bias"]
+    assert float(state.pop("3.key")) == (12.0 if p else 0.0) == twin.mods[3].key  # 3 epochs of 4 steps
+    assert set(state) == set(theirs)
+    for name, t in state.items():
+        torch.testing.assert_close(t, theirs[name].detach(), **tol, msg=name)
+    exact = _ResCNNTwin(layers).eval()  # the trained weights themselves, in inference mode
+    with torch.no_grad():
+        torch.testing.assert_close(model.predict(X), exact(X), **tol)
+        assert model.evaluate(X, labels)["loss"] == pytest.approx(
+            torch.nn.functional.cross_entropy(exact(X), labels).item(), rel=tol["rtol"])
+
+
+def test_each_mode_builds_its_own_graph_from_the_one_the_layers_were_called_on():
+    model, layers = _res_cnn(torch.float32)
+    infer, train = str(model.graph()), str(model.graph(gd.CrossEntropy(), training=True))
+    assert "%4: f32[] = const[value=1.0]  # 3:Dropout\n  %5: f32[N,4,3,3] = mul %3, %4  # 3:Dropout\n" in infer
+    assert "conv2d[padding=1] %5, 4.weight" in infer and "add %3, %6\n" in infer  # the skip reads Dropout's input
+    assert "dropout_mask" not in infer and "mean[" not in infer and "return %10\n" in infer
+    assert "%19: f32[N,4,3,3] = dropout_mask[p=0.4, seed=9] 3.key, %16  # 3:Dropout" in train
+    assert "mul %16, %19  # 3:Dropout\n" in train and "conv2d[padding=1] %20, 4.weight" in train
+    assert "add %16, %21\n" in train  # the masked branch, and the skip unmasked
+    assert train.endswith("return %26, %7 (next/1.running_mean), %13 (next/1.running_var), %18 (next/3.key)\n}")
+    assert model.layer_inputs() == [(0, layers[0], (2, 6, 6)), (1, layers[1], (4, 6, 6)), (2, layers[2], (4, 6, 6)),
+                                    (3, layers[3], (4, 3, 3)), (4, layers[4], (4, 3, 3)), (5, layers[5], (36,))]
+    summary = model.summary(print_fn=None)
+    assert "3: Dropout      [N,4,3,3]     1\n" in summary and "Non-trainable params: 9" in summary
+    assert list(model.parameters()) == ["0.weight", "0.bias", "1.weight", "1.bias", "4.weight", "4.bias",
+                                        "5.weight", "5.bias"]
+
+
+def test_a_layer_call_gives_a_value_of_its_own_even_when_it_passes_its_input_through():
+    g = gd.Graph("g")
+    x = g.input("x", (None, 3))
+    drop = gd.Dropout(0.5)
+    d = drop(x)
+    assert d is not x and d.node.scope == "0:Dropout" and str(d.node) == "%1: f32[N,3] = mul x, %0  # 0:Dropout"
+    ints = g.input("i", (None, 2), torch.int64)
+    passed = gd.Dropout(0.0)(ints)  # not a float: reshaped to its own shape
+    assert str(passed.node) == "%2: i64[N,2] = reshape[shape=('N', 2)] i  # 1:Dropout"
+
+
+def _chain(functional: bool) -> gd.Sequential | gd.Model:
+    gen = torch.Generator().manual_seed(15)
+    layers = [gd.Reshape((2, 4, 4)), gd.Conv2d(2, 3, 3, padding=1, generator=gen), gd.BatchNorm2d(3), gd.ReLU(),
+              gd.Dropout(0.3, seed=21), gd.Flatten(), gd.Linear(48, 2, generator=gen), gd.BatchNorm1d(2)]
+    if not functional:
+        return gd.Sequential(*layers)
+    g = gd.Graph("sequential")
+    h = x = g.input("x", (None, 32))
+    for layer in layers:
+        h = layer(h)
+    return gd.Model(x, h)
+
+
+def test_a_chain_of_layer_calls_trains_bit_for_bit_as_the_sequential_of_those_layers():
+    """The same layers, as a Sequential and as layer calls: the same IR in training mode
+    (compiled, in inference too), and
+    fit (shuffled, so each step's masks and running statistics are Sequential's own) gives
+    the same History and state, bit for bit."""
+    sequential, functional = _chain(False), _chain(True)
+    assert str(functional.graph(gd.MSE(), training=True)) == str(sequential.graph(gd.MSE(), training=True))
+    infer = (functional.graph(), sequential.graph())  # the model's has Dropout's x * 1, which compile drops
+    assert "mul %3, %4  # 4:Dropout" in str(infer[0])
+    assert str(gd.compile(infer[0]).graph) == str(gd.compile(infer[1]).graph)
+    gen = torch.Generator().manual_seed(16)
+    X, Y = torch.randn(40, 32, generator=gen), torch.randn(40, 2, generator=gen)
+    settings = dict(optimizer=gd.Adam(lr=0.01), epochs=3, batch_size=7, seed=4, verbose=False,
+                    validation_data=(X[:9], Y[:9]))
+    assert functional.fit(X, Y, **settings) == sequential.fit(X, Y, **settings)
+    for (name, a), (name_b, b) in zip(functional.state().items(), sequential.state().items(), strict=True):
+        assert name == name_b and torch.equal(a, b), name
+    assert torch.equal(functional.predict(X), sequential.predict(X))
+
+
+def test_a_cnn_saves_loads_and_resumes_exactly_with_its_running_statistics_and_key(tmp_path):
+    gen = torch.Generator().manual_seed(17)
+    X = torch.randn(30, 2, 6, 6, generator=gen)
+    labels = torch.randint(0, 3, (30,), generator=gen)
+    settings = dict(loss=gd.CrossEntropy(), optimizer=gd.SGD(lr=0.05, momentum=0.9), batch_size=8, seed=2,
+                    verbose=False, validation_data=(X[:10], labels[:10]))
+    (plain, _), (checkpointed, _), (resumed, _) = (_res_cnn(torch.float32) for _ in range(3))
+    h_plain = plain.fit(X, labels, epochs=4, **settings)
+    h_checkpointed = checkpointed.fit(X, labels, epochs=2, checkpoint=tmp_path / "run.gdl", **settings)
+    assert h_checkpointed == {k: v[:2] for k, v in h_plain.items()}
+    assert resumed.fit(X, labels, epochs=4, resume=tmp_path / "run.gdl", **settings) == h_plain
+    for (name, a), b in zip(plain.state().items(), resumed.state().values(), strict=True):
+        assert torch.equal(a, b), name
+    assert float(plain.state()["3.key"]) == 16.0  # 4 epochs of 4 steps
+    plain.save(tmp_path / "cnn.gdl")
+    loaded = gd.load(tmp_path / "cnn.gdl")
+    assert torch.equal(loaded.predict(X), plain.predict(X)) and str(loaded.graph()) == str(plain.graph())
+    assert str(loaded.graph(gd.CrossEntropy(), training=True)) == str(plain.graph(gd.CrossEntropy(), training=True))
+    assert loaded.calls() == plain.calls() and loaded.layers[3].seed == 9
+    for (name, a), (name_b, b) in zip(loaded.state().items(), plain.state().items(), strict=True):
+        assert name == name_b and torch.equal(a, b), name
+    more = dict(settings, epochs=2, seed=5)  # training on draws the masks after the saved key, in both
+    assert loaded.fit(X, labels, **more) == plain.fit(X, labels, **more)
+    for a, b in zip(loaded.state().values(), plain.state().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_a_callback_stops_a_functional_fit_and_keeps_the_history():
+    model, _ = _res_cnn(torch.float32)
+    X, labels = torch.randn(12, 2, 6, 6), torch.randint(0, 3, (12,))
+    stop = gd.LambdaCallback(on_epoch_end=lambda epoch, logs: setattr(model, "stop_training", epoch == 1))
+    history = model.fit(X, labels, loss=gd.CrossEntropy(), epochs=10, batch_size=4, callbacks=[stop], verbose=False)
+    assert len(history["loss"]) == 2 and model.history is history and float(model.state()["3.key"]) == 6.0
+
+
+def test_sample_and_class_weights_weigh_a_functional_models_loss_as_in_torch():
+    model, layers = _residual(torch.float64)
+    twin = _ResidualTwin(layers)
+    gen = torch.Generator().manual_seed(18)
+    X, Y = torch.rand(20, 4, generator=gen, dtype=torch.float64), torch.rand(20, 1, generator=gen, dtype=torch.float64)
+    w = torch.rand(20, generator=gen, dtype=torch.float64) * 2
+    assert model.graph(gd.losses.Weighted(gd.MSE())).inputs["y"].shape == ("N", 2)  # the targets, then the weight
+    history = model.fit(X, Y, optimizer=gd.SGD(lr=0.1), epochs=2, batch_size=6, shuffle=False, sample_weight=w,
+                        verbose=False)
+    opt = torch.optim.SGD(twin.parameters(), lr=0.1)
+    expected = []
+    for _ in range(2):
+        total = 0.0
+        for s in range(0, 20, 6):
+            opt.zero_grad()
+            value = (w[s:s + 6, None] * (twin(X[s:s + 6]) - Y[s:s + 6]) ** 2).mean()
+            value.backward()
+            opt.step()
+            total += value.item() * len(X[s:s + 6])
+        expected.append(total / 20)
+    assert history["loss"] == pytest.approx(expected, rel=1e-12)
+    for layer, lin in zip(layers, twin.lins, strict=True):
+        _assert_same_linear(layer, lin, TOLERANCE[torch.float64])
+    weighted = (w[:, None] * (twin(X) - Y) ** 2).mean().item()
+    assert model.evaluate(X, Y, sample_weight=w)["loss"] == pytest.approx(weighted, rel=1e-12)
+    two, _, _ = _two_inputs()
+    Xa, Xb, labels = torch.rand(16, 4, generator=gen), torch.rand(16, 3, generator=gen), torch.randint(0, 2, (16,))
+    by_class = two.fit((Xa, Xb), labels, loss=gd.BCEWithLogits(), class_weight={0: 0.5, 1: 3.0}, epochs=1,
+                       seed=1, verbose=False, validation_data=((Xa[:6], Xb[:6]), labels[:6], w[:6].float()))
+    assert by_class["val_loss"] == [pytest.approx(two.evaluate((Xa[:6], Xb[:6]), labels[:6],
+                                                               sample_weight=w[:6].float())["loss"], rel=1e-6)]
+    again, _, _ = _two_inputs()
+    by_sample = again.fit((Xa, Xb), labels, loss=gd.BCEWithLogits(), sample_weight=0.5 + 2.5 * labels.float(),
+                          epochs=1, seed=1, verbose=False)
+    assert by_sample["loss"] == by_class["loss"]
+
+
+def test_what_training_mode_cannot_build_is_refused_naming_the_layer():
+    g = gd.Graph("g")
+    x = g.input("x", (None, 3))
+    bn, drop = gd.BatchNorm1d(3), gd.Dropout(0.5)
+    shared = gd.Model(x, bn(gd.tanh(bn(x))))  # one BatchNorm, called twice
+    shared.predict(torch.rand(4, 3))  # inference reads the running statistics: fine
+    assert message(shared.fit, torch.rand(4, 3), torch.rand(4, 3), verbose=False) == (
+        "layer 0 (BatchNorm1d(3)) is called more than once, and in training each call gives its buffer "
+        "0.running_mean a next value of its own (a step writes one); give each call a layer of its own")
+    names(message(gd.Model(x, drop(drop(x))).graph, training=True), r"layer 0 \(Dropout\(p=0.5\)\) is called more")
+    other = gd.BatchNorm1d(3)
+    other.running_var = bn.running_var  # two layers, one buffer
+    tied = gd.Model(x, other(bn(x)))
+    names(message(tied.graph, training=True), r"layers 0 \(BatchNorm1d\(3\)\) and 1 \(BatchNorm1d\(3\)\) both update "
+          r"0.running_var in training")
+    one_row = gd.Model(x, gd.Linear(3, 1)(gd.BatchNorm1d(3)(x)))
+    with pytest.raises(ValueError, match=r"layer 0 \(BatchNorm1d\(3\)\) would normalise 1 value per channel in a step "
+                                         r"of 1 row: .* \(the last batch of the 9 rows\)"):
+        one_row.fit(torch.rand(9, 3), torch.rand(9, 1), batch_size=4, verbose=False)
+
+
+class _Pair(gd.Layer):
+    """A layer that calls others on graph values inside its forward (not supported)."""
+
+    def __init__(self) -> None:
+        self.a = gd.Linear(2, 2)
+
+    def forward(self, build: gd.layers.Build, x: gd.Value) -> gd.Value:
+        return self.a(x)
+
+
+def test_a_layer_that_calls_layers_inside_its_forward_is_refused():
+    g = gd.Graph("g")
+    names(message(_Pair(), g.input("x", (None, 2))), r"Linear\(2, 2\) was called on a graph value inside a layer's "
+          r"forward; a layer made of others builds them with their forward\(build, x\)")
+
+
 # -- what Model and layer calls refuse, before any work -----------------------------------------
 
 
@@ -463,11 +716,20 @@ def test_a_file_whose_ir_and_layers_disagree_is_refused(tmp_path):
     with open(path, "rb") as f:
         length = int.from_bytes(f.read(8), "little")
         metadata = json.loads(f.read(length))["__metadata__"]
-    layers = json.loads(metadata["layers"])
+    layers, calls = json.loads(metadata["layers"]), json.loads(metadata["calls"])
+    assert calls == [[0, "x", 0, 2], [1, 1, 2, 4], [2, 5, 6, 8]]  # each layer's call: on what, its nodes
     for edit, expected in [
-        ({"layers": json.dumps([*layers[:2], {"type": "Tanh"}])}, "layer 2 \\(Tanh\\(\\)\\) builds no node of the IR"),
-        ({"layers": json.dumps(layers[:2])}, "the IR has nodes in the scope 2:Linear, but the file's layer 2 is not "
-                                             "there"),
+        ({"layers": json.dumps([*layers[:2], {"type": "Tanh"}])}, r"the file holds weights \['2.bias', '2.weight'\] "
+                                                                  "that its layers do not use"),
+        ({"layers": json.dumps(layers[:2])}, "the file's calls name layer 2, but it has 2 layers"),
+        ({"calls": json.dumps(calls[:2])}, r"layer 2 \(Linear\(16, 1\)\) is called nowhere in the file's calls"),
+        ({"calls": json.dumps([calls[0], [1, 1, 2, 5], calls[2]])}, "the file's IR and its layer list disagree"),
+        ({"calls": json.dumps([calls[0], [1, 1, 2, 4], [2, 5, 7, 8]])}, "the file's layer calls are not those its "
+                                                                        "IR and layers make"),
+        ({"calls": json.dumps([calls[1], calls[0], calls[2]])}, r"the file's call \[0, 'x', 0, 2\] does not span "
+                                                                "nodes of the IR after the call before it"),
+        ({"calls": json.dumps([[0, 3, 0, 2], *calls[1:]])}, "is on 3, which is no value of the IR defined before it"),
+        ({"calls": json.dumps([[0, "x", 0]])}, r"a layer call must be \[layer, input, start, stop\]"),
         ({"layers": json.dumps([layers[1], layers[0], layers[2]])}, "the IR declares 0.weight f32\\[4,16\\], but "
                                                                     "layer 0 \\(Linear\\(16, 16\\)\\) holds"),
         ({"model": "graph"}, "holds a model of kind 'graph', which this graphdl does not know"),
@@ -478,6 +740,9 @@ def test_a_file_whose_ir_and_layers_disagree_is_refused(tmp_path):
         safetensors.torch.save_file(tensors, crafted, metadata={**metadata, **edit})
         with pytest.raises(gd.GraphError, match=expected):
             gd.load(crafted)
+    safetensors.torch.save_file(tensors, crafted, metadata={k: v for k, v in metadata.items() if k != "calls"})
+    with pytest.raises(gd.GraphError, match="the layer calls must be a JSON list"):
+        gd.load(crafted)
 
 
 def test_a_layer_that_could_not_build_builds_once_it_can():

@@ -33,7 +33,8 @@ from .viz import DotNotFoundError, render, to_dot
 from .io import load_graph, save_graph
 from .interop import to_torch
 from .onnx_io import export_onnx, import_onnx
-from .model import Sequential, from_torch, load
+from .model import Sequential, from_torch
+from .functional import Model, load
 from . import distributed
 
 __all__ = [
@@ -41,7 +42,7 @@ __all__ = [
     "BCEWithLogits", "CrossEntropy", "DivergedError", "MAE", "MBE", "MSE", "SGD", "Softmax", "Standardize",
     "Adagrad", "Adam", "AdamW", "LinearWarmup", "OneCycle", "Optimizer", "PerStep", "RMSprop",
     "Constant", "CosineDecay", "ExponentialDecay", "History",
-    "Layer", "Linear", "Loss", "ReLU", "Schedule", "Sequential", "Sigmoid", "StepDecay", "Tanh", "TrainStep",
+    "Layer", "Linear", "Loss", "Model", "ReLU", "Schedule", "Sequential", "Sigmoid", "StepDecay", "Tanh", "TrainStep",
     "Embedding", "Flatten", "GELU", "LeakyReLU", "Reshape", "SiLU",
     "DTYPES", "OPS", "Compiled", "DotNotFoundError", "Graph", "GraphError", "Node", "Value",
     "abs", "add", "bce_with_logits", "broadcast_like", "check_numerics", "cross_entropy", "log_softmax", "softmax",

@@ -13,10 +13,10 @@ import torch
 
 from .autodiff import grad
 from .checks import GraphError
+from .functional import load
 from .io import MODEL_FORMAT, file_format, load_graph
 from .ir import Graph
 from .losses import MSE
-from .model import load
 from .onnx_io import import_onnx
 from .viz import FORMATS, render
 

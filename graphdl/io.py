@@ -5,10 +5,14 @@ A file is a safetensors container (https://github.com/huggingface/safetensors): 
 parses JSON and copies bytes, never unpickles, so a file from a stranger cannot run
 code. The header's string metadata says what the file is:
 
-    format   "graphdl.model" (a Sequential) or "graphdl.graph" (a bare graph)
+    format   "graphdl.model" (a Sequential or a functional gd.Model) or "graphdl.graph" (a bare graph)
     version  "1"
     ir       the forward graph as text IR (`str(graph)`)
     layers   models only: the JSON of `model.config()`
+    model    models only, optional: "functional" for a gd.Model, whose IR (not the order of its
+             layers) says how its layers connect; absent for a Sequential
+    calls    functional models only: JSON [[layer, input, start, stop], ...], each layer call and
+             the IR nodes it built (`Model.calls`), so that each is built again in training mode
     ties     models only, optional: JSON {place: place it shares}, e.g. {"2.weight": "0.weight"}
              for a tensor held by two layers (stored once, under its first place's name)
     loss     models only, optional: the name of the loss it was trained with (`gd.MSE().name`)
@@ -48,6 +52,7 @@ if TYPE_CHECKING:
 
 FORMAT_VERSION = "1"
 MODEL_FORMAT = "graphdl.model"
+SEQUENTIAL, FUNCTIONAL = "sequential", "functional"  # the kinds of model a model file holds
 GRAPH_FORMAT = "graphdl.graph"
 TEXT_SUFFIXES = (".txt", ".gdir")
 _MAX_HEADER = 100_000_000  # safetensors' own limit; a bigger "length" means this is not one
@@ -72,6 +77,9 @@ def save_model(model: Sequential, path: str | os.PathLike[str], state: dict[str,
         raise GraphError(f"save: the model's tensors {sorted(weights)} differ from its graph's params "
                          f"{sorted(graph.params)}; this is a bug in the layer that built them")
     metadata = {"ir": str(graph), "layers": json.dumps(model.config())}
+    if _kind(model) != SEQUENTIAL:
+        metadata["model"] = _kind(model)
+        metadata["calls"] = json.dumps(model.calls())  # which nodes each layer call built (graphdl.functional)
     ties = model.ties()
     if ties:
         metadata["ties"] = json.dumps(ties)  # each tensor is stored once; these places share it
@@ -92,12 +100,18 @@ def save_model(model: Sequential, path: str | os.PathLike[str], state: dict[str,
 STATE_PREFIX = "state/"  # tensors a checkpoint keeps beside the weights; no param name has a '/'
 
 
+def _kind(model: Any) -> str:
+    """The kind of model files a model (or model class) writes and reads: its `file_kind`,
+    else a Sequential's, whose files predate the field."""
+    return getattr(model, "file_kind", SEQUENTIAL)
+
+
 def load_model(path: str | os.PathLike[str],
-               model_class: type[Sequential]) -> tuple[Sequential, str, dict[str, torch.Tensor]]:
+               *model_classes: type[Sequential]) -> tuple[Sequential, str, dict[str, torch.Tensor]]:
     """The model in a file saved with `model.save(path)` (or a checkpoint fit wrote), as
-    a `model_class` (gd.Sequential: `gd.load` is this, with the class), with the training state
-    saved beside it: its "state" metadata ('' if none) and its state tensors by name
-    (see `save_model`).
+    the one of `model_classes` that reads the file's kind (gd.Sequential and gd.Model:
+    `gd.load` is this, with both classes), with the training state saved beside it: its
+    "state" metadata ('' if none) and its state tensors by name (see `save_model`).
 
     Raises:
         GraphError: the file is missing, truncated, corrupt, not a graphdl model (a
@@ -105,24 +119,39 @@ def load_model(path: str | os.PathLike[str],
             weights do not match the shapes its IR declares.
     """
     path = as_path(path)
-    return _model_from_bytes(path, read_bytes(path), model_class)
+    return _model_from_bytes(path, read_bytes(path), *model_classes)
 
 
 def _model_from_bytes(path: Path, data: bytes,
-                      model_class: type[Sequential]) -> tuple[Sequential, str, dict[str, torch.Tensor]]:
+                      *model_classes: type[Sequential]) -> tuple[Sequential, str, dict[str, torch.Tensor]]:
     if _is_ir_text(data):
         raise GraphError(f"{path}: holds IR text, not a model; load it with gd.load_graph({str(path)!r})")
     kind, metadata, weights = _decode(path, data)
     state = _split_state(weights)
     if kind != MODEL_FORMAT:
         raise GraphError(f"{path}: holds a bare graph, not a model; load it with gd.load_graph({str(path)!r})")
+    model_class = _model_class(path, metadata, model_classes)
     graph = _graph_from(path, metadata, weights)
     info = metadata.get("state", "")
     if not isinstance(info, str):
         raise GraphError(f"{path}: the file's training state is not text; the file is corrupt")
-    model = _model_from(path, metadata["layers"], metadata.get("ties", "{}"), graph, model_class)
+    model = _model_from(path, metadata, graph, model_class)
     model.loss = _loss_from(path, metadata)
     return model, info, state
+
+
+def _model_class(path: Path, metadata: dict[str, str], model_classes: tuple[type[Sequential], ...]) -> type[Sequential]:
+    """The one of `model_classes` that reads the kind of model the file holds."""
+    kind = metadata.get("model", SEQUENTIAL)
+    if kind not in (SEQUENTIAL, FUNCTIONAL):
+        raise GraphError(f"{path}: the file holds a model of kind {kind!r}, which this graphdl does not know (it "
+                         f"knows {SEQUENTIAL!r} and {FUNCTIONAL!r}); the file is corrupt or was written by a newer "
+                         "graphdl")
+    for model_class in model_classes:
+        if _kind(model_class) == kind:
+            return model_class
+    wanted = " or ".join(_kind(c) for c in model_classes)
+    raise GraphError(f"{path}: holds a {kind} model, not a {wanted} one; load it with gd.load({str(path)!r})")
 
 
 def _loss_from(path: Path, metadata: dict[str, str]) -> Loss | None:
@@ -136,17 +165,22 @@ def _loss_from(path: Path, metadata: dict[str, str]) -> Loss | None:
     return LOSSES[name]()
 
 
-def _model_from(path: Path, layers: str, ties: str, graph: Graph, model_class: type[Sequential]) -> Sequential:
+def _model_from(path: Path, metadata: dict[str, str], graph: Graph, model_class: type[Sequential]) -> Sequential:
     """The model (a `model_class`) the file's layer list describes, with the file's ties, holding
     the weights `graph` (the file's IR) holds. Its layers must rebuild exactly that IR, or
     the model would run a different network than the one the file describes."""
+    ties = metadata.get("ties", "{}")
     try:
-        config = read_json(layers)
+        config = read_json(metadata["layers"])
         _check_config(config)
         # On the meta device: a crafted width allocates nothing, and no random initial
         # weights are drawn (which would advance torch's global RNG) only to be overwritten.
         with torch.device("meta"):
-            model = model_class.from_config(config, input_shape=_input_shape(graph))
+            if _kind(model_class) == FUNCTIONAL:  # its IR says how its layers connect (graphdl.functional)
+                model = model_class.from_config(config, graph=graph, ties=read_json(ties),
+                                                calls=read_json(metadata.get("calls", "null")))
+            else:
+                model = model_class.from_config(config, input_shape=_input_shape(graph))
             _tie(model, read_json(ties))
             params = model.state()
             rebuilt = str(model.graph())
@@ -166,6 +200,9 @@ def _model_from(path: Path, layers: str, ties: str, graph: Graph, model_class: t
     if rebuilt != stored:
         raise GraphError(f"{path}: the file's IR and its layer list disagree ({_first_difference(stored, rebuilt)}), "
                          "so the model would not be the network the IR describes; the file is corrupt or was edited")
+    if _kind(model_class) == FUNCTIONAL and model.calls() != read_json(metadata.get("calls", "null")):
+        raise GraphError(f"{path}: the file's layer calls are not those its IR and layers make; the file is corrupt "
+                         "or was edited")
     owners = {name: owner for name, owner in model.owners().items()}
     for name, layer, short, _, _ in model.places():
         setattr(layer, short, graph.params[owners[name]].data)

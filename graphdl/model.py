@@ -151,6 +151,14 @@ class Sequential:
                              "see its output_shape")
         return shape[0]
 
+    def layer_inputs(self) -> list[tuple[int, Layer, Shape]]:
+        """Each layer with the shape of one example it is given (the batch dim left out), in order."""
+        shape, shapes = self.input_shape, []
+        for k, layer in enumerate(self.layers):
+            shapes.append((k, layer, shape))
+            shape = layer.output_shape(shape)
+        return shapes
+
     def check_input(self, X: Any, what: str = "X") -> None:
         """Refuse what the first layer to read the input cannot take (an index outside an
         Embedding's table), naming the layer; shapes and dtypes are the compiled graph's to check."""
@@ -324,19 +332,7 @@ class Sequential:
     def from_config(cls, config: list[dict[str, Any]], input_shape: Sequence[int] | None = None) -> Sequential:
         """A model of this architecture with freshly initialised params (taking examples of
         `input_shape`, if given)."""
-        layers = []
-        for k, spec in enumerate(config):
-            kind = spec.get("type") if isinstance(spec, dict) else None
-            if kind not in LAYERS:
-                raise GraphError(f"layer {k}: unknown layer type {kind!r}; known: {', '.join(LAYERS)}")
-            args = {key: v for key, v in spec.items() if key != "type"}
-            if "dtype" in args:  # by name, so that "float8_e4m3fn" or "Tensor" reach Linear's check, not getattr
-                args["dtype"] = DTYPES_BY_NAME.get(str(args["dtype"]), args["dtype"])
-            try:
-                layers.append(LAYERS[kind](**args))
-            except (TypeError, ValueError) as e:
-                raise GraphError(f"layer {k} ({kind}): bad settings {args}: {e}") from None
-        return cls(*layers, input_shape=input_shape)
+        return cls(*(layer_from_config(k, spec) for k, spec in enumerate(config)), input_shape=input_shape)
 
     def fit(self, X: torch.Tensor, Y: torch.Tensor, loss: Loss | None = None, optimizer: Optimizer | None = None,
             schedule: Schedule | None = None, epochs: int = 1, batch_size: int = 32, shuffle: bool = True,
@@ -467,6 +463,8 @@ class Sequential:
         """A torch `nn.Sequential` with copies of this model's weights (see `graphdl.interop.to_torch`)."""
         return interop.to_torch(self)
 
+    _summary_title = "Sequential model"  # summary's first line (graphdl.functional's Model names itself)
+
     def summary(self, print_fn: Callable[[str], Any] | None = print) -> str:
         """Print (with `print_fn`; None: don't) and return a table of the layers: each one's
         output shape (from the IR: "N" is the batch), its parameter count and its ties, then
@@ -481,7 +479,7 @@ class Sequential:
             rows.append((f"{k}: {type(layer).__name__}", shapes[k], f"{count:,}" + (f" ({', '.join(tied)})"
                                                                                      if tied else "")))
         widths = [max(len(r[i]) for r in rows) for i in range(2)]
-        lines = ["Sequential model"] + [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}".rstrip() for a, b, c in rows]
+        lines = [self._summary_title] + [f"{a:<{widths[0]}}  {b:<{widths[1]}}  {c}".rstrip() for a, b, c in rows]
         total = sum(t.numel() for t in state.values())
         trained = sum(t.numel() for t in trainable.values())
         lines += [f"Total params: {total:,}", f"Trainable params: {trained:,}",
@@ -524,6 +522,20 @@ class Sequential:
     def __repr__(self) -> str:
         inner = ",\n".join(f"  ({k}) {layer!r}" for k, layer in enumerate(self.layers))
         return f"Sequential(\n{inner}\n)" if inner else "Sequential()"
+
+
+def layer_from_config(k: int, spec: Any) -> Layer:
+    """Layer k of a model file's layer list (`layer.config()`), freshly initialised."""
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    if kind not in LAYERS:
+        raise GraphError(f"layer {k}: unknown layer type {kind!r}; known: {', '.join(LAYERS)}")
+    args = {key: v for key, v in spec.items() if key != "type"}
+    if "dtype" in args:  # by name, so that "float8_e4m3fn" or "Tensor" reach Linear's check, not getattr
+        args["dtype"] = DTYPES_BY_NAME.get(str(args["dtype"]), args["dtype"])
+    try:
+        return LAYERS[kind](**args)
+    except (TypeError, ValueError) as e:
+        raise GraphError(f"layer {k} ({kind}): bad settings {args}: {e}") from None
 
 
 def _check_input_shape(shape: Any) -> Shape:

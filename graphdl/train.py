@@ -581,15 +581,13 @@ def _check_steps(model: Sequential, n: int, s: FitSettings) -> None:
     world = dp.world_size() if s.distributed else 1
     sizes = {min(s.batch_size, n), n % s.batch_size or s.batch_size}
     rows = min(max(part, 1) for size in sizes for part in dp.split(size, world))
-    shape = model.input_shape
-    for k, layer in enumerate(model.layers):
+    for k, layer, shape in model.layer_inputs():
         problem = layer.batch_error(rows, shape)
         if problem:
             where = f" (each rank's share of a batch of {min(sizes)})" if world > 1 else \
                 f" (the last batch of the {n} rows)" if n % s.batch_size else ""
             raise ValueError(f"layer {k} ({layer!r}) {problem}{where}; choose a batch_size that leaves no such step, "
                              f"or drop a few rows")
-        shape = layer.output_shape(shape)
 
 
 def _split_off_validation(X: Any, Y: Any, fraction: float) -> tuple[Any, Any, tuple[Any, Any]]:

@@ -68,3 +68,19 @@ def _data(n: int = 20, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
     return torch.rand(n, 2, generator=gen) * scale, torch.rand(n, 1, generator=gen) * scale
 
+
+class _TwinDropout(torch.nn.Module):
+    """torch's side of gd.Dropout: the same mask (graphdl's, a function of the seed and the
+    step's key: tests/test_ops.py checks it against splitmix64 itself), the key counted here."""
+
+    def __init__(self, layer: gd.Dropout) -> None:
+        super().__init__()
+        self.p, self.seed, self.key = layer.p, layer.seed, float(layer.key)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        from graphdl.ops.random import dropout_mask_kernel
+        mask = dropout_mask_kernel(torch.tensor(self.key, dtype=torch.float64), x.detach(), self.seed, self.p)
+        self.key += 1
+        return x * mask

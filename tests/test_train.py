@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import BIG, _classifier, _data, _model, _net, _sine, _torch_twin
+from helpers import BIG, _classifier, _data, _model, _net, _sine, _torch_twin, _TwinDropout
 from messages import names
 
 import graphdl as gd
@@ -575,23 +575,6 @@ def _value_error(call) -> str:
 
 
 # -- nets beyond two dims: convolution, pooling, BatchNorm and Dropout against PyTorch -------
-
-
-class _TwinDropout(torch.nn.Module):
-    """torch's side of gd.Dropout: the same mask (graphdl's, a function of the seed and the
-    step's key: tests/test_ops.py checks it against splitmix64 itself), the key counted here."""
-
-    def __init__(self, layer: gd.Dropout) -> None:
-        super().__init__()
-        self.p, self.seed, self.key = layer.p, layer.seed, float(layer.key)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return x
-        from graphdl.ops.random import dropout_mask_kernel
-        mask = dropout_mask_kernel(torch.tensor(self.key, dtype=torch.float64), x.detach(), self.seed, self.p)
-        self.key += 1
-        return x * mask
 
 
 def _conv_twin(model: gd.Sequential) -> torch.nn.Sequential:

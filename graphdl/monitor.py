@@ -60,9 +60,14 @@ def add_monitors(graph: Graph, wrt: list[str], monitor: tuple[str, ...]) -> Grap
             for layer, members in param_layers(graph, wrt).items():
                 graph.output(_squares([gradients[i] for i in members]), label=f"gg/{layer}")
         if "dead_relu" in monitor:
+            seen: dict[str, int] = {}
             for node in [n for n in graph.nodes if n.op is relu and not n.backward and n.out.ndim]:
                 alive = greater(reduce_sum(node.out, axis=0), 0.0)  # a unit is alive if one example lit it
-                graph.output(sub(1.0, reduce_mean(alive)), label=f"dead/{_label(node.scope or 'relu')}")
+                name = _label(node.scope or "relu")  # (gd.relu called outside any layer: "relu")
+                seen[name] = seen.get(name, 0) + 1
+                if seen[name] > 1:  # a second relu of one layer, or of none: "relu.2"
+                    name = f"{name}.{seen[name]}"
+                graph.output(sub(1.0, reduce_mean(alive)), label=f"dead/{name}")
     return graph
 
 

@@ -273,3 +273,19 @@ def test_a_conv_nets_dead_units_and_norms_with_batch_norm_and_dropout():
     assert all(label.startswith("next/") for label in labels_[1:first])
     assert all(label.startswith("d/d") for label in labels_[first:first + len(step.params)])
     assert step.monitored == labels_[first + len(step.params):] == ("gg/0:Conv2d", "gg/1:BatchNorm2d", "gg/5:Linear")
+
+
+def test_a_functional_model_is_monitored_and_each_relu_has_a_key_of_its_own():
+    """A functional model trains through the same step: its layers' series, and one dead
+    fraction per relu, those called outside any layer numbered ("relu", "relu.2")."""
+    torch.manual_seed(0)
+    g = gd.Graph("skip")
+    x = g.input("x", (None, 2))
+    h = gd.relu(gd.Linear(2, 8)(x))
+    h = h + gd.relu(gd.Linear(8, 8)(h))
+    model = gd.Model(x, gd.Linear(8, 1)(h))
+    X, Y = data()
+    history = model.fit(X, Y, loss=gd.MSE(), epochs=2, batch_size=8, verbose=False, monitor=ALL)
+    assert {k for k in history if k.startswith("dead_relu/")} == {"dead_relu/relu", "dead_relu/relu.2"}
+    assert {k for k in history if k.startswith("grad_norm/")} == {f"grad_norm/{k}:Linear" for k in range(3)}
+    assert all(len(v) == 2 for k, v in history.items() if "/" in k)

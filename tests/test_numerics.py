@@ -370,3 +370,22 @@ def test_a_planted_nan_in_a_conv_net_with_batch_norm_and_dropout_is_found(accumu
     clean.fit(X[:6], Y[:6], epochs=1, **settings)  # the two batches before it
     for name, value in clean.state().items():
         torch.testing.assert_close(model.state()[name], value, msg=name)
+
+
+def test_a_functional_models_diagnostics():
+    """gd.Model trains through the same step: check_numerics reads its training graph,
+    a divergence names its node, and gd.profile times its step."""
+    torch.manual_seed(0)
+    g = gd.Graph("branch")
+    x = g.input("x", (None, 1))
+    model = gd.Model(x, gd.Linear(1, 1)(Log()(gd.Linear(1, 1)(x)) + gd.tanh(x)))
+    assert [(f.op, f.layer) for f in gd.check_numerics(model)] == [("log", "1:Log")]
+    _identity_first(model)
+    X = torch.linspace(0.5, 2.0, 12).reshape(-1, 1)
+    X[4] = -1.0
+    with pytest.raises(gd.DivergedError) as err:
+        model.fit(X, torch.zeros(12, 1), loss=gd.MSE(), optimizer=gd.SGD(lr=0.0), batch_size=3, shuffle=False,
+                  verbose=False)
+    assert (err.value.batch, err.value.op, err.value.layer) == (2, "log", "1:Log")
+    report = gd.profile(model, X[:3].abs(), torch.zeros(3, 1), loss=gd.MSE(), steps=2)
+    assert any(r.op == "log" and r.layer == "1:Log" for r in report.rows)

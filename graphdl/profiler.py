@@ -43,9 +43,10 @@ from .compile import ArenaCompiled, Compiled, _hoistable, compile
 from .ir import Graph, Node, Value
 from .optim import SGD, checked_optimizer
 from .probe import lower_probed, strip
+from .settings import check_data, class_targets, model_loss
 from .step import Model, TrainStep, _Arena
 from .text import format_node
-from .train import _check_data, _class_targets, _model_loss, _threads_for
+from .train import threads_for
 
 # -- the machine's rates ------------------------------------------------------------------
 
@@ -474,16 +475,16 @@ def _profile_training(target: Any, X: torch.Tensor, Y: torch.Tensor, loss: Any, 
                       batch_size: int, threads: int | None, clip_norm: float | None,
                       clip_value: float | None) -> Profile:
     model = target.model if isinstance(target, TrainStep) else target
-    loss = target.loss if isinstance(target, TrainStep) and loss is None else _model_loss(model, loss)
+    loss = target.loss if isinstance(target, TrainStep) and loss is None else model_loss(model, loss)
     if optimizer is None:
         optimizer = target.optimizer if isinstance(target, TrainStep) else SGD()
     optimizer = copy.deepcopy(checked_optimizer(optimizer))
-    Y = _class_targets(model, Y)
-    _check_data(model, X, Y)
+    Y = class_targets(model, Y)
+    check_data(model, X, Y)
     batch = min(batch_size, len(X))
     feed = (X[:batch], Y[:batch])
     lr = optimizer.lr
-    with _threads_for(model, batch, threads), torch.inference_mode():
+    with threads_for(model, batch, threads), torch.inference_mode():
         step = TrainStep(model, loss, optimizer, capture=False, clip_norm=clip_norm, clip_value=clip_value)
         step.steps([], lr)  # bound to the model as it is now
         state = [*step.params, *step.state]  # the optimizer is a copy: its state may go

@@ -1,37 +1,49 @@
-"""The fit loop, predict and evaluate for Sequential models.
+"""The fit loop, predict and evaluate, for any model with Sequential's methods.
 
 `fit` builds the training step (forward, loss, backward and update: a `TrainStep`,
 see graphdl.step) once, then per epoch shuffles, runs the step on every batch and
-records the metrics (graphdl.metrics). The losses stay on the device until the epoch ends, so there is
-one host sync per epoch, not per batch.
+records the metrics (graphdl.metrics). The losses stay on the device until the epoch
+ends, so there is one host sync per epoch, not per batch. Its settings and the data's
+checks are graphdl.settings'; a diverged epoch's replay is graphdl.divergence's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from . import distributed as dp
 from .batches import Batches, OneProcess, Sharded
-from .callbacks import Callback, CallbackList, check_callbacks
+from .callbacks import CallbackList
 from .checkpoint import Resumed, read_checkpoint, write_checkpoint
-from .checks import flag, real, shown, tensor_problem, whole
+from .checks import real, shown, whole
 from .compile import Compiled, compile
-from .losses import MSE, Loss, Weighted, checked_loss
+from .divergence import DivergedError as DivergedError  # re-exported: gd.train.DivergedError predates it
+from .divergence import Snapshot, diverged, find_source, largest, replay
+from .losses import Loss, Weighted
 from .metrics import METRICS as METRICS  # re-exported: gd.train.METRICS predates graphdl.metrics
 from .metrics import accuracy as accuracy  # re-exported: gd.train.accuracy and .correct predate graphdl.metrics
-from .metrics import check_metric_names, check_metrics_fit, choose_metrics, is_metric, measure
+from .metrics import check_metrics_fit, choose_metrics, is_metric, measure
 from .metrics import correct as correct
-from .monitor import checked_monitor, epoch_values
-from .optim import SGD, Optimizer, Schedule, check_apart, check_updatable, checked_optimizer
+from .monitor import epoch_values
+from .optim import Schedule
+from .settings import FitSettings as FitSettings  # re-exported: Sequential.fit builds it as train.FitSettings
+from .settings import (
+    check_data,
+    check_distributed,
+    check_params,
+    check_sample_weight,
+    class_targets,
+    example_weights,
+    model_loss,
+)
 from .step import TrainStep
 
 if TYPE_CHECKING:
@@ -71,279 +83,6 @@ def _eval_fn(model: Sequential, loss: Loss) -> Compiled:
     return model.compiled(("eval", loss), lambda: compile(model.graph(loss, prediction=True)))
 
 
-def _class_targets(model: Sequential, Y: Any, what: str = "") -> Any:
-    """Integer class labels [N] as targets: one-hot rows for a model with several outputs,
-    a 0/1 column for a model with one. Anything else is returned as given, for
-    _check_data to judge."""
-    if not _is_label_vector(Y):
-        return Y
-    classes = model.out_features
-    _check_labels(Y, classes, what)
-    if classes == 1:
-        return Y.to(model.dtype()).unsqueeze(1)
-    rows = torch.zeros(len(Y), classes, dtype=model.dtype(), device=Y.device)
-    return rows.scatter_(1, Y.long().unsqueeze(1), 1.0)
-
-
-def _is_label_vector(Y: Any) -> bool:
-    """Whether Y is a dense 1-d tensor of integers with values: class labels [N]."""
-    return not (not isinstance(Y, torch.Tensor) or tensor_problem(Y) or Y.is_meta or Y.dtype.is_floating_point
-                or Y.is_complex() or Y.dtype == torch.bool or Y.dim() != 1)
-
-
-def _check_labels(Y: torch.Tensor, classes: int, what: str) -> None:
-    """Each label names one of the model's `classes` outputs (0 or 1 for a single output)."""
-    top = max(classes, 2) - 1
-    if len(Y) and not bool(((Y >= 0) & (Y <= top)).all()):
-        bad = Y[(Y < 0) | (Y > top)][0].item()
-        raise ValueError(f"Y{what} holds class label {bad}, but the model has {classes} output"
-                         f"{'s' if classes > 1 else ''}, so labels run from 0 to {top}")
-
-
-def _check_data(model: Sequential, X: Any, Y: Any, what: str = "") -> None:
-    for name, t in (("X", X), ("Y", Y)):
-        _check_data_tensor(name, t, what)
-    wanted = {"X": model.input_shape, "Y": model.output_shape}  # of one example
-    for name, t in (("X", X), ("Y", Y)):
-        _check_rank(name, t, what, wanted[name])
-    if len(X) != len(Y):
-        raise ValueError(f"X{what} has {len(X)} examples but Y{what} has {len(Y)}; give one target per example")
-    if len(X) == 0:
-        raise ValueError(f"X{what} and Y{what} have no examples")
-    if len(wanted["X"]) == 1 and X.shape[1] != model.in_features:
-        raise ValueError(f"X{what} has {X.shape[1]} features but the model takes {model.in_features}")
-    if len(wanted["Y"]) == 1 and Y.shape[1] != model.out_features:
-        raise ValueError(f"Y{what} has {Y.shape[1]} columns but the model outputs {model.out_features}")
-    for name, t in (("X", X), ("Y", Y)):
-        if tuple(t.shape[1:]) != wanted[name]:
-            raise ValueError(f"{name}{what} holds examples of shape {list(t.shape[1:])} but the model "
-                             f"{'takes' if name == 'X' else 'outputs'} {list(wanted[name])}")
-    for name, t in (("X", X), ("Y", Y)):
-        _check_finite(name, t, what)
-
-
-def _check_data_tensor(name: str, t: Any, what: str) -> None:
-    """X or Y is a dense tensor of real values in memory."""
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{name}{what} must be a torch.Tensor, got {type(t).__name__}")
-    problem = tensor_problem(t)
-    if problem:
-        raise ValueError(f"{name}{what} {problem}")
-    if t.is_meta:
-        raise ValueError(f"{name}{what} is on the meta device, which holds shapes but no values; "
-                         "training and evaluating need real data (on 'cpu' or 'cuda')")
-
-
-def _check_rank(name: str, t: torch.Tensor, what: str, example: tuple) -> None:
-    """X or Y holds examples of the model's rank: rows [examples, features] for a 2-d model."""
-    if t.dim() != 1 + len(example):
-        dims = "2-d [examples, features]" if len(example) == 1 else \
-            f"{1 + len(example)}-d [examples{''.join(f', {d}' for d in example)}]"
-        raise ValueError(f"{name}{what} must be {dims}, got shape {list(t.shape)}")
-
-
-def _check_finite(name: str, t: torch.Tensor, what: str) -> None:
-    finite = torch.isfinite(t)
-    if not bool(finite.all()):  # one pass over the data, once per call: cheap beside training on it
-        where = (~finite).nonzero()[0].tolist()
-        raise ValueError(f"{name}{what} has NaN or inf values, first at {name}[{', '.join(map(str, where))}] = "
-                         f"{t[tuple(where)].item()}; drop or repair those examples (e.g. with torch.isfinite)")
-
-
-def _check_params(model: Sequential) -> None:
-    """Training updates every param in place, so each must hold real values in memory of its own."""
-    check_apart(model.state())
-    trained = model.parameters()
-    for name, t in model.state().items():  # buffers too: a NaN std would read as a diverged learning rate
-        if not t.is_meta and t.dtype.is_floating_point and not bool(t.isfinite().all()):
-            kind = "param" if name in trained else "buffer"
-            raise ValueError(f"{kind} {name} is NaN or inf before training; re-initialise the model"
-                             + ("" if kind == "param" else " (for Standardize: adapt it again)"))
-    for name, p in model.parameters().items():
-        if p.is_meta:
-            raise ValueError(f"param {name} is on the meta device, which holds no values to train; "
-                             "build the model on 'cpu' or 'cuda' (or load real weights) first")
-        check_updatable(f"param {name}", p)
-
-
-@dataclass(frozen=True)
-class FitSettings:
-    """fit's settings, each checked once, where they are made (`FitSettings.check`), and
-    passed on as one value. (`Sequential.fit` documents each.)"""
-
-    loss: Loss
-    optimizer: Optimizer
-    schedule: Schedule | None
-    epochs: int
-    batch_size: int
-    shuffle: bool
-    validation_data: tuple[torch.Tensor, torch.Tensor] | None
-    seed: int | None
-    verbose: bool
-    metrics: tuple[str, ...] | None  # None until the data chooses (`with_data`)
-    threads: int | None
-    distributed: bool  # data-parallel, over more than one rank
-    checkpoint: str | os.PathLike[str] | None
-    resume: str | os.PathLike[str] | None
-    callbacks: tuple[Callback, ...] = ()
-    sample_weight: torch.Tensor | None = None  # each training example's weight in the loss, [N]
-    class_weight: dict[int, float] | None = None  # each class's weight in the loss (times sample_weight)
-    validation_weights: torch.Tensor | None = None  # validation_data's third member, if it has one
-    validation_split: float = 0.0  # the last fraction of the rows, held out (`with_data` does it)
-    clip_norm: float | None = None  # the gradients' global L2 norm at most this (torch's clip_grad_norm_)
-    clip_value: float | None = None  # each gradient element within +-this
-    accumulate: int = 1  # batches per update
-    monitor: tuple[str, ...] = ()  # graphdl.monitor's names: per-layer gradient health in History
-
-    @classmethod
-    def check(cls, model: Sequential, *, loss: Any, optimizer: Any, schedule: Any, epochs: Any, batch_size: Any,
-              shuffle: Any, validation_data: Any, seed: Any, verbose: Any, metrics: Any, threads: Any,
-              distributed: Any, checkpoint: Any, resume: Any, callbacks: Any = None,
-              validation_split: Any = 0.0, clip_norm: Any = None, clip_value: Any = None,
-              accumulate: Any = 1, sample_weight: Any = None, class_weight: Any = None,
-              monitor: Any = None) -> FitSettings:
-        """The settings, after checking each (a ValueError naming the one that is wrong),
-        before any data is looked at; defaults filled in (the model's loss, SGD())."""
-        if seed is not None:  # the range torch.Generator.manual_seed takes
-            seed = whole("seed", seed, -2**63, 2**64 - 1)
-        _check_validation_data(validation_data)
-        if schedule is not None and not callable(schedule):
-            raise ValueError(f"schedule must be a graphdl schedule such as gd.StepDecay(every=10, factor=0.9), "
-                             f"got {schedule!r}")
-        validation_split = real("validation_split", validation_split, 0.0, 1.0, high_open=True)
-        if validation_split and validation_data is not None:
-            raise ValueError("give validation_data or validation_split, not both: validation_split holds out the last "
-                             f"{validation_split:.0%} of X and Y as the validation data")
-        for name, path in (("checkpoint", checkpoint), ("resume", resume)):
-            _check_path(name, path)
-        monitor = checked_monitor(monitor)
-        distributed = _check_distributed(distributed, "fit")
-        if monitor and distributed:  # a rank's dead units are of its share: the History would differ by rank
-            raise ValueError("monitor= is not available with distributed=True yet; monitor a one-process run")
-        return cls(loss=_model_loss(model, loss),
-                   optimizer=checked_optimizer(SGD() if optimizer is None else optimizer),
-                   schedule=schedule, epochs=whole("epochs", epochs, 0),
-                   batch_size=whole("batch_size", batch_size, 1), shuffle=flag("shuffle", shuffle),
-                   validation_data=None if validation_data is None else tuple(validation_data[:2]), seed=seed,
-                   verbose=flag("verbose", verbose),
-                   metrics=None if metrics is None else tuple(check_metric_names(metrics)),
-                   threads=None if threads is None else whole("threads", threads, 1),
-                   distributed=distributed, checkpoint=checkpoint, resume=resume,
-                   callbacks=check_callbacks(callbacks), validation_split=validation_split,
-                   sample_weight=_check_sample_weight(sample_weight), class_weight=_check_class_weight(class_weight),
-                   validation_weights=None if validation_data is None or len(validation_data) == 2 else
-                   _check_sample_weight(validation_data[2], "validation_data's sample weights"),
-                   clip_norm=_clip("clip_norm", clip_norm), clip_value=_clip("clip_value", clip_value),
-                   accumulate=whole("accumulate", accumulate, 1), monitor=monitor)
-
-    def with_data(self, model: Sequential, Y: torch.Tensor) -> FitSettings:
-        """The settings for this data: validation targets as the model reads them, and the
-        metrics chosen (by default accuracy when Y holds class labels)."""
-        validation = self.validation_data
-        if validation is not None:
-            validation = (validation[0], _class_targets(model, validation[1], " (validation)"))
-            _check_data(model, *validation, what=" (validation)")
-        metrics = self.metrics if self.metrics is not None else tuple(choose_metrics(None, Y, self.loss))
-        check_metrics_fit(list(metrics), Y, "Y", self.loss.decision)
-        if validation is not None:
-            check_metrics_fit(list(metrics), validation[1], "the validation targets", self.loss.decision)
-        settings = replace(self, validation_data=validation, metrics=metrics)
-        if not self.monitor:  # (with monitor, once the step names its layers: _Run)
-            settings.check_callbacks()
-        return settings
-
-    def check_callbacks(self, monitored: list[str] | tuple[str, ...] = ()) -> None:
-        """Each callback's check against the keys the epochs' logs will have (the metrics
-        chosen: after `with_data`), and the monitor's per-layer keys `monitored`."""
-        metrics = self.metrics or ()
-        keys = ["loss", *metrics, *(["val_loss", *(f"val_{m}" for m in metrics)]
-                                    if self.validation_data is not None else []), "lr", *monitored]
-        for c in self.callbacks:
-            c.check(keys)
-
-
-def _check_sample_weight(weights: Any, what: str = "sample_weight") -> torch.Tensor | None:
-    """A 1-d tensor of finite weights >= 0 (one per example; its length is checked with the data)."""
-    if weights is None:
-        return None
-    if not isinstance(weights, torch.Tensor) or weights.dim() != 1 or not weights.dtype.is_floating_point:
-        raise ValueError(f"{what} must be a 1-d float tensor, one weight per example, got "
-                         f"{_shown_data(weights)}")
-    if not bool((weights.isfinite() & (weights >= 0)).all()):
-        raise ValueError(f"{what} must be finite and >= 0 (a weight of 0 leaves an example out)")
-    return weights
-
-
-def _check_class_weight(weights: Any) -> dict[int, float] | None:
-    """{class: weight}: whole classes >= 0 (checked against the model's with the data), finite weights >= 0."""
-    if weights is None:
-        return None
-    if not isinstance(weights, dict) or not weights:
-        raise ValueError(f"class_weight must be a dict {{class: weight}} such as {{0: 1.0, 1: 5.0}}, got {weights!r}")
-    return {whole("a class_weight key (a class)", k, 0): real(f"class_weight[{k!r}]", v, 0.0)
-            for k, v in weights.items()}
-
-
-def _shown_data(value: Any) -> str:
-    if isinstance(value, torch.Tensor):
-        return f"a {value.dim()}-d {value.dtype} tensor"
-    return type(value).__name__
-
-
-def example_weights(Y: torch.Tensor, decision: str, sample_weight: torch.Tensor | None,
-                    class_weight: dict[int, float] | None, what: str = "") -> torch.Tensor | None:
-    """Each example's weight [N, 1] in Y's dtype (sample_weight times its class's
-    class_weight; a class without one weighs 1), or None without either."""
-    if sample_weight is None and class_weight is None:
-        return None
-    weights = torch.ones(len(Y), dtype=torch.float64, device=Y.device)
-    if sample_weight is not None:
-        if len(sample_weight) != len(Y):
-            raise ValueError(f"sample_weight{what} has {len(sample_weight)} weights for {len(Y)} examples; give one "
-                             "per example")
-        weights = weights * sample_weight.to(Y.device, torch.float64)
-    if class_weight is not None:
-        weights = weights * _class_weights(Y, decision, class_weight, what)
-    return weights.to(Y.dtype).reshape(-1, 1)
-
-
-def _class_weights(Y: torch.Tensor, decision: str, class_weight: dict[int, float], what: str) -> torch.Tensor:
-    if decision == "logit" and Y.shape[-1] > 1:
-        raise ValueError("class_weight weighs one class per example, but these outputs are independent yes/no labels "
-                         "(BCEWithLogits); give sample_weight instead")
-    classes = max(Y.shape[-1], 2)  # one output: classes 0 and 1
-    unknown = sorted(k for k in class_weight if k >= classes)
-    if unknown:
-        raise ValueError(f"class_weight has a weight for class {unknown[0]}, but the model has classes 0 to "
-                         f"{classes - 1}")
-    labels = Y.argmax(-1) if Y.shape[-1] > 1 else (Y[:, 0] > 0.5).long()
-    table = torch.ones(classes, dtype=torch.float64, device=Y.device)
-    for k, w in class_weight.items():
-        table[k] = w
-    return table[labels]
-
-
-def _check_validation_data(validation_data: Any) -> None:
-    if validation_data is not None and not (isinstance(validation_data, (tuple, list))
-                                            and len(validation_data) in (2, 3)):
-        length = f" of length {len(validation_data)}" if isinstance(validation_data, (tuple, list)) else ""
-        raise ValueError(f"validation_data must be a pair (X_val, Y_val) or a triple (X_val, Y_val, weights), got "
-                         f"{type(validation_data).__name__}{length}")
-
-
-def _check_path(name: str, path: Any) -> None:
-    if path is not None and not isinstance(path, (str, os.PathLike)):
-        raise ValueError(f"{name} must be a file path or None, got {type(path).__name__}")
-
-
-def _clip(name: str, value: Any) -> float | None:
-    if value is None:
-        return None
-    if real(name, value, 0.0) == 0:
-        raise ValueError(f"{name} must be > 0, or None for no clipping; got {shown(value)}")
-    return float(value)
-
-
 # Threads. torch splits each op over every core by default, which costs a synchronisation
 # per op, and on a busy machine a wait for a core as well. Measured on this project's
 # 2-core machine (fit's time per step, 1 vs 2 threads alternated, medians of 9; a tanh
@@ -369,7 +108,7 @@ def _work(model: Sequential, batch: int) -> int:
 
 
 @contextlib.contextmanager
-def _threads_for(model: Sequential, batch: int, threads: int | None) -> Iterator[None]:
+def threads_for(model: Sequential, batch: int, threads: int | None) -> Iterator[None]:
     """Run the block with `threads` intra-op threads (None: one for small work, else torch's setting)."""
     if threads is not None:
         threads = whole("threads", threads, 1)
@@ -410,150 +149,6 @@ def _epoch_lr(schedule: Schedule | None, epoch: int, steps: int, base_lr: float)
     return [_scheduled_lr(schedule, epoch * steps + k, base_lr, "step") for k in range(steps)]
 
 
-class DivergedError(FloatingPointError):
-    """`fit` stopped because the loss (or a param) stopped being finite.
-
-    The model keeps its last finite params. `history` holds the completed epochs (it is
-    also `model.history`); `epoch` and `batch` count from 1, as the progress lines do.
-    `node` (`"%12"`), `op`, `layer` and `where` name the first non-finite value, found
-    by replaying the batch node by node (`source`, a `graphdl.numerics.NonFinite`, has
-    its inputs' ranges too); None where it is not known (data-parallel runs, or a
-    replay that stayed finite).
-    """
-
-    def __init__(self, message: str, history: History, epoch: int, batch: int | None,
-                 source: Any = None) -> None:
-        super().__init__(message)
-        self.history, self.epoch, self.batch, self.source = history, epoch, batch, source
-        self.node = None if source is None or source.node < 0 else f"%{source.node}"
-        self.op = None if source is None else source.op
-        self.layer = None if source is None else source.layer or None
-        self.where = None if source is None else source.where or None
-
-
-# Divergence is found without a host sync per batch. Reading each batch's loss
-# (`.item()`) would cost ~10 us a step, as much as the step itself on a tiny net. Instead
-# fit copies the params and optimizer state at each epoch's start (a few small copies
-# per epoch), checks the epoch's mean loss and the params once, at the sync the epoch
-# already pays for its loss, and only after a divergence replays that epoch from the
-# copy one batch at a time, reading every loss, to name the batch and stop at the last
-# finite params. The replay runs the same kernels on the same batches in the same order,
-# so it meets the same non-finite value. That batch is then run once more through the
-# step's graph with a check after every node (graphdl.numerics), to name the node.
-
-
-class _Snapshot:
-    """Copies of tensors (params, optimizer state) taken by `save` and put back by `restore`."""
-
-    def __init__(self, tensors: Callable[[], list[torch.Tensor]]) -> None:
-        self.tensors = tensors
-        self.copies = [t.clone() for t in tensors()]
-
-    def save(self) -> None:
-        if self.copies:  # one multi-tensor copy: 3 µs for the disk net's 16 tensors, 6 µs one by one
-            torch._foreach_copy_(self.copies, self.tensors())
-
-    def restore(self) -> None:
-        if self.copies:
-            torch._foreach_copy_(self.tensors(), self.copies)
-
-
-def _largest(tensors: list[torch.Tensor], device: torch.device | str = "cpu") -> torch.Tensor:
-    """The largest |x| over every element, a 0-d tensor on `device` (0 when there are no
-    elements): inf or NaN once any element is, so one number tells whether all are
-    finite. One multi-tensor call, ~8 µs for the disk net's params against 94 µs for
-    isfinite().all() tensor by tensor."""
-    tensors = [t for t in tensors if t.numel()]  # an empty tensor has no largest element
-    if not tensors:
-        return torch.zeros((), device=device)  # made there: a CPU 0 moved to CUDA would be a host sync
-    return torch.stack(torch._foreach_norm(tensors, math.inf)).max()
-
-
-class _Found(NamedTuple):
-    """The batch a replay found: its index, its loss, whether it was its update that made
-    params non-finite (then `bad` lists them by index), its feed and its rate."""
-
-    batch: int
-    loss: float
-    update: bool
-    feed: tuple[torch.Tensor, ...]
-    bad: tuple[int, ...] = ()
-    lr: float = 0.0
-
-
-def _replay(step: TrainStep, start: _Snapshot, feeds: Iterator[tuple[torch.Tensor, ...]],
-            batch_loss: Callable[[torch.Tensor], float], lr: float | list[float],
-            sizes: list[int]) -> _Found | None:
-    """Replay an epoch that diverged from its starting state, one checked batch at a time.
-
-    Returns the batch found, with the model at the last finite params (those the batch
-    started from), or None if the replay stayed finite (the model is then back at the
-    epoch's start).
-    """
-    start.restore()
-    step.discard_accumulated()
-    before = _Snapshot(start.tensors)
-    update = 0
-    for b, (feed, mark) in enumerate(zip(feeds, step.marks(sizes))):
-        rate = lr[update] if isinstance(lr, list) else lr
-        loss = batch_loss(step.forward_backward(*feed))
-        if not math.isfinite(loss):  # the params that gave it are finite: the last update was checked
-            return _Found(b, loss, False, feed, (), rate)
-        before.save()
-        step.apply(rate, mark)
-        update += mark[1]
-        if not math.isfinite(float(_largest(step.params))):
-            bad = tuple(i for i, p in enumerate(step.params) if not bool(p.isfinite().all()))
-            before.restore()
-            return _Found(b, loss, True, feed, bad, rate)
-    start.restore()
-    return None
-
-
-def _source(step: TrainStep, found: _Found | None) -> Any:
-    """The first non-finite value of the batch `found`, replayed node by node from the
-    params (and buffers) it started from (graphdl.numerics); for an update that
-    overflowed from finite gradients, the gradient of the first param it made non-finite.
-    None if not found."""
-    if found is None:
-        return None
-    from . import numerics  # only after a divergence
-    graph = step.compiled.graph
-    source, outputs = numerics.first_nonfinite(graph, found.feed)
-    if source is None and found.bad and outputs:
-        names = list(step.model.parameters())
-        source = numerics.overflowed_update(graph, outputs, names[found.bad[0]], found.lr,
-                                            type(step.optimizer).__name__, step.accumulate)
-    return source
-
-
-def _diverged(found: _Found | None, epoch: int, epochs: int, batches: int, lr: float,
-              history: History, source: Any = None) -> DivergedError:
-    where = f"epoch {epoch + 1}/{epochs}"
-    if found is None:
-        what = (f"training diverged in {where} (lr={lr:g}), but replaying it one batch at a time stayed finite, "
-                "so the batch is unknown; the model keeps its params from the start of that epoch")
-    elif found[2]:
-        what = (f"training diverged: the update of {where}, batch {found[0] + 1}/{batches} (lr={lr:g}) made params "
-                f"NaN or inf (the gradients overflowed; the loss was {found[1]:g}); the model keeps its params "
-                "from before that update")
-    else:
-        what = (f"training diverged: the loss became {found[1]} in {where}, batch {found[0] + 1}/{batches} "
-                f"(lr={lr:g}); the model keeps its last finite params, from before that batch")
-    done = (f"The history of the {epoch} completed epoch{'s' if epoch != 1 else ''} is"
-            if epoch else "No epoch completed; the empty history is")
-    origin = f"\n  {source.describe()}." if source is not None else ""
-    specific = f"\n  hint: {source.hint}" if source is not None and source.hint else ""
-    message = (f"{what}.{origin}\n  {done} on this error's .history and on model.history.{specific}"
-               f"\n  hint: lower the learning rate (e.g. lr={lr / 10:g}) or scale the inputs and targets "
-               "to about [-1, 1]")
-    return DivergedError(message, history, epoch + 1, None if found is None else found[0] + 1, source)
-
-
-def _model_loss(model: Sequential, loss: Any) -> Loss:
-    return checked_loss((model.loss or MSE()) if loss is None else loss)
-
-
 # Nothing fit makes reaches the user as a tensor (it hands back floats and updates the
 # params in place), so the whole loop runs in inference mode: no autograd bookkeeping,
 # and params or data that require grad (from a torch model) are fine.
@@ -563,13 +158,13 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, settings: FitSettin
     if settings.validation_split:
         X, Y, held_out = _split_off_validation(X, Y, settings.validation_split)
         settings = replace(settings, validation_data=held_out)
-    Y = _class_targets(model, Y)
-    _check_data(model, X, Y)
+    Y = class_targets(model, Y)
+    check_data(model, X, Y)
     settings = settings.with_data(model, Y)
     weights = example_weights(Y, settings.loss.decision, settings.sample_weight, settings.class_weight)
-    _check_params(model)
+    check_params(model)
     _check_steps(model, len(X), settings)
-    with _threads_for(model, settings.batch_size, settings.threads):
+    with threads_for(model, settings.batch_size, settings.threads):
         model.loss = settings.loss
         return _Run(model, X, Y, settings, weights).epochs()
 
@@ -595,7 +190,7 @@ def _split_off_validation(X: Any, Y: Any, fraction: float) -> tuple[Any, Any, tu
     Keras does (unshuffled: shuffle the data first if its order means something)."""
     if not isinstance(X, torch.Tensor) or not isinstance(Y, torch.Tensor) or not X.dim() or not Y.dim() \
             or len(X) != len(Y):
-        return X, Y, (X, Y)  # _check_data names what is wrong with them
+        return X, Y, (X, Y)  # check_data names what is wrong with them
     keep = math.floor(len(X) * (1.0 - fraction))
     if keep == 0 or keep == len(X):
         raise ValueError(f"validation_split={fraction} of {len(X)} rows leaves {keep} to train on and "
@@ -651,7 +246,7 @@ class _Run:
             _scheduled_lr(s.schedule, s.epochs * self.updates - 1, s.optimizer.lr, "step")
         # (called at each save: the step binds again if the tensors move; its state is the buffers it
         # updates, BatchNorm's running statistics and Dropout's key)
-        self.start = _Snapshot(lambda: [*self.step.params, *self.step.state, *s.optimizer.state_tensors()])
+        self.start = Snapshot(lambda: [*self.step.params, *self.step.state, *s.optimizer.state_tensors()])
 
     def _check_feeds(self) -> None:
         """Dtype and device once, with the graphs' messages, so that each epoch calls the
@@ -712,12 +307,12 @@ class _Run:
             scores.update(epoch_values(self.step.take_monitored(), s.monitor))
         epoch_loss, largest, *values = torch.cat([v.reshape(-1).double() for v in scores.values()]).tolist()
         if not (math.isfinite(epoch_loss) and math.isfinite(largest)):
-            found = _replay(self.step, self.start, self.batches.feeds(self.X, self.Y, order), self.batches.batch_loss,
+            found = replay(self.step, self.start, self.batches.feeds(self.X, self.Y, order), self.batches.batch_loss,
                             lr, self.batches.sizes)
             # Data-parallel, a rank's first non-finite node may differ from another's, and the
             # search would run collectives a rank that stopped early never joins: not searched.
-            source = None if s.distributed else _source(self.step, found)
-            raise _diverged(found, epoch, s.epochs, len(self.batches), first, self.history, source)
+            source = None if s.distributed else find_source(self.step, found)
+            raise diverged(found, epoch, s.epochs, len(self.batches), first, self.history, source)
         self.history["loss"].append(epoch_loss)
         for key, value in zip(list(scores)[1:], values, strict=True):
             self.history[key].append(value)
@@ -739,7 +334,7 @@ class _Run:
         finite only while every param is (`Batches.loss_and_finite`)], each metric on the
         training data, "val_loss" and "val_<metric>"}, as tensors on the device."""
         s = self.settings
-        scores = {"loss": self.batches.loss_and_finite(losses, _largest(self.step.params, self.X.device))}
+        scores = {"loss": self.batches.loss_and_finite(losses, largest(self.step.params, self.X.device))}
         decision, metrics = s.loss.decision, list(s.metrics)
         if metrics:
             measured = measure(self.predicting.fn, self.X, self.targets, decision, metrics, s.distributed,
@@ -783,8 +378,8 @@ def _report(epoch: int, epochs: int, history: History, seconds: float) -> None:
 def predict(model: Sequential, X: torch.Tensor, threads: int | None = None, distributed: bool = False) -> torch.Tensor:
     """`Sequential.predict`."""
     fn = _predict_fn(model)
-    with _threads_for(model, len(X) if isinstance(X, torch.Tensor) and X.dim() else 1, threads):
-        if not _check_distributed(distributed, "predict"):
+    with threads_for(model, len(X) if isinstance(X, torch.Tensor) and X.dim() else 1, threads):
+        if not check_distributed(distributed, "predict"):
             return fn(x=X)[0]
         first, count = dp.shard(len(X))
         mine = fn(x=X[first:first + count] if count else X[:1])[0]  # an empty share still takes part in the gather
@@ -795,14 +390,14 @@ def evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | N
              metrics: list[str] | None = None, threads: int | None = None,
              distributed: bool = False, sample_weight: torch.Tensor | None = None) -> dict[str, float]:
     """`Sequential.evaluate`, which documents the arguments."""
-    loss = _model_loss(model, loss)
-    distributed = _check_distributed(distributed, "evaluate")
-    Y = _class_targets(model, Y)
-    _check_data(model, X, Y)
+    loss = model_loss(model, loss)
+    distributed = check_distributed(distributed, "evaluate")
+    Y = class_targets(model, Y)
+    check_data(model, X, Y)
     metrics = choose_metrics(metrics, Y, loss)
     check_metrics_fit(metrics, Y, "Y", loss.decision)
-    weights = example_weights(Y, loss.decision, _check_sample_weight(sample_weight), None)
-    with _threads_for(model, len(X), threads):
+    weights = example_weights(Y, loss.decision, check_sample_weight(sample_weight), None)
+    with threads_for(model, len(X), threads):
         if weights is None:
             return _evaluate(model, X, Y, loss, metrics, distributed)
         fed = torch.cat([Y, weights], -1)
@@ -814,8 +409,3 @@ def _evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss, m
               distributed: bool = False) -> dict[str, float]:
     scores = measure(_eval_fn(model, loss), X, Y, loss.decision, metrics, distributed)
     return dict(zip(scores, torch.stack(list(scores.values())).tolist(), strict=True))
-
-
-def _check_distributed(distributed: Any, what: str) -> bool:
-    """Whether to run data-parallel: asked for, and more than one rank (see `dp.spans_processes`)."""
-    return flag("distributed", distributed) and dp.spans_processes(f"{what}(distributed=True)")

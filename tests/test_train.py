@@ -480,7 +480,7 @@ def test_an_epoch_whose_replay_stays_finite_is_rolled_back_whole(monkeypatch):
     to the epoch's start, which was checked finite."""
     from graphdl import train
     model, (X, Y) = _model(), _data()
-    real = train._largest
+    real = train.largest
     calls, before = {"n": 0}, {}
 
     def flaky(tensors, device="cpu"):  # calls: end of epoch 1 (= start of 2), end of epoch 2: say a param is not finite
@@ -489,7 +489,7 @@ def test_an_epoch_whose_replay_stays_finite_is_rolled_back_whole(monkeypatch):
             before.update({k: v.clone() for k, v in model.parameters().items()})
         return torch.tensor(float("inf")) if calls["n"] == 2 else real(tensors, device)
 
-    monkeypatch.setattr(train, "_largest", flaky)
+    monkeypatch.setattr(train, "largest", flaky)
     with pytest.raises(FloatingPointError) as err:
         model.fit(X, Y, epochs=5, batch_size=4, seed=0, verbose=False)
     names(str(err.value), "diverged in epoch 2/5", "the batch is unknown", "params from the start of that epoch")

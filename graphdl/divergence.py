@@ -50,6 +50,7 @@ class DivergedError(FloatingPointError):
 
 DivergedError.__module__ = "graphdl"  # its public name, gd.DivergedError, in tracebacks
 
+
 class Snapshot:
     """Copies of tensors (params, optimizer state) taken by `save` and put back by `restore`."""
 

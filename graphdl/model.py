@@ -29,6 +29,26 @@ from .train import History
 from .viz import mimebundle
 
 
+def finish_graph(g: Graph, h: Value, loss: Loss | None, prediction: bool, updates: dict[str, Value],
+                 dtype: torch.dtype) -> Graph:
+    """A model's graph completed from its prediction `h`: output h, or with `loss` the loss
+    of h against a target "y" (and h too with `prediction`), then the buffers' next values,
+    each labelled "next/{name}" (what Sequential's and Model's `graph` share)."""
+    if loss is None:
+        g.output(h)
+    else:
+        if not isinstance(loss, Loss):
+            raise GraphError(f"loss must be a graphdl loss such as gd.MSE(), got {loss!r}")
+        y = g.input("y", loss.target_shape(h.shape), dtype)
+        with g.scope("loss"):
+            g.output(loss(h, y))
+        if prediction:
+            g.output(h)
+    for buffer, value in updates.items():
+        g.output(value, label=NEXT + buffer)
+    return g
+
+
 class Sequential:
     """Layers applied in order, compiled to one graph.
 
@@ -239,19 +259,7 @@ class Sequential:
         for k, layer in enumerate(layers):
             with g.scope(f"{k}:{type(layer).__name__}"):
                 h = layer.forward(Build(g, f"{k}.", owners, slots, flag("training", training), updates), h)
-        if loss is None:
-            g.output(h)
-        else:
-            if not isinstance(loss, Loss):
-                raise GraphError(f"loss must be a graphdl loss such as gd.MSE(), got {loss!r}")
-            y = g.input("y", loss.target_shape(h.shape), self.dtype())
-            with g.scope("loss"):
-                g.output(loss(h, y))
-            if prediction:
-                g.output(h)
-        for buffer, value in updates.items():
-            g.output(value, label=NEXT + buffer)
-        return g
+        return finish_graph(g, h, loss, prediction, updates, self.dtype())
 
     def binding(self) -> tuple[tuple, tuple]:
         """(structure, memory): what compiled code built from the model depends on.

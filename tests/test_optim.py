@@ -167,19 +167,7 @@ def _net(gen: torch.Generator, dtype: torch.dtype = torch.float32) -> gd.Sequent
                          gd.Linear(5, 2, generator=gen, dtype=dtype))
 
 
-def _twin(model: gd.Sequential) -> torch.nn.Sequential:
-    """The same net in torch.nn, with the same weights (torch stores weight as [out, in])."""
-    layers = []
-    for layer in model.layers:
-        if isinstance(layer, gd.Linear):
-            lin = torch.nn.Linear(layer.in_features, layer.out_features, dtype=layer.weight.dtype)
-            with torch.no_grad():
-                lin.weight.copy_(layer.weight.T)
-                lin.bias.copy_(layer.bias)
-            layers.append(lin)
-        else:
-            layers.append(torch.nn.Tanh())
-    return torch.nn.Sequential(*layers)
+_twin = _torch_twin  # the same net in torch.nn, with the same weights (tests/helpers.py)
 
 
 def _torch_fit(twin: torch.nn.Module, opt: torch.optim.Optimizer, X, Y, epochs: int, batch_size: int,

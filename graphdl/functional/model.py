@@ -14,8 +14,7 @@ from ..checks import GraphError, Shape, flag, format_shape, format_type
 from ..ir import Graph, Value
 from ..layers import Build, Layer
 from ..losses import Loss
-from ..model import Sequential, layer_from_config
-from ..step import NEXT
+from ..model import Sequential, finish_graph, layer_from_config
 from ..train import History
 
 # -- the model ---------------------------------------------------------------------------------
@@ -131,19 +130,7 @@ class Model:
         Without it, the graph is in inference mode, as `predict` and `evaluate` run it."""
         updates: dict[str, Value] = {}
         g, h, _ = self._build(name, flag("training", training), updates)
-        if loss is None:
-            g.output(h)
-        else:
-            if not isinstance(loss, Loss):
-                raise GraphError(f"loss must be a graphdl loss such as gd.MSE(), got {loss!r}")
-            y = g.input("y", loss.target_shape(h.shape), h.dtype)
-            with g.scope("loss"):
-                g.output(loss(h, y))
-            if prediction:
-                g.output(h)
-        for buffer, value in updates.items():
-            g.output(value, label=NEXT + buffer)
-        return g
+        return finish_graph(g, h, loss, prediction, updates, h.dtype)
 
     def calls(self) -> list[list[int | str]]:
         """The layer calls of the forward IR (`graph()`), in order, as model files keep them:

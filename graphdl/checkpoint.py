@@ -77,6 +77,7 @@ def read_checkpoint(path: str | os.PathLike[str], model: Sequential, optimizer: 
     _check_validation(path, resumed, validation)
     mine, theirs = model.state(), saved.state()  # trainable params and fixed ones (Standardize's statistics)
     _check_same_model(path, mine, theirs)
+    _check_same_settings(path, model, saved)
     _check_finite(path, theirs)
     _check_optimizer(path, resumed.optimizer, optimizer)
     trained = model.parameters()
@@ -103,6 +104,20 @@ def _check_same_model(path: Any, mine: dict[str, torch.Tensor], theirs: dict[str
             have = lambda d: format_type(d[name].dtype, tuple(d[name].shape)) if name in d else "nothing"  # noqa: E731
             raise ValueError(f"resume: {path} is a checkpoint of another model: its param {name} is {have(theirs)} "
                              f"but the model's is {have(mine)}; resume with the model that wrote it")
+
+
+def _check_same_settings(path: Any, model: Any, saved: Any) -> None:
+    """The checkpoint's layers have the model's settings: another Dropout seed (a model
+    built again without one draws a new one) or p would train on with other masks, silently."""
+    for k, (mine, theirs) in enumerate(zip(model.layers, saved.layers)):
+        a, b = mine.config(), theirs.config()
+        differ = sorted(key for key in a.keys() | b.keys() if a.get(key) != b.get(key))
+        if differ:
+            key = differ[0]
+            hint = f"; build it as {type(mine).__name__}(..., {key}={b.get(key)!r})" if key == "seed" else ""
+            raise ValueError(f"resume: {path} was written by a model whose layer {k} ({type(theirs).__name__}) has "
+                             f"{key}={b.get(key)!r}, but this model's has {key}={a.get(key)!r}; resume with the "
+                             f"model that wrote it{hint}")
 
 
 def _check_finite(path: Any, theirs: dict[str, torch.Tensor]) -> None:

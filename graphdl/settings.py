@@ -220,6 +220,9 @@ def check_sample_weight(weights: Any, what: str = "sample_weight") -> torch.Tens
     if not isinstance(weights, torch.Tensor) or weights.dim() != 1 or not weights.dtype.is_floating_point:
         raise ValueError(f"{what} must be a 1-d float tensor, one weight per example, got "
                          f"{_shown_data(weights)}")
+    problem = "is on the meta device, which holds no values" if weights.is_meta else tensor_problem(weights)
+    if problem:
+        raise ValueError(f"{what} {problem}")
     if not bool((weights.isfinite() & (weights >= 0)).all()):
         raise ValueError(f"{what} must be finite and >= 0 (a weight of 0 leaves an example out)")
     return weights
@@ -243,8 +246,9 @@ def _shown_data(value: Any) -> str:
 
 def example_weights(Y: torch.Tensor, decision: str, sample_weight: torch.Tensor | None,
                     class_weight: dict[int, float] | None, what: str = "") -> torch.Tensor | None:
-    """Each example's weight [N, 1] in Y's dtype (sample_weight times its class's
-    class_weight; a class without one weighs 1), or None without either."""
+    """Each example's weight in Y's dtype (sample_weight times its class's class_weight;
+    a class without one weighs 1), shaped as Y with a last dim of 1 (so that it rides
+    beside Y as a last column, `losses.Weighted`), or None without either."""
     if sample_weight is None and class_weight is None:
         return None
     weights = torch.ones(len(Y), dtype=torch.float64, device=Y.device)
@@ -255,7 +259,11 @@ def example_weights(Y: torch.Tensor, decision: str, sample_weight: torch.Tensor 
         weights = weights * sample_weight.to(Y.device, torch.float64)
     if class_weight is not None:
         weights = weights * _class_weights(Y, decision, class_weight, what)
-    return weights.to(Y.dtype).reshape(-1, 1)
+    cast = weights.to(Y.dtype)
+    if not bool(cast.isfinite().all()):  # 1e39 is finite in float64, inf in float32
+        raise ValueError(f"sample_weight{what} holds a weight of {float(weights.max()):.3g}, beyond what the "
+                         f"targets' {Y.dtype} holds; scale the weights down")
+    return cast.reshape(-1, *[1] * (Y.dim() - 1)).expand(*Y.shape[:-1], 1)
 
 
 def _class_weights(Y: torch.Tensor, decision: str, class_weight: dict[int, float], what: str) -> torch.Tensor:

@@ -158,6 +158,10 @@ def fit(model: Sequential, X: torch.Tensor, Y: torch.Tensor, settings: FitSettin
     if settings.validation_split:
         X, Y, held_out = _split_off_validation(X, Y, settings.validation_split)
         settings = replace(settings, validation_data=held_out)
+        w = settings.sample_weight
+        if w is not None and isinstance(Y, torch.Tensor) and len(w) == len(Y) + len(held_out[1]):
+            # the weights are split with the rows (as Keras): the held-out ones weigh val_loss
+            settings = replace(settings, sample_weight=w[:len(Y)], validation_weights=w[len(Y):])
     Y = class_targets(model, Y)
     check_data(model, X, Y)
     settings = settings.with_data(model, Y)

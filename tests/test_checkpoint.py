@@ -278,3 +278,19 @@ def test_a_net_with_dropout_and_batchnorm_resumes_exactly(tmp_path):
     assert set(plain.state()) >= {"2.running_mean", "2.running_var", "4.key"}
     for a, b in zip(plain.state().values(), resumed.state().values(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_a_dropout_with_another_seed_is_refused_on_resume(tmp_path):
+    """From the review: a model built again without a seed draws a new one, and resuming
+    it silently trained on with other masks than the checkpointed run."""
+    X, Y = _sine()
+    def net(seed):
+        return gd.Sequential(gd.Linear(1, 8, generator=torch.Generator().manual_seed(0)), gd.ReLU(),
+                             gd.Dropout(0.3, seed=seed), gd.Linear(8, 1, generator=torch.Generator().manual_seed(1)))
+    settings = {"batch_size": 8, "seed": 1, "verbose": False}
+    net(5).fit(X, Y, epochs=2, checkpoint=tmp_path / "run.gdl", **settings)
+    with pytest.raises(ValueError, match=r"layer 2 \(Dropout\) has seed=5, but this model's has seed=6; resume "
+                                         r"with the model that wrote it; build it as Dropout\(\.\.\., seed=5\)"):
+        net(6).fit(X, Y, epochs=3, resume=tmp_path / "run.gdl", **settings)
+    straight = net(5).fit(X, Y, epochs=3, **settings)
+    assert net(5).fit(X, Y, epochs=3, resume=tmp_path / "run.gdl", **settings) == straight

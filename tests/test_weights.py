@@ -114,3 +114,30 @@ def test_bad_weights_are_refused_before_any_epoch(kwargs, message):
     with pytest.raises(ValueError, match=message):
         model.fit(X, Y, loss=gd.BCEWithLogits(), verbose=False, **kwargs)
     assert all(torch.equal(t, before[k]) for k, t in model.state().items())
+
+
+def test_weights_of_image_targets_and_with_a_validation_split():
+    """From the review: targets of more than two dims crashed inside torch.cat; weights
+    with validation_split were refused instead of split with the rows (as Keras)."""
+    gen = torch.Generator().manual_seed(7)
+    model = gd.Sequential(gd.Conv2d(1, 2, 3, padding=1, generator=gen), input_shape=(1, 4, 4))
+    X, Y, w = torch.randn(10, 1, 4, 4, generator=gen), torch.randn(10, 2, 4, 4, generator=gen), torch.rand(10)
+    with torch.no_grad():
+        want = float((((model.predict(X) - Y) ** 2) * w.reshape(-1, 1, 1, 1)).mean())
+    assert model.evaluate(X, Y, sample_weight=w)["loss"] == pytest.approx(want, rel=1e-6)
+    X2, Y2, w2 = torch.rand(10, 3, generator=gen), torch.rand(10, 1, generator=gen), torch.rand(10, generator=gen)
+    a, b = _classifier(torch.Generator().manual_seed(8), 1), _classifier(torch.Generator().manual_seed(8), 1)
+    ha = a.fit(X2, Y2, sample_weight=w2, validation_split=0.2, epochs=2, seed=0, verbose=False)
+    hb = b.fit(X2[:8], Y2[:8], sample_weight=w2[:8], validation_data=(X2[8:], Y2[8:], w2[8:]), epochs=2, seed=0,
+               verbose=False)
+    assert ha == hb
+
+
+@pytest.mark.parametrize("weights, message", [
+    (torch.ones(20, device="meta"), "sample_weight is on the meta device"),
+    (torch.full((20,), 1e39, dtype=torch.float64), "beyond what the targets' torch.float32 holds"),
+])
+def test_weights_that_cannot_weigh_are_named(weights, message):
+    model = _classifier(torch.Generator().manual_seed(9), 1)
+    with pytest.raises(ValueError, match=message):
+        model.evaluate(torch.rand(20, 3), torch.rand(20, 1), sample_weight=weights)

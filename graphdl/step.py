@@ -24,16 +24,15 @@ gradients over every rank with the all-reduce ops in the graph before the update
 
 from __future__ import annotations
 
-import contextlib
-import os
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from .autodiff import grad
 from .batches import epoch_batches
+from .capture import CapturedEpoch, CudaGraphs
 from .checks import flag, real, whole
 from .compile import ArenaCompiled, Compiled, compile, lower
 from .ir import Graph, Slot, Value
@@ -78,37 +77,6 @@ class Model(Protocol):
     def binding(self) -> tuple[tuple, tuple]: ...
 
     def compiled(self, key: Any, build: Callable[[], Any]) -> Any: ...
-
-
-class CudaGraphs:
-    """What capturing an epoch needs from CUDA, in one place (tests stand in for it on
-    CPU with a recorder that has a graph's semantics: see tests/test_step.py)."""
-
-    def available(self, device: torch.device | None) -> bool:
-        return device is not None and device.type == "cuda" and os.environ.get("GRAPHDL_CUDA_GRAPHS") != "0"
-
-    @contextlib.contextmanager
-    def side_stream(self) -> Iterator[None]:
-        """Warm-up work off the capturing stream, as torch.cuda.graph asks."""
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            yield
-        torch.cuda.current_stream().wait_stream(stream)
-
-    def capture(self, body: Callable[[], Any]) -> tuple[Callable[[], None], Any]:
-        """(replay, what body returned): body's kernels, recorded, not run."""
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            result = body()
-        return graph.replay, result
-
-    def staging(self, n: int) -> torch.Tensor:
-        """Host memory the permutation is copied from without a sync (pinned)."""
-        return torch.empty(n, dtype=torch.int64, pin_memory=True)
-
-    def event(self) -> Any:
-        return torch.cuda.Event()
 
 
 _GRAPHS: Any = CudaGraphs()
@@ -187,7 +155,7 @@ class TrainStep:
             raise ValueError("monitor is not available with distributed=True yet")
         self._watch: Watch | None = None  # the monitored values kept, with monitor
         self._arenas: dict[int, _Arena] = {}
-        self._epochs: dict[tuple, _CapturedEpoch] = {}
+        self._epochs: dict[tuple, CapturedEpoch] = {}
         self._last: tuple[_Arena, tuple[torch.Tensor, ...]] | None = None
         self._checked: tuple | None = None  # the last data `epoch` checked, so that fit's epochs check once
         self._build()
@@ -460,7 +428,7 @@ class TrainStep:
         self.optimizer.carry(before, self._identities, self.params, self.names, self.aliases)
 
     def _captured(self, X: torch.Tensor, Y: torch.Tensor, batch_size: int, shuffled: bool,
-                  per_step: bool) -> _CapturedEpoch | None:
+                  per_step: bool) -> CapturedEpoch | None:
         """The epoch's CUDA graph, captured on first use; None (after one warning, once)
         where capture cannot apply."""
         key = (id(X), id(Y), X.data_ptr(), Y.data_ptr(), len(X), batch_size, shuffled, per_step)
@@ -472,7 +440,7 @@ class TrainStep:
             return self._no_capture(f"an epoch of {steps} steps is more than the {MAX_CAPTURED_STEPS} a graph "
                                     "holds; a larger batch size captures")
         try:
-            captured = self._epochs[key] = _CapturedEpoch(self, X, Y, batch_size, shuffled, per_step)
+            captured = self._epochs[key] = CapturedEpoch(self, X, Y, batch_size, shuffled, per_step, _GRAPHS)
         except Exception as e:  # noqa: BLE001 - any failure to capture falls back to the plain step
             return self._no_capture(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         return captured
@@ -575,79 +543,3 @@ def _check_arguments(model: Any, loss: Any, optimizer: Any, capture: Any, distri
     flag("distributed", distributed)
     if capture is not None and not isinstance(capture, bool):
         raise ValueError(f"capture must be None (capture on CUDA), True or False, got {capture!r}")
-
-
-class _CapturedEpoch:
-    """One epoch of steps over fixed data and batch size, captured as one CUDA graph.
-
-    What changes between epochs lives in device tensors the graph reads: the
-    permutation (`order`, copied in before each replay), the learning rate (the
-    optimizer's rate tensors; with `per_step`, each step's rate, copied in with the
-    order and loaded into them by the graph before each update) and, of course, the
-    params and optimizer state.
-    """
-
-    def __init__(self, step: TrainStep, X: torch.Tensor, Y: torch.Tensor, batch_size: int, shuffled: bool,
-                 per_step: bool = False) -> None:
-        self.X, self.Y, self.optimizer = X, Y, step.optimizer  # the graph reads their memory: keep them alive
-        n = len(X)
-        self.order = torch.arange(n, device=X.device) if shuffled else None
-        self.staging = _GRAPHS.staging(n) if shuffled else None
-        sizes = [min(batch_size, n - first) for first in range(0, n, batch_size)]
-        self.marks = step.marks(sizes)
-        steps = sum(last for _, last in self.marks)  # updates
-        self.rates = torch.zeros(steps, dtype=torch.float64, device=X.device) if per_step else None
-        # (float64 rates in the staging made for int64 ids: the same 8 bytes each)
-        self.rate_staging = _GRAPHS.staging(steps).view(torch.float64) if per_step else None
-        self.copied = _GRAPHS.event()  # recorded after each copy out of staging
-        self._warm_up(step, batch_size)
-        self.replay_graph, self.losses = _GRAPHS.capture(lambda: self._body(step, batch_size))
-
-    def _body(self, step: TrainStep, batch_size: int) -> torch.Tensor:
-        losses = []
-        update = 0
-        for (x, y), mark in zip(epoch_batches(self.X, self.Y, batch_size, self.order), self.marks):  # order: device
-            arena = step._arena(len(x))
-            out = arena((x, y))
-            step._update(arena, out, self.rates[update] if self.rates is not None and mark[1] else None, mark)
-            update += mark[1]
-            losses.append(out[0])
-        return torch.stack(losses)
-
-    def _warm_up(self, step: TrainStep, batch_size: int) -> None:
-        """One step at each batch size the epoch has, on a side stream, before capture
-        (cuBLAS and the kernels initialise lazily, which capture forbids); the params and
-        velocities are put back afterwards, so training is unchanged."""
-        state = [*step.params, *step.state, *step.optimizer.state_tensors(), *step._acc]
-        saved = [t.clone() for t in state]
-        # The sizes the epoch's batches really have: with a batch larger than the data, an
-        # arena of batch_size rows run on fewer would have torch resize its out= buffers.
-        sizes = {len(x) for x, _ in epoch_batches(self.X, self.Y, batch_size, None)}
-        try:
-            with _GRAPHS.side_stream():
-                if self.order is not None:
-                    self.X.index_select(0, self.order)
-                for size in sizes:
-                    arena = step._arena(size)
-                    out = arena((self.X[:size], self.Y[:size]))
-                    step._update(arena, out, None)  # (with accumulation: the group's update too)
-        finally:  # also when warming up fails: the fallback trains from the same state
-            torch._foreach_copy_(state, saved)
-
-    def replay(self, order: torch.Tensor | None, rates: list[float] | None = None) -> torch.Tensor:
-        """Run the epoch's steps with this permutation (and, per step, these rates);
-        returns the batches' losses."""
-        if self.order is not None or self.rates is not None:
-            self.copied.synchronize()  # the last copy out of staging is done (fit synced since)
-            if self.order is not None:
-                self.staging.copy_(order)
-                self.order.copy_(self.staging, non_blocking=True)
-            if self.rates is not None:
-                self.rate_staging.copy_(torch.tensor(rates, dtype=torch.float64))
-                self.rates.copy_(self.rate_staging, non_blocking=True)
-            self.copied.record()
-        self.replay_graph()
-        if self.rates is not None:
-            self.optimizer.forget_lr()  # the graph loaded the rates: set_lr must fill them afresh
-        return self.losses
-

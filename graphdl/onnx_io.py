@@ -3,7 +3,7 @@
 Two tables, in the spirit of the op registry: `EXPORT` (graphdl.onnx_export) gives each
 graphdl op the ONNX nodes that compute it (every op in `OPS`, the adjoints and fused ops
 included, so a gradient graph or a compiled graph exports too), and `IMPORT`
-(graphdl.onnx_import) gives each ONNX op the graphdl IR it becomes, built with the same
+(graphdl.onnx_rows, read by graphdl.onnx_import) gives each ONNX op the graphdl IR it becomes, built with the same
 functional ops users call. The symbolic batch dim "N" is a `dim_param` in the file, so
 one file serves every batch size. What both share (opsets, dtype numbers, the onnx
 package) is in graphdl.onnx_format.

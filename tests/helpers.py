@@ -37,20 +37,23 @@ def _classifier(gen: torch.Generator, outputs: int, dtype: torch.dtype) -> gd.Se
                          gd.Linear(6, outputs, generator=gen, dtype=dtype))
 
 
-def _torch_sgd_losses(twin: torch.nn.Module, criterion: Callable, X: torch.Tensor, Y: torch.Tensor, epochs: int,
-                      batch_size: int, lr: float, momentum: float) -> list[float]:
-    """Per-epoch mean batch loss of plain torch training, batches in order."""
-    opt = torch.optim.SGD(twin.parameters(), lr=lr, momentum=momentum)
+def _torch_sgd_losses(twin: torch.nn.Module, criterion: Callable, X: torch.Tensor | tuple[torch.Tensor, ...],
+                      Y: torch.Tensor, epochs: int, batch_size: int, lr: float, momentum: float,
+                      weight_decay: float = 0.0) -> list[float]:
+    """Per-epoch mean batch loss of plain torch training (torch.optim.SGD), batches in
+    order; X a tensor, or a tuple of them for a twin of several inputs."""
+    inputs = X if isinstance(X, tuple) else (X,)
+    opt = torch.optim.SGD(twin.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     losses = []
     for _ in range(epochs):
         total = 0.0
-        for s in range(0, len(X), batch_size):
+        for s in range(0, len(Y), batch_size):
             opt.zero_grad()
-            value = criterion(twin(X[s:s + batch_size]), Y[s:s + batch_size])
+            value = criterion(twin(*(x[s:s + batch_size] for x in inputs)), Y[s:s + batch_size])
             value.backward()
             opt.step()
-            total += value.item() * len(X[s:s + batch_size])
-        losses.append(total / len(X))
+            total += value.item() * len(Y[s:s + batch_size])
+        losses.append(total / len(Y))
     return losses
 
 

@@ -10,7 +10,7 @@ import json
 import pytest
 import safetensors.torch
 import torch
-from helpers import _TwinDropout
+from helpers import _torch_sgd_losses, _TwinDropout
 from messages import message, names
 
 import graphdl as gd
@@ -52,18 +52,7 @@ class _ResidualTwin(torch.nn.Module):
 def _torch_fit(twin: torch.nn.Module, X: tuple[torch.Tensor, ...], Y: torch.Tensor, epochs: int, batch_size: int,
                lr: float, momentum: float) -> list[float]:
     """Plain torch training on batches in order: per-epoch mean batch loss (MSE)."""
-    opt = torch.optim.SGD(twin.parameters(), lr=lr, momentum=momentum)
-    losses = []
-    for _ in range(epochs):
-        total = 0.0
-        for s in range(0, len(Y), batch_size):
-            opt.zero_grad()
-            value = torch.nn.functional.mse_loss(twin(*(x[s:s + batch_size] for x in X)), Y[s:s + batch_size])
-            value.backward()
-            opt.step()
-            total += value.item() * len(Y[s:s + batch_size])
-        losses.append(total / len(Y))
-    return losses
+    return _torch_sgd_losses(twin, torch.nn.functional.mse_loss, X, Y, epochs, batch_size, lr, momentum)
 
 
 def _assert_same_linear(layer: gd.Linear, lin: torch.nn.Linear, tol: dict) -> None:
@@ -446,17 +435,7 @@ def test_a_residual_cnn_trains_in_training_mode_and_predicts_in_inference_mode_a
     twin = _ResCNNTwin(layers)
     history = model.fit(X, labels, loss=gd.CrossEntropy(), optimizer=gd.SGD(lr=0.1, momentum=0.9), epochs=3,
                         batch_size=8, shuffle=False, verbose=False)  # 26 = 3*8 + 2: a partial batch
-    opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
-    expected = []
-    for _ in range(3):
-        total = 0.0
-        for s in range(0, 26, 8):
-            opt.zero_grad()
-            value = torch.nn.functional.cross_entropy(twin(X[s:s + 8]), labels[s:s + 8])
-            value.backward()
-            opt.step()
-            total += value.item() * len(X[s:s + 8])
-        expected.append(total / 26)
+    expected = _torch_sgd_losses(twin, torch.nn.functional.cross_entropy, X, labels, 3, 8, 0.1, 0.9)
     tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
     assert history["loss"] == pytest.approx(expected, rel=tol["rtol"])
     state, theirs = model.state(), _twin_state(twin)

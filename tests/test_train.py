@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import BIG, _classifier, _data, _model, _net, _sine, _torch_twin, _TwinDropout
+from helpers import BIG, _classifier, _data, _model, _net, _sine, _torch_sgd_losses, _torch_twin, _TwinDropout
 from messages import names
 
 import graphdl as gd
@@ -22,18 +22,8 @@ def test_fit_follows_torch_optim_sgd(loss_name, momentum):
     history = model.fit(X, Y, loss=loss, optimizer=gd.SGD(lr=0.05, momentum=momentum), epochs=4,
                         batch_size=7, shuffle=False, verbose=False)  # 30 = 4*7 + 2: a partial batch
 
-    opt = torch.optim.SGD(twin.parameters(), lr=0.05, momentum=momentum)
     criterion = {"mse": torch.nn.MSELoss(), "mae": torch.nn.L1Loss()}[loss_name]
-    expected = []
-    for _ in range(4):
-        total = 0.0
-        for s in range(0, 30, 7):
-            opt.zero_grad()
-            value = criterion(twin(X[s:s + 7]), Y[s:s + 7])
-            value.backward()
-            opt.step()
-            total += value.item() * len(X[s:s + 7])
-        expected.append(total / 30)
+    expected = _torch_sgd_losses(twin, criterion, X, Y, 4, 7, 0.05, momentum)
     assert history["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-7)
     linears = [m for m in twin if isinstance(m, torch.nn.Linear)]
     for layer, lin in zip([m for m in model.layers if isinstance(m, gd.Linear)], linears):
@@ -527,17 +517,7 @@ def test_a_net_beyond_2d_follows_torch_in_training(dtype):
     X, labels = torch.randint(0, 13, (30, 3), generator=gen), torch.randint(0, 3, (30,), generator=gen)
     history = model.fit(X, labels, loss=gd.CrossEntropy(), optimizer=gd.SGD(lr=0.1, momentum=0.9, weight_decay=0.01),
                         epochs=4, batch_size=7, shuffle=False, verbose=False)
-    opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
-    expected = []
-    for _ in range(4):
-        total = 0.0
-        for s in range(0, 30, 7):
-            opt.zero_grad()
-            value = torch.nn.functional.cross_entropy(twin(X[s:s + 7]), labels[s:s + 7])
-            value.backward()
-            opt.step()
-            total += value.item() * len(X[s:s + 7])
-        expected.append(total / 30)
+    expected = _torch_sgd_losses(twin, torch.nn.functional.cross_entropy, X, labels, 4, 7, 0.1, 0.9, 0.01)
     tol = {"rel": 1e-12} if dtype == torch.float64 else {"rel": 1e-5, "abs": 1e-6}
     assert history["loss"] == pytest.approx(expected, **tol)
     assert history["loss"][-1] < history["loss"][0]  # it learns
@@ -629,17 +609,7 @@ def test_a_conv_net_follows_pytorchs_trajectory_running_statistics_included(buil
     twin = _conv_twin(model)
     history = model.fit(X, labels, loss=gd.CrossEntropy(), optimizer=gd.SGD(lr=0.1, momentum=0.9), epochs=3,
                         batch_size=8, shuffle=False, verbose=False)  # 26 = 3*8 + 2: a partial batch
-    opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
-    expected = []
-    for _ in range(3):
-        total = 0.0
-        for s in range(0, 26, 8):
-            opt.zero_grad()
-            value = torch.nn.functional.cross_entropy(twin(X[s:s + 8]), labels[s:s + 8])
-            value.backward()
-            opt.step()
-            total += value.item() * len(X[s:s + 8])
-        expected.append(total / 26)
+    expected = _torch_sgd_losses(twin, torch.nn.functional.cross_entropy, X, labels, 3, 8, 0.1, 0.9)
     tol = {"rtol": 1e-4, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-10, "atol": 1e-12}
     assert history["loss"] == pytest.approx(expected, rel=tol["rtol"])
     mine = model.state()

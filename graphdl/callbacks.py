@@ -82,6 +82,10 @@ class Callback:
 
     def on_train_end(self, logs: Logs) -> None: ...
 
+    def close(self) -> None:
+        """Release what it holds open (a file, a writer): fit calls it however it ends,
+        a divergence included, so it must be safe to call more than once."""
+
     def on_epoch_begin(self, epoch: int, logs: Logs) -> None: ...
 
     def on_epoch_end(self, epoch: int, logs: Logs) -> None: ...
@@ -433,6 +437,9 @@ class CSVLogger(Callback):
         self._file.flush()
 
     def on_train_end(self, logs: Logs) -> None:
+        self.close()
+
+    def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = self._writer = None
@@ -490,6 +497,9 @@ class TensorBoard(Callback):
             self._writer.flush()
 
     def on_train_end(self, logs: Logs) -> None:
+        self.close()
+
+    def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
@@ -537,8 +547,7 @@ class CallbackList:
     def close(self) -> None:
         """End what the callbacks hold open (a CSV file), however fit ends."""
         for c in self.callbacks:
-            if isinstance(c, (CSVLogger, TensorBoard)):
-                c.on_train_end({})
+            c.close()
 
     def train_end(self, logs: Logs) -> None:
         for c in self.callbacks:

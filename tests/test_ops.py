@@ -990,6 +990,31 @@ def test_a_dropout_mask_keeps_one_minus_p_and_scales_what_it_keeps():
     assert not torch.equal(m, next_key)
 
 
+def test_the_mask_hashes_its_stream_on_the_host_to_the_same_bits_as_on_the_device():
+    """On the CPU the key's stream is hashed in Python (a dispatch mode, such as the CUDA
+    graph stand-in's recorder, keeps the tensor ops): both give the same bits, for keys up
+    to 2**53 and seeds up to 2**63."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from graphdl.ops.random import _stream, dropout_mask_kernel
+
+    class Passing(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    like = torch.zeros(3, 41)
+    for k, seed in [(0.0, 0), (1.0, 11), (7.0, 2**63 - 1), (2.0**53, 12345), (123456789.0, 2**62 + 3)]:
+        key = torch.tensor(k, dtype=torch.float64)
+        on_host = _stream(key, seed)
+        assert isinstance(on_host, int)
+        with Passing():
+            on_device = _stream(key, seed)
+            assert isinstance(on_device, torch.Tensor)
+            recorded = dropout_mask_kernel(key, like, seed, 0.4)
+        assert on_host == on_device.item()
+        assert torch.equal(dropout_mask_kernel(key, like, seed, 0.4), recorded)
+
+
 @pytest.mark.parametrize("p", [0.0, 1.0])
 def test_a_dropout_mask_at_the_ends_keeps_all_or_nothing(p):
     g = gd.Graph("g")

@@ -58,10 +58,36 @@ def keep_threshold(p: float) -> int:
 
 def dropout_mask_kernel(key: torch.Tensor, like: torch.Tensor, seed: int, p: float) -> torch.Tensor:
     """The mask: 1 / (1 - p) where an element is kept, 0 where it is dropped (all 0 for p=1)."""
-    stream = _mix_(key.to(torch.int64).mul(_GOLDEN).add_(_int64(seed % 2**64)))
-    z = torch.arange(1, like.numel() + 1, dtype=torch.int64, device=like.device).mul_(_GOLDEN).add_(stream)
+    z = torch.add(_places(like.numel(), like.device), _stream(key, seed))
     keep = _mix_(z).bitwise_and_((1 << _BITS) - 1).ge_(keep_threshold(p)).view(like.shape)
     return keep.to(like.dtype).mul_(0.0 if p == 1 else 1.0 / (1.0 - p))
+
+
+def _stream(key: torch.Tensor, seed: int) -> torch.Tensor | int:
+    """The key's and seed's stream. On the CPU, where reading the key waits for nothing,
+    it is hashed in Python: the same bits as the dozen 0-d tensor ops (~30 us of the
+    digits CNN's ~130 us mask). Elsewhere, and under a dispatch mode (which records the
+    ops to replay them, as a CUDA graph's stand-in does), it stays a tensor op."""
+    if key.device.type == "cpu" and not torch._C._len_torch_dispatch_stack():
+        z = (int(key.item()) * _GOLDEN + seed) % 2**64
+        z = ((z ^ (z >> 30)) * _MIX1) % 2**64
+        z = ((z ^ (z >> 27)) * _MIX2) % 2**64
+        return _int64(z ^ (z >> 31))
+    return _mix_(key.to(torch.int64).mul(_GOLDEN).add_(_int64(seed % 2**64)))
+
+
+_PLACES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _places(n: int, device: torch.device) -> torch.Tensor:
+    """(i + 1) * golden for i < n, int64, kept for the last few sizes (a mask per step
+    at the same size would make it again each time: ~25 us at 8,192 elements)."""
+    places = _PLACES.get((n, device))
+    if places is None:
+        if len(_PLACES) >= 8:
+            _PLACES.pop(next(iter(_PLACES)))
+        places = _PLACES[(n, device)] = torch.arange(1, n + 1, dtype=torch.int64, device=device).mul_(_GOLDEN)
+    return places
 
 
 CODE_GLOBALS["rng"] = sys.modules[__name__]  # what the generated code calls

@@ -256,6 +256,18 @@ def _var(n: Node, r: list[Range]) -> Range:
     return Range(0.0, math.inf)
 
 
+def _correct_var(n: Node, r: list[Range]) -> Range:
+    """v scaled by count / (count - correction): from 1 (a large count) up to its value at
+    the fewest elements the axes can hold (each symbolic dim at least 1); unbounded if
+    that is not more than the correction."""
+    x, correction = n.inputs[1], n.attrs["correction"]
+    axes = range(x.ndim) if n.attrs["axis"] is None else n.attrs["axis"]
+    least = math.prod(x.shape[a] for a in axes if isinstance(x.shape[a], int))
+    if least <= correction:
+        return Range(-math.inf if r[0].lo < 0 else 0.0, math.inf)
+    return _mul(r[0], Range(1.0, least / (least - correction)))
+
+
 def _batch_norm(n: Node, r: list[Range]) -> Range:
     x, mean, var_, weight, bias = r
     scale = _rsqrt(_add(var_, Range(n.attrs["eps"], n.attrs["eps"])), n.out.dtype)
@@ -287,6 +299,7 @@ RULES.update({
     ops.leaky_relu: _leaky,
     ops.rsqrt: lambda n, r: _rsqrt(r[0], n.out.dtype),
     ops.var: _var,
+    ops.correct_var: _correct_var,
     ops.batch_norm: _batch_norm,
     ops.layer_norm: _layer_norm,
     ops.dropout_mask: _dropout_mask,

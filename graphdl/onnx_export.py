@@ -436,6 +436,13 @@ def _var(e: Emitter, a: list[str], n: Any) -> str:
     return e("Div", squares, count)
 
 
+def _correct_var(e: Emitter, a: list[str], n: Any) -> str:
+    x = n.inputs[1]
+    axes = tuple(range(x.ndim)) if n.attrs["axis"] is None else n.attrs["axis"]
+    count = e.count(a[1], x, axes)
+    return e("Div", e("Mul", a[0], count), e("Sub", count, e.scalar(float(n.attrs["correction"]), x.dtype)))
+
+
 def _layer_norm(e: Emitter, a: list[str], n: Any) -> str:
     x, w, _ = n.inputs
     eps = n.attrs["eps"]
@@ -482,7 +489,7 @@ EXPORT.update({
     "max_pool2d_backward": _max_pool_backward, "max_pool2d_select": _max_pool_select,
     "avg_pool2d": _avg_pool, "avg_pool2d_backward": _avg_pool_backward,
     "rsqrt": lambda e, a, n: e("Reciprocal", e("Sqrt", a[0])),
-    "var": _var,
+    "var": _var, "correct_var": _correct_var,
     "batch_norm": lambda e, a, n: e("BatchNormalization", a[0], a[3], a[4], a[1], a[2], epsilon=n.attrs["eps"]),
     "layer_norm": _layer_norm,
     "dropout_mask": _dropout_mask,

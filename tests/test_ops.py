@@ -128,6 +128,10 @@ CONV_CASES = [
     Case("var", lambda x: gd.var(x, axis=0), lambda x: x.var(0, correction=0), [(3, 4)]),
     Case("var", lambda x: gd.var(x, axis=(0, 2), keepdims=True, correction=1),
          lambda x: x.var((0, 2), keepdim=True, correction=1), [(3, 2, 4)]),
+    Case("correct_var", lambda v, x: gd.ops.correct_var(v, x, axis=(0, 2, 3)),
+         lambda v, x: v * (3 * 2 * 2) / (3 * 2 * 2 - 1), [(5,), (3, 5, 2, 2)]),
+    Case("correct_var", lambda v, x: gd.ops.correct_var(v, x, axis=1, keepdims=True, correction=2),
+         lambda v, x: v * 4 / 2, [(3, 1), (3, 4)]),
     Case("batch_norm", gd.batch_norm,  # inference: the statistics given
          _batch_norm_ref, [(4, 3, 2, 2), (3,), (3,), (3,), (3,)],
          "positive"),

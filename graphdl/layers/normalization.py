@@ -20,6 +20,7 @@ from ..checks import (
 from ..ir import Value
 from ..ops import (
     batch_norm,
+    correct_var,
     dropout_mask,
     layer_norm,
     mul,
@@ -73,7 +74,7 @@ class _BatchNorm(Layer):
         mean, variance = reduce_mean(x, axis=axes), var(x, axis=axes)
         m = self.momentum
         build.update("running_mean", running_mean * (1.0 - m) + mean * m)
-        build.update("running_var", running_var * (1.0 - m) + var(x, axis=axes, correction=1) * m)
+        build.update("running_var", running_var * (1.0 - m) + correct_var(variance, x, axis=axes) * m)
         return batch_norm(x, mean, variance, weight, bias, eps=self.eps)
 
     def output_shape(self, shape: Shape) -> Shape:

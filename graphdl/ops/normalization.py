@@ -1,4 +1,4 @@
-"""Normalisation: the variance, batch norm and layer norm.
+"""Normalisation: the variance (and correct_var), batch norm and layer norm.
 
 Batch norm is one op, `batch_norm(x, mean, var, weight, bias)`, that normalises x's
 channels (axis 1) with the statistics it is given. Which statistics is the mode, and it
@@ -23,7 +23,7 @@ import torch
 from ..checks import GraphError, Shape, ShapeError, format_shape, read_float
 from ..ir import Value
 from .elementwise import neg, zeros_like
-from .reductions import broadcast_like, reduce_mean, reduce_rule, reduce_sum, unbroadcast
+from .reductions import broadcast_like, count_code, reduce_mean, reduce_rule, reduce_sum, unbroadcast
 from .registry import CODE_GLOBALS, defop, same_dtype, unary
 
 
@@ -83,14 +83,43 @@ def _var_vjp(g: Value, out: Value, x: Value, axis: tuple[int, ...] | None, keepd
     if correction:
         count = reduce_sum(zeros_like(x) + 1.0, axis=axes, keepdims=keepdims)
         g = g * (count / (count - float(correction)))
+    # (The 2 scales g, one number per reduced slice, not the product: a pass less over x.)
     centred = x - broadcast_like(reduce_mean(x, axis=axes, keepdims=keepdims), x, axis=axes)
-    return [broadcast_like(g, x, axis=axes, mean=True) * centred * 2.0]
+    return [broadcast_like(g * 2.0, x, axis=axes, mean=True) * centred]
 
 
 var = defop("var", _var_code, var_rule, _var_vjp, attrs={"axis": None, "keepdims": False, "correction": 0},
             new_storage=True,
             doc="The variance over `axis` (None, the default, for every axis): sum((x - mean)**2) / (n - "
                 "correction); correction=0 (the default) is the population variance, 1 the unbiased one.")
+
+
+def _correct_var_rule(inputs: list[Value], attrs: Mapping[str, Any]) -> tuple[Shape, torch.dtype, dict[str, Any]]:
+    v, x = inputs
+    shape, dtype, normalised = var_rule([x], attrs)
+    if v.shape != shape or v.dtype != dtype:
+        raise ShapeError(f"v {format_shape(v.shape)} must be the shape of x's variance over the axes, "
+                         f"{format_shape(shape)}")
+    return shape, dtype, normalised
+
+
+def _correct_var_code(args: list[str], attrs: dict, inputs: list[Value]) -> str:
+    x = inputs[1]
+    count = count_code(args[1], x.shape, attrs["axis"] if attrs["axis"] is not None else tuple(range(x.ndim)))
+    # n / (n - correction) as tensor arithmetic: n == correction gives inf or nan, as torch.var does
+    return f"torch.mul({args[0]}, {count}).div_({count} - {attrs['correction']})"
+
+
+# BatchNorm's running variance is the unbiased one; computed from the batch's population
+# variance, which normalises the batch anyway, as torch's kernel computes it, instead of
+# a second pass over the activations (62 us of the digits CNN's step).
+correct_var = defop(
+    "correct_var", _correct_var_code, _correct_var_rule,
+    lambda g, out, v, x, axis, keepdims, correction: [correct_var(g, x, axis=axis, keepdims=keepdims,
+                                                                  correction=correction), None],
+    arity=2, attrs={"axis": None, "keepdims": False, "correction": 1}, new_storage=True,
+    doc="v, the population variance of x over `axis` (x read for its counts), made the variance with "
+        "`correction`: v * n / (n - correction), n the number of elements the variance is over.")
 
 
 # -- batch norm ------------------------------------------------------------------------

@@ -101,7 +101,7 @@ def _reduce_code(fn: str, out: bool = False) -> Lowering:
     return lower
 
 
-def _count(ref: str, shape: Shape, axes: Sequence[int]) -> str:
+def count_code(ref: str, shape: Shape, axes: Sequence[int]) -> str:
     """Code for the number of elements of `ref` over `axes` (symbolic dims read at run time)."""
     static = math.prod(d for i, d in enumerate(shape) if i in axes and isinstance(d, int))
     dynamic = [f"{ref}.shape[{i}]" for i in axes if isinstance(shape[i], str)]
@@ -116,7 +116,7 @@ def _broadcast_like_code(args: list[str], attrs: dict, inputs: list[Value]) -> s
         for a in axes:
             src = f"{src}.unsqueeze({a})"
     if attrs["mean"]:
-        src = f"torch.div({src}, {_count(args[1], ref.shape, axes)})"
+        src = f"torch.div({src}, {count_code(args[1], ref.shape, axes)})"
     return f"{src}.expand_as({args[1]})"
 
 

@@ -514,15 +514,14 @@ def _time_training(step: TrainStep, feed: tuple[torch.Tensor, torch.Tensor], lr:
 
     def run(arena: _Arena) -> int:
         """One step as fit's loop runs it (`TrainStep._plain_steps`: the buffers' next values
-        written, then the update planned on the arena, clipping first; or, where some
-        gradient is made at the call, `_update`); returns when its update began."""
+        written, the gradients made at the call copied into the arena, then the update
+        planned on it, clipping first); returns when its update began."""
         out = arena(feed)
         updating = time.perf_counter_ns()
-        if arena.update is not None:
-            step.write_state(out)
-            arena.update()
-        else:
-            step._update(arena, out, None)
+        step.write_state(out)
+        if arena.take is not None:
+            arena.take(out)
+        arena.update()
         sync()
         return updating
 

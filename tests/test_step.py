@@ -138,6 +138,39 @@ def test_planned_update_follows_update_across_rates(dtype, settings):
             torch.testing.assert_close(p, r, **tol)
 
 
+@pytest.mark.parametrize("clip_norm", [None, 0.5])
+def test_a_gradient_made_at_each_call_is_copied_into_the_arena_and_updated_as_planned(monkeypatch, clip_norm):
+    """A convolution's weight gradient comes from a kernel with no out= form: the arena
+    copies it into a buffer of its own and the update, planned once on that buffer, makes
+    the same steps as the optimizer's plain update of the fresh gradients."""
+    gen = torch.Generator().manual_seed(0)
+    model = gd.Sequential(gd.Conv2d(2, 3, 3, padding=1, generator=gen), gd.ReLU(), gd.Flatten(),
+                          gd.Linear(3 * 4 * 4, 2, generator=gen), input_shape=(2, 4, 4))
+    X, Y = torch.randn(12, 2, 4, 4, generator=gen), torch.randn(12, 2, generator=gen)
+    twin = gd.from_torch(model.to_torch(), input_shape=(2, 4, 4))
+    plans = []
+    optimizer = gd.SGD(lr=0.1, momentum=0.9)
+    planned = optimizer.plan
+    monkeypatch.setattr(optimizer, "plan", lambda *a: plans.append(1) or planned(*a))
+    step = TrainStep(model, gd.MSE(), optimizer, clip_norm=clip_norm)
+    for _ in range(3):
+        step.epoch(X, Y, 4, None, 0.1)
+    assert step._arenas[4].take is not None and len(plans) == 1  # planned once, for the one batch size
+    reference, grads_of = gd.SGD(lr=0.1, momentum=0.9), gd.compile(gd.grad(twin.graph(loss=gd.MSE()),
+                                                                           list(twin.parameters())))
+    params = list(twin.parameters().values())
+    reference.reset(params)
+    for _ in range(3):
+        for first in range(0, 12, 4):
+            grads = list(grads_of(X[first:first + 4], Y[first:first + 4])[1:])
+            if clip_norm is not None:
+                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+                grads = [g * min(1.0, clip_norm / (norm.item() + 1e-6)) for g in grads]
+            reference.update(params, grads, 0.1, overwrite_grads=True)
+    for got, want in zip(model.parameters().values(), params, strict=True):
+        torch.testing.assert_close(got, want)
+
+
 def test_train_step_binds_a_param_assigned_between_epochs():
     X, Y = disk_data()
     got, want = net(), net()

@@ -274,6 +274,17 @@ def _batch_norm(n: Node, r: list[Range]) -> Range:
     return _add(_mul(_mul(_add(x, _neg(mean)), scale), weight), bias)
 
 
+def _batch_norm_backward(n: Node, r: list[Range]) -> Range:
+    """w r (g - mean(g)) - w r^3 d mean(g d), d = x - mean: each mean within its
+    elements' range."""
+    g, x, mean, var_, weight = r
+    rate = _rsqrt(_add(var_, Range(n.attrs["eps"], n.attrs["eps"])), n.out.dtype)
+    d = _add(x, _neg(mean))
+    direct = _mul(_mul(weight, rate), _add(g, _neg(g)))
+    through = _mul(_mul(_mul(weight, _mul(rate, _mul(rate, rate))), d), _mul(g, d))
+    return _add(direct, _neg(through))
+
+
 def _layer_norm(n: Node, r: list[Range]) -> Range:
     """Normalised over k elements, each value is within sqrt(k - 1) of 0; then the affine."""
     k = _static(n.inputs[1].shape) or 1
@@ -301,6 +312,7 @@ RULES.update({
     ops.var: _var,
     ops.correct_var: _correct_var,
     ops.batch_norm: _batch_norm,
+    ops.batch_norm_backward: _batch_norm_backward,
     ops.layer_norm: _layer_norm,
     ops.dropout_mask: _dropout_mask,
     ops.conv1d: _conv,

@@ -443,6 +443,26 @@ def _correct_var(e: Emitter, a: list[str], n: Any) -> str:
     return e("Div", e("Mul", a[0], count), e("Sub", count, e.scalar(float(n.attrs["correction"]), x.dtype)))
 
 
+def _batch_norm_backward(e: Emitter, a: list[str], n: Any) -> str:
+    # w r (g - mean(g)) - w r^3 d mean(g d), d = x - mean, means over the channel axes
+    g, x, mean, var_, weight = n.inputs
+    axes = (0, *range(2, x.ndim))
+    shape = e.ints([1, -1] + [1] * (x.ndim - 2))
+
+    def channel(v: str) -> str:
+        return e("Reshape", v, shape)
+
+    def average(v: str) -> str:
+        return e.reduce("ReduceMean", v, x.ndim, axes, keepdims=True)
+    rate = e("Reciprocal", e("Sqrt", e("Add", a[3], e.scalar(n.attrs["eps"], x.dtype))))
+    scale = channel(e("Mul", a[4], rate))
+    d = e("Sub", a[1], channel(a[2]))
+    direct = e("Mul", scale, e("Sub", a[0], average(a[0])))
+    through = e("Mul", e("Mul", channel(e("Mul", a[4], e("Mul", rate, e("Mul", rate, rate)))), d),
+                average(e("Mul", a[0], d)))
+    return e("Sub", direct, through)
+
+
 def _layer_norm(e: Emitter, a: list[str], n: Any) -> str:
     x, w, _ = n.inputs
     eps = n.attrs["eps"]
@@ -491,6 +511,7 @@ EXPORT.update({
     "rsqrt": lambda e, a, n: e("Reciprocal", e("Sqrt", a[0])),
     "var": _var, "correct_var": _correct_var,
     "batch_norm": lambda e, a, n: e("BatchNormalization", a[0], a[3], a[4], a[1], a[2], epsilon=n.attrs["eps"]),
+    "batch_norm_backward": _batch_norm_backward,
     "layer_norm": _layer_norm,
     "dropout_mask": _dropout_mask,
 })

@@ -90,6 +90,27 @@ def _batch_norm_ref(x: torch.Tensor, m: torch.Tensor, v: torch.Tensor, w: torch.
     return (x - m.view(shape)) / torch.sqrt(v.view(shape) + 1e-5) * w.view(shape) + b.view(shape)
 
 
+def _batch_norm_backward_ref(g: torch.Tensor, x: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
+                             w: torch.Tensor) -> torch.Tensor:
+    """x's cotangent through training BatchNorm, with the statistics as inputs (checked
+    against torch.autograd through F.batch_norm below)."""
+    shape, axes = (1, -1) + (1,) * (x.dim() - 2), (0, *range(2, x.dim()))
+    r, d, w = (v + 1e-5).rsqrt().view(shape), x - m.view(shape), w.view(shape)
+    return w * r * (g - g.mean(axes, keepdim=True)) - w * r**3 * d * (g * d).mean(axes, keepdim=True)
+
+
+def test_the_batch_norm_backward_oracle_is_torchs_gradient_through_training_batch_norm():
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(4, 3, 2, 2), (5, 3, 4), (6, 3)]:
+        x = torch.randn(shape, generator=gen, dtype=torch.float64).requires_grad_()
+        w, b = torch.rand(3, generator=gen, dtype=torch.float64) + 0.5, torch.rand(3, dtype=torch.float64)
+        g = torch.randn(shape, generator=gen, dtype=torch.float64)
+        (F.batch_norm(x, None, None, w, b, training=True) * g).sum().backward()
+        axes = (0, *range(2, x.dim()))
+        stats = x.detach().mean(axes), x.detach().var(axes, correction=0)
+        torch.testing.assert_close(_batch_norm_backward_ref(g, x.detach(), *stats, w), x.grad)
+
+
 def test_the_batch_norm_oracle_is_torchs_inference_batch_norm():
     x, m, v, w, b = (torch.rand(s, dtype=torch.float64) + 0.5 for s in [(4, 3, 2, 2), (3,), (3,), (3,), (3,)])
     torch.testing.assert_close(_batch_norm_ref(x, m, v, w, b), F.batch_norm(x, m, v, w, b, training=False))
@@ -138,6 +159,12 @@ CONV_CASES = [
     Case("batch_norm", lambda x, w, b: gd.batch_norm(x, gd.mean(x, axis=(0, 2)), gd.var(x, axis=(0, 2)), w, b),
          lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True),  # training: the batch's statistics
          [(4, 3, 5), (3,), (3,)]),
+    Case("batch_norm", lambda x, w, b: gd.batch_norm(x, gd.mean(x, axis=(0, 2, 3)), gd.var(x, axis=(0, 2, 3)), w, b),
+         lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True), [(4, 3, 2, 2), (3,), (3,)]),
+    Case("batch_norm_backward", gd.ops.batch_norm_backward, _batch_norm_backward_ref,
+         [(4, 3, 2, 2), (4, 3, 2, 2), (3,), (3,), (3,)], "positive"),
+    Case("batch_norm_backward", gd.ops.batch_norm_backward, _batch_norm_backward_ref,
+         [(5, 3), (5, 3), (3,), (3,), (3,)], "positive"),
     Case("layer_norm", gd.layer_norm, lambda x, w, b: F.layer_norm(x, (4, 5), w, b), [(3, 4, 5), (4, 5), (4, 5)]),
     Case("layer_norm", gd.layer_norm, lambda x, w, b: F.layer_norm(x, (5,), w, b), [(3, 5), (5,), (5,)]),
     Case("dropout_mask", lambda k, x: gd.dropout_mask(k, x, p=0.3, seed=5),

@@ -12,7 +12,7 @@
     fused        addmm, matmul_tn, matmul_nt, *_backward (made by passes.fuse)
     collectives  allreduce_start, allreduce_wait, unpack (made by passes.allreduce)
     conv         conv1d, conv2d, max_pool2d, avg_pool2d and their *_backward ops
-    normalization  rsqrt, var, correct_var, batch_norm, layer_norm
+    normalization  rsqrt, var, correct_var, batch_norm (and batch_norm_backward), layer_norm
     random       dropout_mask (a pure function of a key)
 
 Each op is an `OpDef`, which is also its builder: `add(a, b)` adds a node. Attributes
@@ -78,7 +78,7 @@ from .fused import addmm, matmul_nt, matmul_tn, mse_backward, relu_backward, sig
 from .indexing import index_add, index_select
 from .linalg import matmul, transpose
 from .losses import bce_with_logits, cross_entropy, mae, mbe, mse
-from .normalization import batch_norm, correct_var, layer_norm, rsqrt, var
+from .normalization import batch_norm, batch_norm_backward, correct_var, layer_norm, rsqrt, var
 from .random import dropout_mask
 from .reductions import broadcast_like, reduce_mean, reduce_sum, sum_to, unbroadcast
 from .registry import CODE_GLOBALS, OPS, VARIADIC, Collective, Memory, OpDef, apply, const, defop
@@ -137,5 +137,5 @@ __all__ = [
     "allreduce_start", "allreduce_wait", "unpack",
     "conv", "normalization", "random", "conv1d", "conv2d", "conv_backward_input", "conv_backward_weight",
     "max_pool2d", "max_pool2d_backward", "max_pool2d_select", "avg_pool2d", "avg_pool2d_backward",
-    "rsqrt", "var", "correct_var", "batch_norm", "layer_norm", "dropout_mask",
+    "rsqrt", "var", "correct_var", "batch_norm", "batch_norm_backward", "layer_norm", "dropout_mask",
 ]

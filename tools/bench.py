@@ -884,12 +884,14 @@ def main() -> None:
 
 def roofline(width: int, batch: int, step_us: float) -> dict[str, float]:
     """graphdl's achieved matmul rate on a step of the 2-w-w-w-1 net, and this machine's
-    torch.mm rate on the step's largest product ([batch, w] @ [w, w]), one thread: the
-    step's matmul flops are 6 * batch * MACs (forward, and the two backward products),
-    MACs = 2w + w² + w² + w per example."""
+    torch.mm rate on the step's largest product ([batch, w] @ [w, w]), one thread. What a
+    "step" times is an epoch's time over its steps, and an epoch is its steps and one
+    accuracy pass over the training points (a forward of `batch` rows per step): so
+    8 * batch * MACs flops a step (2 in the forward, 2 in each of the two backward
+    products, 2 in the accuracy pass), MACs = 2w + w² + w² + w per example."""
     import torch
 
-    flops = 6 * batch * (2 * width + 2 * width * width + width)
+    flops = 8 * batch * (2 * width + 2 * width * width + width)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -31,7 +31,7 @@ class Batches(Protocol):
     def feeds(self, X: torch.Tensor, Y: torch.Tensor, order: torch.Tensor | None) -> Iterator[tuple[torch.Tensor, ...]]:
         """The feed tuple of each batch, as `run` takes them (to replay an epoch)."""
 
-    def loss_and_finite(self, losses: torch.Tensor, largest: torch.Tensor) -> torch.Tensor:
+    def loss_and_finite(self, losses: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
         """[the epoch's mean loss, a number finite only while every param is], not yet read."""
 
     def batch_loss(self, loss: torch.Tensor) -> float:
@@ -74,10 +74,10 @@ class OneProcess:
         """(x, y) of each batch of the epoch, as `run` takes them (to replay an epoch)."""
         return epoch_batches(X, Y, self.batch_size, order)
 
-    def loss_and_finite(self, losses: torch.Tensor, largest: torch.Tensor) -> torch.Tensor:
-        """[the epoch's mean loss, the params' largest magnitude], not yet read."""
+    def loss_and_finite(self, losses: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+        """[the epoch's mean loss, the params' magnitude (`divergence.magnitude`)], not yet read."""
         wide = self.weights.dtype
-        return torch.stack([losses.to(wide) @ self.weights, largest.to(wide)])
+        return torch.stack([losses.to(wide) @ self.weights, magnitude.to(wide)])
 
     def batch_loss(self, loss: torch.Tensor) -> float:
         return float(loss)
@@ -141,13 +141,13 @@ class Sharded:
             yield (Xr[first:first + count], Yr[first:first + count], scale) if count else (*self.empty, scale)
             first += count
 
-    def loss_and_finite(self, losses: torch.Tensor, largest: torch.Tensor) -> torch.Tensor:
+    def loss_and_finite(self, losses: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
         """[the epoch's mean loss over every rank, 0 if every rank's params are finite
-        (`largest`, their largest magnitude, is) else NaN], not yet read: one collective,
+        (`magnitude`, `divergence.magnitude`, is) else NaN], not yet read: one collective,
         so every rank sees the same numbers and stops together. The magnitudes themselves
         are not summed: two ranks' 2e38 would overflow float32 and read as divergence."""
         wide = self.weights.dtype
-        flag = largest.to(wide) * 0  # 0, or NaN for inf or NaN
+        flag = magnitude.to(wide) * 0  # 0, or NaN for inf or NaN
         both = torch.stack([losses.to(wide) @ self.weights, flag])
         return dp.sum_over_ranks(both, "summing the epoch's loss")
 

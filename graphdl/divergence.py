@@ -67,15 +67,22 @@ class Snapshot:
             torch._foreach_copy_(self.tensors(), self.copies)
 
 
-def largest(tensors: list[torch.Tensor], device: torch.device | str = "cpu") -> torch.Tensor:
-    """The largest |x| over every element, a 0-d tensor on `device` (0 when there are no
-    elements): inf or NaN once any element is, so one number tells whether all are
-    finite. One multi-tensor call, ~8 µs for the disk net's params against 94 µs for
-    isfinite().all() tensor by tensor."""
-    tensors = [t for t in tensors if t.numel()]  # an empty tensor has no largest element
+def magnitude(tensors: list[torch.Tensor], device: torch.device | str = "cpu") -> torch.Tensor:
+    """A 0-d tensor on `device` that is finite exactly when every element is (0 when there
+    are no elements): so one number tells whether all are. The elements' 2-norm summed in
+    float64, where no float32, float16 or bfloat16 square can overflow: ~85 µs for the
+    256-wide bench net's params (132k elements) against 412 µs for the largest |x|
+    (`_foreach_norm`'s inf-norm has no fast CPU path); float64 tensors, whose squares can
+    overflow, take the largest |x|. The disk net's: ~8 µs, against 94 µs for isfinite().all()
+    tensor by tensor."""
+    tensors = [t for t in tensors if t.numel()]  # an empty tensor has no elements to be non-finite
     if not tensors:
         return torch.zeros((), device=device)  # made there: a CPU 0 moved to CUDA would be a host sync
-    return torch.stack(torch._foreach_norm(tensors, math.inf)).max()
+    wide = [t for t in tensors if t.dtype == torch.float64]
+    narrow = [t for t in tensors if t.dtype != torch.float64]
+    parts = [*(torch._foreach_norm(narrow, 2.0, dtype=torch.float64) if narrow else ()),
+             *(torch._foreach_norm(wide, math.inf) if wide else ())]
+    return torch.stack(parts).max()  # (not a sum: two float64 parts near 1.8e308 would overflow)
 
 
 class Found(NamedTuple):
@@ -111,7 +118,7 @@ def replay(step: TrainStep, start: Snapshot, feeds: Iterator[tuple[torch.Tensor,
         before.save()
         step.apply(rate, mark)
         update += mark[1]
-        if not math.isfinite(float(largest(step.params))):
+        if not math.isfinite(float(magnitude(step.params))):
             bad = tuple(i for i, p in enumerate(step.params) if not bool(p.isfinite().all()))
             before.restore()
             return Found(b, loss, True, feed, bad, rate)

@@ -26,7 +26,7 @@ from .checkpoint import Resumed, read_checkpoint, write_checkpoint
 from .checks import real, shown, whole
 from .compile import Compiled, compile
 from .divergence import DivergedError as DivergedError  # re-exported: gd.train.DivergedError predates it
-from .divergence import Snapshot, diverged, find_source, largest, replay
+from .divergence import Snapshot, diverged, find_source, magnitude, replay
 from .losses import Loss, Weighted
 from .metrics import METRICS as METRICS  # re-exported: gd.train.METRICS predates graphdl.metrics
 from .metrics import accuracy as accuracy  # re-exported: gd.train.accuracy and .correct predate graphdl.metrics
@@ -309,8 +309,8 @@ class _Run:
         scores = self._scores(losses)
         if s.monitor:  # read in the same sync as the loss
             scores.update(epoch_values(self.step.take_monitored(), s.monitor))
-        epoch_loss, largest, *values = torch.cat([v.reshape(-1).double() for v in scores.values()]).tolist()
-        if not (math.isfinite(epoch_loss) and math.isfinite(largest)):
+        epoch_loss, params_magnitude, *values = torch.cat([v.reshape(-1).double() for v in scores.values()]).tolist()
+        if not (math.isfinite(epoch_loss) and math.isfinite(params_magnitude)):
             found = replay(self.step, self.start, self.batches.feeds(self.X, self.Y, order), self.batches.batch_loss,
                             lr, self.batches.sizes)
             # Data-parallel, a rank's first non-finite node may differ from another's, and the
@@ -338,7 +338,7 @@ class _Run:
         finite only while every param is (`Batches.loss_and_finite`)], each metric on the
         training data, "val_loss" and "val_<metric>"}, as tensors on the device."""
         s = self.settings
-        scores = {"loss": self.batches.loss_and_finite(losses, largest(self.step.params, self.X.device))}
+        scores = {"loss": self.batches.loss_and_finite(losses, magnitude(self.step.params, self.X.device))}
         decision, metrics = s.loss.decision, list(s.metrics)
         if metrics:
             measured = measure(self.predicting.fn, self.X, self.targets, decision, metrics, s.distributed,

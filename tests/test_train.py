@@ -3,6 +3,8 @@ metrics and accuracy, threads, the data and settings fit checks, and divergence.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from helpers import BIG, _classifier, _data, _model, _net, _sine, _torch_sgd_losses, _torch_twin, _TwinDropout
@@ -77,7 +79,7 @@ def test_an_epoch_makes_no_tensor_from_host_numbers(trainable):
     is, on CUDA, a blocking copy: one more host sync, which waits for the epoch's queued
     steps. Counted on CPU as torch's `lift_fresh` op, which every such tensor goes through:
     one epoch and three, with metrics on the training and validation data, make as many
-    (also for a model with nothing to train, whose params' largest magnitude is a 0)."""
+    (also for a model with nothing to train, whose params' magnitude is a 0)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Made(TorchDispatchMode):
@@ -465,12 +467,31 @@ def test_an_update_that_makes_params_infinite_is_undone():
     assert (err.value.epoch, err.value.batch) == (1, 1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_the_params_magnitude_is_finite_exactly_when_every_element_is(dtype):
+    """fit's one number for "every param is finite": no overflow from the largest finite
+    values, however many, and inf, -inf or NaN anywhere, in any tensor, shows."""
+    from graphdl.divergence import magnitude
+    top = torch.finfo(dtype).max
+    params = [torch.full((300, 7), top, dtype=dtype), torch.full((5,), -top, dtype=dtype), torch.zeros(0, dtype=dtype),
+              torch.ones((), dtype=dtype)]
+    assert math.isfinite(float(magnitude(params)))
+    assert float(magnitude([])) == 0.0
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        for k in (0, 1, 3):
+            broken = [p.clone() for p in params]
+            broken[k].view(-1)[-1] = bad
+            assert not math.isfinite(float(magnitude(broken))), (bad, k)
+    mixed = [torch.ones(3, dtype=torch.float64), torch.tensor([float("nan")], dtype=dtype)]
+    assert not math.isfinite(float(magnitude(mixed)))
+
+
 def test_an_epoch_whose_replay_stays_finite_is_rolled_back_whole(monkeypatch):
     """If the replay cannot find the batch (a non-deterministic kernel), the model goes back
     to the epoch's start, which was checked finite."""
     from graphdl import train
     model, (X, Y) = _model(), _data()
-    real = train.largest
+    real = train.magnitude
     calls, before = {"n": 0}, {}
 
     def flaky(tensors, device="cpu"):  # calls: end of epoch 1 (= start of 2), end of epoch 2: say a param is not finite
@@ -479,7 +500,7 @@ def test_an_epoch_whose_replay_stays_finite_is_rolled_back_whole(monkeypatch):
             before.update({k: v.clone() for k, v in model.parameters().items()})
         return torch.tensor(float("inf")) if calls["n"] == 2 else real(tensors, device)
 
-    monkeypatch.setattr(train, "largest", flaky)
+    monkeypatch.setattr(train, "magnitude", flaky)
     with pytest.raises(FloatingPointError) as err:
         model.fit(X, Y, epochs=5, batch_size=4, seed=0, verbose=False)
     names(str(err.value), "diverged in epoch 2/5", "the batch is unknown", "params from the start of that epoch")

@@ -258,13 +258,13 @@ def _var(n: Node, r: list[Range]) -> Range:
 
 def _correct_var(n: Node, r: list[Range]) -> Range:
     """v scaled by count / (count - correction): from 1 (a large count) up to its value at
-    the fewest elements the axes can hold (each symbolic dim at least 1); unbounded if
-    that is not more than the correction."""
+    the fewest elements the axes can hold (each symbolic dim at least 1); any value if
+    that is not more than the correction (v * inf: inf, -inf or nan)."""
     x, correction = n.inputs[1], n.attrs["correction"]
     axes = range(x.ndim) if n.attrs["axis"] is None else n.attrs["axis"]
     least = math.prod(x.shape[a] for a in axes if isinstance(x.shape[a], int))
     if least <= correction:
-        return Range(-math.inf if r[0].lo < 0 else 0.0, math.inf)
+        return ANY
     return _mul(r[0], Range(1.0, least / (least - correction)))
 
 

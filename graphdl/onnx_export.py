@@ -81,15 +81,17 @@ class Emitter:
             return self(op_type, x, self.ints(axes), keepdims=int(keepdims))
         return self(op_type, x, axes=axes, keepdims=int(keepdims))
 
-    def count(self, ref: str, value: Value, axes: Sequence[int]) -> str:
-        """The number of elements of `value` over `axes`, in its dtype (symbolic dims read at run time)."""
+    def count(self, ref: str, value: Value, axes: Sequence[int], dtype: torch.dtype | None = None) -> str:
+        """The number of elements of `value` over `axes`, in `dtype` (by default the value's;
+        symbolic dims read at run time)."""
+        dtype = value.dtype if dtype is None else dtype
         static = math.prod(d for i, d in enumerate(value.shape) if i in axes and isinstance(d, int))
         dynamic = [i for i in axes if isinstance(value.shape[i], str)]
         if not dynamic:
-            return self.scalar(float(static), value.dtype)
+            return self.scalar(float(static), dtype)
         dims = self("Gather", self("Shape", ref), self.ints(dynamic))
-        n = self("ReduceProd", self("Cast", dims, to=ELEM_TYPE[dtype_name(value.dtype)]), keepdims=0)
-        return n if static == 1 else self("Mul", n, self.scalar(float(static), value.dtype))
+        n = self("ReduceProd", self("Cast", dims, to=ELEM_TYPE[dtype_name(dtype)]), keepdims=0)
+        return n if static == 1 else self("Mul", n, self.scalar(float(static), dtype))
 
 
 ExportRow = Callable[[Emitter, list[str], Any], str]  # (emit, input names, graphdl node) -> result name
@@ -428,19 +430,30 @@ def _avg_pool_backward(e: Emitter, a: list[str], n: Any) -> str:
 
 
 def _var(e: Emitter, a: list[str], n: Any) -> str:
+    # The divisor n - correction clamped at 0, as torch.var's (inf or nan below); for a half
+    # dtype the squares summed and counted in float32, as the kernel does.
     (x,) = n.inputs
     axes = tuple(range(x.ndim)) if n.attrs["axis"] is None else n.attrs["axis"]
     centred = e("Sub", a[0], e.reduce("ReduceMean", a[0], x.ndim, axes, keepdims=True))
-    squares = e.reduce("ReduceSum", e("Mul", centred, centred), x.ndim, axes, n.attrs["keepdims"])
-    count = e("Sub", e.count(a[0], x, axes), e.scalar(float(n.attrs["correction"]), x.dtype))
-    return e("Div", squares, count)
+    wide = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+    squared = e("Mul", centred, centred)
+    if wide != x.dtype:  # the sum of squares in float32, as the kernel's
+        squared = e("Cast", squared, to=ELEM_TYPE["f32"])
+    squares = e.reduce("ReduceSum", squared, x.ndim, axes, n.attrs["keepdims"])
+    divisor = e("Max", e("Sub", e.count(a[0], x, axes, wide), e.scalar(float(n.attrs["correction"]), wide)),
+                e.scalar(0.0, wide))
+    quotient = e("Div", squares, divisor)
+    return quotient if wide == x.dtype else e("Cast", quotient, to=ELEM_TYPE[dtype_name(x.dtype)])
 
 
 def _correct_var(e: Emitter, a: list[str], n: Any) -> str:
-    x = n.inputs[1]
+    # The factor n / (n - correction) in float64, then in v's dtype (v * n would overflow
+    # float16), inf where n <= correction (a divisor clamped at 0, as torch.var's).
+    x, correction = n.inputs[1], n.attrs["correction"]
     axes = tuple(range(x.ndim)) if n.attrs["axis"] is None else n.attrs["axis"]
-    count = e.count(a[1], x, axes)
-    return e("Div", e("Mul", a[0], count), e("Sub", count, e.scalar(float(n.attrs["correction"]), x.dtype)))
+    count = e.count(a[1], x, axes, torch.float64)
+    divisor = e("Max", e("Sub", count, e.scalar(float(correction), torch.float64)), e.scalar(0.0, torch.float64))
+    return e("Mul", a[0], e("Cast", e("Div", count, divisor), to=ELEM_TYPE[dtype_name(x.dtype)]))
 
 
 def _batch_norm_backward(e: Emitter, a: list[str], n: Any) -> str:

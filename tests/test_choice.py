@@ -41,6 +41,24 @@ def test_the_fastest_way_is_chosen_once_per_signature():
     assert len(calls) == timed + 3 + timed
 
 
+def test_ways_that_take_long_are_chosen_by_one_call_each():
+    """On inputs where the ways take 20 ms or more together, one call of each tells: the
+    first call of a large pool does not cost four of each."""
+    calls: list[str] = []
+
+    def slow(x):
+        calls.append("slow")
+        time.sleep(0.015)
+        return x
+
+    def fast(x):
+        calls.append("fast")
+        time.sleep(0.008)
+        return x
+    Fastest("test: long", slow, fast)(torch.zeros(1))
+    assert calls == ["slow", "fast", "fast"]
+
+
 def test_the_choice_can_be_turned_off_and_other_devices_take_the_first_way(monkeypatch):
     calls: list[str] = []
     kernel = Fastest("test: default", *_ways(calls))

@@ -389,3 +389,19 @@ def test_a_functional_models_diagnostics():
     assert (err.value.batch, err.value.op, err.value.layer) == (2, "log", "1:Log")
     report = gd.profile(model, X[:3].abs(), torch.zeros(3, 1), loss=gd.MSE(), steps=2)
     assert any(r.op == "log" and r.layer == "1:Log" for r in report.rows)
+
+
+def test_correct_var_below_its_correction_reads_as_any_value():
+    """n / (n - correction) is inf (and v * inf inf or nan) where x holds no more elements
+    than the correction: the rule may not bound it."""
+    from graphdl.ops import correct_var
+    g = gd.Graph("g")
+    x = g.input("x", (2, 3))
+    g.output(correct_var(gd.var(x, axis=0), x, axis=0, correction=3))
+    ranges = numerics.analyse(g, {"x": (-1.0, 1.0)})[1]
+    last = ranges[-1]
+    assert last.lo == -math.inf and last.hi == math.inf
+    g = gd.Graph("g")
+    x = g.input("x", ("N", 3))
+    g.output(correct_var(gd.var(x, axis=0), x, axis=0))
+    assert numerics.analyse(g, {"x": (-1.0, 1.0)})[1][-1].hi == math.inf  # N may be 1: n - 1 = 0

@@ -147,6 +147,24 @@ def test_symbolic_dims_survive_in_reductions_and_broadcasts(tmp_path):
             assert_same(run_ort(path, basic=True, x=X), gd.compile(graph)(x=X))
 
 
+def test_the_variances_export_with_counts_past_float16s_range_and_below_the_correction(tmp_path):
+    """var and correct_var count in float32 or float64 where x is a half dtype, and divide
+    by n - correction clamped at 0, as their kernels (and torch.var) do."""
+    gen = torch.Generator().manual_seed(0)
+    cases = [(torch.float16, (70000, 2), 0, 1), (torch.float64, (2, 3), 0, 3), (torch.float32, (5, 3), 0, 1)]
+    for dtype, shape, axis, correction in cases:
+        g = gd.Graph("v")
+        x = g.input("x", (None, shape[1]), dtype)
+        g.output(gd.var(x, axis=axis, correction=correction),
+                 gd.ops.correct_var(gd.var(x, axis=axis), x, axis=axis, correction=correction))
+        X = torch.randn(shape, generator=gen).to(dtype)
+        path = tmp_path / "v.onnx"
+        gd.export_onnx(g, path)
+        got, want = run_ort(path, x=X), gd.compile(g)(x=X)
+        assert all(torch.isfinite(w).all() == (shape[0] > correction) for w in want)
+        assert_same(got, want, rtol=2e-3 if dtype == torch.float16 else 1e-6, atol=0)
+
+
 def test_output_names_never_collide_with_inputs(tmp_path):
     g = gd.Graph("names")
     x = g.input("output", (None, 2))

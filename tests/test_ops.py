@@ -987,6 +987,35 @@ def test_normalisation_shape_errors():
     names(message(gd.var, x, axis=1, correction=-1), "correction=-1 must be a whole number >= 0")
 
 
+@pytest.mark.filterwarnings(r"ignore:var\(\)")  # (the oracle's, at n <= correction)
+def test_the_variances_hold_their_range_in_float16_and_divide_as_torch_var():
+    """Half dtypes: var's VJP divides the cotangent by n before doubling it, correct_var
+    scales by n / (n - correction) (not v * n, then / (n - c)), and var sums the squares in
+    float32, as torch.var does; n <= correction divides by zero, as torch.var does."""
+    from graphdl.ops.normalization import variance
+    g = gd.Graph("g")
+    x = g.input("x", (8,), torch.float16)
+    g.output(gd.mul(gd.var(x), g.param("w", torch.tensor(40000.0, dtype=torch.float16))))
+    X = torch.linspace(-1, 1, 8, dtype=torch.float16)
+    got = gd.compile(gd.grad(g, wrt=["x"]))(x=X)[1]
+    want = 40000.0 * 2 * (X.double() - X.double().mean()) / 8
+    torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=0)
+    g = gd.Graph("g")
+    x, v = g.input("x", (8192, 4), torch.float16), g.input("v", (4,), torch.float16)
+    g.output(gd.ops.correct_var(v, x, axis=0))
+    V = torch.tensor([1.0, 8.0, 9.0, 100.0], dtype=torch.float16)
+    (got,) = gd.compile(g)(x=torch.zeros(8192, 4, dtype=torch.float16), v=V)
+    torch.testing.assert_close(got, (V.double() * 8192 / 8191).half())
+    wide = torch.randn(70000, 2, generator=torch.Generator().manual_seed(0)).half()
+    torch.testing.assert_close(variance(wide, (0,), 0, False), wide.float().var(0, correction=0).half())
+    few = torch.randn(2, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    torch.testing.assert_close(variance(few, (0,), 3, False), few.var(0, correction=3))  # inf, as torch's
+    g = gd.Graph("g")
+    x = g.input("x", (2, 3), torch.float64)
+    g.output(gd.ops.correct_var(gd.var(x, axis=0), x, axis=0, correction=3))
+    torch.testing.assert_close(gd.compile(g)(x=few)[0], few.var(0, correction=3))
+
+
 def test_dropout_mask_errors():
     g = gd.Graph("g")
     x = g.input("x", (None, 3))
@@ -1034,15 +1063,16 @@ def test_the_mask_hashes_its_stream_on_the_host_to_the_same_bits_as_on_the_devic
             return func(*args, **(kwargs or {}))
 
     like = torch.zeros(3, 41)
-    for k, seed in [(0.0, 0), (1.0, 11), (7.0, 2**63 - 1), (2.0**53, 12345), (123456789.0, 2**62 + 3)]:
+    for k, seed in [(0.0, 0), (1.0, 11), (7.0, 2**63 - 1), (2.0**53, 12345), (123456789.0, 2**62 + 3),
+                    (2.0**64, 1), (1e30, 5), (-2.0**64, 1), (-3.0, 2), (float("nan"), 1), (float("inf"), 1), (0.5, 3)]:
         key = torch.tensor(k, dtype=torch.float64)
         on_host = _stream(key, seed)
-        assert isinstance(on_host, int)
+        assert isinstance(on_host, int) == (0 <= k <= 2**53 and k == int(k))  # else the device's conversion
         with Passing():
             on_device = _stream(key, seed)
             assert isinstance(on_device, torch.Tensor)
             recorded = dropout_mask_kernel(key, like, seed, 0.4)
-        assert on_host == on_device.item()
+        assert int(on_host) == on_device.item()
         assert torch.equal(dropout_mask_kernel(key, like, seed, 0.4), recorded)
 
 

@@ -14,7 +14,8 @@ of the process. Every way must return the same numbers, exactly: tests pin that
 
 Only CPU calls are timed; on other devices the first way (torch's own kernel) runs.
 The signature includes torch's thread count. `GRAPHDL_KERNELS=default` in the
-environment makes every call take the first way. `chosen()` says what was picked.
+environment makes every choice made from then on the first way (set it before the
+process first computes, to have none other). `chosen()` says what was picked.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from typing import Any
 
 import torch
 
-ROUNDS = 3  # timed calls of each way, alternated; the smallest time counts
+ROUNDS = 3  # timed calls of each way after a warm-up call, alternated; the smallest time counts
+LONG_S = 0.02  # ways that take this long together are chosen by their first call alone
+MAX_SIGNATURES = 4096  # choices a kernel keeps before it starts afresh
 _ALL: list[Fastest] = []
 
 
@@ -56,14 +59,18 @@ class Fastest:
         if len(self.ways) == 1 or os.environ.get("GRAPHDL_KERNELS") == "default" or \
                 any(t.device.type != "cpu" for t in tensors):
             return self.ways[0]
+        if len(self._chosen) >= MAX_SIGNATURES:  # (a process feeding ever new shapes)
+            self._chosen.clear()
         times: list[list[float]] = [[] for _ in self.ways]
-        for round_ in range(1 + ROUNDS):  # the first round warms each way up, uncounted
+        for round_ in range(1 + ROUNDS):  # the first round warms each way up
             for k, way in enumerate(self.ways):
                 start = time.perf_counter()
                 way(*args)
-                if round_:
-                    times[k].append(time.perf_counter() - start)
-        return self.ways[min(range(len(self.ways)), key=lambda k: min(times[k]))]
+                times[k].append(time.perf_counter() - start)
+            if round_ == 0 and sum(min(t) for t in times) > LONG_S:
+                break  # each way long enough that one run tells (and more would cost the first step dearly)
+        counted = [t[1:] or t for t in times]
+        return self.ways[min(range(len(self.ways)), key=lambda k: min(counted[k]))]
 
     def chosen(self) -> dict[tuple, str]:
         """Signature -> the name of the way chosen for it."""

@@ -60,10 +60,14 @@ def variance(x: torch.Tensor, dims: tuple[int, ...], correction: int, keepdim: b
     """sum((x - mean)**2) / (n - correction) over `dims`, in two passes. torch.var's
     one-pass (Welford) CPU kernel took 211 us for the [32, 16, 8, 8] activations of the
     digits CNN over (0, 2, 3), this 26 us (one thread); the two-pass sum is as accurate.
-    n - correction <= 0 divides by zero or less, as torch.var does (nan or inf)."""
+    n - correction <= 0 divides by zero, as torch.var does (inf, or nan for 0 / 0). A half
+    dtype's sum of squares is kept in float32, as torch.var keeps it: in float16 the
+    squares of 70,000 standard normal values add up past 65504, to inf."""
     centred = x - x.mean(dims, keepdim=True)
     count = math.prod(x.shape[d] for d in dims)
-    return centred.mul_(centred).sum(dims, keepdim=keepdim).div_(count - correction)
+    wide = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None
+    squares = centred.mul_(centred).sum(dims, keepdim=keepdim, dtype=wide)
+    return squares.div_(max(count - correction, 0)).to(x.dtype)
 
 
 CODE_GLOBALS["norm"] = sys.modules[__name__]  # what the generated code calls
@@ -83,9 +87,9 @@ def _var_vjp(g: Value, out: Value, x: Value, axis: tuple[int, ...] | None, keepd
     if correction:
         count = reduce_sum(zeros_like(x) + 1.0, axis=axes, keepdims=keepdims)
         g = g * (count / (count - float(correction)))
-    # (The 2 scales g, one number per reduced slice, not the product: a pass less over x.)
+    # (g is divided by n before it is doubled: doubled first, a float16 g above 32752 would overflow.)
     centred = x - broadcast_like(reduce_mean(x, axis=axes, keepdims=keepdims), x, axis=axes)
-    return [broadcast_like(g * 2.0, x, axis=axes, mean=True) * centred]
+    return [broadcast_like(g, x, axis=axes, mean=True) * centred * 2.0]
 
 
 var = defop("var", _var_code, var_rule, _var_vjp, attrs={"axis": None, "keepdims": False, "correction": 0},
@@ -103,11 +107,17 @@ def _correct_var_rule(inputs: list[Value], attrs: Mapping[str, Any]) -> tuple[Sh
     return shape, dtype, normalised
 
 
+def unbiasing(count: int, correction: int) -> float:
+    """n / (n - correction), the factor from the population variance to the corrected one
+    (a number, not tensor arithmetic: v * n would overflow float16 from v * n > 65504); inf
+    where n <= correction, where torch.var divides by zero (v * inf: inf, or nan for 0)."""
+    return count / (count - correction) if count > correction else math.inf
+
+
 def _correct_var_code(args: list[str], attrs: dict, inputs: list[Value]) -> str:
     x = inputs[1]
     count = count_code(args[1], x.shape, attrs["axis"] if attrs["axis"] is not None else tuple(range(x.ndim)))
-    # n / (n - correction) as tensor arithmetic: n == correction gives inf or nan, as torch.var does
-    return f"torch.mul({args[0]}, {count}).div_({count} - {attrs['correction']})"
+    return f"torch.mul({args[0]}, norm.unbiasing({count}, {attrs['correction']}))"
 
 
 # BatchNorm's running variance is the unbiased one; computed from the batch's population

@@ -67,12 +67,16 @@ def _stream(key: torch.Tensor, seed: int) -> torch.Tensor | int:
     """The key's and seed's stream. On the CPU, where reading the key waits for nothing,
     it is hashed in Python: the same bits as the dozen 0-d tensor ops (~30 us of the
     digits CNN's ~130 us mask). Elsewhere, and under a dispatch mode (which records the
-    ops to replay them, as a CUDA graph's stand-in does), it stays a tensor op."""
+    ops to replay them, as a CUDA graph's stand-in does), it stays a tensor op; so does a
+    key that is no whole number from 0 to 2**53 (which a step counter never leaves), whose
+    conversion to int64 is the device's own (x86 makes every key from 2**63 up -2**63)."""
     if key.device.type == "cpu" and not torch._C._len_torch_dispatch_stack():
-        z = (int(key.item()) * _GOLDEN + seed) % 2**64
-        z = ((z ^ (z >> 30)) * _MIX1) % 2**64
-        z = ((z ^ (z >> 27)) * _MIX2) % 2**64
-        return _int64(z ^ (z >> 31))
+        k = key.item()
+        if 0 <= k <= 2**53 and k == int(k):
+            z = (int(k) * _GOLDEN + seed) % 2**64
+            z = ((z ^ (z >> 30)) * _MIX1) % 2**64
+            z = ((z ^ (z >> 27)) * _MIX2) % 2**64
+            return _int64(z ^ (z >> 31))
     return _mix_(key.to(torch.int64).mul(_GOLDEN).add_(_int64(seed % 2**64)))
 
 

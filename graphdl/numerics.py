@@ -317,7 +317,6 @@ RULES.update({
     ops.dropout_mask: _dropout_mask,
     ops.conv1d: _conv,
     ops.conv2d: _conv,
-    ops.conv_relu: lambda n, r: (lambda c: Range(max(c.lo, 0.0), max(c.hi, 0.0)))(_conv(n, r)),
     ops.conv_backward_input: _conv_backward_input,
     ops.conv_backward_weight: _conv_backward_weight,
     ops.max_pool2d: lambda n, r: r[0],  # one of the window's elements (padding never wins)

@@ -516,7 +516,7 @@ def _dropout_mask(e: Emitter, a: list[str], n: Any) -> str:
 
 
 EXPORT.update({
-    "conv1d": _conv, "conv2d": _conv, "conv_relu": lambda e, a, n: e("Relu", _conv(e, a, n)),
+    "conv1d": _conv, "conv2d": _conv,
     "conv_backward_input": _conv_backward_input, "conv_backward_weight": _conv_backward_weight,
     "max_pool2d": lambda e, a, n: e("MaxPool", a[0], **_pool_attrs(n)),
     "max_pool2d_backward": _max_pool_backward, "max_pool2d_select": _max_pool_select,

@@ -114,7 +114,7 @@ def _synchronizer(device: torch.device | None) -> Callable[[], None]:
 
 _PRODUCTS = {ops.matmul, ops.matmul_tn, ops.matmul_nt, ops.addmm}  # held against the GEMM rate, the rest copying
 # Convolutions, held against the GEMM rate too: (the input of output shape, the weight's position).
-_CONVS = {ops.conv1d: (None, 1), ops.conv2d: (None, 1), ops.conv_relu: (None, 1), ops.conv_backward_input: (0, 2),
+_CONVS = {ops.conv1d: (None, 1), ops.conv2d: (None, 1), ops.conv_backward_input: (0, 2),
           ops.conv_backward_weight: (0, 2)}
 # No work of their own (nor broadcast_like without mean); a reshape of a value whose layout
 # asks for a copy does one, counted as none.

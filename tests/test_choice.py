@@ -106,38 +106,6 @@ def test_max_pooling_ways_give_the_same_values_and_indices(kernel, stride, paddi
             assert got.is_contiguous() and torch.equal(got, reference[1].contiguous())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_the_ways_of_a_convolution_and_relu_give_the_same_numbers(dtype):
-    """torch's convolution then relu_, and oneDNN's with the ReLU as a post-op: the same
-    results to the bit, or (float64, which oneDNN does not take) only torch's way."""
-    gen = torch.Generator().manual_seed(0)
-    cases = [((4, 3, 9, 8), (6, 3, 3, 3), True, [1, 1], [1, 1], [1, 1], 1),
-             ((2, 4, 10, 10), (6, 2, 3, 2), True, [2, 1], [1, 0], [1, 2], 2),
-             ((3, 2, 11), (4, 2, 3), False, [1], [2], [2], 1)]
-    for x_shape, w_shape, with_bias, stride, padding, dilation, groups in cases:
-        x, w = torch.randn(x_shape, generator=gen).to(dtype), torch.randn(w_shape, generator=gen).to(dtype)
-        bias = torch.randn(w_shape[0], generator=gen).to(dtype) if with_bias else None
-        args = (x, w, bias, stride, padding, dilation, groups)
-        reference = conv._conv_then_relu(*args)
-        if dtype == torch.float64:
-            with pytest.raises(RuntimeError):
-                conv._conv_relu_post_op(*args)
-        else:
-            assert torch.equal(conv._conv_relu_post_op(*args), reference)
-        assert torch.equal(conv.convolve_relu(*args), reference)
-
-
-def test_a_way_that_cannot_take_the_inputs_is_left_out():
-    def picky(x):
-        raise RuntimeError("not for these")
-    kernel = Fastest("test: picky", lambda x: x + 1, picky)
-    assert torch.equal(kernel(torch.zeros(2)), torch.ones(2))
-    assert next(iter(kernel.chosen().values())) == "<lambda>"
-    failing = Fastest("test: first fails", picky, lambda x: x)
-    with pytest.raises(RuntimeError, match="not for these"):
-        failing(torch.zeros(2))
-
-
 def test_a_pooled_cnn_step_is_the_same_whichever_way_pooling_takes(monkeypatch):
     """The training step through either layout: the same loss and gradients, bit for bit."""
     def gradients() -> list[torch.Tensor]:

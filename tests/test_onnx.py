@@ -106,7 +106,7 @@ def test_every_op_has_an_export_row():
 
 # onnxruntime's CPU kernels for Conv, ConvTranspose and AveragePool are float32 only
 # (1.23): the cases whose graphs use them run in float32 there.
-FLOAT32_IN_ORT = {"conv1d", "conv2d", "conv_relu", "conv_backward_input", "conv_backward_weight", "avg_pool2d",
+FLOAT32_IN_ORT = {"conv1d", "conv2d", "conv_backward_input", "conv_backward_weight", "avg_pool2d",
                   "avg_pool2d_backward"}
 OPSET_OF = {"dropout_mask": 18}  # its hash is made of bitwise ops, which ONNX has from opset 18
 

@@ -200,32 +200,6 @@ def test_fusion_needs_the_pattern_exactly():
     assert not changed
 
 
-@pytest.mark.parametrize("rank", [1, 2])
-def test_a_convolution_and_its_relu_fuse_where_nothing_else_reads_the_convolution(rank):
-    """relu(conv(x, w, b)) -> conv_relu, in the forward and the training step, with the
-    same numbers; a convolution also returned (or read by another node) stays as it is."""
-    gen = torch.Generator().manual_seed(0)
-    spatial = (7,) * rank
-    conv = gd.conv1d if rank == 1 else gd.conv2d
-    g = gd.Graph("c")
-    x = g.input("x", (4, 2, *spatial))
-    w = g.param("w", torch.randn(3, 2, *(3,) * rank, generator=gen))
-    b = g.param("b", torch.randn(3, generator=gen))
-    g.output(gd.sum(gd.relu(conv(x, w, b, padding=1)) * g.param("r", torch.randn(4, 3, *spatial, generator=gen))))
-    step = gd.grad(g, ["w", "b"])
-    feeds = {"x": torch.randn(4, 2, *spatial, generator=gen)}
-    for graph in (g, step):
-        fused = gd.compile(graph)
-        assert "conv_relu" in ops_of(fused.graph) and "relu" not in ops_of(fused.graph)
-        for a, c in zip(fused(**feeds), gd.compile(graph, optimize=False)(**feeds), strict=True):
-            torch.testing.assert_close(a, c)
-    both = gd.Graph("both")
-    x = both.input("x", (None, 2, *spatial))
-    y = conv(x, both.param("w", torch.randn(3, 2, *(3,) * rank, generator=gen)))
-    both.output(gd.relu(y), y)
-    assert "conv_relu" not in ops_of(gd.compile(both).graph)
-
-
 def test_a_batched_product_is_not_fused_into_the_matrix_kernels():
     """addmm and matmul_tn/nt take matrices: a Linear over [N,L,in] keeps matmul, add and
     the transposes, in its forward pass and its gradient."""

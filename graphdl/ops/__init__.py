@@ -11,8 +11,7 @@
     losses       mse, mae, mbe, bce_with_logits, cross_entropy
     fused        addmm, matmul_tn, matmul_nt, *_backward (made by passes.fuse)
     collectives  allreduce_start, allreduce_wait, unpack (made by passes.allreduce)
-    conv         conv1d, conv2d, conv_relu (made by passes.fuse), max_pool2d, avg_pool2d and their
-                 *_backward ops
+    conv         conv1d, conv2d, max_pool2d, avg_pool2d and their *_backward ops
     normalization  rsqrt, var, correct_var, batch_norm (and batch_norm_backward), layer_norm
     random       dropout_mask (a pure function of a key)
 
@@ -49,7 +48,6 @@ from .conv import (
     conv2d,
     conv_backward_input,
     conv_backward_weight,
-    conv_relu,
     max_pool2d,
     max_pool2d_backward,
     max_pool2d_select,
@@ -138,7 +136,6 @@ __all__ = [
     "addmm", "matmul_nt", "matmul_tn", "mse_backward", "relu_backward", "sigmoid_backward", "tanh_backward",
     "allreduce_start", "allreduce_wait", "unpack",
     "conv", "normalization", "random", "conv1d", "conv2d", "conv_backward_input", "conv_backward_weight",
-    "conv_relu",
     "max_pool2d", "max_pool2d_backward", "max_pool2d_select", "avg_pool2d", "avg_pool2d_backward",
     "rsqrt", "var", "correct_var", "batch_norm", "batch_norm_backward", "layer_norm", "dropout_mask",
 ]

@@ -38,8 +38,7 @@ class Fastest:
     arguments that reads them and returns a new tensor (never writing into an input, as
     each runs on the same inputs while they are timed), `first` torch's own. Calling it
     runs the way chosen for the arguments' signature (about 1 us to look up), choosing
-    it on first sight. A way other than the first that raises on the inputs it is timed
-    on (oneDNN's kernels take no float64, say) is left out for that signature."""
+    it on first sight."""
 
     def __init__(self, name: str, *ways: Callable[..., Any]) -> None:
         if not ways:
@@ -62,24 +61,16 @@ class Fastest:
             return self.ways[0]
         if len(self._chosen) >= MAX_SIGNATURES:  # (a process feeding ever new shapes)
             self._chosen.clear()
-        ways = list(self.ways)
-        times: list[list[float]] = [[] for _ in ways]
+        times: list[list[float]] = [[] for _ in self.ways]
         for round_ in range(1 + ROUNDS):  # the first round warms each way up
-            for k, way in enumerate(ways):
-                if round_ and not times[k]:
-                    continue  # it could not take these inputs
+            for k, way in enumerate(self.ways):
                 start = time.perf_counter()
-                try:
-                    way(*args)
-                except Exception:  # noqa: BLE001 - another way than torch's own may not take every input
-                    if k == 0:
-                        raise
-                    continue
+                way(*args)
                 times[k].append(time.perf_counter() - start)
-            if round_ == 0 and sum(min(t) for t in times if t) > LONG_S:
+            if round_ == 0 and sum(min(t) for t in times) > LONG_S:
                 break  # each way long enough that one run tells (and more would cost the first step dearly)
-        counted = [t[1:] or t or [float("inf")] for t in times]
-        return ways[min(range(len(ways)), key=lambda k: min(counted[k]))]
+        counted = [t[1:] or t for t in times]
+        return self.ways[min(range(len(self.ways)), key=lambda k: min(counted[k]))]
 
     def chosen(self) -> dict[tuple, str]:
         """Signature -> the name of the way chosen for it."""

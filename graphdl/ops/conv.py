@@ -29,7 +29,6 @@ import torch
 from ..checks import Shape, ShapeError, format_shape
 from ..ir import Value
 from .choice import Fastest
-from .fused import relu_backward
 from .reductions import reduce_sum
 from .registry import CODE_GLOBALS, VARIADIC, bool_attr, defop, same_dtype
 
@@ -244,50 +243,6 @@ conv_backward_weight = defop(
     attrs=_CONV_ATTRS, new_storage=True,
     doc="The gradient of a convolution's weight: g, x and the weight (read for its shape) -> the weight's shape "
         "(aten.convolution_backward).")
-
-
-# A convolution and the ReLU after it (fused by passes/fuse.py where nothing else reads the
-# convolution's result), by the faster of two ways for the shape at hand (ops/choice.py):
-# torch's convolution then relu_, or oneDNN's convolution with the ReLU as a post-op, the
-# same primitive with one pass over the result less. They give the same numbers (ReLU is
-# exact); at the digits CNN's first layer shape, [32, 1, 8, 8] with 16 3x3 filters, the
-# fused one took 132 against 157 us; at [16, 32, 28, 28] with 64 they were level.
-def _conv_then_relu(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, stride: list[int],
-                    padding: list[int], dilation: list[int], groups: int) -> torch.Tensor:
-    out = torch.ops.aten.convolution.default(x, w, bias, stride, padding, dilation, False, [0] * len(stride), groups)
-    return out.relu_()
-
-
-def _conv_relu_post_op(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, stride: list[int],
-                       padding: list[int], dilation: list[int], groups: int) -> torch.Tensor:
-    return torch.ops.mkldnn._convolution_pointwise(x, w, bias, padding, stride, dilation, groups, "relu", [], "")
-
-
-convolve_relu = Fastest("convolution + relu", _conv_then_relu, _conv_relu_post_op)
-
-
-def _conv_relu_rule(inputs: list[Value], attrs: Mapping[str, Any]) -> tuple[Shape, torch.dtype, dict[str, Any]]:
-    w = inputs[1] if len(inputs) > 1 else inputs[0]
-    if w.ndim - 2 not in _SPATIAL:
-        raise ShapeError(f"weight {format_shape(w.shape)} must be 3-d (conv1d) or 4-d (conv2d)")
-    return _conv_rule(w.ndim - 2)(inputs, attrs)
-
-
-def _conv_relu_code(args: list[str], attrs: dict, inputs: list[Value]) -> str:
-    bias = args[2] if len(args) == 3 else "None"
-    _, _, (stride, padding, dilation, groups) = _conv_shapes(inputs[0], inputs[1], attrs, "", inputs[1].ndim - 2)
-    return f"conv.convolve_relu({args[0]}, {args[1]}, {bias}, {stride}, {padding}, {dilation}, {groups})"
-
-
-def _conv_relu_vjp(g: Value, out: Value, x: Value, w: Value, *bias: Value, **attrs: Any) -> list[Value | None]:
-    return _conv_vjp(relu_backward(g, out), out, x, w, *bias, **attrs)
-
-
-conv_relu = defop(
-    "conv_relu", _conv_relu_code, _conv_relu_rule, _conv_relu_vjp, arity=VARIADIC, attrs=_CONV_ATTRS,
-    new_storage=True,
-    doc="relu(conv1d or conv2d of x with weight and optional bias), the convolution by the weight's rank "
-        "(fused from relu(conv(...)) where nothing else reads the convolution).")
 
 
 # -- pooling ---------------------------------------------------------------------------

@@ -7,7 +7,6 @@ where the primitives took several.
     mul(g, sub(1, mul(y, y)))                   -> tanh_backward(g, y)
     mul(g, mul(y, sub(1, y)))                   -> sigmoid_backward(g, y)
     mul(broadcast_like[mean](g, d), mul(d, 2)),  d = sub(a, b)  -> mse_backward(g, a, b)
-    relu(conv1d(x, w, b)), relu(conv2d(x, w, b))  -> conv_relu(x, w, b)
 
 mul and add match with their inputs in either order. Values a pattern consumed and
 nothing else uses are left for DCE.
@@ -22,16 +21,12 @@ from ..ops import (
     add,
     addmm,
     broadcast_like,
-    conv1d,
-    conv2d,
-    conv_relu,
     greater,
     matmul,
     matmul_nt,
     matmul_tn,
     mse_backward,
     mul,
-    relu,
     relu_backward,
     sigmoid_backward,
     sub,
@@ -41,7 +36,7 @@ from ..ops import (
 from ..ops.registry import OpDef
 from .match import is_const, producer, rebuild
 
-Fused = tuple[OpDef, list[Value]] | tuple[OpDef, list[Value], dict] | None  # (with the attrs it takes)
+Fused = tuple[OpDef, list[Value]] | None
 
 
 def _orders(node: Node) -> tuple[tuple[Value, Value], tuple[Value, Value]]:
@@ -145,16 +140,7 @@ def _mul(node: Node) -> Fused:
     return None
 
 
-def _conv_relu(node: Node) -> Fused:
-    (y,) = node.inputs
-    conv = producer(y, conv1d, conv2d)
-    if conv is not None and len(y.users) == 1 and not y.graph.is_output(y):  # else computed twice
-        return conv_relu, list(conv.inputs), dict(conv.attrs)
-    return None
-
-
-PATTERNS: dict[OpDef, Callable[[Node], Fused]] = {add: _addmm, matmul: _transposed_matmul, mul: _mul,
-                                                  relu: _conv_relu}
+PATTERNS: dict[OpDef, Callable[[Node], Fused]] = {add: _addmm, matmul: _transposed_matmul, mul: _mul}
 
 
 def fuse(graph: Graph) -> tuple[Graph, bool]:
@@ -164,8 +150,8 @@ def fuse(graph: Graph) -> tuple[Graph, bool]:
         pattern = PATTERNS.get(node.op)
         fused = pattern(node) if pattern is not None else None
         if fused is not None:
-            op, inputs, *attrs = fused
-            rebuild(graph, node, op, inputs, *attrs)
+            op, inputs = fused
+            rebuild(graph, node, op, inputs)
             changed = True
     return graph, changed
 

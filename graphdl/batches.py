@@ -75,9 +75,11 @@ class OneProcess:
         return epoch_batches(X, Y, self.batch_size, order)
 
     def loss_and_finite(self, losses: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
-        """[the epoch's mean loss, the params' magnitude (`divergence.magnitude`)], not yet read."""
+        """[the epoch's mean loss, 0 if every param is finite else NaN], not yet read: the
+        flag is made from the params' magnitude (`divergence.magnitude`, float64) before it
+        is cast, since a float32 params' 2-norm past 3.4e38 is finite in float64 only."""
         wide = self.weights.dtype
-        return torch.stack([losses.to(wide) @ self.weights, magnitude.to(wide)])
+        return torch.stack([losses.to(wide) @ self.weights, (magnitude * 0).to(wide)])
 
     def batch_loss(self, loss: torch.Tensor) -> float:
         return float(loss)
@@ -147,7 +149,7 @@ class Sharded:
         so every rank sees the same numbers and stops together. The magnitudes themselves
         are not summed: two ranks' 2e38 would overflow float32 and read as divergence."""
         wide = self.weights.dtype
-        flag = magnitude.to(wide) * 0  # 0, or NaN for inf or NaN
+        flag = (magnitude * 0).to(wide)  # 0, or NaN for inf or NaN (made before the cast: see above)
         both = torch.stack([losses.to(wide) @ self.weights, flag])
         return dp.sum_over_ranks(both, "summing the epoch's loss")
 

@@ -431,15 +431,14 @@ def _avg_pool_backward(e: Emitter, a: list[str], n: Any) -> str:
 
 def _var(e: Emitter, a: list[str], n: Any) -> str:
     # The divisor n - correction clamped at 0, as torch.var's (inf or nan below); for a half
-    # dtype the squares summed and counted in float32, as the kernel does.
+    # dtype the deviations squared, summed and counted in float32, as the kernel does.
     (x,) = n.inputs
     axes = tuple(range(x.ndim)) if n.attrs["axis"] is None else n.attrs["axis"]
     centred = e("Sub", a[0], e.reduce("ReduceMean", a[0], x.ndim, axes, keepdims=True))
     wide = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    squared = e("Mul", centred, centred)
-    if wide != x.dtype:  # the sum of squares in float32, as the kernel's
-        squared = e("Cast", squared, to=ELEM_TYPE["f32"])
-    squares = e.reduce("ReduceSum", squared, x.ndim, axes, n.attrs["keepdims"])
+    if wide != x.dtype:  # squared and summed in float32, as the kernel does
+        centred = e("Cast", centred, to=ELEM_TYPE["f32"])
+    squares = e.reduce("ReduceSum", e("Mul", centred, centred), x.ndim, axes, n.attrs["keepdims"])
     divisor = e("Max", e("Sub", e.count(a[0], x, axes, wide), e.scalar(float(n.attrs["correction"]), wide)),
                 e.scalar(0.0, wide))
     quotient = e("Div", squares, divisor)

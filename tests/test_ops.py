@@ -111,6 +111,32 @@ def test_the_batch_norm_backward_oracle_is_torchs_gradient_through_training_batc
         torch.testing.assert_close(_batch_norm_backward_ref(g, x.detach(), *stats, w), x.grad)
 
 
+def test_second_order_through_batch_norm_stays_finite_for_a_constant_channel_in_float16():
+    """A constant channel's var is 0, so r = 1 / sqrt(eps) and r**3 is past float16's
+    range; the terms it scales are 0 there, and the second-order graph multiplies r in
+    one factor at a time, so they stay 0 instead of inf * 0 (torch gives 0 too)."""
+    gen = torch.Generator().manual_seed(0)
+    X, XP = torch.randn(8, 3, generator=gen), torch.randn(8, 3, generator=gen)
+    X[:, 0], XP[:, 0] = 0.5, 1.0
+    xp = XP.double().requires_grad_()
+    h = X.double() * xp
+    first = torch.autograd.grad(torch.tanh(F.batch_norm(h, None, None, torch.ones(3, dtype=torch.float64), None,
+                                                        training=True)).sum(), xp, create_graph=True)[0]
+    want = torch.autograd.grad((first * first).sum(), xp)[0]
+    for dtype in (torch.float16, torch.float32):
+        g = gd.Graph("t")
+        x = g.input("x", (8, 3), dtype)
+        h = gd.mul(x, g.param("xp", XP.to(dtype)))
+        w, b = g.param("w", torch.ones(3, dtype=dtype)), g.param("b", torch.zeros(3, dtype=dtype))
+        g.output(gd.sum(gd.tanh(gd.batch_norm(h, gd.mean(h, axis=0), gd.var(h, axis=0), w, b))))
+        step = gd.grad(g, wrt=["xp"])
+        total = gd.sum(gd.mul(step.outputs[1], step.outputs[1]))
+        step.output(total)
+        got = gd.compile(gd.grad(step, wrt=["xp"], of=total))(x=X.to(dtype))[-1]
+        assert torch.isfinite(got).all(), dtype
+        assert torch.equal(got[:, 0].double(), want[:, 0])  # the constant channel: 0
+
+
 def test_the_batch_norm_oracle_is_torchs_inference_batch_norm():
     x, m, v, w, b = (torch.rand(s, dtype=torch.float64) + 0.5 for s in [(4, 3, 2, 2), (3,), (3,), (3,), (3,)])
     torch.testing.assert_close(_batch_norm_ref(x, m, v, w, b), F.batch_norm(x, m, v, w, b, training=False))
@@ -1006,6 +1032,8 @@ def test_the_variances_hold_their_range_in_float16_and_divide_as_torch_var():
     V = torch.tensor([1.0, 8.0, 9.0, 100.0], dtype=torch.float16)
     (got,) = gd.compile(g)(x=torch.zeros(8192, 4, dtype=torch.float16), v=V)
     torch.testing.assert_close(got, (V.double() * 8192 / 8191).half())
+    spread = torch.tensor([-300.0, 0, 0, 0, 0, 0, 0, 300.0], dtype=torch.float16)  # 300 ** 2 is past 65504
+    torch.testing.assert_close(variance(spread, (0,), 0, False), spread.var(0, correction=0))
     wide = torch.randn(70000, 2, generator=torch.Generator().manual_seed(0)).half()
     torch.testing.assert_close(variance(wide, (0,), 0, False), wide.float().var(0, correction=0).half())
     few = torch.randn(2, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)

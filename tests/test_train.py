@@ -486,6 +486,15 @@ def test_the_params_magnitude_is_finite_exactly_when_every_element_is(dtype):
     assert not math.isfinite(float(magnitude(mixed)))
 
 
+def test_params_whose_norm_is_past_float32s_range_are_not_taken_for_divergence():
+    """Every param finite, their 2-norm (4.2e38) past float32's largest: fit trains on."""
+    net = gd.Sequential(gd.Linear(2, 1), input_shape=(2,))
+    net.parameters()["0.weight"].fill_(3e38)
+    history = net.fit(torch.zeros(8, 2), torch.randn(8, 1, generator=torch.Generator().manual_seed(0)),
+                      loss=gd.MSE(), optimizer=gd.SGD(lr=0.1), epochs=2, batch_size=4, verbose=False)
+    assert history.epochs == 2 and all(math.isfinite(v) for v in history["loss"])
+
+
 def test_an_epoch_whose_replay_stays_finite_is_rolled_back_whole(monkeypatch):
     """If the replay cannot find the batch (a non-deterministic kernel), the model goes back
     to the epoch's start, which was checked finite."""

@@ -61,12 +61,14 @@ def variance(x: torch.Tensor, dims: tuple[int, ...], correction: int, keepdim: b
     one-pass (Welford) CPU kernel took 211 us for the [32, 16, 8, 8] activations of the
     digits CNN over (0, 2, 3), this 26 us (one thread); the two-pass sum is as accurate.
     n - correction <= 0 divides by zero, as torch.var does (inf, or nan for 0 / 0). A half
-    dtype's sum of squares is kept in float32, as torch.var keeps it: in float16 the
-    squares of 70,000 standard normal values add up past 65504, to inf."""
+    dtype is squared and summed in float32, as torch.var computes it: in float16 a
+    deviation of 300 squares past 65504, and the squares of 70,000 standard normal values
+    add up past it."""
     centred = x - x.mean(dims, keepdim=True)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        centred = centred.float()
     count = math.prod(x.shape[d] for d in dims)
-    wide = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None
-    squares = centred.mul_(centred).sum(dims, keepdim=keepdim, dtype=wide)
+    squares = centred.mul_(centred).sum(dims, keepdim=keepdim)
     return squares.div_(max(count - correction, 0)).to(x.dtype)
 
 
@@ -170,7 +172,7 @@ def _batch_norm_vjp(g: Value, out: Value, x: Value, mean: Value, var_: Value, we
     spread = reduce_sum(g * centred, axis=axes)
     if _batch_statistics(x, mean, var_):
         return [batch_norm_backward(g, x, mean, var_, weight, eps=eps), None, None, spread * r, summed]
-    return [g * broadcast_like(scale, x, axis=axes), neg(summed * scale), spread * weight * (r * r * r) * -0.5,
+    return [g * broadcast_like(scale, x, axis=axes), neg(summed * scale), ((spread * r) * r) * r * weight * -0.5,
             spread * r, summed]
 
 
@@ -217,14 +219,17 @@ def _batch_norm_backward_vjp(c: Value, out: Value, g: Value, x: Value, mean: Val
     axes = _channel_axes(x)
     def spread(v: Value) -> Value:
         return broadcast_like(v, x, axis=axes)
+    # r is multiplied into m and cd one factor at a time, never as r^3 first: a half dtype's
+    # r^3 overflows for var + eps below 6e-4 (a constant channel), where m and cd are 0.
     r = rsqrt(var_ + eps)
-    r3 = r * r * r
     d = x - spread(mean)
     m, cd = reduce_mean(g * d, axis=axes), reduce_sum(c * d, axis=axes)
+    rrm, rrcd = r * (r * m), r * (r * cd)
     cg_less_ca = reduce_sum(c * g, axis=axes) - reduce_mean(g, axis=axes) * reduce_sum(c, axis=axes)
-    dx = neg(spread(weight * r3)) * (c * spread(m) + g * broadcast_like(cd, x, axis=axes, mean=True))
+    dx = neg(spread(weight * r)) * (c * spread(rrm) + g * broadcast_like(rrcd, x, axis=axes, mean=True))
+    dvar = weight * (r * (r * (r * (cg_less_ca * -0.5)))) + weight * rrm * (r * rrcd) * 1.5
     return [batch_norm_backward(c, x, mean, var_, weight, eps=eps), dx, neg(reduce_sum(dx, axis=axes)),
-            weight * r3 * (cg_less_ca * -0.5 + r * r * m * cd * 1.5), r * cg_less_ca - r3 * m * cd]
+            dvar, r * cg_less_ca - rrm * (r * cd)]
 
 
 batch_norm_backward = defop(

@@ -456,7 +456,7 @@ def _correct_var(e: Emitter, a: list[str], n: Any) -> str:
 
 
 def _batch_norm_backward(e: Emitter, a: list[str], n: Any) -> str:
-    # w r (g - mean(g)) - w r^3 d mean(g d), d = x - mean, means over the channel axes
+    # w r (g - mean(g)) - w r d r r mean(g d), d = x - mean, means over the channel axes
     g, x, mean, var_, weight = n.inputs
     axes = (0, *range(2, x.ndim))
     shape = e.ints([1, -1] + [1] * (x.ndim - 2))
@@ -470,9 +470,10 @@ def _batch_norm_backward(e: Emitter, a: list[str], n: Any) -> str:
     scale = channel(e("Mul", a[4], rate))
     d = e("Sub", a[1], channel(a[2]))
     direct = e("Mul", scale, e("Sub", a[0], average(a[0])))
-    through = e("Mul", e("Mul", channel(e("Mul", a[4], e("Mul", rate, e("Mul", rate, rate)))), d),
-                average(e("Mul", a[0], d)))
-    return e("Sub", direct, through)
+    # r into mean(g d) one factor at a time, as the kernel's VJP: a half dtype's r^3 overflows
+    # for a constant channel, where mean(g d) is 0
+    spread = e("Mul", channel(rate), e("Mul", channel(rate), average(e("Mul", a[0], d))))
+    return e("Sub", direct, e("Mul", e("Mul", scale, d), spread))
 
 
 def _layer_norm(e: Emitter, a: list[str], n: Any) -> str:

@@ -32,6 +32,15 @@ def _torch_twin(model: gd.Sequential) -> torch.nn.Sequential:
     return torch.nn.Sequential(*layers)
 
 
+def _tied() -> gd.Sequential:
+    """A 4-4-4-1 tanh net whose third layer's weight is the first's: one tensor in two places."""
+    gen = torch.Generator().manual_seed(0)
+    model = gd.Sequential(gd.Linear(4, 4, generator=gen), gd.Tanh(), gd.Linear(4, 4, generator=gen), gd.Tanh(),
+                          gd.Linear(4, 1, generator=gen))
+    model.layers[2].weight = model.layers[0].weight
+    return model
+
+
 def _classifier(gen: torch.Generator, outputs: int, dtype: torch.dtype) -> gd.Sequential:
     return gd.Sequential(gd.Linear(2, 6, generator=gen, dtype=dtype), gd.Tanh(),
                          gd.Linear(6, outputs, generator=gen, dtype=dtype))

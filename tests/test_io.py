@@ -10,6 +10,7 @@ import struct
 import pytest
 import safetensors.torch
 import torch
+from helpers import _tied
 
 import graphdl as gd
 from graphdl import io
@@ -512,14 +513,6 @@ def test_saving_through_a_link_into_a_missing_folder_names_both(tmp_path):
 
 
 # -- a tied tensor is saved once and comes back tied ------------------------------------------
-
-
-def _tied() -> gd.Sequential:
-    gen = torch.Generator().manual_seed(0)
-    model = gd.Sequential(gd.Linear(4, 4, generator=gen), gd.Tanh(), gd.Linear(4, 4, generator=gen), gd.Tanh(),
-                          gd.Linear(4, 1, generator=gen))
-    model.layers[2].weight = model.layers[0].weight
-    return model
 
 
 def test_a_tied_tensor_is_stored_once_and_the_tie_comes_back(tmp_path):

@@ -8,7 +8,7 @@ import pydoc
 
 import pytest
 import torch
-from helpers import _net, _torch_twin
+from helpers import _net, _tied, _torch_twin
 from messages import message, names
 
 import graphdl as gd
@@ -127,14 +127,6 @@ def test_a_weight_changed_behind_the_layers_back_is_named():
 
 
 # -- one tensor is one param ------------------------------------------------------------------------
-
-
-def _tied() -> gd.Sequential:
-    gen = torch.Generator().manual_seed(0)
-    model = gd.Sequential(gd.Linear(4, 4, generator=gen), gd.Tanh(), gd.Linear(4, 4, generator=gen), gd.Tanh(),
-                          gd.Linear(4, 1, generator=gen))
-    model.layers[2].weight = model.layers[0].weight
-    return model
 
 
 def test_a_tied_tensor_is_listed_once_and_is_one_value_in_the_ir():

@@ -22,6 +22,7 @@ import torch
 from .building import pauses_gc
 from .checks import GraphError, Shape, format_type, tensor_problem
 from .ir import Graph, Node, Value
+from .ops import products
 from .ops.registry import CODE_GLOBALS
 from .passes import pipeline
 from .passes.memory import last_uses, plan_arena, plan_inplace
@@ -162,9 +163,11 @@ class Compiled:
 
 class _ArenaLayout:
     """Where the arena form of a graph keeps things: the buffers `plan_arena` gives its
-    nodes, and the transposed views the code reads prepared rather than made per call
+    nodes, the transposed views the code reads prepared rather than made per call
     (`.mT` costs ~0.7 µs; the disk net's step reads 7): of params, re-made when a
-    slot's tensor changes, and of buffers, made with them."""
+    slot's tensor changes, and of buffers, made with them; and the kernel each matrix
+    product calls, picked for the buffers' shapes when they are made (graphdl.ops.products:
+    looking it up at each call instead cost ~2 µs a product, 11 a step of the disk net)."""
 
     def __init__(self, graph: Graph, hoisted: set[int], inplace: dict[int, int], last_use: dict[int, int]) -> None:
         self.writes, self.lives_in, self.buffers = plan_arena(graph, hoisted, inplace, last_use)
@@ -188,6 +191,15 @@ class _ArenaLayout:
                         self.buffer_transposes.append(b)
         # The buffer each output is returned in (None: a tensor made at the call).
         self.output_buffers = _output_buffers(graph, self.lives_in, hoisted)
+        # The products: (node index, node, the graphdl.ops.products kernel it calls).
+        self.products = [(k, node, kernel) for k, node in enumerate(graph.nodes)
+                         if id(node.out) not in hoisted and k not in inplace and node.op.chosen is not None
+                         and (kernel := node.op.chosen(node.inputs)) is not None]
+        self._kernel_names = {k: f"k{j}" for j, (k, _, _) in enumerate(self.products)}
+
+    def kernel(self, k: int) -> str | None:
+        """The name node k calls its product's kernel by (None: not a product)."""
+        return self._kernel_names.get(k)
 
     def out(self, k: int) -> str | None:
         return f"b{self.writes[k]}" if k in self.writes else None
@@ -199,12 +211,14 @@ class _ArenaLayout:
     def names(self, names: dict[int, str]) -> list[str]:
         """The names the bindings tuple unpacks into, in `ArenaCompiled.bind`'s order."""
         return ([names[id(v)] for v in self.params] + [f"pt{i}" for i in self.param_transposes]
-                + [f"b{j}" for j in range(len(self.buffers))] + [f"bt{j}" for j in self.buffer_transposes])
+                + [f"b{j}" for j in range(len(self.buffers))] + [f"bt{j}" for j in self.buffer_transposes]
+                + list(self._kernel_names.values()))
 
 
 class ArenaCompiled(Compiled):
     """A graph compiled to the arena form fit's training step runs: `fn(*inputs, A)`, where
-    A (from `bind`) holds the params, preallocated buffers and prepared transposes.
+    A (from `bind`) holds the params, preallocated buffers and prepared transposes, and
+    the kernels of its matrix products.
 
     Outputs that live in the arena are overwritten by the next call with the same
     bindings; calling the object itself binds, runs and returns outputs of their own,
@@ -222,9 +236,9 @@ class ArenaCompiled(Compiled):
         tensors = [v.data for v in self.layout.params]
         return (*tensors, *(tensors[i].mT for i in self.layout.param_transposes))
 
-    def buffers(self, sizes: dict[str, int]) -> tuple[torch.Tensor, ...]:
+    def buffers(self, sizes: dict[str, int]) -> tuple[Any, ...]:
         """New buffers for symbolic dims bound to `sizes` (e.g. {"N": 5}), then their
-        prepared transposes: the rest of A."""
+        prepared transposes and the products' kernels: the rest of A."""
         device = self.device or self._const_device
         shapes = [[sizes[d] if isinstance(d, str) else d for d in v.shape] for v in self.layout.buffers]
         try:
@@ -234,10 +248,37 @@ class ArenaCompiled(Compiled):
             raise GraphError(f"graph {self.graph.name}: its buffers for {sizes} need {need / 2**20:,.0f} MiB, "
                              f"which {device} cannot allocate ({str(e).splitlines()[0]}); use a smaller "
                              "batch_size") from None
-        return (*made, *(made[j].mT for j in self.layout.buffer_transposes))
+        return (*made, *(made[j].mT for j in self.layout.buffer_transposes), *self._kernels(sizes, made, device))
 
-    def bind(self, sizes: dict[str, int]) -> tuple[torch.Tensor, ...]:
-        """A, the bindings `fn` takes after its inputs: params, buffers, transposes."""
+    def _kernels(self, sizes: dict[str, int], made: list[torch.Tensor], device: torch.device | str) -> list[Any]:
+        """Each product's kernel, picked (graphdl.ops.products) for operands of the shapes
+        its inputs have at `sizes`, contiguous (transposed where the kernel reads an
+        input transposed), writing into its own buffer; timed on random such operands the
+        first time (making them on every bind instead cost ~25 ms an epoch at width 256)."""
+        picked = []
+        on = torch.device(device)
+        for k, node, kernel in self.layout.products:
+            chooser = getattr(products, kernel)
+            if on.type != "cpu":  # (only CPU kernels are chosen)
+                picked.append(chooser.ways[0])
+                continue
+            shapes = [[sizes[d] if isinstance(d, str) else d for d in v.shape] for v in node.inputs]
+            transposed = node.op.memory.transposed
+            out = made[self.layout.writes[k]] if k in self.layout.writes else None
+
+            def operands(shapes: list[list[int]] = shapes, node: Node = node, out: Any = out) -> tuple[tuple, dict]:
+                values = torch.Generator(on).manual_seed(0)  # (the global generator is the user's)
+                made_ = [torch.randn(shape, dtype=v.dtype, device=on, generator=values)
+                         for shape, v in zip(shapes, node.inputs)]
+                return tuple(t.mT if i in transposed else t for i, t in enumerate(made_)), {"out": out}
+            signature = [(torch.Size(shape[::-1]) if i in transposed else torch.Size(shape),
+                          _contiguous_strides(shape)[::-1] if i in transposed else _contiguous_strides(shape),
+                          v.dtype, on) for i, (shape, v) in enumerate(zip(shapes, node.inputs))]
+            picked.append(chooser.pick(signature, operands))
+        return picked
+
+    def bind(self, sizes: dict[str, int]) -> tuple[Any, ...]:
+        """A, the bindings `fn` takes after its inputs: params, buffers, transposes, kernels."""
         return self.bind_params() + self.buffers(sizes)
 
     @property
@@ -265,6 +306,14 @@ class ArenaCompiled(Compiled):
             raise target._explain(e) from e
         held = target.layout.output_buffers
         return tuple(o if held[i] is None else o.clone() for i, o in enumerate(outs))
+
+
+def _contiguous_strides(shape: list[int]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= max(d, 1)
+    return tuple(reversed(strides))
 
 
 def _change(param: Value, device: torch.device | None) -> str:
@@ -456,7 +505,8 @@ class _ArenaEmitter(_Emitter):
         pass  # the params arrive in A, bound by ArenaCompiled.bind_params
 
     def _code(self, k: int, node: Node, arg_names: list[str]) -> str:
-        return node.op.code(arg_names, node.attrs, node.inputs, self.layout.out(k), self.layout.transposes(node))
+        return node.op.code(arg_names, node.attrs, node.inputs, self.layout.out(k), self.layout.transposes(node),
+                            self.layout.kernel(k))
 
 
 def _hoistable(graph: Graph) -> set[int]:

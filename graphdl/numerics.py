@@ -154,6 +154,8 @@ RULES: dict[Any, Rule] = {
     ops.matmul_tn: lambda n, r: _product(r[0], r[1], n.inputs[0].shape[-2]),
     ops.matmul_nt: lambda n, r: _product(r[0], r[1], n.inputs[0].shape[-1]),
     ops.addmm: lambda n, r: _add(r[0], _product(r[1], r[2], n.inputs[1].shape[-1])),
+    ops.addmm_tanh: lambda n, r: _monotone(torch.tanh, _add(r[0], _product(r[1], r[2], n.inputs[1].shape[-1])),
+                                           n.out.dtype),
     ops.transpose: lambda n, r: r[0],
     ops.unpack: lambda n, r: r[0],
     ops.reduce_sum: lambda n, r: _sum(r[0], _reduced(n)),

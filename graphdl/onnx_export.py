@@ -309,6 +309,7 @@ EXPORT: dict[str, ExportRow] = {
     "silu": lambda e, a, n: e("Mul", a[0], e("Sigmoid", a[0])),
     # Fused ops, so that a compiled (optimised) graph exports as well.
     "addmm": lambda e, a, n: e("Gemm", a[1], a[2], a[0]),
+    "addmm_tanh": lambda e, a, n: e("Tanh", e("Gemm", a[1], a[2], a[0])),
     "matmul_tn": lambda e, a, n: e("Gemm", *a, transA=1),
     "matmul_nt": lambda e, a, n: e("Gemm", *a, transB=1),
     "relu_backward": lambda e, a, n: e("Where", e("Greater", a[1], e.scalar(0.0, n.out.dtype)), a[0],

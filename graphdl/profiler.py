@@ -41,6 +41,7 @@ from . import ops
 from .checks import GraphError, dtype_name, format_shape, whole
 from .compile import ArenaCompiled, Compiled, _hoistable, compile
 from .ir import Graph, Node, Value
+from .ops import products
 from .optim import SGD, checked_optimizer
 from .probe import lower_probed, strip
 from .settings import check_data, class_targets, model_loss
@@ -72,9 +73,9 @@ _RATES: dict[tuple[str, torch.dtype, int], Rates] = {}
 
 def machine_rates(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Rates:
     """The device's GEMM and copy rates, measured on first use (the best of 15 runs each,
-    about 0.2 s on a CPU) and cached for the process, per device, dtype and torch's
-    thread count. Measured on a busy machine they come out low, and a node's share of
-    them can then read above 100 %."""
+    the GEMM by the faster of the products' kernels; about 0.3 s on a CPU) and cached
+    for the process, per device, dtype and torch's thread count. Measured on a busy
+    machine they come out low, and a node's share of them can then read above 100 %."""
     device = torch.device(device)
     key = (str(device), dtype, torch.get_num_threads())
     if key not in _RATES:
@@ -84,7 +85,9 @@ def machine_rates(device: torch.device | str = "cpu", dtype: torch.dtype = torch
         a, b = (torch.randn(n, n, generator=gen).to(device, dtype) for _ in range(2))
         out = torch.empty(n, n, device=device, dtype=dtype)
         src, dst = torch.ones(elements, device=device, dtype=dtype), torch.empty(elements, device=device, dtype=dtype)
-        gemm = _best(lambda: torch.mm(a, b, out=out), device)
+        # the faster of the kernels graphdl's products choose between (graphdl.ops.products)
+        ways = [w for k, w in enumerate(products.mm.ways) if k == 0 or (not cuda and products.mm.fits(a, b, out=out))]
+        gemm = min(_best(lambda w=w: w(a, b, out=out), device) for w in ways)
         copying = _best(lambda: dst.copy_(src), device)
         _RATES[key] = Rates(str(device), dtype, key[2], 2 * n**3 / gemm, 2 * src.nbytes / copying)
     return _RATES[key]
@@ -112,7 +115,8 @@ def _synchronizer(device: torch.device | None) -> Callable[[], None]:
 
 # -- each node's work ---------------------------------------------------------------------
 
-_PRODUCTS = {ops.matmul, ops.matmul_tn, ops.matmul_nt, ops.addmm}  # held against the GEMM rate, the rest copying
+# held against the GEMM rate, the rest against copying
+_PRODUCTS = {ops.matmul, ops.matmul_tn, ops.matmul_nt, ops.addmm, ops.addmm_tanh}
 # Convolutions, held against the GEMM rate too: (the input of output shape, the weight's position).
 _CONVS = {ops.conv1d: (None, 1), ops.conv2d: (None, 1), ops.conv_backward_input: (0, 2),
           ops.conv_backward_weight: (0, 2)}
@@ -145,7 +149,7 @@ def node_work(node: Node, sizes: Mapping[str, int]) -> tuple[int, int]:
         a, b = node.inputs[-2:]
         (m, k), n = _dims(a, sizes, transposed=op is ops.matmul_tn), _dims(b, sizes, transposed=op is ops.matmul_nt)[1]
         batch = out // (m * n) if m * n else 0  # a batched matmul's leading dims
-        return batch * (2 * m * k * n + (m * n if op is ops.addmm else 0)), moved
+        return batch * (2 * m * k * n + (m * n if op in (ops.addmm, ops.addmm_tanh) else 0)), moved
     if op in _CONVS:
         shaped, weight = _CONVS[op]
         w = node.inputs[weight]

@@ -19,3 +19,12 @@ def dot_program() -> str:
         pytest.skip("Graphviz's `dot` program is not installed (apt-get install graphviz); "
                     "set GRAPHDL_REQUIRE_DOT=1 to make this a failure")
     return path
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The kernel choices the suite makes (graphdl.ops.choice) go to a file of the run's
+    own, not the user's ~/.cache, unless GRAPHDL_CHOICES names one already (its
+    subprocesses inherit it)."""
+    if "GRAPHDL_CHOICES" not in os.environ:
+        import tempfile
+        os.environ["GRAPHDL_CHOICES"] = os.path.join(tempfile.mkdtemp(prefix="graphdl-test-choices-"), "choices.json")

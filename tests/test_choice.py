@@ -119,7 +119,7 @@ def test_a_pooled_cnn_step_is_the_same_whichever_way_pooling_takes(monkeypatch):
     results = []
     for way in range(2):
         for kernel in (conv.pool_max, conv.pool_argmax):
-            monkeypatch.setattr(kernel, "_choose", lambda args, k=kernel, w=way: k.ways[w])
+            monkeypatch.setattr(kernel, "_decide", lambda key, args, kwargs, k=kernel, w=way: k.ways[w])
             kernel._chosen.clear()
         results.append(gradients())
     for a, b in zip(*results, strict=True):

@@ -241,6 +241,7 @@ CASES = [
     # fused ops (graphdl.passes.fuse makes them; built directly here)
     Case("addmm", gd.ops.addmm, torch.addmm, [(4,), (3, 5), (5, 4)]),
     Case("addmm", gd.ops.addmm, torch.addmm, [(3, 4), (3, 5), (5, 4)]),
+    Case("addmm_tanh", gd.ops.addmm_tanh, lambda c, a, b: torch.tanh(torch.addmm(c, a, b)), [(4,), (3, 5), (5, 4)]),
     Case("matmul_tn", gd.ops.matmul_tn, lambda a, b: a.t() @ b, [(5, 3), (5, 4)]),
     Case("matmul_nt", gd.ops.matmul_nt, lambda a, b: a @ b.t(), [(3, 5), (4, 5)]),
     Case("relu_backward", gd.ops.relu_backward, lambda g, y: g * (y > 0).to(g.dtype), [(3, 4), (3, 4)], "away"),

@@ -66,6 +66,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 
 CONFIGS = [(25, 5), (25, 100), (256, 256), (1024, 1024)]  # (width, batch)
 LR, MOMENTUM, SEED = 0.01, 0.9, 0
@@ -882,14 +883,18 @@ def main() -> None:
               f"({comp['min_ms']:.2f} min)")
 
 
-def roofline(width: int, batch: int, step_us: float) -> dict[str, float]:
+def roofline(width: int, batch: int, step_us: float) -> dict[str, Any]:
     """graphdl's achieved matmul rate on a step of the 2-w-w-w-1 net, and this machine's
-    torch.mm rate on the step's largest product ([batch, w] @ [w, w]), one thread. What a
-    "step" times is an epoch's time over its steps, and an epoch is its steps and one
-    accuracy pass over the training points (a forward of `batch` rows per step): so
-    8 * batch * MACs flops a step (2 in the forward, 2 in each of the two backward
-    products, 2 in the accuracy pass), MACs = 2w + w² + w² + w per example."""
+    best rate on the step's largest product ([batch, w] @ [w, w]), one thread: the faster
+    of the kernels graphdl chooses between (graphdl.ops.products: torch's mm, which is
+    MKL's, and oneDNN's), each timed alternately, medians. What a "step" times is an
+    epoch's time over its steps, and an epoch is its steps and one accuracy pass over
+    the training points (a forward of `batch` rows per step): so 8 * batch * MACs flops
+    a step (2 in the forward, 2 in each of the two backward products, 2 in the accuracy
+    pass), MACs = 2w + w² + w² + w per example."""
     import torch
+
+    from graphdl.ops import products
 
     flops = 8 * batch * (2 * width + 2 * width * width + width)
     before = torch.get_num_threads()
@@ -897,20 +902,23 @@ def roofline(width: int, batch: int, step_us: float) -> dict[str, float]:
     try:
         a, b = torch.randn(batch, width), torch.randn(width, width)
         out = torch.empty(batch, width)
+        ways = [w for k, w in enumerate(products.mm.ways) if k == 0 or products.mm.fits(a, b, out=out)]
         runs = max(3, min(200, int(2e8 / max(1, 2 * batch * width * width))))
-        for _ in range(2):
-            torch.mm(a, b, out=out)
-        times = []
+        for way in ways * 2:
+            way(a, b, out=out)
+        times: dict[str, list[float]] = {w.__name__: [] for w in ways}
         for _ in range(5):
-            start = time.perf_counter()
-            for _ in range(runs):
-                torch.mm(a, b, out=out)
-            times.append((time.perf_counter() - start) / runs)
+            for way in ways:
+                start = time.perf_counter()
+                for _ in range(runs):
+                    way(a, b, out=out)
+                times[way.__name__].append((time.perf_counter() - start) / runs)
     finally:
         torch.set_num_threads(before)
-    gemm = 2 * batch * width * width / statistics.median(times) / 1e9
+    best = min(times, key=lambda name: statistics.median(times[name]))
+    gemm = 2 * batch * width * width / statistics.median(times[best]) / 1e9
     achieved = flops / (step_us * 1e-6) / 1e9
-    return {"step_gflops": achieved, "mm_gflops": gemm, "fraction": achieved / gemm}
+    return {"step_gflops": achieved, "mm_gflops": gemm, "mm_kernel": best, "fraction": achieved / gemm}
 
 
 def _print_row(row: dict, names: list[str], first: bool) -> None:
@@ -927,7 +935,8 @@ def _print_row(row: dict, names: list[str], first: bool) -> None:
     if row.get("roofline"):
         r = row["roofline"]
         print(f"{'':>14} | roofline: gd's step does its matmuls at {r['step_gflops']:.1f} GF/s, "
-              f"{r['fraction']:.0%} of torch.mm's {r['mm_gflops']:.1f} GF/s here on [b,w]@[w,w]", flush=True)
+              f"{r['fraction']:.0%} of the best GEMM here on [b,w]@[w,w], {r['mm_gflops']:.1f} GF/s "
+              f"({r['mm_kernel']})", flush=True)
     if row.get("peak_mib"):
         print(f"{'':>14} | peak MiB above baseline: "
               + ", ".join(f"{n} {row['peak_mib'][n]:.1f}" for n in names), flush=True)

@@ -9,7 +9,8 @@
     shapes       reshape, flatten, permute, concat, slice (and unslice), split
     indexing     index_select, index_add (integer indices, i64)
     losses       mse, mae, mbe, bce_with_logits, cross_entropy
-    fused        addmm, matmul_tn, matmul_nt, *_backward (made by passes.fuse)
+    fused        addmm, addmm_tanh, matmul_tn, matmul_nt, *_backward (made by passes.fuse)
+    products     the products' kernels (MKL's or oneDNN's, by measurement), which their code calls
     collectives  allreduce_start, allreduce_wait, unpack (made by passes.allreduce)
     conv         conv1d, conv2d, max_pool2d, avg_pool2d and their *_backward ops
     normalization  rsqrt, var, correct_var, batch_norm (and batch_norm_backward), layer_norm
@@ -74,7 +75,7 @@ from .elementwise import (
     tanh,
     zeros_like,
 )
-from .fused import addmm, matmul_nt, matmul_tn, mse_backward, relu_backward, sigmoid_backward, tanh_backward
+from .fused import addmm, addmm_tanh, matmul_nt, matmul_tn, mse_backward, relu_backward, sigmoid_backward, tanh_backward
 from .indexing import index_add, index_select
 from .linalg import matmul, transpose
 from .losses import bce_with_logits, cross_entropy, mae, mbe, mse
@@ -133,7 +134,8 @@ __all__ = [
     "gelu", "gelu_backward", "leaky_relu", "silu", "shapes", "indexing",
     "reshape", "flatten", "permute", "concat", "slice", "slice_", "unslice", "split", "index_select", "index_add",
     "bce_with_logits", "cross_entropy", "mae", "mbe", "mse",
-    "addmm", "matmul_nt", "matmul_tn", "mse_backward", "relu_backward", "sigmoid_backward", "tanh_backward",
+    "addmm", "addmm_tanh", "matmul_nt", "matmul_tn", "mse_backward", "relu_backward", "sigmoid_backward",
+    "tanh_backward",
     "allreduce_start", "allreduce_wait", "unpack",
     "conv", "normalization", "random", "conv1d", "conv2d", "conv_backward_input", "conv_backward_weight",
     "max_pool2d", "max_pool2d_backward", "max_pool2d_select", "avg_pool2d", "avg_pool2d_backward",

@@ -9,20 +9,38 @@ NCHW kernel won, 1.5 against 2.6 ms (one thread, the development machine's Xeon)
 `Fastest` holds the ways, and the first time it is called with a signature (each
 tensor's shape, strides, dtype and device, and the other arguments) it times each way
 on those very inputs, alternately, and keeps the fastest for that signature for the rest
-of the process. Every way must return the same numbers, exactly: tests pin that
-(tests/test_choice.py), so the choice never changes a result, only its speed.
+of the process. Every way of an exact kernel returns the same numbers, to the bit: tests
+pin that (tests/test_choice.py), so the choice never changes a result, only its speed.
 
-Only CPU calls are timed; on other devices the first way (torch's own kernel) runs.
-The signature includes torch's thread count. `GRAPHDL_KERNELS=default` in the
-environment makes every choice made from then on the first way (set it before the
-process first computes, to have none other). `chosen()` says what was picked.
+An inexact kernel's ways agree only to rounding (the matrix products of
+graphdl.ops.products: MKL's and oneDNN's sum in other orders). So that the choice does
+not make one run differ from the next in the last bits, an inexact kernel keeps each
+choice in the machine's choice file and takes it from there in every later process:
+`$GRAPHDL_CHOICES`, else `~/.cache/graphdl/choices-<machine>.json`, one file per
+processor, torch build and library versions (the name's hash of them; the file holds
+them in words). A file that cannot be read or holds anything but choices of known ways
+is ignored (and written afresh); one that cannot be written leaves the choices to this
+process, with a warning. Delete the file to measure again.
+
+Only CPU calls are timed; on other devices the first way (torch's own) runs, as it does
+where `fits` says the others cannot take the inputs. The signature includes torch's
+thread count. `GRAPHDL_KERNELS=default` in the environment makes every choice made from
+then on the first way (set it before the process first computes, to have none other).
+`chosen()` says what was picked.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
+import platform
+import tempfile
 import time
+import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,42 +53,68 @@ _ALL: list[Fastest] = []
 
 class Fastest:
     """A kernel: `Fastest(name, first, other, ...)` with each way a function of the same
-    arguments that reads them and returns a new tensor (never writing into an input, as
-    each runs on the same inputs while they are timed), `first` torch's own. Calling it
-    runs the way chosen for the arguments' signature (about 1 us to look up), choosing
-    it on first sight."""
+    arguments that reads them and returns a tensor (never writing into an input, as each
+    runs on the same inputs while they are timed; a keyword `out=` buffer it may write),
+    `first` torch's own. Calling it runs the way chosen for the arguments' signature
+    (about 2 us to look up), choosing it on first sight; `pick(*args)` only chooses.
 
-    def __init__(self, name: str, *ways: Callable[..., Any]) -> None:
+    exact: every way gives the same bits (else the choices are kept in the machine's
+    choice file). fits: where given, the ways after the first are candidates only for
+    arguments with `fits(*args, **kwargs)`."""
+
+    def __init__(self, name: str, *ways: Callable[..., Any], exact: bool = True,
+                 fits: Callable[..., bool] | None = None) -> None:
         if not ways:
             raise ValueError(f"kernel {name} needs at least one way to compute it")
-        self.name, self.ways = name, ways
+        self.name, self.ways, self.exact, self.fits = name, ways, exact, fits
         self._chosen: dict[tuple, Callable[..., Any]] = {}
         _ALL.append(self)
 
-    def __call__(self, *args: Any) -> Any:
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         key = (torch.get_num_threads(), *map(_signature, args))  # (a choice on 1 thread may not hold on 2)
         way = self._chosen.get(key)
         if way is None:
-            way = self._chosen[key] = self._choose(args)
-        return way(*args)
+            way = self._choose(key, args, kwargs)
+        return way(*args, **kwargs)
 
-    def _choose(self, args: tuple) -> Callable[..., Any]:
-        tensors = [a for a in args if isinstance(a, torch.Tensor)]
-        if len(self.ways) == 1 or os.environ.get("GRAPHDL_KERNELS") == "default" or \
-                any(t.device.type != "cpu" for t in tensors):
-            return self.ways[0]
+    def pick(self, signature: list[Any], make: Callable[[], tuple[tuple, dict]]) -> Callable[..., Any]:
+        """The way chosen for arguments of this signature (each one's `signature`), timed if
+        none is yet on the arguments `make()` gives (args, kwargs) of that signature."""
+        key = (torch.get_num_threads(), *signature)
+        way = self._chosen.get(key)
+        if way is None:
+            args, kwargs = make()
+            assert [*map(_signature, args)] == signature, "make() gave arguments of another signature"
+            way = self._choose(key, args, kwargs)
+        return way
+
+    def _choose(self, key: tuple, args: tuple, kwargs: dict) -> Callable[..., Any]:
         if len(self._chosen) >= MAX_SIGNATURES:  # (a process feeding ever new shapes)
             self._chosen.clear()
+        way = self._chosen[key] = self._decide(key, args, kwargs)
+        return way
+
+    def _decide(self, key: tuple, args: tuple, kwargs: dict) -> Callable[..., Any]:
+        tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+        if len(self.ways) == 1 or os.environ.get("GRAPHDL_KERNELS") == "default" or \
+                any(t.device.type != "cpu" for t in tensors) or \
+                (self.fits is not None and not self.fits(*args, **kwargs)):
+            return self.ways[0]
+        words = None if self.exact else f"{self.name} {_words(key)}"
+        kept = _KEPT.get(words, self.ways) if words else None
+        if kept is not None:
+            return kept
         times: list[list[float]] = [[] for _ in self.ways]
         for round_ in range(1 + ROUNDS):  # the first round warms each way up
             for k, way in enumerate(self.ways):
                 start = time.perf_counter()
-                way(*args)
+                way(*args, **kwargs)
                 times[k].append(time.perf_counter() - start)
             if round_ == 0 and sum(min(t) for t in times) > LONG_S:
                 break  # each way long enough that one run tells (and more would cost the first step dearly)
         counted = [t[1:] or t for t in times]
-        return self.ways[min(range(len(self.ways)), key=lambda k: min(counted[k]))]
+        fastest = self.ways[min(range(len(self.ways)), key=lambda k: min(counted[k]))]
+        return _KEPT.put(words, fastest, self.ways) if words else fastest
 
     def chosen(self) -> dict[tuple, str]:
         """Signature -> the name of the way chosen for it."""
@@ -82,7 +126,112 @@ def chosen() -> dict[str, dict[tuple, str]]:
     return {k.name: k.chosen() for k in _ALL if k._chosen}
 
 
+def signature(a: Any) -> Any:
+    """What a choice is made for, of one argument: a tensor's shape, strides, dtype and device."""
+    return _signature(a)
+
+
 def _signature(a: Any) -> Any:
     if isinstance(a, torch.Tensor):
         return a.shape, a.stride(), a.dtype, a.device
     return tuple(a) if isinstance(a, list) else a
+
+
+def _words(key: tuple) -> str:
+    """A signature as the choice file writes it: `threads=1 f32[256,256]/256,1 ...`."""
+    def one(part: Any) -> str:
+        if isinstance(part, tuple) and len(part) == 4 and isinstance(part[0], torch.Size):
+            shape, stride, dtype, device = part
+            return f"{str(dtype).removeprefix('torch.')}[{','.join(map(str, shape))}]/" \
+                   f"{','.join(map(str, stride))}@{device}"
+        return repr(part)
+    return f"threads={key[0]} " + " ".join(map(one, key[1:]))
+
+
+@functools.cache
+def machine() -> str:
+    """This machine in words, as far as it decides which kernel is fastest: the processor,
+    its core count, torch's version and the libraries torch was built with."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "flags"):
+                    cpu += " " + (value.strip() if key.strip() == "model name"
+                                  else hashlib.sha256(value.encode()).hexdigest()[:12])
+                if line.strip() == "":
+                    break  # the first processor tells
+    except OSError:
+        pass
+    built = hashlib.sha256(torch.__config__.show().encode()).hexdigest()[:12]
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} (build {built})"
+
+
+class _Kept:
+    """The machine's choice file: the inexact kernels' choices, {signature in words: way}."""
+
+    def __init__(self) -> None:
+        self.path: Path | None = None
+        self.choices: dict[str, str] | None = None
+        self.warned = False
+
+    def file(self) -> Path:
+        named = os.environ.get("GRAPHDL_CHOICES")
+        if named:
+            return Path(named)
+        digest = hashlib.sha256(machine().encode()).hexdigest()[:16]
+        return Path.home() / ".cache" / "graphdl" / f"choices-{digest}.json"
+
+    def _load(self) -> dict[str, str]:
+        path = self.file()
+        if self.choices is None or path != self.path:
+            self.path, self.choices = path, _read(path)
+        return self.choices
+
+    def get(self, words: str, ways: tuple[Callable[..., Any], ...]) -> Callable[..., Any] | None:
+        name = self._load().get(words)
+        return next((w for w in ways if w.__name__ == name), None)
+
+    def put(self, words: str, way: Callable[..., Any], ways: tuple[Callable[..., Any], ...]) -> Callable[..., Any]:
+        """Keep `way` for `words`, unless another process kept a choice first (then that's it)."""
+        choices = self._load()
+        assert self.path is not None
+        on_disk = _read(self.path)  # another process may have chosen meanwhile: its choice stands
+        theirs = next((w for w in ways if w.__name__ == on_disk.get(words)), None)
+        if theirs is not None:
+            way = theirs
+        choices.update(on_disk)
+        choices[words] = way.__name__
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            text = json.dumps({"graphdl choices": 1, "machine": machine(), "choices": choices}, indent=1,
+                              sort_keys=True)
+            with tempfile.NamedTemporaryFile("w", dir=self.path.parent, prefix=".choices-", delete=False,
+                                             encoding="utf-8") as f:
+                f.write(text + "\n")
+            os.replace(f.name, self.path)
+        except OSError as e:
+            if not self.warned:
+                self.warned = True
+                warnings.warn(f"graphdl could not write its kernel choices to {self.path} ({e}); they hold for "
+                              "this process only, so another run may choose other kernels (set GRAPHDL_CHOICES "
+                              "to a writable file, or GRAPHDL_KERNELS=default for torch's own everywhere)",
+                              RuntimeWarning, stacklevel=4)
+        return way
+
+
+def _read(path: Path) -> dict[str, str]:
+    """The choices in the file at `path`; nothing from a file that is missing, unreadable
+    or not a choice file (every entry must be a string naming a way)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}
+    choices = data.get("choices") if isinstance(data, dict) and data.get("graphdl choices") == 1 else None
+    if not isinstance(choices, dict):
+        return {}
+    return {k: v for k, v in choices.items() if isinstance(k, str) and isinstance(v, str)}
+
+
+_KEPT = _Kept()

@@ -14,6 +14,7 @@ import torch
 
 from ..checks import Shape, ShapeError, format_shape
 from ..ir import Value
+from . import products  # noqa: F401 - the products' kernels, which the code calls
 from .elementwise import greater
 from .linalg import matmul, matmul_rule, transpose
 from .reductions import broadcast_like, reduce_mean, unbroadcast
@@ -64,17 +65,27 @@ def mse_backward_rule(inputs: list[Value], attrs: Mapping[str, Any]) -> tuple[Sh
 
 
 
-addmm = defop("addmm", "torch.addmm({0}, {1}, {2})", addmm_rule, arity=3, out=True,
-              vjp=lambda g, out, bias, a, b: [unbroadcast(g, bias), matmul(g, transpose(b)), matmul(transpose(a), g)],
+# The products call graphdl.ops.products' kernels: torch's (MKL) or oneDNN's, by measurement.
+def _addmm_vjp(g: Value, bias: Value, a: Value, b: Value) -> list[Value | None]:
+    return [unbroadcast(g, bias), matmul(g, transpose(b)), matmul(transpose(a), g)]
+
+
+addmm = defop("addmm", "", addmm_rule, arity=3, out=True, chosen="addmm",
+              vjp=lambda g, out, bias, a, b: _addmm_vjp(g, bias, a, b),
               new_storage=True,
               doc="bias + a @ b in one call (fused from add(matmul(a, b), bias)).")
 
-matmul_tn = defop("matmul_tn", "torch.mm({0}, {1})", _transposed_rule(True, False), arity=2, transposed=(0,), out=True,
+addmm_tanh = defop("addmm_tanh", "", addmm_rule, arity=3, out=True, chosen="addmm_tanh",
+                   vjp=lambda g, out, bias, a, b: _addmm_vjp(g * (1.0 - out * out), bias, a, b),
+                   new_storage=True,
+                   doc="tanh(bias + a @ b) in one call (fused from tanh(addmm(bias, a, b))).")
+
+matmul_tn = defop("matmul_tn", "", _transposed_rule(True, False), arity=2, transposed=(0,), out=True, chosen="mm",
                   vjp=lambda g, out, a, b: [matmul(b, transpose(g)), matmul(a, g)],
                   new_storage=True,
                   doc="transpose(a) @ b without a transpose node (fused from matmul(transpose(a), b)).")
 
-matmul_nt = defop("matmul_nt", "torch.mm({0}, {1})", _transposed_rule(False, True), arity=2, transposed=(1,), out=True,
+matmul_nt = defop("matmul_nt", "", _transposed_rule(False, True), arity=2, transposed=(1,), out=True, chosen="mm",
                   vjp=lambda g, out, a, b: [matmul(g, b), matmul(transpose(g), a)],
                   new_storage=True,
                   doc="a @ transpose(b) without a transpose node (fused from matmul(a, transpose(b))).")

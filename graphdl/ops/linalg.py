@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
 from ..checks import Shape, ShapeError, format_shape
 from ..ir import Value
+from . import products  # noqa: F401 - the products' kernels, which the code calls
 from .reductions import unbroadcast
 from .registry import broadcast_shapes, defop, same_dtype
 
@@ -44,12 +45,17 @@ def transpose_rule(inputs: list[Value], attrs: Mapping[str, Any]) -> tuple[Shape
 
 
 def _matmul_code(out: bool) -> Any:
-    """torch.mm for two matrices (the fast path fit's 2-d nets take), torch.matmul for batches."""
+    """graphdl.ops.products' mm for two matrices (the fast path fit's 2-d nets take:
+    MKL's or oneDNN's kernel, by measurement), torch.matmul for batches."""
     def lower(args: list[str], attrs: dict, inputs: list[Value]) -> str:
-        fn = "mm" if inputs[0].ndim == inputs[1].ndim == 2 else "matmul"
+        fn = "products.mm" if _matrices(inputs) else "torch.matmul"
         tail = f", out={attrs['out']}" if out else ""
-        return f"torch.{fn}({args[0]}, {args[1]}{tail})"
+        return f"{fn}({args[0]}, {args[1]}{tail})"
     return lower
+
+
+def _matrices(inputs: Sequence[Value]) -> bool:
+    return inputs[0].ndim == inputs[1].ndim == 2
 
 
 def _matmul_vjp(g: Value, out: Value, a: Value, b: Value) -> list[Value]:
@@ -58,7 +64,7 @@ def _matmul_vjp(g: Value, out: Value, a: Value, b: Value) -> list[Value]:
 
 
 matmul = defop("matmul", _matmul_code(False), matmul_rule, _matmul_vjp, arity=2, out=_matmul_code(True),
-               new_storage=True,
+               new_storage=True, chosen=lambda inputs: "mm" if _matrices(inputs) else None,
                doc="Matrix product: [m,k] @ [k,n] -> [m,n]; leading batch dims broadcast, as torch.matmul's.")
 
 transpose = defop("transpose", "torch.transpose({0}, -2, -1)", transpose_rule,

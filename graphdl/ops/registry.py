@@ -118,6 +118,10 @@ class OpDef:
     # with `any_dtype`, the others may be integers too (ops that only move elements).
     indices: tuple[int, ...] = ()
     any_dtype: bool = False
+    # A matrix product's kernel: the name of the graphdl.ops.products kernel a node's
+    # code calls (given its inputs; None: the op's own code). fit's arena calls the way
+    # picked for its shapes instead (`code(kernel=...)`).
+    chosen: Callable[[Sequence[Value]], str | None] | None = None
 
     def __call__(self, *args: Any, **attrs: Any) -> Value:
         """Add a node applying this op: its inputs, then (optionally) its attrs in the
@@ -192,11 +196,14 @@ class OpDef:
         return self.code(names, attrs, inputs)
 
     def code(self, names: list[str], attrs: dict[str, Any], inputs: Sequence[Value], out: str | None = None,
-             transposes: dict[int, str] | None = None) -> str:
+             transposes: dict[int, str] | None = None, kernel: str | None = None) -> str:
         """`lower`, with the choices of fit's arena: with `out`, the expression that writes
         into the buffer named `out` (the op must have an `out` code); `transposes` names
-        prepared transposes of inputs the kernel reads transposed."""
+        prepared transposes of inputs the kernel reads transposed; `kernel` names the
+        function to call instead of the `chosen` products kernel."""
         args = self.operands(names, transposes)
+        if kernel is not None:
+            return f"{kernel}({', '.join(args)}{'' if out is None else f', out={out}'})"
         if out is None:
             return self.kernel(args, attrs, list(inputs))
         write = self.memory.out
@@ -213,7 +220,8 @@ def defop(name: str, code: str | Lowering, rule: Rule, vjp: Callable | None, ari
           attrs: dict[str, Any] | None = None, doc: str = "", new_storage: bool = False,
           inplace: dict[int, str] | None = None, out: bool | str | Lowering | None = None,
           transposed: tuple[int, ...] = (), collective: Collective | None = None,
-          indices: tuple[int, ...] = (), any_dtype: bool = False) -> OpDef:
+          indices: tuple[int, ...] = (), any_dtype: bool = False,
+          chosen: str | Callable[[Sequence[Value]], str | None] | None = None) -> OpDef:
     """Register an op and return it; calling it builds a node, `op(*inputs, **attrs) -> Value`.
 
     `code` is a torch expression with `{0}`, `{1}` for the inputs and `{attr}` for the
@@ -222,9 +230,15 @@ def defop(name: str, code: str | Lowering, rule: Rule, vjp: Callable | None, ari
     `transposed` are the op's `Memory` traits; `collective` marks an op that talks to the
     other ranks. `indices` lists the inputs that hold integer indices (i64); with
     `any_dtype` the others may be integers too (an op that only moves elements, such as
-    reshape); otherwise every input must be floating.
+    reshape); otherwise every input must be floating. `chosen` names the
+    graphdl.ops.products kernel of a matrix product (or gives it from the inputs):
+    `code` is then `products.<kernel>(...)` unless given.
     """
     assert name not in OPS, f"op {name!r} is defined twice"
+    if isinstance(chosen, str):
+        kernel_name = chosen
+        chosen = lambda inputs: kernel_name  # noqa: E731
+        code = f"products.{kernel_name}(" + ", ".join(f"{{{i}}}" for i in range(arity)) + ")"
     if isinstance(code, str):
         template = code
 
@@ -237,7 +251,7 @@ def defop(name: str, code: str | Lowering, rule: Rule, vjp: Callable | None, ari
         out = code[:-1] + ", out={out})"
     memory = Memory(new_storage, MappingProxyType(dict(inplace or {})), out or None, transposed)
     op = OpDef(name, arity, rule, lower, vjp, MappingProxyType(dict(attrs or {})), doc, memory, collective,
-               tuple(indices), any_dtype)
+               tuple(indices), any_dtype, chosen)
     OPS[name] = op
     return op
 

@@ -2,6 +2,7 @@
 where the primitives took several.
 
     add(matmul(a, w), b)                        -> addmm(b, a, w)
+    tanh(addmm(b, a, w))                        -> addmm_tanh(b, a, w)
     matmul(transpose(a), b), matmul(a, transpose(b)) -> matmul_tn(a, b), matmul_nt(a, b)
     mul(g, greater(y, 0))                       -> relu_backward(g, y)
     mul(g, sub(1, mul(y, y)))                   -> tanh_backward(g, y)
@@ -9,7 +10,9 @@ where the primitives took several.
     mul(broadcast_like[mean](g, d), mul(d, 2)),  d = sub(a, b)  -> mse_backward(g, a, b)
 
 mul and add match with their inputs in either order. Values a pattern consumed and
-nothing else uses are left for DCE.
+nothing else uses are left for DCE. A fused node keeps the place, scope and source
+location of the node it replaces, except addmm_tanh, which takes its product's: the
+layer (a Linear) whose params it reads and where nearly all of its time goes.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from ..ir import Graph, Node, Value
 from ..ops import (
     add,
     addmm,
+    addmm_tanh,
     broadcast_like,
     greater,
     matmul,
@@ -30,13 +34,15 @@ from ..ops import (
     relu_backward,
     sigmoid_backward,
     sub,
+    tanh,
     tanh_backward,
     transpose,
 )
 from ..ops.registry import OpDef
 from .match import is_const, producer, rebuild
 
-Fused = tuple[OpDef, list[Value]] | None
+# The fused op and its inputs, and the node whose scope and location it takes (if not its own).
+Fused = tuple[OpDef, list[Value]] | tuple[OpDef, list[Value], Node] | None
 
 
 def _orders(node: Node) -> tuple[tuple[Value, Value], tuple[Value, Value]]:
@@ -54,11 +60,21 @@ def _addmm(node: Node) -> Fused:
         mm = producer(product, matmul)
         if mm is not None and not _matrices(mm):
             continue
-        # Only when nothing else uses the product (no other node, not an output), else
-        # it would be computed twice.
-        sole = len(product.users) == 1 and not product.graph.is_output(product)
-        if mm is not None and sole and node.out.shape == product.shape:
+        if mm is not None and _sole(product) and node.out.shape == product.shape:
             return addmm, [bias, *mm.inputs]
+    return None
+
+
+def _sole(v: Value) -> bool:
+    """Nothing but one node uses v (no other node, not an output): fusing it into that
+    node does not compute it twice."""
+    return len(v.users) == 1 and not v.graph.is_output(v)
+
+
+def _addmm_tanh(node: Node) -> Fused:
+    mm = producer(node.inputs[0], addmm)
+    if mm is not None and _sole(node.inputs[0]):
+        return addmm_tanh, list(mm.inputs), mm
     return None
 
 
@@ -140,7 +156,8 @@ def _mul(node: Node) -> Fused:
     return None
 
 
-PATTERNS: dict[OpDef, Callable[[Node], Fused]] = {add: _addmm, matmul: _transposed_matmul, mul: _mul}
+PATTERNS: dict[OpDef, Callable[[Node], Fused]] = {add: _addmm, tanh: _addmm_tanh, matmul: _transposed_matmul,
+                                                  mul: _mul}
 
 
 def fuse(graph: Graph) -> tuple[Graph, bool]:
@@ -150,8 +167,10 @@ def fuse(graph: Graph) -> tuple[Graph, bool]:
         pattern = PATTERNS.get(node.op)
         fused = pattern(node) if pattern is not None else None
         if fused is not None:
-            op, inputs = fused
+            op, inputs, *origin = fused
             rebuild(graph, node, op, inputs)
+            if origin:
+                node.scope, node.where = origin[0].scope, origin[0].where
             changed = True
     return graph, changed
 

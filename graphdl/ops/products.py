@@ -53,7 +53,12 @@ def _fits_onednn(*args: torch.Tensor | None, out: torch.Tensor | None = None) ->
 
 def _linear(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, post: str,
             out: torch.Tensor | None) -> torch.Tensor:
-    # oneDNN's linear takes the weight as [out, in]: b.mT is a view, no copy.
+    # oneDNN's linear takes the weight as [out, in]: b.mT is a view, no copy. It reads a
+    # and b by their strides, whatever they are, but the bias as dense: a strided or
+    # expanded one would be misread (fit's arena calls the way picked for a contiguous
+    # bias on whatever tensor the param holds), so it is made dense (no copy if it is).
+    if bias is not None:
+        bias = bias.contiguous()
     r = torch.ops.mkldnn._linear_pointwise.default(a, b.mT, bias, post, [], "")
     return r if out is None else out.copy_(r)
 

@@ -182,6 +182,16 @@ def test_an_unwritable_choice_file_warns_once_and_the_choices_hold_for_the_proce
     assert len(kernel.chosen()) == 2
 
 
+def test_the_choice_file_lives_in_the_user_cache(monkeypatch, tmp_path):
+    monkeypatch.delenv("GRAPHDL_CHOICES")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    path = choice._Kept().file()
+    assert path.parent == tmp_path / "graphdl" and path.name.startswith("choices-") and path.suffix == ".json"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setattr(choice.Path, "home", lambda: (_ for _ in ()).throw(RuntimeError("no home")))
+    assert choice._Kept().file().parent.parent == choice.Path(choice.tempfile.gettempdir())
+
+
 def test_another_process_choice_made_meanwhile_stands(choice_file):
     """Two processes choosing at once: the one that writes second takes the first's way."""
     def first(x):

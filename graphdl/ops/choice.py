@@ -16,11 +16,12 @@ An inexact kernel's ways agree only to rounding (the matrix products of
 graphdl.ops.products: MKL's and oneDNN's sum in other orders). So that the choice does
 not make one run differ from the next in the last bits, an inexact kernel keeps each
 choice in the machine's choice file and takes it from there in every later process:
-`$GRAPHDL_CHOICES`, else `~/.cache/graphdl/choices-<machine>.json`, one file per
-processor, torch build and library versions (the name's hash of them; the file holds
-them in words). A file that cannot be read or holds anything but choices of known ways
-is ignored (and written afresh); one that cannot be written leaves the choices to this
-process, with a warning. Delete the file to measure again.
+`$GRAPHDL_CHOICES`, else `~/.cache/graphdl/choices-<machine>.json` (`$XDG_CACHE_HOME`
+for `~/.cache` where it is set), one file per processor, core count and torch build
+(the name's hash of them; the file holds them in words). A file that cannot be read or
+holds anything but choices of known ways is ignored (and written afresh); one that
+cannot be written leaves the choices to this process, with a warning. Delete the file
+to measure again.
 
 Only CPU calls are timed; on other devices the first way (torch's own) runs, as it does
 where `fits` says the others cannot take the inputs. The signature includes torch's
@@ -180,8 +181,12 @@ class _Kept:
         named = os.environ.get("GRAPHDL_CHOICES")
         if named:
             return Path(named)
-        digest = hashlib.sha256(machine().encode()).hexdigest()[:16]
-        return Path.home() / ".cache" / "graphdl" / f"choices-{digest}.json"
+        name = f"choices-{hashlib.sha256(machine().encode()).hexdigest()[:16]}.json"
+        try:
+            cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        except RuntimeError:  # no home directory to be found
+            cache = Path(tempfile.gettempdir())
+        return cache / "graphdl" / name
 
     def _load(self) -> dict[str, str]:
         path = self.file()

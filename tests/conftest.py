@@ -27,4 +27,4 @@ def pytest_configure(config: pytest.Config) -> None:
     subprocesses inherit it)."""
     if "GRAPHDL_CHOICES" not in os.environ:
         import tempfile
-        os.environ["GRAPHDL_CHOICES"] = os.path.join(tempfile.mkdtemp(prefix="graphdl-test-choices-"), "choices.json")
+        os.environ["GRAPHDL_CHOICES"] = os.path.join(tempfile.mkdtemp(prefix="graphdl-test-choices-"), "choices.jsonl")

@@ -10,6 +10,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
+import warnings
 
 import pytest
 import torch
@@ -122,9 +124,20 @@ def test_what_onednn_cannot_take_goes_to_torch_exactly(case, choice_file):
     assert not choice_file.exists()  # nothing measured, nothing kept
 
 
-def test_a_choice_is_kept_in_the_file_and_taken_from_it(choice_file):
-    calls: list[str] = []
+def _lines(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
+
+def _file(path, *entries: tuple[str, str], header: bool = True) -> None:
+    lines = [{"graphdl choices": 1, "machine": "test"}] if header else []
+    path.write_text("".join(json.dumps(e) + "\n" for e in lines + [{"kernel": k, "way": w} for k, w in entries]))
+
+
+def _words(name: str, x: torch.Tensor) -> str:
+    return f"{name} {choice._words((torch.get_num_threads(), choice.signature(x)))}"
+
+
+def _counting(calls: list[str]):
     def first(x):
         calls.append("first")
         return x * 2
@@ -132,80 +145,147 @@ def test_a_choice_is_kept_in_the_file_and_taken_from_it(choice_file):
     def second(x):
         calls.append("second")
         return x + x
-    kernel = choice.Fastest("test: kept", first, second, exact=False)
+    return first, second
+
+
+def test_a_choice_is_kept_in_the_file_and_taken_from_it(choice_file):
+    calls: list[str] = []
+    kernel = choice.Fastest("test: kept", *_counting(calls), exact=False)
     x = torch.ones(3)
     kernel(x)
-    kept = json.loads(choice_file.read_text())
-    assert kept["graphdl choices"] == 1 and kept["machine"] == choice.machine()
-    ((words, way),) = kept["choices"].items()
-    assert words.startswith("test: kept threads=") and "float32[3]/1@cpu" in words and way in ("first", "second")
+    header, entry = _lines(choice_file)
+    assert header == {"graphdl choices": 1, "machine": choice.machine()}
+    assert entry["kernel"] == _words("test: kept", x) and "float32[3]/1@cpu" in entry["kernel"]
+    assert entry["way"] in ("first", "second")
     # Another process (a fresh kernel and file reader) takes the kept way, timing nothing:
     # even the slower one, when the file says so.
-    other = "second" if way == "first" else "first"
-    choice_file.write_text(json.dumps({**kept, "choices": {words: other}}))
+    other = "second" if entry["way"] == "first" else "first"
+    _file(choice_file, (entry["kernel"], other))
     choice._KEPT = choice._Kept()
-    kernel = choice.Fastest("test: kept", first, second, exact=False)
+    kernel = choice.Fastest("test: kept", *_counting(calls), exact=False)
     calls.clear()
     kernel(x)
     assert calls == [other]
 
 
-@pytest.mark.parametrize("content", ["not json{", json.dumps([1, 2]), json.dumps({"graphdl choices": 2}),
-                                     json.dumps({"graphdl choices": 1, "choices": {"x": 3, "y": None}}),
-                                     "\udcff".encode("utf-8", "surrogatepass").decode("latin-1")])
-def test_a_file_that_is_not_a_choice_file_is_measured_over_and_written_afresh(choice_file, content):
+def test_the_first_line_for_a_signature_is_its_choice_and_bad_lines_are_skipped(choice_file):
+    calls: list[str] = []
+    x = torch.ones(3)
+    words = _words("test: first", x)
+    deep = "[" * 100_000 + "]" * 100_000  # deeper than json reads (RecursionError)
+    _file(choice_file, ("test: other", "first"))
+    with open(choice_file, "a") as f:
+        f.write("not json\n" + deep + "\n" + json.dumps({"kernel": words, "way": 3}) + "\n"
+                + json.dumps({"kernel": words, "way": "second"}) + "\n"
+                + json.dumps({"kernel": words, "way": "first"}) + "\n" + '{"kernel": "torn')
+    kernel = choice.Fastest("test: first", *_counting(calls), exact=False)
+    kernel(x)
+    assert calls == ["second"]
+
+
+@pytest.mark.parametrize("content", ["not json{\n", json.dumps([1, 2]) + "\n", "\n", "", "\x00\xff" * 10,
+                                     json.dumps({"graphdl choices": 2}) + "\n"])
+def test_a_file_that_is_not_a_choice_file_is_measured_over_and_begun_afresh(choice_file, content):
     choice_file.write_text(content, encoding="latin-1")
     kernel = choice.Fastest("test: afresh", lambda x: x + 1, lambda x: 1 + x, exact=False)
     assert torch.equal(kernel(torch.zeros(2)), torch.ones(2))
-    kept = json.loads(choice_file.read_text())
-    assert kept["graphdl choices"] == 1 and len(kept["choices"]) == 1
+    header, entry = _lines(choice_file)
+    assert header["graphdl choices"] == 1 and set(entry) == {"kernel", "way"}
+    assert [p.name for p in choice_file.parent.iterdir()] == [choice_file.name]  # no temporary file left
 
 
 def test_a_name_in_the_file_that_is_no_way_is_measured_over(choice_file):
     kernel = choice.Fastest("test: unknown", lambda x: x + 1, exact=False)
     x = torch.zeros(2)
-    words = f"test: unknown {choice._words((torch.get_num_threads(), choice.signature(x)))}"
-    choice_file.write_text(json.dumps({"graphdl choices": 1, "machine": "", "choices": {words: "os.system"}}))
+    _file(choice_file, (_words("test: unknown", x), "os.system"))
     assert torch.equal(kernel(x), x + 1)
 
 
-def test_an_unwritable_choice_file_warns_once_and_the_choices_hold_for_the_process(tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["under a file", "a directory"])
+def test_an_unwritable_choice_file_warns_once_and_the_choices_hold_for_the_process(tmp_path, monkeypatch, where):
     blocker = tmp_path / "a file"
     blocker.write_text("")
-    monkeypatch.setenv("GRAPHDL_CHOICES", str(blocker / "choices.json"))  # under a file: cannot be made
+    path = blocker / "choices.jsonl" if where == "under a file" else tmp_path
+    monkeypatch.setenv("GRAPHDL_CHOICES", str(path))
     monkeypatch.setattr(choice, "_KEPT", choice._Kept())
     kernel = choice.Fastest("test: unwritable", lambda x: x + 1, lambda x: 1 + x, exact=False)
-    with pytest.warns(RuntimeWarning, match="could not write its kernel choices.*GRAPHDL_KERNELS=default"):
+    with pytest.warns(RuntimeWarning, match="could not keep its kernel choices.*GRAPHDL_KERNELS=default"):
         kernel(torch.zeros(2))
-    with warnings_as_errors():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         kernel(torch.zeros(3))  # another signature: no second warning
     assert len(kernel.chosen()) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a file"]  # no temporary file left
+
+
+def test_a_full_choice_file_keeps_what_it_holds_and_takes_no_more(choice_file, monkeypatch):
+    monkeypatch.setattr(choice, "MAX_KEPT", 3)
+    kernel = choice.Fastest("test: full", lambda x: x + 1, lambda x: 1 + x, exact=False)
+    kernel(torch.zeros(1))
+    kernel(torch.zeros(2))
+    with pytest.warns(RuntimeWarning, match="holds 3 choices already; delete it"):
+        kernel(torch.zeros(3))
+    assert len(_lines(choice_file)) == 3
 
 
 def test_the_choice_file_lives_in_the_user_cache(monkeypatch, tmp_path):
     monkeypatch.delenv("GRAPHDL_CHOICES")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     path = choice._Kept().file()
-    assert path.parent == tmp_path / "graphdl" and path.name.startswith("choices-") and path.suffix == ".json"
+    assert path.parent == tmp_path / "graphdl" and path.name.startswith("choices-") and path.suffix == ".jsonl"
     monkeypatch.delenv("XDG_CACHE_HOME")
     monkeypatch.setattr(choice.Path, "home", lambda: (_ for _ in ()).throw(RuntimeError("no home")))
     assert choice._Kept().file().parent.parent == choice.Path(choice.tempfile.gettempdir())
 
 
 def test_another_process_choice_made_meanwhile_stands(choice_file):
-    """Two processes choosing at once: the one that writes second takes the first's way."""
+    """Two processes choosing at once: the one whose line comes second takes the first's way."""
     def first(x):
         return x + 1
 
     def second(x):
         return 1 + x
     x = torch.zeros(2)
-    words = f"test: race {choice._words((torch.get_num_threads(), choice.signature(x)))}"
+    words = _words("test: race", x)
     kernel = choice.Fastest("test: race", first, second, exact=False)
+    _file(choice_file)
     choice._KEPT._load()  # this process read the file before the other wrote
-    choice_file.write_text(json.dumps({"graphdl choices": 1, "machine": "", "choices": {words: "second"}}))
+    with open(choice_file, "a") as f:
+        f.write(json.dumps({"kernel": words, "way": "second"}) + "\n")
     assert choice._KEPT.put(words, first, kernel.ways) is second
-    assert json.loads(choice_file.read_text())["choices"][words] == "second"
+    assert [e.get("way") for e in _lines(choice_file)[1:]] == ["second"]
+
+
+RACE = textwrap.dedent("""
+    import json, sys, time, torch
+    from graphdl.ops import choice
+    prefer, start = int(sys.argv[1]), float(sys.argv[2])
+    def first(x): return x + 1
+    def second(x): return 1 + x
+    kernel = choice.Fastest("test: racing", first, second, exact=False)
+    time.sleep(max(0.0, start - time.time()))  # all four begin at once
+    took = {}
+    for n in range(1, 61):
+        words = f"test: racing {choice._words((torch.get_num_threads(), choice.signature(torch.zeros(n))))}"
+        way = choice._KEPT.get(words, kernel.ways) or choice._KEPT.put(words, (first, second)[prefer], kernel.ways)
+        took[words] = way.__name__
+    print(json.dumps(took))
+""")
+
+
+def test_processes_choosing_at_once_agree(tmp_path):
+    """Four processes make the same 60 choices at once, two preferring each way: each
+    takes, for each signature, the way whose line came first, the same in all four."""
+    env = {**os.environ, "GRAPHDL_CHOICES": str(tmp_path / "choices.jsonl")}
+    start = str(time.time() + 4)
+    runs = [subprocess.Popen([sys.executable, "-c", RACE, str(k % 2), start], env=env, stdout=subprocess.PIPE,
+                             text=True) for k in range(4)]
+    took = [json.loads(r.communicate(timeout=120)[0]) for r in runs]
+    assert all(r.returncode == 0 for r in runs)
+    first_lines: dict[str, str] = {}
+    for entry in _lines(tmp_path / "choices.jsonl")[1:]:
+        first_lines.setdefault(entry["kernel"], entry["way"])
+    assert len(first_lines) == 60 and all(t == first_lines for t in took)
 
 
 def test_default_kernels_take_torch_own_and_keep_nothing(choice_file, monkeypatch):
@@ -213,17 +293,6 @@ def test_default_kernels_take_torch_own_and_keep_nothing(choice_file, monkeypatc
     a, b = torch.randn(300, 300), torch.randn(300, 300)
     assert products.mm.pick([choice.signature(a), choice.signature(b)], lambda: ((a, b), {})) is products.mkl_mm
     assert not choice_file.exists()
-
-
-class warnings_as_errors:
-    def __enter__(self):
-        import warnings
-        self._catch = warnings.catch_warnings()
-        self._catch.__enter__()
-        warnings.simplefilter("error")
-
-    def __exit__(self, *exc):
-        self._catch.__exit__(*exc)
 
 
 # -- training with either kernel -----------------------------------------------------------
@@ -293,14 +362,14 @@ SAME_BITS = textwrap.dedent("""
 def test_two_runs_on_one_machine_give_the_same_bits(tmp_path):
     """Each run is a process of its own, sharing the machine's choice file: the second
     takes the first's kernels, so the trained weights are equal to the bit."""
-    env = {**os.environ, "GRAPHDL_CHOICES": str(tmp_path / "choices.json")}
+    env = {**os.environ, "GRAPHDL_CHOICES": str(tmp_path / "choices.jsonl")}
     env.pop("GRAPHDL_KERNELS", None)
     runs = []
     for k in range(2):
         out = tmp_path / f"run{k}.pt"
         subprocess.run([sys.executable, "-c", SAME_BITS, str(out)], env=env, check=True, timeout=120)
         runs.append(torch.load(out))
-    assert json.loads((tmp_path / "choices.json").read_text())["choices"]  # the first run's choices
+    assert len(_lines(tmp_path / "choices.jsonl")) > 1  # the first run's choices
     for a, b in zip(*runs, strict=True):
         assert torch.equal(a, b)
 

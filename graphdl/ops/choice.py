@@ -16,12 +16,12 @@ An inexact kernel's ways agree only to rounding (the matrix products of
 graphdl.ops.products: MKL's and oneDNN's sum in other orders). So that the choice does
 not make one run differ from the next in the last bits, an inexact kernel keeps each
 choice in the machine's choice file and takes it from there in every later process:
-`$GRAPHDL_CHOICES`, else `~/.cache/graphdl/choices-<machine>.json` (`$XDG_CACHE_HOME`
+`$GRAPHDL_CHOICES`, else `~/.cache/graphdl/choices-<machine>.jsonl` (`$XDG_CACHE_HOME`
 for `~/.cache` where it is set), one file per processor, core count and torch build
-(the name's hash of them; the file holds them in words). A file that cannot be read or
-holds anything but choices of known ways is ignored (and written afresh); one that
-cannot be written leaves the choices to this process, with a warning. Delete the file
-to measure again.
+(the name's hash of them; its first line holds them in words), a line a choice, which
+processes only append (see `_Kept`). Lines that are not choices of known ways are
+skipped, and a file that is no choice file is begun afresh; one that cannot be written
+leaves the choices to this process, with a warning. Delete the file to measure again.
 
 Only CPU calls are timed; on other devices the first way (torch's own) runs, as it does
 where `fits` says the others cannot take the inputs. The signature includes torch's
@@ -169,74 +169,137 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} (build {built})"
 
 
+MAX_KEPT = 100_000  # lines the choice file grows to; past them new choices hold for their process only
+
+
 class _Kept:
-    """The machine's choice file: the inexact kernels' choices, {signature in words: way}."""
+    """The machine's choice file: the inexact kernels' choices, {signature in words: way}.
+
+    It is a log of JSON lines, a header line and then one `{"kernel": words, "way": name}`
+    per choice, that processes only append to (one write of one short line, which POSIX
+    keeps whole among concurrent appends), and the first line for a signature is the
+    choice: a process that chose too appends its own line, reads the log on from where it
+    had read, and takes the first line, so that processes choosing at once agree, with no
+    lock, and a choice costs one line whatever the file holds. Lines that are not choices
+    (a write torn by a crash, an edit) are skipped."""
 
     def __init__(self) -> None:
         self.path: Path | None = None
-        self.choices: dict[str, str] | None = None
+        self.choices: dict[str, str] = {}
+        self.offset = 0  # bytes of the file read so far
+        self.lines = 0
         self.warned = False
 
     def file(self) -> Path:
         named = os.environ.get("GRAPHDL_CHOICES")
         if named:
             return Path(named)
-        name = f"choices-{hashlib.sha256(machine().encode()).hexdigest()[:16]}.json"
+        name = f"choices-{hashlib.sha256(machine().encode()).hexdigest()[:16]}.jsonl"
         try:
             cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         except RuntimeError:  # no home directory to be found
             cache = Path(tempfile.gettempdir())
         return cache / "graphdl" / name
 
-    def _load(self) -> dict[str, str]:
+    def _load(self) -> None:
+        """Read what the file holds beyond what was read (all of it, first or for another path)."""
         path = self.file()
-        if self.choices is None or path != self.path:
-            self.path, self.choices = path, _read(path)
-        return self.choices
+        if path != self.path:
+            self.path, self.choices, self.offset, self.lines = path, {}, 0, 0
+        try:
+            with open(path, "rb") as f:
+                f.seek(self.offset)
+                tail = f.read()
+        except OSError:
+            return
+        whole = tail[:tail.rfind(b"\n") + 1]  # (a line still being written is read next time)
+        lines = whole.splitlines()
+        if self.offset == 0 and (not lines or not _header(lines[0])):
+            return  # not a choice file (or an empty one): nothing to take from it
+        self.offset += len(whole)
+        for line in lines:
+            self.lines += 1
+            entry = _entry(line)
+            if entry is not None:
+                self.choices.setdefault(*entry)  # the first line for a signature is its choice
 
     def get(self, words: str, ways: tuple[Callable[..., Any], ...]) -> Callable[..., Any] | None:
-        name = self._load().get(words)
-        return next((w for w in ways if w.__name__ == name), None)
+        self._load()
+        return _named(self.choices.get(words), ways)
 
     def put(self, words: str, way: Callable[..., Any], ways: tuple[Callable[..., Any], ...]) -> Callable[..., Any]:
         """Keep `way` for `words`, unless another process kept a choice first (then that's it)."""
-        choices = self._load()
+        self._load()
         assert self.path is not None
-        on_disk = _read(self.path)  # another process may have chosen meanwhile: its choice stands
-        theirs = next((w for w in ways if w.__name__ == on_disk.get(words)), None)
+        theirs = _named(self.choices.get(words), ways)
         if theirs is not None:
-            way = theirs
-        choices.update(on_disk)
-        choices[words] = way.__name__
+            return theirs
+        line = json.dumps({"kernel": words, "way": way.__name__}, ensure_ascii=True).encode() + b"\n"
         try:
+            if self.lines >= MAX_KEPT:
+                raise OSError(f"it holds {MAX_KEPT:,} choices already; delete it to start afresh")
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            text = json.dumps({"graphdl choices": 1, "machine": machine(), "choices": choices}, indent=1,
-                              sort_keys=True)
-            with tempfile.NamedTemporaryFile("w", dir=self.path.parent, prefix=".choices-", delete=False,
-                                             encoding="utf-8") as f:
-                f.write(text + "\n")
-            os.replace(f.name, self.path)
+            if self.offset == 0:  # missing, empty or not a choice file: begin it afresh
+                self._begin()
+            with open(self.path, "ab") as f:
+                f.write(line)
         except OSError as e:
             if not self.warned:
                 self.warned = True
-                warnings.warn(f"graphdl could not write its kernel choices to {self.path} ({e}); they hold for "
+                warnings.warn(f"graphdl could not keep its kernel choices in {self.path} ({e}); they hold for "
                               "this process only, so another run may choose other kernels (set GRAPHDL_CHOICES "
                               "to a writable file, or GRAPHDL_KERNELS=default for torch's own everywhere)",
                               RuntimeWarning, stacklevel=4)
-        return way
+            self.choices.setdefault(words, way.__name__)
+            return way
+        self._load()  # our line and any written meanwhile: the first for `words` stands
+        return _named(self.choices.get(words), ways) or way
+
+    def _begin(self) -> None:
+        """Make the file one holding only the header: a new one (unless another process
+        just made it), or in place of one that is no choice file."""
+        assert self.path is not None
+        header = json.dumps({"graphdl choices": 1, "machine": machine()}, ensure_ascii=True).encode() + b"\n"
+        fd, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=".choices-")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(header)
+            try:
+                os.link(temporary, self.path)  # atomic, and refused where the file is there already
+            except FileExistsError:
+                self._load()
+                if self.offset == 0:  # there, but no choice file: replaced
+                    os.replace(temporary, self.path)
+            except OSError:  # a file system without hard links
+                os.replace(temporary, self.path)
+        finally:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+        self._load()
 
 
-def _read(path: Path) -> dict[str, str]:
-    """The choices in the file at `path`; nothing from a file that is missing, unreadable
-    or not a choice file (every entry must be a string naming a way)."""
+def _header(line: bytes) -> bool:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
-        return {}
-    choices = data.get("choices") if isinstance(data, dict) and data.get("graphdl choices") == 1 else None
-    if not isinstance(choices, dict):
-        return {}
-    return {k: v for k, v in choices.items() if isinstance(k, str) and isinstance(v, str)}
+        data = json.loads(line)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and data.get("graphdl choices") == 1
+
+
+def _entry(line: bytes) -> tuple[str, str] | None:
+    """(signature in words, way name) from one line of the file, or None if it is no choice."""
+    try:
+        data = json.loads(line)
+    except (ValueError, RecursionError):  # (RecursionError: a line nested deeper than json reads)
+        return None
+    if not isinstance(data, dict) or set(data) != {"kernel", "way"}:
+        return None
+    words, name = data["kernel"], data["way"]
+    return (words, name) if isinstance(words, str) and isinstance(name, str) else None
+
+
+def _named(name: str | None, ways: tuple[Callable[..., Any], ...]) -> Callable[..., Any] | None:
+    return next((w for w in ways if w.__name__ == name), None)
 
 
 _KEPT = _Kept()

@@ -16,8 +16,10 @@ tanh is within 1.22 ulp where torch's is within 0.51, and gives +0 for -0), so t
 chosen for each shape is kept in the machine's choice file, and every run on a machine
 computes with the same kernels and gives the same numbers. `GRAPHDL_KERNELS=default`
 keeps torch's own everywhere. oneDNN's way is a candidate only for float32 CPU
-matrices with no empty dim and a bias of one value per column; NaN and infinities go
-through it as through torch's (tests/test_products.py).
+matrices with no empty dim and a bias of one value per column. A NaN or infinity in the
+operands comes out where torch's puts it (tests/test_products.py); where the sums
+themselves overflow, both give non-finite values, but not always the same ones (a sum
+of +inf and -inf terms is NaN or ±inf by the order it is added in).
 
 Generated code calls these through `products.<kernel>` (one lookup a call, ~2 µs), or,
 in fit's arena, the way picked for the step's shapes when the arena is bound (no lookup).
@@ -31,8 +33,6 @@ import torch
 
 from .choice import Fastest
 from .registry import CODE_GLOBALS
-
-# (a NaN and ±inf go through both alike: both compute a sum of products, then tanh)
 
 
 def _fits_onednn(*args: torch.Tensor | None, out: torch.Tensor | None = None) -> bool:

@@ -125,7 +125,9 @@ def test_what_onednn_cannot_take_goes_to_torch_exactly(case, choice_file):
 
 
 def _lines(path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    """The file's lines as JSON; blank ones left out (a line is begun on a new line after
+    one that looked cut short, which a line still being appended by another process can)."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _file(path, *entries: tuple[str, str], header: bool = True) -> None:
@@ -194,11 +196,63 @@ def test_a_file_that_is_not_a_choice_file_is_measured_over_and_begun_afresh(choi
     assert [p.name for p in choice_file.parent.iterdir()] == [choice_file.name]  # no temporary file left
 
 
-def test_a_name_in_the_file_that_is_no_way_is_measured_over(choice_file):
-    kernel = choice.Fastest("test: unknown", lambda x: x + 1, exact=False)
+def test_a_line_naming_no_way_is_passed_over_for_the_next(choice_file):
+    """A line whose way is none of the kernel's (a renamed way, an edit) is skipped: the
+    next line for the signature is the choice, in every process."""
+    calls: list[str] = []
     x = torch.zeros(2)
-    _file(choice_file, (_words("test: unknown", x), "os.system"))
-    assert torch.equal(kernel(x), x + 1)
+    _file(choice_file, (_words("test: unknown", x), "os.system"), (_words("test: unknown", x), "second"))
+    for _ in range(2):  # two processes: each takes "second", timing nothing
+        choice._KEPT = choice._Kept()
+        choice.Fastest("test: unknown", *_counting(calls), exact=False)(x)
+    assert calls == ["second", "second"]
+
+
+def test_a_file_replaced_under_a_running_process_is_read_afresh(choice_file):
+    calls: list[str] = []
+    x = torch.zeros(2)
+    _file(choice_file, *[(f"test: filler {k}", "first") for k in range(50)])
+    choice._KEPT._load()  # this process has read the first file to its end
+    _file(choice_file, (_words("test: replaced", x), "second"))  # another process's, shorter
+    choice.Fastest("test: replaced", *_counting(calls), exact=False)(x)
+    assert calls == ["second"]
+
+
+def test_a_file_deleted_under_a_running_process_is_begun_with_its_choices(choice_file):
+    calls: list[str] = []
+    kernel = choice.Fastest("test: deleted", *_counting(calls), exact=False)
+    kernel(torch.zeros(2))
+    made = _lines(choice_file)[1]
+    choice_file.unlink()  # (what "delete the file to measure again" does)
+    kernel(torch.zeros(3))
+    kept = {e["kernel"]: e["way"] for e in _lines(choice_file)[1:]}
+    assert kept[made["kernel"]] == made["way"] and len(kept) == 2  # this process's first choice outlives it
+
+
+def test_a_line_after_one_cut_short_is_a_line_of_its_own(choice_file):
+    calls: list[str] = []
+    x = torch.zeros(2)
+    _file(choice_file)
+    with open(choice_file, "a") as f:
+        f.write('{"kernel": "test: torn", "wa')  # a write cut short: no newline
+    choice.Fastest("test: after torn", *_counting(calls), exact=False)(x)
+    first_process = calls[-1]
+    choice._KEPT = choice._Kept()
+    calls.clear()
+    choice.Fastest("test: after torn", *_counting(calls), exact=False)(x)  # the next process takes it, untimed
+    assert calls == [first_process]
+    *_, torn, last = choice_file.read_text().splitlines()
+    assert torn.endswith('"wa') and json.loads(last)["kernel"] == _words("test: after torn", x)
+
+
+def test_a_new_choice_file_is_readable_by_all_and_a_link_to_it_stays_a_link(tmp_path, monkeypatch):
+    target, link = tmp_path / "real.jsonl", tmp_path / "link.jsonl"
+    link.symlink_to(target)  # dangling until the first choice
+    monkeypatch.setenv("GRAPHDL_CHOICES", str(link))
+    monkeypatch.setattr(choice, "_KEPT", choice._Kept())
+    choice.Fastest("test: link", lambda x: x + 1, lambda x: 1 + x, exact=False)(torch.zeros(2))
+    assert link.is_symlink() and len(_lines(target)) == 2
+    assert target.stat().st_mode & 0o444 == 0o444
 
 
 @pytest.mark.parametrize("where", ["under a file", "a directory"])

@@ -21,7 +21,10 @@ for `~/.cache` where it is set), one file per processor, core count and torch bu
 (the name's hash of them; its first line holds them in words), a line a choice, which
 processes only append (see `_Kept`). Lines that are not choices of known ways are
 skipped, and a file that is no choice file is begun afresh; one that cannot be written
-leaves the choices to this process, with a warning. Delete the file to measure again.
+leaves the choices to this process, with a warning. Delete the file to measure again
+(a process running then keeps the kernels it chose, and writes them into the next file
+it begins). Choices made before `GRAPHDL_CHOICES` names another file hold for the rest
+of the process, and are not written there.
 
 Only CPU calls are timed; on other devices the first way (torch's own) runs, as it does
 where `fits` says the others cannot take the inputs. The signature includes torch's
@@ -177,23 +180,27 @@ class _Kept:
 
     It is a log of JSON lines, a header line and then one `{"kernel": words, "way": name}`
     per choice, that processes only append to (one write of one short line, which POSIX
-    keeps whole among concurrent appends), and the first line for a signature is the
-    choice: a process that chose too appends its own line, reads the log on from where it
-    had read, and takes the first line, so that processes choosing at once agree, with no
-    lock, and a choice costs one line whatever the file holds. Lines that are not choices
-    (a write torn by a crash, an edit) are skipped."""
+    keeps whole among concurrent appends), and the first line for a signature naming one
+    of its kernel's ways is the choice: a process that chose too appends its own line,
+    reads the log on from where it had read, and takes the first, so that processes
+    choosing at once agree, with no lock, and a choice costs one line whatever the file
+    holds. Lines that are not choices (a write torn by a crash, an edit) are skipped, and
+    a line is begun on a new line after one that was cut short. A file replaced, cut
+    short or deleted under a running process is read again from its start, and one begun
+    afresh holds this process's choices so far, so that they outlive it."""
 
     def __init__(self) -> None:
         self.path: Path | None = None
-        self.choices: dict[str, str] = {}
+        self.choices: dict[str, list[str]] = {}  # signature -> the ways its lines name, in order
         self.offset = 0  # bytes of the file read so far
+        self.identity: tuple[int, int] | None = None  # (device, inode) of the file read
         self.lines = 0
         self.warned = False
 
     def file(self) -> Path:
         named = os.environ.get("GRAPHDL_CHOICES")
         if named:
-            return Path(named)
+            return Path(named).resolve()  # (a symbolic link: its target is the file)
         name = f"choices-{hashlib.sha256(machine().encode()).hexdigest()[:16]}.jsonl"
         try:
             cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -202,47 +209,56 @@ class _Kept:
         return cache / "graphdl" / name
 
     def _load(self) -> None:
-        """Read what the file holds beyond what was read (all of it, first or for another path)."""
+        """Read what the file holds beyond what was read (all of it, first, for another
+        path, or when the file there is another or shorter than what was read)."""
         path = self.file()
         if path != self.path:
-            self.path, self.choices, self.offset, self.lines = path, {}, 0, 0
+            self.path, self.choices, self.offset, self.identity, self.lines = path, {}, 0, None, 0
         try:
             with open(path, "rb") as f:
+                stat = os.fstat(f.fileno())
+                if (stat.st_dev, stat.st_ino) != self.identity or stat.st_size < self.offset:
+                    self.offset, self.lines = 0, 0  # replaced or cut short: read it afresh
+                    self.identity = (stat.st_dev, stat.st_ino)
                 f.seek(self.offset)
                 tail = f.read()
         except OSError:
+            self.offset, self.identity, self.lines = 0, None, 0  # (gone: begun afresh by the next choice)
             return
         whole = tail[:tail.rfind(b"\n") + 1]  # (a line still being written is read next time)
         lines = whole.splitlines()
         if self.offset == 0 and (not lines or not _header(lines[0])):
+            self.identity = None
             return  # not a choice file (or an empty one): nothing to take from it
         self.offset += len(whole)
         for line in lines:
             self.lines += 1
             entry = _entry(line)
-            if entry is not None:
-                self.choices.setdefault(*entry)  # the first line for a signature is its choice
+            if entry is not None and entry[1] not in self.choices.setdefault(entry[0], []):
+                self.choices[entry[0]].append(entry[1])
+
+    def _first(self, words: str, ways: tuple[Callable[..., Any], ...]) -> Callable[..., Any] | None:
+        """The way of the first line for `words` that names one of `ways`."""
+        return next((w for name in self.choices.get(words, ()) if (w := _named(name, ways))), None)
 
     def get(self, words: str, ways: tuple[Callable[..., Any], ...]) -> Callable[..., Any] | None:
         self._load()
-        return _named(self.choices.get(words), ways)
+        return self._first(words, ways)
 
     def put(self, words: str, way: Callable[..., Any], ways: tuple[Callable[..., Any], ...]) -> Callable[..., Any]:
         """Keep `way` for `words`, unless another process kept a choice first (then that's it)."""
         self._load()
         assert self.path is not None
-        theirs = _named(self.choices.get(words), ways)
+        theirs = self._first(words, ways)
         if theirs is not None:
             return theirs
-        line = json.dumps({"kernel": words, "way": way.__name__}, ensure_ascii=True).encode() + b"\n"
         try:
             if self.lines >= MAX_KEPT:
                 raise OSError(f"it holds {MAX_KEPT:,} choices already; delete it to start afresh")
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if self.offset == 0:  # missing, empty or not a choice file: begin it afresh
                 self._begin()
-            with open(self.path, "ab") as f:
-                f.write(line)
+            _append(self.path, _line(words, way.__name__))
         except OSError as e:
             if not self.warned:
                 self.warned = True
@@ -250,20 +266,23 @@ class _Kept:
                               "this process only, so another run may choose other kernels (set GRAPHDL_CHOICES "
                               "to a writable file, or GRAPHDL_KERNELS=default for torch's own everywhere)",
                               RuntimeWarning, stacklevel=4)
-            self.choices.setdefault(words, way.__name__)
+            self.choices.setdefault(words, []).insert(0, way.__name__)
             return way
         self._load()  # our line and any written meanwhile: the first for `words` stands
-        return _named(self.choices.get(words), ways) or way
+        return self._first(words, ways) or way
 
     def _begin(self) -> None:
-        """Make the file one holding only the header: a new one (unless another process
-        just made it), or in place of one that is no choice file."""
+        """Make the file one holding the header and the choices this process knows: a new
+        one (unless another process just made it), or in place of one that is no choice
+        file."""
         assert self.path is not None
         header = json.dumps({"graphdl choices": 1, "machine": machine()}, ensure_ascii=True).encode() + b"\n"
+        known = b"".join(_line(words, names[0]) for words, names in self.choices.items() if names)
         fd, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=".choices-")
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(header)
+                f.write(header + known)
+            os.chmod(temporary, 0o644)  # (mkstemp makes it readable by its owner alone)
             try:
                 os.link(temporary, self.path)  # atomic, and refused where the file is there already
             except FileExistsError:
@@ -276,6 +295,20 @@ class _Kept:
             if os.path.exists(temporary):
                 os.unlink(temporary)
         self._load()
+
+
+def _line(words: str, name: str) -> bytes:
+    return json.dumps({"kernel": words, "way": name}, ensure_ascii=True).encode() + b"\n"
+
+
+def _append(path: Path, line: bytes) -> None:
+    """Append one line in one write, on a line of its own after a last line cut short."""
+    with open(path, "ab+") as f:
+        if f.seek(0, os.SEEK_END) > 0:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                line = b"\n" + line
+        f.write(line)
 
 
 def _header(line: bytes) -> bool:

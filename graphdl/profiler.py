@@ -86,8 +86,7 @@ def machine_rates(device: torch.device | str = "cpu", dtype: torch.dtype = torch
         out = torch.empty(n, n, device=device, dtype=dtype)
         src, dst = torch.ones(elements, device=device, dtype=dtype), torch.empty(elements, device=device, dtype=dtype)
         # the faster of the kernels graphdl's products choose between (graphdl.ops.products)
-        ways = [w for k, w in enumerate(products.mm.ways) if k == 0 or (not cuda and products.mm.fits(a, b, out=out))]
-        gemm = min(_best(lambda w=w: w(a, b, out=out), device) for w in ways)
+        gemm = min(_best(lambda w=w: w(a, b, out=out), device) for w in products.mm.candidates(a, b, out=out))
         copying = _best(lambda: dst.copy_(src), device)
         _RATES[key] = Rates(str(device), dtype, key[2], 2 * n**3 / gemm, 2 * src.nbytes / copying)
     return _RATES[key]

@@ -75,20 +75,20 @@ class Fastest:
         _ALL.append(self)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        key = (torch.get_num_threads(), *map(_signature, args))  # (a choice on 1 thread may not hold on 2)
+        key = (torch.get_num_threads(), *map(signature, args))  # (a choice on 1 thread may not hold on 2)
         way = self._chosen.get(key)
         if way is None:
             way = self._choose(key, args, kwargs)
         return way(*args, **kwargs)
 
-    def pick(self, signature: list[Any], make: Callable[[], tuple[tuple, dict]]) -> Callable[..., Any]:
-        """The way chosen for arguments of this signature (each one's `signature`), timed if
-        none is yet on the arguments `make()` gives (args, kwargs) of that signature."""
-        key = (torch.get_num_threads(), *signature)
+    def pick(self, signatures: list[Any], make: Callable[[], tuple[tuple, dict]]) -> Callable[..., Any]:
+        """The way chosen for arguments of these signatures (each one's `signature`), timed
+        if none is yet on the arguments `make()` gives (args, kwargs) of those signatures."""
+        key = (torch.get_num_threads(), *signatures)
         way = self._chosen.get(key)
         if way is None:
             args, kwargs = make()
-            assert [*map(_signature, args)] == signature, "make() gave arguments of another signature"
+            assert [*map(signature, args)] == signatures, "make() gave arguments of other signatures"
             way = self._choose(key, args, kwargs)
         return way
 
@@ -98,11 +98,19 @@ class Fastest:
         way = self._chosen[key] = self._decide(key, args, kwargs)
         return way
 
-    def _decide(self, key: tuple, args: tuple, kwargs: dict) -> Callable[..., Any]:
+    def candidates(self, *args: Any, **kwargs: Any) -> tuple[Callable[..., Any], ...]:
+        """The ways a choice for these arguments is made among: every way, or only the
+        first (torch's own) with one way, with `GRAPHDL_KERNELS=default`, off the CPU, or
+        where `fits` says the others cannot take the arguments."""
         tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
         if len(self.ways) == 1 or os.environ.get("GRAPHDL_KERNELS") == "default" or \
                 any(t.device.type != "cpu" for t in tensors) or \
                 (self.fits is not None and not self.fits(*args, **kwargs)):
+            return self.ways[:1]
+        return self.ways
+
+    def _decide(self, key: tuple, args: tuple, kwargs: dict) -> Callable[..., Any]:
+        if len(self.candidates(*args, **kwargs)) == 1:
             return self.ways[0]
         words = None if self.exact else f"{self.name} {_words(key)}"
         kept = _KEPT.get(words, self.ways) if words else None
@@ -132,10 +140,6 @@ def chosen() -> dict[str, dict[tuple, str]]:
 
 def signature(a: Any) -> Any:
     """What a choice is made for, of one argument: a tensor's shape, strides, dtype and device."""
-    return _signature(a)
-
-
-def _signature(a: Any) -> Any:
     if isinstance(a, torch.Tensor):
         return a.shape, a.stride(), a.dtype, a.device
     return tuple(a) if isinstance(a, list) else a

@@ -98,3 +98,34 @@ def test_roofline_counts_the_steps_matmul_flops(bench):
     r = bench.roofline(16, 8, step_us=100.0)
     assert r["step_gflops"] == pytest.approx(8 * 8 * (2 * 16 + 2 * 16 * 16 + 16) / 100e-6 / 1e9)
     assert r["mm_gflops"] > 0 and r["fraction"] == pytest.approx(r["step_gflops"] / r["mm_gflops"])
+    # the floor: those flops at the best rate, so a step of 100 µs reaching `fraction` of it
+    assert r["floor_us"] == pytest.approx(100.0 * r["fraction"])
+
+
+def test_inductor_tool_traces_the_generated_step():
+    """tools/bench_inductor.py hands graphdl's generated gradient function to torch.compile.
+    Dynamo must trace all of it in one graph (fullgraph), and the traced form must give
+    graphdl's numbers: traced here with Dynamo's eager backend (no Inductor C++ build), so
+    a change to the generated code that Dynamo cannot follow fails here, not in the tool."""
+    import sys
+
+    import torch
+    tools = str(BENCH.parent)
+    sys.path.insert(0, tools)
+    try:
+        spec = importlib.util.spec_from_file_location("bench_inductor", BENCH.parent / "bench_inductor.py")
+        tool = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(tool)
+    finally:
+        sys.path.remove(tools)
+    import graphdl as gd
+    model = tool.bench.build_model(tool.bench.initial_weights(8), "tanh")
+    x, y = tool.bench.disk_data(20, "cpu")
+    plain = gd.compile(gd.grad(model.graph(loss=gd.MSE()), list(model.parameters())))
+    torch._dynamo.reset()
+    traced = torch.compile(tool.traceable(plain), backend="eager", fullgraph=True, dynamic=False)
+    with torch.inference_mode():
+        got, want = traced(x, y), plain.fn(x, y)
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -26,6 +26,7 @@ import os
 import statistics
 import sys
 import time
+import types
 
 import torch
 
@@ -34,12 +35,18 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import bench  # noqa: E402
 
 import graphdl as gd  # noqa: E402
+from graphdl.ops import products  # noqa: E402
 
 
 def traceable(compiled: gd.Compiled):
     """The same generated source, defined again with `aten` as torch.ops.aten (graphdl's
-    own `aten` calls the kernels' C++ entries, which Dynamo cannot trace)."""
-    env = dict(compiled.fn.__globals__, aten=torch.ops.aten)
+    own `aten` calls the kernels' C++ entries, which Dynamo cannot trace) and each matrix
+    product as torch's own kernel (the choice among kernels, `graphdl.ops.choice`, looks
+    its way up in Python at each call, which Dynamo cannot trace either; Inductor picks
+    its own kernels for the products)."""
+    kernels = types.SimpleNamespace(mm=products.mkl_mm, addmm=products.mkl_addmm,
+                                    addmm_tanh=products.mkl_addmm_tanh)
+    env = dict(compiled.fn.__globals__, aten=torch.ops.aten, products=kernels)
     namespace: dict = {}
     exec(builtins.compile(compiled.source, "<graphdl for inductor>", "exec"), env, namespace)  # noqa: S102
     return namespace[compiled.fn.__name__]

@@ -918,7 +918,13 @@ def roofline(width: int, batch: int, step_us: float) -> dict[str, Any]:
     best = min(times, key=lambda name: statistics.median(times[name]))
     gemm = 2 * batch * width * width / statistics.median(times[best]) / 1e9
     achieved = flops / (step_us * 1e-6) / 1e9
-    return {"step_gflops": achieved, "mm_gflops": gemm, "mm_kernel": best, "fraction": achieved / gemm}
+    # The floor: the step's flops all at the best rate and nothing else (no elementwise op,
+    # no copy, no transposed operand). graphdl's products run on these kernels, so its step
+    # takes no less, and floor / a contender's time is the lowest ratio to it that graphdl
+    # could reach on this machine.
+    floor_us = flops / (gemm * 1e9) * 1e6
+    return {"step_gflops": achieved, "mm_gflops": gemm, "mm_kernel": best, "fraction": achieved / gemm,
+            "floor_us": floor_us}
 
 
 def _print_row(row: dict, names: list[str], first: bool) -> None:
@@ -937,6 +943,9 @@ def _print_row(row: dict, names: list[str], first: bool) -> None:
         print(f"{'':>14} | roofline: gd's step does its matmuls at {r['step_gflops']:.1f} GF/s, "
               f"{r['fraction']:.0%} of the best GEMM here on [b,w]@[w,w], {r['mm_gflops']:.1f} GF/s "
               f"({r['mm_kernel']})", flush=True)
+        if "jax" in us:
+            print(f"{'':>14} | floor: its matmuls alone at that rate take {r['floor_us']:.1f} µs a step, "
+                  f"so gd/jax can reach {r['floor_us'] / us['jax']:.2f} at best here", flush=True)
     if row.get("peak_mib"):
         print(f"{'':>14} | peak MiB above baseline: "
               + ", ".join(f"{n} {row['peak_mib'][n]:.1f}" for n in names), flush=True)

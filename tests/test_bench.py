@@ -129,3 +129,25 @@ def test_inductor_tool_traces_the_generated_step():
     assert len(got) == len(want)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_epoch_tool_times_each_part_of_fits_epoch():
+    """tools/bench_epoch.py wraps parts of fit's epoch by name: each must still be called
+    (a renamed part would read 0), the parts of the steps fit inside them, and the
+    wrappers come off afterwards."""
+    import sys
+
+    import graphdl.step
+    tools = str(BENCH.parent)
+    sys.path.insert(0, tools)
+    try:
+        spec = importlib.util.spec_from_file_location("bench_epoch", BENCH.parent / "bench_epoch.py")
+        tool = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(tool)
+    finally:
+        sys.path.remove(tools)
+    before = graphdl.step.TrainStep.epoch
+    r = tool.measure(width=4, batch=250, epochs=3)
+    assert all(r[name] > 0 for _, _, name in tool.PARTS), r
+    assert sum(r[name] for name in tool.INSIDE_STEPS) < r["steps"]
+    assert graphdl.step.TrainStep.epoch is before

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .checks import GraphError, flag, read_float, read_int, real, whole
+from .checks import GraphError, all_finite, flag, read_float, read_int, real, whole
 from .metrics import higher_is_better, is_metric
 
 if TYPE_CHECKING:
@@ -219,7 +219,7 @@ class EarlyStopping(Callback):
             mine = self.model.state()
             for name, t in mine.items():
                 got = tensors.get(name)
-                if got is None or got.shape != t.shape or got.dtype != t.dtype or not bool(got.isfinite().all()):
+                if got is None or got.shape != t.shape or got.dtype != t.dtype or not all_finite(got):
                     raise GraphError(f"{where}: EarlyStopping's best weights do not fit the model's {name} (or are "
                                      "not finite); it is corrupt or of another model")
             weights = {name: tensors[name].to(t.device) for name, t in mine.items()}

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from . import distributed
-from .checks import GraphError, format_type, read_float, read_int
+from .checks import GraphError, all_finite, format_type, read_float, read_int
 from .files import read_json
 from .io import load_model, save_model
 
@@ -124,7 +124,7 @@ def _check_finite(path: Any, theirs: dict[str, torch.Tensor]) -> None:
     """fit writes a checkpoint only after an epoch whose params stayed finite: NaN or inf
     in one is corruption, not a state to train on (it would read as a diverged rate)."""
     for name, t in theirs.items():
-        if t.dtype.is_floating_point and not bool(t.isfinite().all()):
+        if t.dtype.is_floating_point and not all_finite(t):
             raise GraphError(f"{path}: the checkpoint's {name} holds NaN or inf, which fit never writes; it is corrupt")
 
 

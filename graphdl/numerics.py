@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from . import ops
-from .checks import dtype_name, real
+from .checks import all_finite, dtype_name, real
 from .ir import Graph, Node
 from .probe import lower_probed
 from .text import format_node
@@ -514,7 +514,7 @@ class _Check:
     def __init__(self) -> None:
         def check(k: int, out: torch.Tensor, inputs: tuple[Any, ...]) -> None:
             # (an allreduce in flight is no tensor; an integer tensor is always finite)
-            if isinstance(out, torch.Tensor) and out.dtype.is_floating_point and not bool(torch.isfinite(out).all()):
+            if isinstance(out, torch.Tensor) and out.dtype.is_floating_point and not all_finite(out):
                 raise _Found(k, out, inputs)
         self.env = {"_check": check}
 

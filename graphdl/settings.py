@@ -12,7 +12,7 @@ import torch
 
 from . import distributed as dp
 from .callbacks import Callback, check_callbacks
-from .checks import flag, real, shown, tensor_problem, whole
+from .checks import all_finite, flag, real, shown, tensor_problem, whole
 from .losses import MSE, Loss, checked_loss
 from .metrics import check_metric_names, check_metrics_fit, choose_metrics
 from .monitor import checked_monitor
@@ -94,9 +94,8 @@ def _check_rank(name: str, t: torch.Tensor, what: str, example: tuple) -> None:
 
 
 def _check_finite(name: str, t: torch.Tensor, what: str) -> None:
-    finite = torch.isfinite(t)
-    if not bool(finite.all()):  # one pass over the data, once per call: cheap beside training on it
-        where = (~finite).nonzero()[0].tolist()
+    if not all_finite(t):  # one pass over the data, once per call (the first bad value is found after)
+        where = (~torch.isfinite(t)).nonzero()[0].tolist()
         raise ValueError(f"{name}{what} has NaN or inf values, first at {name}[{', '.join(map(str, where))}] = "
                          f"{t[tuple(where)].item()}; drop or repair those examples (e.g. with torch.isfinite)")
 
@@ -106,7 +105,7 @@ def check_params(model: Sequential) -> None:
     check_apart(model.state())
     trained = model.parameters()
     for name, t in model.state().items():  # buffers too: a NaN std would read as a diverged learning rate
-        if not t.is_meta and t.dtype.is_floating_point and not bool(t.isfinite().all()):
+        if not t.is_meta and t.dtype.is_floating_point and not all_finite(t):
             kind = "param" if name in trained else "buffer"
             raise ValueError(f"{kind} {name} is NaN or inf before training; re-initialise the model"
                              + ("" if kind == "param" else " (for Standardize: adapt it again)"))

@@ -66,3 +66,43 @@ def test_any_finite_real_number_type_is_a_number_setting():
     g = gd.Graph("g")
     out = gd.mul(g.input("x", (2,)), np.float32(3))  # a numpy scalar becomes a const, like a Python float
     assert gd.compile(g.output(out) or g)(x=torch.ones(2))[0].tolist() == [3.0, 3.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_is_isfinite_all_for_every_value_and_layout(dtype):
+    """all_finite (aminmax) answers as isfinite().all() does: NaN, inf or -inf at the
+    first, a middle or the last element, in a dense, transposed or strided view, with
+    the dtype's largest finite values elsewhere (which a sum would overflow)."""
+    from graphdl.checks import all_finite
+    top = torch.finfo(dtype).max
+    base = torch.tensor([top, -top] * 50, dtype=dtype).reshape(10, 10)
+    assert all_finite(base) and all_finite(base.t()) and all_finite(base[:, ::3])
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for k in (0, 45, 99):
+            t = base.clone()
+            t.view(-1)[k] = bad
+            for view in (t, t.t(), t.t().contiguous().t()):
+                assert all_finite(view) is False, (bad, k)
+    t = base.clone()
+    t[3, 1] = float("nan")
+    assert all_finite(t[:, 1::2]) is False and all_finite(t[:, ::2]) is True  # only what the view holds
+    assert all_finite(torch.ones(()) * float("inf")) is False
+
+
+def test_all_finite_of_empty_integer_bool_and_complex_tensors():
+    from graphdl.checks import all_finite
+    assert all_finite(torch.zeros(0, 3)) is True
+    assert all_finite(torch.arange(5)) is True and all_finite(torch.tensor([True, False])) is True
+    c = torch.ones(4, dtype=torch.complex64)
+    assert all_finite(c) is True
+    c[2] = complex(0, float("inf"))
+    assert all_finite(c) is False
+
+
+def test_fit_names_the_first_bad_value_of_large_data():
+    """The data check is one aminmax pass; the error still names the first NaN or inf."""
+    net = gd.Sequential(gd.Linear(3, 1), input_shape=(3,))
+    X, Y = torch.randn(5000, 3), torch.randn(5000, 1)
+    X[4321, 2], X[4999, 0] = float("-inf"), float("nan")
+    with pytest.raises(ValueError, match=r"X has NaN or inf values, first at X\[4321, 2\] = -inf"):
+        net.fit(X, Y, loss=gd.MSE(), epochs=1, verbose=False)

@@ -12,6 +12,7 @@ import torch
 from ..checks import (
     GraphError,
     Shape,
+    all_finite,
     check_dtype,
     format_shape,
     read_shape,
@@ -396,9 +397,8 @@ def _data_problem(X: torch.Tensor) -> str | None:
 
 def _check_finite(X: torch.Tensor, data: torch.Tensor) -> None:
     """`data` (X in float64) holds no NaN or inf; else the error names the first, as X holds it."""
-    finite = torch.isfinite(data)
-    if not bool(finite.all()):
-        row, col = (~finite).nonzero()[0].tolist()
+    if not all_finite(data):
+        row, col = (~torch.isfinite(data)).nonzero()[0].tolist()
         raise ValueError(f"adapt: X has NaN or inf values, first at X[{row}, {col}] = {X[row, col].item()}; "
                          "drop or repair those examples before adapting")
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..checks import GraphError, format_type, real, shown
+from ..checks import GraphError, all_finite, format_type, real, shown
 from .kernels import inverse_of, rounded
 
 Settings = dict[str, Any]
@@ -268,7 +268,7 @@ class Optimizer:
                 got = format_type(t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise GraphError(f"{where}: the optimizer's {name} is {got}, not "
                                  f"{format_type(ref.dtype, tuple(ref.shape))}; it is corrupt")
-            if not bool(t.isfinite().all()):
+            if not all_finite(t):
                 raise GraphError(f"{where}: the optimizer's {name} is not finite; it is corrupt")
             if kind in self.NONNEGATIVE and bool((t < 0).any()):
                 raise GraphError(f"{where}: the optimizer's {name} has negative values, but it holds squares; "

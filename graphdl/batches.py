@@ -76,8 +76,8 @@ class OneProcess:
 
     def loss_and_finite(self, losses: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
         """[the epoch's mean loss, 0 if every param is finite else NaN], not yet read: the
-        flag is made from the params' magnitude (`divergence.magnitude`, float64) before it
-        is cast, since a float32 params' 2-norm past 3.4e38 is finite in float64 only."""
+        flag is the params' magnitude (`divergence.magnitude`) times 0, made before the cast
+        to the loss's dtype, which could not hold a float64 param's largest |x|."""
         wide = self.weights.dtype
         return torch.stack([losses.to(wide) @ self.weights, (magnitude * 0).to(wide)])
 

@@ -138,6 +138,7 @@ def test_epoch_tool_times_each_part_of_fits_epoch():
     import sys
 
     import graphdl.step
+    import graphdl.train
     tools = str(BENCH.parent)
     sys.path.insert(0, tools)
     try:
@@ -146,8 +147,9 @@ def test_epoch_tool_times_each_part_of_fits_epoch():
         spec.loader.exec_module(tool)
     finally:
         sys.path.remove(tools)
-    before = graphdl.step.TrainStep.epoch
+    before, run_before = graphdl.step.TrainStep.epoch, graphdl.train._Run.epoch
     r = tool.measure(width=4, batch=250, epochs=3)
     assert all(r[name] > 0 for _, _, name in tool.PARTS), r
     assert sum(r[name] for name in tool.INSIDE_STEPS) < r["steps"]
-    assert graphdl.step.TrainStep.epoch is before
+    assert r["setup"] > 0 and "first extra" in r  # (a fit call is more than its epochs)
+    assert graphdl.step.TrainStep.epoch is before and graphdl.train._Run.epoch is run_before

@@ -7,7 +7,7 @@ finiteness and reads it all in one host sync. This fits the bench's net (the dat
 optimizer, shuffling and metrics of `tools/bench.py`) for some epochs with each of
 those parts wrapped in a timer, one thread, and prints each part's median µs an epoch:
 
-  epoch          the whole epoch, timed from outside fit (without the part timers)
+  epoch          the whole epoch (fit's _Run.epoch)
   steps          TrainStep.epoch: the steps and what it does around them
     plain steps    the generated step and the planned update, batch after batch
     batch views    the shuffled data's batches, made as views in one call
@@ -17,8 +17,16 @@ those parts wrapped in a timer, one thread, and prints each part's median µs an
   (rest)         the epoch less the parts above: the permutation, the host sync, the
                  history, the callbacks
 
+and then what a fit call costs besides its epochs, from fits of two epochs: setting the
+run up (the call less its epochs), and how much longer its first epoch takes than its
+second (the first touch of memory given back between calls), medians.
+
     PYTHONPATH=. python tools/bench_epoch.py
     PYTHONPATH=. python tools/bench_epoch.py --width 256 --batch 256 --epochs 40
+
+--keep-buffers is a what-if, not something fit does: each arena's buffers are kept
+between fit calls (graphdl lets them go, see docs/performance.md, "Memory"), to show how
+much of a fit call's cost is the first touch of new memory.
 """
 
 from __future__ import annotations
@@ -38,11 +46,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import bench  # noqa: E402
 
 import graphdl as gd  # noqa: E402
+import graphdl.compile  # noqa: E402
 import graphdl.step  # noqa: E402
 import graphdl.train  # noqa: E402
 
 # (where the part is looked up, its name there, what to call it): the calls fit makes
 PARTS = [
+    (graphdl.train._Run, "epoch", "epoch"),
     (graphdl.step.TrainStep, "epoch", "steps"),
     (graphdl.step.TrainStep, "_plain_steps", "plain steps"),
     (graphdl.step, "epoch_batches", "batch views"),
@@ -63,8 +73,22 @@ def timed(fn: Callable, times: list[float]) -> Callable:
     return wrapper
 
 
+def keep_buffers() -> None:
+    """The what-if: ArenaCompiled.buffers hands out the same buffers for the same sizes."""
+    arena_compiled = sys.modules["graphdl.compile"].ArenaCompiled
+    make, kept = arena_compiled.buffers, {}
+
+    def buffers(self, sizes: dict[str, int]) -> tuple[Any, ...]:
+        key = (id(self), tuple(sorted(sizes.items())), torch.get_num_threads())
+        if key not in kept:
+            kept[key] = (self, make(self, sizes))  # (self: kept alive, so its id is not reused)
+        return kept[key][1]
+    arena_compiled.buffers = buffers
+
+
 def measure(width: int, batch: int, epochs: int) -> dict[str, float]:
-    """Each part's median µs an epoch (a part called several times an epoch: their sum)."""
+    """Each part's median µs an epoch (a part called several times an epoch: their sum),
+    then a fit call's "setup" and "first extra" (its first epoch's time over its second)."""
     model = bench.build_model(bench.initial_weights(width), "tanh")
     X, Y = bench.disk_data(bench.points(batch), "cpu")
 
@@ -73,11 +97,6 @@ def measure(width: int, batch: int, epochs: int) -> dict[str, float]:
                   batch_size=batch, shuffle=True, seed=bench.SEED, verbose=False)
 
     fit(3)  # compiled, bound, kernels chosen
-    whole = []
-    for _ in range(5):
-        start = time.perf_counter()
-        fit(epochs)
-        whole.append((time.perf_counter() - start) / epochs)
     times: dict[str, list[float]] = {name: [] for _, _, name in PARTS}
     originals = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in PARTS]
     try:
@@ -88,9 +107,24 @@ def measure(width: int, batch: int, epochs: int) -> dict[str, float]:
         for owner, attr, fn in originals:
             setattr(owner, attr, fn)
     per_epoch = {name: statistics.median(_per_epoch(t, epochs)) * 1e6 for name, t in times.items()}
-    per_epoch["epoch"] = statistics.median(whole) * 1e6
     outside = ("steps", "metrics", "finiteness")
     per_epoch["(rest)"] = per_epoch["epoch"] - sum(per_epoch[name] for name in outside)
+    # A fit call besides its epochs: fits of two epochs, each timed whole and epoch by epoch
+    setup, first = [], []
+    run_epoch, epoch_times = graphdl.train._Run.epoch, []
+    graphdl.train._Run.epoch = timed(run_epoch, epoch_times)
+    try:
+        for _ in range(7):
+            epoch_times.clear()
+            start = time.perf_counter()
+            fit(2)
+            whole = time.perf_counter() - start
+            setup.append(whole - sum(epoch_times))
+            first.append(epoch_times[0] - epoch_times[1])
+    finally:
+        graphdl.train._Run.epoch = run_epoch
+    per_epoch["setup"] = statistics.median(setup) * 1e6
+    per_epoch["first extra"] = statistics.median(first) * 1e6
     return per_epoch
 
 
@@ -105,8 +139,11 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=25)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=300)
+    parser.add_argument("--keep-buffers", action="store_true", help="the what-if above")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.keep_buffers:
+        keep_buffers()
     r = measure(args.width, args.batch, args.epochs)
     steps = bench.points(args.batch) // args.batch
     print(f"2-{args.width}-{args.width}-{args.width}-1 tanh net, batch {args.batch}, {steps} steps an epoch, "
@@ -114,6 +151,8 @@ def main() -> None:
     for name in ("epoch", "steps", *INSIDE_STEPS, "metrics", "finiteness", "(rest)"):
         indent = "    " if name in INSIDE_STEPS else "  "
         print(f"{indent}{name:<{16 - len(indent)}} {r[name]:10.1f}")
+    print(f"a fit call besides its epochs: {r['setup']:.1f} µs to set up, and its first epoch takes "
+          f"{r['first extra']:.1f} µs longer than the next")
 
 
 if __name__ == "__main__":

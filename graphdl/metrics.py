@@ -283,7 +283,7 @@ def check_metrics_fit(metrics: list[str], Y: Tensor, what: str = "Y", decision: 
 
 def measure(fn: Callable[..., tuple[Tensor, ...]], X: Tensor, Y: Tensor, decision: str,
             metrics: list[str], distributed: bool, with_loss: bool = True,
-            targets: Tensor | None = None) -> dict[str, Tensor]:
+            targets: Tensor | None = None, rows: int | None = None) -> dict[str, Tensor]:
     """The loss, the metrics and (with accuracy) the error of a model on X, Y, as float64
     0-d tensors on the data's device, not yet read: reading them is the host sync. `fn`
     is the compiled scoring graph, (x, y) -> (loss, prediction), or with `with_loss=False`
@@ -292,23 +292,29 @@ def measure(fn: Callable[..., tuple[Tensor, ...]], X: Tensor, Y: Tensor, decisio
     Data-parallel, each rank measures its share of the rows (`dp.shard`) and one
     collective adds up the shares' statistics, so every rank gets one process's numbers.
     `targets`: what the metrics compare with, where the loss is fed more than the targets
-    (Y with each example's weight as a last column); by default Y."""
+    (Y with each example's weight as a last column); by default Y. `rows`: run `fn` on
+    this many rows at a time (`train.chunk_rows`) and add up the chunks' statistics as the
+    ranks' are added; None: all at once."""
     targets = Y if targets is None else targets
     n, classes = len(X), targets.shape[-1]
     first, count = dp.shard(n) if distributed else (0, n)
     summed = [m for m in metrics if m not in GATHERED]
     sizes = [metric(m).size(classes) for m in summed]
-    pred = None
-    if count:
-        x, y, t = X[first:first + count], Y[first:first + count], targets[first:first + count]
+    sums, kept = None, []  # kept: the predictions, for what needs every row's (auc)
+    step = max(1, count if rows is None else rows)
+    for lo in range(first, first + count, step):
+        hi = min(lo + step, first + count)
+        x, y, t = X[lo:hi], Y[lo:hi], targets[lo:hi]
         if with_loss:
             value, pred = fn(x, y)
-            parts = [value.double().reshape(1) * (count / n)]  # the shares' loss means, weighted by their sizes
+            parts = [value.double().reshape(1) * ((hi - lo) / n)]  # the chunks' loss means, weighted by their sizes
         else:
             pred, parts = fn(x)[0], [torch.zeros(1, dtype=torch.float64, device=X.device)]
         parts += [metric(m).stats(pred, t, decision, targets[:1]) for m in summed]
-        sums = torch.cat(parts)
-    else:  # an empty share adds nothing, but still joins the collective
+        sums = torch.cat(parts) if sums is None else sums + torch.cat(parts)
+        if "auc" in metrics:
+            kept.append(pred)
+    if sums is None:  # an empty share adds nothing, but still joins the collective
         sums = torch.zeros(1 + sum(sizes), dtype=torch.float64, device=X.device)
     if distributed:
         dp.sum_over_ranks(sums, "summing the loss and metrics")
@@ -316,10 +322,11 @@ def measure(fn: Callable[..., tuple[Tensor, ...]], X: Tensor, Y: Tensor, decisio
     multiclass = _multiclass(targets, decision)
     scores = {"loss": sums[0], **{m: metric(m).value(s, multiclass) for m, s in zip(summed, stats, strict=True)}}
     if "auc" in metrics:
+        pred = (kept[0] if len(kept) == 1 else torch.cat(kept)) if kept else None
         scores["auc"] = _gathered_auc(pred, targets, first, count, n, distributed)
     if "accuracy" in metrics:
-        right, rows = stats[summed.index("accuracy")]
-        scores["error"] = (rows - right) / rows  # exactly, not 1 - accuracy's rounding
+        right, total = stats[summed.index("accuracy")]
+        scores["error"] = (total - right) / total  # exactly, not 1 - accuracy's rounding
     return {m: scores[m] for m in ("loss", *metrics, *(["error"] if "accuracy" in metrics else []))}
 
 

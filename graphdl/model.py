@@ -57,6 +57,11 @@ class Sequential:
     "{k}:{Type}"; `fit`, `predict` and `evaluate` compile that graph once and reuse it.
     """
 
+    # In inference every layer computes each row from that row alone (BatchNorm from its
+    # running statistics, Dropout off), so a whole data set may run in chunks of rows
+    # (`train.chunk_rows`). A functional model, whose ops may mix rows, does not say so.
+    rows_apart = True
+
     def __init__(self, *layers: Layer, input_shape: Sequence[int] | None = None) -> None:
         self.layers: list[Layer] = []
         self.loss: Loss | None = None  # set by fit (or load): evaluate's and fit's default
@@ -433,7 +438,9 @@ class Sequential:
 
     def predict(self, X: torch.Tensor, threads: int | None = None, distributed: bool = False) -> torch.Tensor:
         """The model's output for X [N, in_features]: a tensor [N, out_features] (logits,
-        for a classifier trained with BCEWithLogits or CrossEntropy).
+        for a classifier trained with BCEWithLogits or CrossEntropy). On the CPU, X runs
+        in chunks of rows that fit the core's caches (as do evaluate and fit's metrics;
+        see docs/performance.md): the same numbers, to float rounding, as one pass.
 
         Args:
             X: the inputs.

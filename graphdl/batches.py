@@ -42,14 +42,31 @@ class Batches(Protocol):
         every rank checked to run the same fit and given rank 0's `tensors`)."""
 
 
+# A shuffled epoch's rows are gathered in one call where the data is small, and batch by
+# batch, as each is reached, where it is large on the CPU: one copy of all of it is fresh
+# memory, faulted in page by page. MNIST-sized data (60,000 x 784, batch 128): 17 against
+# 99 ms an epoch on one thread of the Zen 5 EPYC; the disk net's 1,000 x 2 stays one
+# call (a call per batch would add ~3 µs to its 36 µs step at batch 5). On a GPU, whose
+# allocator reuses memory, one call per epoch.
+GATHER_WHOLE_BYTES = 2 << 20
+
+
 def epoch_batches(X: torch.Tensor, Y: torch.Tensor, batch_size: int,
                   order: torch.Tensor | None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(x, y) of each batch of an epoch taken in `order` (None: as the rows are): what
     `TrainStep.epoch` runs uncaptured, and what fit replays after a divergence, which must
     meet the very same batches."""
-    if order is not None:
+    if order is None:
+        return zip(X.split(batch_size), Y.split(batch_size))
+    if _gather_whole(X, Y):
         X, Y = X.index_select(0, order.to(X.device)), Y.index_select(0, order.to(Y.device))
-    return zip(X.split(batch_size), Y.split(batch_size))
+        return zip(X.split(batch_size), Y.split(batch_size))
+    rows = order.to(X.device)
+    return ((X.index_select(0, part), Y.index_select(0, part.to(Y.device))) for part in rows.split(batch_size))
+
+
+def _gather_whole(X: torch.Tensor, Y: torch.Tensor) -> bool:
+    return X.device.type != "cpu" or X.numel() * X.itemsize + Y.numel() * Y.itemsize <= GATHER_WHOLE_BYTES
 
 
 class OneProcess:
@@ -137,10 +154,17 @@ class Sharded:
     def feeds(self, X: torch.Tensor, Y: torch.Tensor, order: torch.Tensor | None) -> Iterator[tuple[torch.Tensor, ...]]:
         """(x, y, scale) of this rank for each global batch of the epoch, sliced as it is reached."""
         rows = self.positions if order is None else order.to(X.device)[self.positions]
-        Xr, Yr = X.index_select(0, rows), Y.index_select(0, rows)
+        whole = _gather_whole(X, Y)  # (as epoch_batches: this rank's rows in one call only where small)
+        Xr, Yr = (X.index_select(0, rows), Y.index_select(0, rows)) if whole else (X, Y)
         first = 0
         for count, scale in zip(self.counts, self.scales):
-            yield (Xr[first:first + count], Yr[first:first + count], scale) if count else (*self.empty, scale)
+            if not count:
+                yield (*self.empty, scale)
+            elif whole:
+                yield Xr[first:first + count], Yr[first:first + count], scale
+            else:
+                part = rows[first:first + count]
+                yield X.index_select(0, part), Y.index_select(0, part), scale
             first += count
 
     def loss_and_finite(self, losses: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:

@@ -44,8 +44,8 @@ class Batches(Protocol):
 
 # A shuffled epoch's rows are gathered in one call where the data is small, and batch by
 # batch, as each is reached, where it is large on the CPU: one copy of all of it is fresh
-# memory, faulted in page by page. MNIST-sized data (60,000 x 784, batch 128): 17 against
-# 99 ms an epoch on one thread of the Zen 5 EPYC; the disk net's 1,000 x 2 stays one
+# memory, faulted in page by page. MNIST-sized data (60,000 x 784, batch 128): 32 against
+# 88-93 ms an epoch on one thread of the Zen 5 EPYC (docs/performance.md); the disk net's 1,000 x 2 stays one
 # call (a call per batch would add ~3 µs to its 36 µs step at batch 5). On a GPU, whose
 # allocator reuses memory, one call per epoch.
 GATHER_WHOLE_BYTES = 2 << 20

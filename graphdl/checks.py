@@ -193,13 +193,26 @@ def all_finite(t: torch.Tensor) -> bool:
     min and max are NaN where any element is NaN and -inf or inf where one is: 7 ms for
     47M float32 values (MNIST's training images) on one thread of the Zen 5 EPYC, against
     200 ms for isfinite().all(), which makes a temporary of |t| and one of bools, each a
-    pass over fresh memory. Integer and bool tensors are finite; complex ones, which
-    aminmax does not take, and empty ones, which it refuses, are checked as they were."""
-    if not (t.is_floating_point() or t.is_complex()):
+    pass over fresh memory. Integer, bool and empty tensors are finite; complex ones,
+    which aminmax does not take, are checked with isfinite, and the float8s (which
+    neither takes them all) in float32, which holds each of their values exactly."""
+    if not (t.is_floating_point() or t.is_complex()) or t.numel() == 0:
         return True
-    if t.is_complex() or t.numel() == 0:
+    if t.is_complex():
         return bool(torch.isfinite(t).all())
+    if t.dtype not in _AMINMAX_DTYPES:
+        t = t.float()
     return bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
+
+
+_AMINMAX_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def finite_mask(t: torch.Tensor) -> torch.Tensor:
+    """isfinite(t), for every float dtype (the float8s in float32): to find the first bad
+    value once `all_finite` said there is one."""
+    wide = t.is_floating_point() and t.dtype not in _AMINMAX_DTYPES
+    return torch.isfinite(t.float() if wide else t)
 
 
 def check_param_tensor(what: str, t: Any) -> None:

@@ -35,6 +35,13 @@ class Loss:
     # How accuracy reads a prediction: "threshold" (one output: above 0.5 is class 1;
     # several: the argmax), "logit" (above 0 is class 1, per output) or "argmax".
     decision = "threshold"
+    # Whether the loss is the mean over the examples of a term of each (every built-in one
+    # is). Then the loss of a data set is its parts' losses weighted by their rows: so
+    # evaluate and fit's validation may run a data set in chunks of rows, and data-parallel
+    # fit and evaluate add up the ranks' shares. A loss of one's own that is (such as
+    # k * mse) says so by setting it True; one that is not (an RMSE, a sum) is computed on
+    # the whole data set at once, in one process only.
+    mean_over_rows = False
 
     def __call__(self, pred: Value, target: Value) -> Value:
         raise NotImplementedError
@@ -72,6 +79,7 @@ class MSE(Loss):
     """Mean squared error, mean((pred - y)**2)."""
 
     name = "mse"
+    mean_over_rows = True
 
     def __call__(self, pred: Value, target: Value) -> Value:
         return mse(pred, target)
@@ -85,6 +93,7 @@ class MAE(Loss):
     """Mean absolute error, mean(|pred - y|)."""
 
     name = "mae"
+    mean_over_rows = True
 
     def __call__(self, pred: Value, target: Value) -> Value:
         return mae(pred, target)
@@ -98,6 +107,7 @@ class MBE(Loss):
     It is unbounded below, so it measures a model rather than trains one."""
 
     name = "mbe"
+    mean_over_rows = True
 
     def __call__(self, pred: Value, target: Value) -> Value:
         return mbe(pred, target)
@@ -112,6 +122,7 @@ class BCEWithLogits(Loss):
     output is one yes/no question (several outputs: multi-label); a logit above 0 means yes."""
 
     name = "bce_with_logits"
+    mean_over_rows = True
     decision = "logit"
 
     def __call__(self, pred: Value, target: Value) -> Value:
@@ -130,6 +141,7 @@ class CrossEntropy(Loss):
     class is the argmax; add gd.Softmax() after training to output probabilities."""
 
     name = "cross_entropy"
+    mean_over_rows = True
     decision = "argmax"
 
     def __call__(self, pred: Value, target: Value) -> Value:
@@ -147,6 +159,10 @@ class Weighted(Loss):
     def __init__(self, loss: Loss) -> None:
         self.loss = checked_loss(loss)
         self.name, self.decision = loss.name, loss.decision
+
+    @property
+    def mean_over_rows(self) -> bool:  # (the weights are terms of each example's, as Keras': not a sum's divisor)
+        return self.loss.mean_over_rows
 
     def target_shape(self, shape: Shape) -> Shape:
         return (*shape[:-1], shape[-1] + 1) if isinstance(shape[-1], int) else shape

@@ -21,7 +21,7 @@ from . import distributed, interop, io, train
 from .callbacks import Callback
 from .checks import GraphError, Shape, flag, format_shape, read_shape, whole
 from .ir import Graph, Value
-from .layers import DTYPES_BY_NAME, LAYERS, Build, Layer, same_memory
+from .layers import DTYPES_BY_NAME, LAYERS, Build, Layer, keeps_rows_apart, same_memory
 from .losses import Loss
 from .optim import Optimizer, Schedule
 from .step import NEXT
@@ -57,10 +57,13 @@ class Sequential:
     "{k}:{Type}"; `fit`, `predict` and `evaluate` compile that graph once and reuse it.
     """
 
-    # In inference every layer computes each row from that row alone (BatchNorm from its
-    # running statistics, Dropout off), so a whole data set may run in chunks of rows
-    # (`train.chunk_rows`). A functional model, whose ops may mix rows, does not say so.
-    rows_apart = True
+    @property
+    def rows_apart(self) -> bool:
+        """Whether, in inference, each row of the output comes from that row of X alone, so
+        that a whole data set may run in chunks of rows (`train.chunk_rows`): when every
+        layer says so (`Layer.rows_apart`; every built-in one does). A functional model,
+        whose ops may mix rows, does not say so."""
+        return all(keeps_rows_apart(type(layer)) for layer in self.layers)
 
     def __init__(self, *layers: Layer, input_shape: Sequence[int] | None = None) -> None:
         self.layers: list[Layer] = []

@@ -12,7 +12,7 @@ import torch
 
 from . import distributed as dp
 from .callbacks import Callback, check_callbacks
-from .checks import all_finite, flag, real, shown, tensor_problem, whole
+from .checks import all_finite, finite_mask, flag, real, shown, tensor_problem, whole
 from .losses import MSE, Loss, checked_loss
 from .metrics import check_metric_names, check_metrics_fit, choose_metrics
 from .monitor import checked_monitor
@@ -95,7 +95,7 @@ def _check_rank(name: str, t: torch.Tensor, what: str, example: tuple) -> None:
 
 def _check_finite(name: str, t: torch.Tensor, what: str) -> None:
     if not all_finite(t):  # one pass over the data, once per call (the first bad value is found after)
-        where = (~torch.isfinite(t)).nonzero()[0].tolist()
+        where = (~finite_mask(t)).nonzero()[0].tolist()
         raise ValueError(f"{name}{what} has NaN or inf values, first at {name}[{', '.join(map(str, where))}] = "
                          f"{t[tuple(where)].item()}; drop or repair those examples (e.g. with torch.isfinite)")
 
@@ -168,6 +168,7 @@ class FitSettings:
             _check_path(name, path)
         monitor = checked_monitor(monitor)
         distributed = check_distributed(distributed, "fit")
+        check_shares(model_loss(model, loss), distributed, "fit")
         if monitor and distributed:  # a rank's dead units are of its share: the History would differ by rank
             raise ValueError("monitor= is not available with distributed=True yet; monitor a one-process run")
         return cls(loss=model_loss(model, loss),
@@ -309,3 +310,13 @@ def model_loss(model: Sequential, loss: Any) -> Loss:
 def check_distributed(distributed: Any, what: str) -> bool:
     """Whether to run data-parallel: asked for, and more than one rank (see `dp.spans_processes`)."""
     return flag("distributed", distributed) and dp.spans_processes(f"{what}(distributed=True)")
+
+
+def check_shares(loss: Loss, distributed: bool, what: str) -> None:
+    """Data-parallel, each rank's loss counts by its share of the rows: right only for a
+    loss that is a mean over the examples (`Loss.mean_over_rows`)."""
+    if distributed and not loss.mean_over_rows:
+        raise ValueError(f"{what}(distributed=True) adds up the ranks' losses weighted by their shares of the rows, "
+                         f"which gives the loss of all the rows only for a mean over the examples, and {loss!r} does "
+                         "not say it is one; if it is (such as k * mse), set mean_over_rows = True on its class, "
+                         "else run it in one process")

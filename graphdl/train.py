@@ -40,6 +40,7 @@ from .settings import (
     check_distributed,
     check_params,
     check_sample_weight,
+    check_shares,
     class_targets,
     example_weights,
     model_loss,
@@ -256,8 +257,9 @@ class _Run:
             OneProcess(len(X), s.batch_size, Y)  # Y: the loss's dtype (X may hold indices)
         self.predicting = _predict_fn(model)
         self.scoring = None if self.validation is None else _eval_fn(model, self.validation[3])
-        self.chunks = (chunk_rows(model, self.predicting),
-                       None if self.scoring is None else chunk_rows(model, self.scoring))  # rows at a time
+        self.chunks = (chunk_rows(model, self.predicting),  # rows at a time (a loss only if it adds up by rows)
+                       None if self.scoring is None or not self.validation[3].mean_over_rows else
+                       chunk_rows(model, self.scoring))
         self._check_feeds()
         self.history = History(s.metrics)
         if s.monitor:  # its per-layer series, such as "grad_norm/2:Linear"
@@ -439,6 +441,7 @@ def evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | N
     """`Sequential.evaluate`, which documents the arguments."""
     loss = model_loss(model, loss)
     distributed = check_distributed(distributed, "evaluate")
+    check_shares(loss, distributed, "evaluate")
     Y = class_targets(model, Y)
     check_data(model, X, Y)
     metrics = choose_metrics(metrics, Y, loss)
@@ -449,12 +452,17 @@ def evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss | N
             return _evaluate(model, X, Y, loss, metrics, distributed)
         fed = torch.cat([Y, weights], -1)
         fn = _eval_fn(model, Weighted(loss))
-        scores = measure(fn, X, fed, loss.decision, metrics, distributed, targets=Y, rows=chunk_rows(model, fn))
+        scores = measure(fn, X, fed, loss.decision, metrics, distributed, targets=Y, rows=_loss_chunks(model, fn, loss))
         return dict(zip(scores, torch.stack(list(scores.values())).tolist(), strict=True))
 
 
 def _evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss, metrics: list[str],
               distributed: bool = False) -> dict[str, float]:
     fn = _eval_fn(model, loss)
-    scores = measure(fn, X, Y, loss.decision, metrics, distributed, rows=chunk_rows(model, fn))
+    scores = measure(fn, X, Y, loss.decision, metrics, distributed, rows=_loss_chunks(model, fn, loss))
     return dict(zip(scores, torch.stack(list(scores.values())).tolist(), strict=True))
+
+
+def _loss_chunks(model: Sequential, fn: Compiled, loss: Loss) -> int | None:
+    """`chunk_rows` for a graph of `loss`: None (the data set whole) unless the loss adds up by rows."""
+    return chunk_rows(model, fn) if loss.mean_over_rows else None

@@ -106,3 +106,21 @@ def test_fit_names_the_first_bad_value_of_large_data():
     X[4321, 2], X[4999, 0] = float("-inf"), float("nan")
     with pytest.raises(ValueError, match=r"X has NaN or inf values, first at X\[4321, 2\] = -inf"):
         net.fit(X, Y, loss=gd.MSE(), epochs=1, verbose=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e5m2, torch.float8_e4m3fn, torch.float8_e4m3fnuz,
+                                   torch.float8_e5m2fnuz, torch.float8_e8m0fnu])
+def test_float8_data_gets_the_dtype_error_or_names_its_bad_value(dtype):
+    """aminmax takes no float8 and isfinite only some: all_finite reads them in float32."""
+    from graphdl.checks import all_finite
+    X = torch.rand(8, 3).add_(1).to(dtype)
+    assert all_finite(X) is True
+    net = gd.Sequential(gd.Linear(3, 1), input_shape=(3,))
+    with pytest.raises(gd.GraphError, match=rf"input x is {str(dtype).removeprefix('torch.')}\[8,3\] but the graph "
+                                            r"declares f32\[N,3\]"):
+        net.fit(X, torch.randn(8, 1), epochs=1, verbose=False)
+    bad = torch.rand(8, 3).add_(1)
+    bad[5, 1] = float("nan")
+    assert all_finite(bad.to(dtype)) is False
+    with pytest.raises(ValueError, match=r"X has NaN or inf values, first at X\[5, 1\] = nan"):
+        net.evaluate(bad.to(dtype), torch.randn(8, 1), loss=gd.MSE())

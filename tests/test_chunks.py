@@ -139,3 +139,95 @@ def test_an_error_names_the_whole_data_not_a_chunk(monkeypatch):
     monkeypatch.setattr(train, "CHUNK_BYTES", 1)
     with pytest.raises(gd.GraphError, match=r"input x is f32\[103,5\]"):
         _net(2).predict(torch.randn(ROWS, 5))
+
+
+class _RMSE(gd.Loss):
+    """Not a mean over rows: the root of one."""
+
+    name = "rmse"
+
+    def __call__(self, pred, target):
+        d = gd.sub(pred, target)
+        m = gd.mean(gd.mul(d, d))
+        return gd.mul(m, gd.rsqrt(m))
+
+
+class _SSE(gd.Loss):
+    name = "sse"
+
+    def __call__(self, pred, target):
+        d = gd.sub(pred, target)
+        return gd.sum(gd.mul(d, d))
+
+
+class _Doubled(gd.Loss):
+    """2 * mse: a mean over rows, and it says so."""
+
+    name = "doubled"
+    mean_over_rows = True
+
+    def __call__(self, pred, target):
+        return gd.mul(gd.mse(pred, target), 2.0)
+
+
+def test_a_loss_that_is_no_mean_over_rows_is_taken_over_the_whole_data(monkeypatch):
+    """evaluate and fit's val_loss: an RMSE or a sum of one's own runs whole (a chunked
+    RMSE read 5.41 for 6.94); a loss that says it is a mean over rows runs in chunks."""
+    net = _net(1)
+    gen = torch.Generator().manual_seed(6)
+    X, Y = torch.randn(ROWS, 3, generator=gen), torch.randn(ROWS, 1, generator=gen) * 10
+    monkeypatch.setattr(train, "CHUNK_BYTES", 1)
+    d = (net.predict(X).double() - Y.double()) ** 2
+    assert net.evaluate(X, Y, loss=_RMSE())["loss"] == pytest.approx(float(d.mean().sqrt()), rel=1e-6)
+    assert net.evaluate(X, Y, loss=_SSE())["loss"] == pytest.approx(float(d.sum()), rel=1e-6)
+    h = _net(1).fit(X, Y, loss=_SSE(), optimizer=gd.SGD(0.0), epochs=1, batch_size=32, validation_data=(X, Y),
+                    verbose=False)
+    assert h["val_loss"][0] == pytest.approx(float(d.sum()), rel=1e-6)
+    whole, chunked = _both(monkeypatch, lambda: net.evaluate(X, Y, loss=_Doubled()))
+    assert chunked["loss"] == pytest.approx(whole["loss"], rel=1e-6) == pytest.approx(2 * float(d.mean()), rel=1e-6)
+
+
+def test_data_parallel_refuses_a_loss_that_does_not_say_it_is_a_mean_over_rows():
+    from graphdl.losses import Weighted
+    from graphdl.settings import check_shares
+    for loss in (gd.MSE(), gd.CrossEntropy(), Weighted(gd.BCEWithLogits()), _Doubled()):
+        check_shares(loss, True, "fit")
+    check_shares(_RMSE(), False, "fit")  # one process: any loss
+    with pytest.raises(ValueError, match=r"fit\(distributed=True\) adds up the ranks' losses .* _RMSE\(\) does not "
+                                         r"say it is one; if it is \(such as k \* mse\), set mean_over_rows = True"):
+        check_shares(_RMSE(), True, "fit")
+    assert Weighted(_RMSE()).mean_over_rows is False and Weighted(_Doubled()).mean_over_rows is True
+
+
+class _Centre(gd.Layer):
+    """Each row less the batch's mean: rows mix."""
+
+    def forward(self, build, x):
+        return gd.sub(x, gd.mean(x, 0, keepdims=True))
+
+
+class _Mine(gd.Linear):
+    """A built-in's forward, inherited: its rows stay apart."""
+
+
+class _MineMixing(gd.Linear):
+    def forward(self, build, x):
+        y = super().forward(build, x)
+        return gd.sub(y, gd.mean(y, 0, keepdims=True))
+
+
+def test_a_layer_of_ones_own_keeps_the_data_whole_unless_it_says_rows_are_apart(monkeypatch):
+    gen = torch.Generator().manual_seed(7)
+    X = torch.randn(ROWS, 3, generator=gen) + torch.linspace(0, 5, ROWS)[:, None]
+    for layer in (_Centre(), _MineMixing(3, 3)):
+        net = gd.Sequential(gd.Linear(3, 3), layer, gd.Linear(3, 1), input_shape=(3,))
+        assert not net.rows_apart and train.chunk_rows(net, train._predict_fn(net)) is None
+        whole, chunked = _both(monkeypatch, lambda net=net: net.predict(X), chunked_rows=ROWS)
+        assert torch.equal(whole, chunked)
+    assert gd.Sequential(_Mine(3, 2), input_shape=(3,)).rows_apart
+
+
+def test_every_built_in_layer_says_its_rows_are_apart():
+    from graphdl.layers import LAYERS, keeps_rows_apart
+    assert LAYERS and all(keeps_rows_apart(cls) for cls in LAYERS.values()), \
+        [name for name, cls in LAYERS.items() if not keeps_rows_apart(cls)]

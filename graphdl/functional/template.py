@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..checks import GraphError, Shape, all_finite, format_shape, format_type, tensor_problem
+from ..checks import GraphError, Shape, all_finite, finite_mask, format_shape, format_type, tensor_problem
 from ..ir import Graph, Node, Slot, Value
 from ..layers import Build, Layer
 from ..ops import slice_
@@ -266,7 +266,7 @@ def check_part(what: str, t: Any, spec: tuple[str, Shape, torch.dtype], first: A
         raise ValueError(f"{label} has {len(t)} examples on {t.device}, but the first input's tensor has "
                          f"{len(first)} on {first.device}; give every input the same examples, on one device")
     if not t.is_meta and not all_finite(t):
-        row, col = (~torch.isfinite(t)).nonzero()[0].tolist()
+        row, col = (~finite_mask(t)).nonzero()[0].tolist()
         raise ValueError(f"{label} has NaN or inf values, first at [{row}, {col}] = {t[row, col].item()}; "
                          "drop or repair those examples (e.g. with torch.isfinite)")
 

@@ -6,7 +6,7 @@ its graph through `Build`, which makes a tensor held in several places one param
 from __future__ import annotations
 
 from ..checks import FLOAT_DTYPES
-from .base import Build, Layer, Param, same_memory
+from .base import Build, Layer, Param, keeps_rows_apart, same_memory
 from .conv import AvgPool2d, Conv1d, Conv2d, MaxPool2d
 from .dense import GELU, Embedding, Flatten, LeakyReLU, Linear, ReLU, Reshape, Sigmoid, SiLU, Softmax, Standardize, Tanh
 from .normalization import BatchNorm1d, BatchNorm2d, Dropout, LayerNorm
@@ -18,7 +18,7 @@ LAYERS.update((cls.__name__, cls) for cls in (Conv1d, Conv2d, MaxPool2d, AvgPool
 DTYPES_BY_NAME = {str(d).removeprefix("torch."): d for d in FLOAT_DTYPES.values()}  # as config() writes them
 
 __all__ = [
-    "Build", "Layer", "Param", "same_memory", "LAYERS", "DTYPES_BY_NAME",
+    "Build", "Layer", "Param", "keeps_rows_apart", "same_memory", "LAYERS", "DTYPES_BY_NAME",
     "Linear", "ReLU", "Tanh", "Sigmoid", "Softmax", "GELU", "LeakyReLU", "SiLU", "Flatten", "Reshape", "Embedding",
     "Standardize", "Conv1d", "Conv2d", "MaxPool2d", "AvgPool2d", "BatchNorm1d", "BatchNorm2d", "LayerNorm", "Dropout",
 ]

@@ -83,6 +83,13 @@ class Layer:
     keeps_shape: bool = True
     input_dtype: torch.dtype | None = None  # what it takes when not the model's dtype (Embedding: int64)
     passes_dtype: bool = False  # it only moves elements (Flatten, Reshape): any dtype goes through
+    # In inference, each row of the output is computed from that row of the input alone
+    # (so predict, evaluate and fit's metrics may run a data set in chunks of rows,
+    # `train.chunk_rows`). Every built-in layer's is: BatchNorm reads its running
+    # statistics, Dropout passes its input through. It counts as said by the class that
+    # defines `forward` (`keeps_rows_apart`): a layer of one's own, or one that overrides a
+    # built-in's forward, runs a data set whole unless that class sets it True.
+    rows_apart: bool = False
 
     def input_shape(self) -> Shape | None:
         """The shape of one example this layer takes first in a model (the batch dim left
@@ -155,6 +162,13 @@ class Layer:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+@functools.cache
+def keeps_rows_apart(cls: type) -> bool:
+    """`rows_apart` as said by the class that defines `cls`'s forward (see Layer)."""
+    owner = next(k for k in cls.__mro__ if "forward" in vars(k))
+    return bool(vars(owner).get("rows_apart", False))
 
 
 @functools.cache

@@ -106,6 +106,8 @@ class _Conv(Layer):
     def _attrs(self) -> dict[str, Any]:
         return {"stride": self.stride, "padding": self.padding, "dilation": self.dilation, "groups": self.groups}
 
+    rows_apart = True
+
     def forward(self, build: Build, x: Value) -> Value:
         op = conv1d if self.dims == 1 else conv2d
         weight = build.param("weight")
@@ -167,6 +169,8 @@ class _Pool(Layer):
 
     def _attrs(self) -> dict[str, Any]:
         return {"kernel_size": self.kernel_size, "stride": self.stride, "padding": self.padding}
+
+    rows_apart = True
 
     def forward(self, build: Build, x: Value) -> Value:
         return type(self).op(x, **self._attrs())

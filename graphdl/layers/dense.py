@@ -71,6 +71,8 @@ class Linear(Layer):
             raise ValueError(f"Linear({in_features}, {out_features}) needs {size:.3g} GiB for its {dtype} weight, "
                              "more than this machine can allocate; use smaller widths") from None
 
+    rows_apart = True
+
     def forward(self, build: Build, x: Value) -> Value:
         return add(matmul(x, build.param("weight")), build.param("bias"))
 
@@ -85,6 +87,8 @@ class Linear(Layer):
 class ReLU(Layer):
     """max(x, 0)."""
 
+    rows_apart = True
+
     def forward(self, build: Build, x: Value) -> Value:
         return relu(x)
 
@@ -92,12 +96,16 @@ class ReLU(Layer):
 class Tanh(Layer):
     """Hyperbolic tangent."""
 
+    rows_apart = True
+
     def forward(self, build: Build, x: Value) -> Value:
         return tanh(x)
 
 
 class Sigmoid(Layer):
     """1 / (1 + exp(-x))."""
+
+    rows_apart = True
 
     def forward(self, build: Build, x: Value) -> Value:
         return sigmoid(x)
@@ -121,6 +129,8 @@ class Softmax(Layer):
                              f"batch dim is 0, the examples' from 1 to {len(shape)})")
         return tuple(shape)
 
+    rows_apart = True
+
     def forward(self, build: Build, x: Value) -> Value:
         return softmax(x) if self.dim == -1 else softmax(x, axis=self.dim)
 
@@ -139,6 +149,8 @@ class GELU(Layer):
             raise ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
         self.approximate = approximate
 
+    rows_apart = True
+
     def forward(self, build: Build, x: Value) -> Value:
         return gelu(x, approximate=self.approximate)
 
@@ -155,6 +167,8 @@ class LeakyReLU(Layer):
     def __init__(self, negative_slope: float = 0.01) -> None:
         self.negative_slope = real("negative_slope", negative_slope)
 
+    rows_apart = True
+
     def forward(self, build: Build, x: Value) -> Value:
         return leaky_relu(x, negative_slope=self.negative_slope)
 
@@ -167,6 +181,8 @@ class LeakyReLU(Layer):
 
 class SiLU(Layer):
     """x * sigmoid(x) (also called swish)."""
+
+    rows_apart = True
 
     def forward(self, build: Build, x: Value) -> Value:
         return silu(x)
@@ -188,6 +204,8 @@ class Flatten(Layer):
         self.start_dim, self.end_dim = _dim("start_dim", start_dim), _dim("end_dim", end_dim)
         if self.start_dim == 0:
             raise ValueError("start_dim=0 would merge the batch dim into the examples; use start_dim=1 or more")
+
+    rows_apart = True
 
     def forward(self, build: Build, x: Value) -> Value:
         return flatten(x, self.start_dim, self.end_dim)
@@ -221,6 +239,8 @@ class Reshape(Layer):
 
     def input_shape(self) -> Shape | None:
         return None if -1 in self.shape else (math.prod(self.shape),)
+
+    rows_apart = True
 
     def forward(self, build: Build, x: Value) -> Value:
         return reshape(x, (None, *self.shape))
@@ -261,6 +281,8 @@ class Embedding(Layer):
 
     def input_shape(self) -> Shape | None:
         return ()
+
+    rows_apart = True
 
     def forward(self, build: Build, x: Value) -> Value:
         return index_select(build.param("weight"), x, axis=0)
@@ -367,6 +389,8 @@ class Standardize(Layer):
             raise ValueError(f"adapt: X {problem}")
         if self.in_features is not None and X.shape[1] != self.in_features:
             raise ValueError(f"adapt: X has {X.shape[1]} features but this Standardize takes {self.in_features}")
+
+    rows_apart = True
 
     def forward(self, build: Build, x: Value) -> Value:
         if self.in_features is None:

@@ -62,6 +62,8 @@ class _BatchNorm(Layer):
             raise GraphError(f"it normalises {self.num_features} channels (dim 1) but the values have {shape[0]}"
                              f"\n  hint: make it {type(self).__name__}({shape[0]})")
 
+    rows_apart = True
+
     def forward(self, build: Build, x: Value) -> Value:
         self._check(x.shape[1:])
         weight, bias = build.param("weight"), build.param("bias")
@@ -137,6 +139,8 @@ class LayerNorm(Layer):
         self.weight = torch.ones(self.normalized_shape, dtype=dtype)
         self.bias = torch.zeros(self.normalized_shape, dtype=dtype)
 
+    rows_apart = True
+
     def forward(self, build: Build, x: Value) -> Value:
         self.output_shape(x.shape[1:])
         return layer_norm(x, build.param("weight"), build.param("bias"), eps=self.eps)
@@ -185,6 +189,8 @@ class Dropout(Layer):
             seed = int(torch.randint(0, 2**62, (), generator=generator))
         self.seed = whole("seed", seed, 0, 2**63 - 1)
         self.key = torch.zeros((), dtype=torch.float64)
+
+    rows_apart = True
 
     def forward(self, build: Build, x: Value) -> Value:
         key = build.param("key")  # declared in both modes: it is model state, saved with the model

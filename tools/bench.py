@@ -887,7 +887,7 @@ def roofline(width: int, batch: int, step_us: float) -> dict[str, Any]:
     """graphdl's achieved matmul rate on a step of the 2-w-w-w-1 net, and this machine's
     best rate on the step's largest product ([batch, w] @ [w, w]), one thread: the faster
     of the kernels graphdl chooses between (graphdl.ops.products: torch's mm, which is
-    MKL's, and oneDNN's), each timed alternately, medians. What a "step" times is an
+    MKL's, and oneDNN's), each timed alternately, its fastest round. What a "step" times is an
     epoch's time over its steps, and an epoch is its steps and one accuracy pass over
     the training points (a forward of `batch` rows per step): so 8 * batch * MACs flops
     a step (2 in the forward, 2 in each of the two backward products, 2 in the accuracy
@@ -915,8 +915,10 @@ def roofline(width: int, batch: int, step_us: float) -> dict[str, Any]:
                 times[way.__name__].append((time.perf_counter() - start) / runs)
     finally:
         torch.set_num_threads(before)
-    best = min(times, key=lambda name: statistics.median(times[name]))
-    gemm = 2 * batch * width * width / statistics.median(times[best]) / 1e9
+    # The fastest round of the fastest kernel, not a median: on a shared machine a slow
+    # round is disturbance, and a rate that is too low would put the floor too high.
+    best = min(times, key=lambda name: min(times[name]))
+    gemm = 2 * batch * width * width / min(times[best]) / 1e9
     achieved = flops / (step_us * 1e-6) / 1e9
     # The floor: the step's flops all at the best rate and nothing else (no elementwise op,
     # no copy, no transposed operand). graphdl's products run on these kernels, so its step

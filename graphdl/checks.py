@@ -215,6 +215,23 @@ def finite_mask(t: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(t.float() if wide else t)
 
 
+def declared_with(obj: Any, flag: str, method: str) -> bool:
+    """`flag` (a class attribute such as Layer.rows_apart) as said alongside `method`: the
+    first of `obj`'s own attributes and then its classes' (the most derived first) that
+    sets `flag` or defines `method` decides, and one that defines `method` without
+    setting `flag` says False. So what overrides `method` (a subclass, or an instance's
+    own `forward`) must say `flag` again, and a subclass may say it outright. Read at
+    each call, so a method replaced later counts."""
+    scopes = ([] if isinstance(obj, type) else [vars(obj)]) + [vars(k) for k in (obj if isinstance(obj, type) else
+                                                                                  type(obj)).__mro__]
+    for scope in scopes:
+        if flag in scope:
+            return bool(scope[flag])
+        if method in scope:
+            return False
+    return False
+
+
 def check_param_tensor(what: str, t: Any) -> None:
     """A param's tensor must be a dense tensor of a floating dtype the IR has (indices, i64, are inputs)."""
     if not isinstance(t, torch.Tensor):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .checks import Shape
+from .checks import Shape, declared_with
 from .ir import Value
 from .ops import (
     absolute,
@@ -38,9 +38,10 @@ class Loss:
     # Whether the loss is the mean over the examples of a term of each (every built-in one
     # is). Then the loss of a data set is its parts' losses weighted by their rows: so
     # evaluate and fit's validation may run a data set in chunks of rows, and data-parallel
-    # fit and evaluate add up the ranks' shares. A loss of one's own that is (such as
-    # k * mse) says so by setting it True; one that is not (an RMSE, a sum) is computed on
-    # the whole data set at once, in one process only.
+    # fit and evaluate add up the ranks' shares. It counts where it is said alongside
+    # `__call__` (`adds_up_by_rows`): a loss of one's own, or a subclass of a built-in one
+    # that overrides its `__call__`, that is a mean over rows (such as k * mse) says True
+    # there; one that is not (an RMSE, a sum) runs on the whole data set, in one process.
     mean_over_rows = False
 
     def __call__(self, pred: Value, target: Value) -> Value:
@@ -159,10 +160,13 @@ class Weighted(Loss):
     def __init__(self, loss: Loss) -> None:
         self.loss = checked_loss(loss)
         self.name, self.decision = loss.name, loss.decision
+        cls = type(loss)
+        call, weigh = (next(k for k in cls.__mro__ if name in vars(k)) for name in ("__call__", "weighted"))
+        if weigh is not Loss and call is not weigh and issubclass(call, weigh):
+            raise ValueError(f"{cls.__name__} defines its own __call__ but inherits weighted() from {weigh.__name__}, "
+                             f"which weighs {weigh.__name__}'s loss, not this one; give {cls.__name__} a "
+                             "weighted(pred, target, weight) of its own to take sample or class weights")
 
-    @property
-    def mean_over_rows(self) -> bool:  # (the weights are terms of each example's, as Keras': not a sum's divisor)
-        return self.loss.mean_over_rows
 
     def target_shape(self, shape: Shape) -> Shape:
         return (*shape[:-1], shape[-1] + 1) if isinstance(shape[-1], int) else shape
@@ -175,6 +179,14 @@ class Weighted(Loss):
 
     def __repr__(self) -> str:
         return f"Weighted({self.loss!r})"
+
+
+def adds_up_by_rows(loss: Loss) -> bool:
+    """Whether `loss` is a mean over the examples (`Loss.mean_over_rows`, as said alongside
+    its `__call__`); a Weighted loss is its loss's (the weights are terms of each example's,
+    as Keras', not a sum's divisor)."""
+    return adds_up_by_rows(loss.loss) if isinstance(loss, Weighted) else declared_with(loss, "mean_over_rows",
+                                                                                       "__call__")
 
 
 LOSSES: dict[str, type[Loss]] = {cls.name: cls for cls in (MSE, MAE, MBE, BCEWithLogits, CrossEntropy)}

@@ -63,7 +63,7 @@ class Sequential:
         that a whole data set may run in chunks of rows (`train.chunk_rows`): when every
         layer says so (`Layer.rows_apart`; every built-in one does). A functional model,
         whose ops may mix rows, does not say so."""
-        return all(keeps_rows_apart(type(layer)) for layer in self.layers)
+        return all(keeps_rows_apart(layer) for layer in self.layers)
 
     def __init__(self, *layers: Layer, input_shape: Sequence[int] | None = None) -> None:
         self.layers: list[Layer] = []

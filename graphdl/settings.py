@@ -13,7 +13,7 @@ import torch
 from . import distributed as dp
 from .callbacks import Callback, check_callbacks
 from .checks import all_finite, finite_mask, flag, real, shown, tensor_problem, whole
-from .losses import MSE, Loss, checked_loss
+from .losses import MSE, Loss, adds_up_by_rows, checked_loss
 from .metrics import check_metric_names, check_metrics_fit, choose_metrics
 from .monitor import checked_monitor
 from .optim import SGD, Optimizer, Schedule, check_apart, check_updatable, checked_optimizer
@@ -315,7 +315,7 @@ def check_distributed(distributed: Any, what: str) -> bool:
 def check_shares(loss: Loss, distributed: bool, what: str) -> None:
     """Data-parallel, each rank's loss counts by its share of the rows: right only for a
     loss that is a mean over the examples (`Loss.mean_over_rows`)."""
-    if distributed and not loss.mean_over_rows:
+    if distributed and not adds_up_by_rows(loss):
         raise ValueError(f"{what}(distributed=True) adds up the ranks' losses weighted by their shares of the rows, "
                          f"which gives the loss of all the rows only for a mean over the examples, and {loss!r} does "
                          "not say it is one; if it is (such as k * mse), set mean_over_rows = True on its class, "

@@ -27,7 +27,7 @@ from .checks import real, shown, whole
 from .compile import Compiled, compile
 from .divergence import DivergedError as DivergedError  # re-exported: gd.train.DivergedError predates it
 from .divergence import Snapshot, diverged, find_source, magnitude, replay
-from .losses import Loss, Weighted
+from .losses import Loss, Weighted, adds_up_by_rows
 from .metrics import METRICS as METRICS  # re-exported: gd.train.METRICS predates graphdl.metrics
 from .metrics import accuracy as accuracy  # re-exported: gd.train.accuracy and .correct predate graphdl.metrics
 from .metrics import check_metrics_fit, choose_metrics, is_metric, measure
@@ -258,7 +258,7 @@ class _Run:
         self.predicting = _predict_fn(model)
         self.scoring = None if self.validation is None else _eval_fn(model, self.validation[3])
         self.chunks = (chunk_rows(model, self.predicting),  # rows at a time (a loss only if it adds up by rows)
-                       None if self.scoring is None or not self.validation[3].mean_over_rows else
+                       None if self.scoring is None or not adds_up_by_rows(self.validation[3]) else
                        chunk_rows(model, self.scoring))
         self._check_feeds()
         self.history = History(s.metrics)
@@ -465,4 +465,4 @@ def _evaluate(model: Sequential, X: torch.Tensor, Y: torch.Tensor, loss: Loss, m
 
 def _loss_chunks(model: Sequential, fn: Compiled, loss: Loss) -> int | None:
     """`chunk_rows` for a graph of `loss`: None (the data set whole) unless the loss adds up by rows."""
-    return chunk_rows(model, fn) if loss.mean_over_rows else None
+    return chunk_rows(model, fn) if adds_up_by_rows(loss) else None

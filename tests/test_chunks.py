@@ -188,7 +188,7 @@ def test_a_loss_that_is_no_mean_over_rows_is_taken_over_the_whole_data(monkeypat
 
 
 def test_data_parallel_refuses_a_loss_that_does_not_say_it_is_a_mean_over_rows():
-    from graphdl.losses import Weighted
+    from graphdl.losses import Weighted, adds_up_by_rows
     from graphdl.settings import check_shares
     for loss in (gd.MSE(), gd.CrossEntropy(), Weighted(gd.BCEWithLogits()), _Doubled()):
         check_shares(loss, True, "fit")
@@ -196,7 +196,7 @@ def test_data_parallel_refuses_a_loss_that_does_not_say_it_is_a_mean_over_rows()
     with pytest.raises(ValueError, match=r"fit\(distributed=True\) adds up the ranks' losses .* _RMSE\(\) does not "
                                          r"say it is one; if it is \(such as k \* mse\), set mean_over_rows = True"):
         check_shares(_RMSE(), True, "fit")
-    assert Weighted(_RMSE()).mean_over_rows is False and Weighted(_Doubled()).mean_over_rows is True
+    assert not adds_up_by_rows(Weighted(_RMSE())) and adds_up_by_rows(Weighted(_Doubled()))
 
 
 class _Centre(gd.Layer):
@@ -231,3 +231,62 @@ def test_every_built_in_layer_says_its_rows_are_apart():
     from graphdl.layers import LAYERS, keeps_rows_apart
     assert LAYERS and all(keeps_rows_apart(cls) for cls in LAYERS.values()), \
         [name for name, cls in LAYERS.items() if not keeps_rows_apart(cls)]
+
+
+class _RootMSE(gd.MSE):
+    """An RMSE written on MSE: its own __call__ must say mean_over_rows again."""
+
+    name = "root_mse"
+
+    def __call__(self, pred, target):
+        m = super().__call__(pred, target)
+        return gd.mul(m, gd.rsqrt(m))
+
+
+def test_a_subclass_of_a_built_in_loss_that_changes_it_must_say_it_again(monkeypatch):
+    from graphdl.losses import Weighted, adds_up_by_rows
+    assert adds_up_by_rows(gd.MSE()) and not adds_up_by_rows(_RootMSE())
+    net = _net(1)
+    gen = torch.Generator().manual_seed(8)
+    X = torch.randn(ROWS, 3, generator=gen)
+    Y = torch.randn(ROWS, 1, generator=gen) * torch.linspace(0, 10, ROWS)[:, None]
+    monkeypatch.setattr(train, "CHUNK_BYTES", 1)
+    d = (net.predict(X).double() - Y.double()) ** 2
+    assert net.evaluate(X, Y, loss=_RootMSE())["loss"] == pytest.approx(float(d.mean().sqrt()), rel=1e-6)
+    # its inherited weighted() would weigh MSE, not it: refused, not a weighted MSE under its name
+    with pytest.raises(ValueError, match=r"_RootMSE defines its own __call__ but inherits weighted\(\) from MSE"):
+        Weighted(_RootMSE())
+    with pytest.raises(ValueError, match=r"inherits weighted\(\) from MSE"):
+        net.evaluate(X, Y, loss=_RootMSE(), sample_weight=torch.ones(ROWS))
+
+
+class _SaysMixing(gd.Linear):
+    rows_apart = False  # said outright, though forward is Linear's
+
+
+def test_what_a_layer_says_counts_where_it_is_said(monkeypatch):
+    assert not gd.Sequential(_SaysMixing(3, 2), input_shape=(3,)).rows_apart
+    lin = gd.Linear(3, 3)
+    net = gd.Sequential(lin, gd.Linear(3, 1), input_shape=(3,))
+    assert net.rows_apart
+    centred = _Centre().forward
+    lin.forward = lambda build, x: centred(build, gd.Linear.forward(lin, build, x))  # the instance's own forward
+    assert not net.rows_apart
+    X = torch.randn(ROWS, 3, generator=torch.Generator().manual_seed(9)) + torch.linspace(0, 5, ROWS)[:, None]
+    whole, chunked = _both(monkeypatch, lambda: net.predict(X), chunked_rows=ROWS)
+    assert torch.equal(whole, chunked)
+
+    class Late(gd.Linear):
+        pass
+    late = gd.Sequential(Late(3, 2), input_shape=(3,))
+    assert late.rows_apart
+    Late.forward = _Centre.forward  # replaced after the model read it: read again at each call
+    assert not late.rows_apart
+
+
+def test_softmax_refuses_the_batch_dim_however_it_got_there():
+    s = gd.Softmax()
+    net = gd.Sequential(gd.Linear(3, 4), s, input_shape=(3,))
+    s.dim = 0
+    with pytest.raises(gd.GraphError, match=r"Softmax\(dim=0\) would normalise across the batch"):
+        net.predict(torch.randn(5, 3))

@@ -13,6 +13,7 @@ from ..checks import (
     GraphError,
     Shape,
     check_param_tensor,
+    declared_with,
     format_shape,
     whole,
 )
@@ -86,9 +87,10 @@ class Layer:
     # In inference, each row of the output is computed from that row of the input alone
     # (so predict, evaluate and fit's metrics may run a data set in chunks of rows,
     # `train.chunk_rows`). Every built-in layer's is: BatchNorm reads its running
-    # statistics, Dropout passes its input through. It counts as said by the class that
-    # defines `forward` (`keeps_rows_apart`): a layer of one's own, or one that overrides a
-    # built-in's forward, runs a data set whole unless that class sets it True.
+    # statistics, Dropout passes its input through. It counts where it is said alongside
+    # `forward` (`keeps_rows_apart`): a layer of one's own, or one that overrides a
+    # built-in's forward (in a subclass or on the instance), runs a data set whole unless it
+    # says True there; a subclass that changes what an inherited forward computes says it.
     rows_apart: bool = False
 
     def input_shape(self) -> Shape | None:
@@ -164,11 +166,9 @@ class Layer:
         return f"{type(self).__name__}()"
 
 
-@functools.cache
-def keeps_rows_apart(cls: type) -> bool:
-    """`rows_apart` as said by the class that defines `cls`'s forward (see Layer)."""
-    owner = next(k for k in cls.__mro__ if "forward" in vars(k))
-    return bool(vars(owner).get("rows_apart", False))
+def keeps_rows_apart(layer: Layer | type) -> bool:
+    """`rows_apart` as said alongside the layer's `forward` (see Layer, `declared_with`)."""
+    return declared_with(layer, "rows_apart", "forward")
 
 
 @functools.cache

@@ -132,6 +132,8 @@ class Softmax(Layer):
     rows_apart = True
 
     def forward(self, build: Build, x: Value) -> Value:
+        if (self.dim if self.dim >= 0 else x.ndim + self.dim) == 0:  # (dim set after __init__ checked it)
+            raise GraphError(f"Softmax(dim={self.dim}) would normalise across the batch; use dim=1 or more, or -1")
         return softmax(x) if self.dim == -1 else softmax(x, axis=self.dim)
 
     def config(self) -> dict[str, Any]:

@@ -222,8 +222,9 @@ def declared_with(obj: Any, flag: str, method: str) -> bool:
     setting `flag` says False. So what overrides `method` (a subclass, or an instance's
     own `forward`) must say `flag` again, and a subclass may say it outright. Read at
     each call, so a method replaced later counts."""
-    scopes = ([] if isinstance(obj, type) else [vars(obj)]) + [vars(k) for k in (obj if isinstance(obj, type) else
-                                                                                  type(obj)).__mro__]
+    cls = obj if isinstance(obj, type) else type(obj)
+    own = [] if isinstance(obj, type) else [getattr(obj, "__dict__", {})]  # (an object of __slots__ has none)
+    scopes = [*own, *(vars(k) for k in cls.__mro__)]
     for scope in scopes:
         if flag in scope:
             return bool(scope[flag])

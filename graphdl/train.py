@@ -87,10 +87,11 @@ def _eval_fn(model: Sequential, loss: Loss) -> Compiled:
 # Whole data sets (fit's metrics and validation, evaluate, predict) run through the
 # compiled graph in chunks of rows whose widest value takes about CHUNK_BYTES, so that a
 # chunk's values stay in the core's caches and reuse freed memory, where a whole set's
-# are each fresh memory, touched page by page. One thread of the Zen 5 EPYC: the digits
-# CNN's prediction of 20,000 rows in 28 against 207 ms (chunks of 512 rows; 1,024 or 256
-# within 12 %), the 1024-wide bench net's 4,096 in 77 against 90 ms, a 784-512-512-10
-# MLP's 60,000 in 334 against 431 ms. Past MIN_CHUNK_ROWS, a chunk's own calls cost more.
+# are each fresh memory, touched page by page. One thread of the Zen 5 EPYC (the script in
+# docs/performance.md, "Whole data sets in chunks"): the digits CNN's prediction of 20,000
+# rows 5.7-6.1x as fast, a 784-512-512-10 MLP's of 60,000 1.22-1.29x, the 1024-wide bench
+# net's of 4,096 0.96-1.10x. 2 MiB: 512-row chunks of the CNN and 1,024 of the MLP were
+# the fastest sizes tried. Below MIN_CHUNK_ROWS, a chunk's own calls would cost more.
 CHUNK_BYTES = 2 << 20
 MIN_CHUNK_ROWS = 16
 

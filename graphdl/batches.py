@@ -45,9 +45,9 @@ class Batches(Protocol):
 # A shuffled epoch's rows are gathered in one call where the data is small, and batch by
 # batch, as each is reached, where it is large on the CPU: one copy of all of it is fresh
 # memory, faulted in page by page. MNIST-sized data (60,000 x 784, batch 128): 32 against
-# 88-93 ms an epoch on one thread of the Zen 5 EPYC (docs/performance.md); the disk net's 1,000 x 2 stays one
-# call (a call per batch would add ~3 µs to its 36 µs step at batch 5). On a GPU, whose
-# allocator reuses memory, one call per epoch.
+# 88-93 ms an epoch on one thread of the Zen 5 EPYC (docs/performance.md); the disk net's
+# 1,000 x 2 stays one call (a call per batch would add ~3 µs to its 36 µs step at batch
+# 5). On a GPU, whose allocator reuses memory, one call per epoch.
 GATHER_WHOLE_BYTES = 2 << 20
 
 
@@ -58,15 +58,19 @@ def epoch_batches(X: torch.Tensor, Y: torch.Tensor, batch_size: int,
     meet the very same batches."""
     if order is None:
         return zip(X.split(batch_size), Y.split(batch_size))
-    if _gather_whole(X, Y):
-        X, Y = X.index_select(0, order.to(X.device)), Y.index_select(0, order.to(Y.device))
-        return zip(X.split(batch_size), Y.split(batch_size))
-    rows = order.to(X.device)
-    return ((X.index_select(0, part), Y.index_select(0, part.to(Y.device))) for part in rows.split(batch_size))
+    return gathered(X, Y, order.to(X.device), batch_size)
 
 
-def _gather_whole(X: torch.Tensor, Y: torch.Tensor) -> bool:
-    return X.device.type != "cpu" or X.numel() * X.itemsize + Y.numel() * Y.itemsize <= GATHER_WHOLE_BYTES
+def gathered(X: torch.Tensor, Y: torch.Tensor, rows: torch.Tensor,
+             counts: int | list[int]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """X's and Y's `rows` (indices on X's device), cut into consecutive batches of `counts`
+    rows (as Tensor.split takes it): in one call where the data is small or on a GPU, batch
+    by batch as each is reached where it is large (GATHER_WHOLE_BYTES)."""
+    if X.device.type != "cpu" or X.numel() * X.itemsize + Y.numel() * Y.itemsize <= GATHER_WHOLE_BYTES:
+        yield from zip(X.index_select(0, rows).split(counts), Y.index_select(0, rows.to(Y.device)).split(counts))
+        return
+    for part in rows.split(counts):
+        yield X.index_select(0, part), Y.index_select(0, part.to(Y.device))
 
 
 class OneProcess:
@@ -154,18 +158,8 @@ class Sharded:
     def feeds(self, X: torch.Tensor, Y: torch.Tensor, order: torch.Tensor | None) -> Iterator[tuple[torch.Tensor, ...]]:
         """(x, y, scale) of this rank for each global batch of the epoch, sliced as it is reached."""
         rows = self.positions if order is None else order.to(X.device)[self.positions]
-        whole = _gather_whole(X, Y)  # (as epoch_batches: this rank's rows in one call only where small)
-        Xr, Yr = (X.index_select(0, rows), Y.index_select(0, rows)) if whole else (X, Y)
-        first = 0
-        for count, scale in zip(self.counts, self.scales):
-            if not count:
-                yield (*self.empty, scale)
-            elif whole:
-                yield Xr[first:first + count], Yr[first:first + count], scale
-            else:
-                part = rows[first:first + count]
-                yield X.index_select(0, part), Y.index_select(0, part), scale
-            first += count
+        for (x, y), count, scale in zip(gathered(X, Y, rows, self.counts), self.counts, self.scales, strict=True):
+            yield (x, y, scale) if count else (*self.empty, scale)
 
     def loss_and_finite(self, losses: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
         """[the epoch's mean loss over every rank, 0 if every rank's params are finite

@@ -23,20 +23,17 @@ second (the first touch of memory given back between calls), medians.
 
     PYTHONPATH=. python tools/bench_epoch.py
     PYTHONPATH=. python tools/bench_epoch.py --width 256 --batch 256 --epochs 40
-
---keep-buffers is a what-if, not something fit does: each arena's buffers are kept
-between fit calls (graphdl lets them go, see docs/performance.md, "Memory"), to show how
-much of a fit call's cost is the first touch of new memory.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -46,7 +43,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import bench  # noqa: E402
 
 import graphdl as gd  # noqa: E402
-import graphdl.compile  # noqa: E402
 import graphdl.step  # noqa: E402
 import graphdl.train  # noqa: E402
 
@@ -73,17 +69,19 @@ def timed(fn: Callable, times: list[float]) -> Callable:
     return wrapper
 
 
-def keep_buffers() -> None:
-    """The what-if: ArenaCompiled.buffers hands out the same buffers for the same sizes."""
-    arena_compiled = sys.modules["graphdl.compile"].ArenaCompiled
-    make, kept = arena_compiled.buffers, {}
-
-    def buffers(self, sizes: dict[str, int]) -> tuple[Any, ...]:
-        key = (id(self), tuple(sorted(sizes.items())), torch.get_num_threads())
-        if key not in kept:
-            kept[key] = (self, make(self, sizes))  # (self: kept alive, so its id is not reused)
-        return kept[key][1]
-    arena_compiled.buffers = buffers
+@contextlib.contextmanager
+def timing(parts: list[tuple[Any, str, str]]) -> Iterator[dict[str, list[float]]]:
+    """Each part (where it is looked up, its name there, what to call it) wrapped in a
+    timer while the block runs: {what to call it: the calls' seconds}."""
+    times: dict[str, list[float]] = {name: [] for _, _, name in parts}
+    originals = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in parts]
+    try:
+        for owner, attr, name in parts:
+            setattr(owner, attr, timed(getattr(owner, attr), times[name]))
+        yield times
+    finally:
+        for owner, attr, fn in originals:
+            setattr(owner, attr, fn)
 
 
 def measure(width: int, batch: int, epochs: int) -> dict[str, float]:
@@ -97,32 +95,22 @@ def measure(width: int, batch: int, epochs: int) -> dict[str, float]:
                   batch_size=batch, shuffle=True, seed=bench.SEED, verbose=False)
 
     fit(3)  # compiled, bound, kernels chosen
-    times: dict[str, list[float]] = {name: [] for _, _, name in PARTS}
-    originals = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in PARTS]
-    try:
-        for owner, attr, name in PARTS:
-            setattr(owner, attr, timed(getattr(owner, attr), times[name]))
+    with timing(PARTS) as times:
         fit(epochs)
-    finally:
-        for owner, attr, fn in originals:
-            setattr(owner, attr, fn)
     per_epoch = {name: statistics.median(_per_epoch(t, epochs)) * 1e6 for name, t in times.items()}
     outside = ("steps", "metrics", "finiteness")
     per_epoch["(rest)"] = per_epoch["epoch"] - sum(per_epoch[name] for name in outside)
     # A fit call besides its epochs: fits of two epochs, each timed whole and epoch by epoch
     setup, first = [], []
-    run_epoch, epoch_times = graphdl.train._Run.epoch, []
-    graphdl.train._Run.epoch = timed(run_epoch, epoch_times)
-    try:
+    with timing([(graphdl.train._Run, "epoch", "epoch")]) as times:
         for _ in range(7):
+            epoch_times = times["epoch"]
             epoch_times.clear()
             start = time.perf_counter()
             fit(2)
             whole = time.perf_counter() - start
             setup.append(whole - sum(epoch_times))
             first.append(epoch_times[0] - epoch_times[1])
-    finally:
-        graphdl.train._Run.epoch = run_epoch
     per_epoch["setup"] = statistics.median(setup) * 1e6
     per_epoch["first extra"] = statistics.median(first) * 1e6
     return per_epoch
@@ -139,11 +127,8 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=25)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=300)
-    parser.add_argument("--keep-buffers", action="store_true", help="the what-if above")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    if args.keep_buffers:
-        keep_buffers()
     r = measure(args.width, args.batch, args.epochs)
     steps = bench.points(args.batch) // args.batch
     print(f"2-{args.width}-{args.width}-{args.width}-1 tanh net, batch {args.batch}, {steps} steps an epoch, "

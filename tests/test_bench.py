@@ -5,18 +5,29 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import sys
 
 import pytest
 
 BENCH = pathlib.Path(__file__).parent.parent / "tools" / "bench.py"
 
 
+def _tool(name: str):
+    """tools/<name>.py as a module (with tools/ on the path while it loads, for `import bench`)."""
+    tools = str(BENCH.parent)
+    sys.path.insert(0, tools)
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCH.parent / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(tools)
+    return module
+
+
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _tool("bench")
 
 
 def test_data_is_a_whole_number_of_batches(bench):
@@ -107,17 +118,8 @@ def test_inductor_tool_traces_the_generated_step():
     Dynamo must trace all of it in one graph (fullgraph), and the traced form must give
     graphdl's numbers: traced here with Dynamo's eager backend (no Inductor C++ build), so
     a change to the generated code that Dynamo cannot follow fails here, not in the tool."""
-    import sys
-
     import torch
-    tools = str(BENCH.parent)
-    sys.path.insert(0, tools)
-    try:
-        spec = importlib.util.spec_from_file_location("bench_inductor", BENCH.parent / "bench_inductor.py")
-        tool = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(tool)
-    finally:
-        sys.path.remove(tools)
+    tool = _tool("bench_inductor")
     import graphdl as gd
     model = tool.bench.build_model(tool.bench.initial_weights(8), "tanh")
     x, y = tool.bench.disk_data(20, "cpu")
@@ -135,18 +137,9 @@ def test_epoch_tool_times_each_part_of_fits_epoch():
     """tools/bench_epoch.py wraps parts of fit's epoch by name: each must still be called
     (a renamed part would read 0), the parts of the steps fit inside them, and the
     wrappers come off afterwards."""
-    import sys
-
     import graphdl.step
     import graphdl.train
-    tools = str(BENCH.parent)
-    sys.path.insert(0, tools)
-    try:
-        spec = importlib.util.spec_from_file_location("bench_epoch", BENCH.parent / "bench_epoch.py")
-        tool = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(tool)
-    finally:
-        sys.path.remove(tools)
+    tool = _tool("bench_epoch")
     before, run_before = graphdl.step.TrainStep.epoch, graphdl.train._Run.epoch
     r = tool.measure(width=4, batch=250, epochs=3)
     assert all(r[name] > 0 for _, _, name in tool.PARTS), r
